@@ -1,0 +1,76 @@
+"""Class-label conditioning (the paper's class-conditional ImageNet LDM, Sec. 4.3)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ldmkit.interfaces import Conditioner
+
+ROLES = ("crossattn", "vector")
+
+
+class ClassLabelConditioner(Conditioner):
+    """tau(y) for an integer class label ``batch[input_key]``.
+
+    * ``role="crossattn"``: a learned embedding per class as one token (B×1×embed_dim),
+      attended to by cross-attention (CompVis ``ClassEmbedder``); the unconditional
+      token is an extra learned row.
+    * ``role="vector"``: a one-hot B×num_classes vector for a denoiser with a class
+      embedding of its own (adm style, UNet ``num_classes``); unconditional is all zeros.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int = 10,
+        embed_dim: int = 512,
+        role: str = "crossattn",
+        input_key: str = "label",
+    ) -> None:
+        super().__init__()
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes, self.role, self.input_key = num_classes, role, input_key
+        self.input_keys = (input_key,)
+        if role == "crossattn":
+            self.crossattn_dim = embed_dim
+            self.embedding = nn.Embedding(num_classes + 1, embed_dim)
+        else:
+            self.vector_dim = num_classes
+
+    def _labels(self, batch: Mapping[str, Any]) -> Tensor:
+        if self.input_key not in batch:
+            raise KeyError(
+                f"class_label conditioner reads batch[{self.input_key!r}], but the batch has "
+                f"keys {sorted(batch)}"
+            )
+        labels = torch.as_tensor(batch[self.input_key], dtype=torch.long, device=self._device())
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(
+                f"class labels must be in [0, {self.num_classes}); got min {int(labels.min())}, "
+                f"max {int(labels.max())}"
+            )
+        return labels.reshape(-1)
+
+    def _device(self) -> torch.device:
+        return self.embedding.weight.device if self.role == "crossattn" else torch.device("cpu")
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        labels = self._labels(batch)
+        if self.role == "crossattn":
+            return {"crossattn": self.embedding(labels)[:, None, :]}
+        return {"vector": F.one_hot(labels, self.num_classes).float()}
+
+    def unconditional(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        n = self._labels(batch).shape[0]
+        if self.role == "crossattn":
+            null = torch.full((n,), self.num_classes, dtype=torch.long, device=self._device())
+            return {"crossattn": self.embedding(null)[:, None, :]}
+        return {"vector": torch.zeros(n, self.num_classes)}

@@ -1,0 +1,21 @@
+"""ldmkit: Latent Diffusion Models, built from plugins."""
+
+from ldmkit.hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+__all__ = ["Pipeline", "__version__", "compose", "hookimpl"]
+
+
+def __getattr__(name: str):
+    # compose/Pipeline pull in torch and Hydra; keep `import ldmkit` (and plugins' imports
+    # of `ldmkit.hookimpl`) cheap
+    if name == "compose":
+        from ldmkit.config import compose
+
+        return compose
+    if name == "Pipeline":
+        from ldmkit.pipeline import Pipeline
+
+        return Pipeline
+    raise AttributeError(f"module 'ldmkit' has no attribute {name!r}")

@@ -1,0 +1,56 @@
+"""The ``ldmkit`` command: ``train``, ``sample``, ``evaluate``, ``data``, ``plugins``.
+
+Everything after the subcommand that looks like ``key=value`` is a Hydra override::
+
+    ldmkit sample sampler=ddim sampler.steps=20 --num-samples 16 --out grid.png
+    ldmkit train stage=autoencoder first_stage=kl_f4_small trainer.max_steps=2000
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from ldmkit.cli import commands
+
+SUBCOMMANDS = {
+    "train": (commands.train, "train a stage (stage=autoencoder | ldm) from Hydra overrides"),
+    "sample": (commands.sample, "sample images into a PNG grid"),
+    "evaluate": (commands.evaluate, "evaluate a trained model and write JSON metrics"),
+    "data": (commands.data, "prepare and inspect datasets (webdataset shards)"),
+    "plugins": (commands.plugins, "list installed plugins and what they register"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: ldmkit <command> [options] [key=value overrides ...]", "", "commands:"]
+    lines += [f"  {name:<10}{help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "`ldmkit <command> --help` describes each command."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return 0
+    if argv[0] in {"-V", "--version"}:
+        from ldmkit import __version__
+
+        print(f"ldmkit {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"ldmkit: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    handler, help_ = SUBCOMMANDS[name]
+    try:
+        return handler(rest, prog=f"ldmkit {name}", description=help_)
+    except commands.CLIError as err:
+        print(f"ldmkit {name}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"ldmkit {name}: interrupted", file=sys.stderr)
+        return 130
+
+

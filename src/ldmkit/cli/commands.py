@@ -1,0 +1,192 @@
+"""The subcommands behind ``ldmkit``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ldmkit.config import ConfigError
+from ldmkit.plugins import PluginError
+from ldmkit.registry import RegistryError
+
+
+class CLIError(RuntimeError):
+    """An error the CLI reports in one line (no traceback)."""
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, e.g. first_stage=kl_f8 trainer.max_steps=2000"
+    )
+    p.add_argument("--print-config", action="store_true", help="print the composed config and exit")
+    return p
+
+
+def _compose(overrides: Sequence[str], print_config: bool):
+    from omegaconf import OmegaConf
+
+    from ldmkit.config import compose_config
+
+    try:
+        cfg = compose_config(overrides)
+    except (ConfigError, PluginError, RegistryError) as err:
+        raise CLIError(str(err)) from err
+    if print_config:
+        print(OmegaConf.to_yaml(cfg))
+    return cfg
+
+
+def _optional_module(module: str, what: str):
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name != module:
+            raise
+        raise CLIError(f"{what} is not available in this ldmkit version ({module} is missing)") from err
+
+
+def train(argv: Sequence[str], *, prog: str, description: str) -> int:
+    args = _parser(prog, description).parse_args(argv)
+    cfg = _compose(args.overrides, args.print_config)
+    if args.print_config:
+        return 0
+    training = _optional_module("ldmkit.training", f"training (stage={cfg.get('stage')})")
+    try:
+        run_dir = training.train(cfg)
+    except (ConfigError, PluginError, RegistryError, FileNotFoundError) as err:
+        raise CLIError(str(err)) from err
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def evaluate(argv: Sequence[str], *, prog: str, description: str) -> int:
+    args = _parser(prog, description).parse_args(argv)
+    cfg = _compose(args.overrides, args.print_config)
+    if args.print_config:
+        return 0
+    evaluation = _optional_module("ldmkit.evaluation", f"evaluation (stage={cfg.get('stage')})")
+    try:
+        metrics = evaluation.evaluate(cfg)
+    except (ConfigError, PluginError, RegistryError, FileNotFoundError) as err:
+        raise CLIError(str(err)) from err
+    print(json.dumps(metrics, indent=2, default=str))
+    return 0
+
+
+def data(argv: Sequence[str], *, prog: str, description: str) -> int:
+    module = _optional_module("ldmkit.data.cli", "dataset preparation")
+    return int(module.main(list(argv)) or 0)
+
+
+def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
+    p = _parser(prog, description)
+    p.add_argument("--checkpoint", type=Path, help="a checkpoint folder written by Pipeline.save")
+    p.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG grid to write")
+    p.add_argument("--num-samples", type=int, default=16)
+    p.add_argument("--labels", type=str, help="comma-separated class labels (class conditioners)")
+    p.add_argument("--prompt", action="append", help="a caption (text conditioners); repeatable")
+    p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    cfg = _compose(args.overrides, args.print_config)
+    if args.print_config:
+        return 0
+
+    import torch
+    from torchvision.utils import save_image
+    from tqdm.auto import tqdm
+
+    from ldmkit.config import build_pipeline, create_component
+    from ldmkit.pipeline import Pipeline, image_grid_rows
+    from ldmkit.plugins import get_registry
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        if args.checkpoint is not None:
+            pipeline = Pipeline.load(args.checkpoint, device=device)
+            if any(o.lstrip("+").startswith("sampler") for o in args.overrides):
+                pipeline.sampler = create_component(get_registry(), "sampler", cfg.sampler)
+        else:
+            pipeline = build_pipeline(cfg).to(device)
+            print(
+                "ldmkit sample: no --checkpoint given, sampling from untrained weights",
+                file=sys.stderr,
+            )
+    except (ConfigError, PluginError, RegistryError, FileNotFoundError, ValueError) as err:
+        raise CLIError(str(err)) from err
+    pipeline.eval()
+
+    batch: dict = {}
+    if args.labels:
+        batch["label"] = torch.tensor([int(x) for x in args.labels.split(",")])
+    if args.prompt:
+        batch["caption"] = list(args.prompt)
+    if batch:
+        n = len(next(iter(batch.values())))
+        num_samples = None
+    else:
+        n, num_samples = args.num_samples, args.num_samples
+
+    steps = getattr(pipeline.sampler, "steps", None)
+    bar = tqdm(total=steps, desc="sampling", disable=args.no_progress, file=sys.stderr)
+    try:
+        images = pipeline.sample(
+            batch or None,
+            num_samples=num_samples,
+            guidance_scale=args.guidance_scale,
+            seed=args.seed,
+            callback=lambda info: bar.update(1),
+        )
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    finally:
+        bar.close()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_image((images + 1) / 2, args.out, nrow=image_grid_rows(n))
+    print(f"wrote {n} samples to {args.out}")
+    return 0
+
+
+def plugins(argv: Sequence[str], *, prog: str, description: str) -> int:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = p.parse_args(argv)
+    from ldmkit.plugins import get_plugin_manager
+
+    try:
+        rows = get_plugin_manager().plugin_report()
+    except (PluginError, RegistryError) as err:
+        raise CLIError(str(err)) from err
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(format_plugin_table(rows))
+    return 0
+
+
+def format_plugin_table(rows: list[dict]) -> str:
+    if not rows:
+        return "no ldmkit plugins installed"
+    header = ("plugin", "distribution", "version", "registers", "config groups")
+    table = [header]
+    for row in rows:
+        registers = "; ".join(f"{k}: {', '.join(v)}" for k, v in row["registers"].items()) or "-"
+        groups = "; ".join(f"{k}: {', '.join(v)}" for k, v in row["config_groups"].items()) or "-"
+        if row["error"]:
+            registers, groups = f"BROKEN: {row['error']}", "-"
+        table.append(
+            (row["name"], row["distribution"] or "-", row["version"] or "-", registers, groups)
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
+    lines = []
+    for r in table:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=False)) + "  " + r[-1])
+    lines.insert(1, "-" * min(120, len(lines[0])))
+    return "\n".join(lines)

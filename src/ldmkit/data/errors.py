@@ -1,0 +1,14 @@
+"""Errors raised by ldmkit.data; each message names the culprit (source, file, shard, key)."""
+
+from __future__ import annotations
+
+
+class DataError(RuntimeError):
+    """Data cannot be used: no valid sample, a broken manifest, bad options."""
+
+
+class SourceNotFoundError(DataError, FileNotFoundError):
+    """A dataset source is not installed or not where it was expected.
+
+    The message says what to install or where to put the files.
+    """

@@ -1,0 +1,120 @@
+"""``manifest.json``: what a prepared dataset folder holds (splits, shards, counts, checksums)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ldmkit.data.errors import DataError, SourceNotFoundError
+from ldmkit.data.shards import ShardInfo, sha256_of
+
+MANIFEST = "manifest.json"
+FORMAT = "ldmkit-webdataset"
+VERSION = 1
+
+
+@dataclass
+class SplitInfo:
+    num_samples: int
+    shards: list[ShardInfo]
+
+
+@dataclass
+class Manifest:
+    """The description ``ldmkit data prepare`` writes next to the shards.
+
+    ``fields`` names the tar member extensions every sample has (``png`` always; ``cls``,
+    ``txt``, ``seg.png``, ``json`` where the source provides them). ``classes`` are the label
+    names (index = label), ``segmentation_classes`` the class-map names (index 0 = background).
+    """
+
+    source: str
+    fields: list[str]
+    splits: dict[str, SplitInfo]
+    classes: list[str] = field(default_factory=list)
+    segmentation_classes: list[str] = field(default_factory=list)
+    image_mode: str | None = None  # PIL mode shared by all images, None when mixed
+    image_size: list[int] | None = None  # [width, height] shared by all images, None when mixed
+    options: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    created_by: str = ""
+
+    def split(self, name: str) -> SplitInfo:
+        try:
+            return self.splits[name]
+        except KeyError:
+            raise DataError(
+                f"split {name!r} is not in this dataset ({self.source}); "
+                f"it has: {', '.join(sorted(self.splits)) or '(none)'}"
+            ) from None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"format": FORMAT, "version": VERSION, **asdict(self)}
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> Manifest:
+        if data.get("format") != FORMAT:
+            raise DataError(f"{where} is not an ldmkit shard manifest (format {data.get('format')!r})")
+        if data.get("version", 0) > VERSION:
+            raise DataError(
+                f"{where} has manifest version {data['version']}; this ldmkit reads up to {VERSION}"
+            )
+        try:
+            splits = {
+                name: SplitInfo(
+                    num_samples=int(split["num_samples"]),
+                    shards=[ShardInfo(**shard) for shard in split["shards"]],
+                )
+                for name, split in data["splits"].items()
+            }
+            kwargs = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k != "splits"}
+            return cls(splits=splits, **kwargs)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{where} is malformed: {exc!r}") from exc
+
+
+def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> Path:
+    path = Path(directory) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.partial")
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(directory: str | os.PathLike, *, source: str | None = None) -> Manifest:
+    """Load ``<directory>/manifest.json``; a missing one says how to prepare the dataset."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        hint = source or "<source>"
+        raise SourceNotFoundError(
+            f"no prepared dataset at {directory} ({MANIFEST} is missing). "
+            f"Prepare it with: ldmkit data prepare {hint} out={directory}"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+    return Manifest.from_json(data, str(path))
+
+
+def verify(directory: str | os.PathLike, manifest: Manifest | None = None) -> list[str]:
+    """Check every shard's size and sha256 against the manifest; returns the problems found."""
+    directory = Path(directory)
+    manifest = manifest or read_manifest(directory)
+    problems = []
+    for split_name, split in manifest.splits.items():
+        for shard in split.shards:
+            path = directory / shard.name
+            if not path.is_file():
+                problems.append(f"{split_name}: {shard.name} is missing")
+            elif path.stat().st_size != shard.bytes:
+                problems.append(
+                    f"{split_name}: {shard.name} has {path.stat().st_size} bytes, expected {shard.bytes}"
+                )
+            elif sha256_of(path) != shard.sha256:
+                problems.append(f"{split_name}: {shard.name} checksum differs from the manifest")
+    return problems

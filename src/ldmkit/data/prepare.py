@@ -1,0 +1,193 @@
+"""``ldmkit data prepare``: a source -> WebDataset tar shards + ``manifest.json``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+import ldmkit
+from ldmkit.data.errors import DataError
+from ldmkit.data.manifest import MANIFEST, Manifest, SplitInfo, read_manifest, write_manifest
+from ldmkit.data.shards import CAPTION, IMAGE, LABEL, META, SEGMENTATION, ShardWriter, encode_png
+from ldmkit.data.sources import create_source
+from ldmkit.data.sources.base import Source, SourceSample
+
+MAX_SHARD_SIZE = 5000
+MIN_SHARD_SIZE = 64
+TARGET_SHARDS = 16  # enough shards that ranks x workers each get some
+
+
+def auto_shard_size(num_samples: int) -> int:
+    return max(MIN_SHARD_SIZE, min(MAX_SHARD_SIZE, math.ceil(num_samples / TARGET_SHARDS)))
+
+
+def encode_sample(sample: SourceSample, source: Source) -> dict[str, bytes]:
+    members = {IMAGE: encode_png(sample.image)}
+    if source.has_labels:
+        members[LABEL] = str(int(sample.label)).encode()
+    if source.has_captions:
+        members[CAPTION] = (sample.caption or "").encode("utf-8")
+    if source.has_segmentation:
+        if sample.segmentation is None or sample.segmentation.mode != "L":
+            raise DataError(f"{source.name} produced a sample without an L-mode segmentation")
+        if sample.segmentation.size != sample.image.size:
+            raise DataError(f"{source.name}: segmentation size differs from the image's")
+        members[SEGMENTATION] = encode_png(sample.segmentation)
+    meta = {"label": int(sample.label), "caption": sample.caption, **sample.meta}
+    members[META] = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    return members
+
+
+def plan_splits(
+    source: Source, split: str, seed: int, val_fraction: float, limit: int | None
+) -> dict[str, list[Any]]:
+    """Which items go to which split, in write order."""
+    natural = source.splits
+    if val_fraction and "val" in natural:
+        raise ValueError(f"source {source.name!r} has its own val split; val_fraction must be 0")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    plan: dict[str, list[Any]] = {}
+    for name in natural:
+        items = list(source.items(name))
+        if source.shuffle_items:
+            random.Random(f"{seed}/{name}").shuffle(items)
+        if val_fraction and name == "train":
+            n_val = max(1, round(len(items) * val_fraction))
+            plan["val"], items = items[:n_val], items[n_val:]
+        plan[name] = items
+    wanted = list(plan) if split == "all" else [s.strip() for s in split.split(",")]
+    unknown = [s for s in wanted if s not in plan]
+    if unknown:
+        raise ValueError(
+            f"source {source.name!r} has no split {unknown[0]!r}; it has: {', '.join(plan)} "
+            f"(or split=all)"
+        )
+    return {name: plan[name][:limit] if limit is not None else plan[name] for name in wanted}
+
+
+def _existing_manifest(out: Path, source_name: str, splits: list[str], overwrite: bool) -> Manifest | None:
+    if not (out / MANIFEST).is_file():
+        return None
+    manifest = read_manifest(out)
+    if manifest.source != source_name:
+        if not overwrite:
+            raise DataError(
+                f"{out} already holds a {manifest.source!r} dataset; choose another out= or "
+                f"pass overwrite=true to replace it"
+            )
+        _drop_splits(out, manifest, list(manifest.splits))
+        return None
+    clash = [s for s in splits if s in manifest.splits]
+    if clash and not overwrite:
+        raise DataError(
+            f"{out} already has split {clash[0]!r} of {source_name}; pass overwrite=true to "
+            f"rewrite it"
+        )
+    _drop_splits(out, manifest, clash)
+    return manifest
+
+
+def _drop_splits(out: Path, manifest: Manifest, splits: list[str]) -> None:
+    """Forget splits in the manifest first, then delete their shards: a crash in between leaves
+    orphan files, never a manifest that lists shards that are gone."""
+    if not splits:
+        return
+    dropped = {s: manifest.splits.pop(s) for s in splits}
+    write_manifest(out, manifest)
+    for split in dropped.values():
+        for shard in split.shards:
+            (out / shard.name).unlink(missing_ok=True)
+
+
+def prepare(
+    source: str,
+    out: str | os.PathLike,
+    *,
+    split: str = "all",
+    limit: int | None = None,
+    shard_size: int | str = "auto",
+    seed: int = 0,
+    val_fraction: float = 0.0,
+    overwrite: bool = False,
+    progress: bool = True,
+    **source_options: Any,
+) -> Manifest:
+    """Write ``source`` as WebDataset shards under ``out`` and return the manifest.
+
+    ``split`` picks splits (``all``, ``train``, ``train,test``); ``limit`` caps samples per split;
+    ``val_fraction`` carves a ``val`` split out of ``train`` (seeded); ``seed`` fixes the
+    shuffled write order (and a seeded source's content). Other options go to the source.
+    """
+    from ldmkit.data.sources import SOURCES
+
+    if source in SOURCES and "seed" in SOURCES[source].options:
+        source_options["seed"] = seed
+    src = create_source(source, **source_options)
+    plan = plan_splits(src, split, seed, float(val_fraction), None if limit is None else int(limit))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stray in out.glob(".*.partial"):
+        stray.unlink()
+    manifest = _existing_manifest(out, source, list(plan), overwrite)
+    if manifest is None:
+        manifest = Manifest(source=source, fields=[], splits={})
+    kept_splits = set(manifest.splits) - set(plan)
+
+    fields: set[str] | None = None
+    modes: set[str | None] = set()
+    sizes: set[tuple[int, int] | None] = set()
+    failures: list[str] = []
+    for split_name, items in plan.items():
+        size = auto_shard_size(len(items)) if shard_size == "auto" else int(shard_size)
+        written = 0
+        with ShardWriter(out, split_name, size) as writer:
+            for index, item in enumerate(
+                tqdm(items, desc=f"{source} {split_name}", unit="img", disable=not progress)
+            ):
+                try:
+                    sample = src.load(item)
+                except (OSError, ValueError, SyntaxError) as exc:
+                    failures.append(f"{split_name} item {item}: {exc}")
+                    continue
+                members = encode_sample(sample, src)
+                writer.write(f"{split_name}-{index:07d}", members)
+                fields = set(members) if fields is None else fields & set(members)
+                modes.add(sample.image.mode)
+                sizes.add(sample.image.size)
+                written += 1
+        if written == 0:
+            raise DataError(
+                f"{source} {split_name}: none of {len(items)} items could be loaded"
+                + (f"; first error: {failures[0]}" if failures else "")
+            )
+        manifest.splits[split_name] = SplitInfo(num_samples=written, shards=writer.shards)
+    fields = fields or set()
+
+    if kept_splits:  # splits written by an earlier run stay; describe them too
+        fields &= set(manifest.fields)
+        modes.add(manifest.image_mode)
+        sizes.add(tuple(manifest.image_size) if manifest.image_size else None)
+    manifest.fields = sorted(fields)
+    manifest.classes = src.classes
+    manifest.segmentation_classes = src.segmentation_classes
+    manifest.image_mode = modes.pop() if len(modes) == 1 else None
+    size = sizes.pop() if len(sizes) == 1 else None
+    manifest.image_size = list(size) if size else None
+    manifest.options = {
+        "seed": seed, "limit": limit, "shard_size": shard_size, "val_fraction": val_fraction,
+        **{k: v for k, v in src.config.items() if not isinstance(v, Path)},
+    }  # fmt: skip
+    manifest.notes = src.notes()
+    if failures:
+        manifest.notes.append(f"{len(failures)} items could not be loaded and were left out")
+        manifest.notes.extend(failures[:20])
+    manifest.created_by = f"ldmkit {ldmkit.__version__}"
+    write_manifest(out, manifest)
+    return manifest

@@ -1,0 +1,219 @@
+"""WebDataset tar shards: the sample layout, a shard writer, and a reader that skips damage.
+
+A sample is the group of consecutive tar members sharing a key (the WebDataset convention):
+
+    <key>.png       the image (PNG; L, LA, RGB or RGBA)
+    <key>.cls       the class label as decimal text (-1: none)
+    <key>.txt       the caption (UTF-8), where the source has one
+    <key>.seg.png   the per-pixel class map (PNG, mode L; 0 = background), where present
+    <key>.json      everything else the source knows (class name, origin, scene layout)
+
+The reader is ours rather than ``webdataset.tarfile_to_samples`` because a damaged member must be
+reported with its shard *and* key, and a sample cut short by a truncated tar must never reach
+training half-assembled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import webdataset as wds
+
+from ldmkit.data.stats import DataStats, SkipEvent
+
+IMAGE = "png"
+LABEL = "cls"
+CAPTION = "txt"
+SEGMENTATION = "seg.png"
+META = "json"
+
+SHARD_PATTERN = "{split}-{index:06d}.tar"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str  # file name inside the dataset folder
+    num_samples: int
+    bytes: int
+    sha256: str
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ShardWriter:
+    """Writes samples to ``<out>/<split>-NNNNNN.tar``, ``shard_size`` samples per shard.
+
+    Each shard is written under a temporary name and renamed once closed, so an interrupted
+    preparation never leaves a shard that looks complete. Tar headers carry a fixed mtime and
+    owner, so the same samples give byte-identical shards (and checksums).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, split: str, shard_size: int) -> None:
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.out_dir = Path(out_dir)
+        self.split = split
+        self.shard_size = shard_size
+        self.shards: list[ShardInfo] = []
+        self._writer: wds.TarWriter | None = None
+        self._file = None
+        self._count = 0
+        self._tmp: Path | None = None
+        self._final: Path | None = None
+
+    def _open(self) -> None:
+        name = SHARD_PATTERN.format(split=self.split, index=len(self.shards))
+        self._final = self.out_dir / name
+        self._tmp = self.out_dir / f".{name}.partial"
+        self._file = open(self._tmp, "wb")
+        self._writer = wds.TarWriter(
+            self._file, encoder=False, mtime=0, user="ldmkit", group="ldmkit", compress=False
+        )
+        self._count = 0
+
+    def _finish(self) -> None:
+        assert self._writer is not None and self._tmp is not None and self._final is not None
+        self._writer.close()
+        self._file.close()
+        os.replace(self._tmp, self._final)
+        self.shards.append(
+            ShardInfo(
+                name=self._final.name,
+                num_samples=self._count,
+                bytes=self._final.stat().st_size,
+                sha256=sha256_of(self._final),
+            )
+        )
+        self._writer = None
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' or '/' (WebDataset keys)")
+        if self._writer is None:
+            self._open()
+        self._writer.write({"__key__": key, **members})
+        self._count += 1
+        if self._count >= self.shard_size:
+            self._finish()
+
+    def close(self) -> list[ShardInfo]:
+        if self._writer is not None:
+            self._finish()
+        return list(self.shards)
+
+    def abort(self) -> None:
+        """Drop the shard in progress (the completed ones stay on disk)."""
+        if self._writer is not None:
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)
+            self._writer = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """``dir/abc.seg.png`` -> (``dir/abc``, ``seg.png``): the key ends at the first dot of the
+    base name, as in WebDataset."""
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem:
+        return None
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+RawSample = dict[str, object]  # "__key__", "__shard__" and extension -> bytes
+
+
+def iter_shard(
+    path: str, stats: DataStats, *, on_skip: Callable[[SkipEvent], None] | None = None
+) -> Iterator[RawSample]:
+    """Yield complete raw samples of one shard; record (and skip) what cannot be read.
+
+    An unreadable shard (missing, not a tar, permission) is one ``unreadable_shard`` event. A tar
+    that breaks part-way (truncated member, garbage header) ends the shard: the sample being read
+    is dropped as ``truncated`` and the samples before it are kept.
+    """
+
+    def skip(kind: str, key: str | None, reason: str) -> None:
+        event = SkipEvent(kind=kind, shard=path, key=key, reason=reason)
+        stats.record(event)
+        if on_skip is not None:
+            on_skip(event)
+
+    try:
+        fileobj = open(path, "rb")
+    except OSError as exc:
+        skip("unreadable_shard", None, f"cannot open: {exc}")
+        return
+    current: RawSample | None = None
+    member_key: str | None = None
+    with fileobj:
+        try:
+            stream = tarfile.open(fileobj=fileobj, mode="r|")
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            skip("unreadable_shard", None, f"not a readable tar file: {exc}")
+            return
+        try:
+            for info in stream:
+                if not info.isreg():
+                    continue
+                parts = split_member_name(info.name)
+                if parts is None:
+                    continue
+                member_key, ext = parts
+                if current is not None and current["__key__"] != member_key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": member_key, "__shard__": path}
+                handle = stream.extractfile(info)
+                data = handle.read() if handle is not None else b""
+                if len(data) != info.size:
+                    raise tarfile.ReadError(
+                        f"member {info.name} has {len(data)} of its {info.size} bytes"
+                    )
+                current[ext] = data
+                # streaming mode keeps every TarInfo otherwise; shards can hold 100k members
+                stream.members = []
+        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+            key = current["__key__"] if current is not None else member_key
+            skip("truncated", key, f"tar stream broken: {exc}")
+            return
+    if current is not None:
+        yield current
+
+
+def read_members(path: str) -> dict[str, dict[str, bytes]]:
+    """All samples of a small shard, by key (for tests and inspection); raises on damage."""
+    out: dict[str, dict[str, bytes]] = {}
+    stats = DataStats()
+    for raw in iter_shard(path, stats):
+        out[str(raw["__key__"])] = {k: v for k, v in raw.items() if not k.startswith("__")}
+    if stats.skipped:
+        raise OSError(f"damaged shard {path}: {stats.summary()}")
+    return out
+
+
+def encode_png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()

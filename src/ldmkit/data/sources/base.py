@@ -1,0 +1,108 @@
+"""What a dataset source provides to ``ldmkit data prepare``."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from PIL import Image
+
+
+@dataclass
+class SourceSample:
+    """One sample as a source produces it, before it is encoded into a shard."""
+
+    image: Image.Image
+    label: int = -1
+    caption: str | None = None
+    segmentation: Image.Image | None = None  # mode L, values = class ids, 0 = background
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Source(ABC):
+    """A dataset source: lists cheap item references per split and loads one item at a time.
+
+    Subclasses declare ``options`` (name -> default); the constructor accepts exactly those, so
+    a misspelled ``key=value`` on the command line is an error, not silently ignored.
+    ``items`` is called once per split; ``load`` may raise ``OSError``/``ValueError`` for a broken
+    item, which preparation skips and records in the manifest's notes.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    options: ClassVar[dict[str, Any]] = {}
+    has_labels: ClassVar[bool] = True
+    has_captions: ClassVar[bool] = False
+    has_segmentation: ClassVar[bool] = False
+    # shuffle item order before writing, so a shard mixes classes (the shuffle buffer at load
+    # time only mixes within a window)
+    shuffle_items: ClassVar[bool] = True
+
+    def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise ValueError(
+                f"unknown option {unknown[0]!r} for source {self.name!r}; "
+                f"expected one of: {', '.join(sorted(self.options)) or '(none)'}"
+            )
+        self.config = {**self.options, **options}
+
+    @property
+    @abstractmethod
+    def splits(self) -> list[str]:
+        """The splits the source has by nature (e.g. train and test)."""
+
+    @abstractmethod
+    def items(self, split: str) -> Sequence[Any]:
+        """Cheap references to the samples of ``split`` (indices, paths)."""
+
+    @abstractmethod
+    def load(self, item: Any) -> SourceSample:
+        """Load one item."""
+
+    @property
+    def classes(self) -> list[str]:
+        return []
+
+    @property
+    def segmentation_classes(self) -> list[str]:
+        return []
+
+    def notes(self) -> list[str]:
+        """Remarks for the manifest (what was left out and why)."""
+        return []
+
+
+def normalize_mode(image: Image.Image) -> Image.Image:
+    """Bring any PIL image to L, LA, RGB or RGBA (keeping transparency where there is any)."""
+    if image.mode in ("L", "LA", "RGB", "RGBA"):
+        return image
+    if image.mode == "P":
+        return image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode == "PA":
+        return image.convert("RGBA")
+    if image.mode in ("1",):
+        return image.convert("L")
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        # 16-bit / float grayscale: keep the top 8 bits, the range PNG viewers assume
+        import numpy as np
+
+        array = np.asarray(image, dtype=np.float64)
+        scale = 255.0 / 65535.0 if array.max() > 255 else 1.0
+        return Image.fromarray(np.clip(array * scale, 0, 255).round().astype("uint8"))
+    return image.convert("RGB")
+
+
+def fit_to_square(image: Image.Image, size: int) -> Image.Image:
+    """Scale an RGBA cut-out to fit a ``size`` x ``size`` transparent canvas, centred."""
+    image = image.convert("RGBA")
+    scale = size / max(image.size)
+    width = max(1, round(image.width * scale))
+    height = max(1, round(image.height * scale))
+    if (width, height) != image.size:
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    canvas = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    canvas.paste(image, ((size - width) // 2, (size - height) // 2))
+    return canvas

@@ -1,0 +1,86 @@
+"""Any folder tree of images: the class from the first sub-folder, a caption from a sidecar .txt.
+
+    root/cat/001.jpg  root/cat/001.txt ("a cat on a sofa")  root/dog/x.png  root/loose.png
+
+gives classes ["cat", "dog"] (sorted), and label -1 for images directly under the root.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps
+
+from ldmkit.data.errors import SourceNotFoundError
+from ldmkit.data.sources.base import Source, SourceSample, normalize_mode
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    scale = size / min(image.size)
+    if scale >= 1:
+        return image  # never upsample at preparation; the loader resizes at train time
+    target = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(target, Image.Resampling.LANCZOS)
+
+
+class ImageFolder(Source):
+    name = "image_folder"
+    description = "a folder tree of images (class = sub-folder, caption = sidecar .txt)"
+    # image_size: shrink so the shorter side is at most this many pixels (None keeps the size)
+    options = {"path": None, "image_size": None}
+    has_captions = True
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.config["path"] is None:
+            raise SourceNotFoundError(
+                "image_folder needs path=DIR: a folder of images, one sub-folder per class "
+                "(captions optional, in a .txt file beside each image)"
+            )
+        self.root = Path(self.config["path"]).expanduser()
+        if not self.root.is_dir():
+            raise SourceNotFoundError(f"image_folder: {self.root} is not a folder")
+        self.paths = sorted(
+            p
+            for p in self.root.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES
+            and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(self.root).parts)
+        )
+        if not self.paths:
+            raise SourceNotFoundError(
+                f"image_folder: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {self.root}"
+            )
+        self._classes = sorted(
+            {p.relative_to(self.root).parts[0] for p in self.paths if len(p.relative_to(self.root).parts) > 1}
+        )
+
+    @property
+    def splits(self) -> list[str]:
+        return ["train"]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self._classes)
+
+    def items(self, split: str) -> Sequence[Any]:
+        return list(self.paths)
+
+    def load(self, path: Path) -> SourceSample:
+        relative = path.relative_to(self.root)
+        with Image.open(path) as opened:
+            opened.load()
+            image = normalize_mode(ImageOps.exif_transpose(opened))
+        if self.config["image_size"]:
+            image = resize_shorter_side(image, int(self.config["image_size"]))
+        label = self._classes.index(relative.parts[0]) if len(relative.parts) > 1 else -1
+        sidecar = path.with_suffix(".txt")
+        caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else ""
+        meta = {"origin": relative.as_posix()}
+        if label >= 0:
+            meta["class_name"] = self._classes[label]
+        return SourceSample(image=image, label=label, caption=caption, meta=meta)

@@ -1,0 +1,38 @@
+"""Classifier-free guidance (Ho & Salimans 2022) as a wrapper around the denoise callable."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+ModelFn = Callable[[Tensor, Tensor, Mapping[str, Tensor]], Tensor]
+
+
+class ClassifierFreeGuidance:
+    """``eps = eps(z, t, null) + scale * (eps(z, t, c) - eps(z, t, null))``.
+
+    Both branches run in one batched call. ``scale = 1`` is plain conditional
+    sampling and skips the unconditional branch.
+    """
+
+    def __init__(
+        self,
+        model: ModelFn,
+        cond: Mapping[str, Tensor],
+        uncond: Mapping[str, Tensor],
+        scale: float,
+    ) -> None:
+        if set(cond) != set(uncond):
+            raise ValueError(
+                f"conditional keys {sorted(cond)} differ from unconditional keys {sorted(uncond)}"
+            )
+        self.model, self.cond, self.uncond, self.scale = model, cond, uncond, scale
+
+    def __call__(self, z_t: Tensor, t: Tensor) -> Tensor:
+        if self.scale == 1.0 or not self.cond:
+            return self.model(z_t, t, self.cond)
+        both = {k: torch.cat([self.uncond[k], self.cond[k]]) for k in self.cond}
+        eps_u, eps_c = self.model(torch.cat([z_t, z_t]), torch.cat([t, t]), both).chunk(2)
+        return eps_u + self.scale * (eps_c - eps_u)

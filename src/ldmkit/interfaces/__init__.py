@@ -1,0 +1,25 @@
+"""The four interfaces every ldmkit component implements."""
+
+from ldmkit.interfaces.conditioner import CONDITION_ROLES, Conditioner
+from ldmkit.interfaces.denoiser import PREDICTIONS, Denoiser
+from ldmkit.interfaces.first_stage import FirstStage
+from ldmkit.interfaces.sampler import Callback, DenoiseFn, Sampler
+
+INTERFACES = {
+    "first_stage": FirstStage,
+    "denoiser": Denoiser,
+    "conditioner": Conditioner,
+    "sampler": Sampler,
+}
+
+__all__ = [
+    "CONDITION_ROLES",
+    "INTERFACES",
+    "PREDICTIONS",
+    "Callback",
+    "Conditioner",
+    "DenoiseFn",
+    "Denoiser",
+    "FirstStage",
+    "Sampler",
+]

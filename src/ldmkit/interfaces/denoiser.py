@@ -1,0 +1,72 @@
+"""The ``Denoiser`` interface: eps_theta(z_t, t, tau(y)).
+
+A denoiser predicts, from the noisy latent ``z_t`` (B×c×h×w) at integer timesteps
+``t`` (LongTensor of shape B) and a condition dict (see ``Conditioner``), one of
+``eps`` (the noise), ``x0`` (the clean latent) or ``v`` (Salimans & Ho 2022);
+the class attribute ``prediction`` says which. The core converts between them.
+
+It declares ``in_channels`` (latent channels + concat channels), ``out_channels``,
+``context_dim`` (the ``crossattn`` dim it attends to, None if it takes none) and
+``vector_dim`` (the ``vector`` dim, None if none). Configs may set any of these to
+``auto``; composition fills them from the first stage and the conditioner.
+
+A complete minimal plugin (a 3x3 convolution that ignores t and the condition)::
+
+    from torch import nn
+    import ldmkit
+    from ldmkit.interfaces import Denoiser
+
+    class ConvDenoiser(Denoiser):
+        prediction = "eps"
+
+        def __init__(self, *, in_channels: int = 4, out_channels: int = 4,
+                     context_dim: int | None = None, vector_dim: int | None = None):
+            super().__init__()
+            self.in_channels, self.out_channels = in_channels, out_channels
+            self.context_dim, self.vector_dim = context_dim, vector_dim
+            self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+
+        def forward(self, z_t, t, cond):
+            return self.conv(self.concat_condition(z_t, cond))
+
+    @ldmkit.hookimpl
+    def ldmkit_register_denoisers(register):
+        register("conv", ConvDenoiser)
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+PREDICTIONS = ("eps", "x0", "v")
+
+
+class Denoiser(nn.Module, abc.ABC):
+    """Time- and condition-dependent network of the reverse process."""
+
+    prediction: str = "eps"
+    in_channels: int
+    out_channels: int
+    context_dim: int | None = None
+    vector_dim: int | None = None
+
+    @abc.abstractmethod
+    def forward(self, z_t: Tensor, t: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+        """Predict ``self.prediction`` for ``z_t`` (B×c×h×w) at timesteps ``t`` (B,)."""
+
+    @staticmethod
+    def concat_condition(z_t: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+        """``z_t`` with ``cond["concat"]`` (if any) appended along channels."""
+        extra = cond.get("concat")
+        if extra is None:
+            return z_t
+        if extra.shape[0] != z_t.shape[0] or extra.shape[-2:] != z_t.shape[-2:]:
+            raise ValueError(
+                f"concat condition of shape {tuple(extra.shape)} does not match the "
+                f"latent of shape {tuple(z_t.shape)} (batch and spatial size must agree)"
+            )
+        return torch.cat([z_t, extra.to(z_t.dtype)], dim=1)

@@ -1,0 +1,342 @@
+"""Contract tests every implementation of an ldmkit interface must pass.
+
+Subclass a mixin in a pytest class whose name starts with ``Test`` and implement the
+factory method(s)::
+
+    from ldmkit.testing import SamplerConformance
+
+    class TestMySampler(SamplerConformance):
+        def make_sampler(self):
+            return MySampler(steps=20)
+
+Expected values are computed independently of the component under test: samplers are
+run on denoisers whose exact answer is known in closed form (a point mass, a Gaussian).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+from ldmkit.diffusion.schedule import NoiseSchedule
+from ldmkit.interfaces import (
+    CONDITION_ROLES,
+    PREDICTIONS,
+    Conditioner,
+    Denoiser,
+    FirstStage,
+    Sampler,
+)
+
+
+def _perturb_parameters(module: torch.nn.Module, std: float = 0.05, seed: int = 0) -> None:
+    """Add noise to every parameter: zero-initialized output layers (as in the paper's
+    UNet) would otherwise hide whether the output depends on the inputs at all."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * std)
+
+
+# -- FirstStage ---------------------------------------------------------------------------
+
+
+class FirstStageConformance:
+    """Contract of :class:`ldmkit.interfaces.FirstStage`."""
+
+    image_size: int = 16
+    batch_size: int = 2
+
+    def make_first_stage(self) -> FirstStage:
+        raise NotImplementedError("implement make_first_stage() in your test class")
+
+    def _images(self, fs: FirstStage, seed: int = 0) -> Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        shape = (self.batch_size, fs.image_channels, self.image_size, self.image_size)
+        return torch.rand(shape, generator=gen) * 2 - 1
+
+    def test_is_a_first_stage(self):
+        fs = self.make_first_stage()
+        assert isinstance(fs, FirstStage)
+        assert isinstance(fs.latent_channels, int) and fs.latent_channels > 0
+        f = fs.downsample_factor
+        assert isinstance(f, int) and f >= 1 and f & (f - 1) == 0, f"f={f} is not a power of 2"
+
+    def test_encode_decode_shapes(self):
+        fs = self.make_first_stage().eval()
+        x = self._images(fs)
+        with torch.no_grad():
+            z = fs.encode(x)
+            f = fs.downsample_factor
+            assert z.shape == (self.batch_size, fs.latent_channels, self.image_size // f, self.image_size // f)
+            assert fs.latent_shape(self.image_size, self.image_size) == tuple(z.shape[1:])
+            rec = fs.decode(z)
+        assert rec.shape == x.shape
+        assert torch.isfinite(rec).all()
+
+    def test_forward_returns_reconstruction_regularizer_logs(self):
+        fs = self.make_first_stage().train()
+        x = self._images(fs)
+        rec, reg, logs = fs(x)
+        assert rec.shape == x.shape
+        assert reg.ndim == 0 and torch.isfinite(reg)
+        assert isinstance(logs, Mapping)
+        params = [p for p in fs.parameters() if p.requires_grad]
+        if params:
+            ((rec - x).abs().mean() + reg).backward()
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+    def test_latent_shape_rejects_indivisible_sizes(self):
+        fs = self.make_first_stage()
+        if fs.downsample_factor == 1:
+            pytest.skip("f = 1 divides every size")
+        with pytest.raises(ValueError, match="downsample factor"):
+            fs.latent_shape(self.image_size + 1, self.image_size)
+
+
+# -- Denoiser -----------------------------------------------------------------------------
+
+
+class DenoiserConformance:
+    """Contract of :class:`ldmkit.interfaces.Denoiser`."""
+
+    latent_size: int = 8
+    batch_size: int = 2
+    context_tokens: int = 3
+
+    def make_denoiser(self) -> Denoiser:
+        raise NotImplementedError("implement make_denoiser() in your test class")
+
+    def make_condition(self, denoiser: Denoiser, batch_size: int, seed: int = 0) -> dict[str, Tensor]:
+        """A random condition matching the denoiser's declared dims."""
+        gen = torch.Generator().manual_seed(seed)
+        cond: dict[str, Tensor] = {}
+        if denoiser.context_dim:
+            cond["crossattn"] = torch.randn(batch_size, self.context_tokens, denoiser.context_dim, generator=gen)
+        if denoiser.vector_dim:
+            cond["vector"] = torch.randn(batch_size, denoiser.vector_dim, generator=gen)
+        concat = denoiser.in_channels - denoiser.out_channels
+        if concat > 0:
+            cond["concat"] = torch.randn(batch_size, concat, self.latent_size, self.latent_size, generator=gen)
+        return cond
+
+    def _inputs(self, d: Denoiser, seed: int = 0) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        gen = torch.Generator().manual_seed(seed)
+        z = torch.randn(self.batch_size, d.out_channels, self.latent_size, self.latent_size, generator=gen)
+        t = torch.randint(0, 1000, (self.batch_size,), generator=gen)
+        return z, t, self.make_condition(d, self.batch_size, seed)
+
+    def test_is_a_denoiser(self):
+        d = self.make_denoiser()
+        assert isinstance(d, Denoiser)
+        assert d.prediction in PREDICTIONS
+        assert d.in_channels >= d.out_channels > 0
+
+    def test_output_shape(self):
+        d = self.make_denoiser().eval()
+        z, t, cond = self._inputs(d)
+        with torch.no_grad():
+            out = d(z, t, cond)
+        assert out.shape == z.shape and out.dtype == z.dtype
+        assert torch.isfinite(out).all()
+
+    def test_depends_on_timestep(self):
+        d = self.make_denoiser().eval()
+        _perturb_parameters(d)
+        z, t, cond = self._inputs(d)
+        with torch.no_grad():
+            a = d(z, torch.zeros_like(t), cond)
+            b = d(z, torch.full_like(t, 999), cond)
+        assert not torch.allclose(a, b), "the output does not depend on t"
+
+    def test_depends_on_condition(self):
+        d = self.make_denoiser().eval()
+        z, t, cond = self._inputs(d)
+        if not cond:
+            pytest.skip("the denoiser takes no condition")
+        _perturb_parameters(d)
+        other = self.make_condition(d, self.batch_size, seed=1)
+        with torch.no_grad():
+            for key in cond:
+                changed = {**cond, key: other[key]}
+                assert not torch.allclose(d(z, t, cond), d(z, t, changed)), f"ignores cond[{key!r}]"
+
+    def test_samples_are_independent(self):
+        d = self.make_denoiser().eval()
+        _perturb_parameters(d)
+        z, t, cond = self._inputs(d)
+        z2 = z.clone()
+        z2[1:] = torch.randn_like(z2[1:])
+        with torch.no_grad():
+            a, b = d(z, t, cond), d(z2, t, cond)
+        torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-5)
+
+    def test_backward_reaches_parameters(self):
+        d = self.make_denoiser().train()
+        z, t, cond = self._inputs(d)
+        d(z, t, cond).square().mean().backward()
+        grads = [p.grad for p in d.parameters() if p.requires_grad]
+        assert grads and any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+# -- Conditioner --------------------------------------------------------------------------
+
+
+class ConditionerConformance:
+    """Contract of :class:`ldmkit.interfaces.Conditioner`."""
+
+    batch_size: int = 3
+
+    def make_conditioner(self) -> Conditioner:
+        raise NotImplementedError("implement make_conditioner() in your test class")
+
+    def make_batch(self, n: int) -> dict[str, Any]:
+        raise NotImplementedError("implement make_batch(n) in your test class")
+
+    def _check_shapes(self, c: Conditioner, out: Mapping[str, Tensor], n: int) -> None:
+        assert set(out) <= set(CONDITION_ROLES), f"unknown roles {set(out) - set(CONDITION_ROLES)}"
+        assert set(out) == set(c.output_dims()), (
+            f"returns roles {sorted(out)} but declares {sorted(c.output_dims())}"
+        )
+        for role, value in out.items():
+            assert value.shape[0] == n, f"{role}: batch dim {value.shape[0]} != {n}"
+        if "crossattn" in out:
+            assert out["crossattn"].ndim == 3 and out["crossattn"].shape[-1] == c.crossattn_dim
+        if "concat" in out:
+            assert out["concat"].ndim == 4 and out["concat"].shape[1] == c.concat_channels
+        if "vector" in out:
+            assert out["vector"].ndim == 2 and out["vector"].shape[1] == c.vector_dim
+
+    def test_is_a_conditioner(self):
+        c = self.make_conditioner()
+        assert isinstance(c, Conditioner)
+        batch = self.make_batch(self.batch_size)
+        missing = [k for k in c.input_keys if k not in batch]
+        assert not missing, f"make_batch lacks the conditioner's input keys {missing}"
+
+    def test_output_matches_declared_dims(self):
+        c = self.make_conditioner()
+        self._check_shapes(c, c(self.make_batch(self.batch_size)), self.batch_size)
+
+    def test_unconditional_has_same_shapes(self):
+        c = self.make_conditioner()
+        batch = self.make_batch(self.batch_size)
+        cond, uncond = c(batch), c.unconditional(batch)
+        assert set(cond) == set(uncond)
+        for role in cond:
+            assert cond[role].shape == uncond[role].shape, role
+
+
+# -- Sampler ------------------------------------------------------------------------------
+
+
+def point_mass_denoiser(schedule: NoiseSchedule, target: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    """The exact eps-prediction when all data equals ``target``:
+    ``eps = (z_t - sqrt(a_t) x0) / sqrt(1 - a_t)``."""
+
+    def denoise(z_t: Tensor, t: Tensor) -> Tensor:
+        return schedule.predict_eps(z_t, t, target.expand_as(z_t))
+
+    return denoise
+
+
+def gaussian_denoiser(schedule: NoiseSchedule, mean: float, std: float) -> Callable[[Tensor, Tensor], Tensor]:
+    """The exact E[eps | z_t] when every coordinate of the data is N(mean, std^2):
+    ``sqrt(1 - a) (z_t - sqrt(a) mean) / (a std^2 + 1 - a)``."""
+
+    def denoise(z_t: Tensor, t: Tensor) -> Tensor:
+        a = schedule.alpha_bar(t, z_t)
+        return (1 - a).sqrt() * (z_t - a.sqrt() * mean) / (a * std**2 + 1 - a)
+
+    return denoise
+
+
+class SamplerConformance:
+    """Contract of :class:`ldmkit.interfaces.Sampler`.
+
+    ``distribution_tolerance`` bounds the error in mean and std when sampling a 1-D
+    Gaussian with ``distribution_steps`` steps (DDIM at 100 steps is 0.014 off in std,
+    ancestral DDPM 0.032); loosen it for a coarse algorithm, with a reason.
+    """
+
+    steps: int = 25
+    distribution_steps: int = 100
+    shape: tuple[int, ...] = (2, 3, 4, 4)
+    point_mass_tolerance: float = 1e-3
+    distribution_tolerance: float = 0.05
+
+    def make_sampler(self) -> Sampler:
+        raise NotImplementedError("implement make_sampler() in your test class")
+
+    def make_schedule(self) -> NoiseSchedule:
+        return NoiseSchedule()
+
+    def _noise(self, seed: int = 0, shape: tuple[int, ...] | None = None) -> Tensor:
+        return torch.randn(shape or self.shape, generator=torch.Generator().manual_seed(seed))
+
+    def test_is_a_sampler(self):
+        s = self.make_sampler()
+        assert isinstance(s, Sampler)
+
+    def test_point_mass_is_recovered(self):
+        schedule = self.make_schedule()
+        target = torch.linspace(-1, 1, 48).reshape(1, 3, 4, 4)
+        out = self.make_sampler().sample(
+            point_mass_denoiser(schedule, target), schedule, self._noise(), steps=self.steps,
+            generator=torch.Generator().manual_seed(1),
+        )
+        assert out.shape == self.shape
+        torch.testing.assert_close(out, target.expand(self.shape), atol=self.point_mass_tolerance, rtol=0)
+
+    def test_gaussian_data_distribution(self):
+        schedule = self.make_schedule()
+        mean, std = 0.5, 0.3
+        noise = self._noise(shape=(4096, 1, 1, 1))
+        out = self.make_sampler().sample(
+            gaussian_denoiser(schedule, mean, std), schedule, noise, steps=self.distribution_steps,
+            generator=torch.Generator().manual_seed(1),
+        )
+        assert abs(out.mean().item() - mean) < self.distribution_tolerance
+        assert abs(out.std().item() - std) < self.distribution_tolerance
+
+    def test_reproducible_with_generator(self):
+        schedule = self.make_schedule()
+        denoise = gaussian_denoiser(schedule, 0.0, 0.5)
+        runs = [
+            self.make_sampler().sample(
+                denoise, schedule, self._noise(), steps=self.steps,
+                generator=torch.Generator().manual_seed(7),
+            )
+            for _ in range(2)
+        ]
+        torch.testing.assert_close(runs[0], runs[1], atol=0, rtol=0)
+
+    def test_callback_sees_every_step(self):
+        schedule = self.make_schedule()
+        seen: list[dict] = []
+        self.make_sampler().sample(
+            gaussian_denoiser(schedule, 0.0, 0.5), schedule, self._noise(), steps=self.steps,
+            callback=seen.append,
+        )
+        assert len(seen) == self.steps
+        assert [info["i"] for info in seen] == list(range(self.steps))
+        assert all(info["z"].shape == self.shape for info in seen)
+
+    def test_mask_keeps_known_region(self):
+        s = self.make_sampler()
+        schedule = self.make_schedule()
+        known = torch.full(self.shape, 0.25)
+        mask = torch.zeros(self.shape[0], 1, *self.shape[2:])
+        mask[..., :2] = 1  # generate the left half, keep the right half
+        if not s.supports_mask:
+            pytest.skip("sampler does not support inpainting masks")
+        out = s.sample(
+            gaussian_denoiser(schedule, 0.0, 0.5), schedule, self._noise(), steps=self.steps,
+            generator=torch.Generator().manual_seed(1), mask=mask, known=known,
+        )
+        torch.testing.assert_close(out[..., 2:], known[..., 2:], atol=1e-5, rtol=0)
+        assert not torch.allclose(out[..., :2], known[..., :2])

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ldmkit.plugins import reset_plugin_manager
+
+TESTS = Path(__file__).parent
+TOY_OVERRIDES = [
+    "first_stage=toy_fs",
+    "denoiser=toy_denoiser",
+    "conditioner=toy_cond",
+    "sampler=toy_sampler",
+    "image_size=8",
+]
+
+
+@pytest.fixture
+def fresh_plugins(monkeypatch):
+    """A plugin manager that rediscovers entry points (env switches apply) and is reset after."""
+    for var in ("LDMKIT_STRICT_PLUGINS", "LDMKIT_DISABLE_PLUGIN_AUTOLOAD", "LDMKIT_LOAD_PLUGINS"):
+        monkeypatch.delenv(var, raising=False)
+    reset_plugin_manager()
+    yield
+    reset_plugin_manager()
+
+
+@pytest.fixture
+def toy(ldmkit_plugin):
+    """Registers the toy plugin; returns the overrides that compose a toy pipeline."""
+    sys.path.insert(0, str(TESTS))
+    try:
+        import toy_plugin
+    finally:
+        sys.path.remove(str(TESTS))
+    ldmkit_plugin(toy_plugin, name="toy")
+    return list(TOY_OVERRIDES)
+
+
+def make_distribution(site: Path, dist: str, version: str, entry_points: dict[str, str],
+                      modules: dict[str, str]) -> None:
+    """Write an installed distribution (a .dist-info with entry points) and its modules."""
+    info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    eps = "\n".join(f"{name} = {target}" for name, target in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[ldmkit]\n{eps}\n")
+    for module, source in modules.items():
+        (site / f"{module}.py").write_text(textwrap.dedent(source))
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch, fresh_plugins):
+    """A directory on sys.path to install fake distributions into."""
+    directory = tmp_path / "site"
+    directory.mkdir()
+    monkeypatch.syspath_prepend(str(directory))
+    return directory

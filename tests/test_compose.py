@@ -1,0 +1,160 @@
+"""Hydra composition through the registry, and the checks that parts fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ldmkit
+from ldmkit.config import ConfigError, compose_config
+from ldmkit.pipeline import Pipeline
+
+
+def test_compose_builds_a_pipeline_from_plugin_configs(toy):
+    pipe = ldmkit.compose(overrides=toy)
+    assert isinstance(pipe, Pipeline)
+    assert type(pipe.first_stage).__name__ == "ToyFirstStage"
+    assert type(pipe.sampler).__name__ == "ToySampler"
+    assert pipe.schedule.timesteps == 1000
+    # auto dims were filled from the first stage and the conditioner
+    assert pipe.denoiser.in_channels == 3 and pipe.denoiser.context_dim == 8
+    assert pipe.config.denoiser.in_channels == 3  # recorded resolved, for checkpoints
+
+
+def test_overriding_one_group_still_composes(toy):
+    pipe = ldmkit.compose(overrides=toy + ["first_stage=toy_fs5", "conditioner=toy_cond_concat"])
+    assert pipe.first_stage.latent_channels == 5
+    assert pipe.denoiser.in_channels == 5 + 2 and pipe.denoiser.out_channels == 5
+
+
+def test_overrides_reach_component_arguments(toy):
+    pipe = ldmkit.compose(overrides=toy + ["sampler.steps=3", "conditioner.dim=16"])
+    assert pipe.sampler.steps == 3
+    assert pipe.denoiser.context_dim == 16
+
+
+def test_first_party_sampler_options_come_from_the_plugin(toy):
+    pipe = ldmkit.compose(overrides=toy + ["sampler=ddim", "sampler.steps=20", "sampler.eta=0.5"])
+    assert type(pipe.sampler).__name__ == "DDIMSampler" and pipe.sampler.eta == 0.5
+
+
+def test_unknown_option_lists_options_including_plugin_ones(toy):
+    with pytest.raises(ConfigError) as err:
+        compose_config(toy + ["sampler=dimm"])
+    message = str(err.value)
+    assert "sampler/dimm" in message
+    for option in ("ddim", "ddpm", "toy_sampler"):  # first-party plugin + test plugin
+        assert option in message
+
+
+def test_unknown_registered_name_lists_names(toy):
+    with pytest.raises(ConfigError, match=r"sampler=toy_sampler.*unknown sampler 'nope'.*ddim"):
+        ldmkit.compose(overrides=toy + ["sampler.name=nope"])
+
+
+def test_unknown_constructor_argument_names_component(toy):
+    with pytest.raises(ConfigError, match=r"sampler=toy_sampler.*toy_sampler.*\['bogus', 'steps'\]"):
+        ldmkit.compose(overrides=toy + ["+sampler.bogus=1"])
+
+
+def test_incompatible_latent_channels_name_both_configs(toy):
+    overrides = toy + ["first_stage=toy_fs5", "denoiser=toy_denoiser_fixed3"]
+    with pytest.raises(ConfigError) as err:
+        ldmkit.compose(overrides=overrides)
+    message = str(err.value)
+    assert "first_stage=toy_fs5" in message and "denoiser=toy_denoiser_fixed3" in message
+    assert "in_channels=3" in message and "must be 5" in message
+
+
+def test_incompatible_context_dim_names_both_configs(toy):
+    with pytest.raises(ConfigError) as err:
+        ldmkit.compose(overrides=toy + ["denoiser.context_dim=32"])
+    message = str(err.value)
+    assert "conditioner=toy_cond (crossattn_dim=8)" in message
+    assert "denoiser=toy_denoiser (context_dim=32)" in message
+
+
+def test_concat_channels_count_in_the_denoiser_input(toy):
+    overrides = toy + ["conditioner=toy_cond_concat", "denoiser=toy_denoiser_fixed3"]
+    with pytest.raises(ConfigError, match=r"concat_channels=2.*denoiser=toy_denoiser_fixed3"):
+        ldmkit.compose(overrides=overrides)
+
+
+def test_bad_schedule_is_named(toy):
+    with pytest.raises(ConfigError, match="schedule config: unknown beta schedule 'cosin'"):
+        ldmkit.compose(overrides=toy + ["schedule.kind=cosin"])
+
+
+def test_choices_are_recorded(toy):
+    cfg = compose_config(toy)
+    assert cfg.choices.sampler == "toy_sampler" and cfg.choices.first_stage == "toy_fs"
+
+
+def test_sample_shapes_and_seed(toy):
+    pipe = ldmkit.compose(overrides=toy)
+    a = pipe.sample({"label": [0, 1, 2]}, seed=0)
+    b = pipe.sample({"label": [0, 1, 2]}, seed=0)
+    assert a.shape == (3, 3, 8, 8) and a.min() >= -1 and a.max() <= 1
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    z = pipe.sample({"label": [0, 1]}, seed=0, return_latents=True)
+    assert z.shape == (2, 3, 4, 4)
+
+
+def test_sample_errors_name_the_problem(toy):
+    pipe = ldmkit.compose(overrides=toy)
+    with pytest.raises(ValueError, match=r"needs batch keys \['label'\]"):
+        pipe.sample(num_samples=2)
+    with pytest.raises(ValueError, match="num_samples=3 but the batch holds 2"):
+        pipe.sample({"label": [0, 1]}, num_samples=3)
+    with pytest.raises(ValueError, match="does not support inpainting"):
+        pipe.sample({"label": [0]}, mask=torch.ones(1, 1, 4, 4), known=torch.zeros(1, 3, 4, 4))
+
+
+def test_guidance_formula(toy):
+    """pipeline.sample with guidance uses eps_u + s (eps_c - eps_u), checked by hand."""
+    pipe = ldmkit.compose(overrides=toy + ["sampler.steps=1"])
+    batch = {"label": [1, 2]}
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    seen = {}
+
+    def capture(info):
+        seen["x0"] = info["x0"]
+
+    pipe.sample(batch, noise=noise, guidance_scale=3.0, callback=capture)
+    t = torch.full((2,), 999)
+    with torch.no_grad():
+        eps_c = pipe.denoiser(noise, t, pipe.conditioner(batch))
+        eps_u = pipe.denoiser(noise, t, pipe.conditioner.unconditional(batch))
+        expected = pipe.schedule.predict_x0(noise, t, eps_u + 3.0 * (eps_c - eps_u))
+    torch.testing.assert_close(seen["x0"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_save_and_load_round_trip(toy, tmp_path):
+    pipe = ldmkit.compose(overrides=toy + ["scale_factor=0.5"])
+    with torch.no_grad():
+        for p in pipe.parameters():
+            p.add_(torch.randn_like(p))
+    pipe.save(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.yaml", "model.safetensors"]
+    loaded = Pipeline.load(tmp_path / "ckpt")
+    assert float(loaded.scale_factor) == 0.5
+    for (name, a), (_, b) in zip(pipe.state_dict().items(), loaded.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    torch.testing.assert_close(
+        pipe.sample({"label": [3]}, seed=1), loaded.sample({"label": [3]}, seed=1), atol=0, rtol=0
+    )
+
+
+def test_load_reports_missing_and_mismatched_files(toy, tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.yaml"):
+        Pipeline.load(tmp_path)
+    pipe = ldmkit.compose(overrides=toy)
+    pipe.save(tmp_path / "a")
+    other = ldmkit.compose(overrides=toy + ["first_stage=toy_fs5"])
+    other.save(tmp_path / "b")
+    (tmp_path / "a" / "model.safetensors").replace(tmp_path / "b" / "model.safetensors")
+    with pytest.raises(ValueError, match="does not match the model built from"):
+        Pipeline.load(tmp_path / "b")
+    (tmp_path / "b" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="cannot read checkpoint weights"):
+        Pipeline.load(tmp_path / "b")

@@ -1,0 +1,190 @@
+"""Plugin discovery through real entry points of installed distributions."""
+
+from __future__ import annotations
+
+import pytest
+
+import ldmkit
+from ldmkit.plugins import PluginError, PluginLoadWarning, get_plugin_manager, get_registry
+from ldmkit.registry import RegistryError
+from tests.conftest import make_distribution
+
+GOOD = """
+import ldmkit
+from ldmkit.interfaces import Sampler
+
+class Noop(Sampler):
+    def sample(self, denoise, schedule, noise, **kw):
+        return noise
+
+@ldmkit.hookimpl
+def ldmkit_register_samplers(register):
+    register("{name}", Noop)
+"""
+
+
+def test_first_party_plugins_are_discovered(fresh_plugins):
+    registry = get_registry()
+    assert {"ddim", "ddpm"} <= set(registry.names("sampler"))
+    assert {"none", "class_label"} <= set(registry.names("conditioner"))
+    entry = registry.get("sampler", "ddim")
+    assert "ldmkit-samplers" in entry.provider
+
+
+def test_third_party_distribution_registers(site):
+    make_distribution(site, "ldmkit-noop", "1.2.3", {"noop": "noop_plugin"},
+                      {"noop_plugin": GOOD.format(name="noop")})
+    registry = get_registry()
+    assert registry.get("sampler", "noop").provider == "plugin 'noop' (ldmkit-noop 1.2.3)"
+    assert "ddim" in registry.names("sampler")  # first-party plugins load beside it
+
+
+def test_plugin_whose_import_raises_is_reported_and_others_load(site):
+    make_distribution(site, "ldmkit-broken", "0.9", {"broken": "broken_plugin"},
+                      {"broken_plugin": "raise RuntimeError('boom in import')\n"})
+    make_distribution(site, "ldmkit-noop", "1.0", {"noop": "noop_plugin"},
+                      {"noop_plugin": GOOD.format(name="noop")})
+    with pytest.warns(PluginLoadWarning) as caught:
+        registry = get_registry()
+    message = str(caught[0].message)
+    assert "ldmkit-broken 0.9" in message and "RuntimeError: boom in import" in message
+    assert "noop" in registry.names("sampler") and "ddim" in registry.names("sampler")
+    report = {row["name"]: row for row in get_plugin_manager().plugin_report()}
+    assert report["broken"]["error"] == "RuntimeError: boom in import"
+    assert report["broken"]["distribution"] == "ldmkit-broken"
+
+
+def test_strict_mode_makes_a_broken_plugin_fatal(site, monkeypatch):
+    make_distribution(site, "ldmkit-broken", "0.9", {"broken": "broken_plugin"},
+                      {"broken_plugin": "raise RuntimeError('boom')\n"})
+    monkeypatch.setenv("LDMKIT_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match=r"'broken' from distribution ldmkit-broken 0.9.*boom"):
+        get_registry()
+
+
+def test_entry_point_to_missing_module_is_reported(site):
+    make_distribution(site, "ldmkit-ghost", "2.0", {"ghost": "no_such_module_xyz"}, {})
+    with pytest.warns(PluginLoadWarning, match=r"ldmkit-ghost 2.0.*No module named 'no_such_module_xyz'"):
+        get_registry()
+
+
+def test_same_name_from_two_plugins_names_both(site):
+    make_distribution(site, "ldmkit-one", "1.0", {"one": "one_plugin"},
+                      {"one_plugin": GOOD.format(name="shared")})
+    make_distribution(site, "ldmkit-two", "2.0", {"two": "two_plugin"},
+                      {"two_plugin": GOOD.format(name="shared")})
+    with pytest.raises(RegistryError) as err:
+        get_registry()
+    assert "sampler 'shared' is registered twice" in str(err.value)
+    assert "ldmkit-one 1.0" in str(err.value) and "ldmkit-two 2.0" in str(err.value)
+
+
+def test_clash_with_a_first_party_name_names_both(site):
+    make_distribution(site, "ldmkit-mine", "1.0", {"mine": "mine_plugin"},
+                      {"mine_plugin": GOOD.format(name="ddim")})
+    with pytest.raises(RegistryError, match=r"ldmkit-samplers.*ldmkit-mine|ldmkit-mine.*ldmkit-samplers"):
+        get_registry()
+
+
+def test_misspelled_hook_is_rejected_with_a_suggestion(site):
+    source = """
+    import ldmkit
+
+    @ldmkit.hookimpl
+    def ldmkit_register_sampler(register):
+        register("x", object)
+    """
+    make_distribution(site, "ldmkit-typo", "1.0", {"typo": "typo_plugin"}, {"typo_plugin": source})
+    with pytest.warns(PluginLoadWarning) as caught:
+        registry = get_registry()
+    message = str(caught[0].message)
+    assert "unknown hook(s) 'ldmkit_register_sampler'" in message
+    assert "did you mean 'ldmkit_register_samplers'" in message
+    assert "x" not in registry.names("sampler")
+
+
+def test_misspelled_hook_registered_directly_raises(fresh_plugins):
+    class Typo:
+        @ldmkit.hookimpl
+        def ldmkit_register_denoiser(self, register):
+            pass
+
+    with pytest.raises(PluginError, match="ldmkit_register_denoiser.*did you mean 'ldmkit_register_denoisers'"):
+        get_plugin_manager().register(Typo(), name="typo")
+    assert get_plugin_manager().pm.get_plugin("typo") is None
+
+
+def test_failing_registration_hook_is_reported_like_a_broken_import(site):
+    source = """
+    import ldmkit
+
+    @ldmkit.hookimpl
+    def ldmkit_register_samplers(register):
+        raise ImportError("optional dependency missing")
+    """
+    make_distribution(site, "ldmkit-half", "1.0", {"half": "half_plugin"}, {"half_plugin": source})
+    with pytest.warns(PluginLoadWarning, match=r"ldmkit-half 1.0.*ldmkit_register_samplers.*optional dependency"):
+        registry = get_registry()
+    assert "ddim" in registry.names("sampler")
+
+
+def test_disable_autoload_loads_nothing(fresh_plugins, monkeypatch):
+    monkeypatch.setenv("LDMKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
+    assert get_registry().names("sampler") == []
+
+
+def test_load_only_selected_plugins(site, monkeypatch):
+    make_distribution(site, "ldmkit-broken", "0.9", {"broken": "broken_plugin"},
+                      {"broken_plugin": "raise RuntimeError('never imported')\n"})
+    monkeypatch.setenv("LDMKIT_LOAD_PLUGINS", "samplers")
+    registry = get_registry()
+    assert registry.names("sampler") == ["ddim", "ddpm"]
+    assert registry.names("conditioner") == []
+    assert get_plugin_manager().broken == []
+
+
+def test_load_only_accepts_distribution_names(fresh_plugins, monkeypatch):
+    monkeypatch.setenv("LDMKIT_LOAD_PLUGINS", "ldmkit-conditioners")
+    registry = get_registry()
+    assert registry.names("sampler") == [] and "none" in registry.names("conditioner")
+
+
+def test_loading_is_lazy_and_idempotent(fresh_plugins):
+    manager = get_plugin_manager()
+    assert manager.infos == {}  # nothing loaded until first use
+    first = manager.registry
+    manager.load_entry_points()
+    assert manager.registry is first
+    assert sorted(manager.infos) == sorted(set(manager.infos))
+
+
+def test_temporary_plugin_fixture_unregisters(ldmkit_plugin, fresh_plugins):
+    class Plugin:
+        @ldmkit.hookimpl
+        def ldmkit_register_samplers(self, register):
+            from ldmkit_samplers import DDIMSampler
+
+            register("temp_ddim", DDIMSampler)
+
+    ldmkit_plugin(Plugin(), name="temp")
+    assert "temp_ddim" in get_registry().names("sampler")
+
+
+def test_temporary_plugin_context_manager_unregisters(fresh_plugins):
+    from ldmkit.testing import temporary_plugin
+
+    class Plugin:
+        @ldmkit.hookimpl
+        def ldmkit_register_samplers(self, register):
+            from ldmkit_samplers import DDIMSampler
+
+            register("temp_ddim", DDIMSampler)
+
+    with temporary_plugin(Plugin(), name="temp"):
+        assert "temp_ddim" in get_registry().names("sampler")
+    assert "temp_ddim" not in get_registry().names("sampler")
+
+
+def test_unknown_component_lists_registered_names(fresh_plugins):
+    with pytest.raises(RegistryError, match=r"unknown sampler 'dimm'; registered samplers: .*ddim"):
+        get_registry().get("sampler", "dimm")
