@@ -39,6 +39,8 @@ class ClassLabelConditioner(Conditioner):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes, self.role, self.input_key = num_classes, role, input_key
         self.input_keys = (input_key,)
+        # follows .to(device) so that one-hot vectors land where the model is
+        self.register_buffer("_anchor", torch.zeros(0), persistent=False)
         if role == "crossattn":
             self.crossattn_dim = embed_dim
             self.embedding = nn.Embedding(num_classes + 1, embed_dim)
@@ -60,7 +62,7 @@ class ClassLabelConditioner(Conditioner):
         return labels.reshape(-1)
 
     def _device(self) -> torch.device:
-        return self.embedding.weight.device if self.role == "crossattn" else torch.device("cpu")
+        return self._anchor.device
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         labels = self._labels(batch)

@@ -33,6 +33,10 @@ def candidate_dirs(explicit: str | None = None) -> list[Path]:
         candidates.append(Path(os.environ["LDMKIT_EMOJI_DIR"]).expanduser())
     candidates.append(Path.cwd() / ".cache" / "npm" / "node_modules" / PACKAGE)
     candidates.append(Path.cwd() / "node_modules" / PACKAGE)
+    # an editable install (src layout): the repository's own npm cache, whatever the cwd
+    repo_root = Path(__file__).resolve().parents[4]
+    if (repo_root / "pyproject.toml").is_file():
+        candidates.append(repo_root / ".cache" / "npm" / "node_modules" / PACKAGE)
     npm = shutil.which("npm")
     if npm and not explicit:
         try:

@@ -56,7 +56,8 @@ def _tuxpaint_candidates(path: str | None) -> list[Candidate]:
     return [
         Candidate(short_name(stamp_caption(p)), stamps._category(p), lambda p=p: stamps.load_cutout(p))
         for p in stamps.items("train")
-        if not p.stem.endswith("_mirror")  # scenes flip on their own
+        # scenes flip on their own; letters, signs and coins are not things in a scene
+        if not p.stem.endswith("_mirror") and stamps._category(p) != "symbols"
     ]
 
 
@@ -67,7 +68,8 @@ def _emoji_candidates(path: str | None) -> list[Candidate]:
     return [
         Candidate(item["name"], item["category"], lambda item=item: emoji.load(item).image)
         for item in emoji.items("train")
-        if item["category"] != "Flags"  # flags are rectangles, not cut-outs
+        # flags are rectangles, symbols are signs: neither is a thing in a scene
+        if item["category"] not in ("Flags", "Symbols")
     ]
 
 
@@ -109,6 +111,11 @@ def usable_cutout(image: Image.Image, min_side: int) -> Image.Image | None:
     return image
 
 
+def _short_enough(name: str) -> bool:
+    # class names end up in scene captions; "fire truck" reads well, a whole sentence does not
+    return len(name.split()) <= 3 and len(name) <= 24
+
+
 def choose_cutouts(candidates: list[Candidate], count: int, seed: int, names: Sequence[str] | None) -> list[Cutout]:
     """Pick ``count`` cut-outs: the named ones, or a seeded draw spread over categories."""
     if names:
@@ -140,7 +147,7 @@ def choose_cutouts(candidates: list[Candidate], count: int, seed: int, names: Se
         for queue in queues:  # round-robin: one per category per pass, for variety
             while queue:
                 candidate = queue.pop()
-                if candidate.name in taken_names:
+                if candidate.name in taken_names or not _short_enough(candidate.name):
                     continue
                 try:
                     image = usable_cutout(candidate.load(), min_side=24)

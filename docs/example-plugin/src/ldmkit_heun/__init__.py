@@ -1,0 +1,5 @@
+"""An example third-party ldmkit plugin: Heun's sampler."""
+
+from ldmkit_heun.heun import HeunSampler
+
+__all__ = ["HeunSampler"]

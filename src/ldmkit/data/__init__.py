@@ -1,0 +1,48 @@
+"""ldmkit.data: WebDataset shards - preparation from sources, loading, robustness.
+
+    ldmkit data prepare fashion_mnist out=data/fashion_mnist
+    loader = build_dataloader(cfg.data, batch_size=64, num_workers=4)
+
+See docs/data.md for the on-disk format, the batch keys and the sources.
+"""
+
+from ldmkit.data.errors import DataError, SourceNotFoundError
+from ldmkit.data.loading import (
+    ShardDataset,
+    ShardLoader,
+    ShardStream,
+    build_dataloader,
+    build_dataset,
+    data_config,
+    dataset_dir,
+    ensure_prepared,
+)
+from ldmkit.data.manifest import Manifest, read_manifest, verify
+from ldmkit.data.prepare import prepare
+from ldmkit.data.sources import SOURCES, Source, SourceSample, register_source
+from ldmkit.data.stats import DataStats, SkipEvent
+from ldmkit.data.transforms import ImageTransform
+
+__all__ = [
+    "SOURCES",
+    "DataError",
+    "DataStats",
+    "ImageTransform",
+    "Manifest",
+    "ShardDataset",
+    "ShardLoader",
+    "ShardStream",
+    "SkipEvent",
+    "Source",
+    "SourceNotFoundError",
+    "SourceSample",
+    "build_dataloader",
+    "build_dataset",
+    "data_config",
+    "dataset_dir",
+    "ensure_prepared",
+    "prepare",
+    "read_manifest",
+    "register_source",
+    "verify",
+]

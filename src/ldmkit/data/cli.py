@@ -1,0 +1,143 @@
+"""``ldmkit data``: prepare, inspect and check WebDataset shard folders.
+
+    ldmkit data prepare SOURCE [out=DIR] [key=value ...]
+    ldmkit data info DIR
+    ldmkit data verify DIR
+    ldmkit data sources
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ldmkit.data.errors import DataError, SourceNotFoundError
+
+PREPARE_EPILOG = """\
+options (key=value): out=DIR (default data/SOURCE), split=all|train|test|..., limit=N,
+shard_size=auto|N, seed=N, val_fraction=F, overwrite=true, progress=false, and the source's
+own options (see `ldmkit data sources`), e.g. path=DIR for image_folder,
+num_classes=K for semantic_scenes.
+"""
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["limit=10", "path=/x"]`` -> ``{"limit": 10, "path": "/x"}`` (YAML scalars)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise DataError(f"expected key=value, got {pair!r}")
+        try:
+            parsed = yaml.safe_load(value) if value else None
+        except yaml.YAMLError:
+            parsed = value
+        # paths and names stay strings even when they look like numbers or dates
+        options[key] = value if key in ("path", "out", "objects", "split") else parsed
+    return options
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from ldmkit.data.prepare import prepare
+
+    options = parse_options(args.options)
+    out = options.pop("out", None) or f"data/{args.source}"
+    manifest = prepare(args.source, out, **options)
+    print(f"wrote {out}:")
+    print(summary(manifest))
+    return 0
+
+
+def summary(manifest) -> str:
+    lines = [f"source: {manifest.source}  ({manifest.created_by})"]
+    size = "x".join(map(str, manifest.image_size)) if manifest.image_size else "mixed"
+    lines.append(f"images: {manifest.image_mode or 'mixed modes'}, {size}")
+    lines.append(f"members per sample: {', '.join(manifest.fields)}")
+    for name, split in manifest.splits.items():
+        total = sum(s.bytes for s in split.shards)
+        lines.append(
+            f"split {name}: {split.num_samples} samples in {len(split.shards)} shards "
+            f"({total / 1e6:.1f} MB)"
+        )
+    if manifest.classes:
+        shown = ", ".join(manifest.classes[:12]) + (" ..." if len(manifest.classes) > 12 else "")
+        lines.append(f"classes ({len(manifest.classes)}): {shown}")
+    if manifest.segmentation_classes:
+        lines.append(
+            f"segmentation classes ({len(manifest.segmentation_classes)}): "
+            + ", ".join(manifest.segmentation_classes)
+        )
+    lines.extend(f"note: {note}" for note in manifest.notes)
+    return "\n".join(lines)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from ldmkit.data.manifest import read_manifest
+
+    print(summary(read_manifest(args.directory)))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from ldmkit.data.manifest import read_manifest, verify
+
+    manifest = read_manifest(args.directory)
+    problems = verify(args.directory, manifest)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    shards = sum(len(s.shards) for s in manifest.splits.values())
+    print(f"{shards - len(problems)} of {shards} shards match the manifest")
+    return 1 if problems else 0
+
+
+def _sources(args: argparse.Namespace) -> int:
+    from ldmkit.data.sources import SOURCES
+
+    for name, cls in SOURCES.items():
+        options = ", ".join(f"{k}={v}" for k, v in cls.options.items()) or "-"
+        print(f"{name:16s} {cls.description}\n{'':16s} options: {options}")
+    return 0
+
+
+def build_parser(prog: str = "ldmkit data") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="prepare and inspect datasets")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser(
+        "prepare",
+        help="write a source as WebDataset shards + manifest.json",
+        epilog=PREPARE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", help="fashion_mnist | image_folder | emoji | tuxpaint | semantic_scenes")
+    p.add_argument("options", nargs="*", metavar="key=value")
+    p.set_defaults(run=_prepare)
+    p = commands.add_parser("info", help="summarize a prepared folder's manifest")
+    p.add_argument("directory", type=Path)
+    p.set_defaults(run=_info)
+    p = commands.add_parser("verify", help="check shard sizes and sha256 against the manifest")
+    p.add_argument("directory", type=Path)
+    p.set_defaults(run=_verify)
+    p = commands.add_parser("sources", help="list the sources and their options")
+    p.set_defaults(run=_sources)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except SourceNotFoundError as exc:
+        print(f"ldmkit data: {exc}", file=sys.stderr)
+        return 1
+    except (DataError, ValueError, TypeError) as exc:
+        print(f"ldmkit data {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

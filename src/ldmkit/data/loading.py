@@ -1,0 +1,538 @@
+"""Loading prepared shards: a WebDataset pipeline for training, a map-style dataset for tiny data.
+
+Stream (``build_dataloader``)::
+
+    shard list --(seeded shuffle per epoch | resampling with replacement)
+      -> split by node (rank) -> split by DataLoader worker  (webdataset.split_by_worker)
+      -> read tar members, group by key (damage skipped and recorded)
+      -> decode PNG + label/caption/class map, transform       (corrupt samples recorded)
+      -> shuffle buffer (webdataset.shuffle) -> batch in the worker
+
+Each worker's skip events ride along with its next batch (or an event-only message at its end)
+to the main process, where ``loader.stats`` (a ``DataStats``) counts them; the worker has already
+logged each one with its shard and key.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import os
+import random
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from ldmkit.data.errors import DataError
+from ldmkit.data.manifest import Manifest, read_manifest
+from ldmkit.data.shards import CAPTION, IMAGE, LABEL, META, SEGMENTATION, iter_shard
+from ldmkit.data.stats import DataStats, SkipEvent
+from ldmkit.data.transforms import ImageTransform, parse_background
+
+logger = logging.getLogger("ldmkit.data")
+
+SKIPPED = "__skipped__"  # batch key carrying a worker's skip events; removed before the caller
+
+CONFIG_DEFAULTS: dict[str, Any] = {
+    "source": None,  # the prepare source (used in the "how to prepare" hint)
+    "path": None,  # the prepared folder; default data/<source>
+    "image_size": 32,
+    "channels": 3,
+    "crop": "center",
+    "flip": False,
+    "background": [255, 255, 255],
+    "shuffle_buffer": 1000,
+    "resampled": None,  # None: on when world_size > 1
+    "prepare": {},  # extra `ldmkit data prepare` options (hint and ensure_prepared)
+}
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def data_config(data_cfg: Any) -> dict[str, Any]:
+    """The ``data`` node (DictConfig or mapping) as a plain dict with defaults filled in."""
+    if data_cfg is None:
+        raise DataError("no data config given (the composed cfg.data node)")
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(data_cfg, DictConfig):
+            data_cfg = OmegaConf.to_container(data_cfg, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if not isinstance(data_cfg, Mapping):
+        raise DataError(f"data config must be a mapping, got {type(data_cfg).__name__}")
+    unknown = sorted(set(data_cfg) - set(CONFIG_DEFAULTS))
+    if unknown:
+        raise DataError(
+            f"unknown data config key {unknown[0]!r}; expected keys: {', '.join(CONFIG_DEFAULTS)}"
+        )
+    cfg = {**CONFIG_DEFAULTS, **data_cfg}
+    if cfg["path"] is None and cfg["source"] is None:
+        raise DataError("data config needs `path` (the prepared folder) or `source`")
+    return cfg
+
+
+def dataset_dir(cfg: Mapping[str, Any]) -> Path:
+    """Where the shards are: ``path``, relative to the directory the run was started in."""
+    path = Path(os.path.expanduser(str(cfg["path"] or f"data/{cfg['source']}")))
+    if path.is_absolute():
+        return path
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            from hydra.utils import get_original_cwd
+
+            return Path(get_original_cwd()) / path
+    except ImportError:  # pragma: no cover
+        pass
+    return Path.cwd() / path
+
+
+def transform_from(cfg: Mapping[str, Any]) -> ImageTransform:
+    return ImageTransform(
+        image_size=int(cfg["image_size"]),
+        channels=int(cfg["channels"]),
+        crop=str(cfg["crop"]),
+        flip=bool(cfg["flip"]),
+        background=parse_background(cfg["background"]),
+    )
+
+
+def load_manifest(cfg: Mapping[str, Any]) -> tuple[Path, Manifest]:
+    directory = dataset_dir(cfg)
+    hint = cfg["source"] or "<source>"
+    extra = " ".join(f"{k}={v}" for k, v in (cfg["prepare"] or {}).items())
+    return directory, read_manifest(directory, source=f"{hint} {extra}".strip() if extra else hint)
+
+
+def ensure_prepared(data_cfg: Any, *, progress: bool = True) -> Manifest:
+    """Prepare the configured dataset if its folder has no manifest yet (single process only:
+    in a multi-rank job prepare beforehand with ``ldmkit data prepare``)."""
+    cfg = data_config(data_cfg)
+    directory = dataset_dir(cfg)
+    try:
+        return read_manifest(directory)
+    except FileNotFoundError:
+        if cfg["source"] is None:
+            raise
+    from ldmkit.data.prepare import prepare
+
+    return prepare(cfg["source"], directory, progress=progress, **(cfg["prepare"] or {}))
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class SampleError(Exception):
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class SampleDecoder:
+    """Raw tar members -> a training sample dict (``image``, ``label``, optional ``caption`` and
+    ``segmentation``, ``__key__``)."""
+
+    fields: tuple[str, ...]  # the members a sample must have
+    transform: ImageTransform
+
+    @classmethod
+    def for_manifest(cls, manifest: Manifest, transform: ImageTransform) -> SampleDecoder:
+        # the json member is for people and tools; training does not need it intact
+        return cls(tuple(f for f in manifest.fields if f != META), transform)
+
+    @property
+    def with_caption(self) -> bool:
+        return CAPTION in self.fields
+
+    @property
+    def with_segmentation(self) -> bool:
+        return SEGMENTATION in self.fields
+
+    def __call__(self, raw: Mapping[str, Any], rng: Any = None) -> dict[str, Any]:
+        missing = [f for f in self.fields if f not in raw]
+        if missing:
+            raise SampleError("incomplete", f"no {', '.join(missing)} member")
+        try:
+            image = _open_png(raw[IMAGE])
+            label = int(raw[LABEL].decode("ascii")) if LABEL in raw else -1
+            sample: dict[str, Any] = {"label": label}
+            if self.with_caption:
+                sample["caption"] = raw[CAPTION].decode("utf-8")
+            segmentation = None
+            if self.with_segmentation:
+                segmentation = _open_png(raw[SEGMENTATION])
+                if segmentation.mode != "L" or segmentation.size != image.size:
+                    raise ValueError(
+                        f"class map is {segmentation.mode} {segmentation.size}, "
+                        f"image is {image.size}"
+                    )
+        # PIL reports broken PNGs through many exception types (OSError, SyntaxError, zlib and
+        # struct errors, ValueError); any of them means this one sample is unusable
+        except Exception as exc:
+            raise SampleError("corrupt", f"{type(exc).__name__}: {exc}") from exc
+        sample["image"], seg = self.transform(image, segmentation, rng)
+        if seg is not None:
+            sample["segmentation"] = seg
+        sample["__key__"] = str(raw["__key__"])
+        return sample
+
+
+def _open_png(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()  # decode now, so damage shows up here and not in the transform
+    return image
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    batch: dict[str, Any] = {
+        "image": torch.stack([s["image"] for s in samples]),
+        "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+        "__key__": [s["__key__"] for s in samples],
+    }
+    if "caption" in samples[0]:
+        batch["caption"] = [s["caption"] for s in samples]
+    if "segmentation" in samples[0]:
+        batch["segmentation"] = torch.stack([s["segmentation"] for s in samples])
+    return batch
+
+
+# --------------------------------------------------------------------------- the stream
+
+
+@dataclass
+class _Context:
+    """Who is reading (rank, worker) and the seeded random streams derived from it."""
+
+    rank: int
+    world_size: int
+    worker: int
+    num_workers: int
+    epoch: int
+    seed: int
+    events: list[SkipEvent] = field(default_factory=list)
+    stats: DataStats = field(default_factory=lambda: DataStats(max_events=0))
+
+    def rng(self, purpose: str) -> random.Random:
+        return random.Random(
+            f"{self.seed}/{self.epoch}/{self.rank}/{self.worker}/{purpose}"
+        )
+
+    def skip(self, event: SkipEvent, *, log: bool = True) -> None:
+        self.events.append(event)
+        if log:
+            self.stats.record(event)
+
+
+class ShardStream(IterableDataset):
+    """The WebDataset pipeline over one split's shards (see the module docstring).
+
+    Not resampled: one pass; shards are shuffled with ``seed`` and the epoch (the same order on
+    every rank, so the rank split is a partition), then dealt to ranks and workers round-robin.
+    Resampled: every (rank, worker) draws shards with replacement from its own seeded stream,
+    forever, so all ranks see equally long streams and step-based training never runs dry.
+    """
+
+    def __init__(
+        self,
+        shards: list[str],
+        decoder: SampleDecoder,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        resampled: bool = False,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        drop_last: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.shards = list(shards)
+        self.decoder = decoder
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.resampled = resampled
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer if shuffle else 0
+        self.drop_last = drop_last
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _context(self) -> _Context:
+        info = get_worker_info()
+        return _Context(
+            rank=self.rank,
+            world_size=self.world_size,
+            worker=info.id if info else 0,
+            num_workers=info.num_workers if info else 1,
+            epoch=self.epoch,
+            seed=self.seed,
+        )
+
+    def _shard_list(self, ctx: _Context) -> Iterator[str]:
+        if self.resampled:
+            rng = ctx.rng("shards")
+            return (rng.choice(self.shards) for _ in itertools.count())
+        shards = list(self.shards)
+        if self.shuffle:
+            random.Random(f"{self.seed}/{self.epoch}/shards").shuffle(shards)
+        mine = itertools.islice(shards, self.rank, None, self.world_size)  # split by node
+        return wds.split_by_worker(mine)
+
+    def _read(self, ctx: _Context, shards: Iterator[str]) -> Iterator[dict[str, Any]]:
+        # a resampled stream over shards that hold nothing valid would spin forever
+        patience = max(20, 3 * len(self.shards))
+        fruitless = 0
+        for shard in shards:
+            valid_before = ctx.stats.samples
+            yield from iter_shard(shard, ctx.stats, on_skip=partial(ctx.skip, log=False))
+            fruitless = 0 if ctx.stats.samples > valid_before else fruitless + 1
+            if self.resampled and fruitless >= patience:
+                raise DataError(
+                    f"no valid sample in {fruitless} consecutive shard reads "
+                    f"(rank {ctx.rank}, worker {ctx.worker}): {ctx.stats.summary()}"
+                )
+
+    def _decode(self, ctx: _Context, raws: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        rng = ctx.rng("augment")
+        for raw in raws:
+            try:
+                sample = self.decoder(raw, rng)
+            except SampleError as exc:
+                ctx.skip(SkipEvent(exc.kind, str(raw["__shard__"]), str(raw["__key__"]), str(exc)))
+                continue
+            ctx.stats.samples += 1
+            yield sample
+
+    def _batch(self, ctx: _Context, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        batch: list[dict[str, Any]] = []
+
+        def emit(items: list[dict[str, Any]]) -> dict[str, Any]:
+            out = collate(items) if items else {}
+            if ctx.events:
+                out[SKIPPED] = list(ctx.events)
+                ctx.events.clear()
+            return out
+
+        for sample in samples:
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield emit(batch)
+                batch = []
+        if batch and not self.drop_last:
+            yield emit(batch)
+        if ctx.events:
+            yield emit([])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        ctx = self._context()
+        stages: list[Any] = [
+            lambda: self._shard_list(ctx),
+            partial(self._read, ctx),
+            partial(self._decode, ctx),
+        ]
+        if self.shuffle_buffer > 1:
+            initial = min(self.shuffle_buffer, 100)
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=initial, rng=ctx.rng("buffer")))
+        stages.append(partial(self._batch, ctx))
+        return iter(wds.DataPipeline(*stages))
+
+
+class ShardLoader(DataLoader):
+    """A DataLoader over a ``ShardStream`` (batches are made in the workers).
+
+    ``stats`` counts valid and skipped samples across workers; ``manifest``, ``directory``,
+    ``split``, ``num_samples`` and ``classes`` describe the data. Each ``iter()`` is one epoch
+    (endless when resampled); the shard order changes per epoch.
+    """
+
+    def __init__(self, stream: ShardStream, *, manifest: Manifest, directory: Path, split: str, **kwargs: Any) -> None:
+        super().__init__(stream, batch_size=None, **kwargs)
+        self.stats = DataStats()
+        self.manifest = manifest
+        self.directory = directory
+        self.split = split
+        self.num_samples = manifest.split(split).num_samples
+        self.classes = list(manifest.classes)
+        self.segmentation_classes = list(manifest.segmentation_classes)
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.dataset.set_epoch(self.epoch)
+        self.epoch += 1
+        batches = 0
+        for batch in super().__iter__():
+            events = batch.pop(SKIPPED, None)
+            if events:
+                self.stats.merge_events(events)
+            if "image" not in batch:
+                continue
+            self.stats.samples += len(batch["__key__"])
+            batches += 1
+            yield batch
+        if batches == 0:
+            raise DataError(
+                f"no valid sample in split {self.split!r} of {self.directory} "
+                f"(rank {self.dataset.rank} of {self.dataset.world_size}): {self.stats.summary()}"
+            )
+
+
+def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None or world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank = torch.distributed.get_rank() if rank is None else rank
+            world_size = torch.distributed.get_world_size() if world_size is None else world_size
+    return (0 if rank is None else int(rank)), (1 if world_size is None else int(world_size))
+
+
+def build_dataloader(
+    data_cfg: Any,
+    *,
+    batch_size: int,
+    split: str = "train",
+    rank: int | None = None,
+    world_size: int | None = None,
+    num_workers: int = 0,
+    resampled: bool | None = None,
+    seed: int = 0,
+    shuffle: bool | None = None,
+    drop_last: bool = False,
+) -> ShardLoader:
+    """A DataLoader of batch dicts over the prepared shards of ``split``.
+
+    Batches: ``image`` float32 B x C x S x S in [-1, 1], ``label`` int64 B (-1: none),
+    ``caption`` list[str] and ``segmentation`` int64 B x S x S where the data has them,
+    ``__key__`` list[str]. ``rank``/``world_size`` default to torch.distributed's.
+    ``resampled`` (default: the config's, else on when world_size > 1) makes the stream endless.
+    ``shuffle`` (default: on for the train split) also switches random crop/flip.
+    """
+    cfg = data_config(data_cfg)
+    rank, world_size = _distributed_defaults(rank, world_size)
+    directory, manifest = load_manifest(cfg)
+    info = manifest.split(split)
+    if resampled is None:
+        resampled = cfg["resampled"] if cfg["resampled"] is not None else world_size > 1
+    shuffle = split == "train" if shuffle is None else shuffle
+    transform = transform_from(cfg)
+    if not shuffle:
+        transform = transform.without_augmentation()
+    shards = [str(directory / shard.name) for shard in info.shards]
+    readers = world_size * max(1, num_workers)
+    if not resampled and len(shards) < readers:
+        warnings.warn(
+            f"{directory} split {split!r} has {len(shards)} shards for {readers} readers "
+            f"({world_size} ranks x {max(1, num_workers)} workers): some get no data; prepare "
+            f"with a smaller shard_size or use resampled=True",
+            stacklevel=2,
+        )
+    stream = ShardStream(
+        shards,
+        SampleDecoder.for_manifest(manifest, transform),
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        resampled=bool(resampled),
+        shuffle=shuffle,
+        shuffle_buffer=int(cfg["shuffle_buffer"]),
+        drop_last=drop_last,
+        seed=seed,
+    )
+    return ShardLoader(
+        stream,
+        manifest=manifest,
+        directory=directory,
+        split=split,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+# --------------------------------------------------------------------------- map-style
+
+
+class ShardDataset(Dataset):
+    """The samples of one split, held in memory and decoded on access (tiny data, tests).
+
+    Damaged samples are skipped while indexing (``validate`` also decodes each one once), so
+    every index is loadable. Items are the per-sample dicts a batch is collated from; the
+    default DataLoader collate turns them into the same batch layout as ``build_dataloader``.
+    Random crop/flip (train split only) draw from Python's ``random``, which DataLoader seeds
+    per worker.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        manifest: Manifest,
+        split: str,
+        decoder: SampleDecoder,
+        *,
+        augment: bool,
+        validate: bool = True,
+    ) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.split = split
+        self.decoder = decoder
+        self.augment = augment
+        self.stats = DataStats()
+        self.classes = list(manifest.classes)
+        self.segmentation_classes = list(manifest.segmentation_classes)
+        keep = set(decoder.fields) | {"__key__", "__shard__"}
+        self._raw: list[dict[str, Any]] = []
+        for shard in manifest.split(split).shards:
+            path = str(directory / shard.name)
+            for raw in iter_shard(path, self.stats):
+                raw = {k: v for k, v in raw.items() if k in keep}
+                if validate:
+                    try:
+                        decoder(raw)
+                    except SampleError as exc:
+                        self.stats.record(SkipEvent(exc.kind, path, str(raw["__key__"]), str(exc)))
+                        continue
+                self._raw.append(raw)
+        self.stats.samples = len(self._raw)
+        if not self._raw:
+            raise DataError(
+                f"no valid sample in split {split!r} of {directory}: {self.stats.summary()}"
+            )
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.decoder(self._raw[index], random if self.augment else None)
+
+
+def build_dataset(data_cfg: Any, *, split: str = "train", validate: bool = True) -> ShardDataset:
+    """The prepared ``split`` as a map-style dataset (see ``ShardDataset``)."""
+    cfg = data_config(data_cfg)
+    directory, manifest = load_manifest(cfg)
+    transform = transform_from(cfg)
+    augment = split == "train"
+    if not augment:
+        transform = transform.without_augmentation()
+    decoder = SampleDecoder.for_manifest(manifest, transform)
+    return ShardDataset(directory, manifest, split, decoder, augment=augment, validate=validate)

@@ -1,0 +1,162 @@
+"""Stage 1: train a first stage with :class:`ldmkit.losses.AutoencoderLoss`
+(Rombach et al. 2022, Sec. 3.1): two Adam optimizers, one for the autoencoder (and the
+loss's log-variance), one for the PatchGAN discriminator once ``disc_start`` is reached."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ldmkit.training.engine import Trainer, TrainingError
+
+
+def batch_images(batch: Mapping[str, Any], *, channels: int, device: torch.device) -> Tensor:
+    """``batch["image"]`` checked against the first stage (B×C×H×W float in [-1, 1])."""
+    if "image" not in batch:
+        raise TrainingError(f"a training batch has no 'image' entry (keys: {sorted(batch)})")
+    images = batch["image"]
+    if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point():
+        raise TrainingError(
+            f"batch['image'] must be a float tensor B×C×H×W, got "
+            f"{type(images).__name__} {getattr(images, 'shape', '')}"
+        )
+    if images.shape[1] != channels:
+        raise TrainingError(
+            f"the data has {images.shape[1]}-channel images (data.channels) but the first stage "
+            f"takes {channels} (first_stage.in_channels); make them agree"
+        )
+    return images.to(device, non_blocking=True)
+
+
+def build_first_stage(cfg: Any) -> nn.Module:
+    from ldmkit.config import create_component
+    from ldmkit.plugins import get_registry
+
+    return create_component(get_registry(), "first_stage", cfg.first_stage, "first_stage config")
+
+
+def build_autoencoder_loss(options: Mapping[str, Any], first_stage: nn.Module) -> nn.Module:
+    """``trainer.loss`` with ``reduction: auto`` and ``disc_in_channels: auto`` filled
+    from the first stage (its ``loss_reduction`` and ``image_channels``)."""
+    from ldmkit.losses import AutoencoderLoss
+
+    kwargs = dict(options or {})
+    if kwargs.get("reduction", "auto") == "auto":
+        kwargs["reduction"] = getattr(first_stage, "loss_reduction", "mean")
+    if kwargs.get("disc_in_channels", "auto") == "auto":
+        kwargs["disc_in_channels"] = getattr(first_stage, "out_channels", first_stage.image_channels)
+    try:
+        return AutoencoderLoss(**kwargs)
+    except TypeError as err:
+        raise TrainingError(f"trainer.loss: {err}") from err
+
+
+def to_unit(images: Tensor) -> Tensor:
+    return ((images.clamp(-1, 1) + 1) / 2).float()
+
+
+class AutoencoderTrainer(Trainer):
+    stage = "autoencoder"
+
+    def build(self) -> None:
+        cfg, options = self.cfg, self.options
+        self.first_stage = build_first_stage(cfg).to(self.device)
+        params = [p for p in self.first_stage.parameters() if p.requires_grad]
+        if not params:
+            raise TrainingError(
+                f"first_stage {cfg.first_stage.get('name')!r} has no trainable parameters; "
+                f"choose a trainable first stage (e.g. first_stage=kl_f4_small)"
+            )
+        self.loss = build_autoencoder_loss(options.get("loss") or {}, self.first_stage).to(self.device)
+        lr = float(options["lr"])
+        betas = tuple(options.get("betas") or (0.5, 0.9))
+        self.opt_ae = torch.optim.Adam(params + self.loss.generator_parameters(), lr=lr, betas=betas)
+        disc_lr = options.get("disc_lr")
+        self.opt_disc = torch.optim.Adam(
+            self.loss.discriminator.parameters(), lr=float(disc_lr) if disc_lr is not None else lr, betas=betas
+        )
+
+    def model_modules(self) -> dict[str, nn.Module]:
+        return {"first_stage": self.first_stage}
+
+    def training_modules(self) -> dict[str, nn.Module]:
+        return {"loss": self.loss}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"autoencoder": self.opt_ae, "discriminator": self.opt_disc}
+
+    def config_keys_that_must_match(self) -> list[str]:
+        return ["first_stage"]
+
+    def _clip(self, params: Any) -> None:
+        if self.options.get("grad_clip"):
+            torch.nn.utils.clip_grad_norm_(params, float(self.options["grad_clip"]))
+
+    def training_step(self, batch: Mapping[str, Any], step: int) -> dict[str, Tensor]:
+        x = batch_images(batch, channels=self.first_stage.image_channels, device=self.device)
+        self.first_stage.train()
+        self.loss.train()
+        rec, reg_loss, reg_logs = self.first_stage(x)
+        # the generator's loss back-propagates through D into x̂ only; D's weights are
+        # updated by their own optimizer below
+        self.loss.discriminator.requires_grad_(False)
+        g_loss, logs = self.loss.generator_loss(
+            x, rec, reg_loss, global_step=step, last_layer=self.first_stage.last_layer()
+        )
+        self.loss.discriminator.requires_grad_(True)
+        logs = {**reg_logs, **logs}
+        self.check_finite("the autoencoder loss", g_loss, logs)
+        self.opt_ae.zero_grad(set_to_none=True)
+        g_loss.backward()
+        self._clip(self.opt_ae.param_groups[0]["params"])
+        self.opt_ae.step()
+
+        if self.loss.gan_active(step):
+            d_loss, d_logs = self.loss.discriminator_loss(x, rec.detach(), global_step=step)
+            logs.update(d_logs)
+            self.check_finite("the discriminator loss", d_loss, logs)
+            self.opt_disc.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self._clip(self.opt_disc.param_groups[0]["params"])
+            self.opt_disc.step()
+        return logs
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        self.first_stage.eval()
+        return self.first_stage.decode(self.first_stage.encode(x))
+
+    def validate(self, batches: list[Mapping[str, Any]]) -> dict[str, float]:
+        from ldmkit.evaluation.metrics import psnr
+
+        l1, values, count = 0.0, [], 0
+        for batch in batches:
+            x = batch_images(batch, channels=self.first_stage.image_channels, device=self.device)
+            rec = self.reconstruct(x)
+            values.append(psnr(to_unit(rec), to_unit(x)).cpu())
+            l1 += float((rec - x).abs().mean()) * x.shape[0]
+            count += x.shape[0]
+        return {"psnr": float(torch.cat(values).mean()), "l1": l1 / count}
+
+    def save_images(self, batch: Mapping[str, Any], path: Path) -> Tensor | None:
+        from torchvision.utils import make_grid, save_image
+
+        from ldmkit.io import atomic_path
+
+        x = batch_images(batch, channels=self.first_stage.image_channels, device=self.device)[:8]
+        rec = self.reconstruct(x)
+        grid = make_grid(to_unit(torch.cat([x, rec])).cpu(), nrow=x.shape[0], padding=2)  # inputs over reconstructions
+        with atomic_path(path) as tmp:
+            save_image(grid, tmp, format="png")
+        return grid
+
+
+def train_autoencoder(cfg: Any, *, data: Any = None) -> Path:
+    return AutoencoderTrainer(cfg, data=data).fit()
+
+
+__all__ = ["AutoencoderTrainer", "train_autoencoder"]

@@ -1,0 +1,240 @@
+"""Crash-safe training checkpoints.
+
+A checkpoint is a folder ``<run_dir>/checkpoints/step_<NNNNNNNNN>/`` holding
+
+* ``model.safetensors`` — the model's weights, keys prefixed by component
+  (``first_stage.encoder.conv_in.weight``: the layout :class:`ldmkit.pipeline.Pipeline` uses);
+* ``training.safetensors`` — tensors only training needs (e.g. the discriminator);
+* ``trainer_state.pt`` — optimizer states, step, data position and RNG states (read back
+  with ``torch.load(weights_only=True)``: plain containers and tensors, no code);
+* ``config.yaml`` — the resolved config of the run;
+* ``meta.json`` — step and file list, written last.
+
+The folder is assembled under a temporary name, every file fsynced, then renamed into place
+with ``os.replace`` (atomic on POSIX) and the parent directory fsynced: a run killed at any
+moment leaves either the complete checkpoint or none, never a torn one. Temporary folders
+of killed runs are removed on the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ldmkit.io import _fsync_dir
+
+MODEL_FILE = "model.safetensors"
+TRAINING_FILE = "training.safetensors"
+STATE_FILE = "trainer_state.pt"
+CONFIG_FILE = "config.yaml"
+META_FILE = "meta.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or unreadable."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    path: Path
+
+    @property
+    def model_file(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG_FILE
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def flatten_state(modules: dict[str, torch.nn.Module | dict[str, Tensor]]) -> dict[str, Tensor]:
+    """``{"first_stage": module}`` -> ``{"first_stage.<param>": tensor}`` (contiguous, CPU)."""
+    flat: dict[str, Tensor] = {}
+    for prefix, module in modules.items():
+        state = module.state_dict() if isinstance(module, torch.nn.Module) else module
+        for key, value in state.items():
+            # safetensors refuses aliased storage; a clone per tensor is cheap next to the write
+            flat[f"{prefix}.{key}"] = value.detach().to("cpu").contiguous().clone()
+    return flat
+
+
+def unflatten_state(flat: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    start = prefix + "."
+    return {k[len(start):]: v for k, v in flat.items() if k.startswith(start)}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read checkpoint weights {path}: {err}") from err
+
+
+class CheckpointManager:
+    """Writes, lists, validates and prunes the checkpoints of one run."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep_last: int = 3) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 (trainer.keep_checkpoints), got {keep_last}")
+        self.directory = Path(directory)
+        self.keep_last = int(keep_last)
+
+    # -- writing -----------------------------------------------------------------------
+    def save(
+        self,
+        step: int,
+        *,
+        model: dict[str, Tensor],
+        training: dict[str, Tensor] | None = None,
+        state: dict[str, Any] | None = None,
+        config_yaml: str | None = None,
+    ) -> Checkpoint:
+        from safetensors.torch import save_file
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final = self.directory / f"step_{step:09d}"
+        tmp = self.directory / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        files = [MODEL_FILE]
+        save_file(model, str(tmp / MODEL_FILE), metadata={"step": str(step)})
+        if training:
+            save_file(training, str(tmp / TRAINING_FILE), metadata={"step": str(step)})
+            files.append(TRAINING_FILE)
+        if state is not None:
+            torch.save(state, tmp / STATE_FILE)
+            files.append(STATE_FILE)
+        if config_yaml is not None:
+            (tmp / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
+            files.append(CONFIG_FILE)
+        meta = {"step": step, "files": files, "time": time.time()}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        for name in [*files, META_FILE]:
+            _fsync_file(tmp / name)
+        _fsync_dir(tmp)
+        if final.exists():  # the same step written again (a rerun): swap, then drop the old
+            old = self.directory / f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(self.directory)
+        self.prune()
+        return Checkpoint(step, final)
+
+    def prune(self) -> None:
+        """Keep the newest ``keep_last`` checkpoints."""
+        for checkpoint in self.list()[: -self.keep_last]:
+            shutil.rmtree(checkpoint.path, ignore_errors=True)
+
+    def remove_incomplete(self) -> list[Path]:
+        """Delete temporary folders a killed run left behind."""
+        removed = []
+        if self.directory.is_dir():
+            for path in self.directory.iterdir():
+                if path.name.startswith(_TMP_PREFIX):
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path)
+        return removed
+
+    # -- reading -----------------------------------------------------------------------
+    def list(self) -> list[Checkpoint]:
+        """All checkpoint folders, oldest first (not validated)."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for path in self.directory.iterdir():
+            match = _STEP_DIR.match(path.name)
+            if match and path.is_dir():
+                found.append(Checkpoint(int(match.group(1)), path))
+        return sorted(found, key=lambda c: c.step)
+
+    def latest(self) -> Checkpoint | None:
+        """The newest checkpoint that passes :func:`validate` (invalid ones are skipped
+        with a warning, never deleted)."""
+        for checkpoint in reversed(self.list()):
+            problem = validate(checkpoint.path)
+            if problem is None:
+                return checkpoint
+            warnings.warn(f"skipping unusable checkpoint {checkpoint.path}: {problem}", stacklevel=2)
+        return None
+
+
+def validate(path: str | os.PathLike) -> str | None:
+    """Why the checkpoint folder at ``path`` is unusable, or None when it is complete."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        return f"{META_FILE} is missing (incomplete checkpoint)"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        files = list(meta["files"])
+    except (ValueError, KeyError, TypeError) as err:
+        return f"{META_FILE} is unreadable: {err}"
+    for name in files:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(str(path / name), framework="pt") as handle:
+                    handle.keys()
+            except Exception as err:  # noqa: BLE001 - any parse failure means unusable
+                return f"{name} is unreadable: {err}"
+    return None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """A checkpoint folder, a run folder (its latest checkpoint) or its ``checkpoints/``."""
+    path = Path(path)
+    match = _STEP_DIR.match(path.name)
+    if match and path.is_dir():
+        problem = validate(path)
+        if problem:
+            raise CheckpointError(f"checkpoint {path} is unusable: {problem}")
+        return Checkpoint(int(match.group(1)), path)
+    for directory in (path / "checkpoints", path):
+        if directory.is_dir():
+            latest = CheckpointManager(directory).latest()
+            if latest is not None:
+                return latest
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    raise CheckpointError(
+        f"no usable checkpoint under {path} (expected step_<N>/ folders with {META_FILE}, "
+        f"in {path} or {path / 'checkpoints'})"
+    )
+
+
+def load_state(checkpoint: Checkpoint) -> dict[str, Any]:
+    path = checkpoint.path / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {checkpoint.path} has no {STATE_FILE}: it cannot resume training")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
+        raise CheckpointError(f"cannot read {path}: {err}") from err

@@ -1,0 +1,56 @@
+"""Every option of every config group composes, and every component option builds.
+
+Component options are instantiated for real when they are CPU-sized (name contains
+'tiny' or 'small', or the component is light) and on the meta device otherwise (the
+paper-size models): either way the config's keys must match the constructor's arguments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldmkit.config import COMPONENT_GROUPS, GROUPS, build_pipeline, compose_config, config_dir
+from ldmkit.plugins import _root_directory, get_plugin_manager, reset_plugin_manager
+
+
+def _options() -> list[tuple[str, str]]:
+    reset_plugin_manager()
+    roots = [config_dir()] + [_root_directory(r) for r in get_plugin_manager().config_roots()]
+    found = set()
+    for root in roots:
+        for group in GROUPS:
+            for path in (Path(root) / group).glob("*.yaml"):
+                found.add((group, path.stem))
+    return sorted(found)
+
+
+OPTIONS = _options()
+HEAVY = {"first_stage", "denoiser"}
+
+
+def test_every_group_has_options():
+    groups = {g for g, _ in OPTIONS}
+    assert set(COMPONENT_GROUPS) <= groups
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_and_builds(group, option):
+    overrides = [f"{group}={option}"]
+    if group == "experiment":
+        cfg = compose_config(overrides)
+        assert cfg is not None
+        return
+    cfg = compose_config(overrides)
+    if group not in COMPONENT_GROUPS:
+        assert cfg[group] is not None
+        return
+    small = group not in HEAVY or "tiny" in option or "small" in option or option == "identity"
+    if small:
+        pipe = build_pipeline(cfg)
+    else:
+        with torch.device("meta"):
+            pipe = build_pipeline(cfg)
+    assert getattr(pipe, group) is not None
