@@ -24,7 +24,7 @@ from typing import Any
 import pluggy
 
 from ldmkit import hookspecs
-from ldmkit.registry import HOOK_KINDS, Registry, RegistryError
+from ldmkit.registry import HOOK_KINDS, Registry
 
 ENTRY_POINT_GROUP = "ldmkit"
 _TRUE = {"1", "true", "yes", "on"}
@@ -187,7 +187,7 @@ class PluginManager:
                         provider = f"plugin {info.name!r} ({info.label})"
                         collected: list[tuple[str, Any]] = []
                         try:
-                            impl.function(register=lambda name, factory: collected.append((name, factory)))
+                            impl.function(register=lambda name, factory, _c=collected: _c.append((name, factory)))
                         except Exception as err:  # noqa: BLE001 - reported like an import failure
                             failed.add(impl.plugin_name)
                             self._forget(impl.plugin_name)

@@ -1,7 +1,8 @@
 """The plugin's tests reuse ldmkit's conformance suite for samplers."""
 
-from ldmkit.testing import SamplerConformance
 from ldmkit_heun import HeunSampler
+
+from ldmkit.testing import SamplerConformance
 
 
 class TestHeun(SamplerConformance):

@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
+from ldmkit_samplers import DDIMSampler, DDPMSampler
 
 from ldmkit.diffusion import NoiseSchedule
 from ldmkit.testing import SamplerConformance
 from ldmkit.testing.conformance import gaussian_denoiser
-from ldmkit_samplers import DDIMSampler, DDPMSampler
 
 
 class TestDDIM(SamplerConformance):
@@ -53,7 +53,7 @@ def test_unit_gaussian_data_matches_closed_form():
     timesteps = schedule.spaced_timesteps(steps).tolist()
     theta = [float(torch.arccos(schedule.alphas_cumprod[t].sqrt())) for t in timesteps] + [0.0]
     factor = 1.0
-    for now, prev in zip(theta, theta[1:]):
+    for now, prev in zip(theta, theta[1:], strict=False):
         factor *= math.cos(now - prev)
     noise = torch.randn(16, 1, 1, 1, generator=torch.Generator().manual_seed(3))
     out = DDIMSampler(steps=steps).sample(gaussian_denoiser(schedule, 0.0, 1.0), schedule, noise)

@@ -44,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ldmkit: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     handler, help_ = SUBCOMMANDS[name]
+    _short_plugin_warnings()
     try:
         return handler(rest, prog=f"ldmkit {name}", description=help_)
     except commands.CLIError as err:
@@ -54,3 +55,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+
+
+def _short_plugin_warnings() -> None:
+    """Print plugin load warnings as one line each, without the source location."""
+    import warnings
+
+    from ldmkit.plugins import PluginLoadWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PluginLoadWarning):
+            print(f"ldmkit: warning: {message}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show

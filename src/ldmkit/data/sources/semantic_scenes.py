@@ -296,7 +296,7 @@ class SemanticScenes(Source):
         background_rng, objects = self.layout(split, index)
         canvas, background = render_background(background_rng, self.size)
         seg = np.zeros((self.size, self.size), dtype=np.uint8)
-        for obj in objects:
+        for obj in reversed(objects):
             x, y, width, height = obj["box"]
             cutout = placed_cutout(self.cutouts[obj["class"] - 1].image, width, height, obj["flip"])
             paste(canvas, seg, cutout, obj["class"], x, y)

@@ -1,0 +1,204 @@
+"""``evaluate stage=autoencoder``: reconstruction quality of a trained first stage on the
+test split — PSNR and SSIM, LPIPS (when the VGG weights exist) and a Fréchet distance
+between the feature statistics of inputs and reconstructions (rFID in the paper's Tab. 8).
+
+Options live under ``eval`` in the config (defaults in :data:`EVAL_DEFAULTS`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldmkit.evaluation.frechet import FeatureStats, frechet_distance_from_stats
+from ldmkit.evaluation.metrics import psnr, ssim
+from ldmkit.io import atomic_write_text
+
+EVAL_DEFAULTS: dict[str, Any] = {
+    "checkpoint": None,  # a checkpoint folder or a run folder (default: cfg.run_dir's latest)
+    "split": "test",
+    "batch_size": 100,
+    "max_images": None,  # null: the whole split
+    "lpips": "auto",  # auto (when the VGG weights exist) | true | false
+    "fid_features": "auto",  # auto | inception | fashion_mnist | none
+    "feature_checkpoint": None,  # the Fashion-MNIST classifier (default: $LDMKIT_CACHE/...)
+    "output": None,  # JSON path (default: <run>/eval/autoencoder_<split>_step_<N>.json)
+    "device": "auto",
+    "num_workers": 0,
+}
+
+
+def eval_options(cfg: Any) -> dict[str, Any]:
+    options = dict(EVAL_DEFAULTS)
+    node = cfg.get("eval") if cfg is not None else None
+    if node is not None:
+        options.update(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node))
+    unknown = sorted(set(options) - set(EVAL_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown eval option(s) {unknown}; known: {sorted(EVAL_DEFAULTS)}")
+    return options
+
+
+def load_first_stage(checkpoint: Any, *, device: torch.device) -> tuple[torch.nn.Module, DictConfig]:
+    """Rebuild the first stage a stage-1 checkpoint was trained with (from the config saved
+    beside its weights; names resolve through the registry) and load its weights."""
+    from ldmkit.training.autoencoder import build_first_stage
+    from ldmkit.training.checkpoint import CheckpointError, read_safetensors, unflatten_state
+
+    if not checkpoint.config_file.is_file():
+        raise CheckpointError(f"checkpoint {checkpoint.path} has no config.yaml to rebuild its first stage from")
+    saved = OmegaConf.load(checkpoint.config_file)
+    model = build_first_stage(saved)
+    tensors = unflatten_state(read_safetensors(checkpoint.model_file), "first_stage")
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{checkpoint.model_file} does not fit its own config: {err}") from err
+    return model.to(device).eval(), saved
+
+
+def _lpips_model(choice: Any, device: torch.device) -> tuple[torch.nn.Module | None, str | None]:
+    from ldmkit.losses.perceptual import LPIPS, MissingWeightsError
+
+    if choice in (False, "false", "none"):
+        return None, "disabled (eval.lpips=false)"
+    try:
+        return LPIPS().to(device), None
+    except MissingWeightsError as err:
+        if choice in (True, "true"):
+            raise
+        return None, str(err)
+
+
+def _feature_model(options: Mapping[str, Any], device: torch.device) -> tuple[torch.nn.Module | None, str]:
+    from ldmkit.evaluation.features import auto_feature_extractor, build_feature_extractor
+
+    choice = options["fid_features"]
+    if choice in (None, "none", False):
+        return None, "disabled (eval.fid_features=none)"
+    if choice == "auto":
+        model, name_or_reason = auto_feature_extractor(options["feature_checkpoint"])
+        return (model.to(device), name_or_reason) if model is not None else (None, name_or_reason)
+    model = build_feature_extractor(choice, weights=options["feature_checkpoint"] if choice == "fashion_mnist" else None)
+    return model.to(device), choice
+
+
+@torch.no_grad()
+def reconstruction_metrics(
+    first_stage: torch.nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    device: torch.device,
+    lpips_model: torch.nn.Module | None = None,
+    feature_model: torch.nn.Module | None = None,
+    max_images: int | None = None,
+) -> dict[str, Any]:
+    """Average per-image PSNR / SSIM / LPIPS of ``decode(encode(x))`` against ``x`` (in
+    [0, 1]), and the Fréchet distance between feature statistics of ``x`` and of the
+    reconstructions when ``feature_model`` is given."""
+    from ldmkit.training.autoencoder import batch_images, to_unit
+
+    psnrs, ssims, lpipses = [], [], []
+    real_stats = fake_stats = None
+    seen = 0
+    for batch in batches:
+        x = batch_images(batch, channels=first_stage.image_channels, device=device)
+        if max_images is not None:
+            x = x[: max_images - seen]
+        rec = first_stage.decode(first_stage.encode(x)).clamp(-1, 1)
+        psnrs.append(psnr(to_unit(rec), to_unit(x)).cpu())
+        ssims.append(ssim(to_unit(rec), to_unit(x)).cpu())
+        if lpips_model is not None:
+            lpipses.append(lpips_model(x, rec).flatten().cpu())
+        if feature_model is not None:
+            real, fake = feature_model(x), feature_model(rec)
+            if real_stats is None:
+                real_stats, fake_stats = FeatureStats(real.shape[1]), FeatureStats(real.shape[1])
+            real_stats.update(real)
+            fake_stats.update(fake)
+        seen += x.shape[0]
+        if max_images is not None and seen >= max_images:
+            break
+    if seen == 0:
+        raise ValueError("the evaluation split yielded no images")
+    psnr_all, ssim_all = torch.cat(psnrs), torch.cat(ssims)
+    results: dict[str, Any] = {
+        "num_images": seen,
+        "psnr": float(psnr_all.mean()),
+        "psnr_std": float(psnr_all.std()) if seen > 1 else 0.0,
+        "ssim": float(ssim_all.mean()),
+        "ssim_std": float(ssim_all.std()) if seen > 1 else 0.0,
+        "lpips": float(torch.cat(lpipses).mean()) if lpipses else None,
+    }
+    results["frechet_distance"] = (
+        frechet_distance_from_stats(real_stats, fake_stats) if real_stats is not None else None
+    )
+    return results
+
+
+def evaluate_autoencoder(
+    cfg: Any,
+    *,
+    data: Any = None,
+    first_stage: torch.nn.Module | None = None,
+    write: bool = True,
+) -> dict[str, Any]:
+    """Score a trained first stage on ``eval.split`` and write the JSON report.
+
+    ``first_stage`` evaluates a model object instead of a checkpoint; ``data(split, epoch)``
+    replaces the configured dataset (tests).
+    """
+    from ldmkit.training.checkpoint import resolve_checkpoint
+    from ldmkit.training.engine import resolve_device
+
+    options = eval_options(cfg)
+    device = resolve_device(options["device"])
+    started = time.perf_counter()
+    checkpoint = None
+    report: dict[str, Any] = {"stage": "autoencoder"}
+    if first_stage is None:
+        checkpoint = resolve_checkpoint(options["checkpoint"] or cfg.get("run_dir"))
+        first_stage, saved = load_first_stage(checkpoint, device=device)
+        report.update(checkpoint=str(checkpoint.path), step=checkpoint.step,
+                      first_stage=OmegaConf.to_container(saved.first_stage, resolve=True))
+    else:
+        first_stage = first_stage.to(device).eval()
+    split = str(options["split"])
+    if data is not None:
+        batches = data(split, 0)
+    else:
+        from ldmkit.data import build_dataloader
+
+        batches = build_dataloader(cfg.data, batch_size=int(options["batch_size"]), split=split,
+                                   num_workers=int(options["num_workers"]), seed=int(cfg.get("seed", 0)))
+    lpips_model, lpips_note = _lpips_model(options["lpips"], device)
+    feature_model, feature_note = _feature_model(options, device)
+    metrics = reconstruction_metrics(
+        first_stage, batches, device=device, lpips_model=lpips_model,
+        feature_model=feature_model, max_images=options["max_images"],
+    )
+    report.update(split=split, **metrics)
+    report["frechet_features"] = feature_note if feature_model is not None else None
+    notes = {}
+    if lpips_model is None:
+        notes["lpips"] = lpips_note
+    if feature_model is None:
+        notes["frechet_distance"] = feature_note
+    if notes:
+        report["skipped"] = notes
+    report["seconds"] = time.perf_counter() - started
+    if write:
+        output = options["output"]
+        if output is None:
+            base = checkpoint.path.parent.parent if checkpoint is not None else Path(cfg.get("run_dir") or ".")
+            step = checkpoint.step if checkpoint is not None else "model"
+            output = base / "eval" / f"autoencoder_{split}_step_{step}.json"
+        atomic_write_text(output, json.dumps(report, indent=2) + "\n")
+        report["output"] = str(output)
+    return report
