@@ -60,7 +60,9 @@ def test_corrupt_image_is_skipped_counted_and_named(prepared, num_workers, caplo
     (event,) = loader.stats.events
     assert (event.kind, event.key, event.shard) == ("corrupt", victim, str(shard))
     if num_workers == 0:  # a worker's log goes to its own stderr, not to caplog
-        assert any(victim in r.getMessage() and str(shard) in r.getMessage() for r in caplog.records)
+        assert any(
+            victim in r.getMessage() and str(shard) in r.getMessage() for r in caplog.records
+        )
     # the map-style view skips it too
     dataset = build_dataset(loader_cfg(out))
     assert len(dataset) == 23 and dataset.stats.counts == {"corrupt": 1}
@@ -83,6 +85,21 @@ def test_truncated_tar_keeps_what_came_before(prepared):
     assert loader.stats.counts == {"truncated": 1}
     (event,) = loader.stats.events
     assert event.key == keys[2] and event.shard == str(shard)
+
+
+def test_tar_cut_between_samples_is_noticed(prepared):
+    out, _ = prepared
+    shard = out / "train-000002.tar"
+    keys = keys_of(shard)
+    with tarfile.open(shard) as tar:
+        start = next(m for m in tar.getmembers() if m.name.startswith(keys[2])).offset
+    shard.write_bytes(shard.read_bytes()[:start])  # ends cleanly after sample 1's last member
+    loader = build_dataloader(loader_cfg(out), batch_size=4)
+    seen = all_keys(loader)
+    assert keys[0] in seen and len(seen) == 21
+    # without the end-of-archive marker the last sample read cannot be trusted to be whole
+    assert loader.stats.counts == {"truncated": 1}
+    assert loader.stats.events[0].key == keys[1]
 
 
 def test_unreadable_and_missing_shards_are_skipped(prepared):

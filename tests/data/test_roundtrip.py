@@ -82,9 +82,7 @@ def test_loader_round_trips_every_sample_once(prepared, num_workers):
         ):
             pixels, true_label, true_caption = expected[origins[key]]
             # 12x10 images are center-cropped to 10x10: columns 1..10
-            np.testing.assert_array_equal(
-                to_uint8(image).permute(1, 2, 0).numpy(), pixels[:, 1:11]
-            )
+            np.testing.assert_array_equal(to_uint8(image).permute(1, 2, 0).numpy(), pixels[:, 1:11])
             assert int(label) == true_label and caption == true_caption
             keys.append(key)
     assert sorted(keys) == sorted(origins)
@@ -153,3 +151,43 @@ def test_same_inputs_give_identical_shards(tmp_path, image_folder):
     digests = [[s.sha256 for s in m.splits["train"].shards] for m in (a, b, c)]
     assert digests[0] == digests[1]
     assert digests[0] != digests[2]  # another seed, another write order
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_shards_written_by_other_tools_are_read(tmp_path, fmt):
+    """Long member names (pax records, GNU long-name members, ustar prefix), directories and
+    a typeflag we skip, all read like tarfile reads them."""
+    import io
+
+    from ldmkit.data.shards import iter_tar_members
+
+    deep = "d" * 60 + "/" + "e" * 60  # needs the ustar prefix field or an extension
+    members = [
+        (f"{deep}/sample1.png", b"\x89PNG" + bytes(range(256)) * 3),
+        (f"{deep}/sample1.cls", b"2"),
+        ("sample2." + "x" * (90 if fmt == tarfile.USTAR_FORMAT else 150), b"long ext"),
+        ("empty.txt", b""),
+    ]
+    path = tmp_path / "other.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        directory = tarfile.TarInfo("adir")
+        directory.type = tarfile.DIRTYPE
+        tar.addfile(directory)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with open(path, "rb") as f:
+        assert list(iter_tar_members(f)) == members
+
+
+def test_map_dataset_batches_like_the_stream(prepared):
+    out, _ = prepared
+    from torch.utils.data import DataLoader
+
+    batch = next(iter(DataLoader(build_dataset(loader_cfg(out)), batch_size=4, shuffle=True)))
+    stream = next(iter(build_dataloader(loader_cfg(out), batch_size=4)))
+    assert set(batch) == set(stream) == {"image", "label", "caption", "__key__"}
+    for key in ("image", "label"):
+        assert batch[key].dtype == stream[key].dtype and batch[key].shape == stream[key].shape
+    assert isinstance(batch["caption"], list) and isinstance(batch["__key__"], list)

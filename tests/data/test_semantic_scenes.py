@@ -11,6 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from ldmkit.data import SourceNotFoundError, build_dataloader, prepare, read_manifest
+from ldmkit.data.sources.semantic_scenes import short_name
 
 
 def make_cutouts(root: Path) -> dict[str, Image.Image]:
@@ -20,8 +21,14 @@ def make_cutouts(root: Path) -> dict[str, Image.Image]:
     for name, color, draw_shape in (
         ("red_disc", (220, 30, 30), lambda d: d.ellipse((4, 4, 36, 36), fill=255)),
         ("green_tri", (30, 200, 60), lambda d: d.polygon([(2, 38), (20, 2), (38, 38)], fill=255)),
-        ("blue_cross", (40, 60, 230), lambda d: (d.rectangle((14, 2, 26, 38), fill=255),
-                                                 d.rectangle((2, 14, 38, 26), fill=255))),
+        (
+            "blue_cross",
+            (40, 60, 230),
+            lambda d: (
+                d.rectangle((14, 2, 26, 38), fill=255),
+                d.rectangle((2, 14, 38, 26), fill=255),
+            ),
+        ),
     ):
         mask = Image.new("L", (160, 160))
         big = ImageDraw.Draw(mask)
@@ -133,7 +140,9 @@ def test_loader_batches_segmentation_with_the_image(scenes):
     assert batch["image"].shape == (3, 3, 32, 32)
     assert batch["segmentation"].shape == (3, 32, 32) and batch["segmentation"].dtype.is_signed
     assert batch["label"].tolist() == [-1, -1, -1]
-    assert int(batch["segmentation"].max()) <= 3 and all(c.startswith("a scene") for c in batch["caption"])
+    assert int(batch["segmentation"].max()) <= 3 and all(
+        c.startswith("a scene") for c in batch["caption"]
+    )
     # where the map says background, the pixel is not a cut-out colour: check one object pixel
     # survived the nearest resize with its class
     assert (batch["segmentation"] > 0).any()
@@ -149,3 +158,10 @@ def test_scenes_from_installed_tuxpaint(tmp_path):
         pytest.skip("neither tuxpaint stamps nor emoji are installed")
     assert len(manifest.segmentation_classes) == 5
     assert read_manifest(tmp_path / "t").splits["train"].num_samples == 3
+
+
+def test_class_names_from_stamp_descriptions():
+    assert short_name("A frog.") == "frog"
+    assert short_name("Earth. Our planet!") == "earth"
+    assert short_name("\u201cT-intersection\u201d") == "t-intersection"
+    assert short_name("The U.S. flag") == "u.s. flag"

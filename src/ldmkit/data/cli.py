@@ -1,9 +1,9 @@
 """``ldmkit data``: prepare, inspect and check WebDataset shard folders.
 
-    ldmkit data prepare SOURCE [out=DIR] [key=value ...]
-    ldmkit data info DIR
-    ldmkit data verify DIR
-    ldmkit data sources
+ldmkit data prepare SOURCE [out=DIR] [key=value ...]
+ldmkit data info DIR
+ldmkit data verify DIR
+ldmkit data sources
 """
 
 from __future__ import annotations
@@ -113,7 +113,9 @@ def build_parser(prog: str = "ldmkit data") -> argparse.ArgumentParser:
         epilog=PREPARE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("source", help="fashion_mnist | image_folder | emoji | tuxpaint | semantic_scenes")
+    p.add_argument(
+        "source", help="fashion_mnist | image_folder | emoji | tuxpaint | semantic_scenes"
+    )
     p.add_argument("options", nargs="*", metavar="key=value")
     p.set_defaults(run=_prepare)
     p = commands.add_parser("info", help="summarize a prepared folder's manifest")

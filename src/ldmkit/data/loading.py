@@ -129,7 +129,8 @@ def ensure_prepared(data_cfg: Any, *, progress: bool = True) -> Manifest:
             raise
     from ldmkit.data.prepare import prepare
 
-    return prepare(cfg["source"], directory, progress=progress, **(cfg["prepare"] or {}))
+    options = {"progress": progress, **(cfg["prepare"] or {})}
+    return prepare(cfg["source"], directory, **options)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -227,9 +228,7 @@ class _Context:
     stats: DataStats = field(default_factory=lambda: DataStats(max_events=0))
 
     def rng(self, purpose: str) -> random.Random:
-        return random.Random(
-            f"{self.seed}/{self.epoch}/{self.rank}/{self.worker}/{purpose}"
-        )
+        return random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{self.worker}/{purpose}")
 
     def skip(self, event: SkipEvent, *, log: bool = True) -> None:
         self.events.append(event)
@@ -368,7 +367,9 @@ class ShardLoader(DataLoader):
     (endless when resampled); the shard order changes per epoch.
     """
 
-    def __init__(self, stream: ShardStream, *, manifest: Manifest, directory: Path, split: str, **kwargs: Any) -> None:
+    def __init__(
+        self, stream: ShardStream, *, manifest: Manifest, directory: Path, split: str, **kwargs: Any
+    ) -> None:
         super().__init__(stream, batch_size=None, **kwargs)
         self.stats = DataStats()
         self.manifest = manifest

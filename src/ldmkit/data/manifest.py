@@ -58,7 +58,9 @@ class Manifest:
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> Manifest:
         if data.get("format") != FORMAT:
-            raise DataError(f"{where} is not an ldmkit shard manifest (format {data.get('format')!r})")
+            raise DataError(
+                f"{where} is not an ldmkit shard manifest (format {data.get('format')!r})"
+            )
         if data.get("version", 0) > VERSION:
             raise DataError(
                 f"{where} has manifest version {data['version']}; this ldmkit reads up to {VERSION}"

@@ -72,7 +72,9 @@ def plan_splits(
     return {name: plan[name][:limit] if limit is not None else plan[name] for name in wanted}
 
 
-def _existing_manifest(out: Path, source_name: str, splits: list[str], overwrite: bool) -> Manifest | None:
+def _existing_manifest(
+    out: Path, source_name: str, splits: list[str], overwrite: bool
+) -> Manifest | None:
     if not (out / MANIFEST).is_file():
         return None
     manifest = read_manifest(out)

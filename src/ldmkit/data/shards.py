@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,14 +142,95 @@ def split_member_name(name: str) -> tuple[str, str] | None:
 RawSample = dict[str, object]  # "__key__", "__shard__" and extension -> bytes
 
 
+class TarFormatError(ValueError):
+    """A tar stream that breaks off or has a damaged header."""
+
+
+BLOCK = 512
+REGULAR = (b"0", b"\x00", b"7")
+
+
+def _octal(field: bytes, what: str) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\x00", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise TarFormatError(f"damaged tar header: {what} field {field!r}") from None
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    records, pos = {}, 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        records[key.decode("utf-8")] = value.decode("utf-8")
+        pos += length
+    return records
+
+
+def iter_tar_members(fileobj) -> Iterator[tuple[str, bytes]]:
+    """Yield (name, data) of each regular file in a tar stream, in order.
+
+    A small POSIX/GNU tar reader (ustar headers, pax ``path``/``size`` records, GNU long names)
+    in place of ``tarfile``: reading shards is the loader's inner loop, and ``tarfile`` spends
+    most of that loop parsing header fields we never use. Raises ``TarFormatError`` where the
+    stream is cut short or a header checksum fails.
+    """
+    pending: dict[str, str] = {}
+    while True:
+        header = fileobj.read(BLOCK)
+        if len(header) < BLOCK:
+            if not header:
+                # a tar ends with zero blocks; without them the file was cut (perhaps right
+                # after a member, so the last sample may be missing members we cannot name)
+                raise TarFormatError("tar stream ends without its end-of-archive marker")
+            raise TarFormatError(f"tar stream ends inside a header ({len(header)} of 512 bytes)")
+        if header.count(0) == BLOCK:
+            return  # end-of-archive marker
+        stored = _octal(header[148:156], "checksum")
+        unsigned = sum(header[:148]) + sum(header[156:]) + 8 * 32  # chksum field as spaces
+        if stored != unsigned:
+            raise TarFormatError("damaged tar header (checksum mismatch)")
+        size = _octal(header[124:136], "size")
+        typeflag = header[156:157]
+        name = header[0:100].split(b"\x00", 1)[0].decode("utf-8", "replace")
+        if header[257:263] == b"ustar\x00":
+            prefix = header[345:500].split(b"\x00", 1)[0].decode("utf-8", "replace")
+            name = f"{prefix}/{name}" if prefix else name
+        if "size" in pending:
+            size = int(pending["size"])
+        data = fileobj.read(size)
+        if len(data) < size:
+            raise TarFormatError(f"member {name} has {len(data)} of its {size} bytes")
+        padding = -size % BLOCK
+        if padding and len(fileobj.read(padding)) < padding:
+            raise TarFormatError(f"tar stream ends in the padding after {name}")
+        if typeflag == b"x":
+            pending.update(_pax_records(data))
+            continue
+        if typeflag == b"L":
+            pending["path"] = data.split(b"\x00", 1)[0].decode("utf-8", "replace")
+            continue
+        if typeflag in (b"g", b"K"):
+            continue
+        name = pending.get("path", name)
+        pending = {}
+        if typeflag in REGULAR:
+            yield name, data
+
+
 def iter_shard(
     path: str, stats: DataStats, *, on_skip: Callable[[SkipEvent], None] | None = None
 ) -> Iterator[RawSample]:
     """Yield complete raw samples of one shard; record (and skip) what cannot be read.
 
-    An unreadable shard (missing, not a tar, permission) is one ``unreadable_shard`` event. A tar
-    that breaks part-way (truncated member, garbage header) ends the shard: the sample being read
-    is dropped as ``truncated`` and the samples before it are kept.
+    An unreadable shard (missing, permission) is one ``unreadable_shard`` event. A tar that
+    breaks part-way (truncated member, damaged header, not a tar at all) ends the shard: the
+    sample being read is dropped as ``truncated`` (``unreadable_shard`` if nothing could be
+    read) and the samples before it are kept.
     """
 
     def skip(kind: str, key: str | None, reason: str) -> None:
@@ -160,7 +240,7 @@ def iter_shard(
             on_skip(event)
 
     try:
-        fileobj = open(path, "rb")
+        fileobj = open(path, "rb", buffering=1 << 20)
     except OSError as exc:
         skip("unreadable_shard", None, f"cannot open: {exc}")
         return
@@ -168,15 +248,8 @@ def iter_shard(
     member_key: str | None = None
     with fileobj:
         try:
-            stream = tarfile.open(fileobj=fileobj, mode="r|")
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            skip("unreadable_shard", None, f"not a readable tar file: {exc}")
-            return
-        try:
-            for info in stream:
-                if not info.isreg():
-                    continue
-                parts = split_member_name(info.name)
+            for name, data in iter_tar_members(fileobj):
+                parts = split_member_name(name)
                 if parts is None:
                     continue
                 member_key, ext = parts
@@ -185,18 +258,13 @@ def iter_shard(
                     current = None
                 if current is None:
                     current = {"__key__": member_key, "__shard__": path}
-                handle = stream.extractfile(info)
-                data = handle.read() if handle is not None else b""
-                if len(data) != info.size:
-                    raise tarfile.ReadError(
-                        f"member {info.name} has {len(data)} of its {info.size} bytes"
-                    )
                 current[ext] = data
-                # streaming mode keeps every TarInfo otherwise; shards can hold 100k members
-                stream.members = []
-        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        except (TarFormatError, OSError) as exc:
             key = current["__key__"] if current is not None else member_key
-            skip("truncated", key, f"tar stream broken: {exc}")
+            if key is None:
+                skip("unreadable_shard", None, f"not a readable tar file: {exc}")
+            else:
+                skip("truncated", key, f"tar stream broken: {exc}")
             return
     if current is not None:
         yield current

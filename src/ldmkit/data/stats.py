@@ -22,7 +22,11 @@ class SkipEvent:
     reason: str
 
     def __str__(self) -> str:
-        where = f"shard {self.shard}" if self.key is None else f"sample {self.key!r} of shard {self.shard}"
+        where = (
+            f"shard {self.shard}"
+            if self.key is None
+            else f"sample {self.key!r} of shard {self.shard}"
+        )
         return f"skipped {where} ({self.kind}): {self.reason}"
 
 
@@ -33,10 +37,15 @@ class DataStats:
     most recent ``max_events`` with their shard and key.
     """
 
+    # a shard full of damage should not bury the training log: past this many warnings per
+    # DataStats (per worker and epoch in the stream) skips are only counted
+    log_limit = 100
+
     def __init__(self, max_events: int = 1000) -> None:
         self.samples = 0
         self.counts: Counter[str] = Counter()
         self.events: deque[SkipEvent] = deque(maxlen=max_events)
+        self._logged = 0
 
     @property
     def skipped(self) -> int:
@@ -45,8 +54,13 @@ class DataStats:
     def record(self, event: SkipEvent, *, log: bool = True) -> None:
         self.counts[event.kind] += 1
         self.events.append(event)
-        if log:
+        if log and self._logged < self.log_limit:
+            self._logged += 1
             logger.warning("%s", event)
+            if self._logged == self.log_limit:
+                logger.warning(
+                    "%d samples skipped so far; further skips are counted, not logged", self.skipped
+                )
 
     def merge_events(self, events: list[SkipEvent]) -> None:
         """Take events another process already logged (a DataLoader worker's)."""

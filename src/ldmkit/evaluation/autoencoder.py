@@ -64,11 +64,12 @@ def load_first_stage(checkpoint: Any, *, device: torch.device) -> tuple[torch.nn
 
 
 def _lpips_model(choice: Any, device: torch.device) -> tuple[torch.nn.Module | None, str | None]:
-    from ldmkit.losses.perceptual import LPIPS, MissingWeightsError
+    from ldmkit.losses.perceptual import LPIPS, MissingWeightsError, require_vgg16_weights
 
     if choice in (False, "false", "none"):
         return None, "disabled (eval.lpips=false)"
     try:
+        require_vgg16_weights("LPIPS", hint="evaluate without it (eval.lpips=false)")
         return LPIPS().to(device), None
     except MissingWeightsError as err:
         if choice in (True, "true"):

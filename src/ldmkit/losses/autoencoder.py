@@ -18,8 +18,6 @@ weighted; ``regularization_weight`` can scale it further.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

@@ -34,21 +34,26 @@ def vgg16_weights_path() -> Path:
     return torch_hub_checkpoints_dir() / VGG16_FILE
 
 
-def require_vgg16_weights(purpose: str = "LPIPS") -> Path:
+def require_vgg16_weights(
+    purpose: str = "LPIPS", hint: str = "train without the perceptual term (trainer.loss.perceptual_weight=0)"
+) -> Path:
     path = vgg16_weights_path()
     if not path.is_file():
         raise MissingWeightsError(
             f"{purpose} needs torchvision's ImageNet VGG16 weights, file {VGG16_FILE!r}, "
             f"which is looked for in the torch hub checkpoints folder {path.parent} "
             f"(torch.hub.get_dir()/checkpoints; set TORCH_HOME to move it) and is not there. "
-            f"ldmkit does not download weights: copy {VGG16_FILE} into that folder, or train "
-            f"without the perceptual term (trainer.loss.perceptual_weight=0)."
+            f"ldmkit does not download weights: copy {VGG16_FILE} into that folder, or {hint}."
         )
     return path
 
 
 class LPIPS(nn.Module):
     """Frozen LPIPS distance for images in [-1, 1]; grayscale inputs are repeated to RGB.
+
+    The network is held outside the module tree: its weights come from disk, never from
+    a checkpoint, so they are not in ``state_dict()`` (a checkpoint of a loss that uses
+    LPIPS stays small) nor in ``parameters()``; ``.to()`` still moves them.
 
     ``trunk="random"`` keeps the VGG16 trunk at its random initialization: a test-only
     option (the distance is then not LPIPS), so it warns.
@@ -71,15 +76,21 @@ class LPIPS(nn.Module):
             # lpips passes torchvision's deprecated `pretrained=` argument
             warnings.simplefilter("ignore", UserWarning)
             # pnet_rand=True: no download; pretrained=True: the linear heads from the package
-            self.model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+            model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
         if weights is not None:
-            load_vgg16_trunk(self.model.net, weights)
-        self.model.eval()
-        for p in self.parameters():
+            load_vgg16_trunk(model.net, weights)
+        model.eval()
+        for p in model.parameters():
             p.requires_grad_(False)
+        self._frozen = [model]
 
-    def train(self, mode: bool = True) -> LPIPS:
-        return super().train(False)  # frozen: dropout in the heads stays off
+    @property
+    def model(self) -> nn.Module:
+        return self._frozen[0]
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
+        self._frozen[0]._apply(fn)
+        return super()._apply(fn, recurse)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         """Per-image distance, B×1×1×1."""

@@ -1,7 +1,9 @@
 """Neural building blocks shared by ldmkit's networks (and by third-party plugins).
 
 * :mod:`ldmkit.nn.attention`: ``attention(q, k, v)`` with run-time kernels
-  (SDPA, xformers, math, chunked) and the process-wide backend switch.
+  (SDPA, xformers, math, chunked) and the process-wide backend switch. The function
+  is imported from the module (``from ldmkit.nn.attention import attention``) so that
+  ``ldmkit.nn.attention`` always names the module.
 * :mod:`ldmkit.nn.layers`: ``GroupNorm32``, ``normalization``, ``zero_module``,
   ``timestep_embedding``, ``maybe_checkpoint``.
 * :mod:`ldmkit.nn.transformer`: the LDM ``SpatialTransformer`` and its parts
@@ -10,7 +12,6 @@
 
 from ldmkit.nn.attention import (
     ATTENTION_BACKENDS,
-    attention,
     attention_backend,
     get_attention_backend,
     naive_attention,
@@ -40,7 +41,6 @@ __all__ = [
     "FeedForward",
     "GroupNorm32",
     "SpatialTransformer",
-    "attention",
     "attention_backend",
     "get_attention_backend",
     "maybe_checkpoint",

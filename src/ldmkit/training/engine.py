@@ -5,6 +5,7 @@ validation, image grids, logs, progress bar and checkpoints. A stage subclasses
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 import random
 import time
@@ -103,6 +104,17 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Validation and image grids draw random numbers (posterior samples, data order)
+    without moving the training streams, so a resumed run replays the same steps."""
+    state = _rng_state()
+    try:
+        yield
+    finally:
+        _set_rng_state(state)
 
 
 def seed_everything(seed: int) -> None:
@@ -322,7 +334,7 @@ class Trainer(abc.ABC):
         bar = tqdm(total=max_steps, initial=self.step, disable=not self.options["progress"],
                    desc=f"train {self.stage}", dynamic_ncols=True)
         last_saved = latest.step if latest is not None else -1
-        wall_start = time.perf_counter()
+        start_step = self.step
         try:
             batches = self._train_batches()
             while self.step < max_steps and self.train_seconds < max_seconds:
@@ -333,19 +345,22 @@ class Trainer(abc.ABC):
                 self.train_seconds += time.perf_counter() - started
                 bar.update(1)
                 if every["log_every"] and self.step % every["log_every"] == 0:
-                    values = logger.log(self.step, self._timing(wall_start) | {f"train/{k}": v for k, v in logs.items()})
+                    values = logger.log(self.step, self._timing() | {f"train/{k}": v for k, v in logs.items()})
                     bar.set_postfix({k[6:]: f"{v:.4g}" for k, v in values.items() if k.startswith("train/")}, refresh=False)
                 if every["val_every"] and self.step % every["val_every"] == 0:
-                    self._validate(logger, wall_start)
+                    self._validate(logger)
                 if every["sample_every"] and self.step % every["sample_every"] == 0:
                     self._images(batch)
                 if every["checkpoint_every"] and self.step % every["checkpoint_every"] == 0:
                     self.save_checkpoint()
                     last_saved = self.step
-            if self.step != last_saved:
-                self.save_checkpoint()
-                self._validate(logger, wall_start)
-                self._images(None)
+            if self.step != start_step:  # the run's end, unless there was nothing left to do
+                if self.step != last_saved:
+                    self.save_checkpoint()
+                if not (every["val_every"] and self.step % every["val_every"] == 0):
+                    self._validate(logger)
+                if not (every["sample_every"] and self.step % every["sample_every"] == 0):
+                    self._images(None)
         except KeyboardInterrupt:
             if self.step != last_saved and self.step > 0:
                 self.save_checkpoint()  # Ctrl-C keeps the progress made
@@ -355,22 +370,23 @@ class Trainer(abc.ABC):
             logger.close()
         return self.run_dir
 
-    def _timing(self, wall_start: float) -> dict[str, float]:
+    def _timing(self) -> dict[str, float]:
         return {"train_minutes": self.train_seconds / 60.0, "epoch": float(self.epoch)}
 
-    def _validate(self, logger: RunLogger, wall_start: float) -> None:
-        batches = self.validation_batches()
-        if batches:
-            values = self.validate(batches)
-            if values:
-                logger.log(self.step, self._timing(wall_start) | {f"val/{k}": v for k, v in values.items()})
+    def _validate(self, logger: RunLogger) -> None:
+        with preserved_rng():
+            batches = self.validation_batches()
+            values = self.validate(batches) if batches else {}
+        if values:
+            logger.log(self.step, self._timing() | {f"val/{k}": v for k, v in values.items()})
 
     def _images(self, batch: Mapping[str, Any] | None) -> None:
-        val = self.validation_batches()
-        source = val[0] if val else batch
-        if source is None:
-            return
-        path = self.run_dir / "images" / f"{self.stage}_step_{self.step:09d}.png"
-        grid = self.save_images(source, path)
+        with preserved_rng():
+            val = self.validation_batches()
+            source = val[0] if val else batch
+            if source is None:
+                return
+            path = self.run_dir / "images" / f"{self.stage}_step_{self.step:09d}.png"
+            grid = self.save_images(source, path)
         if grid is not None:
             self.logger.log_image(f"{self.stage}/images", grid, self.step)

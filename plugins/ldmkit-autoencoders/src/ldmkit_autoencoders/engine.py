@@ -86,6 +86,9 @@ class AutoencodingEngine(FirstStage):
         self.image_channels = int(in_channels)
         self.out_channels = int(out_ch)
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
+        # the architecture, for exporters (see ldmkit_autoencoders.diffusers_compat)
+        self.architecture = dict(common, in_channels=int(in_channels), out_ch=int(out_ch),
+                                 latent_channels=int(latent_channels))
         self.loss_reduction = regularizer.loss_reduction
 
     def moments(self, x: Tensor) -> Tensor:

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ldmkit.nn import SpatialTransformer, attention, maybe_checkpoint, normalization, zero_module
+from ldmkit.nn import SpatialTransformer, maybe_checkpoint, normalization, zero_module
+from ldmkit.nn.attention import attention
 
 __all__ = ["AttentionBlock", "Downsample", "ResBlock", "TimestepEmbedSequential", "Upsample"]
 

@@ -26,7 +26,13 @@ from torch import Tensor, nn
 from ldmkit.interfaces import Denoiser
 from ldmkit.interfaces.denoiser import PREDICTIONS
 from ldmkit.nn import SpatialTransformer, normalization, timestep_embedding, zero_module
-from ldmkit_unet.blocks import AttentionBlock, Downsample, ResBlock, TimestepEmbedSequential, Upsample
+from ldmkit_unet.blocks import (
+    AttentionBlock,
+    Downsample,
+    ResBlock,
+    TimestepEmbedSequential,
+    Upsample,
+)
 
 __all__ = ["UNetModel"]
 

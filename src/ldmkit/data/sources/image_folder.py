@@ -56,7 +56,11 @@ class ImageFolder(Source):
                 f"image_folder: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {self.root}"
             )
         self._classes = sorted(
-            {p.relative_to(self.root).parts[0] for p in self.paths if len(p.relative_to(self.root).parts) > 1}
+            {
+                p.relative_to(self.root).parts[0]
+                for p in self.paths
+                if len(p.relative_to(self.root).parts) > 1
+            }
         )
 
     @property

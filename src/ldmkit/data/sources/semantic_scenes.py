@@ -43,8 +43,9 @@ class Candidate:
 
 
 def short_name(caption: str) -> str:
-    """ "A frog." -> "frog" (scene captions list these)."""
-    text = caption.strip().rstrip(".").strip()
+    """ "A frog." -> "frog", "Earth. Our planet!" -> "earth" (scene captions list these)."""
+    text = re.split(r"[.!?](?=\s+[A-Z]|\s*$)", caption.strip())[0]
+    text = text.strip(" \"'\u201c\u201d\u2018\u2019")
     text = re.sub(r"^(a|an|the)\s+", "", text, flags=re.IGNORECASE)
     return text.lower() or caption
 
@@ -54,7 +55,9 @@ def _tuxpaint_candidates(path: str | None) -> list[Candidate]:
 
     stamps = TuxPaint(path=path, image_size=None, min_size=0)
     return [
-        Candidate(short_name(stamp_caption(p)), stamps._category(p), lambda p=p: stamps.load_cutout(p))
+        Candidate(
+            short_name(stamp_caption(p)), stamps._category(p), lambda p=p: stamps.load_cutout(p)
+        )
         for p in stamps.items("train")
         # scenes flip on their own; letters, signs and coins are not things in a scene
         if not p.stem.endswith("_mirror") and stamps._category(p) != "symbols"
@@ -88,7 +91,11 @@ def _folder_candidates(path: str | None) -> list[Candidate]:
     return [Candidate(p.stem.replace("_", " "), p.parent.name, lambda p=p: load(p)) for p in pngs]
 
 
-CUTOUT_SOURCES = {"tuxpaint": _tuxpaint_candidates, "emoji": _emoji_candidates, "folder": _folder_candidates}
+CUTOUT_SOURCES = {
+    "tuxpaint": _tuxpaint_candidates,
+    "emoji": _emoji_candidates,
+    "folder": _folder_candidates,
+}
 
 
 def usable_cutout(image: Image.Image, min_side: int) -> Image.Image | None:
@@ -116,7 +123,9 @@ def _short_enough(name: str) -> bool:
     return len(name.split()) <= 3 and len(name) <= 24
 
 
-def choose_cutouts(candidates: list[Candidate], count: int, seed: int, names: Sequence[str] | None) -> list[Cutout]:
+def choose_cutouts(
+    candidates: list[Candidate], count: int, seed: int, names: Sequence[str] | None
+) -> list[Cutout]:
     """Pick ``count`` cut-outs: the named ones, or a seeded draw spread over categories."""
     if names:
         by_name = {c.name: c for c in candidates}
@@ -187,7 +196,9 @@ def render_background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, 
     return np.clip(image, 0, 255).round().astype(np.uint8), kind
 
 
-def paste(canvas: np.ndarray, seg: np.ndarray, cutout: Image.Image, class_id: int, x: int, y: int) -> None:
+def paste(
+    canvas: np.ndarray, seg: np.ndarray, cutout: Image.Image, class_id: int, x: int, y: int
+) -> None:
     """Hard-alpha paste: where alpha >= 128 the pixel becomes the cut-out's and the map its class."""
     pixels = np.asarray(cutout)
     mask = pixels[:, :, 3] >= ALPHA_THRESHOLD
@@ -246,7 +257,8 @@ class SemanticScenes(Source):
                 except SourceNotFoundError as exc:
                     errors.append(str(exc))
             raise SourceNotFoundError(
-                "semantic_scenes needs cut-outs: " + " | ".join(errors)
+                "semantic_scenes needs cut-outs: "
+                + " | ".join(errors)
                 + " | or use cutouts=folder path=DIR with RGBA PNGs"
             )
         if kind not in CUTOUT_SOURCES:
@@ -296,7 +308,7 @@ class SemanticScenes(Source):
         background_rng, objects = self.layout(split, index)
         canvas, background = render_background(background_rng, self.size)
         seg = np.zeros((self.size, self.size), dtype=np.uint8)
-        for obj in reversed(objects):
+        for obj in objects:
             x, y, width, height = obj["box"]
             cutout = placed_cutout(self.cutouts[obj["class"] - 1].image, width, height, obj["flip"])
             paste(canvas, seg, cutout, obj["class"], x, y)

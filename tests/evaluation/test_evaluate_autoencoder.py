@@ -1,0 +1,101 @@
+"""`evaluate stage=autoencoder` end to end on a tiny trained checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ldmkit.config import compose_config
+from ldmkit.evaluation import evaluate
+from ldmkit.evaluation.classifier import FashionMNISTClassifier
+from ldmkit.evaluation.features import INCEPTION_FILE, build_feature_extractor
+from ldmkit.evaluation.metrics import psnr
+from ldmkit.losses import MissingWeightsError
+from ldmkit.training import train
+
+
+@pytest.fixture
+def empty_hub(tmp_path):
+    before = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield tmp_path / "hub"
+    torch.hub.set_dir(before)
+
+
+def _data(n=24, seed=0):
+    images = torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return images, (lambda split, epoch: [{"image": images[i : i + 8]} for i in range(0, n, 8)])
+
+
+@pytest.fixture
+def trained_run(tmp_path):
+    _, data = _data()
+    cfg = compose_config(["stage=autoencoder", "first_stage=kl_tiny", "first_stage.encode_mode=mode",
+                          "trainer=autoencoder_tiny", "trainer.max_steps=10", "trainer.tensorboard=false",
+                          f"run_dir={tmp_path / 'run'}"])
+    return train(cfg, data=data)
+
+
+def _classifier(path: Path) -> Path:
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in FashionMNISTClassifier().state_dict().items()}
+    save_file(state, str(path))
+    return path
+
+
+def test_report_has_metrics_and_is_written(trained_run, tmp_path, empty_hub):
+    from ldmkit.evaluation.autoencoder import load_first_stage
+    from ldmkit.training import resolve_checkpoint
+
+    images, data = _data()
+    classifier = _classifier(tmp_path / "clf.safetensors")
+    cfg = compose_config(["stage=autoencoder", f"run_dir={trained_run}",
+                          f"+eval.feature_checkpoint={classifier}"])
+    report = evaluate(cfg, data=data)
+    assert report["step"] == 10 and report["num_images"] == 24 and report["split"] == "test"
+    # PSNR recomputed from the checkpoint directly
+    model, _ = load_first_stage(resolve_checkpoint(trained_run), device=torch.device("cpu"))
+    with torch.no_grad():
+        rec = model.decode(model.encode(images)).clamp(-1, 1)
+    expected = psnr((rec + 1) / 2, (images + 1) / 2).mean()
+    assert report["psnr"] == pytest.approx(float(expected), rel=1e-5)
+    assert 0 < report["ssim"] <= 1
+    assert report["lpips"] is None and "vgg16-397923af.pth" in report["skipped"]["lpips"]
+    assert report["frechet_features"] == "fashion_mnist" and report["frechet_distance"] >= 0
+    written = json.loads(Path(report["output"]).read_text())
+    assert written["psnr"] == report["psnr"]
+    assert Path(report["output"]).parent == trained_run / "eval"
+
+
+def test_missing_feature_weights(trained_run, tmp_path, empty_hub):
+    _, data = _data()
+    cfg = compose_config(["stage=autoencoder", f"run_dir={trained_run}",
+                          f"+eval.feature_checkpoint={tmp_path / 'none.safetensors'}",
+                          f"+eval.output={tmp_path / 'r.json'}"])
+    report = evaluate(cfg, data=data)  # auto: skipped, with the reason
+    assert report["frechet_distance"] is None
+    assert INCEPTION_FILE in report["skipped"]["frechet_distance"]
+    assert "none.safetensors" in report["skipped"]["frechet_distance"]
+    with pytest.raises(MissingWeightsError, match=INCEPTION_FILE):
+        build_feature_extractor("inception")
+    strict = compose_config(["stage=autoencoder", f"run_dir={trained_run}", "+eval.lpips=true"])
+    with pytest.raises(MissingWeightsError, match="eval.lpips=false"):
+        evaluate(strict, data=data)
+    with pytest.raises(ValueError, match="unknown eval option"):
+        evaluate(compose_config(["stage=autoencoder", f"run_dir={trained_run}", "+eval.psnr=1"]), data=data)
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(),
+                    reason="Fashion-MNIST IDX files not installed")
+def test_classifier_training_writes_a_loadable_model(tmp_path):
+    from ldmkit.evaluation.classifier import load_classifier, train_fashion_mnist_classifier
+
+    summary = train_fashion_mnist_classifier(tmp_path / "c.safetensors", epochs=1, limit=512,
+                                             batch_size=64, progress=False)
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    model = load_classifier(tmp_path / "c.safetensors")
+    assert model.features(torch.zeros(2, 3, 28, 28)).shape == (2, 128)
