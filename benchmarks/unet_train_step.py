@@ -137,11 +137,14 @@ def make_batch(size: str, seed: int = 1):
     return x, t, cond, target
 
 
-def timed_steps(step, steps: int) -> float:
-    start = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed_steps(step, steps: int, clock=time.perf_counter) -> float:
+    start = clock()
     for _ in range(steps):
         step()
-    return (time.perf_counter() - start) / steps
+    return (clock() - start) / steps
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,7 +153,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=15, help="alternating timing rounds")
     parser.add_argument("--steps", type=int, default=2, help="train steps per model per round")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time, robust to other load on a "
+        "shared machine (meaningful with --threads 1)",
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=["adamw", "adamw-fused"],
+        default="adamw",
+        help="torch.optim.AdamW as constructed by default, or with fused=True (one kernel "
+        "for all parameters; much cheaper on CPU)",
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     ours, reference = make_models(args.size)
     x, t, cond, target = make_batch(args.size)
@@ -162,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"max |ours - diffusers| forward, float32, shared weights: {diff:.2e}")
 
     def train_step(model, forward):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        fused = {"fused": True} if args.optimizer == "adamw-fused" else {}
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
 
         def step():
             optimizer.zero_grad(set_to_none=True)
@@ -185,14 +206,15 @@ def main(argv: list[str] | None = None) -> None:
     for round_index in range(args.rounds):
         order = list(steps) if round_index % 2 == 0 else list(reversed(steps))
         for name in order:
-            times[name].append(timed_steps(steps[name], args.steps))
+            times[name].append(timed_steps(steps[name], args.steps, CLOCKS[args.clock]))
 
     median = {name: statistics.median(values) for name, values in times.items()}
     ratio = median["diffusers"] / median["ldmkit"]
     import diffusers
 
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+          f"{torch.get_num_threads()} threads, {args.clock} clock, {args.optimizer}, "
+          f"{platform.processor() or platform.machine()}")
     for name, value in median.items():
         print(f"{name:>9}: {value * 1e3:8.1f} ms/step (median of {args.rounds} rounds x "
               f"{args.steps} steps), {1 / value:6.2f} steps/s")

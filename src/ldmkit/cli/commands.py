@@ -50,31 +50,30 @@ def _optional_module(module: str, what: str):
         raise CLIError(f"{what} is not available in this ldmkit version ({module} is missing)") from err
 
 
-def train(argv: Sequence[str], *, prog: str, description: str) -> int:
+def _run_stage(argv: Sequence[str], prog: str, description: str, module: str, function: str):
+    """Compose the config from ``argv`` and call ``module.function(cfg)``."""
     args = _parser(prog, description).parse_args(argv)
     cfg = _compose(args.overrides, args.print_config)
     if args.print_config:
-        return 0
-    training = _optional_module("ldmkit.training", f"training (stage={cfg.get('stage')})")
+        return None
+    runner = getattr(_optional_module(module, f"{prog} (stage={cfg.get('stage')})"), function)
     try:
-        run_dir = training.train(cfg)
+        return runner(cfg)
     except (ConfigError, PluginError, RegistryError, FileNotFoundError) as err:
         raise CLIError(str(err)) from err
-    print(f"run directory: {run_dir}")
+
+
+def train(argv: Sequence[str], *, prog: str, description: str) -> int:
+    run_dir = _run_stage(argv, prog, description, "ldmkit.training", "train")
+    if run_dir is not None:
+        print(f"run directory: {run_dir}")
     return 0
 
 
 def evaluate(argv: Sequence[str], *, prog: str, description: str) -> int:
-    args = _parser(prog, description).parse_args(argv)
-    cfg = _compose(args.overrides, args.print_config)
-    if args.print_config:
-        return 0
-    evaluation = _optional_module("ldmkit.evaluation", f"evaluation (stage={cfg.get('stage')})")
-    try:
-        metrics = evaluation.evaluate(cfg)
-    except (ConfigError, PluginError, RegistryError, FileNotFoundError) as err:
-        raise CLIError(str(err)) from err
-    print(json.dumps(metrics, indent=2, default=str))
+    metrics = _run_stage(argv, prog, description, "ldmkit.evaluation", "evaluate")
+    if metrics is not None:
+        print(json.dumps(metrics, indent=2, default=str))
     return 0
 
 

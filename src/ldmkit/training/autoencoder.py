@@ -4,6 +4,7 @@ loss's log-variance), one for the PatchGAN discriminator once ``disc_start`` is 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ldmkit.training.engine import Trainer, TrainingError
+from ldmkit.training.engine import TRAINER_DEFAULTS, Trainer, TrainingError
 
 
 def batch_images(batch: Mapping[str, Any], *, channels: int, device: torch.device) -> Tensor:
@@ -61,9 +62,13 @@ def to_unit(images: Tensor) -> Tensor:
 
 class AutoencoderTrainer(Trainer):
     stage = "autoencoder"
+    extra_options = ("loss", "betas", "disc_lr")
 
     def build(self) -> None:
         cfg, options = self.cfg, self.options
+        unknown = sorted(set(options) - set(TRAINER_DEFAULTS) - set(self.extra_options))
+        if unknown:
+            warnings.warn(f"trainer option(s) {unknown} are not used by stage=autoencoder", stacklevel=2)
         self.first_stage = build_first_stage(cfg).to(self.device)
         params = [p for p in self.first_stage.parameters() if p.requires_grad]
         if not params:

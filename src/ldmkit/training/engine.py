@@ -51,6 +51,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "progress": True,
     "tensorboard": True,
     "grad_clip": None,
+    "num_threads": None,  # CPU threads for torch (null: torch's default)
 }
 
 
@@ -301,6 +302,9 @@ class Trainer(abc.ABC):
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self) -> Path:
+        if self.options["num_threads"]:
+            # on a shared CPU, fewer threads than cores avoids OpenMP spin-wait slowdowns
+            torch.set_num_threads(int(self.options["num_threads"]))
         seed_everything(int(self.cfg.get("seed", 0)))
         self.build()
         self.checkpoints = CheckpointManager(

@@ -62,17 +62,15 @@ class VectorQuantizer(Regularizer):
         if self.restart_dead_codes:
             self.register_buffer("code_usage", torch.ones(self.n_embed))
 
+    @torch.no_grad()
     def indices(self, z: Tensor) -> Tensor:
         """Index of the nearest code for every position: B×h×w (int64)."""
         flat = rearrange(z, "b c h w -> (b h w) c")
         codebook = self.embedding.weight
-        # ||z - e||^2 = ||z||^2 + ||e||^2 - 2 z.e, without materializing the differences
-        distances = (
-            flat.pow(2).sum(1, keepdim=True)
-            + codebook.pow(2).sum(1)
-            - 2.0 * flat @ codebook.t()
-        )
-        index = distances.argmin(dim=1)
+        # argmin ||z - e||^2 = argmin ||e||^2 - 2 z.e (||z||^2 is the same for every code),
+        # one fused matrix product without materializing the differences
+        scores = torch.addmm(codebook.pow(2).sum(1), flat, codebook.t(), alpha=-2.0)
+        index = scores.argmin(dim=1)
         return rearrange(index, "(b h w) -> b h w", b=z.shape[0], h=z.shape[2], w=z.shape[3])
 
     def lookup(self, index: Tensor) -> Tensor:
