@@ -158,3 +158,41 @@ def test_load_reports_missing_and_mismatched_files(toy, tmp_path):
     (tmp_path / "b" / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="cannot read checkpoint weights"):
         Pipeline.load(tmp_path / "b")
+
+
+def test_component_checkpoint_key_loads_weights(toy, tmp_path):
+    from safetensors.torch import save_file
+
+    source = ldmkit.compose(overrides=toy)
+    with torch.no_grad():
+        for p in source.first_stage.parameters():
+            p.fill_(0.25)
+    source.save(tmp_path / "pipe")  # keys prefixed "first_stage."
+    save_file({k: v.contiguous() for k, v in source.first_stage.state_dict().items()}, tmp_path / "fs.safetensors")
+    torch.save({"state_dict": source.first_stage.state_dict()}, tmp_path / "fs.ckpt")
+    for where in (tmp_path / "pipe", tmp_path / "fs.safetensors", tmp_path / "fs.ckpt"):
+        pipe = ldmkit.compose(overrides=toy + [f"+first_stage.checkpoint={where}"])
+        assert all(torch.all(p == 0.25) for p in pipe.first_stage.parameters()), where
+
+
+def test_component_checkpoint_errors_name_file_and_component(toy, tmp_path):
+    with pytest.raises(ConfigError, match=r"first_stage=toy_fs \(first_stage.checkpoint\): checkpoint .*nope does not exist"):
+        ldmkit.compose(overrides=toy + [f"+first_stage.checkpoint={tmp_path / 'nope'}"])
+    other = ldmkit.compose(overrides=toy + ["first_stage=toy_fs5"])
+    other.save(tmp_path / "five")
+    with pytest.raises(ConfigError, match=r"weights in .*five do not fit the first_stage"):
+        ldmkit.compose(overrides=toy + [f"+first_stage.checkpoint={tmp_path / 'five'}"])
+
+
+def test_pickled_checkpoint_code_is_not_executed(toy, tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("open(%r, 'w').write('pwned')" % str(tmp_path / "pwned"),))
+
+    with open(tmp_path / "evil.ckpt", "wb") as f:
+        pickle.dump({"state_dict": Evil()}, f)
+    with pytest.raises(ConfigError, match="pickled code is never run"):
+        ldmkit.compose(overrides=toy + [f"+first_stage.checkpoint={tmp_path / 'evil.ckpt'}"])
+    assert not (tmp_path / "pwned").exists()

@@ -138,6 +138,8 @@ def create_component(registry: Registry, kind: str, node: Any, label: str | None
     from ldmkit.interfaces import INTERFACES
 
     name, kwargs = component_kwargs(node, kind)
+    # every component config may name weights to load after construction
+    checkpoint = kwargs.pop("checkpoint", None)
     try:
         obj = registry.create(kind, name, **kwargs)
     except LookupError as err:
@@ -150,7 +152,19 @@ def create_component(registry: Registry, kind: str, node: Any, label: str | None
             f"{kind} {name!r} from {entry.provider} built a {type(obj).__name__}, "
             f"which is not an ldmkit.interfaces.{INTERFACES[kind].__name__}"
         )
+    if checkpoint is not None and not _on_meta_device(obj):
+        from ldmkit.weights import WeightsError, load_component_weights
+
+        try:
+            load_component_weights(obj, checkpoint, kind)
+        except WeightsError as err:
+            raise ConfigError(f"{label or kind} ({kind}.checkpoint): {err}") from err
     return obj
+
+
+def _on_meta_device(obj: Any) -> bool:
+    params = next(iter(obj.parameters()), None) if hasattr(obj, "parameters") else None
+    return params is not None and params.is_meta
 
 
 def resolve_denoiser_dims(cfg: DictConfig, first_stage: Any, conditioner: Any) -> dict[str, Any]:
@@ -159,6 +173,7 @@ def resolve_denoiser_dims(cfg: DictConfig, first_stage: Any, conditioner: Any) -
     Raises ConfigError naming the two configs that disagree.
     """
     name, kwargs = component_kwargs(cfg.denoiser, "denoiser")
+    checkpoint = kwargs.pop("checkpoint", None)
     concat = conditioner.concat_channels or 0
     expected = {
         "in_channels": (first_stage.latent_channels + concat,
@@ -181,7 +196,7 @@ def resolve_denoiser_dims(cfg: DictConfig, first_stage: Any, conditioner: Any) -
                 f"{source} and {_choice(cfg, 'denoiser')} ({key}={kwargs[key]}) disagree: "
                 f"denoiser.{key} must be {value}; set denoiser.{key}=auto to follow the other part"
             )
-    return {"name": name, **kwargs}
+    return {"name": name, **kwargs, **({"checkpoint": checkpoint} if checkpoint is not None else {})}
 
 
 def check_parts_fit(cfg: DictConfig, first_stage: Any, denoiser: Any, conditioner: Any) -> None:

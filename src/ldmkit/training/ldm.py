@@ -1,0 +1,311 @@
+"""Stage 2: train the latent diffusion model (Rombach et al. 2022, Sec. 3.2-3.3).
+
+The first stage is frozen; the denoiser and the conditioner (tau_theta, trained jointly)
+minimize ``E ||target - f_theta(z_t, t, tau(y))||^2`` (:class:`DiffusionObjective`). The
+condition is dropped to the null condition with probability ``cond_drop_prob`` so the
+model also learns the unconditional score (classifier-free guidance, Ho & Salimans 2022).
+An EMA of the trainable weights is kept and used for sampling. Under ``torchrun`` the
+trainable part runs in DistributedDataParallel; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+
+from ldmkit.diffusion.objective import DiffusionObjective, scale_factor_from_latents
+from ldmkit.ema import EMA
+from ldmkit.training.autoencoder import batch_images, to_unit
+from ldmkit.training.engine import TRAINER_DEFAULTS, Trainer, TrainingError
+
+LDM_DEFAULTS: dict[str, Any] = {
+    "betas": [0.9, 0.999],
+    "weight_decay": 0.0,
+    "warmup_steps": 0,
+    "cond_drop_prob": 0.1,
+    "objective": {},
+    "ema": {"enabled": True, "decay": 0.9999, "warmup": True, "use_for_sampling": True},
+    "latent_cache": False,
+    "sample_steps": 50,
+    "sample_count": 16,
+    "guidance_scale": 3.0,
+    "amp": "auto",  # auto: bf16 autocast on CUDA, off on CPU | bf16 | off
+    "ddp_find_unused_parameters": False,
+}
+
+
+class DiffusionStep(nn.Module):
+    """The trainable part of one step, as one module so DDP can wrap it."""
+
+    def __init__(self, denoiser: nn.Module, conditioner: nn.Module, objective: DiffusionObjective,
+                 cond_drop_prob: float) -> None:
+        super().__init__()
+        self.denoiser, self.conditioner, self.objective = denoiser, conditioner, objective
+        self.cond_drop_prob = cond_drop_prob
+
+    def condition(self, batch: Mapping[str, Any], n: int, generator: torch.Generator | None) -> dict[str, Tensor]:
+        if not self.conditioner.input_keys:
+            return self.conditioner(batch)
+        cond = self.conditioner(batch)
+        if not cond or self.cond_drop_prob <= 0:
+            return cond
+        uncond = self.conditioner.unconditional(batch)
+        drop = torch.rand(n, generator=generator) < self.cond_drop_prob
+        out = {}
+        for role, value in cond.items():
+            mask = drop.to(value.device).reshape(-1, *([1] * (value.ndim - 1)))
+            out[role] = torch.where(mask, uncond[role].to(value.dtype), value)
+        return out
+
+    def forward(self, z0: Tensor, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+        cond = self.condition(batch, z0.shape[0], None)
+        return self.objective(self.denoiser, z0, cond)
+
+
+class _ScaleFactor(nn.Module):
+    """Holds the pipeline's scale-factor buffer so that a resumed run restores it."""
+
+    def __init__(self, scale: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale_factor", scale)
+
+
+class LDMTrainer(Trainer):
+    stage = "ldm"
+
+    def build(self) -> None:
+        from ldmkit.config import build_pipeline
+
+        unknown = sorted(set(self.options) - set(TRAINER_DEFAULTS) - set(LDM_DEFAULTS))
+        if unknown:
+            warnings.warn(f"trainer option(s) {unknown} are not used by stage=ldm", stacklevel=2)
+        self.opts = {**LDM_DEFAULTS, **{k: v for k, v in self.options.items() if k in LDM_DEFAULTS}}
+        self.opts["ema"] = {**LDM_DEFAULTS["ema"], **(self.options.get("ema") or {})}
+        cfg = self.cfg
+        self.pipeline = build_pipeline(cfg).to(self.device)
+        first_stage = self.pipeline.first_stage
+        first_stage.requires_grad_(False).eval()
+        if cfg.first_stage.get("checkpoint") is None and any(True for _ in first_stage.parameters()):
+            warnings.warn(
+                "first_stage.checkpoint is not set: the latents come from an untrained first stage "
+                "(train one with stage=autoencoder and pass first_stage.checkpoint=<its run_dir>)",
+                stacklevel=2,
+            )
+        objective = DiffusionObjective(
+            self.pipeline.schedule, prediction=self.pipeline.denoiser.prediction, **dict(self.opts["objective"] or {})
+        )
+        self.step_module = DiffusionStep(
+            self.pipeline.denoiser, self.pipeline.conditioner, objective, float(self.opts["cond_drop_prob"])
+        ).to(self.device)
+        params = [p for p in self.step_module.parameters() if p.requires_grad]
+        if not params:
+            raise TrainingError("stage=ldm has nothing to train: the denoiser has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(
+            params, lr=float(self.options["lr"]), betas=tuple(self.opts["betas"]),
+            weight_decay=float(self.opts["weight_decay"]),
+        )
+        self.trainable = nn.ModuleDict({"denoiser": self.pipeline.denoiser, "conditioner": self.pipeline.conditioner})
+        ema = self.opts["ema"]
+        self.ema = EMA(self.trainable, decay=float(ema["decay"]), warmup=bool(ema["warmup"])) if ema["enabled"] else None
+        self.scale = _ScaleFactor(self.pipeline.scale_factor)
+        self.scale_by_std = cfg.get("scale_factor") == "scale_by_std"
+        self.scale_set = torch.zeros((), dtype=torch.bool)
+        self.model = self.step_module
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(
+                self.step_module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=bool(self.opts["ddp_find_unused_parameters"]),
+            )
+        self.cache = None
+
+    # -- state ---------------------------------------------------------------------------
+    def model_modules(self) -> dict[str, nn.Module]:
+        return {"first_stage": self.pipeline.first_stage, "denoiser": self.pipeline.denoiser,
+                "conditioner": self.pipeline.conditioner}
+
+    def training_modules(self) -> dict[str, nn.Module]:
+        modules: dict[str, nn.Module] = {"objective": self.step_module.objective, "scale": self.scale}
+        if self.ema is not None:
+            modules["ema"] = self.ema
+        return modules
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"diffusion": self.optimizer}
+
+    def config_keys_that_must_match(self) -> list[str]:
+        return ["first_stage", "denoiser", "conditioner", "schedule"]
+
+    # -- data ------------------------------------------------------------------------------
+    def make_loader(self, split: str, epoch: int) -> Iterable[Mapping[str, Any]]:
+        if split == "train" and self.opts["latent_cache"] and self.data is None:
+            if self.cache is None:
+                self.cache = self._load_cache()
+            return self.cache.batches(
+                int(self.options["batch_size"]), seed=int(self.cfg.get("seed", 0)) + epoch,
+                rank=self.rank, world_size=self.world_size,
+            )
+        return super().make_loader(split, epoch)
+
+    def _cache_fingerprint(self) -> str:
+        parts = {
+            "first_stage": OmegaConf.to_container(self.cfg.first_stage, resolve=True),
+            "data": OmegaConf.to_container(self.cfg.data, resolve=True),
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _load_cache(self):
+        from ldmkit.data import build_dataloader
+        from ldmkit.training.latent_cache import LatentCache, build_cache, is_complete
+
+        directory = self.run_dir / "latent_cache"
+        fingerprint = self._cache_fingerprint()
+        if self.is_main and not is_complete(directory, fingerprint):
+            loader = build_dataloader(
+                self.cfg.data, batch_size=int(self.options["batch_size"]), split="train",
+                rank=0, world_size=1, num_workers=int(self.options["num_workers"]),
+                resampled=False, shuffle=False,
+            )
+            build_cache(directory, loader, self.pipeline.first_stage.encode, fingerprint=fingerprint,
+                        device=self.device, progress=bool(self.options["progress"]))
+        self.barrier()
+        return LatentCache(directory)
+
+    # -- one step --------------------------------------------------------------------------
+    @torch.no_grad()
+    def latents(self, batch: Mapping[str, Any]) -> Tensor:
+        if "latent" in batch:
+            z = batch["latent"].to(self.device, non_blocking=True)
+        else:
+            x = batch_images(batch, channels=self.pipeline.first_stage.image_channels, device=self.device)
+            z = self.pipeline.first_stage.encode(x)
+        if self.scale_by_std and not bool(self.scale_set):
+            self._set_scale_from(z)
+        return z * self.pipeline.scale_factor
+
+    def _set_scale_from(self, z: Tensor) -> None:
+        if self.step == 0:
+            factor = torch.tensor(scale_factor_from_latents(z), device=self.pipeline.scale_factor.device)
+            if self.world_size > 1:  # every rank uses rank 0's value
+                torch.distributed.broadcast(factor, src=0)
+            self.pipeline.scale_factor.fill_(float(factor))
+            self.logger.log(self.step, {"train/scale_factor": float(factor)}) if self.is_main else None
+        self.scale_set.fill_(True)  # resumed runs restored it from the checkpoint
+
+    def _autocast(self):
+        amp = str(self.opts["amp"])
+        enabled = self.device.type == "cuda" and amp in ("auto", "bf16")
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def training_step(self, batch: Mapping[str, Any], step: int) -> dict[str, Tensor]:
+        self.step_module.train()
+        warmup = int(self.opts["warmup_steps"])
+        lr = float(self.options["lr"]) * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        z0 = self.latents(batch)
+        with self._autocast():
+            loss, logs = self.model(z0, batch)
+        self.check_finite("the diffusion loss", loss, logs)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.options.get("grad_clip"):
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                self.optimizer.param_groups[0]["params"], float(self.options["grad_clip"])
+            )
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.trainable)
+        logs["lr"] = torch.tensor(lr)
+        return logs
+
+    # -- evaluation and images ------------------------------------------------------------
+    def _sampling_weights(self):
+        use_ema = self.ema is not None and bool(self.opts["ema"]["use_for_sampling"])
+        return self.ema.applied_to(self.trainable) if use_ema else _nullcontext(self.trainable)
+
+    @torch.no_grad()
+    def validate(self, batches: list[Mapping[str, Any]]) -> dict[str, float]:
+        """Denoising loss on fixed validation batches with fixed t and noise."""
+        gen = torch.Generator().manual_seed(1234)
+        total, count = 0.0, 0
+        self.step_module.eval()
+        for batch in batches:
+            z0 = self.latents(batch)
+            t = torch.randint(0, self.pipeline.schedule.timesteps, (z0.shape[0],), generator=gen).to(self.device)
+            noise = torch.randn(z0.shape, generator=gen).to(self.device)
+            cond = self.pipeline.conditioner(batch)
+            loss, _ = self.step_module.objective(self.pipeline.denoiser, z0, cond, t=t, noise=noise)
+            total += float(loss) * z0.shape[0]
+            count += z0.shape[0]
+        return {"loss": total / max(count, 1)}
+
+    @torch.no_grad()
+    def save_images(self, batch: Mapping[str, Any], path: Path) -> Tensor | None:
+        from torchvision.utils import make_grid, save_image
+
+        from ldmkit.io import atomic_path
+        from ldmkit.pipeline import image_grid_rows
+
+        n = int(self.opts["sample_count"])
+        keys = self.pipeline.conditioner.input_keys
+        cond_batch = None
+        if keys:
+            cond_batch = {k: _take(batch[k], n) for k in keys if k in batch}
+            n = len(next(iter(cond_batch.values())))
+        image_size = batch["image"].shape[-1] if "image" in batch else self.cfg.get("image_size")
+        self.step_module.eval()
+        with self._sampling_weights():
+            images = self.pipeline.sample(
+                cond_batch, num_samples=None if cond_batch else n, steps=int(self.opts["sample_steps"]),
+                guidance_scale=float(self.opts["guidance_scale"]) if cond_batch else 1.0,
+                seed=int(self.cfg.get("seed", 0)), image_size=int(image_size),
+            )
+        grid = make_grid(to_unit(images).cpu(), nrow=image_grid_rows(n), padding=2)
+        with atomic_path(path) as tmp:
+            save_image(grid, tmp, format="png")
+        return grid
+
+    def save_checkpoint(self):
+        checkpoint = super().save_checkpoint()
+        if self.is_main:
+            self.export_pipeline()
+        return checkpoint
+
+    def export_pipeline(self) -> Path:
+        """``<run_dir>/pipeline/``: a :class:`Pipeline` folder (EMA weights by default)
+        that ``ldmkit sample --checkpoint`` and ``Pipeline.load`` read."""
+        with self._sampling_weights():
+            return self.pipeline.save(self.run_dir / "pipeline")
+
+
+class _nullcontext:
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __enter__(self) -> Any:
+        return self.value
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _take(values: Any, n: int) -> Any:
+    return values[:n]
+
+
+def train_ldm(cfg: Any, *, data: Any = None) -> Path:
+    return LDMTrainer(cfg, data=data).fit()
+
+
+__all__ = ["DiffusionStep", "LDMTrainer", "train_ldm"]

@@ -1,0 +1,82 @@
+"""Loading a component's weights from a checkpoint named in its config (``checkpoint:``).
+
+Accepted sources, all read without executing code:
+
+* a run folder of ``ldmkit train`` (its newest valid checkpoint) or one ``step_<N>/`` folder;
+* a folder written by :meth:`ldmkit.pipeline.Pipeline.save`;
+* a ``.safetensors`` file;
+* a foreign pickled checkpoint (``.ckpt``, ``.pt``, ``.pth``, ``.bin``), opened with
+  ``torch.load(weights_only=True)`` so that no pickled code runs; its ``state_dict`` entry
+  is used when present.
+
+Keys prefixed with the component's role (``first_stage.encoder...``, the layout of ldmkit's
+checkpoints) are selected and stripped; a file without such keys is taken whole.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class WeightsError(ValueError):
+    """Weights are missing, unreadable or do not fit the component."""
+
+
+def _model_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    if (path / "model.safetensors").is_file() and not (path / "checkpoints").is_dir():
+        return path / "model.safetensors"
+    from ldmkit.training.checkpoint import CheckpointError, resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(path).model_file
+    except (CheckpointError, FileNotFoundError) as err:
+        raise WeightsError(str(err)) from err
+
+
+def read_weights(source: str | os.PathLike) -> dict[str, Tensor]:
+    """All tensors of a checkpoint source (see the module docstring)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise WeightsError(f"checkpoint {path} does not exist")
+    file = _model_file(path)
+    if file.suffix in PICKLE_SUFFIXES:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - unpickling fails in many ways
+            raise WeightsError(
+                f"cannot read {file} as a weights-only checkpoint (pickled code is never run): {err}"
+            ) from err
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise WeightsError(f"{file} holds a {type(state).__name__}, not a state dict")
+        return {k: v for k, v in state.items() if isinstance(v, Tensor)}
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsError(f"cannot read checkpoint weights {file}: {err}") from err
+
+
+def load_component_weights(module: nn.Module, source: str | os.PathLike, role: str) -> None:
+    """Load ``source`` into ``module`` (strict); errors name the file and the component."""
+    weights = read_weights(source)
+    prefix = f"{role}."
+    selected = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    state = selected or weights
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise WeightsError(
+            f"the weights in {source} do not fit the {role} built from its config: {err}"
+        ) from err
