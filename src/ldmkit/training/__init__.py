@@ -3,6 +3,8 @@ resuming from the newest valid checkpoint there. See docs/training.md."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from ldmkit.training.engine import (
     Trainer,
     TrainingDivergedError,
     TrainingError,
+    distributed_info,
     resolve_device,
 )
 
@@ -38,18 +41,44 @@ __all__ = [
 
 
 def train(cfg: Any, *, data: DataFactory | None = None) -> Path:
-    """Train the stage ``cfg.stage`` (``autoencoder``: the first stage) and return the run
-    folder. ``data(split, epoch)`` may replace the configured dataset (tests, notebooks)."""
+    """Train the stage ``cfg.stage`` (``autoencoder``: the first stage, ``ldm``: the latent
+    diffusion model) and return the run folder. ``data(split, epoch)`` may replace the
+    configured dataset (tests, notebooks). Under ``torchrun`` (WORLD_SIZE > 1) the process
+    group is set up here (gloo on CPU, nccl on CUDA) and torn down afterwards."""
     stage = cfg.get("stage")
-    if stage == "autoencoder":
-        from ldmkit.training.autoencoder import train_autoencoder
+    if stage not in STAGES:
+        from ldmkit.config import ConfigError
 
-        return train_autoencoder(cfg, data=data)
-    if stage == "ldm":
-        raise NotImplementedError(
-            "stage=ldm (latent diffusion training) is not implemented yet; "
-            "stage=autoencoder trains the first stage"
-        )
-    from ldmkit.config import ConfigError
+        raise ConfigError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    with distributed_process_group():
+        if stage == "autoencoder":
+            from ldmkit.training.autoencoder import train_autoencoder
 
-    raise ConfigError(f"unknown stage {stage!r}; expected one of {STAGES}")
+            if distributed_info()[1] > 1:
+                raise TrainingError(
+                    "stage=autoencoder does not run distributed yet; start it without torchrun"
+                )
+            return train_autoencoder(cfg, data=data)
+        from ldmkit.training.ldm import train_ldm
+
+        return train_ldm(cfg, data=data)
+
+
+@contextlib.contextmanager
+def distributed_process_group():
+    """Initialize torch.distributed from torchrun's environment, if it asks for it."""
+    import torch
+    import torch.distributed as dist
+
+    wanted = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not wanted or dist.is_initialized():
+        yield
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -63,9 +64,21 @@ class TrainingDivergedError(TrainingError, FloatingPointError):
     """A loss became NaN or infinite; the last good checkpoint is untouched."""
 
 
+def distributed_info() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialized process group, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def resolve_device(name: str | None) -> torch.device:
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            # under torchrun each process takes the GPU of its local rank
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError as err:
@@ -138,6 +151,8 @@ class Trainer(abc.ABC):
         self.cfg = cfg
         self.options = trainer_options(cfg)
         self.run_dir = Path(cfg.get("run_dir") or f"runs/{self.stage}")
+        self.rank, self.world_size = distributed_info()
+        self.is_main = self.rank == 0  # only rank 0 writes checkpoints, logs and images
         self.device = resolve_device(self.options["device"])
         self.data = data
         self.step = 0
@@ -233,8 +248,22 @@ class Trainer(abc.ABC):
                 f"({parts}); stopped without saving, {where}. Lower trainer.lr or check the data."
             )
 
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
     # -- checkpoints ----------------------------------------------------------------------
-    def save_checkpoint(self) -> Checkpoint:
+    def save_checkpoint(self) -> Checkpoint | None:
+        if not self.is_main:
+            self.barrier()
+            return None
+        checkpoint = self._write_checkpoint()
+        self.barrier()
+        return checkpoint
+
+    def _write_checkpoint(self) -> Checkpoint:
         state = {
             "stage": self.stage,
             "step": self.step,
@@ -310,7 +339,9 @@ class Trainer(abc.ABC):
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints", keep_last=int(self.options["keep_checkpoints"])
         )
-        self.checkpoints.remove_incomplete()
+        if self.is_main:
+            self.checkpoints.remove_incomplete()
+        self.barrier()
         latest = self.checkpoints.latest()
         if latest is not None:
             if not self.options["resume"]:
@@ -320,8 +351,9 @@ class Trainer(abc.ABC):
                 )
             self._check_same_config(latest)
             self.load_checkpoint(latest)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
 
         max_steps = int(self.options["max_steps"])
         max_seconds = (
@@ -331,11 +363,11 @@ class Trainer(abc.ABC):
         logger = RunLogger(
             self.run_dir, resume_step=self.step if latest is not None else None,
             tensorboard=bool(self.options["tensorboard"]),
-        )
+        ) if self.is_main else _SilentLogger()
         self.logger = logger
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=max_steps, initial=self.step, disable=not self.options["progress"],
+        bar = tqdm(total=max_steps, initial=self.step, disable=not (self.options["progress"] and self.is_main),
                    desc=f"train {self.stage}", dynamic_ncols=True)
         last_saved = latest.step if latest is not None else -1
         start_step = self.step
@@ -378,6 +410,8 @@ class Trainer(abc.ABC):
         return {"train_minutes": self.train_seconds / 60.0, "epoch": float(self.epoch)}
 
     def _validate(self, logger: RunLogger) -> None:
+        if not self.is_main:
+            return
         with preserved_rng():
             batches = self.validation_batches()
             values = self.validate(batches) if batches else {}
@@ -385,6 +419,8 @@ class Trainer(abc.ABC):
             logger.log(self.step, self._timing() | {f"val/{k}": v for k, v in values.items()})
 
     def _images(self, batch: Mapping[str, Any] | None) -> None:
+        if not self.is_main:
+            return
         with preserved_rng():
             val = self.validation_batches()
             source = val[0] if val else batch
@@ -394,3 +430,16 @@ class Trainer(abc.ABC):
             grid = self.save_images(source, path)
         if grid is not None:
             self.logger.log_image(f"{self.stage}/images", grid, self.step)
+
+
+class _SilentLogger:
+    """The logger of ranks other than 0: they log nothing."""
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
+        return {k: to_float(v) for k, v in metrics.items()}
+
+    def log_image(self, tag: str, image: Tensor, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
