@@ -10,6 +10,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -225,13 +226,31 @@ class Trainer(abc.ABC):
         if self._val_batches is None:
             batches = []
             limit = int(self.options["val_batches"])
-            if limit > 0:
+            if limit > 0 and self._has_split(str(self.options["val_split"])):
                 for batch in self.make_loader(str(self.options["val_split"]), 0):
                     batches.append(batch)
                     if len(batches) >= limit:
                         break
             self._val_batches = batches
         return self._val_batches
+
+    def _has_split(self, split: str) -> bool:
+        """Whether the configured dataset has ``split``; warns once when it does not, so a
+        run on data without a held-out split trains on instead of failing at validation."""
+        if self.data is not None:
+            return True
+        from ldmkit.data.loading import data_config, load_manifest
+
+        _, manifest = load_manifest(data_config(self.cfg.data))
+        if split in manifest.splits:
+            return True
+        warnings.warn(
+            f"trainer.val_split={split!r} is not in data={self._data_label()} (it has "
+            f"{', '.join(sorted(manifest.splits))}); validation is skipped and grids use training batches. "
+            f"Prepare the data with val_fraction=... or set trainer.val_split",
+            stacklevel=2,
+        )
+        return False
 
     def _data_label(self) -> str:
         data = self.cfg.get("data")
@@ -371,6 +390,7 @@ class Trainer(abc.ABC):
                    desc=f"train {self.stage}", dynamic_ncols=True)
         last_saved = latest.step if latest is not None else -1
         start_step = self.step
+        batch = None
         try:
             batches = self._train_batches()
             while self.step < max_steps and self.train_seconds < max_seconds:
@@ -396,7 +416,7 @@ class Trainer(abc.ABC):
                 if not (every["val_every"] and self.step % every["val_every"] == 0):
                     self._validate(logger)
                 if not (every["sample_every"] and self.step % every["sample_every"] == 0):
-                    self._images(None)
+                    self._images(batch)
         except KeyboardInterrupt:
             if self.step != last_saved and self.step > 0:
                 self.save_checkpoint()  # Ctrl-C keeps the progress made
