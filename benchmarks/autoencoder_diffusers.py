@@ -114,6 +114,7 @@ def main() -> None:
         "device": "cpu", "processor": platform.processor() or platform.machine(), "repeats": args.repeats,
     }
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(json.dumps(meta))
 

@@ -146,6 +146,8 @@ def create_component(registry: Registry, kind: str, node: Any, label: str | None
         raise ConfigError(f"{label or kind}: {err}") from err
     except TypeError as err:
         raise ConfigError(f"{label or kind}: {err}") from err
+    except ValueError as err:  # a constructor rejecting an option's value
+        raise ConfigError(f"{label or kind}: cannot build {kind} {name!r}: {err}") from err
     if not isinstance(obj, INTERFACES[kind]):
         entry = registry.get(kind, name)
         raise ConfigError(

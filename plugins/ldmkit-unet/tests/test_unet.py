@@ -79,25 +79,28 @@ def test_plugin_registers_unet_and_configs():
     assert any(r.endswith("ldmkit_unet/conf") for r in roots)
 
 
-def test_tiny_config_composes_and_runs_fast():
+@pytest.mark.parametrize("role", ["crossattn", "vector"])
+def test_tiny_config_composes_and_runs_fast(role):
     from ldmkit import compose
     from ldmkit.config import compose_config
 
-    cfg = compose_config(["denoiser=unet_tiny", "conditioner=class_label"])
-    assert cfg.denoiser.context_dim == "auto"
-    pipe = compose(["denoiser=unet_tiny", "conditioner=class_label"])
+    overrides = ["denoiser=unet_tiny", "conditioner=class_label", f"conditioner.role={role}"]
+    assert compose_config(overrides).denoiser.context_dim == "auto"
+    pipe = compose(overrides)
     unet = pipe.denoiser
     assert isinstance(unet, UNetModel)
-    assert unet.context_dim == pipe.conditioner.crossattn_dim
+    assert (unet.context_dim, unet.vector_dim) == (pipe.conditioner.crossattn_dim, pipe.conditioner.vector_dim)
     z = torch.randn(2, unet.in_channels, 16, 16)
     cond = pipe.conditioner({"label": [1, 2]})
+    timings = []
     with torch.no_grad():
         unet(z, torch.tensor([1, 2]), cond)  # warm-up
-        start = time.perf_counter()
-        out = unet(z, torch.tensor([10, 900]), cond)
-        elapsed = time.perf_counter() - start
+        for _ in range(3):  # best of three: a shared CI machine may stall one run
+            start = time.perf_counter()
+            out = unet(z, torch.tensor([10, 900]), cond)
+            timings.append(time.perf_counter() - start)
     assert out.shape == z.shape
-    assert elapsed < 1.0, f"unet_tiny forward took {elapsed:.2f} s"
+    assert min(timings) < 1.0, f"unet_tiny forward took {min(timings):.2f} s"
 
 
 # -- conditioning paths ---------------------------------------------------------------------
