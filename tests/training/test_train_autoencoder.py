@@ -82,8 +82,6 @@ def test_bad_data_and_stage_are_named(tiny_cfg, image_data):
         train(tiny_cfg(), data=image_data(channels=1))
     with pytest.raises(TrainingError, match="no trainable parameters"):
         train(tiny_cfg("first_stage=identity", run="identity"), data=image_data())
-    with pytest.raises(NotImplementedError, match="stage=ldm"):
-        train(tiny_cfg("stage=ldm"))
     with pytest.raises(ConfigError, match="unknown stage 'gan'"):
         train(tiny_cfg("stage=gan"))
 

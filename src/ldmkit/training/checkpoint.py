@@ -146,9 +146,14 @@ class CheckpointManager:
         return Checkpoint(step, final)
 
     def prune(self) -> None:
-        """Keep the newest ``keep_last`` checkpoints."""
+        """Keep the newest ``keep_last`` checkpoints.
+
+        A folder is first renamed to a temporary name (atomically), then deleted: a kill
+        during the deletion leaves a temporary folder, never a half-deleted checkpoint."""
         for checkpoint in self.list()[: -self.keep_last]:
-            shutil.rmtree(checkpoint.path, ignore_errors=True)
+            doomed = self.directory / f"{_TMP_PREFIX}pruned-{checkpoint.path.name}-{os.getpid()}"
+            os.replace(checkpoint.path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
     def remove_incomplete(self) -> list[Path]:
         """Delete temporary folders a killed run left behind."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch.nn.functional as F
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
