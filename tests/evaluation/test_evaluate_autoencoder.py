@@ -36,8 +36,10 @@ def trained_run(tmp_path):
     _, data = _data()
     cfg = compose_config(["stage=autoencoder", "first_stage=kl_tiny", "first_stage.encode_mode=mode",
                           "trainer=autoencoder_tiny", "trainer.max_steps=10", "trainer.tensorboard=false",
-                          f"run_dir={tmp_path / 'run'}"])
-    return train(cfg, data=data)
+                          "trainer.num_threads=1", f"run_dir={tmp_path / 'run'}"])
+    threads = torch.get_num_threads()
+    yield train(cfg, data=data)
+    torch.set_num_threads(threads)
 
 
 def _classifier(path: Path) -> Path:

@@ -21,13 +21,19 @@ def _image_data(n: int = 24, batch_size: int = 4, channels: int = 3, size: int =
 
 @pytest.fixture
 def tiny_cfg(tmp_path):
+    # one thread: tiny models gain nothing from more, and a busy 2-core machine makes
+    # OpenMP threads spin; the trainer sets it process-wide, so restore it afterwards
+    threads = torch.get_num_threads()
+
     def make(*overrides, run="run"):
         return compose_config([
             "stage=autoencoder", "first_stage=kl_tiny", "trainer=autoencoder_tiny",
-            f"run_dir={tmp_path / run}", "trainer.tensorboard=false", *overrides,
+            f"run_dir={tmp_path / run}", "trainer.tensorboard=false", "trainer.num_threads=1",
+            *overrides,
         ])
 
-    return make
+    yield make
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -41,6 +41,7 @@ def test_sigkill_then_restart_resumes(tmp_path):
         # a checkpoint every step: the kill very likely lands inside a checkpoint write
         "trainer.checkpoint_every=1", "trainer.keep_checkpoints=2", "trainer.log_every=1",
         "trainer.val_every=0", "trainer.sample_every=0", "trainer.tensorboard=false",
+        "trainer.num_threads=1",
     ]
     manager = CheckpointManager(run / "checkpoints")
     proc = subprocess.Popen([*args, "trainer.max_steps=100000"], cwd=tmp_path,

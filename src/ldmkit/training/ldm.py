@@ -130,6 +130,8 @@ class LDMTrainer(Trainer):
                 find_unused_parameters=bool(self.opts["ddp_find_unused_parameters"]),
             )
         self.cache = None
+        if self.opts["latent_cache"] and self.data is None:
+            self.cache = self._load_cache()  # before the clock starts: not training time
 
     # -- state ---------------------------------------------------------------------------
     def model_modules(self) -> dict[str, nn.Module]:
