@@ -62,6 +62,10 @@ def line_chart(
         color = PALETTE[i % len(PALETTE)]
         if len(values) > 1:
             d.line([xy(x, y) for x, y in values], fill=color, width=2)
+        if len(values) <= 40:  # sparse series (validation points) also get markers
+            for x, y in values:
+                px, py = xy(x, y)
+                d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
         d.text((width - 260, top + 10 + 16 * i), label, fill=color)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)

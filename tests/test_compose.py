@@ -189,7 +189,7 @@ def test_pickled_checkpoint_code_is_not_executed(toy, tmp_path):
 
     class Evil:
         def __reduce__(self):
-            return (exec, ("open(%r, 'w').write('pwned')" % str(tmp_path / "pwned"),))
+            return (exec, (f"open({str(tmp_path / 'pwned')!r}, 'w').write('pwned')",))
 
     with open(tmp_path / "evil.ckpt", "wb") as f:
         pickle.dump({"state_dict": Evil()}, f)

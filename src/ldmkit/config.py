@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ldmkit.errors import LdmkitError
 from ldmkit.plugins import get_plugin_manager
 from ldmkit.registry import Registry
 
@@ -17,7 +18,7 @@ COMPONENT_GROUPS = ("first_stage", "denoiser", "conditioner", "sampler")
 AUTO = "auto"
 
 
-class ConfigError(ValueError):
+class ConfigError(LdmkitError, ValueError):
     """A config does not compose, names something unknown, or its parts do not fit."""
 
 

@@ -24,13 +24,14 @@ from typing import Any
 import pluggy
 
 from ldmkit import hookspecs
+from ldmkit.errors import LdmkitError
 from ldmkit.registry import HOOK_KINDS, Registry
 
 ENTRY_POINT_GROUP = "ldmkit"
 _TRUE = {"1", "true", "yes", "on"}
 
 
-class PluginError(RuntimeError):
+class PluginError(LdmkitError, RuntimeError):
     """A plugin could not be loaded or is invalid."""
 
 

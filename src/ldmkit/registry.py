@@ -6,6 +6,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ldmkit.errors import LdmkitError
+
 KINDS = ("first_stage", "denoiser", "conditioner", "sampler")
 
 # hook name -> component kind
@@ -17,7 +19,7 @@ HOOK_KINDS = {
 }
 
 
-class RegistryError(LookupError):
+class RegistryError(LdmkitError, LookupError):
     """A name is unknown, or registered twice."""
 
 

@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ldmkit.errors import LdmkitError
+
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-class WeightsError(ValueError):
+class WeightsError(LdmkitError, ValueError):
     """Weights are missing, unreadable or do not fit the component."""
 
 

@@ -9,9 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ldmkit.config import ConfigError
-from ldmkit.plugins import PluginError
-from ldmkit.registry import RegistryError
+from ldmkit.errors import LdmkitError
 
 
 class CLIError(RuntimeError):
@@ -34,7 +32,7 @@ def _compose(overrides: Sequence[str], print_config: bool):
 
     try:
         cfg = compose_config(overrides)
-    except (ConfigError, PluginError, RegistryError) as err:
+    except LdmkitError as err:
         raise CLIError(str(err)) from err
     if print_config:
         print(OmegaConf.to_yaml(cfg))
@@ -59,7 +57,7 @@ def _run_stage(argv: Sequence[str], prog: str, description: str, module: str, fu
     runner = getattr(_optional_module(module, f"{prog} (stage={cfg.get('stage')})"), function)
     try:
         return runner(cfg)
-    except (ConfigError, PluginError, RegistryError, FileNotFoundError) as err:
+    except (LdmkitError, FileNotFoundError) as err:
         raise CLIError(str(err)) from err
 
 
@@ -118,7 +116,7 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
                 "ldmkit sample: no --checkpoint given, sampling from untrained weights",
                 file=sys.stderr,
             )
-    except (ConfigError, PluginError, RegistryError, FileNotFoundError, ValueError) as err:
+    except (LdmkitError, FileNotFoundError, ValueError) as err:
         raise CLIError(str(err)) from err
     pipeline.eval()
 
@@ -161,7 +159,7 @@ def plugins(argv: Sequence[str], *, prog: str, description: str) -> int:
 
     try:
         rows = get_plugin_manager().plugin_report()
-    except (PluginError, RegistryError) as err:
+    except LdmkitError as err:
         raise CLIError(str(err)) from err
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ldmkit.errors import LdmkitError
 
-class DataError(RuntimeError):
+
+class DataError(LdmkitError, RuntimeError):
     """Data cannot be used: no valid sample, a broken manifest, bad options."""
 
 

@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ldmkit.errors import LdmkitError
+
 VGG16_FILE = "vgg16-397923af.pth"
 TRUNKS = ("pretrained", "random")
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(LdmkitError, FileNotFoundError):
     """Pretrained weights that ldmkit needs are not on disk (it never downloads them)."""
 
 

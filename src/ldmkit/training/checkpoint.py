@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ldmkit.errors import LdmkitError
 from ldmkit.io import _fsync_dir
 
 MODEL_FILE = "model.safetensors"
@@ -42,7 +43,7 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(LdmkitError, RuntimeError):
     """A checkpoint is missing, incomplete or unreadable."""
 
 

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from ldmkit.errors import LdmkitError
 from ldmkit.io import atomic_write_text
 from ldmkit.training.checkpoint import (
     Checkpoint,
@@ -57,7 +58,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
-class TrainingError(RuntimeError):
+class TrainingError(LdmkitError, RuntimeError):
     """Training cannot start or continue (the run folder is left as it was)."""
 
 
