@@ -49,10 +49,13 @@ class Source(ABC):
             )
         self.config = {**self.options, **options}
 
+    # set by sources with class labels (sub-folder names, categories)
+    _classes: Sequence[str] = ()
+
     @property
-    @abstractmethod
     def splits(self) -> list[str]:
-        """The splits the source has by nature (e.g. train and test)."""
+        """The splits the source has by nature (e.g. train and test); one by default."""
+        return ["train"]
 
     @abstractmethod
     def items(self, split: str) -> Sequence[Any]:
@@ -64,7 +67,7 @@ class Source(ABC):
 
     @property
     def classes(self) -> list[str]:
-        return []
+        return list(self._classes)
 
     @property
     def segmentation_classes(self) -> list[str]:

@@ -63,14 +63,6 @@ class ImageFolder(Source):
             }
         )
 
-    @property
-    def splits(self) -> list[str]:
-        return ["train"]
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self._classes)
-
     def items(self, split: str) -> Sequence[Any]:
         return list(self.paths)
 

@@ -64,14 +64,6 @@ class TuxPaint(Source):
         parts = path.relative_to(self.root).parts
         return parts[0] if len(parts) > 1 else "uncategorized"
 
-    @property
-    def splits(self) -> list[str]:
-        return ["train"]
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self._classes)
-
     def items(self, split: str) -> Sequence[Any]:
         return list(self._paths)
 
