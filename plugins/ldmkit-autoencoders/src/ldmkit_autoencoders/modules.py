@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ldmkit.nn.attention import attention
+
 
 def normalize(channels: int, groups: int) -> nn.GroupNorm:
     if channels % groups:
@@ -63,7 +65,9 @@ class AttnBlock(nn.Module):
         weight = torch.cat([self.q.weight, self.k.weight, self.v.weight]).flatten(1)
         bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
         q, k, v = (t.unsqueeze(1).contiguous() for t in F.linear(tokens, weight, bias).chunk(3, dim=-1))
-        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)
+        # through ldmkit's backend choice (attention.backend): `chunked` caps the memory of
+        # the decoder's full-resolution attention on large latents
+        h = attention(q, k, v).squeeze(1)
         h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)
         # a view with channels-last strides: the layout the convolutions run in (see Encoder)
         return x + rearrange(h, "b (h w) c -> b c h w", h=height, w=width)
