@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from ldmkit_unet import UNetModel
 
 # UNet hyperparameters in the reference code's (CompVis) spelling

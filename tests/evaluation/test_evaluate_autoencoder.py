@@ -56,7 +56,7 @@ def test_report_has_metrics_and_is_written(trained_run, tmp_path, empty_hub):
     images, data = _data()
     classifier = _classifier(tmp_path / "clf.safetensors")
     cfg = compose_config(["stage=autoencoder", f"run_dir={trained_run}",
-                          f"+eval.feature_checkpoint={classifier}"])
+                          f"eval.feature_checkpoint={classifier}"])
     report = evaluate(cfg, data=data)
     assert report["step"] == 10 and report["num_images"] == 24 and report["split"] == "test"
     # PSNR recomputed from the checkpoint directly
@@ -76,15 +76,15 @@ def test_report_has_metrics_and_is_written(trained_run, tmp_path, empty_hub):
 def test_missing_feature_weights(trained_run, tmp_path, empty_hub):
     _, data = _data()
     cfg = compose_config(["stage=autoencoder", f"run_dir={trained_run}",
-                          f"+eval.feature_checkpoint={tmp_path / 'none.safetensors'}",
-                          f"+eval.output={tmp_path / 'r.json'}"])
+                          f"eval.feature_checkpoint={tmp_path / 'none.safetensors'}",
+                          f"eval.output={tmp_path / 'r.json'}"])
     report = evaluate(cfg, data=data)  # auto: skipped, with the reason
     assert report["frechet_distance"] is None
     assert INCEPTION_FILE in report["skipped"]["frechet_distance"]
     assert "none.safetensors" in report["skipped"]["frechet_distance"]
     with pytest.raises(MissingWeightsError, match=INCEPTION_FILE):
         build_feature_extractor("inception")
-    strict = compose_config(["stage=autoencoder", f"run_dir={trained_run}", "+eval.lpips=true"])
+    strict = compose_config(["stage=autoencoder", f"run_dir={trained_run}", "eval.lpips=true"])
     with pytest.raises(MissingWeightsError, match="eval.lpips=false"):
         evaluate(strict, data=data)
     with pytest.raises(ValueError, match="unknown eval option"):

@@ -81,9 +81,8 @@ def test_scale_by_std_is_set_once_and_restored(tmp_path):
 
 
 def test_condition_dropout():
-    from ldmkit_conditioners import ClassLabelConditioner
-
     from ldmkit.training.ldm import DiffusionStep
+    from ldmkit_conditioners import ClassLabelConditioner
 
     conditioner = ClassLabelConditioner(num_classes=3, embed_dim=4)
     batch = {"label": torch.tensor([0, 1, 2, 0])}

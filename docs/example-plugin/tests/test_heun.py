@@ -1,8 +1,7 @@
 """The plugin's tests reuse ldmkit's conformance suite for samplers."""
 
-from ldmkit_heun import HeunSampler
-
 from ldmkit.testing import SamplerConformance
+from ldmkit_heun import HeunSampler
 
 
 class TestHeun(SamplerConformance):

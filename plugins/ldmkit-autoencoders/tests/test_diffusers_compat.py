@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from ldmkit_autoencoders.kl import KLAutoencoder
 from ldmkit_autoencoders.vq import VQAutoencoder
 

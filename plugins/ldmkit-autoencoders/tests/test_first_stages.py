@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from ldmkit_autoencoders.identity import IdentityFirstStage
-from ldmkit_autoencoders.kl import KLAutoencoder
-from ldmkit_autoencoders.vq import VQAutoencoder
 
 from ldmkit.interfaces import FirstStage
 from ldmkit.plugins import get_plugin_manager, get_registry
 from ldmkit.testing import FirstStageConformance
+from ldmkit_autoencoders.identity import IdentityFirstStage
+from ldmkit_autoencoders.kl import KLAutoencoder
+from ldmkit_autoencoders.vq import VQAutoencoder
 
 CONF = Path(__file__).resolve().parents[1] / "src" / "ldmkit_autoencoders" / "conf" / "first_stage"
 TINY = dict(ch=8, num_res_blocks=1, norm_groups=4, resolution=32)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.distributions import Normal, kl_divergence
+
 from ldmkit_autoencoders.kl import DiagonalGaussianRegularizer, KLAutoencoder, gaussian_kl
 from ldmkit_autoencoders.vq import VectorQuantizer, VQAutoencoder
-from torch.distributions import Normal, kl_divergence
 
 TINY = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4, resolution=32)
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
-from ldmkit_conditioners import ClassLabelConditioner, NullConditioner
 
 from ldmkit.testing import ConditionerConformance
+from ldmkit_conditioners import ClassLabelConditioner, NullConditioner
 
 
 class TestClassLabelCrossAttention(ConditionerConformance):

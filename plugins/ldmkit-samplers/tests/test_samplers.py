@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
-from ldmkit_samplers import DDIMSampler, DDPMSampler
 
 from ldmkit.diffusion import NoiseSchedule
 from ldmkit.testing import SamplerConformance
 from ldmkit.testing.conformance import gaussian_denoiser
+from ldmkit_samplers import DDIMSampler, DDPMSampler
 
 
 class TestDDIM(SamplerConformance):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from ldmkit_unet import UNetModel
 
 HERE = Path(__file__).parent

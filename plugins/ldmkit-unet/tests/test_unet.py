@@ -8,11 +8,11 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from ldmkit_unet import UNetModel
-from ldmkit_unet.blocks import AttentionBlock, ResBlock
 
 from ldmkit.nn import timestep_embedding
 from ldmkit.testing import DenoiserConformance
+from ldmkit_unet import UNetModel
+from ldmkit_unet.blocks import AttentionBlock, ResBlock
 
 TINY = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
             num_head_channels=16)
