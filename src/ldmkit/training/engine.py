@@ -387,7 +387,9 @@ class Trainer(abc.ABC):
         self.logger = logger
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=max_steps, initial=self.step, disable=not (self.options["progress"] and self.is_main),
+        # a time-limited run ends long before a placeholder max_steps: no misleading ETA
+        time_bound = max_seconds < math.inf and max_steps >= 10**6
+        bar = tqdm(total=None if time_bound else max_steps, initial=self.step, disable=not (self.options["progress"] and self.is_main),
                    desc=f"train {self.stage}", dynamic_ncols=True)
         last_saved = latest.step if latest is not None else -1
         start_step = self.step
