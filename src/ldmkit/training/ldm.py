@@ -10,6 +10,7 @@ trainable part runs in DistributedDataParallel; only rank 0 writes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import warnings
@@ -203,7 +204,7 @@ class LDMTrainer(Trainer):
             if self.world_size > 1:  # every rank uses rank 0's value
                 torch.distributed.broadcast(factor, src=0)
             self.pipeline.scale_factor.fill_(float(factor))
-            self.logger.log(self.step, {"train/scale_factor": float(factor)}) if self.is_main else None
+            self.logger.log(self.step, {"train/scale_factor": float(factor)})  # rank 0's logger writes
         self.scale_set.fill_(True)  # resumed runs restored it from the checkpoint
 
     def _autocast(self):
@@ -236,7 +237,7 @@ class LDMTrainer(Trainer):
     # -- evaluation and images ------------------------------------------------------------
     def _sampling_weights(self):
         use_ema = self.ema is not None and bool(self.opts["ema"]["use_for_sampling"])
-        return self.ema.applied_to(self.trainable) if use_ema else _nullcontext(self.trainable)
+        return self.ema.applied_to(self.trainable) if use_ema else contextlib.nullcontext(self.trainable)
 
     @torch.no_grad()
     def validate(self, batches: list[Mapping[str, Any]]) -> dict[str, float]:
@@ -265,7 +266,7 @@ class LDMTrainer(Trainer):
         keys = self.pipeline.conditioner.input_keys
         cond_batch = None
         if keys:
-            cond_batch = {k: _take(batch[k], n) for k in keys if k in batch}
+            cond_batch = {k: batch[k][:n] for k in keys if k in batch}
             n = len(next(iter(cond_batch.values())))
         image_size = batch["image"].shape[-1] if "image" in batch else self.cfg.get("image_size")
         self.step_module.eval()
@@ -291,21 +292,6 @@ class LDMTrainer(Trainer):
         that ``ldmkit sample --checkpoint`` and ``Pipeline.load`` read."""
         with self._sampling_weights():
             return self.pipeline.save(self.run_dir / "pipeline")
-
-
-class _nullcontext:
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def __enter__(self) -> Any:
-        return self.value
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def _take(values: Any, n: int) -> Any:
-    return values[:n]
 
 
 def train_ldm(cfg: Any, *, data: Any = None) -> Path:
