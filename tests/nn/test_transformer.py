@@ -9,13 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from ldmkit.nn import GEGLU, BasicTransformerBlock, CrossAttention, SpatialTransformer
+from ldmkit.testing import perturb_parameters
 
 
 def perturb(module, std=0.1, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * std)
+    perturb_parameters(module, std=std, seed=seed)
 
 
 def test_geglu_is_value_times_gelu_of_gate():

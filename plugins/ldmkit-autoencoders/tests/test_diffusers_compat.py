@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ldmkit.testing import perturb_parameters
 from ldmkit_autoencoders.kl import KLAutoencoder
 from ldmkit_autoencoders.vq import VQAutoencoder
 
@@ -18,10 +19,7 @@ ARCH = dict(latent_channels=3, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_
 
 
 def _perturbed(model):
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    perturb_parameters(model, std=0.05, seed=1)
     return model.eval()
 
 

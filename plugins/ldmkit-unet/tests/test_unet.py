@@ -11,19 +11,12 @@ import torch.nn.functional as F
 
 from ldmkit.nn import timestep_embedding
 from ldmkit.testing import DenoiserConformance
+from ldmkit.testing import perturb_parameters as perturb
 from ldmkit_unet import UNetModel
 from ldmkit_unet.blocks import AttentionBlock, ResBlock
 
 TINY = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
             num_head_channels=16)
-
-
-def perturb(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
-    """Noise on every parameter, so zero-initialised output layers don't hide paths."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * std)
 
 
 # -- the Denoiser contract, for each way of conditioning --------------------------------------

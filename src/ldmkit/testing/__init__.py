@@ -13,6 +13,7 @@ from ldmkit.testing.conformance import (
     DenoiserConformance,
     FirstStageConformance,
     SamplerConformance,
+    perturb_parameters,
     point_mass_denoiser,
 )
 from ldmkit.testing.plugins import temporary_plugin
@@ -22,6 +23,7 @@ __all__ = [
     "DenoiserConformance",
     "FirstStageConformance",
     "SamplerConformance",
+    "perturb_parameters",
     "point_mass_denoiser",
     "temporary_plugin",
 ]

@@ -33,8 +33,8 @@ from ldmkit.interfaces import (
 )
 
 
-def _perturb_parameters(module: torch.nn.Module, std: float = 0.05, seed: int = 0) -> None:
-    """Add noise to every parameter: zero-initialized output layers (as in the paper's
+def perturb_parameters(module: torch.nn.Module, std: float = 0.05, seed: int = 0) -> None:
+    """Add N(0, std^2) noise to every parameter (in place): zero-initialized output layers (as in the paper's
     UNet) would otherwise hide whether the output depends on the inputs at all."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -146,7 +146,7 @@ class DenoiserConformance:
 
     def test_depends_on_timestep(self):
         d = self.make_denoiser().eval()
-        _perturb_parameters(d)
+        perturb_parameters(d)
         z, t, cond = self._inputs(d)
         with torch.no_grad():
             a = d(z, torch.zeros_like(t), cond)
@@ -158,7 +158,7 @@ class DenoiserConformance:
         z, t, cond = self._inputs(d)
         if not cond:
             pytest.skip("the denoiser takes no condition")
-        _perturb_parameters(d)
+        perturb_parameters(d)
         other = self.make_condition(d, self.batch_size, seed=1)
         with torch.no_grad():
             for key in cond:
@@ -167,7 +167,7 @@ class DenoiserConformance:
 
     def test_samples_are_independent(self):
         d = self.make_denoiser().eval()
-        _perturb_parameters(d)
+        perturb_parameters(d)
         z, t, cond = self._inputs(d)
         z2 = z.clone()
         z2[1:] = torch.randn_like(z2[1:])
