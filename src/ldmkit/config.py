@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldmkit.errors import LdmkitError
 from ldmkit.plugins import get_plugin_manager
@@ -82,23 +82,10 @@ def compose_config(overrides: Sequence[str] = (), *, config_name: str = "config"
         k: v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items()
         if not k.startswith("hydra/")
     }
-    with _open(cfg):
+    with open_dict(cfg):
         del cfg["hydra"]
         cfg.choices = choices
     return cfg
-
-
-class _open:
-    def __init__(self, cfg: DictConfig) -> None:
-        self.cfg = cfg
-
-    def __enter__(self) -> DictConfig:
-        self.flag = OmegaConf.is_struct(self.cfg)
-        OmegaConf.set_struct(self.cfg, False)
-        return self.cfg
-
-    def __exit__(self, *exc: Any) -> None:
-        OmegaConf.set_struct(self.cfg, self.flag)
 
 
 def _explain_compose_error(err: Exception) -> str:
@@ -235,7 +222,7 @@ def build_pipeline(cfg: DictConfig):
     conditioner = create_component(registry, "conditioner", cfg.conditioner, _choice(cfg, "conditioner"))
     conditioner.bind_first_stage(first_stage)
     denoiser_node = resolve_denoiser_dims(cfg, first_stage, conditioner)
-    with _open(cfg):
+    with open_dict(cfg):
         cfg.denoiser = denoiser_node  # the resolved numbers are what a checkpoint records
     denoiser = create_component(registry, "denoiser", denoiser_node, _choice(cfg, "denoiser"))
     check_parts_fit(cfg, first_stage, denoiser, conditioner)
