@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from ldmkit.interfaces import Callback, DenoiseFn
+
+# (z_t, eps_hat, x0_hat, alpha_bar_t, alpha_bar_prev, t_prev) -> z_prev
+Step = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int], Tensor]
 
 
 def fresh_noise(like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -51,3 +57,31 @@ def paste_known(
         t = torch.full((z.shape[0],), t_prev, device=z.device, dtype=torch.long)
         noisy_known = schedule.q_sample(known, t, fresh_noise(z, generator))
     return mask * z + (1 - mask) * noisy_known
+
+
+def run_chain(
+    step: Step,
+    denoise: DenoiseFn,
+    schedule: Any,
+    noise: Tensor,
+    steps: int,
+    *,
+    generator: torch.Generator | None,
+    callback: Callback | None,
+    mask: Tensor | None,
+    known: Tensor | None,
+) -> Tensor:
+    """The loop the samplers here share: from T-1 down to 0, predict eps and x0, let
+    ``step`` move z to the previous timestep, keep the known region, report progress."""
+    check_mask(mask, known, noise)
+    z = noise
+    for i, (t, t_prev) in enumerate(step_pairs(schedule, steps)):
+        tt = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
+        eps = denoise(z, tt)
+        x0 = schedule.predict_x0(z, tt, eps)
+        a, a_prev = schedule.alpha_bar_at(t, z), schedule.alpha_bar_at(t_prev, z)
+        z = step(z, eps, x0, a, a_prev, t_prev)
+        z = paste_known(z, t_prev, schedule, mask, known, generator)
+        if callback is not None:
+            callback({"i": i, "t": t, "z": z, "x0": x0})
+    return z

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ldmkit.interfaces import Callback, DenoiseFn, Sampler
-from ldmkit_samplers.common import check_mask, fresh_noise, paste_known, step_pairs
+from ldmkit_samplers.common import fresh_noise, run_chain
 
 
 class DDIMSampler(Sampler):
@@ -39,21 +39,15 @@ class DDIMSampler(Sampler):
         mask: Tensor | None = None,
         known: Tensor | None = None,
     ) -> Tensor:
-        check_mask(mask, known, noise)
-        z = noise
-        for i, (t, t_prev) in enumerate(step_pairs(schedule, steps or self.steps)):
-            tt = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
-            eps = denoise(z, tt)
-            x0 = schedule.predict_x0(z, tt, eps)
-            a, a_prev = schedule.alpha_bar_at(t, z), schedule.alpha_bar_at(t_prev, z)
+        def step(z, eps, x0, a, a_prev, t_prev):
             sigma = self.eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp(min=0).sqrt()
             z = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
             if self.eta > 0 and t_prev >= 0:
                 z = z + sigma * fresh_noise(z, generator)
-            z = paste_known(z, t_prev, schedule, mask, known, generator)
-            if callback is not None:
-                callback({"i": i, "t": t, "z": z, "x0": x0})
-        return z
+            return z
+
+        return run_chain(step, denoise, schedule, noise, steps or self.steps, generator=generator,
+                         callback=callback, mask=mask, known=known)
 
     def __repr__(self) -> str:
         return f"DDIMSampler(steps={self.steps}, eta={self.eta})"

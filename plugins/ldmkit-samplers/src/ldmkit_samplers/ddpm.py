@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ldmkit.interfaces import Callback, DenoiseFn, Sampler
-from ldmkit_samplers.common import check_mask, fresh_noise, paste_known, step_pairs
+from ldmkit_samplers.common import fresh_noise, run_chain
 
 
 class DDPMSampler(Sampler):
@@ -40,20 +40,13 @@ class DDPMSampler(Sampler):
         mask: Tensor | None = None,
         known: Tensor | None = None,
     ) -> Tensor:
-        check_mask(mask, known, noise)
-        z = noise
-        for i, (t, t_prev) in enumerate(step_pairs(schedule, steps or self.steps)):
-            tt = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
-            x0 = schedule.predict_x0(z, tt, denoise(z, tt))
-            a, a_prev = schedule.alpha_bar_at(t, z), schedule.alpha_bar_at(t_prev, z)
+        def step(z, eps, x0, a, a_prev, t_prev):
             beta = 1 - a / a_prev
             mean = (a_prev.sqrt() * beta / (1 - a)) * x0 + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a)) * z
-            if t_prev >= 0:
-                variance = beta * (1 - a_prev) / (1 - a)
-                z = mean + variance.sqrt() * fresh_noise(z, generator)
-            else:
-                z = mean
-            z = paste_known(z, t_prev, schedule, mask, known, generator)
-            if callback is not None:
-                callback({"i": i, "t": t, "z": z, "x0": x0})
-        return z
+            if t_prev < 0:
+                return mean
+            variance = beta * (1 - a_prev) / (1 - a)
+            return mean + variance.sqrt() * fresh_noise(z, generator)
+
+        return run_chain(step, denoise, schedule, noise, steps or self.steps, generator=generator,
+                         callback=callback, mask=mask, known=known)
