@@ -81,7 +81,7 @@ class Pipeline(nn.Module):
                     f"num_samples={num_samples} but the batch holds {n} conditions (key {keys[0]!r})"
                 )
             return n
-        missing = [k for k in self.conditioner.input_keys]
+        missing = list(self.conditioner.input_keys)
         if missing:
             raise ValueError(
                 f"the conditioner {type(self.conditioner).__name__} needs batch keys {missing}; "

@@ -53,10 +53,8 @@ class DiffusionStep(nn.Module):
         self.cond_drop_prob = cond_drop_prob
 
     def condition(self, batch: Mapping[str, Any], n: int, generator: torch.Generator | None) -> dict[str, Tensor]:
-        if not self.conditioner.input_keys:
-            return self.conditioner(batch)
         cond = self.conditioner(batch)
-        if not cond or self.cond_drop_prob <= 0:
+        if not cond or not self.conditioner.input_keys or self.cond_drop_prob <= 0:
             return cond
         uncond = self.conditioner.unconditional(batch)
         drop = torch.rand(n, generator=generator) < self.cond_drop_prob
