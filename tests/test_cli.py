@@ -41,7 +41,8 @@ def test_plugins_json_lists_first_party_plugins():
     assert samplers["version"] == "0.1.0"
     assert samplers["registers"]["sampler"] == ["ddim", "ddpm"]
     assert samplers["config_groups"]["sampler"] == ["ddim", "ddpm"]
-    assert rows["ldmkit-conditioners"]["registers"]["conditioner"] == ["class_label", "none"]
+    assert rows["ldmkit-conditioners"]["registers"]["conditioner"] == [
+        "class_label", "inpaint", "low_res", "multi", "none", "semantic_map"]
 
 
 def test_plugins_table_matches_json():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ldmkit
+from ldmkit.interfaces import MissingConditionError
 from ldmkit.config import ConfigError, compose_config
 from ldmkit.pipeline import Pipeline
 
@@ -102,7 +103,7 @@ def test_sample_shapes_and_seed(toy):
 
 def test_sample_errors_name_the_problem(toy):
     pipe = ldmkit.compose(overrides=toy)
-    with pytest.raises(ValueError, match=r"needs batch keys \['label'\]"):
+    with pytest.raises(MissingConditionError, match=r"conditioner ToyConditioner reads batch key 'label'"):
         pipe.sample(num_samples=2)
     with pytest.raises(ValueError, match="num_samples=3 but the batch holds 2"):
         pipe.sample({"label": [0, 1]}, num_samples=3)

@@ -126,8 +126,10 @@ def create_component(registry: Registry, kind: str, node: Any, label: str | None
     from ldmkit.interfaces import INTERFACES
 
     name, kwargs = component_kwargs(node, kind)
-    # every component config may name weights to load after construction
+    # every component config may name weights to load after construction, and every
+    # conditioner config its classifier-free-guidance dropout rate
     checkpoint = kwargs.pop("checkpoint", None)
+    drop_rate = kwargs.pop("drop_rate", None) if kind == "conditioner" else None
     try:
         obj = registry.create(kind, name, **kwargs)
     except LookupError as err:
@@ -142,6 +144,10 @@ def create_component(registry: Registry, kind: str, node: Any, label: str | None
             f"{kind} {name!r} from {entry.provider} built a {type(obj).__name__}, "
             f"which is not an ldmkit.interfaces.{INTERFACES[kind].__name__}"
         )
+    if drop_rate is not None:
+        if not isinstance(drop_rate, int | float) or not 0.0 <= drop_rate <= 1.0:
+            raise ConfigError(f"{label or kind}: conditioner.drop_rate must be in [0, 1], got {drop_rate!r}")
+        obj.drop_rate = float(drop_rate)
     if checkpoint is not None and not _on_meta_device(obj):
         from ldmkit.weights import WeightsError, load_component_weights
 

@@ -72,22 +72,39 @@ class Pipeline(nn.Module):
 
         return model
 
-    def _batch_size(self, batch: Mapping[str, Any] | None, num_samples: int | None) -> int:
-        if batch:
-            keys = [k for k in self.conditioner.input_keys if k in batch] or list(batch)
-            n = len(batch[keys[0]])
-            if num_samples is not None and num_samples != n:
-                raise ValueError(
-                    f"num_samples={num_samples} but the batch holds {n} conditions (key {keys[0]!r})"
-                )
-            return n
-        missing = list(self.conditioner.input_keys)
-        if missing:
+    def _batch_size(self, batch: Mapping[str, Any], num_samples: int | None) -> int:
+        keys = self.conditioner.input_keys
+        for key in keys:
+            self.conditioner.read(batch, key)  # a missing key names the conditioner and the key
+        if not keys:
+            return 1 if num_samples is None else num_samples
+        sizes = {key: len(batch[key]) for key in keys}
+        n = sizes[keys[0]]
+        if any(size != n for size in sizes.values()):
+            raise ValueError(f"the condition inputs hold different numbers of samples: {sizes}")
+        if num_samples is not None and num_samples != n:
+            raise ValueError(f"num_samples={num_samples} but the batch holds {n} conditions (key {keys[0]!r})")
+        return n
+
+    def _latent_size(self, image_size: int | tuple[int, int] | None, cond: Mapping[str, Tensor]) -> tuple[int, int]:
+        """The latent grid: from ``image_size`` (else the pipeline's), or from a ``concat``
+        condition's grid when no size is given (a 2x semantic map samples at 2x)."""
+        f = self.first_stage.downsample_factor
+        concat = cond.get("concat")
+        if image_size is None and concat is not None:
+            return tuple(concat.shape[-2:])
+        size = image_size or self.image_size
+        if size is None:
+            raise ValueError("image_size is unknown: pass image_size= or set it in the config")
+        h, w = (size, size) if isinstance(size, int) else size
+        grid = tuple(self.first_stage.latent_shape(h, w)[1:])
+        if concat is not None and tuple(concat.shape[-2:]) != grid:
             raise ValueError(
-                f"the conditioner {type(self.conditioner).__name__} needs batch keys {missing}; "
-                f"pass them to sample(batch={{...}})"
+                f"image_size {h}x{w} makes a {grid[0]}x{grid[1]} latent (f={f}), but the conditioner's "
+                f"concat condition is {concat.shape[-2]}x{concat.shape[-1]}: give inputs of size "
+                f"{h}x{w} or leave image_size out to follow them"
             )
-        return 1 if num_samples is None else num_samples
+        return grid
 
     @torch.no_grad()
     def sample(
@@ -108,26 +125,26 @@ class Pipeline(nn.Module):
     ) -> Tensor:
         """Sample images in [-1, 1] (B×C×H×W); ``return_latents`` gives z_0 instead.
 
-        :param batch: the conditioner's inputs (e.g. ``{"label": [3, 7]}``); None for an
-            unconditional model.
+        :param batch: the conditioner's inputs, keyed as its ``input_keys`` (e.g.
+            ``{"label": [3, 7]}``, ``{"caption": ["a red apple"]}``,
+            ``{"segmentation": ids}``); None for an unconditional model.
         :param guidance_scale: classifier-free guidance scale (1 = no guidance).
         :param seed: seeds a fresh CPU generator for the starting noise (and the sampler).
+        :param image_size: the output size; by default the pipeline's, or, for spatial
+            conditions (``concat``), the size their inputs give.
         """
+        batch = dict(batch or {})
         n = self._batch_size(batch, num_samples)
         device = self.scale_factor.device
-        size = image_size or self.image_size
-        if size is None and noise is None:
-            raise ValueError("image_size is unknown: pass image_size= or set it in the config")
+        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        cond = self.conditioner(batch) if self.conditioner.input_keys else {}
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(seed)
         if noise is None:
-            h, w = (size, size) if isinstance(size, int) else size
-            shape = (n, *self.first_stage.latent_shape(h, w))
+            shape = (n, self.first_stage.latent_channels, *self._latent_size(image_size, cond))
             noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
         if mask is not None and not self.sampler.supports_mask:
             raise ValueError(f"sampler {type(self.sampler).__name__} does not support inpainting masks")
-        batch = dict(batch or {})
-        cond = self.conditioner(batch) if batch else {}
         if guidance_scale != 1.0 and cond:
             uncond = self.conditioner.unconditional(batch)
             denoise = ClassifierFreeGuidance(self.eps_model(), cond, uncond, guidance_scale)

@@ -80,17 +80,25 @@ def test_scale_by_std_is_set_once_and_restored(tmp_path):
     assert float(pipe.scale_factor) == pytest.approx(1 / first.std().item(), rel=1e-5)
 
 
-def test_condition_dropout():
-    from ldmkit.training.ldm import DiffusionStep
+def test_condition_dropout_is_the_conditioners():
+    """The trainer's step drops conditions at the conditioner's drop_rate, to exactly its
+    unconditional output, per sample."""
     from ldmkit_conditioners import ClassLabelConditioner
 
     conditioner = ClassLabelConditioner(num_classes=3, embed_dim=4)
     batch = {"label": torch.tensor([0, 1, 2, 0])}
-    always = DiffusionStep(None, conditioner, None, cond_drop_prob=1.0).condition(batch, 4, None)
-    never = DiffusionStep(None, conditioner, None, cond_drop_prob=0.0).condition(batch, 4, None)
-    torch.testing.assert_close(always["crossattn"], conditioner.unconditional(batch)["crossattn"])
-    torch.testing.assert_close(never["crossattn"], conditioner(batch)["crossattn"])
-    half = DiffusionStep(None, conditioner, None, cond_drop_prob=0.5).condition(
-        {"label": torch.zeros(2000, dtype=torch.long)}, 2000, torch.Generator().manual_seed(0))
+    conditioner.drop_rate = 1.0
+    torch.testing.assert_close(conditioner.condition(batch)["crossattn"], conditioner.unconditional(batch)["crossattn"])
+    conditioner.drop_rate = 0.0
+    torch.testing.assert_close(conditioner.condition(batch)["crossattn"], conditioner(batch)["crossattn"])
+    conditioner.drop_rate = 0.5
+    half = conditioner.condition({"label": torch.zeros(2000, dtype=torch.long)}, generator=torch.Generator().manual_seed(0))
     dropped = (half["crossattn"][:, 0] == conditioner.embedding.weight[3]).all(-1).float().mean()
     assert 0.45 < float(dropped) < 0.55
+
+
+def test_trainer_cond_drop_prob_names_its_new_home(tmp_path):
+    from ldmkit.training.engine import TrainingError
+
+    with pytest.raises(TrainingError, match=r"conditioner\.drop_rate"):
+        train(tiny_cfg(tmp_path, "+trainer.cond_drop_prob=0.2"), data=make_data())

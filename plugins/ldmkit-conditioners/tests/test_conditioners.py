@@ -47,7 +47,7 @@ def test_bad_labels_and_options_are_named():
     c = ClassLabelConditioner(num_classes=3, embed_dim=4)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 3\); got min 0, max 3"):
         c({"label": [0, 3]})
-    with pytest.raises(KeyError, match=r"reads batch\['label'\].*\['caption'\]"):
+    with pytest.raises(KeyError, match=r"ClassLabelConditioner reads batch key 'label'.*\['caption'\]"):
         c({"caption": ["a"]})
     with pytest.raises(ValueError, match="unknown role 'concat'"):
         ClassLabelConditioner(role="concat")

@@ -84,10 +84,16 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     p = _parser(prog, description)
     p.add_argument("--checkpoint", type=Path, help="a checkpoint folder written by Pipeline.save")
     p.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG grid to write")
-    p.add_argument("--num-samples", type=int, default=16)
-    p.add_argument("--labels", type=str, help="comma-separated class labels (class conditioners)")
-    p.add_argument("--prompt", action="append", help="a caption (text conditioners); repeatable")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="images to sample (unconditional: default 16; with one condition: repeats it)")
+    p.add_argument("--cond", action="append", default=[], metavar="KEY=VALUE",
+                   help="a condition input the conditioner reads, e.g. label=3,5 | caption='a red apple' | "
+                        "segmentation=map.png | lowres=small.png | image=photo.png | mask=mask.png; repeatable")
+    p.add_argument("--labels", type=str, help="shorthand for --cond label=LABELS")
+    p.add_argument("--prompt", action="append", help="shorthand for --cond caption=PROMPT; repeatable")
     p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="output size (default: the pipeline's, or the size of spatial condition inputs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--no-progress", action="store_true")
@@ -100,6 +106,7 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     from torchvision.utils import save_image
     from tqdm.auto import tqdm
 
+    from ldmkit.cli.conditions import parse_conditions, repeat_to
     from ldmkit.config import build_pipeline, create_component
     from ldmkit.pipeline import Pipeline, image_grid_rows
     from ldmkit.plugins import get_registry
@@ -120,31 +127,44 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
         raise CLIError(str(err)) from err
     pipeline.eval()
 
-    batch: dict = {}
-    if args.labels:
-        batch["label"] = torch.tensor([int(x) for x in args.labels.split(",")])
-    if args.prompt:
-        batch["caption"] = list(args.prompt)
-    if batch:
-        n = len(next(iter(batch.values())))
+    conditioner = pipeline.conditioner
+    kinds = {key: conditioner.input_kind(key) for key in conditioner.input_keys}
+
+    def key_of(kind: str, default: str) -> str:  # the shorthands go to the first key of their kind
+        return next((k for k, v in kinds.items() if v == kind), default)
+
+    items = list(args.cond) + ([f"{key_of('class', 'label')}={args.labels}"] if args.labels else [])
+    items += [f"{key_of('text', 'caption')}={p}" for p in args.prompt or []]
+    try:
+        batch = parse_conditions(items, kinds, image_channels=pipeline.first_stage.image_channels)
+    except LdmkitError as err:
+        raise CLIError(str(err)) from err
+    num_samples = args.num_samples
+    if conditioner.input_keys:
+        if num_samples is not None and all(len(batch.get(k, ())) == 1 for k in conditioner.input_keys):
+            batch = repeat_to(batch, conditioner.input_keys, num_samples)
         num_samples = None
-    else:
-        n, num_samples = args.num_samples, args.num_samples
+    elif num_samples is None:
+        num_samples = 16
 
     steps = getattr(pipeline.sampler, "steps", None)
     bar = tqdm(total=steps, desc="sampling", disable=args.no_progress, file=sys.stderr)
     try:
         images = pipeline.sample(
-            batch or None,
+            batch,
             num_samples=num_samples,
             guidance_scale=args.guidance_scale,
             seed=args.seed,
+            image_size=args.image_size,
             callback=lambda info: bar.update(1),
         )
-    except ValueError as err:
-        raise CLIError(str(err)) from err
+    except (LdmkitError, ValueError) as err:
+        sources = batch.get("__source__") or {}
+        where = "; ".join(f"--cond {k}={v}" for k, v in sources.items())
+        raise CLIError(f"{err}" + (f" (inputs: {where})" if where else "")) from err
     finally:
         bar.close()
+    n = images.shape[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_image((images + 1) / 2, args.out, nrow=image_grid_rows(n))
     print(f"wrote {n} samples to {args.out}")

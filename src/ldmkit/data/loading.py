@@ -199,15 +199,22 @@ def _open_png(data: bytes) -> Image.Image:
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    batch: dict[str, Any] = {
-        "image": torch.stack([s["image"] for s in samples]),
-        "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
-        "__key__": [s["__key__"] for s in samples],
-    }
-    if "caption" in samples[0]:
-        batch["caption"] = [s["caption"] for s in samples]
-    if "segmentation" in samples[0]:
-        batch["segmentation"] = torch.stack([s["segmentation"] for s in samples])
+    """Per-sample dicts -> one batch, whatever the keys: tensors are stacked, numbers become
+    a tensor (int64 / float32), everything else (captions, ``__key__``) a list. Which keys a
+    model reads is its conditioner's business (``Conditioner.input_keys``), not the loader's."""
+    batch: dict[str, Any] = {}
+    for key, first in samples[0].items():
+        values = [s[key] for s in samples]
+        if key.startswith("__"):
+            batch[key] = values
+        elif isinstance(first, torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif isinstance(first, bool | int):
+            batch[key] = torch.tensor(values, dtype=torch.long)
+        elif isinstance(first, float):
+            batch[key] = torch.tensor(values, dtype=torch.float32)
+        else:
+            batch[key] = values
     return batch
 
 

@@ -1,6 +1,11 @@
 """The four interfaces every ldmkit component implements."""
 
-from ldmkit.interfaces.conditioner import CONDITION_ROLES, Conditioner
+from ldmkit.interfaces.conditioner import (
+    CONDITION_ROLES,
+    INPUT_KINDS,
+    Conditioner,
+    MissingConditionError,
+)
 from ldmkit.interfaces.denoiser import PREDICTIONS, Denoiser
 from ldmkit.interfaces.first_stage import FirstStage
 from ldmkit.interfaces.sampler import Callback, DenoiseFn, Sampler
@@ -14,7 +19,9 @@ INTERFACES = {
 
 __all__ = [
     "CONDITION_ROLES",
+    "INPUT_KINDS",
     "INTERFACES",
+    "MissingConditionError",
     "PREDICTIONS",
     "Callback",
     "Conditioner",

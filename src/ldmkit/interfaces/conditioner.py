@@ -12,6 +12,22 @@ It declares the dims of what it returns (``crossattn_dim``, ``concat_channels``,
 Denoiser before anything runs. ``unconditional(batch)`` returns the null condition
 with the same shapes, used by classifier-free guidance.
 
+The batch keys a conditioner reads are its own business: ``input_keys`` names them and
+``input_kinds`` says what each holds (``class``, ``text``, ``image``, ``segmentation``,
+``mask``), so that the data loader, the latent cache, ``Pipeline.sample`` and
+``ldmkit sample --cond key=value`` pass them through without a key list in the core.
+Read them with ``self.read(batch, key)``: a missing key is a :class:`MissingConditionError`
+naming the conditioner and the key.
+
+Training adds two things on top of ``forward``:
+
+* ``training_inputs(batch, generator)`` derives inputs that training data lacks but
+  sampling users supply (a random inpainting mask, a degraded low-resolution image);
+  ``data_keys`` names what it needs from the data (default: ``input_keys``).
+* ``condition(batch, generator=)`` is ``forward`` with classifier-free-guidance dropout:
+  each sample's condition is replaced by the null one with probability ``drop_rate``
+  (every conditioner config may set ``drop_rate``; composition applies it).
+
 A complete minimal plugin (a learned embedding per class, as cross-attention tokens)::
 
     import torch
@@ -52,20 +68,34 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ldmkit.errors import LdmkitError
+
 CONDITION_ROLES = ("crossattn", "concat", "vector")
+INPUT_KINDS = ("class", "text", "image", "segmentation", "mask")
+
+
+class MissingConditionError(LdmkitError, KeyError):
+    """A batch lacks a key a conditioner reads (the message names both)."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0]) if self.args else ""
 
 
 class Conditioner(nn.Module, abc.ABC):
     """tau_theta: batch -> ``{"crossattn": B×M×d, "concat": B×C×h×w, "vector": B×d}``.
 
     Set the dims of the roles you return in ``__init__``; leave the others None.
-    ``input_keys`` names the batch keys the conditioner reads.
+    ``input_keys`` names the batch keys the conditioner reads, ``input_kinds`` what
+    each one holds (a kind from ``INPUT_KINDS``; keys left out are treated as ``class``).
     """
 
     input_keys: tuple[str, ...] = ()
+    input_kinds: Mapping[str, str] = {}
     crossattn_dim: int | None = None
     concat_channels: int | None = None
     vector_dim: int | None = None
+    #: probability, per sample, that training replaces the condition by the null one
+    drop_rate: float = 0.0
 
     @abc.abstractmethod
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -94,3 +124,54 @@ class Conditioner(nn.Module, abc.ABC):
         Conditioners that encode images into latents (inpainting's masked image)
         keep a reference here; the default ignores it.
         """
+
+    # -- batch keys ----------------------------------------------------------------------
+    def input_kind(self, key: str) -> str:
+        """What ``batch[key]`` holds: one of ``INPUT_KINDS``."""
+        return self.input_kinds.get(key, "class")
+
+    @property
+    def data_keys(self) -> tuple[str, ...]:
+        """The keys training reads from the data (cached by the latent cache)."""
+        return tuple(self.input_keys)
+
+    def read(self, batch: Mapping[str, Any], key: str) -> Any:
+        """``batch[key]``, or a :class:`MissingConditionError` naming this conditioner."""
+        try:
+            return batch[key]
+        except KeyError:
+            raise MissingConditionError(
+                f"conditioner {type(self).__name__} reads batch key {key!r}, but the batch has "
+                f"keys {sorted(k for k in batch if not str(k).startswith('__'))}"
+            ) from None
+
+    # -- training --------------------------------------------------------------------------
+    def training_inputs(
+        self, batch: Mapping[str, Any], generator: torch.Generator | None = None
+    ) -> Mapping[str, Any]:
+        """Add the inputs training data lacks (e.g. a random mask); default: ``batch``.
+
+        Return a new mapping rather than changing ``batch``; draw randomness from
+        ``generator`` (None: the global RNG).
+        """
+        return batch
+
+    def condition(
+        self, batch: Mapping[str, Any], *, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """``forward`` with per-sample dropout to ``unconditional`` at ``drop_rate``."""
+        cond = self(batch)
+        if self.drop_rate <= 0 or not cond:
+            return cond
+        n = next(iter(cond.values())).shape[0]
+        drop = torch.rand(n, generator=generator) < self.drop_rate
+        return substitute(cond, self.unconditional(batch), drop)
+
+
+def substitute(cond: Mapping[str, Tensor], uncond: Mapping[str, Tensor], drop: Tensor) -> dict[str, Tensor]:
+    """Per sample, ``uncond`` where ``drop`` (a B bool tensor) is true, ``cond`` elsewhere."""
+    out = {}
+    for role, value in cond.items():
+        mask = drop.to(value.device).reshape(-1, *([1] * (value.ndim - 1)))
+        out[role] = torch.where(mask, uncond[role].to(value.dtype), value)
+    return out

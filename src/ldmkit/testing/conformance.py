@@ -25,10 +25,12 @@ from torch import Tensor
 from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.interfaces import (
     CONDITION_ROLES,
+    INPUT_KINDS,
     PREDICTIONS,
     Conditioner,
     Denoiser,
     FirstStage,
+    MissingConditionError,
     Sampler,
 )
 
@@ -198,6 +200,7 @@ class ConditionerConformance:
         raise NotImplementedError("implement make_conditioner() in your test class")
 
     def make_batch(self, n: int) -> dict[str, Any]:
+        """The conditioner's inputs for ``n`` samples; samples 0 and 1 must differ."""
         raise NotImplementedError("implement make_batch(n) in your test class")
 
     def _check_shapes(self, c: Conditioner, out: Mapping[str, Tensor], n: int) -> None:
@@ -232,6 +235,74 @@ class ConditionerConformance:
         assert set(cond) == set(uncond)
         for role in cond:
             assert cond[role].shape == uncond[role].shape, role
+
+    def test_input_kinds_are_known(self):
+        c = self.make_conditioner()
+        for key in c.input_keys:
+            assert c.input_kind(key) in INPUT_KINDS, f"{key}: unknown kind {c.input_kind(key)!r}"
+        assert set(c.input_kinds) <= set(c.input_keys), "input_kinds names keys the conditioner does not read"
+
+    def _eval(self) -> Conditioner:
+        return self.make_conditioner().eval()  # no dropout layers in comparisons
+
+    def test_output_depends_on_the_input(self):
+        """Samples 0 and 1 of ``make_batch`` differ in their inputs (make it so), so a
+        conditioner that ignores its input fails here."""
+        c = self._eval()
+        if not c.input_keys:
+            pytest.skip("the conditioner reads no input")
+        with torch.no_grad():
+            out = c(self.make_batch(self.batch_size))
+        assert any(not torch.equal(v[0], v[1]) for v in out.values()), (
+            "samples 0 and 1 have different inputs but the same condition: the input is ignored"
+        )
+
+    def test_null_condition_differs_from_every_real_one(self):
+        c = self._eval()
+        if not c.input_keys:
+            pytest.skip("the conditioner reads no input")
+        batch = self.make_batch(self.batch_size)
+        with torch.no_grad():
+            cond, uncond = c(batch), c.unconditional(batch)
+        for i in range(self.batch_size):
+            assert any(not torch.equal(cond[r][i], uncond[r][i]) for r in cond), (
+                f"sample {i}: the null condition equals the real one, guidance would do nothing"
+            )
+
+    def test_dropout_substitutes_exactly_the_null_condition_per_sample(self):
+        c = self._eval()
+        if not c.input_keys:
+            pytest.skip("the conditioner reads no input")
+        batch = self.make_batch(self.batch_size)
+        with torch.no_grad():
+            cond, uncond = c(batch), c.unconditional(batch)
+            c.drop_rate = 1.0
+            dropped = c.condition(batch, generator=torch.Generator().manual_seed(0))
+            c.drop_rate = 0.0
+            kept = c.condition(batch, generator=torch.Generator().manual_seed(0))
+        for role in cond:
+            torch.testing.assert_close(dropped[role], uncond[role], atol=0, rtol=0)
+            torch.testing.assert_close(kept[role], cond[role], atol=0, rtol=0)
+
+    def test_missing_key_names_the_conditioner_and_the_key(self):
+        c = self.make_conditioner()
+        for key in c.input_keys:
+            batch = {k: v for k, v in self.make_batch(self.batch_size).items() if k != key}
+            with pytest.raises(MissingConditionError, match=repr(key)):
+                c(batch)
+
+    def make_training_batch(self, n: int) -> dict[str, Any]:
+        """A batch as training data gives it (``data_keys``); default: ``make_batch``."""
+        return self.make_batch(n)
+
+    def test_training_inputs_leave_the_batch_alone(self):
+        c = self.make_conditioner()
+        batch = self.make_training_batch(self.batch_size)
+        before = dict(batch)
+        inputs = c.training_inputs(batch, torch.Generator().manual_seed(0))
+        assert dict(batch).keys() == before.keys() and all(batch[k] is before[k] for k in before)
+        missing = [k for k in c.input_keys if k not in inputs]
+        assert not missing, f"training data with only data_keys {c.data_keys} lacks input keys {missing}"
 
 
 # -- Sampler ------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 The first stage is frozen; the denoiser and the conditioner (tau_theta, trained jointly)
 minimize ``E ||target - f_theta(z_t, t, tau(y))||^2`` (:class:`DiffusionObjective`). The
-condition is dropped to the null condition with probability ``cond_drop_prob`` so the
-model also learns the unconditional score (classifier-free guidance, Ho & Salimans 2022).
+conditioner drops each sample's condition to the null condition with its configured
+``drop_rate`` (per part for ``conditioner=multi``) so the model also learns the
+unconditional score (classifier-free guidance, Ho & Salimans 2022).
 An EMA of the trainable weights is kept and used for sampling. Under ``torchrun`` the
 trainable part runs in DistributedDataParallel; only rank 0 writes.
 """
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from ldmkit.diffusion.objective import DiffusionObjective, scale_factor_from_latents
 from ldmkit.ema import EMA
+from ldmkit.interfaces import Conditioner
 from ldmkit.training.autoencoder import batch_images, to_unit
 from ldmkit.training.engine import TRAINER_DEFAULTS, Trainer, TrainingError
 
@@ -31,7 +33,6 @@ LDM_DEFAULTS: dict[str, Any] = {
     "betas": [0.9, 0.999],
     "weight_decay": 0.0,
     "warmup_steps": 0,
-    "cond_drop_prob": 0.1,
     "objective": {},
     "ema": {"enabled": True, "decay": 0.9999, "warmup": True, "use_for_sampling": True},
     "latent_cache": False,
@@ -46,26 +47,13 @@ LDM_DEFAULTS: dict[str, Any] = {
 class DiffusionStep(nn.Module):
     """The trainable part of one step, as one module so DDP can wrap it."""
 
-    def __init__(self, denoiser: nn.Module, conditioner: nn.Module, objective: DiffusionObjective,
-                 cond_drop_prob: float) -> None:
+    def __init__(self, denoiser: nn.Module, conditioner: Conditioner, objective: DiffusionObjective) -> None:
         super().__init__()
         self.denoiser, self.conditioner, self.objective = denoiser, conditioner, objective
-        self.cond_drop_prob = cond_drop_prob
-
-    def condition(self, batch: Mapping[str, Any], n: int, generator: torch.Generator | None) -> dict[str, Tensor]:
-        cond = self.conditioner(batch)
-        if not cond or not self.conditioner.input_keys or self.cond_drop_prob <= 0:
-            return cond
-        uncond = self.conditioner.unconditional(batch)
-        drop = torch.rand(n, generator=generator) < self.cond_drop_prob
-        out = {}
-        for role, value in cond.items():
-            mask = drop.to(value.device).reshape(-1, *([1] * (value.ndim - 1)))
-            out[role] = torch.where(mask, uncond[role].to(value.dtype), value)
-        return out
 
     def forward(self, z0: Tensor, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-        cond = self.condition(batch, z0.shape[0], None)
+        batch = self.conditioner.training_inputs(batch)
+        cond = self.conditioner.condition(batch)  # with the conditioner's guidance dropout
         return self.objective(self.denoiser, z0, cond)
 
 
@@ -83,6 +71,11 @@ class LDMTrainer(Trainer):
     def build(self) -> None:
         from ldmkit.config import build_pipeline
 
+        if self.options.get("cond_drop_prob") is not None:
+            raise TrainingError(
+                "trainer.cond_drop_prob moved to the conditioner: set conditioner.drop_rate "
+                "(per part for conditioner=multi) and remove trainer.cond_drop_prob"
+            )
         unknown = sorted(set(self.options) - set(TRAINER_DEFAULTS) - set(LDM_DEFAULTS))
         if unknown:
             warnings.warn(f"trainer option(s) {unknown} are not used by stage=ldm", stacklevel=2)
@@ -101,9 +94,7 @@ class LDMTrainer(Trainer):
         objective = DiffusionObjective(
             self.pipeline.schedule, prediction=self.pipeline.denoiser.prediction, **dict(self.opts["objective"] or {})
         )
-        self.step_module = DiffusionStep(
-            self.pipeline.denoiser, self.pipeline.conditioner, objective, float(self.opts["cond_drop_prob"])
-        ).to(self.device)
+        self.step_module = DiffusionStep(self.pipeline.denoiser, self.pipeline.conditioner, objective).to(self.device)
         params = [p for p in self.step_module.parameters() if p.requires_grad]
         if not params:
             raise TrainingError("stage=ldm has nothing to train: the denoiser has no trainable parameters")
@@ -164,6 +155,7 @@ class LDMTrainer(Trainer):
         parts = {
             "first_stage": OmegaConf.to_container(self.cfg.first_stage, resolve=True),
             "data": OmegaConf.to_container(self.cfg.data, resolve=True),
+            "keys": list(self.pipeline.conditioner.data_keys),
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -179,7 +171,8 @@ class LDMTrainer(Trainer):
                 rank=0, world_size=1, num_workers=int(self.options["num_workers"]),
                 resampled=False, shuffle=False,
             )
-            build_cache(directory, loader, self.pipeline.first_stage.encode, fingerprint=fingerprint,
+            build_cache(directory, loader, self.pipeline.first_stage.encode,
+                        keys=self.pipeline.conditioner.data_keys, fingerprint=fingerprint,
                         device=self.device, progress=bool(self.options["progress"]))
         self.barrier()
         return LatentCache(directory)
@@ -247,7 +240,7 @@ class LDMTrainer(Trainer):
             z0 = self.latents(batch)
             t = torch.randint(0, self.pipeline.schedule.timesteps, (z0.shape[0],), generator=gen).to(self.device)
             noise = torch.randn(z0.shape, generator=gen).to(self.device)
-            cond = self.pipeline.conditioner(batch)
+            cond = self.pipeline.conditioner(self.pipeline.conditioner.training_inputs(batch, gen))
             loss, _ = self.step_module.objective(self.pipeline.denoiser, z0, cond, t=t, noise=noise)
             total += float(loss) * z0.shape[0]
             count += z0.shape[0]
@@ -261,10 +254,11 @@ class LDMTrainer(Trainer):
         from ldmkit.pipeline import image_grid_rows
 
         n = int(self.opts["sample_count"])
-        keys = self.pipeline.conditioner.input_keys
+        conditioner = self.pipeline.conditioner
         cond_batch = None
-        if keys:
-            cond_batch = {k: batch[k][:n] for k in keys if k in batch}
+        if conditioner.input_keys:
+            inputs = conditioner.training_inputs(batch, torch.Generator().manual_seed(int(self.cfg.get("seed", 0))))
+            cond_batch = {k: inputs[k][:n] for k in conditioner.input_keys if k in inputs}
             n = len(next(iter(cond_batch.values())))
         image_size = batch["image"].shape[-1] if "image" in batch else self.cfg.get("image_size")
         self.step_module.eval()

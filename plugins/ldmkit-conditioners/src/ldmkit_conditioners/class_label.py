@@ -39,6 +39,7 @@ class ClassLabelConditioner(Conditioner):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes, self.role, self.input_key = num_classes, role, input_key
         self.input_keys = (input_key,)
+        self.input_kinds = {input_key: "class"}
         # follows .to(device) so that one-hot vectors land where the model is
         self.register_buffer("_anchor", torch.zeros(0), persistent=False)
         if role == "crossattn":
@@ -48,12 +49,7 @@ class ClassLabelConditioner(Conditioner):
             self.vector_dim = num_classes
 
     def _labels(self, batch: Mapping[str, Any]) -> Tensor:
-        if self.input_key not in batch:
-            raise KeyError(
-                f"class_label conditioner reads batch[{self.input_key!r}], but the batch has "
-                f"keys {sorted(batch)}"
-            )
-        labels = torch.as_tensor(batch[self.input_key], dtype=torch.long, device=self._device())
+        labels = torch.as_tensor(self.read(batch, self.input_key), dtype=torch.long, device=self._device())
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(
                 f"class labels must be in [0, {self.num_classes}); got min {int(labels.min())}, "

@@ -1,0 +1,97 @@
+"""Semantic-map conditioning (the paper's semantic synthesis, Sec. 4.3.2): a per-pixel
+class-id map, one-hot encoded and rescaled to the latent grid, concatenated to z_t."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from ldmkit.interfaces import Conditioner
+from ldmkit_conditioners.rescaler import (
+    ConditionValueError,
+    SpatialRescaler,
+    describe_sample,
+)
+
+
+class SemanticMapConditioner(Conditioner):
+    """``batch[input_key]`` (B×H×W or B×1×H×W integer ids in ``0..num_classes-1``)
+    -> one-hot (K channels) -> :class:`SpatialRescaler` (``n_stages`` halvings, optional
+    1×1 ``out_channels`` mapper) -> ``{"concat": B×C×H/2^n×W/2^n}``.
+
+    ``concat_channels = out_channels or num_classes``. ``n_stages`` must be log2 of the
+    first stage's f (the map has the image's size). The map's size sets the latent's: a
+    map twice the training size gives a concat twice as large, which is how the paper
+    samples larger images convolutionally (Sec. 4.3.2). The null condition is all zeros
+    ("no class anywhere"). Float maps are refused rather than rounded.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int = 8,
+        n_stages: int = 2,
+        out_channels: int | None = None,
+        method: str = "bilinear",
+        input_key: str = "segmentation",
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes, self.input_key = int(num_classes), input_key
+        self.input_keys = (input_key,)
+        self.input_kinds = {input_key: "segmentation"}
+        self.rescaler = SpatialRescaler(
+            n_stages=n_stages, method=method, in_channels=num_classes, out_channels=out_channels
+        )
+        self.concat_channels = self.rescaler.out_channels
+        # follows .to(device) when out_channels is None and there are no weights
+        self.register_buffer("_anchor", torch.zeros(0), persistent=False)
+        self._first_stage_f: int | None = None
+
+    def bind_first_stage(self, first_stage: nn.Module) -> None:
+        # checked when used, not here: composing this option with any first stage must work
+        self._first_stage_f = int(first_stage.downsample_factor)
+
+    def class_ids(self, batch: Mapping[str, Any]) -> Tensor:
+        """The map as B×H×W int64, checked against ``num_classes``."""
+        ids = torch.as_tensor(self.read(batch, self.input_key))
+        if ids.ndim == 4 and ids.shape[1] == 1:
+            ids = ids[:, 0]
+        if ids.ndim != 3:
+            raise ConditionValueError(
+                f"semantic_map: batch[{self.input_key!r}] must be B×H×W or B×1×H×W class ids, "
+                f"got shape {tuple(ids.shape)}"
+            )
+        if ids.is_floating_point() or ids.is_complex():
+            raise ConditionValueError(
+                f"semantic_map: batch[{self.input_key!r}] must hold integer class ids, got {ids.dtype}"
+            )
+        ids = ids.long()
+        bad = (ids < 0) | (ids >= self.num_classes)
+        if bad.any():
+            index = int(rearrange(bad, "b h w -> b (h w)").any(dim=1).nonzero()[0])
+            value = int(ids[index][bad[index]][0])
+            raise ConditionValueError(
+                f"semantic_map: class id {value} in batch[{self.input_key!r}] of "
+                f"{describe_sample(batch, self.input_key, index)} is outside 0..{self.num_classes - 1} "
+                f"(num_classes={self.num_classes})"
+            )
+        return ids
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        ids = self.class_ids(batch).to(self._anchor.device)
+        f, n = self._first_stage_f, self.rescaler.n_stages
+        if f is not None and 2**n != f:
+            raise ConditionValueError(
+                f"semantic_map: n_stages={n} shrinks the map by {2**n}, but the first stage has "
+                f"f={f}; set conditioner.n_stages={f.bit_length() - 1}"
+            )
+        one_hot = rearrange(F.one_hot(ids, self.num_classes), "b h w k -> b k h w")
+        # the anchor follows .to(dtype) too, so the one-hot matches the mapper's weights
+        return {"concat": self.rescaler(one_hot.to(self._anchor.dtype))}
