@@ -1,7 +1,8 @@
 """Every option of every config group composes, and every component option builds.
 
 Component options are instantiated for real when they are CPU-sized (name contains
-'tiny' or 'small', or the component is light) and on the meta device otherwise (the
+'tiny' or 'small', or the component is light and not named 'paper') and on the meta device
+otherwise (the
 paper-size models): either way the config's keys must match the constructor's arguments.
 """
 
@@ -47,7 +48,8 @@ def test_option_composes_and_builds(group, option):
     if group not in COMPONENT_GROUPS:
         assert cfg[group] is not None
         return
-    small = group not in HEAVY or "tiny" in option or "small" in option or option == "identity"
+    small = (group not in HEAVY and "paper" not in option) or "tiny" in option or "small" in option \
+        or option == "identity"
     if small:
         pipe = build_pipeline(cfg)
     else:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import ldmkit
-from ldmkit.interfaces import MissingConditionError
 from ldmkit.config import ConfigError, compose_config
+from ldmkit.interfaces import MissingConditionError
 from ldmkit.pipeline import Pipeline
 
 

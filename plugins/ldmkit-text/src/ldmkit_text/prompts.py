@@ -1,0 +1,64 @@
+"""What the text conditioners share: reading prompts from a batch, counting cut ones."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from ldmkit.errors import LdmkitError
+from ldmkit.interfaces import Conditioner
+
+__all__ = ["PromptTypeError", "TextConditioner"]
+
+
+class PromptTypeError(LdmkitError, TypeError):
+    """A text conditioner's batch key does not hold a list of strings."""
+
+
+class TextConditioner(Conditioner):
+    """A conditioner of one text key: ``batch[input_key]`` is a list of B prompts.
+
+    ``truncated_prompts`` counts the prompts cut to the token limit over this instance's
+    life; the first batch with cut prompts warns once, later ones are cut silently.
+    """
+
+    def __init__(self, *, input_key: str = "caption") -> None:
+        super().__init__()
+        self.input_key = input_key
+        self.input_keys = (input_key,)
+        self.input_kinds = {input_key: "text"}
+        self.truncated_prompts = 0
+        self._warned = False
+
+    def prompts(self, batch: Mapping[str, Any]) -> list[str]:
+        """``batch[input_key]`` as a list of strings (a lone string is an error: B would be ambiguous)."""
+        value = self.read(batch, self.input_key)
+        if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
+            raise PromptTypeError(
+                f"conditioner {type(self).__name__} reads batch[{self.input_key!r}] as a list of "
+                f"prompts, got {type(value).__name__} (wrap a single prompt: [{value!r}])"
+            )
+        prompts = list(value)
+        bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise PromptTypeError(
+                f"conditioner {type(self).__name__}: batch[{self.input_key!r}] must hold strings, "
+                f"found {sorted(set(bad))}"
+            )
+        return prompts
+
+    def note_truncated(self, count: int, limit: int) -> None:
+        """Record ``count`` prompts cut to ``limit`` tokens; warn the first time only."""
+        if count <= 0:
+            return
+        self.truncated_prompts += count
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"{type(self).__name__}: {count} prompt(s) in this batch exceed {limit} tokens and "
+                f"were truncated; further long prompts are truncated silently (the count is kept "
+                f"in .truncated_prompts)",
+                UserWarning,
+                stacklevel=3,
+            )
