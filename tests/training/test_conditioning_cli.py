@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -130,3 +131,11 @@ def test_text_to_image_trains_and_samples_from_prompts(tmp_path, conditioner):
                  "--guidance-scale", "3")
     assert out.returncode == 0, out.stderr[-3000:]
     assert Image.open(tmp_path / "t2i.png").size == (grid_size(2, 8), 2 + 8 + 2)
+    if conditioner == "frozen_text":  # trained through the real trainer, the encoder is untouched
+        from ldmkit.pipeline import Pipeline
+        from ldmkit_text import FrozenTextConditioner
+
+        trained = Pipeline.load(pipeline).conditioner.state_dict()
+        pristine = FrozenTextConditioner(max_length=8).state_dict()
+        assert trained.keys() == pristine.keys()
+        assert all(torch.equal(trained[k], pristine[k]) for k in pristine)
