@@ -242,40 +242,34 @@ class ConditionerConformance:
             assert c.input_kind(key) in INPUT_KINDS, f"{key}: unknown kind {c.input_kind(key)!r}"
         assert set(c.input_kinds) <= set(c.input_keys), "input_kinds names keys the conditioner does not read"
 
-    def _eval(self) -> Conditioner:
-        return self.make_conditioner().eval()  # no dropout layers in comparisons
-
-    def test_output_depends_on_the_input(self):
-        """Samples 0 and 1 of ``make_batch`` differ in their inputs (make it so), so a
-        conditioner that ignores its input fails here."""
-        c = self._eval()
-        if not c.input_keys:
-            pytest.skip("the conditioner reads no input")
-        with torch.no_grad():
-            out = c(self.make_batch(self.batch_size))
-        assert any(not torch.equal(v[0], v[1]) for v in out.values()), (
-            "samples 0 and 1 have different inputs but the same condition: the input is ignored"
-        )
-
-    def test_null_condition_differs_from_every_real_one(self):
-        c = self._eval()
+    def _conditioned(self) -> tuple[Conditioner, dict[str, Any], dict[str, Tensor], dict[str, Tensor]]:
+        """An eval-mode conditioner (no dropout layers), a batch, its condition and null
+        condition; skips conditioners that read no input."""
+        c = self.make_conditioner().eval()
         if not c.input_keys:
             pytest.skip("the conditioner reads no input")
         batch = self.make_batch(self.batch_size)
         with torch.no_grad():
-            cond, uncond = c(batch), c.unconditional(batch)
+            return c, batch, c(batch), c.unconditional(batch)
+
+    def test_output_depends_on_the_input(self):
+        """Samples 0 and 1 of ``make_batch`` differ in their inputs (make it so), so a
+        conditioner that ignores its input fails here."""
+        _, _, cond, _ = self._conditioned()
+        assert any(not torch.equal(v[0], v[1]) for v in cond.values()), (
+            "samples 0 and 1 have different inputs but the same condition: the input is ignored"
+        )
+
+    def test_null_condition_differs_from_every_real_one(self):
+        _, _, cond, uncond = self._conditioned()
         for i in range(self.batch_size):
             assert any(not torch.equal(cond[r][i], uncond[r][i]) for r in cond), (
                 f"sample {i}: the null condition equals the real one, guidance would do nothing"
             )
 
     def test_dropout_substitutes_exactly_the_null_condition_per_sample(self):
-        c = self._eval()
-        if not c.input_keys:
-            pytest.skip("the conditioner reads no input")
-        batch = self.make_batch(self.batch_size)
+        c, batch, cond, uncond = self._conditioned()
         with torch.no_grad():
-            cond, uncond = c(batch), c.unconditional(batch)
             c.drop_rate = 1.0
             dropped = c.condition(batch, generator=torch.Generator().manual_seed(0))
             c.drop_rate = 0.0
