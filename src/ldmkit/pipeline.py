@@ -4,6 +4,7 @@ noise schedule, with sampling and one-folder checkpoints."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,13 @@ class Pipeline(nn.Module):
         if mask is not None and not self.sampler.supports_mask:
             raise ValueError(f"sampler {type(self.sampler).__name__} does not support inpainting masks")
         if guidance_scale != 1.0 and cond:
+            if not self.conditioner.learns_null_condition:
+                warnings.warn(
+                    f"guidance_scale={guidance_scale} with conditioner {type(self.conditioner).__name__}, "
+                    "which was configured without condition dropout (drop_rate=0): its null condition "
+                    "was never trained, so guidance extrapolates from an untrained score",
+                    stacklevel=2,
+                )
             uncond = self.conditioner.unconditional(batch)
             denoise = ClassifierFreeGuidance(self.eps_model(), cond, uncond, guidance_scale)
         else:

@@ -64,6 +64,10 @@ def test_semantic_map_task_caches_maps_and_samples_at_1x_and_2x(scenes, tmp_path
                  "--cond", f"segmentation={tmp_path / 'map.png'}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert Image.open(tmp_path / "s1.png").size == (grid_size(2, 16), 2 + 16 + 2)
+    out = sample(pipeline, tmp_path / "shown.png", "--cond", f"segmentation={tmp_path / 'map.png'}",
+                 "--cond", f"segmentation={tmp_path / 'map.png'}", "--show-conditions")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert Image.open(tmp_path / "shown.png").size == (grid_size(2, 16), grid_size(2, 16))  # map | sample
     # a map twice the size samples twice the size (convolutional sampling, Sec. 4.3.2)
     out = sample(pipeline, tmp_path / "s2.png", "--cond", f"segmentation={tmp_path / 'map2x.png'}")
     assert out.returncode == 0, out.stderr[-3000:]

@@ -95,6 +95,8 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     p.add_argument("--image-size", type=int, default=None,
                    help="output size (default: the pipeline's, or the size of spatial condition inputs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--show-conditions", action="store_true",
+                   help="one row per sample: its condition inputs (images, maps, masks, prompts), then the sample")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -166,7 +168,13 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
         bar.close()
     n = images.shape[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_image((images + 1) / 2, args.out, nrow=image_grid_rows(n))
+    if args.show_conditions:
+        from ldmkit.visualize import samples_with_conditions
+
+        tiles, per_row = samples_with_conditions(images, conditioner, batch)
+        save_image(tiles, args.out, nrow=per_row or image_grid_rows(n))
+    else:
+        save_image((images + 1) / 2, args.out, nrow=image_grid_rows(n))
     print(f"wrote {n} samples to {args.out}")
     return 0
 

@@ -145,6 +145,12 @@ class Conditioner(nn.Module, abc.ABC):
                 f"keys {sorted(k for k in batch if not str(k).startswith('__'))}"
             ) from None
 
+    @property
+    def learns_null_condition(self) -> bool:
+        """Whether training shows the model the null condition (``drop_rate > 0``): without
+        it, classifier-free guidance extrapolates from an untrained unconditional score."""
+        return self.drop_rate > 0
+
     # -- training --------------------------------------------------------------------------
     def training_inputs(
         self, batch: Mapping[str, Any], generator: torch.Generator | None = None

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ldmkit.diffusion.objective import DiffusionObjective, scale_factor_from_latents
 from ldmkit.ema import EMA
 from ldmkit.interfaces import Conditioner
-from ldmkit.training.autoencoder import batch_images, to_unit
+from ldmkit.training.autoencoder import batch_images
 from ldmkit.training.engine import TRAINER_DEFAULTS, Trainer, TrainingError
 
 LDM_DEFAULTS: dict[str, Any] = {
@@ -248,10 +248,13 @@ class LDMTrainer(Trainer):
 
     @torch.no_grad()
     def save_images(self, batch: Mapping[str, Any], path: Path) -> Tensor | None:
+        """A grid of samples from the batch's conditions (one row per sample: its condition
+        inputs, then the sample), with guidance where the conditioner learned a null condition."""
         from torchvision.utils import make_grid, save_image
 
         from ldmkit.io import atomic_path
         from ldmkit.pipeline import image_grid_rows
+        from ldmkit.visualize import samples_with_conditions
 
         n = int(self.opts["sample_count"])
         conditioner = self.pipeline.conditioner
@@ -261,14 +264,16 @@ class LDMTrainer(Trainer):
             cond_batch = {k: inputs[k][:n] for k in conditioner.input_keys if k in inputs}
             n = len(next(iter(cond_batch.values())))
         image_size = batch["image"].shape[-1] if "image" in batch else self.cfg.get("image_size")
+        guided = cond_batch is not None and conditioner.learns_null_condition
         self.step_module.eval()
         with self._sampling_weights():
             images = self.pipeline.sample(
                 cond_batch, num_samples=None if cond_batch else n, steps=int(self.opts["sample_steps"]),
-                guidance_scale=float(self.opts["guidance_scale"]) if cond_batch else 1.0,
+                guidance_scale=float(self.opts["guidance_scale"]) if guided else 1.0,
                 seed=int(self.cfg.get("seed", 0)), image_size=int(image_size),
             )
-        grid = make_grid(to_unit(images).cpu(), nrow=image_grid_rows(n), padding=2)
+        tiles, per_row = samples_with_conditions(images, conditioner, cond_batch)
+        grid = make_grid(tiles, nrow=per_row or image_grid_rows(n), padding=2)
         with atomic_path(path) as tmp:
             save_image(grid, tmp, format="png")
         return grid

@@ -97,6 +97,10 @@ class MultiConditioner(Conditioner):
     def data_keys(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(k for p in self.parts for k in p.data_keys))
 
+    @property
+    def learns_null_condition(self) -> bool:
+        return self.drop_rate > 0 or any(part.learns_null_condition for part in self.parts)
+
     def bind_first_stage(self, first_stage: nn.Module) -> None:
         for part in self.parts:
             part.bind_first_stage(first_stage)

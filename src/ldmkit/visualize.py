@@ -1,0 +1,88 @@
+"""Pictures of conditions next to samples: what the trainer's grids and
+``ldmkit sample --show-conditions`` draw. One tile per condition input, by its kind
+(``Conditioner.input_kinds``): images as they are, class maps in a fixed palette, masks in
+gray, prompts and class labels as text."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# background light gray, then well-separated colours (Sasha Trubetskoy's list)
+PALETTE = torch.tensor([
+    [235, 235, 235], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128],
+    [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0], [170, 255, 195], [128, 128, 0],
+], dtype=torch.float32) / 255.0  # fmt: skip
+
+
+def to_unit_rgb(images: Tensor) -> Tensor:
+    """B×C×H×W in [-1, 1] (C = 1 or 3) -> B×3×H×W in [0, 1]."""
+    images = ((images.detach().float().clamp(-1, 1) + 1) / 2).cpu()
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[:, :3]
+
+
+def colorize(ids: Tensor) -> Tensor:
+    """B×H×W (or B×1×H×W) class ids -> B×3×H×W colours (ids beyond the palette wrap)."""
+    ids = ids.detach().long().cpu()
+    ids = ids[:, 0] if ids.ndim == 4 else ids
+    return PALETTE[ids % len(PALETTE)].permute(0, 3, 1, 2).contiguous()
+
+
+def text_tiles(texts: Sequence[str], size: int) -> Tensor:
+    """One white size×size tile per text, the text wrapped in black (PIL's built-in font)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    per_line = max(4, size // 6)
+    tiles = []
+    for text in texts:
+        tile = Image.new("RGB", (size, size), "white")
+        lines = textwrap.wrap(str(text), width=per_line)[: max(1, size // 11)]
+        ImageDraw.Draw(tile).multiline_text((2, 1), "\n".join(lines), fill="black", font=font, spacing=1)
+        tiles.append(torch.from_numpy(np.asarray(tile, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    return torch.stack(tiles)
+
+
+def _fit(tiles: Tensor, size: tuple[int, int]) -> Tensor:
+    if tuple(tiles.shape[-2:]) == size:
+        return tiles
+    return F.interpolate(tiles, size=size, mode="nearest")
+
+
+def condition_tiles(conditioner: Any, batch: Mapping[str, Any], size: tuple[int, int]) -> list[Tensor]:
+    """One B×3×H×W tensor per input key of ``conditioner`` (H×W = ``size``), in
+    ``input_keys`` order."""
+    tiles = []
+    for key in conditioner.input_keys:
+        value = batch[key]
+        kind = conditioner.input_kind(key)
+        if kind == "image":
+            tiles.append(_fit(to_unit_rgb(torch.as_tensor(value)), size))
+        elif kind == "segmentation":
+            tiles.append(_fit(colorize(torch.as_tensor(value)), size))
+        elif kind == "mask":
+            mask = torch.as_tensor(value).float().cpu()
+            mask = mask[:, None] if mask.ndim == 3 else mask
+            tiles.append(_fit(mask.expand(-1, 3, -1, -1), size))
+        else:  # class labels and prompts as text
+            values = value.tolist() if isinstance(value, Tensor) else list(value)
+            texts = [f"{key}={v}" if kind == "class" else v for v in values]
+            tiles.append(_fit(text_tiles(texts, max(size)), size))
+    return tiles
+
+
+def samples_with_conditions(samples: Tensor, conditioner: Any, batch: Mapping[str, Any] | None) -> tuple[Tensor, int]:
+    """Tiles for a grid with one row per sample: its condition tiles, then the sample.
+    Returns (tiles N×3×H×W in [0, 1], tiles per row); no conditions: the samples alone."""
+    images = to_unit_rgb(samples)
+    if not batch or not conditioner.input_keys:
+        return images, 0
+    columns = [*condition_tiles(conditioner, batch, tuple(images.shape[-2:])), images]
+    return torch.stack(columns, dim=1).flatten(0, 1), len(columns)
