@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ldmkit.data.sources.base import Source, SourceSample
+from ldmkit.data.sources.cutouts import Cutouts
 from ldmkit.data.sources.emoji import Emoji
 from ldmkit.data.sources.fashion_mnist import FashionMNIST
 from ldmkit.data.sources.image_folder import ImageFolder
@@ -12,7 +13,7 @@ from ldmkit.data.sources.semantic_scenes import SemanticScenes
 from ldmkit.data.sources.tuxpaint import TuxPaint
 
 SOURCES: dict[str, type[Source]] = {
-    cls.name: cls for cls in (FashionMNIST, ImageFolder, Emoji, TuxPaint, SemanticScenes)
+    cls.name: cls for cls in (FashionMNIST, ImageFolder, Emoji, TuxPaint, SemanticScenes, Cutouts)
 }
 
 
