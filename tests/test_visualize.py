@@ -1,6 +1,5 @@
 """Condition tiles next to samples (trainer grids, ldmkit sample --show-conditions)."""
 
-import pytest
 import torch
 
 from ldmkit.visualize import PALETTE, colorize, samples_with_conditions, text_tiles
@@ -45,14 +44,3 @@ def test_inpainting_rows_show_image_and_mask_and_labels_as_text():
 def test_no_condition_gives_the_samples_alone():
     tiles, per_row = samples_with_conditions(torch.zeros(4, 3, 8, 8), ClassLabelConditioner(), None)
     assert per_row == 0 and tiles.shape == (4, 3, 8, 8)
-
-
-def test_guidance_without_a_learned_null_condition_warns():
-    import ldmkit
-
-    pipe = ldmkit.compose(overrides=["conditioner=semantic_map", "conditioner.n_stages=0", "first_stage=identity",
-                                     "image_size=8", "sampler.steps=1"])
-    ids = torch.zeros(1, 8, 8, dtype=torch.long)
-    with pytest.warns(UserWarning, match=r"drop_rate=0\): its null condition was never trained"):
-        pipe.sample({"segmentation": ids}, guidance_scale=2.0, seed=0)
-    assert ldmkit.compose(overrides=["conditioner=class_label"]).conditioner.learns_null_condition

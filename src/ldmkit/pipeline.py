@@ -107,6 +107,18 @@ class Pipeline(nn.Module):
             )
         return grid
 
+    def _known_latents(self, batch: Mapping[str, Any]) -> tuple[Tensor | None, Tensor | None]:
+        """The conditioner's region to keep as the sampler's ``(mask, known)`` on the latent
+        grid: a latent cell is generated if any of its pixels is."""
+        region = self.conditioner.known_region(batch)
+        if region is None:
+            return None, None
+        image, mask = region
+        f = self.first_stage.downsample_factor
+        mask = mask.float()
+        latent_mask = torch.nn.functional.max_pool2d(mask, f, f) if f > 1 else mask
+        return latent_mask, self.encode(image.to(self.scale_factor.device))
+
     @torch.no_grad()
     def sample(
         self,
@@ -123,6 +135,7 @@ class Pipeline(nn.Module):
         known: Tensor | None = None,
         callback: Callable[[dict[str, Any]], None] | None = None,
         return_latents: bool = False,
+        keep_known: bool = True,
     ) -> Tensor:
         """Sample images in [-1, 1] (B×C×H×W); ``return_latents`` gives z_0 instead.
 
@@ -133,6 +146,9 @@ class Pipeline(nn.Module):
         :param seed: seeds a fresh CPU generator for the starting noise (and the sampler).
         :param image_size: the output size; by default the pipeline's, or, for spatial
             conditions (``concat``), the size their inputs give.
+        :param keep_known: for an inpainting conditioner (``Conditioner.known_region``) and a
+            sampler that supports masks: hold the kept region's latents fixed, so it ends as
+            the first stage's reconstruction of the input (``mask``/``known`` given here win).
         """
         batch = dict(batch or {})
         n = self._batch_size(batch, num_samples)
@@ -144,6 +160,8 @@ class Pipeline(nn.Module):
         if noise is None:
             shape = (n, self.first_stage.latent_channels, *self._latent_size(image_size, cond))
             noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+        if keep_known and mask is None and known is None and self.sampler.supports_mask:
+            mask, known = self._known_latents(batch)
         if mask is not None and not self.sampler.supports_mask:
             raise ValueError(f"sampler {type(self.sampler).__name__} does not support inpainting masks")
         if guidance_scale != 1.0 and cond:

@@ -145,6 +145,12 @@ class Conditioner(nn.Module, abc.ABC):
                 f"keys {sorted(k for k in batch if not str(k).startswith('__'))}"
             ) from None
 
+    def known_region(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor] | None:
+        """For inpainting conditioners: ``(image, mask)`` in pixel space (B×C×H×W in
+        [-1, 1]; B×1×H×W, 1 = generate, 0 = keep) whose kept part ``Pipeline.sample`` holds
+        fixed in latent space through the sampler's mask; None (the default) otherwise."""
+        return None
+
     @property
     def learns_null_condition(self) -> bool:
         """Whether training shows the model the null condition (``drop_rate > 0``): without

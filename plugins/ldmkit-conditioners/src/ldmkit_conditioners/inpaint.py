@@ -34,6 +34,8 @@ class InpaintConditioner(Conditioner):
       each side a uniform ``min_box..max_box`` fraction of the image's side.
     * The null condition is all zeros, both halves (a fixed "no information" input for
       classifier-free guidance, not the latent of a gray image).
+    * :meth:`known_region` hands the image and mask to ``Pipeline.sample``, which keeps the
+      kept region's latents fixed through the sampler's mask (``keep_known=True``).
     """
 
     def __init__(
@@ -147,6 +149,12 @@ class InpaintConditioner(Conditioner):
             z = first_stage.encode(masked)
         like = dict(device=self._anchor.device, dtype=self._anchor.dtype)
         return {"concat": torch.cat([z.to(**like), self.latent_mask(mask).to(**like)], dim=1)}
+
+    def known_region(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        """The image and its mask: ``Pipeline.sample`` keeps the latents of the kept region
+        (the sampler's ``mask``/``known``), so it ends as the first stage's reconstruction."""
+        image = self._image(batch)
+        return image, self._mask(batch, image)
 
     def unconditional(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         # the shape without encoding: zeros need no forward pass through the first stage

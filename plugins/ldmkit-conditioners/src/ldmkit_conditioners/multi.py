@@ -101,6 +101,9 @@ class MultiConditioner(Conditioner):
     def learns_null_condition(self) -> bool:
         return self.drop_rate > 0 or any(part.learns_null_condition for part in self.parts)
 
+    def known_region(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor] | None:
+        return next((r for r in (part.known_region(batch) for part in self.parts) if r is not None), None)
+
     def bind_first_stage(self, first_stage: nn.Module) -> None:
         for part in self.parts:
             part.bind_first_stage(first_stage)
