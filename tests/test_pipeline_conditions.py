@@ -32,3 +32,17 @@ def test_inpainting_keeps_the_known_region_through_the_sampler_mask():
     torch.testing.assert_close(out[keep], image[keep].clamp(-1, 1), atol=1e-5, rtol=0)
     free = pipe.sample(batch, seed=0, keep_known=False)
     assert not torch.allclose(free[keep], image[keep], atol=1e-2)
+
+
+def test_what_lies_under_the_mask_never_reaches_the_result():
+    import ldmkit
+
+    pipe = ldmkit.compose(overrides=["conditioner=inpaint", "first_stage=kl_tiny", "first_stage.encode_mode=mode", "image_size=16",
+                                     "sampler.steps=2"]).eval()
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[:, :, 4:12, 4:12] = 1
+    other = torch.where(mask.bool(), torch.rand_like(image), image)  # differs only under the mask
+    a = pipe.sample({"image": image, "mask": mask}, seed=0)
+    b = pipe.sample({"image": other, "mask": mask}, seed=0)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -109,15 +109,17 @@ class Pipeline(nn.Module):
 
     def _known_latents(self, batch: Mapping[str, Any]) -> tuple[Tensor | None, Tensor | None]:
         """The conditioner's region to keep as the sampler's ``(mask, known)`` on the latent
-        grid: a latent cell is generated if any of its pixels is."""
+        grid: a latent cell is generated if any of its pixels is. The known latents encode
+        the *masked* image, so nothing of what lies under the mask reaches the result."""
         region = self.conditioner.known_region(batch)
         if region is None:
             return None, None
         image, mask = region
+        device = self.scale_factor.device
+        mask = mask.float().to(device)
         f = self.first_stage.downsample_factor
-        mask = mask.float()
         latent_mask = torch.nn.functional.max_pool2d(mask, f, f) if f > 1 else mask
-        return latent_mask, self.encode(image.to(self.scale_factor.device))
+        return latent_mask, self.encode(image.to(device) * (1 - mask))
 
     @torch.no_grad()
     def sample(
