@@ -264,7 +264,7 @@ def inpaint(args: argparse.Namespace) -> dict[str, Any]:
             "first_stage_reconstruction_full_image": ce.rounded(
                 ce.image_psnr_ssim(reconstruction, real)[0]
             ),
-            "known_fraction_in_fully_known_cells": float((cells.sum() / known.sum())),
+            "known_fraction_in_fully_known_cells": float(cells.sum() / known.sum()),
             "ldm_fully_known_cells": ce.rounded(ce.masked_psnr(ldm, real, cells)),
             "first_stage_reconstruction_fully_known_cells": ce.rounded(
                 ce.masked_psnr(reconstruction, real, cells)
