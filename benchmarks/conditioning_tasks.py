@@ -51,14 +51,9 @@ from PIL import Image, ImageDraw, ImageFont
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import conditioning_eval as ce  # noqa: E402
 
-from ldmkit import Pipeline  # noqa: E402
+from ldmkit import Pipeline, visualize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PALETTE = np.array(
-    [[235, 235, 235], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
-     [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230], [128, 128, 0]],
-    dtype=np.uint8,
-)  # fmt: skip
 
 
 # -- pictures --------------------------------------------------------------------------------
@@ -70,7 +65,9 @@ def to_pil(image: torch.Tensor, size: int) -> Image.Image:
 
 
 def colorize(segmentation: torch.Tensor, size: int) -> Image.Image:
-    array = PALETTE[segmentation.numpy() % len(PALETTE)]
+    """A class map in ldmkit's palette (the one of the trainer's grids), as a PIL image."""
+    rgb = visualize.colorize(segmentation[None])[0].permute(1, 2, 0).numpy()
+    array = (rgb * 255).round().astype(np.uint8)
     return Image.fromarray(array, "RGB").resize((size, size), Image.Resampling.NEAREST)
 
 
