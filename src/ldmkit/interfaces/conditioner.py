@@ -172,7 +172,13 @@ class Conditioner(nn.Module, abc.ABC):
         self, batch: Mapping[str, Any], *, generator: torch.Generator | None = None
     ) -> dict[str, Tensor]:
         """``forward`` with per-sample dropout to ``unconditional`` at ``drop_rate``."""
-        cond = self(batch)
+        return self.drop_conditions(self(batch), batch, generator)
+
+    def drop_conditions(
+        self, cond: dict[str, Tensor], batch: Mapping[str, Any], generator: torch.Generator | None
+    ) -> dict[str, Tensor]:
+        """Each sample of ``cond`` replaced by ``unconditional(batch)`` with probability
+        ``drop_rate`` (composites call it on their merged parts)."""
         if self.drop_rate <= 0 or not cond:
             return cond
         n = next(iter(cond.values())).shape[0]

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 
 from ldmkit.interfaces import Conditioner
-from ldmkit.interfaces.conditioner import substitute
 
 # the dimension each role is concatenated along
 MERGE_DIM = {"crossattn": 1, "concat": 1, "vector": 1}
@@ -120,8 +119,5 @@ class MultiConditioner(Conditioner):
         return batch
 
     def condition(self, batch: Mapping[str, Any], *, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        cond = merge([part.condition(batch, generator=generator) for part in self.parts])
-        if self.drop_rate <= 0 or not cond:
-            return cond
-        drop = torch.rand(next(iter(cond.values())).shape[0], generator=generator) < self.drop_rate
-        return substitute(cond, self.unconditional(batch), drop)
+        merged = merge([part.condition(batch, generator=generator) for part in self.parts])
+        return self.drop_conditions(merged, batch, generator)  # the joint drop_rate on top
