@@ -30,8 +30,12 @@ def test_ddpm_equals_ddim_eta_one():
     schedule = NoiseSchedule()
     denoise = gaussian_denoiser(schedule, 0.3, 0.7)
     noise = torch.randn(8, 2, 3, 3, generator=torch.Generator().manual_seed(0))
-    a = DDPMSampler(steps=30).sample(denoise, schedule, noise, generator=torch.Generator().manual_seed(5))
-    b = DDIMSampler(steps=30, eta=1.0).sample(denoise, schedule, noise, generator=torch.Generator().manual_seed(5))
+    a = DDPMSampler(steps=30).sample(
+        denoise, schedule, noise, generator=torch.Generator().manual_seed(5)
+    )
+    b = DDIMSampler(steps=30, eta=1.0).sample(
+        denoise, schedule, noise, generator=torch.Generator().manual_seed(5)
+    )
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -39,8 +43,12 @@ def test_ddim_deterministic_ignores_generator():
     schedule = NoiseSchedule()
     denoise = gaussian_denoiser(schedule, 0.0, 1.0)
     noise = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(0))
-    a = DDIMSampler(steps=10).sample(denoise, schedule, noise, generator=torch.Generator().manual_seed(1))
-    b = DDIMSampler(steps=10).sample(denoise, schedule, noise, generator=torch.Generator().manual_seed(2))
+    a = DDIMSampler(steps=10).sample(
+        denoise, schedule, noise, generator=torch.Generator().manual_seed(1)
+    )
+    b = DDIMSampler(steps=10).sample(
+        denoise, schedule, noise, generator=torch.Generator().manual_seed(2)
+    )
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
@@ -68,5 +76,8 @@ def test_bad_arguments_are_rejected():
     schedule = NoiseSchedule()
     with pytest.raises(ValueError, match="both mask and known"):
         DDIMSampler(steps=2).sample(
-            gaussian_denoiser(schedule, 0, 1), schedule, torch.zeros(1, 1, 2, 2), mask=torch.ones(1, 1, 2, 2)
+            gaussian_denoiser(schedule, 0, 1),
+            schedule,
+            torch.zeros(1, 1, 2, 2),
+            mask=torch.ones(1, 1, 2, 2),
         )

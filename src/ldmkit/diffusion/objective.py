@@ -73,7 +73,9 @@ class DiffusionObjective(nn.Module):
             return clipped
         return clipped / (snr + 1)
 
-    def sample_timesteps(self, batch: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+    def sample_timesteps(
+        self, batch: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> Tensor:
         return torch.randint(0, self.schedule.timesteps, (batch,), generator=generator).to(device)
 
     def forward(

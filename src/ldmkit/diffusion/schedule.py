@@ -44,7 +44,9 @@ def make_betas(
         raise ValueError(f"timesteps must be >= 1, got {timesteps}")
     kind = BETA_SCHEDULE_ALIASES[kind]
     if kind == "linear":
-        return torch.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=torch.float64) ** 2
+        return (
+            torch.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=torch.float64) ** 2
+        )
     if kind == "sqrt_linear":
         return torch.linspace(linear_start, linear_end, timesteps, dtype=torch.float64)
     steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
@@ -101,7 +103,26 @@ class NoiseSchedule(nn.Module):
         return out.reshape(-1, *([1] * (like.ndim - 1)))
 
     def alpha_bar(self, t: Tensor, like: Tensor) -> Tensor:
-        """``alpha_bar_t`` broadcastable against ``like``; ``t = -1`` gives 1."""
+        """``alpha_bar_t`` broadcastable against ``like``; ``t = -1`` gives 1.
+
+        A floating-point ``t`` (the sigma bridge's fractional timesteps) interpolates
+        ``log sigma_t = log sqrt((1 - a_t) / a_t)`` linearly between its neighbours, the
+        inverse of :meth:`ldmkit.diffusion.sampling.SigmaDenoiser.sigma_to_t`.
+        """
+        t = torch.as_tensor(t)
+        if t.is_floating_point():
+            a = self.alphas_cumprod
+            log_sigma = 0.5 * torch.log((1 - a) / a)
+            tf = t.to(device=a.device, dtype=a.dtype).clamp(0, self.timesteps - 1)
+            low = tf.floor().long()
+            w = tf - low
+            ls = (1 - w) * log_sigma[low] + w * log_sigma[tf.ceil().long()]
+            values = torch.sigmoid(-2 * ls)  # 1 / (1 + sigma^2)
+            if values.ndim == 0:
+                values = values.expand(like.shape[0])
+            return values.to(device=like.device, dtype=like.dtype).reshape(
+                -1, *([1] * (like.ndim - 1))
+            )
         padded = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod])
         return self._gather(padded, torch.as_tensor(t, device=padded.device).long() + 1, like)
 
@@ -110,11 +131,14 @@ class NoiseSchedule(nn.Module):
         value = 1.0 if t < 0 else float(self.alphas_cumprod[t])
         return torch.tensor(value, device=like.device, dtype=like.dtype)
 
-    def spaced_timesteps(self, steps: int) -> Tensor:
-        """``steps`` timesteps evenly spread over ``[0, T)``, descending, ending at 0."""
-        if not 1 <= steps <= self.timesteps:
-            raise ValueError(f"steps must be in [1, {self.timesteps}], got {steps}")
-        return torch.linspace(self.timesteps - 1, 0, steps, dtype=torch.float64).round().long()
+    def spaced_timesteps(self, steps: int, spacing: str = "linspace") -> Tensor:
+        """The timesteps a ``steps``-step sampler visits, descending (``spacing``: see
+        :func:`ldmkit.diffusion.sampling.timestep_pairs`; ``linspace`` ends at 0)."""
+        from ldmkit.diffusion.sampling import timestep_pairs
+
+        return torch.tensor(
+            [t for t, _ in timestep_pairs(self.timesteps, steps, spacing)], dtype=torch.long
+        )
 
     # -- forward process ------------------------------------------------------------
     def q_sample(self, z0: Tensor, t: Tensor, noise: Tensor) -> Tensor:

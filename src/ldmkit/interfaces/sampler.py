@@ -9,31 +9,26 @@ return value the predicted noise. The pipeline builds it from the Denoiser, conv
 ``x0``/``v`` predictions to ``eps`` and wraps classifier-free guidance around it, so a
 sampler never sees the condition or the guidance scale.
 
-A complete minimal plugin (deterministic DDIM, eta = 0, Song et al. 2021 eq. 12)::
+Samplers come in one shape. A discrete-time sampler subclasses
+:class:`ldmkit.diffusion.DiscreteSampler` and writes only its step; the base runs the loop
+(timestep ``spacing``, inpainting masks, img2img ``init``/``strength``, per-sample noise,
+progress). A complete plugin (deterministic DDIM, Song et al. 2021 eq. 12)::
 
-    import torch
     import ldmkit
-    from ldmkit.interfaces import Sampler
+    from ldmkit.diffusion import DiscreteSampler
 
-    class TinyDDIM(Sampler):
-        def sample(self, denoise, schedule, noise, *, steps=None, generator=None,
-                   callback=None, mask=None, known=None):
-            timesteps = schedule.spaced_timesteps(steps or self.steps)
-            z = noise
-            for i, t in enumerate(timesteps):
-                tt = torch.full((z.shape[0],), int(t), device=z.device, dtype=torch.long)
-                eps = denoise(z, tt)
-                x0 = schedule.predict_x0(z, tt, eps)
-                prev = int(timesteps[i + 1]) if i + 1 < len(timesteps) else -1
-                a_prev = schedule.alpha_bar_at(prev, z)
-                z = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-                if callback is not None:
-                    callback({"i": i, "t": int(t), "z": z, "x0": x0})
-            return z
+    class TinyDDIM(DiscreteSampler):
+        def step(self, s):
+            a_prev = s.alpha_bar_prev
+            return a_prev.sqrt() * s.x0 + (1 - a_prev).sqrt() * s.eps
 
     @ldmkit.hookimpl
     def ldmkit_register_samplers(register):
         register("tiny_ddim", TinyDDIM)
+
+A continuous-time sampler (Euler, Heun, DPM-Solver) subclasses
+:class:`ldmkit.diffusion.SigmaSampler` and writes its step in k-diffusion's variables
+``x = z_t / sqrt(a_t)``, ``sigma_t = sqrt((1 - a_t) / a_t)``, with ``s.denoised = D(x, sigma)``.
 """
 
 from __future__ import annotations
@@ -78,6 +73,8 @@ class Sampler(abc.ABC):
         callback: Callback | None = None,
         mask: Tensor | None = None,
         known: Tensor | None = None,
+        init: Tensor | None = None,
+        strength: float = 1.0,
     ) -> Tensor:
         """Run the reverse process from ``noise`` (z_T) and return z_0.
 
@@ -85,10 +82,15 @@ class Sampler(abc.ABC):
         :param schedule: the noise schedule the denoiser was trained with.
         :param noise: the starting latent z_T ~ N(0, I), B×c×h×w.
         :param steps: number of denoiser evaluations' steps (default ``self.steps``).
-        :param generator: ``torch.Generator`` for any fresh noise the algorithm draws.
+        :param generator: a ``torch.Generator``, or one per sample (sample i draws all of its
+            fresh noise from ``generator[i]``), for any noise the algorithm draws.
         :param callback: called after each step with a dict (``i``, ``t``, ``z``, ``x0``).
         :param mask: 1 where to generate, 0 where to keep ``known`` (B×1×h×w or B×c×h×w).
         :param known: the known latent z_0 for the kept region.
+        :param init: img2img / SDEdit: a clean latent to start from instead of pure noise; it is
+            noised (with ``noise``) to the level of the step where ``strength`` starts.
+        :param strength: in [0, 1]: the share of the steps run from ``init`` (0 returns
+            ``init``, 1 starts from ``init`` noised to the first step's level).
         """
 
     def __repr__(self) -> str:

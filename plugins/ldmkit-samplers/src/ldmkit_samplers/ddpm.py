@@ -7,46 +7,29 @@ retained steps.
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 from torch import Tensor
 
-from ldmkit.interfaces import Callback, DenoiseFn, Sampler
-from ldmkit_samplers.common import fresh_noise, run_chain
+from ldmkit.diffusion import DiscreteSampler, DiscreteStep
 
 
-class DDPMSampler(Sampler):
+class DDPMSampler(DiscreteSampler):
     """Ancestral sampling from the posterior ``q(x_prev | x_t, x0_hat)``.
 
     Mean ``(sqrt(a_prev) beta / (1 - a)) x0 + (sqrt(1 - beta) (1 - a_prev) / (1 - a)) x_t``
-    and variance ``beta (1 - a_prev) / (1 - a)`` (DDPM eq. 6-7).
+    and variance ``beta (1 - a_prev) / (1 - a)`` (DDPM eq. 6-7). Default: all T steps
+    (``linspace`` spacing, which with S = T visits every timestep).
     """
 
-    supports_mask = True
+    def __init__(self, *, steps: int = 1000, spacing: str | None = None) -> None:
+        super().__init__(steps=steps, spacing=spacing)
 
-    def __init__(self, *, steps: int = 1000) -> None:
-        super().__init__(steps=steps)
-
-    def sample(
-        self,
-        denoise: DenoiseFn,
-        schedule: Any,
-        noise: Tensor,
-        *,
-        steps: int | None = None,
-        generator: torch.Generator | None = None,
-        callback: Callback | None = None,
-        mask: Tensor | None = None,
-        known: Tensor | None = None,
-    ) -> Tensor:
-        def step(z, eps, x0, a, a_prev, t_prev):
-            beta = 1 - a / a_prev
-            mean = (a_prev.sqrt() * beta / (1 - a)) * x0 + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a)) * z
-            if t_prev < 0:
-                return mean
-            variance = beta * (1 - a_prev) / (1 - a)
-            return mean + variance.sqrt() * fresh_noise(z, generator)
-
-        return run_chain(step, denoise, schedule, noise, steps or self.steps, generator=generator,
-                         callback=callback, mask=mask, known=known)
+    def step(self, s: DiscreteStep) -> Tensor:
+        a, a_prev = s.alpha_bar, s.alpha_bar_prev
+        beta = 1 - a / a_prev
+        mean = (a_prev.sqrt() * beta / (1 - a)) * s.x0 + (
+            (1 - beta).sqrt() * (1 - a_prev) / (1 - a)
+        ) * s.z
+        if s.t_prev < 0:
+            return mean
+        variance = beta * (1 - a_prev) / (1 - a)
+        return mean + variance.sqrt() * s.noise()

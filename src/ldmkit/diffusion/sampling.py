@@ -1,0 +1,459 @@
+"""The one shape every sampler takes: timestep spacing, per-sample noise, a base class for
+discrete-time samplers and a sigma bridge for continuous-time ones.
+
+* **Discrete-time samplers** (DDPM, DDIM, PLMS) subclass :class:`DiscreteSampler` and write
+  only :meth:`DiscreteSampler.step`: the base runs the loop over the spaced timesteps, calls
+  the denoiser once per step, keeps an inpainting mask's known region, starts img2img from a
+  partly noised latent, draws all noise per sample and reports progress.
+* **Continuous-time samplers** (Euler, Heun, DPM-Solver++) subclass :class:`SigmaSampler` and
+  write only :meth:`SigmaSampler.step` in k-diffusion's variables (Karras et al. 2022): the
+  "variance exploding" ``x = z_t / sqrt(a_t)`` at noise level ``sigma_t = sqrt((1 - a_t) / a_t)``
+  and a denoiser ``D(x, sigma) -> x0`` (:class:`SigmaDenoiser`), which maps sigma back to the
+  discrete schedule's (interpolated or nearest) timestep.
+
+Conventions stated once: an inpainting ``mask`` is 1 where the sampler generates and 0 where
+it keeps ``known`` (the known clean latent); ``generator`` is a ``torch.Generator``, a list of
+them (one per sample: sample ``i`` draws all of its noise from ``generator[i]``, so a result
+does not depend on the batch it was drawn in) or None (the global RNG).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ldmkit.interfaces.sampler import Callback, DenoiseFn, Sampler
+
+GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
+
+# name -> one-line description (docs and error messages)
+SPACINGS = {
+    "linspace": "linspace(T-1, 0, S) rounded; the last step goes to alpha_bar = 1",
+    "paper": "the paper's DDIM/PLMS: range(0, T, T // S) + 1; the last step goes to alpha_bar_0",
+    "quad": "the paper's ddim_discretize='quad': linspace(0, sqrt(0.8 T), S)^2 + 1; ends at alpha_bar_0",
+    "leading": "diffusers' leading: arange(S) * (T // S) (steps_offset 0); ends at alpha_bar = 1",
+    "trailing": "diffusers' trailing: round(arange(T, 0, -T / S)) - 1; ends at alpha_bar = 1",
+}
+
+
+def check_spacing(spacing: str) -> str:
+    if spacing not in SPACINGS:
+        raise ValueError(
+            f"unknown timestep spacing {spacing!r}; expected one of {sorted(SPACINGS)}"
+        )
+    return spacing
+
+
+def timestep_pairs(
+    num_timesteps: int, steps: int, spacing: str = "linspace"
+) -> list[tuple[int, int]]:
+    """``(t, t_prev)`` for each of the ``steps`` steps, from high noise to low.
+
+    ``t_prev = -1`` means alpha_bar = 1 (clean). ``paper`` and ``quad`` follow the paper's
+    ``make_ddim_timesteps`` literally: their last step goes to ``t = 0`` (alpha_bar_0, not 1);
+    ``paper`` gives ``len(range(0, T, T // S))`` steps, which is more than S when S does not
+    divide T (30 steps of T = 1000 give 31), and ``quad`` can repeat a small timestep, as the
+    paper's code does.
+    """
+    check_spacing(spacing)
+    T, S = int(num_timesteps), int(steps)
+    if not 1 <= S <= T:
+        raise ValueError(f"steps must be in [1, {T}], got {S}")
+    end = -1
+    if spacing == "linspace":
+        ts = np.round(np.linspace(T - 1, 0, S)).astype(np.int64)
+    elif spacing == "paper":
+        ts = (np.asarray(list(range(0, T, T // S))) + 1)[::-1]
+        end = 0
+    elif spacing == "quad":
+        ts = ((np.linspace(0, np.sqrt(T * 0.8), S)) ** 2).astype(np.int64)[::-1] + 1
+        end = 0
+    elif spacing == "leading":
+        ts = (np.arange(0, S) * (T // S)).round().astype(np.int64)[::-1]
+    else:  # trailing
+        ts = np.round(np.arange(T, 0, -T / S)).astype(np.int64) - 1
+    ts = [min(int(t), T - 1) for t in ts]
+    return list(zip(ts, ts[1:] + [end], strict=True))
+
+
+def truncate_for_strength(pairs: list[tuple[int, int]], strength: float) -> list[tuple[int, int]]:
+    """img2img / SDEdit (Meng et al. 2022): keep the last ``int(len(pairs) * strength)`` steps
+    (diffusers' convention); the start latent is noised to the first kept step's level."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    keep = min(int(len(pairs) * strength), len(pairs))
+    return pairs[len(pairs) - keep :] if keep else []
+
+
+# -- noise ---------------------------------------------------------------------------------
+def sample_generators(
+    seed: int, n: int, device: str | torch.device = "cpu"
+) -> list[torch.Generator]:
+    """One generator per sample, seeded ``seed + i``: sample i's noise does not depend on
+    which batch it is drawn in, and ``seed + 2`` reproduces sample 2 of ``seed``."""
+    return [torch.Generator(device=device).manual_seed(int(seed) + i) for i in range(n)]
+
+
+def randn_like(like: Tensor, generator: GeneratorArg = None) -> Tensor:
+    """N(0, I) shaped like ``like``: from one generator, one per sample, or the global RNG.
+
+    Drawn in float32 (then cast), so the same seed gives the same noise in every precision.
+    """
+    if generator is None:
+        return torch.randn(like.shape, device=like.device).to(like.dtype)
+    if isinstance(generator, torch.Generator):
+        noise = torch.randn(like.shape, generator=generator, device=generator.device)
+        return noise.to(device=like.device, dtype=like.dtype)
+    generators = list(generator)
+    if len(generators) != like.shape[0]:
+        raise ValueError(
+            f"got {len(generators)} generators for a batch of {like.shape[0]}: give one per sample"
+        )
+    noise = torch.stack(
+        [
+            torch.randn(like.shape[1:], generator=g, device=g.device).to(like.device)
+            for g in generators
+        ]
+    )
+    return noise.to(like.dtype)
+
+
+def split_generator(generator: GeneratorArg, start: int, stop: int) -> GeneratorArg:
+    """The generators of samples ``start:stop`` (a single generator is shared, as given)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    return list(generator)[start:stop]
+
+
+def check_mask(mask: Tensor | None, known: Tensor | None, z: Tensor) -> None:
+    if mask is None and known is None:
+        return
+    if mask is None or known is None:
+        raise ValueError("inpainting needs both mask and known")
+    if known.shape != z.shape:
+        raise ValueError(f"known latent shape {tuple(known.shape)} != noise shape {tuple(z.shape)}")
+    try:
+        torch.broadcast_shapes(mask.shape, z.shape)
+    except RuntimeError as err:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to {tuple(z.shape)}"
+        ) from err
+    lo, hi = float(mask.min()), float(mask.max())
+    if lo < 0 or hi > 1:
+        raise ValueError(
+            f"mask values must be in [0, 1] (1 = generate, 0 = keep), got [{lo}, {hi}]"
+        )
+
+
+def _scalar(value: float, like: Tensor) -> Tensor:
+    return torch.tensor(value, device=like.device, dtype=like.dtype)
+
+
+# -- discrete time -------------------------------------------------------------------------
+@dataclass
+class DiscreteStep:
+    """What :meth:`DiscreteSampler.step` sees for one step from ``t`` to ``t_prev``."""
+
+    i: int  #: step index, 0 = the noisiest
+    t: int  #: current timestep
+    t_prev: int  #: timestep after the step (-1: clean, alpha_bar = 1)
+    z: Tensor  #: z_t
+    eps: Tensor  #: the denoiser's eps at (z_t, t), guidance applied
+    x0: Tensor  #: the x0 it implies
+    alpha_bar: Tensor  #: alpha_bar_t (0-dim)
+    alpha_bar_prev: Tensor  #: alpha_bar_{t_prev} (0-dim; 1 for t_prev = -1)
+    is_last: bool
+    schedule: Any
+    denoise: DenoiseFn  #: for samplers that evaluate more than once per step (PLMS's warm-up)
+    generator: GeneratorArg
+    state: dict = field(default_factory=dict)  #: persists across the steps of one call
+
+    def noise(self) -> Tensor:
+        """Fresh N(0, I) like z, from the call's generator(s)."""
+        return randn_like(self.z, self.generator)
+
+    def timestep(self, t: int) -> Tensor:
+        return torch.full((self.z.shape[0],), t, device=self.z.device, dtype=torch.long)
+
+
+class DiscreteSampler(Sampler):
+    """Base of the discrete-time samplers: subclasses write :meth:`step` and nothing else.
+
+    :param steps: denoiser steps (the loop's length; ``spacing="paper"`` may add one, see
+        :func:`timestep_pairs`).
+    :param spacing: which timesteps the steps visit (:data:`SPACINGS`); default
+        ``default_spacing`` of the subclass.
+    """
+
+    supports_mask = True
+    default_spacing = "linspace"
+
+    def __init__(self, *, steps: int = 50, spacing: str | None = None) -> None:
+        super().__init__(steps=steps)
+        self.spacing = check_spacing(spacing or self.default_spacing)
+
+    def timesteps(self, schedule: Any, steps: int | None = None) -> list[tuple[int, int]]:
+        return timestep_pairs(schedule.timesteps, steps or self.steps, self.spacing)
+
+    @abc.abstractmethod
+    def step(self, s: DiscreteStep) -> Tensor:
+        """Return z at ``s.t_prev`` from the prediction at ``s.t``."""
+
+    def sample(
+        self,
+        denoise: DenoiseFn,
+        schedule: Any,
+        noise: Tensor,
+        *,
+        steps: int | None = None,
+        generator: GeneratorArg = None,
+        callback: Callback | None = None,
+        mask: Tensor | None = None,
+        known: Tensor | None = None,
+        init: Tensor | None = None,
+        strength: float = 1.0,
+    ) -> Tensor:
+        check_mask(mask, known, noise)
+        pairs = self.timesteps(schedule, steps)
+        if init is not None:
+            pairs = truncate_for_strength(pairs, strength)
+            if not pairs:
+                return init
+            z = schedule.q_sample(
+                init, torch.full((noise.shape[0],), pairs[0][0], device=noise.device), noise
+            )
+        else:
+            z = noise
+        if mask is not None and init is None:
+            # start the known region at the first step's noise level, like every later step
+            z = mask * z + (1 - mask) * schedule.q_sample(
+                known, torch.full((z.shape[0],), pairs[0][0], device=z.device), noise
+            )
+        state: dict = {}
+        for i, (t, t_prev) in enumerate(pairs):
+            tt = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
+            eps = denoise(z, tt)
+            x0 = schedule.predict_x0(z, tt, eps)
+            is_last = i == len(pairs) - 1
+            s = DiscreteStep(
+                i=i, t=t, t_prev=t_prev, z=z, eps=eps, x0=x0,
+                alpha_bar=schedule.alpha_bar_at(t, z), alpha_bar_prev=schedule.alpha_bar_at(t_prev, z),
+                is_last=is_last, schedule=schedule, denoise=denoise, generator=generator, state=state,
+            )  # fmt: skip
+            z = self.step(s)
+            if mask is not None:
+                if is_last:
+                    kept = known
+                else:
+                    tp = torch.full((z.shape[0],), t_prev, device=z.device, dtype=torch.long)
+                    kept = schedule.q_sample(known, tp, randn_like(z, generator))
+                z = mask * z + (1 - mask) * kept
+            if callback is not None:
+                callback({"i": i, "t": t, "z": z, "x0": x0})
+        return z
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(steps={self.steps}, spacing={self.spacing!r})"
+
+
+# -- continuous time: the sigma bridge ------------------------------------------------------
+class SigmaDenoiser:
+    """k-diffusion's bridge from a discrete eps-model to ``D(x, sigma) -> x0``.
+
+    ``sigma_t = sqrt((1 - a_t) / a_t)``; for ``x = z_t / sqrt(a_t) = x0 + sigma eps``,
+    ``D(x, sigma) = x - sigma * eps(x / sqrt(1 + sigma^2), t(sigma))``. ``t(sigma)`` interpolates
+    the schedule's log-sigma table linearly (a fractional timestep, which the UNet's sinusoidal
+    embedding takes), or with ``quantize=True`` picks the nearest discrete timestep.
+    """
+
+    def __init__(self, denoise: DenoiseFn, schedule: Any, *, quantize: bool = False) -> None:
+        self.denoise, self.schedule, self.quantize = denoise, schedule, quantize
+        a = schedule.alphas_cumprod.double().cpu()
+        self.sigmas = ((1 - a) / a).sqrt()
+        self.log_sigmas = self.sigmas.log()
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma_at(self, t: int) -> float:
+        """sigma of a discrete timestep; ``t = -1`` (clean) is 0."""
+        return 0.0 if t < 0 else float(self.sigmas[t])
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        """Fractional (or, quantized, integer) timesteps for ``sigma`` (any shape, > 0)."""
+        log_sigma = sigma.detach().double().cpu().clamp(min=1e-30).log()
+        ls = self.log_sigmas
+        if self.quantize:
+            return (log_sigma[..., None] - ls).abs().argmin(-1).to(sigma.device)
+        low = torch.searchsorted(ls, log_sigma).clamp(1, len(ls) - 1) - 1
+        high = low + 1
+        w = ((log_sigma - ls[low]) / (ls[high] - ls[low])).clamp(0, 1)
+        return ((1 - w) * low + w * high).to(device=sigma.device, dtype=torch.float32)
+
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        t = t.detach().double().cpu().clamp(0, len(self.sigmas) - 1)
+        low = t.floor().long()
+        high = t.ceil().long()
+        w = t - low
+        return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
+
+    def eps(self, x: Tensor, sigma: Tensor | float) -> Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        t = self.sigma_to_t(sigma.reshape(-1)).to(x.device)
+        if t.numel() == 1:
+            t = t.expand(x.shape[0])
+        c_in = (1 / (1 + sigma.reshape(-1) ** 2).sqrt()).to(device=x.device, dtype=x.dtype)
+        return self.denoise(x * c_in.reshape(-1, *([1] * (x.ndim - 1))), t)
+
+    def __call__(self, x: Tensor, sigma: Tensor | float) -> Tensor:
+        """x0 predicted from ``x`` at noise level ``sigma`` (scalar or one per sample)."""
+        sig = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(
+            -1, *([1] * (x.ndim - 1))
+        )
+        return x - sig * self.eps(x, sigma)
+
+
+@dataclass
+class SigmaStep:
+    """What :meth:`SigmaSampler.step` sees for one step from ``sigma`` to ``sigma_next``."""
+
+    i: int
+    x: Tensor  #: x at sigma (``z_t / sqrt(a_t)``)
+    sigma: float
+    sigma_next: float  #: 0 at the end of a chain that ends clean
+    denoised: Tensor  #: D(x, sigma), guidance applied
+    is_last: bool
+    model: SigmaDenoiser  #: for further evaluations (Heun's corrector)
+    generator: GeneratorArg
+    state: dict = field(default_factory=dict)
+
+    def noise(self) -> Tensor:
+        return randn_like(self.x, self.generator)
+
+
+class SigmaSampler(Sampler):
+    """Base of the continuous-time samplers: subclasses write :meth:`step` in sigma space.
+
+    The noise levels are the sigmas of the spaced discrete timesteps (``spacing``, default
+    ``linspace``: k-diffusion's ``get_sigmas`` of the CompVis wrapper) followed by 0 (or by
+    sigma at t = 0 for the paper's spacings). Noise drawn for z_T in the VP space is mapped
+    to ``x_T = z_T sqrt(1 + sigma_max^2)``, so the same noise starts every sampler at the
+    same point.
+    """
+
+    supports_mask = True
+    default_spacing = "linspace"
+
+    def __init__(
+        self, *, steps: int = 50, spacing: str | None = None, quantize: bool = False
+    ) -> None:
+        super().__init__(steps=steps)
+        self.spacing = check_spacing(spacing or self.default_spacing)
+        self.quantize = quantize
+
+    def sigmas(self, schedule: Any, steps: int | None = None) -> list[float]:
+        """Descending noise levels, one more than the steps."""
+        pairs = timestep_pairs(schedule.timesteps, steps or self.steps, self.spacing)
+        a = schedule.alphas_cumprod.double().cpu()
+
+        def sigma(t: int) -> float:
+            return 0.0 if t < 0 else math.sqrt((1 - a[t]) / a[t])
+
+        return [sigma(t) for t, _ in pairs] + [sigma(pairs[-1][1])]
+
+    @abc.abstractmethod
+    def step(self, s: SigmaStep) -> Tensor:
+        """Return x at ``s.sigma_next``."""
+
+    def sample(
+        self,
+        denoise: DenoiseFn,
+        schedule: Any,
+        noise: Tensor,
+        *,
+        steps: int | None = None,
+        generator: GeneratorArg = None,
+        callback: Callback | None = None,
+        mask: Tensor | None = None,
+        known: Tensor | None = None,
+        init: Tensor | None = None,
+        strength: float = 1.0,
+    ) -> Tensor:
+        check_mask(mask, known, noise)
+        model = SigmaDenoiser(denoise, schedule, quantize=self.quantize)
+        sigmas = self.sigmas(schedule, steps)
+        if init is not None:
+            if not 0.0 <= strength <= 1.0:
+                raise ValueError(f"strength must be in [0, 1], got {strength}")
+            keep = min(int((len(sigmas) - 1) * strength), len(sigmas) - 1)
+            if keep == 0:
+                return init
+            sigmas = sigmas[len(sigmas) - 1 - keep :]
+            x = init + sigmas[0] * noise
+        else:
+            x = noise * math.sqrt(1 + sigmas[0] ** 2)
+            if mask is not None:
+                x = mask * x + (1 - mask) * (known + sigmas[0] * noise)
+        state: dict = {}
+        for i in range(len(sigmas) - 1):
+            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+            denoised = model(x, sigma)
+            is_last = i == len(sigmas) - 2
+            x = self.step(
+                SigmaStep(
+                    i=i,
+                    x=x,
+                    sigma=sigma,
+                    sigma_next=sigma_next,
+                    denoised=denoised,
+                    is_last=is_last,
+                    model=model,
+                    generator=generator,
+                    state=state,
+                )
+            )
+            if mask is not None:
+                kept = (
+                    known
+                    if is_last or sigma_next == 0
+                    else known + sigma_next * randn_like(x, generator)
+                )
+                x = mask * x + (1 - mask) * kept
+            if callback is not None:
+                t = int(model.sigma_to_t(torch.tensor([sigma])).round())
+                callback({"i": i, "t": t, "z": x / math.sqrt(1 + sigma_next**2), "x0": denoised})
+        # back to the VP latent (a no-op when the chain ends at sigma = 0)
+        return x / math.sqrt(1 + sigmas[-1] ** 2)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(steps={self.steps}, spacing={self.spacing!r})"
+
+
+__all__ = [
+    "SPACINGS",
+    "DiscreteSampler",
+    "DiscreteStep",
+    "GeneratorArg",
+    "SigmaDenoiser",
+    "SigmaSampler",
+    "SigmaStep",
+    "check_mask",
+    "check_spacing",
+    "randn_like",
+    "sample_generators",
+    "split_generator",
+    "timestep_pairs",
+    "truncate_for_strength",
+]
