@@ -50,6 +50,20 @@ def test_cross_attention_matches_formula():
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_cross_attention_to_one_token_matches_formula(tokens):
+    """One context token (a class embedding) takes a shortcut (every query gets that token's
+    value); it must still be the formula, with gradients to the value and output weights."""
+    torch.manual_seed(0)
+    layer = CrossAttention(16, context_dim=10, heads=2, dim_head=8)
+    x, context = torch.randn(3, 12, 16), torch.randn(3, tokens, 10, requires_grad=True)
+    out = layer(x, context)
+    assert out.shape == (3, 12, 16)
+    torch.testing.assert_close(out.double(), _cross_attention_reference(layer, x, context), atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    assert layer.to_v.weight.grad is not None and context.grad.abs().sum() > 0
+
+
 def test_self_attention_when_no_context():
     torch.manual_seed(0)
     layer = CrossAttention(16, heads=4, dim_head=4)

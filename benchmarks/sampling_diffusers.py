@@ -1,0 +1,243 @@
+"""End-to-end sampling, ldmkit vs diffusers, with the same weights (issue 9).
+
+One process, float32, the same class-conditional latent diffusion model held twice:
+
+* ldmkit: ``Pipeline.sample(batch, guidance_scale=g, steps=S)`` (conditioner, DDIM loop with
+  batched classifier-free guidance, decode);
+* diffusers: ``UNet2DConditionModel`` + ``AutoencoderKL`` (weights converted with diffusers'
+  own LDM converters) + ``DDIMScheduler`` (the same scaled-linear betas, ``linspace`` spacing,
+  ``set_alpha_to_one``), driven by the loop of diffusers' pipelines (``cat([latents] * 2)``,
+  ``scheduler.step``, ``vae.decode(latents / scaling_factor)``), the same condition embeddings.
+
+Both runs start from the same noise; the script first checks that the images agree (max
+|diff| printed), then times interleaved pairs and reports the median ratio. It also splits
+ldmkit's time into UNet, guidance batching, decode and per-step Python overhead.
+
+    .venv/bin/pip install -e '.[bench]'          # diffusers: benchmark only
+    .venv/bin/python benchmarks/sampling_diffusers.py --threads 2 --json benchmarks/results/sampling_diffusers.json
+
+Not a test: numbers depend on the machine; run it alone on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# case -> (overrides for ldmkit.compose, batch, steps)
+CASES: dict[str, tuple[list[str], int, int]] = {
+    # the class-conditional Fashion-MNIST LDM (32x32 -> 3x8x8 latents, the demo's model)
+    "fmnist_ldm_kl_f4": (
+        ["experiment=fmnist_ldm_kl_f4", "first_stage.checkpoint=null", "sampler.spacing=trailing"],
+        16,
+        50,
+    ),
+    # a paper-shaped LDM-4 (64x64 RGB -> 3x16x16, UNet 128 channels, 3 levels, cross-attention)
+    "ldm_kl_f4_64": (
+        [
+            "experiment=fmnist_ldm_kl_f4",
+            "first_stage.checkpoint=null",
+            "sampler.spacing=trailing",
+            "image_size=64",
+            "first_stage.in_channels=3",
+            "first_stage.out_ch=3",
+            "first_stage.resolution=64",
+            "denoiser.model_channels=128",
+            "denoiser.channel_mult=[1,2,2]",
+            "denoiser.attention_resolutions=[2,4]",
+            "denoiser.num_head_channels=32",
+        ],
+        4,
+        25,
+    ),
+}
+UNET_ONLY_KEYS = {"name", "prediction", "vector_dim", "use_checkpoint", "adm_in_channels"}
+
+
+def perturb(module: torch.nn.Module, seed: int) -> None:
+    """Trained-looking weights (zero-initialised output layers would hide differences)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def build_pair(overrides: list[str]) -> tuple[Any, dict[str, Any]]:
+    from diffusers import DDIMScheduler
+    from omegaconf import OmegaConf
+    from unet_train_step import reference_diffusers_unet
+
+    import ldmkit
+    from ldmkit_autoencoders.diffusers_compat import to_diffusers
+
+    pipe = ldmkit.compose(overrides).eval()
+    perturb(pipe.denoiser, 1)
+    perturb(pipe.first_stage, 2)
+    perturb(pipe.conditioner, 3)
+    params = OmegaConf.to_container(pipe.config.denoiser, resolve=True)
+    params = {k: v for k, v in params.items() if k not in UNET_ONLY_KEYS}
+    unet = reference_diffusers_unet(pipe.denoiser, params).eval()
+    vae = to_diffusers(pipe.first_stage).eval()
+    sched = pipe.config.schedule
+    scheduler = DDIMScheduler(
+        num_train_timesteps=sched.timesteps,
+        beta_start=sched.linear_start,
+        beta_end=sched.linear_end,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        timestep_spacing="trailing",
+        steps_offset=0,
+    )
+    return pipe, {"unet": unet, "vae": vae, "scheduler": scheduler}
+
+
+def diffusers_sample(
+    theirs: dict[str, Any],
+    pipe: Any,
+    labels: torch.Tensor,
+    noise: torch.Tensor,
+    steps: int,
+    guidance: float,
+) -> torch.Tensor:
+    """The denoising loop of diffusers' StableDiffusionPipeline, on diffusers' modules."""
+    unet, vae, scheduler = theirs["unet"], theirs["vae"], theirs["scheduler"]
+    batch = {"label": labels}
+    cond = pipe.conditioner(batch)["crossattn"]
+    uncond = pipe.conditioner.unconditional(batch)["crossattn"]
+    context = torch.cat([uncond, cond])
+    scheduler.set_timesteps(steps)
+    latents = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        eps = unet(model_input, t, encoder_hidden_states=context, return_dict=False)[0]
+        eps_u, eps_c = eps.chunk(2)
+        eps = eps_u + guidance * (eps_c - eps_u)
+        latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+    return vae.decode(latents / float(pipe.scale_factor), return_dict=False)[0].clamp(-1, 1)
+
+
+def ldmkit_sample(
+    pipe: Any, labels: torch.Tensor, noise: torch.Tensor, steps: int, guidance: float
+) -> torch.Tensor:
+    return pipe.sample({"label": labels}, noise=noise, steps=steps, guidance_scale=guidance)
+
+
+def breakdown(
+    pipe: Any, labels: torch.Tensor, noise: torch.Tensor, steps: int, guidance: float, repeats: int
+) -> dict[str, float]:
+    """Where ldmkit's time goes: one UNet call at the guided batch, decode, and the rest."""
+    batch = {"label": labels}
+    cond = pipe.conditioner(batch)
+    both = {k: torch.cat([pipe.conditioner.unconditional(batch)[k], v]) for k, v in cond.items()}
+    z2 = torch.cat([noise, noise])
+    t2 = torch.full((z2.shape[0],), 500, dtype=torch.long)
+    z = noise
+
+    def med(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    with torch.inference_mode():
+        unet = med(lambda: pipe.denoiser(z2, t2, both))
+        unet_single = med(lambda: pipe.denoiser(z, t2[: z.shape[0]], cond))
+        decode = med(lambda: pipe.decode(z))
+        total = med(lambda: ldmkit_sample(pipe, labels, noise, steps, guidance))
+    return {
+        "total_s": total,
+        "unet_guided_batch_s_per_step": unet,
+        "unet_cond_only_s_per_step": unet_single,
+        "unet_share": unet * steps / total,
+        "decode_share": decode / total,
+        "other_s_per_step": (total - unet * steps - decode) / steps,
+    }
+
+
+def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
+    overrides, batch, steps = CASES[case]
+    pipe, theirs = build_pair(overrides)
+    labels = torch.arange(batch) % 10
+    side = int(pipe.config.image_size) // pipe.first_stage.downsample_factor
+    shape = (batch, pipe.first_stage.latent_channels, side, side)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a = ldmkit_sample(pipe, labels, noise, steps, args.guidance)
+        b = diffusers_sample(theirs, pipe, labels, noise, steps, args.guidance)
+    diff = (a - b).abs().max().item()
+    times: dict[str, list[float]] = {"ldmkit": [], "diffusers": []}
+    runners = {
+        "ldmkit": lambda: ldmkit_sample(pipe, labels, noise, steps, args.guidance),
+        "diffusers": lambda: diffusers_sample(theirs, pipe, labels, noise, steps, args.guidance),
+    }
+    with torch.inference_mode():
+        for i in range(args.repeats):
+            order = ("ldmkit", "diffusers") if i % 2 == 0 else ("diffusers", "ldmkit")
+            for key in order:
+                start = time.perf_counter()
+                runners[key]()
+                times[key].append(time.perf_counter() - start)
+    ratios = [d / o for o, d in zip(times["ldmkit"], times["diffusers"], strict=True)]
+    entry = {
+        "overrides": overrides,
+        "batch": batch,
+        "steps": steps,
+        "max_abs_diff_images": diff,
+        "ldmkit_s": statistics.median(times["ldmkit"]),
+        "diffusers_s": statistics.median(times["diffusers"]),
+        "speedup_median_of_pairs": statistics.median(ratios),
+        "speedup_range": [min(ratios), max(ratios)],
+        "ldmkit_breakdown": breakdown(
+            pipe, labels, noise, steps, args.guidance, max(3, args.repeats // 2)
+        ),
+    }
+    return entry
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results: dict[str, Any] = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+            "threads": args.threads,
+        },
+        "guidance": args.guidance,
+        "cases": {},
+    }
+    import diffusers
+
+    results["machine"]["diffusers"] = diffusers.__version__
+    for case in args.cases:
+        entry = run_case(case, args)
+        results["cases"][case] = entry
+        print(case, json.dumps(entry, indent=1), flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
