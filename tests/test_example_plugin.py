@@ -24,34 +24,35 @@ def installed(tmp_path_factory) -> dict:
          "--target", str(target), str(EXAMPLE)],
         check=True, capture_output=True, timeout=300,
     )
-    assert (target / "ldmkit_heun" / "conf" / "sampler" / "heun.yaml").is_file()
-    assert not (target / "ldmkit_heun.pth").exists()  # a real install, not an editable link
+    assert (target / "ldmkit_thresholding" / "conf" / "sampler" / "thresholded_ddim.yaml").is_file()
+    assert not (target / "ldmkit_thresholding.pth").exists()  # a real install, not an editable link
     return {"PYTHONPATH": str(target)}
 
 
 def test_listed_by_ldmkit_plugins(installed):
     out = ldmkit("plugins", "--json", env=installed)
     assert out.returncode == 0, out.stderr
-    row = next(r for r in json.loads(out.stdout) if r["distribution"] == "ldmkit-heun-example")
+    row = next(r for r in json.loads(out.stdout) if r["distribution"] == "ldmkit-thresholding-example")
     assert row["version"] == "0.1.0" and row["error"] is None
-    assert row["registers"] == {"sampler": ["heun"]}
-    assert row["config_groups"] == {"sampler": ["heun"]}
+    assert row["registers"] == {"sampler": ["thresholded_ddim"]}
+    assert row["config_groups"] == {"sampler": ["thresholded_ddim"]}
 
 
 def test_selected_by_a_hydra_override(installed, tmp_path):
-    out = ldmkit("sample", "sampler=heun", "sampler.steps=2", "--print-config", env=installed)
+    out = ldmkit("sample", "sampler=thresholded_ddim", "sampler.steps=2", "--print-config",
+                 env=installed)
     assert out.returncode == 0, out.stderr
-    assert "name: heun" in out.stdout and "steps: 2" in out.stdout
-    grid = tmp_path / "heun.png"
-    out = ldmkit("sample", "sampler=heun", "sampler.steps=2", "image_size=8", "--num-samples", "2",
-                 "--out", str(grid), "--no-progress", env=installed)
+    assert "name: thresholded_ddim" in out.stdout and "steps: 2" in out.stdout
+    grid = tmp_path / "thresholded.png"
+    out = ldmkit("sample", "sampler=thresholded_ddim", "sampler.steps=2", "image_size=8",
+                 "--num-samples", "2", "--out", str(grid), "--no-progress", env=installed)
     assert out.returncode == 0, out.stderr
     assert grid.stat().st_size > 0
 
 
 def test_not_available_without_the_install():
-    out = ldmkit("sample", "sampler=heun", "--print-config")
-    assert out.returncode == 1 and "sampler/heun" in out.stderr
+    out = ldmkit("sample", "sampler=thresholded_ddim", "--print-config")
+    assert out.returncode == 1 and "sampler/thresholded_ddim" in out.stderr
 
 
 def test_its_own_tests_pass_against_the_conformance_suite(installed):
@@ -61,4 +62,4 @@ def test_its_own_tests_pass_against_the_conformance_suite(installed):
         cwd=EXAMPLE,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "5 passed" in out.stdout
+    assert "15 passed" in out.stdout  # the conformance suite and its own test

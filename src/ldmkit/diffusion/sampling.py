@@ -107,9 +107,11 @@ def randn_like(like: Tensor, generator: GeneratorArg = None) -> Tensor:
     Drawn in float32 (then cast), so the same seed gives the same noise in every precision.
     """
     if generator is None:
-        return torch.randn(like.shape, device=like.device).to(like.dtype)
+        return torch.randn(like.shape, device=like.device, dtype=torch.float32).to(like.dtype)
     if isinstance(generator, torch.Generator):
-        noise = torch.randn(like.shape, generator=generator, device=generator.device)
+        noise = torch.randn(
+            like.shape, generator=generator, device=generator.device, dtype=torch.float32
+        )
         return noise.to(device=like.device, dtype=like.dtype)
     generators = list(generator)
     if len(generators) != like.shape[0]:
@@ -118,7 +120,9 @@ def randn_like(like: Tensor, generator: GeneratorArg = None) -> Tensor:
         )
     noise = torch.stack(
         [
-            torch.randn(like.shape[1:], generator=g, device=g.device).to(like.device)
+            torch.randn(like.shape[1:], generator=g, device=g.device, dtype=torch.float32).to(
+                like.device
+            )
             for g in generators
         ]
     )
@@ -425,11 +429,12 @@ class SigmaSampler(Sampler):
                 )
             )
             if mask is not None:
-                kept = (
-                    known
-                    if is_last or sigma_next == 0
-                    else known + sigma_next * randn_like(x, generator)
-                )
+                if is_last:
+                    # undo the final division below: the kept region ends equal to known, also
+                    # for spacings that end at sigma_0 > 0 (paper, quad)
+                    kept = known * math.sqrt(1 + sigma_next**2)
+                else:
+                    kept = known + sigma_next * randn_like(x, generator)
                 x = mask * x + (1 - mask) * kept
             if callback is not None:
                 t = int(model.sigma_to_t(torch.tensor([sigma])).round())

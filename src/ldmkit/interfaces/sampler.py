@@ -4,7 +4,8 @@ A sampler is written against a plain *denoise callable*::
 
     denoise(z_t: Tensor, t: Tensor) -> eps_hat: Tensor
 
-with ``t`` a LongTensor of discrete timesteps (shape B, values in ``[0, T)``) and the
+with ``t`` the timesteps (shape B, values in ``[0, T)``: integers from discrete-time
+samplers, fractional ones from the sigma bridge unless it is told to ``quantize``) and the
 return value the predicted noise. The pipeline builds it from the Denoiser, converts
 ``x0``/``v`` predictions to ``eps`` and wraps classifier-free guidance around it, so a
 sampler never sees the condition or the guidance scale.
@@ -28,7 +29,17 @@ progress). A complete plugin (deterministic DDIM, Song et al. 2021 eq. 12)::
 
 A continuous-time sampler (Euler, Heun, DPM-Solver) subclasses
 :class:`ldmkit.diffusion.SigmaSampler` and writes its step in k-diffusion's variables
-``x = z_t / sqrt(a_t)``, ``sigma_t = sqrt((1 - a_t) / a_t)``, with ``s.denoised = D(x, sigma)``.
+``x = z_t / sqrt(a_t)``, ``sigma_t = sqrt((1 - a_t) / a_t)``, with ``s.denoised = D(x, sigma)``
+(Euler, Karras et al. 2022 Algorithm 2 without churn)::
+
+    from ldmkit.diffusion import SigmaSampler
+
+    class TinyEuler(SigmaSampler):
+        def step(self, s):
+            return s.x + (s.sigma_next - s.sigma) * (s.x - s.denoised) / s.sigma
+
+Only subclasses of these bases get the shared behaviour (``spacing``, masks, img2img,
+per-sample seeds) and the whole of :class:`ldmkit.testing.SamplerConformance`.
 """
 
 from __future__ import annotations

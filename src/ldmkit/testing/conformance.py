@@ -323,12 +323,45 @@ def gaussian_denoiser(schedule: NoiseSchedule, mean: float, std: float) -> Calla
     return denoise
 
 
+def gaussian_flow_solution(
+    schedule: NoiseSchedule, z: Tensor, t_from: int, t_to: int, mean: float, std: float
+) -> Tensor:
+    """The exact probability-flow ODE solution for N(mean, std^2) data, from ``z`` at
+    timestep ``t_from`` to timestep ``t_to`` (-1: clean).
+
+    The marginal at t is N(sqrt(a_t) mean, a_t std^2 + 1 - a_t) and the flow is the monotone
+    map between marginals, so ``(z_t - sqrt(a_t) mean) / sqrt(a_t std^2 + 1 - a_t)`` is
+    constant along it.
+    """
+
+    def alpha(t: int) -> float:
+        return 1.0 if t < 0 else float(schedule.alphas_cumprod[t])
+
+    a, b = alpha(t_from), alpha(t_to)
+    standardized = (z - a**0.5 * mean) / (a * std**2 + 1 - a) ** 0.5
+    return b**0.5 * mean + (b * std**2 + 1 - b) ** 0.5 * standardized
+
+
 class SamplerConformance:
     """Contract of :class:`ldmkit.interfaces.Sampler`.
 
     ``distribution_tolerance`` bounds the error in mean and std when sampling a 1-D
     Gaussian with ``distribution_steps`` steps (DDIM at 100 steps is 0.014 off in std,
     ancestral DDPM 0.032); loosen it for a coarse algorithm, with a reason.
+
+    ``expected_order`` (None: skipped, as for stochastic samplers) checks a deterministic
+    sampler's convergence on the probability-flow ODE of Gaussian data, whose solution is
+    exact (:func:`gaussian_flow_solution`): the slope of log error against log steps over
+    ``order_steps`` must be within ``order_tolerance`` of it. The sampler's ``spacing`` is
+    set to ``order_spacing`` for this; ``quad`` is the default because it is the only one
+    whose steps shrink evenly in log-sigma near t = 0 (``linspace``, ``paper`` and
+    ``trailing`` keep one last step whose log-sigma length shrinks only like log(T / S),
+    or end with a first-order step to sigma = 0, which caps any solver at first order
+    there); a multistep method that assumes even steps in t, like PLMS, wants ``linspace``.
+
+    The seed tests use :func:`ldmkit.diffusion.sample_generators`: sample i of a batch
+    drawn with ``sample_generators(s, n)`` equals the sample drawn alone with
+    ``sample_generators(s + i, 1)`` (noise start and every later draw), masks included.
     """
 
     steps: int = 25
@@ -336,6 +369,14 @@ class SamplerConformance:
     shape: tuple[int, ...] = (2, 3, 4, 4)
     point_mass_tolerance: float = 1e-3
     distribution_tolerance: float = 0.05
+    expected_order: float | None = None
+    order_steps: tuple[int, ...] = (10, 20, 40)
+    order_spacing: str = "quad"
+    order_tolerance: float = 0.35
+    order_data: tuple[float, float] = (0.5, 0.5)  # mean, std of the Gaussian data
+    seed_batch: int = 16
+    seed_steps: int = 8
+    seed_tolerance: float = 1e-4
 
     def make_sampler(self) -> Sampler:
         raise NotImplementedError("implement make_sampler() in your test class")
@@ -408,3 +449,131 @@ class SamplerConformance:
         )
         torch.testing.assert_close(out[..., 2:], known[..., 2:], atol=1e-5, rtol=0)
         assert not torch.allclose(out[..., :2], known[..., :2])
+
+    # -- per-sample seeds --------------------------------------------------------------
+    def _seeded(self, seed: int, n: int, *, masked: bool = False) -> Tensor:
+        """Samples ``seed .. seed + n - 1``, drawn as one batch with one generator each."""
+        from ldmkit.diffusion import randn_like, sample_generators
+
+        sampler, schedule = self.make_sampler(), self.make_schedule()
+        generators = sample_generators(seed, n)
+        noise = randn_like(torch.empty(n, *self.shape[1:]), generators)
+        extra: dict[str, Tensor] = {}
+        if masked:
+            # sample i's mask and known latent depend on i alone, like its seed
+            index = torch.arange(seed, seed + n, dtype=torch.float32).reshape(-1, 1, 1, 1)
+            columns = torch.arange(self.shape[-1], dtype=torch.float32)
+            generated = (columns < index % self.shape[-1] + 1).float()
+            extra["mask"] = generated.expand(n, 1, *self.shape[2:])
+            extra["known"] = (torch.sin(index + columns) * 0.5).expand(n, *self.shape[1:])
+        return sampler.sample(
+            gaussian_denoiser(schedule, 0.2, 0.6), schedule, noise, steps=self.seed_steps,
+            generator=generators, **extra,
+        )
+
+    def _check_per_sample_seeds(self, masked: bool) -> None:
+        seed, n = 1234, self.seed_batch
+        batch = self._seeded(seed, n, masked=masked)
+        for i in range(n):
+            alone = self._seeded(seed + i, 1, masked=masked)
+            torch.testing.assert_close(
+                batch[i : i + 1], alone, atol=self.seed_tolerance, rtol=0,
+                msg=lambda m, i=i: f"sample {i} of the batch != seed {seed} + {i} drawn alone: {m}",
+            )
+
+    def test_sample_i_is_seed_plus_i_alone(self):
+        self._check_per_sample_seeds(masked=False)
+
+    def test_sample_i_is_seed_plus_i_alone_with_a_mask(self):
+        if not self.make_sampler().supports_mask:
+            pytest.skip("sampler does not support inpainting masks")
+        self._check_per_sample_seeds(masked=True)
+
+    def test_offset_seed_reproduces_later_samples(self):
+        """``seed=s+2, n=2`` are samples 2-3 of ``seed=s, n=4``."""
+        torch.testing.assert_close(
+            self._seeded(40, 4)[2:], self._seeded(42, 2), atol=self.seed_tolerance, rtol=0
+        )
+
+    # -- img2img -----------------------------------------------------------------------
+    def _img2img(
+        self, strength: float, denoise=None, init: Tensor | None = None, callback=None
+    ) -> Tensor:
+        schedule = self.make_schedule()
+        init = torch.full(self.shape, 0.3) if init is None else init
+        return self.make_sampler().sample(
+            denoise or gaussian_denoiser(schedule, 0.0, 1.0), schedule, self._noise(),
+            steps=self.steps, generator=torch.Generator().manual_seed(3), init=init,
+            strength=strength, callback=callback,
+        )
+
+    def test_img2img_strength_zero_returns_init(self):
+        init = self._noise(seed=9)
+        torch.testing.assert_close(self._img2img(0.0, init=init), init, atol=0, rtol=0)
+
+    def test_img2img_runs_the_last_share_of_the_steps(self):
+        full: list[dict] = []
+        partial: list[dict] = []
+        self._img2img(1.0, callback=full.append)
+        self._img2img(0.4, callback=partial.append)
+        keep = int(len(full) * 0.4)
+        assert len(partial) == keep, f"strength 0.4 of {len(full)} steps ran {len(partial)}"
+        assert [c["t"] for c in partial] == [c["t"] for c in full[len(full) - keep :]]
+
+    def test_img2img_strength_one_is_a_full_chain(self):
+        """From any init, a full-strength chain on a point mass ends at the point mass."""
+        schedule = self.make_schedule()
+        target = torch.linspace(-1, 1, 48).reshape(1, 3, 4, 4).expand(self.shape)
+        out = self._img2img(1.0, denoise=point_mass_denoiser(schedule, target), init=-target)
+        torch.testing.assert_close(out, target, atol=self.point_mass_tolerance, rtol=0)
+
+    def test_img2img_moves_away_from_init_as_strength_grows(self):
+        init = self._noise(seed=11)
+        distance = [
+            (self._img2img(s, init=init) - init).abs().mean().item() for s in (0.1, 0.5, 1.0)
+        ]
+        assert distance[0] < distance[1] < distance[2], distance
+
+    # -- convergence order -------------------------------------------------------------
+    def convergence_order(self, sampler: Sampler) -> tuple[float, list[float]]:
+        """(slope, errors): the fitted order of ``sampler`` on the Gaussian PF-ODE and the max
+        error to the exact solution at each of ``order_steps``."""
+        from ldmkit.diffusion import timestep_pairs
+
+        if not hasattr(sampler, "spacing"):
+            pytest.fail(
+                f"{type(sampler).__name__} has no `spacing`: the order test needs a "
+                "DiscreteSampler or SigmaSampler, or set expected_order = None"
+            )
+        sampler.spacing = self.order_spacing
+        schedule = self.make_schedule()
+        mean, std = self.order_data
+        z = torch.linspace(-3, 3, 64, dtype=torch.float64).reshape(-1, 1, 1, 1)
+        errors = []
+        for steps in self.order_steps:
+            out = sampler.sample(gaussian_denoiser(schedule, mean, std), schedule, z, steps=steps)
+            pairs = timestep_pairs(schedule.timesteps, steps, self.order_spacing)
+            exact = gaussian_flow_solution(schedule, z, pairs[0][0], pairs[-1][1], mean, std)
+            errors.append(float((out - exact).abs().max()))
+        log_steps = torch.tensor(self.order_steps, dtype=torch.float64).log()
+        log_errors = torch.tensor(errors, dtype=torch.float64).log()
+        centered = log_steps - log_steps.mean()
+        covariance = (centered * (log_errors - log_errors.mean())).sum()
+        slope = -float(covariance / centered.square().sum())
+        return slope, errors
+
+    def check_convergence_order(self, sampler: Sampler, expected: float) -> float:
+        """Assert that ``sampler`` converges at order ``expected`` (within ``order_tolerance``)."""
+        order, errors = self.convergence_order(sampler)
+        listed = ", ".join(f"{e:.2e}" for e in errors)
+        assert abs(order - expected) <= self.order_tolerance, (
+            f"{type(sampler).__name__} converges at order {order:.2f}, expected {expected} "
+            f"+- {self.order_tolerance} (max errors {listed} at steps "
+            f"{list(self.order_steps)}, spacing {self.order_spacing!r})"
+        )
+        return order
+
+    def test_convergence_order(self):
+        if self.expected_order is None:
+            pytest.skip("no expected_order: stochastic sampler or order not declared")
+        self.check_convergence_order(self.make_sampler(), self.expected_order)

@@ -2,5 +2,18 @@
 
 from ldmkit_samplers.ddim import DDIMSampler
 from ldmkit_samplers.ddpm import DDPMSampler
+from ldmkit_samplers.dpmpp_2m import DPMSolverPP2MSampler
+from ldmkit_samplers.euler import EulerSampler
+from ldmkit_samplers.euler_ancestral import EulerAncestralSampler
+from ldmkit_samplers.heun import HeunSampler
+from ldmkit_samplers.plms import PLMSSampler
 
-__all__ = ["DDIMSampler", "DDPMSampler"]
+__all__ = [
+    "DDIMSampler",
+    "DDPMSampler",
+    "DPMSolverPP2MSampler",
+    "EulerAncestralSampler",
+    "EulerSampler",
+    "HeunSampler",
+    "PLMSSampler",
+]

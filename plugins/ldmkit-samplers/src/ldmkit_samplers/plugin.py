@@ -7,11 +7,15 @@ import ldmkit
 
 @ldmkit.hookimpl
 def ldmkit_register_samplers(register):
-    from ldmkit_samplers.ddim import DDIMSampler
-    from ldmkit_samplers.ddpm import DDPMSampler
+    import ldmkit_samplers as samplers
 
-    register("ddpm", DDPMSampler)
-    register("ddim", DDIMSampler)
+    register("ddpm", samplers.DDPMSampler)
+    register("ddim", samplers.DDIMSampler)
+    register("plms", samplers.PLMSSampler)
+    register("dpmpp_2m", samplers.DPMSolverPP2MSampler)
+    register("euler", samplers.EulerSampler)
+    register("euler_ancestral", samplers.EulerAncestralSampler)
+    register("heun", samplers.HeunSampler)
 
 
 @ldmkit.hookimpl

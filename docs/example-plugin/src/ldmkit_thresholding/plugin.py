@@ -7,12 +7,13 @@ import ldmkit
 
 @ldmkit.hookimpl
 def ldmkit_register_samplers(register):
-    from ldmkit_heun.heun import HeunSampler  # import lazily: `ldmkit plugins` stays fast
+    # import lazily: `ldmkit plugins` stays fast
+    from ldmkit_thresholding.thresholded_ddim import ThresholdedDDIMSampler
 
-    register("heun", HeunSampler)
+    register("thresholded_ddim", ThresholdedDDIMSampler)
 
 
 @ldmkit.hookimpl
 def ldmkit_register_configs(register):
-    # conf/sampler/heun.yaml becomes the option `sampler=heun`
+    # conf/sampler/thresholded_ddim.yaml becomes the option `sampler=thresholded_ddim`
     register(Path(__file__).parent / "conf")

@@ -1,5 +1,0 @@
-"""An example third-party ldmkit plugin: Heun's sampler."""
-
-from ldmkit_heun.heun import HeunSampler
-
-__all__ = ["HeunSampler"]

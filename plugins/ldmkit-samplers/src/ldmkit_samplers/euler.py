@@ -1,0 +1,23 @@
+"""Euler's method on the probability-flow ODE: Karras, Aittala, Aila & Laine, "Elucidating the
+Design Space of Diffusion-Based Generative Models", NeurIPS 2022, Algorithm 2 with
+``S_churn = 0`` (no noise added: Algorithm 1 without its second-order correction).
+
+In the variables ``x = z_t / sqrt(a_t)``, ``sigma = sqrt((1 - a_t) / a_t)`` the ODE (eq. 1 with
+sigma(t) = t, s(t) = 1, and the score of eq. 3) is ``dx / dsigma = (x - D(x; sigma)) / sigma``.
+On the discrete schedule's own sigmas this is the deterministic DDIM step.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ldmkit.diffusion import SigmaSampler, SigmaStep
+
+
+class EulerSampler(SigmaSampler):
+    """``x_next = x + (sigma_next - sigma) (x - D(x; sigma)) / sigma``: first order, one
+    denoiser evaluation per step. Default spacing: ``linspace``."""
+
+    def step(self, s: SigmaStep) -> Tensor:
+        d = (s.x - s.denoised) / s.sigma
+        return s.x + (s.sigma_next - s.sigma) * d
