@@ -97,12 +97,9 @@ def grid(rows: list[list[Image.Image]], headers: list[str], labels: list[str] | 
 @torch.no_grad()
 def sample_in_batches(pipe: Pipeline, batch: dict[str, Any], *, n: int, chunk: int, seed: int,
                       **kwargs: Any) -> torch.Tensor:  # fmt: skip
-    """pipe.sample over ``chunk``-sized slices; slice k is seeded ``seed + k``."""
-    out = []
-    for k, start in enumerate(range(0, n, chunk)):
-        part = {key: value[start : start + chunk] for key, value in batch.items()}
-        out.append(pipe.sample(part, seed=seed + k, **kwargs))
-    return torch.cat(out)
+    """pipe.sample over ``chunk``-sized slices; sample i is seeded ``seed + i`` (per-sample
+    seeds, so the result does not depend on ``chunk``)."""
+    return pipe.sample(batch, num_samples=n, seed=seed, batch_size=chunk, **kwargs)
 
 
 def balanced_prompts(split: dict[str, Any], per_class: int, num_classes: int) -> list[int]:

@@ -73,7 +73,7 @@ def main() -> None:
         images, start = [], time.perf_counter()
         for first in range(0, len(labels), args.batch):
             chunk = labels[first:first + args.batch]
-            images.append(pipe.sample({"label": chunk}, seed=first, guidance_scale=args.guidance))
+            images.append(pipe.sample({"label": chunk}, seed=first, guidance_scale=args.guidance))  # sample i: seed i
         seconds = time.perf_counter() - start
         stats, accuracy = evaluate(torch.cat(images), labels)
         entry = {"sampler": name, "steps": steps, "samples": len(labels), "accuracy": accuracy,

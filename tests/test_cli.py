@@ -39,8 +39,9 @@ def test_plugins_json_lists_first_party_plugins():
     rows = {row["distribution"]: row for row in json.loads(out.stdout)}
     samplers = rows["ldmkit-samplers"]
     assert samplers["version"] == "0.1.0"
-    assert samplers["registers"]["sampler"] == ["ddim", "ddpm"]
-    assert samplers["config_groups"]["sampler"] == ["ddim", "ddpm"]
+    first_party = ["ddim", "ddpm", "dpmpp_2m", "euler", "euler_ancestral", "heun", "plms"]
+    assert samplers["registers"]["sampler"] == first_party
+    assert samplers["config_groups"]["sampler"] == first_party
     assert rows["ldmkit-conditioners"]["registers"]["conditioner"] == [
         "class_label", "inpaint", "low_res", "multi", "none", "semantic_map"]
 
@@ -79,3 +80,103 @@ def test_train_and_evaluate_take_overrides(command):
     out = ldmkit(command, "trainer.max_steps=3", "--print-config")
     assert out.returncode == 0, out.stderr
     assert "max_steps: 3" in out.stdout
+
+
+# -- ldmkit sample: outputs, img2img, inpainting, sizes, seeds --------------------------------
+def read_png(path: Path):
+    import numpy as np
+
+    return np.asarray(Image.open(path)).astype(int)
+
+
+def test_sample_writes_each_image_the_grid_and_the_settings(tmp_path):
+    out = ldmkit("sample", "sampler.steps=2", "image_size=8", "--num-samples", "3", "--seed", "7",
+                 "--batch-size", "2", "--out", str(tmp_path / "run" / "grid.png"), "--no-progress")
+    assert out.returncode == 0, out.stderr
+    files = sorted(p.name for p in (tmp_path / "run" / "grid").iterdir())
+    assert files == ["000000.png", "000001.png", "000002.png"]
+    assert Image.open(tmp_path / "run" / "grid.png").size == (2 + 2 * (8 + 2), 2 + 2 * (8 + 2))
+    settings = json.loads((tmp_path / "run" / "grid.json").read_text())
+    assert settings["sampler"] == {"name": "ddim", "steps": 2, "eta": 0.0, "spacing": "linspace"}
+    assert settings["size"] == [8, 8] and settings["batch_size"] == 2 and settings["checkpoint"] is None
+    assert settings["grid"] == "grid.png" and settings["strength"] is None
+    assert settings["images"] == [{"file": f"grid/00000{i}.png", "seed": 7 + i} for i in range(3)]
+    # sample i uses seed + i: --seed 8 starts at the second image, whatever the batch size
+    again = ldmkit("sample", "sampler.steps=2", "image_size=8", "--num-samples", "2", "--seed", "8",
+                   "--out", str(tmp_path / "again.png"), "--no-progress")
+    assert again.returncode == 0, again.stderr
+    for i in (0, 1):
+        a = read_png(tmp_path / "run" / "grid" / f"00000{i + 1}.png")
+        b = read_png(tmp_path / "again" / f"00000{i}.png")
+        assert abs(a - b).max() <= 1  # 8-bit rounding of a <= 1e-4 difference
+
+
+@pytest.fixture(scope="module")
+def class_checkpoint(tmp_path_factory):
+    """A tiny class-conditional pipeline (KL f=4, sampler ddpm) and an image and masks."""
+    import numpy as np
+
+    import ldmkit
+
+    root = tmp_path_factory.mktemp("ckpt")
+    ldmkit.compose(overrides=["conditioner=class_label", "first_stage=kl_tiny", "first_stage.encode_mode=mode",
+                              "image_size=16", "sampler=ddpm"]).save(root / "pipeline")  # fmt: skip
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "photo.png")
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255  # white = repaint
+    Image.fromarray(mask).save(root / "mask.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "small_mask.png")
+    return root
+
+
+def test_sampler_overrides_change_the_checkpoints_sampler_or_switch_it(class_checkpoint, tmp_path):
+    ckpt = str(class_checkpoint / "pipeline")
+    out = ldmkit("sample", "--checkpoint", ckpt, "sampler.steps=3", "--labels", "1,2",
+                 "--out", str(tmp_path / "a.png"), "--no-progress")
+    assert out.returncode == 0, out.stderr
+    settings = json.loads((tmp_path / "a.json").read_text())
+    assert settings["sampler"] == {"name": "ddpm", "steps": 3, "spacing": "linspace"}
+    assert settings["conditions"] == {"label": [1, 2]}
+    assert [(e["seed"], e["label"]) for e in settings["images"]] == [(0, 1), (1, 2)]
+
+    out = ldmkit("sample", "--checkpoint", ckpt, "sampler=ddim", "sampler.steps=4", "sampler.spacing=paper",
+                 "--labels", "3", "--num-samples", "2", "--init-image", str(class_checkpoint / "photo.png"),
+                 "--strength", "0.5", "--mask", str(class_checkpoint / "mask.png"), "--seed", "4",
+                 "--out", str(tmp_path / "b.png"), "--no-progress")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    settings = json.loads((tmp_path / "b.json").read_text())
+    assert settings["sampler"] == {"name": "ddim", "steps": 4, "eta": 0.0, "spacing": "paper"}
+    assert settings["init_image"].endswith("photo.png") and settings["mask"].endswith("mask.png")
+    assert settings["strength"] == 0.5 and settings["size"] == [16, 16]
+    assert [e["seed"] for e in settings["images"]] == [4, 5]
+    assert read_png(tmp_path / "b" / "000000.png").shape == (16, 16, 3)
+
+
+def test_height_and_width_sample_a_non_square_grid(class_checkpoint, tmp_path):
+    out = ldmkit("sample", "--checkpoint", str(class_checkpoint / "pipeline"), "sampler.steps=2",
+                 "--labels", "1", "--height", "32", "--width", "16", "--out", str(tmp_path / "tall.png"),
+                 "--no-progress")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert Image.open(tmp_path / "tall" / "000000.png").size == (16, 32)  # PIL: width, height
+    assert json.loads((tmp_path / "tall.json").read_text())["size"] == [32, 16]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--init-image", "{photo}", "--mask", "{small_mask}"], "mask has shape (1, 1, 8, 8), but init_image"),
+        (["--init-image", "{photo}", "--strength", "1.5"], "strength must be in (0, 1], got 1.5"),
+        (["--init-image", "{photo}", "--strength", "0"], "strength must be in (0, 1], got 0.0"),
+        (["--strength", "0.5"], "--strength needs --init-image"),
+        (["--height", "18"], "size 18x16 is not divisible by the first stage's downsample factor f=4"),
+    ],
+)
+def test_bad_sampling_inputs_are_one_line(class_checkpoint, tmp_path, args, message):
+    files = {"photo": class_checkpoint / "photo.png", "small_mask": class_checkpoint / "small_mask.png"}
+    out = ldmkit("sample", "--checkpoint", str(class_checkpoint / "pipeline"), "sampler.steps=2", "--labels", "1",
+                 *[a.format(**files) for a in args], "--out", str(tmp_path / "x.png"), "--no-progress")  # fmt: skip
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert message in out.stderr
+    assert not (tmp_path / "x.png").exists()

@@ -3,9 +3,11 @@ noise schedule, with sampling and one-folder checkpoints."""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from ldmkit import masks
 from ldmkit.diffusion.guidance import ClassifierFreeGuidance
+from ldmkit.diffusion.sampling import GeneratorArg, randn_like, sample_generators, split_generator
 from ldmkit.diffusion.schedule import NoiseSchedule
+from ldmkit.errors import LdmkitError
 from ldmkit.interfaces import Conditioner, Denoiser, FirstStage, Sampler
 from ldmkit.io import atomic_write, atomic_write_text
 
@@ -87,6 +92,24 @@ class Pipeline(nn.Module):
             raise ValueError(f"num_samples={num_samples} but the batch holds {n} conditions (key {keys[0]!r})")
         return n
 
+    def _image_size(
+        self, size: int | Sequence[int] | None, image_size: int | Sequence[int] | None
+    ) -> tuple[int, int] | None:
+        """``size`` (or its alias ``image_size``) as ``(h, w)``, checked against f."""
+        if size is not None and image_size is not None and _pair(size) != _pair(image_size):
+            raise SampleArgumentError(f"size={size} and image_size={image_size} disagree: give one of them")
+        given = size if size is not None else image_size
+        if given is None:
+            return None
+        h, w = _pair(given)
+        f = self.first_stage.downsample_factor
+        if h < 1 or w < 1 or h % f or w % f:
+            raise SampleArgumentError(
+                f"size {h}x{w} is not divisible by the first stage's downsample factor f={f}: "
+                f"height and width must be positive multiples of {f}"
+            )
+        return h, w
+
     def _latent_size(self, image_size: int | tuple[int, int] | None, cond: Mapping[str, Tensor]) -> tuple[int, int]:
         """The latent grid: from ``image_size`` (else the pipeline's), or from a ``concat``
         condition's grid when no size is given (a 2x semantic map samples at 2x)."""
@@ -96,8 +119,8 @@ class Pipeline(nn.Module):
             return tuple(concat.shape[-2:])
         size = image_size or self.image_size
         if size is None:
-            raise ValueError("image_size is unknown: pass image_size= or set it in the config")
-        h, w = (size, size) if isinstance(size, int) else size
+            raise ValueError("image_size is unknown: pass size= or set image_size in the config")
+        h, w = _pair(size)
         grid = tuple(self.first_stage.latent_shape(h, w)[1:])
         if concat is not None and tuple(concat.shape[-2:]) != grid:
             raise ValueError(
@@ -107,19 +130,58 @@ class Pipeline(nn.Module):
             )
         return grid
 
-    def _known_latents(self, batch: Mapping[str, Any]) -> tuple[Tensor | None, Tensor | None]:
+    def _check_init_image(self, init_image: Tensor) -> Tensor:
+        """``init_image`` as B×C×H×W float32 on the pipeline's device, in [-1, 1]."""
+        x = torch.as_tensor(init_image)
+        given = tuple(x.shape)
+        if x.ndim == 3:
+            x = x[None]
+        channels = self.first_stage.image_channels
+        if x.ndim != 4 or x.shape[1] != channels or not x.is_floating_point():
+            raise SampleArgumentError(
+                f"init_image must be float images B×{channels}×H×W (or {channels}×H×W) in [-1, 1] "
+                f"for this first stage ({channels} channels), got shape {given} ({x.dtype})"
+            )
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1 - 1e-4 or hi > 1 + 1e-4:
+            raise SampleArgumentError(
+                f"init_image values must be in [-1, 1], got [{lo:g}, {hi:g}] "
+                f"(images in [0, 1] map to [-1, 1] as x * 2 - 1)"
+            )
+        return x.to(device=self.scale_factor.device, dtype=torch.float32)
+
+    def _encode_init(self, images: Tensor, n: int, generator: GeneratorArg) -> Tensor:
+        """Latents of ``images`` (B = 1 or n) for n samples. A first stage that samples its
+        posterior (KL, ``encode_mode=sample``) draws from the samples' generator(s): sample i's
+        latent depends on its own generator only, whatever the batch."""
+        if generator is None:
+            z = self.encode(images)
+        elif isinstance(generator, torch.Generator):
+            with _seeded_global_rng(_draw_seed(generator), images.device):
+                z = self.encode(images)
+        else:
+            parts = []
+            for i, g in enumerate(generator):
+                with _seeded_global_rng(_draw_seed(g), images.device):
+                    parts.append(self.encode(images[i : i + 1] if images.shape[0] > 1 else images))
+            return torch.cat(parts)
+        return z.expand(n, *z.shape[1:]) if z.shape[0] == 1 and n > 1 else z
+
+    def _known_latents(
+        self, batch: Mapping[str, Any], generator: GeneratorArg = None
+    ) -> tuple[Tensor | None, Tensor | None]:
         """The conditioner's region to keep as the sampler's ``(mask, known)`` on the latent
-        grid: a latent cell is generated if any of its pixels is. The known latents encode
-        the *masked* image, so nothing of what lies under the mask reaches the result."""
+        grid (:func:`ldmkit.masks.latent_mask`). The known latents encode the *masked* image,
+        so nothing of what lies under the mask reaches the result."""
         region = self.conditioner.known_region(batch)
         if region is None:
             return None, None
         image, mask = region
         device = self.scale_factor.device
         mask = mask.float().to(device)
-        f = self.first_stage.downsample_factor
-        latent_mask = torch.nn.functional.max_pool2d(mask, f, f) if f > 1 else mask
-        return latent_mask, self.encode(image.to(device) * (1 - mask))
+        masked = image.to(device) * (1 - mask)
+        known = self._encode_init(masked, masked.shape[0], generator)
+        return masks.latent_mask(mask, self.first_stage.downsample_factor), known
 
     @torch.no_grad()
     def sample(
@@ -130,11 +192,16 @@ class Pipeline(nn.Module):
         steps: int | None = None,
         guidance_scale: float = 1.0,
         seed: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: GeneratorArg = None,
         noise: Tensor | None = None,
-        image_size: int | tuple[int, int] | None = None,
+        size: int | Sequence[int] | None = None,
+        image_size: int | Sequence[int] | None = None,
+        init_image: Tensor | None = None,
+        strength: float | None = None,
         mask: Tensor | None = None,
+        latent_mask: Tensor | None = None,
         known: Tensor | None = None,
+        batch_size: int | None = None,
         callback: Callable[[dict[str, Any]], None] | None = None,
         return_latents: bool = False,
         keep_known: bool = True,
@@ -144,29 +211,99 @@ class Pipeline(nn.Module):
         :param batch: the conditioner's inputs, keyed as its ``input_keys`` (e.g.
             ``{"label": [3, 7]}``, ``{"caption": ["a red apple"]}``,
             ``{"segmentation": ids}``); None for an unconditional model.
+        :param num_samples: how many images (unconditional models; with conditions it must
+            match the batch). Default 1, or the number of ``init_image`` images.
         :param guidance_scale: classifier-free guidance scale (1 = no guidance).
-        :param seed: seeds a fresh CPU generator for the starting noise (and the sampler).
-        :param image_size: the output size; by default the pipeline's, or, for spatial
-            conditions (``concat``), the size their inputs give.
+        :param seed: sample ``i`` draws all of its noise (the start, every ancestral step, a
+            KL first stage's posterior sample of ``init_image``) from its own generator
+            seeded ``seed + i`` (:func:`ldmkit.diffusion.sample_generators`), so
+            ``seed=s + 2`` reproduces sample 2 of ``seed=s`` and no result depends on the
+            batch it was drawn in.
+        :param generator: instead of ``seed``: one ``torch.Generator`` for the whole call (the
+            result then depends on the batch) or a list of one per sample.
+        :param noise: the starting noise z_T (B×c×h×w) instead of drawing it.
+        :param size: the output size, ``(height, width)`` or an int for a square; any
+            multiple of the first stage's factor f, larger than trained included (the
+            paper's convolutional sampling, Sec. 4.3.2). By default the pipeline's, the
+            ``init_image``'s, or, for spatial conditions (``concat``), the size their inputs
+            give. ``image_size`` is an alias.
+        :param init_image: img2img / SDEdit (Meng et al. 2022): images B×C×H×W in [-1, 1]
+            (B = 1 is used for every sample), encoded by the first stage (times the scale
+            factor, as in training), noised to the level where ``strength`` starts and
+            denoised from there.
+        :param strength: in (0, 1], default 1: the share of the sampler's steps run from the
+            noised ``init_image``; ``int(steps * strength)`` steps run, so a strength that
+            rounds to no step returns the first stage's reconstruction of ``init_image``.
+        :param mask: inpainting with any model: a pixel mask over ``init_image`` (H×W,
+            B×H×W or B×1×H×W, values in [0, 1]), **1 = repaint, 0 = keep** (white = repaint
+            in a PNG). It goes to the latent grid by :func:`ldmkit.masks.latent_mask`; the
+            kept region's latents are the init image's, re-noised and blended after every
+            step and exact at the end. With ``strength`` < 1 the repainted region starts
+            from the noised init image too; with 1 (the default) from pure noise.
+        :param latent_mask: with ``known``: a mask already on the latent grid and the known
+            clean latents, handed to the sampler as they are.
+        :param batch_size: sample in chunks of at most this many (memory), with the same
+            results as one batch when seeded with ``seed`` (up to float round-off).
+        :param callback: called after every step with the sampler's dict (``i``, ``t``,
+            ``z``, ``x0``) plus ``chunk`` and ``num_chunks``.
         :param keep_known: for an inpainting conditioner (``Conditioner.known_region``) and a
             sampler that supports masks: hold the kept region's latents fixed, so it ends as
-            the first stage's reconstruction of the input (``mask``/``known`` given here win).
+            the first stage's reconstruction of the input (``mask``/``latent_mask`` win).
         """
         batch = dict(batch or {})
-        n = self._batch_size(batch, num_samples)
         device = self.scale_factor.device
+        images = self._check_init_image(init_image) if init_image is not None else None
+        if images is not None and num_samples is None and not self.conditioner.input_keys:
+            num_samples = images.shape[0]
+        n = self._batch_size(batch, num_samples)
+        if images is not None and images.shape[0] not in (1, n):
+            raise SampleArgumentError(
+                f"init_image holds {images.shape[0]} images for {n} samples: give 1 or {n}"
+            )
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise SampleArgumentError(f"batch_size must be a positive integer, got {batch_size!r}")
+        hw = self._image_size(size, image_size)
+        if images is not None:
+            h, w = images.shape[-2:]
+            if hw is not None and hw != (h, w):
+                raise SampleArgumentError(
+                    f"size {hw[0]}x{hw[1]} differs from init_image's {h}x{w}: "
+                    "leave size out to sample at the image's size"
+                )
+            f = self.first_stage.downsample_factor
+            if h % f or w % f:
+                raise SampleArgumentError(
+                    f"init_image is {h}x{w}, which is not divisible by the first stage's downsample "
+                    f"factor f={f}: crop or resize it to multiples of {f}"
+                )
+            hw = (h, w)
+        if strength is not None:
+            if images is None:
+                raise SampleArgumentError("strength needs init_image (the image to start from)")
+            if not 0.0 < strength <= 1.0:
+                raise SampleArgumentError(
+                    f"strength must be in (0, 1], got {strength}: the share of the steps run from "
+                    "the noised init_image (1 = all of them)"
+                )
+        strength = 1.0 if strength is None else float(strength)
+        if (mask is not None or latent_mask is not None) and not self.sampler.supports_mask:
+            raise ValueError(f"sampler {type(self.sampler).__name__} does not support inpainting masks")
+        if mask is not None and images is None:
+            raise SampleArgumentError(
+                "mask is a pixel mask over init_image (1 = repaint, 0 = keep): give init_image= too "
+                "(a mask on the latent grid goes with known= as latent_mask=)"
+            )
+        if mask is not None and latent_mask is not None:
+            raise SampleArgumentError("give mask= (pixels, with init_image) or latent_mask= (with known), not both")
+        if seed is not None and generator is not None:
+            raise SampleArgumentError("give seed= or generator=, not both")
+        generators = sample_generators(seed, n) if seed is not None else generator
+
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         cond = self.conditioner(batch) if self.conditioner.input_keys else {}
-        if generator is None and seed is not None:
-            generator = torch.Generator().manual_seed(seed)
-        if noise is None:
-            shape = (n, self.first_stage.latent_channels, *self._latent_size(image_size, cond))
-            noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-        if keep_known and mask is None and known is None and self.sampler.supports_mask:
-            mask, known = self._known_latents(batch)
-        if mask is not None and not self.sampler.supports_mask:
-            raise ValueError(f"sampler {type(self.sampler).__name__} does not support inpainting masks")
-        if guidance_scale != 1.0 and cond:
+        guided = guidance_scale != 1.0 and bool(cond)
+        uncond: Mapping[str, Tensor] = {}
+        if guided:
             if not self.conditioner.learns_null_condition:
                 warnings.warn(
                     f"guidance_scale={guidance_scale} with conditioner {type(self.conditioner).__name__}, "
@@ -174,27 +311,63 @@ class Pipeline(nn.Module):
                     "was never trained, so guidance extrapolates from an untrained score",
                     stacklevel=2,
                 )
-            uncond = self.conditioner.unconditional(batch)
-            denoise = ClassifierFreeGuidance(self.eps_model(), cond, uncond, guidance_scale)
-        else:
-            model = self.eps_model()
+            uncond = self.conditioner.unconditional(batch)  # once per call, sliced per chunk
+        if noise is None:
+            shape = (n, self.first_stage.latent_channels, *self._latent_size(hw, cond))
+            noise = randn_like(torch.empty(shape), generators).to(device)
+        elif noise.shape[0] != n:
+            raise SampleArgumentError(f"noise holds {noise.shape[0]} samples for {n}")
 
-            def denoise(z_t: Tensor, t: Tensor) -> Tensor:
-                return model(z_t, t, cond)
+        init = self._encode_init(images, n, generators) if images is not None else None
+        if init is not None and init.shape != noise.shape:
+            raise SampleArgumentError(
+                f"init_image encodes to latents {tuple(init.shape)}, but the noise is {tuple(noise.shape)}"
+            )
+        if mask is not None:
+            latent_mask = masks.latent_mask(
+                masks.pixel_mask(mask, images, num_samples=n, name="mask", image_name="init_image"),
+                self.first_stage.downsample_factor,
+            )
+            known = init
+        elif latent_mask is None and known is None and keep_known and self.sampler.supports_mask:
+            latent_mask, known = self._known_latents(batch, generators)
+        elif (latent_mask is None) != (known is None):
+            raise SampleArgumentError("latent_mask= and known= go together (the latent region and its latents)")
+        sampler_init = init
+        if latent_mask is not None and strength == 1.0:
+            sampler_init = None  # inpainting starts the repainted region from pure noise
+        if sampler_init is not None and "init" not in inspect.signature(self.sampler.sample).parameters:
+            raise SampleArgumentError(
+                f"sampler {type(self.sampler).__name__} does not support img2img (its sample() takes no init=)"
+            )
 
-        z0 = self.sampler.sample(
-            denoise,
-            self.schedule,
-            noise,
-            steps=steps,
-            generator=generator,
-            callback=callback,
-            mask=mask,
-            known=known,
-        )
-        if return_latents:
-            return z0
-        return self.decode(z0).clamp(-1, 1)
+        step_model = self.eps_model()
+        bs = n if batch_size is None else min(batch_size, n)
+        starts = range(0, n, bs)
+        outputs = []
+        for k, start in enumerate(starts):
+            rows = slice(start, min(start + bs, n))
+            part_cond = _rows(cond, rows, n)
+            if guided:
+                denoise = ClassifierFreeGuidance(step_model, part_cond, _rows(uncond, rows, n), guidance_scale)
+            else:
+                denoise = _Conditioned(step_model, part_cond)
+            extra = {}
+            if sampler_init is not None:
+                extra = {"init": sampler_init[rows], "strength": strength}
+            z0 = self.sampler.sample(
+                denoise,
+                self.schedule,
+                noise[rows],
+                steps=steps,
+                generator=split_generator(generators, rows.start, rows.stop),
+                callback=_chunk_callback(callback, k, len(starts)),
+                mask=_rows(latent_mask, rows, n),
+                known=_rows(known, rows, n),
+                **extra,
+            )
+            outputs.append(z0 if return_latents else self.decode(z0).clamp(-1, 1))
+        return torch.cat(outputs)
 
     # -- checkpoints --------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -245,6 +418,56 @@ class Pipeline(nn.Module):
                 f"missing keys {sorted(missing)[:10]}, unexpected keys {sorted(unexpected)[:10]}"
             )
         return pipeline.to(device)
+
+
+class SampleArgumentError(LdmkitError, ValueError):
+    """An argument of :meth:`Pipeline.sample` that cannot be used (the message names it)."""
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    h, w = (int(v) for v in size)
+    return h, w
+
+
+def _rows(value: Any, rows: slice, n: int) -> Any:
+    """Rows ``rows`` of a per-sample tensor (or dict of them); batch-1 values broadcast."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return {k: _rows(v, rows, n) for k, v in value.items()}
+    return value[rows] if value.shape[0] == n else value
+
+
+def _draw_seed(generator: torch.Generator) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run with the global RNG seeded ``seed`` (for modules that draw from it, like a KL
+    first stage's posterior sample), restoring its state after."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+class _Conditioned:
+    """``(z_t, t) -> eps`` of an unguided model with a fixed condition."""
+
+    def __init__(self, model: Callable[..., Tensor], cond: Mapping[str, Tensor]) -> None:
+        self.model, self.cond = model, cond
+
+    def __call__(self, z_t: Tensor, t: Tensor) -> Tensor:
+        return self.model(z_t, t, self.cond)
+
+
+def _chunk_callback(callback: Callable[[dict[str, Any]], None] | None, chunk: int, num_chunks: int):
+    if callback is None:
+        return None
+    return lambda info: callback({**info, "chunk": chunk, "num_chunks": num_chunks})
 
 
 def image_grid_rows(n: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,12 +81,27 @@ def data(argv: Sequence[str], *, prog: str, description: str) -> int:
     return int(module.main(list(argv)) or 0)
 
 
+SAMPLE_EPILOG = """\
+outputs: --out grid.png writes grid.png (all samples), grid/000000.png ... (one PNG per sample,
+numbered from 0) and grid.json (the resolved settings: checkpoint, sampler and its options,
+guidance, size, strength, init image, mask, conditions, and each image's file and seed).
+
+sampler options are overrides: sampler.steps=20 sampler.spacing=paper; sampler=NAME switches
+the sampler (with --checkpoint, sampler.KEY=VALUE alone changes the checkpoint's own sampler).
+"""
+
+
 def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     p = _parser(prog, description)
+    p.epilog = SAMPLE_EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--checkpoint", type=Path, help="a checkpoint folder written by Pipeline.save")
-    p.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG grid to write")
+    p.add_argument("--out", type=Path, default=Path("samples.png"),
+                   help="the PNG grid to write; each sample goes to <out stem>/NNNNNN.png and the settings "
+                        "to <out stem>.json beside it")
     p.add_argument("--num-samples", type=int, default=None,
-                   help="images to sample (unconditional: default 16; with one condition: repeats it)")
+                   help="images to sample (unconditional: default 16, or 1 with --init-image; with one "
+                        "condition: repeats it)")
     p.add_argument("--cond", action="append", default=[], metavar="KEY=VALUE",
                    help="a condition input the conditioner reads, e.g. label=3,5 | caption='a red apple' | "
                         "segmentation=map.png | lowres=small.png | image=photo.png | mask=mask.png; repeatable")
@@ -93,32 +109,59 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     p.add_argument("--prompt", action="append", help="shorthand for --cond caption=PROMPT; repeatable")
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--image-size", type=int, default=None,
-                   help="output size (default: the pipeline's, or the size of spatial condition inputs)")
-    p.add_argument("--seed", type=int, default=0)
+                   help="output size, square (default: the pipeline's, or the size of spatial condition "
+                        "inputs or of --init-image)")
+    p.add_argument("--height", type=int, default=None,
+                   help="output height, any multiple of the first stage's factor f, larger than trained "
+                        "included (one of --height/--width alone keeps the other at --image-size or the "
+                        "trained size)")
+    p.add_argument("--width", type=int, default=None, help="output width (see --height)")
+    p.add_argument("--init-image", type=Path, default=None, metavar="PNG",
+                   help="img2img / SDEdit: start from this image, noised to --strength")
+    p.add_argument("--strength", type=float, default=None,
+                   help="with --init-image, in (0, 1] (default 1): the share of the sampler's steps run "
+                        "from the noised image; small values stay close to it")
+    p.add_argument("--mask", type=Path, default=None, metavar="PNG",
+                   help="inpainting with any model: a PNG of the init image's size; white (> 127) is "
+                        "repainted, black is kept")
+    p.add_argument("--seed", type=int, default=0,
+                   help="sample i uses seed + i (its own generator, for all of its noise), so "
+                        "--seed 5 --num-samples 1 reproduces sample 5 of --seed 0; default 0")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sample at most this many at once to bound memory (the images do not change)")
     p.add_argument("--show-conditions", action="store_true",
                    help="one row per sample: its condition inputs (images, maps, masks, prompts), then the sample")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    cfg = _compose(args.overrides, args.print_config)
+    for flag, value in (("--strength", args.strength), ("--mask", args.mask)):
+        if value is not None and args.init_image is None:
+            raise CLIError(f"{flag} needs --init-image (the image to start from, or to inpaint)")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not args.out.suffix:
+        raise CLIError(f"--out names the grid image, e.g. {args.out}.png; got {args.out}")
+    overrides = _checkpoint_sampler_overrides(args.checkpoint, args.overrides)
+    cfg = _compose(overrides, args.print_config)
     if args.print_config:
         return 0
 
     import torch
-    from torchvision.utils import save_image
     from tqdm.auto import tqdm
 
-    from ldmkit.cli.conditions import parse_conditions, repeat_to
+    from ldmkit.cli.conditions import SOURCE_KEY, load_image, load_mask, parse_conditions, repeat_to
     from ldmkit.config import build_pipeline, create_component
-    from ldmkit.pipeline import Pipeline, image_grid_rows
+    from ldmkit.pipeline import Pipeline
     from ldmkit.plugins import get_registry
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         if args.checkpoint is not None:
             pipeline = Pipeline.load(args.checkpoint, device=device)
-            if any(o.lstrip("+").startswith("sampler") for o in args.overrides):
-                pipeline.sampler = create_component(get_registry(), "sampler", cfg.sampler)
+            sampler_node = _sampler_node(pipeline.config.sampler, cfg.sampler, args.overrides)
+            if sampler_node is not None:
+                pipeline.sampler = create_component(get_registry(), "sampler", sampler_node)
+                pipeline.config.sampler = sampler_node
         else:
             pipeline = build_pipeline(cfg).to(device)
             print(
@@ -137,46 +180,220 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
 
     items = list(args.cond) + ([f"{key_of('class', 'label')}={args.labels}"] if args.labels else [])
     items += [f"{key_of('text', 'caption')}={p}" for p in args.prompt or []]
+    channels = pipeline.first_stage.image_channels
     try:
-        batch = parse_conditions(items, kinds, image_channels=pipeline.first_stage.image_channels)
+        batch = parse_conditions(items, kinds, image_channels=channels)
+        init_image = mask = None
+        if args.init_image is not None:
+            init_image = load_image(args.init_image, channels=channels, flag="--init-image")
+        if args.mask is not None:
+            mask = load_mask(args.mask, flag="--mask")
     except LdmkitError as err:
         raise CLIError(str(err)) from err
+    sources = {f"--cond {k}": v for k, v in (batch.pop(SOURCE_KEY, None) or {}).items()}
+    for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
+        if path is not None:
+            sources[flag] = str(path)
     num_samples = args.num_samples
     if conditioner.input_keys:
         if num_samples is not None and all(len(batch.get(k, ())) == 1 for k in conditioner.input_keys):
             batch = repeat_to(batch, conditioner.input_keys, num_samples)
         num_samples = None
     elif num_samples is None:
-        num_samples = 16
+        num_samples = 1 if init_image is not None else 16
 
-    steps = getattr(pipeline.sampler, "steps", None)
-    bar = tqdm(total=steps, desc="sampling", disable=args.no_progress, file=sys.stderr)
+    size = None
+    if args.height is not None or args.width is not None:
+        base = args.image_size or pipeline.image_size
+        h, w = args.height or base or args.width, args.width or base or args.height
+        size = (h, w)
+    elif args.image_size is not None:
+        size = (args.image_size, args.image_size)
+
+    steps = int(getattr(pipeline.sampler, "steps", 0) * (args.strength or 1.0)) or None
+    bar = tqdm(total=None, desc="sampling", disable=args.no_progress, file=sys.stderr)
+
+    def progress(info: dict) -> None:
+        if bar.total is None and steps:
+            bar.total = steps * info.get("num_chunks", 1)
+            bar.refresh()
+        bar.update(1)
+
     try:
         images = pipeline.sample(
             batch,
             num_samples=num_samples,
             guidance_scale=args.guidance_scale,
             seed=args.seed,
-            image_size=args.image_size,
-            callback=lambda info: bar.update(1),
+            size=size,
+            init_image=init_image,
+            strength=args.strength,
+            mask=mask,
+            batch_size=args.batch_size,
+            callback=progress,
         )
     except (LdmkitError, ValueError) as err:
-        sources = batch.get("__source__") or {}
-        where = "; ".join(f"--cond {k}={v}" for k, v in sources.items())
+        where = "; ".join(f"{flag}={path}" for flag, path in sources.items())
         raise CLIError(f"{err}" + (f" (inputs: {where})" if where else "")) from err
     finally:
         bar.close()
-    n = images.shape[0]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.show_conditions:
-        from ldmkit.visualize import samples_with_conditions
-
-        tiles, per_row = samples_with_conditions(images, conditioner, batch)
-        save_image(tiles, args.out, nrow=per_row or image_grid_rows(n))
-    else:
-        save_image((images + 1) / 2, args.out, nrow=image_grid_rows(n))
-    print(f"wrote {n} samples to {args.out}")
+    settings = {
+        "checkpoint": str(args.checkpoint) if args.checkpoint is not None else None,
+        "sampler": _sampler_settings(pipeline),
+        "guidance_scale": args.guidance_scale,
+        "seed": args.seed,
+        "num_samples": int(images.shape[0]),
+        "batch_size": args.batch_size,
+        "size": [int(images.shape[-2]), int(images.shape[-1])],
+        "init_image": str(args.init_image) if args.init_image else None,
+        "strength": (1.0 if args.strength is None else args.strength) if args.init_image else None,
+        "mask": str(args.mask) if args.mask else None,
+        "conditions": _condition_settings(batch, kinds, sources),
+        "overrides": list(args.overrides),
+        "device": str(device),
+    }
+    written = write_samples(images, args.out, settings, conditioner=conditioner, batch=batch,
+                            kinds=kinds, show_conditions=args.show_conditions)
+    print(f"wrote {images.shape[0]} samples to {args.out}, {written['folder']}/ and {written['settings']}")
     return 0
+
+
+def _checkpoint_sampler_overrides(checkpoint: Path | None, overrides: Sequence[str]) -> list[str]:
+    """With a checkpoint, ``sampler.KEY=VALUE`` alone changes the checkpoint's sampler: compose
+    from the checkpoint's sampler option, so Hydra checks the keys against the right config."""
+    overrides = list(overrides)
+    if checkpoint is None or _sampler_switch(overrides) or not _sampler_keys(overrides):
+        return overrides
+    from omegaconf import OmegaConf
+
+    from ldmkit.pipeline import CONFIG_FILE
+
+    try:
+        saved = OmegaConf.load(Path(checkpoint) / CONFIG_FILE)
+    except (OSError, ValueError):
+        return overrides  # Pipeline.load reports the missing or broken file
+    choice = OmegaConf.select(saved, "choices.sampler", default=None)
+    return [f"sampler={choice}", *overrides] if choice else overrides
+
+
+def _sampler_switch(overrides: Sequence[str]) -> bool:
+    return any(re.match(r"^\+{0,2}sampler=", o) for o in overrides)
+
+
+def _sampler_keys(overrides: Sequence[str]) -> list[tuple[str, str]]:
+    """``(prefix, key)`` of each ``[+|++|~]sampler.KEY...`` override."""
+    found = []
+    for override in overrides:
+        m = re.match(r"^([+~]*)sampler\.([\w.]+)", override)
+        if m:
+            found.append((m[1], m[2]))
+    return found
+
+
+def _sampler_node(saved, composed, overrides: Sequence[str]):
+    """The sampler config to build for a loaded checkpoint: the composed one after
+    ``sampler=NAME``; the checkpoint's own with the overridden keys after ``sampler.KEY=...``;
+    None (keep the checkpoint's sampler) without sampler overrides."""
+    from omegaconf import OmegaConf
+
+    if _sampler_switch(overrides):
+        return composed
+    keys = _sampler_keys(overrides)
+    if not keys:
+        return None
+    node = OmegaConf.create(OmegaConf.to_container(saved, resolve=True))
+    for prefix, key in keys:
+        if "~" in prefix:
+            parent, _, leaf = key.rpartition(".")
+            container = OmegaConf.select(node, parent) if parent else node
+            if container is not None and leaf in container:
+                del container[leaf]
+        else:
+            OmegaConf.update(node, key, OmegaConf.select(composed, key), merge=False)
+    return node
+
+
+def _sampler_settings(pipeline) -> dict:
+    """The sampler's name and options as configured, with the steps and spacing it runs."""
+    from omegaconf import OmegaConf
+
+    node = pipeline.config.sampler if pipeline.config is not None else None
+    settings = dict(OmegaConf.to_container(node, resolve=True)) if node is not None else {}
+    settings.setdefault("name", type(pipeline.sampler).__name__)
+    settings["steps"] = getattr(pipeline.sampler, "steps", settings.get("steps"))
+    spacing = getattr(pipeline.sampler, "spacing", settings.get("spacing"))
+    if spacing is not None:
+        settings["spacing"] = spacing
+    return settings
+
+
+def _condition_settings(batch: dict, kinds: dict[str, str], sources: dict[str, str]) -> dict:
+    """Each condition key: its per-sample values (labels, prompts) or the file(s) it came from."""
+    out = {}
+    for key in kinds:
+        if f"--cond {key}" in sources:
+            out[key] = sources[f"--cond {key}"]
+        elif key in batch:
+            value = batch[key]
+            out[key] = value.tolist() if hasattr(value, "tolist") else list(value)
+    return out
+
+
+def write_samples(images, out: Path, settings: dict, *, conditioner=None, batch=None,
+                  kinds: dict[str, str] | None = None, show_conditions: bool = False) -> dict[str, Path]:
+    """``out`` (the grid), ``<out stem>/NNNNNN.png`` (sample i, seed + i) and
+    ``<out stem>.json`` (``settings`` plus each image's file and seed). Each file is
+    replaced atomically; the JSON is written last."""
+    from torchvision.utils import save_image
+
+    from ldmkit.io import atomic_path, atomic_write_text
+    from ldmkit.pipeline import image_grid_rows
+
+    folder = out.parent / out.stem
+    folder.mkdir(parents=True, exist_ok=True)
+    n = images.shape[0]
+    per_image = []
+    for i in range(n):
+        path = folder / f"{i:06d}.png"
+        with atomic_path(path) as tmp:
+            _to_pil(images[i]).save(tmp, format="png")
+        entry = {"file": path.relative_to(out.parent).as_posix(), "seed": settings["seed"] + i}
+        for key, kind in (kinds or {}).items():
+            if kind in ("class", "text") and batch is not None and key in batch and len(batch[key]) == n:
+                value = batch[key][i]
+                entry[key] = value.item() if hasattr(value, "item") else value
+        per_image.append(entry)
+    with atomic_path(out) as tmp:
+        if show_conditions and conditioner is not None:
+            from ldmkit.visualize import samples_with_conditions
+
+            tiles, per_row = samples_with_conditions(images, conditioner, batch)
+            save_image(tiles, tmp, nrow=per_row or image_grid_rows(n), format=_format(out))
+        else:
+            save_image((images + 1) / 2, tmp, nrow=image_grid_rows(n), format=_format(out))
+    record = {**settings, "grid": out.name, "images": per_image}
+    json_path = out.with_suffix(".json")
+    atomic_write_text(json_path, json.dumps(record, indent=2, default=str) + "\n")
+    return {"grid": out, "folder": folder, "settings": json_path}
+
+
+def _format(path: Path) -> str:
+    from PIL import Image
+
+    Image.init()
+    return Image.EXTENSION.get(path.suffix.lower(), "PNG")
+
+
+def _to_pil(image):
+    """C×H×W in [-1, 1] -> an 8-bit PIL image (L for one channel, RGB for three), rounded
+    as torchvision's save_image rounds the grid."""
+    from PIL import Image
+
+    array = ((image.detach().float().clamp(-1, 1) + 1) / 2 * 255 + 0.5).clamp(0, 255).to("cpu")
+    array = array.byte().numpy()
+    if array.shape[0] == 1:
+        return Image.fromarray(array[0], mode="L")
+    return Image.fromarray(array[:3].transpose(1, 2, 0), mode="RGB")
 
 
 def plugins(argv: Sequence[str], *, prog: str, description: str) -> int:

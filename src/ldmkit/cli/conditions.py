@@ -9,7 +9,9 @@ The conditioner says which keys it reads (``input_keys``) and what each holds
 * ``segmentation``: a PNG of class ids (mode L or P, values used as they are) -> H×W int64;
 * ``mask``: a PNG -> 1×H×W in {0, 1}; white (> 127) is the region to generate, black is kept.
 
-Repeating an image-like key stacks the files (they must have one size).
+Repeating an image-like key stacks the files (they must have one size). ``--init-image``
+and ``--mask`` (img2img and inpainting with any model) are read by :func:`load_image` and
+:func:`load_mask`, by the same rules.
 """
 
 from __future__ import annotations
@@ -32,18 +34,18 @@ class ConditionArgumentError(LdmkitError, ValueError):
     """A ``--cond`` value that cannot be read (the message names the key and the value)."""
 
 
-def _load_png(path: Path, kind: str, channels: int) -> torch.Tensor:
+def _load_png(path: Path, kind: str, channels: int, flag: str = "--cond") -> torch.Tensor:
     if not path.is_file():
-        raise ConditionArgumentError(f"--cond: no such file {path}")
+        raise ConditionArgumentError(f"{flag}: no such file {path}")
     try:
         image = Image.open(path)
         image.load()
     except Exception as err:  # PIL signals damage through many types
-        raise ConditionArgumentError(f"--cond: cannot read {path} as an image: {err}") from err
+        raise ConditionArgumentError(f"{flag}: cannot read {path} as an image: {err}") from err
     if kind == "segmentation":
         if image.mode not in ("L", "P", "I", "I;16"):
             raise ConditionArgumentError(
-                f"--cond: {path} is a {image.mode} image; a class map is a one-channel PNG of class ids (mode L or P)"
+                f"{flag}: {path} is a {image.mode} image; a class map is a one-channel PNG of class ids (mode L or P)"
             )
         return torch.from_numpy(np.array(image, dtype=np.int64))
     if kind == "mask":
@@ -52,6 +54,16 @@ def _load_png(path: Path, kind: str, channels: int) -> torch.Tensor:
     array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
     tensor = torch.from_numpy(array) / 127.5 - 1.0
     return tensor[None] if channels == 1 else tensor.permute(2, 0, 1).contiguous()
+
+
+def load_image(path: Path, *, channels: int, flag: str) -> torch.Tensor:
+    """A PNG (any mode) -> 1×C×H×W in [-1, 1], C = the first stage's image channels."""
+    return _load_png(Path(path).expanduser(), "image", channels, flag)[None]
+
+
+def load_mask(path: Path, *, flag: str) -> torch.Tensor:
+    """A PNG -> 1×1×H×W in {0, 1}: white (> 127) is generated (1), black is kept (0)."""
+    return _load_png(Path(path).expanduser(), "mask", 1, flag)[None]
 
 
 def parse_conditions(

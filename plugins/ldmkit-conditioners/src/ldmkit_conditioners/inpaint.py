@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldmkit import masks
 from ldmkit.interfaces import Conditioner
 from ldmkit_conditioners.rescaler import ConditionValueError, module_device, not_bound
 
@@ -134,9 +134,9 @@ class InpaintConditioner(Conditioner):
 
     # -- the condition --------------------------------------------------------------------
     def latent_mask(self, mask: Tensor) -> Tensor:
-        """B×1×H×W -> B×1×H/f×W/f: a cell is 1 (fill) if any of its pixels is."""
-        f = int(self.first_stage.downsample_factor)
-        return F.max_pool2d(mask, kernel_size=f, stride=f) if f > 1 else mask
+        """B×1×H×W -> B×1×H/f×W/f: a cell is 1 (fill) if any of its pixels is
+        (:func:`ldmkit.masks.latent_mask`, the rule ``Pipeline.sample`` uses too)."""
+        return masks.latent_mask(mask, int(self.first_stage.downsample_factor))
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         first_stage = self.first_stage
