@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SAMPLERS = ["ddim", "plms", "dpmpp_2m", "euler"]
 STEPS = [5, 10, 20, 50]
@@ -38,7 +41,9 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/sampler_quality.json"))
+    parser.add_argument(
+        "--json", type=Path, default=Path("benchmarks/results/sampler_quality.json")
+    )
     parser.add_argument("--plot", type=Path, default=Path("docs/images/sampler_quality.png"))
     args = parser.parse_args()
     if args.threads:
@@ -64,60 +69,86 @@ def main() -> None:
 
     test_images, _ = fashion_mnist_arrays("test")
     order = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(0))
-    real_stats, _ = evaluate(to_model_input(test_images[order[:1000].numpy()]),
-                             torch.zeros(1000, dtype=torch.long))
+    real_stats, _ = evaluate(
+        to_model_input(test_images[order[:1000].numpy()]), torch.zeros(1000, dtype=torch.long)
+    )
 
     def run(name: str, steps: int, per_class: int) -> dict[str, Any]:
         pipe.sampler = registry.create("sampler", name, steps=steps)
         labels = torch.arange(10).repeat(per_class)
         images, start = [], time.perf_counter()
         for first in range(0, len(labels), args.batch):
-            chunk = labels[first:first + args.batch]
-            images.append(pipe.sample({"label": chunk}, seed=first, guidance_scale=args.guidance))  # sample i: seed i
+            chunk = labels[first : first + args.batch]
+            images.append(
+                pipe.sample({"label": chunk}, seed=first, guidance_scale=args.guidance)
+            )  # sample i: seed i
         seconds = time.perf_counter() - start
         stats, accuracy = evaluate(torch.cat(images), labels)
-        entry = {"sampler": name, "steps": steps, "samples": len(labels), "accuracy": accuracy,
-                 "frechet": frechet_distance_from_stats(stats, real_stats), "seconds": seconds}
+        entry = {
+            "sampler": name,
+            "steps": steps,
+            "samples": len(labels),
+            "accuracy": accuracy,
+            "frechet": frechet_distance_from_stats(stats, real_stats),
+            "seconds": seconds,
+        }
         print(json.dumps(entry), flush=True)
         return entry
 
-    results: dict[str, Any] = {"pipeline": str(args.pipeline), "guidance": args.guidance,
-                               "per_class": args.per_class, "runs": []}
+    results: dict[str, Any] = {
+        "pipeline": str(args.pipeline),
+        "guidance": args.guidance,
+        "per_class": args.per_class,
+        "runs": [],
+    }
     for name in args.samplers:
         for steps in args.steps:
             results["runs"].append(run(name, steps, args.per_class))
     if args.ddpm_per_class:
-        results["ddpm_subset"] = [run("ddpm", 1000, args.ddpm_per_class), run("ddim", 50, args.ddpm_per_class)]
+        results["ddpm_subset"] = [
+            run("ddpm", 1000, args.ddpm_per_class),
+            run("ddim", 50, args.ddpm_per_class),
+        ]
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.plot)
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    """Two line charts (Fréchet distance and class accuracy against steps), stacked in one PNG."""
+    from PIL import Image
+    from plotting import line_chart
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    names = sorted({r["sampler"] for r in results["runs"]}, key=lambda n: SAMPLERS.index(n) if n in SAMPLERS else 99)
+    names = [n for n in SAMPLERS if any(r["sampler"] == n for r in results["runs"])]
+    series = {key: {} for key in ("frechet", "accuracy")}
     for name in names:
-        rows = sorted((r for r in results["runs"] if r["sampler"] == name), key=lambda r: r["steps"])
-        steps = [r["steps"] for r in rows]
-        axes[0].plot(steps, [r["frechet"] for r in rows], marker="o", label=name)
-        axes[1].plot(steps, [100 * r["accuracy"] for r in rows], marker="o", label=name)
-    for ddpm in results.get("ddpm_subset", [])[:1]:
-        axes[1].axhline(100 * ddpm["accuracy"], color="gray", ls="--", label="ddpm 1000 (subset)")
-    for ax, label in zip(axes, ["Fréchet distance (lower is better)", "class accuracy, %"], strict=True):
-        ax.set_xscale("log")
-        ax.set_xlabel("sampler steps")
-        ax.set_title(label, fontsize=10)
-        ax.set_xticks([5, 10, 20, 50], labels=["5", "10", "20", "50"])
-    axes[1].legend(fontsize=8)
-    fig.suptitle(f"class-conditional Fashion-MNIST LDM, guidance {results['guidance']}", fontsize=10)
-    fig.tight_layout()
+        rows = sorted(
+            (r for r in results["runs"] if r["sampler"] == name), key=lambda r: r["steps"]
+        )
+        series["frechet"][name] = [(r["steps"], r["frechet"]) for r in rows]
+        series["accuracy"][name] = [(r["steps"], 100 * r["accuracy"]) for r in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    parts = []
+    for key, label in (
+        ("frechet", "Fréchet distance (lower is better)"),
+        ("accuracy", "class accuracy, %"),
+    ):
+        part = path.with_name(f"{path.stem}_{key}.png")
+        line_chart(
+            part,
+            series[key],
+            xlabel="sampler steps",
+            ylabel=label,
+            title=f"class-conditional Fashion-MNIST LDM, guidance {results['guidance']}",
+        )
+        parts.append(Image.open(part).convert("RGB"))
+        part.unlink()
+    canvas = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts)), "white")
+    y = 0
+    for part in parts:
+        canvas.paste(part, (0, y))
+        y += part.height
+    canvas.save(path)
 
 
 if __name__ == "__main__":
