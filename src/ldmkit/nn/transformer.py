@@ -13,6 +13,7 @@ Parameter names and shapes match ``ldm.modules.attention`` of the reference code
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
@@ -51,10 +52,11 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         if context is None:
             context = x
-        elif context.shape[1] == 1:
+        elif context.shape[1] == 1 and not torch.is_grad_enabled():
             # one key (a class embedding, the paper's cin models): softmax over a single
             # score is exactly 1, so every query receives that token's value; skip Q, K,
-            # the scores and all but one row of the output projection
+            # the scores and all but one row of the output projection. Inference only: in
+            # training Q and K must still receive (zero) gradients, or DDP reports them unused
             return self.to_out(self.to_v(context)).expand(-1, x.shape[1], -1)
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
         k = rearrange(self.to_k(context), "b m (h d) -> b h m d", h=self.heads)
