@@ -187,8 +187,8 @@ class DiscreteStep:
         return torch.full((self.z.shape[0],), t, device=self.z.device, dtype=torch.long)
 
 
-class DiscreteSampler(Sampler):
-    """Base of the discrete-time samplers: subclasses write :meth:`step` and nothing else.
+class _SpacedSampler(Sampler):
+    """What both bases share: ``steps``, the timestep ``spacing`` and the step plan.
 
     :param steps: denoiser steps (the loop's length; ``spacing="paper"`` may add one, see
         :func:`timestep_pairs`).
@@ -205,6 +205,14 @@ class DiscreteSampler(Sampler):
 
     def timesteps(self, schedule: Any, steps: int | None = None) -> list[tuple[int, int]]:
         return timestep_pairs(schedule.timesteps, steps or self.steps, self.spacing)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(steps={self.steps}, spacing={self.spacing!r})"
+
+
+class DiscreteSampler(_SpacedSampler):
+    """Base of the discrete-time samplers: subclasses write :meth:`step` and nothing else
+    (``steps`` and ``spacing`` as in :func:`timestep_pairs`)."""
 
     @abc.abstractmethod
     def step(self, s: DiscreteStep) -> Tensor:
@@ -263,11 +271,14 @@ class DiscreteSampler(Sampler):
                 callback({"i": i, "t": t, "z": z, "x0": x0})
         return z
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(steps={self.steps}, spacing={self.spacing!r})"
-
 
 # -- continuous time: the sigma bridge ------------------------------------------------------
+def sigma_table(schedule: Any) -> Tensor:
+    """``sigma_t = sqrt((1 - a_t) / a_t)`` for every discrete timestep (float64, CPU)."""
+    a = schedule.alphas_cumprod.double().cpu()
+    return ((1 - a) / a).sqrt()
+
+
 class SigmaDenoiser:
     """k-diffusion's bridge from a discrete eps-model to ``D(x, sigma) -> x0``.
 
@@ -279,21 +290,8 @@ class SigmaDenoiser:
 
     def __init__(self, denoise: DenoiseFn, schedule: Any, *, quantize: bool = False) -> None:
         self.denoise, self.schedule, self.quantize = denoise, schedule, quantize
-        a = schedule.alphas_cumprod.double().cpu()
-        self.sigmas = ((1 - a) / a).sqrt()
+        self.sigmas = sigma_table(schedule)
         self.log_sigmas = self.sigmas.log()
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.sigmas[0])
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
-
-    def sigma_at(self, t: int) -> float:
-        """sigma of a discrete timestep; ``t = -1`` (clean) is 0."""
-        return 0.0 if t < 0 else float(self.sigmas[t])
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """Fractional (or, quantized, integer) timesteps for ``sigma`` (any shape, > 0)."""
@@ -305,13 +303,6 @@ class SigmaDenoiser:
         high = low + 1
         w = ((log_sigma - ls[low]) / (ls[high] - ls[low])).clamp(0, 1)
         return ((1 - w) * low + w * high).to(device=sigma.device, dtype=torch.float32)
-
-    def t_to_sigma(self, t: Tensor) -> Tensor:
-        t = t.detach().double().cpu().clamp(0, len(self.sigmas) - 1)
-        low = t.floor().long()
-        high = t.ceil().long()
-        w = t - low
-        return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
 
     def eps(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
@@ -347,7 +338,7 @@ class SigmaStep:
         return randn_like(self.x, self.generator)
 
 
-class SigmaSampler(Sampler):
+class SigmaSampler(_SpacedSampler):
     """Base of the continuous-time samplers: subclasses write :meth:`step` in sigma space.
 
     The noise levels are the sigmas of the spaced discrete timesteps (``spacing``, default
@@ -357,25 +348,15 @@ class SigmaSampler(Sampler):
     same point.
     """
 
-    supports_mask = True
-    default_spacing = "linspace"
-
     def __init__(
         self, *, steps: int = 50, spacing: str | None = None, quantize: bool = False
     ) -> None:
-        super().__init__(steps=steps)
-        self.spacing = check_spacing(spacing or self.default_spacing)
+        super().__init__(steps=steps, spacing=spacing)
         self.quantize = quantize
 
     def sigmas(self, schedule: Any, steps: int | None = None) -> list[float]:
         """Descending noise levels, one more than the steps."""
-        pairs = timestep_pairs(schedule.timesteps, steps or self.steps, self.spacing)
-        a = schedule.alphas_cumprod.double().cpu()
-
-        def sigma(t: int) -> float:
-            return 0.0 if t < 0 else math.sqrt((1 - a[t]) / a[t])
-
-        return [sigma(t) for t, _ in pairs] + [sigma(pairs[-1][1])]
+        return _sigma_levels(sigma_table(schedule), self.timesteps(schedule, steps))
 
     @abc.abstractmethod
     def step(self, s: SigmaStep) -> Tensor:
@@ -397,14 +378,13 @@ class SigmaSampler(Sampler):
     ) -> Tensor:
         check_mask(mask, known, noise)
         model = SigmaDenoiser(denoise, schedule, quantize=self.quantize)
-        sigmas = self.sigmas(schedule, steps)
+        pairs = self.timesteps(schedule, steps)
         if init is not None:
-            if not 0.0 <= strength <= 1.0:
-                raise ValueError(f"strength must be in [0, 1], got {strength}")
-            keep = min(int((len(sigmas) - 1) * strength), len(sigmas) - 1)
-            if keep == 0:
+            pairs = truncate_for_strength(pairs, strength)
+            if not pairs:
                 return init
-            sigmas = sigmas[len(sigmas) - 1 - keep :]
+        sigmas = _sigma_levels(model.sigmas, pairs)
+        if init is not None:
             x = init + sigmas[0] * noise
         else:
             x = noise * math.sqrt(1 + sigmas[0] ** 2)
@@ -437,13 +417,21 @@ class SigmaSampler(Sampler):
                     kept = known + sigma_next * randn_like(x, generator)
                 x = mask * x + (1 - mask) * kept
             if callback is not None:
-                t = int(model.sigma_to_t(torch.tensor([sigma])).round())
-                callback({"i": i, "t": t, "z": x / math.sqrt(1 + sigma_next**2), "x0": denoised})
+                callback(
+                    {
+                        "i": i,
+                        "t": pairs[i][0],
+                        "z": x / math.sqrt(1 + sigma_next**2),
+                        "x0": denoised,
+                    }
+                )
         # back to the VP latent (a no-op when the chain ends at sigma = 0)
         return x / math.sqrt(1 + sigmas[-1] ** 2)
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(steps={self.steps}, spacing={self.spacing!r})"
+
+def _sigma_levels(table: Tensor, pairs: list[tuple[int, int]]) -> list[float]:
+    """sigma of each step's start, then of the chain's end (0 for t = -1)."""
+    return [0.0 if t < 0 else float(table[t]) for t in [t for t, _ in pairs] + [pairs[-1][1]]]
 
 
 __all__ = [
@@ -456,6 +444,7 @@ __all__ = [
     "SigmaStep",
     "check_mask",
     "check_spacing",
+    "sigma_table",
     "randn_like",
     "sample_generators",
     "split_generator",
