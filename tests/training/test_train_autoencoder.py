@@ -71,7 +71,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cfg, image_data)
 
 def test_resume_refuses_a_different_first_stage(tiny_cfg, image_data):
     train(tiny_cfg("trainer.max_steps=10"), data=image_data())
-    with pytest.raises(TrainingError, match="first_stage was"):
+    with pytest.raises(TrainingError, match=r"different model: first_stage\.ch: 8 -> 16; first_stage, seed cannot"):
         train(tiny_cfg("first_stage.ch=16", "trainer.max_steps=20"), data=image_data())
     with pytest.raises(TrainingError, match="already holds checkpoints"):
         train(tiny_cfg("trainer.resume=false"), data=image_data())

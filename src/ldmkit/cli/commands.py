@@ -63,7 +63,33 @@ def _run_stage(argv: Sequence[str], prog: str, description: str, module: str, fu
 
 
 def train(argv: Sequence[str], *, prog: str, description: str) -> int:
-    run_dir = _run_stage(argv, prog, description, "ldmkit.training", "train")
+    """Exit codes: 0 done, 1 error, 75 (``EXIT_PREEMPTED``) stopped by SIGTERM/SIGINT after
+    checkpointing: run the same command again to continue."""
+    import signal
+    import warnings
+
+    default_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        # the trainer's own warnings (resume notes, skipped checkpoints): one line each
+        if category.__module__.startswith("ldmkit.training."):
+            print(f"{prog}: warning: {message}", file=file or sys.stderr)
+        else:
+            default_show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    if hasattr(signal, "SIGUSR1"):  # "checkpoint now" before or after training: nothing to save, no reason to die
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        run_dir = _run_stage(argv, prog, description, "ldmkit.training", "train")
+    except Exception as err:
+        signals = sys.modules.get("ldmkit.training.signals")  # loaded if training started
+        if signals is None or not isinstance(err, signals.TrainingInterrupted):
+            raise
+        print(f"{prog}: {err}", file=sys.stderr)
+        return err.exit_code
+    finally:
+        warnings.showwarning = default_show
     if run_dir is not None:
         print(f"run directory: {run_dir}")
     return 0

@@ -1,25 +1,34 @@
-"""Loading prepared shards: a WebDataset pipeline for training, a map-style dataset for tiny data.
+"""Loading prepared shards: a resumable stream of WebDataset shards for training, a map-style
+dataset for tiny data.
 
 Stream (``build_dataloader``)::
 
     shard list --(seeded shuffle per epoch | resampling with replacement)
-      -> split by node (rank) -> split by DataLoader worker  (webdataset.split_by_worker)
-      -> read tar members, group by key (damage skipped and recorded)
+      -> split by node (rank) -> split by DataLoader worker
+      -> windows of shards (about data.shuffle_buffer samples each)
+      -> read a window's tar members, group by key (damage skipped and recorded)
+      -> permute the window (seeded)
       -> decode PNG + label/caption/class map, transform       (corrupt samples recorded)
-      -> shuffle buffer (webdataset.shuffle) -> batch in the worker
+      -> batch in the worker
 
-Each worker's skip events ride along with its next batch (or an event-only message at its end)
-to the main process, where ``loader.stats`` (a ``DataStats``) counts them; the worker has already
-logged each one with its shard and key.
+Every step is a pure function of (seed, epoch, rank, worker, window, index), so the loader's
+position — each worker's (window, index) — is all a checkpoint needs to continue an epoch
+exactly (``ShardLoader.state_dict`` / ``load_state_dict``). Each worker's skip events ride
+along with its next batch (or an event-only message at its end) to the main process, where
+``loader.stats`` (a ``DataStats``) counts them; the worker has already logged each one with its
+shard and key.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import io
-import itertools
 import logging
+import math
 import os
 import random
+import signal
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -28,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
@@ -41,6 +49,7 @@ from ldmkit.data.transforms import ImageTransform, parse_background
 logger = logging.getLogger("ldmkit.data")
 
 SKIPPED = "__skipped__"  # batch key carrying a worker's skip events; removed before the caller
+POSITION = "__position__"  # batch key: (worker, window, index) after the batch; removed likewise
 
 CONFIG_DEFAULTS: dict[str, Any] = {
     "source": None,  # the prepare source (used in the "how to prepare" hint)
@@ -223,16 +232,19 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 @dataclass
 class _Context:
-    """Who is reading (rank, worker) and the seeded random streams derived from it."""
+    """Who is reading (rank, logical worker), from where, and the seeded random streams
+    derived from it: every stream is a function of (seed, epoch, rank, worker, purpose)."""
 
     rank: int
     world_size: int
-    worker: int
-    num_workers: int
+    worker: int  # the logical worker (see ShardStream: equal to the DataLoader worker id
+    num_workers: int  # unless resuming)
     epoch: int
-    seed: int
+    seed: str
+    start: tuple[int, int] = (0, 0)  # (window, index in window) of the first sample to read
     events: list[SkipEvent] = field(default_factory=list)
     stats: DataStats = field(default_factory=lambda: DataStats(max_events=0))
+    fruitless: int = 0  # consecutive shard reads without a valid sample (resampled streams)
 
     def rng(self, purpose: str) -> random.Random:
         return random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{self.worker}/{purpose}")
@@ -243,13 +255,31 @@ class _Context:
             self.stats.record(event)
 
 
+@dataclass(frozen=True)
+class _Resume:
+    """Where each logical worker continues, and which logical worker the DataLoader's
+    worker 0 plays (the one whose batch came next when the position was saved)."""
+
+    positions: tuple[tuple[int, int], ...]
+    first_worker: int
+
+
 class ShardStream(IterableDataset):
-    """The WebDataset pipeline over one split's shards (see the module docstring).
+    """The sample stream over one split's shards (see the module docstring), built so that a
+    position inside an epoch can be stored and resumed exactly.
+
+    Each (rank, worker) reads its own list of shards in *windows* of ``window`` shards (about
+    ``shuffle_buffer`` samples): a window is read whole, its raw samples are permuted, then
+    decoded and batched in the worker. The window's shards, its permutation and each sample's
+    augmentation are pure functions of (seed, epoch, rank, worker, window, index), so a worker
+    restarted at (window, index) continues exactly where it was, reading one window again
+    but decoding nothing twice.
 
     Not resampled: one pass; shards are shuffled with ``seed`` and the epoch (the same order on
     every rank, so the rank split is a partition), then dealt to ranks and workers round-robin.
-    Resampled: every (rank, worker) draws shards with replacement from its own seeded stream,
-    forever, so all ranks see equally long streams and step-based training never runs dry.
+    Resampled: every (rank, worker) draws each window's shards with replacement from its own
+    seeded stream, forever, so all ranks see equally long streams and step-based training
+    never runs dry.
     """
 
     def __init__(
@@ -265,6 +295,7 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 1000,
         drop_last: bool = False,
         seed: int = 0,
+        shard_samples: list[int] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -281,89 +312,131 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer if shuffle else 0
         self.drop_last = drop_last
         self.seed = seed
+        self.salt = ""  # changes the streams after a resume that could not be exact
+        self.window = _window_shards(self.shuffle_buffer, shard_samples)
         self.epoch = 0
+        self.resume: _Resume | None = None  # set by ShardLoader for the next iter() only
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _context(self) -> _Context:
         info = get_worker_info()
+        num_workers = info.num_workers if info else 1
+        physical = info.id if info else 0
+        resume = self.resume
+        worker, start = physical, (0, 0)
+        if resume is not None and len(resume.positions) == num_workers:
+            worker = (physical + resume.first_worker) % num_workers
+            start = resume.positions[worker]
         return _Context(
             rank=self.rank,
             world_size=self.world_size,
-            worker=info.id if info else 0,
-            num_workers=info.num_workers if info else 1,
+            worker=worker,
+            num_workers=num_workers,
             epoch=self.epoch,
-            seed=self.seed,
+            seed=f"{self.seed}{self.salt}",
+            start=(int(start[0]), int(start[1])),
         )
 
-    def _shard_list(self, ctx: _Context) -> Iterator[str]:
-        if self.resampled:
-            rng = ctx.rng("shards")
-            return (rng.choice(self.shards) for _ in itertools.count())
+    def _worker_shards(self, ctx: _Context) -> list[str]:
         shards = list(self.shards)
         if self.shuffle:
-            random.Random(f"{self.seed}/{self.epoch}/shards").shuffle(shards)
-        mine = itertools.islice(shards, self.rank, None, self.world_size)  # split by node
-        return wds.split_by_worker(mine)
+            random.Random(f"{self.seed}{self.salt}/{self.epoch}/shards").shuffle(shards)
+        return shards[self.rank :: self.world_size][
+            ctx.worker :: ctx.num_workers
+        ]  # by node, by worker
 
-    def _read(self, ctx: _Context, shards: Iterator[str]) -> Iterator[dict[str, Any]]:
+    def _window_of(self, ctx: _Context, mine: list[str] | None, index: int) -> list[str] | None:
+        """The shards of window ``index`` of this worker (None: past the end of the epoch)."""
+        if mine is None:  # resampled
+            rng = ctx.rng(f"window/{index}")
+            return [rng.choice(self.shards) for _ in range(self.window)]
+        return mine[index * self.window : (index + 1) * self.window] or None
+
+    def _read(self, ctx: _Context, shards: list[str]) -> list[dict[str, Any]]:
+        raws = []
+        for shard in shards:
+            raws.extend(iter_shard(shard, ctx.stats, on_skip=partial(ctx.skip, log=False)))
+        return raws
+
+    def _samples(self, ctx: _Context) -> Iterator[tuple[tuple[int, int], dict[str, Any]]]:
+        """``((window, index + 1), sample)``: each valid sample with the position after it."""
+        mine = None if self.resampled else self._worker_shards(ctx)
         # a resampled stream over shards that hold nothing valid would spin forever
         patience = max(20, 3 * len(self.shards))
-        fruitless = 0
-        for shard in shards:
+        window, offset = ctx.start
+        while (shards := self._window_of(ctx, mine, window)) is not None:
+            raws = self._read(ctx, shards)
+            if self.shuffle:
+                ctx.rng(f"order/{window}").shuffle(raws)
             valid_before = ctx.stats.samples
-            yield from iter_shard(shard, ctx.stats, on_skip=partial(ctx.skip, log=False))
-            fruitless = 0 if ctx.stats.samples > valid_before else fruitless + 1
-            if self.resampled and fruitless >= patience:
+            for index in range(offset, len(raws)):
+                raw = raws[index]
+                try:
+                    sample = self.decoder(raw, ctx.rng(f"augment/{window}/{index}"))
+                except SampleError as exc:
+                    ctx.skip(
+                        SkipEvent(exc.kind, str(raw["__shard__"]), str(raw["__key__"]), str(exc))
+                    )
+                    continue
+                ctx.stats.samples += 1
+                yield (window, index + 1), sample
+            ctx.fruitless = 0 if ctx.stats.samples > valid_before else ctx.fruitless + len(shards)
+            if self.resampled and ctx.fruitless >= patience:
                 raise DataError(
-                    f"no valid sample in {fruitless} consecutive shard reads "
+                    f"no valid sample in {ctx.fruitless} consecutive shard reads "
                     f"(rank {ctx.rank}, worker {ctx.worker}): {ctx.stats.summary()}"
                 )
+            window, offset = window + 1, 0
 
-    def _decode(self, ctx: _Context, raws: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        rng = ctx.rng("augment")
-        for raw in raws:
-            try:
-                sample = self.decoder(raw, rng)
-            except SampleError as exc:
-                ctx.skip(SkipEvent(exc.kind, str(raw["__shard__"]), str(raw["__key__"]), str(exc)))
-                continue
-            ctx.stats.samples += 1
-            yield sample
-
-    def _batch(self, ctx: _Context, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def _batch(
+        self, ctx: _Context, samples: Iterator[tuple[tuple[int, int], dict[str, Any]]]
+    ) -> Iterator[dict[str, Any]]:
         batch: list[dict[str, Any]] = []
 
-        def emit(items: list[dict[str, Any]]) -> dict[str, Any]:
+        def emit(items: list[dict[str, Any]], position: tuple[int, int] | None) -> dict[str, Any]:
             out = collate(items) if items else {}
+            if position is not None:
+                out[POSITION] = (ctx.worker, *position)
             if ctx.events:
                 out[SKIPPED] = list(ctx.events)
                 ctx.events.clear()
             return out
 
-        for sample in samples:
+        position = None
+        for position, sample in samples:
             batch.append(sample)
             if len(batch) == self.batch_size:
-                yield emit(batch)
+                yield emit(batch, position)
                 batch = []
         if batch and not self.drop_last:
-            yield emit(batch)
+            yield emit(batch, position)
         if ctx.events:
-            yield emit([])
+            yield emit([], None)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        ctx = self._context()
-        stages: list[Any] = [
-            lambda: self._shard_list(ctx),
-            partial(self._read, ctx),
-            partial(self._decode, ctx),
-        ]
-        if self.shuffle_buffer > 1:
-            initial = min(self.shuffle_buffer, 100)
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=initial, rng=ctx.rng("buffer")))
-        stages.append(partial(self._batch, ctx))
-        return iter(wds.DataPipeline(*stages))
+        ctx = self._context()  # now, not at the first next(): the resume point is read here
+        return self._batch(ctx, self._samples(ctx))
+
+
+def _window_shards(shuffle_buffer: int, shard_samples: list[int] | None) -> int:
+    """Shards per window: enough for about ``shuffle_buffer`` samples (1 without shuffling)."""
+    if shuffle_buffer <= 1 or not shard_samples:
+        return 1
+    mean = sum(shard_samples) / len(shard_samples)
+    return max(1, math.ceil(shuffle_buffer / max(mean, 1.0)))
+
+
+def _ignore_signals_in_worker(worker_id: int) -> None:
+    """Workers leave SIGINT and SIGUSR1 to the main process: Ctrl-C reaches the whole process
+    group, and a worker dying of it would fail the epoch before the trainer could finish its
+    step and checkpoint (see ldmkit.training.signals). SIGTERM keeps its default: it is how
+    multiprocessing stops leftover workers at exit."""
+    for name in ("SIGINT", "SIGUSR1"):
+        number = getattr(signal, name, None)
+        if number is not None:
+            signal.signal(number, signal.SIG_IGN)
 
 
 class ShardLoader(DataLoader):
@@ -371,12 +444,22 @@ class ShardLoader(DataLoader):
 
     ``stats`` counts valid and skipped samples across workers; ``manifest``, ``directory``,
     ``split``, ``num_samples`` and ``classes`` describe the data. Each ``iter()`` is one epoch
-    (endless when resampled); the shard order changes per epoch.
+    (endless when resampled), epoch ``loader.epoch``, which then advances; the shard order
+    changes per epoch.
+
+    Resuming: ``state_dict()`` is the position after the last batch handed out (epoch, each
+    worker's window and index, which worker's batch comes next); after ``load_state_dict``
+    the next ``iter()`` continues there exactly — with the same number of workers. The
+    DataLoader takes batches from its workers in turn, so the worker whose batch came next
+    becomes worker 0 of the resumed epoch. The DataLoader's own seed comes from a generator
+    of its own, so creating an iterator never draws from torch's global generator.
     """
 
     def __init__(
         self, stream: ShardStream, *, manifest: Manifest, directory: Path, split: str, **kwargs: Any
     ) -> None:
+        kwargs.setdefault("generator", torch.Generator().manual_seed(stream.seed))
+        kwargs.setdefault("worker_init_fn", _ignore_signals_in_worker)
         super().__init__(stream, batch_size=None, **kwargs)
         self.stats = DataStats()
         self.manifest = manifest
@@ -386,25 +469,124 @@ class ShardLoader(DataLoader):
         self.classes = list(manifest.classes)
         self.segmentation_classes = list(manifest.segmentation_classes)
         self.epoch = 0
+        self._resume: dict[str, Any] | None = None
+        self._position = self._start_of(0)
+
+    @property
+    def readers(self) -> int:
+        """Workers of this rank (1 without DataLoader workers)."""
+        return max(1, self.num_workers)
+
+    def _start_of(self, epoch: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "positions": [[0, 0] for _ in range(self.readers)],
+            "next_worker": 0,
+        }
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.dataset.set_epoch(self.epoch)
+        epoch = self.epoch
         self.epoch += 1
+        position = (
+            self._resume if self._resume is not None and self._resume["epoch"] == epoch else None
+        )
+        self._resume = None
+        resumed = position is not None and position != self._start_of(epoch)
+        self._position = copy.deepcopy(position or self._start_of(epoch))
+        stream: ShardStream = self.dataset
+        stream.set_epoch(epoch)
+        stream.resume = _Resume(
+            tuple((int(w), int(i)) for w, i in self._position["positions"]),
+            int(self._position["next_worker"]),
+        )
+        try:
+            batches_iter = super().__iter__()  # the workers take the stream (and resume point) now
+        finally:
+            stream.resume = None
         batches = 0
-        for batch in super().__iter__():
+        for batch in batches_iter:
             events = batch.pop(SKIPPED, None)
             if events:
                 self.stats.merge_events(events)
+            where = batch.pop(POSITION, None)
             if "image" not in batch:
                 continue
+            if where is not None:
+                worker, window, index = (int(v) for v in where)
+                self._position["positions"][worker] = [window, index]
+                self._position["next_worker"] = (worker + 1) % self.readers
             self.stats.samples += len(batch["__key__"])
             batches += 1
             yield batch
-        if batches == 0:
+        if batches == 0 and not resumed:
             raise DataError(
                 f"no valid sample in split {self.split!r} of {self.directory} "
-                f"(rank {self.dataset.rank} of {self.dataset.world_size}): {self.stats.summary()}"
+                f"(rank {stream.rank} of {stream.world_size}): {self.stats.summary()}"
             )
+
+    # -- resuming ---------------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        stream: ShardStream = self.dataset
+        names = "\n".join(Path(s).name for s in stream.shards)
+        return {
+            "kind": "shards",
+            "split": self.split,
+            "shards": hashlib.sha256(names.encode()).hexdigest()[:16],
+            "window": stream.window,
+            "readers": self.readers,
+            "rank": stream.rank,
+            "world_size": stream.world_size,
+            "resampled": stream.resampled,
+            "shuffle": stream.shuffle,
+            "seed": stream.seed,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last batch handed out (plain data: store it anywhere)."""
+        return {
+            **self._identity(),
+            **copy.deepcopy(self._position),
+            "batch_size": self.dataset.batch_size,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> str | None:
+        """Continue at ``state`` with the next ``iter()``. Returns None when that is exact,
+        else why not (then the saved epoch starts again from its beginning, and a resampled
+        stream continues with fresh draws instead of repeating the ones already seen)."""
+        epoch = int(state.get("epoch", 0))
+        self.epoch = epoch
+        reasons = []
+        mine = self._identity()
+        for key, what in (
+            ("kind", "the data source"),
+            ("split", "the split"),
+            ("shards", "the split's shards"),
+            ("readers", "the number of DataLoader workers (trainer.num_workers)"),
+            ("world_size", "the number of ranks"),
+            ("rank", "the rank"),
+            ("window", "the shuffle window (data.shuffle_buffer or the shard sizes)"),
+            ("resampled", "data.resampled"),
+            ("shuffle", "shuffling"),
+            ("seed", "the seed"),
+        ):
+            if state.get(key) != mine[key]:
+                reasons.append(f"{what} changed from {state.get(key)} to {mine[key]}")
+        if reasons:
+            if self.dataset.resampled:
+                self.dataset.salt = (
+                    "/restart-"
+                    + hashlib.sha256(repr(sorted(state.items())).encode()).hexdigest()[:8]
+                )
+            return (
+                f"the data position cannot be restored exactly: {'; '.join(reasons)}; epoch {epoch} "
+                f"{'continues with fresh draws' if self.dataset.resampled else 'starts again from its beginning'}"
+            )
+        self._resume = {
+            "epoch": epoch,
+            "positions": [[int(w), int(i)] for w, i in state["positions"]],
+            "next_worker": int(state["next_worker"]),
+        }
+        return None
 
 
 def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -466,6 +648,7 @@ def build_dataloader(
         shuffle_buffer=int(cfg["shuffle_buffer"]),
         drop_last=drop_last,
         seed=seed,
+        shard_samples=[shard.num_samples for shard in info.shards],
     )
     return ShardLoader(
         stream,

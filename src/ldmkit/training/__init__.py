@@ -19,13 +19,16 @@ from ldmkit.training.engine import (
     Trainer,
     TrainingDivergedError,
     TrainingError,
+    TrainingWarning,
     distributed_info,
     resolve_device,
 )
+from ldmkit.training.signals import EXIT_PREEMPTED, TrainingInterrupted
 
 STAGES = ("autoencoder", "ldm")
 
 __all__ = [
+    "EXIT_PREEMPTED",
     "STAGES",
     "Checkpoint",
     "CheckpointError",
@@ -34,6 +37,8 @@ __all__ = [
     "Trainer",
     "TrainingDivergedError",
     "TrainingError",
+    "TrainingInterrupted",
+    "TrainingWarning",
     "resolve_checkpoint",
     "resolve_device",
     "train",

@@ -94,6 +94,13 @@ class AutoencoderTrainer(Trainer):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"autoencoder": self.opt_ae, "discriminator": self.opt_disc}
 
+    def hyperparameters(self) -> dict[str, dict[str, Any]]:
+        lr = float(self.options["lr"])
+        disc_lr = self.options.get("disc_lr")
+        betas = tuple(self.options.get("betas") or (0.5, 0.9))
+        return {"autoencoder": {"lr": lr, "betas": betas},
+                "discriminator": {"lr": float(disc_lr) if disc_lr is not None else lr, "betas": betas}}
+
     def config_keys_that_must_match(self) -> list[str]:
         return ["first_stage"]
 

@@ -8,22 +8,26 @@ A checkpoint is a folder ``<run_dir>/checkpoints/step_<NNNNNNNNN>/`` holding
 * ``trainer_state.pt`` — optimizer states, step, data position and RNG states (read back
   with ``torch.load(weights_only=True)``: plain containers and tensors, no code);
 * ``config.yaml`` — the resolved config of the run;
-* ``meta.json`` — step and file list, written last.
+* ``meta.json`` — step, file list and each file's SHA-256, written last.
 
 The folder is assembled under a temporary name, every file fsynced, then renamed into place
 with ``os.replace`` (atomic on POSIX) and the parent directory fsynced: a run killed at any
 moment leaves either the complete checkpoint or none, never a torn one. Temporary folders
-of killed runs are removed on the next start.
+of killed runs are removed on the next start. A file damaged later (disk errors, a copy cut
+short, an edit) no longer matches its checksum: :meth:`CheckpointManager.usable` then skips
+that checkpoint with one warning naming the file, and training resumes from an older one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +51,10 @@ class CheckpointError(LdmkitError, RuntimeError):
     """A checkpoint is missing, incomplete or unreadable."""
 
 
+class CheckpointWarning(UserWarning):
+    """An unusable checkpoint was skipped (the message names the folder and the bad file)."""
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     step: int
@@ -64,6 +72,14 @@ class Checkpoint:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def flatten_state(modules: dict[str, torch.nn.Module | dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -130,10 +146,12 @@ class CheckpointManager:
         if config_yaml is not None:
             (tmp / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
             files.append(CONFIG_FILE)
-        meta = {"step": step, "files": files, "time": time.time()}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        for name in [*files, META_FILE]:
+        for name in files:
             _fsync_file(tmp / name)
+        checksums = {name: _sha256(tmp / name) for name in files}
+        meta = {"step": step, "files": files, "sha256": checksums, "time": time.time()}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        _fsync_file(tmp / META_FILE)
         _fsync_dir(tmp)
         if final.exists():  # the same step written again (a rerun): swap, then drop the old
             old = self.directory / f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}"
@@ -178,19 +196,32 @@ class CheckpointManager:
                 found.append(Checkpoint(int(match.group(1)), path))
         return sorted(found, key=lambda c: c.step)
 
-    def latest(self) -> Checkpoint | None:
+    def latest(self, *, verify: bool = False) -> Checkpoint | None:
         """The newest checkpoint that passes :func:`validate` (invalid ones are skipped
         with a warning, never deleted)."""
+        return next(self.usable(verify=verify), None)
+
+    def usable(self, *, verify: bool = False) -> Iterator[Checkpoint]:
+        """Checkpoints that pass :func:`validate`, newest first; each one skipped on the way
+        gets one :class:`CheckpointWarning` naming it and its bad file. ``verify`` also
+        compares every file with the checksum in ``meta.json``."""
         for checkpoint in reversed(self.list()):
-            problem = validate(checkpoint.path)
+            problem = validate(checkpoint.path, verify=verify)
             if problem is None:
-                return checkpoint
-            warnings.warn(f"skipping unusable checkpoint {checkpoint.path}: {problem}", stacklevel=2)
-        return None
+                yield checkpoint
+            else:
+                skip_warning(checkpoint, problem)
 
 
-def validate(path: str | os.PathLike) -> str | None:
-    """Why the checkpoint folder at ``path`` is unusable, or None when it is complete."""
+def skip_warning(checkpoint: Checkpoint, problem: str) -> None:
+    warnings.warn(f"skipping unusable checkpoint {checkpoint.path}: {problem}", CheckpointWarning, stacklevel=3)
+
+
+def validate(path: str | os.PathLike, *, verify: bool = False) -> str | None:
+    """Why the checkpoint folder at ``path`` is unusable, or None when it is complete.
+
+    Checks that ``meta.json`` parses, that every file it lists exists and that the safetensors
+    headers parse; with ``verify``, also each file's SHA-256 (reads every byte)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -199,12 +230,15 @@ def validate(path: str | os.PathLike) -> str | None:
         return f"{META_FILE} is missing (incomplete checkpoint)"
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        files = list(meta["files"])
-    except (ValueError, KeyError, TypeError) as err:
+        files = [str(name) for name in meta["files"]]
+        checksums = dict(meta.get("sha256") or {})
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
         return f"{META_FILE} is unreadable: {err}"
     for name in files:
         if not (path / name).is_file():
             return f"{name} is missing"
+        if verify and name in checksums and _sha256(path / name) != checksums[name]:
+            return f"{name} is corrupt (its SHA-256 differs from the one in {META_FILE})"
         if name.endswith(".safetensors"):
             try:
                 with safe_open(str(path / name), framework="pt") as handle:
@@ -241,6 +275,14 @@ def load_state(checkpoint: Checkpoint) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {checkpoint.path} has no {STATE_FILE}: it cannot resume training")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
-        raise CheckpointError(f"cannot read {path}: {err}") from err
+        raise CheckpointError(f"cannot read {path}: {_one_line(err)}") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"cannot read {path}: it holds a {type(state).__name__}, not the trainer state")
+    return state
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

@@ -5,32 +5,41 @@ validation, image grids, logs, progress bar and checkpoints. A stage subclasses
 from __future__ import annotations
 
 import abc
-import contextlib
 import math
 import os
-import random
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from ldmkit.errors import LdmkitError
-from ldmkit.io import atomic_write_text
+from ldmkit.io import atomic_write_text, remove_stale_temporaries
 from ldmkit.training.checkpoint import (
+    TRAINING_FILE,
     Checkpoint,
+    CheckpointError,
     CheckpointManager,
     flatten_state,
     load_state,
     read_safetensors,
+    skip_warning,
     unflatten_state,
 )
 from ldmkit.training.logger import RunLogger, to_float
+from ldmkit.training.resume import config_changes, under, weights_only_key
+from ldmkit.training.rng import (
+    global_rng_state,
+    isolated_rng,
+    seed_everything,
+    set_global_rng_state,
+    stream_seed,
+)
+from ldmkit.training.signals import SignalWatch, TrainingInterrupted
 
 # (split, epoch) -> an iterable of batch dicts; lets tests and notebooks train on
 # in-memory data instead of the configured dataset
@@ -55,7 +64,10 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "tensorboard": True,
     "grad_clip": None,
     "num_threads": None,  # CPU threads for torch (null: torch's default)
+    "save_on_signal": True,  # SIGTERM/SIGINT: finish the step, checkpoint, exit 75; SIGUSR1: checkpoint
 }
+
+STATE_FORMAT = 2  # trainer_state.pt layout (1: one "rng" entry, data position as a batch count)
 
 
 class TrainingError(LdmkitError, RuntimeError):
@@ -64,6 +76,11 @@ class TrainingError(LdmkitError, RuntimeError):
 
 class TrainingDivergedError(TrainingError, FloatingPointError):
     """A loss became NaN or infinite; the last good checkpoint is untouched."""
+
+
+class TrainingWarning(UserWarning):
+    """Something about a resumed run the user should know (changed settings, an inexact data
+    position); ``ldmkit train`` prints each in one line."""
 
 
 def distributed_info() -> tuple[int, int]:
@@ -99,52 +116,20 @@ def trainer_options(cfg: DictConfig) -> dict[str, Any]:
     return options
 
 
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-    }
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(_as_tuple(state["python"]))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-
-
-def _as_tuple(value: Any) -> Any:
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
-
-
-@contextlib.contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Validation and image grids draw random numbers (posterior samples, data order)
-    without moving the training streams, so a resumed run replays the same steps."""
-    state = _rng_state()
-    try:
-        yield
-    finally:
-        _set_rng_state(state)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 class Trainer(abc.ABC):
     """One training run of one stage, in ``cfg.run_dir``.
 
     Subclasses implement :meth:`build`, :meth:`model_modules`, :meth:`optimizers`,
-    :meth:`training_step`; optionally :meth:`training_modules`, :meth:`validate` and
-    :meth:`save_images`. :meth:`fit` runs (or resumes) the loop and returns the run folder.
+    :meth:`training_step`; optionally :meth:`training_modules`, :meth:`generators`,
+    :meth:`hyperparameters`, :meth:`validate` and :meth:`save_images`. :meth:`fit` runs (or
+    resumes) the loop and returns the run folder.
+
+    Exact resume: a checkpoint holds the state after a step — weights, optimizers, the global
+    random generators and the stage's own :meth:`generators`, and the data loader's position
+    (``state_dict()`` of a resumable loader, else the number of batches of the epoch, replayed
+    on resume). Grids and validation run on generators seeded from the run's seed, apart from
+    the training streams, so neither how often they run nor where a run was stopped changes
+    the weights.
     """
 
     stage: str = "?"
@@ -157,11 +142,16 @@ class Trainer(abc.ABC):
         self.is_main = self.rank == 0  # only rank 0 writes checkpoints, logs and images
         self.device = resolve_device(self.options["device"])
         self.data = data
+        self.seed = int(cfg.get("seed", 0))
         self.step = 0
         self.epoch = 0
         self.batches_in_epoch = 0
         self.train_seconds = 0.0
+        self.signals = SignalWatch(enabled=False)
         self._val_batches: list[Mapping[str, Any]] | None = None
+        self._train_loader: Any = None
+        self._loader_in_use: Any = None  # the resumable loader of the current epoch, if any
+        self._data_restore: dict[str, Any] | None = None  # this rank's saved data position
 
     # -- what a stage provides ------------------------------------------------------------
     @abc.abstractmethod
@@ -180,6 +170,15 @@ class Trainer(abc.ABC):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         ...
 
+    def generators(self) -> dict[str, torch.Generator]:
+        """The stage's own random streams (one per consumer), checkpointed and restored."""
+        return {}
+
+    def hyperparameters(self) -> dict[str, dict[str, Any]]:
+        """``{optimizer: {"lr": ..., ...}}`` from the current config, written into the param
+        groups after a resume (an optimizer's state_dict would bring back the saved ones)."""
+        return {}
+
     @abc.abstractmethod
     def training_step(self, batch: Mapping[str, Any], step: int) -> dict[str, Tensor]:
         """One optimization step on ``batch`` (``step`` = updates done so far); returns
@@ -194,31 +193,61 @@ class Trainer(abc.ABC):
 
     # -- data -----------------------------------------------------------------------------
     def make_loader(self, split: str, epoch: int) -> Iterable[Mapping[str, Any]]:
+        """Batches of ``split`` for ``epoch``: the ``data`` factory's, else a
+        :class:`ldmkit.data.ShardLoader` (resumable) over the configured dataset."""
         if self.data is not None:
             return self.data(split, epoch)
         from ldmkit.data import build_dataloader
 
-        return build_dataloader(
+        loader = build_dataloader(
             self.cfg.data,
             batch_size=int(self.options["batch_size"]),
             split=split,
             num_workers=int(self.options["num_workers"]),
-            seed=int(self.cfg.get("seed", 0)) + epoch,
+            seed=self.seed,
         )
+        loader.epoch = epoch
+        return loader
+
+    def train_loader(self, epoch: int) -> Iterable[Mapping[str, Any]]:
+        """The train split for ``epoch``. A resumable loader (``state_dict`` /
+        ``load_state_dict``, an ``epoch`` attribute) is made once and reused for every epoch;
+        anything else is asked for anew each epoch (and replayed on resume)."""
+        if self._train_loader is not None:
+            self._train_loader.epoch = epoch
+            return self._train_loader
+        loader = self.make_loader("train", epoch)
+        if _is_resumable(loader) and hasattr(loader, "epoch"):
+            self._train_loader = loader
+        return loader
 
     def _train_batches(self) -> Iterator[Mapping[str, Any]]:
-        skip = self.batches_in_epoch  # resuming mid-epoch: replay the epoch's order up to here
+        restore, self._data_restore = self._data_restore, None
         while True:
+            loader = self.train_loader(self.epoch)
+            resumable = _is_resumable(loader)
+            self._loader_in_use = loader if resumable else None
+            skip = 0
+            if restore is not None:  # the first epoch after a resume
+                saved = restore.get("loader")
+                if resumable and saved is not None:
+                    note = loader.load_state_dict(saved)
+                    if note:
+                        warnings.warn(f"resuming at step {self.step}: {note}", TrainingWarning, stacklevel=2)
+                        self.batches_in_epoch = 0
+                else:  # replay the epoch's order up to the saved position
+                    skip = self.batches_in_epoch
+                restore = None
+            resumed_mid_epoch = self.batches_in_epoch > 0
             produced = 0
-            for index, batch in enumerate(self.make_loader("train", self.epoch)):
+            for index, batch in enumerate(loader):
                 produced += 1
                 if index < skip:
                     continue
-                self.batches_in_epoch = index + 1
+                self.batches_in_epoch = self.batches_in_epoch + 1 if resumable else index + 1
                 yield batch
-            if produced == 0:
+            if produced == 0 and not resumed_mid_epoch:
                 raise TrainingError(f"the train split of data={self._data_label()} yielded no batches")
-            skip = 0
             self.epoch += 1
             self.batches_in_epoch = 0
 
@@ -274,24 +303,53 @@ class Trainer(abc.ABC):
 
             dist.barrier()
 
+    def check_interrupt(self, during: str) -> None:
+        """Raise :class:`TrainingInterrupted` if SIGTERM/SIGINT arrived (for long phases
+        outside the step loop, e.g. building the latent cache)."""
+        stop, _ = self.signals.poll(self.world_size)
+        if stop:
+            latest = self.checkpoints.latest() if hasattr(self, "checkpoints") else None
+            raise TrainingInterrupted(stop, self.step, latest.path if latest else None, during=during)
+
     # -- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self) -> Checkpoint | None:
+        ranks = self._gather(self._rank_state())
         if not self.is_main:
             self.barrier()
             return None
-        checkpoint = self._write_checkpoint()
+        checkpoint = self._write_checkpoint(ranks)
         self.barrier()
         return checkpoint
 
-    def _write_checkpoint(self) -> Checkpoint:
+    def _rank_state(self) -> dict[str, Any]:
+        """What differs between ranks: random streams and the data position."""
+        loader = self._loader_in_use
+        return {
+            "rng": global_rng_state(),
+            "generators": {k: g.get_state() for k, g in self.generators().items()},
+            "data": {"loader": loader.state_dict() if loader is not None else None},
+        }
+
+    def _gather(self, state: dict[str, Any]) -> list[dict[str, Any]]:
+        if self.world_size == 1:
+            return [state]
+        import torch.distributed as dist
+
+        states: list[Any] = [None] * self.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    def _write_checkpoint(self, ranks: list[dict[str, Any]]) -> Checkpoint:
         state = {
+            "format": STATE_FORMAT,
             "stage": self.stage,
             "step": self.step,
             "epoch": self.epoch,
             "batches_in_epoch": self.batches_in_epoch,
             "train_seconds": self.train_seconds,
             "optimizers": {k: opt.state_dict() for k, opt in self.optimizers().items()},
-            "rng": _rng_state(),
+            "world_size": self.world_size,
+            "ranks": ranks,
         }
         return self.checkpoints.save(
             self.step,
@@ -301,27 +359,64 @@ class Trainer(abc.ABC):
             config_yaml=OmegaConf.to_yaml(self.cfg, resolve=True),
         )
 
-    def load_checkpoint(self, checkpoint: Checkpoint) -> None:
+    def _read_checkpoint(self, checkpoint: Checkpoint) -> dict[str, Any]:
+        """Every file of ``checkpoint``, read and parsed before anything is applied (a bad
+        file raises :class:`CheckpointError` naming it, with the trainer untouched)."""
         state = load_state(checkpoint)
         if state.get("stage") != self.stage:
             raise TrainingError(
                 f"{checkpoint.path} is a checkpoint of stage {state.get('stage')!r}, not "
                 f"{self.stage!r}; use another run_dir"
             )
+        for key in ("step", "epoch", "batches_in_epoch", "train_seconds", "optimizers"):
+            if key not in state:
+                raise CheckpointError(f"{checkpoint.path / 'trainer_state.pt'} has no {key!r} entry")
         weights = read_safetensors(checkpoint.model_file)
+        extra = read_safetensors(checkpoint.path / TRAINING_FILE) if self.training_modules() else {}
+        saved_config = None
+        if checkpoint.config_file.is_file():
+            try:
+                saved_config = OmegaConf.to_container(OmegaConf.load(checkpoint.config_file), resolve=False)
+            except Exception as err:  # noqa: BLE001 - yaml and omegaconf raise many types
+                raise CheckpointError(f"cannot read {checkpoint.config_file}: {type(err).__name__}: {err}") from err
+            if not isinstance(saved_config, dict):
+                raise CheckpointError(f"cannot read {checkpoint.config_file}: not a mapping")
+        return {"state": state, "weights": weights, "extra": extra, "config": saved_config}
+
+    def load_checkpoint(self, checkpoint: Checkpoint, contents: dict[str, Any] | None = None) -> None:
+        contents = contents or self._read_checkpoint(checkpoint)
+        state = contents["state"]
         for prefix, module in self.model_modules().items():
-            self._load_module(module, unflatten_state(weights, prefix), checkpoint.model_file, prefix)
-        if self.training_modules():
-            extra = read_safetensors(checkpoint.path / "training.safetensors")
-            for prefix, module in self.training_modules().items():
-                self._load_module(module, unflatten_state(extra, prefix), checkpoint.path, prefix)
+            self._load_module(module, unflatten_state(contents["weights"], prefix), checkpoint.model_file, prefix)
+        for prefix, module in self.training_modules().items():
+            self._load_module(module, unflatten_state(contents["extra"], prefix), checkpoint.path, prefix)
         for key, optimizer in self.optimizers().items():
             optimizer.load_state_dict(state["optimizers"][key])
+            for group in optimizer.param_groups:
+                group.update(self.hyperparameters().get(key, {}))
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
         self.batches_in_epoch = int(state["batches_in_epoch"])
         self.train_seconds = float(state["train_seconds"])
-        _set_rng_state(state["rng"])
+        mine = self._saved_rank_state(state)
+        set_global_rng_state(mine["rng"])
+        for name, gen in self.generators().items():
+            if name in mine.get("generators", {}):
+                gen.set_state(mine["generators"][name])
+        self._data_restore = mine.get("data") or {"loader": None}
+
+    def _saved_rank_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        if "ranks" not in state:  # format 1
+            return {"rng": state["rng"], "generators": {}, "data": {"loader": None}}
+        ranks = list(state["ranks"])
+        if len(ranks) != self.world_size:
+            warnings.warn(
+                f"the checkpoint was written by {len(ranks)} rank(s), this run has {self.world_size}: "
+                f"random streams and data positions cannot be restored exactly",
+                TrainingWarning, stacklevel=3,
+            )
+            return {**ranks[0], "data": {"loader": None}}
+        return ranks[self.rank]
 
     def _load_module(self, module: nn.Module, tensors: dict[str, Tensor], source: Path, prefix: str) -> None:
         try:
@@ -332,45 +427,81 @@ class Trainer(abc.ABC):
                 f"(was the config changed since the run started?): {err}"
             ) from err
 
-    def _check_same_config(self, checkpoint: Checkpoint) -> None:
-        if not checkpoint.config_file.is_file():
-            return
-        saved = OmegaConf.load(checkpoint.config_file)
-        for key in self.config_keys_that_must_match():
-            before, now = OmegaConf.select(saved, key), OmegaConf.select(self.cfg, key)
-            before = OmegaConf.to_container(before, resolve=True) if isinstance(before, DictConfig) else before
-            now = OmegaConf.to_container(now, resolve=True) if isinstance(now, DictConfig) else now
-            if before != now:
-                raise TrainingError(
-                    f"run_dir {self.run_dir} holds a run whose {key} was {before}, but the current "
-                    f"config has {now}; resume with the same {key}, or start a new run_dir"
-                )
-
     def config_keys_that_must_match(self) -> list[str]:
+        """Config keys that define the model: a resumed run refuses to change them."""
         return []
+
+    def _check_config(self, checkpoint: Checkpoint, saved: Mapping[str, Any] | None) -> None:
+        """Refuse changes the checkpoint cannot take; report (and apply) the others."""
+        if saved is None:
+            return
+        current = OmegaConf.to_container(self.cfg, resolve=True)
+        frozen = [*self.config_keys_that_must_match(), "seed"]
+        changes = config_changes(saved, current)  # the saved config was written resolved
+        refused = [c for c in changes if under(c.key, frozen) and not weights_only_key(c.key)]
+        if refused:
+            listed = "; ".join(str(c) for c in refused)
+            raise TrainingError(
+                f"cannot resume run_dir {self.run_dir} (checkpoint {checkpoint.path.name}) with a different "
+                f"model: {listed}; {', '.join(frozen)} cannot change on resume (lr, max_steps and the other "
+                f"trainer settings can): restore those values, or start a new run_dir"
+            )
+        if changes:
+            listed = "; ".join(
+                f"{c} (ignored: the weights come from the checkpoint)" if weights_only_key(c.key) else str(c)
+                for c in changes
+            )
+            warnings.warn(
+                f"resuming {self.run_dir} at step {checkpoint.step} with {len(changes)} changed "
+                f"setting(s), applied from here on: {listed}",
+                TrainingWarning, stacklevel=3,
+            )
+
+    def _resume(self) -> Checkpoint | None:
+        """Load the newest checkpoint whose files are all intact; each damaged one is skipped
+        with one warning naming its bad file. Returns what was loaded (None: a fresh run)."""
+        if self.is_main:
+            self.checkpoints.remove_incomplete()
+        self.barrier()
+        for checkpoint in self.checkpoints.usable(verify=True):
+            if not self.options["resume"]:
+                raise TrainingError(
+                    f"run_dir {self.run_dir} already holds checkpoints (latest: {checkpoint.path}) and "
+                    f"trainer.resume=false; choose another run_dir or delete that one"
+                )
+            try:
+                contents = self._read_checkpoint(checkpoint)
+            except CheckpointError as err:
+                skip_warning(checkpoint, str(err))
+                continue
+            self._check_config(checkpoint, contents["config"])
+            self.load_checkpoint(checkpoint, contents)
+            return checkpoint
+        return None
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self) -> Path:
+        """Train to ``max_steps`` (or ``max_minutes``), resuming from ``run_dir``.
+
+        Raises :class:`TrainingInterrupted` after SIGTERM/SIGINT (``trainer.save_on_signal``),
+        once the step in progress is finished and checkpointed."""
         if self.options["num_threads"]:
             # on a shared CPU, fewer threads than cores avoids OpenMP spin-wait slowdowns
             torch.set_num_threads(int(self.options["num_threads"]))
-        seed_everything(int(self.cfg.get("seed", 0)))
-        self.build()
+        self.signals = SignalWatch(enabled=bool(self.options["save_on_signal"]))
+        with self.signals:
+            return self._fit()
+
+    def _fit(self) -> Path:
+        seed_everything(self.seed)
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints", keep_last=int(self.options["keep_checkpoints"])
         )
         if self.is_main:
-            self.checkpoints.remove_incomplete()
-        self.barrier()
-        latest = self.checkpoints.latest()
-        if latest is not None:
-            if not self.options["resume"]:
-                raise TrainingError(
-                    f"run_dir {self.run_dir} already holds checkpoints (latest: {latest.path}) and "
-                    f"trainer.resume=false; choose another run_dir or delete that one"
-                )
-            self._check_same_config(latest)
-            self.load_checkpoint(latest)
+            for folder in (self.run_dir, self.run_dir / "pipeline", self.run_dir / "images"):
+                remove_stale_temporaries(folder)
+        self.build()
+        latest = self._resume()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
@@ -396,9 +527,17 @@ class Trainer(abc.ABC):
         batch = None
         try:
             batches = self._train_batches()
+            stop, _ = self.signals.poll(self.world_size)  # a signal while building or resuming
+            if stop:
+                self._stop(stop, last_saved)
             while self.step < max_steps and self.train_seconds < max_seconds:
                 started = time.perf_counter()
-                batch = next(batches)
+                try:
+                    batch = next(batches)
+                except Exception:
+                    if self.signals.stop:  # a data worker died of the same signal: the step before is whole
+                        self._stop(self.signals.stop, last_saved)
+                    raise
                 logs = self.training_step(batch, self.step)
                 self.step += 1
                 self.train_seconds += time.perf_counter() - started
@@ -407,27 +546,46 @@ class Trainer(abc.ABC):
                     values = logger.log(self.step, self._timing() | {f"train/{k}": v for k, v in logs.items()})
                     bar.set_postfix({k[6:]: f"{v:.4g}" for k, v in values.items() if k.startswith("train/")}, refresh=False)
                 if every["val_every"] and self.step % every["val_every"] == 0:
-                    self._validate(logger)
+                    self._unless_stopping(self._validate, logger)
                 if every["sample_every"] and self.step % every["sample_every"] == 0:
-                    self._images(batch)
-                if every["checkpoint_every"] and self.step % every["checkpoint_every"] == 0:
+                    self._unless_stopping(self._images, batch)
+                stop, save = self.signals.poll(self.world_size)
+                due = bool(every["checkpoint_every"]) and self.step % every["checkpoint_every"] == 0
+                if (due or save or stop) and self.step != last_saved:
                     self.save_checkpoint()
                     last_saved = self.step
+                if stop and self.step < max_steps and self.train_seconds < max_seconds:
+                    self._stop(stop, last_saved)  # else the run is complete: end it normally
             if self.step != start_step:  # the run's end, unless there was nothing left to do
                 if self.step != last_saved:
                     self.save_checkpoint()
                 if not (every["val_every"] and self.step % every["val_every"] == 0):
-                    self._validate(logger)
+                    self._unless_stopping(self._validate, logger)
                 if not (every["sample_every"] and self.step % every["sample_every"] == 0):
-                    self._images(batch)
-        except KeyboardInterrupt:
-            if self.step != last_saved and self.step > 0:
-                self.save_checkpoint()  # Ctrl-C keeps the progress made
-            raise
+                    self._unless_stopping(self._images, batch)
         finally:
             bar.close()
             logger.close()
         return self.run_dir
+
+    def _unless_stopping(self, phase: Callable[..., None], *args: Any) -> None:
+        """Validation or a grid, skipped once SIGTERM/SIGINT arrived, and abandoned if the
+        signal comes while it runs (it may have ended the data workers it reads from).
+        Neither touches the training state, so the step before stays whole."""
+        if self.signals.stop:
+            return
+        try:
+            phase(*args)
+        except Exception:
+            if not self.signals.stop:
+                raise
+
+    def _stop(self, signal_name: str, last_saved: int) -> None:
+        if self.step != last_saved and self.step > 0:
+            self.save_checkpoint()
+            last_saved = self.step
+        checkpoint = self.run_dir / "checkpoints" / f"step_{self.step:09d}" if last_saved == self.step else None
+        raise TrainingInterrupted(signal_name, self.step, checkpoint)
 
     def _timing(self) -> dict[str, float]:
         return {"train_minutes": self.train_seconds / 60.0, "epoch": float(self.epoch)}
@@ -435,7 +593,7 @@ class Trainer(abc.ABC):
     def _validate(self, logger: RunLogger) -> None:
         if not self.is_main:
             return
-        with preserved_rng():
+        with isolated_rng(stream_seed(self.seed, "validation")):
             batches = self.validation_batches()
             values = self.validate(batches) if batches else {}
         if values:
@@ -444,7 +602,7 @@ class Trainer(abc.ABC):
     def _images(self, batch: Mapping[str, Any] | None) -> None:
         if not self.is_main:
             return
-        with preserved_rng():
+        with isolated_rng(stream_seed(self.seed, "grids")):
             val = self.validation_batches()
             source = val[0] if val else batch
             if source is None:
@@ -453,6 +611,10 @@ class Trainer(abc.ABC):
             grid = self.save_images(source, path)
         if grid is not None:
             self.logger.log_image(f"{self.stage}/images", grid, self.step)
+
+
+def _is_resumable(loader: Any) -> bool:
+    return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
 
 
 class _SilentLogger:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +60,12 @@ def build_cache(
     fingerprint: str,
     device: torch.device,
     progress: bool = True,
+    check: Callable[[], None] | None = None,
 ) -> int:
-    """Encode every batch's ``image`` with ``encode``; store the latents and ``keys``."""
+    """Encode every batch's ``image`` with ``encode``; store the latents and ``keys``.
+
+    ``check()`` runs before each batch and may raise to stop (a preemption signal): what was
+    written stays incomplete (no ``meta.json``) and is rebuilt by the next run."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -84,6 +88,8 @@ def build_cache(
             v.clear()
 
     for batch in tqdm(batches, desc="encoding latent cache", disable=not progress):
+        if check is not None:
+            check()
         missing = [k for k in keys if k not in batch]
         if missing:
             raise LatentCacheError(
@@ -135,13 +141,15 @@ class LatentCache:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
-    def batches(self, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1) -> Iterator[dict[str, Any]]:
+    def batches(
+        self, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1, start: int = 0
+    ) -> Iterator[dict[str, Any]]:
         """One epoch: a seeded permutation, this rank's share, in batches (last one dropped
-        when short, so every rank takes the same number of steps). Batches hold ``latent``
-        and the cached keys."""
+        when short, so every rank takes the same number of steps), from batch ``start`` on.
+        Batches hold ``latent`` and the cached keys."""
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[rank::world_size]
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            idx = order[start : start + batch_size]
+        for first in range(start * batch_size, len(order) - batch_size + 1, batch_size):
+            idx = order[first : first + batch_size]
             positions = idx.tolist()
             batch: dict[str, Any] = {"latent": self.latents[idx]}
             for key, value in self.tensors.items():
@@ -150,3 +158,47 @@ class LatentCache:
             for key, value in self.lists.items():
                 batch[key] = [value[i] for i in positions]
             yield batch
+
+
+class CacheLoader:
+    """The cache as a resumable training loader: each ``iter()`` is epoch ``epoch`` (then it
+    advances), in the order :meth:`LatentCache.batches` gives for ``seed + epoch``. The order
+    is a pure function of the seed and the epoch, so the position is (epoch, batches handed
+    out) and resuming it is exact without reading anything twice."""
+
+    def __init__(self, cache: LatentCache, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.cache, self.batch_size, self.seed = cache, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self._position = {"epoch": 0, "batches": 0}
+        self._resume: dict[str, int] | None = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch = self.epoch
+        self.epoch += 1
+        resume = self._resume if self._resume is not None and self._resume["epoch"] == epoch else None
+        self._resume = None
+        start = resume["batches"] if resume else 0
+        self._position = {"epoch": epoch, "batches": start}
+        for batch in self.cache.batches(self.batch_size, seed=self.seed + epoch, rank=self.rank,
+                                        world_size=self.world_size, start=start):
+            self._position["batches"] += 1
+            yield batch
+
+    def _identity(self) -> dict[str, Any]:
+        return {"kind": "latent_cache", "samples": len(self.cache), "batch_size": self.batch_size,
+                "rank": self.rank, "world_size": self.world_size, "seed": self.seed}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._identity(), **self._position}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> str | None:
+        epoch = int(state.get("epoch", 0))
+        self.epoch = epoch
+        mine = self._identity()
+        changed = [f"{k} changed from {state.get(k)} to {v}" for k, v in mine.items() if state.get(k) != v]
+        if changed:
+            return (f"the data position cannot be restored exactly: {'; '.join(changed)}; "
+                    f"epoch {epoch} starts again from its beginning")
+        self._resume = {"epoch": epoch, "batches": int(state["batches"])}
+        return None

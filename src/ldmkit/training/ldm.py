@@ -28,6 +28,7 @@ from ldmkit.ema import EMA
 from ldmkit.interfaces import Conditioner
 from ldmkit.training.autoencoder import batch_images
 from ldmkit.training.engine import TRAINER_DEFAULTS, Trainer, TrainingError
+from ldmkit.training.rng import generator, isolated_rng, stream_seed
 
 LDM_DEFAULTS: dict[str, Any] = {
     "betas": [0.9, 0.999],
@@ -51,10 +52,14 @@ class DiffusionStep(nn.Module):
         super().__init__()
         self.denoiser, self.conditioner, self.objective = denoiser, conditioner, objective
 
-    def forward(self, z0: Tensor, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-        batch = self.conditioner.training_inputs(batch)
-        cond = self.conditioner.condition(batch)  # with the conditioner's guidance dropout
-        return self.objective(self.denoiser, z0, cond)
+    def forward(
+        self, z0: Tensor, batch: Mapping[str, Any], *,
+        noise_generator: torch.Generator | None = None, condition_generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, dict[str, Any]]:
+        batch = self.conditioner.training_inputs(batch, condition_generator)
+        # with the conditioner's guidance dropout
+        cond = self.conditioner.condition(batch, generator=condition_generator)
+        return self.objective(self.denoiser, z0, cond, generator=noise_generator)
 
 
 class _ScaleFactor(nn.Module):
@@ -119,6 +124,9 @@ class LDMTrainer(Trainer):
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=bool(self.opts["ddp_find_unused_parameters"]),
             )
+        # one stream per consumer (rng.py): timesteps and noise; masks and condition dropout
+        self.noise_generator = generator(stream_seed(self.seed, "diffusion", self.rank))
+        self.condition_generator = generator(stream_seed(self.seed, "conditions", self.rank))
         self.cache = None
         if self.opts["latent_cache"] and self.data is None:
             self.cache = self._load_cache()  # before the clock starts: not training time
@@ -137,18 +145,27 @@ class LDMTrainer(Trainer):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"diffusion": self.optimizer}
 
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"diffusion": self.noise_generator, "conditions": self.condition_generator}
+
+    def hyperparameters(self) -> dict[str, dict[str, Any]]:
+        # the lr itself is set every step (warm-up)
+        return {"diffusion": {"betas": tuple(self.opts["betas"]), "weight_decay": float(self.opts["weight_decay"])}}
+
     def config_keys_that_must_match(self) -> list[str]:
-        return ["first_stage", "denoiser", "conditioner", "schedule"]
+        return ["first_stage", "denoiser", "conditioner", "schedule", "scale_factor"]
 
     # -- data ------------------------------------------------------------------------------
     def make_loader(self, split: str, epoch: int) -> Iterable[Mapping[str, Any]]:
         if split == "train" and self.opts["latent_cache"] and self.data is None:
+            from ldmkit.training.latent_cache import CacheLoader
+
             if self.cache is None:
                 self.cache = self._load_cache()
-            return self.cache.batches(
-                int(self.options["batch_size"]), seed=int(self.cfg.get("seed", 0)) + epoch,
-                rank=self.rank, world_size=self.world_size,
-            )
+            loader = CacheLoader(self.cache, int(self.options["batch_size"]), seed=self.seed,
+                                 rank=self.rank, world_size=self.world_size)
+            loader.epoch = epoch
+            return loader
         return super().make_loader(split, epoch)
 
     def _cache_fingerprint(self) -> str:
@@ -171,9 +188,17 @@ class LDMTrainer(Trainer):
                 rank=0, world_size=1, num_workers=int(self.options["num_workers"]),
                 resampled=False, shuffle=False,
             )
-            build_cache(directory, loader, self.pipeline.first_stage.encode,
-                        keys=self.pipeline.conditioner.data_keys, fingerprint=fingerprint,
-                        device=self.device, progress=bool(self.options["progress"]))
+            during = "while building the latent cache"
+            try:
+                with isolated_rng(stream_seed(self.seed, "latent_cache")):  # KL posterior samples
+                    build_cache(directory, loader, self.pipeline.first_stage.encode,
+                                keys=self.pipeline.conditioner.data_keys, fingerprint=fingerprint,
+                                device=self.device, progress=bool(self.options["progress"]),
+                                check=lambda: self.check_interrupt(during))
+            except Exception:
+                if self.signals.stop:  # the signal also ended the data workers
+                    self.check_interrupt(during)
+                raise
         self.barrier()
         return LatentCache(directory)
 
@@ -211,7 +236,8 @@ class LDMTrainer(Trainer):
             group["lr"] = lr
         z0 = self.latents(batch)
         with self._autocast():
-            loss, logs = self.model(z0, batch)
+            loss, logs = self.model(z0, batch, noise_generator=self.noise_generator,
+                                    condition_generator=self.condition_generator)
         self.check_finite("the diffusion loss", loss, logs)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -279,10 +305,12 @@ class LDMTrainer(Trainer):
         return grid
 
     def save_checkpoint(self):
-        checkpoint = super().save_checkpoint()
+        # the pipeline first: a run killed in between resumes from the checkpoint before and
+        # exports again, so pipeline/ is never older than the newest checkpoint (a run stopped
+        # after its last checkpoint has nothing left to do, and would never re-export)
         if self.is_main:
             self.export_pipeline()
-        return checkpoint
+        return super().save_checkpoint()
 
     def export_pipeline(self) -> Path:
         """``<run_dir>/pipeline/``: a :class:`Pipeline` folder (EMA weights by default)
