@@ -3,6 +3,8 @@ checked assembly of a :class:`~ldmkit.pipeline.Pipeline` through the registry.""
 
 from __future__ import annotations
 
+import difflib
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldmkit.errors import LdmkitError
-from ldmkit.plugins import get_plugin_manager
+from ldmkit.plugins import get_plugin_manager, root_directory
 from ldmkit.registry import Registry
 
 GROUPS = ("first_stage", "denoiser", "conditioner", "sampler", "data", "trainer", "experiment")
@@ -63,21 +65,16 @@ def compose_config(overrides: Sequence[str] = (), *, config_name: str = "config"
 
     The options each group had selected are kept under ``choices`` (informational).
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     _plugin_roots[:] = get_plugin_manager().config_roots()
     _register_search_path_plugin()
-    GlobalHydra.instance().clear()
+    overrides = [_weights_override(o) for o in overrides]
     try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-            cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+        cfg = _hydra_compose(overrides, config_name)
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(_explain_compose_error(err)) from err
-    finally:
-        GlobalHydra.instance().clear()
+        raise ConfigError(_explain_compose_error(err, overrides, config_name)) from err
     choices = {
         k: v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items()
         if not k.startswith("hydra/")
@@ -85,19 +82,108 @@ def compose_config(overrides: Sequence[str] = (), *, config_name: str = "config"
     with open_dict(cfg):
         del cfg["hydra"]
         cfg.choices = choices
+    _check_optional_choice("experiment", choices.get("experiment"))
+    check_config(cfg)
     return cfg
 
 
-def _explain_compose_error(err: Exception) -> str:
+def _check_optional_choice(group: str, option: str | None) -> None:
+    """``optional experiment`` in the defaults list makes Hydra skip an option that does not
+    exist: a misspelled ``experiment=NAME`` would train the default config. Say so instead."""
+    if option is None:
+        return
+    roots = [config_dir(), *(root_directory(r) for r in _plugin_roots)]
+    if any(root is not None and (root / group / f"{option}.yaml").is_file() for root in roots):
+        return
+    found = sorted(
+        {p.relative_to(root / group).with_suffix("").as_posix()
+         for root in roots if root is not None and (root / group).is_dir()
+         for p in (root / group).rglob("*.yaml")}
+    )
+    raise ConfigError(
+        f"unknown option {group}={option} (no {group}/{option}.yaml in ldmkit's conf/ or an installed "
+        f"plugin's config root); {group} options: {', '.join(found) or '(none)'}"
+    )
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise ConfigError naming every core key whose value has the wrong type or is out of
+    range (see :mod:`ldmkit.config_checks`); ``compose_config`` and ``train`` call it."""
+    from ldmkit.config_checks import config_problems
+
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _hydra_compose(overrides: Sequence[str], config_name: str) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+            return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+# Every component config may name weights to load (`checkpoint`), whether or not its option
+# file lists the key: `first_stage.checkpoint=PATH` works as written for any option.
+_WEIGHTS_OVERRIDE = re.compile(r"^(?P<group>first_stage|denoiser|conditioner)\.checkpoint=")
+
+
+def _weights_override(override: str) -> str:
+    return f"++{override}" if _WEIGHTS_OVERRIDE.match(override) else override
+
+
+def _explain_compose_error(err: Exception, overrides: Sequence[str], config_name: str) -> str:
+    """Hydra's (multi-line) message as one line naming the key or option."""
     message = str(err)
-    # Hydra's message for an unknown option already lists the group's options (plugin ones
-    # included, since they are on the search path); add where options come from
-    if "Could not find" in message or "Could not load" in message:
-        message += (
-            "\n(options come from ldmkit's conf/ and from installed plugins; "
-            "`ldmkit plugins` lists which plugin provides which config groups)"
+    unknown_key = re.match(r"Could not override '(?P<key>[^']+)'", message)
+    if unknown_key:
+        return _unknown_key(unknown_key["key"], overrides, config_name)
+    missing = re.search(r"Could not (?:find|load) '(?P<group>[\w/.-]+)/(?P<option>[^'/]+)'", message)
+    if missing:
+        listed = re.search(r"Available options in '[^']+':\n(?P<options>(?:\t.*\n?)*)", message)
+        options = ", ".join(o.strip() for o in listed["options"].splitlines() if o.strip()) if listed else ""
+        group, option = missing["group"], missing["option"]
+        return (
+            f"unknown option {group}={option} (no {group}/{option}.yaml in ldmkit's conf/ or an installed "
+            f"plugin's config root); {group} options: {options or '(none)'} "
+            "(`ldmkit plugins` lists which plugin provides which config groups)"
         )
-    return message
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def _unknown_key(key: str, overrides: Sequence[str], config_name: str) -> str:
+    """``trainer.optimizer.lr: no such key (did you mean trainer.lr?) ...``."""
+    value = next((o.partition("=")[2] for o in overrides if o.partition("=")[0] == key), "VALUE")
+    hint = f"to add a new key, write +{key}={value}"
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = _hydra_compose([o for o in overrides if o.partition("=")[0] != key], config_name)
+    except (HydraException, OmegaConfBaseException):
+        return f"{key}: no such key in the config; {hint}"
+    keys = _leaf_keys(OmegaConf.to_container(cfg, resolve=False))
+    keys = [k for k in keys if not k.startswith("hydra.")]
+    leaf = key.rpartition(".")[2]
+    group = key.partition(".")[0]
+    close = [k for k in keys if k.partition(".")[0] == group and k.rpartition(".")[2] == leaf]
+    close = close or difflib.get_close_matches(key, keys, n=2, cutoff=0.75)
+    suggestion = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return f"{key}: no such key in the config{suggestion}; {hint}"
+
+
+def _leaf_keys(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, Mapping):
+        keys = []
+        for k, v in node.items():
+            keys += _leaf_keys(v, f"{prefix}{k}.") if isinstance(v, Mapping) and v else [f"{prefix}{k}"]
+        return keys
+    return [prefix.rstrip(".")]
 
 
 # -- building components ----------------------------------------------------------------
@@ -122,7 +208,13 @@ def component_kwargs(node: Any, group: str) -> tuple[str, dict[str, Any]]:
     return name, data
 
 
-def create_component(registry: Registry, kind: str, node: Any, label: str | None = None) -> Any:
+def create_component(
+    registry: Registry, kind: str, node: Any, label: str | None = None, *, key: str | None = None
+) -> Any:
+    """Build the registered ``kind`` the config ``node`` names. ``label`` says which config it
+    came from in messages (``sampler=ddim``); ``key`` is the node's dotted key (default: ``kind``),
+    used to name a value that does not fit the constructor's type hints."""
+    from ldmkit.config_checks import argument_problems
     from ldmkit.interfaces import INTERFACES
 
     name, kwargs = component_kwargs(node, kind)
@@ -130,6 +222,13 @@ def create_component(registry: Registry, kind: str, node: Any, label: str | None
     # conditioner config its classifier-free-guidance dropout rate
     checkpoint = kwargs.pop("checkpoint", None)
     drop_rate = kwargs.pop("drop_rate", None) if kind == "conditioner" else None
+    try:
+        factory = registry.get(kind, name).factory
+    except LookupError as err:
+        raise ConfigError(f"{label or kind}: {err}") from err
+    problems = argument_problems(factory, kwargs, key or kind)
+    if problems:
+        raise ConfigError(f"{'; '.join(problems)} ({label or f'{kind} {name!r}'})")
     try:
         obj = registry.create(kind, name, **kwargs)
     except LookupError as err:

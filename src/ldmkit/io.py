@@ -9,13 +9,128 @@ leftovers of processes that no longer run, so no empty or partial temporaries ac
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ldmkit.errors import LdmkitError
+
 _TEMPORARY = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)-[A-Za-z0-9_]+\.tmp$")
+
+# the errors a file system answers a write with when the disk, not the program, is the problem
+WRITE_FAILURES = {
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (the file size limit, `ulimit -f`, was reached)",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+class WriteError(LdmkitError, OSError):
+    """A file or folder could not be written: read-only or full disk, quota, file size limit,
+    no permission. ``filename`` is what was being written; ``errno`` says why. What was
+    written before is left as it was (every ldmkit write is atomic)."""
+
+    def __init__(self, path: str | os.PathLike, code: int, note: str | None = None) -> None:
+        super().__init__(code, WRITE_FAILURES.get(code, os.strerror(code)), str(path))
+        self.note = note
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}" + (f"; {self.note}" if self.note else "")
+
+    def __reduce__(self):
+        return (type(self), (self.filename, self.errno, self.note))
+
+
+def write_failure(err: BaseException, path: str | os.PathLike | None = None) -> int | None:
+    """The errno of ``err`` (or of an error it was raised from) when the file system refused
+    a write (:data:`WRITE_FAILURES`); native writers that hide it (safetensors: "os error 28",
+    torch.save: "unexpected pos") are diagnosed from ``path``'s file system. None otherwise."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in WRITE_FAILURES:
+            return cause.errno
+        code = re.search(r"os error (\d+)", str(cause))
+        if code and int(code[1]) in WRITE_FAILURES:
+            return int(code[1])
+        cause = cause.__cause__ or cause.__context__
+    return _diagnose(Path(path)) if path is not None else None
+
+
+def _diagnose(path: Path) -> int | None:
+    """Why writing at ``path`` fails, asked of its file system: read-only, full, or a file
+    beside it at the process's file size limit."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        stats = os.statvfs(existing)
+    except OSError:
+        return None
+    if stats.f_flag & os.ST_RDONLY:
+        return errno.EROFS
+    if stats.f_bfree == 0 or (os.geteuid() != 0 and stats.f_bavail == 0):
+        return errno.ENOSPC
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):
+        return None
+    if limit != resource.RLIM_INFINITY:
+        files = existing.iterdir() if existing.is_dir() else [existing]
+        with contextlib.suppress(OSError):
+            if any(p.is_file() and p.stat().st_size >= limit for p in files):
+                return errno.EFBIG
+    return None
+
+
+def as_write_error(err: BaseException, path: str | os.PathLike | None = None) -> WriteError | None:
+    """``err`` as a :class:`WriteError` naming ``path`` (default: the error's own file name)
+    when the file system refused a write; None for any other error."""
+    if isinstance(err, WriteError):
+        return err
+    code = write_failure(err, path)
+    if code is None:
+        return None
+    where = path if path is not None else getattr(err, "filename", None)
+    return WriteError(where if where is not None else "a file", code)
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise :class:`WriteError` now if the file ``path`` could not be created (its nearest
+    existing folder is read-only or not writable), so that a long command fails before its
+    work rather than after it. A full disk is only found when writing."""
+    target = Path(path)
+    existing = target.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        read_only = False
+        with contextlib.suppress(OSError):
+            read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        raise WriteError(target, errno.EROFS if read_only else errno.EACCES)
+
+
+@contextlib.contextmanager
+def reporting_write_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a failed write inside the block into a :class:`WriteError` naming ``path``."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as err:
+        problem = as_write_error(err, path)
+        if problem is None:
+            raise
+        raise problem from err
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -68,18 +183,20 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     A crash at any point leaves either the old file or the new one, never a torn one.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target.parent, target=target.name)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{target.name}.{os.getpid()}-", suffix=".tmp", dir=target.parent
-    )
-    os.close(fd)
+    with reporting_write_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(target.parent, target=target.name)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{target.name}.{os.getpid()}-", suffix=".tmp", dir=target.parent
+        )
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, target)
+        with reporting_write_errors(target):
+            yield tmp_path
+            with open(tmp_path, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp_path, target)
         _fsync_dir(target.parent)
     finally:
         if tmp_path.exists():

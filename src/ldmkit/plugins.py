@@ -72,7 +72,9 @@ class PluginManager:
         self.broken: list[PluginInfo] = []
         self._autoloaded = False
         self._registry: Registry | None = None
+        self._registered: list[tuple[str, str, str, Any]] | None = None
         self._config_roots: list[str] | None = None
+        self._option_clashes: tuple[list[str], list[str]] | None = None  # (for these roots, clashes)
         self._lock = threading.RLock()
 
     # -- loading -------------------------------------------------------------------
@@ -167,96 +169,213 @@ class PluginManager:
 
     def _invalidate(self) -> None:
         self._registry = None
+        self._registered = None
         self._config_roots = None
 
     # -- what the plugins provide --------------------------------------------------
     def _impls(self, hook_name: str):
         return getattr(self.pm.hook, hook_name).get_hookimpls()
 
+    def _provider(self, plugin_name: str) -> str:
+        info = self.infos.get(plugin_name, PluginInfo(plugin_name))
+        return f"plugin {info.name!r} ({info.label})"
+
+    def _registrations(self) -> list[tuple[str, str, str, Any]]:
+        """``(plugin, kind, name, factory)`` from every registration hook, in hook order; a
+        plugin whose hook raises is reported as broken and what it registered is dropped."""
+        if self._registered is None:
+            found: list[tuple[str, str, str, Any]] = []
+            failed: set[str] = set()
+            for hook_name, kind in HOOK_KINDS.items():
+                for impl in self._impls(hook_name):
+                    if impl.plugin_name in failed:
+                        continue
+                    collected: list[tuple[str, Any]] = []
+                    try:
+                        impl.function(register=lambda name, factory, _c=collected: _c.append((name, factory)))
+                    except Exception as err:  # noqa: BLE001 - reported like an import failure
+                        info = self.infos.get(impl.plugin_name, PluginInfo(impl.plugin_name))
+                        failed.add(impl.plugin_name)
+                        self._forget(impl.plugin_name)
+                        self._config_roots = None
+                        self._report_broken(info, err, during=hook_name)
+                        continue
+                    found += [(impl.plugin_name, kind, name, factory) for name, factory in collected]
+            self._registered = [entry for entry in found if entry[0] not in failed]
+        return self._registered
+
     @property
     def registry(self) -> Registry:
+        """Every registered name; a name registered by two plugins raises
+        :class:`~ldmkit.registry.RegistryError` naming both."""
         with self._lock:
             self.load_entry_points()
             if self._registry is None:
                 registry = Registry()
-                failed: set[str] = set()
-                for hook_name, kind in HOOK_KINDS.items():
-                    for impl in self._impls(hook_name):
-                        if impl.plugin_name in failed:
-                            continue
-                        info = self.infos.get(impl.plugin_name, PluginInfo(impl.plugin_name))
-                        provider = f"plugin {info.name!r} ({info.label})"
-                        collected: list[tuple[str, Any]] = []
-                        try:
-                            impl.function(register=lambda name, factory, _c=collected: _c.append((name, factory)))
-                        except Exception as err:  # noqa: BLE001 - reported like an import failure
-                            failed.add(impl.plugin_name)
-                            self._forget(impl.plugin_name)
-                            self._report_broken(info, err, during=hook_name)
-                            continue
-                        for name, factory in collected:
-                            registry.add(kind, name, factory, provider)
-                if failed:  # drop what the broken plugins registered in earlier hooks
-                    self._config_roots = None
-                    registry.remove_providers(
-                        {f"plugin {n!r} ({b.label})" for b in self.broken for n in [b.name] if n in failed}
-                    )
+                for plugin, kind, name, factory in self._registrations():
+                    registry.add(kind, name, factory, self._provider(plugin))
                 self._registry = registry
             return self._registry
 
+    def _plugin_config_roots(self) -> list[str]:
+        """Call the config hooks (once): every plugin's roots, in order, without duplicates."""
+        if self._config_roots is None:
+            roots: list[str] = []
+            for info in self.infos.values():
+                info.config_roots = []
+            for impl in self._impls("ldmkit_register_configs"):
+                info = self.infos.get(impl.plugin_name)
+
+                def register(path, _info=info, _plugin=impl.plugin_name):
+                    root = _search_path_entry(path, _plugin)
+                    if root not in roots:
+                        roots.append(root)
+                    if _info is not None:
+                        _info.config_roots.append(root)
+
+                impl.function(register=register)
+            self._config_roots = roots
+        return self._config_roots
+
     def config_roots(self) -> list[str]:
-        """Hydra search-path entries (``file://`` / ``pkg://``) the plugins contribute."""
+        """Hydra search-path entries (``file://`` / ``pkg://``) the plugins contribute. Two
+        plugins (or a plugin and ldmkit's own conf/) shipping the same config option raise
+        :class:`PluginError` naming both: which one Hydra picked would depend on install order."""
         with self._lock:
             self.load_entry_points()
-            if self._config_roots is None:
-                roots: list[str] = []
-                for info in self.infos.values():
-                    info.config_roots = []
-                for impl in self._impls("ldmkit_register_configs"):
-                    info = self.infos.get(impl.plugin_name)
+            roots = self._plugin_config_roots()
+            clashes = self.config_option_clashes()
+            if clashes:
+                raise PluginError("; ".join(clashes))
+            return roots
 
-                    def register(path, _info=info, _plugin=impl.plugin_name):
-                        root = _search_path_entry(path, _plugin)
-                        if root not in roots:
-                            roots.append(root)
-                        if _info is not None:
-                            _info.config_roots.append(root)
+    def config_option_clashes(self) -> list[str]:
+        """One message per config option (``group/option.yaml``) that two sources ship."""
+        from ldmkit.config import config_dir
 
-                    impl.function(register=register)
-                self._config_roots = roots
-            return self._config_roots
+        with self._lock:
+            self.load_entry_points()
+            roots = self._plugin_config_roots()
+            if self._option_clashes is not None and self._option_clashes[0] is roots:
+                return list(self._option_clashes[1])  # composing again: the files did not move
+        sources: list[tuple[str, Path]] = [("ldmkit's conf/", Path(config_dir()))]
+        for info in self.infos.values():
+            for root in info.config_roots:
+                directory = root_directory(root)
+                if directory is not None:
+                    sources.append((f"plugin {info.name!r} ({info.label})", directory))
+        shipped: dict[str, list[tuple[str, Path]]] = {}
+        for provider, directory in sources:
+            for option in _config_options(directory):
+                path = (directory / option).resolve()
+                providers = shipped.setdefault(option, [])
+                if all(path != other for _, other in providers):
+                    providers.append((provider, path))
+        clashes = []
+        for option, providers in shipped.items():
+            if len(providers) > 1:
+                group, _, name = option[: -len(".yaml")].partition("/")
+                by = " and by ".join(f"{provider} ({path})" for provider, path in providers)
+                clashes.append(
+                    f"config option {group}={name} is shipped twice: by {by}; uninstall one of them "
+                    f"or rename its option"
+                )
+        self._option_clashes = (roots, clashes)
+        return list(clashes)
+
+    def registration_clashes(self) -> list[str]:
+        """One message per name that two plugins register (what :attr:`registry` raises)."""
+        with self._lock:
+            self.load_entry_points()
+            registrations = self._registrations()
+        first: dict[tuple[str, str], str] = {}
+        clashes = []
+        for plugin, kind, name, _ in registrations:
+            provider = self._provider(plugin)
+            if (kind, name) in first and first[(kind, name)] != provider:
+                clashes.append(f"{kind} {name!r} is registered twice: by {first[(kind, name)]} and by {provider}")
+            first.setdefault((kind, name), provider)
+        return clashes
+
+    def installed(self) -> list[PluginInfo]:
+        """The plugins installed as ``ldmkit`` entry points, loaded or not (nothing is imported)."""
+        found, seen = [], set()
+        for ep in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if (ep.name, ep.value) in seen:
+                continue
+            seen.add((ep.name, ep.value))
+            dist = getattr(ep, "dist", None)
+            found.append(
+                PluginInfo(ep.name, dist.metadata["Name"] if dist is not None else None,
+                           dist.version if dist is not None else None, ep.value)
+            )
+        return found
+
+    def autoload_note(self) -> str | None:
+        """Why installed plugins may not be loaded (the environment switches), or None."""
+        if _env_flag("LDMKIT_DISABLE_PLUGIN_AUTOLOAD"):
+            return "plugin autoload is off (LDMKIT_DISABLE_PLUGIN_AUTOLOAD=1)"
+        only = os.environ.get("LDMKIT_LOAD_PLUGINS", "").strip()
+        if only:
+            return f"only the plugins in LDMKIT_LOAD_PLUGINS={only} are loaded"
+        return None
 
     def plugin_report(self) -> list[dict[str, Any]]:
-        """Per plugin: distribution, version, registered names per kind, config groups."""
-        registry = self.registry
-        self.config_roots()
+        """Per installed or registered plugin: distribution, version, registered names per
+        kind, config groups, and ``status`` (``loaded``, ``broken`` with ``error``, or ``not
+        loaded`` with the reason in ``note``). Clashes between plugins do not stop the report:
+        :meth:`problems` lists them."""
+        with self._lock:
+            self.load_entry_points()
+            registrations = self._registrations()
+            self._plugin_config_roots()
         rows = []
         for info in self.infos.values():
-            provider = f"plugin {info.name!r} ({info.label})"
-            rows.append(
-                {
-                    "name": info.name,
-                    "distribution": info.distribution,
-                    "version": info.version,
-                    "module": info.module,
-                    "registers": {k: v for k, v in registry.by_provider(provider).items() if v},
-                    "config_groups": _config_groups(info.config_roots),
-                    "error": None,
-                }
-            )
+            registers: dict[str, list[str]] = {}
+            for plugin, kind, name, _ in registrations:
+                if plugin == info.name:
+                    registers.setdefault(kind, []).append(name)
+            rows.append(_row(info, "loaded", registers={k: sorted(v) for k, v in registers.items()},
+                             config_groups=_config_groups(info.config_roots)))
         for info in self.broken:
-            rows.append(
-                {
-                    "name": info.name,
-                    "distribution": info.distribution,
-                    "version": info.version,
-                    "module": info.module,
-                    "registers": {},
-                    "config_groups": {},
-                    "error": info.error,
-                }
-            )
+            rows.append(_row(info, "broken"))
+        listed = {row["name"] for row in rows}
+        note = self.autoload_note()
+        for info in self.installed():
+            if info.name not in listed:
+                rows.append(_row(info, "not loaded", note=note or "not loaded"))
         return rows
+
+    def problems(self) -> list[str]:
+        """What stops ldmkit from using the installed plugins as they are: names registered
+        twice, config options shipped twice."""
+        return self.registration_clashes() + self.config_option_clashes()
+
+
+def _row(info: PluginInfo, status: str, *, registers: dict[str, list[str]] | None = None,
+         config_groups: dict[str, list[str]] | None = None, note: str | None = None) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "distribution": info.distribution,
+        "version": info.version,
+        "module": info.module,
+        "status": status,
+        "registers": registers or {},
+        "config_groups": config_groups or {},
+        "error": info.error,
+        "note": note,
+    }
+
+
+def _config_options(directory: Path) -> list[str]:
+    """``group/option.yaml`` of every option in a config root (nested groups included)."""
+    if not directory.is_dir():
+        return []
+    return sorted(
+        p.relative_to(directory).as_posix()
+        for group in directory.iterdir() if group.is_dir()
+        for p in group.rglob("*.yaml")
+    )
 
 
 def _search_path_entry(path: Any, plugin: str) -> str:
@@ -271,7 +390,8 @@ def _search_path_entry(path: Any, plugin: str) -> str:
     return f"file://{directory.resolve()}"
 
 
-def _root_directory(root: str) -> Path | None:
+def root_directory(root: str) -> Path | None:
+    """The folder a search-path entry (``file://`` or ``pkg://``) points at."""
     if root.startswith("file://"):
         return Path(root[len("file://") :])
     import importlib.resources
@@ -282,10 +402,13 @@ def _root_directory(root: str) -> Path | None:
         return None
 
 
+_root_directory = root_directory  # the name tests and older callers import
+
+
 def _config_groups(roots: list[str]) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
     for root in roots:
-        directory = _root_directory(root)
+        directory = root_directory(root)
         if directory is None or not directory.is_dir():
             continue
         for group in sorted(p for p in directory.iterdir() if p.is_dir()):

@@ -8,10 +8,13 @@ Everything after the subcommand that looks like ``key=value`` is a Hydra overrid
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Sequence
 
 from ldmkit.cli import commands
+from ldmkit.errors import LdmkitError
+from ldmkit.io import as_write_error
 
 SUBCOMMANDS = {
     "train": (commands.train, "train a stage (stage=autoencoder | ldm) from Hydra overrides"),
@@ -47,13 +50,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     _short_plugin_warnings()
     try:
         return handler(rest, prog=f"ldmkit {name}", description=help_)
-    except commands.CLIError as err:
+    except (commands.CLIError, LdmkitError) as err:
         print(f"ldmkit {name}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"ldmkit {name}: interrupted", file=sys.stderr)
         return 130
-
+    except Exception as err:
+        # a read-only or full disk, wherever the write was: one line naming the path
+        problem = as_write_error(err)
+        if problem is None:
+            raise
+        message = str(problem)
+        if problem is not err and problem.errno in (errno.EACCES, errno.EPERM):
+            message = f"cannot access {problem.filename}: {problem.strerror}"  # reading, maybe
+        print(f"ldmkit {name}: error: {message}", file=sys.stderr)
+        return 1
 
 
 

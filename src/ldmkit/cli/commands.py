@@ -17,8 +17,16 @@ class CLIError(RuntimeError):
     """An error the CLI reports in one line (no traceback)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (``ldmkit sample: error: argument --seed: invalid
+    int value: 'abc'``) instead of the usage text first; exit code 2 as argparse's."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = _Parser(prog=prog, description=description)
     p.add_argument(
         "overrides", nargs="*", help="Hydra overrides, e.g. first_stage=kl_f8 trainer.max_steps=2000"
     )
@@ -165,12 +173,16 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
             raise CLIError(f"{flag} needs --init-image (the image to start from, or to inpaint)")
     if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_sample_numbers(args)
     if not args.out.suffix:
         raise CLIError(f"--out names the grid image, e.g. {args.out}.png; got {args.out}")
     overrides = _checkpoint_sampler_overrides(args.checkpoint, args.overrides)
     cfg = _compose(overrides, args.print_config)
     if args.print_config:
         return 0
+    from ldmkit.io import check_writable
+
+    check_writable(args.out)  # a read-only --out fails before sampling, not after
 
     import torch
     from tqdm.auto import tqdm
@@ -282,6 +294,24 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
                             kinds=kinds, show_conditions=args.show_conditions)
     print(f"wrote {images.shape[0]} samples to {args.out}, {written['folder']}/ and {written['settings']}")
     return 0
+
+
+def _check_sample_numbers(args: argparse.Namespace) -> None:
+    """Values argparse's types let through that can only be mistakes."""
+    import math
+
+    if not math.isfinite(args.guidance_scale) or args.guidance_scale < 0:
+        raise CLIError(
+            f"--guidance-scale must be a number >= 0 (1: no guidance, 0: unconditional), got {args.guidance_scale}"
+        )
+    for flag, value in (("--num-samples", args.num_samples), ("--image-size", args.image_size),
+                        ("--height", args.height), ("--width", args.width)):
+        if value is not None and value < 1:
+            raise CLIError(f"{flag} must be >= 1, got {value}")
+    if args.labels is not None and not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*,?\s*", args.labels):
+        raise CLIError(
+            f"--labels {args.labels!r}: expected class ids, comma-separated integers >= 0 (e.g. --labels 0,3,7)"
+        )
 
 
 def _checkpoint_sampler_overrides(checkpoint: Path | None, overrides: Sequence[str]) -> list[str]:
@@ -423,20 +453,28 @@ def _to_pil(image):
 
 
 def plugins(argv: Sequence[str], *, prog: str, description: str) -> int:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    """Every installed plugin, loaded or not; then, on stderr, what clashes (exit 1)."""
+    p = _Parser(prog=prog, description=description)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     from ldmkit.plugins import get_plugin_manager
 
+    manager = get_plugin_manager()
     try:
-        rows = get_plugin_manager().plugin_report()
+        rows = manager.plugin_report()
+        problems = manager.problems()
     except LdmkitError as err:
         raise CLIError(str(err)) from err
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
-    print(format_plugin_table(rows))
-    return 0
+    else:
+        note = manager.autoload_note()
+        if note and any(row["status"] == "not loaded" for row in rows):
+            print(f"{note}: the plugins marked 'not loaded' are installed but were not imported\n")
+        print(format_plugin_table(rows))
+    for problem in problems:
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def format_plugin_table(rows: list[dict]) -> str:
@@ -449,6 +487,8 @@ def format_plugin_table(rows: list[dict]) -> str:
         groups = "; ".join(f"{k}: {', '.join(v)}" for k, v in row["config_groups"].items()) or "-"
         if row["error"]:
             registers, groups = f"BROKEN: {row['error']}", "-"
+        elif row.get("status") == "not loaded":
+            registers, groups = "not loaded", "-"
         table.append(
             (row["name"], row["distribution"] or "-", row["version"] or "-", registers, groups)
         )

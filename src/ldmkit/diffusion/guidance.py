@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -24,6 +25,10 @@ class ClassifierFreeGuidance:
         uncond: Mapping[str, Tensor],
         scale: float,
     ) -> None:
+        if isinstance(scale, int | float) and (not math.isfinite(scale) or scale < 0):
+            raise ValueError(
+                f"guidance_scale must be a number >= 0 (1: no guidance, 0: unconditional), got {scale}"
+            )
         if set(cond) != set(uncond):
             raise ValueError(
                 f"conditional keys {sorted(cond)} differ from unconditional keys {sorted(uncond)}"

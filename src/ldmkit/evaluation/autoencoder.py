@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldmkit.evaluation.frechet import FeatureStats, frechet_distance_from_stats
 from ldmkit.evaluation.metrics import psnr, ssim
-from ldmkit.io import atomic_write_text
+from ldmkit.io import atomic_write_text, check_writable
 
 EVAL_DEFAULTS: dict[str, Any] = {
     "checkpoint": None,  # a checkpoint folder or a run folder (default: cfg.run_dir's latest)
@@ -171,6 +171,13 @@ def evaluate_autoencoder(
     else:
         first_stage = first_stage.to(device).eval()
     split = str(options["split"])
+    output = options["output"]
+    if write and output is None:
+        base = checkpoint.path.parent.parent if checkpoint is not None else Path(cfg.get("run_dir") or ".")
+        step = checkpoint.step if checkpoint is not None else "model"
+        output = base / "eval" / f"autoencoder_{split}_step_{step}.json"
+    if write:
+        check_writable(output)  # a read-only eval.output fails now, not after the evaluation
     if data is not None:
         batches = data(split, 0)
     else:
@@ -195,11 +202,6 @@ def evaluate_autoencoder(
         report["skipped"] = notes
     report["seconds"] = time.perf_counter() - started
     if write:
-        output = options["output"]
-        if output is None:
-            base = checkpoint.path.parent.parent if checkpoint is not None else Path(cfg.get("run_dir") or ".")
-            step = checkpoint.step if checkpoint is not None else "model"
-            output = base / "eval" / f"autoencoder_{split}_step_{step}.json"
         atomic_write_text(output, json.dumps(report, indent=2) + "\n")
         report["output"] = str(output)
     return report

@@ -50,11 +50,15 @@ def train(cfg: Any, *, data: DataFactory | None = None) -> Path:
     diffusion model) and return the run folder. ``data(split, epoch)`` may replace the
     configured dataset (tests, notebooks). Under ``torchrun`` (WORLD_SIZE > 1) the process
     group is set up here (gloo on CPU, nccl on CUDA) and torn down afterwards."""
+    from omegaconf import DictConfig
+
+    from ldmkit.config import ConfigError, check_config
+
     stage = cfg.get("stage")
     if stage not in STAGES:
-        from ldmkit.config import ConfigError
-
         raise ConfigError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    if isinstance(cfg, DictConfig):
+        check_config(cfg)  # composed configs were checked already; hand-made ones too
     with distributed_process_group():
         if stage == "autoencoder":
             from ldmkit.training.autoencoder import train_autoencoder

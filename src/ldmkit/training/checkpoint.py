@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ldmkit.errors import LdmkitError
-from ldmkit.io import _fsync_dir
+from ldmkit.io import WriteError, _fsync_dir, write_failure
 
 MODEL_FILE = "model.safetensors"
 TRAINING_FILE = "training.safetensors"
@@ -127,10 +127,34 @@ class CheckpointManager:
         state: dict[str, Any] | None = None,
         config_yaml: str | None = None,
     ) -> Checkpoint:
+        """Write the checkpoint of ``step``. A read-only or full disk raises
+        :class:`~ldmkit.io.WriteError` naming the checkpoint; the ones before stay intact."""
+        final = self.directory / f"step_{step:09d}"
+        try:
+            return self._save(step, final, model=model, training=training, state=state, config_yaml=config_yaml)
+        except Exception as err:
+            tmp = self.directory / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
+            code = write_failure(err, tmp)
+            if code is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # give a full disk back what the partial files took
+            intact = [c.path.name for c in self.list() if c.step != step]
+            note = f"the checkpoints before it are intact (newest: {intact[-1]})" if intact else None
+            raise WriteError(final, code, note) from err
+
+    def _save(
+        self,
+        step: int,
+        final: Path,
+        *,
+        model: dict[str, Tensor],
+        training: dict[str, Tensor] | None,
+        state: dict[str, Any] | None,
+        config_yaml: str | None,
+    ) -> Checkpoint:
         from safetensors.torch import save_file
 
         self.directory.mkdir(parents=True, exist_ok=True)
-        final = self.directory / f"step_{step:09d}"
         tmp = self.directory / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)

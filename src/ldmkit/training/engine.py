@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from ldmkit.errors import LdmkitError
-from ldmkit.io import atomic_write_text, remove_stale_temporaries
+from ldmkit.io import atomic_write_text, remove_stale_temporaries, reporting_write_errors
 from ldmkit.training.checkpoint import (
     TRAINING_FILE,
     Checkpoint,
@@ -501,9 +501,11 @@ class Trainer(abc.ABC):
             for folder in (self.run_dir, self.run_dir / "pipeline", self.run_dir / "images"):
                 remove_stale_temporaries(folder)
         self.build()
+        self._check_image_size()
         latest = self._resume()
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with reporting_write_errors(self.run_dir):
+                self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
 
         max_steps = int(self.options["max_steps"])
@@ -567,6 +569,28 @@ class Trainer(abc.ABC):
             bar.close()
             logger.close()
         return self.run_dir
+
+    def _check_image_size(self) -> None:
+        """The configured image sizes against the first stage's factor f, before anything is
+        written (a size not divisible by f would fail inside the first step)."""
+        from ldmkit.config import ConfigError
+        from ldmkit.interfaces import FirstStage
+
+        first_stage = self.model_modules().get("first_stage")
+        if not isinstance(first_stage, FirstStage):
+            return
+        f = int(first_stage.downsample_factor)
+        keys = ["image_size"] + (["data.image_size"] if self.data is None else [])
+        for key in keys:
+            size = OmegaConf.select(self.cfg, key, default=None)
+            if isinstance(size, int) and size % f:
+                choice = (self.cfg.get("choices") or {}).get("first_stage")
+                which = f"first_stage={choice}" if choice else "the first stage"
+                smaller, larger = max(f, size // f * f), (size // f + 1) * f
+                raise ConfigError(
+                    f"{key}={size} is not divisible by the downsample factor f={f} of {which}; "
+                    f"use a multiple of {f} (e.g. {smaller} or {larger})"
+                )
 
     def _unless_stopping(self, phase: Callable[..., None], *args: Any) -> None:
         """Validation or a grid, skipped once SIGTERM/SIGINT arrived, and abandoned if the

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ldmkit.io import atomic_write_text
+from ldmkit.io import atomic_write_text, reporting_write_errors
 
 METRICS_FILE = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
@@ -34,7 +34,8 @@ class RunLogger:
     def __init__(self, run_dir: str | os.PathLike, *, resume_step: int | None = None,
                  tensorboard: bool = True) -> None:
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with reporting_write_errors(self.run_dir):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.run_dir / METRICS_FILE
         self.columns: list[str] = ["step"]
         if self.csv_path.is_file():
@@ -71,7 +72,10 @@ class RunLogger:
             self._rewrite(rows)
         elif not self.csv_path.is_file():
             self._rewrite([])
-        with open(self.csv_path, "a", newline="", encoding="utf-8") as handle:
+        with (
+            reporting_write_errors(self.csv_path),  # a full disk: one line naming metrics.csv
+            open(self.csv_path, "a", newline="", encoding="utf-8") as handle,
+        ):
             csv.DictWriter(handle, fieldnames=self.columns).writerow({"step": step, **values})
         if self.writer is not None:
             for key, value in values.items():

@@ -52,7 +52,8 @@ class MultiConditioner(Conditioner):
         for i, part in enumerate(parts):
             if not isinstance(part, Mapping) or "name" not in part:
                 raise ValueError(f"parts[{i}] must be a conditioner config with a `name`, got {part!r}")
-            built.append(create_component(registry, "conditioner", dict(part), f"conditioner=multi parts[{i}]"))
+            built.append(create_component(registry, "conditioner", dict(part), f"conditioner=multi parts[{i}]",
+                                          key=f"conditioner.parts[{i}]"))
         self.parts = nn.ModuleList(built)
         self.part_names = [str(part["name"]) for part in parts]
         kinds: dict[str, str] = {}

@@ -1,0 +1,608 @@
+"""Every bad value is one line naming its key (issue 10, item 5), and a read-only or full disk
+is one line naming the path, with nothing written before lost.
+
+Most cases run ``ldmkit.cli.main`` in this process (the code path of the console script,
+without an interpreter start-up each); a few run the real ``ldmkit`` executable. Full disks
+are simulated with ``RLIMIT_FSIZE`` (writes beyond the limit fail with EFBIG), read-only
+folders with a read-only bind mount in a private mount namespace (``unshare``), or with
+``chmod`` where the tests do not run as root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ldmkit.cli import main
+from ldmkit.config import compose_config
+from tests.training import faults
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX file systems and rlimits")
+
+LDMKIT = Path(sys.executable).with_name("ldmkit")
+
+
+def error_line(stderr: str, command: str) -> str:
+    """The CLI's one error line; fails when there is none, several, or a traceback."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith(f"ldmkit {command}: error: ")]
+    assert len(errors) == 1, stderr
+    return errors[0].removeprefix(f"ldmkit {command}: error: ")
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str]:
+    """``ldmkit ARGV`` in process: (exit code, the one error line)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    capsys.readouterr()
+    try:
+        code = main(list(argv))
+    finally:
+        torch.set_num_threads(threads)
+    return code, error_line(capsys.readouterr().err, argv[0])
+
+
+def ldmkit(
+    *args: str,
+    cwd: Path | None = None,
+    env: dict | None = None,
+    preexec_fn=None,
+    prefix: list[str] | None = None,
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*(prefix or []), str(LDMKIT), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        preexec_fn=preexec_fn,
+        timeout=300,
+    )
+
+
+# -- wrong types and impossible values, every kind of key ---------------------------------------
+# (override, what the one line must say); each is composed, none trains
+TRAIN_CASES = [
+    # core keys (ldmkit.config_checks.CORE_KEYS): integers, numbers, switches, choices, lists
+    ("trainer.max_steps=abc", "trainer.max_steps='abc': expected an integer >= 1"),
+    ("trainer.max_steps=-5", "trainer.max_steps=-5: expected an integer >= 1"),
+    ("trainer.max_steps=2.5", "trainer.max_steps=2.5: expected an integer >= 1"),
+    ("trainer.max_steps=null", "trainer.max_steps=null: expected an integer >= 1"),
+    ("trainer.batch_size=0", "trainer.batch_size=0: expected an integer >= 1"),
+    ("trainer.lr=abc", "trainer.lr='abc': expected a number > 0"),
+    ("trainer.lr=nan", "trainer.lr=nan: expected a number > 0"),
+    ("trainer.lr=-0.1", "trainer.lr=-0.1: expected a number > 0"),
+    ("trainer=ldm trainer.max_minutes=0", "trainer.max_minutes=0: expected a number > 0 or null"),
+    ("trainer=ldm trainer.resume=maybe", "trainer.resume='maybe': expected true or false"),
+    ("trainer.device=gpu7", "trainer.device='gpu7': expected auto or a torch device"),
+    ("trainer.num_workers=-1", "trainer.num_workers=-1: expected an integer >= 0"),
+    ("data.image_size=abc", "data.image_size='abc': expected an integer >= 1"),
+    ("data.crop=diagonal", "data.crop='diagonal': expected one of center, random"),
+    ("data.channels=2", "data.channels=2: expected one of 1, 3"),
+    ("image_size=abc", "image_size='abc': expected an integer >= 1 or null"),
+    ("seed=abc", "seed='abc': expected an integer"),
+    ("schedule.timesteps=0", "schedule.timesteps=0: expected an integer >= 1"),
+    (
+        "attention.backend=fast",
+        "attention.backend='fast': expected one of auto, sdpa, xformers, math, chunked",
+    ),
+    ("scale_factor=-1", "scale_factor=-1: expected a number > 0 or one of scale_by_std"),
+    # stage-specific trainer keys
+    ("trainer=ldm trainer.guidance_scale=-1", "trainer.guidance_scale=-1: expected a number >= 0"),
+    ("trainer=ldm trainer.betas=[0.9]", "trainer.betas=[0.9]: expected a list of 2 numbers"),
+    ("trainer=ldm trainer.ema.decay=2", "trainer.ema.decay=2: expected a number >= 0 and <= 1"),
+    ("trainer=ldm trainer.amp=fp8", "trainer.amp='fp8': expected one of auto, bf16, off"),
+    # nodes of a core constructor's arguments: checked against its type hints
+    (
+        "trainer=autoencoder_tiny trainer.loss.disc_start=abc",
+        "trainer.loss.disc_start='abc': expected an integer",
+    ),
+    (
+        "trainer=ldm trainer.objective.min_snr_gamma=x",
+        "trainer.objective.min_snr_gamma='x': expected a number or null",
+    ),
+    # a key that does not exist, an option that does not exist
+    (
+        "trainer.optimizer.lr=abc",
+        "trainer.optimizer.lr: no such key in the config (did you mean trainer.lr?)",
+    ),
+    ("trainer.lrr=3", "trainer.lrr: no such key in the config (did you mean trainer.lr?)"),
+    ("sampler=dimm", "unknown option sampler=dimm"),
+    ("experiment=fmnist_kl_f5", "unknown option experiment=fmnist_kl_f5"),
+    # component configs: checked against the registered constructor's type hints when built
+    ("sampler.eta=abc", "sampler.eta='abc': expected a number (sampler=ddim)"),
+    ("sampler.steps=abc", "sampler.steps='abc': expected an integer (sampler=ddim)"),
+    ("sampler.steps=-3", "sampler=ddim: cannot build sampler 'ddim': steps must be >= 1, got -3"),
+    (
+        "first_stage=kl_tiny first_stage.ch_mult=[1,a]",
+        "first_stage.ch_mult=[1, 'a']: expected a list of integers",
+    ),
+    (
+        "conditioner=class_label conditioner.num_classes=1.5",
+        "conditioner.num_classes=1.5: expected an integer (conditioner=class_label)",
+    ),
+    (
+        "first_stage=kl_tiny first_stage.encode_mode=7",
+        "first_stage.encode_mode=7: expected a string",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
+def test_a_bad_value_is_one_line_naming_the_key(overrides, message, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, line = run_main(capsys, "train", *overrides.split(), f"run_dir={run_dir}")
+    assert code == 1
+    assert line.startswith(message), line
+    assert not run_dir.exists()  # nothing written
+
+
+def test_several_bad_values_are_named_in_one_line(capsys, tmp_path):
+    code, line = run_main(
+        capsys, "train", "trainer.max_steps=abc", "trainer.batch_size=-1", f"run_dir={tmp_path}/run"
+    )
+    assert code == 1
+    assert line == (
+        "trainer.max_steps='abc': expected an integer >= 1; "
+        "trainer.batch_size=-1: expected an integer >= 1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "message"),
+    [
+        (
+            "evaluate",
+            ["stage=autoencoder", "eval.batch_size=abc"],
+            "eval.batch_size='abc': expected an integer >= 1",
+        ),
+        (
+            "evaluate",
+            ["stage=autoencoder", "eval.fid_features=clip"],
+            "eval.fid_features='clip': expected one of",
+        ),
+        ("sample", ["sampler.eta=abc"], "sampler.eta='abc': expected a number (sampler=ddim)"),
+        (
+            "sample",
+            ["image_size=8", "--guidance-scale", "-2"],
+            "--guidance-scale must be a number >= 0",
+        ),
+        (
+            "sample",
+            ["image_size=8", "--guidance-scale", "nan"],
+            "--guidance-scale must be a number >= 0",
+        ),
+        ("sample", ["image_size=8", "--num-samples", "0"], "--num-samples must be >= 1, got 0"),
+        (
+            "sample",
+            ["conditioner=class_label", "--labels", "abc"],
+            "--labels 'abc': expected class ids",
+        ),
+        (
+            "sample",
+            ["conditioner=class_label", "--labels", "1,-2"],
+            "--labels '1,-2': expected class ids",
+        ),
+    ],
+)
+def test_bad_values_of_evaluate_and_sample(command, args, message, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    code, line = run_main(
+        capsys,
+        command,
+        *args,
+        *(["--out", str(out), "--no-progress"] if command == "sample" else []),
+    )
+    assert code == 1
+    assert line.startswith(message), line
+    assert not out.exists() and not (tmp_path / "grid").exists()
+
+
+def test_a_mistyped_flag_is_one_line_too():
+    """argparse's own errors: one line (no usage block), exit code 2."""
+    out = ldmkit("sample", "--seed", "abc")
+    assert out.returncode == 2
+    assert (
+        error_line(out.stderr, "sample")
+        == "argument --seed: invalid int value: 'abc' (see ldmkit sample --help)"
+    )
+    assert out.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ("trainer.max_steps=abc", "trainer.max_steps='abc': expected an integer >= 1"),
+        ("trainer.max_steps=-5", "trainer.max_steps=-5: expected an integer >= 1"),
+        (
+            "trainer.optimizer.lr=abc",
+            "trainer.optimizer.lr: no such key in the config (did you mean trainer.lr?)",
+        ),
+        ("sampler.eta=abc", "sampler.eta='abc': expected a number (sampler=ddim)"),
+        ("data.image_size=abc", "data.image_size='abc': expected an integer >= 1"),
+    ],
+)
+def test_the_console_script_says_it_in_one_line(overrides, message, tmp_path):
+    out = ldmkit("train", overrides, f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert out.returncode == 1
+    assert error_line(out.stderr, "train").startswith(message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_labels_not_numbers_through_the_console_script(tmp_path):
+    out = ldmkit(
+        "sample",
+        "conditioner=class_label",
+        "image_size=8",
+        "--labels",
+        "abc",
+        "--out",
+        str(tmp_path / "x.png"),
+        "--no-progress",
+    )
+    assert out.returncode == 1
+    assert error_line(out.stderr, "sample").startswith(
+        "--labels 'abc': expected class ids, comma-separated"
+    )
+
+
+# -- image size against the first stage's factor f, in ldmkit train ---------------------------
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            [
+                "stage=autoencoder",
+                "trainer=autoencoder_tiny",
+                "first_stage=kl_tiny",
+                "image_size=18",
+            ],
+            "image_size=18 is not divisible by the downsample factor f=4 of first_stage=kl_tiny; "
+            "use a multiple of 4 (e.g. 16 or 20)",
+        ),
+        (
+            [
+                "stage=autoencoder",
+                "trainer=autoencoder_tiny",
+                "first_stage=kl_tiny",
+                "image_size=16",
+                "data.image_size=10",
+            ],
+            "data.image_size=10 is not divisible by the downsample factor f=4 of first_stage=kl_tiny",
+        ),
+        (
+            ["stage=ldm", "trainer=ldm_tiny", "first_stage=kl_tiny", "image_size=30"],
+            "image_size=30 is not divisible by the downsample factor f=4 of first_stage=kl_tiny",
+        ),
+    ],
+)
+def test_image_size_not_divisible_by_f_is_one_line_before_anything_is_written(
+    overrides, message, tmp_path, capsys
+):
+    run_dir = tmp_path / "run"
+    code, line = run_main(
+        capsys, "train", *overrides, f"run_dir={run_dir}", f"data.path={tmp_path / 'none'}"
+    )
+    assert code == 1
+    assert line.startswith(message)
+    assert not run_dir.exists()
+
+
+# -- first_stage.checkpoint=PATH as docs/training.md writes it ------------------------------------
+def _options(group: str) -> list[str]:
+    from ldmkit.config import config_dir
+    from ldmkit.plugins import get_plugin_manager, root_directory
+
+    roots = [config_dir()] + [root_directory(r) for r in get_plugin_manager().config_roots()]
+    return sorted(
+        {p.stem for root in roots if root is not None for p in (root / group).glob("*.yaml")}
+    )
+
+
+def test_component_checkpoint_needs_no_plus_for_any_option():
+    """Every first_stage option and every experiment take `first_stage.checkpoint=PATH`
+    (and `denoiser.checkpoint`, `conditioner.checkpoint`) whether or not they set the key."""
+    combos = [[f"first_stage={fs}"] for fs in _options("first_stage")]
+    combos += [[f"experiment={e}"] for e in _options("experiment")]
+    for overrides in combos:
+        cfg = compose_config(
+            [
+                *overrides,
+                "first_stage.checkpoint=/weights/ae",
+                "denoiser.checkpoint=/weights/unet",
+                "conditioner.checkpoint=/weights/cond",
+            ]
+        )
+        assert cfg.first_stage.checkpoint == "/weights/ae", overrides
+        assert (
+            cfg.denoiser.checkpoint == "/weights/unet"
+            and cfg.conditioner.checkpoint == "/weights/cond"
+        )
+    # the command of docs/training.md, as written there
+    cfg = compose_config(
+        [
+            "stage=ldm",
+            "trainer=ldm",
+            "first_stage=kl_f4_small",
+            "first_stage.checkpoint=runs/fmnist_kl_f4",
+            "conditioner=class_label",
+            "data=fashion_mnist",
+        ]
+    )
+    assert cfg.first_stage.checkpoint == "runs/fmnist_kl_f4"
+    # and a typo in another key of the group is still caught
+    with pytest.raises(Exception, match=r"first_stage.chekpoint: no such key"):
+        compose_config(["first_stage=kl_f4_small", "first_stage.chekpoint=/x"])
+
+
+def test_component_checkpoint_without_plus_loads_the_weights(toy, tmp_path):
+    import torch
+
+    import ldmkit
+
+    source = ldmkit.compose(overrides=toy)
+    with torch.no_grad():
+        for p in source.first_stage.parameters():
+            p.fill_(0.5)
+    source.save(tmp_path / "pipe")
+    pipe = ldmkit.compose(overrides=toy + [f"first_stage.checkpoint={tmp_path / 'pipe'}"])
+    assert all(torch.all(p == 0.5) for p in pipe.first_stage.parameters())
+
+
+# -- read-only and full disks -----------------------------------------------------------------
+def _unshare_works() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        [
+            "unshare",
+            "-rm",
+            "sh",
+            "-c",
+            "mount --bind -o ro / / 2>/dev/null || mount --bind -o ro /tmp /tmp",
+        ],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+UNSHARE = _unshare_works()
+
+
+@pytest.fixture
+def read_only():
+    """``read_only(folder)`` -> a command prefix that runs the command with ``folder``
+    read-only (EROFS through a bind mount; EACCES through chmod when not root)."""
+    restore = []
+
+    def make(folder: Path) -> list[str]:
+        if UNSHARE:
+            script = 'mount --bind -o ro "$0" "$0" && exec "$@"'
+            return ["unshare", "-rm", "sh", "-c", script, str(folder)]
+        if os.geteuid() == 0:
+            pytest.skip(
+                "read-only folders need `unshare -rm` (mount namespaces) when running as root"
+            )
+        for path in [folder, *folder.rglob("*")]:
+            if path.is_dir():
+                restore.append((path, path.stat().st_mode))
+                path.chmod(0o555)
+        return []
+
+    yield make
+    for path, mode in reversed(restore):
+        path.chmod(mode)
+
+
+def file_size_limit(limit: int):
+    """A preexec_fn: writes beyond ``limit`` bytes fail with EFBIG (SIGXFSZ ignored, so the
+    process gets the error instead of dying) - a full disk for every file."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+STAGE1 = [
+    "stage=autoencoder",
+    "first_stage=kl_tiny",
+    "trainer=autoencoder_tiny",
+    "data=image_folder",
+    "image_size=16",
+    "trainer.batch_size=4",
+    "trainer.num_workers=0",
+    "trainer.num_threads=1",
+    "trainer.tensorboard=false",
+    "trainer.progress=false",
+    "trainer.val_split=val",
+    "trainer.val_every=0",
+    "trainer.sample_every=0",
+    "trainer.checkpoint_every=1",
+    "trainer.keep_checkpoints=5",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-step stage-1 run with a checkpoint after each step, and its data."""
+    root = tmp_path_factory.mktemp("disk")
+    shards = faults.make_shards(root / "data")
+    args = [*STAGE1, f"data.path={shards}", f"run_dir={root / 'run'}", "trainer.max_steps=2"]
+    assert faults.train_in_process(args) == 0
+    return root, args
+
+
+def _copy_run(trained, tmp_path) -> tuple[Path, list[str]]:
+    root, args = trained
+    run_dir = tmp_path / "run"
+    shutil.copytree(root / "run", run_dir)
+    return run_dir, [a for a in args if not a.startswith("run_dir=")] + [f"run_dir={run_dir}"]
+
+
+def _checkpoint_still_loads(run_dir: Path, step: int) -> None:
+    from ldmkit.evaluation.autoencoder import load_first_stage
+    from ldmkit.training import CheckpointManager, resolve_checkpoint
+
+    usable = [c.step for c in CheckpointManager(run_dir / "checkpoints").usable(verify=True)]
+    assert usable and max(usable) == step
+    first_stage, _ = load_first_stage(resolve_checkpoint(run_dir), device="cpu")
+    assert first_stage.downsample_factor == 4
+
+
+@pytest.mark.slow
+def test_read_only_run_dir_is_one_line_and_the_checkpoints_still_load(trained, tmp_path, read_only):
+    run_dir, args = _copy_run(trained, tmp_path)
+    before = digest(run_dir)
+    out = ldmkit("train", *args, "trainer.max_steps=4", prefix=read_only(run_dir), cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    line = error_line(out.stderr, "train")
+    assert line.startswith(f"cannot write {run_dir}/") and line.endswith(
+        ("read-only file system", "permission denied")
+    )
+    assert digest(run_dir) == before  # nothing changed, nothing lost
+    _checkpoint_still_loads(run_dir, 2)
+
+
+@pytest.mark.slow
+def test_full_disk_while_checkpointing_keeps_the_checkpoints_before(trained, tmp_path):
+    """The disk fills up while step 3's checkpoint is written: one line naming it, no partial
+    folder left, step 2 still loads, and the same command finishes once there is room."""
+    run_dir, args = _copy_run(trained, tmp_path)
+    before = digest(run_dir / "checkpoints")
+    model_size = (run_dir / "checkpoints" / "step_000000002" / "model.safetensors").stat().st_size
+    assert (run_dir / "config.yaml").stat().st_size < model_size // 2
+    out = ldmkit(
+        "train",
+        *args,
+        "trainer.max_steps=4",
+        preexec_fn=file_size_limit(model_size // 2),
+        cwd=tmp_path,
+    )
+    assert out.returncode == 1, out.stderr
+    assert error_line(out.stderr, "train") == (
+        f"cannot write {run_dir}/checkpoints/step_000000003: file too large (the file size limit, `ulimit -f`, "
+        "was reached); the checkpoints before it are intact (newest: step_000000002)"
+    )
+    assert faults.leftovers(run_dir) == []  # the partial folder went with the error
+    assert digest(run_dir / "checkpoints") == before
+    _checkpoint_still_loads(run_dir, 2)
+    assert faults.train_in_process([*args, "trainer.max_steps=4"]) == 0  # room again: it resumes
+    assert faults.checkpoint_steps(run_dir) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_evaluate_to_a_read_only_or_full_output(trained, tmp_path, read_only):
+    run_dir, args = _copy_run(trained, tmp_path)
+    shards = next(a for a in args if a.startswith("data.path="))
+    common = [
+        "stage=autoencoder",
+        "first_stage=kl_tiny",
+        "image_size=16",
+        "data=image_folder",
+        shards,
+        f"eval.checkpoint={run_dir}",
+        "eval.split=val",
+        "eval.lpips=false",
+        "eval.fid_features=none",
+    ]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    out = ldmkit(
+        "evaluate", *common, f"eval.output={locked / 'metrics.json'}", prefix=read_only(locked)
+    )
+    assert out.returncode == 1, out.stderr
+    assert error_line(out.stderr, "evaluate").startswith(
+        f"cannot write {locked / 'metrics.json'}: "
+    )
+    previous = tmp_path / "metrics.json"
+    previous.write_text('{"psnr": 1.0}\n')
+    out = ldmkit("evaluate", *common, f"eval.output={previous}", preexec_fn=file_size_limit(64))
+    assert out.returncode == 1, out.stderr
+    assert error_line(out.stderr, "evaluate") == (
+        f"cannot write {previous}: file too large (the file size limit, `ulimit -f`, was reached)"
+    )
+    assert previous.read_text() == '{"psnr": 1.0}\n'  # the old report is still whole
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_sample_out_on_a_read_only_folder_fails_before_sampling(tmp_path, read_only):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    out = ldmkit(
+        "sample",
+        "sampler.steps=2",
+        "image_size=8",
+        "--num-samples",
+        "1",
+        "--out",
+        str(locked / "grid.png"),
+        "--no-progress",
+        prefix=read_only(locked),
+    )
+    assert out.returncode == 1
+    line = error_line(out.stderr, "sample")
+    assert line.startswith(f"cannot write {locked / 'grid.png'}: ")
+    assert line.endswith(("read-only file system", "permission denied"))
+
+
+def test_sample_out_on_a_full_disk_keeps_the_previous_grid(tmp_path):
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(b"the previous grid")
+    out = ldmkit(
+        "sample",
+        "sampler.steps=2",
+        "image_size=8",
+        "--num-samples",
+        "2",
+        "--out",
+        str(grid),
+        "--no-progress",
+        preexec_fn=file_size_limit(64),
+    )
+    assert out.returncode == 1
+    assert error_line(out.stderr, "sample") == (
+        f"cannot write {tmp_path / 'grid' / '000000.png'}: file too large (the file size limit, `ulimit -f`, was reached)"
+    )
+    assert grid.read_bytes() == b"the previous grid"
+    assert [p.name for p in tmp_path.rglob(".*")] == []  # no temporary file left
+
+
+def test_write_errors_name_the_path_in_process(tmp_path):
+    """The same, without a subprocess: what ldmkit.io makes of a refused write."""
+    import errno
+
+    from ldmkit.io import WriteError, as_write_error, atomic_write_text
+
+    def fail(_path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    from ldmkit.io import atomic_write
+
+    with pytest.raises(WriteError) as err:
+        atomic_write(tmp_path / "a.json", fail)
+    assert str(err.value) == f"cannot write {tmp_path / 'a.json'}: no space left on the device"
+    assert err.value.errno == errno.ENOSPC and isinstance(err.value, OSError)
+    assert list(tmp_path.iterdir()) == []
+    assert as_write_error(ValueError("not a disk problem")) is None
+    rust = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert as_write_error(rust, tmp_path / "m.safetensors").errno == errno.ENOSPC
+    atomic_write_text(tmp_path / "ok.txt", "fine")  # an ordinary write is untouched
