@@ -110,31 +110,49 @@ def diffusers_sample(
     steps: int,
     guidance: float,
 ) -> torch.Tensor:
-    """The denoising loop of diffusers' StableDiffusionPipeline, on diffusers' modules."""
+    """The denoising loop of diffusers' StableDiffusionPipeline, on diffusers' modules (in
+    their dtype: a ``torch_dtype=torch.bfloat16`` pipeline holds bf16 weights and latents)."""
     unet, vae, scheduler = theirs["unet"], theirs["vae"], theirs["scheduler"]
+    dtype = unet.dtype
     batch = {"label": labels}
     cond = pipe.conditioner(batch)["crossattn"]
     uncond = pipe.conditioner.unconditional(batch)["crossattn"]
-    context = torch.cat([uncond, cond])
-    scheduler.set_timesteps(steps)
-    latents = noise * scheduler.init_noise_sigma
+    context = torch.cat([uncond, cond]).to(dtype)
+    scheduler.set_timesteps(steps, device=noise.device)
+    latents = noise.to(dtype) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
         eps = unet(model_input, t, encoder_hidden_states=context, return_dict=False)[0]
         eps_u, eps_c = eps.chunk(2)
         eps = eps_u + guidance * (eps_c - eps_u)
         latents = scheduler.step(eps, t, latents, return_dict=False)[0]
-    return vae.decode(latents / float(pipe.scale_factor), return_dict=False)[0].clamp(-1, 1)
+    return vae.decode(latents / float(pipe.scale_factor), return_dict=False)[0].clamp(-1, 1).float()
 
 
 def ldmkit_sample(
-    pipe: Any, labels: torch.Tensor, noise: torch.Tensor, steps: int, guidance: float
+    pipe: Any, labels: torch.Tensor, noise: torch.Tensor, steps: int, guidance: float,
+    precision: str = "fp32",
 ) -> torch.Tensor:
-    return pipe.sample({"label": labels}, noise=noise, steps=steps, guidance_scale=guidance)
+    return pipe.sample({"label": labels}, noise=noise, steps=steps, guidance_scale=guidance,
+                       precision=precision)
+
+
+# --precision modes: (ldmkit's precision, diffusers' dtype)
+MODES: dict[str, tuple[str, torch.dtype]] = {
+    "fp32": ("fp32", torch.float32),  # same precision: both float32
+    "bf16": ("bf16", torch.bfloat16),  # same precision: ldmkit bf16 autocast, diffusers bf16 weights
+    "default": ("auto", torch.float32),  # each framework's default
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def breakdown(
-    pipe: Any, labels: torch.Tensor, noise: torch.Tensor, steps: int, guidance: float, repeats: int
+    pipe: Any, labels: torch.Tensor, noise: torch.Tensor, steps: int, guidance: float, repeats: int,
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """Where ldmkit's time goes: one UNet call at the guided batch, decode, and the rest."""
     batch = {"label": labels}
@@ -144,20 +162,32 @@ def breakdown(
     t2 = torch.full((z2.shape[0],), 500, dtype=torch.long)
     z = noise
 
+    from ldmkit import precision as _precision
+
+    device = noise.device
+    t2 = t2.to(device)
+    resolved = _precision.resolve(precision, device)
+
     def med(fn) -> float:
         fn()
         times = []
         for _ in range(repeats):
+            sync(device)
             start = time.perf_counter()
             fn()
+            sync(device)
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
+    def unet_call(*args):
+        with _precision.autocast(resolved, device):
+            return pipe.denoiser(*args)
+
     with torch.inference_mode():
-        unet = med(lambda: pipe.denoiser(z2, t2, both))
-        unet_single = med(lambda: pipe.denoiser(z, t2[: z.shape[0]], cond))
+        unet = med(lambda: unet_call(z2, t2, both))
+        unet_single = med(lambda: unet_call(z, t2[: z.shape[0]], cond))
         decode = med(lambda: pipe.decode(z))
-        total = med(lambda: ldmkit_sample(pipe, labels, noise, steps, guidance))
+        total = med(lambda: ldmkit_sample(pipe, labels, noise, steps, guidance, precision))
     return {
         "total_s": total,
         "unet_guided_batch_s_per_step": unet,
@@ -168,32 +198,47 @@ def breakdown(
     }
 
 
-def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_case(case: str, args: argparse.Namespace, mode: str = "fp32") -> dict[str, Any]:
+    from ldmkit import precision as _precision
+
     overrides, batch, steps = CASES[case]
+    device = torch.device(getattr(args, "device", "cpu"))
     pipe, theirs = build_pair(overrides)
-    labels = torch.arange(batch) % 10
+    ours_precision, their_dtype = MODES[mode]
+    pipe.to(device)
+    theirs["unet"].to(device, their_dtype)
+    theirs["vae"].to(device, their_dtype)
+    labels = (torch.arange(batch) % 10).to(device)
     side = int(pipe.config.image_size) // pipe.first_stage.downsample_factor
     shape = (batch, pipe.first_stage.latent_channels, side, side)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.inference_mode():
-        a = ldmkit_sample(pipe, labels, noise, steps, args.guidance)
+        a = ldmkit_sample(pipe, labels, noise, steps, args.guidance, ours_precision)
         b = diffusers_sample(theirs, pipe, labels, noise, steps, args.guidance)
     diff = (a - b).abs().max().item()
     times: dict[str, list[float]] = {"ldmkit": [], "diffusers": []}
     runners = {
-        "ldmkit": lambda: ldmkit_sample(pipe, labels, noise, steps, args.guidance),
+        "ldmkit": lambda: ldmkit_sample(pipe, labels, noise, steps, args.guidance, ours_precision),
         "diffusers": lambda: diffusers_sample(theirs, pipe, labels, noise, steps, args.guidance),
     }
     with torch.inference_mode():
+        for key in runners:  # warm-up (kernel selection, allocator)
+            runners[key]()
         for i in range(args.repeats):
             order = ("ldmkit", "diffusers") if i % 2 == 0 else ("diffusers", "ldmkit")
             for key in order:
+                sync(device)
                 start = time.perf_counter()
                 runners[key]()
+                sync(device)
                 times[key].append(time.perf_counter() - start)
     ratios = [d / o for o, d in zip(times["ldmkit"], times["diffusers"], strict=True)]
     entry = {
         "overrides": overrides,
+        "mode": mode,
+        "ldmkit_precision": _precision.resolve(ours_precision, device),
+        "diffusers_dtype": str(their_dtype).replace("torch.", ""),
+        "device": str(device),
         "batch": batch,
         "steps": steps,
         "max_abs_diff_images": diff,
@@ -202,7 +247,7 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
         "speedup_median_of_pairs": statistics.median(ratios),
         "speedup_range": [min(ratios), max(ratios)],
         "ldmkit_breakdown": breakdown(
-            pipe, labels, noise, steps, args.guidance, max(3, args.repeats // 2)
+            pipe, labels, noise, steps, args.guidance, max(3, args.repeats // 2), ours_precision
         ),
     }
     return entry
@@ -214,6 +259,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--modes", nargs="+", default=["fp32"], choices=list(MODES),
+                        help="fp32: both float32 (the sampling issue's race); bf16: both bf16; "
+                             "default: ldmkit precision=auto vs diffusers' float32 default")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -231,9 +280,11 @@ def main() -> None:
 
     results["machine"]["diffusers"] = diffusers.__version__
     for case in args.cases:
-        entry = run_case(case, args)
-        results["cases"][case] = entry
-        print(case, json.dumps(entry, indent=1), flush=True)
+        for mode in args.modes:
+            entry = run_case(case, args, mode)
+            key = case if mode == "fp32" else f"{case}/{mode}"
+            results["cases"][key] = entry
+            print(key, json.dumps(entry, indent=1), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -193,6 +193,15 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     from ldmkit.plugins import get_registry
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    from ldmkit import precision as _precision
+
+    try:
+        requested = _precision.check(cfg.get("precision", "auto"), key="precision")
+        resolved = _precision.resolve(requested, device)
+    except LdmkitError as err:
+        raise CLIError(str(err)) from err
+    if not args.no_progress:
+        print(f"ldmkit sample: {_precision.reason(requested, resolved, device)}", file=sys.stderr)
     try:
         if args.checkpoint is not None:
             pipeline = Pipeline.load(args.checkpoint, device=device)
@@ -269,6 +278,7 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
             mask=mask,
             batch_size=args.batch_size,
             callback=progress,
+            precision=resolved,
         )
     except (LdmkitError, ValueError) as err:
         where = "; ".join(f"{flag}={path}" for flag, path in sources.items())
@@ -289,6 +299,7 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
         "conditions": _condition_settings(batch, kinds, sources),
         "overrides": list(args.overrides),
         "device": str(device),
+        "precision": resolved,
     }
     written = write_samples(images, args.out, settings, conditioner=conditioner, batch=batch,
                             kinds=kinds, show_conditions=args.show_conditions)

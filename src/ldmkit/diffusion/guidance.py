@@ -34,10 +34,11 @@ class ClassifierFreeGuidance:
                 f"conditional keys {sorted(cond)} differ from unconditional keys {sorted(uncond)}"
             )
         self.model, self.cond, self.uncond, self.scale = model, cond, uncond, scale
+        # [uncond; cond] once per call, not once per step
+        self.both = {k: torch.cat([uncond[k], cond[k]]) for k in cond} if scale != 1.0 and cond else None
 
     def __call__(self, z_t: Tensor, t: Tensor) -> Tensor:
-        if self.scale == 1.0 or not self.cond:
+        if self.both is None:
             return self.model(z_t, t, self.cond)
-        both = {k: torch.cat([self.uncond[k], self.cond[k]]) for k in self.cond}
-        eps_u, eps_c = self.model(torch.cat([z_t, z_t]), torch.cat([t, t]), both).chunk(2)
+        eps_u, eps_c = self.model(torch.cat([z_t, z_t]), torch.cat([t, t]), self.both).chunk(2)
         return eps_u + self.scale * (eps_c - eps_u)

@@ -13,7 +13,8 @@ kernel can be chosen once, at run time, without touching model code:
   matrix never exceeds ``B x heads x chunk_size x M`` even where SDPA would fall back
   to materialising all ``N x M`` scores (large latents on MPS / old GPUs / CPU half).
   It caps inference memory; training still keeps what backward needs.
-* ``auto``: ``xformers`` when it is importable and the tensors are on CUDA, else ``sdpa``.
+* ``auto``: ``xformers`` when the tensors are on CUDA and its CUDA kernels run here (probed
+  once: a wheel built for another torch/CUDA imports but has none), else ``sdpa``.
 
 Layout: ``q`` is ``B x heads x N x d``, ``k`` and ``v`` are ``B x heads x M x d``
 (``v`` may have its own last dim); the result is ``B x heads x N x d_v``. This is
@@ -45,6 +46,8 @@ __all__ = [
     "resolve_attention_backend",
     "set_attention_backend",
     "xformers_available",
+    "xformers_cuda_problem",
+    "xformers_usable_on_cuda",
 ]
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "xformers", "math", "chunked")
@@ -65,6 +68,33 @@ def xformers_available() -> bool:
     except Exception:  # a broken install (wrong torch/CUDA build) counts as absent
         return False
     return True
+
+
+@functools.cache
+def xformers_cuda_problem() -> str | None:
+    """None when xformers' kernels run on this process's CUDA device, else why not (checked
+    once with a tiny call: a PyPI wheel built for another torch or CUDA imports fine but has
+    no CUDA kernels)."""
+    if not xformers_available():
+        return "xformers is not installed"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    import xformers
+    import xformers.ops
+
+    q = torch.zeros(1, 8, 1, 32, device="cuda", dtype=torch.float16)
+    try:
+        xformers.ops.memory_efficient_attention(q, q, q)
+    except Exception as err:  # NotImplementedError: "xFormers wasn't build with CUDA support"
+        reason = str(err).strip().splitlines()
+        detail = next((line.strip() for line in reason if "support" in line or "built" in line), reason[0] if reason else "")
+        return f"xformers {getattr(xformers, '__version__', '?')} has no usable CUDA kernel here ({detail})"
+    return None
+
+
+def xformers_usable_on_cuda() -> bool:
+    """Whether ``auto`` may pick xformers for CUDA tensors."""
+    return xformers_available() and torch.cuda.is_available() and xformers_cuda_problem() is None
 
 
 def _check_name(name: str) -> str:
@@ -124,11 +154,16 @@ def resolve_attention_backend(name: str | None, q: Tensor) -> str:
     """The concrete kernel ``name`` (None: the process default) means for ``q``."""
     name = _check_name(_default_backend if name is None else name)
     if name == "auto":
-        return "xformers" if q.is_cuda and xformers_available() else "sdpa"
+        return "xformers" if q.is_cuda and xformers_usable_on_cuda() else "sdpa"
     if name == "xformers" and not q.is_cuda:
         raise ValueError(
             f"attention backend 'xformers' needs CUDA tensors, got device {q.device}; "
             "use attention.backend=auto to fall back to SDPA off CUDA"
+        )
+    if name == "xformers" and (problem := xformers_cuda_problem()) is not None:
+        raise ValueError(
+            f"attention backend 'xformers': {problem}; install an xformers build matching torch "
+            f"{torch.__version__} (python -m xformers.info lists its kernels) or use attention.backend=sdpa"
         )
     return name
 

@@ -75,11 +75,12 @@ def train(cfg: Any, *, data: DataFactory | None = None) -> Path:
 
 @contextlib.contextmanager
 def distributed_process_group():
-    """Initialize torch.distributed from torchrun's environment, if it asks for it."""
+    """Initialize torch.distributed from torchrun's environment, if it asks for it (any
+    ``torchrun`` launch, one process included: NCCL on CUDA, gloo on CPU)."""
     import torch
     import torch.distributed as dist
 
-    wanted = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    wanted = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
     if not wanted or dist.is_initialized():
         yield
         return

@@ -104,15 +104,13 @@ class AutoencoderTrainer(Trainer):
     def config_keys_that_must_match(self) -> list[str]:
         return ["first_stage"]
 
-    def _clip(self, params: Any) -> None:
-        if self.options.get("grad_clip"):
-            torch.nn.utils.clip_grad_norm_(params, float(self.options["grad_clip"]))
-
     def training_step(self, batch: Mapping[str, Any], step: int) -> dict[str, Tensor]:
         x = batch_images(batch, channels=self.first_stage.image_channels, device=self.device)
         self.first_stage.train()
         self.loss.train()
-        rec, reg_loss, reg_logs = self.first_stage(x)
+        with self.autocast():  # the autoencoder's forward; every loss term below is float32
+            rec, reg_loss, reg_logs = self.first_stage(x)
+        rec, reg_loss = rec.float(), reg_loss.float()
         # the generator's loss back-propagates through D into x̂ only; D's weights are
         # updated by their own optimizer below
         self.loss.discriminator.requires_grad_(False)
@@ -122,19 +120,13 @@ class AutoencoderTrainer(Trainer):
         self.loss.discriminator.requires_grad_(True)
         logs = {**reg_logs, **logs}
         self.check_finite("the autoencoder loss", g_loss, logs)
-        self.opt_ae.zero_grad(set_to_none=True)
-        g_loss.backward()
-        self._clip(self.opt_ae.param_groups[0]["params"])
-        self.opt_ae.step()
+        self.backward(g_loss, self.opt_ae)
 
         if self.loss.gan_active(step):
             d_loss, d_logs = self.loss.discriminator_loss(x, rec.detach(), global_step=step)
             logs.update(d_logs)
             self.check_finite("the discriminator loss", d_loss, logs)
-            self.opt_disc.zero_grad(set_to_none=True)
-            d_loss.backward()
-            self._clip(self.opt_disc.param_groups[0]["params"])
-            self.opt_disc.step()
+            self.backward(d_loss, self.opt_disc)
         return logs
 
     @torch.no_grad()

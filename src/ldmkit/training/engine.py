@@ -7,6 +7,7 @@ from __future__ import annotations
 import abc
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 
+from ldmkit import precision as _precision
 from ldmkit.errors import LdmkitError
 from ldmkit.io import atomic_write_text, remove_stale_temporaries, reporting_write_errors
 from ldmkit.training.checkpoint import (
@@ -64,6 +66,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "tensorboard": True,
     "grad_clip": None,
     "num_threads": None,  # CPU threads for torch (null: torch's default)
+    "precision": "auto",  # auto | fp32 | bf16 | fp16 (ldmkit.precision; auto: bf16 on CUDA and bf16-capable CPUs)
     "save_on_signal": True,  # SIGTERM/SIGINT: finish the step, checkpoint, exit 75; SIGUSR1: checkpoint
 }
 
@@ -141,6 +144,8 @@ class Trainer(abc.ABC):
         self.rank, self.world_size = distributed_info()
         self.is_main = self.rank == 0  # only rank 0 writes checkpoints, logs and images
         self.device = resolve_device(self.options["device"])
+        self.precision = self._resolve_precision()
+        self.scaler = _precision.grad_scaler(self.precision, self.device)
         self.data = data
         self.seed = int(cfg.get("seed", 0))
         self.step = 0
@@ -152,6 +157,43 @@ class Trainer(abc.ABC):
         self._train_loader: Any = None
         self._loader_in_use: Any = None  # the resumable loader of the current epoch, if any
         self._data_restore: dict[str, Any] | None = None  # this rank's saved data position
+
+    def _resolve_precision(self) -> str:
+        """``trainer.precision`` resolved for this device; the run's config records the
+        resolved value (so a resume on a machine that resolves ``auto`` differently lists the
+        change), and the choice is printed once."""
+        requested = self.options.get("precision", "auto")
+        try:
+            resolved = _precision.resolve(_precision.check(requested, key="trainer.precision"), self.device)
+        except _precision.PrecisionError as err:
+            raise TrainingError(str(err)) from err
+        self.precision_note = _precision.reason(requested, resolved, self.device)
+        if self.cfg.get("trainer") is not None:
+            with open_dict(self.cfg):
+                self.cfg.trainer.precision = resolved
+        self.options["precision"] = resolved
+        return resolved
+
+    def autocast(self):
+        """The forward's precision context (:mod:`ldmkit.precision`): wrap the networks'
+        forward in it and compute the loss on float32 outputs."""
+        return _precision.autocast(self.precision, self.device)
+
+    def backward(self, loss: Tensor, optimizer: torch.optim.Optimizer, params: Iterable[Tensor] | None = None) -> Tensor | None:
+        """``zero_grad``, backward (loss-scaled under fp16), the optional ``trainer.grad_clip``
+        of ``params`` (on unscaled gradients) and the optimizer step; returns the gradient norm
+        when clipping. The engine updates the loss scale once per training step."""
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        norm = None
+        if self.options.get("grad_clip"):
+            self.scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(
+                list(params) if params is not None else [p for g in optimizer.param_groups for p in g["params"]],
+                float(self.options["grad_clip"]),
+            )
+        self.scaler.step(optimizer)
+        return norm
 
     # -- what a stage provides ------------------------------------------------------------
     @abc.abstractmethod
@@ -348,6 +390,7 @@ class Trainer(abc.ABC):
             "batches_in_epoch": self.batches_in_epoch,
             "train_seconds": self.train_seconds,
             "optimizers": {k: opt.state_dict() for k, opt in self.optimizers().items()},
+            "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "world_size": self.world_size,
             "ranks": ranks,
         }
@@ -394,6 +437,8 @@ class Trainer(abc.ABC):
             optimizer.load_state_dict(state["optimizers"][key])
             for group in optimizer.param_groups:
                 group.update(self.hyperparameters().get(key, {}))
+        if self.scaler.is_enabled() and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
         self.batches_in_epoch = int(state["batches_in_epoch"])
@@ -500,6 +545,8 @@ class Trainer(abc.ABC):
         if self.is_main:
             for folder in (self.run_dir, self.run_dir / "pipeline", self.run_dir / "images"):
                 remove_stale_temporaries(folder)
+        if self.is_main and self.options["progress"]:
+            print(f"ldmkit train {self.stage}: {self.precision_note}", file=sys.stderr)
         self.build()
         self._check_image_size()
         latest = self._resume()
@@ -541,6 +588,7 @@ class Trainer(abc.ABC):
                         self._stop(self.signals.stop, last_saved)
                     raise
                 logs = self.training_step(batch, self.step)
+                self.scaler.update()
                 self.step += 1
                 self.train_seconds += time.perf_counter() - started
                 bar.update(1)

@@ -40,7 +40,6 @@ LDM_DEFAULTS: dict[str, Any] = {
     "sample_steps": 50,
     "sample_count": 16,
     "guidance_scale": 3.0,
-    "amp": "auto",  # auto: bf16 autocast on CUDA, off on CPU | bf16 | off
     "ddp_find_unused_parameters": False,
 }
 
@@ -223,29 +222,20 @@ class LDMTrainer(Trainer):
             self.logger.log(self.step, {"train/scale_factor": float(factor)})  # rank 0's logger writes
         self.scale_set.fill_(True)  # resumed runs restored it from the checkpoint
 
-    def _autocast(self):
-        amp = str(self.opts["amp"])
-        enabled = self.device.type == "cuda" and amp in ("auto", "bf16")
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
-
     def training_step(self, batch: Mapping[str, Any], step: int) -> dict[str, Tensor]:
         self.step_module.train()
         warmup = int(self.opts["warmup_steps"])
         lr = float(self.options["lr"]) * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        z0 = self.latents(batch)
-        with self._autocast():
+        z0 = self.latents(batch)  # float32: the first stage's encode stays outside autocast
+        with self.autocast():  # the loss is computed on float32 outputs (DiffusionObjective)
             loss, logs = self.model(z0, batch, noise_generator=self.noise_generator,
                                     condition_generator=self.condition_generator)
         self.check_finite("the diffusion loss", loss, logs)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.options.get("grad_clip"):
-            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(
-                self.optimizer.param_groups[0]["params"], float(self.options["grad_clip"])
-            )
-        self.optimizer.step()
+        norm = self.backward(loss, self.optimizer, self.optimizer.param_groups[0]["params"])
+        if norm is not None:
+            logs["grad_norm"] = norm
         if self.ema is not None:
             self.ema.update(self.trainable)
         logs["lr"] = torch.tensor(lr)
@@ -296,7 +286,7 @@ class LDMTrainer(Trainer):
             images = self.pipeline.sample(
                 cond_batch, num_samples=None if cond_batch else n, steps=int(self.opts["sample_steps"]),
                 guidance_scale=float(self.opts["guidance_scale"]) if guided else 1.0,
-                seed=int(self.cfg.get("seed", 0)), image_size=int(image_size),
+                seed=int(self.cfg.get("seed", 0)), image_size=int(image_size), precision=self.precision,
             )
         tiles, per_row = samples_with_conditions(images, conditioner, cond_batch)
         grid = make_grid(tiles, nrow=per_row or image_grid_rows(n), padding=2)

@@ -1,0 +1,171 @@
+"""Numeric precision of training and sampling: ``auto | fp32 | bf16 | fp16``.
+
+``bf16`` and ``fp16`` run the networks under :func:`torch.autocast` (weights stay float32;
+matrix products and convolutions run in the low precision, reductions such as GroupNorm's
+statistics and softmax stay float32 by autocast's own rules and ldmkit's
+:class:`~ldmkit.nn.GroupNorm32`). ``auto`` picks ``bf16`` where it is fast — on CUDA, and on
+CPUs with AVX512-BF16 or AMX (detected at run time) — and ``fp32`` elsewhere.
+
+What stays float32 whatever the choice, and why:
+
+* **the loss** (the diffusion MSE, the autoencoder's L1/LPIPS/KL/adversarial terms): the
+  network's output is cast to float32 before it; a sum of squares over millions of values in
+  bf16 (8 bits of mantissa) loses the small per-element differences the gradient is made of;
+* **the sampler's arithmetic**: the latent ``z_t`` and every update
+  ``z_{t-1} = a z_t + b eps`` are float32 (only the denoiser's forward is autocast), so 1,000
+  small DDPM steps do not accumulate bf16 round-off;
+* **the first stage's decode at sampling time** and **the encode of training latents**: one
+  call each, a small share of the time, and their outputs are final pixels (bf16 would band
+  8-bit images: its relative step near 1.0 is 1/128) or the latents every later step learns
+  from (and the scale factor estimated from them);
+* **optimizer state and the EMA**: the weights themselves are never cast.
+
+``fp16`` training scales the loss (:class:`torch.amp.GradScaler`) against underflow; bf16
+has float32's exponent range and needs no scaling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from ldmkit.errors import LdmkitError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# /proc/cpuinfo flags of x86 CPUs with native bf16 matrix instructions
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+class PrecisionError(LdmkitError, ValueError):
+    """An unknown precision name (the message lists the valid ones)."""
+
+
+def check(precision: str, *, key: str = "precision") -> str:
+    """``precision`` as one of :data:`PRECISIONS`; a clear error naming ``key`` otherwise."""
+    name = str(precision).lower()
+    aliases = {
+        "float32": "fp32",
+        "32": "fp32",
+        "bfloat16": "bf16",
+        "float16": "fp16",
+        "16": "fp16",
+        "half": "fp16",
+    }
+    name = aliases.get(name, name)
+    if name not in PRECISIONS:
+        raise PrecisionError(
+            f"{key}={precision!r} is not a precision: use one of {', '.join(PRECISIONS)}"
+        )
+    return name
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of ``/proc/cpuinfo`` (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_has_fast_bf16() -> bool:
+    if BF16_CPU_FLAGS & cpu_flags():
+        return True
+    cpu = getattr(torch, "cpu", None)  # torch's own detection, where /proc/cpuinfo is absent
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(cpu, probe, None)
+        if fn is not None:
+            with contextlib.suppress(Exception):
+                if fn():
+                    return True
+    return False
+
+
+def cpu_has_fast_bf16(flags: Iterable[str] | None = None) -> bool:
+    """Whether this CPU (or one with ``flags``) runs bf16 matrix products natively."""
+    if flags is not None:
+        return bool(BF16_CPU_FLAGS & set(flags))
+    return _cpu_has_fast_bf16()
+
+
+def resolve(
+    precision: str, device: torch.device | str, *, flags: Iterable[str] | None = None
+) -> str:
+    """``auto`` -> ``bf16`` on CUDA (where the GPU supports it) and on CPUs with AVX512-BF16 or
+    AMX, else ``fp32``; an explicit choice is returned as it is (checked)."""
+    name = check(precision)
+    device = torch.device(device)
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_fast_bf16(flags) else "fp32"
+    return "fp32"
+
+
+def reason(precision: str, resolved: str, device: torch.device | str) -> str:
+    """One line saying what was chosen and why (printed once by the trainers and the CLI)."""
+    device = torch.device(device)
+    if check(precision) != "auto":
+        return f"precision: {resolved} (as configured) on {device.type}"
+    if device.type == "cuda":
+        why = "CUDA" if resolved == "bf16" else "this GPU has no bf16"
+    elif resolved == "bf16":
+        why = (
+            f"this CPU has {'/'.join(sorted(BF16_CPU_FLAGS & cpu_flags())) or 'bf16 instructions'}"
+        )
+    else:
+        why = "this CPU has no AVX512-BF16 or AMX"
+    return f"precision: {resolved} (auto: {why})"
+
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The autocast context of a *resolved* precision (a no-op for ``fp32``)."""
+    device = torch.device(device)
+    name = check(precision)
+    if name == "auto":
+        raise PrecisionError("autocast() takes a resolved precision: call resolve() first")
+    if name == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[name])
+
+
+@contextlib.contextmanager
+def float32() -> Iterator[None]:
+    """Run a block in float32 inside an autocast region (e.g. a decode)."""
+    with (
+        torch.autocast(device_type="cuda", enabled=False),
+        torch.autocast(device_type="cpu", enabled=False),
+    ):
+        yield
+
+
+def grad_scaler(precision: str, device: torch.device | str) -> torch.amp.GradScaler:
+    """A loss scaler, enabled for ``fp16`` only (bf16 and fp32 need none)."""
+    device = torch.device(device)
+    return torch.amp.GradScaler(device.type, enabled=check(precision) == "fp16")
+
+
+__all__ = [
+    "BF16_CPU_FLAGS",
+    "DTYPES",
+    "PRECISIONS",
+    "PrecisionError",
+    "autocast",
+    "check",
+    "cpu_flags",
+    "cpu_has_fast_bf16",
+    "float32",
+    "grad_scaler",
+    "reason",
+    "resolve",
+]
