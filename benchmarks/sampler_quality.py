@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="sample on this device (cuda: DDPM-1000 in a minute)")
+    parser.add_argument("--precision", default="fp32", help="Pipeline.sample precision (fp32: the table's)")
     parser.add_argument(
         "--json", type=Path, default=Path("benchmarks/results/sampler_quality.json")
     )
@@ -55,7 +57,7 @@ def main() -> None:
     from ldmkit.plugins import get_registry
 
     classifier = load_classifier()
-    pipe = Pipeline.load(args.pipeline).eval()
+    pipe = Pipeline.load(args.pipeline, device=args.device).eval()
     registry = get_registry()
 
     def evaluate(images: torch.Tensor, labels: torch.Tensor) -> tuple[FeatureStats, float]:
@@ -80,7 +82,8 @@ def main() -> None:
         for first in range(0, len(labels), args.batch):
             chunk = labels[first : first + args.batch]
             images.append(
-                pipe.sample({"label": chunk}, seed=first, guidance_scale=args.guidance)
+                pipe.sample({"label": chunk}, seed=first, guidance_scale=args.guidance,
+                            precision=args.precision).cpu()
             )  # sample i: seed i
         seconds = time.perf_counter() - start
         stats, accuracy = evaluate(torch.cat(images), labels)

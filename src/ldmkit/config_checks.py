@@ -190,6 +190,7 @@ CORE_KEYS: dict[str, Spec] = {
     "schedule.linear_end": Number(0, above=True),
     "schedule.cosine_s": Number(0),
     "attention.backend": Choice("auto", "sdpa", "xformers", "math", "chunked"),
+    "precision": Choice("auto", "fp32", "bf16", "fp16"),
     # both stages (ldmkit.training.engine.TRAINER_DEFAULTS)
     "trainer.max_steps": Integer(1),
     "trainer.max_minutes": Number(0, above=True, null=True),
@@ -210,6 +211,7 @@ CORE_KEYS: dict[str, Spec] = {
     "trainer.save_on_signal": SWITCH,
     "trainer.grad_clip": Number(0, above=True, null=True),
     "trainer.num_threads": Integer(1, null=True),
+    "trainer.precision": Choice("auto", "fp32", "bf16", "fp16"),
     # stage 1
     "trainer.disc_lr": Number(0, above=True, null=True),
     "trainer.betas": Numbers(Number(0, 1), 2),
