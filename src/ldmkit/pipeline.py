@@ -259,7 +259,7 @@ class Pipeline(nn.Module):
             else fp32), ``fp32``, ``bf16`` or ``fp16`` for the conditioner and the denoiser
             (:mod:`ldmkit.precision`); the sampler's updates, the encode of ``init_image`` and
             the decode stay float32. Seeded results are independent of the batch size up to
-            the round-off of the chosen precision (~1e-5 in fp32, ~1e-2 in bf16).
+            the round-off of the chosen precision (docs/performance.md).
         """
         batch = dict(batch or {})
         device = self.scale_factor.device
