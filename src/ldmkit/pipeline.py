@@ -188,7 +188,7 @@ class Pipeline(nn.Module):
         known = self._encode_init(masked, masked.shape[0], generator)
         return masks.latent_mask(mask, self.first_stage.downsample_factor), known
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample(
         self,
         batch: Mapping[str, Any] | None = None,
