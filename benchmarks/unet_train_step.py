@@ -169,6 +169,13 @@ def main(argv: list[str] | None = None) -> None:
         help="torch.optim.AdamW as constructed by default, or with fused=True (one kernel "
         "for all parameters; much cheaper on CPU)",
     )
+    parser.add_argument(
+        "--mode",
+        choices=["fp32", "bf16", "default"],
+        default="fp32",
+        help="fp32: both float32; bf16: both under bf16 autocast; default: ldmkit's "
+        "trainer.precision=auto (bf16 autocast on CUDA and bf16-capable CPUs) vs diffusers' float32",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,13 +189,21 @@ def main(argv: list[str] | None = None) -> None:
           f"context={tuple(cond['crossattn'].shape)}")
     print(f"max |ours - diffusers| forward, float32, shared weights: {diff:.2e}")
 
-    def train_step(model, forward):
+    from ldmkit import precision as _precision
+
+    ours_precision = _precision.resolve({"fp32": "fp32", "bf16": "bf16", "default": "auto"}[args.mode], "cpu")
+    theirs_precision = "bf16" if args.mode == "bf16" else "fp32"
+    print(f"mode {args.mode}: ldmkit {ours_precision}, diffusers {theirs_precision}")
+
+    def train_step(model, forward, precision="fp32"):
         fused = {"fused": True} if args.optimizer == "adamw-fused" else {}
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
 
         def step():
             optimizer.zero_grad(set_to_none=True)
-            loss = F.mse_loss(forward(model, x, t, cond), target)
+            with _precision.autocast(precision, "cpu"):  # the trainers' path: autocast forward
+                out = forward(model, x, t, cond)
+            loss = F.mse_loss(out.float(), target)  # float32 loss, as in DiffusionObjective
             loss.backward()
             optimizer.step()
 
@@ -197,8 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     ours.train()
     reference.train()
     steps = {
-        "ldmkit": train_step(ours, lambda m, *a: m(*a)),
-        "diffusers": train_step(reference, diffusers_forward),
+        "ldmkit": train_step(ours, lambda m, *a: m(*a), ours_precision),
+        "diffusers": train_step(reference, diffusers_forward, theirs_precision),
     }
     for step in steps.values():
         for _ in range(args.warmup):
@@ -220,6 +235,31 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:>9}: {value * 1e3:8.1f} ms/step (median of {args.rounds} rounds x "
               f"{args.steps} steps), {1 / value:6.2f} steps/s")
     print(f"throughput ratio ldmkit/diffusers: {ratio:.3f}")
+    pairs = [d / o for o, d in zip(times["ldmkit"], times["diffusers"], strict=True)]
+    print(f"median of pairs: {statistics.median(pairs):.3f} (range {min(pairs):.3f}-{max(pairs):.3f})")
+
+    # MFU: the step's matmul/conv FLOPs (torch's counter) over the measured matmul peak
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, _precision.autocast(ours_precision, "cpu"):
+        F.mse_loss(ours(x, t, cond).float(), target).backward()
+    flops = counter.get_total_flops()
+    peak = {name: matmul_peak(dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    print(f"matmul peak here ({torch.get_num_threads()} threads, 1024^3): fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
+    print(f"ldmkit step: {flops / 1e9:.2f} GFLOP, MFU {flops / median['ldmkit'] / peak[ours_precision]:.1%} "
+          f"of the {ours_precision} peak")
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024, reps: int = 20) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ TRAIN_CASES = [
     ("trainer=ldm trainer.guidance_scale=-1", "trainer.guidance_scale=-1: expected a number >= 0"),
     ("trainer=ldm trainer.betas=[0.9]", "trainer.betas=[0.9]: expected a list of 2 numbers"),
     ("trainer=ldm trainer.ema.decay=2", "trainer.ema.decay=2: expected a number >= 0 and <= 1"),
-    ("trainer=ldm trainer.amp=fp8", "trainer.amp='fp8': expected one of auto, bf16, off"),
+    ("trainer=ldm trainer.precision=fp8", "trainer.precision='fp8': expected one of auto, fp32, bf16, fp16"),
     # nodes of a core constructor's arguments: checked against its type hints
     (
         "trainer=autoencoder_tiny trainer.loss.disc_start=abc",

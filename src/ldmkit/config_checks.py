@@ -222,7 +222,6 @@ CORE_KEYS: dict[str, Spec] = {
     "trainer.sample_steps": Integer(1),
     "trainer.sample_count": Integer(1),
     "trainer.guidance_scale": Number(0),
-    "trainer.amp": Choice("auto", "bf16", "off"),
     "trainer.ddp_find_unused_parameters": SWITCH,
     "trainer.ema.enabled": SWITCH,
     "trainer.ema.decay": Number(0, 1),
