@@ -87,7 +87,8 @@ def xformers_cuda_problem() -> str | None:
         xformers.ops.memory_efficient_attention(q, q, q)
     except Exception as err:  # NotImplementedError: "xFormers wasn't build with CUDA support"
         reason = str(err).strip().splitlines()
-        detail = next((line.strip() for line in reason if "support" in line or "built" in line), reason[0] if reason else "")
+        detail = next((line.strip() for line in reason if "CUDA" in line or "built" in line),
+                      reason[0].strip() if reason else type(err).__name__)
         return f"xformers {getattr(xformers, '__version__', '?')} has no usable CUDA kernel here ({detail})"
     return None
 
