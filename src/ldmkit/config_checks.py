@@ -176,6 +176,8 @@ def _show(value: Any) -> str:
 
 EVERY = Integer(0, null=True)  # 0 or null: never
 SWITCH = Boolean()
+# ldmkit.compiling.check_compile: false, true or an inductor mode
+_COMPILE = Either(Boolean(), Choice("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
 
 # The keys the core reads. A key absent from a config is not checked (the reader's default
 # applies); keys of plugin-provided nodes are checked through constructor type hints instead.
@@ -191,6 +193,7 @@ CORE_KEYS: dict[str, Spec] = {
     "schedule.cosine_s": Number(0),
     "attention.backend": Choice("auto", "sdpa", "xformers", "math", "chunked"),
     "precision": Choice("auto", "fp32", "bf16", "fp16"),
+    "compile": _COMPILE,
     # both stages (ldmkit.training.engine.TRAINER_DEFAULTS)
     "trainer.max_steps": Integer(1),
     "trainer.max_minutes": Number(0, above=True, null=True),
@@ -210,8 +213,10 @@ CORE_KEYS: dict[str, Spec] = {
     "trainer.tensorboard": SWITCH,
     "trainer.save_on_signal": SWITCH,
     "trainer.grad_clip": Number(0, above=True, null=True),
-    "trainer.num_threads": Integer(1, null=True),
+    "trainer.num_threads": Either(Integer(1, null=True), Choice("auto")),
     "trainer.precision": Choice("auto", "fp32", "bf16", "fp16"),
+    "trainer.compile": _COMPILE,
+    "trainer.compile_backend": Text(),
     # stage 1
     "trainer.disc_lr": Number(0, above=True, null=True),
     "trainer.betas": Numbers(Number(0, 1), 2),

@@ -17,12 +17,14 @@ from torch import Tensor, nn
 
 from ldmkit import masks
 from ldmkit import precision as _precision
+from ldmkit.compiling import compile_module
 from ldmkit.diffusion.guidance import ClassifierFreeGuidance
 from ldmkit.diffusion.sampling import GeneratorArg, randn_like, sample_generators, split_generator
 from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.errors import LdmkitError
 from ldmkit.interfaces import Conditioner, Denoiser, FirstStage, Sampler
 from ldmkit.io import atomic_write, atomic_write_text
+from ldmkit.tiling import check_tiling, tiled_decode, tiled_encode
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -62,12 +64,26 @@ class Pipeline(nn.Module):
         self.config = OmegaConf.create(config) if config is not None else None
 
     # -- latents ----------------------------------------------------------------------
-    def encode(self, images: Tensor) -> Tensor:
-        """Images in [-1, 1] -> scaled latents (what the denoiser sees)."""
-        return self.first_stage.encode(images) * self.scale_factor
+    def encode(self, images: Tensor, *, tile: int | None = None, tile_overlap: int | None = None) -> Tensor:
+        """Images in [-1, 1] -> scaled latents (what the denoiser sees). ``tile``: encode in
+        overlapping tiles of that many *latent* pixels (:mod:`ldmkit.tiling`)."""
+        if tile is None:
+            return self.first_stage.encode(images) * self.scale_factor
+        z = tiled_encode(
+            self.first_stage.encode, images, factor=self.first_stage.downsample_factor, tile=tile, overlap=tile_overlap
+        )
+        return z * self.scale_factor
 
-    def decode(self, latents: Tensor) -> Tensor:
-        return self.first_stage.decode(latents / self.scale_factor)
+    def decode(self, latents: Tensor, *, tile: int | None = None, tile_overlap: int | None = None) -> Tensor:
+        """Scaled latents -> images. ``tile``: decode overlapping ``tile``x``tile`` latent
+        tiles one at a time and blend them (:mod:`ldmkit.tiling`): the memory of one tile,
+        whatever the image size."""
+        z = latents / self.scale_factor
+        if tile is None:
+            return self.first_stage.decode(z)
+        return tiled_decode(
+            self.first_stage.decode, z, factor=self.first_stage.downsample_factor, tile=tile, overlap=tile_overlap
+        )
 
     # -- the model the sampler calls ---------------------------------------------------
     def eps_model(self, precision: str = "fp32") -> Callable[[Tensor, Tensor, Mapping[str, Tensor]], Tensor]:
@@ -155,25 +171,25 @@ class Pipeline(nn.Module):
             )
         return x.to(device=self.scale_factor.device, dtype=torch.float32)
 
-    def _encode_init(self, images: Tensor, n: int, generator: GeneratorArg) -> Tensor:
+    def _encode_init(self, images: Tensor, n: int, generator: GeneratorArg, tiling: Mapping[str, Any] | None = None) -> Tensor:
         """Latents of ``images`` (B = 1 or n) for n samples. A first stage that samples its
         posterior (KL, ``encode_mode=sample``) draws from the samples' generator(s): sample i's
         latent depends on its own generator only, whatever the batch."""
         if generator is None:
-            z = self.encode(images)
+            z = self.encode(images, **(tiling or {}))
         elif isinstance(generator, torch.Generator):
             with _seeded_global_rng(_draw_seed(generator), images.device):
-                z = self.encode(images)
+                z = self.encode(images, **(tiling or {}))
         else:
             parts = []
             for i, g in enumerate(generator):
                 with _seeded_global_rng(_draw_seed(g), images.device):
-                    parts.append(self.encode(images[i : i + 1] if images.shape[0] > 1 else images))
+                    parts.append(self.encode(images[i : i + 1] if images.shape[0] > 1 else images, **(tiling or {})))
             return torch.cat(parts)
         return z.expand(n, *z.shape[1:]) if z.shape[0] == 1 and n > 1 else z
 
     def _known_latents(
-        self, batch: Mapping[str, Any], generator: GeneratorArg = None
+        self, batch: Mapping[str, Any], generator: GeneratorArg = None, tiling: Mapping[str, Any] | None = None
     ) -> tuple[Tensor | None, Tensor | None]:
         """The conditioner's region to keep as the sampler's ``(mask, known)`` on the latent
         grid (:func:`ldmkit.masks.latent_mask`). The known latents encode the *masked* image,
@@ -185,7 +201,7 @@ class Pipeline(nn.Module):
         device = self.scale_factor.device
         mask = mask.float().to(device)
         masked = image.to(device) * (1 - mask)
-        known = self._encode_init(masked, masked.shape[0], generator)
+        known = self._encode_init(masked, masked.shape[0], generator, tiling)
         return masks.latent_mask(mask, self.first_stage.downsample_factor), known
 
     @torch.inference_mode()
@@ -211,6 +227,9 @@ class Pipeline(nn.Module):
         return_latents: bool = False,
         keep_known: bool = True,
         precision: str = "auto",
+        tile: int | None = None,
+        tile_overlap: int | None = None,
+        compile: bool | str = False,
     ) -> Tensor:
         """Sample images in [-1, 1] (B×C×H×W); ``return_latents`` gives z_0 instead.
 
@@ -260,7 +279,25 @@ class Pipeline(nn.Module):
             (:mod:`ldmkit.precision`); the sampler's updates, the encode of ``init_image`` and
             the decode stay float32. Seeded results are independent of the batch size up to
             the round-off of the chosen precision (docs/performance.md).
+        :param tile: decode (and encode ``init_image``/known regions) in overlapping tiles of
+            this many latent pixels, blended over ``tile_overlap`` (default ``tile // 4``):
+            the first stage's memory is then that of one tile, for outputs far larger than
+            the training size (:mod:`ldmkit.tiling`; the denoiser still sees the whole latent).
+        :param compile: ``True`` or an inductor mode: ``torch.compile`` the denoiser in place
+            before sampling (:mod:`ldmkit.compiling`; it stays compiled for later calls). It
+            pays on CUDA; the first call includes the compile time.
         """
+        try:
+            compile_module(self.denoiser, compile, device=self.scale_factor.device, what="the denoiser")
+        except LdmkitError as err:
+            raise SampleArgumentError(str(err)) from None
+        tiling = None
+        if tile is not None:
+            try:
+                tile, tile_overlap = check_tiling(tile, tile_overlap)
+            except ValueError as err:
+                raise SampleArgumentError(str(err)) from None
+            tiling = {"tile": tile, "tile_overlap": tile_overlap}
         batch = dict(batch or {})
         device = self.scale_factor.device
         images = self._check_init_image(init_image) if init_image is not None else None
@@ -336,7 +373,7 @@ class Pipeline(nn.Module):
         elif noise.shape[0] != n:
             raise SampleArgumentError(f"noise holds {noise.shape[0]} samples for {n}")
 
-        init = self._encode_init(images, n, generators) if images is not None else None
+        init = self._encode_init(images, n, generators, tiling) if images is not None else None
         if init is not None and init.shape != noise.shape:
             raise SampleArgumentError(
                 f"init_image encodes to latents {tuple(init.shape)}, but the noise is {tuple(noise.shape)}"
@@ -348,7 +385,7 @@ class Pipeline(nn.Module):
             )
             known = init
         elif latent_mask is None and known is None and keep_known and self.sampler.supports_mask:
-            latent_mask, known = self._known_latents(batch, generators)
+            latent_mask, known = self._known_latents(batch, generators, tiling)
         elif (latent_mask is None) != (known is None):
             raise SampleArgumentError("latent_mask= and known= go together (the latent region and its latents)")
         sampler_init = init
@@ -384,7 +421,7 @@ class Pipeline(nn.Module):
                 known=_rows(known, rows, n),
                 **extra,
             )
-            outputs.append(z0 if return_latents else self.decode(z0).clamp(-1, 1))
+            outputs.append(z0 if return_latents else self.decode(z0, **(tiling or {})).clamp(-1, 1))
         return torch.cat(outputs)
 
     # -- checkpoints --------------------------------------------------------------------

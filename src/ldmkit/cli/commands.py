@@ -163,6 +163,11 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
                         "--seed 5 --num-samples 1 reproduces sample 5 of --seed 0; default 0")
     p.add_argument("--batch-size", type=int, default=None,
                    help="sample at most this many at once to bound memory (the images do not change)")
+    p.add_argument("--tile", type=int, default=None,
+                   help="decode (and encode --init-image) in overlapping tiles of N latent pixels: the "
+                        "first stage's memory is that of one tile, for sizes far beyond training")
+    p.add_argument("--tile-overlap", type=int, default=None,
+                   help="latent pixels shared by neighbouring tiles, blended (default: tile // 4)")
     p.add_argument("--show-conditions", action="store_true",
                    help="one row per sample: its condition inputs (images, maps, masks, prompts), then the sample")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
@@ -173,6 +178,15 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
             raise CLIError(f"{flag} needs --init-image (the image to start from, or to inpaint)")
     if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.tile_overlap is not None and args.tile is None:
+        raise CLIError("--tile-overlap needs --tile (the tile size in latent pixels)")
+    if args.tile is not None:
+        from ldmkit.tiling import check_tiling
+
+        try:
+            check_tiling(args.tile, args.tile_overlap)
+        except ValueError as err:
+            raise CLIError(str(err).replace("tile_overlap", "--tile-overlap").replace("tile must", "--tile must")) from None
     _check_sample_numbers(args)
     if not args.out.suffix:
         raise CLIError(f"--out names the grid image, e.g. {args.out}.png; got {args.out}")
@@ -279,6 +293,9 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
             batch_size=args.batch_size,
             callback=progress,
             precision=resolved,
+            tile=args.tile,
+            tile_overlap=args.tile_overlap,
+            compile=cfg.get("compile", False),
         )
     except (LdmkitError, ValueError) as err:
         where = "; ".join(f"{flag}={path}" for flag, path in sources.items())
@@ -300,6 +317,9 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
         "overrides": list(args.overrides),
         "device": str(device),
         "precision": resolved,
+        "compile": cfg.get("compile", False),
+        "tile": args.tile,
+        "tile_overlap": args.tile_overlap,
     }
     written = write_samples(images, args.out, settings, conditioner=conditioner, batch=batch,
                             kinds=kinds, show_conditions=args.show_conditions)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ldmkit.compiling import compile_module
 from ldmkit.training.engine import TRAINER_DEFAULTS, Trainer, TrainingError
 
 
@@ -77,6 +78,11 @@ class AutoencoderTrainer(Trainer):
                 f"choose a trainable first stage (e.g. first_stage=kl_f4_small)"
             )
         self.loss = build_autoencoder_loss(options.get("loss") or {}, self.first_stage).to(self.device)
+        compile_module(
+            self.first_stage, options.get("compile"), device=self.device,
+            backend=str(options.get("compile_backend") or "inductor"), key="trainer.compile",
+            what="the first stage",
+        )
         lr = float(options["lr"])
         betas = tuple(options.get("betas") or (0.5, 0.9))
         self.opt_ae = torch.optim.Adam(params + self.loss.generator_parameters(), lr=lr, betas=betas)

@@ -42,6 +42,7 @@ from ldmkit.training.rng import (
     stream_seed,
 )
 from ldmkit.training.signals import SignalWatch, TrainingInterrupted
+from ldmkit.training.threads import apply_num_threads
 
 # (split, epoch) -> an iterable of batch dicts; lets tests and notebooks train on
 # in-memory data instead of the configured dataset
@@ -65,8 +66,10 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "progress": True,
     "tensorboard": True,
     "grad_clip": None,
-    "num_threads": None,  # CPU threads for torch (null: torch's default)
+    "num_threads": "auto",  # CPU threads (auto: half the usable cores; ldmkit.training.threads)
     "precision": "auto",  # auto | fp32 | bf16 | fp16 (ldmkit.precision; auto: bf16 on CUDA and bf16-capable CPUs)
+    "compile": False,  # torch.compile the model in place (ldmkit.compiling): false | true | an inductor mode
+    "compile_backend": "inductor",
     "save_on_signal": True,  # SIGTERM/SIGINT: finish the step, checkpoint, exit 75; SIGUSR1: checkpoint
 }
 
@@ -530,9 +533,9 @@ class Trainer(abc.ABC):
 
         Raises :class:`TrainingInterrupted` after SIGTERM/SIGINT (``trainer.save_on_signal``),
         once the step in progress is finished and checkpointed."""
-        if self.options["num_threads"]:
-            # on a shared CPU, fewer threads than cores avoids OpenMP spin-wait slowdowns
-            torch.set_num_threads(int(self.options["num_threads"]))
+        # half the usable cores on the CPU unless told (ldmkit.training.threads: a thread team
+        # larger than the free cores runs many times slower on a shared machine)
+        apply_num_threads(self.options["num_threads"], self.device)
         self.signals = SignalWatch(enabled=bool(self.options["save_on_signal"]))
         with self.signals:
             return self._fit()

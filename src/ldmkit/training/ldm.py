@@ -23,6 +23,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from ldmkit.compiling import compile_module
 from ldmkit.diffusion.objective import DiffusionObjective, scale_factor_from_latents
 from ldmkit.ema import EMA
 from ldmkit.interfaces import Conditioner
@@ -99,6 +100,11 @@ class LDMTrainer(Trainer):
             self.pipeline.schedule, prediction=self.pipeline.denoiser.prediction, **dict(self.opts["objective"] or {})
         )
         self.step_module = DiffusionStep(self.pipeline.denoiser, self.pipeline.conditioner, objective).to(self.device)
+        compile_module(
+            self.pipeline.denoiser, self.options.get("compile"), device=self.device,
+            backend=str(self.options.get("compile_backend") or "inductor"), key="trainer.compile",
+            what="the denoiser",
+        )
         params = [p for p in self.step_module.parameters() if p.requires_grad]
         if not params:
             raise TrainingError("stage=ldm has nothing to train: the denoiser has no trainable parameters")
