@@ -10,7 +10,12 @@ import torch.nn.functional as F
 
 import ldmkit.nn.attention as attn_module
 from ldmkit.nn import attention_backend, get_attention_backend, set_attention_backend
-from ldmkit.nn.attention import attention, resolve_attention_backend, xformers_available
+from ldmkit.nn.attention import (
+    attention,
+    naive_attention,
+    resolve_attention_backend,
+    xformers_available,
+)
 
 CPU_BACKENDS = ["auto", "sdpa", "math", "chunked"]
 
@@ -189,3 +194,32 @@ def test_cuda_backends_equal_naive_softmax_attention(backend):
 def test_auto_picks_xformers_on_cuda_when_usable():
     q = torch.zeros(1, 1, 1, 8, device="cuda")
     assert resolve_attention_backend("auto", q) == ("xformers" if attn_module.xformers_usable_on_cuda() else "sdpa")
+
+
+@pytest.mark.parametrize(("tokens", "expect_float32"), [(64, True), (256, True), (1024, False)])
+def test_cpu_bf16_training_attention_runs_where_its_backward_is_fast(monkeypatch, tokens, expect_float32):
+    """CPU SDPA in bf16 under autograd: small problems run in float32 (PyTorch's bf16 flash
+    backward is slower there), large ones and inference stay bf16; the result keeps q's dtype
+    and matches the float32 attention to bf16 precision, gradients included."""
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append(q.dtype)
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(attn_module.F, "scaled_dot_product_attention", spy)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, tokens, 16, generator=gen).bfloat16().requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v, backend="sdpa")
+    assert out.dtype == torch.bfloat16
+    assert seen == [torch.float32 if expect_float32 else torch.bfloat16]
+    ref = naive_attention(q.float(), k.float(), v.float())
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    out.float().sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    seen.clear()
+    with torch.no_grad():
+        attention(q, k, v, backend="sdpa")
+    assert seen == [torch.bfloat16]  # inference keeps bf16

@@ -194,6 +194,10 @@ def attention(
         )
     kernel = resolve_attention_backend(backend, q)
     if kernel == "sdpa":
+        if _float32_on_cpu_for_backward(q, k, v):
+            with torch.autocast("cpu", enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale)
+            return out.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if kernel == "math":
         return naive_attention(q, k, v, scale=scale)
@@ -201,6 +205,27 @@ def attention(
         size = _default_chunk_size if chunk_size is None else _check_chunk_size(chunk_size)
         return _chunked_attention(q, k, v, size, scale)
     return _xformers_attention(q, k, v, scale)
+
+
+# Below this many query x key pairs, PyTorch's CPU flash-attention *backward* in bf16/fp16 is
+# slower than in float32 (torch 2.14, AVX512-BF16, 1 thread: 64 tokens 9.4 vs 3.6 ms forward +
+# backward, 256 tokens 40.7 vs 32.9 ms; at 1,024 tokens bf16 wins, 161 vs 202 ms). Training an
+# LDM at CPU scale lives below it: the demo UNet's train step in bf16 was 1.20x faster than in
+# float32 with bf16 attention and 1.40x with float32 attention (interleaved, 1 thread) (benchmarks/unet_train_step.py).
+CPU_FLOAT32_BACKWARD_PAIRS = 256 * 256
+
+
+def _float32_on_cpu_for_backward(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether a CPU SDPA call in bf16/fp16 that autograd will differentiate runs faster in
+    float32 (see ``CPU_FLOAT32_BACKWARD_PAIRS``). Inference keeps the low precision: there
+    the forward alone is faster in bf16."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and torch.is_grad_enabled()
+        and (q.requires_grad or k.requires_grad or v.requires_grad)
+        and q.shape[-2] * k.shape[-2] <= CPU_FLOAT32_BACKWARD_PAIRS
+    )
 
 
 def naive_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
