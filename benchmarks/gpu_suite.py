@@ -291,6 +291,73 @@ def train_step_race(
     return entry
 
 
+def compile_race(params: dict[str, Any], batch: tuple[int, int, int, int], rounds: int) -> dict[str, Any]:
+    """``compile=true`` (ldmkit.compiling, inductor, in place) vs eager, bf16 autocast: a train
+    step and a guided-batch sampling forward; the first compiled call's time is the compile."""
+    from ldmkit.compiling import compile_module
+    from ldmkit_unet import UNetModel
+
+    b, h, w, tokens = batch
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(b, params["in_channels"], h, w, generator=gen).cuda()
+    t = torch.randint(0, 1000, (b,), generator=gen).cuda()
+    cond = {"crossattn": torch.randn(b, tokens, params["context_dim"], generator=gen).cuda()}
+    target = torch.randn(b, params["out_channels"], h, w, generator=gen).cuda()
+    out: dict[str, Any] = {"batch": list(x.shape)}
+    models = {}
+    for name in ("eager", "compiled"):
+        torch.manual_seed(0)
+        models[name] = UNetModel(**params).cuda().train()
+    start = time.perf_counter()
+    compile_module(models["compiled"], True, device="cuda")
+    train = {n: make_train_step(m, lambda m, *a: m(*a), x, t, cond, target, torch.bfloat16) for n, m in models.items()}
+    train["compiled"]()  # compiles
+    sync()
+    out["train_compile_s"] = time.perf_counter() - start
+    for step in train.values():
+        for _ in range(3):
+            step()
+    times: dict[str, list[float]] = {n: [] for n in train}
+    for r in range(rounds):
+        for n in list(train) if r % 2 == 0 else list(reversed(train)):
+            times[n].append(timed(train[n], 3))
+    out["train_ms"] = {n: statistics.median(v) * 1e3 for n, v in times.items()}
+    out["train_speedup"] = statistics.median(e / c for e, c in zip(times["eager"], times["compiled"], strict=True))
+
+    def infer(model):
+        def step():
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                model(x, t, cond)
+
+        return step
+
+    for m in models.values():
+        m.eval()
+    sample = {n: infer(m) for n, m in models.items()}
+    start = time.perf_counter()
+    sample["compiled"]()
+    sync()
+    out["inference_compile_s"] = time.perf_counter() - start
+    for step in sample.values():
+        for _ in range(3):
+            step()
+    times = {n: [] for n in sample}
+    for r in range(rounds):
+        for n in list(sample) if r % 2 == 0 else list(reversed(sample)):
+            times[n].append(timed(sample[n], 5))
+    out["inference_ms"] = {n: statistics.median(v) * 1e3 for n, v in times.items()}
+    out["inference_speedup"] = statistics.median(
+        e / c for e, c in zip(times["eager"], times["compiled"], strict=True)
+    )
+    print(
+        f"[gpu_suite] compile: train {out['train_speedup']:.2f}x, inference {out['inference_speedup']:.2f}x",
+        flush=True,
+    )
+    del models, train, sample
+    torch.cuda.empty_cache()
+    return out
+
+
 def paper_unet(batch: int, peak: dict) -> dict[str, Any]:
     """The paper-size UNet alone: bf16 train step, peak memory, MFU; gradient checkpointing."""
     from ldmkit_unet import UNetModel
@@ -409,6 +476,21 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {key} | {p['step_ms']:.0f} | {p['images_per_s']:.1f} | {p['peak_memory_gib']:.1f} | {p['mfu_bf16']:.1%} |"
             )
         lines.append("")
+    comp = results.get("compile", {})
+    if "train_ms" in comp:
+        lines += [
+            f"`compile=true` (inductor, in place) vs eager, `small` UNet, bf16 autocast, batch {comp['batch']}:",
+            "",
+            "| | eager ms | compiled ms | speedup | compile s |",
+            "|---|---|---|---|---|",
+            f"| train step | {comp['train_ms']['eager']:.1f} | {comp['train_ms']['compiled']:.1f} "
+            f"| {comp['train_speedup']:.2f}x | {comp['train_compile_s']:.0f} |",
+            f"| sampling forward | {comp['inference_ms']['eager']:.1f} | {comp['inference_ms']['compiled']:.1f} "
+            f"| {comp['inference_speedup']:.2f}x | {comp['inference_compile_s']:.0f} |",
+            "",
+        ]
+    elif comp:
+        lines += [f"`compile=true`: skipped ({comp.get('skipped')})", ""]
     return "\n".join(lines)
 
 
@@ -417,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument(
-        "--skip", nargs="*", default=[], choices=["tests", "train", "sampling", "paper"]
+        "--skip", nargs="*", default=[], choices=["tests", "train", "sampling", "paper", "compile"]
     )
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--paper-batch", type=int, default=8)
@@ -474,6 +556,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         except Exception as err:  # noqa: BLE001
             results["sampling"] = {"skipped": f"{type(err).__name__}: {err}"}
+        save()
+    if "compile" not in args.skip:
+        from unet_train_step import SIZES
+
+        try:
+            results["compile"] = compile_race(SIZES["small"], (32, 32, 32, 8), args.rounds)
+        except Exception as err:  # noqa: BLE001 - inductor may be unavailable (no C compiler, no triton)
+            results["compile"] = {"skipped": f"{type(err).__name__}: {err}"}
         save()
     if "paper" not in args.skip:
         try:
