@@ -7,8 +7,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${LDMKIT_VENV:-$ROOT/.venv}"
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-# -- system data packages (Debian) -------------------------------------------------------
-APT_PACKAGES=(dataset-fashion-mnist tuxpaint-stamps-default)
+# -- system packages (Debian): datasets, and Chromium for tests/test_demo_browser.py ----------
+APT_PACKAGES=(dataset-fashion-mnist tuxpaint-stamps-default chromium)
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     missing=()
     for pkg in "${APT_PACKAGES[@]}"; do
@@ -20,7 +20,7 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
         apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
             apt-get update -q >/dev/null 2>&1 || true
             apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
-                || log "warning: could not install ${missing[*]}; the datasets from them are unavailable"
+                || log "warning: could not install ${missing[*]}; the datasets (or the browser test) from them are unavailable"
         }
     fi
 else
@@ -65,7 +65,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     }
     log "installing torch==2.14.1 torchvision==0.29.1"
     pip_install torch==2.14.1 torchvision==0.29.1
-    editable=(-e "$ROOT[test,text,logging]")
+    editable=(-e "$ROOT[test,text,logging,demo]")
     for plugin in "$ROOT"/plugins/*/; do
         [ -f "$plugin/pyproject.toml" ] && editable+=(-e "$plugin")
     done

@@ -1,9 +1,13 @@
-"""The ``ldmkit`` command: ``train``, ``sample``, ``evaluate``, ``data``, ``plugins``.
+"""The ``ldmkit`` command: ``train``, ``sample``, ``evaluate``, ``data``, ``plugins``, ``demo``.
 
 Everything after the subcommand that looks like ``key=value`` is a Hydra override::
 
     ldmkit sample sampler=ddim sampler.steps=20 --num-samples 16 --out grid.png
     ldmkit train stage=autoencoder first_stage=kl_f4_small trainer.max_steps=2000
+
+Owns the argument parsing and the one-line error reporting of every subcommand. May import
+anything in ldmkit (it is an entry point, layer 6 in docs/architecture.md); nothing imports it
+except ``ldmkit.__main__`` and ``ldmkit.demo``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ SUBCOMMANDS = {
     "evaluate": (commands.evaluate, "evaluate a trained model and write JSON metrics"),
     "data": (commands.data, "prepare and inspect datasets (webdataset shards)"),
     "plugins": (commands.plugins, "list installed plugins and what they register"),
+    "demo": (commands.demo, "serve a web page for a trained pipeline (pip install 'ldmkit[demo]')"),
 }
 
 

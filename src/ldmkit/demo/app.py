@@ -1,0 +1,463 @@
+"""The Gradio page of ``ldmkit demo``: inputs drawn from the conditioner, a progress bar and a
+preview while sampling, the results as a gallery with their settings. Imports Gradio; the
+rest of :mod:`ldmkit.demo` does not."""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import os
+import sys
+import tempfile
+import threading
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network at run time
+
+import gradio as gr  # noqa: E402
+
+from ldmkit.demo.editor import drawing_file, editor_files, palette  # noqa: E402
+from ldmkit.demo.form import (  # noqa: E402
+    MAX_IMAGES,
+    SEED_LIMIT,
+    ConditionField,
+    DemoInputError,
+    SampleRequest,
+    max_side,
+)
+from ldmkit.demo.session import DemoSession, Result, Step  # noqa: E402
+
+CSS = "#ldmkit-preview img, #ldmkit-samples img { image-rendering: pixelated; }"
+
+
+def _theme() -> Any:
+    # system fonts only: the page loads nothing from outside the server
+    return gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )
+
+
+def build_demo(session: DemoSession) -> gr.Blocks:
+    """The page for ``session``'s pipeline (call ``.queue(...)`` and ``.launch(...)`` on it)."""
+    pipeline = session.pipeline
+    f = int(pipeline.first_stage.downsample_factor)
+    size = int(pipeline.image_size) if pipeline.image_size else None
+    uploads = session.results_dir / "uploads"
+    components: dict[str, Any] = {}  # condition key -> its component
+    drawings: dict[str, Any] = {}  # segmentation key -> its drawing canvas
+
+    with gr.Blocks(
+        title=f"ldmkit demo: {session.checkpoint.name}",
+        analytics_enabled=False,
+        delete_cache=(600, 3600),
+    ) as demo:
+        gr.Markdown(f"## ldmkit demo\n{_summary(session)}")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1):
+                for spec in session.fields:
+                    components[spec.key] = _condition_component(spec, size)
+                    drawing = _drawing_component(spec, size)
+                    if drawing is not None:
+                        drawings[spec.key] = drawing
+                with gr.Accordion("start from an image (img2img, inpainting)", open=False):
+                    init_editor = gr.ImageEditor(
+                        label="start image: upload it; paint over the region to repaint (no strokes: img2img)",
+                        type="pil",
+                        sources=["upload", "clipboard"],
+                        layers=False,
+                        transforms=(),
+                        brush=_mask_brush(size),
+                        elem_id="ldmkit-init-image",
+                    )
+                    init_mask = gr.Image(
+                        label="or a mask PNG (white = repaint, black = keep; replaces the strokes)",
+                        type="filepath",
+                        image_mode=None,
+                        sources=["upload"],
+                        elem_id="ldmkit-init-mask",
+                    )
+                    strength = gr.Slider(
+                        0.05,
+                        1.0,
+                        value=1.0,
+                        step=0.05,
+                        label="strength (the share of the steps run from the image)",
+                        elem_id="ldmkit-strength",
+                    )
+                with gr.Row():
+                    sampler = gr.Dropdown(
+                        choices=session.samplers.options,
+                        value=session.samplers.current,
+                        label="sampler",
+                        elem_id="ldmkit-sampler",
+                    )
+                    steps = gr.Number(
+                        value=session.samplers.default_steps(session.samplers.current),
+                        precision=None,
+                        label=f"steps (1 to {int(pipeline.schedule.timesteps)})",
+                        elem_id="ldmkit-steps",
+                    )
+                guidance = gr.Slider(
+                    0.0,
+                    20.0,
+                    value=_default_guidance(pipeline),
+                    step=0.1,
+                    elem_id="ldmkit-guidance",
+                    label="guidance scale (1: none, 0: unconditional)",
+                )
+                with gr.Row():
+                    seed = gr.Number(
+                        value=0,
+                        precision=None,
+                        label=f"seed (0 to {SEED_LIMIT - 1})",
+                        elem_id="ldmkit-seed",
+                    )
+                    randomize = gr.Checkbox(
+                        value=True, label="randomize seed", elem_id="ldmkit-randomize"
+                    )
+                num_images = gr.Slider(
+                    1,
+                    MAX_IMAGES,
+                    value=4,
+                    step=1,
+                    label="number of images",
+                    elem_id="ldmkit-num-images",
+                )
+                with gr.Row():
+                    shown = f"{size}" if size else "the inputs'"
+                    hint = f"a multiple of {f} up to {max_side(pipeline)}; 0: {shown}"
+                    height = gr.Number(
+                        value=0, precision=None, label="height", info=hint, elem_id="ldmkit-height"
+                    )
+                    width = gr.Number(
+                        value=0, precision=None, label="width", info=hint, elem_id="ldmkit-width"
+                    )
+                generate = gr.Button("Generate", variant="primary", elem_id="ldmkit-generate")
+            with gr.Column(scale=1):
+                preview = gr.Image(
+                    label="preview: the current x0 prediction",
+                    type="pil",
+                    format="png",
+                    interactive=False,
+                    elem_id="ldmkit-preview",
+                    height=160,
+                )
+                gallery = gr.Gallery(
+                    label="samples",
+                    format="png",
+                    columns=4,
+                    object_fit="contain",
+                    interactive=False,
+                    elem_id="ldmkit-samples",
+                )
+                command = gr.Textbox(
+                    label="the same with ldmkit sample",
+                    lines=2,
+                    interactive=False,
+                    buttons=["copy"],
+                    elem_id="ldmkit-command",
+                )
+                record = gr.JSON(label="settings", open=True, elem_id="ldmkit-settings")
+                files = gr.File(
+                    label="download: grid, settings, inputs",
+                    file_count="multiple",
+                    interactive=False,
+                    elem_id="ldmkit-files",
+                )
+
+        def request_of(values: dict, scratch: Path) -> SampleRequest:
+            image, painted = editor_files(values[init_editor], scratch, "start")
+            mask = values[init_mask] or (str(painted) if painted else None)
+            return SampleRequest(
+                sampler=values[sampler],
+                steps=values[steps],
+                guidance_scale=values[guidance],
+                seed=values[seed],
+                randomize_seed=bool(values[randomize]),
+                num_images=values[num_images],
+                height=values[height],
+                width=values[width],
+                conditions=_condition_values(session.fields, components, drawings, values, scratch),
+                init_image=str(image) if image else None,
+                mask=mask,
+                strength=values[strength] if image else None,
+            )
+
+        def check(values: dict) -> None:
+            """Bad input fails here, at once (this step never waits for a sampling), as a
+            message that leaves the results as they are (an error in the sampling event itself
+            marks every output)."""
+            with _page_errors(), tempfile.TemporaryDirectory(dir=_mkdir(uploads)) as scratch:
+                session.check(request_of(values, Path(scratch)))
+
+        def run(values: dict, progress=gr.Progress()):  # noqa: B008 (Gradio's own idiom)
+            with _page_errors(), tempfile.TemporaryDirectory(dir=_mkdir(uploads)) as scratch:
+                cancel = threading.Event()
+                events = session.generate(request_of(values, Path(scratch)), cancel)
+                try:
+                    for event in events:
+                        if isinstance(event, Step):
+                            progress(
+                                (event.done, event.total),
+                                desc=f"sampling, step {event.done}/{event.total}",
+                            )
+                            if event.preview is not None:
+                                yield {preview: event.preview}
+                        elif isinstance(event, Result):
+                            yield _result_updates(event, preview, gallery, command, record, files)
+                finally:
+                    cancel.set()
+                    events.close()
+
+        inputs = {
+            sampler,
+            steps,
+            guidance,
+            seed,
+            randomize,
+            num_images,
+            height,
+            width,
+            init_editor,
+            init_mask,
+            strength,
+            *components.values(),
+            *drawings.values(),
+        }
+        # the check goes through the queue too (a queue=False error shows no message in Gradio
+        # 6), but never waits for a sampling: no concurrency limit
+        generate.click(
+            check,
+            inputs=inputs,
+            outputs=None,
+            concurrency_limit=None,
+            show_progress="hidden",
+            api_visibility="private",
+        ).success(
+            run,
+            inputs=inputs,
+            outputs=[preview, gallery, command, record, files],
+            concurrency_id="sampling",
+            api_name="generate",
+            show_progress_on=[gallery],  # the preview stays in sight while sampling
+        )
+
+        def sampler_steps(name: str) -> Any:
+            try:
+                return session.samplers.default_steps(name)
+            except DemoInputError as err:
+                raise gr.Error(str(err), print_exception=False) from None
+
+        sampler.change(
+            sampler_steps, inputs=sampler, outputs=steps, queue=False, show_progress="hidden"
+        )
+    return demo
+
+
+def _condition_component(spec: ConditionField, size: int | None) -> Any:
+    elem_id = f"ldmkit-cond-{spec.key}"
+    if spec.kind == "class":
+        if spec.choices:
+            return gr.Dropdown(
+                choices=list(spec.choices),
+                value=spec.choices[0][1],
+                label=spec.label,
+                elem_id=elem_id,
+            )
+        return gr.Number(value=0, precision=None, label=spec.label, elem_id=elem_id)
+    if spec.kind == "text":
+        return gr.Textbox(
+            label=spec.label, placeholder="what the image should show", lines=2, elem_id=elem_id
+        )
+    if spec.mask_key is not None:
+        return gr.ImageEditor(
+            label=spec.label,
+            type="pil",
+            sources=["upload", "clipboard"],
+            layers=False,
+            transforms=(),
+            brush=_mask_brush(size),
+            elem_id=elem_id,
+        )
+    # image_mode=None: the file as uploaded (a class map keeps its one-channel ids)
+    return gr.Image(
+        label=spec.label,
+        type="filepath",
+        image_mode=None,
+        sources=["upload", "clipboard"],
+        format="png",
+        elem_id=elem_id,
+    )
+
+
+def _mask_brush(size: int | None) -> Any:
+    """The brush that paints the region to generate: one colour, about 1/8 of the image."""
+    return gr.Brush(colors=["#ff00ff"], color_mode="fixed", default_size=max(1, (size or 64) // 8))
+
+
+def _drawing_component(spec: ConditionField, size: int | None) -> Any:
+    """For a class map: a canvas to draw one on, class i in colour i (below the upload). It
+    starts empty: Gradio 6's editor shows no tools over an initial value."""
+    colours = palette(spec.num_classes or 0) if spec.kind == "segmentation" else None
+    if colours is None or size is None:
+        return None
+    names = spec.names or tuple(str(i) for i in range(len(colours)))
+    legend = " ".join(
+        f'<span style="white-space:nowrap"><span style="display:inline-block;width:0.9em;height:0.9em;'
+        f'background:{c};border:1px solid #888;vertical-align:middle"></span> {i}: {html.escape(n)}</span>'
+        for i, (c, n) in enumerate(zip(colours, names, strict=False))
+    )
+    with gr.Group():
+        canvas = gr.ImageEditor(
+            label=f"{spec.key}: or draw a map (used when nothing is uploaded; unpainted pixels are 0)",
+            type="numpy",
+            image_mode="RGB",
+            sources=[],
+            layers=False,
+            transforms=(),
+            brush=gr.Brush(
+                colors=colours,
+                default_color=colours[min(1, len(colours) - 1)],
+                color_mode="fixed",
+                default_size=max(1, size // 8),
+            ),
+            canvas_size=(size, size),
+            fixed_canvas=True,
+            elem_id=f"ldmkit-draw-{spec.key}",
+        )
+        gr.HTML(f'<div style="font-size:0.85em;padding:0 0.5em 0.5em">{legend}</div>')
+    return canvas
+
+
+def _condition_values(
+    fields: list[ConditionField],
+    components: dict[str, Any],
+    drawings: dict[str, Any],
+    values: dict,
+    uploads: Path,
+) -> dict:
+    """Condition key -> what :func:`ldmkit.demo.form.prepare` reads (ids, prompts, paths)."""
+    out: dict[str, Any] = {}
+    painted: dict[str, Path | None] = {}
+    for spec in fields:
+        value = values[components[spec.key]]
+        if value is None and spec.key in drawings:
+            drawn = drawing_file(
+                values[drawings[spec.key]], spec.num_classes or 0, uploads, spec.key
+            )
+            out[spec.key] = str(drawn) if drawn else None
+        elif spec.mask_key is not None:
+            image, mask = editor_files(value, uploads, spec.key)
+            out[spec.key] = str(image) if image else None
+            painted[spec.mask_key] = mask
+        else:
+            out[spec.key] = value
+    for key, mask in painted.items():
+        if not out.get(key) and mask is not None:
+            out[key] = str(mask)  # an uploaded mask wins over the strokes
+    return out
+
+
+@contextlib.contextmanager
+def _page_errors() -> Iterator[None]:
+    """Errors as one-line messages on the page (``gr.Error``), never a traceback there."""
+    try:
+        yield
+    except DemoInputError as err:
+        raise gr.Error(str(err), print_exception=False) from None
+    except gr.Error:
+        raise
+    except Exception as err:
+        traceback.print_exc(file=sys.stderr)
+        message = f"sampling failed: {type(err).__name__}: {err}".replace("\n", " ")
+        raise gr.Error(
+            f"{message} (the server log has the details)", print_exception=False
+        ) from None
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _result_updates(result: Result, preview, gallery, command, record, files) -> dict:
+    return {
+        preview: str(result.files[0]),  # the grid: the last prediction is the result
+        gallery: [(str(path), text) for path, text in result.images],
+        command: result.command,
+        record: result.record,
+        files: [str(p) for p in result.files],
+    }
+
+
+def _summary(session: DemoSession) -> str:
+    pipeline = session.pipeline
+    conditions = ", ".join(f"{f.key} ({f.kind})" for f in session.fields) or "none (unconditional)"
+    size = (
+        f"{pipeline.image_size}x{pipeline.image_size}" if pipeline.image_size else "from its inputs"
+    )
+    return (
+        f"`{session.checkpoint}` · conditions: {conditions} · trained at {size}, "
+        f"f={pipeline.first_stage.downsample_factor} · {session.device}, {session.precision} · "
+        "one sampling at a time; requests wait in a queue"
+    )
+
+
+def _default_guidance(pipeline: Any) -> float:
+    """The trainer's sampling guidance when the model learned a null condition, else 1."""
+    from omegaconf import OmegaConf
+
+    if not pipeline.conditioner.input_keys or not pipeline.conditioner.learns_null_condition:
+        return 1.0
+    value = (
+        OmegaConf.select(pipeline.config, "trainer.guidance_scale", default=None)
+        if pipeline.config
+        else None
+    )
+    return float(value) if isinstance(value, int | float) and value >= 0 else 1.0
+
+
+def serve(*, checkpoint: Path, host: str, port: int, queue_size: int, device: str) -> int:
+    """Load ``checkpoint`` and serve its page until interrupted (Ctrl-C or SIGTERM)."""
+    import signal
+
+    import torch
+
+    from ldmkit.pipeline import Pipeline
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    pipeline = Pipeline.load(checkpoint, device=device)
+    with tempfile.TemporaryDirectory(prefix="ldmkit-demo-") as results:
+        session = DemoSession(
+            pipeline, checkpoint=Path(checkpoint), device=device, results_dir=Path(results)
+        )
+        demo = build_demo(session)
+        demo.queue(max_size=queue_size, default_concurrency_limit=1)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            print(
+                f"ldmkit demo: warning: serving on {host}: anyone who can reach this machine can use "
+                "the model (there is no login)",
+                file=sys.stderr,
+            )
+
+        def stop(signum, frame):  # SIGTERM ends the server the way Ctrl-C does
+            raise KeyboardInterrupt
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, stop)
+        demo.launch(
+            server_name=host,
+            server_port=port,
+            share=False,
+            inbrowser=False,
+            show_error=False,
+            ssr_mode=False,
+            allowed_paths=[results],
+            theme=_theme(),
+            css=CSS,
+            quiet=False,
+        )
+    return 0

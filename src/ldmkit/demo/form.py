@@ -1,0 +1,509 @@
+"""What the demo page asks for, and how its answers become one ``Pipeline.sample`` call.
+
+No Gradio here: the page (:mod:`ldmkit.demo.app`) draws one widget per
+:class:`ConditionField` and hands the values to :func:`prepare`, which checks them with
+one-line :class:`DemoInputError` messages and turns them into a batch the way
+``ldmkit sample`` does (the same readers, :mod:`ldmkit.cli.conditions`), so that the
+settings a result shows, and the command line that goes with them, reproduce it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ldmkit.errors import LdmkitError
+
+MAX_IMAGES = 16  # per request: a shared page must not let one user hold the model for long
+SEED_LIMIT = 2**32  # seeds are drawn (and accepted) in [0, SEED_LIMIT)
+
+
+class DemoInputError(LdmkitError, ValueError):
+    """A value on the page that cannot be used; the message is one line, shown as it is."""
+
+
+# -- the inputs a pipeline asks for --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConditionField:
+    """One condition input of the page: the conditioner's batch ``key`` and its ``kind``.
+
+    ``choices`` lists ``(shown name, class id)`` for a class key whose number of classes is
+    known, ``names`` the class names of a segmentation key's ids. ``mask_key`` names the mask
+    an image field paints (an inpainting conditioner reads an image and a mask: the page
+    shows one editor for both); ``painted_by`` is set on that mask field, which then only
+    offers an optional upload.
+    """
+
+    key: str
+    kind: str
+    label: str
+    choices: tuple[tuple[str, int], ...] = ()
+    num_classes: int | None = None
+    names: tuple[str, ...] = ()  # a class map's class names (index = id), where known
+    mask_key: str | None = None
+    painted_by: str | None = None
+
+
+def condition_fields(pipeline: Any) -> list[ConditionField]:
+    """The page's condition inputs, in the conditioner's ``input_keys`` order."""
+    conditioner = pipeline.conditioner
+    kinds = {key: conditioner.input_kind(key) for key in conditioner.input_keys}
+    images = [k for k, kind in kinds.items() if kind == "image"]
+    masks = [k for k, kind in kinds.items() if kind == "mask"]
+    paired = (images[0], masks[0]) if len(images) == 1 and len(masks) == 1 else None
+    fields = []
+    for key, kind in kinds.items():
+        num_classes = _num_classes(conditioner, key)
+        if kind == "class":
+            names = class_names(pipeline.config, num_classes) if num_classes else None
+            choices = tuple(
+                (f"{i}: {names[i]}" if names else str(i), i) for i in range(num_classes or 0)
+            )
+            fields.append(ConditionField(key, kind, f"{key} (class)", choices, num_classes))
+        elif kind == "text":
+            fields.append(ConditionField(key, kind, f"{key} (prompt)"))
+        elif kind == "segmentation":
+            what = f"ids 0..{num_classes - 1}" if num_classes else "class ids"
+            label = f"{key} (a one-channel PNG of {what})"
+            names = (
+                class_names(pipeline.config, num_classes, "segmentation_classes")
+                if num_classes
+                else None
+            )
+            fields.append(
+                ConditionField(key, kind, label, num_classes=num_classes, names=tuple(names or ()))
+            )
+        elif paired and key == paired[0]:
+            label = f"{key} (upload, then paint the region to generate)"
+            fields.append(ConditionField(key, kind, label, mask_key=paired[1]))
+        elif paired and key == paired[1]:
+            label = f"{key} (optional: a PNG, white = generate; replaces the painted region)"
+            fields.append(ConditionField(key, kind, label, painted_by=paired[0]))
+        elif kind == "mask":
+            fields.append(ConditionField(key, kind, f"{key} (a PNG, white = generate)"))
+        else:  # image, and kinds this page does not know: an image upload
+            fields.append(ConditionField(key, kind, f"{key} (image)"))
+    return fields
+
+
+def _num_classes(conditioner: Any, key: str) -> int | None:
+    """``num_classes`` of the conditioner (or the composite's part) that reads ``key``."""
+    from ldmkit.interfaces import Conditioner
+
+    for module in conditioner.modules():
+        if isinstance(module, Conditioner) and key in module.input_keys:
+            n = getattr(module, "num_classes", None)
+            if isinstance(n, int) and n > 0:
+                return n
+    return None
+
+
+def class_names(config: Any, num_classes: int, which: str = "classes") -> list[str] | None:
+    """The label names of the data the pipeline was trained on: the ``classes`` (or, with
+    ``which="segmentation_classes"``, the class-map names) of the prepared dataset's
+    ``manifest.json`` (``data.path``), else those of its data source; None when neither has
+    exactly ``num_classes`` names."""
+    from omegaconf import OmegaConf
+
+    if config is None:
+        return None
+    names: list[str] = []
+    path = OmegaConf.select(config, "data.path", default=None)
+    manifest = Path(str(path)).expanduser() / "manifest.json" if path else None
+    if manifest is not None and manifest.is_file():
+        try:
+            names = [str(n) for n in json.loads(manifest.read_text()).get(which) or []]
+        except (OSError, ValueError, AttributeError):
+            names = []
+    source = OmegaConf.select(config, "data.source", default=None)
+    if not names and source:
+        names = _source_classes(str(source), which)
+    return names if len(names) == num_classes else None
+
+
+def _source_classes(name: str, which: str) -> list[str]:
+    """A data source's fixed class list (``which``: ``classes`` or ``segmentation_classes``),
+    read without constructing the source (which may look for its files, or download them)."""
+    from ldmkit.data.sources import SOURCES
+
+    cls = SOURCES.get(name)
+    if cls is None:
+        return []
+    try:
+        return [str(n) for n in getattr(cls.__new__(cls), which)]
+    except Exception:  # a source whose classes come from its files: unknown without them
+        return []
+
+
+def sampler_options() -> list[str]:
+    """The ``sampler=NAME`` options ``ldmkit sample`` accepts (ldmkit's and the plugins')."""
+    from ldmkit.config import config_dir
+    from ldmkit.plugins import get_plugin_manager, root_directory
+
+    roots = [config_dir()] + [root_directory(r) for r in get_plugin_manager().config_roots()]
+    return sorted(
+        {p.stem for root in roots if root is not None for p in (root / "sampler").glob("*.yaml")}
+    )
+
+
+# -- one request -----------------------------------------------------------------------------
+
+
+@dataclass
+class SampleRequest:
+    """The page's values as they arrive (numbers may be floats or None, files are paths)."""
+
+    sampler: str
+    steps: Any
+    guidance_scale: Any
+    seed: Any
+    randomize_seed: bool = False
+    num_images: Any = 1
+    height: Any = None
+    width: Any = None
+    conditions: Mapping[str, Any] = field(default_factory=dict)
+    init_image: str | None = None  # a PNG path (or the painted editor's background, saved)
+    mask: str | None = None  # a PNG path, white = repaint
+    strength: Any = None
+
+
+@dataclass
+class Prepared:
+    """A checked request: what ``Pipeline.sample`` gets, and what the settings record."""
+
+    batch: dict[str, Any]
+    num_samples: int | None
+    steps: int
+    guidance_scale: float
+    seed: int
+    size: tuple[int, int] | None
+    init_image: Any
+    mask: Any
+    strength: float | None
+    sources: dict[str, str]  # "--cond key" / "--init-image" / "--mask" -> the file it read
+    kinds: dict[str, str]
+    items: list[str]  # the --cond KEY=VALUE items
+    num_images: int
+
+
+def whole_number(value: Any, name: str, low: int, high: int, *, hint: str = "") -> int:
+    """``value`` as an int in [low, high], or a one-line error naming ``name``."""
+    if value is None or value == "":
+        raise DemoInputError(f"{name} is empty: give a whole number from {low} to {high}{hint}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DemoInputError(
+            f"{name} must be a whole number from {low} to {high}, got {value!r}"
+        ) from None
+    if not math.isfinite(number) or not number.is_integer() or not low <= number <= high:
+        shown = int(number) if math.isfinite(number) and number.is_integer() else value
+        raise DemoInputError(
+            f"{name} must be a whole number from {low} to {high}{hint}, got {shown}"
+        )
+    return int(number)
+
+
+def prepare(
+    pipeline: Any,
+    request: SampleRequest,
+    *,
+    inputs_dir: Path,
+    rng: Any = None,
+    fields: Sequence[ConditionField] | None = None,
+) -> Prepared:
+    """Check ``request`` against ``pipeline`` and read its files; copies of the files go to
+    ``inputs_dir`` (so the command line that reproduces the result names files that stay).
+    ``rng`` (a ``random.Random``) draws the seed when ``randomize_seed`` is set; ``fields``
+    are the pipeline's :func:`condition_fields`, when already known."""
+    from ldmkit.cli.conditions import (
+        SOURCE_KEY,
+        ConditionArgumentError,
+        load_image,
+        load_mask,
+        parse_conditions,
+        repeat_to,
+    )
+
+    timesteps = int(pipeline.schedule.timesteps)
+    steps = whole_number(request.steps, "steps", 1, timesteps)
+    guidance = _guidance(request.guidance_scale)
+    num_images = whole_number(request.num_images, "number of images", 1, MAX_IMAGES)
+    if request.randomize_seed:
+        import random
+
+        seed = (rng or random.SystemRandom()).randrange(SEED_LIMIT)
+    else:
+        seed = whole_number(request.seed, "seed", 0, SEED_LIMIT - 1)
+    size = _size(pipeline, request.height, request.width)
+
+    conditioner = pipeline.conditioner
+    kinds = {key: conditioner.input_kind(key) for key in conditioner.input_keys}
+    specs = {f.key: f for f in (fields if fields is not None else condition_fields(pipeline))}
+    items: list[str] = []
+    uploaded: dict[str, str] = {}  # the copy's path -> the name the user uploaded
+    batch: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    channels = pipeline.first_stage.image_channels
+    for key, kind in kinds.items():
+        value = request.conditions.get(key)
+        spec = specs[key]
+        if kind == "class":
+            item = f"{key}={_class_id(value, spec)}"
+        elif kind == "text":
+            prompt = "" if value is None else str(value).strip()
+            if not prompt:
+                raise DemoInputError(f"{key}: the prompt is empty; type what the image should show")
+            item = f"{key}={prompt}"
+        else:
+            if value is None or value == "":
+                what = (
+                    "a class map"
+                    if kind == "segmentation"
+                    else "a mask"
+                    if kind == "mask"
+                    else "an image"
+                )
+                raise DemoInputError(f"{key}: upload {what}")
+            item = f"{key}={_keep(Path(value), inputs_dir, key, uploaded)}"
+        items.append(item)
+        try:  # one key at a time, so that a message names the key it is about
+            part = parse_conditions([item], {key: kind}, image_channels=channels)
+        except ConditionArgumentError as err:
+            raise DemoInputError(f"{key}: {_page_message(str(err), uploaded)}") from None
+        sources.update({f"--cond {k}": v for k, v in (part.pop(SOURCE_KEY, None) or {}).items()})
+        batch.update(part)
+    init_image = mask = None
+    try:
+        if request.init_image is not None:
+            path = _keep(Path(request.init_image), inputs_dir, "init_image", uploaded)
+            init_image = load_image(path, channels=channels, flag="start image")
+            sources["--init-image"] = str(path)
+        if request.mask is not None:
+            if request.init_image is None:
+                raise DemoInputError("a mask needs the image it repaints: upload a start image too")
+            path = _keep(Path(request.mask), inputs_dir, "mask", uploaded)
+            mask = load_mask(path, flag="mask")
+            sources["--mask"] = str(path)
+    except ConditionArgumentError as err:
+        raise DemoInputError(_page_message(str(err), uploaded)) from None
+    strength = None
+    if init_image is not None:
+        strength = _strength(request.strength)
+        if mask is not None and tuple(mask.shape[-2:]) != tuple(init_image.shape[-2:]):
+            h, w = init_image.shape[-2:]
+            raise DemoInputError(
+                f"the mask is {mask.shape[-2]}x{mask.shape[-1]} but the start image is {h}x{w}: "
+                "they must have one size"
+            )
+        if size is not None and size != tuple(init_image.shape[-2:]):
+            raise DemoInputError(
+                f"size {size[0]}x{size[1]} differs from the start image's "
+                f"{init_image.shape[-2]}x{init_image.shape[-1]}: leave height and width empty"
+            )
+    num_samples: int | None = num_images
+    if conditioner.input_keys:
+        batch = repeat_to(batch, conditioner.input_keys, num_images)
+        num_samples = None
+    return Prepared(
+        batch=batch,
+        num_samples=num_samples,
+        steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+        size=size,
+        init_image=init_image,
+        mask=mask,
+        strength=strength,
+        sources=sources,
+        kinds=kinds,
+        items=items,
+        num_images=num_images,
+    )
+
+
+def _guidance(value: Any) -> float:
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        raise DemoInputError(f"guidance scale must be a number >= 0, got {value!r}") from None
+    if not math.isfinite(scale) or scale < 0:
+        raise DemoInputError(
+            f"guidance scale must be a number >= 0 (1: no guidance, 0: unconditional), got {value}"
+        )
+    return scale
+
+
+def _strength(value: Any) -> float:
+    if value is None:
+        return 1.0
+    try:
+        strength = float(value)
+    except (TypeError, ValueError):
+        strength = float("nan")
+    if not 0.0 < strength <= 1.0:
+        raise DemoInputError(
+            f"strength must be in (0, 1] (the share of the steps run from the start image), got {value}"
+        )
+    return strength
+
+
+def max_side(pipeline: Any) -> int:
+    """The largest height or width the page accepts: 4x the training size (or 1024)."""
+    return 4 * int(pipeline.image_size) if pipeline.image_size else 1024
+
+
+def _size(pipeline: Any, height: Any, width: Any) -> tuple[int, int] | None:
+    """``(h, w)``, or None when both are empty or 0 (the pipeline's size, or its inputs')."""
+    if _unset(height) and _unset(width):
+        return None
+    f = int(pipeline.first_stage.downsample_factor)
+    base = int(pipeline.image_size) if pipeline.image_size else None
+    limit = max_side(pipeline)
+    out = []
+    for name, value in (("height", height), ("width", width)):
+        if _unset(value):
+            if base is None:
+                raise DemoInputError(f"{name} is empty: give both height and width, or neither")
+            value = base
+        side = whole_number(value, name, f, limit, hint=f" (a multiple of {f})")
+        if side % f:
+            raise DemoInputError(
+                f"{name} must be a multiple of the first stage's factor {f} from {f} to {limit}, got {side}"
+            )
+        out.append(side)
+    return out[0], out[1]
+
+
+def _unset(value: Any) -> bool:
+    return value is None or value == "" or value == 0
+
+
+def _class_id(value: Any, spec: ConditionField) -> int:
+    if value is None or value == "":
+        raise DemoInputError(f"{spec.key}: choose a class")
+    high = (spec.num_classes - 1) if spec.num_classes else SEED_LIMIT
+    shown = {name: i for name, i in spec.choices}
+    if isinstance(value, str) and value in shown:  # the shown name instead of the id
+        return shown[value]
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not math.isfinite(number) or not number.is_integer() or not 0 <= number <= high:
+        raise DemoInputError(
+            f"{spec.key}: class {value!r} is not one of this model's classes (0 to {high})"
+        )
+    return int(number)
+
+
+def _keep(path: Path, inputs_dir: Path, stem: str, uploaded: dict[str, str]) -> Path:
+    """A copy of an uploaded file in ``inputs_dir`` (the upload cache is Gradio's to clean);
+    ``uploaded`` records the copy's path -> the uploaded name, for messages."""
+    if not path.is_file():
+        raise DemoInputError(f"{stem}: the uploaded file is gone ({path.name}); upload it again")
+    inputs_dir.mkdir(parents=True, exist_ok=True)
+    target = inputs_dir / f"{stem}{path.suffix.lower() or '.png'}"
+    if path.resolve() != target.resolve():
+        shutil.copyfile(path, target)
+    uploaded[str(target)] = path.name
+    return target
+
+
+def _page_message(message: str, uploaded: Mapping[str, str]) -> str:
+    """A condition reader's message for the page: without the command-line flag it names
+    (``--cond KEY=VALUE:``), naming files as the user uploaded them."""
+    message = re.sub(r"^--cond(\s+\S+?)?:\s*", "", message).replace("\n", " ")
+    for copy, name in uploaded.items():
+        message = message.replace(copy, name)
+    return message
+
+
+# -- what a result records -----------------------------------------------------------------
+
+
+def settings(
+    *,
+    checkpoint: Path | str,
+    sampler: Mapping[str, Any],
+    prepared: Prepared,
+    images: Any,
+    overrides: Sequence[str],
+    device: str,
+    precision: str,
+) -> dict[str, Any]:
+    """The settings ``ldmkit sample`` writes for the same request (same keys, same values)."""
+    from ldmkit.cli.samples import _condition_settings
+
+    p = prepared
+    return {
+        "checkpoint": str(checkpoint),
+        "sampler": dict(sampler),
+        "guidance_scale": p.guidance_scale,
+        "seed": p.seed,
+        "num_samples": int(images.shape[0]),
+        "batch_size": None,
+        "size": [int(images.shape[-2]), int(images.shape[-1])],
+        "init_image": p.sources.get("--init-image"),
+        "strength": p.strength,
+        "mask": p.sources.get("--mask"),
+        "conditions": _condition_settings(p.batch, p.kinds, p.sources),
+        "overrides": list(overrides),
+        "device": str(device),
+        "precision": precision,
+        "compile": False,
+        "tile": None,
+        "tile_overlap": None,
+    }
+
+
+def command_line(
+    *,
+    checkpoint: Path | str,
+    overrides: Sequence[str],
+    prepared: Prepared,
+    device: str,
+    out: str = "samples.png",
+) -> str:
+    """The ``ldmkit sample`` command that reproduces a result (on the same kind of machine:
+    the precision ``auto`` picks, and so the last bits, depend on the hardware)."""
+    p = prepared
+    words = ["ldmkit", "sample", "--checkpoint", str(checkpoint), *overrides]
+    for item in p.items:
+        words += ["--cond", item]
+    words += ["--num-samples", str(p.num_images), "--guidance-scale", repr(p.guidance_scale)]
+    words += ["--seed", str(p.seed)]
+    if p.size is not None:
+        words += ["--height", str(p.size[0]), "--width", str(p.size[1])]
+    if "--init-image" in p.sources:
+        words += ["--init-image", p.sources["--init-image"], "--strength", repr(p.strength)]
+    if "--mask" in p.sources:
+        words += ["--mask", p.sources["--mask"]]
+    words += ["--device", str(device), "--out", out]
+    return shlex.join(words)
+
+
+def caption(prepared: Prepared, fields: Sequence[ConditionField], index: int) -> str:
+    """A gallery caption: the image's seed and its class or prompt."""
+    parts = [f"seed {prepared.seed + index}"]
+    for spec in fields:
+        value = prepared.batch.get(spec.key)
+        if value is None or spec.kind not in ("class", "text"):
+            continue
+        item = value[index]
+        item = item.item() if hasattr(item, "item") else item
+        if spec.kind == "class":
+            shown = dict((i, name) for name, i in spec.choices)
+            parts.append(shown.get(item, f"{spec.key} {item}"))
+        else:
+            parts.append(str(item)[:60])
+    return " · ".join(parts)

@@ -1,0 +1,554 @@
+"""``ldmkit demo``: the page's inputs and checks (fast, no browser), the settings and command
+line that reproduce a result, and the page itself in a real headless Chromium (Debian's
+``chromium`` driven by Playwright) against ``ldmkit demo`` serving a tiny trained pipeline."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from ldmkit.demo.form import (
+    MAX_IMAGES,
+    DemoInputError,
+    SampleRequest,
+    class_names,
+    condition_fields,
+    prepare,
+    sampler_options,
+)
+
+# -- a tiny trained class-conditional pipeline -------------------------------------------------
+
+
+def _tiny_data(split, epoch):
+    gen = torch.Generator().manual_seed(100 * epoch + (split == "train"))
+    for _ in range(4):
+        yield {
+            "image": torch.rand(4, 3, 8, 8, generator=gen) * 2 - 1,
+            "label": torch.randint(0, 10, (4,), generator=gen),
+        }
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """``run/pipeline`` of a seconds-long stage-2 run: class_label (10 classes), 8x8, pixels."""
+    from ldmkit.config import compose_config
+    from ldmkit.training import train
+
+    threads = torch.get_num_threads()
+    root = tmp_path_factory.mktemp("demo")
+    cfg = compose_config(
+        [
+            "stage=ldm",
+            "trainer=ldm_tiny",
+            "first_stage=identity",
+            "denoiser=unet_tiny",
+            "conditioner=class_label",
+            "conditioner.embed_dim=16",
+            "conditioner.drop_rate=0.2",
+            "sampler=ddim",
+            "image_size=8",
+            f"run_dir={root / 'run'}",
+            "trainer.num_threads=1",
+        ]
+    )
+    try:
+        run = train(cfg, data=_tiny_data)
+    finally:
+        torch.set_num_threads(threads)
+    return run / "pipeline"
+
+
+def _fake_pipeline(conditioner, *, image_size=8, f=4, channels=3, config=None):
+    """What :func:`prepare` reads of a pipeline, around a real conditioner."""
+    return SimpleNamespace(
+        conditioner=conditioner,
+        config=config,
+        image_size=image_size,
+        schedule=SimpleNamespace(timesteps=1000),
+        first_stage=SimpleNamespace(downsample_factor=f, image_channels=channels),
+    )
+
+
+def _class_pipeline(**kw):
+    from ldmkit_conditioners import ClassLabelConditioner
+
+    return _fake_pipeline(ClassLabelConditioner(num_classes=3, embed_dim=4), **kw)
+
+
+def _request(**kw) -> SampleRequest:
+    values = dict(
+        sampler="ddim", steps=4, guidance_scale=1.0, seed=0, num_images=2, conditions={"label": 1}
+    )
+    return SampleRequest(**{**values, **kw})
+
+
+# -- the inputs a pipeline asks for --------------------------------------------------------------
+
+
+def test_class_field_lists_the_datasets_class_names(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"classes": ["cat", "dog", "emu"]}))
+    config = OmegaConf.create({"data": {"path": str(tmp_path), "source": "image_folder"}})
+    (field,) = condition_fields(_class_pipeline(config=config))
+    assert (field.key, field.kind) == ("label", "class")
+    assert field.choices == (("0: cat", 0), ("1: dog", 1), ("2: emu", 2))
+
+
+def test_class_names_fall_back_to_the_source_then_to_numbers(tmp_path):
+    fashion = OmegaConf.create(
+        {"data": {"path": str(tmp_path / "absent"), "source": "fashion_mnist"}}
+    )
+    names = class_names(fashion, 10)
+    assert names is not None and names[0] == "T-shirt/top" and len(names) == 10
+    assert class_names(fashion, 3) is None  # a count that does not match is not used
+    (field,) = condition_fields(
+        _class_pipeline(config=OmegaConf.create({"data": {"source": "image_folder"}}))
+    )
+    assert field.choices == (("0", 0), ("1", 1), ("2", 2))
+
+
+def test_fields_follow_the_conditioners_kinds(tmp_path):
+    from ldmkit_conditioners import InpaintConditioner, SemanticMapConditioner
+
+    names = ["background", "sky", "boat"]
+    (tmp_path / "manifest.json").write_text(json.dumps({"segmentation_classes": names}))
+    scenes = OmegaConf.create({"data": {"source": "semantic_scenes", "path": str(tmp_path)}})
+    (seg,) = condition_fields(
+        _fake_pipeline(SemanticMapConditioner(num_classes=3, n_stages=2), config=scenes)
+    )
+    assert (seg.kind, seg.num_classes) == ("segmentation", 3) and "0..2" in seg.label
+    assert seg.names == tuple(names)  # the drawing canvas's legend
+    image, mask = condition_fields(_fake_pipeline(InpaintConditioner()))
+    assert (image.kind, image.mask_key) == ("image", "mask")  # one editor paints the mask
+    assert (mask.kind, mask.painted_by) == ("mask", "image")
+
+
+def test_sampler_choices_are_the_sampler_config_options():
+    assert {"ddim", "ddpm", "euler", "plms"} <= set(sampler_options())
+
+
+# -- checks: one line each, naming the input -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"steps": 0}, "steps must be a whole number from 1 to 1000, got 0"),
+        ({"steps": 1001}, "steps must be a whole number from 1 to 1000, got 1001"),
+        ({"steps": 2.5}, "steps must be a whole number from 1 to 1000, got 2.5"),
+        ({"steps": None}, "steps is empty"),
+        ({"guidance_scale": -1}, "guidance scale must be a number >= 0"),
+        (
+            {"num_images": MAX_IMAGES + 1},
+            f"number of images must be a whole number from 1 to {MAX_IMAGES}",
+        ),
+        ({"seed": -3}, "seed must be a whole number from 0 to"),
+        (
+            {"conditions": {"label": 7}},
+            "label: class 7 is not one of this model's classes (0 to 2)",
+        ),
+        ({"conditions": {}}, "label: choose a class"),
+        (
+            {"height": 10, "width": 8},
+            "height must be a multiple of the first stage's factor 4 from 4 to 32, got 10",
+        ),
+        (
+            {"height": 64, "width": 8},
+            "height must be a whole number from 4 to 32 (a multiple of 4), got 64",
+        ),
+    ],
+)
+def test_bad_values_give_one_line_messages(tmp_path, change, message):
+    with pytest.raises(DemoInputError) as err:
+        prepare(_class_pipeline(), _request(**change), inputs_dir=tmp_path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_randomize_draws_the_seed_and_the_settings_keep_it(tmp_path):
+    import random
+
+    request = _request(seed=None, randomize_seed=True)  # the seed box is ignored
+    first = prepare(_class_pipeline(), request, inputs_dir=tmp_path, rng=random.Random(5))
+    again = prepare(_class_pipeline(), request, inputs_dir=tmp_path, rng=random.Random(5))
+    assert first.seed == again.seed == random.Random(5).randrange(2**32)
+
+
+def test_a_text_pipeline_needs_a_prompt(tmp_path):
+    conditioner = SimpleNamespace(
+        input_keys=("caption",), input_kind=lambda key: "text", modules=lambda: []
+    )
+    with pytest.raises(DemoInputError, match="caption: the prompt is empty"):
+        prepare(
+            _fake_pipeline(conditioner), _request(conditions={"caption": "  "}), inputs_dir=tmp_path
+        )
+    done = prepare(
+        _fake_pipeline(conditioner),
+        _request(conditions={"caption": "a red apple"}),
+        inputs_dir=tmp_path,
+    )
+    assert done.batch["caption"] == ["a red apple", "a red apple"]
+
+
+def test_file_inputs_are_read_as_ldmkit_sample_reads_them(tmp_path):
+    from ldmkit_conditioners import SemanticMapConditioner
+
+    pipeline = _fake_pipeline(SemanticMapConditioner(num_classes=5, n_stages=2))
+    with pytest.raises(DemoInputError, match="^segmentation: upload a class map$"):
+        prepare(pipeline, _request(conditions={}), inputs_dir=tmp_path / "in")
+    rgb = tmp_path / "rgb.png"
+    Image.new("RGB", (8, 8)).save(rgb)
+    with pytest.raises(
+        DemoInputError,
+        match=r"^segmentation: rgb\.png is a RGB image; a class map is a one-channel PNG",
+    ):
+        prepare(
+            pipeline, _request(conditions={"segmentation": str(rgb)}), inputs_dir=tmp_path / "in"
+        )
+    ids = tmp_path / "ids.png"
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) % 5).save(ids)
+    done = prepare(
+        pipeline, _request(conditions={"segmentation": str(ids)}), inputs_dir=tmp_path / "in"
+    )
+    assert done.batch["segmentation"].shape == (2, 8, 8)
+    kept = tmp_path / "in" / "segmentation.png"  # a copy that outlives the upload cache
+    assert done.items == [f"segmentation={kept}"] and kept.is_file()
+
+
+def test_a_mask_must_have_the_start_images_size(tmp_path):
+    image, mask = tmp_path / "image.png", tmp_path / "mask.png"
+    Image.new("RGB", (8, 8)).save(image)
+    Image.new("L", (16, 16), 255).save(mask)
+    with pytest.raises(DemoInputError, match="the mask is 16x16 but the start image is 8x8"):
+        prepare(
+            _class_pipeline(),
+            _request(init_image=str(image), mask=str(mask)),
+            inputs_dir=tmp_path / "in",
+        )
+    with pytest.raises(DemoInputError, match="a mask needs the image it repaints"):
+        prepare(_class_pipeline(), _request(mask=str(mask)), inputs_dir=tmp_path / "in")
+    with pytest.raises(DemoInputError, match=r"strength must be in \(0, 1\]"):
+        prepare(
+            _class_pipeline(),
+            _request(init_image=str(image), strength=0),
+            inputs_dir=tmp_path / "in",
+        )
+
+
+def test_painted_strokes_become_the_mask(tmp_path):
+    from ldmkit.demo.editor import editor_files
+
+    background = Image.new("RGB", (8, 6), (10, 20, 30))
+    strokes = Image.new("RGBA", (8, 6), (0, 0, 0, 0))
+    strokes.putpixel((2, 3), (255, 0, 255, 255))
+    image, mask = editor_files({"background": background, "layers": [strokes]}, tmp_path, "start")
+    assert np.array_equal(np.asarray(Image.open(image)), np.asarray(background))
+    painted = np.asarray(Image.open(mask)) > 127
+    assert painted.shape == (6, 8) and painted.sum() == 1 and painted[3, 2]
+    assert editor_files({"background": background, "layers": []}, tmp_path, "start")[1] is None
+    empty = Image.new("RGBA", (8, 6), (0, 0, 0, 0))
+    assert editor_files({"background": empty, "layers": []}, tmp_path, "start") == (None, None)
+    with pytest.raises(DemoInputError, match="the strokes need an image under them"):
+        editor_files({"background": empty, "layers": [strokes]}, tmp_path, "start")
+
+
+def test_a_drawn_map_becomes_class_ids(tmp_path):
+    from ldmkit.demo.editor import PALETTE, drawing_file, palette
+
+    assert palette(3) == list(PALETTE[:3]) and palette(len(PALETTE) + 1) is None
+    drawing = np.zeros((4, 6, 4), dtype=np.uint8)  # transparent: class 0
+    drawing[1, 1] = (0xE6, 0x19, 0x4B, 255)  # PALETTE[1]
+    drawing[2, 3] = (0x40, 0x60, 0xD0, 255)  # a soft edge near PALETTE[4] (#4363d8)
+    path = drawing_file(
+        {"composite": drawing, "background": None, "layers": []}, 5, tmp_path, "segmentation"
+    )
+    ids = np.asarray(Image.open(path))
+    assert Image.open(path).mode == "L" and ids.shape == (4, 6)
+    assert (ids[1, 1], ids[2, 3], int(ids.sum())) == (1, 4, 5)
+
+
+# -- a result is reproducible from the command line ------------------------------------------------
+
+
+def _session(trained, tmp_path):
+    from ldmkit.demo.session import DemoSession
+    from ldmkit.pipeline import Pipeline
+
+    return DemoSession(
+        Pipeline.load(trained), checkpoint=trained, device="cpu", results_dir=tmp_path / "results"
+    )
+
+
+def test_the_settings_and_command_line_reproduce_the_images(trained, tmp_path, monkeypatch):
+    from ldmkit.cli import main
+    from ldmkit.demo.session import Result, Step
+
+    session = _session(trained, tmp_path)
+    events = list(
+        session.generate(
+            _request(sampler="euler", steps=3, guidance_scale=2.0, seed=11, conditions={"label": 4})
+        )
+    )
+    steps, result = [e for e in events if isinstance(e, Step)], events[-1]
+    assert isinstance(result, Result) and steps[-1].done == steps[-1].total == 3
+    assert any(step.preview is not None for step in steps)  # the decoded x0 prediction
+    record = result.record
+    assert record["sampler"]["name"] == "euler" and record["sampler"]["steps"] == 3
+    assert record["overrides"] == ["sampler=euler", "sampler.steps=3"]
+    assert (record["seed"], record["guidance_scale"], record["conditions"]) == (
+        11,
+        2.0,
+        {"label": [4, 4]},
+    )
+    words = shlex.split(result.command)
+    assert words[:2] == ["ldmkit", "sample"] and words[-4:] == [
+        "--device",
+        "cpu",
+        "--out",
+        "samples.png",
+    ]
+    cli = tmp_path / "cli"
+    cli.mkdir()
+    monkeypatch.chdir(cli)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it
+    assert main([*words[1:], "--no-progress"]) == 0  # the command as shown
+    assert json.loads((cli / "samples.json").read_text()) == {
+        k: v for k, v in record.items() if k != "command"
+    }
+    run_dir = result.files[0].parent
+    for entry in record["images"]:
+        assert (cli / entry["file"]).read_bytes() == (run_dir / entry["file"]).read_bytes()
+
+
+def test_closing_the_page_stops_the_sampling(trained, tmp_path):
+    import threading
+
+    session = _session(trained, tmp_path)
+    cancel = threading.Event()
+    events = session.generate(_request(steps=50), cancel)
+    next(events)  # started
+    events.close()  # Gradio closes the generator when the page goes away
+    assert cancel.is_set() and not [
+        t for t in threading.enumerate() if t.name == "ldmkit-demo-sampling"
+    ]
+    assert not list((tmp_path / "results").glob("run-*"))  # nothing half-written is kept
+    assert isinstance(list(session.generate(_request(steps=2)))[-1].record, dict)  # free again
+
+
+def test_a_map_with_unknown_ids_fails_while_sampling_in_one_line(tmp_path):
+    import ldmkit
+    from ldmkit.demo.session import DemoSession
+
+    pipeline = ldmkit.compose(
+        overrides=[
+            "first_stage=identity",
+            "denoiser=unet_tiny",
+            "conditioner=semantic_map",
+            "conditioner.n_stages=0",
+            "image_size=8",
+            "sampler=ddim",
+        ]
+    )
+    session = DemoSession(
+        pipeline, checkpoint=tmp_path / "ckpt", device="cpu", results_dir=tmp_path / "results"
+    )
+    ids = tmp_path / "ids.png"
+    Image.fromarray(np.full((8, 8), 9, dtype=np.uint8)).save(ids)
+    with pytest.raises(DemoInputError) as err:
+        list(session.generate(_request(steps=2, conditions={"segmentation": str(ids)})))
+    assert str(err.value).startswith("semantic_map: class id 9 in batch['segmentation']")
+    assert "outside 0..7" in str(err.value) and "\n" not in str(err.value)
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+def test_demo_command_checks_its_arguments(capsys):
+    from ldmkit.cli import main
+
+    assert main(["demo", "--checkpoint", "x", "--port", "0"]) == 1
+    assert "--port must be in 1..65535, got 0" in capsys.readouterr().err
+    assert main(["demo", "--checkpoint", "x", "--queue-size", "0"]) == 1
+    assert "--queue-size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_demo_without_gradio_says_what_to_install(monkeypatch, capsys):
+    from ldmkit.cli import main
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` fails as if not installed
+    assert main(["demo", "--checkpoint", "x"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "ldmkit demo: error: the demo needs Gradio, which is not installed: pip install 'ldmkit[demo]'"
+    )
+
+
+def test_demo_with_a_missing_checkpoint_is_one_line(tmp_path, capsys):
+    pytest.importorskip("gradio", reason="the demo extra (gradio) is not installed")
+    from ldmkit.cli import main
+
+    assert main(["demo", "--checkpoint", str(tmp_path / "nope")]) == 1
+    assert (
+        capsys.readouterr().err.strip()
+        == f"ldmkit demo: error: checkpoint file missing: {tmp_path / 'nope' / 'config.yaml'}"
+    )
+
+
+# -- the page in a real browser ------------------------------------------------------------------
+
+
+def _browser() -> str:
+    """The system Chromium, or a skip that says what is missing."""
+    pytest.importorskip(
+        "gradio", reason="the demo extra is not installed: pip install 'ldmkit[demo]'"
+    )
+    pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (the test extra)"
+    )
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no Chromium on PATH: apt-get install chromium (scripts/setup.sh does)")
+    return chromium
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(trained, tmp_path_factory):
+    """``ldmkit demo`` serving the trained pipeline: its URL (stopped after the module)."""
+    _browser()
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "demo.log"
+    exe = Path(sys.executable).with_name("ldmkit")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "NO_PROXY": "127.0.0.1",
+    }
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [
+                str(exe),
+                "demo",
+                "--checkpoint",
+                str(trained),
+                "--port",
+                str(port),
+                "--queue-size",
+                "4",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=log.parent,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"ldmkit demo exited with {process.returncode}:\n{log.read_text()}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            if time.monotonic() > deadline:
+                pytest.fail(f"ldmkit demo did not serve {url} within 90 s:\n{log.read_text()}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow  # about 25 s with the server's start and stop, on a busy 2-core machine
+def test_page_generates_and_reports_bad_input(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_browser(), args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            outside = []  # the page loads nothing from outside the server (no network at run time)
+            page.on(
+                "request",
+                lambda r: (
+                    outside.append(r.url)
+                    if not r.url.startswith((server, "data:", "blob:"))
+                    else None
+                ),
+            )
+            page.goto(server)
+            page.wait_for_selector("#ldmkit-generate", timeout=30_000)
+
+            page.click("#ldmkit-cond-label input")  # the class dropdown, with the classes' names
+            options = page.get_by_role("option")
+            assert options.count() == 10 and options.nth(3).inner_text().startswith("3: ")
+            options.nth(3).click()
+            page.fill("#ldmkit-steps input", "3")
+            page.uncheck("#ldmkit-randomize input")
+            page.fill("#ldmkit-seed input", "7")
+            for slider, value in (("#ldmkit-guidance", "2.5"), ("#ldmkit-num-images", "2")):
+                box = page.locator(f"{slider} input[type=number]")
+                box.fill(value)
+                box.press("Enter")
+            page.click("#ldmkit-generate")
+
+            images = page.locator("#ldmkit-samples img")
+            images.nth(1).wait_for(timeout=60_000)
+            sizes = images.evaluate_all("els => els.map(e => [e.naturalWidth, e.naturalHeight])")
+            assert sizes == [[8, 8], [8, 8]]
+            page.wait_for_function(
+                "document.querySelector('#ldmkit-command textarea').value.length > 0"
+            )
+            shown = page.inner_text("#ldmkit-settings").split("\n", 1)[1]  # after the label
+            record = json.loads(shown.replace("\n", ""))
+            assert record["conditions"] == {"label": [3, 3]} and record["sampler"]["steps"] == 3
+            assert (record["seed"], record["guidance_scale"], record["size"]) == (7, 2.5, [8, 8])
+            assert [image["seed"] for image in record["images"]] == [7, 8]
+            command = page.input_value("#ldmkit-command textarea")
+            assert (
+                command == record["command"]
+                and "--cond label=3" in command
+                and "--seed 7" in command
+            )
+            links = page.locator("#ldmkit-files a").evaluate_all("els => els.map(e => e.href)")
+            settings_file = next(link for link in links if link.endswith(".json"))
+            downloaded = page.request.get(
+                settings_file
+            ).json()  # the settings, as ldmkit sample writes them
+            assert downloaded == {k: v for k, v in record.items() if k != "command"}
+
+            page.fill("#ldmkit-steps input", "0")
+            page.click("#ldmkit-generate")
+            toast = page.locator(".toast-body").filter(has_text="steps must be")
+            toast.wait_for(timeout=15_000)
+            assert "steps must be a whole number from 1 to 1000, got 0" in toast.inner_text()
+            assert images.count() == 2  # the results stay
+            assert not outside, f"the page requested {outside}"
+        finally:
+            browser.close()
