@@ -173,23 +173,20 @@ class PageRun:
     saved: dict = field(default_factory=dict)
 
     def start(self) -> None:
-        from ldmkit.data.sources import SOURCES
         from ldmkit.plugins import reset_plugin_manager
 
+        # data sources and stages live in the plugin manager: resetting it restores them
         self.saved = {"environ": dict(os.environ), "sys.path": list(sys.path),
-                      "sources": dict(SOURCES), "modules": set(sys.modules)}  # fmt: skip
+                      "modules": set(sys.modules)}  # fmt: skip
         reset_plugin_manager()
         self.namespace.update(__name__="__main__", __file__=str(self.cwd / "snippet.py"))
 
     def finish(self) -> None:
-        from ldmkit.data.sources import SOURCES
         from ldmkit.plugins import reset_plugin_manager
 
         os.environ.clear()
         os.environ.update(self.saved["environ"])
         sys.path[:] = self.saved["sys.path"]
-        SOURCES.clear()
-        SOURCES.update(self.saved["sources"])
         for name in set(sys.modules) - self.saved["modules"]:
             module = sys.modules[name]
             # modules a snippet made (from files in its temporary directory), not libraries

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ldmkit.config import compose_config
-from ldmkit.plugins import PluginError, get_plugin_manager, get_registry
+from ldmkit.plugins import BUILTIN_PLUGINS, PluginError, get_plugin_manager, get_registry
 from tests.conftest import make_distribution
 
 FIRST_PARTY = [
@@ -24,6 +24,27 @@ FIRST_PARTY = [
     "ldmkit-unet",
 ]
 LDMKIT = Path(sys.executable).with_name("ldmkit")
+# ldmkit's own plugins (training stages, data sources): always loaded, listed as distribution
+# "ldmkit" beside the installed ones
+BUILTIN_REGISTERS = {
+    "ldmkit.training.stages": {"stage": ["autoencoder", "ldm"]},
+    "ldmkit.data.sources": {
+        "data_source": [
+            "cutouts",
+            "emoji",
+            "fashion_mnist",
+            "image_folder",
+            "semantic_scenes",
+            "tuxpaint",
+        ]
+    },
+}
+
+
+def installed_rows(rows: list[dict]) -> dict[str, dict]:
+    """The report's rows of installed distributions (not ldmkit's own), by distribution."""
+    return {row["distribution"]: row for row in rows if row["distribution"] != "ldmkit"}
+
 
 SAMPLER_PLUGIN = """
 from pathlib import Path
@@ -80,12 +101,16 @@ def ldmkit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_disabled_autoload_lists_the_installed_plugins_as_not_loaded(fresh_plugins, monkeypatch):
     monkeypatch.setenv("LDMKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
     manager = get_plugin_manager()
-    rows = {row["distribution"]: row for row in manager.plugin_report()}
+    report = manager.plugin_report()
+    rows = installed_rows(report)
     assert sorted(rows) == FIRST_PARTY
     for row in rows.values():
         assert row["status"] == "not loaded" and row["registers"] == {}
         assert row["note"] == "plugin autoload is off (LDMKIT_DISABLE_PLUGIN_AUTOLOAD=1)"
     assert get_registry().names("sampler") == []  # still nothing loaded
+    builtin = {row["name"]: row for row in report if row["distribution"] == "ldmkit"}
+    assert {name: row["registers"] for name, row in builtin.items()} == BUILTIN_REGISTERS
+    assert {row["status"] for row in builtin.values()} == {"loaded"}  # the core, not an install
 
 
 def test_load_only_marks_the_others_not_loaded(fresh_plugins, monkeypatch):
@@ -115,8 +140,9 @@ def test_cli_says_autoload_is_off_and_lists_what_is_installed():
     rows = json.loads(
         ldmkit("plugins", "--json", env={"LDMKIT_DISABLE_PLUGIN_AUTOLOAD": "1"}).stdout
     )
-    assert sorted(r["distribution"] for r in rows) == FIRST_PARTY
-    assert {r["status"] for r in rows} == {"not loaded"}
+    assert sorted(installed_rows(rows)) == FIRST_PARTY
+    assert {r["status"] for r in installed_rows(rows).values()} == {"not loaded"}
+    assert {r["name"] for r in rows if r["distribution"] == "ldmkit"} == set(BUILTIN_PLUGINS)
 
 
 # -- the same config option from two plugins ----------------------------------------------------
@@ -198,7 +224,7 @@ def test_distinct_options_in_one_group_do_not_clash(site):
 def test_report_lists_every_plugin_despite_a_name_clash(site):
     install(site, "ldmkit-mine", "mine_plugin", registers="ddim")
     manager = get_plugin_manager()
-    rows = {row["distribution"]: row for row in manager.plugin_report()}
+    rows = installed_rows(manager.plugin_report())
     assert sorted(rows) == sorted([*FIRST_PARTY, "ldmkit-mine"])
     assert rows["ldmkit-mine"]["registers"] == {"sampler": ["ddim"]}
     assert "ddim" in rows["ldmkit-samplers"]["registers"]["sampler"]  # both say what they register
@@ -233,3 +259,60 @@ def test_cli_lists_everything_then_reports_the_clashes(site):
         ldmkit("plugins", "--json", env=env).stdout
     )  # JSON on stdout, errors on stderr
     assert "ldmkit-mine" in {r["distribution"] for r in rows}
+
+
+# -- training stages and data sources, per plugin -------------------------------------------------
+STAGE_AND_SOURCE_PLUGIN = """
+import ldmkit
+from ldmkit.data.sources.image_folder import ImageFolder
+
+
+class Dots(ImageFolder):
+    name = "dots"
+
+
+def train(cfg, *, data=None):
+    return cfg.run_dir
+
+
+@ldmkit.hookimpl
+def ldmkit_register_stages(register):
+    register("dots_stage", train)
+
+
+@ldmkit.hookimpl
+def ldmkit_register_data_sources(register):
+    register(Dots)
+"""
+
+
+def test_stages_and_data_sources_are_listed_per_plugin(site):
+    sys.modules.pop("dots_plugin", None)
+    make_distribution(
+        site,
+        "ldmkit-dots",
+        "0.3",
+        {"dots": "dots_plugin"},
+        {"dots_plugin": STAGE_AND_SOURCE_PLUGIN},
+    )
+    report = get_plugin_manager().plugin_report()
+    assert installed_rows(report)["ldmkit-dots"]["registers"] == {
+        "stage": ["dots_stage"],
+        "data_source": ["dots"],
+    }
+    assert {
+        r["name"]: r["registers"] for r in report if r["distribution"] == "ldmkit"
+    } == BUILTIN_REGISTERS
+    out = ldmkit("plugins", env={"PYTHONPATH": str(site)})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    dots = next(line for line in lines if " ldmkit-dots " in line)
+    assert dots.split()[:3] == ["dots", "ldmkit-dots", "0.3"]
+    assert "stage: dots_stage; data_source: dots" in dots
+    stages = next(line for line in lines if line.startswith("ldmkit.training.stages "))
+    assert stages.split()[1:5] == ["ldmkit", "0.1.0", "stage:", "autoencoder,"]
+    sources = next(line for line in lines if line.startswith("ldmkit.data.sources "))
+    assert (
+        "data_source: cutouts, emoji, fashion_mnist, image_folder, semantic_scenes, tuxpaint"
+        in sources
+    )

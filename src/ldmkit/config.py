@@ -1,38 +1,26 @@
-"""Hydra composition: the primary config plus every plugin's config groups, and the
-checked assembly of a :class:`~ldmkit.pipeline.Pipeline` through the registry."""
+"""Hydra composition: the primary config plus every plugin's config groups, checked and
+explained in one-line errors. Building components from the composed config is
+:mod:`ldmkit.assembly`'s job; this module imports neither it nor the pipeline."""
 
 from __future__ import annotations
 
 import difflib
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ldmkit.errors import LdmkitError
+from ldmkit.errors import ConfigError, LdmkitError
 from ldmkit.plugins import get_plugin_manager, root_directory
-from ldmkit.registry import Registry
+from ldmkit.resources import config_dir
 
 GROUPS = ("first_stage", "denoiser", "conditioner", "sampler", "data", "trainer", "experiment")
 COMPONENT_GROUPS = ("first_stage", "denoiser", "conditioner", "sampler")
 AUTO = "auto"
 
 
-class ConfigError(LdmkitError, ValueError):
-    """A config does not compose, names something unknown, or its parts do not fit."""
-
-
-def config_dir() -> Path:
-    """The primary config folder: packaged in the wheel, or ``conf/`` of a checkout."""
-    packaged = Path(__file__).parent / "conf"
-    if (packaged / "config.yaml").is_file():
-        return packaged
-    checkout = Path(__file__).resolve().parents[2] / "conf"
-    if (checkout / "config.yaml").is_file():
-        return checkout
-    raise ConfigError(f"ldmkit's primary config is missing: looked for {packaged} and {checkout}")
+__all__ = ["AUTO", "COMPONENT_GROUPS", "GROUPS", "ConfigError", "compose_config", "config_dir"]
 
 
 # -- Hydra search path ----------------------------------------------------------------
@@ -72,7 +60,7 @@ def compose_config(overrides: Sequence[str] = (), *, config_name: str = "config"
     _register_search_path_plugin()
     overrides = [_weights_override(o) for o in overrides]
     try:
-        cfg = _hydra_compose(overrides, config_name)
+        cfg = _compose_with_stage_trainer(overrides, config_name)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_explain_compose_error(err, overrides, config_name)) from err
     choices = {
@@ -85,6 +73,49 @@ def compose_config(overrides: Sequence[str] = (), *, config_name: str = "config"
     _check_optional_choice("experiment", choices.get("experiment"))
     check_config(cfg)
     return cfg
+
+
+def _compose_with_stage_trainer(overrides: Sequence[str], config_name: str) -> DictConfig:
+    """Compose; when neither the overrides nor an experiment chose a trainer, with the trainer
+    config the stage registered (see :func:`_stage_trainer_override`)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = _hydra_compose(overrides, config_name)
+    except (HydraException, OmegaConfBaseException):
+        # `trainer.KEY=...` may name a key only the stage's trainer config has: find the
+        # stage without those overrides, then compose them onto its trainer config
+        probe = [o for o in overrides if not re.match(r"^[~+]*trainer\.", o)]
+        extra = None
+        if len(probe) < len(overrides):
+            try:
+                extra = _stage_trainer_override(_hydra_compose(probe, config_name), overrides)
+            except (HydraException, OmegaConfBaseException):
+                pass
+        if extra is None:
+            raise
+        return _hydra_compose([*overrides, extra], config_name)
+    extra = _stage_trainer_override(cfg, overrides)
+    return cfg if extra is None else _hydra_compose([*overrides, extra], config_name)
+
+
+def _stage_trainer_override(cfg: DictConfig, overrides: Sequence[str]) -> str | None:
+    """``trainer=<option>`` for the trainer config the stage ``cfg.stage`` registers
+    (``ldmkit_register_stages``), when neither the overrides nor an experiment chose a trainer
+    (it is still the primary config's ``default``); None when nothing changes."""
+    if OmegaConf.select(cfg, "hydra.runtime.choices.trainer") != "default":
+        return None
+    if any(re.match(r"^[~+]*trainer(=|$)", override) for override in overrides):
+        return None
+    stage = cfg.get("stage")
+    if not isinstance(stage, str):
+        return None
+    try:
+        wanted = get_plugin_manager().registry.stage(stage).trainer_config
+    except LdmkitError:
+        return None  # an unknown stage or a clash is reported where the stage is used
+    return None if wanted == "default" else f"trainer={wanted}"
 
 
 def _check_optional_choice(group: str, option: str | None) -> None:
@@ -186,171 +217,21 @@ def _leaf_keys(node: Any, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")]
 
 
-# -- building components ----------------------------------------------------------------
+# -- names that moved ----------------------------------------------------------------------
+# Building components from a config moved to ldmkit.assembly and building the Pipeline to
+# ldmkit.pipeline, so that this module depends on neither (pipeline -> assembly -> config).
+# Callers written before still import them from here; the import happens on first use.
+_MOVED_TO_ASSEMBLY = ("component_kwargs", "create_component", "resolve_denoiser_dims", "check_parts_fit")
+_MOVED_TO_PIPELINE = ("build_pipeline", "compose")
 
 
-def _choice(cfg: DictConfig, group: str) -> str:
-    choices = cfg.get("choices") or {}
-    chosen = choices.get(group) if isinstance(choices, Mapping | DictConfig) else None
-    return f"{group}={chosen}" if chosen else f"the {group} config"
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_ASSEMBLY:
+        from ldmkit import assembly
 
+        return getattr(assembly, name)
+    if name in _MOVED_TO_PIPELINE:
+        from ldmkit import pipeline
 
-def component_kwargs(node: Any, group: str) -> tuple[str, dict[str, Any]]:
-    """Split a component config into its registered name and constructor kwargs."""
-    if node is None:
-        raise ConfigError(f"no {group} configured; choose one with `{group}=<option>`")
-    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    if "name" not in data:
-        raise ConfigError(
-            f"the {group} config has no `name` key naming a registered {group}: {data}"
-        )
-    name = data.pop("name")
-    return name, data
-
-
-def create_component(
-    registry: Registry, kind: str, node: Any, label: str | None = None, *, key: str | None = None
-) -> Any:
-    """Build the registered ``kind`` the config ``node`` names. ``label`` says which config it
-    came from in messages (``sampler=ddim``); ``key`` is the node's dotted key (default: ``kind``),
-    used to name a value that does not fit the constructor's type hints."""
-    from ldmkit.config_checks import argument_problems
-    from ldmkit.interfaces import INTERFACES
-
-    name, kwargs = component_kwargs(node, kind)
-    # every component config may name weights to load after construction, and every
-    # conditioner config its classifier-free-guidance dropout rate
-    checkpoint = kwargs.pop("checkpoint", None)
-    drop_rate = kwargs.pop("drop_rate", None) if kind == "conditioner" else None
-    try:
-        factory = registry.get(kind, name).factory
-    except LookupError as err:
-        raise ConfigError(f"{label or kind}: {err}") from err
-    problems = argument_problems(factory, kwargs, key or kind)
-    if problems:
-        raise ConfigError(f"{'; '.join(problems)} ({label or f'{kind} {name!r}'})")
-    try:
-        obj = registry.create(kind, name, **kwargs)
-    except LookupError as err:
-        raise ConfigError(f"{label or kind}: {err}") from err
-    except TypeError as err:
-        raise ConfigError(f"{label or kind}: {err}") from err
-    except ValueError as err:  # a constructor rejecting an option's value
-        raise ConfigError(f"{label or kind}: cannot build {kind} {name!r}: {err}") from err
-    if not isinstance(obj, INTERFACES[kind]):
-        entry = registry.get(kind, name)
-        raise ConfigError(
-            f"{kind} {name!r} from {entry.provider} built a {type(obj).__name__}, "
-            f"which is not an ldmkit.interfaces.{INTERFACES[kind].__name__}"
-        )
-    if drop_rate is not None:
-        if not isinstance(drop_rate, int | float) or not 0.0 <= drop_rate <= 1.0:
-            raise ConfigError(f"{label or kind}: conditioner.drop_rate must be in [0, 1], got {drop_rate!r}")
-        obj.drop_rate = float(drop_rate)
-    if checkpoint is not None and not _on_meta_device(obj):
-        from ldmkit.weights import WeightsError, load_component_weights
-
-        try:
-            load_component_weights(obj, checkpoint, kind)
-        except WeightsError as err:
-            raise ConfigError(f"{label or kind} ({kind}.checkpoint): {err}") from err
-    return obj
-
-
-def _on_meta_device(obj: Any) -> bool:
-    params = next(iter(obj.parameters()), None) if hasattr(obj, "parameters") else None
-    return params is not None and params.is_meta
-
-
-def resolve_denoiser_dims(cfg: DictConfig, first_stage: Any, conditioner: Any) -> dict[str, Any]:
-    """Fill ``auto`` dims of the denoiser config and check explicit ones.
-
-    Raises ConfigError naming the two configs that disagree.
-    """
-    name, kwargs = component_kwargs(cfg.denoiser, "denoiser")
-    checkpoint = kwargs.pop("checkpoint", None)
-    concat = conditioner.concat_channels or 0
-    expected = {
-        "in_channels": (first_stage.latent_channels + concat,
-                        f"{_choice(cfg, 'first_stage')} (latent_channels={first_stage.latent_channels})"
-                        + (f" + {_choice(cfg, 'conditioner')} (concat_channels={concat})" if concat else "")),
-        "out_channels": (first_stage.latent_channels,
-                         f"{_choice(cfg, 'first_stage')} (latent_channels={first_stage.latent_channels})"),
-        "context_dim": (conditioner.crossattn_dim,
-                        f"{_choice(cfg, 'conditioner')} (crossattn_dim={conditioner.crossattn_dim})"),
-        "vector_dim": (conditioner.vector_dim,
-                       f"{_choice(cfg, 'conditioner')} (vector_dim={conditioner.vector_dim})"),
-    }
-    for key, (value, source) in expected.items():
-        if key not in kwargs:
-            continue
-        if kwargs[key] == AUTO:
-            kwargs[key] = value
-        elif kwargs[key] != value:
-            raise ConfigError(
-                f"{source} and {_choice(cfg, 'denoiser')} ({key}={kwargs[key]}) disagree: "
-                f"denoiser.{key} must be {value}; set denoiser.{key}=auto to follow the other part"
-            )
-    return {"name": name, **kwargs, **({"checkpoint": checkpoint} if checkpoint is not None else {})}
-
-
-def check_parts_fit(cfg: DictConfig, first_stage: Any, denoiser: Any, conditioner: Any) -> None:
-    """Check the built parts against each other (catches plugins that ignore their config)."""
-    concat = conditioner.concat_channels or 0
-    pairs = [
-        ("in_channels", denoiser.in_channels, first_stage.latent_channels + concat, "first_stage"),
-        ("out_channels", denoiser.out_channels, first_stage.latent_channels, "first_stage"),
-        ("context_dim", denoiser.context_dim, conditioner.crossattn_dim, "conditioner"),
-        ("vector_dim", denoiser.vector_dim, conditioner.vector_dim, "conditioner"),
-    ]
-    for attr, have, want, other in pairs:
-        if have != want:
-            raise ConfigError(
-                f"{_choice(cfg, other)} and {_choice(cfg, 'denoiser')} disagree: the denoiser's "
-                f"{attr} is {have} but must be {want}"
-            )
-
-
-def build_pipeline(cfg: DictConfig):
-    """Build a :class:`Pipeline` from a composed config, through the registry only."""
-    from ldmkit.diffusion.schedule import NoiseSchedule
-    from ldmkit.pipeline import Pipeline
-
-    registry = get_plugin_manager().registry
-    backend = OmegaConf.select(cfg, "attention.backend", default=None)
-    if backend is not None:
-        from ldmkit.nn.attention import set_attention_backend
-
-        set_attention_backend(backend)
-
-    first_stage = create_component(registry, "first_stage", cfg.first_stage, _choice(cfg, "first_stage"))
-    conditioner = create_component(registry, "conditioner", cfg.conditioner, _choice(cfg, "conditioner"))
-    conditioner.bind_first_stage(first_stage)
-    denoiser_node = resolve_denoiser_dims(cfg, first_stage, conditioner)
-    with open_dict(cfg):
-        cfg.denoiser = denoiser_node  # the resolved numbers are what a checkpoint records
-    denoiser = create_component(registry, "denoiser", denoiser_node, _choice(cfg, "denoiser"))
-    check_parts_fit(cfg, first_stage, denoiser, conditioner)
-    sampler = create_component(registry, "sampler", cfg.sampler, _choice(cfg, "sampler"))
-    schedule_args = OmegaConf.to_container(cfg.schedule, resolve=True) if cfg.get("schedule") else {}
-    try:
-        schedule = NoiseSchedule(**schedule_args)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"schedule config: {err}") from err
-    scale = cfg.get("scale_factor", 1.0)
-    return Pipeline(
-        first_stage=first_stage,
-        denoiser=denoiser,
-        conditioner=conditioner,
-        sampler=sampler,
-        schedule=schedule,
-        # "scale_by_std" starts at 1 and is set from the first training batch
-        scale_factor=float(scale) if isinstance(scale, int | float) else 1.0,
-        image_size=cfg.get("image_size"),
-        config=cfg,
-    )
-
-
-def compose(overrides: Sequence[str] = ()) -> Any:
-    """Compose a config from ``overrides`` and build the :class:`Pipeline` it describes."""
-    return build_pipeline(compose_config(overrides))
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

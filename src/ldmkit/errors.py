@@ -1,4 +1,10 @@
-"""The base class of ldmkit's user-facing errors."""
+"""The base class of ldmkit's user-facing errors, and the errors that more than one layer
+raises (weights and checkpoints are read by the core and by the trainer)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
 
 
 class LdmkitError(Exception):
@@ -7,3 +13,34 @@ class LdmkitError(Exception):
     The CLI prints these in one line without a traceback; every specific error also
     derives from the matching built-in (ValueError, LookupError, RuntimeError, ...).
     """
+
+
+class WeightsError(LdmkitError, ValueError):
+    """Weights are missing, unreadable or do not fit the component they are loaded into."""
+
+
+class CheckpointError(LdmkitError, RuntimeError):
+    """A checkpoint is missing, incomplete or unreadable."""
+
+
+class UnreadableWeightsError(WeightsError, CheckpointError):
+    """A weights file that cannot be read: not there, truncated, not safetensors, a pickle
+    that is not weights-only, or without a tensor asked for. ``path`` is the file.
+
+    Every reader of weights raises this one type, so a caller that handles bad weights
+    (``except WeightsError``, composition) and one that handles a bad checkpoint
+    (``except CheckpointError``, the trainer's resume) both catch it.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        super().__init__(f"cannot read checkpoint weights {path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.reason))
+
+
+class ConfigError(LdmkitError, ValueError):
+    """A config does not compose, names something unknown, or its parts do not fit
+    (``ldmkit.config`` raises it; defined here so that foundation modules can too)."""

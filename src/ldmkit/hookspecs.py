@@ -65,3 +65,31 @@ def ldmkit_register_configs(register):
     :param register: ``register(path)`` with a ``pathlib.Path``, a directory string
         or a ``pkg://`` path.
     """
+
+
+# -- what users run ------------------------------------------------------------------
+
+
+@hookspec
+def ldmkit_register_stages(register):
+    """Register training stages: what ``ldmkit train stage=NAME`` runs and
+    ``ldmkit evaluate stage=NAME`` scores (ldmkit's own ``autoencoder`` and ``ldm`` too).
+
+    :param register: ``register(name, train, *, evaluate=None, trainer_config="default")``.
+        ``train(cfg, *, data=None)`` trains in ``cfg.run_dir`` and returns the run folder
+        (``data(split, epoch)``, when given, replaces the configured dataset);
+        ``evaluate(cfg, **kwargs)`` returns a metrics dict (None: the stage has no evaluator);
+        ``trainer_config`` is the ``trainer`` config option composition selects for this stage
+        when neither the command line nor an experiment picks one (``default``: the primary
+        config's own choice).
+    """
+
+
+@hookspec
+def ldmkit_register_data_sources(register):
+    """Register dataset sources: what ``ldmkit data prepare NAME`` reads and
+    ``ldmkit data sources`` lists.
+
+    :param register: ``register(source)`` with a :class:`ldmkit.data.Source` subclass; it is
+        registered under its ``name``.
+    """

@@ -17,13 +17,16 @@ from torch import Tensor, nn
 
 from ldmkit import masks
 from ldmkit import precision as _precision
+from ldmkit.assembly import pipeline_parts
 from ldmkit.compiling import compile_module
+from ldmkit.config import compose_config
 from ldmkit.diffusion.guidance import ClassifierFreeGuidance
 from ldmkit.diffusion.sampling import GeneratorArg, randn_like, sample_generators, split_generator
 from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.errors import LdmkitError
 from ldmkit.interfaces import Conditioner, Denoiser, FirstStage, Sampler
 from ldmkit.io import atomic_write, atomic_write_text
+from ldmkit.safetensors_io import read_safetensors
 from ldmkit.tiling import check_tiling, tiled_decode, tiled_encode
 
 WEIGHTS_FILE = "model.safetensors"
@@ -444,35 +447,60 @@ class Pipeline(nn.Module):
         return directory
 
     @classmethod
+    def from_config(cls, cfg: DictConfig) -> Pipeline:
+        """Build the pipeline a composed config describes: every component through the
+        registry only, checked against the others (:func:`ldmkit.assembly.pipeline_parts`)."""
+        return cls(**pipeline_parts(cfg))
+
+    @classmethod
     def load(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> Pipeline:
         """Rebuild a pipeline saved with :meth:`save` (names resolve through the registry;
         no code named in the checkpoint is executed)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_model
-
-        from ldmkit.config import build_pipeline
-
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"checkpoint file missing: {path}")
         cfg = OmegaConf.load(config_path)
-        pipeline = build_pipeline(cfg)
+        pipeline = cls.from_config(cfg)
+        weights = read_safetensors(weights_path)  # UnreadableWeightsError names the file
         try:
-            missing, unexpected = load_model(pipeline, str(weights_path), strict=False, device=str(device))
+            missing, unexpected = pipeline.load_state_dict(weights, strict=False)
         except RuntimeError as err:  # shape mismatches
             raise ValueError(
                 f"checkpoint {weights_path} does not match the model built from {config_path}: {err}"
             ) from err
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"cannot read checkpoint weights {weights_path}: {err}") from err
+        missing = _not_tied(pipeline, missing, weights)
         if missing or unexpected:
             raise ValueError(
                 f"checkpoint {weights_path} does not match the model built from {config_path}: "
                 f"missing keys {sorted(missing)[:10]}, unexpected keys {sorted(unexpected)[:10]}"
             )
         return pipeline.to(device)
+
+
+def build_pipeline(cfg: DictConfig) -> Pipeline:
+    """:meth:`Pipeline.from_config` under the name it had in :mod:`ldmkit.config`."""
+    return Pipeline.from_config(cfg)
+
+
+def compose(overrides: Sequence[str] = ()) -> Pipeline:
+    """Compose a config from Hydra ``overrides`` and build the :class:`Pipeline` it
+    describes (``ldmkit.compose``)."""
+    return Pipeline.from_config(compose_config(overrides))
+
+
+def _not_tied(module: nn.Module, missing: Sequence[str], loaded: Mapping[str, Tensor]) -> list[str]:
+    """``missing`` less the names whose tensor is a loaded one's (tied weights), which
+    ``safetensors.torch.save_model`` writes once, under one of the names."""
+    state = module.state_dict()
+
+    def where(name: str) -> tuple[int, int, tuple[int, ...]]:
+        tensor = state[name]
+        return tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)
+
+    loaded_at = {where(name) for name in loaded if name in state}
+    return [name for name in missing if where(name) not in loaded_at]
 
 
 class SampleArgumentError(LdmkitError, ValueError):

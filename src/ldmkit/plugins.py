@@ -2,6 +2,8 @@
 
 Plugins are modules (or objects) with ``@ldmkit.hookimpl`` functions, found through
 the ``ldmkit`` entry-point group. Loading is lazy (on first use) and idempotent.
+ldmkit's own training stages and data sources are plugins too (:data:`BUILTIN_PLUGINS`),
+registered through the same hooks and always loaded.
 
 Environment switches:
 
@@ -25,9 +27,12 @@ import pluggy
 
 from ldmkit import hookspecs
 from ldmkit.errors import LdmkitError
-from ldmkit.registry import HOOK_KINDS, Registry
+from ldmkit.registry import HOOK_KINDS, REGISTER_SIGNATURES, Registry, kind_label
 
 ENTRY_POINT_GROUP = "ldmkit"
+# the core's own plugin modules: loaded before the entry points, whatever the switches say
+# (they are part of ldmkit, not installed extras); listed by `ldmkit plugins` like the others
+BUILTIN_PLUGINS = ("ldmkit.training.stages", "ldmkit.data.sources")
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -84,6 +89,7 @@ class PluginManager:
             if self._autoloaded:
                 return
             self._autoloaded = True
+            self._load_builtins()
             if _env_flag("LDMKIT_DISABLE_PLUGIN_AUTOLOAD"):
                 return
             only = {s.strip() for s in os.environ.get("LDMKIT_LOAD_PLUGINS", "").split(",") if s.strip()}
@@ -105,6 +111,15 @@ class PluginManager:
                     self._register(plugin, info)
                 except Exception as err:  # noqa: BLE001 - any import error is reported
                     self._report_broken(info, err)
+
+    def _load_builtins(self) -> None:
+        import importlib
+
+        from ldmkit import __version__
+
+        for module in BUILTIN_PLUGINS:
+            info = PluginInfo(module, "ldmkit", __version__, module)
+            self._register(importlib.import_module(module), info)
 
     def _report_broken(self, info: PluginInfo, err: BaseException, during: str | None = None) -> None:
         info.error = f"{type(err).__name__}: {err}"
@@ -191,8 +206,13 @@ class PluginManager:
                     if impl.plugin_name in failed:
                         continue
                     collected: list[tuple[str, Any]] = []
+                    signature = REGISTER_SIGNATURES[kind]
+
+                    def register(*args, _c=collected, _signature=signature, **kwargs):
+                        _c.append(_signature(*args, **kwargs))
+
                     try:
-                        impl.function(register=lambda name, factory, _c=collected: _c.append((name, factory)))
+                        impl.function(register=register)
                     except Exception as err:  # noqa: BLE001 - reported like an import failure
                         info = self.infos.get(impl.plugin_name, PluginInfo(impl.plugin_name))
                         failed.add(impl.plugin_name)
@@ -251,7 +271,7 @@ class PluginManager:
 
     def config_option_clashes(self) -> list[str]:
         """One message per config option (``group/option.yaml``) that two sources ship."""
-        from ldmkit.config import config_dir
+        from ldmkit.resources import config_dir
 
         with self._lock:
             self.load_entry_points()
@@ -293,7 +313,10 @@ class PluginManager:
         for plugin, kind, name, _ in registrations:
             provider = self._provider(plugin)
             if (kind, name) in first and first[(kind, name)] != provider:
-                clashes.append(f"{kind} {name!r} is registered twice: by {first[(kind, name)]} and by {provider}")
+                clashes.append(
+                    f"{kind_label(kind)} {name!r} is registered twice: by {first[(kind, name)]} "
+                    f"and by {provider}"
+                )
             first.setdefault((kind, name), provider)
         return clashes
 

@@ -1,22 +1,41 @@
-"""The registry: registered component names per interface, and who provided them."""
+"""The registry: what the plugins registered, per kind, and who provided it.
+
+Components (``first_stage``, ``denoiser``, ``conditioner``, ``sampler``) are factories;
+a ``stage`` is a :class:`Stage` (what ``ldmkit train`` and ``ldmkit evaluate`` run); a
+``data_source`` is a :class:`ldmkit.data.Source` subclass (what ``ldmkit data prepare`` reads).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ldmkit.errors import LdmkitError
 
-KINDS = ("first_stage", "denoiser", "conditioner", "sampler")
+COMPONENT_KINDS = ("first_stage", "denoiser", "conditioner", "sampler")
+KINDS = (*COMPONENT_KINDS, "stage", "data_source")
 
-# hook name -> component kind
+# hook name -> kind
 HOOK_KINDS = {
     "ldmkit_register_first_stages": "first_stage",
     "ldmkit_register_denoisers": "denoiser",
     "ldmkit_register_conditioners": "conditioner",
     "ldmkit_register_samplers": "sampler",
+    "ldmkit_register_stages": "stage",
+    "ldmkit_register_data_sources": "data_source",
 }
+
+def kind_label(kind: str) -> str:
+    """How messages name a kind: ``data source`` for ``data_source``, the others as they are
+    (``first_stage`` is also the config group users type)."""
+    return "data source" if kind == "data_source" else kind
+
+
+# kinds whose "unknown name" error also says which plugin provides each registered name: few
+# names, and a user who typed one wrong often lacks the package that provides it
+_LISTED_WITH_PROVIDERS = ("stage", "data_source")
 
 
 class RegistryError(LdmkitError, LookupError):
@@ -24,32 +43,94 @@ class RegistryError(LdmkitError, LookupError):
 
 
 @dataclass(frozen=True)
+class Stage:
+    """A training stage: what ``ldmkit train stage=NAME`` runs and ``ldmkit evaluate
+    stage=NAME`` scores.
+
+    ``train(cfg, *, data=None) -> run folder``; ``evaluate(cfg, **kwargs) -> metrics dict``
+    (None: the stage has no evaluator); ``trainer_config``: the ``trainer`` config option
+    composition selects for this stage when neither the command line nor an experiment picks
+    one (``default`` is the primary config's own choice).
+    """
+
+    name: str
+    train: Callable[..., Path]
+    evaluate: Callable[..., dict[str, Any]] | None = None
+    trainer_config: str = "default"
+
+
+# What the ``register`` callback of each hook accepts, returning ``(name, what is registered)``.
+# They run inside the plugin's hook, so a wrong call is reported against that plugin.
+
+
+def register_stage(
+    name: str,
+    train: Callable[..., Path],
+    *,
+    evaluate: Callable[..., dict[str, Any]] | None = None,
+    trainer_config: str = "default",
+) -> tuple[str, Stage]:
+    if not callable(train):
+        raise TypeError(f"stage {name!r}: train must be callable, got {train!r}")
+    if evaluate is not None and not callable(evaluate):
+        raise TypeError(f"stage {name!r}: evaluate must be callable or None, got {evaluate!r}")
+    if not isinstance(trainer_config, str) or not trainer_config:
+        raise TypeError(
+            f"stage {name!r}: trainer_config must name a trainer config option, "
+            f"got {trainer_config!r}"
+        )
+    return name, Stage(name, train, evaluate, trainer_config)
+
+
+def register_data_source(source: Any) -> tuple[str, Any]:
+    """A :class:`ldmkit.data.Source` subclass, registered under its ``name``."""
+    name = getattr(source, "name", None)
+    if not isinstance(source, type) or not isinstance(name, str):
+        raise TypeError(f"a data source must be a Source subclass with a `name`, got {source!r}")
+    return name, source
+
+
+def register_component(name: str, factory: Callable[..., Any]) -> tuple[str, Callable[..., Any]]:
+    return name, factory
+
+
+REGISTER_SIGNATURES: dict[str, Callable[..., tuple[str, Any]]] = {
+    **{kind: register_component for kind in COMPONENT_KINDS},
+    "stage": register_stage,
+    "data_source": register_data_source,
+}
+
+
+@dataclass(frozen=True)
 class Entry:
     kind: str
     name: str
-    factory: Callable[..., Any]
-    provider: str  # the plugin that registered it, e.g. "ldmkit-samplers 0.1.0"
+    factory: Any  # a factory (components), a Stage, a Source subclass
+    provider: str  # the plugin that registered it, e.g. "plugin 'samplers' (ldmkit-samplers 0.1.0)"
 
 
 class Registry:
-    """Names -> factories, one namespace per component kind."""
+    """Names -> what was registered under them, one namespace per kind."""
 
     def __init__(self) -> None:
         self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
 
-    def add(self, kind: str, name: str, factory: Callable[..., Any], provider: str) -> None:
+    def add(self, kind: str, name: str, factory: Any, provider: str) -> None:
         if kind not in self._entries:
-            raise ValueError(f"unknown component kind {kind!r}; expected one of {KINDS}")
+            raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+        what = kind_label(kind)
         if not isinstance(name, str) or not name:
-            raise RegistryError(f"{provider} registered a {kind} with an invalid name {name!r}")
-        if not callable(factory):
+            raise RegistryError(f"{provider} registered a {what} with an invalid name {name!r}")
+        if kind == "stage" and not isinstance(factory, Stage):
+            raise RegistryError(f"{provider} registered stage {name!r} as {factory!r}, not a Stage")
+        if kind != "stage" and not callable(factory):
             raise RegistryError(
-                f"{provider} registered {kind} {name!r} with a non-callable {factory!r}"
+                f"{provider} registered {what} {name!r} with a non-callable {factory!r}"
             )
         existing = self._entries[kind].get(name)
         if existing is not None:
             raise RegistryError(
-                f"{kind} {name!r} is registered twice: by {existing.provider} and by {provider}"
+                f"{what} {name!r} is registered twice: by {existing.provider} and by {provider}"
             )
         self._entries[kind][name] = Entry(kind, name, factory, provider)
 
@@ -62,13 +143,35 @@ class Registry:
         try:
             return self._entries[kind][name]
         except KeyError:
-            options = ", ".join(sorted(self._entries.get(kind, {}))) or "(none registered)"
-            raise RegistryError(
-                f"unknown {kind} {name!r}; registered {kind}s: {options}"
-            ) from None
+            listing = self.listing(kind)
+            raise RegistryError(f"unknown {kind_label(kind)} {name!r}; {listing}") from None
+
+    def listing(self, kind: str) -> str:
+        """``registered samplers: ddim, ddpm`` (for stages and data sources: grouped by the
+        plugin that provides them)."""
+        entries = self._entries.get(kind, {})
+        what = f"registered {kind_label(kind)}s"
+        if not entries:
+            return f"{what}: (none)"
+        if kind not in _LISTED_WITH_PROVIDERS:
+            return f"{what}: {', '.join(sorted(entries))}"
+        by_provider: dict[str, list[str]] = {}
+        for entry in sorted(entries.values(), key=lambda e: e.name):
+            by_provider.setdefault(entry.provider, []).append(entry.name)
+        return f"{what}: " + "; ".join(
+            f"{', '.join(names)} (from {provider})" for provider, names in by_provider.items()
+        )
 
     def names(self, kind: str) -> list[str]:
         return sorted(self._entries[kind])
+
+    def stage(self, name: str) -> Stage:
+        """The training stage ``name``; an unknown name lists the stages and their plugins."""
+        return self.get("stage", name).factory
+
+    def data_source(self, name: str) -> type:
+        """The :class:`~ldmkit.data.Source` subclass registered as ``name``."""
+        return self.get("data_source", name).factory
 
     def by_provider(self, provider: str) -> dict[str, list[str]]:
         return {

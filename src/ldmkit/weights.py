@@ -21,22 +21,20 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ldmkit.errors import LdmkitError
+from ldmkit.checkpoint_layout import MODEL_FILE, resolve_checkpoint, unflatten_state
+from ldmkit.errors import CheckpointError, UnreadableWeightsError, WeightsError
+from ldmkit.safetensors_io import read_safetensors
+
+__all__ = ["PICKLE_SUFFIXES", "WeightsError", "load_component_weights", "read_weights"]
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-
-
-class WeightsError(LdmkitError, ValueError):
-    """Weights are missing, unreadable or do not fit the component."""
 
 
 def _model_file(path: Path) -> Path:
     if path.is_file():
         return path
-    if (path / "model.safetensors").is_file() and not (path / "checkpoints").is_dir():
-        return path / "model.safetensors"
-    from ldmkit.training.checkpoint import CheckpointError, resolve_checkpoint
-
+    if (path / MODEL_FILE).is_file() and not (path / "checkpoints").is_dir():
+        return path / MODEL_FILE
     try:
         return resolve_checkpoint(path).model_file
     except (CheckpointError, FileNotFoundError) as err:
@@ -53,29 +51,21 @@ def read_weights(source: str | os.PathLike) -> dict[str, Tensor]:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - unpickling fails in many ways
-            raise WeightsError(
-                f"cannot read {file} as a weights-only checkpoint (pickled code is never run): {err}"
+            raise UnreadableWeightsError(
+                file, f"it is not a weights-only checkpoint (pickled code is never run): {err}"
             ) from err
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict):
-            raise WeightsError(f"{file} holds a {type(state).__name__}, not a state dict")
+            raise UnreadableWeightsError(file, f"it holds a {type(state).__name__}, not a state dict")
         return {k: v for k, v in state.items() if isinstance(v, Tensor)}
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(file), device="cpu")
-    except (SafetensorError, OSError, ValueError) as err:
-        raise WeightsError(f"cannot read checkpoint weights {file}: {err}") from err
+    return read_safetensors(file)
 
 
 def load_component_weights(module: nn.Module, source: str | os.PathLike, role: str) -> None:
     """Load ``source`` into ``module`` (strict); errors name the file and the component."""
     weights = read_weights(source)
-    prefix = f"{role}."
-    selected = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-    state = selected or weights
+    state = unflatten_state(weights, role) or weights
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -10,6 +10,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ldmkit.cli.samples import (  # noqa: F401 - moved there; re-exported for older callers
+    _condition_settings,
+    _format,
+    _sampler_settings,
+    _to_pil,
+    write_samples,
+)
 from ldmkit.errors import LdmkitError
 
 
@@ -30,7 +37,10 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument(
         "overrides", nargs="*", help="Hydra overrides, e.g. first_stage=kl_f8 trainer.max_steps=2000"
     )
-    p.add_argument("--print-config", action="store_true", help="print the composed config and exit")
+    p.add_argument(
+        "--print-config", action="store_true",
+        help="print the composed config (denoiser dims written auto resolved, marked '# auto') and exit",
+    )
     return p
 
 
@@ -44,8 +54,49 @@ def _compose(overrides: Sequence[str], print_config: bool):
     except LdmkitError as err:
         raise CLIError(str(err)) from err
     if print_config:
-        print(OmegaConf.to_yaml(cfg))
+        print(_config_with_resolved_auto(cfg) if "denoiser" in cfg else OmegaConf.to_yaml(cfg))
     return cfg
+
+
+def _config_with_resolved_auto(cfg) -> str:
+    """The config as YAML with the denoiser's ``auto`` dims replaced by the numbers composition
+    fills in (what a saved checkpoint records), each marked ``# auto``. The first stage and
+    conditioner are built only to read their dims: on the meta device (no memory, no
+    weights) where they allow it, for real otherwise."""
+    import torch
+    from omegaconf import OmegaConf, open_dict
+
+    from ldmkit.config import AUTO, create_component, resolve_denoiser_dims
+    from ldmkit.plugins import get_registry
+
+    auto = [key for key, value in cfg.denoiser.items() if value == AUTO]
+    if not auto:
+        return OmegaConf.to_yaml(cfg)
+
+    def build(kind: str):
+        try:
+            with torch.device("meta"):
+                return create_component(get_registry(), kind, cfg[kind])
+        except Exception:  # noqa: BLE001 - some loaders refuse meta tensors: build for real
+            return create_component(get_registry(), kind, cfg[kind])
+
+    try:
+        first_stage, conditioner = build("first_stage"), build("conditioner")
+        conditioner.bind_first_stage(first_stage)
+        resolved = resolve_denoiser_dims(cfg, first_stage, conditioner)
+    except LdmkitError as err:
+        raise CLIError(str(err)) from err
+    shown = cfg.copy()
+    with open_dict(shown):
+        for key in auto:
+            shown.denoiser[key] = resolved[key]
+    lines, block = [], None
+    for line in OmegaConf.to_yaml(shown).splitlines():
+        block = line.split(":")[0] if line and not line.startswith(" ") else block
+        key = line.strip().split(":")[0]
+        marked = block == "denoiser" and line.startswith("  ") and not line.startswith("   ") and key in auto
+        lines.append(line + "  # auto" if marked else line)
+    return "\n".join(lines) + "\n"
 
 
 def _optional_module(module: str, what: str):
@@ -113,6 +164,39 @@ def evaluate(argv: Sequence[str], *, prog: str, description: str) -> int:
 def data(argv: Sequence[str], *, prog: str, description: str) -> int:
     module = _optional_module("ldmkit.data.cli", "dataset preparation")
     return int(module.main(list(argv)) or 0)
+
+
+def demo(argv: Sequence[str], *, prog: str, description: str) -> int:
+    """Serve ``ldmkit.demo``'s page until Ctrl-C (or SIGTERM); Gradio comes from the
+    optional ``demo`` extra."""
+    p = _Parser(prog=prog, description=description)
+    p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint folder written by Pipeline.save")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 serves "
+                        "everyone who can reach it, with no login)")
+    p.add_argument("--port", type=int, default=7860, help="the port to listen on (default 7860)")
+    p.add_argument("--queue-size", type=int, default=8,
+                   help="requests that may wait while one samples (default 8); more are turned away")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    args = p.parse_args(argv)
+    if not 1 <= args.port <= 65535:
+        raise CLIError(f"--port must be in 1..65535, got {args.port}")
+    if args.queue_size < 1:
+        raise CLIError(f"--queue-size must be >= 1, got {args.queue_size}")
+    try:
+        from ldmkit.demo.app import serve
+    except ModuleNotFoundError as err:
+        if err.name != "gradio":
+            raise
+        raise CLIError("the demo needs Gradio, which is not installed: pip install 'ldmkit[demo]'") from None
+
+    try:
+        return serve(checkpoint=args.checkpoint, host=args.host, port=args.port,
+                     queue_size=args.queue_size, device=args.device)
+    except (LdmkitError, FileNotFoundError, ValueError) as err:
+        raise CLIError(str(err)) from err
+    except OSError as err:  # the port is taken, or the address is not this machine's
+        raise CLIError(f"cannot serve on {args.host}:{args.port}: {err}") from err
 
 
 SAMPLE_EPILOG = """\
@@ -398,89 +482,6 @@ def _sampler_node(saved, composed, overrides: Sequence[str]):
         else:
             OmegaConf.update(node, key, OmegaConf.select(composed, key), merge=False)
     return node
-
-
-def _sampler_settings(pipeline) -> dict:
-    """The sampler's name and options as configured, with the steps and spacing it runs."""
-    from omegaconf import OmegaConf
-
-    node = pipeline.config.sampler if pipeline.config is not None else None
-    settings = dict(OmegaConf.to_container(node, resolve=True)) if node is not None else {}
-    settings.setdefault("name", type(pipeline.sampler).__name__)
-    settings["steps"] = getattr(pipeline.sampler, "steps", settings.get("steps"))
-    spacing = getattr(pipeline.sampler, "spacing", settings.get("spacing"))
-    if spacing is not None:
-        settings["spacing"] = spacing
-    return settings
-
-
-def _condition_settings(batch: dict, kinds: dict[str, str], sources: dict[str, str]) -> dict:
-    """Each condition key: its per-sample values (labels, prompts) or the file(s) it came from."""
-    out = {}
-    for key in kinds:
-        if f"--cond {key}" in sources:
-            out[key] = sources[f"--cond {key}"]
-        elif key in batch:
-            value = batch[key]
-            out[key] = value.tolist() if hasattr(value, "tolist") else list(value)
-    return out
-
-
-def write_samples(images, out: Path, settings: dict, *, conditioner=None, batch=None,
-                  kinds: dict[str, str] | None = None, show_conditions: bool = False) -> dict[str, Path]:
-    """``out`` (the grid), ``<out stem>/NNNNNN.png`` (sample i, seed + i) and
-    ``<out stem>.json`` (``settings`` plus each image's file and seed). Each file is
-    replaced atomically; the JSON is written last."""
-    from torchvision.utils import save_image
-
-    from ldmkit.io import atomic_path, atomic_write_text
-    from ldmkit.pipeline import image_grid_rows
-
-    folder = out.parent / out.stem
-    folder.mkdir(parents=True, exist_ok=True)
-    n = images.shape[0]
-    per_image = []
-    for i in range(n):
-        path = folder / f"{i:06d}.png"
-        with atomic_path(path) as tmp:
-            _to_pil(images[i]).save(tmp, format="png")
-        entry = {"file": path.relative_to(out.parent).as_posix(), "seed": settings["seed"] + i}
-        for key, kind in (kinds or {}).items():
-            if kind in ("class", "text") and batch is not None and key in batch and len(batch[key]) == n:
-                value = batch[key][i]
-                entry[key] = value.item() if hasattr(value, "item") else value
-        per_image.append(entry)
-    with atomic_path(out) as tmp:
-        if show_conditions and conditioner is not None:
-            from ldmkit.visualize import samples_with_conditions
-
-            tiles, per_row = samples_with_conditions(images, conditioner, batch)
-            save_image(tiles, tmp, nrow=per_row or image_grid_rows(n), format=_format(out))
-        else:
-            save_image((images + 1) / 2, tmp, nrow=image_grid_rows(n), format=_format(out))
-    record = {**settings, "grid": out.name, "images": per_image}
-    json_path = out.with_suffix(".json")
-    atomic_write_text(json_path, json.dumps(record, indent=2, default=str) + "\n")
-    return {"grid": out, "folder": folder, "settings": json_path}
-
-
-def _format(path: Path) -> str:
-    from PIL import Image
-
-    Image.init()
-    return Image.EXTENSION.get(path.suffix.lower(), "PNG")
-
-
-def _to_pil(image):
-    """C×H×W in [-1, 1] -> an 8-bit PIL image (L for one channel, RGB for three), rounded
-    as torchvision's save_image rounds the grid."""
-    from PIL import Image
-
-    array = ((image.detach().float().clamp(-1, 1) + 1) / 2 * 255 + 0.5).clamp(0, 255).to("cpu")
-    array = array.byte().numpy()
-    if array.shape[0] == 1:
-        return Image.fromarray(array[0], mode="L")
-    return Image.fromarray(array[:3].transpose(1, 2, 0), mode="RGB")
 
 
 def plugins(argv: Sequence[str], *, prog: str, description: str) -> int:

@@ -3,7 +3,12 @@
     ldmkit data prepare fashion_mnist out=data/fashion_mnist
     loader = build_dataloader(cfg.data, batch_size=64, num_workers=4)
 
-See docs/data.md for the on-disk format, the batch keys and the sources.
+See docs/data.md for the on-disk format, the batch keys and the sources (plugins add more
+through the ``ldmkit_register_data_sources`` hook).
+
+Owns the shard format, data sources (plugins through ``ldmkit_register_data_sources``),
+preparation, loading and collation. May import the foundation (``errors``,
+``registry``, ``hookspecs``) and ``plugins``; never ``training``, ``pipeline`` or ``cli``.
 """
 
 from ldmkit.data.errors import DataError, SourceNotFoundError
@@ -19,7 +24,7 @@ from ldmkit.data.loading import (
 )
 from ldmkit.data.manifest import Manifest, read_manifest, verify
 from ldmkit.data.prepare import prepare
-from ldmkit.data.sources import SOURCES, Source, SourceSample, register_source
+from ldmkit.data.sources import SOURCES, Source, SourceSample, create_source, source_class
 from ldmkit.data.stats import DataStats, SkipEvent
 from ldmkit.data.transforms import ImageTransform
 
@@ -38,11 +43,12 @@ __all__ = [
     "SourceSample",
     "build_dataloader",
     "build_dataset",
+    "create_source",
     "data_config",
     "dataset_dir",
     "ensure_prepared",
     "prepare",
     "read_manifest",
-    "register_source",
+    "source_class",
     "verify",
 ]

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from ldmkit.data.errors import DataError, SourceNotFoundError
+from ldmkit.errors import LdmkitError
 
 PREPARE_EPILOG = """\
 options (key=value): out=DIR (default data/SOURCE), split=all|train|test|..., limit=N,
@@ -96,11 +97,14 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _sources(args: argparse.Namespace) -> int:
-    from ldmkit.data.sources import SOURCES
+    from ldmkit.plugins import get_registry
 
-    for name, cls in SOURCES.items():
-        options = ", ".join(f"{k}={v}" for k, v in cls.options.items()) or "-"
-        print(f"{name:16s} {cls.description}\n{'':16s} options: {options}")
+    registry = get_registry()
+    for name in registry.names("data_source"):
+        entry = registry.get("data_source", name)
+        options = ", ".join(f"{k}={v}" for k, v in entry.factory.options.items()) or "-"
+        print(f"{name:16s} {entry.factory.description}\n{'':16s} options: {options}\n"
+              f"{'':16s} from: {entry.provider}")
     return 0
 
 
@@ -113,9 +117,7 @@ def build_parser(prog: str = "ldmkit data") -> argparse.ArgumentParser:
         epilog=PREPARE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "source", help="fashion_mnist | image_folder | emoji | tuxpaint | semantic_scenes"
-    )
+    p.add_argument("source", help="a registered source: see `ldmkit data sources`")
     p.add_argument("options", nargs="*", metavar="key=value")
     p.set_defaults(run=_prepare)
     p = commands.add_parser("info", help="summarize a prepared folder's manifest")
@@ -139,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ValueError, TypeError) as exc:
         print(f"ldmkit data {args.command}: {exc}", file=sys.stderr)
         return 2
+    except LdmkitError as exc:  # the plugins: a broken one (strict mode), a name registered twice
+        print(f"ldmkit data {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,7 +15,7 @@ import ldmkit
 from ldmkit.data.errors import DataError
 from ldmkit.data.manifest import MANIFEST, Manifest, SplitInfo, read_manifest, write_manifest
 from ldmkit.data.shards import CAPTION, IMAGE, LABEL, META, SEGMENTATION, ShardWriter, encode_png
-from ldmkit.data.sources import create_source
+from ldmkit.data.sources import source_class
 from ldmkit.data.sources.base import Source, SourceSample
 
 MAX_SHARD_SIZE = 5000
@@ -127,11 +127,10 @@ def prepare(
     ``val_fraction`` carves a ``val`` split out of ``train`` (seeded); ``seed`` fixes the
     shuffled write order (and a seeded source's content). Other options go to the source.
     """
-    from ldmkit.data.sources import SOURCES
-
-    if source in SOURCES and "seed" in SOURCES[source].options:
+    cls = source_class(source)
+    if "seed" in cls.options:
         source_options["seed"] = seed
-    src = create_source(source, **source_options)
+    src = cls(**source_options)
     plan = plan_splits(src, split, seed, float(val_fraction), None if limit is None else int(limit))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,10 @@ A sample is the group of consecutive tar members sharing a key (the WebDataset c
 
 The reader is ours rather than ``webdataset.tarfile_to_samples`` because a damaged member must be
 reported with its shard *and* key, and a sample cut short by a truncated tar must never reach
-training half-assembled.
+training half-assembled. It is also about 5x faster: on a 20,000-sample shard (28x28 PNG + label,
+page cache warm) it reads every sample 4.5-5.3x faster than ``tarfile`` streaming and 4.8-5.2x
+faster than ``webdataset.tarfile_to_samples`` (``benchmarks/tar_reader.py``, two runs on 2 CPU
+cores; benchmarks/RESULTS.md, "Tar reader").
 """
 
 from __future__ import annotations

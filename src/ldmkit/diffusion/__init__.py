@@ -1,4 +1,8 @@
-"""The diffusion process: schedules, forward process, parameterizations, guidance."""
+"""The diffusion process: schedules, forward process, parameterizations, guidance.
+
+Owns the forward process and what every sampler shares. May import the foundation and
+``interfaces`` (the ``Sampler`` base); never plugins, configs, training or the pipeline.
+"""
 
 from ldmkit.diffusion.guidance import ClassifierFreeGuidance
 from ldmkit.diffusion.sampling import (

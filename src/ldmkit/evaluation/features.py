@@ -1,5 +1,7 @@
 """Feature networks for Fréchet distances: Inception-v3's 2048-dim pool features where its
-weights are on disk, else the project's own Fashion-MNIST classifier."""
+weights are on disk, else the project's own Fashion-MNIST classifier. Each names its output
+size as ``num_features``, so it plugs into torchmetrics' image metrics as their ``feature``
+(:func:`ldmkit.evaluation.frechet.frechet_metric`)."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ class InceptionFeatures(nn.Module):
     299×299, grayscale repeated to RGB -> 2048 features. Its distances use torchvision's
     port of the weights, so they are close to but not identical with the reference FID."""
 
-    dim = 2048
+    dim = num_features = 2048
     name = "inception"
 
     def __init__(self, weights: str | os.PathLike | None = None) -> None:
@@ -56,7 +58,7 @@ class InceptionFeatures(nn.Module):
 
 
 class FashionMNISTFeatures(nn.Module):
-    dim = 128
+    dim = num_features = 128
     name = "fashion_mnist"
 
     def __init__(self, weights: str | os.PathLike | None = None) -> None:

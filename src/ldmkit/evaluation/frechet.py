@@ -2,54 +2,99 @@
 
     d^2 = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2})
 
-``Tr((S_1 S_2)^{1/2})`` is computed as the sum of square roots of the eigenvalues of the
-symmetric PSD matrix ``S_1^{1/2} S_2 S_1^{1/2}`` (same spectrum as S_1 S_2), in float64.
+computed by torchmetrics' ``FrechetInceptionDistance``, whose ``feature`` may be any
+``nn.Module``: :func:`frechet_metric` plugs in ldmkit's offline feature networks
+(:mod:`ldmkit.evaluation.features`), and :class:`FeatureStats` keeps one image set's features
+in the metric's own running state (float64 sum and sum of outer products, constant memory),
+so one set of real statistics can be scored against many generated sets.
+
+torchmetrics is imported on first use (it costs seconds; see :mod:`ldmkit.evaluation.metrics`).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+_SIDE_STATE = ("features_sum", "features_cov_sum", "features_num_samples")
+
+
+class PrecomputedFeatures(nn.Module):
+    """The identity as a torchmetrics feature network, for feature vectors computed elsewhere.
+    Its float64 output makes the metric return float64."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features.double()
+
+
+def frechet_metric(feature: nn.Module) -> FrechetInceptionDistance:
+    """torchmetrics' FID over ``feature``, a module mapping a batch to N×d features that names
+    d as ``num_features`` (ldmkit's feature networks do; without it torchmetrics probes the
+    module with a 3×299×299 uint8 image). ``update(images, real=...)`` then ``compute()``."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if not isinstance(getattr(feature, "num_features", None), int):
+        raise ValueError(f"{type(feature).__name__} has no integer `num_features` (the feature dimension)")
+    return FrechetInceptionDistance(feature=feature)
 
 
 class FeatureStats:
-    """Running mean and covariance of feature vectors (float64)."""
+    """Feature vectors (N×dim) of one image set, accumulated batch by batch in the real-image
+    state of a torchmetrics FID metric."""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
-        self.n = 0
-        self.sum = torch.zeros(dim, dtype=torch.float64)
-        self.outer = torch.zeros(dim, dim, dtype=torch.float64)
+        self.metric = frechet_metric(PrecomputedFeatures(dim))
+
+    @property
+    def n(self) -> int:
+        return int(self.metric.real_features_num_samples)
 
     def update(self, features: Tensor) -> None:
-        f = features.detach().to("cpu", torch.float64).reshape(features.shape[0], -1)
+        f = features.detach().to("cpu").reshape(features.shape[0], -1)
         if f.shape[1] != self.dim:
             raise ValueError(f"expected {self.dim}-dim features, got {f.shape[1]}")
-        self.n += f.shape[0]
-        self.sum += f.sum(0)
-        self.outer += f.t() @ f
+        self.metric.update(f, real=True)
 
     def mean_cov(self) -> tuple[Tensor, Tensor]:
-        if self.n < 2:
-            raise ValueError(f"a covariance needs at least 2 feature vectors, got {self.n}")
-        mean = self.sum / self.n
-        cov = (self.outer - self.n * torch.outer(mean, mean)) / (self.n - 1)
+        """Mean and covariance (N-1 normalization), as the metric computes them."""
+        self._check_enough()
+        mean = self.metric.real_features_sum / self.n
+        cov = (self.metric.real_features_cov_sum - self.n * torch.outer(mean, mean)) / (self.n - 1)
         return mean, cov
 
-
-def _sqrtm_psd(matrix: Tensor) -> Tensor:
-    eigvals, eigvecs = torch.linalg.eigh((matrix + matrix.t()) / 2)
-    return (eigvecs * eigvals.clamp_min(0).sqrt()) @ eigvecs.t()
+    def _check_enough(self) -> None:
+        if self.n < 2:
+            raise ValueError(f"a covariance needs at least 2 feature vectors, got {self.n}")
 
 
 def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> float:
+    """The distance between N(mu1, sigma1) and N(mu2, sigma2), in float64, by the function
+    ``FrechetInceptionDistance.compute`` uses (``Tr((S_1 S_2)^{1/2})`` as the sum of the
+    square roots of the eigenvalues of ``S_1 S_2``)."""
+    from torchmetrics.image.fid import _compute_fid
+
     mu1, mu2, sigma1, sigma2 = (t.to(torch.float64) for t in (mu1, mu2, sigma1, sigma2))
-    root1 = _sqrtm_psd(sigma1)
-    middle = root1 @ sigma2 @ root1
-    trace_sqrt = torch.linalg.eigvalsh((middle + middle.t()) / 2).clamp_min(0).sqrt().sum()
-    d2 = (mu1 - mu2).pow(2).sum() + torch.trace(sigma1) + torch.trace(sigma2) - 2 * trace_sqrt
-    return float(d2.clamp_min(0))
+    return float(_compute_fid(mu1, sigma1, mu2, sigma2).clamp_min(0))
 
 
 def frechet_distance_from_stats(a: FeatureStats, b: FeatureStats) -> float:
-    return frechet_distance(*a.mean_cov(), *b.mean_cov())
+    """FID between two feature sets: a copy of ``a``'s metric with ``b``'s statistics as its
+    fake half (neither argument changes)."""
+    if a.dim != b.dim:
+        raise ValueError(f"feature sets of different dimensions: {a.dim} and {b.dim}")
+    a._check_enough()
+    b._check_enough()
+    pair = a.metric.clone()
+    for name in _SIDE_STATE:
+        setattr(pair, f"fake_{name}", getattr(b.metric, f"real_{name}").clone())
+    return float(pair.compute().clamp_min(0))

@@ -1,9 +1,27 @@
-"""Per-image reconstruction metrics for images in [0, 1]: PSNR and SSIM (Wang et al. 2004)."""
+"""Per-image reconstruction metrics for images in [0, 1]: PSNR and SSIM (Wang et al. 2004),
+computed by torchmetrics (``torchmetrics.functional.image``) with the parameters below.
+
+ldmkit's SSIM is scikit-image's ``structural_similarity(gaussian_weights=True, sigma=1.5,
+use_sample_covariance=True, data_range=1)``: an 11×11 Gaussian window (sigma 1.5), the mean
+over the windows that lie inside the image (no padding), covariances with the N-1
+normalization (N = 121 window pixels), averaged over channels. torchmetrics' defaults differ
+in two places, so :func:`ssim` adapts them:
+
+* torchmetrics reflect-pads the image and averages over every pixel; ldmkit asks for the full
+  SSIM map (``return_full_image=True``) and crops the 5-pixel border whose windows overlap
+  the padding.
+* torchmetrics divides the covariances by N; scaling all of them by N/(N-1) equals dividing
+  ``C2`` by N/(N-1) (the luminance term has no covariance), so ldmkit passes
+  ``k2 * sqrt((N-1)/N)``.
+
+torchmetrics is imported on first use: importing it costs seconds (it pulls in torchvision's
+model zoo), which a module that only names these functions should not pay.
+"""
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+import math
+
 from torch import Tensor
 
 
@@ -13,17 +31,13 @@ def _check_pair(x: Tensor, y: Tensor) -> None:
 
 
 def psnr(x: Tensor, y: Tensor, *, data_range: float = 1.0, eps: float = 1e-10) -> Tensor:
-    """``10 log10(data_range^2 / MSE)`` per image (B,), MSE over C, H, W."""
+    """``10 log10(data_range^2 / MSE)`` per image (B,), MSE over C, H, W (float64 inside);
+    identical images score ``10 log10(data_range^2 / eps)`` instead of infinity."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
     _check_pair(x, y)
-    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
-    return (10.0 * torch.log10(data_range**2 / mse.clamp_min(eps))).float()
-
-
-def _gaussian_window(size: int, sigma: float, channels: int, device, dtype) -> Tensor:
-    coords = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
-    g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
+    values = peak_signal_noise_ratio(x.double(), y.double(), data_range=data_range, reduction="none", dim=(1, 2, 3))
+    return values.clamp_max(10.0 * math.log10(data_range**2 / eps)).float()
 
 
 def ssim(
@@ -36,26 +50,24 @@ def ssim(
     k1: float = 0.01,
     k2: float = 0.03,
 ) -> Tensor:
-    """Mean SSIM per image (B,): an 11×11 Gaussian window (sigma 1.5), statistics from
-    the valid region only (no padding), covariances with the N-1 normalization, averaged
-    over channels — the convention of Wang et al. 2004 as implemented by scikit-image's
-    ``structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=True)``."""
+    """Mean SSIM per image (B,) over the windows inside the image (module docstring).
+    torchmetrics sizes a Gaussian window from ``sigma`` (``2 * int(3.5 sigma + 0.5) + 1``:
+    11 for 1.5), so ``window_size`` must be that size."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     _check_pair(x, y)
+    if window_size != 2 * int(3.5 * sigma + 0.5) + 1:
+        raise ValueError(
+            f"window_size {window_size} does not fit sigma {sigma}: torchmetrics' Gaussian window "
+            f"for it is {2 * int(3.5 * sigma + 0.5) + 1} pixels"
+        )
     if min(x.shape[-2:]) < window_size:
         raise ValueError(f"SSIM needs images of at least {window_size}x{window_size}, got {tuple(x.shape[-2:])}")
-    x, y = x.double(), y.double()
-    channels = x.shape[1]
-    window = _gaussian_window(window_size, sigma, channels, x.device, x.dtype)
-
-    def blur(t: Tensor) -> Tensor:
-        return F.conv2d(t, window, groups=channels)
-
-    mu_x, mu_y = blur(x), blur(y)
     n = window_size * window_size
-    cov_norm = n / (n - 1)
-    var_x = cov_norm * (blur(x * x) - mu_x * mu_x)
-    var_y = cov_norm * (blur(y * y) - mu_y * mu_y)
-    cov_xy = cov_norm * (blur(x * y) - mu_x * mu_y)
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    s = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return s.flatten(1).mean(1).float()
+    _, ssim_map = structural_similarity_index_measure(
+        x.double(), y.double(), gaussian_kernel=True, sigma=sigma, kernel_size=window_size,
+        data_range=data_range, k1=k1, k2=k2 * math.sqrt((n - 1) / n), reduction="none",
+        return_full_image=True,
+    )
+    border = window_size // 2
+    return ssim_map[..., border:-border, border:-border].flatten(1).mean(1).float()

@@ -1,4 +1,8 @@
-"""The four interfaces every ldmkit component implements."""
+"""The four interfaces every ldmkit component implements.
+
+Owns the contracts plugins implement. May import the foundation and ``diffusion``
+(the schedule a sampler receives); never plugins, configs, training or the pipeline.
+"""
 
 from ldmkit.interfaces.conditioner import (
     CONDITION_ROLES,

@@ -1,5 +1,9 @@
 """Training objectives of the core: the first stage's autoencoder loss (L1 + LPIPS +
-PatchGAN with an adaptive weight), its discriminator and the LPIPS loader."""
+PatchGAN with an adaptive weight), its discriminator and the LPIPS loader.
+
+Owns the training objectives of the first stage. May import the foundation (``errors``);
+never ``training``, ``pipeline`` or plugins.
+"""
 
 from ldmkit.losses.autoencoder import AutoencoderLoss, adaptive_weight
 from ldmkit.losses.discriminator import PatchDiscriminator, hinge_d_loss, vanilla_d_loss

@@ -8,6 +8,8 @@
   ``timestep_embedding``, ``maybe_checkpoint``.
 * :mod:`ldmkit.nn.transformer`: the LDM ``SpatialTransformer`` and its parts
   (``CrossAttention``, ``GEGLU``, ``FeedForward``, ``BasicTransformerBlock``).
+
+Owns the layers. Imports nothing else of ldmkit (torch only), so any plugin may use it.
 """
 
 from ldmkit.nn.attention import (

@@ -32,14 +32,16 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm that normalises in float32 whatever the activation dtype.
 
     Half-precision statistics over large groups lose too much; the result is cast back.
+    float64 (a module moved to double) is normalised as it is.
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32:
+        if x.dtype in (torch.float32, torch.float64):
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(
-            x.dtype
-        )
+        # the affine parameters join the float32 computation (a module cast to half has them in half)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 def normalization(channels: int, *, groups: int = 32, eps: float = 1e-5) -> GroupNorm32:

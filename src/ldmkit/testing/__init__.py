@@ -6,6 +6,9 @@
   against your component.
 * The ``ldmkit_plugin`` pytest fixture (auto-loaded through the ``pytest11`` entry point)
   registers a temporary plugin and removes it after the test.
+
+Owns the conformance mixins and fixtures. A workflow module (layer 5): may import the
+interfaces, ``diffusion`` and ``plugins``; never ``cli``.
 """
 
 from ldmkit.testing.conformance import (

@@ -13,7 +13,10 @@ from ldmkit.testing.plugins import temporary_plugin
 def ldmkit_plugin():
     """Register temporary plugins: ``ldmkit_plugin(obj, name=None) -> name``.
 
-    Everything registered through it is unregistered when the test ends::
+    Everything registered through it is unregistered when the test ends. With the plugin
+    also pip-installed (a plugin's own tests), registering the installed module is a no-op
+    that returns the entry point's name, and another object registered under that name
+    stands in for the installed copy until the test ends::
 
         def test_mine(ldmkit_plugin):
             class Plugin:

@@ -1,5 +1,12 @@
 """The training engine: ``train(cfg)`` runs the stage ``cfg.stage`` names in ``cfg.run_dir``,
-resuming from the newest valid checkpoint there. See docs/training.md."""
+resuming from the newest valid checkpoint there. Stages are plugins
+(``ldmkit_register_stages``; ldmkit's own are in :mod:`ldmkit.training.stages`). See
+docs/training.md.
+
+Owns the training loop, checkpoints, resume and the two stages. May import every layer
+below it (``pipeline``, ``assembly``, ``data``, ``losses``, ...); only ``evaluation`` and the
+entry points import it, and its two stages do not import each other.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ldmkit.registry import Stage
 from ldmkit.training.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -25,11 +33,8 @@ from ldmkit.training.engine import (
 )
 from ldmkit.training.signals import EXIT_PREEMPTED, TrainingInterrupted
 
-STAGES = ("autoencoder", "ldm")
-
 __all__ = [
     "EXIT_PREEMPTED",
-    "STAGES",
     "Checkpoint",
     "CheckpointError",
     "CheckpointManager",
@@ -39,38 +44,46 @@ __all__ = [
     "TrainingError",
     "TrainingInterrupted",
     "TrainingWarning",
+    "distributed_info",
+    "get_stage",
     "resolve_checkpoint",
     "resolve_device",
     "train",
 ]
 
 
+def get_stage(name: Any) -> Stage:
+    """The registered training stage ``name``; an unknown one is a :class:`ConfigError` that
+    lists the registered stages and the plugin providing each."""
+    from ldmkit.config import ConfigError
+    from ldmkit.plugins import get_registry
+    from ldmkit.registry import RegistryError
+
+    registry = get_registry()
+    if not isinstance(name, str):
+        listing = registry.listing("stage")
+        raise ConfigError(f"stage must be the name of a registered stage, got {name!r}; {listing}")
+    try:
+        return registry.stage(name)
+    except RegistryError as err:
+        raise ConfigError(str(err)) from None
+
+
 def train(cfg: Any, *, data: DataFactory | None = None) -> Path:
-    """Train the stage ``cfg.stage`` (``autoencoder``: the first stage, ``ldm``: the latent
-    diffusion model) and return the run folder. ``data(split, epoch)`` may replace the
-    configured dataset (tests, notebooks). Under ``torchrun`` (WORLD_SIZE > 1) the process
-    group is set up here (gloo on CPU, nccl on CUDA) and torn down afterwards."""
+    """Train the stage ``cfg.stage`` (ldmkit's own: ``autoencoder``, the first stage; ``ldm``,
+    the latent diffusion model; plugins add more) and return the run folder.
+    ``data(split, epoch)`` may replace the configured dataset (tests, notebooks). Under
+    ``torchrun`` (WORLD_SIZE > 1) the process group is set up here (gloo on CPU, nccl on CUDA)
+    and torn down afterwards."""
     from omegaconf import DictConfig
 
-    from ldmkit.config import ConfigError, check_config
+    from ldmkit.config import check_config
 
-    stage = cfg.get("stage")
-    if stage not in STAGES:
-        raise ConfigError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    chosen = get_stage(cfg.get("stage"))
     if isinstance(cfg, DictConfig):
         check_config(cfg)  # composed configs were checked already; hand-made ones too
     with distributed_process_group():
-        if stage == "autoencoder":
-            from ldmkit.training.autoencoder import train_autoencoder
-
-            if distributed_info()[1] > 1:
-                raise TrainingError(
-                    "stage=autoencoder does not run distributed yet; start it without torchrun"
-                )
-            return train_autoencoder(cfg, data=data)
-        from ldmkit.training.ldm import train_ldm
-
-        return train_ldm(cfg, data=data)
+        return chosen.train(cfg, data=data)
 
 
 @contextlib.contextmanager

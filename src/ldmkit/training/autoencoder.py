@@ -13,29 +13,15 @@ import torch
 from torch import Tensor, nn
 
 from ldmkit.compiling import compile_module
+from ldmkit.training.batches import batch_images, to_unit
+from ldmkit.training.defaults import stage_only_keys
 from ldmkit.training.engine import TRAINER_DEFAULTS, Trainer, TrainingError
 
-
-def batch_images(batch: Mapping[str, Any], *, channels: int, device: torch.device) -> Tensor:
-    """``batch["image"]`` checked against the first stage (B×C×H×W float in [-1, 1])."""
-    if "image" not in batch:
-        raise TrainingError(f"a training batch has no 'image' entry (keys: {sorted(batch)})")
-    images = batch["image"]
-    if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point():
-        raise TrainingError(
-            f"batch['image'] must be a float tensor B×C×H×W, got "
-            f"{type(images).__name__} {getattr(images, 'shape', '')}"
-        )
-    if images.shape[1] != channels:
-        raise TrainingError(
-            f"the data has {images.shape[1]}-channel images (data.channels) but the first stage "
-            f"takes {channels} (first_stage.in_channels); make them agree"
-        )
-    return images.to(device, non_blocking=True)
+__all__ = ["AutoencoderTrainer", "batch_images", "build_first_stage", "to_unit", "train_autoencoder"]
 
 
 def build_first_stage(cfg: Any) -> nn.Module:
-    from ldmkit.config import create_component
+    from ldmkit.assembly import create_component
     from ldmkit.plugins import get_registry
 
     return create_component(get_registry(), "first_stage", cfg.first_stage, "first_stage config")
@@ -57,13 +43,10 @@ def build_autoencoder_loss(options: Mapping[str, Any], first_stage: nn.Module) -
         raise TrainingError(f"trainer.loss: {err}") from err
 
 
-def to_unit(images: Tensor) -> Tensor:
-    return ((images.clamp(-1, 1) + 1) / 2).float()
-
-
 class AutoencoderTrainer(Trainer):
     stage = "autoencoder"
-    extra_options = ("loss", "betas", "disc_lr")
+    default_preset = "autoencoder"
+    extra_options = tuple(stage_only_keys("autoencoder"))  # loss, betas, disc_lr
 
     def build(self) -> None:
         cfg, options = self.cfg, self.options

@@ -16,70 +16,80 @@ moment leaves either the complete checkpoint or none, never a torn one. Temporar
 of killed runs are removed on the next start. A file damaged later (disk errors, a copy cut
 short, an edit) no longer matches its checksum: :meth:`CheckpointManager.usable` then skips
 that checkpoint with one warning naming the file, and training resumes from an older one.
+
+This module writes checkpoints; reading them (the layout, :func:`validate`,
+:func:`resolve_checkpoint`) is :mod:`ldmkit.checkpoint_layout`, in the core, because loading a
+component's weights from a run folder needs it too. Its names are re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
 import time
-import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ldmkit.errors import LdmkitError
+# the read side of the layout is core (the weights loader reads run folders too); it is
+# re-exported here, where the trainer and its callers have always found it
+from ldmkit import checkpoint_layout
+from ldmkit.checkpoint_layout import (
+    CONFIG_FILE,
+    META_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    TRAINING_FILE,
+    Checkpoint,
+    file_sha256,
+    list_checkpoints,
+    resolve_checkpoint,
+    unflatten_state,
+    usable_checkpoints,
+    validate,
+)
+from ldmkit.errors import CheckpointError
 from ldmkit.io import WriteError, _fsync_dir, write_failure
+from ldmkit.safetensors_io import read_safetensors
 
-MODEL_FILE = "model.safetensors"
-TRAINING_FILE = "training.safetensors"
-STATE_FILE = "trainer_state.pt"
-CONFIG_FILE = "config.yaml"
-META_FILE = "meta.json"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+__all__ = [
+    "CONFIG_FILE",
+    "META_FILE",
+    "MODEL_FILE",
+    "STATE_FILE",
+    "TRAINING_FILE",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointManager",
+    "CheckpointWarning",
+    "flatten_state",
+    "load_state",
+    "read_safetensors",
+    "resolve_checkpoint",
+    "skip_warning",
+    "unflatten_state",
+    "validate",
+]
+
 _TMP_PREFIX = ".tmp-"
 
 
-class CheckpointError(LdmkitError, RuntimeError):
-    """A checkpoint is missing, incomplete or unreadable."""
+class CheckpointWarning(checkpoint_layout.CheckpointWarning):
+    """A checkpoint the trainer skipped (the message names the folder and the bad file).
+    Its own class here: ``ldmkit train`` prints the trainer's warnings in one line."""
 
 
-class CheckpointWarning(UserWarning):
-    """An unusable checkpoint was skipped (the message names the folder and the bad file)."""
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    step: int
-    path: Path
-
-    @property
-    def model_file(self) -> Path:
-        return self.path / MODEL_FILE
-
-    @property
-    def config_file(self) -> Path:
-        return self.path / CONFIG_FILE
+def skip_warning(checkpoint: Checkpoint, problem: str) -> None:
+    checkpoint_layout.skip_warning(checkpoint, problem, CheckpointWarning)
 
 
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def flatten_state(modules: dict[str, torch.nn.Module | dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -91,21 +101,6 @@ def flatten_state(modules: dict[str, torch.nn.Module | dict[str, Tensor]]) -> di
             # safetensors refuses aliased storage; a clone per tensor is cheap next to the write
             flat[f"{prefix}.{key}"] = value.detach().to("cpu").contiguous().clone()
     return flat
-
-
-def unflatten_state(flat: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    start = prefix + "."
-    return {k[len(start):]: v for k, v in flat.items() if k.startswith(start)}
-
-
-def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read checkpoint weights {path}: {err}") from err
 
 
 class CheckpointManager:
@@ -172,7 +167,7 @@ class CheckpointManager:
             files.append(CONFIG_FILE)
         for name in files:
             _fsync_file(tmp / name)
-        checksums = {name: _sha256(tmp / name) for name in files}
+        checksums = {name: file_sha256(tmp / name) for name in files}
         meta = {"step": step, "files": files, "sha256": checksums, "time": time.time()}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         _fsync_file(tmp / META_FILE)
@@ -211,14 +206,7 @@ class CheckpointManager:
     # -- reading -----------------------------------------------------------------------
     def list(self) -> list[Checkpoint]:
         """All checkpoint folders, oldest first (not validated)."""
-        if not self.directory.is_dir():
-            return []
-        found = []
-        for path in self.directory.iterdir():
-            match = _STEP_DIR.match(path.name)
-            if match and path.is_dir():
-                found.append(Checkpoint(int(match.group(1)), path))
-        return sorted(found, key=lambda c: c.step)
+        return list_checkpoints(self.directory)
 
     def latest(self, *, verify: bool = False) -> Checkpoint | None:
         """The newest checkpoint that passes :func:`validate` (invalid ones are skipped
@@ -229,69 +217,7 @@ class CheckpointManager:
         """Checkpoints that pass :func:`validate`, newest first; each one skipped on the way
         gets one :class:`CheckpointWarning` naming it and its bad file. ``verify`` also
         compares every file with the checksum in ``meta.json``."""
-        for checkpoint in reversed(self.list()):
-            problem = validate(checkpoint.path, verify=verify)
-            if problem is None:
-                yield checkpoint
-            else:
-                skip_warning(checkpoint, problem)
-
-
-def skip_warning(checkpoint: Checkpoint, problem: str) -> None:
-    warnings.warn(f"skipping unusable checkpoint {checkpoint.path}: {problem}", CheckpointWarning, stacklevel=3)
-
-
-def validate(path: str | os.PathLike, *, verify: bool = False) -> str | None:
-    """Why the checkpoint folder at ``path`` is unusable, or None when it is complete.
-
-    Checks that ``meta.json`` parses, that every file it lists exists and that the safetensors
-    headers parse; with ``verify``, also each file's SHA-256 (reads every byte)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    meta_path = path / META_FILE
-    if not meta_path.is_file():
-        return f"{META_FILE} is missing (incomplete checkpoint)"
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        files = [str(name) for name in meta["files"]]
-        checksums = dict(meta.get("sha256") or {})
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
-        return f"{META_FILE} is unreadable: {err}"
-    for name in files:
-        if not (path / name).is_file():
-            return f"{name} is missing"
-        if verify and name in checksums and _sha256(path / name) != checksums[name]:
-            return f"{name} is corrupt (its SHA-256 differs from the one in {META_FILE})"
-        if name.endswith(".safetensors"):
-            try:
-                with safe_open(str(path / name), framework="pt") as handle:
-                    handle.keys()
-            except Exception as err:  # noqa: BLE001 - any parse failure means unusable
-                return f"{name} is unreadable: {err}"
-    return None
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """A checkpoint folder, a run folder (its latest checkpoint) or its ``checkpoints/``."""
-    path = Path(path)
-    match = _STEP_DIR.match(path.name)
-    if match and path.is_dir():
-        problem = validate(path)
-        if problem:
-            raise CheckpointError(f"checkpoint {path} is unusable: {problem}")
-        return Checkpoint(int(match.group(1)), path)
-    for directory in (path / "checkpoints", path):
-        if directory.is_dir():
-            latest = CheckpointManager(directory).latest()
-            if latest is not None:
-                return latest
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint path {path} does not exist")
-    raise CheckpointError(
-        f"no usable checkpoint under {path} (expected step_<N>/ folders with {META_FILE}, "
-        f"in {path} or {path / 'checkpoints'})"
-    )
+        yield from usable_checkpoints(self.directory, verify=verify, category=CheckpointWarning)
 
 
 def load_state(checkpoint: Checkpoint) -> dict[str, Any]:

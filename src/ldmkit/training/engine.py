@@ -32,6 +32,7 @@ from ldmkit.training.checkpoint import (
     skip_warning,
     unflatten_state,
 )
+from ldmkit.training.defaults import trainer_preset
 from ldmkit.training.logger import RunLogger, to_float
 from ldmkit.training.resume import config_changes, under, weights_only_key
 from ldmkit.training.rng import (
@@ -48,30 +49,9 @@ from ldmkit.training.threads import apply_num_threads
 # in-memory data instead of the configured dataset
 DataFactory = Callable[[str, int], Iterable[Mapping[str, Any]]]
 
-TRAINER_DEFAULTS: dict[str, Any] = {
-    "max_steps": 1000,
-    "max_minutes": None,  # stop after this much training time (summed over resumes)
-    "batch_size": 16,
-    "num_workers": 0,
-    "lr": 1.0e-4,
-    "log_every": 50,
-    "sample_every": 500,  # image grids (reconstructions for stage 1)
-    "checkpoint_every": 500,
-    "keep_checkpoints": 3,
-    "val_every": 0,  # 0: validate only at the end
-    "val_batches": 4,
-    "val_split": "test",
-    "device": "auto",
-    "resume": True,
-    "progress": True,
-    "tensorboard": True,
-    "grad_clip": None,
-    "num_threads": "auto",  # CPU threads (auto: half the usable cores; ldmkit.training.threads)
-    "precision": "auto",  # auto | fp32 | bf16 | fp16 (ldmkit.precision; auto: bf16 on CUDA and bf16-capable CPUs)
-    "compile": False,  # torch.compile the model in place (ldmkit.compiling): false | true | an inductor mode
-    "compile_backend": "inductor",
-    "save_on_signal": True,  # SIGTERM/SIGINT: finish the step, checkpoint, exit 75; SIGUSR1: checkpoint
-}
+# the keys both stages share and their defaults: conf/trainer/default.yaml, the one home of
+# every trainer default (ldmkit.training.defaults)
+TRAINER_DEFAULTS: dict[str, Any] = trainer_preset("default")
 
 STATE_FORMAT = 2  # trainer_state.pt layout (1: one "rng" entry, data position as a batch count)
 
@@ -113,10 +93,11 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def trainer_options(cfg: DictConfig) -> dict[str, Any]:
-    """``cfg.trainer`` over :data:`TRAINER_DEFAULTS` (a missing key takes its default)."""
+def trainer_options(cfg: DictConfig, preset: str = "default") -> dict[str, Any]:
+    """``cfg.trainer`` over the trainer preset ``conf/trainer/<preset>.yaml`` (a missing key
+    takes the preset's value)."""
     node = cfg.get("trainer")
-    options = dict(TRAINER_DEFAULTS)
+    options = trainer_preset(preset)
     if node is not None:
         options.update(OmegaConf.to_container(node, resolve=True))
     return options
@@ -139,10 +120,12 @@ class Trainer(abc.ABC):
     """
 
     stage: str = "?"
+    #: the trainer preset (conf/trainer/<name>.yaml) whose values fill keys a config leaves out
+    default_preset: str = "default"
 
     def __init__(self, cfg: DictConfig, *, data: DataFactory | None = None) -> None:
         self.cfg = cfg
-        self.options = trainer_options(cfg)
+        self.options = trainer_options(cfg, self.default_preset)
         self.run_dir = Path(cfg.get("run_dir") or f"runs/{self.stage}")
         self.rank, self.world_size = distributed_info()
         self.is_main = self.rank == 0  # only rank 0 writes checkpoints, logs and images

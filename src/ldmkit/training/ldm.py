@@ -27,22 +27,13 @@ from ldmkit.compiling import compile_module
 from ldmkit.diffusion.objective import DiffusionObjective, scale_factor_from_latents
 from ldmkit.ema import EMA
 from ldmkit.interfaces import Conditioner
-from ldmkit.training.autoencoder import batch_images
+from ldmkit.training.batches import batch_images
+from ldmkit.training.defaults import stage_only_keys
 from ldmkit.training.engine import TRAINER_DEFAULTS, Trainer, TrainingError
 from ldmkit.training.rng import generator, isolated_rng, stream_seed
 
-LDM_DEFAULTS: dict[str, Any] = {
-    "betas": [0.9, 0.999],
-    "weight_decay": 0.0,
-    "warmup_steps": 0,
-    "objective": {},
-    "ema": {"enabled": True, "decay": 0.9999, "warmup": True, "use_for_sampling": True},
-    "latent_cache": False,
-    "sample_steps": 50,
-    "sample_count": 16,
-    "guidance_scale": 3.0,
-    "ddp_find_unused_parameters": False,
-}
+# the stage-2 keys and their defaults: conf/trainer/ldm.yaml (ldmkit.training.defaults)
+LDM_DEFAULTS: dict[str, Any] = stage_only_keys("ldm")
 
 
 class DiffusionStep(nn.Module):
@@ -72,9 +63,10 @@ class _ScaleFactor(nn.Module):
 
 class LDMTrainer(Trainer):
     stage = "ldm"
+    default_preset = "ldm"
 
     def build(self) -> None:
-        from ldmkit.config import build_pipeline
+        from ldmkit.pipeline import build_pipeline
 
         if self.options.get("cond_drop_prob") is not None:
             raise TrainingError(

@@ -7,6 +7,9 @@ and differ only in the :class:`Regularizer` that sits between them.
 from __future__ import annotations
 
 import abc
+import dataclasses
+import inspect
+import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +44,58 @@ class Regularizer(nn.Module, abc.ABC):
         return z
 
 
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """The encoder/decoder shape (the paper's ``ddconfig``), named once: every autoencoder
+    class takes these as keyword arguments (``**arch``) and hands them on unchanged.
+
+    ``z_channels`` is the encoder's output width (default: the latent's channels, as in
+    every configuration of the paper); ``out_ch`` defaults to ``in_channels``."""
+
+    z_channels: int | None = None
+    ch: int = 128
+    ch_mult: Sequence[int] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: Sequence[int] = ()
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int | None = None
+    dropout: float = 0.0
+    norm_groups: int = 32
+
+    @classmethod
+    def parse(cls, owner: str, arch: dict[str, Any], defaults: dict[str, Any] | None = None) -> Architecture:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(arch) - names)
+        if unknown:
+            raise TypeError(
+                f"{owner}() got unexpected keyword argument(s) {unknown}; the architecture "
+                f"takes {sorted(names)}"
+            )
+        return cls(**{**(defaults or {}), **arch})
+
+
+def with_architecture_signature(cls: type, defaults: dict[str, Any] | None = None) -> type:
+    """Give ``cls`` (whose ``__init__`` takes ``**arch``) a signature that lists the
+    :class:`Architecture` keywords with their types and defaults, so that ``help()``, config
+    type checks and ``inspect.signature`` see every argument."""
+    own = [
+        p for p in inspect.signature(cls.__init__).parameters.values()
+        if p.name != "self" and p.kind is not p.VAR_KEYWORD
+    ]
+    hints = typing.get_type_hints(Architecture)
+    defaults = defaults or {}
+    arch = [
+        inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY,
+            default=defaults.get(f.name, f.default), annotation=hints[f.name],
+        )
+        for f in dataclasses.fields(Architecture)
+    ]
+    cls.__signature__ = inspect.Signature(own + arch)  # type: ignore[attr-defined]
+    return cls
+
+
 class AutoencodingEngine(FirstStage):
     """Encoder -> quant_conv -> regularizer -> post_quant_conv -> decoder.
 
@@ -49,23 +104,15 @@ class AutoencodingEngine(FirstStage):
     ``latent_channels``, as in every configuration of the paper).
     """
 
-    def __init__(
-        self,
-        *,
-        regularizer: Regularizer,
-        latent_channels: int,
-        z_channels: int | None = None,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 2, 4, 4),
-        num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (),
-        resolution: int = 256,
-        in_channels: int = 3,
-        out_ch: int | None = None,
-        dropout: float = 0.0,
-        norm_groups: int = 32,
-    ) -> None:
+    #: architecture defaults of this class that differ from :class:`Architecture`'s
+    architecture_defaults: dict[str, Any] = {}
+
+    def __init__(self, *, regularizer: Regularizer, latent_channels: int, **arch: Any) -> None:
         super().__init__()
+        a = Architecture.parse(type(self).__name__, arch, self.architecture_defaults)
+        z_channels, ch, in_channels, out_ch = a.z_channels, a.ch, a.in_channels, a.out_ch
+        ch_mult, num_res_blocks, attn_resolutions = a.ch_mult, a.num_res_blocks, a.attn_resolutions
+        resolution, dropout, norm_groups = a.resolution, a.dropout, a.norm_groups
         z_channels = latent_channels if z_channels is None else z_channels
         out_ch = in_channels if out_ch is None else out_ch
         for key, value in (("latent_channels", latent_channels), ("z_channels", z_channels),

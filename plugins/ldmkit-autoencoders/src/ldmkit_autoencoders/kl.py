@@ -4,14 +4,13 @@ toward N(0, I) (weight 1e-6 in the paper) keeps the latent's scale in check."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from einops import reduce
 from torch import Tensor
 
-from ldmkit_autoencoders.engine import AutoencodingEngine, Regularizer
+from ldmkit_autoencoders.engine import AutoencodingEngine, Regularizer, with_architecture_signature
 
 ENCODE_MODES = ("sample", "mode")
 
@@ -68,27 +67,20 @@ class KLAutoencoder(AutoencodingEngine):
         self,
         *,
         latent_channels: int = 4,
-        z_channels: int | None = None,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 2, 4, 4),
-        num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (),
-        resolution: int = 256,
-        in_channels: int = 3,
-        out_ch: int | None = None,
-        dropout: float = 0.0,
-        norm_groups: int = 32,
         kl_weight: float = 1e-6,
         encode_mode: str = "sample",
+        **arch: Any,
     ) -> None:
+        """``arch``: the encoder/decoder shape (:class:`~ldmkit_autoencoders.engine.Architecture`)."""
         super().__init__(
             regularizer=DiagonalGaussianRegularizer(kl_weight=kl_weight, encode_mode=encode_mode),
-            latent_channels=latent_channels, z_channels=z_channels, ch=ch, ch_mult=ch_mult,
-            num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions,
-            resolution=resolution, in_channels=in_channels, out_ch=out_ch, dropout=dropout,
-            norm_groups=norm_groups,
+            latent_channels=latent_channels,
+            **arch,
         )
 
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(mean, logvar)`` of q(z|x)."""
         return self.regularizer.split(self.moments(x))
+
+
+with_architecture_signature(KLAutoencoder)

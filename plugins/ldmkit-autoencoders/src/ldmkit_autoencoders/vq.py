@@ -10,7 +10,6 @@ quantizes first.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ldmkit_autoencoders.engine import AutoencodingEngine, Regularizer
+from ldmkit_autoencoders.engine import AutoencodingEngine, Regularizer, with_architecture_signature
 
 
 class VectorQuantizer(Regularizer):
@@ -110,7 +109,7 @@ class VectorQuantizer(Regularizer):
             pick = torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)
             self.embedding.weight.data[dead] = flat[pick].to(self.embedding.weight.dtype)
             self.code_usage[dead] = 1.0
-        return torch.tensor(float(dead.numel()))
+        return torch.tensor(float(dead.numel()), device=h.device, dtype=h.dtype)
 
     def latent(self, h: Tensor) -> Tensor:
         return h
@@ -124,6 +123,8 @@ class VQAutoencoder(AutoencodingEngine):
     to the nearest of ``n_embed`` codes of size ``latent_channels`` (the paper's
     ``embed_dim``) before decoding."""
 
+    architecture_defaults = {"ch_mult": (1, 2, 4)}
+
     def __init__(
         self,
         *,
@@ -134,27 +135,18 @@ class VQAutoencoder(AutoencodingEngine):
         restart_dead_codes: bool = False,
         dead_code_threshold: float = 0.01,
         usage_decay: float = 0.95,
-        z_channels: int | None = None,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 2, 4),
-        num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (),
-        resolution: int = 256,
-        in_channels: int = 3,
-        out_ch: int | None = None,
-        dropout: float = 0.0,
-        norm_groups: int = 32,
+        **arch: Any,
     ) -> None:
+        """``arch``: the encoder/decoder shape (:class:`~ldmkit_autoencoders.engine.Architecture`;
+        ``ch_mult`` defaults to (1, 2, 4) here)."""
         super().__init__(
             regularizer=VectorQuantizer(
                 n_embed=n_embed, embed_dim=latent_channels, beta=beta,
                 codebook_weight=codebook_weight, restart_dead_codes=restart_dead_codes,
                 dead_code_threshold=dead_code_threshold, usage_decay=usage_decay,
             ),
-            latent_channels=latent_channels, z_channels=z_channels, ch=ch, ch_mult=ch_mult,
-            num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions,
-            resolution=resolution, in_channels=in_channels, out_ch=out_ch, dropout=dropout,
-            norm_groups=norm_groups,
+            latent_channels=latent_channels,
+            **arch,
         )
 
     @property
@@ -167,3 +159,6 @@ class VQAutoencoder(AutoencodingEngine):
 
     def decode_indices(self, index: Tensor) -> Tensor:
         return self.decoder(self.post_quant_conv(self.quantizer.lookup(index)))
+
+
+with_architecture_signature(VQAutoencoder, VQAutoencoder.architecture_defaults)

@@ -64,11 +64,11 @@ class ClassLabelConditioner(Conditioner):
         labels = self._labels(batch)
         if self.role == "crossattn":
             return {"crossattn": self.embedding(labels)[:, None, :]}
-        return {"vector": F.one_hot(labels, self.num_classes).float()}
+        return {"vector": F.one_hot(labels, self.num_classes).to(self._anchor.dtype)}
 
     def unconditional(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         n = self._labels(batch).shape[0]
         if self.role == "crossattn":
             null = torch.full((n,), self.num_classes, dtype=torch.long, device=self._device())
             return {"crossattn": self.embedding(null)[:, None, :]}
-        return {"vector": torch.zeros(n, self.num_classes)}
+        return {"vector": torch.zeros(n, self.num_classes, device=self._device(), dtype=self._anchor.dtype)}

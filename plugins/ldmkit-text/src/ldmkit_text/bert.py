@@ -54,9 +54,9 @@ class BertConditioner(TextConditioner):
 
     def encode(self, prompts: list[str]) -> Tensor:
         """B x max_seq_len x n_embed hidden states of ``prompts``."""
-        tokens, cut = self.tokenizer.encode(prompts)
+        tokens, cut = self.tokenizer.encode(prompts, device=self.transformer.token_emb.weight.device)
         self.note_truncated(cut, self.max_seq_len)
-        return self.transformer(tokens.to(self.transformer.token_emb.weight.device))
+        return self.transformer(tokens)
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         return {"crossattn": self.encode(self.prompts(batch))}

@@ -106,10 +106,12 @@ class WordPieceTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
-    def encode(self, prompts: Sequence[str]) -> tuple[Tensor, int]:
-        """``(ids, cut)``: B x max_length int64 ids and how many prompts were truncated."""
+    def encode(self, prompts: Sequence[str], *, device: str | torch.device | None = None) -> tuple[Tensor, int]:
+        """``(ids, cut)``: B x max_length int64 ids (on ``device``, default the CPU) and how
+        many prompts were truncated."""
         encodings = self._tok.encode_batch(list(prompts))
-        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long).reshape(-1, self.max_length)
+        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long, device=device or "cpu")
+        ids = ids.reshape(-1, self.max_length)
         return ids, sum(bool(e.overflowing) for e in encodings)
 
     def decode(self, ids: Sequence[int] | Tensor) -> str:

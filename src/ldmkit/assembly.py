@@ -1,0 +1,179 @@
+"""Assembly: the checked construction of a pipeline's components from a composed config,
+through the registry only (no ``_target_`` is ever imported).
+
+:meth:`ldmkit.pipeline.Pipeline.from_config` calls :func:`pipeline_parts`; this module knows the
+config (:mod:`ldmkit.config`) and the plugins' registry, never the Pipeline class, so the
+dependency runs one way: pipeline -> assembly -> config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ldmkit.config import AUTO, ConfigError
+from ldmkit.config_checks import argument_problems
+from ldmkit.diffusion.schedule import NoiseSchedule
+from ldmkit.errors import WeightsError
+from ldmkit.interfaces import INTERFACES
+from ldmkit.nn.attention import set_attention_backend
+from ldmkit.plugins import get_plugin_manager
+from ldmkit.registry import Registry
+from ldmkit.weights import load_component_weights
+
+
+def _choice(cfg: DictConfig, group: str) -> str:
+    choices = cfg.get("choices") or {}
+    chosen = choices.get(group) if isinstance(choices, Mapping | DictConfig) else None
+    return f"{group}={chosen}" if chosen else f"the {group} config"
+
+
+def component_kwargs(node: Any, group: str) -> tuple[str, dict[str, Any]]:
+    """Split a component config into its registered name and constructor kwargs."""
+    if node is None:
+        raise ConfigError(f"no {group} configured; choose one with `{group}=<option>`")
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    if "name" not in data:
+        raise ConfigError(
+            f"the {group} config has no `name` key naming a registered {group}: {data}"
+        )
+    name = data.pop("name")
+    return name, data
+
+
+def create_component(
+    registry: Registry, kind: str, node: Any, label: str | None = None, *, key: str | None = None
+) -> Any:
+    """Build the registered ``kind`` the config ``node`` names. ``label`` says which config it
+    came from in messages (``sampler=ddim``); ``key`` is the node's dotted key (default: ``kind``),
+    used to name a value that does not fit the constructor's type hints."""
+    name, kwargs = component_kwargs(node, kind)
+    # every component config may name weights to load after construction, and every
+    # conditioner config its classifier-free-guidance dropout rate
+    checkpoint = kwargs.pop("checkpoint", None)
+    drop_rate = kwargs.pop("drop_rate", None) if kind == "conditioner" else None
+    try:
+        factory = registry.get(kind, name).factory
+    except LookupError as err:
+        raise ConfigError(f"{label or kind}: {err}") from err
+    problems = argument_problems(factory, kwargs, key or kind)
+    if problems:
+        raise ConfigError(f"{'; '.join(problems)} ({label or f'{kind} {name!r}'})")
+    try:
+        obj = registry.create(kind, name, **kwargs)
+    except LookupError as err:
+        raise ConfigError(f"{label or kind}: {err}") from err
+    except TypeError as err:
+        raise ConfigError(f"{label or kind}: {err}") from err
+    except ValueError as err:  # a constructor rejecting an option's value
+        raise ConfigError(f"{label or kind}: cannot build {kind} {name!r}: {err}") from err
+    if not isinstance(obj, INTERFACES[kind]):
+        entry = registry.get(kind, name)
+        raise ConfigError(
+            f"{kind} {name!r} from {entry.provider} built a {type(obj).__name__}, "
+            f"which is not an ldmkit.interfaces.{INTERFACES[kind].__name__}"
+        )
+    if drop_rate is not None:
+        if not isinstance(drop_rate, int | float) or not 0.0 <= drop_rate <= 1.0:
+            raise ConfigError(f"{label or kind}: conditioner.drop_rate must be in [0, 1], got {drop_rate!r}")
+        obj.drop_rate = float(drop_rate)
+    if checkpoint is not None and not _on_meta_device(obj):
+        try:
+            load_component_weights(obj, checkpoint, kind)
+        except WeightsError as err:
+            raise ConfigError(f"{label or kind} ({kind}.checkpoint): {err}") from err
+    return obj
+
+
+def _on_meta_device(obj: Any) -> bool:
+    params = next(iter(obj.parameters()), None) if hasattr(obj, "parameters") else None
+    return params is not None and params.is_meta
+
+
+def resolve_denoiser_dims(cfg: DictConfig, first_stage: Any, conditioner: Any) -> dict[str, Any]:
+    """Fill ``auto`` dims of the denoiser config and check explicit ones.
+
+    Raises ConfigError naming the two configs that disagree.
+    """
+    name, kwargs = component_kwargs(cfg.denoiser, "denoiser")
+    checkpoint = kwargs.pop("checkpoint", None)
+    concat = conditioner.concat_channels or 0
+    expected = {
+        "in_channels": (first_stage.latent_channels + concat,
+                        f"{_choice(cfg, 'first_stage')} (latent_channels={first_stage.latent_channels})"
+                        + (f" + {_choice(cfg, 'conditioner')} (concat_channels={concat})" if concat else "")),
+        "out_channels": (first_stage.latent_channels,
+                         f"{_choice(cfg, 'first_stage')} (latent_channels={first_stage.latent_channels})"),
+        "context_dim": (conditioner.crossattn_dim,
+                        f"{_choice(cfg, 'conditioner')} (crossattn_dim={conditioner.crossattn_dim})"),
+        "vector_dim": (conditioner.vector_dim,
+                       f"{_choice(cfg, 'conditioner')} (vector_dim={conditioner.vector_dim})"),
+    }
+    for key, (value, source) in expected.items():
+        if key not in kwargs:
+            continue
+        if kwargs[key] == AUTO:
+            kwargs[key] = value
+        elif kwargs[key] != value:
+            raise ConfigError(
+                f"{source} and {_choice(cfg, 'denoiser')} ({key}={kwargs[key]}) disagree: "
+                f"denoiser.{key} must be {value}; set denoiser.{key}=auto to follow the other part"
+            )
+    return {"name": name, **kwargs, **({"checkpoint": checkpoint} if checkpoint is not None else {})}
+
+
+def check_parts_fit(cfg: DictConfig, first_stage: Any, denoiser: Any, conditioner: Any) -> None:
+    """Check the built parts against each other (catches plugins that ignore their config)."""
+    concat = conditioner.concat_channels or 0
+    pairs = [
+        ("in_channels", denoiser.in_channels, first_stage.latent_channels + concat, "first_stage"),
+        ("out_channels", denoiser.out_channels, first_stage.latent_channels, "first_stage"),
+        ("context_dim", denoiser.context_dim, conditioner.crossattn_dim, "conditioner"),
+        ("vector_dim", denoiser.vector_dim, conditioner.vector_dim, "conditioner"),
+    ]
+    for attr, have, want, other in pairs:
+        if have != want:
+            raise ConfigError(
+                f"{_choice(cfg, other)} and {_choice(cfg, 'denoiser')} disagree: the denoiser's "
+                f"{attr} is {have} but must be {want}"
+            )
+
+
+def pipeline_parts(cfg: DictConfig) -> dict[str, Any]:
+    """The keyword arguments of :class:`~ldmkit.pipeline.Pipeline` that the composed config
+    ``cfg`` describes: every component built through the registry and checked against the
+    others. The denoiser's ``auto`` dims are written back into ``cfg`` (a checkpoint records
+    the resolved numbers)."""
+    registry = get_plugin_manager().registry
+    backend = OmegaConf.select(cfg, "attention.backend", default=None)
+    if backend is not None:
+        set_attention_backend(backend)
+
+    first_stage = create_component(registry, "first_stage", cfg.first_stage, _choice(cfg, "first_stage"))
+    conditioner = create_component(registry, "conditioner", cfg.conditioner, _choice(cfg, "conditioner"))
+    conditioner.bind_first_stage(first_stage)
+    denoiser_node = resolve_denoiser_dims(cfg, first_stage, conditioner)
+    with open_dict(cfg):
+        cfg.denoiser = denoiser_node  # the resolved numbers are what a checkpoint records
+    denoiser = create_component(registry, "denoiser", denoiser_node, _choice(cfg, "denoiser"))
+    check_parts_fit(cfg, first_stage, denoiser, conditioner)
+    sampler = create_component(registry, "sampler", cfg.sampler, _choice(cfg, "sampler"))
+    schedule_args = OmegaConf.to_container(cfg.schedule, resolve=True) if cfg.get("schedule") else {}
+    try:
+        schedule = NoiseSchedule(**schedule_args)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"schedule config: {err}") from err
+    scale = cfg.get("scale_factor", 1.0)
+    return {
+        "first_stage": first_stage,
+        "denoiser": denoiser,
+        "conditioner": conditioner,
+        "sampler": sampler,
+        "schedule": schedule,
+        # "scale_by_std" starts at 1 and is set from the first training batch
+        "scale_factor": float(scale) if isinstance(scale, int | float) else 1.0,
+        "image_size": cfg.get("image_size"),
+        "config": cfg,
+    }

@@ -1,0 +1,173 @@
+"""The plugin author's path, as a new user walks it from docs/plugins.md alone.
+
+* The pyproject.toml, hook module and config option that docs/plugins.md shows make a
+  distribution that pip installs and ldmkit loads.
+* The ``ldmkit_plugin`` fixture (and ``temporary_plugin`` under it) work in a plugin's own
+  tests with the plugin also pip-installed, where the installed copy is already loaded from
+  its entry point when the test registers it. This once failed with "plugin name 'mine' is
+  already registered", or named the module instead of the plugin that was registered.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ldmkit
+from ldmkit.interfaces import Sampler
+from ldmkit.plugins import get_plugin_manager, get_registry
+from ldmkit.testing import temporary_plugin
+from tests.conftest import make_distribution
+from tests.test_docs_snippets import fenced_blocks
+
+INSTALLED = """
+import ldmkit
+from ldmkit.interfaces import Sampler
+
+class Installed(Sampler):
+    def sample(self, denoise, schedule, noise, **kw):
+        return noise
+
+@ldmkit.hookimpl
+def ldmkit_register_samplers(register):
+    register("mine", Installed)
+"""
+
+
+@pytest.fixture
+def installed(site):
+    """``ldmkit-mine`` 0.3 installed, entry point ``mine = mine_fixture_plugin``; returns
+    its module (the object the entry point loads)."""
+    make_distribution(site, "ldmkit-mine", "0.3", {"mine": "mine_fixture_plugin"},
+                      {"mine_fixture_plugin": INSTALLED})  # fmt: skip
+    yield importlib.import_module("mine_fixture_plugin")
+    sys.modules.pop("mine_fixture_plugin", None)
+
+
+def provider() -> str:
+    return get_registry().get("sampler", "mine").provider
+
+
+@pytest.mark.parametrize("name", ["mine", None])
+def test_the_installed_module_itself(installed, ldmkit_plugin, name):
+    """Once failed with "plugin name 'mine' is already registered" (or, unnamed, with the
+    module's name, which is not the plugin that was registered)."""
+    assert ldmkit_plugin(installed, name=name) == "mine"
+    assert provider() == "plugin 'mine' (ldmkit-mine 0.3)"
+
+
+def test_the_installed_module_stays_loaded_after(installed):
+    with temporary_plugin(installed, name="mine"):
+        pass
+    assert provider() == "plugin 'mine' (ldmkit-mine 0.3)"
+
+
+class Edited(Sampler):
+    def sample(self, denoise, schedule, noise, **kw):
+        return -noise
+
+
+class WorkingCopy:
+    """The plugin as the author is editing it, registered under the entry point's name."""
+
+    @ldmkit.hookimpl
+    def ldmkit_register_samplers(self, register):
+        register("mine", Edited)
+
+
+def test_a_working_copy_stands_in_for_the_installed_one(installed, ldmkit_plugin):
+    assert ldmkit_plugin(WorkingCopy(), name="mine") == "mine"
+    assert get_registry().get("sampler", "mine").factory is Edited
+
+
+def test_the_installed_one_comes_back_after(installed):
+    with temporary_plugin(WorkingCopy(), name="mine"):
+        assert get_registry().get("sampler", "mine").factory is Edited
+    assert get_registry().get("sampler", "mine").factory is installed.Installed
+    assert provider() == "plugin 'mine' (ldmkit-mine 0.3)"
+    info = get_plugin_manager().infos["mine"]
+    assert (info.distribution, info.version, info.module) == (
+        "ldmkit-mine",
+        "0.3",
+        "mine_fixture_plugin",
+    )
+
+
+def test_a_second_name_for_the_same_components_names_both_providers(installed, ldmkit_plugin):
+    """Registering the working copy under another name is a clash, said as one."""
+    ldmkit_plugin(WorkingCopy(), name="mine_dev")
+    with pytest.raises(
+        Exception, match=r"'mine' is registered twice.*ldmkit-mine 0\.3.*'mine_dev'"
+    ):
+        get_registry()
+
+
+# -- the docs' distribution installs --------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
+SAMPLER = """
+from ldmkit.diffusion import DiscreteSampler
+
+
+class MySampler(DiscreteSampler):
+    def step(self, s):
+        a_prev = s.alpha_bar_prev
+        return a_prev.sqrt() * s.x0 + (1 - a_prev).sqrt() * s.eps
+"""
+
+
+def docs_block(lang: str, first_line: str) -> str:
+    """The code block of docs/plugins.md in ``lang`` whose first line is ``first_line``."""
+    blocks = [
+        b for b in fenced_blocks(DOCS) if b.lang == lang and b.code.startswith(first_line + "\n")
+    ]
+    assert len(blocks) == 1, (
+        f"docs/plugins.md has {len(blocks)} {lang} blocks starting {first_line!r}"
+    )
+    return blocks[0].code
+
+
+@pytest.fixture(scope="module")
+def docs_distribution(tmp_path_factory) -> Path:
+    """``ldmkit-my-plugin`` built from the docs' blocks and pip-installed into a target folder."""
+    project = tmp_path_factory.mktemp("my-plugin")
+    package = project / "src" / "my_plugin"
+    (package / "conf" / "sampler").mkdir(parents=True)
+    (project / "pyproject.toml").write_text(docs_block("toml", "# pyproject.toml"))
+    (package / "__init__.py").write_text("")
+    (package / "plugin.py").write_text(docs_block("python", "# src/my_plugin/plugin.py"))
+    (package / "sampler.py").write_text(SAMPLER)
+    (package / "conf" / "sampler" / "my_sampler.yaml").write_text(
+        docs_block("yaml", "name: my_sampler   # the registered name")
+    )
+    target = tmp_path_factory.mktemp("target")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(project)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    return target
+
+
+def test_the_docs_pyproject_installs_and_loads(docs_distribution, fresh_plugins, monkeypatch):
+    monkeypatch.syspath_prepend(str(docs_distribution))
+    try:
+        assert (
+            get_registry().get("sampler", "my_sampler").provider
+            == "plugin 'my_plugin' (ldmkit-my-plugin 0.1.0)"
+        )
+        pipe = ldmkit.compose(
+            overrides=["sampler=my_sampler", "first_stage=identity", "image_size=8"]
+        )
+        assert type(pipe.sampler).__name__ == "MySampler" and pipe.sampler.steps == 25
+        with temporary_plugin(
+            importlib.import_module("my_plugin.plugin"), name="my_plugin"
+        ) as name:
+            assert name == "my_plugin"  # the installed module: left as it is
+    finally:
+        for module in [m for m in sys.modules if m == "my_plugin" or m.startswith("my_plugin.")]:
+            del sys.modules[module]
