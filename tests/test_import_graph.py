@@ -64,6 +64,7 @@ LAYERS: dict[str, int] = {
     "ldmkit.compiling": 0,
     "ldmkit.masks": 0,
     "ldmkit.tiling": 0,
+    "ldmkit.frozen": 0,
     "ldmkit.visualize": 0,
     "ldmkit.ema": 0,
     "ldmkit.config_checks": 0,

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from ldmkit import masks
+from ldmkit import frozen, masks
 from ldmkit import precision as _precision
 from ldmkit.assembly import pipeline_parts
 from ldmkit.compiling import compile_module
@@ -428,12 +428,15 @@ class Pipeline(nn.Module):
         return torch.cat(outputs)
 
     # -- checkpoints --------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, *, embed_frozen: bool = False) -> Path:
         """Write ``model.safetensors`` and the resolved ``config.yaml`` into ``directory``.
 
-        Each file is replaced atomically: a crash leaves the previous checkpoint intact.
+        Frozen pretrained parts that declare where they come from (``frozen_references()``,
+        e.g. ``frozen_text``'s encoder) are stored as references in ``frozen.json`` (source
+        and content hash) instead of being copied, unless ``embed_frozen`` (:mod:`ldmkit.frozen`).
+        Each file is replaced atomically: a crash leaves the previous checkpoint loadable.
         """
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file, save_model
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -442,7 +445,17 @@ class Pipeline(nn.Module):
                 "this Pipeline was built from objects without a config; saving needs the config "
                 "that rebuilds it (build it with ldmkit.compose, or pass config=)"
             )
-        atomic_write(directory / WEIGHTS_FILE, lambda p: save_model(self, str(p)))
+        parts = {} if embed_frozen else frozen.frozen_parts(self)
+        manifest = directory / frozen.FROZEN_FILE
+        if parts:
+            # the manifest first: a crash before the weights leaves old (embedded) weights
+            # beside it, which still load
+            atomic_write_text(manifest, frozen.write_manifest(manifest, parts))
+            state = _without_shared({k: v for k, v in self.state_dict().items() if not frozen.under(k, parts)})
+            atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, str(p)))
+        else:
+            atomic_write(directory / WEIGHTS_FILE, lambda p: save_model(self, str(p)))
+            manifest.unlink(missing_ok=True)
         atomic_write_text(directory / CONFIG_FILE, OmegaConf.to_yaml(self.config, resolve=True))
         return directory
 
@@ -462,7 +475,19 @@ class Pipeline(nn.Module):
             if not path.is_file():
                 raise FileNotFoundError(f"checkpoint file missing: {path}")
         cfg = OmegaConf.load(config_path)
-        pipeline = cls.from_config(cfg)
+        references = frozen.read_manifest(directory)
+        try:
+            pipeline = cls.from_config(cfg)
+        except (LdmkitError, OSError) as err:
+            if not references:
+                raise
+            where = "; ".join(f"{prefix} from {ref['source']}" for prefix, ref in references.items())
+            raise frozen.FrozenReferenceError(
+                f"{directory} keeps frozen weights by reference ({where}) and cannot rebuild them: "
+                f"{err}. Restore the source, or re-save the pipeline with embed_frozen=True on a "
+                "machine where it loads"
+            ) from err
+        frozen.check_restored(directory, references, frozen.frozen_parts(pipeline) if references else {})
         weights = read_safetensors(weights_path)  # UnreadableWeightsError names the file
         try:
             missing, unexpected = pipeline.load_state_dict(weights, strict=False)
@@ -470,7 +495,7 @@ class Pipeline(nn.Module):
             raise ValueError(
                 f"checkpoint {weights_path} does not match the model built from {config_path}: {err}"
             ) from err
-        missing = _not_tied(pipeline, missing, weights)
+        missing = [k for k in _not_tied(pipeline, missing, weights) if not frozen.under(k, references)]
         if missing or unexpected:
             raise ValueError(
                 f"checkpoint {weights_path} does not match the model built from {config_path}: "
@@ -488,6 +513,20 @@ def compose(overrides: Sequence[str] = ()) -> Pipeline:
     """Compose a config from Hydra ``overrides`` and build the :class:`Pipeline` it
     describes (``ldmkit.compose``)."""
     return Pipeline.from_config(compose_config(overrides))
+
+
+def _without_shared(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` with each storage once (tied weights under their first name), contiguous,
+    as ``safetensors.torch.save_model`` writes a module; :func:`_not_tied` restores them."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    out = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().contiguous()
+    return out
 
 
 def _not_tied(module: nn.Module, missing: Sequence[str], loaded: Mapping[str, Tensor]) -> list[str]:

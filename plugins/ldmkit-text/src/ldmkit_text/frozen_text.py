@@ -70,6 +70,13 @@ class FrozenTextConditioner(TextConditioner):
         self.crossattn_dim = hidden
         self.vector_dim = hidden if self.pooled else None
 
+    def frozen_references(self) -> dict[str, dict[str, str]]:
+        """The encoder is a reference to its folder, not copied into pipeline folders
+        (``Pipeline.save(embed_frozen=True)`` copies it; :mod:`ldmkit.frozen`)."""
+        from ldmkit.frozen import weights_digest
+
+        return {"encoder": {"source": str(self.path), "sha256": weights_digest(self.path)}}
+
     def train(self, mode: bool = True) -> FrozenTextConditioner:
         super().train(mode)
         self.encoder.eval()  # frozen means no dropout either

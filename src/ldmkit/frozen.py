@@ -1,0 +1,128 @@
+"""Frozen pretrained components stored by reference.
+
+A pretrained network a pipeline uses without training it (a 90 MB text encoder loaded from a
+local ``transformers`` folder, say) need not be copied into every pipeline folder: its
+weights are already on disk where it was loaded from. A module declares such parts with
+``frozen_references()``, returning ``{submodule name: {"source": path, "sha256": digest}}``;
+:meth:`ldmkit.Pipeline.save` then leaves those submodules' tensors out of
+``model.safetensors`` and writes ``frozen.json`` (each part's state-dict prefix, its source
+and the content hash of the source's weight files). :meth:`ldmkit.Pipeline.load` rebuilds the
+component from its config — which loads the same source — checks the hash, and fails with one
+line naming the part, the source and what to do when the source is gone or changed.
+``Pipeline.save(dir, embed_frozen=True)`` embeds them instead (a self-contained folder to
+copy to another machine).
+
+Only frozen parts may be references: every parameter under the prefix must have
+``requires_grad=False``, else saving refuses (a trained part must be saved).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ldmkit.errors import LdmkitError
+
+__all__ = ["FROZEN_FILE", "FrozenReferenceError", "frozen_parts", "weights_digest"]
+
+FROZEN_FILE = "frozen.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+
+
+class FrozenReferenceError(LdmkitError, ValueError):
+    """A frozen part saved by reference cannot be restored (its source is gone or changed)."""
+
+
+_digests: dict[tuple[str, float, int], str] = {}
+
+
+def weights_digest(source: str | Path) -> str:
+    """sha256 over the weight files of ``source`` (a file, or a folder's files with a weight
+    suffix, by relative name); cached per path, size and modification time."""
+    path = Path(source)
+    files: Iterable[Path]
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        key = (str(file.resolve()), stat.st_mtime, stat.st_size)
+        if key not in _digests:
+            h = hashlib.sha256()
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    h.update(block)
+            _digests[key] = h.hexdigest()
+        digest.update(
+            file.relative_to(path).as_posix().encode() if path.is_dir() else file.name.encode()
+        )
+        digest.update(_digests[key].encode())
+    return digest.hexdigest()
+
+
+def frozen_parts(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{state-dict prefix: reference}`` for every part some module of ``model`` declares
+    through ``frozen_references()``."""
+    parts: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        declare = getattr(module, "frozen_references", None)
+        if not callable(declare):
+            continue
+        for sub, reference in (declare() or {}).items():
+            prefix = f"{name}.{sub}" if name else sub
+            part = module.get_submodule(sub)
+            if any(p.requires_grad for p in part.parameters()):
+                raise FrozenReferenceError(
+                    f"{prefix} is declared frozen but has trainable parameters; it must be saved "
+                    "with the weights (train it, or freeze it with requires_grad_(False))"
+                )
+            parts[prefix] = {"source": str(reference["source"]), "sha256": str(reference["sha256"])}
+    return parts
+
+
+def under(key: str, prefixes: Iterable[str]) -> bool:
+    return any(key.startswith(prefix + ".") for prefix in prefixes)
+
+
+def write_manifest(path: Path, parts: dict[str, dict[str, Any]]) -> str:
+    """The text of ``frozen.json`` for ``parts`` (``path`` names the file, for messages)."""
+    return json.dumps({"format": 1, "parts": parts}, indent=2) + "\n"
+
+
+def check_restored(
+    directory: Path, saved: dict[str, dict[str, Any]], built: dict[str, dict[str, Any]]
+) -> None:
+    """The pipeline built from the config must hold the same frozen parts, from sources with
+    the same content, as when it was saved."""
+    for prefix, reference in saved.items():
+        now = built.get(prefix)
+        if now is None:
+            raise FrozenReferenceError(
+                f"{directory}: {prefix} was saved as a reference to {reference['source']}, but the "
+                "component built from config.yaml no longer declares it frozen; re-save the pipeline "
+                "with embed_frozen=True where it still loads"
+            )
+        if now["sha256"] != reference["sha256"]:
+            raise FrozenReferenceError(
+                f"{directory}: the frozen weights of {prefix} changed since the pipeline was saved "
+                f"(source {now['source']}, sha256 {now['sha256'][:12]}... now, "
+                f"{reference['sha256'][:12]}... then); restore that source, or re-save the "
+                "pipeline with embed_frozen=True from a copy that has the original weights"
+            )
+
+
+def read_manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    path = directory / FROZEN_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text())["parts"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise FrozenReferenceError(f"{path} is not a frozen-parts manifest: {err}") from err
