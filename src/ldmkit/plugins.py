@@ -137,7 +137,12 @@ class PluginManager:
         try:
             self.pm.register(plugin, name=info.name)
         except ValueError as err:
-            raise PluginError(f"plugin name {info.name!r} is already registered") from err
+            holder = next((other for other in self.infos.values() if other is not info and other.name == info.name), None)
+            by = f" by {holder.label} (entry point {holder.module})" if holder is not None else ""
+            raise PluginError(
+                f"plugin name {info.name!r} from {info.label} (entry point {info.module}) is already "
+                f"registered{by}"
+            ) from err
         except pluggy.PluginValidationError as err:
             raise PluginError(f"plugin {info.name!r} has an invalid hook implementation: {err}") from err
         unknown = [hc.name for hc in self.pm.get_hookcallers(plugin) or [] if hc.spec is None]

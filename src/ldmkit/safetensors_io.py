@@ -46,6 +46,18 @@ def read_safetensors(
     return tensors
 
 
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata stored in the header of ``path`` (empty when there is none);
+    :class:`~ldmkit.errors.UnreadableWeightsError` naming the file when it does not parse."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise UnreadableWeightsError(path, _one_line(err)) from err
+
+
 def _one_line(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return " ".join(lines) or type(err).__name__

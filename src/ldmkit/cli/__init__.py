@@ -21,7 +21,7 @@ from ldmkit.errors import LdmkitError
 from ldmkit.io import as_write_error
 
 SUBCOMMANDS = {
-    "train": (commands.train, "train a stage (stage=autoencoder | ldm) from Hydra overrides"),
+    "train": (commands.train, "train a stage (stage=autoencoder | ldm | a plugin's; `ldmkit plugins` lists them) from Hydra overrides"),
     "sample": (commands.sample, "sample images into a PNG grid"),
     "evaluate": (commands.evaluate, "evaluate a trained model and write JSON metrics"),
     "data": (commands.data, "prepare and inspect datasets (webdataset shards)"),

@@ -70,9 +70,8 @@ class FashionMNISTClassifier(nn.Module):
 
 
 def load_classifier(path: str | os.PathLike | None = None) -> FashionMNISTClassifier:
-    from safetensors.torch import load_file
-
     from ldmkit.losses.perceptual import MissingWeightsError
+    from ldmkit.safetensors_io import read_safetensors
 
     path = Path(path) if path is not None else default_classifier_path()
     if not path.is_file():
@@ -82,7 +81,7 @@ def load_classifier(path: str | os.PathLike | None = None) -> FashionMNISTClassi
             f"eval.feature_checkpoint at one"
         )
     model = FashionMNISTClassifier()
-    model.load_state_dict(load_file(str(path)))
+    model.load_state_dict(read_safetensors(path))
     return model.eval()
 
 

@@ -120,10 +120,9 @@ def ensure_classifier(path: Path | None = None, *, epochs: int = 2, log=print) -
 def real_accuracy(classifier: Any, path: Path) -> float:
     """The classifier's accuracy on the real test split: recorded in its file when it was
     trained, else measured now."""
-    from safetensors import safe_open
+    from ldmkit.safetensors_io import read_safetensors_metadata
 
-    with safe_open(str(path), framework="pt") as f:
-        recorded = (f.metadata() or {}).get("test_accuracy")
+    recorded = read_safetensors_metadata(path).get("test_accuracy")
     if recorded is not None:
         return float(recorded)
     from ldmkit.evaluation.classifier import fashion_mnist_arrays, to_model_input

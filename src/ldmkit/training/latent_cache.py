@@ -123,13 +123,13 @@ class LatentCache:
     epoch (and per rank)."""
 
     def __init__(self, directory: Path) -> None:
-        from safetensors.torch import load_file
+        from ldmkit.safetensors_io import read_safetensors
 
         meta = json.loads((directory / META).read_text())
         tensors: dict[str, list[Tensor]] = {}
         lists: dict[str, list[Any]] = {}
         for i in range(meta["chunks"]):
-            for key, value in load_file(str(directory / f"chunk_{i:05d}.safetensors")).items():
+            for key, value in read_safetensors(directory / f"chunk_{i:05d}.safetensors").items():
                 tensors.setdefault(key, []).append(value)
             for key, value in json.loads((directory / f"chunk_{i:05d}.json").read_text()).items():
                 lists.setdefault(key, []).extend(value)
