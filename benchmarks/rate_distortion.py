@@ -1,0 +1,144 @@
+"""Rate-distortion of the first stages (issue 14, item 2; the shape of the paper's Tab. 8):
+KL-reg and VQ-reg autoencoders at f = 4, 8, 16 trained with the same step budget on
+Fashion-MNIST (32x32, grayscale), then PSNR, SSIM and the Fréchet distance (the project's
+Fashion-MNIST feature network) of their reconstructions of held-out test images.
+
+Each model is the CPU-sized first stage of ``experiment=fmnist_kl_f4`` / ``fmnist_vq_f4``
+with one more down-sampling level per doubling of f (``ch_mult`` [1,2,4], [1,2,4,4],
+[1,2,4,4,4]) and the paper's latent channels for KL/VQ at that factor where they agree
+(c = 3 at f=4, 4 at f=8, 8 at f=16; the same c for KL and VQ, so the two differ only in the
+regularizer). Everything runs through the real CLI (``ldmkit train`` / ``ldmkit evaluate``)::
+
+    .venv/bin/python benchmarks/rate_distortion.py --steps 600 --jobs 2
+
+Writes ``benchmarks/results/rate_distortion.json`` and ``docs/images/rate_distortion.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+ROOT = Path(__file__).resolve().parents[1]
+FACTORS = {4: ([1, 2, 4], 3), 8: ([1, 2, 4, 4], 4), 16: ([1, 2, 4, 4, 4], 8)}
+
+
+def run(kind: str, f: int, args: argparse.Namespace) -> dict:
+    exe = Path(sys.executable).with_name("ldmkit")
+    ch_mult, channels = FACTORS[f]
+    run_dir = args.out / f"{kind}_f{f}"
+    common = [
+        f"experiment=fmnist_{kind}_f4",
+        f"data.path={args.data}",
+        f"run_dir={run_dir}",
+        f"first_stage.ch_mult=[{','.join(map(str, ch_mult))}]",
+        f"first_stage.latent_channels={channels}",
+        f"first_stage.z_channels={channels}",
+    ]
+    start = time.perf_counter()
+    subprocess.run(
+        [
+            str(exe),
+            "train",
+            *common,
+            "trainer.max_minutes=null",
+            f"trainer.max_steps={args.steps}",
+            f"trainer.val_every={args.steps}",
+            "trainer.progress=false",
+            "trainer.tensorboard=false",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    train_s = time.perf_counter() - start
+    report = run_dir / "rd_eval.json"
+    subprocess.run(
+        [
+            str(exe),
+            "evaluate",
+            *common,
+            f"eval.max_images={args.eval_images}",
+            "eval.fid_features=fashion_mnist",
+            f"eval.output={report}",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    metrics = json.loads(report.read_text())
+    entry = {
+        "regularizer": kind,
+        "f": f,
+        "latent": f"{channels}x{32 // f}x{32 // f}",
+        "steps": args.steps,
+        "psnr": metrics["psnr"],
+        "ssim": metrics["ssim"],
+        "frechet": metrics.get("frechet_distance"),
+        "train_s": round(train_s, 1),
+    }
+    print(json.dumps(entry), flush=True)
+    return entry
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--jobs", type=int, default=1, help="trainings at once (one thread each)")
+    parser.add_argument("--eval-images", type=int, default=2000)
+    parser.add_argument("--data", type=Path, default=ROOT / "data/fashion_mnist")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs/rate_distortion")
+    parser.add_argument(
+        "--json", type=Path, default=ROOT / "benchmarks/results/rate_distortion.json"
+    )
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs/images/rate_distortion.png")
+    args = parser.parse_args()
+    jobs = [(kind, f) for f in FACTORS for kind in ("kl", "vq")]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(lambda job: run(*job, args), jobs))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"steps": args.steps, "runs": results}, indent=2) + "\n")
+    plot(results, args.plot)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    from PIL import Image
+    from plotting import line_chart
+
+    parts = []
+    for key, label in (
+        ("psnr", "PSNR, dB (higher is better)"),
+        ("frechet", "Frechet distance (lower is better)"),
+    ):
+        series = {
+            kind.upper(): [
+                (r["f"], r[key]) for r in results if r["regularizer"] == kind and r[key] is not None
+            ]
+            for kind in ("kl", "vq")
+        }
+        part = path.with_name(f"{path.stem}_{key}.png")
+        line_chart(
+            part,
+            series,
+            xlabel="downsampling factor f",
+            ylabel=label,
+            title="first stages on Fashion-MNIST, same step budget",
+        )
+        parts.append(Image.open(part).convert("RGB"))
+        part.unlink()
+    canvas = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts)), "white")
+    y = 0
+    for part in parts:
+        canvas.paste(part, (0, y))
+        y += part.height
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+if __name__ == "__main__":
+    main()
