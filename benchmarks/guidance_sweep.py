@@ -125,33 +125,22 @@ def main() -> None:
 
 def plot(results: dict[str, Any], path: Path) -> None:
     """Three line charts against the guidance scale, stacked in one PNG."""
-    from PIL import Image
-    from plotting import line_chart
+    from plotting import stacked_line_charts
 
     runs = results["runs"]
-    parts = []
-    for key, label, scale in (
-        ("accuracy", "class accuracy, %", 100),
-        ("frechet", "Frechet distance (lower is better)", 1),
-        ("diversity", "within-class spread / real data's", 1),
-    ):
-        part = path.with_name(f"{path.stem}_{key}.png")
-        line_chart(
-            part,
-            {"DDIM-50": [(r["guidance"], scale * r[key]) for r in runs]},
-            xlabel="guidance scale",
-            ylabel=label,
-            title="classifier-free guidance, class-conditional Fashion-MNIST LDM",
-        )
-        parts.append(Image.open(part).convert("RGB"))
-        part.unlink()
-    canvas = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts)), "white")
-    y = 0
-    for part in parts:
-        canvas.paste(part, (0, y))
-        y += part.height
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    stacked_line_charts(
+        path,
+        [
+            {"series": {"DDIM-50": [(r["guidance"], scale * r[key]) for r in runs]}, "ylabel": label}
+            for key, label, scale in (
+                ("accuracy", "class accuracy, %", 100),
+                ("frechet", "Frechet distance (lower is better)", 1),
+                ("diversity", "within-class spread / real data's", 1),
+            )
+        ],
+        xlabel="guidance scale",
+        title="classifier-free guidance, class-conditional Fashion-MNIST LDM",
+    )
 
 
 if __name__ == "__main__":

@@ -70,3 +70,26 @@ def line_chart(
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+def stacked_line_charts(path: Path, charts: Sequence[dict], **common) -> Path:
+    """Several :func:`line_chart`\\ s stacked top to bottom in one PNG. Each entry of
+    ``charts`` holds that chart's ``series`` and ``ylabel`` (and may override ``common``,
+    e.g. ``xlabel``/``title``)."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for i, chart in enumerate(charts):
+        part = path.with_name(f"{path.stem}_part{i}.png")
+        line_chart(part, **{**common, **chart})
+        parts.append(Image.open(part).convert("RGB"))
+        part.unlink()
+    canvas = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts)), "white")
+    y = 0
+    for part in parts:
+        canvas.paste(part, (0, y))
+        y += part.height
+    canvas.save(path)
+    return path

@@ -107,37 +107,28 @@ def main() -> None:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    from PIL import Image
-    from plotting import line_chart
+    from plotting import stacked_line_charts
 
-    parts = []
-    for key, label in (
-        ("psnr", "PSNR, dB (higher is better)"),
-        ("frechet", "Frechet distance (lower is better)"),
-    ):
-        series = {
-            kind.upper(): [
-                (r["f"], r[key]) for r in results if r["regularizer"] == kind and r[key] is not None
-            ]
-            for kind in ("kl", "vq")
-        }
-        part = path.with_name(f"{path.stem}_{key}.png")
-        line_chart(
-            part,
-            series,
-            xlabel="downsampling factor f",
-            ylabel=label,
-            title="first stages on Fashion-MNIST, same step budget",
-        )
-        parts.append(Image.open(part).convert("RGB"))
-        part.unlink()
-    canvas = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts)), "white")
-    y = 0
-    for part in parts:
-        canvas.paste(part, (0, y))
-        y += part.height
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    stacked_line_charts(
+        path,
+        [
+            {
+                "series": {
+                    kind.upper(): [
+                        (r["f"], r[key]) for r in results if r["regularizer"] == kind and r[key] is not None
+                    ]
+                    for kind in ("kl", "vq")
+                },
+                "ylabel": label,
+            }
+            for key, label in (
+                ("psnr", "PSNR, dB (higher is better)"),
+                ("frechet", "Frechet distance (lower is better)"),
+            )
+        ],
+        xlabel="downsampling factor f",
+        title="first stages on Fashion-MNIST, same step budget",
+    )
 
 
 if __name__ == "__main__":

@@ -119,8 +119,7 @@ def main() -> None:
 
 def plot(results: dict[str, Any], path: Path) -> None:
     """Two line charts (Fréchet distance and class accuracy against steps), stacked in one PNG."""
-    from PIL import Image
-    from plotting import line_chart
+    from plotting import stacked_line_charts
 
     names = [n for n in SAMPLERS if any(r["sampler"] == n for r in results["runs"])]
     series = {key: {} for key in ("frechet", "accuracy")}
@@ -130,28 +129,15 @@ def plot(results: dict[str, Any], path: Path) -> None:
         )
         series["frechet"][name] = [(r["steps"], r["frechet"]) for r in rows]
         series["accuracy"][name] = [(r["steps"], 100 * r["accuracy"]) for r in rows]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    parts = []
-    for key, label in (
-        ("frechet", "Fréchet distance (lower is better)"),
-        ("accuracy", "class accuracy, %"),
-    ):
-        part = path.with_name(f"{path.stem}_{key}.png")
-        line_chart(
-            part,
-            series[key],
-            xlabel="sampler steps",
-            ylabel=label,
-            title=f"class-conditional Fashion-MNIST LDM, guidance {results['guidance']}",
-        )
-        parts.append(Image.open(part).convert("RGB"))
-        part.unlink()
-    canvas = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts)), "white")
-    y = 0
-    for part in parts:
-        canvas.paste(part, (0, y))
-        y += part.height
-    canvas.save(path)
+    stacked_line_charts(
+        path,
+        [
+            {"series": series["frechet"], "ylabel": "Fréchet distance (lower is better)"},
+            {"series": series["accuracy"], "ylabel": "class accuracy, %"},
+        ],
+        xlabel="sampler steps",
+        title=f"class-conditional Fashion-MNIST LDM, guidance {results['guidance']}",
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -9,6 +11,27 @@ import pytest
 from ldmkit.plugins import reset_plugin_manager
 
 TESTS = Path(__file__).parent
+LDMKIT = Path(sys.executable).with_name("ldmkit")
+
+
+def ldmkit_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The real ``ldmkit`` console script, with this shell's ``LDMKIT_*`` switches cleared
+    (plus ``env``)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LDMKIT_")}
+    return subprocess.run(
+        [str(LDMKIT), *args], capture_output=True, text=True, env={**clean, **(env or {})}, timeout=timeout
+    )
+
+
+def pip_install_project(project: Path, target: Path) -> Path:
+    """``pip install`` the project folder ``project`` (non-editable, no dependencies, no build
+    isolation: offline) into ``target``; returns ``target`` (put it on PYTHONPATH)."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(project)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    return target
 TOY_OVERRIDES = [
     "first_stage=toy_fs",
     "denoiser=toy_denoiser",

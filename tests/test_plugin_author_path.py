@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import importlib
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import ldmkit
 from ldmkit.interfaces import Sampler
 from ldmkit.plugins import get_plugin_manager, get_registry
 from ldmkit.testing import temporary_plugin
-from tests.conftest import make_distribution
+from tests.conftest import make_distribution, pip_install_project
 from tests.test_docs_snippets import fenced_blocks
 
 INSTALLED = """
@@ -145,11 +144,7 @@ def docs_distribution(tmp_path_factory) -> Path:
         docs_block("yaml", "name: my_sampler   # the registered name")
     )
     target = tmp_path_factory.mktemp("target")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(project)],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
+    pip_install_project(project, target)
     return target
 
 

@@ -5,7 +5,6 @@ after the full listing."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 
 from ldmkit.config import compose_config
 from ldmkit.plugins import BUILTIN_PLUGINS, PluginError, get_plugin_manager, get_registry
-from tests.conftest import make_distribution
+from tests.conftest import ldmkit_cli, make_distribution
 
 FIRST_PARTY = [
     "ldmkit-autoencoders",
@@ -23,7 +22,6 @@ FIRST_PARTY = [
     "ldmkit-text",
     "ldmkit-unet",
 ]
-LDMKIT = Path(sys.executable).with_name("ldmkit")
 # ldmkit's own plugins (training stages, data sources): always loaded, listed as distribution
 # "ldmkit" beside the installed ones
 BUILTIN_REGISTERS = {
@@ -87,14 +85,7 @@ def install(
 
 
 def ldmkit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("LDMKIT_")}
-    return subprocess.run(
-        [str(LDMKIT), *args],
-        capture_output=True,
-        text=True,
-        env={**clean, **(env or {})},
-        timeout=120,
-    )
+    return ldmkit_cli(*args, env=env, timeout=120)
 
 
 # -- installed but not loaded ---------------------------------------------------------------------

@@ -5,8 +5,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -17,9 +15,8 @@ import ldmkit
 from ldmkit.config import ConfigError, compose_config
 from ldmkit.plugins import PluginLoadWarning, get_registry
 from ldmkit.registry import RegistryError
-from tests.conftest import make_distribution
+from tests.conftest import ldmkit_cli, make_distribution, pip_install_project
 
-LDMKIT = Path(sys.executable).with_name("ldmkit")
 BUILTIN = "plugin 'ldmkit.training.stages' (ldmkit 0.1.0)"
 
 # A third-party stage whose trainer writes what it was given (the plumbing, not training:
@@ -76,11 +73,6 @@ packages = ["src/ldmkit_echo_stage"]
 """
 
 
-def ldmkit_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("LDMKIT_")}
-    return subprocess.run([str(LDMKIT), *args], capture_output=True, text=True,
-                          env={**clean, **(env or {})}, timeout=300)  # fmt: skip
-
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> dict[str, str]:
@@ -94,11 +86,7 @@ def installed(tmp_path_factory) -> dict[str, str]:
     (package / "plugin.py").write_text(ECHO_PLUGIN)
     (package / "conf" / "trainer" / "echo.yaml").write_text("greeting: hello\nmax_steps: 3\n")
     target = tmp_path_factory.mktemp("target")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(project)],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
+    pip_install_project(project, target)
     assert (target / "ldmkit_echo_stage" / "conf" / "trainer" / "echo.yaml").is_file()
     assert (target / "ldmkit_echo_stage-0.2.0.dist-info" / "entry_points.txt").is_file()
     return {"PYTHONPATH": str(target)}

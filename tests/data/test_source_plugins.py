@@ -5,8 +5,6 @@ pip-installed source is listed and prepared through the real CLI."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -27,9 +25,8 @@ from ldmkit.data import (
 from ldmkit.data.cli import main
 from ldmkit.plugins import PluginLoadWarning, get_registry
 from ldmkit.registry import RegistryError
-from tests.conftest import make_distribution
+from tests.conftest import ldmkit_cli, make_distribution, pip_install_project
 
-LDMKIT = Path(sys.executable).with_name("ldmkit")
 BUILTIN = "plugin 'ldmkit.data.sources' (ldmkit 0.1.0)"
 FIRST_PARTY = ["cutouts", "emoji", "fashion_mnist", "image_folder", "semantic_scenes", "tuxpaint"]
 
@@ -90,16 +87,6 @@ packages = ["src/ldmkit_checkers"]
 """
 
 
-def ldmkit_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("LDMKIT_")}
-    return subprocess.run(
-        [str(LDMKIT), *args],
-        capture_output=True,
-        text=True,
-        env={**clean, **(env or {})},
-        timeout=300,
-    )
-
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> dict[str, str]:
@@ -111,11 +98,7 @@ def installed(tmp_path_factory) -> dict[str, str]:
     (project / "pyproject.toml").write_text(PYPROJECT)
     (package / "__init__.py").write_text(CHECKERS_PLUGIN)
     target = tmp_path_factory.mktemp("target")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(project)],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
+    pip_install_project(project, target)
     assert (target / "ldmkit_checkers-0.3.0.dist-info" / "entry_points.txt").is_file()
     return {"PYTHONPATH": str(target)}
 
