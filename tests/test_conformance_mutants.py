@@ -24,6 +24,7 @@ from ldmkit.interfaces import Conditioner, FirstStage, Sampler
 from ldmkit.plugins import get_registry
 from ldmkit.testing import ConditionerConformance, FirstStageConformance, SamplerConformance
 from ldmkit.testing.conformance import gaussian_denoiser, gaussian_flow_solution
+from tests.test_conditioner_conformance_catches import Tokens
 
 FAILS = (AssertionError, pytest.fail.Exception)
 
@@ -203,22 +204,7 @@ def test_first_party_samplers_pass(name):
 # -- conditioners -------------------------------------------------------------------------
 
 
-class Labels(Conditioner):
-    input_keys = ("label",)
-
-    def __init__(self):
-        super().__init__()
-        self.crossattn_dim = 4
-        self.embedding = nn.Embedding(6, 4)
-
-    def forward(self, batch):
-        return {"crossattn": self.embedding(torch.as_tensor(self.read(batch, "label")))[:, None]}
-
-    def unconditional(self, batch):
-        return {"crossattn": self.embedding(torch.full((len(batch["label"]),), 5))[:, None]}
-
-
-class ConstantCondition(Labels):
+class ConstantCondition(Tokens):
     """Reads the key (so a missing key still raises) but returns one learned vector."""
 
     def __init__(self):
@@ -229,7 +215,7 @@ class ConstantCondition(Labels):
         return {"crossattn": self.constant.expand(len(self.read(batch, "label")), 1, -1)}
 
 
-class ByPosition(Labels):
+class ByPosition(Tokens):
     """Reads the key but embeds each sample's place in the batch, not its label."""
 
     def forward(self, batch):
@@ -264,7 +250,7 @@ def test_conditioners_ignoring_their_input_fail(mutant, check):
 
 def test_a_conditioner_reading_its_input_passes():
     for check in CONDITIONER_CHECKS:
-        conditioner_check(Labels, check)
+        conditioner_check(Tokens, check)
     conditioner_check(ByPosition, "test_output_depends_on_the_input")  # why the swap check exists
 
 

@@ -91,8 +91,8 @@ def under(key: str, prefixes: Iterable[str]) -> bool:
     return any(key.startswith(prefix + ".") for prefix in prefixes)
 
 
-def write_manifest(path: Path, parts: dict[str, dict[str, Any]]) -> str:
-    """The text of ``frozen.json`` for ``parts`` (``path`` names the file, for messages)."""
+def write_manifest(parts: dict[str, dict[str, Any]]) -> str:
+    """The text of ``frozen.json`` for ``parts``."""
     return json.dumps({"format": 1, "parts": parts}, indent=2) + "\n"
 
 

@@ -450,7 +450,7 @@ class Pipeline(nn.Module):
         if parts:
             # the manifest first: a crash before the weights leaves old (embedded) weights
             # beside it, which still load
-            atomic_write_text(manifest, frozen.write_manifest(manifest, parts))
+            atomic_write_text(manifest, frozen.write_manifest(parts))
             state = _without_shared({k: v for k, v in self.state_dict().items() if not frozen.under(k, parts)})
             atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, str(p)))
         else:

@@ -81,6 +81,7 @@ def _tiled(
     out: Tensor | None = None
     weight: Tensor | None = None
     ramp = overlap * scale_num // scale_den
+    windows: dict[tuple[int, int], Tensor] = {}
     for top in tile_starts(h, tile, overlap):
         for left in tile_starts(w, tile, overlap):
             piece = fn(x[..., top : top + tile, left : left + tile])
@@ -89,10 +90,12 @@ def _tiled(
                 out_h, out_w = h * scale_num // scale_den, w * scale_num // scale_den
                 out = piece.new_zeros((*piece.shape[:-2], out_h, out_w), dtype=torch.float32)
                 weight = piece.new_zeros((out_h, out_w), dtype=torch.float32)
-            win = (
-                blend_window(ph, ramp, device=piece.device)[:, None]
-                * blend_window(pw, ramp, device=piece.device)[None, :]
-            )
+            if (ph, pw) not in windows:  # edge tiles of a small image may be smaller
+                windows[ph, pw] = (
+                    blend_window(ph, ramp, device=piece.device)[:, None]
+                    * blend_window(pw, ramp, device=piece.device)[None, :]
+                )
+            win = windows[ph, pw]
             oy, ox = top * scale_num // scale_den, left * scale_num // scale_den
             out[..., oy : oy + ph, ox : ox + pw].addcmul_(piece.float(), win)
             weight[oy : oy + ph, ox : ox + pw].add_(win)
