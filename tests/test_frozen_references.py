@@ -86,7 +86,7 @@ def test_a_changed_source_is_refused_naming_it(tmp_path, model_copy):
         next(model.parameters()).add_(1.0)
     model.save_pretrained(str(folder))
     with pytest.raises(
-        FrozenReferenceError, match=r"conditioner\.encoder changed since the pipeline was saved"
+        FrozenReferenceError, match=r"conditioner\.encoder changed since it was saved"
     ):
         Pipeline.load(tmp_path / "p")
 
@@ -108,3 +108,82 @@ def test_a_trainable_part_cannot_be_a_reference(tmp_path):
     with pytest.raises(FrozenReferenceError, match="has trainable parameters"):
         pipe.save(tmp_path / "p")
     pipe.save(tmp_path / "p", embed_frozen=True)  # embedding always works
+
+
+# -- training checkpoints --------------------------------------------------------------------
+
+
+def train_cfg(tmp_path, *extra):
+    from ldmkit.config import compose_config
+
+    return compose_config([
+        "stage=ldm", "trainer=ldm_tiny", "first_stage=identity", "denoiser=unet_tiny",
+        "conditioner=frozen_text", "sampler=ddim", "image_size=8", f"run_dir={tmp_path / 'run'}",
+        *extra,
+    ])
+
+
+def captions(split, epoch):
+    gen = torch.Generator().manual_seed(100 * epoch + (split == "train"))
+    words = ["a red apple", "a blue car", "a green tree", "a black cat"]
+    for i in range(4):
+        yield {"image": torch.rand(4, 3, 8, 8, generator=gen) * 2 - 1,
+               "caption": [words[(i + j) % 4] for j in range(4)]}
+
+
+def test_training_checkpoints_keep_the_frozen_encoder_by_reference(tmp_path):
+    from ldmkit.training import train
+    from ldmkit.training.checkpoint import CheckpointManager, read_safetensors
+    from ldmkit.weights import load_component_weights
+
+    run = train(train_cfg(tmp_path), data=captions)
+    last = CheckpointManager(run / "checkpoints").latest(verify=True)  # frozen.json is checksummed
+    manifest = json.loads((last.path / FROZEN_FILE).read_text())
+    assert list(manifest["parts"]) == ["conditioner.encoder"]
+    weights = read_safetensors(last.model_file)
+    assert not [k for k in weights if k.startswith("conditioner.encoder.")]
+    assert [k for k in weights if k.startswith("denoiser.")]
+    assert not (run / "pipeline" / "model.safetensors").stat().st_size > 20e6  # no 90 MB copy
+    # a component loads from the run through checkpoint:, taking the encoder from its source
+    fresh = make()
+    load_component_weights(fresh.conditioner, run, "conditioner")
+    load_component_weights(fresh.denoiser, run, "denoiser")
+    torch.testing.assert_close(fresh.denoiser.state_dict(), {
+        k[len("denoiser."):]: v for k, v in weights.items() if k.startswith("denoiser.")})
+
+    embedded = train(train_cfg(tmp_path / "e", "trainer.embed_frozen=true"), data=captions)
+    last_e = CheckpointManager(embedded / "checkpoints").latest()
+    assert not (last_e.path / FROZEN_FILE).exists()
+    encoder = [k for k in read_safetensors(last_e.model_file) if k.startswith("conditioner.encoder.")]
+    assert len(encoder) == len(fresh.conditioner.encoder.state_dict())
+
+
+def test_resume_from_a_reference_checkpoint_is_exact(tmp_path):
+    from ldmkit.training import train
+    from ldmkit.training.checkpoint import CheckpointManager, read_safetensors
+
+    straight = train(train_cfg(tmp_path / "a"), data=captions)
+    train(train_cfg(tmp_path / "b", "trainer.max_steps=3"), data=captions)
+    resumed = train(train_cfg(tmp_path / "b"), data=captions)
+    a = read_safetensors(CheckpointManager(straight / "checkpoints").latest().model_file)
+    b = read_safetensors(CheckpointManager(resumed / "checkpoints").latest().model_file)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
+
+
+def test_resume_refuses_a_changed_source_naming_it(tmp_path, model_copy):
+    from transformers import AutoModel
+
+    from ldmkit.training import train
+
+    folder = tmp_path / "encoder"
+    shutil.copytree(model_copy, folder)
+    cfg = train_cfg(tmp_path, "trainer.max_steps=3", f"conditioner.name_or_path={folder}")
+    train(cfg, data=captions)
+    model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    model.save_pretrained(str(folder))
+    with pytest.raises(FrozenReferenceError, match=r"step_000000003: the frozen weights of conditioner\.encoder changed"):
+        train(train_cfg(tmp_path, f"conditioner.name_or_path={folder}"), data=captions)

@@ -205,6 +205,7 @@ CORE_KEYS: dict[str, Spec] = {
     "trainer.checkpoint_every": EVERY,
     "trainer.val_every": EVERY,
     "trainer.keep_checkpoints": Integer(1),
+    "trainer.embed_frozen": SWITCH,
     "trainer.val_batches": Integer(0),
     "trainer.val_split": Text(),
     "trainer.device": Device(),

@@ -12,6 +12,12 @@ line naming the part, the source and what to do when the source is gone or chang
 ``Pipeline.save(dir, embed_frozen=True)`` embeds them instead (a self-contained folder to
 copy to another machine).
 
+Training checkpoints (``<run_dir>/checkpoints/step_N/``) follow the same rule: the trainer
+leaves referenced parts out of ``model.safetensors`` and writes ``frozen.json`` beside it
+(``trainer.embed_frozen=true`` embeds them); resuming, or loading a component from the run
+through ``checkpoint:``, rebuilds the part from its source and checks the hash
+(:func:`fill_referenced`).
+
 Only frozen parts may be references: every parameter under the prefix must have
 ``requires_grad=False``, else saving refuses (a trained part must be saved).
 """
@@ -28,7 +34,14 @@ from torch import nn
 
 from ldmkit.errors import LdmkitError
 
-__all__ = ["FROZEN_FILE", "FrozenReferenceError", "frozen_parts", "weights_digest"]
+__all__ = [
+    "FROZEN_FILE",
+    "FrozenReferenceError",
+    "fill_referenced",
+    "frozen_parts",
+    "weights_digest",
+    "within",
+]
 
 FROZEN_FILE = "frozen.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
@@ -111,10 +124,11 @@ def check_restored(
             )
         if now["sha256"] != reference["sha256"]:
             raise FrozenReferenceError(
-                f"{directory}: the frozen weights of {prefix} changed since the pipeline was saved "
+                f"{directory}: the frozen weights of {prefix} changed since it was saved "
                 f"(source {now['source']}, sha256 {now['sha256'][:12]}... now, "
-                f"{reference['sha256'][:12]}... then); restore that source, or re-save the "
-                "pipeline with embed_frozen=True from a copy that has the original weights"
+                f"{reference['sha256'][:12]}... then); restore that source, or save with "
+                "embed_frozen=True (trainer.embed_frozen=true in training) from a copy that has "
+                "the original weights"
             )
 
 
@@ -126,3 +140,32 @@ def read_manifest(directory: Path) -> dict[str, dict[str, Any]]:
         return dict(json.loads(path.read_text())["parts"])
     except (ValueError, KeyError, TypeError) as err:
         raise FrozenReferenceError(f"{path} is not a frozen-parts manifest: {err}") from err
+
+
+def within(parts: dict[str, dict[str, Any]], prefix: str) -> dict[str, dict[str, Any]]:
+    """The parts under ``prefix`` (a component's role), with the prefix stripped."""
+    start = prefix + "."
+    return {k[len(start) :]: v for k, v in parts.items() if k.startswith(start)}
+
+
+def fill_referenced(
+    module: nn.Module,
+    tensors: dict[str, Any],
+    references: dict[str, dict[str, Any]],
+    where: Path,
+    role: str = "",
+) -> dict[str, Any]:
+    """``tensors`` (a state dict saved without the referenced parts) completed with those parts
+    from ``module`` (the component ``role``), which built them from their sources: the sources
+    must still hold the content they held when ``where`` was saved (else
+    :class:`FrozenReferenceError`, naming the part as ``<role>.<name>``)."""
+    if not references:
+        return tensors
+    name = (lambda key: f"{role}.{key}") if role else (lambda key: key)
+    check_restored(
+        where,
+        {name(k): v for k, v in references.items()},
+        {name(k): v for k, v in frozen_parts(module).items()},
+    )
+    own = {k: v for k, v in module.state_dict().items() if under(k, references)}
+    return {**own, **tensors}

@@ -10,7 +10,10 @@ Accepted sources, all read without executing code:
   is used when present.
 
 Keys prefixed with the component's role (``first_stage.encoder...``, the layout of ldmkit's
-checkpoints) are selected and stripped; a file without such keys is taken whole.
+checkpoints) are selected and stripped; a file without such keys is taken whole. Frozen
+pretrained parts that a checkpoint or pipeline folder keeps by reference (``frozen.json``,
+:mod:`ldmkit.frozen`) are taken from the component as built from its config, after checking
+that their source still has the saved content.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ldmkit import frozen
 from ldmkit.checkpoint_layout import MODEL_FILE, resolve_checkpoint, unflatten_state
 from ldmkit.errors import CheckpointError, UnreadableWeightsError, WeightsError
 from ldmkit.safetensors_io import read_safetensors
@@ -65,7 +69,13 @@ def read_weights(source: str | os.PathLike) -> dict[str, Tensor]:
 def load_component_weights(module: nn.Module, source: str | os.PathLike, role: str) -> None:
     """Load ``source`` into ``module`` (strict); errors name the file and the component."""
     weights = read_weights(source)
-    state = unflatten_state(weights, role) or weights
+    file = _model_file(Path(source).expanduser())
+    # frozen parts the folder keeps by reference (frozen.json) come from their source
+    references = frozen.within(frozen.read_manifest(file.parent), role) if file.name == MODEL_FILE else {}
+    state = unflatten_state(weights, role)
+    if not state and not references:
+        state = weights  # a file of this component alone
+    state = frozen.fill_referenced(module, state, references, file.parent, role)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:

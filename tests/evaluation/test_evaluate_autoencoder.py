@@ -68,6 +68,7 @@ def test_report_has_metrics_and_is_written(trained_run, tmp_path, empty_hub):
     assert 0 < report["ssim"] <= 1
     assert report["lpips"] is None and "vgg16-397923af.pth" in report["skipped"]["lpips"]
     assert report["frechet_features"] == "fashion_mnist" and report["frechet_distance"] >= 0
+    assert isinstance(report["kid"], float) and report["kid_std"] > 0  # 100 subsets of the 24
     written = json.loads(Path(report["output"]).read_text())
     assert written["psnr"] == report["psnr"]
     assert Path(report["output"]).parent == trained_run / "eval"
@@ -79,7 +80,8 @@ def test_missing_feature_weights(trained_run, tmp_path, empty_hub):
                           f"eval.feature_checkpoint={tmp_path / 'none.safetensors'}",
                           f"eval.output={tmp_path / 'r.json'}"])
     report = evaluate(cfg, data=data)  # auto: skipped, with the reason
-    assert report["frechet_distance"] is None
+    assert report["frechet_distance"] is None and report["kid"] is None
+    assert report["skipped"]["kid"] == report["skipped"]["frechet_distance"]
     assert INCEPTION_FILE in report["skipped"]["frechet_distance"]
     assert "none.safetensors" in report["skipped"]["frechet_distance"]
     with pytest.raises(MissingWeightsError, match=INCEPTION_FILE):

@@ -194,3 +194,48 @@ def test_feature_sets_of_different_sizes_or_too_few_are_refused():
     with pytest.raises(ValueError, match="at least 2 feature vectors, got 1"):
         frechet_distance_from_stats(small, small)
     assert math.isfinite(frechet_distance_from_stats(other, other))
+
+
+# -- KID (torchmetrics' KernelInceptionDistance over precomputed features) ----------------------
+
+
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """The unbiased MMD² with the cubic polynomial kernel, from its formula (Bińkowski et al.
+    2018, eq. 4), in float64."""
+    d = x.shape[1]
+    k = lambda a, b: (a @ b.T / d + 1.0) ** 3  # noqa: E731
+    m = x.shape[0]
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    off = lambda g: (g.sum() - np.trace(g)) / (m * (m - 1))  # noqa: E731
+    return float(off(kxx) + off(kyy) - 2 * kxy.mean())
+
+
+def test_kid_equals_the_unbiased_mmd_formula_on_the_whole_sets():
+    from ldmkit.evaluation.frechet import kernel_distance
+
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randn(60, 8, generator=gen, dtype=torch.float64)
+    fake = 0.5 + 1.3 * torch.randn(60, 8, generator=gen, dtype=torch.float64)
+    # one subset of all 60: a permutation of the whole set, so the value is the formula's
+    mean, std = kernel_distance(real, fake, subsets=1, subset_size=60)
+    assert mean == pytest.approx(mmd2_unbiased(real.numpy(), fake.numpy()), rel=1e-9)
+    assert mean > 0.05  # different distributions
+    same, _ = kernel_distance(real[:30], real[30:], subsets=1, subset_size=30)
+    assert abs(same) < 0.2 * mean  # unbiased: about zero for one distribution
+
+
+def test_kid_subsets_are_seeded_and_leave_the_global_random_state_alone():
+    from ldmkit.evaluation.frechet import kernel_distance
+
+    gen = torch.Generator().manual_seed(1)
+    real, fake = torch.randn(200, 4, generator=gen), torch.randn(200, 4, generator=gen) + 0.3
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = kernel_distance(real, fake, subset_size=50, subsets=20, seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert kernel_distance(real, fake, subset_size=50, subsets=20, seed=7) == first
+    assert first[1] > 0  # the std over subsets
+    with pytest.raises(ValueError, match="at least 2 feature vectors"):
+        kernel_distance(real[:1], fake)
+    with pytest.raises(ValueError, match="N×d feature sets of one d"):
+        kernel_distance(real, fake[:, :3])

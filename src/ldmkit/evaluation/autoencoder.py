@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 
-from ldmkit.evaluation.frechet import FeatureStats, frechet_distance_from_stats
+from ldmkit.evaluation.frechet import FeatureStats, frechet_distance_from_stats, kernel_distance
 from ldmkit.evaluation.metrics import psnr, ssim
 from ldmkit.io import atomic_write_text, check_writable
 
@@ -101,12 +102,14 @@ def reconstruction_metrics(
     max_images: int | None = None,
 ) -> dict[str, Any]:
     """Average per-image PSNR / SSIM / LPIPS of ``decode(encode(x))`` against ``x`` (in
-    [0, 1]), and the Fréchet distance between feature statistics of ``x`` and of the
-    reconstructions when ``feature_model`` is given."""
+    [0, 1]), and the Fréchet distance and KID (mean and std over subsets) between the
+    features of ``x`` and of the reconstructions when ``feature_model`` is given."""
     from ldmkit.training.autoencoder import batch_images, to_unit
 
     psnrs, ssims, lpipses = [], [], []
     real_stats = fake_stats = None
+    real_feats: list[Tensor] = []
+    fake_feats: list[Tensor] = []
     seen = 0
     for batch in batches:
         x = batch_images(batch, channels=first_stage.image_channels, device=device)
@@ -123,6 +126,8 @@ def reconstruction_metrics(
                 real_stats, fake_stats = FeatureStats(real.shape[1]), FeatureStats(real.shape[1])
             real_stats.update(real)
             fake_stats.update(fake)
+            real_feats.append(real.detach().cpu())
+            fake_feats.append(fake.detach().cpu())
         seen += x.shape[0]
         if max_images is not None and seen >= max_images:
             break
@@ -140,6 +145,8 @@ def reconstruction_metrics(
     results["frechet_distance"] = (
         frechet_distance_from_stats(real_stats, fake_stats) if real_stats is not None else None
     )
+    kid = kernel_distance(torch.cat(real_feats), torch.cat(fake_feats)) if real_feats and seen > 1 else (None, None)
+    results["kid"], results["kid_std"] = kid
     return results
 
 
@@ -197,7 +204,7 @@ def evaluate_autoencoder(
     if lpips_model is None:
         notes["lpips"] = lpips_note
     if feature_model is None:
-        notes["frechet_distance"] = feature_note
+        notes["frechet_distance"] = notes["kid"] = feature_note
     if notes:
         report["skipped"] = notes
     report["seconds"] = time.perf_counter() - started

@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from torch import Tensor
 
 # the read side of the layout is core (the weights loader reads run folders too); it is
 # re-exported here, where the trainer and its callers have always found it
-from ldmkit import checkpoint_layout
+from ldmkit import checkpoint_layout, frozen
 from ldmkit.checkpoint_layout import (
     CONFIG_FILE,
     META_FILE,
@@ -92,12 +92,18 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def flatten_state(modules: dict[str, torch.nn.Module | dict[str, Tensor]]) -> dict[str, Tensor]:
-    """``{"first_stage": module}`` -> ``{"first_stage.<param>": tensor}`` (contiguous, CPU)."""
+def flatten_state(
+    modules: dict[str, torch.nn.Module | dict[str, Tensor]], *, skip: Iterable[str] = ()
+) -> dict[str, Tensor]:
+    """``{"first_stage": module}`` -> ``{"first_stage.<param>": tensor}`` (contiguous, CPU),
+    leaving out the keys under the prefixes in ``skip`` (frozen parts kept by reference)."""
+    skip = tuple(skip)
     flat: dict[str, Tensor] = {}
     for prefix, module in modules.items():
         state = module.state_dict() if isinstance(module, torch.nn.Module) else module
         for key, value in state.items():
+            if skip and frozen.under(f"{prefix}.{key}", skip):
+                continue
             # safetensors refuses aliased storage; a clone per tensor is cheap next to the write
             flat[f"{prefix}.{key}"] = value.detach().to("cpu").contiguous().clone()
     return flat
@@ -121,12 +127,18 @@ class CheckpointManager:
         training: dict[str, Tensor] | None = None,
         state: dict[str, Any] | None = None,
         config_yaml: str | None = None,
+        frozen_parts: dict[str, dict[str, Any]] | None = None,
     ) -> Checkpoint:
-        """Write the checkpoint of ``step``. A read-only or full disk raises
+        """Write the checkpoint of ``step``. ``frozen_parts`` (``{prefix: reference}``, see
+        :mod:`ldmkit.frozen`) are the parts left out of ``model``; they go to ``frozen.json``.
+        A read-only or full disk raises
         :class:`~ldmkit.io.WriteError` naming the checkpoint; the ones before stay intact."""
         final = self.directory / f"step_{step:09d}"
         try:
-            return self._save(step, final, model=model, training=training, state=state, config_yaml=config_yaml)
+            return self._save(
+                step, final, model=model, training=training, state=state, config_yaml=config_yaml,
+                frozen_parts=frozen_parts,
+            )
         except Exception as err:
             tmp = self.directory / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
             code = write_failure(err, tmp)
@@ -146,6 +158,7 @@ class CheckpointManager:
         training: dict[str, Tensor] | None,
         state: dict[str, Any] | None,
         config_yaml: str | None,
+        frozen_parts: dict[str, dict[str, Any]] | None = None,
     ) -> Checkpoint:
         from safetensors.torch import save_file
 
@@ -165,6 +178,9 @@ class CheckpointManager:
         if config_yaml is not None:
             (tmp / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
             files.append(CONFIG_FILE)
+        if frozen_parts:
+            (tmp / frozen.FROZEN_FILE).write_text(frozen.write_manifest(frozen_parts), encoding="utf-8")
+            files.append(frozen.FROZEN_FILE)
         for name in files:
             _fsync_file(tmp / name)
         checksums = {name: file_sha256(tmp / name) for name in files}

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 
+from ldmkit import frozen
 from ldmkit import precision as _precision
 from ldmkit.errors import LdmkitError
 from ldmkit.io import atomic_write_text, remove_stale_temporaries, reporting_write_errors
@@ -380,13 +381,27 @@ class Trainer(abc.ABC):
             "world_size": self.world_size,
             "ranks": ranks,
         }
+        parts = self.frozen_references()
         return self.checkpoints.save(
             self.step,
-            model=flatten_state(self.model_modules()),
+            model=flatten_state(self.model_modules(), skip=parts),
             training=flatten_state(self.training_modules()) or None,
             state=state,
             config_yaml=OmegaConf.to_yaml(self.cfg, resolve=True),
+            frozen_parts=parts,
         )
+
+    def frozen_references(self) -> dict[str, dict[str, Any]]:
+        """The frozen pretrained parts of the model modules kept by reference in checkpoints
+        (``{"conditioner.encoder": {"source", "sha256"}}``; :mod:`ldmkit.frozen`), none when
+        ``trainer.embed_frozen`` is true."""
+        if self.options.get("embed_frozen"):
+            return {}
+        return {
+            f"{prefix}.{name}": reference
+            for prefix, module in self.model_modules().items()
+            for name, reference in frozen.frozen_parts(module).items()
+        }
 
     def _read_checkpoint(self, checkpoint: Checkpoint) -> dict[str, Any]:
         """Every file of ``checkpoint``, read and parsed before anything is applied (a bad
@@ -410,13 +425,24 @@ class Trainer(abc.ABC):
                 raise CheckpointError(f"cannot read {checkpoint.config_file}: {type(err).__name__}: {err}") from err
             if not isinstance(saved_config, dict):
                 raise CheckpointError(f"cannot read {checkpoint.config_file}: not a mapping")
-        return {"state": state, "weights": weights, "extra": extra, "config": saved_config}
+        try:
+            references = frozen.read_manifest(checkpoint.path)
+        except frozen.FrozenReferenceError as err:
+            raise CheckpointError(str(err)) from err
+        for prefix, module in self.model_modules().items():  # a changed source: one clear error
+            frozen.fill_referenced(module, {}, frozen.within(references, prefix), checkpoint.path, prefix)
+        return {"state": state, "weights": weights, "extra": extra, "config": saved_config,
+                "frozen": references}
 
     def load_checkpoint(self, checkpoint: Checkpoint, contents: dict[str, Any] | None = None) -> None:
         contents = contents or self._read_checkpoint(checkpoint)
         state = contents["state"]
         for prefix, module in self.model_modules().items():
-            self._load_module(module, unflatten_state(contents["weights"], prefix), checkpoint.model_file, prefix)
+            tensors = frozen.fill_referenced(
+                module, unflatten_state(contents["weights"], prefix),
+                frozen.within(contents.get("frozen") or {}, prefix), checkpoint.path, prefix,
+            )
+            self._load_module(module, tensors, checkpoint.model_file, prefix)
         for prefix, module in self.training_modules().items():
             self._load_module(module, unflatten_state(contents["extra"], prefix), checkpoint.path, prefix)
         for key, optimizer in self.optimizers().items():

@@ -304,7 +304,7 @@ class LDMTrainer(Trainer):
         """``<run_dir>/pipeline/``: a :class:`Pipeline` folder (EMA weights by default)
         that ``ldmkit sample --checkpoint`` and ``Pipeline.load`` read."""
         with self._sampling_weights():
-            return self.pipeline.save(self.run_dir / "pipeline")
+            return self.pipeline.save(self.run_dir / "pipeline", embed_frozen=bool(self.options.get("embed_frozen")))
 
 
 def train_ldm(cfg: Any, *, data: Any = None) -> Path:
