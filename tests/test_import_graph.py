@@ -80,6 +80,7 @@ LAYERS: dict[str, int] = {
     "ldmkit.config": 2,
     "ldmkit.data": 2,  # its sources are looked up through the plugin manager
     "ldmkit.assembly": 3,
+    "ldmkit.interop": 3,  # translates foreign configs with ldmkit.config; Pipeline.from_compvis calls it
     "ldmkit.pipeline": 4,
     "ldmkit.training": 5,
     "ldmkit.evaluation": 5,

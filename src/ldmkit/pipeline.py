@@ -23,8 +23,9 @@ from ldmkit.config import compose_config
 from ldmkit.diffusion.guidance import ClassifierFreeGuidance
 from ldmkit.diffusion.sampling import GeneratorArg, randn_like, sample_generators, split_generator
 from ldmkit.diffusion.schedule import NoiseSchedule
-from ldmkit.errors import LdmkitError
+from ldmkit.errors import ConfigError, LdmkitError
 from ldmkit.interfaces import Conditioner, Denoiser, FirstStage, Sampler
+from ldmkit.interop import compvis
 from ldmkit.io import atomic_write, atomic_write_text
 from ldmkit.safetensors_io import read_safetensors
 from ldmkit.tiling import check_tiling, tiled_decode, tiled_encode
@@ -464,6 +465,33 @@ class Pipeline(nn.Module):
         """Build the pipeline a composed config describes: every component through the
         registry only, checked against the others (:func:`ldmkit.assembly.pipeline_parts`)."""
         return cls(**pipeline_parts(cfg))
+
+    @classmethod
+    def from_compvis(
+        cls,
+        checkpoint: str | Path,
+        config: str | Path,
+        *,
+        use_ema: bool = True,
+        null_class: str = "last",
+        device: str | torch.device = "cpu",
+    ) -> Pipeline:
+        """A pipeline from the paper's ``.ckpt`` and its ``config.yaml``
+        (:mod:`ldmkit.interop.compvis`): the EMA weights by default, the paper's DDIM spacing,
+        and for a class-conditional model the last of ``n_classes`` as the null class."""
+        model, state, facts = compvis.read_compvis(checkpoint, config, use_ema=use_ema, null_class=null_class)
+        if model.kind != "pipeline":
+            raise ConfigError(
+                f"{config} describes a first stage ({model.groups['first_stage']['name']}), not a latent "
+                "diffusion model: `ldmkit convert compvis` writes it as a folder for first_stage.checkpoint="
+            )
+        pipeline = cls.from_config(compvis.compose(model))
+        compvis.check_schedule(facts, pipeline.schedule.alphas_cumprod, str(checkpoint))
+        own = pipeline.state_dict()
+        if "scale_factor" in own:  # the checkpoint's buffer (scale_by_std) or the YAML's value
+            state["scale_factor"] = torch.full_like(own["scale_factor"], model.top["scale_factor"])
+        compvis.load_converted(pipeline, state, str(checkpoint))
+        return pipeline.to(device)
 
     @classmethod
     def load(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> Pipeline:

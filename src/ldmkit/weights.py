@@ -45,6 +45,17 @@ def _model_file(path: Path) -> Path:
         raise WeightsError(str(err)) from err
 
 
+def _torch_load(file: Path) -> object:
+    """``torch.load`` that runs no pickled code; memory-mapped (tensors stay on disk until
+    used, so a 4 GB checkpoint costs no 4 GB copy) where the file is in the zip format."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        return torch.load(file, map_location="cpu", weights_only=True)  # the legacy format
+
+
 def read_weights(source: str | os.PathLike) -> dict[str, Tensor]:
     """All tensors of a checkpoint source (see the module docstring)."""
     path = Path(source).expanduser()
@@ -53,7 +64,7 @@ def read_weights(source: str | os.PathLike) -> dict[str, Tensor]:
     file = _model_file(path)
     if file.suffix in PICKLE_SUFFIXES:
         try:
-            state = torch.load(file, map_location="cpu", weights_only=True)
+            state = _torch_load(file)
         except Exception as err:  # noqa: BLE001 - unpickling fails in many ways
             raise UnreadableWeightsError(
                 file, f"it is not a weights-only checkpoint (pickled code is never run): {err}"

@@ -1,4 +1,5 @@
-"""The ``ldmkit`` command: ``train``, ``sample``, ``evaluate``, ``data``, ``plugins``, ``demo``.
+"""The ``ldmkit`` command: ``train``, ``sample``, ``evaluate``, ``data``, ``plugins``, ``demo``,
+``convert``.
 
 Everything after the subcommand that looks like ``key=value`` is a Hydra override::
 
@@ -27,6 +28,7 @@ SUBCOMMANDS = {
     "data": (commands.data, "prepare and inspect datasets (webdataset shards)"),
     "plugins": (commands.plugins, "list installed plugins and what they register"),
     "demo": (commands.demo, "serve a web page for a trained pipeline (pip install 'ldmkit[demo]')"),
+    "convert": (commands.convert, "import the paper's checkpoints (convert compvis CKPT --config YAML --out DIR)"),
 }
 
 

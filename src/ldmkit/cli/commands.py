@@ -199,6 +199,53 @@ def demo(argv: Sequence[str], *, prog: str, description: str) -> int:
         raise CLIError(f"cannot serve on {args.host}:{args.port}: {err}") from err
 
 
+def convert(argv: Sequence[str], *, prog: str, description: str) -> int:
+    """``ldmkit convert compvis CKPT --config YAML --out DIR``: the paper's checkpoint as an
+    ldmkit pipeline folder (or, for a standalone first stage, a first-stage folder)."""
+    p = _Parser(prog=prog, description=description)
+    sub = p.add_subparsers(dest="source", required=True, parser_class=_Parser)
+    cv = sub.add_parser("compvis", help="a CompVis/latent-diffusion .ckpt and its config.yaml")
+    cv.add_argument("checkpoint", type=Path, help="the .ckpt (or .safetensors) file")
+    cv.add_argument("--config", type=Path, required=True, help="the paper's config.yaml of that checkpoint")
+    cv.add_argument("--out", type=Path, required=True, help="the folder to write")
+    cv.add_argument("--no-ema", dest="use_ema", action="store_false",
+                    help="take the raw weights, not the EMA (model_ema.*) ones")
+    cv.add_argument("--null-class", default="last",
+                    help="class-conditional models: which class is the unconditional one (default: last)")
+    args = p.parse_args(argv)
+    from ldmkit.interop import compvis
+    from ldmkit.pipeline import Pipeline
+
+    try:
+        model, state, facts = compvis.read_compvis(args.checkpoint, args.config, use_ema=args.use_ema,
+                                                   null_class=args.null_class)
+        if model.kind == "first_stage":
+            from omegaconf import OmegaConf
+            from safetensors.torch import save_file
+
+            from ldmkit.io import atomic_write, atomic_write_text
+            from ldmkit.plugins import get_registry
+
+            node = model.groups["first_stage"]
+            module = get_registry().create("first_stage", node["name"], **{k: v for k, v in node.items() if k != "name"})
+            compvis.load_converted(module, state, str(args.checkpoint))
+            args.out.mkdir(parents=True, exist_ok=True)
+            flat = {f"first_stage.{k}": v.contiguous() for k, v in module.state_dict().items()}
+            atomic_write(args.out / "model.safetensors", lambda path: save_file(flat, str(path)))
+            atomic_write_text(args.out / "first_stage.yaml", OmegaConf.to_yaml(OmegaConf.create(node)))
+            print(f"wrote {args.out} (first stage {node['name']}: use first_stage.checkpoint={args.out} "
+                  f"with the keys of {args.out / 'first_stage.yaml'})")
+            return 0
+        pipeline = Pipeline.from_compvis(args.checkpoint, args.config, use_ema=args.use_ema,
+                                         null_class=args.null_class)
+    except (LdmkitError, FileNotFoundError) as err:
+        raise CLIError(str(err)) from err
+    pipeline.save(args.out)
+    weights = "EMA" if facts.get("ema") else "raw"
+    print(f"wrote {args.out} ({weights} weights; sample with: ldmkit sample --checkpoint {args.out})")
+    return 0
+
+
 SAMPLE_EPILOG = """\
 outputs: --out grid.png writes grid.png (all samples), grid/000000.png ... (one PNG per sample,
 numbered from 0) and grid.json (the resolved settings: checkpoint, sampler and its options,

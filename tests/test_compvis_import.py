@@ -1,0 +1,239 @@
+"""Importing the paper's checkpoints (ldmkit.interop.compvis, Pipeline.from_compvis,
+``ldmkit convert compvis``) from fixtures written in the paper's exact layout at tiny sizes:
+``model.diffusion_model.*``, ``first_stage_model.*`` (with ``loss.*``), ``cond_stage_model.*``,
+``model_ema.*`` with the dots of each name removed, the DDPM schedule buffers and the
+``scale_factor`` buffer, in a PyTorch-Lightning-style ``{"state_dict": ...}`` pickle."""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from ldmkit.errors import ConfigError, UnreadableWeightsError, WeightsError
+from ldmkit.interop import compvis
+from ldmkit.pipeline import Pipeline
+from tests.conftest import ldmkit_cli
+
+# the paper's LatentDiffusion layout (cin256-v2's, scaled down): class-conditional,
+# cross-attention, a KL first stage with f = 2
+LDM_CONFIG = {
+    "model": {
+        "base_learning_rate": 1e-4,
+        "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+        "params": {
+            "linear_start": 0.0015,
+            "linear_end": 0.0195,
+            "timesteps": 1000,
+            "first_stage_key": "image",
+            "cond_stage_key": "class_label",
+            "image_size": 8,
+            "channels": 3,
+            "cond_stage_trainable": True,
+            "conditioning_key": "crossattn",
+            "scale_by_std": True,
+            "unet_config": {
+                "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+                "params": {
+                    "image_size": 8, "in_channels": 3, "out_channels": 3, "model_channels": 32,
+                    "attention_resolutions": [2], "num_res_blocks": 1, "channel_mult": [1, 2],
+                    "num_heads": 1, "use_spatial_transformer": True, "transformer_depth": 1,
+                    "context_dim": 8,
+                },
+            },
+            "first_stage_config": {
+                "target": "ldm.models.autoencoder.AutoencoderKL",
+                "params": {
+                    "embed_dim": 3,
+                    "ddconfig": {
+                        "double_z": True, "z_channels": 3, "resolution": 16, "in_channels": 3,
+                        "out_ch": 3, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
+                        "attn_resolutions": [], "dropout": 0.0,
+                    },
+                    "lossconfig": {"target": "torch.nn.Identity"},
+                },
+            },
+            "cond_stage_config": {
+                "target": "ldm.modules.encoders.modules.ClassEmbedder",
+                "params": {"n_classes": 11, "embed_dim": 8, "key": "class_label"},
+            },
+        },
+    }
+}  # fmt: skip
+
+PAPER_PREFIX = {"denoiser.": "model.diffusion_model.", "first_stage.": "first_stage_model.",
+                "conditioner.": "cond_stage_model."}  # fmt: skip
+
+
+def paper_betas(start: float, end: float, steps: int) -> np.ndarray:
+    """The paper's ``make_beta_schedule("linear")``: linspace of square roots, squared."""
+    return np.linspace(start**0.5, end**0.5, steps, dtype=np.float64) ** 2
+
+
+def paper_state(pipe: Pipeline, *, ema_shift: float = 1.0) -> dict[str, torch.Tensor]:
+    """``pipe``'s weights renamed into the paper's layout, with an EMA copy of the denoiser
+    (raw + ``ema_shift``), autoencoder loss weights, schedule buffers and ``scale_factor``."""
+    state: dict[str, torch.Tensor] = {}
+    for key, value in pipe.state_dict().items():
+        for ours, theirs in PAPER_PREFIX.items():
+            if key.startswith(ours):
+                state[theirs + key[len(ours):]] = value.clone()
+                if ours == "denoiser.":
+                    flat = ("diffusion_model." + key[len(ours):]).replace(".", "")
+                    state["model_ema." + flat] = value.clone() + ema_shift
+    state["model_ema.decay"] = torch.tensor(0.9999)
+    state["model_ema.num_updates"] = torch.tensor(123)
+    state["first_stage_model.loss.logvar"] = torch.zeros(())
+    state["first_stage_model.loss.discriminator.main.0.weight"] = torch.randn(4, 3, 4, 4)
+    betas = paper_betas(0.0015, 0.0195, 1000)
+    state["betas"] = torch.from_numpy(betas)
+    state["alphas_cumprod"] = torch.from_numpy(np.cumprod(1 - betas))
+    state["scale_factor"] = torch.tensor(0.7)
+    return state
+
+
+@pytest.fixture(scope="module")
+def paper_files(tmp_path_factory):
+    """A tiny LDM checkpoint and its config.yaml in the paper's layout."""
+    root = tmp_path_factory.mktemp("paper")
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(LDM_CONFIG))
+    torch.manual_seed(0)
+    pipe = Pipeline.from_config(compvis.compose(compvis.translate_config(LDM_CONFIG)))
+    torch.save({"state_dict": paper_state(pipe), "global_step": 5, "epoch": 1}, root / "model.ckpt")
+    return root / "model.ckpt", config, pipe
+
+
+def test_config_translation_writes_the_papers_defaults():
+    model = compvis.translate_config(LDM_CONFIG)
+    unet = model.groups["denoiser"]
+    assert unet["num_heads"] == 1 and unet["num_head_channels"] == -1  # the paper's, not ldmkit's 16
+    assert unet["attention_resolutions"] == [2] and unet["prediction"] == "eps"
+    assert model.groups["conditioner"] == {"name": "class_label", "num_classes": 10, "embed_dim": 8,
+                                           "role": "crossattn", "input_key": "label", "drop_rate": 0.0}
+    assert model.groups["schedule"]["linear_start"] == 0.0015 and model.groups["schedule"]["kind"] == "linear"
+    assert model.groups["sampler"]["spacing"] == "paper"
+    assert model.top["image_size"] == 16  # latent 8 x f 2
+    bare = copy.deepcopy(LDM_CONFIG)
+    params = bare["model"]["params"]["unet_config"]["params"]
+    for key in ("num_heads", "use_spatial_transformer", "context_dim"):
+        del params[key]
+    bare["model"]["params"]["cond_stage_config"] = "__is_unconditional__"
+    unet = compvis.translate_config(bare).groups["denoiser"]
+    assert (unet["num_heads"], unet["num_head_channels"], unet["use_spatial_transformer"]) == (-1, -1, False)
+
+
+def test_import_takes_ema_weights_by_default_and_raw_on_request(paper_files):
+    ckpt, config, original = paper_files
+    pipe = Pipeline.from_compvis(ckpt, config)
+    raw = Pipeline.from_compvis(ckpt, config, use_ema=False)
+    key = "out.2.weight"
+    torch.testing.assert_close(raw.denoiser.state_dict()[key], original.denoiser.state_dict()[key])
+    torch.testing.assert_close(pipe.denoiser.state_dict()[key], original.denoiser.state_dict()[key] + 1.0)
+    torch.testing.assert_close(pipe.conditioner.embedding.weight, original.conditioner.embedding.weight)
+    torch.testing.assert_close(pipe.first_stage.state_dict(), original.first_stage.state_dict())
+    assert float(pipe.scale_factor) == pytest.approx(0.7)  # the checkpoint's buffer, not the YAML
+    torch.testing.assert_close(
+        pipe.schedule.alphas_cumprod.double(),
+        torch.from_numpy(np.cumprod(1 - paper_betas(0.0015, 0.0195, 1000))), rtol=1e-6, atol=1e-9)
+    images = raw.sample({"label": [1, 2]}, seed=0, steps=3, guidance_scale=2.0, precision="fp32")
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    # the null class is the last of the paper's n_classes (11 rows: classes 0..9 and the null)
+    assert pipe.conditioner.embedding.weight.shape[0] == 11
+
+
+def test_cli_writes_a_pipeline_folder_that_samples_the_same(paper_files, tmp_path):
+    ckpt, config, _ = paper_files
+    out = tmp_path / "imported"
+    result = ldmkit_cli("convert", "compvis", str(ckpt), "--config", str(config), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "EMA weights" in result.stdout
+    direct = Pipeline.from_compvis(ckpt, config)
+    loaded = Pipeline.load(out)
+    kwargs = {"seed": 0, "steps": 3, "guidance_scale": 2.0, "precision": "fp32"}
+    torch.testing.assert_close(loaded.sample({"label": [3]}, **kwargs), direct.sample({"label": [3]}, **kwargs))
+
+
+def test_mismatched_keys_name_their_component(paper_files, tmp_path):
+    ckpt, config, _ = paper_files
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    del state["model.diffusion_model.out.2.bias"]
+    state["cond_stage_model.extra.weight"] = torch.zeros(1)
+    broken = tmp_path / "broken.ckpt"
+    torch.save({"state_dict": state}, broken)
+    with pytest.raises(WeightsError, match=r"missing denoiser: 1 \(denoiser\.out\.2\.bias\).*unexpected conditioner: 1"):
+        Pipeline.from_compvis(broken, config, use_ema=False)
+
+
+def test_a_schedule_that_does_not_match_the_config_is_refused(paper_files, tmp_path):
+    ckpt, config, _ = paper_files
+    other = copy.deepcopy(LDM_CONFIG)
+    other["model"]["params"]["linear_end"] = 0.012
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(other))
+    with pytest.raises(ConfigError, match="alphas_cumprod does not match"):
+        Pipeline.from_compvis(ckpt, path)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_not_executed(paper_files, tmp_path):
+    _, config, _ = paper_files
+    marker = tmp_path / "pwned"
+    exploit = _Exploit()
+    exploit.marker = marker
+    evil = tmp_path / "evil.ckpt"
+    with open(evil, "wb") as handle:
+        pickle.dump({"state_dict": exploit}, handle)
+    with pytest.raises(UnreadableWeightsError, match="evil.ckpt.*pickled code is never run"):
+        Pipeline.from_compvis(evil, config)
+    assert not marker.exists()
+
+
+def test_unsupported_targets_name_themselves_and_the_supported_list(tmp_path):
+    other = copy.deepcopy(LDM_CONFIG)
+    other["model"]["params"]["cond_stage_config"] = {"target": "ldm.modules.encoders.modules.FrozenClipImageEmbedder", "params": {}}
+    with pytest.raises(ConfigError, match=r"FrozenClipImageEmbedder' is not supported; supported targets: .*ClassEmbedder"):
+        compvis.translate_config(other)
+    with pytest.raises(ConfigError, match="no `model:` mapping"):
+        compvis.translate_config({"data": {}})
+
+
+def test_a_standalone_vq_first_stage_converts_for_first_stage_checkpoint(tmp_path):
+    """The paper's VQModel file (``quantize.embedding``, ``loss.*``) -> a folder whose weights
+    load through ``first_stage.checkpoint=`` into ldmkit's vq first stage."""
+    from ldmkit.plugins import get_registry
+    from ldmkit.weights import load_component_weights
+
+    config = {"model": {"target": "ldm.models.autoencoder.VQModel", "params": {
+        "embed_dim": 3, "n_embed": 16,
+        "ddconfig": {"double_z": False, "z_channels": 3, "resolution": 16, "in_channels": 3, "out_ch": 3,
+                     "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0},
+        "lossconfig": {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator"}}}}  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    node = compvis.translate_config(config).groups["first_stage"]
+    torch.manual_seed(1)
+    vq = get_registry().create("first_stage", "vq", **{k: v for k, v in node.items() if k != "name"})
+    state = {("quantize." + k[len("regularizer."):] if k.startswith("regularizer.") else k): v
+             for k, v in vq.state_dict().items()}  # fmt: skip
+    state["loss.discriminator.main.0.weight"] = torch.randn(2, 2)
+    torch.save({"state_dict": state}, tmp_path / "vq.ckpt")
+    out = tmp_path / "vq"
+    result = ldmkit_cli("convert", "compvis", str(tmp_path / "vq.ckpt"), "--config", str(tmp_path / "config.yaml"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    saved = yaml.safe_load((out / "first_stage.yaml").read_text())
+    assert saved == node
+    fresh = get_registry().create("first_stage", saved.pop("name"), **saved)
+    load_component_weights(fresh, out, "first_stage")
+    torch.testing.assert_close(fresh.regularizer.embedding.weight, vq.regularizer.embedding.weight)
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.decode(fresh.encode(x)), vq.decode(vq.encode(x)))
