@@ -237,3 +237,47 @@ def test_a_standalone_vq_first_stage_converts_for_first_stage_checkpoint(tmp_pat
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(fresh.decode(fresh.encode(x)), vq.decode(vq.encode(x)))
+
+
+# the paper's published parameter counts (Rombach et al. 2022, Tab. 13-18 and the model zoo):
+# preset -> (components counted, millions)
+PAPER_PARAMETERS = {
+    "celebahq-vq4": (("denoiser",), 274),
+    "lsun-churches-kl8": (("denoiser",), 295),
+    "cin256-v2": (("denoiser",), 401),
+    "inpainting-big": (("denoiser",), 387),
+    "bsr-sr": (("denoiser", "first_stage"), 169),
+    "txt2img-1p4B": (("denoiser", "conditioner"), 1454),
+}
+
+
+def test_every_preset_builds_and_the_papers_models_have_the_papers_sizes():
+    """Each stored translation of a published model composes and builds (on the meta device:
+    shapes only), and the sizes match the parameter counts the paper publishes."""
+    from ldmkit.plugins import get_registry
+
+    names = compvis.preset_names()
+    assert {"cin256-v2", "txt2img-1p4B", "kl-f8", "vq-f4", "bsr-sr", "semantic-synthesis512"} <= set(names)
+    for name in names:
+        model = compvis.load_preset(name)
+        with torch.device("meta"):
+            if model.kind == "pipeline":
+                pipe = Pipeline.from_config(compvis.compose(model))
+                assert pipe.sampler.spacing == "paper", name
+            else:
+                node = dict(model.groups["first_stage"])
+                get_registry().create("first_stage", node.pop("name"), **node)
+        if name in PAPER_PARAMETERS:
+            parts, millions = PAPER_PARAMETERS[name]
+            count = sum(p.numel() for part in parts for p in getattr(pipe, part).parameters())
+            assert count / 1e6 == pytest.approx(millions, abs=1.0), name
+    with pytest.raises(ConfigError, match="no preset 'cin512'; the presets are: .*cin256-v2"):
+        compvis.load_preset("cin512")
+
+
+def test_a_first_stage_preset_is_not_a_pipeline(paper_files):
+    ckpt, _, _ = paper_files
+    with pytest.raises(ConfigError, match=r"preset kl-f8 describes a first stage \(kl\)"):
+        Pipeline.from_compvis(ckpt, preset="kl-f8")
+    with pytest.raises(ConfigError, match="one of them"):
+        Pipeline.from_compvis(ckpt)

@@ -470,22 +470,26 @@ class Pipeline(nn.Module):
     def from_compvis(
         cls,
         checkpoint: str | Path,
-        config: str | Path,
+        config: str | Path | None = None,
         *,
+        preset: str | None = None,
         use_ema: bool = True,
         null_class: str = "last",
         device: str | torch.device = "cpu",
     ) -> Pipeline:
-        """A pipeline from the paper's ``.ckpt`` and its ``config.yaml``
-        (:mod:`ldmkit.interop.compvis`): the EMA weights by default, the paper's DDIM spacing,
-        and for a class-conditional model the last of ``n_classes`` as the null class."""
-        model, state, facts = compvis.read_compvis(checkpoint, config, use_ema=use_ema, null_class=null_class)
+        """A pipeline from the paper's ``.ckpt`` and its ``config.yaml`` — or, for a published
+        model, the name of its stored translation (``preset="cin256-v2"``; docs/interop.md)
+        — (:mod:`ldmkit.interop.compvis`): the EMA weights by default, the paper's DDIM
+        spacing, and for a class-conditional model the last of ``n_classes`` as the null class."""
+        model, state, facts = compvis.read_compvis(
+            checkpoint, config, preset=preset, use_ema=use_ema, null_class=null_class
+        )
         if model.kind != "pipeline":
             raise ConfigError(
-                f"{config} describes a first stage ({model.groups['first_stage']['name']}), not a latent "
+                f"{model.source} describes a first stage ({model.groups['first_stage']['name']}), not a latent "
                 "diffusion model: `ldmkit convert compvis` writes it as a folder for first_stage.checkpoint="
             )
-        pipeline = cls.from_config(compvis.compose(model))
+        pipeline = cls.from_config(compvis.compose(model, weights="ema" if facts.get("ema") else "raw"))
         compvis.check_schedule(facts, pipeline.schedule.alphas_cumprod, str(checkpoint))
         own = pipeline.state_dict()
         if "scale_factor" in own:  # the checkpoint's buffer (scale_by_std) or the YAML's value

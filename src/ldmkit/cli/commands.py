@@ -200,13 +200,17 @@ def demo(argv: Sequence[str], *, prog: str, description: str) -> int:
 
 
 def convert(argv: Sequence[str], *, prog: str, description: str) -> int:
-    """``ldmkit convert compvis CKPT --config YAML --out DIR``: the paper's checkpoint as an
+    """``ldmkit convert compvis CKPT (--config YAML | --preset NAME) --out DIR``: the paper's checkpoint as an
     ldmkit pipeline folder (or, for a standalone first stage, a first-stage folder)."""
-    p = _Parser(prog=prog, description=description)
+    p = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="compvis: CKPT (--config YAML | --preset NAME) --out DIR [--no-ema] [--null-class last]\n"
+                       "presets and what is translated: docs/interop.md")
     sub = p.add_subparsers(dest="source", required=True, parser_class=_Parser)
     cv = sub.add_parser("compvis", help="a CompVis/latent-diffusion .ckpt and its config.yaml")
     cv.add_argument("checkpoint", type=Path, help="the .ckpt (or .safetensors) file")
-    cv.add_argument("--config", type=Path, required=True, help="the paper's config.yaml of that checkpoint")
+    which = cv.add_mutually_exclusive_group(required=True)
+    which.add_argument("--config", type=Path, help="the paper's config.yaml of that checkpoint")
+    which.add_argument("--preset", help="a published model's stored config (cin256-v2, kl-f8, ...; docs/interop.md)")
     cv.add_argument("--out", type=Path, required=True, help="the folder to write")
     cv.add_argument("--no-ema", dest="use_ema", action="store_false",
                     help="take the raw weights, not the EMA (model_ema.*) ones")
@@ -217,9 +221,10 @@ def convert(argv: Sequence[str], *, prog: str, description: str) -> int:
     from ldmkit.pipeline import Pipeline
 
     try:
-        model, state, facts = compvis.read_compvis(args.checkpoint, args.config, use_ema=args.use_ema,
-                                                   null_class=args.null_class)
+        model = (compvis.load_preset(args.preset) if args.preset else
+                 compvis.translate_config(compvis.read_compvis_config(args.config), null_class=args.null_class))
         if model.kind == "first_stage":
+            state, _ = compvis.convert_state_dict(compvis.load_checkpoint(args.checkpoint), model)
             from omegaconf import OmegaConf
             from safetensors.torch import save_file
 
@@ -236,12 +241,12 @@ def convert(argv: Sequence[str], *, prog: str, description: str) -> int:
             print(f"wrote {args.out} (first stage {node['name']}: use first_stage.checkpoint={args.out} "
                   f"with the keys of {args.out / 'first_stage.yaml'})")
             return 0
-        pipeline = Pipeline.from_compvis(args.checkpoint, args.config, use_ema=args.use_ema,
-                                         null_class=args.null_class)
+        pipeline = Pipeline.from_compvis(args.checkpoint, args.config, preset=args.preset,
+                                         use_ema=args.use_ema, null_class=args.null_class)
     except (LdmkitError, FileNotFoundError) as err:
         raise CLIError(str(err)) from err
     pipeline.save(args.out)
-    weights = "EMA" if facts.get("ema") else "raw"
+    weights = "EMA" if pipeline.config.choices.get("weights") == "ema" else "raw"
     print(f"wrote {args.out} ({weights} weights; sample with: ldmkit sample --checkpoint {args.out})")
     return 0
 

@@ -46,6 +46,8 @@ __all__ = [
     "CompvisModel",
     "convert_state_dict",
     "read_compvis",
+    "load_preset",
+    "preset_names",
     "read_compvis_config",
     "translate_config",
 ]
@@ -144,10 +146,10 @@ def _first_stage(node: dict[str, Any], where: str) -> dict[str, Any]:
     dd = dict(params.get("ddconfig") or {})
     if not dd:
         raise ConfigError(f"{where}.params.ddconfig is missing (the encoder/decoder shape)")
-    if dd.get("attn_type", "vanilla") != "vanilla":
+    if dd.get("attn_type", "vanilla") not in ("vanilla", "none"):
         raise ConfigError(
-            f"{where}.params.ddconfig.attn_type={dd['attn_type']!r}: only the paper's default "
-            "'vanilla' mid-block attention is supported"
+            f"{where}.params.ddconfig.attn_type={dd['attn_type']!r}: supported are 'vanilla' (the "
+            "paper's default) and 'none'"
         )
     embed_dim = params.get("embed_dim")
     if embed_dim is None:
@@ -164,6 +166,7 @@ def _first_stage(node: dict[str, Any], where: str) -> dict[str, Any]:
         "out_ch": int(dd["out_ch"]),
         "dropout": float(dd.get("dropout", 0.0)),
         "norm_groups": 32,
+        "attn_type": str(dd.get("attn_type", "vanilla")),
     }
     if target == KL:
         if not dd.get("double_z", True):
@@ -377,12 +380,44 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     return read_weights(path)
 
 
+PRESETS_DIR = Path(__file__).with_name("presets")
+
+
+def preset_names() -> list[str]:
+    """The paper's published models with a stored translation (docs/interop.md lists them)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> CompvisModel:
+    """The stored translation of a published model's config (``cin256-v2``, ``kl-f8``...)."""
+    import yaml
+
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no preset {name!r}; the presets are: {', '.join(preset_names())}")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return CompvisModel(data["kind"], data["groups"], data.get("top") or {}, source=f"preset {name}")
+
+
 def read_compvis(
-    checkpoint: str | os.PathLike, config: str | os.PathLike, *, use_ema: bool = True, null_class: str = "last"
+    checkpoint: str | os.PathLike,
+    config: str | os.PathLike | None = None,
+    *,
+    preset: str | None = None,
+    use_ema: bool = True,
+    null_class: str = "last",
 ) -> tuple[CompvisModel, dict[str, Tensor], dict[str, Any]]:
-    """Translate ``config`` and rename the tensors of ``checkpoint``: (model, state, facts)."""
-    model = translate_config(read_compvis_config(config), null_class=null_class)
-    model.source = str(config)
+    """Translate ``config`` (or take the stored ``preset``) and rename the tensors of
+    ``checkpoint``: (model, state, facts)."""
+    if (config is None) == (preset is None):
+        raise ConfigError("give the paper's config.yaml or a preset name (one of them)")
+    if preset is not None:
+        if null_class != "last":
+            raise ConfigError("null_class applies to a translated config.yaml; the presets use 'last'")
+        model = load_preset(preset)
+    else:
+        model = translate_config(read_compvis_config(config), null_class=null_class)
+        model.source = str(config)
     state, facts = convert_state_dict(load_checkpoint(checkpoint), model, use_ema=use_ema)
     if "scale_factor" in facts:
         model.top["scale_factor"] = facts["scale_factor"]
@@ -408,8 +443,9 @@ GROUP_OPTIONS = {"kl": "kl_f8", "vq": "vq_f4", "unet": "unet", "class_label": "c
                  "ddim": "ddim"}  # fmt: skip
 
 
-def compose(model: CompvisModel) -> Any:
-    """The full ldmkit config (a ``DictConfig``) of a translated pipeline."""
+def compose(model: CompvisModel, *, weights: str | None = None) -> Any:
+    """The full ldmkit config (a ``DictConfig``) of a translated pipeline; ``choices`` records
+    the source and which ``weights`` (``ema`` / ``raw``) were taken."""
     from omegaconf import OmegaConf, open_dict
 
     from ldmkit.config import compose_config
@@ -422,6 +458,8 @@ def compose(model: CompvisModel) -> Any:
         for key, value in model.top.items():
             cfg[key] = value
         cfg.choices = {**cfg.get("choices", {}), "source": f"compvis:{model.source}"}
+        if weights is not None:
+            cfg.choices.weights = weights
     return cfg
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ldmkit.interfaces import FirstStage
-from ldmkit_autoencoders.modules import Decoder, Encoder
+from ldmkit_autoencoders.modules import ATTN_TYPES, Decoder, Encoder
 
 
 class Regularizer(nn.Module, abc.ABC):
@@ -62,6 +62,7 @@ class Architecture:
     out_ch: int | None = None
     dropout: float = 0.0
     norm_groups: int = 32
+    attn_type: str = "vanilla"  # "none": no attention anywhere (the paper's vq-f4-noattn)
 
     @classmethod
     def parse(cls, owner: str, arch: dict[str, Any], defaults: dict[str, Any] | None = None) -> Architecture:
@@ -113,6 +114,8 @@ class AutoencodingEngine(FirstStage):
         z_channels, ch, in_channels, out_ch = a.z_channels, a.ch, a.in_channels, a.out_ch
         ch_mult, num_res_blocks, attn_resolutions = a.ch_mult, a.num_res_blocks, a.attn_resolutions
         resolution, dropout, norm_groups = a.resolution, a.dropout, a.norm_groups
+        if a.attn_type not in ATTN_TYPES:
+            raise ValueError(f"unknown attn_type {a.attn_type!r}; expected one of {ATTN_TYPES}")
         z_channels = latent_channels if z_channels is None else z_channels
         out_ch = in_channels if out_ch is None else out_ch
         for key, value in (("latent_channels", latent_channels), ("z_channels", z_channels),
@@ -123,7 +126,8 @@ class AutoencodingEngine(FirstStage):
         k = regularizer.moments_factor
         common = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
                       attn_resolutions=attn_resolutions, z_channels=z_channels,
-                      resolution=resolution, dropout=dropout, norm_groups=norm_groups)
+                      resolution=resolution, dropout=dropout, norm_groups=norm_groups,
+                      attn_type=a.attn_type)
         self.encoder = Encoder(in_channels=in_channels, double_z=k == 2, **common)
         self.decoder = Decoder(out_ch=out_ch, **common)
         self.quant_conv = nn.Conv2d(k * z_channels, k * latent_channels, 1)

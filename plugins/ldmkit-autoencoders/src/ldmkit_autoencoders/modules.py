@@ -104,11 +104,22 @@ class _Level(nn.Module):
         self.attn = nn.ModuleList()
 
 
+ATTN_TYPES = ("vanilla", "none")
+
+
+def make_attn(channels: int, *, norm_groups: int, attn_type: str = "vanilla") -> nn.Module:
+    """The paper's ``make_attn``: self-attention (``vanilla``), or none (``nn.Identity``, the
+    paper's ``attn_type: none``, e.g. vq-f4-noattn)."""
+    if attn_type not in ATTN_TYPES:
+        raise ValueError(f"unknown attn_type {attn_type!r}; expected one of {ATTN_TYPES}")
+    return AttnBlock(channels, norm_groups=norm_groups) if attn_type == "vanilla" else nn.Identity()
+
+
 class _Mid(nn.Module):
-    def __init__(self, channels: int, *, dropout: float, norm_groups: int):
+    def __init__(self, channels: int, *, dropout: float, norm_groups: int, attn_type: str = "vanilla"):
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, dropout=dropout, norm_groups=norm_groups)
-        self.attn_1 = AttnBlock(channels, norm_groups=norm_groups)
+        self.attn_1 = make_attn(channels, norm_groups=norm_groups, attn_type=attn_type)
         self.block_2 = ResnetBlock(channels, channels, dropout=dropout, norm_groups=norm_groups)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -147,6 +158,7 @@ class Encoder(nn.Module):
         resolution: int,
         dropout: float,
         norm_groups: int,
+        attn_type: str = "vanilla",
     ):
         super().__init__()
         _check_architecture(ch_mult, num_res_blocks, resolution)
@@ -164,12 +176,12 @@ class Encoder(nn.Module):
                 )
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    down.attn.append(AttnBlock(block_in, norm_groups=norm_groups))
+                    down.attn.append(make_attn(block_in, norm_groups=norm_groups, attn_type=attn_type))
             if level != len(ch_mult) - 1:
                 down.downsample = Downsample(block_in)
                 curr_res //= 2
             self.down.append(down)
-        self.mid = _Mid(block_out, dropout=dropout, norm_groups=norm_groups)
+        self.mid = _Mid(block_out, dropout=dropout, norm_groups=norm_groups, attn_type=attn_type)
         self.norm_out = normalize(block_out, norm_groups)
         self.conv_out = nn.Conv2d(block_out, (2 if double_z else 1) * z_channels, 3, padding=1)
 
@@ -203,13 +215,14 @@ class Decoder(nn.Module):
         resolution: int,
         dropout: float,
         norm_groups: int,
+        attn_type: str = "vanilla",
     ):
         super().__init__()
         _check_architecture(ch_mult, num_res_blocks, resolution)
         block_in = ch * ch_mult[-1]
         curr_res = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = _Mid(block_in, dropout=dropout, norm_groups=norm_groups)
+        self.mid = _Mid(block_in, dropout=dropout, norm_groups=norm_groups, attn_type=attn_type)
         levels: list[_Level] = []
         for level in reversed(range(len(ch_mult))):
             block_out = ch * ch_mult[level]
@@ -220,7 +233,7 @@ class Decoder(nn.Module):
                 )
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    up.attn.append(AttnBlock(block_in, norm_groups=norm_groups))
+                    up.attn.append(make_attn(block_in, norm_groups=norm_groups, attn_type=attn_type))
             if level != 0:
                 up.upsample = Upsample(block_in)
                 curr_res *= 2
@@ -245,4 +258,4 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["AttnBlock", "Decoder", "Downsample", "Encoder", "ResnetBlock", "Upsample", "count_parameters"]
+__all__ = ["ATTN_TYPES", "AttnBlock", "Decoder", "Downsample", "Encoder", "ResnetBlock", "Upsample", "count_parameters", "make_attn"]
