@@ -4,7 +4,7 @@ trade-off of classifier-free guidance — class accuracy up, diversity down as t
 For each guidance scale the same labels are sampled with the same per-sample seeds (DDIM,
 50 steps). Measured in the 128-d features of the project's Fashion-MNIST classifier (trained
 on real images only): class accuracy (does a sample show the class it was generated for),
-the Fréchet distance of the samples to 1,000 real test images, and diversity — the mean
+the Fréchet distance and KID of the samples to 1,000 real test images, and diversity — the mean
 distance of a class's samples to their class centroid, against the same measure on real test
 images of that class (1.0 = as diverse as the real data).
 
@@ -58,7 +58,7 @@ def main() -> None:
     from torchvision.utils import make_grid, save_image
 
     from ldmkit.evaluation.classifier import fashion_mnist_arrays, load_classifier, to_model_input
-    from ldmkit.evaluation.frechet import FeatureStats, frechet_distance_from_stats
+    from ldmkit.evaluation.frechet import FeatureStats, frechet_distance_from_stats, kernel_distance
     from ldmkit.pipeline import Pipeline
     from ldmkit.plugins import get_registry
 
@@ -108,6 +108,7 @@ def main() -> None:
             "guidance": scale,
             "accuracy": accuracy,
             "frechet": frechet_distance_from_stats(stats, real_stats),
+            "kid": kernel_distance(real, feats, subset_size=len(feats))[0],
             "diversity": class_spread(feats, labels) / real_spread,
             "seconds": seconds,
         }

@@ -10,6 +10,7 @@ with one more down-sampling level per doubling of f (``ch_mult`` [1,2,4], [1,2,4
 regularizer). Everything runs through the real CLI (``ldmkit train`` / ``ldmkit evaluate``)::
 
     .venv/bin/python benchmarks/rate_distortion.py --steps 600 --jobs 2
+    .venv/bin/python benchmarks/rate_distortion.py --minutes 2.5 --jobs 2   # a time budget instead
 
 Writes ``benchmarks/results/rate_distortion.json`` and ``docs/images/rate_distortion.png``.
 """
@@ -48,9 +49,11 @@ def run(kind: str, f: int, args: argparse.Namespace) -> dict:
             str(exe),
             "train",
             *common,
-            "trainer.max_minutes=null",
-            f"trainer.max_steps={args.steps}",
-            f"trainer.val_every={args.steps}",
+            *(
+                [f"trainer.max_minutes={args.minutes}", "trainer.max_steps=1000000", "trainer.val_every=1000000"]
+                if args.minutes
+                else ["trainer.max_minutes=null", f"trainer.max_steps={args.steps}", f"trainer.val_every={args.steps}"]
+            ),
             "trainer.progress=false",
             "trainer.tensorboard=false",
         ],
@@ -76,19 +79,27 @@ def run(kind: str, f: int, args: argparse.Namespace) -> dict:
         "regularizer": kind,
         "f": f,
         "latent": f"{channels}x{32 // f}x{32 // f}",
-        "steps": args.steps,
+        "steps": steps_of(run_dir),
         "psnr": metrics["psnr"],
         "ssim": metrics["ssim"],
         "frechet": metrics.get("frechet_distance"),
+        "kid": metrics.get("kid"),
         "train_s": round(train_s, 1),
     }
     print(json.dumps(entry), flush=True)
     return entry
 
 
+def steps_of(run_dir: Path) -> int:
+    """The step of the run's newest checkpoint."""
+    newest = sorted((run_dir / "checkpoints").glob("step_*/meta.json"))[-1]
+    return int(json.loads(newest.read_text())["step"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--minutes", type=float, default=None, help="a training-time budget per run instead of --steps")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once (one thread each)")
     parser.add_argument("--eval-images", type=int, default=2000)
     parser.add_argument("--data", type=Path, default=ROOT / "data/fashion_mnist")
@@ -102,11 +113,12 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(lambda job: run(*job, args), jobs))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"steps": args.steps, "runs": results}, indent=2) + "\n")
-    plot(results, args.plot)
+    budget = {"minutes": args.minutes} if args.minutes else {"steps": args.steps}
+    args.json.write_text(json.dumps({**budget, "runs": results}, indent=2) + "\n")
+    plot(results, args.plot, f"{args.minutes} training minutes each" if args.minutes else f"{args.steps} steps each")
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, budget: str) -> None:
     from plotting import stacked_line_charts
 
     stacked_line_charts(
@@ -127,7 +139,7 @@ def plot(results: list[dict], path: Path) -> None:
             )
         ],
         xlabel="downsampling factor f",
-        title="first stages on Fashion-MNIST, same step budget",
+        title=f"first stages on Fashion-MNIST, {budget}",
     )
 
 
