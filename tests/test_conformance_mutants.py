@@ -390,11 +390,16 @@ def test_first_party_first_stages_pass(name):
     if name not in get_registry().names("first_stage"):
         pytest.skip(f"first stage {name!r} is not installed")
     kwargs, correlation = FIRST_PARTY_FIRST_STAGES[name]
+
+    def make(self):
+        # seeded: an untrained VQ with 16 random codes snaps every cell of two different images
+        # to one code for about 1 initialization in 30 (seed 15 does), whatever ran before
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return get_registry().create("first_stage", name, **kwargs)
+
     for check in FIRST_STAGE_CHECKS:
-        run_check(
-            FirstStageConformance, check, min_reconstruction_correlation=correlation,
-            make_first_stage=lambda self: get_registry().create("first_stage", name, **kwargs),
-        )  # fmt: skip
+        run_check(FirstStageConformance, check, min_reconstruction_correlation=correlation, make_first_stage=make)
 
 
 def test_identity_reconstruction_equals_the_input():
