@@ -263,9 +263,7 @@ def translate_config(config: dict[str, Any], *, null_class: str = "last") -> Com
         return CompvisModel("first_stage", {"first_stage": _first_stage(model, "model")})
     if target != LDM:
         raise _unsupported(str(target), "model")
-    ddpm = {**DDPM_DEFAULTS, **params}
-    if params.get("scale_by_std"):
-        pass  # the trained value is in the checkpoint's `scale_factor` buffer
+    ddpm = {**DDPM_DEFAULTS, **params}  # scale_by_std: read_compvis takes the checkpoint's scale_factor buffer
     first = params.get("first_stage_config")
     if not isinstance(first, dict):
         raise ConfigError("model.params.first_stage_config is missing")
