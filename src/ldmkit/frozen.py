@@ -16,7 +16,7 @@ Training checkpoints (``<run_dir>/checkpoints/step_N/``) follow the same rule: t
 leaves referenced parts out of ``model.safetensors`` and writes ``frozen.json`` beside it
 (``trainer.embed_frozen=true`` embeds them); resuming, or loading a component from the run
 through ``checkpoint:``, rebuilds the part from its source and checks the hash
-(:func:`fill_referenced`).
+(:func:`check_referenced`, :func:`fill_referenced`).
 
 Only frozen parts may be references: every parameter under the prefix must have
 ``requires_grad=False``, else saving refuses (a trained part must be saved).
@@ -37,6 +37,7 @@ from ldmkit.errors import LdmkitError
 __all__ = [
     "FROZEN_FILE",
     "FrozenReferenceError",
+    "check_referenced",
     "fill_referenced",
     "frozen_parts",
     "weights_digest",
@@ -148,24 +149,29 @@ def within(parts: dict[str, dict[str, Any]], prefix: str) -> dict[str, dict[str,
     return {k[len(start) :]: v for k, v in parts.items() if k.startswith(start)}
 
 
-def fill_referenced(
-    module: nn.Module,
-    tensors: dict[str, Any],
-    references: dict[str, dict[str, Any]],
-    where: Path,
-    role: str = "",
-) -> dict[str, Any]:
-    """``tensors`` (a state dict saved without the referenced parts) completed with those parts
-    from ``module`` (the component ``role``), which built them from their sources: the sources
-    must still hold the content they held when ``where`` was saved (else
-    :class:`FrozenReferenceError`, naming the part as ``<role>.<name>``)."""
+def check_referenced(
+    module: nn.Module, references: dict[str, dict[str, Any]], where: Path, role: str = ""
+) -> None:
+    """The parts ``where`` keeps by reference (``references``, relative to the component
+    ``role``) must be the ones ``module`` built, from sources with the content they had when
+    ``where`` was saved (else :class:`FrozenReferenceError`, naming ``<role>.<name>``)."""
     if not references:
-        return tensors
+        return
     name = (lambda key: f"{role}.{key}") if role else (lambda key: key)
     check_restored(
         where,
         {name(k): v for k, v in references.items()},
         {name(k): v for k, v in frozen_parts(module).items()},
     )
+
+
+def fill_referenced(
+    module: nn.Module, tensors: dict[str, Any], references: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """``tensors`` (a state dict saved without the referenced parts) completed with those
+    parts from ``module``, which built them from their sources (check them first with
+    :func:`check_referenced`)."""
+    if not references:
+        return tensors
     own = {k: v for k, v in module.state_dict().items() if under(k, references)}
     return {**own, **tensors}

@@ -56,12 +56,17 @@ def _torch_load(file: Path) -> object:
         return torch.load(file, map_location="cpu", weights_only=True)  # the legacy format
 
 
-def read_weights(source: str | os.PathLike) -> dict[str, Tensor]:
-    """All tensors of a checkpoint source (see the module docstring)."""
+def _weights_file(source: str | os.PathLike) -> Path:
+    """The file holding the tensors of a checkpoint source (see the module docstring)."""
     path = Path(source).expanduser()
     if not path.exists():
         raise WeightsError(f"checkpoint {path} does not exist")
-    file = _model_file(path)
+    return _model_file(path)
+
+
+def read_weights(source: str | os.PathLike) -> dict[str, Tensor]:
+    """All tensors of a checkpoint source (see the module docstring)."""
+    file = _weights_file(source)
     if file.suffix in PICKLE_SUFFIXES:
         try:
             state = _torch_load(file)
@@ -79,14 +84,15 @@ def read_weights(source: str | os.PathLike) -> dict[str, Tensor]:
 
 def load_component_weights(module: nn.Module, source: str | os.PathLike, role: str) -> None:
     """Load ``source`` into ``module`` (strict); errors name the file and the component."""
-    weights = read_weights(source)
-    file = _model_file(Path(source).expanduser())
+    file = _weights_file(source)
+    weights = read_weights(file)
     # frozen parts the folder keeps by reference (frozen.json) come from their source
     references = frozen.within(frozen.read_manifest(file.parent), role) if file.name == MODEL_FILE else {}
     state = unflatten_state(weights, role)
     if not state and not references:
         state = weights  # a file of this component alone
-    state = frozen.fill_referenced(module, state, references, file.parent, role)
+    frozen.check_referenced(module, references, file.parent, role)
+    state = frozen.fill_referenced(module, state, references)
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -221,8 +221,7 @@ def convert(argv: Sequence[str], *, prog: str, description: str) -> int:
     from ldmkit.pipeline import Pipeline
 
     try:
-        model = (compvis.load_preset(args.preset) if args.preset else
-                 compvis.translate_config(compvis.read_compvis_config(args.config), null_class=args.null_class))
+        model = compvis.translation(args.config, args.preset, null_class=args.null_class)
         if model.kind == "first_stage":
             state, _ = compvis.convert_state_dict(compvis.load_checkpoint(args.checkpoint), model)
             from omegaconf import OmegaConf

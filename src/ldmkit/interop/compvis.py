@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ldmkit.errors import ConfigError, WeightsError
+from ldmkit.weights import read_weights
 
 __all__ = [
     "TARGETS",
@@ -50,6 +51,7 @@ __all__ = [
     "preset_names",
     "read_compvis_config",
     "translate_config",
+    "translation",
 ]
 
 LDM = "ldm.models.diffusion.ddpm.LatentDiffusion"
@@ -373,8 +375,6 @@ def _first_stage_key(name: str) -> str:
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     """The tensors of a paper checkpoint (``.ckpt``: its ``state_dict``; or ``.safetensors``),
     read without running pickled code and memory-mapped where the format allows."""
-    from ldmkit.weights import read_weights
-
     return read_weights(path)
 
 
@@ -397,6 +397,21 @@ def load_preset(name: str) -> CompvisModel:
     return CompvisModel(data["kind"], data["groups"], data.get("top") or {}, source=f"preset {name}")
 
 
+def translation(
+    config: str | os.PathLike | None, preset: str | None, *, null_class: str = "last"
+) -> CompvisModel:
+    """The translated model of the paper's ``config.yaml``, or the stored ``preset`` (one of them)."""
+    if (config is None) == (preset is None):
+        raise ConfigError("give the paper's config.yaml or a preset name (one of them)")
+    if preset is not None:
+        if null_class != "last":
+            raise ConfigError("null_class applies to a translated config.yaml; the presets use 'last'")
+        return load_preset(preset)
+    model = translate_config(read_compvis_config(config), null_class=null_class)
+    model.source = str(config)
+    return model
+
+
 def read_compvis(
     checkpoint: str | os.PathLike,
     config: str | os.PathLike | None = None,
@@ -407,15 +422,7 @@ def read_compvis(
 ) -> tuple[CompvisModel, dict[str, Tensor], dict[str, Any]]:
     """Translate ``config`` (or take the stored ``preset``) and rename the tensors of
     ``checkpoint``: (model, state, facts)."""
-    if (config is None) == (preset is None):
-        raise ConfigError("give the paper's config.yaml or a preset name (one of them)")
-    if preset is not None:
-        if null_class != "last":
-            raise ConfigError("null_class applies to a translated config.yaml; the presets use 'last'")
-        model = load_preset(preset)
-    else:
-        model = translate_config(read_compvis_config(config), null_class=null_class)
-        model.source = str(config)
+    model = translation(config, preset, null_class=null_class)
     state, facts = convert_state_dict(load_checkpoint(checkpoint), model, use_ema=use_ema)
     if "scale_factor" in facts:
         model.top["scale_factor"] = facts["scale_factor"]

@@ -430,7 +430,7 @@ class Trainer(abc.ABC):
         except frozen.FrozenReferenceError as err:
             raise CheckpointError(str(err)) from err
         for prefix, module in self.model_modules().items():  # a changed source: one clear error
-            frozen.fill_referenced(module, {}, frozen.within(references, prefix), checkpoint.path, prefix)
+            frozen.check_referenced(module, frozen.within(references, prefix), checkpoint.path, prefix)
         return {"state": state, "weights": weights, "extra": extra, "config": saved_config,
                 "frozen": references}
 
@@ -438,9 +438,8 @@ class Trainer(abc.ABC):
         contents = contents or self._read_checkpoint(checkpoint)
         state = contents["state"]
         for prefix, module in self.model_modules().items():
-            tensors = frozen.fill_referenced(
-                module, unflatten_state(contents["weights"], prefix),
-                frozen.within(contents.get("frozen") or {}, prefix), checkpoint.path, prefix,
+            tensors = frozen.fill_referenced(  # checked by _read_checkpoint
+                module, unflatten_state(contents["weights"], prefix), frozen.within(contents["frozen"], prefix)
             )
             self._load_module(module, tensors, checkpoint.model_file, prefix)
         for prefix, module in self.training_modules().items():
