@@ -37,9 +37,21 @@ def test_every_group_has_options():
     assert set(COMPONENT_GROUPS) <= groups
 
 
+def _tiny_clip(tmp_path) -> list[str]:
+    from ldmkit_text.testing import write_tiny_clip
+
+    return [f"conditioner.name_or_path={write_tiny_clip(tmp_path / 'clip')}"]
+
+
+# options with a mandatory local path (`???`): what the test fills in
+REQUIRED = {("conditioner", "clip_text"): _tiny_clip}
+
+
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_option_composes_and_builds(group, option):
+def test_option_composes_and_builds(group, option, tmp_path):
     overrides = [f"{group}={option}"]
+    if (group, option) in REQUIRED:
+        overrides += REQUIRED[group, option](tmp_path)
     if group == "experiment":
         cfg = compose_config(overrides)
         assert cfg is not None

@@ -115,7 +115,8 @@ def test_config_translation_writes_the_papers_defaults():
     assert unet["num_heads"] == 1 and unet["num_head_channels"] == -1  # the paper's, not ldmkit's 16
     assert unet["attention_resolutions"] == [2] and unet["prediction"] == "eps"
     assert model.groups["conditioner"] == {"name": "class_label", "num_classes": 10, "embed_dim": 8,
-                                           "role": "crossattn", "input_key": "label", "drop_rate": 0.0}
+                                           "role": "crossattn", "input_key": "label", "drop_rate": 0.1,
+                                           "null_index": None}
     assert model.groups["schedule"]["linear_start"] == 0.0015 and model.groups["schedule"]["kind"] == "linear"
     assert model.groups["sampler"]["spacing"] == "paper"
     assert model.top["image_size"] == 16  # latent 8 x f 2

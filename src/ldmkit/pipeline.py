@@ -474,15 +474,18 @@ class Pipeline(nn.Module):
         *,
         preset: str | None = None,
         use_ema: bool = True,
-        null_class: str = "last",
+        null_class: str | int = "last",
+        text_encoder: str | Path | None = None,
         device: str | torch.device = "cpu",
     ) -> Pipeline:
         """A pipeline from the paper's ``.ckpt`` and its ``config.yaml`` — or, for a published
         model, the name of its stored translation (``preset="cin256-v2"``; docs/interop.md)
         — (:mod:`ldmkit.interop.compvis`): the EMA weights by default, the paper's DDIM
-        spacing, and for a class-conditional model the last of ``n_classes`` as the null class."""
+        spacing, and for a class-conditional model the last of ``n_classes`` as the null class
+        (``null_class`` another index). A Stable Diffusion v1 checkpoint (``FrozenCLIPEmbedder``)
+        needs ``text_encoder``, a local folder with the CLIP text model's config and tokenizer."""
         model, state, facts = compvis.read_compvis(
-            checkpoint, config, preset=preset, use_ema=use_ema, null_class=null_class
+            checkpoint, config, preset=preset, use_ema=use_ema, null_class=null_class, text_encoder=text_encoder
         )
         if model.kind != "pipeline":
             raise ConfigError(
@@ -496,6 +499,31 @@ class Pipeline(nn.Module):
             state["scale_factor"] = torch.full_like(own["scale_factor"], model.top["scale_factor"])
         compvis.load_converted(pipeline, state, str(checkpoint))
         return pipeline.to(device)
+
+    @classmethod
+    def from_diffusers(
+        cls,
+        directory: str | Path,
+        *,
+        text_encoder_dir: str | Path | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Pipeline:
+        """A pipeline from a diffusers folder (UNet, KL / VQ autoencoder, scheduler, CLIP text
+        encoder; :mod:`ldmkit.interop.diffusers_format`). ``text_encoder_dir`` holds the CLIP
+        config and tokenizer (``text_encoder/``, ``tokenizer/``) when not ``directory``."""
+        from ldmkit.interop import diffusers_format
+
+        cfg, state, scale = diffusers_format.read_diffusers(directory, text_encoder_dir=text_encoder_dir)
+        pipeline = cls.from_config(cfg)
+        state = diffusers_format.fit_state(state, pipeline.state_dict(), scale)
+        compvis.load_converted(pipeline, state, str(directory))
+        return pipeline.to(device)
+
+    def to_diffusers(self, directory: str | Path) -> Path:
+        """Write this pipeline as a diffusers folder (:mod:`ldmkit.interop.diffusers_format`)."""
+        from ldmkit.interop import diffusers_format
+
+        return diffusers_format.to_diffusers(self, directory)
 
     @classmethod
     def load(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> Pipeline:

@@ -28,7 +28,7 @@ SUBCOMMANDS = {
     "data": (commands.data, "prepare and inspect datasets (webdataset shards)"),
     "plugins": (commands.plugins, "list installed plugins and what they register"),
     "demo": (commands.demo, "serve a web page for a trained pipeline (pip install 'ldmkit[demo]')"),
-    "convert": (commands.convert, "import the paper's checkpoints (convert compvis CKPT --config YAML --out DIR)"),
+    "convert": (commands.convert, "import the paper's checkpoints, convert to and from diffusers (convert compvis|to-diffusers|from-diffusers)"),
 }
 
 

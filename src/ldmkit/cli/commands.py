@@ -199,11 +199,18 @@ def demo(argv: Sequence[str], *, prog: str, description: str) -> int:
         raise CLIError(f"cannot serve on {args.host}:{args.port}: {err}") from err
 
 
+def _null_class(value: str) -> str | int:
+    return int(value) if value.lstrip("-").isdigit() else value
+
+
 def convert(argv: Sequence[str], *, prog: str, description: str) -> int:
     """``ldmkit convert compvis CKPT (--config YAML | --preset NAME) --out DIR``: the paper's checkpoint as an
-    ldmkit pipeline folder (or, for a standalone first stage, a first-stage folder)."""
+    ldmkit pipeline folder (or, for a standalone first stage, a first-stage folder);
+    ``ldmkit convert to-diffusers PIPELINE_DIR --out DIR`` / ``from-diffusers DIR --out DIR``."""
     p = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog="compvis: CKPT (--config YAML | --preset NAME) --out DIR [--no-ema] [--null-class last]\n"
+                epilog="compvis: CKPT (--config YAML | --preset NAME) --out DIR [--no-ema] [--null-class last|INDEX]\n"
+                       "        [--text-encoder CLIP_DIR]  (Stable Diffusion v1)\n"
+                       "to-diffusers: PIPELINE_DIR --out DIR    from-diffusers: DIFFUSERS_DIR --out DIR\n"
                        "presets and what is translated: docs/interop.md")
     sub = p.add_subparsers(dest="source", required=True, parser_class=_Parser)
     cv = sub.add_parser("compvis", help="a CompVis/latent-diffusion .ckpt and its config.yaml")
@@ -214,14 +221,24 @@ def convert(argv: Sequence[str], *, prog: str, description: str) -> int:
     cv.add_argument("--out", type=Path, required=True, help="the folder to write")
     cv.add_argument("--no-ema", dest="use_ema", action="store_false",
                     help="take the raw weights, not the EMA (model_ema.*) ones")
-    cv.add_argument("--null-class", default="last",
-                    help="class-conditional models: which class is the unconditional one (default: last)")
+    cv.add_argument("--null-class", default="last", type=_null_class,
+                    help="class-conditional models: which class is the unconditional one (last, or an index; default: last)")
+    cv.add_argument("--text-encoder", type=Path, default=None,
+                    help="Stable Diffusion v1: a local CLIP text model folder (config.json, vocab.json, merges.txt)")
+    td = sub.add_parser("to-diffusers", help="an ldmkit pipeline folder as a diffusers folder")
+    td.add_argument("pipeline", type=Path, help="a folder written by Pipeline.save / ldmkit train")
+    td.add_argument("--out", type=Path, required=True, help="the diffusers folder to write")
+    fd = sub.add_parser("from-diffusers", help="a diffusers folder as an ldmkit pipeline folder")
+    fd.add_argument("diffusers", type=Path, help="a diffusers folder (model_index.json, unet/, vae/ or vqvae/, scheduler/)")
+    fd.add_argument("--out", type=Path, required=True, help="the ldmkit pipeline folder to write")
     args = p.parse_args(argv)
+    if args.source in ("to-diffusers", "from-diffusers"):
+        return _convert_diffusers(args)
     from ldmkit.interop import compvis
     from ldmkit.pipeline import Pipeline
 
     try:
-        model = compvis.translation(args.config, args.preset, null_class=args.null_class)
+        model = compvis.translation(args.config, args.preset, null_class=args.null_class, text_encoder=args.text_encoder)
         if model.kind == "first_stage":
             state, _ = compvis.convert_state_dict(compvis.load_checkpoint(args.checkpoint), model)
             from omegaconf import OmegaConf
@@ -240,13 +257,60 @@ def convert(argv: Sequence[str], *, prog: str, description: str) -> int:
             print(f"wrote {args.out} (first stage {node['name']}: use first_stage.checkpoint={args.out} "
                   f"with the keys of {args.out / 'first_stage.yaml'})")
             return 0
-        pipeline = Pipeline.from_compvis(args.checkpoint, args.config, preset=args.preset,
-                                         use_ema=args.use_ema, null_class=args.null_class)
+        with _phases(3, "convert") as bar:
+            bar.set_postfix_str(f"reading and translating {args.checkpoint.name}")
+            pipeline = Pipeline.from_compvis(args.checkpoint, args.config, preset=args.preset, use_ema=args.use_ema,
+                                             null_class=args.null_class, text_encoder=args.text_encoder)
+            bar.update(2)
+            bar.set_postfix_str(f"writing {args.out}")
+            pipeline.save(args.out)
+            bar.update(1)
     except (LdmkitError, FileNotFoundError) as err:
         raise CLIError(str(err)) from err
-    pipeline.save(args.out)
     weights = "EMA" if pipeline.config.choices.get("weights") == "ema" else "raw"
     print(f"wrote {args.out} ({weights} weights; sample with: ldmkit sample --checkpoint {args.out})")
+    return 0
+
+
+def _phases(total: int, desc: str):
+    """A progress bar over a conversion's phases (stderr)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=True)
+
+
+def _convert_diffusers(args: argparse.Namespace) -> int:
+    from ldmkit.interop import diffusers_format
+    from ldmkit.pipeline import Pipeline
+
+    try:
+        if args.source == "to-diffusers":
+            with _phases(4, "to-diffusers") as bar:
+                bar.set_postfix_str(f"loading {args.pipeline}")
+                pipeline = Pipeline.load(args.pipeline)
+                bar.update(1)
+
+                def step(name: str) -> None:
+                    bar.set_postfix_str(f"writing {name}")
+                    bar.update(1)
+
+                diffusers_format.to_diffusers(pipeline, args.out, progress=step)
+            print(f"wrote {args.out} (diffusers: {diffusers_format.describe(args.out)})")
+            return 0
+        with _phases(3, "from-diffusers") as bar:
+            bar.set_postfix_str(f"reading {args.diffusers}")
+            text = None
+            if (args.diffusers / "text_encoder").is_dir():
+                diffusers_format.copy_text_encoder_files(args.diffusers, args.out)
+                text = args.out
+            pipeline = Pipeline.from_diffusers(args.diffusers, text_encoder_dir=text)
+            bar.update(2)
+            bar.set_postfix_str(f"writing {args.out}")
+            pipeline.save(args.out)
+            bar.update(1)
+    except (LdmkitError, FileNotFoundError) as err:
+        raise CLIError(str(err)) from err
+    print(f"wrote {args.out} (sample with: ldmkit sample --checkpoint {args.out})")
     return 0
 
 

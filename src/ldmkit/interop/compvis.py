@@ -31,6 +31,7 @@ dropped) translates to the ``first_stage`` group alone (``kind == "first_stage"`
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,7 @@ UNET = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
 CLASS = "ldm.modules.encoders.modules.ClassEmbedder"
 BERT = "ldm.modules.encoders.modules.BERTEmbedder"
 RESCALER = "ldm.modules.encoders.modules.SpatialRescaler"
+CLIP = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
 IDENTITY = "torch.nn.Identity"
 # every target the translation knows, and what it becomes
 TARGETS: dict[str, str] = {
@@ -71,7 +73,9 @@ TARGETS: dict[str, str] = {
     CLASS: "conditioner=class_label (the paper's null class: the last of n_classes)",
     BERT: "conditioner=bert",
     RESCALER: "conditioner=semantic_map",
-    IDENTITY: "conditioner=low_res (cond_stage_key LR_image, concat)",
+    CLIP: "conditioner=clip_text (Stable Diffusion v1; its config and tokenizer from a local folder: text_encoder=)",
+    IDENTITY: "conditioner=low_res (cond_stage_key LR_image, concat); with conditioning_key adm: "
+    "class_label role vector (the UNet's num_classes)",
     "__is_unconditional__": "conditioner=none",
     "__is_first_stage__": "conditioner=inpaint (concat of the masked image's latent and the mask)",
 }
@@ -103,6 +107,11 @@ DDPM_DEFAULTS: dict[str, Any] = {
     "cond_stage_key": "image",
     "image_size": 256,
 }
+# the condition dropout written for the class and text conditioners: the published class and
+# text models were trained with a null condition (cin256-v2's class 1000, the empty prompt) and
+# are sampled with guidance; a rate > 0 records that the null condition is learned
+# (``Conditioner.learns_null_condition``) and is what fine-tuning continues with
+GUIDED_DROP_RATE = 0.1
 # the DDPM buffers (derived from the schedule) a LatentDiffusion state dict carries
 SCHEDULE_BUFFERS = (
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
@@ -207,7 +216,9 @@ def _unet(node: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def _conditioner(node: Any, ddpm: dict[str, Any], unet: dict[str, Any], latent: int, null_class: str) -> tuple[dict[str, Any], str]:
+def _conditioner(
+    node: Any, ddpm: dict[str, Any], unet: dict[str, Any], latent: int, null_class: str | int, text_encoder: str | None
+) -> tuple[dict[str, Any], str]:
     """(conditioner node, the paper's conditioning key after its defaulting rules)."""
     where = "model.params.cond_stage_config"
     key = ddpm["conditioning_key"]
@@ -215,8 +226,24 @@ def _conditioner(node: Any, ddpm: dict[str, Any], unet: dict[str, Any], latent: 
         key = "concat" if ddpm["concat_mode"] else "crossattn"
     if node == "__is_unconditional__" or node is None:
         return {"name": "none"}, "none"
-    if key in ("hybrid", "adm"):
-        raise ConfigError(f"model.params.conditioning_key={key!r} is not supported yet (crossattn and concat are)")
+    if key == "hybrid":
+        raise ConfigError(
+            "model.params.conditioning_key='hybrid' is not supported: the paper's LatentDiffusion hands the "
+            "UNet one condition, so a hybrid model (concat + crossattn) needs a subclass that builds both "
+            "(e.g. Stable Diffusion's LatentInpaintDiffusion), whose target is not translated; compose it "
+            "in ldmkit with conditioner=multi (a concat part and a crossattn part)"
+        )
+    if key == "adm":
+        target = node.get("target") if isinstance(node, dict) else node
+        classes = unet.get("num_classes")
+        if target != IDENTITY or not isinstance(classes, int):
+            raise ConfigError(
+                f"{where}: conditioning_key='adm' is supported for class labels fed straight to the UNet's "
+                f"label_emb (cond_stage_config torch.nn.Identity and an int unet num_classes), got "
+                f"{target!r} and num_classes={classes!r}"
+            )
+        return {"name": "class_label", "num_classes": classes, "embed_dim": 1, "role": "vector",
+                "input_key": "label", "drop_rate": 0.0}, key  # fmt: skip
     if node == "__is_first_stage__":
         if key != "concat" or unet["in_channels"] != 2 * latent + 1:
             raise ConfigError(
@@ -228,18 +255,26 @@ def _conditioner(node: Any, ddpm: dict[str, Any], unet: dict[str, Any], latent: 
     params = _params(node, where)
     if target == CLASS:
         n = int(params.get("n_classes", 1000))
-        if null_class == "last":
-            classes = n - 1
-        else:
-            raise ConfigError(f"null_class={null_class!r}: only 'last' (the paper's cin256-v2 convention) is supported")
-        return {"name": "class_label", "num_classes": classes, "embed_dim": int(params["embed_dim"]),
-                "role": key, "input_key": "label", "drop_rate": 0.0}, key  # fmt: skip
+        null = null_class_index(n, null_class)
+        return {"name": "class_label", "num_classes": n - 1, "null_index": None if null == n - 1 else null,
+                "embed_dim": int(params["embed_dim"]),
+                "role": key, "input_key": "label", "drop_rate": GUIDED_DROP_RATE}, key  # fmt: skip
     if target == BERT:
         if int(params.get("vocab_size", 30522)) != 30522:
             raise ConfigError(f"{where}.params.vocab_size={params['vocab_size']}: the bert conditioner uses the 30,522-token bert-base-uncased vocab")
         return {"name": "bert", "n_embed": int(params["n_embed"]), "n_layer": int(params["n_layer"]),
                 "max_seq_len": int(params.get("max_seq_len", 77)), "heads": 8, "dim_head": 64,
-                "vocab": None, "input_key": "caption", "drop_rate": 0.0}, key  # fmt: skip
+                "vocab": None, "input_key": "caption", "drop_rate": GUIDED_DROP_RATE}, key  # fmt: skip
+    if target == CLIP:
+        if text_encoder is None:
+            raise ConfigError(
+                f"{where}: FrozenCLIPEmbedder ({params.get('version', 'openai/clip-vit-large-patch14')}) needs a "
+                "local folder with that CLIP text model's config.json and tokenizer (vocab.json, merges.txt); "
+                "pass text_encoder= (ldmkit convert compvis --text-encoder DIR); the weights come from the checkpoint"
+            )
+        return {"name": "clip_text", "name_or_path": str(text_encoder), "tokenizer_path": None,
+                "max_length": int(params.get("max_length", 77)), "pretrained": False, "input_key": "caption",
+                "drop_rate": GUIDED_DROP_RATE}, key  # fmt: skip
     if target == RESCALER:
         if float(params.get("multiplier", 0.5)) != 0.5 or params.get("bias", False):
             raise ConfigError(f"{where}: only SpatialRescaler(multiplier=0.5, bias=False) is supported")
@@ -254,7 +289,20 @@ def _conditioner(node: Any, ddpm: dict[str, Any], unet: dict[str, Any], latent: 
     raise _unsupported(str(target), where)
 
 
-def translate_config(config: dict[str, Any], *, null_class: str = "last") -> CompvisModel:
+def null_class_index(n_classes: int, null_class: str | int) -> int:
+    """The null class (the unconditional input of guidance) of a ``ClassEmbedder`` of
+    ``n_classes`` rows: ``"last"`` (the paper's cin256-v2 convention, ``n_classes - 1``) or any
+    index. ldmkit's ``class_label`` then has ``n_classes - 1`` real classes, and its labels name
+    table rows (``null_index``)."""
+    index = n_classes - 1 if null_class == "last" else null_class
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n_classes:
+        raise ConfigError(f"null_class={null_class!r}: expected 'last' or a class index in [0, {n_classes})")
+    return index
+
+
+def translate_config(
+    config: dict[str, Any], *, null_class: str | int = "last", text_encoder: str | os.PathLike | None = None
+) -> CompvisModel:
     """The ldmkit groups for the paper's ``config.yaml`` (already parsed to a dict)."""
     model = config.get("model") if isinstance(config, dict) else None
     if not isinstance(model, dict):
@@ -272,7 +320,9 @@ def translate_config(config: dict[str, Any], *, null_class: str = "last") -> Com
     first_stage = _first_stage(first, "model.params.first_stage_config")
     unet = _unet(params.get("unet_config") or {}, "model.params.unet_config")
     latent = first_stage["latent_channels"]
-    conditioner, key = _conditioner(params.get("cond_stage_config"), ddpm, unet, latent, null_class)
+    conditioner, key = _conditioner(
+        params.get("cond_stage_config"), ddpm, unet, latent, null_class, None if text_encoder is None else str(text_encoder)
+    )
     if key != "crossattn":
         unet["context_dim"] = None if not unet["use_spatial_transformer"] else unet["context_dim"]
     unet["prediction"] = {"eps": "eps", "x0": "x0", "v": "v"}.get(ddpm["parameterization"])
@@ -314,10 +364,31 @@ def read_compvis_config(path: str | os.PathLike) -> dict[str, Any]:
 PREFIXES = {"model.diffusion_model.": "denoiser.", "first_stage_model.": "first_stage.", "cond_stage_model.": "conditioner."}
 
 
-def _conditioner_key(name: str, conditioner: str) -> str:
+def _conditioner_key(name: str, conditioner: str) -> str | None:
+    """``cond_stage_model.<name>`` in ldmkit's conditioner; None: not a weight (dropped)."""
     if conditioner == "semantic_map":
         return "rescaler." + name
+    if conditioner == "clip_text":
+        if name.endswith("embeddings.position_ids"):
+            return None  # a constant buffer (0..76) older transformers versions saved
+        if name.startswith("transformer.text_model.") and not _clip_has_text_model():
+            return "transformer." + name[len("transformer.text_model."):]
     return name
+
+
+@functools.cache
+def _clip_has_text_model() -> bool:
+    """Whether the installed transformers' ``CLIPTextModel`` keeps its weights under
+    ``text_model.`` (Stable Diffusion's checkpoints do; transformers 5 does not)."""
+    try:
+        from transformers import CLIPTextConfig, CLIPTextModel
+    except ImportError:
+        return True
+    tiny = CLIPTextConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                          num_attention_heads=1, max_position_embeddings=4, bos_token_id=0, eos_token_id=1,
+                          pad_token_id=1)  # fmt: skip
+    with torch.device("meta"):
+        return any(k.startswith("text_model.") for k in CLIPTextModel(tiny).state_dict())
 
 
 def convert_state_dict(
@@ -354,6 +425,8 @@ def convert_state_dict(
                     rest = _first_stage_key(rest)
                 elif ours == "conditioner.":
                     rest = _conditioner_key(rest, conditioner)
+                    if rest is None:
+                        break
                 elif use_ema and ema:
                     flat = ("diffusion_model." + rest).replace(".", "")
                     if flat not in ema:
@@ -398,17 +471,40 @@ def load_preset(name: str) -> CompvisModel:
 
 
 def translation(
-    config: str | os.PathLike | None, preset: str | None, *, null_class: str = "last"
+    config: str | os.PathLike | None,
+    preset: str | None,
+    *,
+    null_class: str | int = "last",
+    text_encoder: str | os.PathLike | None = None,
 ) -> CompvisModel:
-    """The translated model of the paper's ``config.yaml``, or the stored ``preset`` (one of them)."""
+    """The translated model of the paper's ``config.yaml``, or the stored ``preset`` (one of
+    them). ``null_class`` picks a class-conditional model's unconditional class (``"last"``
+    or an index); ``text_encoder`` is the local CLIP folder (config + tokenizer) of a Stable
+    Diffusion v1 model."""
     if (config is None) == (preset is None):
         raise ConfigError("give the paper's config.yaml or a preset name (one of them)")
-    if preset is not None:
-        if null_class != "last":
-            raise ConfigError("null_class applies to a translated config.yaml; the presets use 'last'")
-        return load_preset(preset)
-    model = translate_config(read_compvis_config(config), null_class=null_class)
-    model.source = str(config)
+    if preset is None:
+        model = translate_config(read_compvis_config(config), null_class=null_class, text_encoder=text_encoder)
+        model.source = str(config)
+        return model
+    model = load_preset(preset)
+    cond = model.groups.get("conditioner", {})
+    if null_class != "last":
+        if cond.get("name") != "class_label" or cond.get("role", "crossattn") != "crossattn":
+            raise ConfigError(f"null_class={null_class!r}: preset {preset} has no class embedding with a null class")
+        rows = int(cond["num_classes"]) + 1
+        index = null_class_index(rows, null_class)
+        cond["null_index"] = None if index == rows - 1 else index
+    if cond.get("name") == "clip_text":
+        if text_encoder is None:
+            raise ConfigError(
+                f"preset {preset}: its FrozenCLIPEmbedder needs a local folder with the CLIP text model's "
+                "config.json and tokenizer (openai/clip-vit-large-patch14): pass text_encoder= "
+                "(ldmkit convert compvis --text-encoder DIR)"
+            )
+        cond["name_or_path"] = str(text_encoder)
+    elif text_encoder is not None:
+        raise ConfigError(f"text_encoder applies to Stable Diffusion (FrozenCLIPEmbedder) models, not preset {preset}")
     return model
 
 
@@ -418,11 +514,12 @@ def read_compvis(
     *,
     preset: str | None = None,
     use_ema: bool = True,
-    null_class: str = "last",
+    null_class: str | int = "last",
+    text_encoder: str | os.PathLike | None = None,
 ) -> tuple[CompvisModel, dict[str, Tensor], dict[str, Any]]:
     """Translate ``config`` (or take the stored ``preset``) and rename the tensors of
     ``checkpoint``: (model, state, facts)."""
-    model = translation(config, preset, null_class=null_class)
+    model = translation(config, preset, null_class=null_class, text_encoder=text_encoder)
     state, facts = convert_state_dict(load_checkpoint(checkpoint), model, use_ema=use_ema)
     if "scale_factor" in facts:
         model.top["scale_factor"] = facts["scale_factor"]
@@ -445,10 +542,11 @@ def check_schedule(facts: dict[str, Any], alphas_cumprod: Tensor, where: str) ->
 # the option's node whole, so no ldmkit default leaks in)
 GROUP_OPTIONS = {"kl": "kl_f8", "vq": "vq_f4", "unet": "unet", "class_label": "class_label", "bert": "bert",
                  "semantic_map": "semantic_map", "low_res": "low_res", "inpaint": "inpaint", "none": "none",
+                 "clip_text": "clip_text",
                  "ddim": "ddim"}  # fmt: skip
 
 
-def compose(model: CompvisModel, *, weights: str | None = None) -> Any:
+def compose(model: CompvisModel, *, weights: str | None = None, source_kind: str = "compvis") -> Any:
     """The full ldmkit config (a ``DictConfig``) of a translated pipeline; ``choices`` records
     the source and which ``weights`` (``ema`` / ``raw``) were taken."""
     from omegaconf import OmegaConf, open_dict
@@ -462,7 +560,7 @@ def compose(model: CompvisModel, *, weights: str | None = None) -> Any:
             cfg[group] = OmegaConf.create(model.groups[group])
         for key, value in model.top.items():
             cfg[key] = value
-        cfg.choices = {**cfg.get("choices", {}), "source": f"compvis:{model.source}"}
+        cfg.choices = {**cfg.get("choices", {}), "source": f"{source_kind}:{model.source}"}
         if weights is not None:
             cfg.choices.weights = weights
     return cfg

@@ -19,7 +19,9 @@ class ClassLabelConditioner(Conditioner):
 
     * ``role="crossattn"``: a learned embedding per class as one token (B×1×embed_dim),
       attended to by cross-attention (CompVis ``ClassEmbedder``); the unconditional
-      token is an extra learned row.
+      token is an extra learned row: the table has ``num_classes + 1`` rows, the null one
+      at ``null_index`` (default the last, ``num_classes``; labels name table rows, so with
+      ``null_index=0`` the real labels are 1..num_classes).
     * ``role="vector"``: a one-hot B×num_classes vector for a denoiser with a class
       embedding of its own (adm style, UNet ``num_classes``); unconditional is all zeros.
     """
@@ -31,13 +33,20 @@ class ClassLabelConditioner(Conditioner):
         embed_dim: int = 512,
         role: str = "crossattn",
         input_key: str = "label",
+        null_index: int | None = None,
     ) -> None:
         super().__init__()
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if null_index is not None and (role != "crossattn" or not 0 <= null_index <= num_classes):
+            raise ValueError(
+                f"null_index={null_index!r} must be in [0, {num_classes}] and needs role='crossattn' "
+                "(a vector condition's null is all zeros)"
+            )
         self.num_classes, self.role, self.input_key = num_classes, role, input_key
+        self.null_index = num_classes if null_index is None else int(null_index)
         self.input_keys = (input_key,)
         self.input_kinds = {input_key: "class"}
         # follows .to(device) so that one-hot vectors land where the model is
@@ -50,10 +59,16 @@ class ClassLabelConditioner(Conditioner):
 
     def _labels(self, batch: Mapping[str, Any]) -> Tensor:
         labels = torch.as_tensor(self.read(batch, self.input_key), dtype=torch.long, device=self._device())
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+        if self.null_index == self.num_classes:
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise ValueError(
+                    f"class labels must be in [0, {self.num_classes}); got min {int(labels.min())}, "
+                    f"max {int(labels.max())}"
+                )
+        elif labels.numel() and (labels.min() < 0 or labels.max() > self.num_classes or (labels == self.null_index).any()):
             raise ValueError(
-                f"class labels must be in [0, {self.num_classes}); got min {int(labels.min())}, "
-                f"max {int(labels.max())}"
+                f"class labels must be in [0, {self.num_classes}] without the null class {self.null_index}; "
+                f"got min {int(labels.min())}, max {int(labels.max())}"
             )
         return labels.reshape(-1)
 
@@ -69,6 +84,6 @@ class ClassLabelConditioner(Conditioner):
     def unconditional(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         n = self._labels(batch).shape[0]
         if self.role == "crossattn":
-            null = torch.full((n,), self.num_classes, dtype=torch.long, device=self._device())
+            null = torch.full((n,), self.null_index, dtype=torch.long, device=self._device())
             return {"crossattn": self.embedding(null)[:, None, :]}
         return {"vector": torch.zeros(n, self.num_classes, device=self._device(), dtype=self._anchor.dtype)}

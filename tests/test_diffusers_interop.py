@@ -1,0 +1,366 @@
+"""diffusers both ways and Stable Diffusion v1 through ``clip_text``
+(ldmkit.interop.diffusers_format, ``ldmkit convert to-diffusers|from-diffusers``,
+``Pipeline.from_compvis(..., text_encoder=)``).
+
+The second implementation is diffusers itself: a Stable-Diffusion-v1-layout checkpoint is
+converted once by ldmkit and once by diffusers' own single-file converters
+(``diffusers.loaders.single_file_utils``), and both sample the same latents from the same
+noise; the folders ldmkit writes load in diffusers' own classes, whose forward passes are
+compared with ldmkit's."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from ldmkit.errors import ConfigError
+from ldmkit.interop import compvis, diffusers_format
+from ldmkit.pipeline import Pipeline
+from tests.conftest import ldmkit_cli
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+from ldmkit_text.testing import write_tiny_clip  # noqa: E402
+
+# Stable Diffusion's v1-inference.yaml, scaled down (KL-f2, a 2-level UNet, a 32-wide CLIP)
+SD_CONFIG = {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
+    "linear_start": 0.00085, "linear_end": 0.0120, "timesteps": 1000, "first_stage_key": "jpg",
+    "cond_stage_key": "txt", "image_size": 8, "channels": 4, "cond_stage_trainable": False,
+    "conditioning_key": "crossattn", "scale_factor": 0.18215, "use_ema": False,
+    "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
+        "image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+        "attention_resolutions": [2, 1], "num_res_blocks": 1, "channel_mult": [1, 2], "num_heads": 2,
+        "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": 32, "use_checkpoint": True,
+        "legacy": False}},
+    "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
+        "embed_dim": 4, "monitor": "val/rec_loss", "ddconfig": {
+            "double_z": True, "z_channels": 4, "resolution": 16, "in_channels": 3, "out_ch": 3, "ch": 32,
+            "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0},
+        "lossconfig": {"target": "torch.nn.Identity"}}},
+    "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}}}}  # fmt: skip
+PROMPTS = ["the cat and the dog", "a red apple"]
+SD_PREFIX = {
+    "denoiser.": "model.diffusion_model.",
+    "first_stage.": "first_stage_model.",
+    "conditioner.": "cond_stage_model.",
+}
+
+
+def sd_state(pipe: Pipeline) -> dict[str, torch.Tensor]:
+    """``pipe``'s weights (perturbed, so nothing is at its initial value) in a Stable Diffusion
+    v1 checkpoint's layout: ``cond_stage_model.transformer.text_model.*`` with the
+    ``position_ids`` buffer, the schedule buffers."""
+    gen = torch.Generator().manual_seed(3)
+    state: dict[str, torch.Tensor] = {}
+    for key, value in pipe.state_dict().items():
+        for ours, theirs in SD_PREFIX.items():
+            if key.startswith(ours):
+                rest = key[len(ours) :]
+                if ours == "conditioner." and not rest.startswith("transformer.text_model."):
+                    rest = "transformer.text_model." + rest[len("transformer.") :]
+                noise = (
+                    0.02 * torch.randn(value.shape, generator=gen)
+                    if value.is_floating_point()
+                    else 0
+                )
+                state[theirs + rest] = value.clone() + noise
+    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[
+        None
+    ]
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    state["betas"] = torch.from_numpy(betas)
+    state["alphas_cumprod"] = torch.from_numpy(np.cumprod(1 - betas))
+    return state
+
+
+@pytest.fixture(scope="module")
+def sd_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    clip = write_tiny_clip(root / "clip")
+    (root / "v1-inference.yaml").write_text(yaml.safe_dump(SD_CONFIG))
+    torch.manual_seed(0)
+    pipe = Pipeline.from_config(
+        compvis.compose(compvis.translate_config(SD_CONFIG, text_encoder=clip))
+    )
+    state = sd_state(pipe)
+    torch.save({"state_dict": state, "global_step": 470000}, root / "sd-v1.ckpt")
+    return root, clip, state
+
+
+def diffusers_own_conversion(state, clip):
+    """The checkpoint converted by diffusers' own single-file code: a StableDiffusionPipeline."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    unet_config = sfu.create_unet_diffusers_config_from_ldm(SD_CONFIG, state, image_size=8)
+    unet = UNet2DConditionModel(**unet_config)
+    unet.load_state_dict(sfu.convert_ldm_unet_checkpoint(state, unet_config))
+    vae_config = sfu.create_vae_diffusers_config_from_ldm(SD_CONFIG, state, image_size=16)
+    vae = AutoencoderKL(**vae_config)
+    vae.load_state_dict(sfu.convert_ldm_vae_checkpoint(state, vae_config))
+    text = CLIPTextModel(CLIPTextConfig.from_pretrained(clip))
+    inner = any(k.startswith("text_model.") for k in text.state_dict())
+    text.load_state_dict({(k if inner else k.removeprefix("text_model.")): v
+                          for k, v in sfu.convert_ldm_clip_checkpoint(state).items() if "position_ids" not in k})  # fmt: skip
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # fmt: skip
+    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(clip), unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)  # fmt: skip
+
+
+def sd_latents(sd, noise):
+    return sd(
+        PROMPTS,
+        num_inference_steps=50,
+        guidance_scale=3.0,
+        latents=noise.clone(),
+        output_type="latent",
+    ).images
+
+
+@pytest.fixture(scope="module")
+def sd_imported(sd_files):
+    root, clip, _ = sd_files
+    return Pipeline.from_compvis(root / "sd-v1.ckpt", root / "v1-inference.yaml", text_encoder=clip)
+
+
+def test_stable_diffusion_v1_import_samples_what_diffusers_own_conversion_samples(
+    sd_files, sd_imported
+):
+    _, clip, state = sd_files
+    assert (
+        sd_imported.config.conditioner.name == "clip_text"
+        and sd_imported.config.sampler.spacing == "paper"
+    )
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    ours = sd_imported.sample({"caption": PROMPTS}, noise=noise, guidance_scale=3.0, steps=50, return_latents=True,
+                              precision="fp32")  # fmt: skip
+    theirs = sd_latents(diffusers_own_conversion(state, clip), noise)
+    scale = theirs.abs().max()
+    assert scale > 1.0  # a real result, not collapsed
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5 * float(scale))
+    # the prompt matters: swapping the prompts changes the result
+    swapped = sd_imported.sample({"caption": PROMPTS[::-1]}, noise=noise, guidance_scale=3.0, steps=50,
+                                 return_latents=True, precision="fp32")  # fmt: skip
+    assert (swapped - ours).abs().max() > 1e-2 * scale
+
+
+def test_to_diffusers_writes_what_diffusers_converters_write_and_loads_as_stable_diffusion(
+    sd_files, sd_imported, tmp_path
+):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    _, clip, state = sd_files
+    out = sd_imported.to_diffusers(tmp_path / "sd")
+    reference = diffusers_own_conversion(state, clip)
+    for folder, module in (("unet", reference.unet), ("vae", reference.vae)):
+        written = load_file(out / folder / "diffusion_pytorch_model.safetensors")
+        expected = module.state_dict()
+        assert set(written) == set(expected), folder
+        for key, value in expected.items():
+            assert torch.equal(written[key], value.reshape(written[key].shape)), (folder, key)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert (
+        scheduler["beta_schedule"],
+        scheduler["steps_offset"],
+        scheduler["set_alpha_to_one"],
+    ) == ("scaled_linear", 1, False)
+    assert json.loads((out / "vae" / "config.json").read_text())["scaling_factor"] == pytest.approx(
+        0.18215
+    )
+    loaded = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(
+        sd_latents(loaded, noise), sd_latents(reference, noise), rtol=0, atol=0
+    )
+
+
+def test_ldmkit_to_diffusers_to_ldmkit_is_bit_identical(sd_imported, tmp_path):
+    out = sd_imported.to_diffusers(tmp_path / "sd")
+    back = Pipeline.from_diffusers(out)
+    a, b = sd_imported.state_dict(), back.state_dict()
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert (
+        back.config.sampler.spacing == "paper"
+        and back.config.schedule.linear_end == pytest.approx(0.012)
+    )
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    kwargs = dict(noise=noise, guidance_scale=2.0, steps=10, return_latents=True, precision="fp32")
+    assert torch.equal(
+        sd_imported.sample({"caption": ["a cat"]}, **kwargs),
+        back.sample({"caption": ["a cat"]}, **kwargs),
+    )
+
+
+def unconditional_vq_pipeline(*, new_order: bool, head_channels: int, heads: int) -> Pipeline:
+    """An AttentionBlock UNet (the paper's unconditional / LSUN / CelebA layout) over a VQ
+    first stage, at a tiny size."""
+    groups = {
+        "first_stage": {"name": "vq", "latent_channels": 3, "z_channels": 3, "ch": 32, "ch_mult": [1, 2],
+                        "num_res_blocks": 1, "attn_resolutions": [], "resolution": 16, "in_channels": 3,
+                        "out_ch": 3, "dropout": 0.0, "norm_groups": 32, "attn_type": "vanilla", "n_embed": 16,
+                        "beta": 0.25},
+        "denoiser": {"name": "unet", "in_channels": 3, "out_channels": 3, "model_channels": 32,
+                     "num_res_blocks": 1, "attention_resolutions": [1, 2], "dropout": 0.0, "channel_mult": [1, 2],
+                     "conv_resample": True, "num_classes": None, "num_heads": heads,
+                     "num_head_channels": head_channels, "use_scale_shift_norm": True, "resblock_updown": False,
+                     "use_new_attention_order": new_order, "use_spatial_transformer": False,
+                     "transformer_depth": 1, "context_dim": None, "vector_dim": None, "adm_in_channels": None,
+                     "use_checkpoint": False, "prediction": "eps"},
+        "conditioner": {"name": "none"},
+        "sampler": {"name": "ddim", "steps": 50, "eta": 0.0, "spacing": "paper"},
+        "schedule": {"kind": "linear", "timesteps": 1000, "linear_start": 0.0015, "linear_end": 0.0195, "cosine_s": 8e-3},
+    }  # fmt: skip
+    torch.manual_seed(0)
+    pipe = Pipeline.from_config(
+        compvis.compose(
+            compvis.CompvisModel("pipeline", groups, {"image_size": 16, "scale_factor": 1.0})
+        )
+    )
+    with torch.no_grad():  # no zero-initialised output projections: every weight must matter
+        for p in pipe.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return pipe
+
+
+@pytest.mark.parametrize(
+    ("new_order", "head_channels", "heads"), [(False, 16, -1), (True, 16, -1), (False, -1, 1)]
+)
+def test_attention_block_unet_and_vq_convert_to_diffusers_own_classes(
+    tmp_path, new_order, head_channels, heads
+):
+    from diffusers import DDIMScheduler, LDMPipeline, UNet2DModel, VQModel
+
+    pipe = unconditional_vq_pipeline(new_order=new_order, head_channels=head_channels, heads=heads)
+    out = pipe.to_diffusers(tmp_path / "ldm")
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "LDMPipeline"
+    unet = UNet2DModel.from_pretrained(out / "unet")
+    vq = VQModel.from_pretrained(out / "vqvae")
+    assert vq.config.scaling_factor == 1.0
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        ours = pipe.denoiser(z, t, {})
+        theirs = unet(z, t).sample
+        torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+        assert ours.abs().mean() > 0.1
+        torch.testing.assert_close(
+            vq.decode(z).sample, pipe.first_stage.decode(z), rtol=1e-4, atol=1e-4
+        )
+    # a DDIM loop through diffusers' scheduler and UNet lands where ldmkit's sampler does
+    scheduler = DDIMScheduler.from_pretrained(out / "scheduler")
+    scheduler.set_timesteps(20)
+    x = z.clone()
+    with torch.no_grad():
+        for step in scheduler.timesteps:
+            x = scheduler.step(unet(x, step).sample, step, x).prev_sample
+    ldm = pipe.sample(noise=z, num_samples=2, steps=20, return_latents=True, precision="fp32")
+    torch.testing.assert_close(ldm, x, rtol=1e-3, atol=1e-3)
+    assert isinstance(LDMPipeline.from_pretrained(out), LDMPipeline)
+    back = Pipeline.from_diffusers(out)
+    for key, value in pipe.state_dict().items():
+        assert torch.equal(value, back.state_dict()[key]), key
+    # a folder diffusers wrote has no ldmkit.json: the legacy qkv order, the same function
+    (out / "ldmkit.json").unlink()
+    plain = Pipeline.from_diffusers(out)
+    assert plain.config.denoiser.use_new_attention_order is False
+    with torch.no_grad():
+        torch.testing.assert_close(plain.denoiser(z, t, {}), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_a_class_conditional_model_keeps_its_conditioner_beside_the_diffusers_components(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    config = yaml.safe_load(yaml.safe_dump(SD_CONFIG))
+    config["model"]["params"]["cond_stage_config"] = {
+        "target": "ldm.modules.encoders.modules.ClassEmbedder",
+        "params": {"n_classes": 11, "embed_dim": 32},
+    }
+    torch.manual_seed(0)
+    pipe = Pipeline.from_config(compvis.compose(compvis.translate_config(config)))
+    out = pipe.to_diffusers(tmp_path / "cin")
+    assert (out / "ldmkit_conditioner" / "model.safetensors").is_file()
+    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    z = torch.randn(2, 4, 8, 8)
+    cond = pipe.conditioner({"label": [3, 7]})
+    with torch.no_grad():
+        torch.testing.assert_close(unet(z, torch.tensor([5, 900]), cond["crossattn"]).sample,
+                                   pipe.denoiser(z, torch.tensor([5, 900]), cond), rtol=1e-4, atol=1e-4)  # fmt: skip
+    back = Pipeline.from_diffusers(out)
+    assert (
+        back.config.conditioner.name == "class_label" and back.config.conditioner.num_classes == 10
+    )
+    for key, value in pipe.state_dict().items():
+        assert torch.equal(value, back.state_dict()[key]), key
+
+
+def test_what_diffusers_cannot_hold_is_named():
+    pipe = unconditional_vq_pipeline(
+        new_order=False, head_channels=-1, heads=4
+    )  # 4 heads over widths 32 and 64
+    with pytest.raises(
+        diffusers_format.ConversionError,
+        match=r"denoiser: num_heads=4 over attention widths \[32, 64\]",
+    ):
+        diffusers_format.diffusers_unet_config(dict(pipe.config.denoiser), 8)
+    first = dict(pipe.config.first_stage, attn_resolutions=[8])
+    with pytest.raises(
+        diffusers_format.ConversionError, match=r"first_stage \(vq\)\.attn_resolutions=\[8\]"
+    ):
+        diffusers_format.diffusers_vae_config(first, 1.0)
+
+
+def test_a_diffusers_folder_that_does_not_fit_names_the_key(tmp_path, sd_imported):
+    out = sd_imported.to_diffusers(tmp_path / "sd")
+    config = json.loads((out / "unet" / "config.json").read_text())
+    config["use_linear_projection"] = True
+    (out / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        diffusers_format.ConversionError, match="use_linear_projection=True is not supported"
+    ):
+        Pipeline.from_diffusers(out)
+    with pytest.raises(diffusers_format.ConversionError, match="model_index.json is missing"):
+        Pipeline.from_diffusers(tmp_path)
+
+
+def test_stable_diffusion_needs_a_local_clip_folder(sd_files):
+    root, _, _ = sd_files
+    with pytest.raises(ConfigError, match=r"FrozenCLIPEmbedder .* pass text_encoder="):
+        Pipeline.from_compvis(root / "sd-v1.ckpt", root / "v1-inference.yaml")
+    with pytest.raises(ConfigError, match="text_encoder applies to Stable Diffusion"):
+        compvis.translation(None, "cin256-v2", text_encoder=root / "clip")
+
+
+def test_convert_cli_both_ways(sd_files, tmp_path):
+    root, clip, _ = sd_files
+    ldm = tmp_path / "ldm"
+    runs = [("compvis", str(root / "sd-v1.ckpt"), "--config", str(root / "v1-inference.yaml"), "--text-encoder",
+             str(clip), "--out", str(ldm)), ("to-diffusers", str(ldm), "--out", str(tmp_path / "d")),
+            ("from-diffusers", str(tmp_path / "d"), "--out", str(tmp_path / "back"))]  # fmt: skip
+    results = [ldmkit_cli("convert", *args) for args in runs]
+    for result in results:
+        assert result.returncode == 0, result.stderr
+    assert "StableDiffusionPipeline" in results[1].stdout
+    assert "100%" in results[1].stderr  # the progress bar ran to the end
+    assert (
+        tmp_path / "back" / "tokenizer" / "tokenizer_config.json"
+    ).is_file()  # config + tokenizer files, no weights
+    assert not list((tmp_path / "back" / "text_encoder").glob("*.safetensors"))
+    a, b = Pipeline.load(ldm).state_dict(), Pipeline.load(tmp_path / "back").state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
