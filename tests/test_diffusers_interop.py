@@ -364,3 +364,69 @@ def test_convert_cli_both_ways(sd_files, tmp_path):
     assert not list((tmp_path / "back" / "text_encoder").glob("*.safetensors"))
     a, b = Pipeline.load(ldm).state_dict(), Pipeline.load(tmp_path / "back").state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_clip_text_is_frozen_reads_its_input_and_names_what_is_missing(tmp_path):
+    from ldmkit_text.clip_text import ClipTextConditioner
+    from ldmkit_text.tokenizer import ModelNotFoundError
+
+    clip = write_tiny_clip(tmp_path / "clip")
+    cond = ClipTextConditioner(name_or_path=clip, max_length=8)
+    assert not any(p.requires_grad for p in cond.parameters())
+    with pytest.warns(UserWarning, match="1 prompt"):  # "a red apple" is 10 tokens here
+        out = cond({"caption": ["the cat", "a red apple"]})["crossattn"]
+    assert cond.truncated_prompts == 1
+    assert out.shape == (2, 8, 32)
+    assert (out[0] - out[1]).abs().max() > 1e-3  # the prompt matters
+    torch.testing.assert_close(
+        cond.unconditional({"caption": ["x"]})["crossattn"], cond.encode([""])["crossattn"]
+    )
+    assert set(cond.frozen_references()) == {"transformer"}
+    with pytest.raises(ModelNotFoundError, match="has no config.json"):
+        ClipTextConditioner(name_or_path=tmp_path / "nowhere")
+    bare = write_tiny_clip(tmp_path / "bare", weights=False)
+    with pytest.raises(ModelNotFoundError, match=r"holds no weights .*pretrained=false"):
+        ClipTextConditioner(name_or_path=bare)
+    assert ClipTextConditioner(name_or_path=bare, pretrained=False).frozen_references() == {}
+
+
+def test_null_class_index_and_adm_translate():
+    config = yaml.safe_load(yaml.safe_dump(SD_CONFIG))
+    config["model"]["params"]["cond_stage_config"] = {
+        "target": "ldm.modules.encoders.modules.ClassEmbedder",
+        "params": {"n_classes": 11, "embed_dim": 32},
+    }
+    node = compvis.translate_config(config, null_class=0).groups["conditioner"]
+    assert (node["num_classes"], node["null_index"]) == (10, 0)
+    pipe = Pipeline.from_config(compvis.compose(compvis.translate_config(config, null_class=0)))
+    null = pipe.conditioner.unconditional({"label": [1]})["crossattn"][0, 0]
+    torch.testing.assert_close(null, pipe.conditioner.embedding.weight[0])
+    with pytest.raises(ValueError, match="without the null class 0"):
+        pipe.conditioner({"label": [0]})
+    assert pipe.conditioner({"label": [10]})["crossattn"].shape == (
+        1,
+        1,
+        32,
+    )  # labels name rows 1..10
+    with pytest.raises(
+        ConfigError, match=r"null_class=11: expected 'last' or a class index in \[0, 11\)"
+    ):
+        compvis.translate_config(config, null_class=11)
+    assert (
+        compvis.translation(None, "cin256-v2", null_class=0).groups["conditioner"]["null_index"]
+        == 0
+    )
+    adm = yaml.safe_load(yaml.safe_dump(SD_CONFIG))
+    params = adm["model"]["params"]
+    params["conditioning_key"] = "adm"
+    params["cond_stage_config"] = {"target": "torch.nn.Identity"}
+    params["unet_config"]["params"].update(
+        num_classes=5, use_spatial_transformer=False, context_dim=None
+    )
+    node = compvis.translate_config(adm).groups["conditioner"]
+    assert (node["name"], node["role"], node["num_classes"]) == ("class_label", "vector", 5)
+    params["conditioning_key"] = "hybrid"
+    with pytest.raises(
+        ConfigError, match="conditioning_key='hybrid' is not supported: .*conditioner=multi"
+    ):
+        compvis.translate_config(adm)
