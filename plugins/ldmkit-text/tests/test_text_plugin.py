@@ -11,18 +11,19 @@ import torch
 
 import ldmkit
 from ldmkit.plugins import get_plugin_manager, reset_plugin_manager
-from ldmkit_text import BertConditioner, FrozenTextConditioner
+from ldmkit_text import BertConditioner, ClipTextConditioner, FrozenTextConditioner
 from ldmkit_text.plugin import ldmkit_register_conditioners, ldmkit_register_configs
 
 
 def test_hooks_register_both_conditioners_and_the_config_group():
     registered = {}
     ldmkit_register_conditioners(register=lambda name, cls: registered.setdefault(name, cls))
-    assert registered == {"bert": BertConditioner, "frozen_text": FrozenTextConditioner}
+    assert registered == {"bert": BertConditioner, "clip_text": ClipTextConditioner,
+                          "frozen_text": FrozenTextConditioner}
     roots = []
     ldmkit_register_configs(register=roots.append)
     options = sorted(p.stem for p in (Path(roots[0]) / "conditioner").glob("*.yaml"))
-    assert options == ["bert", "bert_paper", "frozen_text"]
+    assert options == ["bert", "bert_paper", "clip_text", "frozen_text"]
 
 
 def test_plugin_manager_reports_ldmkit_text():
@@ -30,8 +31,8 @@ def test_plugin_manager_reports_ldmkit_text():
     rows = {row["distribution"]: row for row in get_plugin_manager().plugin_report()}
     row = rows["ldmkit-text"]
     assert row["error"] is None and row["name"] == "text"
-    assert row["registers"] == {"conditioner": ["bert", "frozen_text"]}
-    assert row["config_groups"] == {"conditioner": ["bert", "bert_paper", "frozen_text"]}
+    assert row["registers"] == {"conditioner": ["bert", "clip_text", "frozen_text"]}
+    assert row["config_groups"] == {"conditioner": ["bert", "bert_paper", "clip_text", "frozen_text"]}
 
 
 def test_ldmkit_plugins_command_lists_it():
@@ -39,7 +40,7 @@ def test_ldmkit_plugins_command_lists_it():
     out = subprocess.run([str(exe), "plugins", "--json"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     row = {r["distribution"]: r for r in json.loads(out.stdout)}["ldmkit-text"]
-    assert row["registers"]["conditioner"] == ["bert", "frozen_text"]
+    assert row["registers"]["conditioner"] == ["bert", "clip_text", "frozen_text"]
     assert "bert_paper" in row["config_groups"]["conditioner"]
 
 

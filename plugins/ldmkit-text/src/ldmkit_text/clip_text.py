@@ -14,14 +14,12 @@ the folder's ``config.json`` and leaves the weights to the checkpoint).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from ldmkit_text.prompts import TextConditioner
+from ldmkit_text.prompts import PromptEncoder
 from ldmkit_text.tokenizer import ModelNotFoundError
 
 __all__ = ["ClipTextConditioner"]
@@ -29,7 +27,7 @@ __all__ = ["ClipTextConditioner"]
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
 
 
-class ClipTextConditioner(TextConditioner):
+class ClipTextConditioner(PromptEncoder):
     """Prompts -> ``crossattn`` B x max_length x hidden (CLIP's last hidden state).
 
     :param name_or_path: a local folder with a CLIP text model's ``config.json`` and its
@@ -131,13 +129,6 @@ class ClipTextConditioner(TextConditioner):
         with torch.no_grad():
             hidden = self.transformer(input_ids=self.tokens(prompts)).last_hidden_state
         return {"crossattn": hidden}
-
-    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        return self.encode(self.prompts(batch))
-
-    def unconditional(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        n = len(self.prompts(batch))
-        return {role: v.repeat(n, *([1] * (v.ndim - 1))) for role, v in self.encode([""]).items()}
 
     def extra_repr(self) -> str:
         return (

