@@ -74,6 +74,8 @@ SCENARIOS: dict[str, tuple[tuple[str, str], list[str]]] = {
         ("conditioner", "frozen_text"),
         ["conditioner=frozen_text", "conditioner.pooled=true"],
     ),
+    # TINY_CLIP: a tiny offline CLIP folder the test writes (its shipped config names none)
+    "clip_text": (("conditioner", "clip_text"), ["conditioner=clip_text", "conditioner.name_or_path=TINY_CLIP"]),
     **{
         sampler: (
             ("sampler", sampler),
@@ -208,8 +210,13 @@ def test_every_first_party_component_is_covered():
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_component_follows_its_device_and_dtype(scenario):
+def test_component_follows_its_device_and_dtype(scenario, tmp_path):
     (kind, _), overrides = SCENARIOS[scenario]
+    if any("TINY_CLIP" in o for o in overrides):
+        from ldmkit_text.testing import write_tiny_clip
+
+        clip = str(write_tiny_clip(tmp_path / "clip"))
+        overrides = [o.replace("TINY_CLIP", clip) for o in overrides]
     parts = _build(overrides)
     first_stage, conditioner, denoiser = (
         parts["first_stage"],
