@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import pickle
 
@@ -249,18 +250,26 @@ PAPER_PARAMETERS = {
     "inpainting-big": (("denoiser",), 387),
     "bsr-sr": (("denoiser", "first_stage"), 169),
     "txt2img-1p4B": (("denoiser", "conditioner"), 1454),
+    # Stable Diffusion v1: the 860M UNet and CLIP ViT-L/14's 123M text encoder
+    "sd-v1": (("denoiser", "conditioner"), 983),
 }
 
 
-def test_every_preset_builds_and_the_papers_models_have_the_papers_sizes():
+def test_every_preset_builds_and_the_papers_models_have_the_papers_sizes(tmp_path):
     """Each stored translation of a published model composes and builds (on the meta device:
     shapes only), and the sizes match the parameter counts the paper publishes."""
     from ldmkit.plugins import get_registry
+    from ldmkit_text.testing import write_tiny_clip
 
+    # CLIP ViT-L/14's text model config (no weights) for the Stable Diffusion preset
+    clip = write_tiny_clip(tmp_path / "clip", hidden=768, layers=12, heads=12, intermediate=3072,
+                           vocab_size=49408, weights=False)  # fmt: skip
     names = compvis.preset_names()
-    assert {"cin256-v2", "txt2img-1p4B", "kl-f8", "vq-f4", "bsr-sr", "semantic-synthesis512"} <= set(names)
+    assert {"cin256-v2", "txt2img-1p4B", "kl-f8", "vq-f4", "bsr-sr", "semantic-synthesis512",
+            "layout2img", "sd-v1"} <= set(names)  # fmt: skip
     for name in names:
-        model = compvis.load_preset(name)
+        text = compvis.load_preset(name).groups.get("conditioner", {}).get("name") == "clip_text"
+        model = compvis.translation(None, name, text_encoder=clip if text else None)
         with torch.device("meta"):
             if model.kind == "pipeline":
                 pipe = Pipeline.from_config(compvis.compose(model))
@@ -282,3 +291,49 @@ def test_a_first_stage_preset_is_not_a_pipeline(paper_files):
         Pipeline.from_compvis(ckpt, preset="kl-f8")
     with pytest.raises(ConfigError, match="one of them"):
         Pipeline.from_compvis(ckpt)
+
+
+def test_layout_to_image_takes_token_ids_through_import_and_the_sample_cli(tmp_path):
+    """The paper's layout2img model: ``BERTEmbedder(use_tokenizer=False)`` over the bounding-box
+    builder's token ids (``cond_stage_key: coordinates_bbox``). It imports as ``bert`` with
+    ``use_tokenizer: false``, its ``cond_stage_model.transformer.*`` weights load by name, and
+    ``ldmkit sample --cond coordinates_bbox=ID,ID,...`` feeds one id sequence per sample."""
+    config = copy.deepcopy(LDM_CONFIG)
+    params = config["model"]["params"]
+    params["cond_stage_key"] = "coordinates_bbox"
+    params["cond_stage_config"] = {
+        "target": "ldm.modules.encoders.modules.BERTEmbedder",
+        "params": {"n_embed": 8, "n_layer": 1, "vocab_size": 64, "max_seq_len": 6, "use_tokenizer": False},
+    }
+    model = compvis.translate_config(config)
+    cond = model.groups["conditioner"]
+    assert (cond["name"], cond["use_tokenizer"], cond["vocab_size"], cond["input_key"]) == (
+        "bert", False, 64, "coordinates_bbox")  # fmt: skip
+    assert cond["drop_rate"] == 0.0  # the paper trained it without a null condition
+    torch.manual_seed(0)
+    original = Pipeline.from_config(compvis.compose(model))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    torch.save({"state_dict": paper_state(original)}, tmp_path / "model.ckpt")
+    assert "cond_stage_model.transformer.attn_layers.layers.0.1.to_q.weight" in paper_state(original)
+
+    out = tmp_path / "imported"
+    result = ldmkit_cli("convert", "compvis", str(tmp_path / "model.ckpt"), "--config",
+                        str(tmp_path / "config.yaml"), "--out", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    loaded = Pipeline.load(out)
+    torch.testing.assert_close(loaded.conditioner.state_dict(), original.conditioner.state_dict())
+    a, b = [5, 9, 17, 33, 63, 63], [1, 2, 3, 4, 63, 63]
+    kwargs = {"seed": 0, "steps": 2, "precision": "fp32"}
+    direct = loaded.sample({"coordinates_bbox": torch.tensor([a, b])}, **kwargs)
+    assert not torch.allclose(direct[0], direct[1])  # the layout reaches the sample
+
+    grid = tmp_path / "layout.png"
+    result = ldmkit_cli("sample", "--checkpoint", str(out), "--cond", "coordinates_bbox=" + ",".join(map(str, a)),
+                        "--cond", "coordinates_bbox=" + ",".join(map(str, b)), "sampler.steps=2", "precision=fp32",
+                        "--seed", "0", "--no-progress", "--out", str(grid))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    record = json.loads(grid.with_suffix(".json").read_text())
+    assert [image["coordinates_bbox"] for image in record["images"]] == [a, b]
+    bad = ldmkit_cli("sample", "--checkpoint", str(out), "--cond", "coordinates_bbox=1,2", "--cond",
+                     "coordinates_bbox=1,2,3", "--out", str(tmp_path / "bad.png"))  # fmt: skip
+    assert bad.returncode != 0 and "different lengths [2, 3]" in bad.stderr

@@ -267,6 +267,7 @@ def batch_by_kind(conditioner: Conditioner, n: int, image_channels: int = 3) -> 
         "segmentation": lambda: torch.randint(0, 2, (n, 16, 16), generator=gen),
         "image": lambda: torch.rand(n, channels, 16, 16, generator=gen) * 2 - 1,
         "mask": lambda: box,
+        "tokens": lambda: torch.randint(0, 8, (n, 6), generator=gen),
     }
     return {key: make[conditioner.input_kind(key)]() for key in conditioner.input_keys}
 
@@ -274,7 +275,9 @@ def batch_by_kind(conditioner: Conditioner, n: int, image_channels: int = 3) -> 
 FIRST_PARTY_CONDITIONERS = sorted(
     name for name in get_registry().names("conditioner")
     if get_registry().get("conditioner", name).factory.__module__.startswith(("ldmkit_conditioners", "ldmkit_text"))
-)  # fmt: skip
+) + ["bert:tokens"]  # fmt: skip
+# configurations beside the shipped ones: name -> (config, overrides)
+VARIANTS = {"bert:tokens": ("bert", ["conditioner.use_tokenizer=false", "conditioner.vocab_size=8"])}
 
 
 @pytest.mark.parametrize("name", FIRST_PARTY_CONDITIONERS)
@@ -284,7 +287,8 @@ def test_first_party_conditioners_pass(name, tmp_path):
     change it. (The plugins' own tests run the whole mixin on tiny configurations.)"""
     from ldmkit.config import compose_config, create_component
 
-    overrides = [f"conditioner={name}"]
+    name, extra = VARIANTS.get(name, (name, []))
+    overrides = [f"conditioner={name}", *extra]
     if name == "clip_text":  # its shipped config names no folder (`???`): a tiny offline CLIP
         from ldmkit_text.testing import write_tiny_clip
 

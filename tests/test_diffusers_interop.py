@@ -430,3 +430,54 @@ def test_null_class_index_and_adm_translate():
         ConfigError, match="conditioning_key='hybrid' is not supported: .*conditioner=multi"
     ):
         compvis.translate_config(adm)
+
+
+def test_the_papers_text_to_image_model_runs_in_diffusers_ldm_text_to_image_pipeline(tmp_path):
+    """The paper's txt2img layout (``BERTEmbedder``: WordPiece + transformer, 77 tokens) goes
+    out as ``LDMTextToImagePipeline`` (``bert/`` an ``LDMBertModel``, ``tokenizer/`` a
+    ``BertTokenizer``, the KL first stage under ``vqvae/`` as that pipeline names it); diffusers
+    samples the same images from the same noise, and the folder reads back bit-identically."""
+    from diffusers import LDMTextToImagePipeline
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import (
+        LDMBertConfig,
+        LDMBertModel,
+    )
+    from safetensors.torch import load_file
+
+    config = yaml.safe_load(yaml.safe_dump(SD_CONFIG))
+    config["model"]["params"]["cond_stage_config"] = {
+        "target": "ldm.modules.encoders.modules.BERTEmbedder", "params": {"n_embed": 32, "n_layer": 2}}
+    config["model"]["params"]["cond_stage_trainable"] = True
+    torch.manual_seed(0)
+    pipe = Pipeline.from_config(compvis.compose(compvis.translate_config(config)))
+    with torch.no_grad():  # nothing at its initial value (LayerNorms of ones, zero biases)
+        gen = torch.Generator().manual_seed(5)
+        for p in pipe.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    out = pipe.to_diffusers(tmp_path / "txt2img")
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "LDMTextToImagePipeline"
+    assert index["bert"] == ["latent_diffusion", "LDMBertModel"] and index["vqvae"] == ["diffusers", "AutoencoderKL"]
+    bert = LDMBertModel(LDMBertConfig.from_pretrained(out / "bert"))
+    assert set(load_file(out / "bert" / "model.safetensors")) == set(bert.state_dict())  # one-to-one names
+
+    ldm = LDMTextToImagePipeline.from_pretrained(out)
+    ldm.set_progress_bar_config(disable=True)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    # the pipeline assumes f = 8 for the latent size: 64 px asks for these 8 x 8 latents
+    theirs = ldm(PROMPTS, height=64, width=64, num_inference_steps=50, guidance_scale=3.0, latents=noise.clone(),
+                 output_type="pt").images
+
+    def ours(prompts):  # ldmkit's images are in [-1, 1], diffusers' in [0, 1]
+        images = pipe.sample({"caption": prompts}, noise=noise, guidance_scale=3.0, steps=50, precision="fp32")
+        return (images / 2 + 0.5).clamp(0, 1)
+
+    mine = ours(PROMPTS)
+    assert mine.shape == theirs.shape == (2, 3, 16, 16) and float(theirs.std()) > 0.05
+    torch.testing.assert_close(mine, theirs, rtol=0, atol=2e-4)
+    assert (ours(PROMPTS[::-1]) - mine).abs().max() > 1e-2  # the prompt reaches the image
+
+    back = Pipeline.from_diffusers(out)
+    assert back.config.conditioner.name == "bert" and back.config.conditioner.vocab is None
+    for key, value in pipe.state_dict().items():
+        assert torch.equal(value, back.state_dict()[key]), key

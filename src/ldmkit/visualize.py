@@ -71,9 +71,9 @@ def condition_tiles(conditioner: Any, batch: Mapping[str, Any], size: tuple[int,
             mask = torch.as_tensor(value).float().cpu()
             mask = mask[:, None] if mask.ndim == 3 else mask
             tiles.append(_fit(mask.expand(-1, 3, -1, -1), size))
-        else:  # class labels and prompts as text
+        else:  # class labels, prompts and token ids as text
             values = value.tolist() if isinstance(value, Tensor) else list(value)
-            texts = [f"{key}={v}" if kind == "class" else v for v in values]
+            texts = [f"{key}={v}" if kind in ("class", "tokens") else v for v in values]
             tiles.append(_fit(text_tiles(texts, max(size)), size))
     return tiles
 

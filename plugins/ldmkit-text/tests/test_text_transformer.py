@@ -79,3 +79,39 @@ def test_bad_sizes_are_named():
     t = TextTransformer(10, 4, 8, 1, heads=2, dim_head=4)
     with pytest.raises(ValueError, match=r"n <= 4, got shape \(1, 5\)"):
         t(torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_token_input_bert_gives_the_papers_embeddings_and_checks_its_ids():
+    """``use_tokenizer=false`` (the paper's layout2img ``BERTEmbedder``): the batch holds token
+    ids, fed as they are; with the paper's weights, the paper's embeddings. The null condition
+    is a sequence of ``null_token`` (default: the last id, the layout builder's padding)."""
+    from ldmkit_text.bert import TokenInputError
+
+    with safe_open(FIXTURES / "paper_tiny_reference.safetensors", framework="pt") as f:
+        cfg = json.loads(f.metadata()["config"])
+        state = {k[len("state."):]: f.get_tensor(k) for k in f.keys() if k.startswith("state.")}
+        tokens, expected = f.get_tensor("tokens"), f.get_tensor("embeddings")
+    c = BertConditioner(n_embed=cfg["dim"], n_layer=cfg["depth"], max_seq_len=cfg["max_seq_len"],
+                        heads=cfg["heads"], dim_head=cfg["dim_head"], use_tokenizer=False,
+                        vocab_size=cfg["num_tokens"], input_key="coordinates_bbox").eval()  # fmt: skip
+    c.transformer.load_state_dict(state, strict=True)
+    assert c.input_kinds == {"coordinates_bbox": "tokens"}
+    with torch.no_grad():
+        out = c({"coordinates_bbox": tokens})["crossattn"]
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        # B lists of ids work as well as a tensor
+        torch.testing.assert_close(c({"coordinates_bbox": tokens.tolist()})["crossattn"], out)
+        null = c.unconditional({"coordinates_bbox": tokens})["crossattn"]
+        filled = torch.full_like(tokens, cfg["num_tokens"] - 1)
+        torch.testing.assert_close(null, c.transformer(filled))
+    assert not torch.allclose(null, out)
+    with pytest.raises(TokenInputError, match=rf"token id {cfg['num_tokens']}, outside \[0, {cfg['num_tokens']}\)"):
+        c({"coordinates_bbox": torch.full_like(tokens, cfg["num_tokens"])})
+    with pytest.raises(TokenInputError, match="more than max_seq_len"):
+        c({"coordinates_bbox": torch.zeros(1, cfg["max_seq_len"] + 1, dtype=torch.long)})
+    with pytest.raises(TokenInputError, match="integer tensor"):
+        c({"coordinates_bbox": torch.zeros(2, 3)})
+    with pytest.raises(ValueError, match="needs vocab_size"):
+        BertConditioner(use_tokenizer=False)
+    with pytest.raises(ValueError, match="apply to use_tokenizer=false"):
+        BertConditioner(vocab_size=100)

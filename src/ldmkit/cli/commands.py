@@ -299,10 +299,8 @@ def _convert_diffusers(args: argparse.Namespace) -> int:
             return 0
         with _phases(3, "from-diffusers") as bar:
             bar.set_postfix_str(f"reading {args.diffusers}")
-            text = None
-            if (args.diffusers / "text_encoder").is_dir():
-                diffusers_format.copy_text_encoder_files(args.diffusers, args.out)
-                text = args.out
+            # the text encoder's config and tokenizer travel with the pipeline
+            text = args.out if diffusers_format.copy_text_encoder_files(args.diffusers, args.out) else None
             pipeline = Pipeline.from_diffusers(args.diffusers, text_encoder_dir=text)
             bar.update(2)
             bar.set_postfix_str(f"writing {args.out}")

@@ -7,7 +7,9 @@ The conditioner says which keys it reads (``input_keys``) and what each holds
 * ``text``: the whole value is one prompt; repeat ``--cond caption=...`` for more;
 * ``image``: a PNG path -> C×H×W in [-1, 1] (the first stage's channel count);
 * ``segmentation``: a PNG of class ids (mode L or P, values used as they are) -> H×W int64;
-* ``mask``: a PNG -> 1×H×W in {0, 1}; white (> 127) is the region to generate, black is kept.
+* ``mask``: a PNG -> 1×H×W in {0, 1}; white (> 127) is the region to generate, black is kept;
+* ``tokens``: comma-separated token ids, one sequence per ``--cond`` (repeat it for more; the
+  sequences must have one length) -> B×n int64.
 
 Repeating an image-like key stacks the files (they must have one size). ``--init-image``
 and ``--mask`` (img2img and inpainting with any model) are read by :func:`load_image` and
@@ -90,6 +92,14 @@ def parse_conditions(
                 raise ConditionArgumentError(
                     f"--cond {key}={value}: expected comma-separated integers"
                 ) from None
+        elif kind == "tokens":
+            try:
+                ids = [int(v) for v in value.split(",") if v.strip()]
+            except ValueError:
+                raise ConditionArgumentError(f"--cond {key}={value}: expected comma-separated token ids") from None
+            if not ids:
+                raise ConditionArgumentError(f"--cond {key}=: expected comma-separated token ids, got none")
+            values.setdefault(key, []).append(ids)
         elif kind in FILE_KINDS:
             path = Path(value).expanduser()
             values.setdefault(key, []).append(_load_png(path, kind, image_channels))
@@ -99,6 +109,13 @@ def parse_conditions(
     batch: dict[str, Any] = {}
     for key, vals in values.items():
         if kinds[key] == "class":
+            batch[key] = torch.tensor(vals, dtype=torch.long)
+        elif kinds[key] == "tokens":
+            lengths = sorted({len(v) for v in vals})
+            if len(lengths) > 1:
+                raise ConditionArgumentError(
+                    f"--cond {key}: the token sequences have different lengths {lengths}; give each the same length"
+                )
             batch[key] = torch.tensor(vals, dtype=torch.long)
         elif kinds[key] in FILE_KINDS:
             shapes = {tuple(v.shape) for v in vals}

@@ -65,13 +65,13 @@ def write_samples(
         entry = {"file": path.relative_to(out.parent).as_posix(), "seed": settings["seed"] + i}
         for key, kind in (kinds or {}).items():
             if (
-                kind in ("class", "text")
+                kind in ("class", "text", "tokens")
                 and batch is not None
                 and key in batch
                 and len(batch[key]) == n
             ):
                 value = batch[key][i]
-                entry[key] = value.item() if hasattr(value, "item") else value
+                entry[key] = value.tolist() if hasattr(value, "tolist") else value
         per_image.append(entry)
     with atomic_path(out) as tmp:
         if show_conditions and conditioner is not None:

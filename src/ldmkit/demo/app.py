@@ -272,6 +272,8 @@ def _condition_component(spec: ConditionField, size: int | None) -> Any:
         return gr.Textbox(
             label=spec.label, placeholder="what the image should show", lines=2, elem_id=elem_id
         )
+    if spec.kind == "tokens":
+        return gr.Textbox(label=spec.label, placeholder="3, 17, 42, ...", lines=1, elem_id=elem_id)
     if spec.mask_key is not None:
         return gr.ImageEditor(
             label=spec.label,

@@ -71,6 +71,8 @@ def condition_fields(pipeline: Any) -> list[ConditionField]:
             fields.append(ConditionField(key, kind, f"{key} (class)", choices, num_classes))
         elif kind == "text":
             fields.append(ConditionField(key, kind, f"{key} (prompt)"))
+        elif kind == "tokens":
+            fields.append(ConditionField(key, kind, f"{key} (token ids, comma-separated)"))
         elif kind == "segmentation":
             what = f"ids 0..{num_classes - 1}" if num_classes else "class ids"
             label = f"{key} (a one-channel PNG of {what})"
@@ -264,6 +266,8 @@ def prepare(
             if not prompt:
                 raise DemoInputError(f"{key}: the prompt is empty; type what the image should show")
             item = f"{key}={prompt}"
+        elif kind == "tokens":
+            item = f"{key}={'' if value is None else str(value).strip()}"
         else:
             if value is None or value == "":
                 what = (

@@ -14,7 +14,7 @@ with the same shapes, used by classifier-free guidance.
 
 The batch keys a conditioner reads are its own business: ``input_keys`` names them and
 ``input_kinds`` says what each holds (``class``, ``text``, ``image``, ``segmentation``,
-``mask``), so that the data loader, the latent cache, ``Pipeline.sample`` and
+``mask``, ``tokens``: a sequence of token ids per sample), so that the data loader, the latent cache, ``Pipeline.sample`` and
 ``ldmkit sample --cond key=value`` pass them through without a key list in the core.
 Read them with ``self.read(batch, key)``: a missing key is a :class:`MissingConditionError`
 naming the conditioner and the key.
@@ -71,7 +71,7 @@ from torch import Tensor, nn
 from ldmkit.errors import LdmkitError
 
 CONDITION_ROLES = ("crossattn", "concat", "vector")
-INPUT_KINDS = ("class", "text", "image", "segmentation", "mask")
+INPUT_KINDS = ("class", "text", "image", "segmentation", "mask", "tokens")
 
 
 class MissingConditionError(LdmkitError, KeyError):

@@ -260,11 +260,16 @@ def _conditioner(
                 "embed_dim": int(params["embed_dim"]),
                 "role": key, "input_key": "label", "drop_rate": GUIDED_DROP_RATE}, key  # fmt: skip
     if target == BERT:
+        bert = {"name": "bert", "n_embed": int(params["n_embed"]), "n_layer": int(params["n_layer"]),
+                "max_seq_len": int(params.get("max_seq_len", 77)), "heads": 8, "dim_head": 64}  # fmt: skip
+        if not params.get("use_tokenizer", True):
+            # token ids straight from the data (layout2img: the bounding-box builder's tokens);
+            # the paper trained these without a null condition
+            return {**bert, "use_tokenizer": False, "vocab_size": int(params.get("vocab_size", 30522)),
+                    "input_key": str(ddpm["cond_stage_key"]), "drop_rate": 0.0}, key  # fmt: skip
         if int(params.get("vocab_size", 30522)) != 30522:
             raise ConfigError(f"{where}.params.vocab_size={params['vocab_size']}: the bert conditioner uses the 30,522-token bert-base-uncased vocab")
-        return {"name": "bert", "n_embed": int(params["n_embed"]), "n_layer": int(params["n_layer"]),
-                "max_seq_len": int(params.get("max_seq_len", 77)), "heads": 8, "dim_head": 64,
-                "vocab": None, "input_key": "caption", "drop_rate": GUIDED_DROP_RATE}, key  # fmt: skip
+        return {**bert, "vocab": None, "input_key": "caption", "drop_rate": GUIDED_DROP_RATE}, key
     if target == CLIP:
         if text_encoder is None:
             raise ConfigError(

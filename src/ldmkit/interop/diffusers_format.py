@@ -11,8 +11,12 @@
 ``scheduler/`` ``DDIMScheduler``: the same betas, and the sampler's spacing (the paper's
                DDIM spacing is ``leading`` + ``steps_offset=1`` + ``set_alpha_to_one=False``)
 ``text_encoder/`` + ``tokenizer/`` for ``clip_text`` (``CLIPTextModel``, ``CLIPTokenizer``)
-``ldmkit_conditioner/`` every other conditioner (class labels, the paper's BERT, semantic
-               maps...), which has no diffusers counterpart: its config and weights, read
+``bert/`` + ``tokenizer/`` for the paper's ``bert`` (77 tokens, a WordPiece ``vocab.txt``):
+               diffusers' ``LDMBertModel`` and ``BertTokenizer``, run by
+               ``LDMTextToImagePipeline`` (which names its first stage ``vqvae/`` whatever
+               its kind)
+``ldmkit_conditioner/`` every other conditioner (class labels, semantic maps, token-id
+               BERTs...), which has no diffusers counterpart: its config and weights, read
                back by ``from_diffusers``; diffusers ignores the folder
 ============== =====================================================================
 
@@ -67,6 +71,59 @@ VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_o
 
 class ConversionError(ConfigError):
     """A model that the diffusers format cannot hold (or a diffusers model ldmkit cannot)."""
+
+
+# -- the paper's text transformer as diffusers' LDMBertModel ---------------------------------
+def bert_maps_to_diffusers(conditioner: dict[str, Any]) -> bool:
+    """Whether a ``bert`` conditioner config is what ``LDMTextToImagePipeline`` runs: prompts
+    through a WordPiece ``vocab.txt``, 77 tokens (the pipeline's fixed length)."""
+    vocab = conditioner.get("vocab")
+    return (
+        conditioner.get("name") == "bert"
+        and conditioner.get("use_tokenizer", True)
+        and int(conditioner.get("max_seq_len", 77)) == 77
+        and (vocab is None or not str(vocab).endswith(".json"))
+    )
+
+
+def _bert_names(depth: int) -> dict[str, str]:
+    """ldmkit ``TextTransformer`` name -> ``LDMBertModel`` name (one-to-one, same shapes)."""
+    names = {"token_emb.weight": "model.embed_tokens.weight", "pos_emb.emb.weight": "model.embed_positions.weight",
+             "norm.weight": "model.layer_norm.weight", "norm.bias": "model.layer_norm.bias",
+             "to_logits.weight": "to_logits.weight", "to_logits.bias": "to_logits.bias"}  # fmt: skip
+    for i in range(depth):
+        attn, ff, d = f"attn_layers.layers.{2 * i}.", f"attn_layers.layers.{2 * i + 1}.", f"model.layers.{i}."
+        for p in ("weight", "bias"):
+            names[f"{attn}0.{p}"] = f"{d}self_attn_layer_norm.{p}"
+            names[f"{attn}1.to_out.{p}"] = f"{d}self_attn.out_proj.{p}"
+            names[f"{ff}0.{p}"] = f"{d}final_layer_norm.{p}"
+            names[f"{ff}1.net.0.0.{p}"] = f"{d}fc1.{p}"
+            names[f"{ff}1.net.2.{p}"] = f"{d}fc2.{p}"
+        for q in "qkv":
+            names[f"{attn}1.to_{q}.weight"] = f"{d}self_attn.{q}_proj.weight"
+    return names
+
+
+def _bert_config(conditioner: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    n_embed = int(conditioner["n_embed"])
+    return {"architectures": ["LDMBertModel"], "model_type": "ldmbert", "vocab_size": vocab_size,
+            "max_position_embeddings": int(conditioner.get("max_seq_len", 77)),
+            "encoder_layers": int(conditioner["n_layer"]), "encoder_ffn_dim": 4 * n_embed,
+            "encoder_attention_heads": int(conditioner.get("heads", 8)), "head_dim": int(conditioner.get("dim_head", 64)),
+            "d_model": n_embed, "activation_function": "gelu", "dropout": 0.0, "attention_dropout": 0.0,
+            "activation_dropout": 0.0, "scale_embedding": False, "pad_token_id": 0}  # fmt: skip
+
+
+def _bert_from_config(c: dict[str, Any], where: str) -> dict[str, Any]:
+    d_model = int(c.get("d_model", 1280))
+    _require(int(c.get("encoder_ffn_dim", 5120)) == 4 * d_model,
+             f"{where}: encoder_ffn_dim={c.get('encoder_ffn_dim')} (ldmkit's bert has 4 x d_model)")  # fmt: skip
+    _require(c.get("activation_function", "gelu") == "gelu" and not c.get("scale_embedding", False),
+             f"{where}: activation_function={c.get('activation_function')!r}, scale_embedding={c.get('scale_embedding')} "
+             "(ldmkit's bert: gelu, unscaled embeddings)")  # fmt: skip
+    return {"name": "bert", "n_embed": d_model, "n_layer": int(c.get("encoder_layers", 32)),
+            "max_seq_len": int(c.get("max_position_embeddings", 77)), "heads": int(c.get("encoder_attention_heads", 8)),
+            "dim_head": int(c.get("head_dim", 64))}  # fmt: skip
 
 
 # -- the renaming tables -------------------------------------------------------------------
@@ -543,7 +600,11 @@ def to_diffusers(
     )
     unet_state = unet_to_diffusers(_sub(state, "denoiser."), unet_cfg)
     vae_state = vae_to_diffusers(_sub(state, "first_stage."), first)
-    vae_dir = "vae" if first["name"] == "kl" else "vqvae"
+    conditioner = cfg["conditioner"]
+    name = conditioner.get("name")
+    ldm_bert = bert_maps_to_diffusers(conditioner) and unet_config["_class_name"] == "UNet2DConditionModel"
+    # LDMTextToImagePipeline calls its first stage `vqvae`, a KL one included
+    vae_dir = "vae" if first["name"] == "kl" and not ldm_bert else "vqvae"
     components: dict[str, list[Any]] = {
         "unet": ["diffusers", unet_config["_class_name"]],
         vae_dir: ["diffusers", vae_config["_class_name"]],
@@ -556,8 +617,6 @@ def to_diffusers(
     _write_json(out / vae_dir / "config.json", vae_config)
     _write_tensors(out / vae_dir / "diffusion_pytorch_model.safetensors", vae_state)
     _write_json(out / "scheduler" / "scheduler_config.json", scheduler)
-    conditioner = cfg["conditioner"]
-    name = conditioner.get("name")
     step("conditioner")
     if name == "clip_text":
         module = pipeline.conditioner
@@ -565,6 +624,19 @@ def to_diffusers(
         module.tokenizer.save_pretrained(out / "tokenizer")
         components.update(text_encoder=["transformers", type(module.transformer).__name__],
                           tokenizer=["transformers", type(module.tokenizer).__name__])  # fmt: skip
+    elif ldm_bert:
+        module = pipeline.conditioner
+        names = _bert_names(int(conditioner["n_layer"]))
+        _write_json(out / "bert" / "config.json", _bert_config(conditioner, module.transformer.num_tokens))
+        _write_tensors(out / "bert" / "model.safetensors",
+                       {names[k]: v for k, v in _sub(state, "conditioner.transformer.").items()})  # fmt: skip
+        (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(module.tokenizer.path, out / "tokenizer" / "vocab.txt")
+        _write_json(out / "tokenizer" / "tokenizer_config.json",
+                    {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "strip_accents": None,
+                     "model_max_length": 77, "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+                     "cls_token": "[CLS]", "mask_token": "[MASK]"})  # fmt: skip
+        components.update(bert=["latent_diffusion", "LDMBertModel"], tokenizer=["transformers", "BertTokenizer"])
     elif name != "none":
         cond_state = {k: v for k, v in _sub(state, "conditioner.").items()}
         _write_json(
@@ -574,6 +646,8 @@ def to_diffusers(
     if name == "clip_text" and unet_config["_class_name"] == "UNet2DConditionModel":
         index = {"_class_name": "StableDiffusionPipeline", **components, "safety_checker": [None, None],
                  "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}  # fmt: skip
+    elif ldm_bert:
+        index = {"_class_name": "LDMTextToImagePipeline", **components}
     elif name == "none" and vae_dir == "vqvae" and unet_config["_class_name"] == "UNet2DModel":
         index = {"_class_name": "LDMPipeline", **components}
     else:  # no diffusers pipeline class runs this combination: load the components one by one
@@ -583,6 +657,7 @@ def to_diffusers(
     # of equal weights; keeping it makes the round trip bit-identical)
     _write_json(out / "ldmkit.json", {"image_size": int(cfg["image_size"]), "sampler": cfg["sampler"],
                                        "use_new_attention_order": bool(unet_cfg.get("use_new_attention_order")),
+                                       "bert_default_vocab": ldm_bert and conditioner.get("vocab") is None,
                                        "source": "ldmkit convert to-diffusers"})  # fmt: skip
     return out
 
@@ -835,6 +910,17 @@ def read_diffusers(
         cond_state = {
             "transformer." + k: v for k, v in _read_tensors(directory / "text_encoder").items()
         }
+    elif "bert" in index and index["bert"][0] is not None:
+        kind = index["bert"][1]
+        _require(kind == "LDMBertModel", f"{directory}: bert {kind} has no ldmkit conditioner (LDMBertModel does: bert)")
+        conditioner = _bert_from_config(_read_json(directory / "bert" / "config.json"), f"{directory}/bert/config.json")
+        base = Path(text_encoder_dir) if text_encoder_dir is not None else directory
+        conditioner.update(vocab=_bert_vocab(base / "tokenizer", bool(extra.get("bert_default_vocab"))), input_key="caption", drop_rate=compvis.GUIDED_DROP_RATE)
+        names = {theirs: ours for ours, theirs in _bert_names(conditioner["n_layer"]).items()}
+        bert_state = _read_tensors(directory / "bert")
+        unknown = sorted(set(bert_state) - set(names))
+        _require(not unknown, f"{directory}/bert: weights ldmkit's bert does not have: {unknown[:5]}")
+        cond_state = {"transformer." + names[k]: v for k, v in bert_state.items()}
     elif (directory / CONDITIONER_DIR / "config.json").is_file():
         conditioner = _read_json(directory / CONDITIONER_DIR / "config.json")["conditioner"]
         if (directory / CONDITIONER_DIR / "model.safetensors").is_file():
@@ -893,11 +979,23 @@ def _fit_text_encoder(state: dict[str, Tensor], own: dict[str, Tensor]) -> dict[
     return out
 
 
-def copy_text_encoder_files(source: Path, out: Path) -> None:
-    """The CLIP text encoder's config and tokenizer files (not its weights) from a diffusers
-    folder into ``out`` (``text_encoder/``, ``tokenizer/``)."""
-    for sub in ("text_encoder", "tokenizer"):
+def _bert_vocab(tokenizer_dir: Path, default: bool) -> str | None:
+    """The ``vocab`` of a ``bert`` read from diffusers: None (ldmkit's default, bert-base-uncased)
+    when ``ldmkit.json`` says the pipeline was written with it, else ``tokenizer/vocab.txt``."""
+    vocab = tokenizer_dir / "vocab.txt"
+    _require(vocab.is_file(), f"{tokenizer_dir}: no vocab.txt (the WordPiece vocabulary of the bert text model)")
+    return None if default else str(vocab.resolve())
+
+
+def copy_text_encoder_files(source: Path, out: Path) -> bool:
+    """The text encoder's config and tokenizer files (not its weights) from a diffusers folder
+    into ``out`` (``text_encoder/`` or ``bert/``, and ``tokenizer/``); False if it has none."""
+    subs = [sub for sub in ("text_encoder", "bert", "tokenizer") if (source / sub).is_dir()]
+    if not any(sub in subs for sub in ("text_encoder", "bert")):
+        return False
+    for sub in subs:
         (out / sub).mkdir(parents=True, exist_ok=True)
         for path in (source / sub).iterdir():
             if path.is_file() and path.suffix not in (".safetensors", ".bin"):
                 shutil.copy2(path, out / sub / path.name)
+    return True

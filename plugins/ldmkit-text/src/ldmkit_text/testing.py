@@ -41,9 +41,16 @@ def write_tiny_clip(
     max_positions: int = 77,
     seed: int = 0,
     weights: bool = True,
+    vocab_size: int | None = None,
+    intermediate: int | None = None,
 ) -> Path:
     """Write a tiny CLIP text model folder (``config.json``, ``vocab.json``, ``merges.txt``,
-    ``model.safetensors`` unless ``weights`` is False) and return its path."""
+    ``model.safetensors`` unless ``weights`` is False) and return its path.
+
+    ``vocab_size`` (default: the tokenizer's ~520 tokens) and ``intermediate`` (default
+    ``2 * hidden``) give the model full-size shapes (CLIP ViT-L/14's text model: hidden 768,
+    12 layers, 12 heads, intermediate 3072, vocab_size 49408); the embedding rows past the
+    tokenizer's vocabulary are never looked up."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     directory = Path(directory)
@@ -64,8 +71,11 @@ def write_tiny_clip(
     (directory / "merges.txt").write_text(
         "#version: 0.2\n" + "\n".join(MERGES) + "\n", encoding="utf-8"
     )
+    if vocab_size is not None and vocab_size < len(vocab):
+        raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer's {len(vocab)} tokens")
     config = CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        vocab_size=vocab_size or len(vocab), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=heads, max_position_embeddings=max_positions, projection_dim=hidden,
         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
     )  # fmt: skip
