@@ -337,3 +337,33 @@ def test_layout_to_image_takes_token_ids_through_import_and_the_sample_cli(tmp_p
     bad = ldmkit_cli("sample", "--checkpoint", str(out), "--cond", "coordinates_bbox=1,2", "--cond",
                      "coordinates_bbox=1,2,3", "--out", str(tmp_path / "bad.png"))  # fmt: skip
     assert bad.returncode != 0 and "different lengths [2, 3]" in bad.stderr
+
+
+def test_a_bert_text_to_image_checkpoint_imports_its_text_model(tmp_path):
+    """The paper's txt2img layout (``BERTEmbedder``: bert-base-uncased WordPiece + a transformer
+    trained with the LDM): ``cond_stage_model.transformer.*`` loads by name, the prompts reach
+    the sample, and the raw weights give the original model's samples exactly."""
+    config = copy.deepcopy(LDM_CONFIG)
+    params = config["model"]["params"]
+    params["cond_stage_key"] = "caption"
+    params["cond_stage_config"] = {"target": "ldm.modules.encoders.modules.BERTEmbedder",
+                                   "params": {"n_embed": 8, "n_layer": 2}}  # fmt: skip
+    torch.manual_seed(0)
+    original = Pipeline.from_config(compvis.compose(compvis.translate_config(config)))
+    with torch.no_grad():  # nothing at its initial value (zero-initialised projections ignore the prompt)
+        for p in original.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = paper_state(original)
+    assert "cond_stage_model.transformer.attn_layers.layers.3.1.net.0.0.weight" in state  # the x-transformers names
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    torch.save({"state_dict": state}, tmp_path / "txt2img.ckpt")
+    pipe = Pipeline.from_compvis(tmp_path / "txt2img.ckpt", tmp_path / "config.yaml", use_ema=False)
+    assert pipe.config.conditioner.name == "bert" and pipe.config.conditioner.max_seq_len == 77
+    original.scale_factor.fill_(0.7)  # the checkpoint's buffer (scale_by_std), which the import takes
+    torch.testing.assert_close(pipe.state_dict(), original.state_dict())
+    kwargs = {"seed": 0, "steps": 3, "guidance_scale": 2.0, "precision": "fp32"}
+    prompts = {"caption": ["a red apple", "a frog"]}
+    images = pipe.sample(prompts, **kwargs)
+    torch.testing.assert_close(images, original.sample(prompts, **kwargs), rtol=0, atol=0)
+    swapped = pipe.sample({"caption": ["a frog", "a red apple"]}, **kwargs)
+    assert (swapped - images).abs().max() > 1e-3

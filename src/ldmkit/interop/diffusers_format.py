@@ -16,8 +16,10 @@
                ``LDMTextToImagePipeline`` (which names its first stage ``vqvae/`` whatever
                its kind)
 ``ldmkit_conditioner/`` every other conditioner (class labels, semantic maps, token-id
-               BERTs...), which has no diffusers counterpart: its config and weights, read
-               back by ``from_diffusers``; diffusers ignores the folder
+               BERTs, the low-res image of super-resolution...), which has no diffusers
+               component: its config and weights, read back by ``from_diffusers``; diffusers
+               ignores the folder (a ``low_res`` model with factor = f over a VQ first stage is
+               what ``LDMSuperResolutionPipeline`` runs, and ``model_index.json`` names it)
 ============== =====================================================================
 
 The weights are renamed, never recomputed, except an AttentionBlock's ``qkv`` Conv1d, which
@@ -648,6 +650,14 @@ def to_diffusers(
                  "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}  # fmt: skip
     elif ldm_bert:
         index = {"_class_name": "LDMTextToImagePipeline", **components}
+    elif (
+        name == "low_res"
+        and vae_dir == "vqvae"
+        and unet_config["_class_name"] == "UNet2DModel"
+        and int(conditioner.get("factor", 4)) == factor
+        and scale == 1.0
+    ):  # the paper's SR layout: the low-res image has the latents' size, concatenated after them
+        index = {"_class_name": "LDMSuperResolutionPipeline", **components}
     elif name == "none" and vae_dir == "vqvae" and unet_config["_class_name"] == "UNet2DModel":
         index = {"_class_name": "LDMPipeline", **components}
     else:  # no diffusers pipeline class runs this combination: load the components one by one
