@@ -111,6 +111,33 @@ class TestSemanticMapMapperConformance(ConditionerConformance):
         return {"segmentation": class_map(n)[:, None]}  # B×1×H×W works too
 
 
+class TestSemanticMapUnshuffleConformance(ConditionerConformance):
+    def make_conditioner(self):
+        return bound(SemanticMapConditioner(num_classes=5, n_stages=2, method="unshuffle"), PoolFirstStage(f=4))
+
+    def make_batch(self, n):
+        return {"segmentation": class_map(n)}
+
+
+def test_unshuffle_keeps_every_pixel_of_the_map_in_its_latent_cell():
+    """``method="unshuffle"``: a one-pixel-wide object that bilinear downsampling by 4 blurs to
+    a quarter of a cell survives as exact one-hot channels of its cell, and the map is
+    recoverable (pixel_shuffle inverts it)."""
+    ids = torch.zeros(1, 8, 8, dtype=torch.long)
+    ids[0, :, 5] = 2  # a vertical line one pixel wide
+    c = bound(SemanticMapConditioner(num_classes=3, n_stages=2, method="unshuffle"), PoolFirstStage(f=4))
+    out = c({"segmentation": ids})["concat"]
+    assert c.concat_channels == 3 * 16 and out.shape == (1, 48, 2, 2)
+    back = torch.nn.functional.pixel_shuffle(out, 4)  # K x H x W one-hot again
+    assert torch.equal(back.argmax(1), ids) and torch.equal(back.sum(1), torch.ones(1, 8, 8))
+    blurred = SemanticMapConditioner(num_classes=3, n_stages=2)({"segmentation": ids})["concat"]
+    assert float(blurred[0, 2].max()) < 0.5  # the paper's interpolation: the line is a faint trace
+    mapped = SemanticMapConditioner(num_classes=3, n_stages=2, method="unshuffle", out_channels=6)
+    assert mapped.concat_channels == 6 and mapped({"segmentation": ids})["concat"].shape == (1, 6, 2, 2)
+    with pytest.raises(ConditionValueError, match=r"10x8 .* not divisible by f=4"):
+        c({"segmentation": torch.zeros(1, 10, 8, dtype=torch.long)})
+
+
 def test_semantic_map_is_the_rescaled_one_hot():
     c = SemanticMapConditioner(num_classes=3, n_stages=0)
     ids = torch.tensor([[[0, 2], [1, 1]]])

@@ -25,7 +25,13 @@ class SemanticMapConditioner(Conditioner):
     1×1 ``out_channels`` mapper) -> ``{"concat": B×C×H/2^n×W/2^n}``.
 
     ``concat_channels = out_channels or num_classes``. ``n_stages`` must be log2 of the
-    first stage's f (the map has the image's size). The map's size sets the latent's: a
+    first stage's f (the map has the image's size).
+
+    ``method="unshuffle"`` keeps every pixel of the map instead of interpolating it: each
+    f×f block of the one-hot map becomes ``f * f * num_classes`` channels of its latent cell
+    (``pixel_unshuffle``), so an object thinner than a latent cell still reaches the UNet,
+    where it is (``concat_channels = out_channels or num_classes * f * f``; the 1×1 mapper,
+    if any, comes after). An ldmkit extension; the paper's ``SpatialRescaler`` interpolates. The map's size sets the latent's: a
     map twice the training size gives a concat twice as large, which is how the paper
     samples larger images convolutionally (Sec. 4.3.2). The null condition is all zeros
     ("no class anywhere"). Float maps are refused rather than rounded.
@@ -46,9 +52,18 @@ class SemanticMapConditioner(Conditioner):
         self.num_classes, self.input_key = int(num_classes), input_key
         self.input_keys = (input_key,)
         self.input_kinds = {input_key: "segmentation"}
-        self.rescaler = SpatialRescaler(
-            n_stages=n_stages, method=method, in_channels=num_classes, out_channels=out_channels
-        )
+        self.unshuffle = 0
+        if method == "unshuffle":
+            if int(n_stages) != n_stages or n_stages < 1:
+                raise ValueError(f"n_stages must be an integer >= 1 with method='unshuffle', got {n_stages!r}")
+            # the rescaler only maps channels; the n_stages halvings are the unshuffle's
+            self.unshuffle = 2 ** int(n_stages)
+            self.rescaler = SpatialRescaler(n_stages=0, in_channels=num_classes * self.unshuffle**2,
+                                            out_channels=out_channels)  # fmt: skip
+        else:
+            self.rescaler = SpatialRescaler(
+                n_stages=n_stages, method=method, in_channels=num_classes, out_channels=out_channels
+            )
         self.concat_channels = self.rescaler.out_channels
         # follows .to(device) when out_channels is None and there are no weights
         self.register_buffer("_anchor", torch.zeros(0), persistent=False)
@@ -86,7 +101,7 @@ class SemanticMapConditioner(Conditioner):
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         ids = self.class_ids(batch).to(self._anchor.device)
-        f, n = self._first_stage_f, self.rescaler.n_stages
+        f, n = self._first_stage_f, self.unshuffle.bit_length() - 1 if self.unshuffle else self.rescaler.n_stages
         if f is not None and 2**n != f:
             raise ConditionValueError(
                 f"semantic_map: n_stages={n} shrinks the map by {2**n}, but the first stage has "
@@ -94,4 +109,13 @@ class SemanticMapConditioner(Conditioner):
             )
         one_hot = rearrange(F.one_hot(ids, self.num_classes), "b h w k -> b k h w")
         # the anchor follows .to(dtype) too, so the one-hot matches the mapper's weights
-        return {"concat": self.rescaler(one_hot.to(self._anchor.dtype))}
+        one_hot = one_hot.to(self._anchor.dtype)
+        if self.unshuffle:
+            h, w = one_hot.shape[-2:]
+            if h % self.unshuffle or w % self.unshuffle:
+                raise ConditionValueError(
+                    f"semantic_map: a {h}x{w} batch[{self.input_key!r}] is not divisible by f={self.unshuffle} "
+                    "(method='unshuffle' keeps whole f x f blocks)"
+                )
+            one_hot = F.pixel_unshuffle(one_hot, self.unshuffle)
+        return {"concat": self.rescaler(one_hot)}
