@@ -117,6 +117,11 @@ def test_inpainting_samples_from_an_image_and_a_mask(tmp_path):
     settings = json.loads((tmp_path / "fill.json").read_text())  # condition files by path
     assert settings["conditions"] == {"image": str(tmp_path / "photo.png"), "mask": str(tmp_path / "mask.png")}
     assert settings["images"] == [{"file": "fill/000000.png", "seed": 0}]
+    assert settings["refine_known"] == 0
+    out = sample(pipeline, tmp_path / "fitted.png", "--cond", f"image={tmp_path / 'photo.png'}",
+                 "--cond", f"mask={tmp_path / 'mask.png'}", "--refine-known", "3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((tmp_path / "fitted.json").read_text())["refine_known"] == 3
     out = sample(pipeline, tmp_path / "fill.png", "--cond", f"image={tmp_path / 'photo.png'}")
     assert out.returncode == 1 and "InpaintConditioner reads batch key 'mask'" in out.stderr
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "small_mask.png")
