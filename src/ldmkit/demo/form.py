@@ -460,6 +460,7 @@ def settings(
         "init_image": p.sources.get("--init-image"),
         "strength": p.strength,
         "mask": p.sources.get("--mask"),
+        "refine_known": 0,  # the page does not offer it (ldmkit sample --refine-known)
         "conditions": _condition_settings(p.batch, p.kinds, p.sources),
         "overrides": list(overrides),
         "device": str(device),
