@@ -345,7 +345,25 @@ def cli_check(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-TASKS = {"t2i": t2i, "semantic": semantic, "sr": sr, "inpaint": inpaint}
+def semantic_ceiling(args: argparse.Namespace) -> dict[str, Any]:
+    """The segmenter's mIoU on the first stage's *reconstructions* of the real val scenes: what
+    an LDM in that latent space could reach at best (samples decode through the same decoder)."""
+    segmenter, summary = ce.scene_segmenter(args.scenes)
+    num_classes = len(summary["classes"])
+    pipe = Pipeline.load(args.runs / "scenes_semantic" / "pipeline").eval()
+    result: dict[str, Any] = {}
+    for size, limit in ((32, args.n_scenes), (64, args.n_scenes_2x)):
+        val = ce.load_split(args.scenes, "val", image_size=size, limit=limit)
+        with torch.no_grad():
+            rec = pipe.first_stage.decode(pipe.first_stage.encode(val["image"])).clamp(-1, 1)
+        score = ce.miou(ce.segment(segmenter, rec), val["segmentation"], num_classes)
+        real = ce.miou(ce.segment(segmenter, val["image"]), val["segmentation"], num_classes)
+        result[f"{size // 32}x"] = {"maps": len(val["segmentation"]), "reconstructions": score,
+                                    "real": real, "ratio": score["miou"] / real["miou"]}  # fmt: skip
+    return result
+
+
+TASKS = {"t2i": t2i, "semantic": semantic, "semantic_ceiling": semantic_ceiling, "sr": sr, "inpaint": inpaint}
 
 
 def main(argv: list[str] | None = None) -> int:
