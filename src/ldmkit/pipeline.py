@@ -317,6 +317,8 @@ class Pipeline(nn.Module):
             before sampling (:mod:`ldmkit.compiling`; it stays compiled for later calls). It
             pays on CUDA; the first call includes the compile time.
         """
+        if not isinstance(refine_known, int) or isinstance(refine_known, bool) or refine_known < 0:
+            raise SampleArgumentError(f"refine_known must be an int >= 0 (Adam steps), got {refine_known!r}")
         try:
             compile_module(self.denoiser, compile, device=self.scale_factor.device, what="the denoiser")
         except LdmkitError as err:
@@ -408,8 +410,6 @@ class Pipeline(nn.Module):
             raise SampleArgumentError(
                 f"init_image encodes to latents {tuple(init.shape)}, but the noise is {tuple(noise.shape)}"
             )
-        if not isinstance(refine_known, int) or isinstance(refine_known, bool) or refine_known < 0:
-            raise SampleArgumentError(f"refine_known must be an int >= 0 (Adam steps), got {refine_known!r}")
         pixels = None  # (image, mask) of a kept region, for refine_known
         if mask is not None:
             pixel_mask = masks.pixel_mask(mask, images, num_samples=n, name="mask", image_name="init_image")

@@ -257,14 +257,11 @@ def convert(argv: Sequence[str], *, prog: str, description: str) -> int:
             print(f"wrote {args.out} (first stage {node['name']}: use first_stage.checkpoint={args.out} "
                   f"with the keys of {args.out / 'first_stage.yaml'})")
             return 0
-        with _phases(3, "convert") as bar:
-            bar.set_postfix_str(f"reading and translating {args.checkpoint.name}")
-            pipeline = Pipeline.from_compvis(args.checkpoint, args.config, preset=args.preset, use_ema=args.use_ema,
-                                             null_class=args.null_class, text_encoder=args.text_encoder)
-            bar.update(2)
-            bar.set_postfix_str(f"writing {args.out}")
-            pipeline.save(args.out)
-            bar.update(1)
+        pipeline = _build_and_save(
+            "convert", f"reading and translating {args.checkpoint.name}", args.out,
+            lambda: Pipeline.from_compvis(args.checkpoint, args.config, preset=args.preset, use_ema=args.use_ema,
+                                          null_class=args.null_class, text_encoder=args.text_encoder),
+        )  # fmt: skip
     except (LdmkitError, FileNotFoundError) as err:
         raise CLIError(str(err)) from err
     weights = "EMA" if pipeline.config.choices.get("weights") == "ema" else "raw"
@@ -277,6 +274,18 @@ def _phases(total: int, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="step", leave=True)
+
+
+def _build_and_save(desc: str, reading: str, out: Path, build):
+    """``build()`` a pipeline, then save it to ``out``: a conversion's two phases under one bar."""
+    with _phases(3, desc) as bar:
+        bar.set_postfix_str(reading)
+        pipeline = build()
+        bar.update(2)
+        bar.set_postfix_str(f"writing {out}")
+        pipeline.save(out)
+        bar.update(1)
+    return pipeline
 
 
 def _convert_diffusers(args: argparse.Namespace) -> int:
@@ -297,15 +306,10 @@ def _convert_diffusers(args: argparse.Namespace) -> int:
                 diffusers_format.to_diffusers(pipeline, args.out, progress=step)
             print(f"wrote {args.out} (diffusers: {diffusers_format.describe(args.out)})")
             return 0
-        with _phases(3, "from-diffusers") as bar:
-            bar.set_postfix_str(f"reading {args.diffusers}")
-            # the text encoder's config and tokenizer travel with the pipeline
-            text = args.out if diffusers_format.copy_text_encoder_files(args.diffusers, args.out) else None
-            pipeline = Pipeline.from_diffusers(args.diffusers, text_encoder_dir=text)
-            bar.update(2)
-            bar.set_postfix_str(f"writing {args.out}")
-            pipeline.save(args.out)
-            bar.update(1)
+        # the text encoder's config and tokenizer travel with the pipeline
+        text = args.out if diffusers_format.copy_text_encoder_files(args.diffusers, args.out) else None
+        _build_and_save("from-diffusers", f"reading {args.diffusers}", args.out,
+                        lambda: Pipeline.from_diffusers(args.diffusers, text_encoder_dir=text))  # fmt: skip
     except (LdmkitError, FileNotFoundError) as err:
         raise CLIError(str(err)) from err
     print(f"wrote {args.out} (sample with: ldmkit sample --checkpoint {args.out})")

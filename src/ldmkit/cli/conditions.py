@@ -68,6 +68,14 @@ def load_mask(path: Path, *, flag: str) -> torch.Tensor:
     return _load_png(Path(path).expanduser(), "mask", 1, flag)[None]
 
 
+def _integers(key: str, value: str, what: str) -> list[int]:
+    """``"3, 5,7"`` -> ``[3, 5, 7]``; anything else names the ``--cond`` item."""
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ConditionArgumentError(f"--cond {key}={value}: expected comma-separated {what}") from None
+
+
 def parse_conditions(
     items: Sequence[str], kinds: dict[str, str], *, image_channels: int
 ) -> dict[str, Any]:
@@ -86,17 +94,9 @@ def parse_conditions(
             )
         kind = kinds[key]
         if kind == "class":
-            try:
-                values.setdefault(key, []).extend(int(v) for v in value.split(",") if v.strip())
-            except ValueError:
-                raise ConditionArgumentError(
-                    f"--cond {key}={value}: expected comma-separated integers"
-                ) from None
+            values.setdefault(key, []).extend(_integers(key, value, "integers"))
         elif kind == "tokens":
-            try:
-                ids = [int(v) for v in value.split(",") if v.strip()]
-            except ValueError:
-                raise ConditionArgumentError(f"--cond {key}={value}: expected comma-separated token ids") from None
+            ids = _integers(key, value, "token ids")
             if not ids:
                 raise ConditionArgumentError(f"--cond {key}=: expected comma-separated token ids, got none")
             values.setdefault(key, []).append(ids)

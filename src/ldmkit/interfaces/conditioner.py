@@ -14,8 +14,9 @@ with the same shapes, used by classifier-free guidance.
 
 The batch keys a conditioner reads are its own business: ``input_keys`` names them and
 ``input_kinds`` says what each holds (``class``, ``text``, ``image``, ``segmentation``,
-``mask``, ``tokens``: a sequence of token ids per sample), so that the data loader, the latent cache, ``Pipeline.sample`` and
-``ldmkit sample --cond key=value`` pass them through without a key list in the core.
+``mask``, ``tokens``: a sequence of token ids per sample), so that the data loader, the
+latent cache, ``Pipeline.sample`` and ``ldmkit sample --cond key=value`` pass them through
+without a key list in the core.
 Read them with ``self.read(batch, key)``: a missing key is a :class:`MissingConditionError`
 naming the conditioner and the key.
 

@@ -25,16 +25,16 @@ class SemanticMapConditioner(Conditioner):
     1×1 ``out_channels`` mapper) -> ``{"concat": B×C×H/2^n×W/2^n}``.
 
     ``concat_channels = out_channels or num_classes``. ``n_stages`` must be log2 of the
-    first stage's f (the map has the image's size).
+    first stage's f (the map has the image's size). The map's size sets the latent's: a
+    map twice the training size gives a concat twice as large, which is how the paper
+    samples larger images convolutionally (Sec. 4.3.2). The null condition is all zeros
+    ("no class anywhere"). Float maps are refused rather than rounded.
 
     ``method="unshuffle"`` keeps every pixel of the map instead of interpolating it: each
     f×f block of the one-hot map becomes ``f * f * num_classes`` channels of its latent cell
     (``pixel_unshuffle``), so an object thinner than a latent cell still reaches the UNet,
     where it is (``concat_channels = out_channels or num_classes * f * f``; the 1×1 mapper,
-    if any, comes after). An ldmkit extension; the paper's ``SpatialRescaler`` interpolates. The map's size sets the latent's: a
-    map twice the training size gives a concat twice as large, which is how the paper
-    samples larger images convolutionally (Sec. 4.3.2). The null condition is all zeros
-    ("no class anywhere"). Float maps are refused rather than rounded.
+    if any, comes after). An ldmkit extension; the paper's ``SpatialRescaler`` interpolates.
     """
 
     def __init__(
@@ -52,18 +52,18 @@ class SemanticMapConditioner(Conditioner):
         self.num_classes, self.input_key = int(num_classes), input_key
         self.input_keys = (input_key,)
         self.input_kinds = {input_key: "segmentation"}
-        self.unshuffle = 0
-        if method == "unshuffle":
+        self.unshuffle = method == "unshuffle"
+        if self.unshuffle:
             if int(n_stages) != n_stages or n_stages < 1:
                 raise ValueError(f"n_stages must be an integer >= 1 with method='unshuffle', got {n_stages!r}")
             # the rescaler only maps channels; the n_stages halvings are the unshuffle's
-            self.unshuffle = 2 ** int(n_stages)
-            self.rescaler = SpatialRescaler(n_stages=0, in_channels=num_classes * self.unshuffle**2,
+            self.rescaler = SpatialRescaler(n_stages=0, in_channels=num_classes * 4 ** int(n_stages),
                                             out_channels=out_channels)  # fmt: skip
         else:
             self.rescaler = SpatialRescaler(
                 n_stages=n_stages, method=method, in_channels=num_classes, out_channels=out_channels
             )
+        self.n_stages = int(n_stages)  # the map shrinks by 2**n_stages either way
         self.concat_channels = self.rescaler.out_channels
         # follows .to(device) when out_channels is None and there are no weights
         self.register_buffer("_anchor", torch.zeros(0), persistent=False)
@@ -101,7 +101,7 @@ class SemanticMapConditioner(Conditioner):
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         ids = self.class_ids(batch).to(self._anchor.device)
-        f, n = self._first_stage_f, self.unshuffle.bit_length() - 1 if self.unshuffle else self.rescaler.n_stages
+        f, n = self._first_stage_f, self.n_stages
         if f is not None and 2**n != f:
             raise ConditionValueError(
                 f"semantic_map: n_stages={n} shrinks the map by {2**n}, but the first stage has "
@@ -112,10 +112,10 @@ class SemanticMapConditioner(Conditioner):
         one_hot = one_hot.to(self._anchor.dtype)
         if self.unshuffle:
             h, w = one_hot.shape[-2:]
-            if h % self.unshuffle or w % self.unshuffle:
+            if h % 2**n or w % 2**n:
                 raise ConditionValueError(
-                    f"semantic_map: a {h}x{w} batch[{self.input_key!r}] is not divisible by f={self.unshuffle} "
+                    f"semantic_map: a {h}x{w} batch[{self.input_key!r}] is not divisible by f={2**n} "
                     "(method='unshuffle' keeps whole f x f blocks)"
                 )
-            one_hot = F.pixel_unshuffle(one_hot, self.unshuffle)
+            one_hot = F.pixel_unshuffle(one_hot, 2**n)
         return {"concat": self.rescaler(one_hot)}
