@@ -166,8 +166,8 @@ def t2i(args: argparse.Namespace) -> dict[str, Any]:
 def semantic(args: argparse.Namespace) -> dict[str, Any]:
     segmenter, summary = ce.scene_segmenter(args.scenes)
     num_classes = len(summary["classes"])
-    pipe = Pipeline.load(args.runs / "scenes_semantic" / "pipeline").eval()
-    result: dict[str, Any] = {"segmenter": summary, "sizes": {}}
+    pipe = Pipeline.load(args.runs / args.semantic_run / "pipeline").eval()
+    result: dict[str, Any] = {"segmenter": summary, "sizes": {}, "run": str(args.runs / args.semantic_run)}
     pictures = []
     for size, limit in ((32, args.n_scenes), (64, args.n_scenes_2x)):
         val = ce.load_split(args.scenes, "val", image_size=size, limit=limit)
@@ -350,12 +350,21 @@ def semantic_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     an LDM in that latent space could reach at best (samples decode through the same decoder)."""
     segmenter, summary = ce.scene_segmenter(args.scenes)
     num_classes = len(summary["classes"])
-    pipe = Pipeline.load(args.runs / "scenes_semantic" / "pipeline").eval()
-    result: dict[str, Any] = {}
+    if args.first_stage is None:  # the semantic LDM's own first stage
+        first_stage = Pipeline.load(args.runs / args.semantic_run / "pipeline").eval().first_stage
+        source = str(args.runs / args.semantic_run)
+    else:  # a stage-1 run, measured before any LDM is trained on it
+        from ldmkit.evaluation.autoencoder import load_first_stage
+        from ldmkit.training.checkpoint import resolve_checkpoint
+
+        checkpoint = resolve_checkpoint(args.first_stage)
+        first_stage, _ = load_first_stage(checkpoint, device=torch.device("cpu"))
+        source = f"{checkpoint.path} (step {checkpoint.step})"
+    result: dict[str, Any] = {"first_stage": source}
     for size, limit in ((32, args.n_scenes), (64, args.n_scenes_2x)):
         val = ce.load_split(args.scenes, "val", image_size=size, limit=limit)
         with torch.no_grad():
-            rec = pipe.first_stage.decode(pipe.first_stage.encode(val["image"])).clamp(-1, 1)
+            rec = first_stage.decode(first_stage.encode(val["image"])).clamp(-1, 1)
         score = ce.miou(ce.segment(segmenter, rec), val["segmentation"], num_classes)
         real = ce.miou(ce.segment(segmenter, val["image"]), val["segmentation"], num_classes)
         result[f"{size // 32}x"] = {"maps": len(val["segmentation"]), "reconstructions": score,
@@ -382,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--n-scenes", type=int, default=200, help="val maps at 1x")
     parser.add_argument("--n-scenes-2x", type=int, default=100, help="val maps at 2x")
+    parser.add_argument("--semantic-run", default="scenes_semantic",
+                        help="semantic, semantic_ceiling: the LDM run under --runs")
+    parser.add_argument("--first-stage", default=None,
+                        help="semantic_ceiling: a stage-1 run dir to measure instead of the LDM's first stage")
     parser.add_argument("--chunk", type=int, default=100, help="samples per sampler call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--refine-known", type=int, default=50,
@@ -399,12 +412,17 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
         print(f"== {task}", flush=True)
-        results[task] = TASKS[task](args)
-        results[task]["command"] = "python benchmarks/conditioning_tasks.py " + " ".join(
+        key = task
+        if task == "semantic_ceiling" and args.first_stage is not None:
+            key = f"{task}[{Path(args.first_stage).name}]"
+        elif task in ("semantic", "semantic_ceiling") and args.semantic_run != "scenes_semantic":
+            key = f"{task}[{args.semantic_run}]"
+        results[key] = TASKS[task](args)
+        results[key]["command"] = "python benchmarks/conditioning_tasks.py " + " ".join(
             sys.argv[1:] if argv is None else argv
         )
         args.out.write_text(json.dumps(results, indent=2))
-        print(json.dumps(results[task], indent=2), flush=True)
+        print(json.dumps(results[key], indent=2), flush=True)
     if args.cli_check:
         results["cli_check"] = cli_check(args)
         args.out.write_text(json.dumps(results, indent=2))

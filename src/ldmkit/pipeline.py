@@ -214,17 +214,23 @@ class Pipeline(nn.Module):
         ``mask`` is 0 (the kept pixels; mask 1 = generated): latent-space background
         preservation (as in Blended Latent Diffusion, Avrahami et al. 2023). The output stays
         a decode of one latent (no pasted pixels, no seam); cells whose pixels all lie in the
-        generated region only move through the decoder's reach into kept pixels."""
+        generated region stay as sampled: only cells with at least one kept pixel move. (Adam
+        scales every coordinate's step to about ``lr``, so the faint gradient an interior cell
+        gets through the decoder's reach into kept pixels would otherwise move it as far as a
+        cell on the kept side, and draw blotches inside the generated region.)"""
+        f = self.first_stage.downsample_factor
         with torch.inference_mode(False), torch.enable_grad():
             # clones: tensors made under inference mode cannot take part in autograd
             z = z0.clone().requires_grad_(True)
             image, keep = image.clone(), (1 - mask).expand_as(image).clone()
+            # a cell moves if one of its f x f pixels is kept (any kept weight > 0 in the block)
+            movable = (masks.latent_mask(1 - mask.float(), f) > 0).to(z.dtype)
             count = float(keep.sum().clamp_min(1))
             optimizer = torch.optim.Adam([z], lr=lr)
             for _ in range(steps):
                 loss = ((self.decode(z) - image).square() * keep).sum() / count
                 (grad,) = torch.autograd.grad(loss, z)  # no gradients into the first stage's weights
-                z.grad = grad
+                z.grad = grad * movable
                 optimizer.step()
             return z.detach().clone()
 
