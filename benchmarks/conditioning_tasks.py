@@ -187,9 +187,8 @@ def semantic(args: argparse.Namespace) -> dict[str, Any]:
             for i in range(4)
         ]
     labels = [f"{s}x{s} map" for s in (32,) * 4 + (64,) * 4]
-    grid(pictures, ["map", "LDM sample", "real scene"], labels, 64, label_width=70).save(
-        args.images / "conditioning_semantic.png"
-    )
+    name = "conditioning_semantic.png" if args.semantic_run == "scenes_semantic" else f"conditioning_{args.semantic_run}.png"
+    grid(pictures, ["map", "LDM sample", "real scene"], labels, 64, label_width=70).save(args.images / name)
     return result
 
 
