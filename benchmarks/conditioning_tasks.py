@@ -139,7 +139,7 @@ def t2i(args: argparse.Namespace) -> dict[str, Any]:
     ]
     picture_real = splits["val"]["image"][balanced_prompts(splits["val"], 1, len(classes))]
     columns: list[tuple[str, torch.Tensor]] = [("real", picture_real)]
-    for model in ("t2i_bert", "t2i_minilm"):
+    for model in [m.strip() for m in args.t2i_models.split(",") if m.strip()]:
         pipe = Pipeline.load(args.runs / model / "pipeline").eval()
         entry: dict[str, Any] = {}
         for guidance in (1.0, 3.0):
@@ -390,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--n-scenes", type=int, default=200, help="val maps at 1x")
     parser.add_argument("--n-scenes-2x", type=int, default=100, help="val maps at 2x")
+    parser.add_argument("--t2i-models", default="t2i_bert,t2i_minilm",
+                        help="t2i: the text-to-image runs under --runs to measure (names start with t2i_)")
     parser.add_argument("--semantic-run", default="scenes_semantic",
                         help="semantic, semantic_ceiling: the LDM run under --runs")
     parser.add_argument("--first-stage", default=None,
@@ -416,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             key = f"{task}[{Path(args.first_stage).name}]"
         elif task in ("semantic", "semantic_ceiling") and args.semantic_run != "scenes_semantic":
             key = f"{task}[{args.semantic_run}]"
+        elif task == "t2i" and args.t2i_models != "t2i_bert,t2i_minilm":
+            key = f"{task}[{args.t2i_models}]"
         results[key] = TASKS[task](args)
         results[key]["command"] = "python benchmarks/conditioning_tasks.py " + " ".join(
             sys.argv[1:] if argv is None else argv
