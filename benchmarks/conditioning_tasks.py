@@ -157,8 +157,9 @@ def t2i(args: argparse.Namespace) -> dict[str, Any]:
         result["models"][model] = entry
     rows = [[to_pil(images[i], 64) for _, images in columns] for i in range(len(picture_prompts))]
     labels = [f"[{classes[k]}] {p}" for k, p in enumerate(picture_prompts)]
+    name = "conditioning_t2i.png" if args.t2i_models == "t2i_bert,t2i_minilm" else "conditioning_t2i_subset.png"
     grid(rows, [c for c, _ in columns], labels, 64, label_width=150).save(
-        args.images / "conditioning_t2i.png"
+        args.images / name
     )
     return result
 
