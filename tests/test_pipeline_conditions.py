@@ -82,6 +82,18 @@ def test_refine_known_fits_the_kept_pixels_without_pasting_them():
     interior[..., 1, 2] = True  # pixels 4:8 x 8:12, inside the box 3:9 x 5:13
     torch.testing.assert_close(moved[interior.expand_as(z0)], z0[interior.expand_as(z0)], atol=0, rtol=0)
     assert bool(((moved - z0).abs() > 1e-3)[~interior.expand_as(z0)].float().mean() > 0.9)
+    # with tile= it fits the tiled decode the output is made with (2x2 latent tiles here)
+    tiled_out = pipe.sample(batch, seed=0, tile=2, tile_overlap=1)
+    tiled_refined = pipe.sample(batch, seed=0, tile=2, tile_overlap=1, refine_known=100)
+    assert kept_error(tiled_refined) < 0.7 * kept_error(tiled_out)
+    fit_tiled = pipe.refine_known(z0, image, mask, 20, tile=2, tile_overlap=1)
+    fit_plain = pipe.refine_known(z0, image, mask, 20)
+
+    def tiled_kept_error(z):
+        with torch.no_grad():
+            return kept_error(pipe.decode(z, tile=2, tile_overlap=1))
+
+    assert tiled_kept_error(fit_tiled) < tiled_kept_error(fit_plain)
     # any model: mask + init_image
     plain = pipe.sample(batch, init_image=image[:1], mask=mask[:1], seed=0, num_samples=2)
     refined = pipe.sample(batch, init_image=image[:1], mask=mask[:1], seed=0, num_samples=2, refine_known=100)

@@ -209,7 +209,17 @@ class Pipeline(nn.Module):
         known = self._encode_init(masked, masked.shape[0], generator, tiling)
         return masks.latent_mask(mask, self.first_stage.downsample_factor), known, (masked, mask)
 
-    def refine_known(self, z0: Tensor, image: Tensor, mask: Tensor, steps: int, *, lr: float = 0.1) -> Tensor:
+    def refine_known(
+        self,
+        z0: Tensor,
+        image: Tensor,
+        mask: Tensor,
+        steps: int,
+        *,
+        lr: float = 0.1,
+        tile: int | None = None,
+        tile_overlap: int | None = None,
+    ) -> Tensor:
         """``z0`` moved by ``steps`` Adam steps so that its decode matches ``image`` where
         ``mask`` is 0 (the kept pixels; mask 1 = generated): latent-space background
         preservation (as in Blended Latent Diffusion, Avrahami et al. 2023). The output stays
@@ -217,7 +227,10 @@ class Pipeline(nn.Module):
         generated region stay as sampled: only cells with at least one kept pixel move. (Adam
         scales every coordinate's step to about ``lr``, so the faint gradient an interior cell
         gets through the decoder's reach into kept pixels would otherwise move it as far as a
-        cell on the kept side, and draw blotches inside the generated region.)"""
+        cell on the kept side, and draw blotches inside the generated region.) ``tile``/
+        ``tile_overlap``: fit the tiled decode (:meth:`decode`), the one the output is made
+        with; the backward pass still holds every tile's activations, so tiling here bounds
+        the forward's memory only."""
         f = self.first_stage.downsample_factor
         with torch.inference_mode(False), torch.enable_grad():
             # clones: tensors made under inference mode cannot take part in autograd
@@ -228,7 +241,7 @@ class Pipeline(nn.Module):
             count = float(keep.sum().clamp_min(1))
             optimizer = torch.optim.Adam([z], lr=lr)
             for _ in range(steps):
-                loss = ((self.decode(z) - image).square() * keep).sum() / count
+                loss = ((self.decode(z, tile=tile, tile_overlap=tile_overlap) - image).square() * keep).sum() / count
                 (grad,) = torch.autograd.grad(loss, z)  # no gradients into the first stage's weights
                 z.grad = grad * movable
                 optimizer.step()
@@ -466,7 +479,7 @@ class Pipeline(nn.Module):
             )
             if refine_known:
                 image_rows, mask_rows = (_rows(v.to(z0.device), rows, n) for v in pixels)
-                z0 = self.refine_known(z0, image_rows, mask_rows, refine_known)
+                z0 = self.refine_known(z0, image_rows, mask_rows, refine_known, **(tiling or {}))
             outputs.append(z0 if return_latents else self.decode(z0, **(tiling or {})).clamp(-1, 1))
         return torch.cat(outputs)
 
