@@ -139,7 +139,8 @@ def t2i(args: argparse.Namespace) -> dict[str, Any]:
     ]
     picture_real = splits["val"]["image"][balanced_prompts(splits["val"], 1, len(classes))]
     columns: list[tuple[str, torch.Tensor]] = [("real", picture_real)]
-    for model in [m.strip() for m in args.t2i_models.split(",") if m.strip()]:
+    models = [m.strip() for m in args.t2i_models.split(",") if m.strip()]
+    for model in models:
         pipe = Pipeline.load(args.runs / model / "pipeline").eval()
         entry: dict[str, Any] = {}
         for guidance in (1.0, 3.0):
@@ -157,7 +158,9 @@ def t2i(args: argparse.Namespace) -> dict[str, Any]:
         result["models"][model] = entry
     rows = [[to_pil(images[i], 64) for _, images in columns] for i in range(len(picture_prompts))]
     labels = [f"[{classes[k]}] {p}" for k, p in enumerate(picture_prompts)]
-    name = "conditioning_t2i.png" if args.t2i_models == "t2i_bert,t2i_minilm" else "conditioning_t2i_subset.png"
+    name = "conditioning_t2i.png" if models == ["t2i_bert", "t2i_minilm"] else (
+        "conditioning_t2i_" + "_".join(m.removeprefix("t2i_") for m in models) + ".png"
+    )
     grid(rows, [c for c, _ in columns], labels, 64, label_width=150).save(
         args.images / name
     )
