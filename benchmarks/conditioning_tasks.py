@@ -102,6 +102,9 @@ def sample_in_batches(pipe: Pipeline, batch: dict[str, Any], *, n: int, chunk: i
     return pipe.sample(batch, num_samples=n, seed=seed, batch_size=chunk, **kwargs)
 
 
+DEFAULT_T2I_MODELS = ["t2i_bert", "t2i_minilm"]  # the runs behind conditioning_t2i.png and the key "t2i"
+
+
 def balanced_prompts(split: dict[str, Any], per_class: int, num_classes: int) -> list[int]:
     """Indices of the first ``per_class`` items of each category (key order)."""
     chosen = []
@@ -139,8 +142,7 @@ def t2i(args: argparse.Namespace) -> dict[str, Any]:
     ]
     picture_real = splits["val"]["image"][balanced_prompts(splits["val"], 1, len(classes))]
     columns: list[tuple[str, torch.Tensor]] = [("real", picture_real)]
-    models = [m.strip() for m in args.t2i_models.split(",") if m.strip()]
-    for model in models:
+    for model in args.t2i_models:
         pipe = Pipeline.load(args.runs / model / "pipeline").eval()
         entry: dict[str, Any] = {}
         for guidance in (1.0, 3.0):
@@ -158,8 +160,8 @@ def t2i(args: argparse.Namespace) -> dict[str, Any]:
         result["models"][model] = entry
     rows = [[to_pil(images[i], 64) for _, images in columns] for i in range(len(picture_prompts))]
     labels = [f"[{classes[k]}] {p}" for k, p in enumerate(picture_prompts)]
-    name = "conditioning_t2i.png" if models == ["t2i_bert", "t2i_minilm"] else (
-        "conditioning_t2i_" + "_".join(m.removeprefix("t2i_") for m in models) + ".png"
+    name = "conditioning_t2i.png" if args.t2i_models == DEFAULT_T2I_MODELS else (
+        "conditioning_t2i_" + "_".join(m.removeprefix("t2i_") for m in args.t2i_models) + ".png"
     )
     grid(rows, [c for c, _ in columns], labels, 64, label_width=150).save(
         args.images / name
@@ -394,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--n-scenes", type=int, default=200, help="val maps at 1x")
     parser.add_argument("--n-scenes-2x", type=int, default=100, help="val maps at 2x")
-    parser.add_argument("--t2i-models", default="t2i_bert,t2i_minilm",
+    parser.add_argument("--t2i-models", default=",".join(DEFAULT_T2I_MODELS),
+                        type=lambda value: [m.strip() for m in value.split(",") if m.strip()],
                         help="t2i: the text-to-image runs under --runs to measure (names start with t2i_)")
     parser.add_argument("--semantic-run", default="scenes_semantic",
                         help="semantic, semantic_ceiling: the LDM run under --runs")
@@ -422,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
             key = f"{task}[{Path(args.first_stage).name}]"
         elif task in ("semantic", "semantic_ceiling") and args.semantic_run != "scenes_semantic":
             key = f"{task}[{args.semantic_run}]"
-        elif task == "t2i" and args.t2i_models != "t2i_bert,t2i_minilm":
-            key = f"{task}[{args.t2i_models}]"
+        elif task == "t2i" and args.t2i_models != DEFAULT_T2I_MODELS:
+            key = f"{task}[{','.join(args.t2i_models)}]"
         results[key] = TASKS[task](args)
         results[key]["command"] = "python benchmarks/conditioning_tasks.py " + " ".join(
             sys.argv[1:] if argv is None else argv

@@ -175,25 +175,25 @@ class Pipeline(nn.Module):
             )
         return x.to(device=self.scale_factor.device, dtype=torch.float32)
 
-    def _encode_init(self, images: Tensor, n: int, generator: GeneratorArg, tiling: Mapping[str, Any] | None = None) -> Tensor:
+    def _encode_init(self, images: Tensor, n: int, generator: GeneratorArg, tiling: Mapping[str, Any]) -> Tensor:
         """Latents of ``images`` (B = 1 or n) for n samples. A first stage that samples its
         posterior (KL, ``encode_mode=sample``) draws from the samples' generator(s): sample i's
         latent depends on its own generator only, whatever the batch."""
         if generator is None:
-            z = self.encode(images, **(tiling or {}))
+            z = self.encode(images, **tiling)
         elif isinstance(generator, torch.Generator):
             with _seeded_global_rng(_draw_seed(generator), images.device):
-                z = self.encode(images, **(tiling or {}))
+                z = self.encode(images, **tiling)
         else:
             parts = []
             for i, g in enumerate(generator):
                 with _seeded_global_rng(_draw_seed(g), images.device):
-                    parts.append(self.encode(images[i : i + 1] if images.shape[0] > 1 else images, **(tiling or {})))
+                    parts.append(self.encode(images[i : i + 1] if images.shape[0] > 1 else images, **tiling))
             return torch.cat(parts)
         return z.expand(n, *z.shape[1:]) if z.shape[0] == 1 and n > 1 else z
 
     def _known_latents(
-        self, batch: Mapping[str, Any], generator: GeneratorArg = None, tiling: Mapping[str, Any] | None = None
+        self, batch: Mapping[str, Any], generator: GeneratorArg, tiling: Mapping[str, Any]
     ) -> tuple[Tensor | None, Tensor | None, tuple[Tensor, Tensor] | None]:
         """The conditioner's region to keep as the sampler's ``(mask, known)`` on the latent
         grid (:func:`ldmkit.masks.latent_mask`), and the pixels behind it ``(image, mask)``.
@@ -342,13 +342,12 @@ class Pipeline(nn.Module):
             compile_module(self.denoiser, compile, device=self.scale_factor.device, what="the denoiser")
         except LdmkitError as err:
             raise SampleArgumentError(str(err)) from None
-        tiling = None
         if tile is not None:
             try:
                 tile, tile_overlap = check_tiling(tile, tile_overlap)
             except ValueError as err:
                 raise SampleArgumentError(str(err)) from None
-            tiling = {"tile": tile, "tile_overlap": tile_overlap}
+        tiling = {"tile": tile, "tile_overlap": tile_overlap}  # tile None: encode/decode whole
         batch = dict(batch or {})
         device = self.scale_factor.device
         images = self._check_init_image(init_image) if init_image is not None else None
@@ -479,8 +478,8 @@ class Pipeline(nn.Module):
             )
             if refine_known:
                 image_rows, mask_rows = (_rows(v.to(z0.device), rows, n) for v in pixels)
-                z0 = self.refine_known(z0, image_rows, mask_rows, refine_known, **(tiling or {}))
-            outputs.append(z0 if return_latents else self.decode(z0, **(tiling or {})).clamp(-1, 1))
+                z0 = self.refine_known(z0, image_rows, mask_rows, refine_known, **tiling)
+            outputs.append(z0 if return_latents else self.decode(z0, **tiling).clamp(-1, 1))
         return torch.cat(outputs)
 
     # -- checkpoints --------------------------------------------------------------------
