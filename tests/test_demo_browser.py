@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -14,7 +15,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -227,8 +230,8 @@ def test_file_inputs_are_read_as_ldmkit_sample_reads_them(tmp_path):
         pipeline, _request(conditions={"segmentation": str(ids)}), inputs_dir=tmp_path / "in"
     )
     assert done.batch["segmentation"].shape == (2, 8, 8)
-    kept = tmp_path / "in" / "segmentation.png"  # a copy that outlives the upload cache
-    assert done.items == [f"segmentation={kept}"] and kept.is_file()
+    kept = tmp_path / "in" / "segmentation.png"  # a copy that outlives the upload cache,
+    assert kept.is_file() and done.items == ["segmentation=segmentation.png"]  # named as such
 
 
 def test_a_mask_must_have_the_start_images_size(tmp_path):
@@ -249,6 +252,50 @@ def test_a_mask_must_have_the_start_images_size(tmp_path):
             _request(init_image=str(image), strength=0),
             inputs_dir=tmp_path / "in",
         )
+
+
+def _bomb(path: Path, side: int = 100_000) -> Path:
+    """A PNG of 45 bytes that declares side x side pixels (30 GB as RGB): what PIL reads first."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    return path
+
+
+def test_images_larger_than_the_demo_takes_are_refused_before_decoding(tmp_path):
+    from ldmkit_conditioners import SemanticMapConditioner
+
+    tall = tmp_path / "tall.png"
+    Image.new("L", (8, 40)).save(tall)  # 40 high: over 4x the trained 8
+    maps = _fake_pipeline(SemanticMapConditioner(num_classes=5, n_stages=2))
+    with pytest.raises(DemoInputError) as err:
+        prepare(maps, _request(conditions={"segmentation": str(tall)}), inputs_dir=tmp_path / "in")
+    assert str(err.value) == (
+        "segmentation: the image is 40x8 pixels; the demo takes images up to 32x32"
+    )
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    for change in (
+        {"init_image": str(tall)},
+        {"init_image": str(tmp_path / "ok.png"), "mask": str(tall)},
+    ):
+        with pytest.raises(DemoInputError, match=r": the image is 40x8 pixels; the demo takes"):
+            prepare(_class_pipeline(), _request(**change), inputs_dir=tmp_path / "in")
+    with pytest.raises(DemoInputError) as err:  # PIL refuses to open it: nothing is decoded
+        prepare(
+            _class_pipeline(),
+            _request(init_image=str(_bomb(tmp_path / "bomb.png"))),
+            inputs_dir=tmp_path / "in",
+        )
+    assert str(err.value) == (
+        "start image: the image has more than 1024 pixels; the demo takes images up to 32x32"
+    )
 
 
 def test_painted_strokes_become_the_mask(tmp_path):
@@ -300,24 +347,40 @@ def test_the_settings_and_command_line_reproduce_the_images(trained, tmp_path, m
     from ldmkit.demo.session import Result, Step
 
     session = _session(trained, tmp_path)
+    start = tmp_path / "my holiday.png"
+    Image.fromarray(np.arange(192, dtype=np.uint8).reshape(8, 8, 3)).save(start)
     events = list(
         session.generate(
-            _request(sampler="euler", steps=3, guidance_scale=2.0, seed=11, conditions={"label": 4})
+            _request(
+                sampler="euler",
+                steps=6,
+                guidance_scale=2.0,
+                seed=11,
+                conditions={"label": 4},
+                init_image=str(start),
+                strength=0.5,
+            )
         )
     )
     steps, result = [e for e in events if isinstance(e, Step)], events[-1]
     assert isinstance(result, Result) and steps[-1].done == steps[-1].total == 3
     assert any(step.preview is not None for step in steps)  # the decoded x0 prediction
     record = result.record
-    assert record["sampler"]["name"] == "euler" and record["sampler"]["steps"] == 3
-    assert record["overrides"] == ["sampler=euler", "sampler.steps=3"]
+    assert record["sampler"]["name"] == "euler" and record["sampler"]["steps"] == 6
+    assert record["overrides"] == ["sampler=euler", "sampler.steps=6"]
     assert (record["seed"], record["guidance_scale"], record["conditions"]) == (
         11,
         2.0,
         {"label": [4, 4]},
     )
+    # the inputs are named as the downloads name them, never by their path on the server
+    assert record["init_image"] == "init_image.png" and str(tmp_path) not in result.command
     words = shlex.split(result.command)
-    assert words[:2] == ["ldmkit", "sample"] and words[-4:] == [
+    assert words[:2] == ["ldmkit", "sample"] and words[-8:] == [
+        "--init-image",
+        "init_image.png",
+        "--strength",
+        "0.5",
         "--device",
         "cpu",
         "--out",
@@ -325,6 +388,8 @@ def test_the_settings_and_command_line_reproduce_the_images(trained, tmp_path, m
     ]
     cli = tmp_path / "cli"
     cli.mkdir()
+    (download,) = result.files[2:]  # after the grid and the settings: the inputs
+    shutil.copyfile(download, cli / download.name)  # downloaded to where the command runs
     monkeypatch.chdir(cli)
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it
     assert main([*words[1:], "--no-progress"]) == 0  # the command as shown
@@ -434,17 +499,25 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(trained, tmp_path_factory):
-    """``ldmkit demo`` serving the trained pipeline: its URL (stopped after the module)."""
-    _browser()
+    """``ldmkit demo`` serving the trained pipeline with a temporary folder of its own
+    (``TMPDIR``): ``.url``, ``.tmp``, ``.log`` and ``.stop()`` (SIGTERM; the module's last
+    test calls it to see what is left, else it runs after the module)."""
+    pytest.importorskip(
+        "gradio", reason="the demo extra is not installed: pip install 'ldmkit[demo]'"
+    )
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "demo.log"
+    root = tmp_path_factory.mktemp("server")
+    log, tmp = root / "demo.log", root / "tmp"
+    tmp.mkdir()
     exe = Path(sys.executable).with_name("ldmkit")
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "GRADIO_ANALYTICS_ENABLED": "False",
         "NO_PROXY": "127.0.0.1",
+        "TMPDIR": str(tmp),
     }
+    env.pop("GRADIO_TEMP_DIR", None)  # Gradio's default: <TMPDIR>/gradio
     with open(log, "w") as out:
         process = subprocess.Popen(
             [
@@ -455,14 +528,24 @@ def server(trained, tmp_path_factory):
                 "--port",
                 str(port),
                 "--queue-size",
-                "4",
+                "8",
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
-            cwd=log.parent,
+            cwd=root,
         )
     url = f"http://127.0.0.1:{port}/"
+
+    def stop() -> None:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -475,22 +558,108 @@ def server(trained, tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"ldmkit demo did not serve {url} within 90 s:\n{log.read_text()}")
             time.sleep(0.3)
-        yield url
+        yield SimpleNamespace(url=url, tmp=tmp, log=log, stop=stop)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop()
+
+
+class _Page:
+    """What the page's JavaScript sends, without a browser: uploads, then an event joined to
+    Gradio's queue with the page's values (its defaults, changed by ``elem_id``), then the
+    session's messages (``estimation``, ``process_starts``, ``process_completed``, ...)."""
+
+    def __init__(self, url: str) -> None:
+        import httpx
+
+        self.http = httpx.Client(base_url=url, timeout=60)
+        config = self.http.get("config").json()
+        self.props = {c["id"]: c["props"] for c in config["components"]}
+        self.events = {d["api_name"]: d for d in config["dependencies"]}
+
+    def upload(self, path: Path) -> dict:
+        with open(path, "rb") as f:
+            response = self.http.post("gradio_api/upload", files={"files": (path.name, f)})
+        response.raise_for_status()
+        (stored,) = response.json()
+        return {"path": stored, "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
+
+    def join(self, event: str, session: str, values: dict | None = None) -> None:
+        dependency = self.events[event]
+        shown = {
+            self.props[i].get("elem_id"): self.props[i].get("value") for i in dependency["inputs"]
+        }
+        shown.update(values or {})
+        data = [shown[self.props[i].get("elem_id")] for i in dependency["inputs"]]
+        body = {"data": data, "fn_index": dependency["id"], "session_hash": session}
+        self.http.post("gradio_api/queue/join", json=body).raise_for_status()
+
+    def messages(self, session: str, events: int) -> list[dict]:
+        """The session's messages until ``events`` events completed."""
+        out: list[dict] = []
+        params = {"session_hash": session}
+        with self.http.stream("GET", "gradio_api/queue/data", params=params) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data:"):
+                    out.append(json.loads(line[5:]))
+                    if sum(m["msg"] == "process_completed" for m in out) == events:
+                        break
+        return out
+
+    def run(self, event: str, values: dict | None = None) -> dict:
+        """One event's ``process_completed`` message."""
+        session = uuid.uuid4().hex
+        self.join(event, session, values)
+        return self.messages(session, 1)[-1]
+
+
+def _editor(upload: dict) -> dict:
+    """The start-image editor's value: an uploaded image, no strokes."""
+    return {"background": upload, "layers": [], "composite": upload, "id": None}
+
+
+@pytest.mark.slow  # a few seconds on the shared server
+@pytest.mark.parametrize("kind", ["larger", "bomb"])
+def test_an_upload_larger_than_the_demo_takes_is_one_line(server, tmp_path, kind):
+    page = _Page(server.url)
+    image = tmp_path / "big.png"
+    if kind == "bomb":  # PIL refuses it inside Gradio, before the page's check runs
+        _bomb(image)
+        expected = "start image: the image has more than 1024 pixels; "
+    else:  # 40 wide on a model trained at 8x8 (the output would be 40 wide), 320 pixels
+        Image.new("RGB", (40, 8)).save(image)
+        expected = "start image: the image is 8x40 pixels; "
+    done = page.run("check", {"ldmkit-init-image": _editor(page.upload(image))})
+    assert not done["success"]
+    assert done["output"]["error"] == expected + "the demo takes images up to 32x32"
+    if kind == "larger":  # and Gradio takes no file larger than such an image can be
+        too_big = tmp_path / "too_big.png"
+        too_big.write_bytes(os.urandom(2 * 2**20))
+        with open(too_big, "rb") as f:
+            response = page.http.post("gradio_api/upload", files={"files": (too_big.name, f)})
+        assert response.status_code == 413
+
+
+@pytest.mark.slow
+def test_input_checks_run_a_few_at_a_time(server):
+    from ldmkit.demo.form import MAX_CHECKS
+
+    page, session = _Page(server.url), uuid.uuid4().hex
+    with ThreadPoolExecutor(6) as pool:  # six presses of Generate at once
+        list(pool.map(lambda _: page.join("check", session), range(6)))
+    running = most = 0
+    for message in page.messages(session, 6):
+        running += {"process_starts": 1, "process_completed": -1}.get(message["msg"], 0)
+        most = max(most, running)
+    assert most <= MAX_CHECKS == 2
 
 
 @pytest.mark.slow  # about 25 s with the server's start and stop, on a busy 2-core machine
 def test_page_generates_and_reports_bad_input(server):
+    chromium = _browser()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=_browser(), args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             outside = []  # the page loads nothing from outside the server (no network at run time)
@@ -498,11 +667,11 @@ def test_page_generates_and_reports_bad_input(server):
                 "request",
                 lambda r: (
                     outside.append(r.url)
-                    if not r.url.startswith((server, "data:", "blob:"))
+                    if not r.url.startswith((server.url, "data:", "blob:"))
                     else None
                 ),
             )
-            page.goto(server)
+            page.goto(server.url)
             page.wait_for_selector("#ldmkit-generate", timeout=30_000)
 
             page.click("#ldmkit-cond-label input")  # the class dropdown, with the classes' names
@@ -552,3 +721,30 @@ def test_page_generates_and_reports_bad_input(server):
             assert not outside, f"the page requested {outside}"
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_inputs_stay_private_and_go_with_the_server(server, tmp_path):
+    """One user's inputs can be neither read off another's page nor fetched by their path;
+    SIGTERM removes every file the server wrote, Gradio's copies included. Stops the server:
+    the module's last test."""
+    page = _Page(server.url)
+    start = tmp_path / "my holiday.png"
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(start)
+    values = {"ldmkit-init-image": _editor(page.upload(start)), "ldmkit-strength": 0.5}
+    done = page.run("generate", {**values, "ldmkit-steps": 2, "ldmkit-num-images": 1})
+    assert done["success"], done
+    _, _, command, record, files = done["output"]["data"]
+    assert "--init-image init_image.png --strength 0.5" in command
+    assert record["init_image"] == "init_image.png"
+    assert str(server.tmp) not in json.dumps([command, record])  # no path on the server is shown
+    (kept,) = server.tmp.glob("ldmkit-demo-*/run-*/inputs/init_image.png")  # the test knows it
+    assert re.fullmatch("run-[0-9a-f]{32}", kept.parent.parent.name)  # no run-000001, -000002
+    assert page.http.get(f"gradio_api/file={kept}").status_code == 403  # not served by path
+    assert page.http.get(files[-1]["url"]).status_code == 200  # the user's own download is
+
+    server.stop()
+    left = [p.relative_to(server.tmp) for p in server.tmp.rglob("*")]
+    assert not [p for p in left if (server.tmp / p).is_file() or p.parts[0] == "gradio"], left
+    log = server.log.read_text()
+    assert f"ldmkit demo: serving {server.url}" in log and "share=True" not in log, log

@@ -183,16 +183,15 @@ def demo(argv: Sequence[str], *, prog: str, description: str) -> int:
         raise CLIError(f"--port must be in 1..65535, got {args.port}")
     if args.queue_size < 1:
         raise CLIError(f"--queue-size must be >= 1, got {args.queue_size}")
-    try:
-        from ldmkit.demo.app import serve
-    except ModuleNotFoundError as err:
-        if err.name != "gradio":
-            raise
-        raise CLIError("the demo needs Gradio, which is not installed: pip install 'ldmkit[demo]'") from None
+    from ldmkit.demo.server import serve
 
     try:
         return serve(checkpoint=args.checkpoint, host=args.host, port=args.port,
                      queue_size=args.queue_size, device=args.device)
+    except ModuleNotFoundError as err:
+        if err.name != "gradio":
+            raise
+        raise CLIError("the demo needs Gradio, which is not installed: pip install 'ldmkit[demo]'") from None
     except (LdmkitError, FileNotFoundError, ValueError) as err:
         raise CLIError(str(err)) from err
     except OSError as err:  # the port is taken, or the address is not this machine's

@@ -7,8 +7,10 @@ images with the settings that reproduce them through ``ldmkit sample``.
 
 * :mod:`ldmkit.demo.form`: the inputs a pipeline asks for and their checks (no Gradio);
 * :mod:`ldmkit.demo.session`: one loaded pipeline sampling for one request at a time;
-* :mod:`ldmkit.demo.app`: the Gradio page and :func:`ldmkit.demo.app.serve` (imports Gradio,
-  the optional ``demo`` extra: ``pip install 'ldmkit[demo]'``).
+* :mod:`ldmkit.demo.app`: the Gradio page (imports Gradio, the optional ``demo`` extra:
+  ``pip install 'ldmkit[demo]'``);
+* :mod:`ldmkit.demo.server`: :func:`ldmkit.demo.server.serve`, the ``ldmkit demo`` process
+  (one temporary folder for all it writes, Gradio's files included; PIL's size limit).
 
 Owns the web page. An entry point (layer 6): may import anything in ldmkit.
 """

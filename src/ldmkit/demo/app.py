@@ -1,6 +1,7 @@
 """The Gradio page of ``ldmkit demo``: inputs drawn from the conditioner, a progress bar and a
 preview while sampling, the results as a gallery with their settings. Imports Gradio; the
-rest of :mod:`ldmkit.demo` does not."""
+rest of :mod:`ldmkit.demo` does not (:mod:`ldmkit.demo.server` imports this module once
+Gradio's temporary folder is chosen)."""
 
 from __future__ import annotations
 
@@ -18,15 +19,19 @@ from typing import Any
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network at run time
 
 import gradio as gr  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from ldmkit.demo.editor import drawing_file, editor_files, palette  # noqa: E402
 from ldmkit.demo.form import (  # noqa: E402
+    MAX_CHECKS,
     MAX_IMAGES,
     SEED_LIMIT,
     ConditionField,
     DemoInputError,
     SampleRequest,
     max_side,
+    max_upload_bytes,
+    too_large,
 )
 from ldmkit.demo.session import DemoSession, Result, Step  # noqa: E402
 
@@ -227,13 +232,20 @@ def build_demo(session: DemoSession) -> gr.Blocks:
             *components.values(),
             *drawings.values(),
         }
+        images = {init_editor: "start image", init_mask: "mask"}
+        images.update({c: key for key, c in [*components.items(), *drawings.items()]})
+        for component, name in images.items():
+            if isinstance(component, (gr.Image, gr.ImageEditor)):
+                _refuse_bombs(component, name, max_side(pipeline))
         # the check goes through the queue too (a queue=False error shows no message in Gradio
-        # 6), but never waits for a sampling: no concurrency limit
+        # 6), but never waits for a sampling: a queue of its own, MAX_CHECKS at a time (Gradio
+        # decodes the uploads before a check runs)
         generate.click(
             check,
             inputs=inputs,
             outputs=None,
-            concurrency_limit=None,
+            concurrency_limit=MAX_CHECKS,
+            concurrency_id="checks",
             show_progress="hidden",
             api_visibility="private",
         ).success(
@@ -255,6 +267,21 @@ def build_demo(session: DemoSession) -> gr.Blocks:
             sampler_steps, inputs=sampler, outputs=steps, queue=False, show_progress="hidden"
         )
     return demo
+
+
+def _refuse_bombs(component: Any, name: str, limit: int) -> None:
+    """Gradio decodes an upload in the component's ``preprocess``, before the event's function
+    runs, and PIL refuses there an image of more than ``Image.MAX_IMAGE_PIXELS`` (``serve``
+    sets it to ``limit**2``): say so in ldmkit's one line, not as Gradio's bare "Error"."""
+    decode = component.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        try:
+            return decode(payload)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise gr.Error(too_large(name, limit), print_exception=False) from None
+
+    component.preprocess = preprocess
 
 
 def _condition_component(spec: ConditionField, size: int | None) -> Any:
@@ -422,44 +449,22 @@ def _default_guidance(pipeline: Any) -> float:
     return float(value) if isinstance(value, int | float) and value >= 0 else 1.0
 
 
-def serve(*, checkpoint: Path, host: str, port: int, queue_size: int, device: str) -> int:
-    """Load ``checkpoint`` and serve its page until interrupted (Ctrl-C or SIGTERM)."""
-    import signal
-
-    import torch
-
-    from ldmkit.pipeline import Pipeline
-
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    pipeline = Pipeline.load(checkpoint, device=device)
-    with tempfile.TemporaryDirectory(prefix="ldmkit-demo-") as results:
-        session = DemoSession(
-            pipeline, checkpoint=Path(checkpoint), device=device, results_dir=Path(results)
-        )
-        demo = build_demo(session)
-        demo.queue(max_size=queue_size, default_concurrency_limit=1)
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            print(
-                f"ldmkit demo: warning: serving on {host}: anyone who can reach this machine can use "
-                "the model (there is no login)",
-                file=sys.stderr,
-            )
-
-        def stop(signum, frame):  # SIGTERM ends the server the way Ctrl-C does
-            raise KeyboardInterrupt
-
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, stop)
-        demo.launch(
-            server_name=host,
-            server_port=port,
-            share=False,
-            inbrowser=False,
-            show_error=False,
-            ssr_mode=False,
-            allowed_paths=[results],
-            theme=_theme(),
-            css=CSS,
-            quiet=False,
-        )
-    return 0
+def launch(session: DemoSession, *, host: str, port: int, queue_size: int) -> None:
+    """Serve ``session``'s page on ``host:port`` until Ctrl-C (a KeyboardInterrupt)."""
+    demo = build_demo(session)
+    demo.queue(max_size=queue_size, default_concurrency_limit=1)
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        inbrowser=False,
+        show_error=False,
+        ssr_mode=False,
+        max_file_size=max_upload_bytes(session.pipeline),
+        theme=_theme(),
+        css=CSS,
+        quiet=True,  # Gradio's lines: "set share=True" among them, which the page never does
+        prevent_thread_lock=True,
+    )
+    print(f"ldmkit demo: serving {demo.local_url} (Ctrl-C or SIGTERM stops it)", flush=True)
+    demo.block_thread()  # returns on Ctrl-C, the server closed

@@ -22,6 +22,7 @@ from typing import Any
 from ldmkit.errors import LdmkitError
 
 MAX_IMAGES = 16  # per request: a shared page must not let one user hold the model for long
+MAX_CHECKS = 2  # input checks running at once (each may decode a few images of max_side² pixels)
 SEED_LIMIT = 2**32  # seeds are drawn (and accepted) in [0, SEED_LIMIT)
 
 
@@ -191,9 +192,11 @@ class Prepared:
     init_image: Any
     mask: Any
     strength: float | None
-    sources: dict[str, str]  # "--cond key" / "--init-image" / "--mask" -> the file it read
+    # "--cond key" / "--init-image" / "--mask" -> the file it read, by its name among the
+    # downloads (inputs/KEY.png): a result never shows a path on the server
+    sources: dict[str, str]
     kinds: dict[str, str]
-    items: list[str]  # the --cond KEY=VALUE items
+    items: list[str]  # the --cond KEY=VALUE items (files by their names, as in sources)
     num_images: int
 
 
@@ -224,9 +227,11 @@ def prepare(
     fields: Sequence[ConditionField] | None = None,
 ) -> Prepared:
     """Check ``request`` against ``pipeline`` and read its files; copies of the files go to
-    ``inputs_dir`` (so the command line that reproduces the result names files that stay).
-    ``rng`` (a ``random.Random``) draws the seed when ``randomize_seed`` is set; ``fields``
-    are the pipeline's :func:`condition_fields`, when already known."""
+    ``inputs_dir`` (offered for download with the result, by the names its command line and
+    settings give them). An image is refused from its header, before it is decoded, when a
+    side is over :func:`max_side`. ``rng`` (a ``random.Random``) draws the seed when
+    ``randomize_seed`` is set; ``fields`` are the pipeline's :func:`condition_fields`, when
+    already known."""
     from ldmkit.cli.conditions import (
         SOURCE_KEY,
         ConditionArgumentError,
@@ -247,6 +252,7 @@ def prepare(
     else:
         seed = whole_number(request.seed, "seed", 0, SEED_LIMIT - 1)
     size = _size(pipeline, request.height, request.width)
+    limit = max_side(pipeline)
 
     conditioner = pipeline.conditioner
     kinds = {key: conditioner.input_kind(key) for key in conditioner.input_keys}
@@ -259,6 +265,7 @@ def prepare(
     for key, kind in kinds.items():
         value = request.conditions.get(key)
         spec = specs[key]
+        read = None  # the item as read, where it names a kept file (its path on the server)
         if kind == "class":
             item = f"{key}={_class_id(value, spec)}"
         elif kind == "text":
@@ -278,26 +285,35 @@ def prepare(
                     else "an image"
                 )
                 raise DemoInputError(f"{key}: upload {what}")
-            item = f"{key}={_keep(Path(value), inputs_dir, key, uploaded)}"
+            kept = _keep(Path(value), inputs_dir, key, uploaded, name=key, limit=limit)
+            item, read = f"{key}={kept.name}", f"{key}={kept}"
+            sources[f"--cond {key}"] = kept.name
         items.append(item)
         try:  # one key at a time, so that a message names the key it is about
-            part = parse_conditions([item], {key: kind}, image_channels=channels)
+            part = parse_conditions([read or item], {key: kind}, image_channels=channels)
         except ConditionArgumentError as err:
             raise DemoInputError(f"{key}: {_page_message(str(err), uploaded)}") from None
-        sources.update({f"--cond {k}": v for k, v in (part.pop(SOURCE_KEY, None) or {}).items()})
+        part.pop(SOURCE_KEY, None)
         batch.update(part)
     init_image = mask = None
     try:
         if request.init_image is not None:
-            path = _keep(Path(request.init_image), inputs_dir, "init_image", uploaded)
+            path = _keep(
+                Path(request.init_image),
+                inputs_dir,
+                "init_image",
+                uploaded,
+                name="start image",
+                limit=limit,
+            )
             init_image = load_image(path, channels=channels, flag="start image")
-            sources["--init-image"] = str(path)
+            sources["--init-image"] = path.name
         if request.mask is not None:
             if request.init_image is None:
                 raise DemoInputError("a mask needs the image it repaints: upload a start image too")
-            path = _keep(Path(request.mask), inputs_dir, "mask", uploaded)
+            path = _keep(Path(request.mask), inputs_dir, "mask", uploaded, name="mask", limit=limit)
             mask = load_mask(path, flag="mask")
-            sources["--mask"] = str(path)
+            sources["--mask"] = path.name
     except ConditionArgumentError as err:
         raise DemoInputError(_page_message(str(err), uploaded)) from None
     strength = None
@@ -362,8 +378,39 @@ def _strength(value: Any) -> float:
 
 
 def max_side(pipeline: Any) -> int:
-    """The largest height or width the page accepts: 4x the training size (or 1024)."""
+    """The largest height or width the page accepts, for the images it makes and for those it
+    reads (a start image, a mask, a class map): 4x the training size (or 1024)."""
     return 4 * int(pipeline.image_size) if pipeline.image_size else 1024
+
+
+def max_upload_bytes(pipeline: Any) -> int:
+    """The largest file the page accepts: a :func:`max_side` square image stored without
+    compression at 4 channels of 16 bits, plus 1 MiB for what a file holds besides."""
+    return 8 * max_side(pipeline) ** 2 + 2**20
+
+
+def too_large(name: str, limit: int, size: tuple[int, int] | None = None) -> str:
+    """The message for an image over ``limit`` pixels a side: ``size`` is its ``(h, w)``, or
+    None where PIL refused to open it (over ``Image.MAX_IMAGE_PIXELS``: ``ldmkit demo`` sets
+    that to ``limit**2``)."""
+    what = f"is {size[0]}x{size[1]} pixels" if size else f"has more than {limit * limit} pixels"
+    return f"{name}: the image {what}; the demo takes images up to {limit}x{limit}"
+
+
+def _check_size(path: Path, name: str, limit: int) -> None:
+    """Refuse an image with a side over ``limit`` from its header, before anything is decoded
+    (PIL opens lazily); a file PIL cannot read at all is left to the reader's message."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DemoInputError(too_large(name, limit)) from None
+    except Exception:  # not an image: the reader says so, naming the file
+        return
+    if max(width, height) > limit:
+        raise DemoInputError(too_large(name, limit, (height, width)))
 
 
 def _size(pipeline: Any, height: Any, width: Any) -> tuple[int, int] | None:
@@ -410,11 +457,15 @@ def _class_id(value: Any, spec: ConditionField) -> int:
     return int(number)
 
 
-def _keep(path: Path, inputs_dir: Path, stem: str, uploaded: dict[str, str]) -> Path:
-    """A copy of an uploaded file in ``inputs_dir`` (the upload cache is Gradio's to clean);
+def _keep(
+    path: Path, inputs_dir: Path, stem: str, uploaded: dict[str, str], *, name: str, limit: int
+) -> Path:
+    """A copy of an uploaded file in ``inputs_dir`` (the upload cache is Gradio's to clean),
+    once its image size is checked (:func:`_check_size`, ``name`` the input in messages);
     ``uploaded`` records the copy's path -> the uploaded name, for messages."""
     if not path.is_file():
-        raise DemoInputError(f"{stem}: the uploaded file is gone ({path.name}); upload it again")
+        raise DemoInputError(f"{name}: the uploaded file is gone ({path.name}); upload it again")
+    _check_size(path, name, limit)
     inputs_dir.mkdir(parents=True, exist_ok=True)
     target = inputs_dir / f"{stem}{path.suffix.lower() or '.png'}"
     if path.resolve() != target.resolve():
@@ -480,7 +531,8 @@ def command_line(
     out: str = "samples.png",
 ) -> str:
     """The ``ldmkit sample`` command that reproduces a result (on the same kind of machine:
-    the precision ``auto`` picks, and so the last bits, depend on the hardware)."""
+    the precision ``auto`` picks, and so the last bits, depend on the hardware), run where
+    the result's inputs were downloaded to: it names them as the downloads do."""
     p = prepared
     words = ["ldmkit", "sample", "--checkpoint", str(checkpoint), *overrides]
     for item in p.items:

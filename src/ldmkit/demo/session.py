@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import queue
+import secrets
 import shutil
 import tempfile
 import threading
@@ -35,7 +36,7 @@ from ldmkit.demo.form import (
 )
 from ldmkit.errors import LdmkitError
 
-KEEP_RUNS = 64  # result folders kept on disk; older ones are deleted
+KEEP_RUNS = 64  # result folders kept on disk; the least recently written are deleted
 PREVIEWS = 8  # about this many previews per request
 
 
@@ -140,7 +141,6 @@ class DemoSession:
         self.fields = condition_fields(pipeline)
         self.samplers = SamplerChoices(pipeline)
         self._lock = threading.Lock()  # one sampling at a time, whatever the page's queue does
-        self._runs = itertools.count(1)
 
     def check(self, request: SampleRequest) -> None:
         """Raise :class:`DemoInputError` for what :meth:`generate` would refuse before sampling
@@ -241,17 +241,18 @@ class DemoSession:
 
     # -- results -----------------------------------------------------------------------------
     def _new_run_dir(self) -> Path:
+        """``run-<32 random hex digits>``: a name no other user of the page can guess (nor
+        count up to, as ``run-000002`` after ``run-000001``)."""
         _mkdir(self.results_dir)
         runs = sorted(
-            p for p in self.results_dir.iterdir() if p.is_dir() and p.name.startswith("run-")
+            (p for p in self.results_dir.iterdir() if p.is_dir() and p.name.startswith("run-")),
+            key=lambda p: p.stat().st_mtime_ns,
         )
         for old in runs[: max(0, len(runs) - KEEP_RUNS + 1)]:
             shutil.rmtree(old, ignore_errors=True)
-        while True:
-            run_dir = self.results_dir / f"run-{next(self._runs):06d}"
-            if not run_dir.exists():
-                run_dir.mkdir()
-                return run_dir
+        run_dir = self.results_dir / f"run-{secrets.token_hex(16)}"
+        run_dir.mkdir()
+        return run_dir
 
     def _write(
         self, run_dir: Path, prepared: Prepared, overrides: list[str], images: torch.Tensor
