@@ -469,6 +469,7 @@ def test_the_inpainting_preset_is_the_translation_of_the_papers_config():
     preset = compvis.load_preset("inpainting-big")
     assert (preset.kind, preset.groups, preset.top) == (model.kind, model.groups, model.top)
     assert preset.groups["conditioner"]["name"] == "inpaint"
+    assert preset.groups["conditioner"]["style"] == "paper"
 
 
 def test_the_papers_inpainting_checkpoint_imports_and_inpaints(inpainting_files, tmp_path):
@@ -491,6 +492,33 @@ def test_the_papers_inpainting_checkpoint_imports_and_inpaints(inpainting_files,
     mask[:, :, 4:12, 4:12] = 1
     images = loaded.sample({"image": image, "mask": mask}, seed=0, steps=3, precision="fp32")
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_the_imported_inpainting_model_gets_the_condition_of_the_papers_inpaint_script(inpainting_files, tmp_path):
+    """The paper's scripts/inpaint.py, written out: image and mask in [0, 1], the masked image
+    ``(1 - mask) * image``, all mapped by ``x * 2 - 1``, ``cond_stage_model.encode`` of the
+    masked image (VQModelInterface: ``quant_conv(encoder(x))``, before quantization, not scaled)
+    and the mask resized nearest to the latent grid. The imported pipeline's condition is that
+    tensor, whatever its ``scale_factor``."""
+    ckpt, config, _, _ = inpainting_files
+    out = tmp_path / "imported"
+    result = ldmkit_cli("convert", "compvis", str(ckpt), "--config", str(config), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    loaded = Pipeline.load(out)
+    assert loaded.config.conditioner.style == "paper"
+    image01 = torch.randint(0, 256, (2, 3, 16, 16), generator=torch.Generator().manual_seed(1)) / 255.0
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[0, :, 3:9, 5:14] = 1
+    mask[1, :, 8:16, 0:7] = 1
+    masked_image = ((1 - mask) * image01) * 2.0 - 1.0
+    first = loaded.first_stage
+    with torch.no_grad():
+        c = first.quant_conv(first.encoder(masked_image))
+    cc = torch.nn.functional.interpolate(mask * 2.0 - 1.0, size=c.shape[-2:])
+    expected = torch.cat((c, cc), dim=1)
+    loaded.scale_factor.fill_(0.5)
+    condition = loaded.conditioner({"image": image01 * 2.0 - 1.0, "mask": mask})["concat"]
+    torch.testing.assert_close(condition, expected, rtol=0, atol=0)
 
 
 def test_an_inpainting_checkpoint_whose_condition_stage_differs_is_refused(inpainting_files, tmp_path):

@@ -79,7 +79,7 @@ TARGETS: dict[str, str] = {
     IDENTITY: "conditioner=low_res (cond_stage_key LR_image, concat); with conditioning_key adm: "
     "class_label role vector (the UNet's num_classes)",
     "__is_unconditional__": "conditioner=none",
-    "__is_first_stage__": "conditioner=inpaint (concat of the masked image's latent and the mask)",
+    "__is_first_stage__": "conditioner=inpaint style=paper (concat of the masked image's latent and the mask)",
 }
 # the paper's constructor defaults where ldmkit's differ (openaimodel.UNetModel, ddpm.DDPM)
 UNET_DEFAULTS: dict[str, Any] = {
@@ -252,7 +252,9 @@ def _conditioner(
                 f"{where}: __is_first_stage__ is supported as the paper's inpainting layout "
                 f"(concat, UNet in_channels = 2 x {latent} + 1), got {key} and {unet['in_channels']}"
             )
-        return {"name": "inpaint", "image_key": "image", "mask_key": "mask", "drop_rate": 0.0}, key
+        # style paper: the condition scripts/inpaint.py builds (hole black, mask -1/1 resized nearest)
+        return {"name": "inpaint", "image_key": "image", "mask_key": "mask", "style": "paper",
+                "drop_rate": 0.0}, key  # fmt: skip
     target = node.get("target") if isinstance(node, dict) else None
     params = _params(node, where)
     if target == CLASS:
