@@ -2,7 +2,9 @@
 ``ldmkit convert compvis``) from fixtures written in the paper's exact layout at tiny sizes:
 ``model.diffusion_model.*``, ``first_stage_model.*`` (with ``loss.*``), ``cond_stage_model.*``,
 ``model_ema.*`` with the dots of each name removed, the DDPM schedule buffers and the
-``scale_factor`` buffer, in a PyTorch-Lightning-style ``{"state_dict": ...}`` pickle."""
+``scale_factor`` buffer, in a PyTorch-Lightning-style ``{"state_dict": ...}`` pickle; the
+inpainting layout (``__is_first_stage__``) also holds the first stage under
+``cond_stage_model.*``."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from ldmkit.errors import ConfigError, UnreadableWeightsError, WeightsError
 from ldmkit.interop import compvis
 from ldmkit.pipeline import Pipeline
 from tests.conftest import ldmkit_cli
+from tests.test_bad_values import error_line
 
 # the paper's LatentDiffusion layout (cin256-v2's, scaled down): class-conditional,
 # cross-attention, a KL first stage with f = 2
@@ -76,25 +79,56 @@ def paper_betas(start: float, end: float, steps: int) -> np.ndarray:
     return np.linspace(start**0.5, end**0.5, steps, dtype=np.float64) ** 2
 
 
-def paper_state(pipe: Pipeline, *, ema_shift: float = 1.0) -> dict[str, torch.Tensor]:
+def paper_schedule_buffers(start: float, end: float, steps: int) -> dict[str, torch.Tensor]:
+    """The buffers the paper's ``DDPM.register_schedule`` saves (float32; ``lvlb_weights`` is
+    not persistent), computed from its formulas (``v_posterior = 0``)."""
+    betas = paper_betas(start, end, steps)
+    cumprod = np.cumprod(1 - betas)
+    prev = np.append(1.0, cumprod[:-1])
+    posterior = betas * (1 - prev) / (1 - cumprod)
+    buffers = {
+        "betas": betas, "alphas_cumprod": cumprod, "alphas_cumprod_prev": prev,
+        "sqrt_alphas_cumprod": np.sqrt(cumprod), "sqrt_one_minus_alphas_cumprod": np.sqrt(1 - cumprod),
+        "log_one_minus_alphas_cumprod": np.log(1 - cumprod), "sqrt_recip_alphas_cumprod": np.sqrt(1 / cumprod),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1 / cumprod - 1), "posterior_variance": posterior,
+        "posterior_log_variance_clipped": np.log(np.maximum(posterior, 1e-20)),
+        "posterior_mean_coef1": betas * np.sqrt(prev) / (1 - cumprod),
+        "posterior_mean_coef2": (1 - prev) * np.sqrt(1 - betas) / (1 - cumprod),
+    }  # fmt: skip
+    return {name: torch.tensor(value, dtype=torch.float32) for name, value in buffers.items()}
+
+
+def paper_state(
+    pipe: Pipeline, *, ema_shift: float = 1.0, linear: tuple[float, float] = (0.0015, 0.0195),
+    scale_factor: float | None = 0.7,
+) -> dict[str, torch.Tensor]:  # fmt: skip
     """``pipe``'s weights renamed into the paper's layout, with an EMA copy of the denoiser
-    (raw + ``ema_shift``), autoencoder loss weights, schedule buffers and ``scale_factor``."""
+    (raw + ``ema_shift``), autoencoder loss weights, the schedule buffers of ``linear``
+    (start, end) and, when not None, the ``scale_factor`` buffer (``scale_by_std``). An
+    ``inpaint`` pipeline is the paper's ``__is_first_stage__`` layout: its condition stage is
+    its first stage, so every ``first_stage_model.*`` tensor is saved a second time under
+    ``cond_stage_model.*``."""
     state: dict[str, torch.Tensor] = {}
     for key, value in pipe.state_dict().items():
         for ours, theirs in PAPER_PREFIX.items():
             if key.startswith(ours):
-                state[theirs + key[len(ours):]] = value.clone()
+                rest = key[len(ours):]
+                if ours == "first_stage." and rest.startswith("regularizer."):
+                    rest = "quantize." + rest[len("regularizer."):]
+                state[theirs + rest] = value.clone()
                 if ours == "denoiser.":
-                    flat = ("diffusion_model." + key[len(ours):]).replace(".", "")
+                    flat = ("diffusion_model." + rest).replace(".", "")
                     state["model_ema." + flat] = value.clone() + ema_shift
     state["model_ema.decay"] = torch.tensor(0.9999)
     state["model_ema.num_updates"] = torch.tensor(123)
     state["first_stage_model.loss.logvar"] = torch.zeros(())
     state["first_stage_model.loss.discriminator.main.0.weight"] = torch.randn(4, 3, 4, 4)
-    betas = paper_betas(0.0015, 0.0195, 1000)
-    state["betas"] = torch.from_numpy(betas)
-    state["alphas_cumprod"] = torch.from_numpy(np.cumprod(1 - betas))
-    state["scale_factor"] = torch.tensor(0.7)
+    if pipe.config.conditioner.name == "inpaint":  # the same tensors, as the paper's state_dict() holds them
+        for key in [k for k in state if k.startswith("first_stage_model.")]:
+            state["cond_stage_model." + key[len("first_stage_model."):]] = state[key]
+    state.update(paper_schedule_buffers(*linear, 1000))
+    if scale_factor is not None:
+        state["scale_factor"] = torch.tensor(scale_factor)
     return state
 
 
@@ -367,3 +401,142 @@ def test_a_bert_text_to_image_checkpoint_imports_its_text_model(tmp_path):
     torch.testing.assert_close(images, original.sample(prompts, **kwargs), rtol=0, atol=0)
     swapped = pipe.sample({"caption": ["a frog", "a red apple"]}, **kwargs)
     assert (swapped - images).abs().max() > 1e-3
+
+
+# the paper's models/ldm/inpainting_big/config.yaml (what the translation reads of it)
+INPAINTING_BIG = {
+    "model": {
+        "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+        "params": {
+            "linear_start": 0.0015, "linear_end": 0.0205, "timesteps": 1000, "first_stage_key": "image",
+            "cond_stage_key": "masked_image", "image_size": 64, "channels": 3, "concat_mode": True,
+            "unet_config": {
+                "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+                "params": {
+                    "image_size": 64, "in_channels": 7, "out_channels": 3, "model_channels": 256,
+                    "attention_resolutions": [8, 4, 2], "num_res_blocks": 2, "channel_mult": [1, 2, 3, 4],
+                    "num_heads": 8, "resblock_updown": True,
+                },
+            },
+            "first_stage_config": {
+                "target": "ldm.models.autoencoder.VQModelInterface",
+                "params": {
+                    "embed_dim": 3, "n_embed": 8192,
+                    "ddconfig": {
+                        "attn_type": "none", "double_z": False, "z_channels": 3, "resolution": 256,
+                        "in_channels": 3, "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4], "num_res_blocks": 2,
+                        "attn_resolutions": [], "dropout": 0.0,
+                    },
+                    "lossconfig": {"target": "ldm.modules.losses.contperceptual.DummyLoss"},
+                },
+            },
+            "cond_stage_config": "__is_first_stage__",
+        },
+    }
+}  # fmt: skip
+
+
+def tiny_inpainting_config() -> dict:
+    """INPAINTING_BIG at tiny sizes: the same targets, keys and schedule, f = 2."""
+    config = copy.deepcopy(INPAINTING_BIG)
+    params = config["model"]["params"]
+    params["image_size"] = 8
+    params["unet_config"]["params"].update(image_size=8, model_channels=32, attention_resolutions=[2],
+                                           num_res_blocks=1, channel_mult=[1, 2], num_heads=1)  # fmt: skip
+    first = params["first_stage_config"]["params"]
+    first["n_embed"] = 16
+    first["ddconfig"].update(resolution=16, ch=32, ch_mult=[1, 2], num_res_blocks=1)
+    return config
+
+
+@pytest.fixture(scope="module")
+def inpainting_files(tmp_path_factory):
+    """A tiny inpainting checkpoint saved the way the paper's LatentDiffusion saves it:
+    ``cond_stage_model.*`` a copy of ``first_stage_model.*`` (``quantize.embedding`` too), the
+    EMA, the schedule buffers, no ``scale_factor`` buffer (``scale_by_std`` is off)."""
+    root = tmp_path_factory.mktemp("inpainting")
+    config = tiny_inpainting_config()
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    torch.manual_seed(0)
+    original = Pipeline.from_config(compvis.compose(compvis.translate_config(config)))
+    state = paper_state(original, linear=(0.0015, 0.0205), scale_factor=None)
+    torch.save({"state_dict": state, "global_step": 5, "epoch": 1}, root / "last.ckpt")
+    return root / "last.ckpt", root / "config.yaml", original, state
+
+
+def test_the_inpainting_preset_is_the_translation_of_the_papers_config():
+    model = compvis.translate_config(INPAINTING_BIG)
+    preset = compvis.load_preset("inpainting-big")
+    assert (preset.kind, preset.groups, preset.top) == (model.kind, model.groups, model.top)
+    assert preset.groups["conditioner"]["name"] == "inpaint"
+    assert preset.groups["conditioner"]["style"] == "paper"
+
+
+def test_the_papers_inpainting_checkpoint_imports_and_inpaints(inpainting_files, tmp_path):
+    """The ``cond_stage_model.*`` copy of the first stage is checked and dropped: the CLI
+    writes a pipeline whose first stage holds the checkpoint's weights, and it inpaints."""
+    ckpt, config, original, state = inpainting_files
+    assert "cond_stage_model.quantize.embedding.weight" in state and "scale_factor" not in state
+    out = tmp_path / "imported"
+    result = ldmkit_cli("convert", "compvis", str(ckpt), "--config", str(config), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    loaded = Pipeline.load(out)
+    assert loaded.config.conditioner.name == "inpaint"
+    torch.testing.assert_close(loaded.first_stage.state_dict(), original.first_stage.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.first_stage.regularizer.embedding.weight,
+                               state["first_stage_model.quantize.embedding.weight"], rtol=0, atol=0)  # fmt: skip
+    raw = Pipeline.from_compvis(ckpt, config, use_ema=False)
+    torch.testing.assert_close(raw.state_dict(), original.state_dict(), rtol=0, atol=0)
+    image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[:, :, 4:12, 4:12] = 1
+    images = loaded.sample({"image": image, "mask": mask}, seed=0, steps=3, precision="fp32")
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_the_imported_inpainting_model_gets_the_condition_of_the_papers_inpaint_script(inpainting_files, tmp_path):
+    """The paper's scripts/inpaint.py, written out: image and mask in [0, 1], the masked image
+    ``(1 - mask) * image``, all mapped by ``x * 2 - 1``, ``cond_stage_model.encode`` of the
+    masked image (VQModelInterface: ``quant_conv(encoder(x))``, before quantization, not scaled)
+    and the mask resized nearest to the latent grid. The imported pipeline's condition is that
+    tensor, whatever its ``scale_factor``."""
+    ckpt, config, _, _ = inpainting_files
+    out = tmp_path / "imported"
+    result = ldmkit_cli("convert", "compvis", str(ckpt), "--config", str(config), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    loaded = Pipeline.load(out)
+    assert loaded.config.conditioner.style == "paper"
+    image01 = torch.randint(0, 256, (2, 3, 16, 16), generator=torch.Generator().manual_seed(1)) / 255.0
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[0, :, 3:9, 5:14] = 1
+    mask[1, :, 8:16, 0:7] = 1
+    masked_image = ((1 - mask) * image01) * 2.0 - 1.0
+    first = loaded.first_stage
+    with torch.no_grad():
+        c = first.quant_conv(first.encoder(masked_image))
+    cc = torch.nn.functional.interpolate(mask * 2.0 - 1.0, size=c.shape[-2:])
+    expected = torch.cat((c, cc), dim=1)
+    loaded.scale_factor.fill_(0.5)
+    condition = loaded.conditioner({"image": image01 * 2.0 - 1.0, "mask": mask})["concat"]
+    torch.testing.assert_close(condition, expected, rtol=0, atol=0)
+
+
+def test_an_inpainting_checkpoint_whose_condition_stage_differs_is_refused(inpainting_files, tmp_path):
+    """A ``cond_stage_model.*`` tensor that is not the first stage's is not dropped silently:
+    one line naming the first tensor that differs (and one with no first-stage twin)."""
+    ckpt, config, _, state = inpainting_files
+    changed = dict(state)
+    name = "cond_stage_model.decoder.conv_out.weight"
+    changed[name] = state[name] + 1e-3
+    torch.save({"state_dict": changed}, tmp_path / "differs.ckpt")
+    result = ldmkit_cli("convert", "compvis", str(tmp_path / "differs.ckpt"), "--config", str(config),
+                        "--out", str(tmp_path / "out"))  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    line = error_line(result.stderr, "convert")
+    assert name in line and "first_stage_model.decoder.conv_out.weight" in line, line
+    assert not (tmp_path / "out").exists()
+    extra = dict(state)
+    extra["cond_stage_model.extra.weight"] = torch.zeros(1)
+    torch.save({"state_dict": extra}, tmp_path / "extra.ckpt")
+    with pytest.raises(WeightsError, match=r"cond_stage_model\.extra\.weight.*no first_stage_model\.extra\.weight"):
+        Pipeline.from_compvis(tmp_path / "extra.ckpt", config)

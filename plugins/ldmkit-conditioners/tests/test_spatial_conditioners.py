@@ -289,6 +289,42 @@ def test_inpaint_concat_is_masked_latent_and_latent_mask():
     assert not out.requires_grad  # the frozen first stage runs under no_grad
 
 
+class TestInpaintPaperConformance(TestInpaintConformance):
+    def make_conditioner(self):
+        return bound(InpaintConditioner(style="paper"), PoolFirstStage(f=4, latent_channels=4))
+
+
+def test_inpaint_paper_style_is_the_condition_of_the_papers_inpaint_script():
+    """``style="paper"`` builds what CompVis/latent-diffusion's scripts/inpaint.py hands its
+    model, written out here from that script: image and mask in [0, 1], the masked image
+    ``(1 - mask) * image``, all three mapped by ``x * 2 - 1``, the masked image encoded and
+    the mask resized to the latent grid with ``F.interpolate`` (nearest), no scale factor."""
+    fs = PoolFirstStage(f=4, latent_channels=4)
+    c = bound(InpaintConditioner(style="paper"), fs)
+    assert c.concat_channels == 5
+    image01 = torch.randint(0, 256, (2, 3, 16, 16), generator=torch.Generator().manual_seed(0)) / 255.0
+    mask = box_mask(2)  # rows 4..9, cols 2..11: not aligned with the 4x4 cells
+    masked_image = (1 - mask) * image01
+    image, mask_pm, masked_image = image01 * 2.0 - 1.0, mask * 2.0 - 1.0, masked_image * 2.0 - 1.0
+    with torch.no_grad():
+        paper_c = fs.encode(masked_image)
+    paper_cc = F.interpolate(mask_pm, size=paper_c.shape[-2:])
+    expected = torch.cat((paper_c, paper_cc), dim=1)
+    out = c({"image": image, "mask": mask})["concat"]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    # nearest takes each cell's top-left pixel (rows 4, 8; cols 4, 8), max-pooling any pixel
+    assert out[0, 4].tolist() == [[-1, -1, -1, -1], [-1, 1, 1, -1], [-1, 1, 1, -1], [-1, -1, -1, -1]]
+    ldmkit_style = bound(InpaintConditioner(), fs)({"image": image, "mask": mask})["concat"]
+    assert not torch.equal(ldmkit_style[:, :4], out[:, :4])  # the hole is black, not mid-gray
+    assert c.latent_mask(mask).tolist() == bound(InpaintConditioner(), fs).latent_mask(mask).tolist()
+
+
+def test_inpaint_style_is_checked():
+    assert InpaintConditioner().style == "ldmkit"  # saved configs without the key keep today's condition
+    with pytest.raises(ValueError, match=r"unknown inpaint style 'compvis'; expected one of \('ldmkit', 'paper'\)"):
+        InpaintConditioner(style="compvis")
+
+
 def test_latent_mask_never_lets_fill_pixels_into_a_keep_cell():
     c = bound(InpaintConditioner(), PoolFirstStage(f=4))
     masks = c.random_masks(8, 32, 32, torch.Generator().manual_seed(3))

@@ -18,7 +18,9 @@ the paper                           ldmkit
                                     ``regularizer.embedding``)
 ``cond_stage_model.*``              ``conditioner.*`` (``ClassEmbedder``: ``embedding``;
                                     ``BERTEmbedder``: ``transformer.*``;
-                                    ``SpatialRescaler``: ``rescaler.channel_mapper``)
+                                    ``SpatialRescaler``: ``rescaler.channel_mapper``;
+                                    ``__is_first_stage__``: a copy of
+                                    ``first_stage_model.*``, checked equal, dropped)
 ``scale_factor``                    the config's ``scale_factor``
 ``betas`` ... ``posterior_*``       checked against the translated schedule, then dropped
 ``loss.*``, ``model_ema.decay``...  dropped
@@ -77,7 +79,7 @@ TARGETS: dict[str, str] = {
     IDENTITY: "conditioner=low_res (cond_stage_key LR_image, concat); with conditioning_key adm: "
     "class_label role vector (the UNet's num_classes)",
     "__is_unconditional__": "conditioner=none",
-    "__is_first_stage__": "conditioner=inpaint (concat of the masked image's latent and the mask)",
+    "__is_first_stage__": "conditioner=inpaint style=paper (concat of the masked image's latent and the mask)",
 }
 # the paper's constructor defaults where ldmkit's differ (openaimodel.UNetModel, ddpm.DDPM)
 UNET_DEFAULTS: dict[str, Any] = {
@@ -250,7 +252,9 @@ def _conditioner(
                 f"{where}: __is_first_stage__ is supported as the paper's inpainting layout "
                 f"(concat, UNet in_channels = 2 x {latent} + 1), got {key} and {unet['in_channels']}"
             )
-        return {"name": "inpaint", "image_key": "image", "mask_key": "mask", "drop_rate": 0.0}, key
+        # style paper: the condition scripts/inpaint.py builds (hole black, mask -1/1 resized nearest)
+        return {"name": "inpaint", "image_key": "image", "mask_key": "mask", "style": "paper",
+                "drop_rate": 0.0}, key  # fmt: skip
     target = node.get("target") if isinstance(node, dict) else None
     params = _params(node, where)
     if target == CLASS:
@@ -412,6 +416,8 @@ def convert_state_dict(
             out[_first_stage_key(name)] = value
         return out, facts
     conditioner = model.groups["conditioner"]["name"]
+    if conditioner == "inpaint":
+        state = _without_first_stage_copy(state)
     ema = {k[len("model_ema."):]: v for k, v in state.items()
            if k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates")}  # fmt: skip
     for name, value in state.items():
@@ -444,6 +450,28 @@ def convert_state_dict(
                 out[ours + rest] = value
                 break
     return out, facts
+
+
+def _without_first_stage_copy(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` without ``cond_stage_model.*``: the paper's ``__is_first_stage__`` condition
+    stage (ldmkit's ``inpaint``) is its first stage, saved a second time under that prefix.
+    Each copy must equal its ``first_stage_model.*`` tensor; the first that does not is an error."""
+    copies = [name for name in state if name.startswith("cond_stage_model.")]
+    for name in copies:
+        twin = "first_stage_model." + name[len("cond_stage_model."):]
+        original = state.get(twin)
+        if original is None:
+            problem = f"there is no {twin}"
+        elif original.shape != state[name].shape or not torch.equal(original, state[name]):
+            problem = f"it differs from {twin}"
+        else:
+            continue
+        raise WeightsError(
+            f"{name}: the paper's inpainting model (cond_stage_config __is_first_stage__) saves its first "
+            f"stage a second time under cond_stage_model.*, but {problem}; the checkpoint is not that layout "
+            "or was modified"
+        )
+    return {name: value for name, value in state.items() if not name.startswith("cond_stage_model.")}
 
 
 def _first_stage_key(name: str) -> str:

@@ -7,24 +7,35 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldmkit import masks
 from ldmkit.interfaces import Conditioner
 from ldmkit_conditioners.rescaler import ConditionValueError, module_device, not_bound
 
+# how the condition is built: ldmkit's own, or as the paper's inpainting model was trained
+STYLES = ("ldmkit", "paper")
+
 
 class InpaintConditioner(Conditioner):
     """``batch[image_key]`` (B×C×H×W in [-1, 1]) and ``batch[mask_key]`` (B×1×H×W or B×H×W,
     **1 = region to generate, 0 = keep**, the convention of ldmkit's samplers) ->
-    ``{"concat": [first_stage.encode(image * (1 - mask)), mask on the latent grid]}``,
+    ``{"concat": [first_stage.encode(masked image), mask on the latent grid]}``,
     B×(c+1)×H/f×W/f.
 
-    * The fill region of the image is set to 0 (mid-gray) before encoding, so the
-      condition never sees the pixels it is asked to generate.
-    * The mask goes to the latent grid by max-pooling over each f×f cell: a latent cell is
-      "fill" as soon as one of its pixels is, so no latent marked "keep" covers a pixel
-      to be generated.
+    * ``style="ldmkit"`` (the default, what ldmkit-trained models learnt): the fill region
+      of the image is set to 0 (mid-gray) before encoding, so the condition never sees the
+      pixels it is asked to generate; the mask channel is 0/1, brought to the latent grid by
+      max-pooling over each f×f cell: a latent cell is "fill" as soon as one of its pixels
+      is, so no latent marked "keep" covers a pixel to be generated.
+    * ``style="paper"``: the condition the paper's inpainting model (``inpainting_big``) was
+      trained on, as CompVis/latent-diffusion's ``scripts/inpaint.py`` builds it: the fill
+      region set to -1 (black), the mask channel -1 (keep) / +1 (fill), resized to the
+      latent grid by ``F.interpolate`` (nearest: each cell takes its top-left pixel).
+      Imported paper checkpoints select it (:mod:`ldmkit.interop.compvis`).
+    * Neither style multiplies the latent by the pipeline's ``scale_factor`` (the paper's
+      script concatenates ``first_stage.encode`` as it comes).
     * Masks must hold exactly 0 and 1 (bool works too); soft masks are refused, not
       thresholded: threshold them yourself (``mask > 0.5``) if that is what you mean.
     * The first stage is the pipeline's own, frozen one, bound by ``bind_first_stage``
@@ -45,10 +56,14 @@ class InpaintConditioner(Conditioner):
         max_box: float = 0.6,
         image_key: str = "image",
         mask_key: str = "mask",
+        style: str = "ldmkit",
     ) -> None:
         super().__init__()
         if not 0.0 < min_box <= max_box <= 1.0:
             raise ValueError(f"need 0 < min_box <= max_box <= 1, got min_box={min_box}, max_box={max_box}")
+        if style not in STYLES:
+            raise ValueError(f"unknown inpaint style {style!r}; expected one of {STYLES}")
+        self.style = style
         self.min_box, self.max_box = float(min_box), float(max_box)
         self.image_key, self.mask_key = image_key, mask_key
         self.input_keys = (image_key, mask_key)
@@ -138,17 +153,23 @@ class InpaintConditioner(Conditioner):
         (:func:`ldmkit.masks.latent_mask`, the rule ``Pipeline.sample`` uses too)."""
         return masks.latent_mask(mask, int(self.first_stage.downsample_factor))
 
+    def _mask_channel(self, mask: Tensor, grid: tuple[int, int]) -> Tensor:
+        if self.style == "paper":
+            return F.interpolate(mask * 2 - 1, size=grid)  # scripts/inpaint.py
+        return self.latent_mask(mask)
+
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         first_stage = self.first_stage
         image = self._image(batch)
         mask = self._mask(batch, image)
         weight = next(first_stage.parameters(), None)
         dtype = weight.dtype if weight is not None and weight.is_floating_point() else image.dtype
-        masked = (image * (1 - mask)).to(device=module_device(first_stage), dtype=dtype)
+        # the fill region mid-gray (ldmkit) or black, as the paper's (1 - mask) * image in [0, 1]
+        masked = image * (1 - mask) if self.style == "ldmkit" else image.masked_fill(mask.bool(), -1.0)
         with torch.no_grad():  # the first stage is frozen
-            z = first_stage.encode(masked)
+            z = first_stage.encode(masked.to(device=module_device(first_stage), dtype=dtype))
         like = dict(device=self._anchor.device, dtype=self._anchor.dtype)
-        return {"concat": torch.cat([z.to(**like), self.latent_mask(mask).to(**like)], dim=1)}
+        return {"concat": torch.cat([z.to(**like), self._mask_channel(mask, z.shape[-2:]).to(**like)], dim=1)}
 
     def known_region(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         """The image and its mask: ``Pipeline.sample`` keeps the latents of the kept region
