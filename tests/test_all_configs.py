@@ -68,3 +68,21 @@ def test_option_composes_and_builds(group, option, tmp_path):
         with torch.device("meta"):
             pipe = build_pipeline(cfg)
     assert getattr(pipe, group) is not None
+
+
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "sampler"])
+@pytest.mark.parametrize("spacing", ["karras", "exponential"])
+def test_sigma_grids_build_for_the_sigma_samplers_and_are_refused_by_the_others(option, spacing):
+    from ldmkit.config import ConfigError
+    from ldmkit.diffusion import SigmaSampler
+    from ldmkit.plugins import get_registry
+
+    cfg = compose_config([f"sampler={option}", f"sampler.spacing={spacing}"])
+    if issubclass(get_registry().get("sampler", option).factory, SigmaSampler):
+        assert build_pipeline(cfg).sampler.spacing == spacing
+        return
+    with pytest.raises(ConfigError) as err:
+        build_pipeline(cfg)
+    assert str(err.value).startswith(
+        f"sampler={option}: cannot build sampler {option!r}: "
+    ) and f"takes no spacing {spacing!r}" in str(err.value)

@@ -123,6 +123,12 @@ TRAIN_CASES = [
     ("sampler.steps=abc", "sampler.steps='abc': expected an integer (sampler=ddim)"),
     ("sampler.steps=-3", "sampler=ddim: cannot build sampler 'ddim': steps must be >= 1, got -3"),
     (
+        "sampler.spacing=karras",
+        "sampler=ddim: cannot build sampler 'ddim': DDIMSampler takes no spacing 'karras' (a grid "
+        "of noise levels, for the sigma samplers: SigmaSampler); expected one of ['leading', "
+        "'linspace', 'paper', 'quad', 'trailing']",
+    ),
+    (
         "first_stage=kl_tiny first_stage.ch_mult=[1,a]",
         "first_stage.ch_mult=[1, 'a']: expected a list of integers",
     ),

@@ -153,6 +153,22 @@ def test_sampler_overrides_change_the_checkpoints_sampler_or_switch_it(class_che
     assert read_png(tmp_path / "b" / "000000.png").shape == (16, 16, 3)
 
 
+def test_euler_samples_on_karras_noise_levels_with_img2img_and_a_mask(class_checkpoint, tmp_path):
+    ckpt = str(class_checkpoint / "pipeline")
+    flags = ["--labels", "3", "--seed", "4", "--init-image", str(class_checkpoint / "photo.png"),
+             "--strength", "0.5", "--mask", str(class_checkpoint / "mask.png"), "--no-progress"]  # fmt: skip
+    out = ldmkit("sample", "--checkpoint", ckpt, "sampler=euler", "sampler.steps=4", "sampler.spacing=karras",
+                 *flags, "--out", str(tmp_path / "karras.png"))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    settings = json.loads((tmp_path / "karras.json").read_text())
+    assert settings["sampler"] == {"name": "euler", "steps": 4, "spacing": "karras", "quantize": False}
+    out = ldmkit("sample", "--checkpoint", ckpt, "sampler=euler", "sampler.steps=4", *flags,
+                 "--out", str(tmp_path / "linspace.png"))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    karras, linspace = read_png(tmp_path / "karras" / "000000.png"), read_png(tmp_path / "linspace" / "000000.png")
+    assert karras.shape == (16, 16, 3) and abs(karras - linspace).max() > 1  # other noise levels
+
+
 def test_height_and_width_sample_a_non_square_grid(class_checkpoint, tmp_path):
     out = ldmkit("sample", "--checkpoint", str(class_checkpoint / "pipeline"), "sampler.steps=2",
                  "--labels", "1", "--height", "32", "--width", "16", "--out", str(tmp_path / "tall.png"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from ldmkit.diffusion import SPACINGS, NoiseSchedule, timestep_pairs
@@ -64,5 +65,105 @@ def test_samplers_take_spacing_as_an_option():
 
     assert PLMSSampler().spacing == "paper" and DDIMSampler().spacing == "linspace"
     assert DDIMSampler(spacing="trailing").timesteps(NoiseSchedule(), 50)[0] == (999, 979)
-    with pytest.raises(ValueError, match="unknown timestep spacing"):
-        DDIMSampler(spacing="karras")
+    with pytest.raises(ValueError, match="DDIMSampler: unknown timestep spacing 'uniform'"):
+        DDIMSampler(spacing="uniform")
+
+
+# -- the sigma samplers' noise levels: k-diffusion's grids ----------------------------------
+SIGMA_SAMPLERS = ("EulerSampler", "EulerAncestralSampler", "HeunSampler", "DPMSolverPP2MSampler")
+DISCRETE_SAMPLERS = ("DDIMSampler", "DDPMSampler", "PLMSSampler")
+
+
+def sampler(name: str, **kwargs):
+    import ldmkit_samplers
+
+    return getattr(ldmkit_samplers, name)(**kwargs)
+
+
+def table_sigmas(schedule: NoiseSchedule) -> np.ndarray:
+    a = schedule.alphas_cumprod.numpy()
+    return np.sqrt((1 - a) / a)
+
+
+def kdiffusion_get_sigmas(schedule: NoiseSchedule, n: int) -> np.ndarray:
+    """k-diffusion's ``DiscreteSchedule.get_sigmas(n)``, written again: log-sigma interpolated
+    linearly at the fractional timesteps ``linspace(T - 1, 0, n)``, then 0."""
+    log_sigmas = np.log(table_sigmas(schedule))
+    t = np.linspace(len(log_sigmas) - 1, 0, n)
+    return np.append(np.exp(np.interp(t, np.arange(len(log_sigmas)), log_sigmas)), 0.0)
+
+
+@pytest.mark.parametrize("name", SIGMA_SAMPLERS)
+@pytest.mark.parametrize("steps", [7, 20, 50, 1])
+def test_sigma_samplers_linspace_is_kdiffusions_get_sigmas(name, steps):
+    """999 / (S - 1) is not whole for 7, 20 or 50 steps: rounding the timesteps would move
+    every inner level off k-diffusion's grid (at 20 steps by up to 0.5 of a timestep)."""
+    schedule = NoiseSchedule()
+    got = sampler(name, steps=steps).sigmas(schedule)
+    np.testing.assert_allclose(got, kdiffusion_get_sigmas(schedule, steps), rtol=1e-12, atol=0)
+
+
+# Printed by plugins/ldmkit-samplers/tests/fixtures/make_kdiffusion_reference.py: k-diffusion
+# 0.1.1.post1's CompVisDenoiser.get_sigmas(7), get_sigmas_karras(7, sigma_min, sigma_max) and
+# get_sigmas_exponential(7, ...) for the paper's linear schedule, float64.
+KDIFFUSION_7_STEPS = {
+    "linspace": [14.614641229333637, 5.948899190973973, 2.9183071154268285, 1.6155802601603273,
+                 0.9323579668348474, 0.4935517203201724, 0.029167158151720367, 0.0],
+    "karras": [14.614641229333643, 7.094410691754973, 3.168603072959619, 1.274100208978096,
+               0.44691820937343935, 0.13030758649055035, 0.02916715815172038, 0.0],
+    "exponential": [14.614641229333637, 5.185681247582629, 1.8400239581355944, 0.6528916847890062,
+                    0.23166413142714898, 0.08220087809395096, 0.029167158151720367, 0.0],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("spacing", sorted(KDIFFUSION_7_STEPS))
+def test_sigma_grids_equal_kdiffusions_own(spacing):
+    got = sampler("EulerSampler", steps=7, spacing=spacing).sigmas(NoiseSchedule())
+    # 1e-7: k-diffusion's t_to_sigma casts t to float32
+    np.testing.assert_allclose(got, KDIFFUSION_7_STEPS[spacing], rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("steps", [2, 10, 25])
+def test_karras_and_exponential_are_their_closed_forms(kind, steps):
+    """Karras et al. 2022, eq. 5 with rho = 7, and log-linear, between the schedule's ends
+    (sigma_max = sigma_{T-1}, sigma_min = sigma_0, as k-diffusion's CompVisDenoiser), then 0."""
+    schedule = NoiseSchedule(kind=kind)
+    sigmas = table_sigmas(schedule)
+    s_min, s_max, rho = sigmas[0], sigmas[-1], 7.0
+    i = np.arange(steps)
+    karras = (
+        s_max ** (1 / rho) + i / (steps - 1) * (s_min ** (1 / rho) - s_max ** (1 / rho))
+    ) ** rho
+    exponential = np.exp(np.log(s_max) + i / (steps - 1) * (np.log(s_min) - np.log(s_max)))
+    for name in SIGMA_SAMPLERS:
+        for spacing, expected in (("karras", karras), ("exponential", exponential)):
+            got = sampler(name, steps=steps, spacing=spacing).sigmas(schedule)
+            np.testing.assert_allclose(got, np.append(expected, 0.0), rtol=1e-12, atol=0)
+
+
+def test_one_step_grids_go_from_sigma_max_to_zero():
+    schedule = NoiseSchedule()
+    s_max = table_sigmas(schedule)[-1]
+    for spacing in ("linspace", "karras", "exponential"):
+        got = sampler("HeunSampler", steps=1, spacing=spacing).sigmas(schedule)
+        np.testing.assert_allclose(got, [s_max, 0.0], rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", DISCRETE_SAMPLERS)
+@pytest.mark.parametrize("spacing", ["karras", "exponential"])
+def test_discrete_samplers_refuse_sigma_grids_in_one_line(name, spacing):
+    with pytest.raises(ValueError) as info:
+        sampler(name, spacing=spacing)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{name} takes no spacing {spacing!r}"), message
+    assert message.endswith("expected one of ['leading', 'linspace', 'paper', 'quad', 'trailing']")
+
+
+def test_discrete_samplers_keep_their_integer_linspace():
+    from ldmkit_samplers import DDIMSampler
+
+    integer = [999, 832, 666, 500, 333, 166, 0]  # halves round to even
+    assert timesteps(7, "linspace") == integer
+    assert [t for t, _ in DDIMSampler(steps=7).timesteps(NoiseSchedule())] == integer

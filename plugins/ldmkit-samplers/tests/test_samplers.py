@@ -128,8 +128,8 @@ def test_bad_arguments_are_rejected():
         DDIMSampler(eta=-1)
     with pytest.raises(ValueError, match="eta"):
         EulerAncestralSampler(eta=-1)
-    with pytest.raises(ValueError, match="unknown timestep spacing 'karras'"):
-        HeunSampler(spacing="karras")
+    with pytest.raises(ValueError, match="HeunSampler: unknown timestep spacing 'kerras'"):
+        HeunSampler(spacing="kerras")
     schedule = NoiseSchedule()
     with pytest.raises(ValueError, match="both mask and known"):
         DDIMSampler(steps=2).sample(
@@ -172,13 +172,14 @@ def test_order_check_fails_a_first_order_impostor(broken):
 
 def test_euler_is_deterministic_ddim():
     """On the schedule's own sigmas an Euler step in (x, sigma) is DDIM's eta = 0 step
-    (Karras et al. 2022, Sec. 3; Song et al. 2021, eq. 14)."""
+    (Karras et al. 2022, Sec. 3; Song et al. 2021, eq. 14). Euler's ``linspace`` is
+    k-diffusion's fractional grid, on integer timesteps (DDIM's) when 999 / (S - 1) is whole."""
     schedule = NoiseSchedule()
     denoise = gaussian_denoiser(schedule, 0.3, 0.7)
     noise = torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    for spacing in ("linspace", "paper", "trailing"):
-        a = EulerSampler(steps=12, spacing=spacing).sample(denoise, schedule, noise)
-        b = DDIMSampler(steps=12, spacing=spacing).sample(denoise, schedule, noise)
+    for spacing, steps in (("linspace", 10), ("paper", 12), ("trailing", 12)):
+        a = EulerSampler(steps=steps, spacing=spacing).sample(denoise, schedule, noise)
+        b = DDIMSampler(steps=steps, spacing=spacing).sample(denoise, schedule, noise)
         torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
 
 
@@ -283,3 +284,46 @@ def test_euler_ancestral_is_ddim_with_the_same_eta(eta):
         denoise, schedule, noise, generator=torch.Generator().manual_seed(5)
     )
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+# -- Karras and exponential noise levels ----------------------------------------------------
+
+
+class TestEulerKarras(SamplerConformance):
+    def make_sampler(self):
+        return EulerSampler(steps=self.steps, spacing="karras")
+
+
+class TestEulerAncestralKarras(SamplerConformance):
+    def make_sampler(self):
+        return EulerAncestralSampler(steps=self.steps, spacing="karras")
+
+
+class TestHeunKarras(SamplerConformance):
+    def make_sampler(self):
+        return HeunSampler(steps=self.steps, spacing="karras")
+
+
+class TestDPMSolverPP2MExponential(SamplerConformance):
+    def make_sampler(self):
+        return DPMSolverPP2MSampler(steps=self.steps, spacing="exponential")
+
+
+# Printed by fixtures/make_kdiffusion_reference.py: k-diffusion 0.1.1.post1's sample_euler,
+# sample_heun and sample_dpmpp_2m through its CompVisDenoiser, on get_sigmas_karras(10, ...) of
+# the paper's schedule, the exact eps of N(0.3, 0.7^2) data, from x_T = z sqrt(1 + sigma_max^2).
+KDIFFUSION_KARRAS_10 = {
+    EulerSampler: [-0.5916192243675522, 0.17070937742959796, 0.5225533474898209, 1.343522610963675],
+    HeunSampler: [-0.8319152659329132, 0.13586487882961992, 0.5825326379507888, 1.624757409233516],
+    DPMSolverPP2MSampler: [-0.8236858053428942, 0.13705820447135525, 0.5804785166933166,
+                           1.6151259118778922],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", list(KDIFFUSION_KARRAS_10), ids=lambda c: c.__name__)
+def test_karras_chains_equal_kdiffusions(cls):
+    schedule = NoiseSchedule()
+    z = torch.tensor([-1.5, -0.2, 0.4, 1.8], dtype=torch.float64).reshape(4, 1, 1, 1)
+    out = cls(steps=10, spacing="karras").sample(gaussian_denoiser(schedule, 0.3, 0.7), schedule, z)
+    expected = torch.tensor(KDIFFUSION_KARRAS_10[cls], dtype=torch.float64).reshape(4, 1, 1, 1)
+    torch.testing.assert_close(out, expected, atol=1e-8, rtol=0)  # measured 2.5e-9

@@ -6,6 +6,7 @@ Owns the forward process and what every sampler shares. May import the foundatio
 
 from ldmkit.diffusion.guidance import ClassifierFreeGuidance
 from ldmkit.diffusion.sampling import (
+    SIGMA_SPACINGS,
     SPACINGS,
     DiscreteSampler,
     DiscreteStep,
@@ -14,11 +15,13 @@ from ldmkit.diffusion.sampling import (
     SigmaStep,
     randn_like,
     sample_generators,
+    sigma_levels,
     timestep_pairs,
 )
 from ldmkit.diffusion.schedule import NoiseSchedule, make_betas
 
 __all__ = [
+    "SIGMA_SPACINGS",
     "SPACINGS",
     "ClassifierFreeGuidance",
     "DiscreteSampler",
@@ -30,5 +33,6 @@ __all__ = [
     "make_betas",
     "randn_like",
     "sample_generators",
+    "sigma_levels",
     "timestep_pairs",
 ]

@@ -35,12 +35,19 @@ GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
 
 # name -> one-line description (docs and error messages)
 SPACINGS = {
-    "linspace": "linspace(T-1, 0, S) rounded; the last step goes to alpha_bar = 1",
+    "linspace": "linspace(T-1, 0, S) rounded (the sigma samplers: fractional, k-diffusion's "
+    "get_sigmas); the last step goes to alpha_bar = 1",
     "paper": "the paper's DDIM/PLMS: range(0, T, T // S) + 1; the last step goes to alpha_bar_0",
     "quad": "the paper's ddim_discretize='quad': linspace(0, sqrt(0.8 T), S)^2 + 1; ends at alpha_bar_0",
     "leading": "diffusers' leading: arange(S) * (T // S) (steps_offset 0); ends at alpha_bar = 1",
     "trailing": "diffusers' trailing: round(arange(T, 0, -T / S)) - 1; ends at alpha_bar = 1",
 }
+# grids of noise levels between the schedule's ends, not of its timesteps: the sigma samplers'
+SIGMA_SPACINGS = {
+    "karras": "Karras et al. 2022, eq. 5 (rho = 7) from sigma_max to sigma_min, then 0",
+    "exponential": "log-linear from sigma_max to sigma_min, then 0",
+}
+KARRAS_RHO = 7.0
 
 
 def check_spacing(spacing: str) -> str:
@@ -83,13 +90,13 @@ def timestep_pairs(
     return list(zip(ts, ts[1:] + [end], strict=True))
 
 
-def truncate_for_strength(pairs: list[tuple[int, int]], strength: float) -> list[tuple[int, int]]:
-    """img2img / SDEdit (Meng et al. 2022): keep the last ``int(len(pairs) * strength)`` steps
+def truncate_for_strength(steps: list, strength: float) -> list:
+    """img2img / SDEdit (Meng et al. 2022): keep the last ``int(len(steps) * strength)`` steps
     (diffusers' convention); the start latent is noised to the first kept step's level."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
-    keep = min(int(len(pairs) * strength), len(pairs))
-    return pairs[len(pairs) - keep :] if keep else []
+    keep = min(int(len(steps) * strength), len(steps))
+    return steps[len(steps) - keep :] if keep else []
 
 
 # -- noise ---------------------------------------------------------------------------------
@@ -198,10 +205,22 @@ class _SpacedSampler(Sampler):
 
     supports_mask = True
     default_spacing = "linspace"
+    spacings: dict[str, str] = SPACINGS  #: the ``spacing`` options this kind of sampler takes
 
     def __init__(self, *, steps: int = 50, spacing: str | None = None) -> None:
         super().__init__(steps=steps)
-        self.spacing = check_spacing(spacing or self.default_spacing)
+        spacing = spacing or self.default_spacing
+        if spacing not in self.spacings:
+            name, expected = type(self).__name__, sorted(self.spacings)
+            if spacing in SIGMA_SPACINGS:
+                raise ValueError(
+                    f"{name} takes no spacing {spacing!r} (a grid of noise levels, for the sigma "
+                    f"samplers: SigmaSampler); expected one of {expected}"
+                )
+            raise ValueError(
+                f"{name}: unknown timestep spacing {spacing!r}; expected one of {expected}"
+            )
+        self.spacing = spacing
 
     def timesteps(self, schedule: Any, steps: int | None = None) -> list[tuple[int, int]]:
         return timestep_pairs(schedule.timesteps, steps or self.steps, self.spacing)
@@ -279,6 +298,57 @@ def sigma_table(schedule: Any) -> Tensor:
     return ((1 - a) / a).sqrt()
 
 
+def sigma_to_t(log_sigmas: Tensor, sigma: Tensor, *, quantize: bool = False) -> Tensor:
+    """k-diffusion's ``DiscreteSchedule.sigma_to_t``: the fractional timestep whose
+    interpolated log-sigma (in the ascending table ``log_sigmas``) is ``log sigma``, clamped to
+    ``[0, T - 1]`` (float32), or with ``quantize`` the nearest integer one."""
+    log_sigma = sigma.detach().double().cpu().clamp(min=1e-30).log()
+    ls = log_sigmas
+    if quantize:
+        return (log_sigma[..., None] - ls).abs().argmin(-1).to(sigma.device)
+    low = torch.searchsorted(ls, log_sigma).clamp(1, len(ls) - 1) - 1
+    high = low + 1
+    w = ((log_sigma - ls[low]) / (ls[high] - ls[low])).clamp(0, 1)
+    return ((1 - w) * low + w * high).to(device=sigma.device, dtype=torch.float32)
+
+
+def sigma_levels(schedule: Any, steps: int, spacing: str = "linspace") -> list[float]:
+    """The ``steps + 1`` descending noise levels of a sigma sampler's chain.
+
+    * ``linspace``: k-diffusion's ``DiscreteSchedule.get_sigmas(steps)``, the grid its wrapper
+      of a CompVis model samples on: log-sigma interpolated at the fractional timesteps
+      ``linspace(T - 1, 0, S)``, then 0 (equal to the rounded integer grid only when
+      ``(T - 1) / (S - 1)`` is whole);
+    * ``karras``: ``(sigma_max^(1/rho) + i / (S - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``
+      with rho = 7 (Karras et al. 2022, eq. 5; k-diffusion's ``get_sigmas_karras``), then 0;
+    * ``exponential``: ``log sigma`` linear from sigma_max to sigma_min
+      (``get_sigmas_exponential``), then 0;
+    * the other spacings: the sigmas of :func:`timestep_pairs`' integer timesteps, then 0 (or
+      sigma_0 for ``paper`` and ``quad``).
+
+    ``sigma_max = sigma_{T-1}`` and ``sigma_min = sigma_0`` are the schedule's ends, as
+    k-diffusion's ``CompVisDenoiser`` has them.
+    """
+    table = sigma_table(schedule)
+    T, S = len(table), int(steps)
+    if spacing not in SIGMA_SPACINGS and spacing != "linspace":
+        return _sigma_levels(table, timestep_pairs(T, S, spacing))
+    if S < 1:
+        raise ValueError(f"steps must be >= 1, got {S}")
+    if spacing == "linspace":
+        t = torch.linspace(T - 1, 0, S, dtype=torch.float64)
+        sigmas = schedule.log_sigma(t).double().cpu().exp()
+    else:
+        ramp = torch.linspace(0, 1, S, dtype=torch.float64)
+        lo, hi = float(table[0]), float(table[-1])
+        if spacing == "karras":
+            lo, hi = lo ** (1 / KARRAS_RHO), hi ** (1 / KARRAS_RHO)
+            sigmas = (hi + ramp * (lo - hi)) ** KARRAS_RHO
+        else:  # exponential
+            sigmas = (math.log(hi) + ramp * (math.log(lo) - math.log(hi))).exp()
+    return sigmas.tolist() + [0.0]
+
+
 class SigmaDenoiser:
     """k-diffusion's bridge from a discrete eps-model to ``D(x, sigma) -> x0``.
 
@@ -295,14 +365,7 @@ class SigmaDenoiser:
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """Fractional (or, quantized, integer) timesteps for ``sigma`` (any shape, > 0)."""
-        log_sigma = sigma.detach().double().cpu().clamp(min=1e-30).log()
-        ls = self.log_sigmas
-        if self.quantize:
-            return (log_sigma[..., None] - ls).abs().argmin(-1).to(sigma.device)
-        low = torch.searchsorted(ls, log_sigma).clamp(1, len(ls) - 1) - 1
-        high = low + 1
-        w = ((log_sigma - ls[low]) / (ls[high] - ls[low])).clamp(0, 1)
-        return ((1 - w) * low + w * high).to(device=sigma.device, dtype=torch.float32)
+        return sigma_to_t(self.log_sigmas, sigma, quantize=self.quantize)
 
     def eps(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
@@ -341,12 +404,14 @@ class SigmaStep:
 class SigmaSampler(_SpacedSampler):
     """Base of the continuous-time samplers: subclasses write :meth:`step` in sigma space.
 
-    The noise levels are the sigmas of the spaced discrete timesteps (``spacing``, default
-    ``linspace``: k-diffusion's ``get_sigmas`` of the CompVis wrapper) followed by 0 (or by
-    sigma at t = 0 for the paper's spacings). Noise drawn for z_T in the VP space is mapped
-    to ``x_T = z_T sqrt(1 + sigma_max^2)``, so the same noise starts every sampler at the
-    same point.
+    The noise levels are :func:`sigma_levels` (``spacing``, default ``linspace``: k-diffusion's
+    ``get_sigmas`` of the CompVis wrapper; also ``karras`` and ``exponential``). Noise drawn
+    for z_T in the VP space is mapped to ``x_T = z_T sqrt(1 + sigma_max^2)``, so the same noise
+    starts every sampler at the same point (k-diffusion starts at ``z sigma_max``:
+    docs/samplers.md says how the two differ).
     """
+
+    spacings = {**SPACINGS, **SIGMA_SPACINGS}
 
     def __init__(
         self, *, steps: int = 50, spacing: str | None = None, quantize: bool = False
@@ -355,8 +420,14 @@ class SigmaSampler(_SpacedSampler):
         self.quantize = quantize
 
     def sigmas(self, schedule: Any, steps: int | None = None) -> list[float]:
-        """Descending noise levels, one more than the steps."""
-        return _sigma_levels(sigma_table(schedule), self.timesteps(schedule, steps))
+        """Descending noise levels, one more than the steps (:func:`sigma_levels`)."""
+        return sigma_levels(schedule, steps or self.steps, self.spacing)
+
+    def timesteps(self, schedule: Any, steps: int | None = None) -> list[tuple[float, float]]:
+        """``(t, t_next)`` of each step: the timesteps of its noise levels, at which the
+        denoiser is evaluated (fractional, integer with ``quantize``; -1: sigma = 0)."""
+        sigmas = self.sigmas(schedule, steps)
+        return _step_timesteps(sigma_table(schedule).log(), sigmas, self.quantize)
 
     @abc.abstractmethod
     def step(self, s: SigmaStep) -> Tensor:
@@ -378,12 +449,13 @@ class SigmaSampler(_SpacedSampler):
     ) -> Tensor:
         check_mask(mask, known, noise)
         model = SigmaDenoiser(denoise, schedule, quantize=self.quantize)
-        pairs = self.timesteps(schedule, steps)
+        sigmas = self.sigmas(schedule, steps)
         if init is not None:
-            pairs = truncate_for_strength(pairs, strength)
-            if not pairs:
+            starts = truncate_for_strength(sigmas[:-1], strength)
+            if not starts:
                 return init
-        sigmas = _sigma_levels(model.sigmas, pairs)
+            sigmas = starts + sigmas[-1:]
+        pairs = _step_timesteps(model.log_sigmas, sigmas, self.quantize)
         if init is not None:
             x = init + sigmas[0] * noise
         else:
@@ -434,6 +506,15 @@ def _sigma_levels(table: Tensor, pairs: list[tuple[int, int]]) -> list[float]:
     return [0.0 if t < 0 else float(table[t]) for t in [t for t, _ in pairs] + [pairs[-1][1]]]
 
 
+def _step_timesteps(
+    log_sigmas: Tensor, sigmas: list[float], quantize: bool
+) -> list[tuple[float, float]]:
+    """``(t, t_next)`` for consecutive noise levels (-1 for sigma = 0)."""
+    ts = sigma_to_t(log_sigmas, torch.tensor(sigmas, dtype=torch.float64), quantize=quantize)
+    ts = [-1 if sigma == 0 else t for sigma, t in zip(sigmas, ts.tolist(), strict=True)]
+    return list(zip(ts[:-1], ts[1:], strict=True))
+
+
 __all__ = [
     "SPACINGS",
     "DiscreteSampler",
@@ -442,8 +523,10 @@ __all__ = [
     "SigmaDenoiser",
     "SigmaSampler",
     "SigmaStep",
+    "SIGMA_SPACINGS",
     "check_mask",
     "check_spacing",
+    "sigma_levels",
     "sigma_table",
     "randn_like",
     "sample_generators",

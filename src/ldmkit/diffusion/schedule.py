@@ -111,13 +111,7 @@ class NoiseSchedule(nn.Module):
         """
         t = torch.as_tensor(t)
         if t.is_floating_point():
-            a = self.alphas_cumprod
-            log_sigma = 0.5 * torch.log((1 - a) / a)
-            tf = t.to(device=a.device, dtype=a.dtype).clamp(0, self.timesteps - 1)
-            low = tf.floor().long()
-            w = tf - low
-            ls = (1 - w) * log_sigma[low] + w * log_sigma[tf.ceil().long()]
-            values = torch.sigmoid(-2 * ls)  # 1 / (1 + sigma^2)
+            values = torch.sigmoid(-2 * self.log_sigma(t))  # 1 / (1 + sigma^2)
             if values.ndim == 0:
                 values = values.expand(like.shape[0])
             return values.to(device=like.device, dtype=like.dtype).reshape(
@@ -125,6 +119,17 @@ class NoiseSchedule(nn.Module):
             )
         padded = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod])
         return self._gather(padded, torch.as_tensor(t, device=padded.device).long() + 1, like)
+
+    def log_sigma(self, t: Tensor) -> Tensor:
+        """``log sigma_t``, ``sigma_t = sqrt((1 - a_t) / a_t)``, at (fractional) timesteps ``t``
+        in ``[0, T - 1]``, in the schedule's dtype and device: linear between the neighbouring
+        integer timesteps (k-diffusion's ``DiscreteSchedule.t_to_sigma``)."""
+        a = self.alphas_cumprod
+        log_sigma = 0.5 * torch.log((1 - a) / a)
+        tf = torch.as_tensor(t).to(device=a.device, dtype=a.dtype).clamp(0, self.timesteps - 1)
+        low = tf.floor().long()
+        w = tf - low
+        return (1 - w) * log_sigma[low] + w * log_sigma[tf.ceil().long()]
 
     def alpha_bar_at(self, t: int, like: Tensor) -> Tensor:
         """Scalar ``alpha_bar_t`` for one integer timestep (``-1`` gives 1)."""
