@@ -4,6 +4,8 @@ A temporary file is named ``.<target name>.<pid>-<random>.tmp``. A process kille
 creating it and the rename (SIGKILL, power loss) leaves it behind; the next write of the same
 target, and :func:`remove_stale_temporaries` (the trainer calls it on start), delete the
 leftovers of processes that no longer run, so no empty or partial temporaries accumulate.
+The file that replaces the target gets the mode a plain ``open()`` would give it (``0o666``
+less the umask, :func:`follow_umask`), whatever the writer or ``mkstemp`` made it.
 """
 
 from __future__ import annotations
@@ -142,9 +144,43 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def _process_is_gone(pid: int) -> bool:
+def _umask_from_proc() -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    return None
+
+
+# os.umask reads the mask only by setting it, racing threads that create files meanwhile:
+# done once, at import, where /proc/self/status has no Umask line (not Linux, or before 4.7)
+_UMASK_AT_IMPORT = _umask_from_proc()
+if _UMASK_AT_IMPORT is None:
+    _UMASK_AT_IMPORT = os.umask(0o022)
+    os.umask(_UMASK_AT_IMPORT)
+
+
+def current_umask() -> int:
+    """The process's file mode creation mask, read without changing it."""
+    mask = _umask_from_proc()
+    return _UMASK_AT_IMPORT if mask is None else mask
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give the file ``path`` the mode ``open()`` creates files with (``0o666`` less the
+    umask: 0644 under umask 022). ``mkstemp`` and safetensors' writer make theirs 0600, which
+    leaves a pipeline written for a team, or for a server running as another user, readable
+    by its writer alone."""
+    with contextlib.suppress(OSError):  # a file system without modes (FAT, some mounts)
+        os.chmod(path, 0o666 & ~current_umask())
+
+
+def process_is_gone(pid: int) -> bool:
+    """Whether the process ``pid`` that named a temporary file or folder no longer runs
+    (this process's own pid counts as gone: a leftover of an earlier process, in a container)."""
     if pid == os.getpid():
-        return True  # our own leftover from an earlier process with the same pid (containers)
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -169,7 +205,7 @@ def remove_stale_temporaries(
         match = _TEMPORARY.match(path.name)
         if match is None or (target is not None and match["target"] != target):
             continue
-        if _process_is_gone(int(match["pid"])):
+        if process_is_gone(int(match["pid"])):
             with contextlib.suppress(OSError):
                 path.unlink()
                 removed.append(path)
@@ -194,6 +230,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     try:
         with reporting_write_errors(target):
             yield tmp_path
+            follow_umask(tmp_path)
             with open(tmp_path, "rb+") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp_path, target)

@@ -100,7 +100,10 @@ def command(args: Sequence[str]) -> list[str]:
 
 
 def environment() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    """This checkout's tests on the path, before the code this interpreter imports (a
+    worktree's src/ on PYTHONPATH, not the installed copy)."""
+    paths = [str(REPO), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, paths))}
 
 
 def train_in_process(args: Sequence[str]) -> int:

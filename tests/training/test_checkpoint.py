@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -49,7 +51,9 @@ def test_latest_skips_torn_and_incomplete_checkpoints(tmp_path):
 
 def test_remove_incomplete_and_prune(tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=2)
-    leftover = tmp_path / ".tmp-step_000000009-123"
+    writer = subprocess.Popen([sys.executable, "-c", "pass"])
+    writer.wait()  # the writer of the leftover is gone
+    leftover = tmp_path / f".tmp-step_000000009-{writer.pid}"
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"partial")
     assert manager.remove_incomplete() == [leftover] and not leftover.exists()

@@ -11,7 +11,9 @@ import textwrap
 from pathlib import Path
 
 from ldmkit.data import prepare
+from ldmkit.training.run_lock import RunLock
 from tests.data.conftest import make_image_folder
+from tests.test_bad_values import digest
 
 WORKER = textwrap.dedent('''
     import hashlib, json, sys
@@ -52,6 +54,12 @@ WORKER = textwrap.dedent('''
 ''')
 
 
+def _environment() -> dict[str, str]:
+    """This checkout's tests on the path, before the code this interpreter imports."""
+    paths = [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+
+
 def test_torchrun_two_processes(tmp_path):
     images = tmp_path / "images"
     make_image_folder(images, per_class=8, size=(8, 8))
@@ -59,7 +67,7 @@ def test_torchrun_two_processes(tmp_path):
     prepare("image_folder", shards, path=str(images), shard_size=4, progress=False)  # 6 shards
     (tmp_path / "worker.py").write_text(WORKER)
     torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = _environment()
     out = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node=2", str(tmp_path / "worker.py"),
          str(shards), str(tmp_path / "run"), str(tmp_path)],
@@ -76,3 +84,22 @@ def test_torchrun_two_processes(tmp_path):
     assert checkpoints == ["step_000000003", "step_000000004"]
     assert len((run / "metrics.csv").read_text().splitlines()) >= 2
     assert (run / "pipeline" / "model.safetensors").is_file()
+
+
+def test_a_run_dir_in_use_stops_every_rank_in_one_line(tmp_path):
+    """Rank 0 holds the run folder's lock for all ranks; when another process holds it, every
+    rank stops with the same line and nothing in the folder changes."""
+    run = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    with RunLock(run):  # the other trainer: this process
+        before = digest(run)
+        out = subprocess.run(
+            [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "ldmkit.cli", "train",
+             "stage=ldm", "trainer=ldm_tiny", "first_stage=identity", "denoiser=unet_tiny",
+             "image_size=8", f"run_dir={run}"],
+            capture_output=True, text=True, env=_environment(), timeout=300,
+        )  # fmt: skip
+        assert digest(run) == before
+    assert out.returncode != 0
+    line = f"ldmkit train: error: run_dir {run} is in use by PID {os.getpid()} (started "
+    assert out.stderr.count(line) == 2, out.stderr  # one line from each rank

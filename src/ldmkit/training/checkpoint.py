@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -53,7 +54,7 @@ from ldmkit.checkpoint_layout import (
     validate,
 )
 from ldmkit.errors import CheckpointError
-from ldmkit.io import WriteError, _fsync_dir, write_failure
+from ldmkit.io import WriteError, _fsync_dir, follow_umask, process_is_gone, write_failure
 from ldmkit.safetensors_io import read_safetensors
 
 __all__ = [
@@ -75,7 +76,8 @@ __all__ = [
     "validate",
 ]
 
-_TMP_PREFIX = ".tmp-"
+_TMP_PREFIX = ".tmp-"  # .tmp-[old-|pruned-]step_<N>-<pid of the writer>
+_TMP_PID = re.compile(r"-(\d+)$")
 
 
 class CheckpointWarning(checkpoint_layout.CheckpointWarning):
@@ -182,6 +184,7 @@ class CheckpointManager:
             (tmp / frozen.FROZEN_FILE).write_text(frozen.write_manifest(frozen_parts), encoding="utf-8")
             files.append(frozen.FROZEN_FILE)
         for name in files:
+            follow_umask(tmp / name)  # safetensors writes 0600
             _fsync_file(tmp / name)
         checksums = {name: file_sha256(tmp / name) for name in files}
         meta = {"step": step, "files": files, "sha256": checksums, "time": time.time()}
@@ -210,11 +213,13 @@ class CheckpointManager:
             shutil.rmtree(doomed, ignore_errors=True)
 
     def remove_incomplete(self) -> list[Path]:
-        """Delete temporary folders a killed run left behind."""
+        """Delete the temporary folders (``.tmp-...-<pid>``) that processes no longer
+        running left behind; those of a live process are its checkpoint in the making."""
         removed = []
         if self.directory.is_dir():
             for path in self.directory.iterdir():
-                if path.name.startswith(_TMP_PREFIX):
+                writer = _TMP_PID.search(path.name)
+                if path.name.startswith(_TMP_PREFIX) and (writer is None or process_is_gone(int(writer[1]))):
                     shutil.rmtree(path, ignore_errors=True)
                     removed.append(path)
         return removed

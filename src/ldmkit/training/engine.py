@@ -5,6 +5,7 @@ validation, image grids, logs, progress bar and checkpoints. A stage subclasses
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 import os
 import sys
@@ -43,6 +44,7 @@ from ldmkit.training.rng import (
     set_global_rng_state,
     stream_seed,
 )
+from ldmkit.training.run_lock import RunLock
 from ldmkit.training.signals import SignalWatch, TrainingInterrupted
 from ldmkit.training.threads import apply_num_threads
 
@@ -545,8 +547,33 @@ class Trainer(abc.ABC):
         # larger than the free cores runs many times slower on a shared machine)
         apply_num_threads(self.options["num_threads"], self.device)
         self.signals = SignalWatch(enabled=bool(self.options["save_on_signal"]))
-        with self.signals:
+        with self._run_dir_lock(), self.signals:
             return self._fit()
+
+    @contextlib.contextmanager
+    def _run_dir_lock(self) -> Iterator[None]:
+        """Hold ``run_dir``'s lock (:mod:`ldmkit.training.run_lock`) for the whole run, taken
+        before the model is built (a second trainer must not fill the first one's GPU).
+        Rank 0 holds it for all ranks; when it is taken every rank stops with the same line."""
+        lock, problem = RunLock(self.run_dir), None
+        if self.is_main:
+            try:
+                lock.acquire()
+            except LdmkitError as err:
+                problem = err
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            shared = [None if problem is None else str(problem)]
+            dist.broadcast_object_list(shared, src=0)
+            if shared[0] is not None and problem is None:
+                problem = TrainingError(shared[0])
+        if problem is not None:
+            raise problem
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _fit(self) -> Path:
         seed_everything(self.seed)
