@@ -56,7 +56,7 @@ def load_first_stage(checkpoint: Any, *, device: torch.device) -> tuple[torch.nn
         raise CheckpointError(f"checkpoint {checkpoint.path} has no config.yaml to rebuild its first stage from")
     saved = OmegaConf.load(checkpoint.config_file)
     model = build_first_stage(saved)
-    tensors = unflatten_state(read_safetensors(checkpoint.model_file), "first_stage")
+    tensors = unflatten_state(read_safetensors(checkpoint.model_file, prefix="first_stage."), "first_stage")
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
