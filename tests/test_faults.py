@@ -281,7 +281,9 @@ def test_sigterm_while_building_the_latent_cache(monkeypatch, shards, reference,
     )
 
 
-def test_truncated_latent_cache_chunk_is_rebuilt_with_a_warning(shards, reference, tmp_path, capsys):
+def test_truncated_latent_cache_chunk_is_rebuilt_with_a_warning(
+    shards, reference, tmp_path, capsys
+):
     """Before: every later run stopped at "cannot read checkpoint weights .../chunk_00000..."
     until the chunk was deleted by hand."""
     run_dir = tmp_path / "run"

@@ -112,7 +112,10 @@ def craft(path, tensors: dict, data: bytes) -> None:
     """A safetensors file with the header ``tensors`` (name -> (shape, [start, end])) and
     ``data`` after it, whatever the offsets claim."""
     header = json.dumps(
-        {name: {"dtype": "F32", "shape": shape, "data_offsets": offsets} for name, (shape, offsets) in tensors.items()}
+        {
+            name: {"dtype": "F32", "shape": shape, "data_offsets": offsets}
+            for name, (shape, offsets) in tensors.items()
+        }
     ).encode()
     path.write_bytes(struct.pack("<Q", len(header)) + header + data)
 
@@ -151,7 +154,9 @@ def test_pipeline_load_checks_names_and_shapes_before_reading(toy, tmp_path, rea
     assert reads == []
     name = next(k for k in state if k.startswith("denoiser.") and state[k].ndim == 1)
     save_file({**state, name: torch.zeros(state[name].numel() + 1)}, weights)
-    with pytest.raises(ValueError, match=rf"wrong shapes {name} \[{state[name].numel() + 1}\] \(the model's: "):
+    with pytest.raises(
+        ValueError, match=rf"wrong shapes {name} \[{state[name].numel() + 1}\] \(the model's: "
+    ):
         Pipeline.load(tmp_path / "p")
     assert reads == []
     save_file(state, weights)

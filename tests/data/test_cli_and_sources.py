@@ -53,10 +53,17 @@ def bomb_png(width: int, height: int) -> bytes:
     once that is over twice ``Image.MAX_IMAGE_PIXELS``)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_bomb_and_non_utf8_name_are_skipped_and_named(tmp_path):
@@ -72,7 +79,9 @@ def test_bomb_and_non_utf8_name_are_skipped_and_named(tmp_path):
     with open(os.path.join(os.fsencode(root), b"r\xe9gion", b"x.png"), "wb") as f:
         f.write(good)
     out = tmp_path / "out"
-    result = ldmkit_cli("data", "prepare", "image_folder", f"path={root}", f"out={out}", "progress=false")
+    result = ldmkit_cli(
+        "data", "prepare", "image_folder", f"path={root}", f"out={out}", "progress=false"
+    )
     assert result.returncode == 0, result.stderr
     assert "split train: 6 samples" in result.stdout
     assert "note: 3 items could not be loaded and were left out" in result.stdout

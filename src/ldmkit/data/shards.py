@@ -233,7 +233,9 @@ def iter_tar_members(fileobj) -> Iterator[tuple[str, bytes]]:
             left -= BLOCK
             if size > left:
                 member = pending.get("path", name)
-                raise TarFormatError(f"member {member} claims {size} bytes; the file has {left} left")
+                raise TarFormatError(
+                    f"member {member} claims {size} bytes; the file has {left} left"
+                )
             left -= size + -size % BLOCK
         data = fileobj.read(size)
         if len(data) < size:

@@ -59,7 +59,8 @@ class ImageFolder(Source):
             {
                 p.relative_to(self.root).parts[0]
                 for p in self.paths
-                if len(p.relative_to(self.root).parts) > 1 and is_utf8(str(p.relative_to(self.root)))
+                if len(p.relative_to(self.root).parts) > 1
+                and is_utf8(str(p.relative_to(self.root)))
             }
         )
 
