@@ -19,7 +19,7 @@ from ldmkit import frozen, masks
 from ldmkit import precision as _precision
 from ldmkit.assembly import pipeline_parts
 from ldmkit.compiling import compile_module
-from ldmkit.config import compose_config
+from ldmkit.config import compose_config, load_saved_config
 from ldmkit.diffusion.guidance import ClassifierFreeGuidance
 from ldmkit.diffusion.sampling import GeneratorArg, randn_like, sample_generators, split_generator
 from ldmkit.diffusion.schedule import NoiseSchedule
@@ -582,13 +582,14 @@ class Pipeline(nn.Module):
     @classmethod
     def load(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> Pipeline:
         """Rebuild a pipeline saved with :meth:`save` (names resolve through the registry;
-        no code named in the checkpoint is executed)."""
+        no code named in the checkpoint is executed, and no interpolation in its config is
+        resolved: :func:`ldmkit.config.load_saved_config`)."""
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"checkpoint file missing: {path}")
-        cfg = OmegaConf.load(config_path)
+        cfg = load_saved_config(config_path)  # an interpolation in it is refused, not resolved
         references = frozen.read_manifest(directory)
         try:
             pipeline = cls.from_config(cfg)
