@@ -281,6 +281,33 @@ def test_sigterm_while_building_the_latent_cache(monkeypatch, shards, reference,
     )
 
 
+def test_truncated_latent_cache_chunk_is_rebuilt_with_a_warning(
+    shards, reference, tmp_path, capsys
+):
+    """Before: every later run stopped at "cannot read checkpoint weights .../chunk_00000..."
+    until the chunk was deleted by hand."""
+    run_dir = tmp_path / "run"
+    args = faults.stage_args(2, shards, run_dir, "trainer.latent_cache=true")
+    assert faults.train_in_process([*args, "trainer.max_steps=6"]) == 0
+    chunk = run_dir / "latent_cache" / "chunk_00000.safetensors"
+    cut = chunk.stat().st_size // 2
+    os.truncate(chunk, cut)
+    capsys.readouterr()
+    assert faults.train_in_process(args) == 0
+    about_cache = [line for line in capsys.readouterr().err.splitlines() if "latent cache" in line]
+    assert about_cache == [
+        f"ldmkit train: warning: {chunk} is unreadable (the tensor offsets in its header do not "
+        f"match the file's size ({cut} bytes): the file is cut short, has bytes appended, or its "
+        "header is crafted); rebuilding the latent cache"
+    ]
+    assert (
+        faults.differences(
+            reference(2, None, "trainer.latent_cache=true"), ours(run_dir, 10, stage=2)
+        )
+        == []
+    )
+
+
 def test_sigterm_through_the_cli_exits_75_with_the_step_saved(shards, tmp_path):
     """A real process and its 2 DataLoader workers get SIGTERM together, as from Slurm (the
     workers die of it): exit code 75, one line saying where it stopped, the step whole."""

@@ -1,15 +1,23 @@
 """Hydra composition: the primary config plus every plugin's config groups, checked and
 explained in one-line errors. Building components from the composed config is
-:mod:`ldmkit.assembly`'s job; this module imports neither it nor the pipeline."""
+:mod:`ldmkit.assembly`'s job; this module imports neither it nor the pipeline.
+
+Configs read back from files (:func:`load_saved_config`: a pipeline's or a checkpoint's
+``config.yaml``, a converted folder's configs) are used as written: ldmkit writes them
+resolved, and an interpolation in one (``${oc.env:AWS_SECRET_ACCESS_KEY}``) would read this
+machine's environment into labels and re-saved configs, so it is refused. Only configs Hydra
+composes from the user's own ``conf/`` and command line may interpolate.
+"""
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import Container, DictConfig, OmegaConf, open_dict
 
 from ldmkit.errors import ConfigError, LdmkitError
 from ldmkit.plugins import get_plugin_manager, root_directory
@@ -20,7 +28,8 @@ COMPONENT_GROUPS = ("first_stage", "denoiser", "conditioner", "sampler")
 AUTO = "auto"
 
 
-__all__ = ["AUTO", "COMPONENT_GROUPS", "GROUPS", "ConfigError", "compose_config", "config_dir"]
+__all__ = ["AUTO", "COMPONENT_GROUPS", "GROUPS", "ConfigError", "compose_config", "config_dir",
+           "load_saved_config", "refuse_interpolations"]  # fmt: skip
 
 
 # -- Hydra search path ----------------------------------------------------------------
@@ -215,6 +224,47 @@ def _leaf_keys(node: Any, prefix: str = "") -> list[str]:
             keys += _leaf_keys(v, f"{prefix}{k}.") if isinstance(v, Mapping) and v else [f"{prefix}{k}"]
         return keys
     return [prefix.rstrip(".")]
+
+
+# -- configs read back from files ------------------------------------------------------------
+def load_saved_config(path: str | os.PathLike) -> Any:
+    """The config in the YAML file ``path`` (``OmegaConf.load``), refused with a
+    :class:`ConfigError` naming the file and the key when a value is an interpolation."""
+    cfg = OmegaConf.load(path)
+    refuse_interpolations(cfg, path)
+    return cfg
+
+
+def refuse_interpolations(data: Any, where: str | os.PathLike) -> None:
+    """Raise :class:`ConfigError` naming ``where`` and the key of the first value holding an
+    interpolation (``${...}``); ``data`` is an OmegaConf node or plain data read from YAML or
+    JSON (which becomes an interpolation once put in a config)."""
+    if isinstance(data, Container):
+        data = OmegaConf.to_container(data, resolve=False)  # interpolations as written
+    found = _first_interpolation(data, "")
+    if found is not None:
+        key, value = found
+        raise ConfigError(
+            f"{where}: {key} holds the interpolation {value!r}; configs read from files are "
+            "used as written, never resolved (an interpolation can read environment variables): "
+            "write the value itself"
+        )
+
+
+def _first_interpolation(node: Any, key: str) -> tuple[str, str] | None:
+    if isinstance(node, str):
+        return (key, node) if "${" in node else None
+    if isinstance(node, Mapping):
+        children = ((f"{key}.{k}" if key else str(k), v) for k, v in node.items())
+    elif isinstance(node, list):
+        children = ((f"{key}[{i}]", v) for i, v in enumerate(node))
+    else:
+        return None
+    for child_key, child in children:
+        found = _first_interpolation(child, child_key)
+        if found is not None:
+            return found
+    return None
 
 
 # -- names that moved ----------------------------------------------------------------------

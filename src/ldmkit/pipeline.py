@@ -7,7 +7,7 @@ import contextlib
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from ldmkit import frozen, masks
 from ldmkit import precision as _precision
 from ldmkit.assembly import pipeline_parts
 from ldmkit.compiling import compile_module
-from ldmkit.config import compose_config
+from ldmkit.config import compose_config, load_saved_config
 from ldmkit.diffusion.guidance import ClassifierFreeGuidance
 from ldmkit.diffusion.sampling import GeneratorArg, randn_like, sample_generators, split_generator
 from ldmkit.diffusion.schedule import NoiseSchedule
@@ -27,7 +27,7 @@ from ldmkit.errors import ConfigError, LdmkitError
 from ldmkit.interfaces import Conditioner, Denoiser, FirstStage, Sampler
 from ldmkit.interop import compvis
 from ldmkit.io import atomic_write, atomic_write_text
-from ldmkit.safetensors_io import read_safetensors
+from ldmkit.safetensors_io import read_safetensors, read_safetensors_shapes
 from ldmkit.tiling import check_tiling, tiled_decode, tiled_encode
 
 WEIGHTS_FILE = "model.safetensors"
@@ -582,13 +582,14 @@ class Pipeline(nn.Module):
     @classmethod
     def load(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> Pipeline:
         """Rebuild a pipeline saved with :meth:`save` (names resolve through the registry;
-        no code named in the checkpoint is executed)."""
+        no code named in the checkpoint is executed, and no interpolation in its config is
+        resolved: :func:`ldmkit.config.load_saved_config`)."""
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"checkpoint file missing: {path}")
-        cfg = OmegaConf.load(config_path)
+        cfg = load_saved_config(config_path)  # an interpolation in it is refused, not resolved
         references = frozen.read_manifest(directory)
         try:
             pipeline = cls.from_config(cfg)
@@ -602,19 +603,23 @@ class Pipeline(nn.Module):
                 "machine where it loads"
             ) from err
         frozen.check_restored(directory, references, frozen.frozen_parts(pipeline) if references else {})
-        weights = read_safetensors(weights_path)  # UnreadableWeightsError names the file
-        try:
-            missing, unexpected = pipeline.load_state_dict(weights, strict=False)
-        except RuntimeError as err:  # shape mismatches
-            raise ValueError(
-                f"checkpoint {weights_path} does not match the model built from {config_path}: {err}"
-            ) from err
-        missing = [k for k in _not_tied(pipeline, missing, weights) if not frozen.under(k, references)]
-        if missing or unexpected:
+        # names and shapes from the file's header first: nothing is read from a file that
+        # does not fit (UnreadableWeightsError names the file)
+        stored, own = read_safetensors_shapes(weights_path), pipeline.state_dict()
+        unexpected = sorted(set(stored) - set(own))
+        missing = [k for k in _not_tied(pipeline, [k for k in own if k not in stored], stored)
+                   if not frozen.under(k, references)]  # fmt: skip
+        reshaped = [f"{k} {list(stored[k])} (the model's: {list(own[k].shape)})"
+                    for k in own if k in stored and stored[k] != tuple(own[k].shape)]  # fmt: skip
+        if missing or unexpected or reshaped:
+            problems = [f"{what} {keys[:10]}" for what, keys in (
+                ("missing keys", sorted(missing)), ("unexpected keys", unexpected)) if keys]  # fmt: skip
+            problems += [f"wrong shapes {', '.join(reshaped[:10])}"] if reshaped else []
             raise ValueError(
                 f"checkpoint {weights_path} does not match the model built from {config_path}: "
-                f"missing keys {sorted(missing)[:10]}, unexpected keys {sorted(unexpected)[:10]}"
+                + "; ".join(problems)
             )
+        pipeline.load_state_dict(read_safetensors(weights_path), strict=False)
         return pipeline.to(device)
 
 
@@ -643,9 +648,9 @@ def _without_shared(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _not_tied(module: nn.Module, missing: Sequence[str], loaded: Mapping[str, Tensor]) -> list[str]:
-    """``missing`` less the names whose tensor is a loaded one's (tied weights), which
-    ``safetensors.torch.save_model`` writes once, under one of the names."""
+def _not_tied(module: nn.Module, missing: Sequence[str], loaded: Iterable[str]) -> list[str]:
+    """``missing`` less the names whose tensor is that of a ``loaded`` name (tied weights),
+    which ``safetensors.torch.save_model`` writes once, under one of the names."""
     state = module.state_dict()
 
     def where(name: str) -> tuple[int, int, tuple[int, ...]]:

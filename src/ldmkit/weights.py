@@ -64,8 +64,9 @@ def _weights_file(source: str | os.PathLike) -> Path:
     return _model_file(path)
 
 
-def read_weights(source: str | os.PathLike) -> dict[str, Tensor]:
-    """All tensors of a checkpoint source (see the module docstring)."""
+def read_weights(source: str | os.PathLike, *, prefix: str | None = None) -> dict[str, Tensor]:
+    """The tensors of a checkpoint source (see the module docstring): all of them, or those
+    whose names start with ``prefix`` (the others are not read from a ``.safetensors`` file)."""
     file = _weights_file(source)
     if file.suffix in PICKLE_SUFFIXES:
         try:
@@ -78,19 +79,18 @@ def read_weights(source: str | os.PathLike) -> dict[str, Tensor]:
             state = state["state_dict"]
         if not isinstance(state, dict):
             raise UnreadableWeightsError(file, f"it holds a {type(state).__name__}, not a state dict")
-        return {k: v for k, v in state.items() if isinstance(v, Tensor)}
-    return read_safetensors(file)
+        return {k: v for k, v in state.items() if isinstance(v, Tensor) and k.startswith(prefix or "")}
+    return read_safetensors(file, prefix=prefix)
 
 
 def load_component_weights(module: nn.Module, source: str | os.PathLike, role: str) -> None:
     """Load ``source`` into ``module`` (strict); errors name the file and the component."""
     file = _weights_file(source)
-    weights = read_weights(file)
     # frozen parts the folder keeps by reference (frozen.json) come from their source
     references = frozen.within(frozen.read_manifest(file.parent), role) if file.name == MODEL_FILE else {}
-    state = unflatten_state(weights, role)
+    state = unflatten_state(read_weights(file, prefix=f"{role}."), role)  # not the other components'
     if not state and not references:
-        state = weights  # a file of this component alone
+        state = read_weights(file)  # a file of this component alone
     frozen.check_referenced(module, references, file.parent, role)
     state = frozen.fill_referenced(module, state, references)
     try:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,9 @@ import pytest
 from ldmkit.data import SourceNotFoundError, build_dataset, prepare, read_manifest
 from ldmkit.data.cli import main, parse_options
 from ldmkit.data.sources.fashion_mnist import DEBIAN_DIR, read_idx
+from tests.conftest import ldmkit_cli
+
+from .conftest import make_image_folder
 
 
 def test_parse_options_keeps_paths_as_text():
@@ -40,6 +46,56 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
     assert main(["info", str(tmp_path / "missing")]) == 1
     assert "ldmkit data prepare" in capsys.readouterr().err
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A 60-byte PNG declaring ``width`` x ``height`` grey pixels (a decompression bomb to PIL
+    once that is over twice ``Image.MAX_IMAGE_PIXELS``)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_bomb_and_non_utf8_name_are_skipped_and_named(tmp_path):
+    """Before: the bomb raised DecompressionBombError out of `prepare`, the name a
+    UnicodeEncodeError writing its metadata; each stopped the whole preparation."""
+    root = tmp_path / "images"
+    make_image_folder(root, per_class=2)
+    (root / "cat" / "bomb.png").write_bytes(bomb_png(20_000, 20_000))
+    good = (root / "cat" / "img_00.png").read_bytes()
+    with open(os.path.join(os.fsencode(root / "dog"), b"caf\xe9.png"), "wb") as f:
+        f.write(good)
+    os.mkdir(os.path.join(os.fsencode(root), b"r\xe9gion"))  # a class folder named in Latin-1
+    with open(os.path.join(os.fsencode(root), b"r\xe9gion", b"x.png"), "wb") as f:
+        f.write(good)
+    out = tmp_path / "out"
+    result = ldmkit_cli(
+        "data", "prepare", "image_folder", f"path={root}", f"out={out}", "progress=false"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "split train: 6 samples" in result.stdout
+    assert "note: 3 items could not be loaded and were left out" in result.stdout
+    lines = result.stdout.splitlines()
+    bomb = next(line for line in lines if "bomb.png" in line)
+    assert "decompression bomb" in bomb
+    assert any(f"{root}/dog/caf\\xe9.png" in line and "not UTF-8" in line for line in lines)
+    assert any(f"{root}/r\\xe9gion/x.png" in line and "not UTF-8" in line for line in lines)
+    # every file written is valid UTF-8 (the manifest's notes name the files too)
+    manifest = json.loads((out / "manifest.json").read_bytes().decode("utf-8"))
+    assert manifest["classes"] == ["cat", "dog", "owl"]
+    assert "\\xe9" in json.dumps(manifest["notes"], ensure_ascii=False)
+    assert json.dumps(manifest, ensure_ascii=False).encode("utf-8")
+    assert len(build_dataset({"path": str(out), "image_size": 8})) == 6
 
 
 def test_fashion_mnist_installed(tmp_path):

@@ -165,3 +165,62 @@ def test_missing_sources_say_what_to_install(tmp_path, monkeypatch):
         prepare("image_folder", tmp_path / "o", progress=False)
     with pytest.raises(ValueError, match="unknown option 'colour' for source 'emoji'"):
         prepare("emoji", tmp_path / "o", colour=1, progress=False)
+
+
+def craft_size_claim(path, member: str, claim: int, fmt: int) -> None:
+    """Rewrite the tar ``path`` with ``member``'s header claiming ``claim`` bytes (its real
+    bytes, and every member after it, follow unchanged), as a crafted shard would."""
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    out = bytearray()
+    for name, data in members:
+        info = tarfile.TarInfo(name)
+        info.size = claim if name == member else len(data)
+        out += info.tobuf(format=fmt) + data + b"\0" * (-len(data) % 512)
+    path.write_bytes(bytes(out + b"\0" * 1024))
+
+
+@pytest.mark.parametrize(
+    "claim, fmt",
+    [(2**40, tarfile.GNU_FORMAT), (2**80, tarfile.GNU_FORMAT), (2**80, tarfile.PAX_FORMAT)],
+    ids=["1TB", "2^80", "2^80-pax"],
+)
+def test_member_claiming_more_than_the_file_holds_ends_the_shard(prepared, claim, fmt, caplog):
+    """Before: MemoryError (1 TB) or OverflowError (2^80) out of the loader."""
+    out, _ = prepared
+    shard = out / "train-000001.tar"
+    keys = keys_of(shard)
+    craft_size_claim(shard, f"{keys[2]}.png", claim, fmt)
+    loader = build_dataloader(loader_cfg(out), batch_size=4)
+    with caplog.at_level(logging.WARNING, logger="ldmkit.data"):
+        seen = all_keys(loader)
+    assert keys[0] in seen and keys[1] in seen and keys[2] not in seen and keys[3] not in seen
+    assert len(seen) == 22
+    assert loader.stats.counts == {"truncated": 1}
+    (event,) = loader.stats.events
+    assert (event.key, event.shard) == (keys[2], str(shard))
+    assert f"member {keys[2]}.png claims {claim} bytes" in event.reason
+    (record,) = [r for r in caplog.records if str(shard) in r.getMessage()]
+    assert f"{keys[2]}.png claims" in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    "record",
+    [b"0 size=1\n", b"x size=1\n", b"11 size=-5\n", b"99 size=1\n", b"11 path=\xff\xfe\n"],
+    ids=["zero-length", "no-length", "negative-size", "past-the-end", "not-utf8"],
+)
+def test_damaged_pax_header_ends_the_shard(tmp_path, record):
+    """Before: a ValueError out of the reader (or, for a 0 length, a loop without end)."""
+    from ldmkit.data.shards import iter_shard
+    from ldmkit.data.stats import DataStats
+
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type, pax.size = tarfile.XHDTYPE, len(record)
+    body = tarfile.TarInfo("a.cls")
+    body.size = 1
+    tar = tmp_path / "bad.tar"
+    tar.write_bytes(pax.tobuf() + record.ljust(512, b"\0") + body.tobuf() + b"1".ljust(1536, b"\0"))
+    stats = DataStats()
+    assert list(iter_shard(str(tar), stats)) == []
+    assert stats.counts == {"unreadable_shard": 1}
+    assert "damaged pax header" in stats.events[0].reason

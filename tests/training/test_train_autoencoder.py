@@ -77,6 +77,33 @@ def test_resume_refuses_a_different_first_stage(tiny_cfg, image_data):
         train(tiny_cfg("trainer.resume=false"), data=image_data())
 
 
+def test_an_interpolation_in_a_checkpoint_config_is_refused(tiny_cfg, image_data, monkeypatch):
+    """A run folder someone sent: its checkpoint's config.yaml (checksum updated to match)
+    reads an environment variable. Resume and evaluate refuse it naming the file and key;
+    before, resume went on and evaluate resolved it."""
+    import hashlib
+    import json
+
+    from ldmkit.evaluation.autoencoder import load_first_stage
+    from ldmkit.training import resolve_checkpoint
+
+    monkeypatch.setenv("UNTRUSTED_TEST_LR", "0.001")
+    run = train(tiny_cfg("trainer.max_steps=2"), data=image_data())
+    latest = resolve_checkpoint(run)
+    text = latest.config_file.read_text()
+    assert "  lr: 0.001\n" in text
+    latest.config_file.write_text(text.replace("  lr: 0.001\n", "  lr: ${oc.env:UNTRUSTED_TEST_LR}\n"))
+    meta = json.loads((latest.path / "meta.json").read_text())
+    meta["sha256"]["config.yaml"] = hashlib.sha256(latest.config_file.read_bytes()).hexdigest()
+    (latest.path / "meta.json").write_text(json.dumps(meta))
+    refused = rf"^{latest.config_file}: trainer\.lr holds the interpolation '\$\{{oc\.env:UNTRUSTED_TEST_LR\}}'"
+    with pytest.raises(ConfigError, match=refused):
+        train(tiny_cfg("trainer.max_steps=4"), data=image_data())
+    assert resolve_checkpoint(run).step == 2  # nothing trained, nothing skipped
+    with pytest.raises(ConfigError, match=refused):
+        load_first_stage(latest, device=torch.device("cpu"))
+
+
 def test_bad_data_and_stage_are_named(tiny_cfg, image_data):
     with pytest.raises(TrainingError, match="data has 1-channel images.*first_stage.in_channels"):
         train(tiny_cfg(), data=image_data(channels=1))

@@ -559,12 +559,13 @@ def _checkpoint_sampler_overrides(checkpoint: Path | None, overrides: Sequence[s
         return overrides
     from omegaconf import OmegaConf
 
+    from ldmkit.config import load_saved_config
     from ldmkit.pipeline import CONFIG_FILE
 
     try:
-        saved = OmegaConf.load(Path(checkpoint) / CONFIG_FILE)
+        saved = load_saved_config(Path(checkpoint) / CONFIG_FILE)
     except (OSError, ValueError):
-        return overrides  # Pipeline.load reports the missing or broken file
+        return overrides  # Pipeline.load reports the missing, broken or refused file
     choice = OmegaConf.select(saved, "choices.sampler", default=None)
     return [f"sampler={choice}", *overrides] if choice else overrides
 

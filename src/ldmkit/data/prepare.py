@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from tqdm import tqdm
 
 import ldmkit
@@ -16,7 +17,7 @@ from ldmkit.data.errors import DataError
 from ldmkit.data.manifest import MANIFEST, Manifest, SplitInfo, read_manifest, write_manifest
 from ldmkit.data.shards import CAPTION, IMAGE, LABEL, META, SEGMENTATION, ShardWriter, encode_png
 from ldmkit.data.sources import source_class
-from ldmkit.data.sources.base import Source, SourceSample
+from ldmkit.data.sources.base import Source, SourceSample, printable
 
 MAX_SHARD_SIZE = 5000
 MIN_SHARD_SIZE = 64
@@ -154,8 +155,8 @@ def prepare(
             ):
                 try:
                     sample = src.load(item)
-                except (OSError, ValueError, SyntaxError) as exc:
-                    failures.append(f"{split_name} item {item}: {exc}")
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                    failures.append(printable(f"{split_name} item {item}: {exc}"))
                     continue
                 members = encode_sample(sample, src)
                 writer.write(f"{split_name}-{index:07d}", members)

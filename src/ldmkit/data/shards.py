@@ -165,13 +165,35 @@ def _octal(field: bytes, what: str) -> int:
 
 def _pax_records(data: bytes) -> dict[str, str]:
     records, pos = {}, 0
-    while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        records[key.decode("utf-8")] = value.decode("utf-8")
-        pos += length
+    try:
+        while pos < len(data):
+            space = data.index(b" ", pos)
+            length = int(data[pos:space])
+            if length <= space - pos or pos + length > len(data):
+                raise ValueError(f"record length {length}")
+            key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+            records[key.decode("utf-8")] = value.decode("utf-8")
+            pos += length
+    except ValueError as exc:  # also a missing space, a non-number, bad UTF-8
+        raise TarFormatError(f"damaged pax header: {exc}") from None
     return records
+
+
+def _pax_size(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):  # a negative size would read to the end
+        raise TarFormatError(f"damaged pax header: size {text!r}")
+    return int(text)
+
+
+def _bytes_left(fileobj) -> int | None:
+    """How many bytes ``fileobj`` holds after its position (None: a stream of unknown length)."""
+    try:
+        here = fileobj.tell()
+        end = fileobj.seek(0, os.SEEK_END)
+        fileobj.seek(here)
+    except (AttributeError, OSError, ValueError):
+        return None
+    return end - here
 
 
 def iter_tar_members(fileobj) -> Iterator[tuple[str, bytes]]:
@@ -180,9 +202,11 @@ def iter_tar_members(fileobj) -> Iterator[tuple[str, bytes]]:
     A small POSIX/GNU tar reader (ustar headers, pax ``path``/``size`` records, GNU long names)
     in place of ``tarfile``: reading shards is the loader's inner loop, and ``tarfile`` spends
     most of that loop parsing header fields we never use. Raises ``TarFormatError`` where the
-    stream is cut short or a header checksum fails.
+    stream is cut short, a header checksum fails, or a member claims more bytes than the file
+    has left (a crafted size of 1 TB or 2^80 is refused before anything is read).
     """
     pending: dict[str, str] = {}
+    left = _bytes_left(fileobj)
     while True:
         header = fileobj.read(BLOCK)
         if len(header) < BLOCK:
@@ -204,7 +228,15 @@ def iter_tar_members(fileobj) -> Iterator[tuple[str, bytes]]:
             prefix = header[345:500].split(b"\x00", 1)[0].decode("utf-8", "replace")
             name = f"{prefix}/{name}" if prefix else name
         if "size" in pending:
-            size = int(pending["size"])
+            size = _pax_size(pending["size"])
+        if left is not None:
+            left -= BLOCK
+            if size > left:
+                member = pending.get("path", name)
+                raise TarFormatError(
+                    f"member {member} claims {size} bytes; the file has {left} left"
+                )
+            left -= size + -size % BLOCK
         data = fileobj.read(size)
         if len(data) < size:
             raise TarFormatError(f"member {name} has {len(data)} of its {size} bytes")

@@ -49,14 +49,15 @@ def eval_options(cfg: Any) -> dict[str, Any]:
 def load_first_stage(checkpoint: Any, *, device: torch.device) -> tuple[torch.nn.Module, DictConfig]:
     """Rebuild the first stage a stage-1 checkpoint was trained with (from the config saved
     beside its weights; names resolve through the registry) and load its weights."""
+    from ldmkit.config import load_saved_config
     from ldmkit.training.autoencoder import build_first_stage
     from ldmkit.training.checkpoint import CheckpointError, read_safetensors, unflatten_state
 
     if not checkpoint.config_file.is_file():
         raise CheckpointError(f"checkpoint {checkpoint.path} has no config.yaml to rebuild its first stage from")
-    saved = OmegaConf.load(checkpoint.config_file)
+    saved = load_saved_config(checkpoint.config_file)
     model = build_first_stage(saved)
-    tensors = unflatten_state(read_safetensors(checkpoint.model_file), "first_stage")
+    tensors = unflatten_state(read_safetensors(checkpoint.model_file, prefix="first_stage."), "first_stage")
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:

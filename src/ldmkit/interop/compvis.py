@@ -358,6 +358,8 @@ def read_compvis_config(path: str | os.PathLike) -> dict[str, Any]:
     """The paper's YAML as plain data (``target:`` strings are never imported)."""
     import yaml
 
+    from ldmkit.config import refuse_interpolations
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config {path} does not exist (the paper's config.yaml of this checkpoint)")
@@ -367,6 +369,7 @@ def read_compvis_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{path} is not YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path} does not hold a mapping")
+    refuse_interpolations(data, path)  # its values become the pipeline's config
     return data
 
 

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ldmkit.config import refuse_interpolations
 from ldmkit.errors import ConfigError
 
 __all__ = [
@@ -696,9 +697,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConversionError(f"{path} is missing (is {path.parent.parent} a diffusers folder?)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ConversionError(f"{path} is not JSON: {err}") from err
+    refuse_interpolations(data, path)  # its values become the pipeline's config
+    return data
 
 
 def _read_tensors(folder: Path) -> dict[str, Tensor]:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ldmkit import frozen
 from ldmkit import precision as _precision
+from ldmkit.config import refuse_interpolations
 from ldmkit.errors import LdmkitError
 from ldmkit.io import atomic_write_text, remove_stale_temporaries, reporting_write_errors
 from ldmkit.training.checkpoint import (
@@ -427,6 +428,7 @@ class Trainer(abc.ABC):
                 raise CheckpointError(f"cannot read {checkpoint.config_file}: {type(err).__name__}: {err}") from err
             if not isinstance(saved_config, dict):
                 raise CheckpointError(f"cannot read {checkpoint.config_file}: not a mapping")
+            refuse_interpolations(saved_config, checkpoint.config_file)  # refused, not skipped
         try:
             references = frozen.read_manifest(checkpoint.path)
         except frozen.FrozenReferenceError as err:

@@ -8,7 +8,8 @@ inpainting conditioner), so the core keeps no list of condition keys.
 Layout of ``<run_dir>/latent_cache/``: ``chunk_<NNNNN>.safetensors`` (``latents``:
 N×c×h×w float32, plus one tensor per tensor-valued key) with ``chunk_<NNNNN>.json``
 (the list-valued keys, e.g. captions, and ``__key__``), then ``meta.json`` written last:
-a cache without it is incomplete and rebuilt. Latents are stored *unscaled* (the first
+a cache without it is incomplete and rebuilt, and so is one with a file that does not read
+back whole (a truncated chunk: :class:`DamagedCacheError`, one warning). Latents are stored *unscaled* (the first
 stage's ``encode`` output); the trainer applies the pipeline's scale factor.
 Augmentation (random flips) is fixed at encoding time.
 """
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ldmkit.errors import LdmkitError
+from ldmkit.errors import LdmkitError, UnreadableWeightsError
 from ldmkit.io import atomic_write, atomic_write_text
 
 META = "meta.json"
@@ -38,6 +39,10 @@ class LatentCacheError(LdmkitError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class DamagedCacheError(LdmkitError, RuntimeError):
+    """A file of a complete cache does not read back (the message names it)."""
 
 
 def is_complete(directory: Path, fingerprint: str) -> bool:
@@ -123,20 +128,21 @@ class LatentCache:
     epoch (and per rank)."""
 
     def __init__(self, directory: Path) -> None:
-        from ldmkit.safetensors_io import read_safetensors
-
         meta = json.loads((directory / META).read_text())
         tensors: dict[str, list[Tensor]] = {}
         lists: dict[str, list[Any]] = {}
         for i in range(meta["chunks"]):
-            for key, value in read_safetensors(directory / f"chunk_{i:05d}.safetensors").items():
+            chunk_tensors, chunk_lists = _read_chunk(directory, i)
+            for key, value in chunk_tensors.items():
                 tensors.setdefault(key, []).append(value)
-            for key, value in json.loads((directory / f"chunk_{i:05d}.json").read_text()).items():
+            for key, value in chunk_lists.items():
                 lists.setdefault(key, []).extend(value)
         self.keys: list[str] = list(meta.get("keys", []))
         self.tensors: dict[str, Tensor] = {k: torch.cat(v) for k, v in tensors.items()}
         self.lists: dict[str, list[Any]] = lists
         self.latents: Tensor = self.tensors[LATENTS]
+        if len(self) != meta["samples"]:
+            raise DamagedCacheError(f"{directory} holds {len(self)} of its {meta['samples']} latents")
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -158,6 +164,26 @@ class LatentCache:
             for key, value in self.lists.items():
                 batch[key] = [value[i] for i in positions]
             yield batch
+
+
+def _read_chunk(directory: Path, index: int) -> tuple[dict[str, Tensor], dict[str, list[Any]]]:
+    """The tensors and lists of chunk ``index``, each with as many rows as its latents."""
+    from ldmkit.safetensors_io import read_safetensors
+
+    path = directory / f"chunk_{index:05d}.safetensors"
+    try:
+        tensors = read_safetensors(path)
+    except UnreadableWeightsError as err:
+        raise DamagedCacheError(f"{path} is unreadable ({err.reason})") from err
+    path = path.with_suffix(".json")
+    try:
+        lists = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DamagedCacheError(f"{path} is unreadable ({err})") from err
+    rows = {len(v) for v in (*tensors.values(), *lists.values())}
+    if LATENTS not in tensors or len(rows) != 1:
+        raise DamagedCacheError(f"{path.with_suffix('.safetensors')} and {path.name} do not hold one row per sample")
+    return tensors, lists
 
 
 class CacheLoader:

@@ -29,7 +29,7 @@ from ldmkit.ema import EMA
 from ldmkit.interfaces import Conditioner
 from ldmkit.training.batches import batch_images
 from ldmkit.training.defaults import stage_only_keys
-from ldmkit.training.engine import TRAINER_DEFAULTS, Trainer, TrainingError
+from ldmkit.training.engine import TRAINER_DEFAULTS, Trainer, TrainingError, TrainingWarning
 from ldmkit.training.rng import generator, isolated_rng, stream_seed
 
 # the stage-2 keys and their defaults: conf/trainer/ldm.yaml (ldmkit.training.defaults)
@@ -175,11 +175,22 @@ class LDMTrainer(Trainer):
 
     def _load_cache(self):
         from ldmkit.data import build_dataloader
-        from ldmkit.training.latent_cache import LatentCache, build_cache, is_complete
+        from ldmkit.training.latent_cache import (
+            DamagedCacheError,
+            LatentCache,
+            build_cache,
+            is_complete,
+        )
 
         directory = self.run_dir / "latent_cache"
         fingerprint = self._cache_fingerprint()
-        if self.is_main and not is_complete(directory, fingerprint):
+        cache = None
+        if self.is_main and is_complete(directory, fingerprint):
+            try:
+                cache = LatentCache(directory)
+            except DamagedCacheError as err:
+                warnings.warn(f"{err}; rebuilding the latent cache", TrainingWarning, stacklevel=2)
+        if self.is_main and cache is None:
             loader = build_dataloader(
                 self.cfg.data, batch_size=int(self.options["batch_size"]), split="train",
                 rank=0, world_size=1, num_workers=int(self.options["num_workers"]),
@@ -197,7 +208,7 @@ class LDMTrainer(Trainer):
                     self.check_interrupt(during)
                 raise
         self.barrier()
-        return LatentCache(directory)
+        return cache if cache is not None else LatentCache(directory)
 
     # -- one step --------------------------------------------------------------------------
     @torch.no_grad()

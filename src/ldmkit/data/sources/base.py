@@ -10,6 +10,26 @@ from typing import Any, ClassVar
 from PIL import Image
 
 
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8: a file name whose bytes were not UTF-8 comes
+    back from the file system with surrogate escapes (``os.fsdecode``), which cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(text: str) -> str:
+    """``text`` with the bytes of a non-UTF-8 file name shown as ``\\xNN`` (``caf\\xe9.png``),
+    so it can be printed and written to UTF-8 files."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 @dataclass
 class SourceSample:
     """One sample as a source produces it, before it is encoded into a shard."""
@@ -26,8 +46,9 @@ class Source(ABC):
 
     Subclasses declare ``options`` (name -> default); the constructor accepts exactly those, so
     a misspelled ``key=value`` on the command line is an error, not silently ignored.
-    ``items`` is called once per split; ``load`` may raise ``OSError``/``ValueError`` for a broken
-    item, which preparation skips and records in the manifest's notes.
+    ``items`` is called once per split; ``load`` may raise ``OSError``/``ValueError`` (or PIL's
+    ``DecompressionBombError``) for a broken item, which preparation skips and records in the
+    manifest's notes.
     """
 
     name: ClassVar[str]

@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from ldmkit.data.errors import SourceNotFoundError
-from ldmkit.data.sources.base import Source, SourceSample, normalize_mode
+from ldmkit.data.sources.base import Source, SourceSample, is_utf8, normalize_mode
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -60,6 +60,7 @@ class ImageFolder(Source):
                 p.relative_to(self.root).parts[0]
                 for p in self.paths
                 if len(p.relative_to(self.root).parts) > 1
+                and is_utf8(str(p.relative_to(self.root)))
             }
         )
 
@@ -68,6 +69,8 @@ class ImageFolder(Source):
 
     def load(self, path: Path) -> SourceSample:
         relative = path.relative_to(self.root)
+        if not is_utf8(str(relative)):  # its name could be neither kept nor written as metadata
+            raise ValueError("its name is not UTF-8; rename it (e.g. convmv -f latin1 -t utf8)")
         with Image.open(path) as opened:
             opened.load()
             image = normalize_mode(ImageOps.exif_transpose(opened))
