@@ -18,6 +18,7 @@ cores; benchmarks/RESULTS.md, "Tar reader").
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -118,6 +119,10 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the shard in progress (the completed ones stay on disk)."""
         if self._writer is not None:
+            # close the tar stream before its file: left open, it writes its end-of-archive
+            # blocks into the closed file when collected ("Exception ignored ... closed file")
+            with contextlib.suppress(Exception):
+                self._writer.close()
             self._file.close()
             self._tmp.unlink(missing_ok=True)
             self._writer = None
