@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import resource
 import shutil
 import signal
@@ -612,3 +613,353 @@ def test_write_errors_name_the_path_in_process(tmp_path):
     rust = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
     assert as_write_error(rust, tmp_path / "m.safetensors").errno == errno.ENOSPC
     atomic_write_text(tmp_path / "ok.txt", "fine")  # an ordinary write is untouched
+
+
+# -- devices, folders, sizes and files that are not what they claim (issue 26, item 5) --------
+LDM_RUN = ["stage=ldm", "trainer=ldm_tiny", "image_size=8", "data=image_folder"]
+SAMPLE = ["image_size=8", "sampler.steps=1"]
+NO_CUDA = "CUDA is not available here|this machine has \\d+ CUDA devices?"
+PICKLE_REFUSED = (
+    r"cannot read checkpoint weights {root}/foreign.ckpt: it contains objects ldmkit will not "
+    r"unpickle \(argparse.Namespace\): ldmkit reads only tensors and plain containers from a "
+    r"pickle \(pickled code is never run\); save the state dict as .safetensors where the "
+    r"checkpoint was made"
+)
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    """A file where folders go; pipeline folders whose config.yaml is broken; a pickle holding
+    an object; a diffusers folder and copies of it with one number tampered with."""
+    import argparse
+    import json
+
+    import torch
+
+    import ldmkit
+
+    root = tmp_path_factory.mktemp("bad_files")
+    (root / "a_file").write_text("kept\n")
+    ldmkit.compose(overrides=["image_size=8"]).save(root / "identity")  # first_stage=identity
+    saved = (root / "identity" / "config.yaml").read_text()
+    broken = {
+        "not_yaml": "first_stage: [unclosed\n  x: : :\n",
+        "a_list": "- first_stage\n- denoiser\n",
+        "no_groups": "image_size: 8\nsampler: {name: ddim}\n",
+        "bad_value": saved.replace("\nimage_size: 8\n", "\nimage_size: abc\n"),
+    }
+    assert broken["bad_value"] != saved
+    for name, text in broken.items():
+        shutil.copytree(root / "identity", root / name)
+        (root / name / "config.yaml").write_text(text)
+    torch.save(
+        {"state_dict": {"w": torch.zeros(2)}, "hparams": argparse.Namespace(lr=1)},
+        root / "foreign.ckpt",
+    )
+    kl = ["first_stage=kl_tiny", "first_stage.ch=32", "first_stage.norm_groups=32", "image_size=16",
+          "denoiser.use_spatial_transformer=false"]  # fmt: skip
+    ldmkit.compose(overrides=kl).to_diffusers(root / "diffusers")
+    tampered = {
+        "huge_image": ("ldmkit.json", "image_size", 1e12),
+        "negative_layers": ("unet/config.json", "layers_per_block", -1),
+        "text_channels": ("vae/config.json", "block_out_channels", [32, "64", 64]),
+        "no_timesteps": ("scheduler/scheduler_config.json", "num_train_timesteps", 0),
+        "no_in_channels": ("unet/config.json", "in_channels", None),
+    }
+    for name, (file, key, value) in tampered.items():
+        shutil.copytree(root / "diffusers", root / name)
+        data = json.loads((root / name / file).read_text())
+        data[key] = value
+        (root / name / file).write_text(json.dumps(data))
+    return root
+
+
+# name: (argv, the one error line as a regular expression); {root}: bad_files, {tmp}: tmp_path
+ONE_LINE_CASES = {
+    # a device this machine does not have (with or without CUDA)
+    "train-device": (
+        ["train", *LDM_RUN, "trainer.device=cuda:7"],
+        f"trainer.device='cuda:7': ({NO_CUDA}).*",
+    ),
+    "sample-device": (
+        ["sample", *SAMPLE, "--device", "cuda:7"],
+        f"--device 'cuda:7': ({NO_CUDA}).*",
+    ),
+    # a file where a folder goes
+    "run_dir-is-a-file": (
+        ["train", *LDM_RUN, "run_dir={root}/a_file"],
+        "run_dir={root}/a_file: {root}/a_file is a file, not a folder",
+    ),
+    "run_dir-under-a-file": (
+        ["train", *LDM_RUN, "run_dir={root}/a_file/run"],
+        "run_dir={root}/a_file/run: {root}/a_file is a file, not a folder",
+    ),
+    "out-under-a-file": (
+        ["sample", *SAMPLE, "--out", "{root}/a_file/x.png"],
+        "cannot write {root}/a_file/x.png: {root}/a_file is a file, not a folder",
+    ),
+    "out-samples-folder-is-a-file": (
+        ["sample", *SAMPLE, "--out", "{root}/a_file.png"],
+        "cannot write {root}/a_file/000000.png: {root}/a_file is a file, not a folder",
+    ),
+    # model sizes: a level without channels, a model beyond this machine's memory
+    "channel_mult-0": (
+        ["train", *LDM_RUN, "denoiser.channel_mult=[1,0]"],
+        r"denoiser=unet_tiny: cannot build denoiser 'unet': channel_mult=\[1, 0\]: give one multiplier >= 1 "
+        r"per level \(level i has channel_mult\[i\] \* model_channels channels\)",
+    ),
+    "ch_mult-0": (
+        [
+            "train",
+            "stage=autoencoder",
+            "trainer=autoencoder_tiny",
+            "first_stage=kl_tiny",
+            "image_size=8",
+            "first_stage.ch_mult=[1,0]",
+        ],
+        r"first_stage config: cannot build first_stage 'kl': ch_mult=\[1, 0\]: every multiplier must be >= 1.*",
+    ),  # fmt: skip
+    "model-beyond-memory": (
+        ["sample", *SAMPLE, "denoiser.model_channels=1048576"],
+        r"denoiser=unet_tiny needs 4.3 PB for its parameters and buffers \(1,063,228,105,818,115 numbers\), "
+        "but .* of memory is available here",
+    ),
+    # a sample size whose images alone exceed any memory
+    "height-beyond-memory": (
+        ["sample", *SAMPLE, "--height", "100000", "--width", "100000"],
+        r"sampling 16 images of 100000x100000 needs 3.8 TB, but .* of memory is available here \(estimated: "
+        r"the latents and images 3.8 TB\); sample fewer images at once \(--batch-size\), decode in tiles "
+        r"\(--tile\) or choose a smaller size",
+    ),
+    # the seeds the demo takes
+    "seed-negative": (
+        ["sample", *SAMPLE, "--seed", "-1"],
+        "--seed must be a whole number from 0 to 4294967295, got -1",
+    ),
+    "seed-too-large": (
+        ["sample", *SAMPLE, "--seed", "4294967296"],
+        "--seed must be a whole number from 0 to 4294967295, got 4294967296",
+    ),
+    # a checkpoint folder whose config.yaml is no pipeline config
+    "config-not-yaml": (
+        ["sample", "--checkpoint", "{root}/not_yaml"],
+        r"the checkpoint config {root}/not_yaml/config.yaml is not YAML: expected ',' or '\]', but got ':' "
+        r"\(line 2, column 4\)",
+    ),
+    "config-a-list": (
+        ["sample", "--checkpoint", "{root}/a_list"],
+        "the checkpoint config {root}/a_list/config.yaml holds a list, not a mapping of config groups "
+        r"\(first_stage, denoiser, conditioner, sampler\)",
+    ),
+    "config-without-groups": (
+        ["sample", "--checkpoint", "{root}/no_groups", "sampler.steps=2"],
+        "the checkpoint config {root}/no_groups/config.yaml has no first_stage, denoiser, conditioner: it "
+        "does not describe a pipeline",
+    ),
+    "config-bad-value": (
+        ["sample", "--checkpoint", "{root}/bad_value"],
+        "the checkpoint config {root}/bad_value/config.yaml: image_size='abc': expected an integer >= 1 or null",
+    ),
+    # conversions: a first stage diffusers has no class for, tampered diffusers folders, a pickle
+    "to-diffusers-identity": (
+        ["convert", "to-diffusers", "{root}/identity", "--out", "{tmp}/out"],
+        "the first stage 'identity' cannot be exported to diffusers, which has a counterpart for kl "
+        r"\(AutoencoderKL\) and vq \(VQModel\) first stages only",
+    ),
+    "diffusers-image_size": (
+        ["convert", "from-diffusers", "{root}/huge_image", "--out", "{tmp}/out"],
+        "ldmkit.json: image_size=1000000000000.0: expected an integer >= 1",
+    ),
+    "diffusers-layers": (
+        ["convert", "from-diffusers", "{root}/negative_layers", "--out", "{tmp}/out"],
+        r"unet/config.json \(UNet2DModel\): layers_per_block=-1: expected an integer >= 1",
+    ),
+    "diffusers-channels": (
+        ["convert", "from-diffusers", "{root}/text_channels", "--out", "{tmp}/out"],
+        r"vae/config.json \(AutoencoderKL\): block_out_channels=\[32, '64', 64\]: expected a non-empty list, "
+        "each an integer >= 1",
+    ),
+    "diffusers-timesteps": (
+        ["convert", "from-diffusers", "{root}/no_timesteps", "--out", "{tmp}/out"],
+        r"scheduler/scheduler_config.json \(DDIMScheduler\): num_train_timesteps=0: expected an integer >= 1",
+    ),
+    "diffusers-missing-key": (
+        ["convert", "from-diffusers", "{root}/no_in_channels", "--out", "{tmp}/out"],
+        r"unet/config.json \(UNet2DModel\): in_channels is missing",
+    ),
+    "compvis-pickle": (
+        ["convert", "compvis", "{root}/foreign.ckpt", "--preset", "kl-f8", "--out", "{tmp}/out"],
+        PICKLE_REFUSED,
+    ),
+}
+
+
+def _filled(argv: list[str], pattern: str, root: Path, tmp: Path) -> tuple[list[str], str]:
+    places = {"{root}": str(root), "{tmp}": str(tmp)}
+    for key, value in places.items():
+        argv = [a.replace(key, value) for a in argv]
+        pattern = pattern.replace(key, re.escape(value))
+    return argv, pattern
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"), list(ONE_LINE_CASES.values()), ids=list(ONE_LINE_CASES)
+)
+def test_devices_folders_sizes_and_files_are_one_line(argv, pattern, bad_files, tmp_path, capsys):
+    argv, pattern = _filled(argv, pattern, bad_files, tmp_path)
+    if argv[0] == "train":
+        argv += [f"data.path={tmp_path / 'none'}"] + (
+            [] if any(a.startswith("run_dir=") for a in argv) else [f"run_dir={tmp_path / 'run'}"]
+        )
+    if argv[0] == "sample":
+        argv += ["--no-progress"] + (
+            [] if "--out" in argv else ["--out", str(tmp_path / "grid.png")]
+        )
+    code, line = run_main(capsys, *argv)
+    assert code == 1
+    assert re.fullmatch(pattern, line), line
+    assert "weights_only" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["none"])  # nothing written
+    assert (bad_files / "a_file").read_text() == "kept\n"
+
+
+DATA = ["data", "prepare", "image_folder", "progress=false"]
+
+
+@pytest.mark.parametrize(
+    ("options", "code", "message"),
+    [
+        (["out={root}/a_file"], 1, "out={root}/a_file: {root}/a_file is a file, not a folder"),
+        (
+            ["out={root}/a_file/data"],
+            1,
+            "out={root}/a_file/data: {root}/a_file is a file, not a folder",
+        ),
+        (["limit=-1"], 2, "limit=-1: expected an integer >= 1 or null"),
+        (
+            ["limit=abc", "shard_size=0"],
+            2,
+            "limit='abc': expected an integer >= 1 or null; shard_size=0: expected an integer >= 1 or one of auto",
+        ),
+        (
+            ["image_size=abc"],
+            2,
+            "image_size='abc': expected an integer >= 1 or null (source 'image_folder')",
+        ),
+    ],
+)
+def test_data_prepare_options_are_one_line(options, code, message, bad_files, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "one.png").write_bytes(b"\x89PNG not really")  # never read: the options fail first
+    options = [o.replace("{root}", str(bad_files)) for o in options]
+    out = [] if any(o.startswith("out=") for o in options) else [f"out={tmp_path / 'data'}"]
+    capsys.readouterr()
+    assert main([*DATA, f"path={images}", *options, *out]) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err == f"ldmkit data prepare: {message.replace('{root}', str(bad_files))}\n"
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (
+            ["train", *LDM_RUN, "trainer.device=cuda:7", "run_dir={tmp}/run"],
+            f"trainer.device='cuda:7': ({NO_CUDA}).*",
+        ),
+        (
+            ["sample", *SAMPLE, "--height", "100000", "--width", "100000", "--out", "{tmp}/x.png"],
+            "sampling 16 images of 100000x100000 needs 3.8 TB, but .*",
+        ),
+        (
+            [
+                "convert",
+                "compvis",
+                "{root}/foreign.ckpt",
+                "--preset",
+                "kl-f8",
+                "--out",
+                "{tmp}/out",
+            ],
+            PICKLE_REFUSED,
+        ),
+    ],
+    ids=["device", "size", "pickle"],
+)
+def test_the_console_script_refuses_them_in_one_line_too(argv, pattern, bad_files, tmp_path):
+    argv, pattern = _filled(argv, pattern, bad_files, tmp_path)
+    out = ldmkit(*argv, cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert re.fullmatch(pattern, error_line(out.stderr, argv[0]))
+    assert "weights_only" not in out.stderr and "Traceback" not in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sampling_memory_is_estimated_from_the_activations(monkeypatch):
+    """Beyond the latents and images, the largest of a chunk's denoiser step and decode,
+    counted on the meta device; tiles and smaller chunks shrink what is counted."""
+    import ldmkit
+    from ldmkit import devices
+
+    pipe = ldmkit.compose(overrides=["first_stage=kl_tiny", "image_size=16", "sampler.steps=1"])
+    pipe.eval()
+    memory = {"bytes": 100_000_000}
+    monkeypatch.setattr(
+        devices, "available_memory", lambda device: (memory["bytes"], "of memory is here")
+    )
+
+    def refused(**kwargs) -> devices.InsufficientMemoryError:
+        with pytest.raises(devices.InsufficientMemoryError) as err:
+            pipe.sample(num_samples=4, size=512, seed=0, **kwargs)
+        return err.value
+
+    whole = refused()
+    assert str(whole).startswith(
+        "sampling 4 images of 512x512 needs 216.3 MB, but 100.0 MB of memory is here (estimated: the "
+        "latents and images 13.4 MB, decoding 4 latents of 3x128x128 202.9 MB); sample fewer images "
+        "at once (batch_size), decode in tiles (tile) or choose a smaller size"
+    )
+    memory["bytes"] = 1_000_000  # refuse them all, to compare what each needs
+    assert refused(tile=16).needed < whole.needed
+    chunked = refused(batch_size=1)
+    assert ", 1 at a time," in str(chunked) and chunked.needed < whole.needed
+    # images under 1/1024 of the memory are not estimated: sampled as before
+    memory["bytes"] = 100_000_000
+    assert pipe.sample(num_samples=1, size=16, seed=0).shape == (1, 3, 16, 16)
+
+
+def test_a_model_beyond_memory_is_refused_before_it_is_allocated(monkeypatch):
+    """The build stops at the allocation that would pass the free memory; the refusal names
+    the config and what the whole model needs (counted on the meta device)."""
+    from ldmkit import devices
+    from ldmkit.config import build_pipeline
+
+    monkeypatch.setattr(
+        devices, "available_memory", lambda device: (1_000_000, "of memory is available here")
+    )
+    with pytest.raises(
+        devices.InsufficientMemoryError,
+        match=r"^denoiser=unet_tiny needs 4\.\d MB for its parameters",
+    ) as err:
+        build_pipeline(compose_config(["image_size=8"]))
+    assert err.value.available == 1_000_000
+
+
+def test_a_gpu_index_beyond_the_machines_names_those_it_has(monkeypatch):
+    """The branch CPU-only CI cannot reach: CUDA is there, the index is not."""
+    import torch
+
+    from ldmkit.devices import DeviceError, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(DeviceError) as err:
+        resolve_device("cuda:7", "trainer.device")
+    assert str(err.value) == (
+        "trainer.device='cuda:7': this machine has 2 CUDA devices (cuda:0 to cuda:1)"
+    )
+    assert resolve_device("cuda:1", "--device") == torch.device("cuda", 1)
+    with pytest.raises(DeviceError, match=r"^--device 'gpu': expected auto or a torch device"):
+        resolve_device("gpu", "--device")

@@ -17,7 +17,7 @@ The rules (docs/architecture.md explains them):
 
    0. foundation: ``errors``, ``io``, ``safetensors_io``, ``registry``, ``hookspecs``,
       ``precision``, ``compiling``, ``masks``, ``tiling``, ``visualize``, ``ema``,
-      ``config_checks`` and the package root;
+      ``config_checks``, ``devices`` and the package root;
    1. building blocks: ``nn``, ``interfaces``, ``diffusion``, ``losses``,
       ``checkpoint_layout``, ``weights``, and the pure metrics ``evaluation.metrics`` and
       ``evaluation.frechet``;
@@ -68,6 +68,7 @@ LAYERS: dict[str, int] = {
     "ldmkit.visualize": 0,
     "ldmkit.ema": 0,
     "ldmkit.config_checks": 0,
+    "ldmkit.devices": 0,
     "ldmkit.nn": 1,
     "ldmkit.interfaces": 1,
     "ldmkit.diffusion": 1,

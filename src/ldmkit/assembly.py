@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldmkit.config import AUTO, ConfigError
 from ldmkit.config_checks import argument_problems
+from ldmkit.devices import build_within_memory
 from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.errors import WeightsError
 from ldmkit.interfaces import INTERFACES
@@ -61,8 +62,8 @@ def create_component(
     problems = argument_problems(factory, kwargs, key or kind)
     if problems:
         raise ConfigError(f"{'; '.join(problems)} ({label or f'{kind} {name!r}'})")
-    try:
-        obj = registry.create(kind, name, **kwargs)
+    try:  # refused before the allocation that would pass the free memory, naming the config
+        obj = build_within_memory(lambda: registry.create(kind, name, **kwargs), label or f"{kind} {name!r}")
     except LookupError as err:
         raise ConfigError(f"{label or kind}: {err}") from err
     except TypeError as err:

@@ -142,6 +142,17 @@ class Numbers(Spec):
         )
 
 
+class ListOf(Spec):
+    """A non-empty list whose every item ``item`` accepts."""
+
+    def __init__(self, item: Spec) -> None:
+        self.item = item
+        self.expected = f"a non-empty list, each {item.expected}"
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, list | tuple) and len(value) > 0 and all(self.item.accepts(v) for v in value)
+
+
 class Device(Spec):
     expected = "auto or a torch device (cpu, cuda, cuda:1, mps)"
 

@@ -106,11 +106,31 @@ def as_write_error(err: BaseException, path: str | os.PathLike | None = None) ->
     return WriteError(where if where is not None else "a file", code)
 
 
+class NotAFolderError(LdmkitError, NotADirectoryError):
+    """A folder cannot be made where a file is: the path itself, or a folder above it."""
+
+
+def check_folder(folder: str | os.PathLike, label: str) -> None:
+    """Raise :class:`NotAFolderError` ("``label``: runs/x is a file, not a folder") when
+    ``folder`` cannot be (or become) a folder because it, or a folder above it, is a file."""
+    for path in (Path(folder), *Path(folder).parents):
+        try:
+            if path.is_dir():
+                return
+            in_the_way = path.exists() or path.is_symlink()
+        except OSError:
+            return  # cannot look (no permission): the write itself will say
+        if in_the_way:
+            raise NotAFolderError(f"{label}: {path} is a file, not a folder")
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """Raise :class:`WriteError` now if the file ``path`` could not be created (its nearest
-    existing folder is read-only or not writable), so that a long command fails before its
-    work rather than after it. A full disk is only found when writing."""
+    existing folder is read-only or not writable), or :class:`NotAFolderError` if a file
+    stands where a folder above it has to be, so that a long command fails before its work
+    rather than after it. A full disk is only found when writing."""
     target = Path(path)
+    check_folder(target.parent, f"cannot write {target}")
     existing = target.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

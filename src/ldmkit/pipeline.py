@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from ldmkit import frozen, masks
+from ldmkit import devices, frozen, masks
 from ldmkit import precision as _precision
 from ldmkit.assembly import pipeline_parts
 from ldmkit.compiling import compile_module
@@ -154,6 +154,80 @@ class Pipeline(nn.Module):
                 f"{h}x{w} or leave image_size out to follow them"
             )
         return grid
+
+    def _check_memory(
+        self,
+        shape: tuple[int, ...],
+        batch_size: int,
+        cond: Mapping[str, Tensor],
+        uncond: Mapping[str, Tensor] | None,
+        images: Tensor | None,
+        tiling: Mapping[str, Any],
+        precision: str,
+    ) -> None:
+        """Refuse a call whose tensors cannot fit the device's free memory, before any is made
+        (:class:`ldmkit.devices.InsufficientMemoryError`, naming the numbers): the latents and
+        images of all ``shape[0]`` samples, plus the largest of one chunk's denoiser step (both
+        halves under guidance), its decode and the init image's encode, counted by running
+        them on the meta device. Calls whose images take less than 1/1024 of the free memory
+        are let through unestimated (a first meta run costs a second, and activations of
+        1024x the images are beyond the first stages and denoisers we know)."""
+        device = self.scale_factor.device
+        room = devices.available_memory(device)
+        if room is None:
+            return
+        n, channels, h, w = shape
+        f = self.first_stage.downsample_factor
+        size = f"{h * f}x{w * f}"
+        fixed = 4 * n * channels * h * w + 4 * n * self.first_stage.image_channels * h * w * f * f  # float32
+        if fixed * 1024 <= room[0]:
+            return
+        rows = min(batch_size, n)
+        largest, name = 0, ""
+        if fixed <= room[0]:  # the rest of the estimate matters
+
+            def meta(*dims: int, like: Tensor | None = None) -> Tensor:
+                dtype = like.dtype if like is not None else torch.float32
+                return torch.empty(dims, dtype=dtype, device="meta")
+
+            def chunk(values: Mapping[str, Tensor]) -> dict[str, Tensor]:
+                return {k: meta(rows if v.shape[0] == n else v.shape[0], *v.shape[1:], like=v) for k, v in values.items()}
+
+            context = chunk(cond)
+            if uncond is not None:  # ClassifierFreeGuidance runs both halves as one batch
+                context = {k: torch.cat([chunk(uncond)[k], v]) for k, v in context.items()}
+            steps = 2 * rows if uncond is not None else rows
+            tile = tiling.get("tile")
+            th, tw = (h, w) if tile is None else (min(tile, h), min(tile, w))
+            runs = {
+                f"the denoiser's step on {steps} latent{'s' * (steps > 1)} of {channels}x{h}x{w}": lambda: self.denoiser(
+                    meta(steps, channels, h, w), torch.zeros(steps, dtype=torch.long, device="meta"), context
+                ),
+                f"decoding {rows} latent{'s' * (rows > 1)} of {channels}x{th}x{tw}": lambda: self.first_stage.decode(
+                    meta(rows, channels, th, tw)
+                ),
+            }
+            if images is not None:
+                b, c = images.shape[:2]
+                runs[f"encoding the init image{'s' * (b > 1)}"] = lambda: self.first_stage.encode(
+                    meta(b, c, th * f, tw * f)
+                )
+            for what, run in runs.items():
+                peak = devices.meta_peak_bytes(self, run) or 0
+                if what.startswith("the denoiser's") and precision in ("bf16", "fp16"):
+                    peak //= 2  # activations in half precision
+                if peak > largest:
+                    largest, name = peak, what
+        detail = f"the latents and images {devices.format_bytes(fixed)}" + (
+            f", {name} {devices.format_bytes(largest)}" if name else ""
+        )
+        devices.check_fits(
+            fixed + largest,
+            device,
+            f"sampling {n} image{'s' * (n != 1)} of {size}" + (f", {rows} at a time," if rows < n else ""),
+            f" (estimated: {detail}); sample fewer images at once (batch_size), decode in tiles (tile) "
+            "or choose a smaller size",
+        )
 
     def _check_init_image(self, init_image: Tensor) -> Tensor:
         """``init_image`` as B×C×H×W float32 on the pipeline's device, in [-1, 1]."""
@@ -417,11 +491,12 @@ class Pipeline(nn.Module):
                 )
             with _precision.autocast(resolved, device):
                 uncond = _float32(self.conditioner.unconditional(batch))  # once per call, sliced per chunk
-        if noise is None:
-            shape = (n, self.first_stage.latent_channels, *self._latent_size(hw, cond))
-            noise = randn_like(torch.empty(shape), generators).to(device)
-        elif noise.shape[0] != n:
+        if noise is not None and noise.shape[0] != n:
             raise SampleArgumentError(f"noise holds {noise.shape[0]} samples for {n}")
+        shape = tuple(noise.shape) if noise is not None else (n, self.first_stage.latent_channels, *self._latent_size(hw, cond))
+        self._check_memory(shape, batch_size or n, cond, uncond if guided else None, images, tiling, resolved)
+        if noise is None:
+            noise = randn_like(torch.empty(shape), generators).to(device)
 
         init = self._encode_init(images, n, generators, tiling) if images is not None else None
         if init is not None and init.shape != noise.shape:
@@ -589,7 +664,7 @@ class Pipeline(nn.Module):
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"checkpoint file missing: {path}")
-        cfg = load_saved_config(config_path)  # an interpolation in it is refused, not resolved
+        cfg = read_pipeline_config(config_path)
         references = frozen.read_manifest(directory)
         try:
             pipeline = cls.from_config(cfg)
@@ -632,6 +707,42 @@ def compose(overrides: Sequence[str] = ()) -> Pipeline:
     """Compose a config from Hydra ``overrides`` and build the :class:`Pipeline` it
     describes (``ldmkit.compose``)."""
     return Pipeline.from_config(compose_config(overrides))
+
+
+PIPELINE_GROUPS = ("first_stage", "denoiser", "conditioner", "sampler")
+
+
+def read_pipeline_config(path: str | Path) -> DictConfig:
+    """The ``config.yaml`` of a pipeline folder, or a :class:`ConfigError` naming the file and
+    what is wrong: not YAML, not a mapping, a component missing (or without a ``name``), a
+    core key of the wrong type (:func:`ldmkit.config_checks.config_problems`)."""
+    import yaml
+
+    from ldmkit.config_checks import config_problems
+
+    where = f"the checkpoint config {path}"
+    try:
+        cfg = load_saved_config(path)  # an interpolation in it is refused, not resolved
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{where} is not YAML: {getattr(err, 'problem', None) or err}{at}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where} is not YAML: it is not UTF-8 text") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{where} holds a list, not a mapping of config groups ({', '.join(PIPELINE_GROUPS)})")
+    missing = [g for g in PIPELINE_GROUPS if g not in cfg]
+    if missing:
+        raise ConfigError(f"{where} has no {', '.join(missing)}: it does not describe a pipeline")
+    nameless = [g for g in PIPELINE_GROUPS if not OmegaConf.is_dict(cfg[g]) or not isinstance(cfg[g].get("name"), str)]
+    if nameless:
+        raise ConfigError(
+            f"{where}: {', '.join(nameless)} must be a mapping whose `name` is a registered component"
+        )
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError(f"{where}: {'; '.join(problems)}")
+    return cfg
 
 
 def _without_shared(state: dict[str, Tensor]) -> dict[str, Tensor]:

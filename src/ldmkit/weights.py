@@ -19,6 +19,9 @@ that their source still has the saved content.
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -53,7 +56,28 @@ def _torch_load(file: Path) -> object:
     except RuntimeError as err:
         if "mmap" not in str(err):
             raise
+    with warnings.catch_warnings():  # a plain pickle's protocol: it is refused or read anyway
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
         return torch.load(file, map_location="cpu", weights_only=True)  # the legacy format
+
+
+def _unpickling_problem(err: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in ldmkit's words (PyTorch's own
+    message suggests ``weights_only=False``, which would run whatever code the file names)."""
+    text = str(err)
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if refused:
+        return (
+            f"it contains objects ldmkit will not unpickle ({refused[1]}): ldmkit reads only tensors "
+            "and plain containers from a pickle (pickled code is never run); save the state dict "
+            "as .safetensors where the checkpoint was made"
+        )
+    if isinstance(err, pickle.UnpicklingError):
+        stopped = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(\n\n|$)", text, re.S)
+        where = f"; unpickling stopped at: {stopped[1].splitlines()[0]}" if stopped else ""
+        return f"it is not a weights-only checkpoint (pickled code is never run{where})"
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return f"it is not a weights-only checkpoint (pickled code is never run): {first}"
 
 
 def _weights_file(source: str | os.PathLike) -> Path:
@@ -72,9 +96,7 @@ def read_weights(source: str | os.PathLike, *, prefix: str | None = None) -> dic
         try:
             state = _torch_load(file)
         except Exception as err:  # noqa: BLE001 - unpickling fails in many ways
-            raise UnreadableWeightsError(
-                file, f"it is not a weights-only checkpoint (pickled code is never run): {err}"
-            ) from err
+            raise UnreadableWeightsError(file, _unpickling_problem(err)) from None
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict):

@@ -364,7 +364,8 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
                         "default 0 (off), 20-50 typical")
     p.add_argument("--seed", type=int, default=0,
                    help="sample i uses seed + i (its own generator, for all of its noise), so "
-                        "--seed 5 --num-samples 1 reproduces sample 5 of --seed 0; default 0")
+                        "--seed 5 --num-samples 1 reproduces sample 5 of --seed 0; 0 to 4294967295 "
+                        "(the demo's seeds), default 0")
     p.add_argument("--batch-size", type=int, default=None,
                    help="sample at most this many at once to bound memory (the images do not change)")
     p.add_argument("--tile", type=int, default=None,
@@ -400,17 +401,23 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
         return 0
     from ldmkit.io import check_writable
 
-    check_writable(args.out)  # a read-only --out fails before sampling, not after
+    # a read-only --out, or a file where its folders go, fails before sampling, not after
+    check_writable(args.out)
+    check_writable(args.out.parent / args.out.stem / "000000.png")
 
     import torch
     from tqdm.auto import tqdm
 
     from ldmkit.cli.conditions import SOURCE_KEY, load_image, load_mask, parse_conditions, repeat_to
     from ldmkit.config import build_pipeline, create_component
+    from ldmkit.devices import resolve_device
     from ldmkit.pipeline import Pipeline
     from ldmkit.plugins import get_registry
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device = str(resolve_device(args.device, "--device"))  # one that exists here
     from ldmkit import precision as _precision
 
     try:
@@ -504,7 +511,8 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
         )
     except (LdmkitError, ValueError) as err:
         where = "; ".join(f"{flag}={path}" for flag, path in sources.items())
-        raise CLIError(f"{err}" + (f" (inputs: {where})" if where else "")) from err
+        message = str(err).replace("(batch_size)", "(--batch-size)").replace("(tile)", "(--tile)")
+        raise CLIError(message + (f" (inputs: {where})" if where else "")) from err
     finally:
         bar.close()
     settings = {
@@ -545,6 +553,9 @@ def _check_sample_numbers(args: argparse.Namespace) -> None:
                         ("--height", args.height), ("--width", args.width)):
         if value is not None and value < 1:
             raise CLIError(f"{flag} must be >= 1, got {value}")
+    from ldmkit.demo.form import SEED_LIMIT, whole_number
+
+    whole_number(args.seed, "--seed", 0, SEED_LIMIT - 1)  # the seeds the demo takes
     if args.labels is not None and not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*,?\s*", args.labels):
         raise CLIError(
             f"--labels {args.labels!r}: expected class ids, comma-separated integers >= 0 (e.g. --labels 0,3,7)"
@@ -559,11 +570,10 @@ def _checkpoint_sampler_overrides(checkpoint: Path | None, overrides: Sequence[s
         return overrides
     from omegaconf import OmegaConf
 
-    from ldmkit.config import load_saved_config
-    from ldmkit.pipeline import CONFIG_FILE
+    from ldmkit.pipeline import CONFIG_FILE, read_pipeline_config
 
     try:
-        saved = load_saved_config(Path(checkpoint) / CONFIG_FILE)
+        saved = read_pipeline_config(Path(checkpoint) / CONFIG_FILE)
     except (OSError, ValueError):
         return overrides  # Pipeline.load reports the missing, broken or refused file
     choice = OmegaConf.select(saved, "choices.sampler", default=None)

@@ -45,9 +45,11 @@ def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
 
 def _prepare(args: argparse.Namespace) -> int:
     from ldmkit.data.prepare import prepare
+    from ldmkit.io import check_folder
 
     options = parse_options(args.options)
     out = options.pop("out", None) or f"data/{args.source}"
+    check_folder(out, f"out={out}")
     manifest = prepare(args.source, out, **options)
     print(f"wrote {out}:")
     print(summary(manifest))

@@ -13,12 +13,24 @@ from PIL import Image
 from tqdm import tqdm
 
 import ldmkit
+from ldmkit.config_checks import Boolean, Choice, Either, Integer, Number, Text, problem
 from ldmkit.data.errors import DataError
 from ldmkit.data.manifest import MANIFEST, Manifest, SplitInfo, read_manifest, write_manifest
 from ldmkit.data.shards import CAPTION, IMAGE, LABEL, META, SEGMENTATION, ShardWriter, encode_png
 from ldmkit.data.sources import source_class
 from ldmkit.data.sources.base import Source, SourceSample, printable
 
+# what prepare's own options take (ldmkit.config_checks specs; the range of val_fraction,
+# [0, 1), is checked with the source's splits)
+OPTIONS = {
+    "split": Text(),
+    "limit": Integer(1, null=True),
+    "shard_size": Either(Integer(1), Choice("auto")),
+    "seed": Integer(),
+    "val_fraction": Number(0),
+    "overwrite": Boolean(),
+    "progress": Boolean(),
+}
 MAX_SHARD_SIZE = 5000
 MIN_SHARD_SIZE = 64
 TARGET_SHARDS = 16  # enough shards that ranks x workers each get some
@@ -128,6 +140,11 @@ def prepare(
     ``val_fraction`` carves a ``val`` split out of ``train`` (seeded); ``seed`` fixes the
     shuffled write order (and a seeded source's content). Other options go to the source.
     """
+    given = {"split": split, "limit": limit, "shard_size": shard_size, "seed": seed,
+             "val_fraction": val_fraction, "overwrite": overwrite, "progress": progress}  # fmt: skip
+    problems = [problem(k, v, OPTIONS[k].expected) for k, v in given.items() if not OPTIONS[k].accepts(v)]
+    if problems:
+        raise DataError("; ".join(problems))
     cls = source_class(source)
     if "seed" in cls.options:
         source_options["seed"] = seed

@@ -163,11 +163,11 @@ def evaluate_autoencoder(
     ``first_stage`` evaluates a model object instead of a checkpoint; ``data(split, epoch)``
     replaces the configured dataset (tests).
     """
+    from ldmkit.devices import resolve_device
     from ldmkit.training.checkpoint import resolve_checkpoint
-    from ldmkit.training.engine import resolve_device
 
     options = eval_options(cfg)
-    device = resolve_device(options["device"])
+    device = resolve_device(options["device"], "eval.device")
     started = time.perf_counter()
     checkpoint = None
     report: dict[str, Any] = {"stage": "autoencoder"}

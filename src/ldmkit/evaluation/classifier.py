@@ -127,8 +127,8 @@ def train_fashion_mnist_classifier(
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
+    from ldmkit.devices import resolve_device
     from ldmkit.io import atomic_write
-    from ldmkit.training.engine import resolve_device
 
     torch.manual_seed(seed)
     dev = resolve_device(device)

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from ldmkit.config import refuse_interpolations
+from ldmkit.config_checks import Either, Integer, ListOf, Number, Spec, problem
 from ldmkit.errors import ConfigError
 
 __all__ = [
@@ -118,15 +119,16 @@ def _bert_config(conditioner: dict[str, Any], vocab_size: int) -> dict[str, Any]
 
 
 def _bert_from_config(c: dict[str, Any], where: str) -> dict[str, Any]:
-    d_model = int(c.get("d_model", 1280))
-    _require(int(c.get("encoder_ffn_dim", 5120)) == 4 * d_model,
+    d_model = _value(c, "d_model", WHOLE, where, 1280)
+    _require(_value(c, "encoder_ffn_dim", WHOLE, where, 5120) == 4 * d_model,
              f"{where}: encoder_ffn_dim={c.get('encoder_ffn_dim')} (ldmkit's bert has 4 x d_model)")  # fmt: skip
     _require(c.get("activation_function", "gelu") == "gelu" and not c.get("scale_embedding", False),
              f"{where}: activation_function={c.get('activation_function')!r}, scale_embedding={c.get('scale_embedding')} "
              "(ldmkit's bert: gelu, unscaled embeddings)")  # fmt: skip
-    return {"name": "bert", "n_embed": d_model, "n_layer": int(c.get("encoder_layers", 32)),
-            "max_seq_len": int(c.get("max_position_embeddings", 77)), "heads": int(c.get("encoder_attention_heads", 8)),
-            "dim_head": int(c.get("head_dim", 64))}  # fmt: skip
+    return {"name": "bert", "n_embed": d_model, "n_layer": _value(c, "encoder_layers", WHOLE, where, 32),
+            "max_seq_len": _value(c, "max_position_embeddings", WHOLE, where, 77),
+            "heads": _value(c, "encoder_attention_heads", WHOLE, where, 8),
+            "dim_head": _value(c, "head_dim", WHOLE, where, 64)}  # fmt: skip
 
 
 # -- the renaming tables -------------------------------------------------------------------
@@ -400,6 +402,24 @@ def vae_from_diffusers(state: dict[str, Tensor], cfg: dict[str, Any]) -> dict[st
 
 
 # -- configs -------------------------------------------------------------------------------
+# what the numbers read from a diffusers config.json may be (a tampered 1e12 is no width)
+WHOLE, POSITIVE = Integer(1), Number(0, above=True)
+_REQUIRED = object()
+
+
+def _value(c: dict[str, Any], key: str, spec: Spec, where: str, default: Any = _REQUIRED) -> Any:
+    """``c[key]`` when ``spec`` accepts it, ``default`` when it is absent or null; a
+    :class:`ConversionError` naming the file (``where``) and the key otherwise."""
+    value = c.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConversionError(f"{where}: {key} is missing")
+        return default
+    if not spec.accepts(value):
+        raise ConversionError(f"{where}: {problem(key, value, spec.expected)}")
+    return value
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConversionError(message)
@@ -583,6 +603,11 @@ def to_diffusers(
     step = progress or (lambda _name: None)
     state = {k: v for k, v in pipeline.state_dict().items()}
     first, unet_cfg = cfg["first_stage"], cfg["denoiser"]
+    if first.get("name") not in ("kl", "vq"):
+        raise ConversionError(
+            f"the first stage {first.get('name')!r} cannot be exported to diffusers, which has a "
+            "counterpart for kl (AutoencoderKL) and vq (VQModel) first stages only"
+        )
     # `auto` values are resolved on the built modules
     for key in ("in_channels", "out_channels", "context_dim"):
         if unet_cfg.get(key) == "auto":
@@ -724,7 +749,7 @@ def _unet_from_config(c: dict[str, Any]) -> dict[str, Any]:
         cls in ("UNet2DConditionModel", "UNet2DModel"),
         f"{where}: only UNet2DConditionModel and UNet2DModel convert",
     )
-    channels = [int(x) for x in c["block_out_channels"]]
+    channels = list(_value(c, "block_out_channels", ListOf(WHOLE), where))
     mc = channels[0]
     _require(
         all(x % mc == 0 for x in channels),
@@ -756,8 +781,9 @@ def _unet_from_config(c: dict[str, Any]) -> dict[str, Any]:
     known = {"CrossAttnDownBlock2D", "DownBlock2D", "AttnDownBlock2D"}
     _require(set(down) <= known, f"{where}: down_block_types {down} (supported: {sorted(known)})")
     out: dict[str, Any] = {
-        "name": "unet", "in_channels": int(c["in_channels"]), "out_channels": int(c["out_channels"]),
-        "model_channels": mc, "channel_mult": [x // mc for x in channels], "num_res_blocks": int(c["layers_per_block"]),
+        "name": "unet", "in_channels": _value(c, "in_channels", WHOLE, where),
+        "out_channels": _value(c, "out_channels", WHOLE, where), "model_channels": mc,
+        "channel_mult": [x // mc for x in channels], "num_res_blocks": _value(c, "layers_per_block", WHOLE, where),
         "attention_resolutions": [2**level for level in range(levels) if attn[level]], "dropout": 0.0,
         "conv_resample": True, "use_scale_shift_norm": c.get("resnet_time_scale_shift", "default") == "scale_shift",
         "resblock_updown": False, "use_new_attention_order": False, "transformer_depth": 1,
@@ -766,27 +792,24 @@ def _unet_from_config(c: dict[str, Any]) -> dict[str, Any]:
     if c.get("class_embed_type") == "projection":
         out.update(
             num_classes="sequential",
-            adm_in_channels=int(c["projection_class_embeddings_input_dim"]),
+            adm_in_channels=_value(c, "projection_class_embeddings_input_dim", WHOLE, where),
         )
     elif c.get("class_embed_type") is not None:
         raise ConversionError(
             f"{where}: class_embed_type={c['class_embed_type']!r} is not supported (null or projection)"
         )
     elif c.get("num_class_embeds") is not None:
-        out["num_classes"] = int(c["num_class_embeds"])
+        out["num_classes"] = _value(c, "num_class_embeds", WHOLE, where)
     if cls == "UNet2DConditionModel":
         _require(
             c.get("mid_block_type", "UNetMidBlock2DCrossAttn") == "UNetMidBlock2DCrossAttn",
             f"{where}: mid_block_type {c.get('mid_block_type')!r}",
         )
-        depth = c.get("transformer_layers_per_block", 1)
-        _require(
-            isinstance(depth, int),
-            f"{where}: transformer_layers_per_block must be one int, got {depth!r}",
-        )
-        heads = (
-            c.get("num_attention_heads") or c["attention_head_dim"]
-        )  # diffusers' attention_head_dim counts heads here
+        depth = _value(c, "transformer_layers_per_block", WHOLE, where, 1)
+        heads_spec = Either(WHOLE, ListOf(WHOLE))
+        heads = _value(  # diffusers' attention_head_dim counts heads here
+            c, "num_attention_heads", heads_spec, where, None
+        ) or _value(c, "attention_head_dim", heads_spec, where)
         if isinstance(heads, int):
             out.update(num_heads=heads, num_head_channels=-1)
         else:
@@ -798,15 +821,15 @@ def _unet_from_config(c: dict[str, Any]) -> dict[str, Any]:
             out.update(num_heads=-1, num_head_channels=widths.pop())
         out.update(
             use_spatial_transformer=True,
-            context_dim=int(c["cross_attention_dim"]),
+            context_dim=_value(c, "cross_attention_dim", WHOLE, where),
             transformer_depth=depth,
         )
     else:
-        head_dim = c.get("attention_head_dim")
+        head_dim = _value(c, "attention_head_dim", WHOLE, where, None)
         if head_dim is None:
             out.update(num_heads=1, num_head_channels=-1)
         else:
-            out.update(num_heads=-1, num_head_channels=int(head_dim))
+            out.update(num_heads=-1, num_head_channels=head_dim)
         out.update(use_spatial_transformer=False, context_dim=None)
     return out
 
@@ -817,7 +840,7 @@ def _vae_from_config(c: dict[str, Any]) -> tuple[dict[str, Any], float]:
     _require(
         cls in ("AutoencoderKL", "VQModel"), f"{where}: only AutoencoderKL and VQModel convert"
     )
-    channels = [int(x) for x in c["block_out_channels"]]
+    channels = list(_value(c, "block_out_channels", ListOf(WHOLE), where))
     for key, want in (("act_fn", "silu"), ("norm_num_groups", 32), ("norm_type", "group"), ("use_quant_conv", True),
                       ("use_post_quant_conv", True), ("latents_mean", None), ("latents_std", None),
                       ("shift_factor", None)):  # fmt: skip
@@ -826,13 +849,14 @@ def _vae_from_config(c: dict[str, Any]) -> tuple[dict[str, Any], float]:
                 c[key] == want,
                 f"{where}: {key}={c[key]!r} is not supported (ldmkit's autoencoder has {want!r})",
             )
-    arch = {"ch": channels[0], "ch_mult": [x // channels[0] for x in channels], "num_res_blocks": int(c["layers_per_block"]),
-            "attn_resolutions": [], "resolution": int(c.get("sample_size") or 256), "in_channels": int(c["in_channels"]),
-            "out_ch": int(c["out_channels"]), "dropout": 0.0, "norm_groups": 32,
+    arch = {"ch": channels[0], "ch_mult": [x // channels[0] for x in channels],
+            "num_res_blocks": _value(c, "layers_per_block", WHOLE, where), "attn_resolutions": [],
+            "resolution": _value(c, "sample_size", WHOLE, where, 256), "in_channels": _value(c, "in_channels", WHOLE, where),
+            "out_ch": _value(c, "out_channels", WHOLE, where), "dropout": 0.0, "norm_groups": 32,
             "attn_type": "vanilla" if c.get("mid_block_add_attention", True) else "none"}  # fmt: skip
-    scale = float(c.get("scaling_factor", 1.0))
+    scale = float(_value(c, "scaling_factor", POSITIVE, where, 1.0))
+    latent = _value(c, "latent_channels", WHOLE, where)
     if cls == "AutoencoderKL":
-        latent = int(c["latent_channels"])
         return {
             "name": "kl",
             "latent_channels": latent,
@@ -841,9 +865,8 @@ def _vae_from_config(c: dict[str, Any]) -> tuple[dict[str, Any], float]:
             "kl_weight": 1e-6,
             "encode_mode": "sample",
         }, scale
-    latent = int(c["latent_channels"])
-    return {"name": "vq", "latent_channels": int(c.get("vq_embed_dim") or latent), "z_channels": latent, **arch,
-            "n_embed": int(c["num_vq_embeddings"]), "beta": 0.25}, scale  # fmt: skip
+    return {"name": "vq", "latent_channels": _value(c, "vq_embed_dim", WHOLE, where, latent), "z_channels": latent,
+            **arch, "n_embed": _value(c, "num_vq_embeddings", WHOLE, where), "beta": 0.25}, scale  # fmt: skip
 
 
 def _schedule_from_config(c: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], str]:
@@ -855,12 +878,12 @@ def _schedule_from_config(c: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
         f"{where}: beta_schedule={c.get('beta_schedule')!r} (supported: {sorted(inverse)})",
     )
     _require(c.get("trained_betas") is None, f"{where}: trained_betas are not supported")
-    schedule = {"kind": kind, "timesteps": int(c.get("num_train_timesteps", 1000)),
-                "linear_start": float(c.get("beta_start", 1e-4)), "linear_end": float(c.get("beta_end", 2e-2)),
-                "cosine_s": 8e-3}  # fmt: skip
+    schedule = {"kind": kind, "timesteps": _value(c, "num_train_timesteps", WHOLE, where, 1000),
+                "linear_start": float(_value(c, "beta_start", POSITIVE, where, 1e-4)),
+                "linear_end": float(_value(c, "beta_end", POSITIVE, where, 2e-2)), "cosine_s": 8e-3}  # fmt: skip
     ddim = (
         c.get("timestep_spacing", "leading"),
-        int(c.get("steps_offset", 0)),
+        _value(c, "steps_offset", Integer(0), where, 0),
         bool(c.get("set_alpha_to_one", True)),
     )
     spacing = next((s for s, v in SPACING_TO_DDIM.items() if v == ddim), None)
@@ -906,7 +929,9 @@ def read_diffusers(
     if extra.get("sampler"):
         sampler = extra["sampler"]
     unet_cfg["use_new_attention_order"] = bool(extra.get("use_new_attention_order", False))
-    image_size = int(extra.get("image_size") or int(unet_raw.get("sample_size") or 32) * factor)
+    image_size = _value(extra, "image_size", WHOLE, "ldmkit.json", None) or factor * _value(
+        unet_raw, "sample_size", WHOLE, f"unet/config.json ({unet_raw.get('_class_name')})", 32
+    )
     cond_state: dict[str, Tensor] = {}
     if "text_encoder" in index and index["text_encoder"][0] is not None:
         kind = index["text_encoder"][1]

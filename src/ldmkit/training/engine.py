@@ -7,7 +7,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
-import os
 import sys
 import time
 import warnings
@@ -19,11 +18,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 
-from ldmkit import frozen
+from ldmkit import devices, frozen
 from ldmkit import precision as _precision
 from ldmkit.config import refuse_interpolations
 from ldmkit.errors import LdmkitError
-from ldmkit.io import atomic_write_text, remove_stale_temporaries, reporting_write_errors
+from ldmkit.io import (
+    atomic_write_text,
+    check_folder,
+    remove_stale_temporaries,
+    reporting_write_errors,
+)
 from ldmkit.training.checkpoint import (
     TRAINING_FILE,
     Checkpoint,
@@ -82,19 +86,9 @@ def distributed_info() -> tuple[int, int]:
     return 0, 1
 
 
-def resolve_device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        if torch.cuda.is_available():
-            # under torchrun each process takes the GPU of its local rank
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"trainer.device={name!r} is not a device ('auto', 'cpu', 'cuda', 'cuda:1')") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"trainer.device={name!r} but CUDA is not available here")
-    return device
+def resolve_device(name: str | None, key: str = "trainer.device") -> torch.device:
+    """``trainer.device`` (or ``key``) as a device of this machine (:mod:`ldmkit.devices`)."""
+    return devices.resolve_device(name, key)
 
 
 def trainer_options(cfg: DictConfig, preset: str = "default") -> dict[str, Any]:
@@ -131,6 +125,7 @@ class Trainer(abc.ABC):
         self.cfg = cfg
         self.options = trainer_options(cfg, self.default_preset)
         self.run_dir = Path(cfg.get("run_dir") or f"runs/{self.stage}")
+        check_folder(self.run_dir, f"run_dir={self.run_dir}")  # before anything is built
         self.rank, self.world_size = distributed_info()
         self.is_main = self.rank == 0  # only rank 0 writes checkpoints, logs and images
         self.device = resolve_device(self.options["device"])

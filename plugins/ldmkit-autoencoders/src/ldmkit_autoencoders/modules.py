@@ -129,6 +129,10 @@ class _Mid(nn.Module):
 def _check_architecture(ch_mult: Sequence[int], num_res_blocks: int, resolution: int) -> None:
     if len(ch_mult) < 1:
         raise ValueError("ch_mult must have at least one entry (f = 2^(len(ch_mult)-1))")
+    if any(m < 1 for m in ch_mult):
+        raise ValueError(
+            f"ch_mult={list(ch_mult)}: every multiplier must be >= 1 (level i has ch * ch_mult[i] channels)"
+        )
     if num_res_blocks < 1:
         raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
     if resolution % 2 ** (len(ch_mult) - 1):

@@ -105,6 +105,13 @@ class UNetModel(Denoiser):
             raise ValueError(
                 f"unknown prediction {prediction!r}; expected one of {', '.join(PREDICTIONS)}"
             )
+        if model_channels < 1:
+            raise ValueError(f"model_channels must be >= 1, got {model_channels}")
+        if not channel_mult or any(m < 1 for m in channel_mult):
+            raise ValueError(
+                f"channel_mult={list(channel_mult)}: give one multiplier >= 1 per level "
+                "(level i has channel_mult[i] * model_channels channels)"
+            )
         if _unset(num_heads) and _unset(num_head_channels):
             raise ValueError("set either num_heads or num_head_channels of the UNet")
         if context_dim is not None and not use_spatial_transformer:

@@ -9,6 +9,8 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
+from ldmkit.config_checks import Boolean, Integer, Number, Spec, problem
+
 
 def is_utf8(text: str) -> bool:
     """Whether ``text`` can be written as UTF-8: a file name whose bytes were not UTF-8 comes
@@ -68,7 +70,27 @@ class Source(ABC):
                 f"unknown option {unknown[0]!r} for source {self.name!r}; "
                 f"expected one of: {', '.join(sorted(self.options)) or '(none)'}"
             )
+        problems = [
+            problem(key, value, spec.expected)
+            for key, value in options.items()
+            if (spec := self._option_spec(key)) is not None and not spec.accepts(value)
+        ]
+        if problems:
+            raise ValueError(f"{'; '.join(problems)} (source {self.name!r})")
         self.config = {**self.options, **options}
+
+    def _option_spec(self, key: str) -> Spec | None:
+        """What option ``key`` takes, by its default: an integer (``image_size``: >= 1, or
+        null where a source keeps the size), a number, true or false; None (not checked
+        here) for others."""
+        default = self.options[key]
+        if key == "image_size":
+            return Integer(1, null=True)
+        if isinstance(default, bool):
+            return Boolean()
+        if isinstance(default, int):
+            return Integer()
+        return Number() if isinstance(default, float) else None
 
     # set by sources with class labels (sub-folder names, categories)
     _classes: Sequence[str] = ()
