@@ -11,7 +11,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-import ldmkit
+from ldmkit._version import __version__
 from ldmkit.data.errors import DataError
 from ldmkit.data.manifest import MANIFEST, Manifest, SplitInfo, read_manifest, write_manifest
 from ldmkit.data.shards import CAPTION, IMAGE, LABEL, META, SEGMENTATION, ShardWriter, encode_png
@@ -189,6 +189,6 @@ def prepare(
     if failures:
         manifest.notes.append(f"{len(failures)} items could not be loaded and were left out")
         manifest.notes.extend(failures[:20])
-    manifest.created_by = f"ldmkit {ldmkit.__version__}"
+    manifest.created_by = f"ldmkit {__version__}"
     write_manifest(out, manifest)
     return manifest
