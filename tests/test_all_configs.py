@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldmkit.config import COMPONENT_GROUPS, GROUPS, build_pipeline, compose_config, config_dir
+from ldmkit.config import COMPONENT_GROUPS, GROUPS, compose_config, config_dir
+from ldmkit.pipeline import build_pipeline
 from ldmkit.plugins import _root_directory, get_plugin_manager, reset_plugin_manager
 
 

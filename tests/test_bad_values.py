@@ -934,7 +934,7 @@ def test_a_model_beyond_memory_is_refused_before_it_is_allocated(monkeypatch):
     """The build stops at the allocation that would pass the free memory; the refusal names
     the config and what the whole model needs (counted on the meta device)."""
     from ldmkit import devices
-    from ldmkit.config import build_pipeline
+    from ldmkit.pipeline import build_pipeline
 
     monkeypatch.setattr(
         devices, "available_memory", lambda device: (1_000_000, "of memory is available here")

@@ -285,7 +285,8 @@ def test_first_party_conditioners_pass(name, tmp_path):
     """Each registered conditioner as its shipped config builds it, bound to a tiny first
     stage with f = 4 (what the spatial ones' defaults expect), built once: these checks do not
     change it. (The plugins' own tests run the whole mixin on tiny configurations.)"""
-    from ldmkit.config import compose_config, create_component
+    from ldmkit.assembly import create_component
+    from ldmkit.config import compose_config
 
     name, extra = VARIANTS.get(name, (name, []))
     overrides = [f"conditioner={name}", *extra]

@@ -25,7 +25,7 @@ WRITERS = textwrap.dedent('''
     import torch
     from safetensors.torch import save_file
     import ldmkit
-    from ldmkit.cli.samples import write_samples
+    from ldmkit.sample_io.samples import write_samples
     from ldmkit.io import atomic_path, atomic_write, atomic_write_text
     from ldmkit.training.checkpoint import CheckpointManager
 

@@ -1,8 +1,7 @@
 """ldmkit: Latent Diffusion Models, built from plugins."""
 
+from ldmkit._version import __version__
 from ldmkit.hookspecs import hookimpl
-
-__version__ = "0.1.0"
 
 __all__ = ["Pipeline", "__version__", "compose", "hookimpl"]
 
@@ -11,7 +10,7 @@ def __getattr__(name: str):
     # compose/Pipeline pull in torch and Hydra; keep `import ldmkit` (and plugins' imports
     # of `ldmkit.hookimpl`) cheap
     if name == "compose":
-        from ldmkit.config import compose
+        from ldmkit.pipeline import compose
 
         return compose
     if name == "Pipeline":

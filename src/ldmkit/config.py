@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -267,21 +268,25 @@ def _first_interpolation(node: Any, key: str) -> tuple[str, str] | None:
     return None
 
 
-# -- names that moved ----------------------------------------------------------------------
+# -- names that moved (deprecated aliases) --------------------------------------------------
 # Building components from a config moved to ldmkit.assembly and building the Pipeline to
 # ldmkit.pipeline, so that this module depends on neither (pipeline -> assembly -> config).
-# Callers written before still import them from here; the import happens on first use.
+# Users' code written before still finds them here, with a DeprecationWarning that names the
+# new import; nothing in ldmkit imports them from here (tests/test_import_graph.py).
 _MOVED_TO_ASSEMBLY = ("component_kwargs", "create_component", "resolve_denoiser_dims", "check_parts_fit")
 _MOVED_TO_PIPELINE = ("build_pipeline", "compose")
 
 
 def __getattr__(name: str) -> Any:
     if name in _MOVED_TO_ASSEMBLY:
-        from ldmkit import assembly
-
-        return getattr(assembly, name)
-    if name in _MOVED_TO_PIPELINE:
-        from ldmkit import pipeline
-
-        return getattr(pipeline, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from ldmkit import assembly as owner
+    elif name in _MOVED_TO_PIPELINE:
+        from ldmkit import pipeline as owner
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(
+        f"{__name__}.{name} is deprecated: use `from {owner.__name__} import {name}`",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(owner, name)

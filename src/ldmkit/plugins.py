@@ -115,7 +115,7 @@ class PluginManager:
     def _load_builtins(self) -> None:
         import importlib
 
-        from ldmkit import __version__
+        from ldmkit._version import __version__
 
         for module in BUILTIN_PLUGINS:
             info = PluginInfo(module, "ldmkit", __version__, module)

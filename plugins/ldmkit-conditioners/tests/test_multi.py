@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from ldmkit.config import ConfigError, build_pipeline, compose_config
+from ldmkit.config import ConfigError, compose_config
+from ldmkit.pipeline import build_pipeline
 from ldmkit.testing import ConditionerConformance
 from ldmkit_conditioners import ClassLabelConditioner, MultiConditioner, SemanticMapConditioner
 

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from ldmkit.config import build_pipeline, compose_config
+from ldmkit.config import compose_config
 from ldmkit.interfaces import FirstStage, MissingConditionError
+from ldmkit.pipeline import build_pipeline
 from ldmkit.plugins import get_registry
 from ldmkit.testing import ConditionerConformance
 from ldmkit_conditioners import (

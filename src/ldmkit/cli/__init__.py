@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in {"-V", "--version"}:
-        from ldmkit import __version__
+        from ldmkit._version import __version__
 
         print(f"ldmkit {__version__}")
         return 0

@@ -10,14 +10,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ldmkit.cli.samples import (  # noqa: F401 - moved there; re-exported for older callers
-    _condition_settings,
-    _format,
-    _sampler_settings,
-    _to_pil,
-    write_samples,
-)
 from ldmkit.errors import LdmkitError
+from ldmkit.sample_io.samples import condition_settings as _condition_settings
+from ldmkit.sample_io.samples import sampler_settings as _sampler_settings
+from ldmkit.sample_io.samples import write_samples
 
 
 class CLIError(RuntimeError):
@@ -66,7 +62,8 @@ def _config_with_resolved_auto(cfg) -> str:
     import torch
     from omegaconf import OmegaConf, open_dict
 
-    from ldmkit.config import AUTO, create_component, resolve_denoiser_dims
+    from ldmkit.assembly import create_component, resolve_denoiser_dims
+    from ldmkit.config import AUTO
     from ldmkit.plugins import get_registry
 
     auto = [key for key, value in cfg.denoiser.items() if value == AUTO]
@@ -408,11 +405,17 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from ldmkit.cli.conditions import SOURCE_KEY, load_image, load_mask, parse_conditions, repeat_to
-    from ldmkit.config import build_pipeline, create_component
+    from ldmkit.assembly import create_component
     from ldmkit.devices import resolve_device
-    from ldmkit.pipeline import Pipeline
+    from ldmkit.pipeline import Pipeline, build_pipeline
     from ldmkit.plugins import get_registry
+    from ldmkit.sample_io.conditions import (
+        SOURCE_KEY,
+        load_image,
+        load_mask,
+        parse_conditions,
+        repeat_to,
+    )
 
     if args.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -12,7 +12,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-import ldmkit
+from ldmkit._version import __version__
 from ldmkit.config_checks import Boolean, Choice, Either, Integer, Number, Text, problem
 from ldmkit.data.errors import DataError
 from ldmkit.data.manifest import MANIFEST, Manifest, SplitInfo, read_manifest, write_manifest
@@ -207,6 +207,6 @@ def prepare(
     if failures:
         manifest.notes.append(f"{len(failures)} items could not be loaded and were left out")
         manifest.notes.extend(failures[:20])
-    manifest.created_by = f"ldmkit {ldmkit.__version__}"
+    manifest.created_by = f"ldmkit {__version__}"
     write_manifest(out, manifest)
     return manifest

@@ -3,7 +3,7 @@
 No Gradio here: the page (:mod:`ldmkit.demo.app`) draws one widget per
 :class:`ConditionField` and hands the values to :func:`prepare`, which checks them with
 one-line :class:`DemoInputError` messages and turns them into a batch the way
-``ldmkit sample`` does (the same readers, :mod:`ldmkit.cli.conditions`), so that the
+``ldmkit sample`` does (the same readers, :mod:`ldmkit.sample_io.conditions`), so that the
 settings a result shows, and the command line that goes with them, reproduce it.
 """
 
@@ -232,7 +232,7 @@ def prepare(
     side is over :func:`max_side`. ``rng`` (a ``random.Random``) draws the seed when
     ``randomize_seed`` is set; ``fields`` are the pipeline's :func:`condition_fields`, when
     already known."""
-    from ldmkit.cli.conditions import (
+    from ldmkit.sample_io.conditions import (
         SOURCE_KEY,
         ConditionArgumentError,
         load_image,
@@ -497,7 +497,7 @@ def settings(
     precision: str,
 ) -> dict[str, Any]:
     """The settings ``ldmkit sample`` writes for the same request (same keys, same values)."""
-    from ldmkit.cli.samples import _condition_settings
+    from ldmkit.sample_io.samples import condition_settings
 
     p = prepared
     return {
@@ -512,7 +512,7 @@ def settings(
         "strength": p.strength,
         "mask": p.sources.get("--mask"),
         "refine_known": 0,  # the page does not offer it (ldmkit sample --refine-known)
-        "conditions": _condition_settings(p.batch, p.kinds, p.sources),
+        "conditions": condition_settings(p.batch, p.kinds, p.sources),
         "overrides": list(overrides),
         "device": str(device),
         "precision": precision,

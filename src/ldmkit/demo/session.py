@@ -111,7 +111,7 @@ class SamplerChoices:
 
     def build(self, name: str, steps: int) -> tuple[Any, Any, list[str]]:
         """``(sampler, its config node, the overrides that select it on the command line)``."""
-        from ldmkit.config import create_component
+        from ldmkit.assembly import create_component
         from ldmkit.plugins import get_registry
 
         node = self.node(name)
@@ -257,11 +257,11 @@ class DemoSession:
     def _write(
         self, run_dir: Path, prepared: Prepared, overrides: list[str], images: torch.Tensor
     ) -> Result:
-        from ldmkit.cli.samples import _sampler_settings, write_samples
+        from ldmkit.sample_io.samples import sampler_settings, write_samples
 
         record = settings(
             checkpoint=self.checkpoint,
-            sampler=_sampler_settings(self.pipeline),
+            sampler=sampler_settings(self.pipeline),
             prepared=prepared,
             images=images,
             overrides=overrides,
@@ -299,8 +299,8 @@ def preview_grid(images: torch.Tensor):
     """B×C×H×W in [-1, 1] -> one PIL image, a roughly square grid."""
     from torchvision.utils import make_grid
 
-    from ldmkit.cli.samples import _to_pil
     from ldmkit.pipeline import image_grid_rows
+    from ldmkit.sample_io.samples import to_pil
 
     grid = make_grid(
         images.detach().float().cpu(),
@@ -308,4 +308,4 @@ def preview_grid(images: torch.Tensor):
         padding=1,
         pad_value=1.0,
     )
-    return _to_pil(grid[: images.shape[1]])
+    return to_pil(grid[: images.shape[1]])

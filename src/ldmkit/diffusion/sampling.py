@@ -1,5 +1,6 @@
-"""The one shape every sampler takes: timestep spacing, per-sample noise, a base class for
-discrete-time samplers and a sigma bridge for continuous-time ones.
+"""The one shape every sampler takes: per-sample noise, a base class for discrete-time
+samplers and a sigma bridge for continuous-time ones, over the timestep spacing of
+:mod:`ldmkit.diffusion.timesteps` (whose names this module re-exports).
 
 * **Discrete-time samplers** (DDPM, DDIM, PLMS) subclass :class:`DiscreteSampler` and write
   only :meth:`DiscreteSampler.step`: the base runs the loop over the spaced timesteps, calls
@@ -25,78 +26,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from ldmkit.diffusion.timesteps import (
+    SIGMA_SPACINGS,
+    SPACINGS,
+    check_spacing,
+    timestep_pairs,
+    truncate_for_strength,
+)
 from ldmkit.interfaces.sampler import Callback, DenoiseFn, Sampler
 
 GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
-
-# name -> one-line description (docs and error messages)
-SPACINGS = {
-    "linspace": "linspace(T-1, 0, S) rounded (the sigma samplers: fractional, k-diffusion's "
-    "get_sigmas); the last step goes to alpha_bar = 1",
-    "paper": "the paper's DDIM/PLMS: range(0, T, T // S) + 1; the last step goes to alpha_bar_0",
-    "quad": "the paper's ddim_discretize='quad': linspace(0, sqrt(0.8 T), S)^2 + 1; ends at alpha_bar_0",
-    "leading": "diffusers' leading: arange(S) * (T // S) (steps_offset 0); ends at alpha_bar = 1",
-    "trailing": "diffusers' trailing: round(arange(T, 0, -T / S)) - 1; ends at alpha_bar = 1",
-}
-# grids of noise levels between the schedule's ends, not of its timesteps: the sigma samplers'
-SIGMA_SPACINGS = {
-    "karras": "Karras et al. 2022, eq. 5 (rho = 7) from sigma_max to sigma_min, then 0",
-    "exponential": "log-linear from sigma_max to sigma_min, then 0",
-}
-KARRAS_RHO = 7.0
-
-
-def check_spacing(spacing: str) -> str:
-    if spacing not in SPACINGS:
-        raise ValueError(
-            f"unknown timestep spacing {spacing!r}; expected one of {sorted(SPACINGS)}"
-        )
-    return spacing
-
-
-def timestep_pairs(
-    num_timesteps: int, steps: int, spacing: str = "linspace"
-) -> list[tuple[int, int]]:
-    """``(t, t_prev)`` for each of the ``steps`` steps, from high noise to low.
-
-    ``t_prev = -1`` means alpha_bar = 1 (clean). ``paper`` and ``quad`` follow the paper's
-    ``make_ddim_timesteps`` literally: their last step goes to ``t = 0`` (alpha_bar_0, not 1);
-    ``paper`` gives ``len(range(0, T, T // S))`` steps, which is more than S when S does not
-    divide T (30 steps of T = 1000 give 31), and ``quad`` can repeat a small timestep, as the
-    paper's code does.
-    """
-    check_spacing(spacing)
-    T, S = int(num_timesteps), int(steps)
-    if not 1 <= S <= T:
-        raise ValueError(f"steps must be in [1, {T}], got {S}")
-    end = -1
-    if spacing == "linspace":
-        ts = np.round(np.linspace(T - 1, 0, S)).astype(np.int64)
-    elif spacing == "paper":
-        ts = (np.asarray(list(range(0, T, T // S))) + 1)[::-1]
-        end = 0
-    elif spacing == "quad":
-        ts = ((np.linspace(0, np.sqrt(T * 0.8), S)) ** 2).astype(np.int64)[::-1] + 1
-        end = 0
-    elif spacing == "leading":
-        ts = (np.arange(0, S) * (T // S)).round().astype(np.int64)[::-1]
-    else:  # trailing
-        ts = np.round(np.arange(T, 0, -T / S)).astype(np.int64) - 1
-    ts = [min(int(t), T - 1) for t in ts]
-    return list(zip(ts, ts[1:] + [end], strict=True))
-
-
-def truncate_for_strength(steps: list, strength: float) -> list:
-    """img2img / SDEdit (Meng et al. 2022): keep the last ``int(len(steps) * strength)`` steps
-    (diffusers' convention); the start latent is noised to the first kept step's level."""
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
-    keep = min(int(len(steps) * strength), len(steps))
-    return steps[len(steps) - keep :] if keep else []
+KARRAS_RHO = 7.0  # the "karras" grid's rho (sigma_levels)
 
 
 # -- noise ---------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ldmkit.diffusion.timesteps import timestep_pairs
+
 # diffusers' names for the same schedules are accepted as aliases
 BETA_SCHEDULE_ALIASES = {
     "linear": "linear",
@@ -138,9 +140,7 @@ class NoiseSchedule(nn.Module):
 
     def spaced_timesteps(self, steps: int, spacing: str = "linspace") -> Tensor:
         """The timesteps a ``steps``-step sampler visits, descending (``spacing``: see
-        :func:`ldmkit.diffusion.sampling.timestep_pairs`; ``linspace`` ends at 0)."""
-        from ldmkit.diffusion.sampling import timestep_pairs
-
+        :func:`ldmkit.diffusion.timesteps.timestep_pairs`; ``linspace`` ends at 0)."""
         return torch.tensor(
             [t for t, _ in timestep_pairs(self.timesteps, steps, spacing)], dtype=torch.long
         )

@@ -42,7 +42,7 @@ class MultiConditioner(Conditioner):
 
     def __init__(self, *, parts: Sequence[Mapping[str, Any]] = ()) -> None:
         super().__init__()
-        from ldmkit.config import create_component
+        from ldmkit.assembly import create_component
         from ldmkit.plugins import get_registry
 
         if not parts:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["write_samples"]
+__all__ = ["condition_settings", "sampler_settings", "to_pil", "write_samples"]
 
 
-def _sampler_settings(pipeline) -> dict:
+def sampler_settings(pipeline) -> dict:
     """The sampler's name and options as configured, with the steps and spacing it runs."""
     from omegaconf import OmegaConf
 
@@ -24,7 +24,7 @@ def _sampler_settings(pipeline) -> dict:
     return settings
 
 
-def _condition_settings(batch: dict, kinds: dict[str, str], sources: dict[str, str]) -> dict:
+def condition_settings(batch: dict, kinds: dict[str, str], sources: dict[str, str]) -> dict:
     """Each condition key: its per-sample values (labels, prompts) or the file(s) it came from."""
     out = {}
     for key in kinds:
@@ -61,7 +61,7 @@ def write_samples(
     for i in range(n):
         path = folder / f"{i:06d}.png"
         with atomic_path(path) as tmp:
-            _to_pil(images[i]).save(tmp, format="png")
+            to_pil(images[i]).save(tmp, format="png")
         entry = {"file": path.relative_to(out.parent).as_posix(), "seed": settings["seed"] + i}
         for key, kind in (kinds or {}).items():
             if (
@@ -94,7 +94,7 @@ def _format(path: Path) -> str:
     return Image.EXTENSION.get(path.suffix.lower(), "PNG")
 
 
-def _to_pil(image):
+def to_pil(image):
     """C×H×W in [-1, 1] -> an 8-bit PIL image (L for one channel, RGB for three), rounded
     as torchvision's save_image rounds the grid."""
     from PIL import Image

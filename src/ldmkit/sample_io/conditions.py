@@ -1,4 +1,5 @@
-"""``ldmkit sample --cond key=value``: condition inputs read by kind.
+"""``ldmkit sample --cond key=value`` (and the demo's condition fields): condition inputs
+read by kind.
 
 The conditioner says which keys it reads (``input_keys``) and what each holds
 (``input_kinds``); this module turns command-line values into batch entries:
