@@ -685,6 +685,10 @@ ONE_LINE_CASES = {
         ["sample", *SAMPLE, "--device", "cuda:7"],
         f"--device 'cuda:7': ({NO_CUDA}).*",
     ),
+    "demo-device": (
+        ["demo", "--checkpoint", "{root}/no_such_pipeline", "--device", "cuda:7"],
+        f"--device 'cuda:7': ({NO_CUDA}).*",
+    ),
     # a file where a folder goes
     "run_dir-is-a-file": (
         ["train", *LDM_RUN, "run_dir={root}/a_file"],
