@@ -15,7 +15,8 @@ from ldmkit.hookspecs import hookimpl
 def train_autoencoder(cfg: Any, *, data: Any = None) -> Path:
     """Stage 1: the first stage (:class:`ldmkit.training.autoencoder.AutoencoderTrainer`)."""
     from ldmkit.training.autoencoder import train_autoencoder
-    from ldmkit.training.engine import TrainingError, distributed_info
+    from ldmkit.training.distributed import distributed_info
+    from ldmkit.training.errors import TrainingError
 
     if distributed_info()[1] > 1:
         raise TrainingError(
