@@ -1,5 +1,6 @@
 """ldmkit's own training stages, registered through ``ldmkit_register_stages`` exactly as a
-third-party stage is (the plugin manager loads this module as a built-in plugin).
+third-party stage is (the plugin manager loads this module as a built-in plugin). Their
+evaluators register themselves with them the same way (:mod:`ldmkit.evaluation.stages`).
 
 The trainers are imported when a stage runs, not when the stages are listed.
 """
@@ -25,13 +26,6 @@ def train_autoencoder(cfg: Any, *, data: Any = None) -> Path:
     return train_autoencoder(cfg, data=data)
 
 
-def evaluate_autoencoder(cfg: Any, **kwargs: Any) -> dict[str, Any]:
-    """Reconstruction metrics of a trained first stage on ``eval.split``."""
-    from ldmkit.evaluation.autoencoder import evaluate_autoencoder
-
-    return evaluate_autoencoder(cfg, **kwargs)
-
-
 def train_ldm(cfg: Any, *, data: Any = None) -> Path:
     """Stage 2: the latent diffusion model (:class:`ldmkit.training.ldm.LDMTrainer`)."""
     from ldmkit.training.ldm import train_ldm
@@ -43,7 +37,5 @@ def train_ldm(cfg: Any, *, data: Any = None) -> Path:
 def ldmkit_register_stages(register):
     # trainer_config "default": the primary config's choice, which both stages have always
     # used when no `trainer=` is given (conf/trainer/autoencoder.yaml and ldm.yaml are presets)
-    register(
-        "autoencoder", train_autoencoder, evaluate=evaluate_autoencoder, trainer_config="default"
-    )
+    register("autoencoder", train_autoencoder, trainer_config="default")
     register("ldm", train_ldm, trainer_config="default")
