@@ -121,11 +121,7 @@ DEPRECATED_ALIASES: dict[tuple[str, str], str] = {
     "ldmkit.pipeline (issue 11)",
 }
 # edges that still close a cycle: (importer, imported) -> why, and who removes them
-KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {
-    ("ldmkit.training.stages", "ldmkit.evaluation.autoencoder"): "the autoencoder stage "
-    "names its evaluator, while evaluation imports training; issue 27 item 2 (branch "
-    "i27-trainer) has evaluation register its evaluator with the stage instead",
-}
+KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {}  # none left
 
 MODULE_LEVEL = "module level"
 IN_FUNCTION = "in a function"

@@ -22,10 +22,11 @@ FIRST_PARTY = [
     "ldmkit-text",
     "ldmkit-unet",
 ]
-# ldmkit's own plugins (training stages, data sources): always loaded, listed as distribution
+# ldmkit's own plugins (training stages, their evaluators, data sources): always loaded, listed as distribution
 # "ldmkit" beside the installed ones
 BUILTIN_REGISTERS = {
     "ldmkit.training.stages": {"stage": ["autoencoder", "ldm"]},
+    "ldmkit.evaluation.stages": {"evaluator": ["autoencoder"]},
     "ldmkit.data.sources": {
         "data_source": [
             "cutouts",

@@ -18,6 +18,7 @@ from ldmkit.registry import RegistryError
 from tests.conftest import ldmkit_cli, make_distribution, pip_install_project
 
 BUILTIN = "plugin 'ldmkit.training.stages' (ldmkit 0.1.0)"
+BUILTIN_EVALUATORS = "plugin 'ldmkit.evaluation.stages' (ldmkit 0.1.0)"
 
 # A third-party stage whose trainer writes what it was given (the plumbing, not training:
 # docs/plugins.md trains a real decoder-only stage), with an evaluator and its own trainer config.
@@ -136,6 +137,8 @@ def test_installed_stage_is_listed_by_ldmkit_plugins(installed):
     assert builtin["distribution"] == "ldmkit" and builtin["registers"] == {
         "stage": ["autoencoder", "ldm"]
     }
+    evaluators = next(r for r in rows if r["name"] == "ldmkit.evaluation.stages")
+    assert evaluators["registers"] == {"evaluator": ["autoencoder"]}
     table = ldmkit_cli("plugins", env=installed).stdout
     assert "stage: echo" in next(line for line in table.splitlines() if "ldmkit-echo-stage" in line)
 
@@ -165,6 +168,51 @@ def test_first_party_stages_are_registered_by_the_builtin_plugin(fresh_plugins):
     autoencoder, ldm = registry.stage("autoencoder"), registry.stage("ldm")
     assert autoencoder.evaluate is not None and ldm.evaluate is None
     assert autoencoder.trainer_config == ldm.trainer_config == "default"  # what both always used
+
+
+def test_evaluation_registers_its_evaluator_with_the_stage(fresh_plugins):
+    """Training does not name its evaluators: ldmkit's evaluation gives the autoencoder stage
+    its evaluator through the same hook (``register(NAME, evaluate=...)``)."""
+    registry = get_registry()
+    evaluator = registry.get("evaluator", "autoencoder")
+    assert evaluator.provider == BUILTIN_EVALUATORS
+    assert registry.stage("autoencoder").evaluate is evaluator.factory.evaluate
+    assert registry.get("stage", "autoencoder").provider == BUILTIN  # the stage stays training's
+
+
+def test_a_plugin_gives_a_stage_registered_elsewhere_its_evaluator(ldmkit_plugin, fresh_plugins):
+    from ldmkit.evaluation import evaluate
+
+    calls = []
+
+    def score(cfg, **kwargs):
+        calls.append((cfg.stage, kwargs))
+        return {"fid": 1.5}
+
+    class Plugin:
+        @ldmkit.hookimpl
+        def ldmkit_register_stages(self, register):
+            register("ldm", evaluate=score)
+
+    ldmkit_plugin(Plugin(), name="ldm_fid")
+    assert evaluate(compose_config(["stage=ldm"]), write=False) == {"fid": 1.5}
+    assert calls == [("ldm", {"write": False})]
+    assert get_registry().get("stage", "ldm").provider == BUILTIN
+
+
+def test_a_second_evaluator_for_a_stage_names_both(ldmkit_plugin, fresh_plugins):
+    class Plugin:
+        @ldmkit.hookimpl
+        def ldmkit_register_stages(self, register):
+            register("autoencoder", evaluate=lambda cfg, **kwargs: {})
+
+    ldmkit_plugin(Plugin(), name="other_eval")
+    with pytest.raises(RegistryError) as err:
+        get_registry()
+    assert str(err.value) == (
+        f"evaluator of stage 'autoencoder' is registered twice: by {BUILTIN_EVALUATORS} and "
+        f"by plugin 'other_eval' (other_eval)"
+    )
 
 
 def test_first_party_stages_load_with_autoload_off(fresh_plugins, monkeypatch):

@@ -1,6 +1,6 @@
 """The layout of a training checkpoint on disk, and finding the newest usable one: the read
 side, which the core needs to load a component's weights from a run folder
-(:mod:`ldmkit.weights`). The writer is :class:`ldmkit.training.checkpoint.CheckpointManager`.
+(:mod:`ldmkit.weights`). The writer is :class:`ldmkit.training.state.CheckpointManager`.
 
 A checkpoint is a folder ``<run_dir>/checkpoints/step_<NNNNNNNNN>/`` holding the files named
 below and ``meta.json`` (step, file list and each file's SHA-256), written last: a folder

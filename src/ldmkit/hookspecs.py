@@ -81,7 +81,9 @@ def ldmkit_register_stages(register):
         ``evaluate(cfg, **kwargs)`` returns a metrics dict (None: the stage has no evaluator);
         ``trainer_config`` is the ``trainer`` config option composition selects for this stage
         when neither the command line nor an experiment picks one (``default``: the primary
-        config's own choice).
+        config's own choice). ``register(name, evaluate=...)`` without ``train`` gives a
+        stage registered elsewhere its evaluator (ldmkit's evaluation does this for
+        ``autoencoder``); a stage has at most one.
     """
 
 

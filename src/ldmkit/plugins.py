@@ -2,8 +2,8 @@
 
 Plugins are modules (or objects) with ``@ldmkit.hookimpl`` functions, found through
 the ``ldmkit`` entry-point group. Loading is lazy (on first use) and idempotent.
-ldmkit's own training stages and data sources are plugins too (:data:`BUILTIN_PLUGINS`),
-registered through the same hooks and always loaded.
+ldmkit's own training stages, their evaluators and the data sources are plugins too
+(:data:`BUILTIN_PLUGINS`), registered through the same hooks and always loaded.
 
 Environment switches:
 
@@ -27,12 +27,12 @@ import pluggy
 
 from ldmkit import hookspecs
 from ldmkit.errors import LdmkitError
-from ldmkit.registry import HOOK_KINDS, REGISTER_SIGNATURES, Registry, kind_label
+from ldmkit.registry import HOOK_KINDS, REGISTER_SIGNATURES, Registry, entry_kind, kind_label
 
 ENTRY_POINT_GROUP = "ldmkit"
 # the core's own plugin modules: loaded before the entry points, whatever the switches say
 # (they are part of ldmkit, not installed extras); listed by `ldmkit plugins` like the others
-BUILTIN_PLUGINS = ("ldmkit.training.stages", "ldmkit.data.sources")
+BUILTIN_PLUGINS = ("ldmkit.training.stages", "ldmkit.evaluation.stages", "ldmkit.data.sources")
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -225,7 +225,10 @@ class PluginManager:
                         self._config_roots = None
                         self._report_broken(info, err, during=hook_name)
                         continue
-                    found += [(impl.plugin_name, kind, name, factory) for name, factory in collected]
+                    found += [
+                        (impl.plugin_name, entry_kind(kind, factory), name, factory)
+                        for name, factory in collected
+                    ]
             self._registered = [entry for entry in found if entry[0] not in failed]
         return self._registered
 

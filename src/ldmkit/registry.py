@@ -1,21 +1,22 @@
 """The registry: what the plugins registered, per kind, and who provided it.
 
 Components (``first_stage``, ``denoiser``, ``conditioner``, ``sampler``) are factories;
-a ``stage`` is a :class:`Stage` (what ``ldmkit train`` and ``ldmkit evaluate`` run); a
+a ``stage`` is a :class:`Stage` (what ``ldmkit train`` and ``ldmkit evaluate`` run), and an
+``evaluator`` the :class:`Evaluator` a plugin adds to a stage registered elsewhere; a
 ``data_source`` is a :class:`ldmkit.data.Source` subclass (what ``ldmkit data prepare`` reads).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ldmkit.errors import LdmkitError
 
 COMPONENT_KINDS = ("first_stage", "denoiser", "conditioner", "sampler")
-KINDS = (*COMPONENT_KINDS, "stage", "data_source")
+KINDS = (*COMPONENT_KINDS, "stage", "evaluator", "data_source")
 
 # hook name -> kind
 HOOK_KINDS = {
@@ -28,9 +29,10 @@ HOOK_KINDS = {
 }
 
 def kind_label(kind: str) -> str:
-    """How messages name a kind: ``data source`` for ``data_source``, the others as they are
+    """How messages name a kind: ``data source`` for ``data_source``, ``evaluator of stage``
+    for ``evaluator`` (registered under the stage's name), the others as they are
     (``first_stage`` is also the config group users type)."""
-    return "data source" if kind == "data_source" else kind
+    return {"data_source": "data source", "evaluator": "evaluator of stage"}.get(kind, kind)
 
 
 # kinds whose "unknown name" error also says which plugin provides each registered name: few
@@ -59,21 +61,40 @@ class Stage:
     trainer_config: str = "default"
 
 
+@dataclass(frozen=True)
+class Evaluator:
+    """``evaluate(cfg, **kwargs) -> metrics dict`` for the stage ``stage``, registered apart
+    from it (``register(NAME, evaluate=...)`` in ``ldmkit_register_stages``): how ldmkit's
+    evaluation gives the ``autoencoder`` stage its evaluator, without training importing
+    evaluation."""
+
+    stage: str
+    evaluate: Callable[..., dict[str, Any]]
+
+
+def entry_kind(kind: str, registered: Any) -> str:
+    """The registry kind of what a hook of ``kind`` registered (``ldmkit_register_stages``
+    registers stages and evaluators)."""
+    return "evaluator" if kind == "stage" and isinstance(registered, Evaluator) else kind
+
+
 # What the ``register`` callback of each hook accepts, returning ``(name, what is registered)``.
 # They run inside the plugin's hook, so a wrong call is reported against that plugin.
 
 
 def register_stage(
     name: str,
-    train: Callable[..., Path],
+    train: Callable[..., Path] | None = None,
     *,
     evaluate: Callable[..., dict[str, Any]] | None = None,
     trainer_config: str = "default",
-) -> tuple[str, Stage]:
-    if not callable(train):
-        raise TypeError(f"stage {name!r}: train must be callable, got {train!r}")
+) -> tuple[str, Stage | Evaluator]:
     if evaluate is not None and not callable(evaluate):
         raise TypeError(f"stage {name!r}: evaluate must be callable or None, got {evaluate!r}")
+    if train is None and evaluate is not None:
+        return name, Evaluator(name, evaluate)
+    if not callable(train):
+        raise TypeError(f"stage {name!r}: train must be callable, got {train!r}")
     if not isinstance(trainer_config, str) or not trainer_config:
         raise TypeError(
             f"stage {name!r}: trainer_config must name a trainer config option, "
@@ -121,18 +142,31 @@ class Registry:
         what = kind_label(kind)
         if not isinstance(name, str) or not name:
             raise RegistryError(f"{provider} registered a {what} with an invalid name {name!r}")
-        if kind == "stage" and not isinstance(factory, Stage):
-            raise RegistryError(f"{provider} registered stage {name!r} as {factory!r}, not a Stage")
-        if kind != "stage" and not callable(factory):
+        expected = {"stage": Stage, "evaluator": Evaluator}.get(kind)
+        if expected is not None and not isinstance(factory, expected):
+            raise RegistryError(
+                f"{provider} registered {what} {name!r} as {factory!r}, not a {expected.__name__}"
+            )
+        if expected is None and not callable(factory):
             raise RegistryError(
                 f"{provider} registered {what} {name!r} with a non-callable {factory!r}"
             )
         existing = self._entries[kind].get(name)
+        if existing is None and kind in ("stage", "evaluator"):
+            existing, what = self._second_evaluator(kind, name, factory), kind_label("evaluator")
         if existing is not None:
             raise RegistryError(
                 f"{what} {name!r} is registered twice: by {existing.provider} and by {provider}"
             )
         self._entries[kind][name] = Entry(kind, name, factory, provider)
+
+    def _second_evaluator(self, kind: str, name: str, factory: Any) -> Entry | None:
+        """The entry that already gives stage ``name`` an evaluator, when ``factory`` gives
+        it one too (a stage registered with ``evaluate=`` and an evaluator for it)."""
+        if kind == "evaluator":
+            stage = self._entries["stage"].get(name)
+            return stage if stage is not None and stage.factory.evaluate is not None else None
+        return self._entries["evaluator"].get(name) if factory.evaluate is not None else None
 
     def remove_providers(self, providers: set[str]) -> None:
         for entries in self._entries.values():
@@ -166,8 +200,11 @@ class Registry:
         return sorted(self._entries[kind])
 
     def stage(self, name: str) -> Stage:
-        """The training stage ``name``; an unknown name lists the stages and their plugins."""
-        return self.get("stage", name).factory
+        """The training stage ``name`` (with the evaluator registered for it, if any); an
+        unknown name lists the stages and their plugins."""
+        stage = self.get("stage", name).factory
+        evaluator = self._entries["evaluator"].get(name)
+        return replace(stage, evaluate=evaluator.factory.evaluate) if evaluator is not None else stage
 
     def data_source(self, name: str) -> type:
         """The :class:`~ldmkit.data.Source` subclass registered as ``name``."""

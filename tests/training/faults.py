@@ -318,8 +318,8 @@ def install_kill(phase: str, occurrence: int) -> None:
 
     import safetensors.torch as st
 
-    import ldmkit.training.checkpoint as ck
     import ldmkit.training.latent_cache as lc
+    import ldmkit.training.state as ck
 
     seen = [0]
 

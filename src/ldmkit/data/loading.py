@@ -444,8 +444,8 @@ class ShardLoader(DataLoader):
 
     ``stats`` counts valid and skipped samples across workers; ``manifest``, ``directory``,
     ``split``, ``num_samples`` and ``classes`` describe the data. Each ``iter()`` is one epoch
-    (endless when resampled), epoch ``loader.epoch``, which then advances; the shard order
-    changes per epoch.
+    (endless when resampled), epoch ``loader.epoch`` (``epoch`` at first), which then
+    advances; the shard order changes per epoch.
 
     Resuming: ``state_dict()`` is the position after the last batch handed out (epoch, each
     worker's window and index, which worker's batch comes next); after ``load_state_dict``
@@ -456,7 +456,14 @@ class ShardLoader(DataLoader):
     """
 
     def __init__(
-        self, stream: ShardStream, *, manifest: Manifest, directory: Path, split: str, **kwargs: Any
+        self,
+        stream: ShardStream,
+        *,
+        manifest: Manifest,
+        directory: Path,
+        split: str,
+        epoch: int = 0,
+        **kwargs: Any,
     ) -> None:
         kwargs.setdefault("generator", torch.Generator().manual_seed(stream.seed))
         kwargs.setdefault("worker_init_fn", _ignore_signals_in_worker)
@@ -468,9 +475,9 @@ class ShardLoader(DataLoader):
         self.num_samples = manifest.split(split).num_samples
         self.classes = list(manifest.classes)
         self.segmentation_classes = list(manifest.segmentation_classes)
-        self.epoch = 0
+        self.epoch = epoch
         self._resume: dict[str, Any] | None = None
-        self._position = self._start_of(0)
+        self._position = self._start_of(epoch)
 
     @property
     def readers(self) -> int:
@@ -609,6 +616,7 @@ def build_dataloader(
     seed: int = 0,
     shuffle: bool | None = None,
     drop_last: bool = False,
+    epoch: int = 0,
 ) -> ShardLoader:
     """A DataLoader of batch dicts over the prepared shards of ``split``.
 
@@ -616,7 +624,8 @@ def build_dataloader(
     ``caption`` list[str] and ``segmentation`` int64 B x S x S where the data has them,
     ``__key__`` list[str]. ``rank``/``world_size`` default to torch.distributed's.
     ``resampled`` (default: the config's, else on when world_size > 1) makes the stream endless.
-    ``shuffle`` (default: on for the train split) also switches random crop/flip.
+    ``shuffle`` (default: on for the train split) also switches random crop/flip. The first
+    ``iter()`` is epoch ``epoch``; each one advances it.
     """
     cfg = data_config(data_cfg)
     rank, world_size = _distributed_defaults(rank, world_size)
@@ -655,6 +664,7 @@ def build_dataloader(
         manifest=manifest,
         directory=directory,
         split=split,
+        epoch=epoch,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
     )

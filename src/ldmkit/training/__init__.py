@@ -3,35 +3,31 @@ resuming from the newest valid checkpoint there. Stages are plugins
 (``ldmkit_register_stages``; ldmkit's own are in :mod:`ldmkit.training.stages`). See
 docs/training.md.
 
-Owns the training loop, checkpoints, resume and the two stages. May import every layer
-below it (``pipeline``, ``assembly``, ``data``, ``losses``, ...); only ``evaluation`` and the
+Owns the training loop (``engine``), the run's state and checkpoints (``state``), its
+batches (``data``), the ranks under torchrun (``distributed``) and the two stages. May import
+every layer below it (``pipeline``, ``assembly``, ``data``, ``losses``, ...) but not
+``evaluation``, which registers its evaluators with the stages; only ``evaluation`` and the
 entry points import it, and its two stages do not import each other.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 from typing import Any
 
 from ldmkit.registry import Stage
-from ldmkit.training.checkpoint import (
+from ldmkit.training.data import DataFactory
+from ldmkit.training.distributed import distributed_info, distributed_process_group
+from ldmkit.training.engine import Trainer, resolve_device
+from ldmkit.training.errors import TrainingDivergedError, TrainingError, TrainingWarning
+from ldmkit.training.signals import EXIT_PREEMPTED, TrainingInterrupted
+from ldmkit.training.state import (
     Checkpoint,
     CheckpointError,
     CheckpointManager,
+    TrainingState,
     resolve_checkpoint,
 )
-from ldmkit.training.engine import (
-    DataFactory,
-    Trainer,
-    TrainingDivergedError,
-    TrainingError,
-    TrainingWarning,
-    distributed_info,
-    resolve_device,
-)
-from ldmkit.training.signals import EXIT_PREEMPTED, TrainingInterrupted
 
 __all__ = [
     "EXIT_PREEMPTED",
@@ -43,8 +39,10 @@ __all__ = [
     "TrainingDivergedError",
     "TrainingError",
     "TrainingInterrupted",
+    "TrainingState",
     "TrainingWarning",
     "distributed_info",
+    "distributed_process_group",
     "get_stage",
     "resolve_checkpoint",
     "resolve_device",
@@ -84,24 +82,3 @@ def train(cfg: Any, *, data: DataFactory | None = None) -> Path:
         check_config(cfg)  # composed configs were checked already; hand-made ones too
     with distributed_process_group():
         return chosen.train(cfg, data=data)
-
-
-@contextlib.contextmanager
-def distributed_process_group():
-    """Initialize torch.distributed from torchrun's environment, if it asks for it (any
-    ``torchrun`` launch, one process included: NCCL on CUDA, gloo on CPU)."""
-    import torch
-    import torch.distributed as dist
-
-    wanted = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
-    if not wanted or dist.is_initialized():
-        yield
-        return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()

@@ -1,16 +1,28 @@
-"""The training engine both stages share: run folder, resume, the step loop, time limit,
-validation, image grids, logs, progress bar and checkpoints. A stage subclasses
-:class:`Trainer` and supplies its models, optimizers and the body of one step."""
+"""The training loop both stages share. A stage subclasses :class:`Trainer` and supplies its
+models, optimizers and the body of one step; :meth:`Trainer.fit` then
+
+1. locks the run folder (rank 0, for every rank) and watches for SIGTERM, SIGINT, SIGUSR1;
+2. builds the stage, checks the image size, resumes from the newest intact checkpoint and
+   writes the run's ``config.yaml``;
+3. lets the stage prepare (:meth:`Trainer.before_training`: stage 2 estimates its latent
+   scale factor there);
+4. steps until ``max_steps`` or ``max_minutes``, with logs, validation, image grids,
+   checkpoints and signals between steps, and ends with a last checkpoint, validation and
+   grid.
+
+What the loop stands on: the run's position and checkpoints (:mod:`ldmkit.training.state`),
+its batches (:mod:`ldmkit.training.data`), the ranks under torchrun
+(:mod:`ldmkit.training.distributed`), random streams (:mod:`ldmkit.training.rng`), signals,
+the run folder's lock and the logs.
+"""
 
 from __future__ import annotations
 
 import abc
-import contextlib
 import math
 import sys
 import time
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,72 +30,44 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 
-from ldmkit import devices, frozen
+from ldmkit import devices
 from ldmkit import precision as _precision
-from ldmkit.config import refuse_interpolations
-from ldmkit.errors import LdmkitError
 from ldmkit.io import (
     atomic_write_text,
     check_folder,
     remove_stale_temporaries,
     reporting_write_errors,
 )
-from ldmkit.training.checkpoint import (
-    TRAINING_FILE,
-    Checkpoint,
-    CheckpointError,
-    CheckpointManager,
-    flatten_state,
-    load_state,
-    read_safetensors,
-    skip_warning,
-    unflatten_state,
-)
+from ldmkit.training import data as _data
+from ldmkit.training import distributed
+from ldmkit.training.data import DataFactory, TrainBatches
 from ldmkit.training.defaults import trainer_preset
-from ldmkit.training.logger import RunLogger, to_float
-from ldmkit.training.resume import config_changes, under, weights_only_key
-from ldmkit.training.rng import (
-    global_rng_state,
-    isolated_rng,
-    seed_everything,
-    set_global_rng_state,
-    stream_seed,
-)
-from ldmkit.training.run_lock import RunLock
+from ldmkit.training.distributed import distributed_info
+from ldmkit.training.errors import TrainingDivergedError, TrainingError, TrainingWarning
+from ldmkit.training.logger import RunLogger, SilentLogger, to_float
+from ldmkit.training.rng import isolated_rng, seed_everything, stream_seed
+from ldmkit.training.run_lock import locked_for_all_ranks
 from ldmkit.training.signals import SignalWatch, TrainingInterrupted
+from ldmkit.training.state import Checkpoint, TrainingState
 from ldmkit.training.threads import apply_num_threads
 
-# (split, epoch) -> an iterable of batch dicts; lets tests and notebooks train on
-# in-memory data instead of the configured dataset
-DataFactory = Callable[[str, int], Iterable[Mapping[str, Any]]]
+__all__ = [
+    "TRAINER_DEFAULTS",
+    "DataFactory",
+    "Trainer",
+    "TrainingDivergedError",
+    "TrainingError",
+    "TrainingWarning",
+    "distributed_info",
+    "resolve_device",
+    "trainer_options",
+]
 
 # the keys both stages share and their defaults: conf/trainer/default.yaml, the one home of
 # every trainer default (ldmkit.training.defaults)
 TRAINER_DEFAULTS: dict[str, Any] = trainer_preset("default")
 
-STATE_FORMAT = 2  # trainer_state.pt layout (1: one "rng" entry, data position as a batch count)
-
-
-class TrainingError(LdmkitError, RuntimeError):
-    """Training cannot start or continue (the run folder is left as it was)."""
-
-
-class TrainingDivergedError(TrainingError, FloatingPointError):
-    """A loss became NaN or infinite; the last good checkpoint is untouched."""
-
-
-class TrainingWarning(UserWarning):
-    """Something about a resumed run the user should know (changed settings, an inexact data
-    position); ``ldmkit train`` prints each in one line."""
-
-
-def distributed_info() -> tuple[int, int]:
-    """``(rank, world_size)`` of the initialized process group, else ``(0, 1)``."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+_INTERVALS = ("log_every", "sample_every", "checkpoint_every", "val_every")
 
 
 def resolve_device(name: str | None, key: str = "trainer.device") -> torch.device:
@@ -106,15 +90,15 @@ class Trainer(abc.ABC):
 
     Subclasses implement :meth:`build`, :meth:`model_modules`, :meth:`optimizers`,
     :meth:`training_step`; optionally :meth:`training_modules`, :meth:`generators`,
-    :meth:`hyperparameters`, :meth:`validate` and :meth:`save_images`. :meth:`fit` runs (or
+    :meth:`hyperparameters`, :meth:`config_keys_that_must_match`, :meth:`make_loader`,
+    :meth:`before_training`, :meth:`validate` and :meth:`save_images`. :meth:`fit` runs (or
     resumes) the loop and returns the run folder.
 
     Exact resume: a checkpoint holds the state after a step — weights, optimizers, the global
-    random generators and the stage's own :meth:`generators`, and the data loader's position
-    (``state_dict()`` of a resumable loader, else the number of batches of the epoch, replayed
-    on resume). Grids and validation run on generators seeded from the run's seed, apart from
-    the training streams, so neither how often they run nor where a run was stopped changes
-    the weights.
+    random generators and the stage's own :meth:`generators`, and the data position
+    (:mod:`ldmkit.training.state`, :mod:`ldmkit.training.data`). Grids and validation run on
+    generators seeded from the run's seed, apart from the training streams, so neither how
+    often they run nor where a run was stopped changes the weights.
     """
 
     stage: str = "?"
@@ -133,16 +117,30 @@ class Trainer(abc.ABC):
         self.scaler = _precision.grad_scaler(self.precision, self.device)
         self.data = data
         self.seed = int(cfg.get("seed", 0))
-        self.step = 0
-        self.epoch = 0
-        self.batches_in_epoch = 0
-        self.train_seconds = 0.0
+        self.state = TrainingState(
+            self.run_dir, cfg, scaler=self.scaler, keep_last=int(self.options["keep_checkpoints"]),
+            resume=bool(self.options["resume"]), embed_frozen=bool(self.options.get("embed_frozen")),
+        )
+        self.train_batches = TrainBatches(self.make_loader, self.state, label=_data.data_label(cfg))
         self.signals = SignalWatch(enabled=False)
+        self.logger: RunLogger | SilentLogger = SilentLogger()  # rank 0's writes, from fit() on
         self._val_batches: list[Mapping[str, Any]] | None = None
-        self._train_loader: Any = None
-        self._loader_in_use: Any = None  # the resumable loader of the current epoch, if any
-        self._data_restore: dict[str, Any] | None = None  # this rank's saved data position
 
+    @property
+    def step(self) -> int:
+        """Optimization steps done so far (the training state's)."""
+        return self.state.step
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
+
+    @property
+    def train_seconds(self) -> float:
+        """Time spent in training steps (what ``trainer.max_minutes`` limits)."""
+        return self.state.train_seconds
+
+    # -- precision ------------------------------------------------------------------------
     def _resolve_precision(self) -> str:
         """``trainer.precision`` resolved for this device; the run's config records the
         resolved value (so a resume on a machine that resolves ``auto`` differently lists the
@@ -206,6 +204,14 @@ class Trainer(abc.ABC):
         groups after a resume (an optimizer's state_dict would bring back the saved ones)."""
         return {}
 
+    def config_keys_that_must_match(self) -> list[str]:
+        """Config keys that define the model: a resumed run refuses to change them."""
+        return []
+
+    def before_training(self) -> None:  # noqa: B027 - optional: most stages need nothing here
+        """Called once per :meth:`fit`, after :meth:`build` and the resume and before the
+        first step (:attr:`step` tells a fresh run from a resumed one)."""
+
     @abc.abstractmethod
     def training_step(self, batch: Mapping[str, Any], step: int) -> dict[str, Tensor]:
         """One optimization step on ``batch`` (``step`` = updates done so far); returns
@@ -220,319 +226,47 @@ class Trainer(abc.ABC):
 
     # -- data -----------------------------------------------------------------------------
     def make_loader(self, split: str, epoch: int) -> Iterable[Mapping[str, Any]]:
-        """Batches of ``split`` for ``epoch``: the ``data`` factory's, else a
-        :class:`ldmkit.data.ShardLoader` (resumable) over the configured dataset."""
+        """Batches of ``split`` from ``epoch`` on: the ``data`` factory's, else a
+        :class:`ldmkit.data.ShardLoader` (resumable: it keeps its own epoch) over the
+        configured dataset. :mod:`ldmkit.training.data` says how the train split is read."""
         if self.data is not None:
             return self.data(split, epoch)
-        from ldmkit.data import build_dataloader
-
-        loader = build_dataloader(
-            self.cfg.data,
-            batch_size=int(self.options["batch_size"]),
-            split=split,
-            num_workers=int(self.options["num_workers"]),
-            seed=self.seed,
-        )
-        loader.epoch = epoch
-        return loader
-
-    def train_loader(self, epoch: int) -> Iterable[Mapping[str, Any]]:
-        """The train split for ``epoch``. A resumable loader (``state_dict`` /
-        ``load_state_dict``, an ``epoch`` attribute) is made once and reused for every epoch;
-        anything else is asked for anew each epoch (and replayed on resume)."""
-        if self._train_loader is not None:
-            self._train_loader.epoch = epoch
-            return self._train_loader
-        loader = self.make_loader("train", epoch)
-        if _is_resumable(loader) and hasattr(loader, "epoch"):
-            self._train_loader = loader
-        return loader
-
-    def _train_batches(self) -> Iterator[Mapping[str, Any]]:
-        restore, self._data_restore = self._data_restore, None
-        while True:
-            loader = self.train_loader(self.epoch)
-            resumable = _is_resumable(loader)
-            self._loader_in_use = loader if resumable else None
-            skip = 0
-            if restore is not None:  # the first epoch after a resume
-                saved = restore.get("loader")
-                if resumable and saved is not None:
-                    note = loader.load_state_dict(saved)
-                    if note:
-                        warnings.warn(f"resuming at step {self.step}: {note}", TrainingWarning, stacklevel=2)
-                        self.batches_in_epoch = 0
-                else:  # replay the epoch's order up to the saved position
-                    skip = self.batches_in_epoch
-                restore = None
-            resumed_mid_epoch = self.batches_in_epoch > 0
-            produced = 0
-            for index, batch in enumerate(loader):
-                produced += 1
-                if index < skip:
-                    continue
-                self.batches_in_epoch = self.batches_in_epoch + 1 if resumable else index + 1
-                yield batch
-            if produced == 0 and not resumed_mid_epoch:
-                raise TrainingError(f"the train split of data={self._data_label()} yielded no batches")
-            self.epoch += 1
-            self.batches_in_epoch = 0
+        return _data.configured_loader(self.cfg, self.options, split, epoch, self.seed)
 
     def validation_batches(self) -> list[Mapping[str, Any]]:
         """The first ``val_batches`` batches of ``val_split``, loaded once and kept."""
         if self._val_batches is None:
-            batches = []
-            limit = int(self.options["val_batches"])
-            if limit > 0 and self._has_split(str(self.options["val_split"])):
-                for batch in self.make_loader(str(self.options["val_split"]), 0):
-                    batches.append(batch)
-                    if len(batches) >= limit:
-                        break
-            self._val_batches = batches
+            split, limit = str(self.options["val_split"]), int(self.options["val_batches"])
+            wanted = limit > 0 and (self.data is not None or _data.has_val_split(self.cfg, split))
+            self._val_batches = _data.first_batches(self.make_loader(split, 0), limit) if wanted else []
         return self._val_batches
 
-    def _has_split(self, split: str) -> bool:
-        """Whether the configured dataset has ``split``; warns once when it does not, so a
-        run on data without a held-out split trains on instead of failing at validation."""
-        if self.data is not None:
-            return True
-        from ldmkit.data.loading import data_config, load_manifest
-
-        _, manifest = load_manifest(data_config(self.cfg.data))
-        if split in manifest.splits:
-            return True
-        warnings.warn(
-            f"trainer.val_split={split!r} is not in data={self._data_label()} (it has "
-            f"{', '.join(sorted(manifest.splits))}); validation is skipped and grids use training batches. "
-            f"Prepare the data with val_fraction=... or set trainer.val_split",
-            stacklevel=2,
-        )
-        return False
-
-    def _data_label(self) -> str:
-        data = self.cfg.get("data")
-        return str(data.get("source", data)) if isinstance(data, Mapping | DictConfig) else str(data)
-
-    # -- checks ---------------------------------------------------------------------------
+    # -- checks and collectives a stage uses ----------------------------------------------
     def check_finite(self, name: str, value: Tensor, logs: Mapping[str, Any]) -> None:
         if not bool(torch.isfinite(value).all()):
             parts = ", ".join(f"{k}={to_float(v):.4g}" for k, v in logs.items())
-            latest = self.checkpoints.latest() if hasattr(self, "checkpoints") else None
+            latest = self.state.latest()
             where = f"the last good checkpoint {latest.path} is intact" if latest else "no checkpoint was written yet"
             raise TrainingDivergedError(
                 f"{self.stage} training diverged: {name} is {to_float(value)} at step {self.step} "
                 f"({parts}); stopped without saving, {where}. Lower trainer.lr or check the data."
             )
 
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
     def check_interrupt(self, during: str) -> None:
         """Raise :class:`TrainingInterrupted` if SIGTERM/SIGINT arrived (for long phases
         outside the step loop, e.g. building the latent cache)."""
         stop, _ = self.signals.poll(self.world_size)
         if stop:
-            latest = self.checkpoints.latest() if hasattr(self, "checkpoints") else None
+            latest = self.state.latest()
             raise TrainingInterrupted(stop, self.step, latest.path if latest else None, during=during)
+
+    def barrier(self) -> None:
+        distributed.barrier()
 
     # -- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self) -> Checkpoint | None:
-        ranks = self._gather(self._rank_state())
-        if not self.is_main:
-            self.barrier()
-            return None
-        checkpoint = self._write_checkpoint(ranks)
-        self.barrier()
-        return checkpoint
-
-    def _rank_state(self) -> dict[str, Any]:
-        """What differs between ranks: random streams and the data position."""
-        loader = self._loader_in_use
-        return {
-            "rng": global_rng_state(),
-            "generators": {k: g.get_state() for k, g in self.generators().items()},
-            "data": {"loader": loader.state_dict() if loader is not None else None},
-        }
-
-    def _gather(self, state: dict[str, Any]) -> list[dict[str, Any]]:
-        if self.world_size == 1:
-            return [state]
-        import torch.distributed as dist
-
-        states: list[Any] = [None] * self.world_size
-        dist.all_gather_object(states, state)
-        return states
-
-    def _write_checkpoint(self, ranks: list[dict[str, Any]]) -> Checkpoint:
-        state = {
-            "format": STATE_FORMAT,
-            "stage": self.stage,
-            "step": self.step,
-            "epoch": self.epoch,
-            "batches_in_epoch": self.batches_in_epoch,
-            "train_seconds": self.train_seconds,
-            "optimizers": {k: opt.state_dict() for k, opt in self.optimizers().items()},
-            "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "world_size": self.world_size,
-            "ranks": ranks,
-        }
-        parts = self.frozen_references()
-        return self.checkpoints.save(
-            self.step,
-            model=flatten_state(self.model_modules(), skip=parts),
-            training=flatten_state(self.training_modules()) or None,
-            state=state,
-            config_yaml=OmegaConf.to_yaml(self.cfg, resolve=True),
-            frozen_parts=parts,
-        )
-
-    def frozen_references(self) -> dict[str, dict[str, Any]]:
-        """The frozen pretrained parts of the model modules kept by reference in checkpoints
-        (``{"conditioner.encoder": {"source", "sha256"}}``; :mod:`ldmkit.frozen`), none when
-        ``trainer.embed_frozen`` is true."""
-        if self.options.get("embed_frozen"):
-            return {}
-        return {
-            f"{prefix}.{name}": reference
-            for prefix, module in self.model_modules().items()
-            for name, reference in frozen.frozen_parts(module).items()
-        }
-
-    def _read_checkpoint(self, checkpoint: Checkpoint) -> dict[str, Any]:
-        """Every file of ``checkpoint``, read and parsed before anything is applied (a bad
-        file raises :class:`CheckpointError` naming it, with the trainer untouched)."""
-        state = load_state(checkpoint)
-        if state.get("stage") != self.stage:
-            raise TrainingError(
-                f"{checkpoint.path} is a checkpoint of stage {state.get('stage')!r}, not "
-                f"{self.stage!r}; use another run_dir"
-            )
-        for key in ("step", "epoch", "batches_in_epoch", "train_seconds", "optimizers"):
-            if key not in state:
-                raise CheckpointError(f"{checkpoint.path / 'trainer_state.pt'} has no {key!r} entry")
-        weights = read_safetensors(checkpoint.model_file)
-        extra = read_safetensors(checkpoint.path / TRAINING_FILE) if self.training_modules() else {}
-        saved_config = None
-        if checkpoint.config_file.is_file():
-            try:
-                saved_config = OmegaConf.to_container(OmegaConf.load(checkpoint.config_file), resolve=False)
-            except Exception as err:  # noqa: BLE001 - yaml and omegaconf raise many types
-                raise CheckpointError(f"cannot read {checkpoint.config_file}: {type(err).__name__}: {err}") from err
-            if not isinstance(saved_config, dict):
-                raise CheckpointError(f"cannot read {checkpoint.config_file}: not a mapping")
-            refuse_interpolations(saved_config, checkpoint.config_file)  # refused, not skipped
-        try:
-            references = frozen.read_manifest(checkpoint.path)
-        except frozen.FrozenReferenceError as err:
-            raise CheckpointError(str(err)) from err
-        for prefix, module in self.model_modules().items():  # a changed source: one clear error
-            frozen.check_referenced(module, frozen.within(references, prefix), checkpoint.path, prefix)
-        return {"state": state, "weights": weights, "extra": extra, "config": saved_config,
-                "frozen": references}
-
-    def load_checkpoint(self, checkpoint: Checkpoint, contents: dict[str, Any] | None = None) -> None:
-        contents = contents or self._read_checkpoint(checkpoint)
-        state = contents["state"]
-        for prefix, module in self.model_modules().items():
-            tensors = frozen.fill_referenced(  # checked by _read_checkpoint
-                module, unflatten_state(contents["weights"], prefix), frozen.within(contents["frozen"], prefix)
-            )
-            self._load_module(module, tensors, checkpoint.model_file, prefix)
-        for prefix, module in self.training_modules().items():
-            self._load_module(module, unflatten_state(contents["extra"], prefix), checkpoint.path, prefix)
-        for key, optimizer in self.optimizers().items():
-            optimizer.load_state_dict(state["optimizers"][key])
-            for group in optimizer.param_groups:
-                group.update(self.hyperparameters().get(key, {}))
-        if self.scaler.is_enabled() and state.get("grad_scaler"):
-            self.scaler.load_state_dict(state["grad_scaler"])
-        self.step = int(state["step"])
-        self.epoch = int(state["epoch"])
-        self.batches_in_epoch = int(state["batches_in_epoch"])
-        self.train_seconds = float(state["train_seconds"])
-        mine = self._saved_rank_state(state)
-        set_global_rng_state(mine["rng"])
-        for name, gen in self.generators().items():
-            if name in mine.get("generators", {}):
-                gen.set_state(mine["generators"][name])
-        self._data_restore = mine.get("data") or {"loader": None}
-
-    def _saved_rank_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
-        if "ranks" not in state:  # format 1
-            return {"rng": state["rng"], "generators": {}, "data": {"loader": None}}
-        ranks = list(state["ranks"])
-        if len(ranks) != self.world_size:
-            warnings.warn(
-                f"the checkpoint was written by {len(ranks)} rank(s), this run has {self.world_size}: "
-                f"random streams and data positions cannot be restored exactly",
-                TrainingWarning, stacklevel=3,
-            )
-            return {**ranks[0], "data": {"loader": None}}
-        return ranks[self.rank]
-
-    def _load_module(self, module: nn.Module, tensors: dict[str, Tensor], source: Path, prefix: str) -> None:
-        try:
-            module.load_state_dict(tensors, strict=True)
-        except RuntimeError as err:
-            raise TrainingError(
-                f"checkpoint {source} does not fit the {prefix} built from the current config "
-                f"(was the config changed since the run started?): {err}"
-            ) from err
-
-    def config_keys_that_must_match(self) -> list[str]:
-        """Config keys that define the model: a resumed run refuses to change them."""
-        return []
-
-    def _check_config(self, checkpoint: Checkpoint, saved: Mapping[str, Any] | None) -> None:
-        """Refuse changes the checkpoint cannot take; report (and apply) the others."""
-        if saved is None:
-            return
-        current = OmegaConf.to_container(self.cfg, resolve=True)
-        frozen = [*self.config_keys_that_must_match(), "seed"]
-        changes = config_changes(saved, current)  # the saved config was written resolved
-        refused = [c for c in changes if under(c.key, frozen) and not weights_only_key(c.key)]
-        if refused:
-            listed = "; ".join(str(c) for c in refused)
-            raise TrainingError(
-                f"cannot resume run_dir {self.run_dir} (checkpoint {checkpoint.path.name}) with a different "
-                f"model: {listed}; {', '.join(frozen)} cannot change on resume (lr, max_steps and the other "
-                f"trainer settings can): restore those values, or start a new run_dir"
-            )
-        if changes:
-            listed = "; ".join(
-                f"{c} (ignored: the weights come from the checkpoint)" if weights_only_key(c.key) else str(c)
-                for c in changes
-            )
-            warnings.warn(
-                f"resuming {self.run_dir} at step {checkpoint.step} with {len(changes)} changed "
-                f"setting(s), applied from here on: {listed}",
-                TrainingWarning, stacklevel=3,
-            )
-
-    def _resume(self) -> Checkpoint | None:
-        """Load the newest checkpoint whose files are all intact; each damaged one is skipped
-        with one warning naming its bad file. Returns what was loaded (None: a fresh run)."""
-        if self.is_main:
-            self.checkpoints.remove_incomplete()
-        self.barrier()
-        for checkpoint in self.checkpoints.usable(verify=True):
-            if not self.options["resume"]:
-                raise TrainingError(
-                    f"run_dir {self.run_dir} already holds checkpoints (latest: {checkpoint.path}) and "
-                    f"trainer.resume=false; choose another run_dir or delete that one"
-                )
-            try:
-                contents = self._read_checkpoint(checkpoint)
-            except CheckpointError as err:
-                skip_warning(checkpoint, str(err))
-                continue
-            self._check_config(checkpoint, contents["config"])
-            self.load_checkpoint(checkpoint, contents)
-            return checkpoint
-        return None
+        """Checkpoint the state after the current step (written by rank 0, which returns it)."""
+        return self.state.save(self, self.train_batches.position())
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -544,77 +278,63 @@ class Trainer(abc.ABC):
         # larger than the free cores runs many times slower on a shared machine)
         apply_num_threads(self.options["num_threads"], self.device)
         self.signals = SignalWatch(enabled=bool(self.options["save_on_signal"]))
-        with self._run_dir_lock(), self.signals:
+        # the lock is taken before the model is built: a second trainer must not fill the
+        # first one's GPU (ldmkit.training.run_lock)
+        with locked_for_all_ranks(self.run_dir), self.signals:
             return self._fit()
-
-    @contextlib.contextmanager
-    def _run_dir_lock(self) -> Iterator[None]:
-        """Hold ``run_dir``'s lock (:mod:`ldmkit.training.run_lock`) for the whole run, taken
-        before the model is built (a second trainer must not fill the first one's GPU).
-        Rank 0 holds it for all ranks; when it is taken every rank stops with the same line."""
-        lock, problem = RunLock(self.run_dir), None
-        if self.is_main:
-            try:
-                lock.acquire()
-            except LdmkitError as err:
-                problem = err
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            shared = [None if problem is None else str(problem)]
-            dist.broadcast_object_list(shared, src=0)
-            if shared[0] is not None and problem is None:
-                problem = TrainingError(shared[0])
-        if problem is not None:
-            raise problem
-        try:
-            yield
-        finally:
-            lock.release()
 
     def _fit(self) -> Path:
         seed_everything(self.seed)
-        self.checkpoints = CheckpointManager(
-            self.run_dir / "checkpoints", keep_last=int(self.options["keep_checkpoints"])
-        )
         if self.is_main:
             for folder in (self.run_dir, self.run_dir / "pipeline", self.run_dir / "images"):
                 remove_stale_temporaries(folder)
-        if self.is_main and self.options["progress"]:
-            print(f"ldmkit train {self.stage}: {self.precision_note}", file=sys.stderr)
+            if self.options["progress"]:
+                print(f"ldmkit train {self.stage}: {self.precision_note}", file=sys.stderr)
         self.build()
         self._check_image_size()
-        latest = self._resume()
+        latest = self.state.resume(self)
         if self.is_main:
             with reporting_write_errors(self.run_dir):
                 self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
+            self.logger = RunLogger(
+                self.run_dir, resume_step=latest.step if latest is not None else None,
+                tensorboard=bool(self.options["tensorboard"]),
+            )
+        try:
+            self.before_training()
+            self._steps(last_saved=latest.step if latest is not None else -1)
+        finally:
+            self.logger.close()
+        return self.run_dir
 
+    def _steps(self, last_saved: int) -> None:
+        """Step until ``max_steps`` or ``max_minutes``; between steps: logs, validation,
+        grids, checkpoints (every ``checkpoint_every``, on SIGUSR1, and on SIGTERM/SIGINT,
+        which then stop the run)."""
+        state = self.state
         max_steps = int(self.options["max_steps"])
-        max_seconds = (
-            float(self.options["max_minutes"]) * 60.0 if self.options["max_minutes"] is not None else math.inf
-        )
-        every = {k: int(self.options[k] or 0) for k in ("log_every", "sample_every", "checkpoint_every", "val_every")}
-        logger = RunLogger(
-            self.run_dir, resume_step=self.step if latest is not None else None,
-            tensorboard=bool(self.options["tensorboard"]),
-        ) if self.is_main else _SilentLogger()
-        self.logger = logger
+        max_minutes = self.options["max_minutes"]
+        max_seconds = float(max_minutes) * 60.0 if max_minutes is not None else math.inf
+        every = {key: int(self.options[key] or 0) for key in _INTERVALS}
+
+        def due(interval: str) -> bool:
+            return bool(every[interval]) and state.step % every[interval] == 0
+
         from tqdm.auto import tqdm
 
         # a time-limited run ends long before a placeholder max_steps: no misleading ETA
         time_bound = max_seconds < math.inf and max_steps >= 10**6
-        bar = tqdm(total=None if time_bound else max_steps, initial=self.step, disable=not (self.options["progress"] and self.is_main),
+        bar = tqdm(total=None if time_bound else max_steps, initial=state.step,
+                   disable=not (self.options["progress"] and self.is_main),
                    desc=f"train {self.stage}", dynamic_ncols=True)
-        last_saved = latest.step if latest is not None else -1
-        start_step = self.step
-        batch = None
+        start_step, batch = state.step, None
         try:
-            batches = self._train_batches()
+            batches = iter(self.train_batches)
             stop, _ = self.signals.poll(self.world_size)  # a signal while building or resuming
             if stop:
                 self._stop(stop, last_saved)
-            while self.step < max_steps and self.train_seconds < max_seconds:
+            while state.step < max_steps and state.train_seconds < max_seconds:
                 started = time.perf_counter()
                 try:
                     batch = next(batches)
@@ -622,36 +342,33 @@ class Trainer(abc.ABC):
                     if self.signals.stop:  # a data worker died of the same signal: the step before is whole
                         self._stop(self.signals.stop, last_saved)
                     raise
-                logs = self.training_step(batch, self.step)
+                logs = self.training_step(batch, state.step)
                 self.scaler.update()
-                self.step += 1
-                self.train_seconds += time.perf_counter() - started
+                state.step += 1
+                state.train_seconds += time.perf_counter() - started
                 bar.update(1)
-                if every["log_every"] and self.step % every["log_every"] == 0:
-                    values = logger.log(self.step, self._timing() | {f"train/{k}": v for k, v in logs.items()})
+                if due("log_every"):
+                    values = self.logger.log(state.step, self._timing() | {f"train/{k}": v for k, v in logs.items()})
                     bar.set_postfix({k[6:]: f"{v:.4g}" for k, v in values.items() if k.startswith("train/")}, refresh=False)
-                if every["val_every"] and self.step % every["val_every"] == 0:
-                    self._unless_stopping(self._validate, logger)
-                if every["sample_every"] and self.step % every["sample_every"] == 0:
+                if due("val_every"):
+                    self._unless_stopping(self._validate)
+                if due("sample_every"):
                     self._unless_stopping(self._images, batch)
                 stop, save = self.signals.poll(self.world_size)
-                due = bool(every["checkpoint_every"]) and self.step % every["checkpoint_every"] == 0
-                if (due or save or stop) and self.step != last_saved:
+                if (due("checkpoint_every") or save or stop) and state.step != last_saved:
                     self.save_checkpoint()
-                    last_saved = self.step
-                if stop and self.step < max_steps and self.train_seconds < max_seconds:
+                    last_saved = state.step
+                if stop and state.step < max_steps and state.train_seconds < max_seconds:
                     self._stop(stop, last_saved)  # else the run is complete: end it normally
-            if self.step != start_step:  # the run's end, unless there was nothing left to do
-                if self.step != last_saved:
+            if state.step != start_step:  # the run's end, unless there was nothing left to do
+                if state.step != last_saved:
                     self.save_checkpoint()
-                if not (every["val_every"] and self.step % every["val_every"] == 0):
-                    self._unless_stopping(self._validate, logger)
-                if not (every["sample_every"] and self.step % every["sample_every"] == 0):
+                if not due("val_every"):
+                    self._unless_stopping(self._validate)
+                if not due("sample_every"):
                     self._unless_stopping(self._images, batch)
         finally:
             bar.close()
-            logger.close()
-        return self.run_dir
 
     def _check_image_size(self) -> None:
         """The configured image sizes against the first stage's factor f, before anything is
@@ -697,14 +414,14 @@ class Trainer(abc.ABC):
     def _timing(self) -> dict[str, float]:
         return {"train_minutes": self.train_seconds / 60.0, "epoch": float(self.epoch)}
 
-    def _validate(self, logger: RunLogger) -> None:
+    def _validate(self) -> None:
         if not self.is_main:
             return
         with isolated_rng(stream_seed(self.seed, "validation")):
             batches = self.validation_batches()
             values = self.validate(batches) if batches else {}
         if values:
-            logger.log(self.step, self._timing() | {f"val/{k}": v for k, v in values.items()})
+            self.logger.log(self.step, self._timing() | {f"val/{k}": v for k, v in values.items()})
 
     def _images(self, batch: Mapping[str, Any] | None) -> None:
         if not self.is_main:
@@ -718,20 +435,3 @@ class Trainer(abc.ABC):
             grid = self.save_images(source, path)
         if grid is not None:
             self.logger.log_image(f"{self.stage}/images", grid, self.step)
-
-
-def _is_resumable(loader: Any) -> bool:
-    return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
-
-
-class _SilentLogger:
-    """The logger of ranks other than 0: they log nothing."""
-
-    def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
-        return {k: to_float(v) for k, v in metrics.items()}
-
-    def log_image(self, tag: str, image: Tensor, step: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

@@ -187,16 +187,17 @@ def _read_chunk(directory: Path, index: int) -> tuple[dict[str, Tensor], dict[st
 
 
 class CacheLoader:
-    """The cache as a resumable training loader: each ``iter()`` is epoch ``epoch`` (then it
-    advances), in the order :meth:`LatentCache.batches` gives for ``seed + epoch``. The order
+    """The cache as a resumable training loader: each ``iter()`` is epoch ``epoch`` (at first
+    the one it was made for; then it advances), in the order :meth:`LatentCache.batches` gives for ``seed + epoch``. The order
     is a pure function of the seed and the epoch, so the position is (epoch, batches handed
     out) and resuming it is exact without reading anything twice."""
 
-    def __init__(self, cache: LatentCache, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, cache: LatentCache, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
+                 epoch: int = 0) -> None:
         self.cache, self.batch_size, self.seed = cache, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-        self._position = {"epoch": 0, "batches": 0}
+        self.epoch = epoch
+        self._position = {"epoch": epoch, "batches": 0}
         self._resume: dict[str, int] | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -29,8 +29,9 @@ from ldmkit.ema import EMA
 from ldmkit.interfaces import Conditioner
 from ldmkit.training.batches import batch_images
 from ldmkit.training.defaults import stage_only_keys
+from ldmkit.training.distributed import broadcast_tensor
 from ldmkit.training.engine import TRAINER_DEFAULTS, Trainer, TrainingError, TrainingWarning
-from ldmkit.training.rng import generator, isolated_rng, stream_seed
+from ldmkit.training.rng import generator, isolated_rng, preserved_rng, stream_seed
 
 # the stage-2 keys and their defaults: conf/trainer/ldm.yaml (ldmkit.training.defaults)
 LDM_DEFAULTS: dict[str, Any] = stage_only_keys("ldm")
@@ -111,7 +112,6 @@ class LDMTrainer(Trainer):
         self.ema = EMA(self.trainable, decay=float(ema["decay"]), warmup=bool(ema["warmup"])) if ema["enabled"] else None
         self.scale = _ScaleFactor(self.pipeline.scale_factor)
         self.scale_by_std = cfg.get("scale_factor") == "scale_by_std"
-        self.scale_set = torch.zeros((), dtype=torch.bool)
         self.model = self.step_module
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -154,15 +154,13 @@ class LDMTrainer(Trainer):
 
     # -- data ------------------------------------------------------------------------------
     def make_loader(self, split: str, epoch: int) -> Iterable[Mapping[str, Any]]:
-        if split == "train" and self.opts["latent_cache"] and self.data is None:
+        """The train split from the latent cache (``trainer.latent_cache``, built in
+        :meth:`build`), else the engine's."""
+        if split == "train" and self.cache is not None:
             from ldmkit.training.latent_cache import CacheLoader
 
-            if self.cache is None:
-                self.cache = self._load_cache()
-            loader = CacheLoader(self.cache, int(self.options["batch_size"]), seed=self.seed,
-                                 rank=self.rank, world_size=self.world_size)
-            loader.epoch = epoch
-            return loader
+            return CacheLoader(self.cache, int(self.options["batch_size"]), seed=self.seed,
+                               rank=self.rank, world_size=self.world_size, epoch=epoch)
         return super().make_loader(split, epoch)
 
     def _cache_fingerprint(self) -> str:
@@ -210,26 +208,42 @@ class LDMTrainer(Trainer):
         self.barrier()
         return cache if cache is not None else LatentCache(directory)
 
+    # -- before the first step -----------------------------------------------------------
+    def before_training(self) -> None:
+        if self.scale_by_std and self.step == 0:  # a resumed run restored it from its checkpoint
+            self.estimate_scale_factor()
+
+    @torch.no_grad()
+    def estimate_scale_factor(self) -> float:
+        """``scale_factor=scale_by_std``: set the pipeline's scale factor to 1/std of the
+        latents of the first training batch, once, before the first step. Rank 0 estimates it
+        and every rank uses its value. The global generators are put back after encoding, so
+        the estimate measures the very latents (a KL posterior sample) the first step trains
+        on, and the training streams do not move."""
+        factor = torch.zeros((), device=self.pipeline.scale_factor.device)
+        if self.is_main:
+            first = next(iter(self.make_loader("train", 0)))
+            with preserved_rng():
+                factor.fill_(scale_factor_from_latents(self.encode(first)))
+        broadcast_tensor(factor)
+        self.pipeline.scale_factor.fill_(float(factor))
+        self.logger.log(self.step, {"train/scale_factor": float(factor)})  # rank 0's logger writes
+        return float(factor)
+
     # -- one step --------------------------------------------------------------------------
     @torch.no_grad()
-    def latents(self, batch: Mapping[str, Any]) -> Tensor:
+    def encode(self, batch: Mapping[str, Any]) -> Tensor:
+        """The batch's latents before scaling: its cached ``latent``, else the first stage's
+        encoding of its images."""
         if "latent" in batch:
-            z = batch["latent"].to(self.device, non_blocking=True)
-        else:
-            x = batch_images(batch, channels=self.pipeline.first_stage.image_channels, device=self.device)
-            z = self.pipeline.first_stage.encode(x)
-        if self.scale_by_std and not bool(self.scale_set):
-            self._set_scale_from(z)
-        return z * self.pipeline.scale_factor
+            return batch["latent"].to(self.device, non_blocking=True)
+        x = batch_images(batch, channels=self.pipeline.first_stage.image_channels, device=self.device)
+        return self.pipeline.first_stage.encode(x)
 
-    def _set_scale_from(self, z: Tensor) -> None:
-        if self.step == 0:
-            factor = torch.tensor(scale_factor_from_latents(z), device=self.pipeline.scale_factor.device)
-            if self.world_size > 1:  # every rank uses rank 0's value
-                torch.distributed.broadcast(factor, src=0)
-            self.pipeline.scale_factor.fill_(float(factor))
-            self.logger.log(self.step, {"train/scale_factor": float(factor)})  # rank 0's logger writes
-        self.scale_set.fill_(True)  # resumed runs restored it from the checkpoint
+    @torch.no_grad()
+    def latents(self, batch: Mapping[str, Any]) -> Tensor:
+        """What the diffusion model sees: the batch's latents times the scale factor."""
+        return self.encode(batch) * self.pipeline.scale_factor
 
     def training_step(self, batch: Mapping[str, Any], step: int) -> dict[str, Tensor]:
         self.step_module.train()

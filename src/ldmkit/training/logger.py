@@ -98,6 +98,19 @@ class RunLogger:
             self.writer = None
 
 
+class SilentLogger:
+    """The logger of ranks other than 0: they log nothing."""
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
+        return {k: to_float(v) for k, v in metrics.items()}
+
+    def log_image(self, tag: str, image: Tensor, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _step(row: Mapping[str, Any]) -> int:
     try:
         return int(float(row.get("step") or -1))

@@ -20,10 +20,13 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ldmkit.errors import LdmkitError
 from ldmkit.io import WriteError, reporting_write_errors
+from ldmkit.training import distributed
+from ldmkit.training.errors import TrainingError
 
 try:
     import fcntl
@@ -121,6 +124,27 @@ class RunLock:
             except NotADirectoryError as err:
                 raise WriteError(self.run_dir, errno.ENOTDIR, "a folder on its path is a file") from err
         return True
+
+
+@contextlib.contextmanager
+def locked_for_all_ranks(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold ``run_dir``'s lock while the block runs. Under torchrun rank 0 holds it for all
+    ranks; when it is taken every rank stops with the same line."""
+    lock, problem = RunLock(run_dir), None
+    if distributed.distributed_info()[0] == 0:
+        try:
+            lock.acquire()
+        except LdmkitError as err:
+            problem = err
+    shared = distributed.broadcast_object(None if problem is None else str(problem))
+    if shared is not None and problem is None:
+        problem = TrainingError(shared)  # rank 0's error, as this rank's
+    if problem is not None:
+        raise problem
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _is_at(fd: int, path: Path) -> bool:

@@ -1,5 +1,6 @@
 """ldmkit's own training stages, registered through ``ldmkit_register_stages`` exactly as a
-third-party stage is (the plugin manager loads this module as a built-in plugin).
+third-party stage is (the plugin manager loads this module as a built-in plugin). Their
+evaluators register themselves with them the same way (:mod:`ldmkit.evaluation.stages`).
 
 The trainers are imported when a stage runs, not when the stages are listed.
 """
@@ -15,20 +16,14 @@ from ldmkit.hookspecs import hookimpl
 def train_autoencoder(cfg: Any, *, data: Any = None) -> Path:
     """Stage 1: the first stage (:class:`ldmkit.training.autoencoder.AutoencoderTrainer`)."""
     from ldmkit.training.autoencoder import train_autoencoder
-    from ldmkit.training.engine import TrainingError, distributed_info
+    from ldmkit.training.distributed import distributed_info
+    from ldmkit.training.errors import TrainingError
 
     if distributed_info()[1] > 1:
         raise TrainingError(
             "stage=autoencoder does not run distributed yet; start it without torchrun"
         )
     return train_autoencoder(cfg, data=data)
-
-
-def evaluate_autoencoder(cfg: Any, **kwargs: Any) -> dict[str, Any]:
-    """Reconstruction metrics of a trained first stage on ``eval.split``."""
-    from ldmkit.evaluation.autoencoder import evaluate_autoencoder
-
-    return evaluate_autoencoder(cfg, **kwargs)
 
 
 def train_ldm(cfg: Any, *, data: Any = None) -> Path:
@@ -42,7 +37,5 @@ def train_ldm(cfg: Any, *, data: Any = None) -> Path:
 def ldmkit_register_stages(register):
     # trainer_config "default": the primary config's choice, which both stages have always
     # used when no `trainer=` is given (conf/trainer/autoencoder.yaml and ldm.yaml are presets)
-    register(
-        "autoencoder", train_autoencoder, evaluate=evaluate_autoencoder, trainer_config="default"
-    )
+    register("autoencoder", train_autoencoder, trainer_config="default")
     register("ldm", train_ldm, trainer_config="default")
