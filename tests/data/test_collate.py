@@ -2,7 +2,7 @@
 
 import torch
 
-from ldmkit.data.loading import collate
+from ldmkit.data.decode import collate
 
 
 def test_collate_stacks_tensors_numbers_and_lists_any_key():

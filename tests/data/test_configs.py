@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from ldmkit.data import SOURCES, build_dataloader, data_config, ensure_prepared, prepare
-from ldmkit.data.loading import transform_from
+from ldmkit.data.loader import transform_from
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "data"
 OPTIONS = sorted(p.stem for p in CONF.glob("*.yaml"))

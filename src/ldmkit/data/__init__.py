@@ -12,10 +12,9 @@ preparation, loading and collation. May import the foundation (``errors``,
 """
 
 from ldmkit.data.errors import DataError, SourceNotFoundError
-from ldmkit.data.loading import (
+from ldmkit.data.loader import (
     ShardDataset,
     ShardLoader,
-    ShardStream,
     build_dataloader,
     build_dataset,
     data_config,
@@ -26,6 +25,7 @@ from ldmkit.data.manifest import Manifest, read_manifest, verify
 from ldmkit.data.prepare import prepare
 from ldmkit.data.sources import SOURCES, Source, SourceSample, create_source, source_class
 from ldmkit.data.stats import DataStats, SkipEvent
+from ldmkit.data.stream import ShardStream
 from ldmkit.data.transforms import ImageTransform
 
 __all__ = [

@@ -64,7 +64,7 @@ def data_label(cfg: DictConfig) -> str:
 def has_val_split(cfg: DictConfig, split: str) -> bool:
     """Whether ``cfg.data`` has the validation split ``split``; warns once when it does not,
     so a run on data without a held-out split trains on instead of failing at validation."""
-    from ldmkit.data.loading import data_config, load_manifest
+    from ldmkit.data.loader import data_config, load_manifest
 
     _, manifest = load_manifest(data_config(cfg.data))
     if split in manifest.splits:
