@@ -78,7 +78,8 @@ def test_sample_checkpoint_refuses_it_in_one_line(tmp_path):
 
 def test_converted_folders_refuse_interpolations(tmp_path):
     """A diffusers folder's JSON and the paper's YAML become the pipeline's config."""
-    from ldmkit.interop import compvis, diffusers_format
+    from ldmkit.interop import compvis
+    from ldmkit.interop.diffusers.folder import _read_json
 
     folder = tmp_path / "ldmkit_conditioner"
     folder.mkdir()
@@ -88,7 +89,7 @@ def test_converted_folders_refuse_interpolations(tmp_path):
     with pytest.raises(
         ConfigError, match=r"config\.json: conditioner\.input_key holds the interpolation"
     ):
-        diffusers_format._read_json(folder / "config.json")
+        _read_json(folder / "config.json")
     paper = tmp_path / "paper.yaml"
     paper.write_text("model:\n  params:\n    cond_stage_key: ${oc.env:HOME}\n")
     with pytest.raises(

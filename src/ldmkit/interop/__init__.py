@@ -1,5 +1,6 @@
 """Interop: reading other codebases' checkpoints and configs into ldmkit configs and state
-dicts (:mod:`ldmkit.interop.compvis`: the paper's ``.ckpt`` + ``config.yaml``).
+dicts (:mod:`ldmkit.interop.compvis`: the paper's ``.ckpt`` + ``config.yaml``), and ldmkit
+pipelines as diffusers folders and back (:mod:`ldmkit.interop.diffusers`).
 
 Owns the translation of foreign configs and parameter names. May import the foundation,
 ``ldmkit.weights``, ``ldmkit.checkpoint_layout`` and ``ldmkit.config`` (to compose the

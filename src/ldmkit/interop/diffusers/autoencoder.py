@@ -1,0 +1,150 @@
+"""The first stage: ldmkit's ``kl`` / ``vq`` autoencoders as diffusers' ``AutoencoderKL`` /
+``VQModel`` (``scaling_factor``: the pipeline's scale factor), their weights and their config,
+both ways."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from ldmkit.config_checks import ListOf
+from ldmkit.interop.diffusers.common import (
+    DIFFUSERS_VERSION,
+    POSITIVE,
+    WHOLE,
+    _require,
+    _value,
+)
+from ldmkit.interop.diffusers.renaming import Row, _convert
+
+
+def _vae_rows(cfg: dict[str, Any]) -> list[Row]:
+    levels, nrb = len(cfg["ch_mult"]), int(cfg["num_res_blocks"])
+    rows: list[Row] = [("quant_conv.", "quant_conv.", "plain", 0), ("post_quant_conv.", "post_quant_conv.", "plain", 0),
+                       ("regularizer.embedding.", "quantize.embedding.", "plain", 0)]  # fmt: skip
+    for part in ("encoder", "decoder"):
+        rows += [(f"{part}.conv_in.", f"{part}.conv_in.", "plain", 0), (f"{part}.conv_out.", f"{part}.conv_out.", "plain", 0),
+                 (f"{part}.norm_out.", f"{part}.conv_norm_out.", "plain", 0),
+                 (f"{part}.mid.block_1.", f"{part}.mid_block.resnets.0.", "vres", 0),
+                 (f"{part}.mid.attn_1.", f"{part}.mid_block.attentions.0.", "vattn", 0),
+                 (f"{part}.mid.block_2.", f"{part}.mid_block.resnets.1.", "vres", 0)]  # fmt: skip
+    for level in range(levels):
+        for j in range(nrb):
+            rows.append(
+                (
+                    f"encoder.down.{level}.block.{j}.",
+                    f"encoder.down_blocks.{level}.resnets.{j}.",
+                    "vres",
+                    0,
+                )
+            )
+        if level != levels - 1:
+            rows.append(
+                (
+                    f"encoder.down.{level}.downsample.conv.",
+                    f"encoder.down_blocks.{level}.downsamplers.0.conv.",
+                    "plain",
+                    0,
+                )
+            )
+        up = levels - 1 - level
+        for j in range(nrb + 1):
+            rows.append(
+                (
+                    f"decoder.up.{level}.block.{j}.",
+                    f"decoder.up_blocks.{up}.resnets.{j}.",
+                    "vres",
+                    0,
+                )
+            )
+        if level != 0:
+            rows.append(
+                (
+                    f"decoder.up.{level}.upsample.conv.",
+                    f"decoder.up_blocks.{up}.upsamplers.0.conv.",
+                    "plain",
+                    0,
+                )
+            )
+    return rows
+
+
+def vae_to_diffusers(state: dict[str, Tensor], cfg: dict[str, Any]) -> dict[str, Tensor]:
+    """An ldmkit KL / VQ first stage's state dict in diffusers' ``AutoencoderKL`` / ``VQModel`` names."""
+    return _convert(state, _vae_rows(cfg), to=True, what="first_stage")
+
+
+def vae_from_diffusers(state: dict[str, Tensor], cfg: dict[str, Any]) -> dict[str, Tensor]:
+    """The inverse of :func:`vae_to_diffusers`."""
+    return _convert(state, _vae_rows(cfg), to=False, what="vae")
+
+
+def diffusers_vae_config(cfg: dict[str, Any], scaling_factor: float) -> dict[str, Any]:
+    """The diffusers config (``AutoencoderKL`` or ``VQModel``) of an ldmkit KL / VQ first stage."""
+    name = cfg.get("name")
+    where = f"first_stage ({name})"
+    _require(
+        name in ("kl", "vq"),
+        f"first_stage: only ldmkit's `kl` and `vq` convert to diffusers, got {name!r}",
+    )
+    _require(not list(cfg.get("attn_resolutions") or []),
+             f"{where}.attn_resolutions={list(cfg['attn_resolutions'])}: diffusers' encoder/decoder blocks have no attention")  # fmt: skip
+    _require(int(cfg.get("norm_groups", 32)) == 32, f"{where}.norm_groups must be 32 for diffusers")
+    levels = len(cfg["ch_mult"])
+    common = {
+        "_diffusers_version": DIFFUSERS_VERSION, "in_channels": int(cfg["in_channels"]),
+        "out_channels": int(cfg["out_ch"]), "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "block_out_channels": [int(cfg["ch"]) * int(m) for m in cfg["ch_mult"]],
+        "layers_per_block": int(cfg["num_res_blocks"]), "act_fn": "silu", "norm_num_groups": 32,
+        "sample_size": int(cfg["resolution"]), "scaling_factor": float(scaling_factor),
+        "mid_block_add_attention": cfg.get("attn_type", "vanilla") != "none",
+    }  # fmt: skip
+    if name == "kl":
+        _require(int(cfg["z_channels"]) == int(cfg["latent_channels"]),
+                 f"{where}: z_channels={cfg['z_channels']} != latent_channels={cfg['latent_channels']}; diffusers' AutoencoderKL ties them")  # fmt: skip
+        return {
+            "_class_name": "AutoencoderKL",
+            **common,
+            "latent_channels": int(cfg["latent_channels"]),
+            "force_upcast": True,
+        }
+    return {"_class_name": "VQModel", **common, "latent_channels": int(cfg["z_channels"]),
+            "vq_embed_dim": int(cfg["latent_channels"]), "num_vq_embeddings": int(cfg["n_embed"]),
+            "norm_type": "group", "lookup_from_codebook": False, "force_upcast": False}  # fmt: skip
+
+
+def _vae_from_config(c: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    cls = c.get("_class_name")
+    where = f"{'vae' if cls == 'AutoencoderKL' else 'vqvae'}/config.json ({cls})"
+    _require(
+        cls in ("AutoencoderKL", "VQModel"), f"{where}: only AutoencoderKL and VQModel convert"
+    )
+    channels = list(_value(c, "block_out_channels", ListOf(WHOLE), where))
+    for key, want in (("act_fn", "silu"), ("norm_num_groups", 32), ("norm_type", "group"), ("use_quant_conv", True),
+                      ("use_post_quant_conv", True), ("latents_mean", None), ("latents_std", None),
+                      ("shift_factor", None)):  # fmt: skip
+        if key in c:
+            _require(
+                c[key] == want,
+                f"{where}: {key}={c[key]!r} is not supported (ldmkit's autoencoder has {want!r})",
+            )
+    arch = {"ch": channels[0], "ch_mult": [x // channels[0] for x in channels],
+            "num_res_blocks": _value(c, "layers_per_block", WHOLE, where), "attn_resolutions": [],
+            "resolution": _value(c, "sample_size", WHOLE, where, 256), "in_channels": _value(c, "in_channels", WHOLE, where),
+            "out_ch": _value(c, "out_channels", WHOLE, where), "dropout": 0.0, "norm_groups": 32,
+            "attn_type": "vanilla" if c.get("mid_block_add_attention", True) else "none"}  # fmt: skip
+    scale = float(_value(c, "scaling_factor", POSITIVE, where, 1.0))
+    latent = _value(c, "latent_channels", WHOLE, where)
+    if cls == "AutoencoderKL":
+        return {
+            "name": "kl",
+            "latent_channels": latent,
+            "z_channels": latent,
+            **arch,
+            "kl_weight": 1e-6,
+            "encode_mode": "sample",
+        }, scale
+    return {"name": "vq", "latent_channels": _value(c, "vq_embed_dim", WHOLE, where, latent), "z_channels": latent,
+            **arch, "n_embed": _value(c, "num_vq_embeddings", WHOLE, where), "beta": 0.25}, scale  # fmt: skip

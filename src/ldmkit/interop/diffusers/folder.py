@@ -1,0 +1,309 @@
+"""A whole pipeline as a diffusers folder (``to_diffusers``) and a diffusers folder as an
+ldmkit config and state dict (``read_diffusers``): ``model_index.json``, each component's
+folder (written and read by :mod:`.unet`, :mod:`.autoencoder`, :mod:`.scheduler`,
+:mod:`.text`), ``ldmkit_conditioner/`` and ``ldmkit.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ldmkit.config import refuse_interpolations
+from ldmkit.interop.diffusers.autoencoder import (
+    _vae_from_config,
+    diffusers_vae_config,
+    vae_from_diffusers,
+    vae_to_diffusers,
+)
+from ldmkit.interop.diffusers.common import (
+    DIFFUSERS_VERSION,
+    WHOLE,
+    ConversionError,
+    _require,
+    _value,
+)
+from ldmkit.interop.diffusers.scheduler import _schedule_from_config, diffusers_scheduler_config
+from ldmkit.interop.diffusers.text import (
+    _bert_config,
+    _bert_from_config,
+    _bert_names,
+    _bert_vocab,
+    _fit_text_encoder,
+    bert_maps_to_diffusers,
+)
+from ldmkit.interop.diffusers.unet import (
+    _unet_classes,
+    _unet_from_config,
+    diffusers_unet_config,
+    unet_from_diffusers,
+    unet_to_diffusers,
+)
+
+CONDITIONER_DIR = "ldmkit_conditioner"
+
+
+# -- writing -------------------------------------------------------------------------------
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    from ldmkit.io import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def _write_tensors(path: Path, state: dict[str, Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    from ldmkit.io import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    atomic_write(path, lambda p: save_file(state, str(p)))
+
+
+def _sub(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def to_diffusers(
+    pipeline: Any, out: str | os.PathLike, *, progress: Callable[[str], None] | None = None
+) -> Path:
+    """Write ``pipeline`` (an ldmkit :class:`~ldmkit.pipeline.Pipeline` with its config) as a
+    diffusers folder; returns ``out``. ``progress`` is called with each component's name."""
+    from omegaconf import OmegaConf
+
+    if pipeline.config is None:
+        raise ConversionError(
+            "this Pipeline has no config (build it with ldmkit.compose or Pipeline.load)"
+        )
+    cfg = OmegaConf.to_container(pipeline.config, resolve=True)
+    out = Path(out)
+    step = progress or (lambda _name: None)
+    state = {k: v for k, v in pipeline.state_dict().items()}
+    first, unet_cfg = cfg["first_stage"], cfg["denoiser"]
+    if first.get("name") not in ("kl", "vq"):
+        raise ConversionError(
+            f"the first stage {first.get('name')!r} cannot be exported to diffusers, which has a "
+            "counterpart for kl (AutoencoderKL) and vq (VQModel) first stages only"
+        )
+    # `auto` values are resolved on the built modules
+    for key in ("in_channels", "out_channels", "context_dim"):
+        if unet_cfg.get(key) == "auto":
+            unet_cfg[key] = getattr(pipeline.denoiser, key, None)
+    if unet_cfg.get("in_channels") in (None, "auto"):
+        unet_cfg["in_channels"] = pipeline.denoiser.input_blocks[0][0].in_channels
+    if unet_cfg.get("out_channels") in (None, "auto"):
+        unet_cfg["out_channels"] = pipeline.denoiser.out[-1].out_channels
+    if unet_cfg.get("context_dim") == "auto":
+        unet_cfg["context_dim"] = pipeline.denoiser.context_dim
+    unet_cfg["num_classes"] = _unet_classes(pipeline.denoiser, unet_cfg)
+    factor = 2 ** (len(first["ch_mult"]) - 1)
+    scale = float(pipeline.scale_factor)
+    unet_config = diffusers_unet_config(unet_cfg, int(cfg["image_size"]) // factor)
+    vae_config = diffusers_vae_config(first, scale)
+    scheduler = diffusers_scheduler_config(
+        cfg["schedule"], cfg["sampler"], unet_cfg.get("prediction", "eps")
+    )
+    unet_state = unet_to_diffusers(_sub(state, "denoiser."), unet_cfg)
+    vae_state = vae_to_diffusers(_sub(state, "first_stage."), first)
+    conditioner = cfg["conditioner"]
+    name = conditioner.get("name")
+    ldm_bert = bert_maps_to_diffusers(conditioner) and unet_config["_class_name"] == "UNet2DConditionModel"
+    # LDMTextToImagePipeline calls its first stage `vqvae`, a KL one included
+    vae_dir = "vae" if first["name"] == "kl" and not ldm_bert else "vqvae"
+    components: dict[str, list[Any]] = {
+        "unet": ["diffusers", unet_config["_class_name"]],
+        vae_dir: ["diffusers", vae_config["_class_name"]],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }
+    step("unet")
+    _write_json(out / "unet" / "config.json", unet_config)
+    _write_tensors(out / "unet" / "diffusion_pytorch_model.safetensors", unet_state)
+    step(vae_dir)
+    _write_json(out / vae_dir / "config.json", vae_config)
+    _write_tensors(out / vae_dir / "diffusion_pytorch_model.safetensors", vae_state)
+    _write_json(out / "scheduler" / "scheduler_config.json", scheduler)
+    step("conditioner")
+    if name == "clip_text":
+        module = pipeline.conditioner
+        module.transformer.save_pretrained(out / "text_encoder", safe_serialization=True)
+        module.tokenizer.save_pretrained(out / "tokenizer")
+        components.update(text_encoder=["transformers", type(module.transformer).__name__],
+                          tokenizer=["transformers", type(module.tokenizer).__name__])  # fmt: skip
+    elif ldm_bert:
+        module = pipeline.conditioner
+        names = _bert_names(int(conditioner["n_layer"]))
+        _write_json(out / "bert" / "config.json", _bert_config(conditioner, module.transformer.num_tokens))
+        _write_tensors(out / "bert" / "model.safetensors",
+                       {names[k]: v for k, v in _sub(state, "conditioner.transformer.").items()})  # fmt: skip
+        (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(module.tokenizer.path, out / "tokenizer" / "vocab.txt")
+        _write_json(out / "tokenizer" / "tokenizer_config.json",
+                    {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "strip_accents": None,
+                     "model_max_length": 77, "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+                     "cls_token": "[CLS]", "mask_token": "[MASK]"})  # fmt: skip
+        components.update(bert=["latent_diffusion", "LDMBertModel"], tokenizer=["transformers", "BertTokenizer"])
+    elif name != "none":
+        cond_state = {k: v for k, v in _sub(state, "conditioner.").items()}
+        _write_json(
+            out / CONDITIONER_DIR / "config.json", {"conditioner": conditioner, "ldmkit_format": 1}
+        )
+        _write_tensors(out / CONDITIONER_DIR / "model.safetensors", cond_state)
+    if name == "clip_text" and unet_config["_class_name"] == "UNet2DConditionModel":
+        index = {"_class_name": "StableDiffusionPipeline", **components, "safety_checker": [None, None],
+                 "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}  # fmt: skip
+    elif ldm_bert:
+        index = {"_class_name": "LDMTextToImagePipeline", **components}
+    elif (
+        name == "low_res"
+        and vae_dir == "vqvae"
+        and unet_config["_class_name"] == "UNet2DModel"
+        and int(conditioner.get("factor", 4)) == factor
+        and scale == 1.0
+    ):  # the paper's SR layout: the low-res image has the latents' size, concatenated after them
+        index = {"_class_name": "LDMSuperResolutionPipeline", **components}
+    elif name == "none" and vae_dir == "vqvae" and unet_config["_class_name"] == "UNet2DModel":
+        index = {"_class_name": "LDMPipeline", **components}
+    else:  # no diffusers pipeline class runs this combination: load the components one by one
+        index = {"_class_name": "DiffusionPipeline", **components}
+    _write_json(out / "model_index.json", {"_diffusers_version": DIFFUSERS_VERSION, **index})
+    # what diffusers does not record and ldmkit reads back (the qkv order only changes the layout
+    # of equal weights; keeping it makes the round trip bit-identical)
+    _write_json(out / "ldmkit.json", {"image_size": int(cfg["image_size"]), "sampler": cfg["sampler"],
+                                       "use_new_attention_order": bool(unet_cfg.get("use_new_attention_order")),
+                                       "bert_default_vocab": ldm_bert and conditioner.get("vocab") is None,
+                                       "source": "ldmkit convert to-diffusers"})  # fmt: skip
+    return out
+
+
+def describe(directory: str | os.PathLike) -> str:
+    """One line naming a diffusers folder's pipeline class and components."""
+    index = _read_json(Path(directory) / "model_index.json")
+    parts = [
+        f"{k} {v[1]}" for k, v in index.items() if isinstance(v, list) and v and v[0] is not None
+    ]
+    return f"{index.get('_class_name')}: " + ", ".join(parts)
+
+
+# -- reading -------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConversionError(f"{path} is missing (is {path.parent.parent} a diffusers folder?)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{path} is not JSON: {err}") from err
+    refuse_interpolations(data, path)  # its values become the pipeline's config
+    return data
+
+
+def _read_tensors(folder: Path) -> dict[str, Tensor]:
+    from ldmkit.safetensors_io import read_safetensors
+
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
+        if (folder / name).is_file():
+            return dict(read_safetensors(folder / name))
+    if (folder / "diffusion_pytorch_model.bin").is_file():
+        from ldmkit.weights import read_weights
+
+        return read_weights(folder / "diffusion_pytorch_model.bin")
+    raise ConversionError(f"{folder} holds no weights (diffusion_pytorch_model.safetensors)")
+
+
+def read_diffusers(
+    directory: str | os.PathLike, *, text_encoder_dir: str | os.PathLike | None = None
+) -> tuple[Any, dict[str, Tensor], float]:
+    """A diffusers folder (a UNet, a KL or VQ autoencoder, a scheduler, and a CLIP text encoder
+    or an ``ldmkit_conditioner``) as (the ldmkit config, the state dict in ldmkit's names, the
+    scale factor); :meth:`ldmkit.pipeline.Pipeline.from_diffusers` builds and loads it.
+
+    ``text_encoder_dir``: where the CLIP text encoder's config and tokenizer are read from by
+    the pipeline's ``clip_text`` (default: the folder's own ``text_encoder/`` and
+    ``tokenizer/``; ``ldmkit convert from-diffusers`` copies them beside the pipeline)."""
+    from ldmkit.interop import compvis
+
+    directory = Path(directory)
+    index = _read_json(directory / "model_index.json")
+    unet_cfg = _unet_from_config(_read_json(directory / "unet" / "config.json"))
+    vae_dir = "vae" if "vae" in index else "vqvae" if "vqvae" in index else None
+    _require(vae_dir is not None, f"{directory}/model_index.json names no `vae` or `vqvae`")
+    first, scale = _vae_from_config(_read_json(directory / vae_dir / "config.json"))
+    scheduler_path = directory / "scheduler" / "scheduler_config.json"
+    schedule, sampler, prediction = _schedule_from_config(_read_json(scheduler_path))
+    unet_cfg["prediction"] = prediction
+    unet_raw = _read_json(directory / "unet" / "config.json")
+    factor = 2 ** (len(first["ch_mult"]) - 1)
+    extra = _read_json(directory / "ldmkit.json") if (directory / "ldmkit.json").is_file() else {}
+    if extra.get("sampler"):
+        sampler = extra["sampler"]
+    unet_cfg["use_new_attention_order"] = bool(extra.get("use_new_attention_order", False))
+    image_size = _value(extra, "image_size", WHOLE, "ldmkit.json", None) or factor * _value(
+        unet_raw, "sample_size", WHOLE, f"unet/config.json ({unet_raw.get('_class_name')})", 32
+    )
+    cond_state: dict[str, Tensor] = {}
+    if "text_encoder" in index and index["text_encoder"][0] is not None:
+        kind = index["text_encoder"][1]
+        _require(
+            kind == "CLIPTextModel",
+            f"{directory}: text_encoder {kind} has no ldmkit conditioner (CLIPTextModel does: clip_text)",
+        )
+        base = Path(text_encoder_dir) if text_encoder_dir is not None else directory
+        conditioner: dict[str, Any] = {
+            "name": "clip_text", "name_or_path": str((base / "text_encoder").resolve()),
+            "tokenizer_path": str((base / "tokenizer").resolve()), "max_length": 77, "pretrained": False,
+            "input_key": "caption", "drop_rate": compvis.GUIDED_DROP_RATE,
+        }  # fmt: skip
+        cond_state = {
+            "transformer." + k: v for k, v in _read_tensors(directory / "text_encoder").items()
+        }
+    elif "bert" in index and index["bert"][0] is not None:
+        kind = index["bert"][1]
+        _require(kind == "LDMBertModel", f"{directory}: bert {kind} has no ldmkit conditioner (LDMBertModel does: bert)")
+        conditioner = _bert_from_config(_read_json(directory / "bert" / "config.json"), f"{directory}/bert/config.json")
+        base = Path(text_encoder_dir) if text_encoder_dir is not None else directory
+        conditioner.update(vocab=_bert_vocab(base / "tokenizer", bool(extra.get("bert_default_vocab"))), input_key="caption", drop_rate=compvis.GUIDED_DROP_RATE)
+        names = {theirs: ours for ours, theirs in _bert_names(conditioner["n_layer"]).items()}
+        bert_state = _read_tensors(directory / "bert")
+        unknown = sorted(set(bert_state) - set(names))
+        _require(not unknown, f"{directory}/bert: weights ldmkit's bert does not have: {unknown[:5]}")
+        cond_state = {"transformer." + names[k]: v for k, v in bert_state.items()}
+    elif (directory / CONDITIONER_DIR / "config.json").is_file():
+        conditioner = _read_json(directory / CONDITIONER_DIR / "config.json")["conditioner"]
+        if (directory / CONDITIONER_DIR / "model.safetensors").is_file():
+            cond_state = _read_tensors(directory / CONDITIONER_DIR)
+    elif unet_cfg["num_classes"] not in (None, "sequential"):
+        conditioner = {"name": "class_label", "num_classes": unet_cfg["num_classes"], "embed_dim": 1, "role": "vector",
+                       "input_key": "label", "drop_rate": 0.0}  # fmt: skip
+    else:
+        conditioner = {"name": "none"}
+    groups = {"first_stage": first, "denoiser": unet_cfg, "conditioner": conditioner, "sampler": sampler,
+              "schedule": schedule}  # fmt: skip
+    model = compvis.CompvisModel("pipeline", groups, {"image_size": image_size, "scale_factor": scale},
+                                 source=str(directory))  # fmt: skip
+    cfg = compvis.compose(model, source_kind="diffusers")
+    state = {
+        "denoiser." + k: v
+        for k, v in unet_from_diffusers(_read_tensors(directory / "unet"), unet_cfg).items()
+    }
+    first_state = vae_from_diffusers(_read_tensors(directory / vae_dir), first)
+    state.update({"first_stage." + k: v for k, v in first_state.items()})
+    state.update({"conditioner." + k: v for k, v in cond_state.items()})
+    return cfg, state, scale
+
+
+def fit_state(state: dict[str, Tensor], own: dict[str, Tensor], scale: float) -> dict[str, Tensor]:
+    """``state`` completed for a pipeline whose own state dict is ``own``: the scale factor,
+    the schedule buffers diffusers does not store, the text encoder's names."""
+    state = _fit_text_encoder(state, own)
+    if "scale_factor" in own:
+        state["scale_factor"] = torch.full_like(own["scale_factor"], scale)
+    for name, value in own.items():
+        if name not in state and not name.startswith(("denoiser.", "first_stage.", "conditioner.")):
+            state[name] = value
+    return state

@@ -1,0 +1,82 @@
+"""The noise schedule and the sampler's spacing as diffusers' ``DDIMScheduler``, both ways
+(the paper's DDIM spacing is ``leading`` + ``steps_offset=1`` + ``set_alpha_to_one=False``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ldmkit.config_checks import Integer
+from ldmkit.interop.diffusers.common import (
+    DIFFUSERS_VERSION,
+    POSITIVE,
+    WHOLE,
+    _require,
+    _value,
+)
+
+# the sampler's spacing <-> DDIMScheduler (timestep_spacing, steps_offset, set_alpha_to_one)
+SPACING_TO_DDIM = {"paper": ("leading", 1, False), "leading": ("leading", 0, True),
+                   "trailing": ("trailing", 0, True), "linspace": ("linspace", 0, True)}  # fmt: skip
+SCHEDULE_TO_DIFFUSERS = {
+    "linear": "scaled_linear",
+    "sqrt_linear": "linear",
+    "cosine": "squaredcos_cap_v2",
+}
+PREDICTION_TO_DIFFUSERS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+
+
+def diffusers_scheduler_config(
+    schedule: dict[str, Any], sampler: dict[str, Any], prediction: str
+) -> dict[str, Any]:
+    spacing = str(sampler.get("spacing", "paper"))
+    _require(
+        spacing in SPACING_TO_DDIM,
+        f"sampler.spacing={spacing!r} has no DDIMScheduler counterpart ({sorted(SPACING_TO_DDIM)})",
+    )
+    kind = SCHEDULE_TO_DIFFUSERS.get(str(schedule["kind"]), str(schedule["kind"]))
+    _require(
+        kind in SCHEDULE_TO_DIFFUSERS.values(),
+        f"schedule.kind={schedule['kind']!r} has no diffusers beta_schedule",
+    )
+    timestep_spacing, offset, alpha_one = SPACING_TO_DDIM[spacing]
+    return {
+        "_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+        "num_train_timesteps": int(schedule["timesteps"]), "beta_start": float(schedule["linear_start"]),
+        "beta_end": float(schedule["linear_end"]), "beta_schedule": kind, "trained_betas": None,
+        "clip_sample": False, "set_alpha_to_one": alpha_one, "steps_offset": offset,
+        "prediction_type": PREDICTION_TO_DIFFUSERS[prediction], "timestep_spacing": timestep_spacing,
+        "thresholding": False, "rescale_betas_zero_snr": False,
+    }  # fmt: skip
+
+
+def _schedule_from_config(c: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], str]:
+    where = f"scheduler/scheduler_config.json ({c.get('_class_name')})"
+    inverse = {v: k for k, v in SCHEDULE_TO_DIFFUSERS.items()}
+    kind = inverse.get(c.get("beta_schedule", "linear"))
+    _require(
+        kind is not None,
+        f"{where}: beta_schedule={c.get('beta_schedule')!r} (supported: {sorted(inverse)})",
+    )
+    _require(c.get("trained_betas") is None, f"{where}: trained_betas are not supported")
+    schedule = {"kind": kind, "timesteps": _value(c, "num_train_timesteps", WHOLE, where, 1000),
+                "linear_start": float(_value(c, "beta_start", POSITIVE, where, 1e-4)),
+                "linear_end": float(_value(c, "beta_end", POSITIVE, where, 2e-2)), "cosine_s": 8e-3}  # fmt: skip
+    ddim = (
+        c.get("timestep_spacing", "leading"),
+        _value(c, "steps_offset", Integer(0), where, 0),
+        bool(c.get("set_alpha_to_one", True)),
+    )
+    spacing = next((s for s, v in SPACING_TO_DDIM.items() if v == ddim), None)
+    if spacing is None:  # the nearest ldmkit spacing of the scheduler's timestep_spacing
+        spacing = (
+            "paper"
+            if ddim[:2] == ("leading", 1)
+            else str(ddim[0])
+            if ddim[0] in SPACING_TO_DDIM
+            else "linspace"
+        )
+    prediction = {v: k for k, v in PREDICTION_TO_DIFFUSERS.items()}.get(
+        c.get("prediction_type", "epsilon")
+    )
+    _require(prediction is not None, f"{where}: prediction_type={c.get('prediction_type')!r}")
+    return schedule, {"name": "ddim", "steps": 50, "eta": 0.0, "spacing": spacing}, prediction
