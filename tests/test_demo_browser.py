@@ -689,6 +689,12 @@ def test_page_generates_and_reports_bad_input(server):
 
             images = page.locator("#ldmkit-samples img")
             images.nth(1).wait_for(timeout=60_000)
+            # an <img> is in the page before its file has loaded (naturalWidth 0 until then)
+            page.wait_for_function(
+                "[...document.querySelectorAll('#ldmkit-samples img')]"
+                ".every(e => e.complete && e.naturalWidth > 0)",
+                timeout=60_000,
+            )
             sizes = images.evaluate_all("els => els.map(e => [e.naturalWidth, e.naturalHeight])")
             assert sizes == [[8, 8], [8, 8]]
             page.wait_for_function(
