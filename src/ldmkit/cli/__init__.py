@@ -9,6 +9,10 @@ Everything after the subcommand that looks like ``key=value`` is a Hydra overrid
 Owns the argument parsing and the one-line error reporting of every subcommand. May import
 anything in ldmkit (it is an entry point, layer 6 in docs/architecture.md); nothing imports it
 except ``ldmkit.__main__`` and ``ldmkit.demo``.
+
+One module per subcommand (``train`` holds ``evaluate`` too; ``commands`` holds ``sample``),
+what they share in ``common``. ``SUBCOMMANDS`` names each handler through its module, so
+that ``ldmkit.cli.train`` & co. stay modules, not the functions of the same name.
 """
 
 from __future__ import annotations
@@ -17,18 +21,18 @@ import errno
 import sys
 from collections.abc import Sequence
 
-from ldmkit.cli import commands
+from ldmkit.cli import commands, common, convert, data, demo, plugins, train
 from ldmkit.errors import LdmkitError
 from ldmkit.io import as_write_error
 
 SUBCOMMANDS = {
-    "train": (commands.train, "train a stage (stage=autoencoder | ldm | a plugin's; `ldmkit plugins` lists them) from Hydra overrides"),
+    "train": (train.train, "train a stage (stage=autoencoder | ldm | a plugin's; `ldmkit plugins` lists them) from Hydra overrides"),
     "sample": (commands.sample, "sample images into a PNG grid"),
-    "evaluate": (commands.evaluate, "evaluate a trained model and write JSON metrics"),
-    "data": (commands.data, "prepare and inspect datasets (webdataset shards)"),
-    "plugins": (commands.plugins, "list installed plugins and what they register"),
-    "demo": (commands.demo, "serve a web page for a trained pipeline (pip install 'ldmkit[demo]')"),
-    "convert": (commands.convert, "import the paper's checkpoints, convert to and from diffusers (convert compvis|to-diffusers|from-diffusers)"),
+    "evaluate": (train.evaluate, "evaluate a trained model and write JSON metrics"),
+    "data": (data.data, "prepare and inspect datasets (webdataset shards)"),
+    "plugins": (plugins.plugins, "list installed plugins and what they register"),
+    "demo": (demo.demo, "serve a web page for a trained pipeline (pip install 'ldmkit[demo]')"),
+    "convert": (convert.convert, "import the paper's checkpoints, convert to and from diffusers (convert compvis|to-diffusers|from-diffusers)"),
 }
 
 
@@ -57,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _short_plugin_warnings()
     try:
         return handler(rest, prog=f"ldmkit {name}", description=help_)
-    except (commands.CLIError, LdmkitError) as err:
+    except (common.CLIError, LdmkitError) as err:
         print(f"ldmkit {name}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

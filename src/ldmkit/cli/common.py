@@ -1,0 +1,99 @@
+"""What every ``ldmkit`` subcommand shares: the one-line errors (:class:`CLIError`, argparse's in
+one line), the overrides parser, config composition and ``--print-config``, optional modules."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Sequence
+
+from ldmkit.errors import LdmkitError
+
+
+class CLIError(RuntimeError):
+    """An error the CLI reports in one line (no traceback)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (``ldmkit sample: error: argument --seed: invalid
+    int value: 'abc'``) instead of the usage text first; exit code 2 as argparse's."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description=description)
+    p.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, e.g. first_stage=kl_f8 trainer.max_steps=2000"
+    )
+    p.add_argument(
+        "--print-config", action="store_true",
+        help="print the composed config (denoiser dims written auto resolved, marked '# auto') and exit",
+    )
+    return p
+
+
+def _compose(overrides: Sequence[str], print_config: bool):
+    from omegaconf import OmegaConf
+
+    from ldmkit.config import compose_config
+
+    try:
+        cfg = compose_config(overrides)
+    except LdmkitError as err:
+        raise CLIError(str(err)) from err
+    if print_config:
+        print(_config_with_resolved_auto(cfg) if "denoiser" in cfg else OmegaConf.to_yaml(cfg))
+    return cfg
+
+
+def _config_with_resolved_auto(cfg) -> str:
+    """The config as YAML with the denoiser's ``auto`` dims replaced by the numbers composition
+    fills in (what a saved checkpoint records), each marked ``# auto``. The first stage and
+    conditioner are built only to read their dims: on the meta device (no memory, no
+    weights) where they allow it, for real otherwise."""
+    import torch
+    from omegaconf import OmegaConf, open_dict
+
+    from ldmkit.assembly import create_component, resolve_denoiser_dims
+    from ldmkit.config import AUTO
+    from ldmkit.plugins import get_registry
+
+    auto = [key for key, value in cfg.denoiser.items() if value == AUTO]
+    if not auto:
+        return OmegaConf.to_yaml(cfg)
+
+    def build(kind: str):
+        try:
+            with torch.device("meta"):
+                return create_component(get_registry(), kind, cfg[kind])
+        except Exception:  # noqa: BLE001 - some loaders refuse meta tensors: build for real
+            return create_component(get_registry(), kind, cfg[kind])
+
+    try:
+        first_stage, conditioner = build("first_stage"), build("conditioner")
+        conditioner.bind_first_stage(first_stage)
+        resolved = resolve_denoiser_dims(cfg, first_stage, conditioner)
+    except LdmkitError as err:
+        raise CLIError(str(err)) from err
+    shown = cfg.copy()
+    with open_dict(shown):
+        for key in auto:
+            shown.denoiser[key] = resolved[key]
+    lines, block = [], None
+    for line in OmegaConf.to_yaml(shown).splitlines():
+        block = line.split(":")[0] if line and not line.startswith(" ") else block
+        key = line.strip().split(":")[0]
+        marked = block == "denoiser" and line.startswith("  ") and not line.startswith("   ") and key in auto
+        lines.append(line + "  # auto" if marked else line)
+    return "\n".join(lines) + "\n"
+
+
+def _optional_module(module: str, what: str):
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name != module:
+            raise
+        raise CLIError(f"{what} is not available in this ldmkit version ({module} is missing)") from err
