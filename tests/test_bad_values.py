@@ -73,7 +73,8 @@ def ldmkit(
 # -- wrong types and impossible values, every kind of key ---------------------------------------
 # (override, what the one line must say); each is composed, none trains
 TRAIN_CASES = [
-    # core keys (ldmkit.config_checks.CORE_KEYS): integers, numbers, switches, choices, lists
+    # typed keys (declared by their owners: ldmkit.config.primary_keys, ldmkit.training.schema,
+    # ldmkit.data.schema): integers, numbers, switches, choices, lists
     ("trainer.max_steps=abc", "trainer.max_steps='abc': expected an integer >= 1"),
     ("trainer.max_steps=-5", "trainer.max_steps=-5: expected an integer >= 1"),
     ("trainer.max_steps=2.5", "trainer.max_steps=2.5: expected an integer >= 1"),

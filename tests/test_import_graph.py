@@ -381,6 +381,21 @@ def test_core_imports_no_first_party_plugin():
     assert not found, "; ".join(found)
 
 
+def test_config_checks_looks_nothing_up_by_name():
+    """The import graph cannot see ``importlib.import_module("ldmkit.x")``: the foundation's
+    config checker holds no module names. The owners declare their keys (training, data,
+    evaluation through ``ldmkit_register_config_keys``, the primary config in ``config``)."""
+    source = (SRC / PACKAGE / "config_checks.py").read_text(encoding="utf-8")
+    assert "importlib" not in source and "import_module" not in source
+    strings = [
+        node.value
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    ]
+    named = [s for s in strings if s.startswith((f"{PACKAGE}.", f"{PACKAGE}:"))]
+    assert not named, f"config_checks.py names ldmkit modules in strings: {named}"
+
+
 def test_listed_edges_exist():
     """An edge listed as an exception must still be there (remove it when it is gone), and a
     deprecated alias lives in a ``__getattr__``."""

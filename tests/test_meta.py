@@ -20,7 +20,7 @@ def test_there_is_one_registration_hook_per_interface_and_configs():
     assert sorted(HOOKS) == sorted([
         "ldmkit_register_first_stages", "ldmkit_register_denoisers",
         "ldmkit_register_conditioners", "ldmkit_register_samplers", "ldmkit_register_configs",
-        "ldmkit_register_stages", "ldmkit_register_data_sources",
+        "ldmkit_register_stages", "ldmkit_register_data_sources", "ldmkit_register_config_keys",
     ])
 
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -29,6 +30,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 import ldmkit
+from ldmkit.config_checks import Text
 
 
 def train(cfg, *, data=None):
@@ -54,6 +56,11 @@ def ldmkit_register_stages(register):
 @ldmkit.hookimpl
 def ldmkit_register_configs(register):
     register(Path(__file__).parent / "conf")
+
+
+@ldmkit.hookimpl
+def ldmkit_register_config_keys(register):
+    register("trainer", {"greeting": Text()})
 """
 
 PYPROJECT = """
@@ -90,7 +97,8 @@ def installed(tmp_path_factory) -> dict[str, str]:
     pip_install_project(project, target)
     assert (target / "ldmkit_echo_stage" / "conf" / "trainer" / "echo.yaml").is_file()
     assert (target / "ldmkit_echo_stage-0.2.0.dist-info" / "entry_points.txt").is_file()
-    return {"PYTHONPATH": str(target)}
+    # ahead of the caller's PYTHONPATH (a checkout's src/ on it stays the ldmkit under test)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))}
 
 
 # -- an installed stage through the CLI --------------------------------------------------------
@@ -118,6 +126,17 @@ def test_overrides_apply_to_the_stages_trainer_config(installed, tmp_path):
                      env=installed)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert json.loads((tmp_path / "trained.json").read_text())["trainer"]["greeting"] == "bye"
+
+
+def test_a_bad_value_of_the_stages_own_key_is_one_line(installed, tmp_path):
+    """The plugin declares what ``trainer.greeting`` takes; ldmkit checks it like its own keys."""
+    out = ldmkit_cli("train", "stage=echo", "trainer.greeting=42", f"run_dir={tmp_path / 'run'}",
+                     env=installed)  # fmt: skip
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == (
+        "ldmkit train: error: trainer.greeting=42: expected a non-empty string"
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def test_installed_stage_evaluates_through_the_cli(installed):

@@ -27,11 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldmkit.config_checks import Boolean, Choice, Either
 from ldmkit.errors import LdmkitError
 
-__all__ = ["COMPILE_MODES", "check_compile", "compile_module", "is_compiled"]
+__all__ = ["COMPILE_MODES", "COMPILE_OPTION", "check_compile", "compile_module", "is_compiled"]
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# what a `compile` / `trainer.compile` key takes, for the config checker
+COMPILE_OPTION = Either(Boolean(), Choice(*COMPILE_MODES))
 
 
 class CompileSettingError(LdmkitError, ValueError):

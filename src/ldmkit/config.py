@@ -12,6 +12,7 @@ composes from the user's own ``conf/`` and command line may interpolate.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 import warnings
@@ -20,6 +21,7 @@ from typing import Any
 
 from omegaconf import Container, DictConfig, OmegaConf, open_dict
 
+from ldmkit.config_checks import Choice, Either, Integer, Number, Schema, Spec, Text
 from ldmkit.errors import ConfigError, LdmkitError
 from ldmkit.plugins import get_plugin_manager, root_directory
 from ldmkit.resources import config_dir
@@ -29,8 +31,9 @@ COMPONENT_GROUPS = ("first_stage", "denoiser", "conditioner", "sampler")
 AUTO = "auto"
 
 
-__all__ = ["AUTO", "COMPONENT_GROUPS", "GROUPS", "ConfigError", "compose_config", "config_dir",
-           "load_saved_config", "refuse_interpolations"]  # fmt: skip
+__all__ = ["AUTO", "COMPONENT_GROUPS", "GROUPS", "ConfigError", "check_config", "compose_config",
+           "config_dir", "config_problems", "config_schema", "load_saved_config", "primary_keys",
+           "refuse_interpolations"]  # fmt: skip
 
 
 # -- Hydra search path ----------------------------------------------------------------
@@ -147,11 +150,58 @@ def _check_optional_choice(group: str, option: str | None) -> None:
     )
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Raise ConfigError naming every core key whose value has the wrong type or is out of
-    range (see :mod:`ldmkit.config_checks`); ``compose_config`` and ``train`` call it."""
-    from ldmkit.config_checks import config_problems
+# -- typed keys ---------------------------------------------------------------------
+PRIMARY = "ldmkit.config (conf/config.yaml)"  # the owner of the primary config's own keys
 
+
+@functools.cache
+def primary_keys() -> dict[str, Spec]:
+    """What the primary config's own keys take (``conf/config.yaml``, its defaults); the
+    choices come from the modules that read them. ``trainer``, ``data`` and ``eval`` are
+    declared by their owners (:func:`config_schema`)."""
+    from ldmkit.compiling import COMPILE_OPTION  # these read torch: imported when checking
+    from ldmkit.diffusion.schedule import BETA_SCHEDULE_ALIASES
+    from ldmkit.nn.attention import ATTENTION_BACKENDS
+    from ldmkit.precision import PRECISIONS
+
+    return {
+        "stage": Text(),
+        "seed": Integer(),
+        "image_size": Integer(1, null=True),
+        "scale_factor": Either(Number(0, above=True), Choice("scale_by_std")),
+        "run_dir": Text(),
+        "schedule.kind": Choice(*BETA_SCHEDULE_ALIASES),
+        "schedule.timesteps": Integer(1),
+        "schedule.linear_start": Number(0, above=True),
+        "schedule.linear_end": Number(0, above=True),
+        "schedule.cosine_s": Number(0),
+        "attention.backend": Choice(*ATTENTION_BACKENDS),
+        "precision": Choice(*PRECISIONS),
+        "compile": COMPILE_OPTION,
+    }
+
+
+def config_schema() -> Schema:
+    """Every typed key: the primary config's (:func:`primary_keys`), then what the plugins
+    declare through ``ldmkit_register_config_keys`` (ldmkit's own ``trainer``, ``eval`` and
+    ``data`` keys first: :mod:`ldmkit.training.schema`, :mod:`ldmkit.evaluation.schema`,
+    :mod:`ldmkit.data.schema`). A key declared twice is a ConfigError naming both owners."""
+    schema = Schema()
+    schema.declare("", primary_keys(), PRIMARY)
+    for provider, keys in get_plugin_manager().config_keys():
+        schema.declare("", keys, provider)
+    return schema
+
+
+def config_problems(cfg: DictConfig) -> list[str]:
+    """``key=value: expected ...`` for every typed key of ``cfg`` whose value has the wrong
+    type or is out of range (:func:`config_schema`)."""
+    return config_schema().problems(cfg)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise ConfigError naming every typed key whose value has the wrong type or is out of
+    range (:func:`config_problems`); ``compose_config`` and ``train`` call it."""
     problems = config_problems(cfg)
     if problems:
         raise ConfigError("; ".join(problems))

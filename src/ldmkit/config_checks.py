@@ -2,18 +2,22 @@
 
 Two sources of truth, one message format (``trainer.max_steps='abc': expected an integer >= 1``):
 
-* :data:`CORE_KEYS` — the keys the core itself reads (top level, ``schedule``, ``attention``,
-  ``trainer``, ``data``, ``eval``), checked by :func:`config_problems` right after composition;
-* the type hints of a constructor — for the nodes that list a constructor's keyword
-  arguments (every component config, ``trainer.loss``, ``trainer.objective``): a registered
-  plugin's ``steps: int`` makes ``sampler.steps=abc`` an error without the plugin doing anything
-  (:func:`argument_problems`). Ranges of those stay with the constructor (its ``ValueError``).
+* the keys each owner declares (:class:`Schema`): a table of :class:`Spec` s per config node,
+  next to the code that reads it: the primary config's keys in :mod:`ldmkit.config`,
+  ``trainer`` in :mod:`ldmkit.training.schema`, ``data`` in :mod:`ldmkit.data.schema`, ``eval``
+  in :mod:`ldmkit.evaluation.schema`. Those above this layer reach the checker through the
+  ``ldmkit_register_config_keys`` hook, as a plugin's own keys do; this module names none of
+  them;
+* the type hints of a constructor, for the nodes that list a constructor's keyword arguments
+  (every component config; :class:`Arguments` for ``trainer.loss``, ``trainer.objective``): a
+  registered plugin's ``steps: int`` makes ``sampler.steps=abc`` an error without the plugin
+  doing anything (:func:`argument_problems`). Ranges of those stay with the constructor (its
+  ``ValueError``).
 """
 
 from __future__ import annotations
 
 import collections.abc
-import importlib
 import inspect
 import math
 import os
@@ -22,6 +26,8 @@ import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from ldmkit.errors import ConfigError
 
 _MISSING = object()
 
@@ -33,6 +39,10 @@ class Spec:
 
     def accepts(self, value: Any) -> bool:
         raise NotImplementedError
+
+    def problems(self, key: str, value: Any) -> list[str]:
+        """``key=value: expected ...`` when ``value`` does not fit; none when it does."""
+        return [] if self.accepts(value) else [problem(key, value, self.expected)]
 
 
 def _bounds(low: float | None, high: float | None, above: bool) -> str:
@@ -185,96 +195,6 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-EVERY = Integer(0, null=True)  # 0 or null: never
-SWITCH = Boolean()
-# ldmkit.compiling.check_compile: false, true or an inductor mode
-_COMPILE = Either(Boolean(), Choice("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
-
-# The keys the core reads. A key absent from a config is not checked (the reader's default
-# applies); keys of plugin-provided nodes are checked through constructor type hints instead.
-CORE_KEYS: dict[str, Spec] = {
-    "stage": Text(),
-    "seed": Integer(),
-    "image_size": Integer(1, null=True),
-    "scale_factor": Either(Number(0, above=True), Choice("scale_by_std")),
-    "run_dir": Text(),
-    "schedule.timesteps": Integer(1),
-    "schedule.linear_start": Number(0, above=True),
-    "schedule.linear_end": Number(0, above=True),
-    "schedule.cosine_s": Number(0),
-    "attention.backend": Choice("auto", "sdpa", "xformers", "math", "chunked"),
-    "precision": Choice("auto", "fp32", "bf16", "fp16"),
-    "compile": _COMPILE,
-    # both stages (ldmkit.training.engine.TRAINER_DEFAULTS)
-    "trainer.max_steps": Integer(1),
-    "trainer.max_minutes": Number(0, above=True, null=True),
-    "trainer.batch_size": Integer(1),
-    "trainer.num_workers": Integer(0),
-    "trainer.lr": Number(0, above=True),
-    "trainer.log_every": EVERY,
-    "trainer.sample_every": EVERY,
-    "trainer.checkpoint_every": EVERY,
-    "trainer.val_every": EVERY,
-    "trainer.keep_checkpoints": Integer(1),
-    "trainer.embed_frozen": SWITCH,
-    "trainer.val_batches": Integer(0),
-    "trainer.val_split": Text(),
-    "trainer.device": Device(),
-    "trainer.resume": SWITCH,
-    "trainer.progress": SWITCH,
-    "trainer.tensorboard": SWITCH,
-    "trainer.save_on_signal": SWITCH,
-    "trainer.grad_clip": Number(0, above=True, null=True),
-    "trainer.num_threads": Either(Integer(1, null=True), Choice("auto")),
-    "trainer.precision": Choice("auto", "fp32", "bf16", "fp16"),
-    "trainer.compile": _COMPILE,
-    "trainer.compile_backend": Text(),
-    # stage 1
-    "trainer.disc_lr": Number(0, above=True, null=True),
-    "trainer.betas": Numbers(Number(0, 1), 2),
-    # stage 2
-    "trainer.weight_decay": Number(0),
-    "trainer.warmup_steps": Integer(0),
-    "trainer.latent_cache": SWITCH,
-    "trainer.sample_steps": Integer(1),
-    "trainer.sample_count": Integer(1),
-    "trainer.guidance_scale": Number(0),
-    "trainer.ddp_find_unused_parameters": SWITCH,
-    "trainer.ema.enabled": SWITCH,
-    "trainer.ema.decay": Number(0, 1),
-    "trainer.ema.warmup": SWITCH,
-    "trainer.ema.use_for_sampling": SWITCH,
-    # ldmkit.data (CONFIG_DEFAULTS)
-    "data.source": Text(null=True),
-    "data.path": Text(null=True),
-    "data.image_size": Integer(1),
-    "data.channels": Choice(1, 3),
-    "data.crop": Choice("center", "random"),
-    "data.flip": SWITCH,
-    "data.shuffle_buffer": Integer(0),
-    "data.resampled": Boolean(null=True),
-    "data.prepare": Table(),
-    # ldmkit evaluate
-    "eval.checkpoint": Text(null=True),
-    "eval.split": Text(),
-    "eval.batch_size": Integer(1),
-    "eval.max_images": Integer(1, null=True),
-    "eval.lpips": Either(Boolean(), Choice("auto")),
-    "eval.fid_features": Choice("auto", "inception", "fashion_mnist", "none"),
-    "eval.feature_checkpoint": Text(null=True),
-    "eval.output": Text(null=True),
-    "eval.device": Device(),
-    "eval.num_workers": Integer(0),
-}
-
-# nodes that hold a core constructor's keyword arguments: (key, constructor, keys whose
-# value `auto` is filled in before the constructor sees it)
-CORE_ARGUMENTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("trainer.loss", "ldmkit.losses:AutoencoderLoss", ("disc_in_channels", "reduction")),
-    ("trainer.objective", "ldmkit.diffusion.objective:DiffusionObjective", ()),
-)
-
-
 def show_value(value: Any) -> str:
     """A value as an override would write it: ``'abc'`` (a string), ``-5``, ``null``."""
     if value is None or isinstance(value, bool):
@@ -286,37 +206,104 @@ def problem(key: str, value: Any, expected: str) -> str:
     return f"{key}={show_value(value)}: expected {expected}"
 
 
-def config_problems(cfg: Any) -> list[str]:
-    """Every core key of ``cfg`` (a composed DictConfig) whose value is of the wrong type or
-    out of range, as one ``key=value: expected ...`` string each."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+class Arguments(Spec):
+    """A node that holds the keyword arguments of ``factory`` (``trainer.loss`` those of
+    ``AutoencoderLoss``): each value is checked against its argument's type hint
+    (:func:`argument_problems`); a key of ``auto`` whose value is ``auto`` is filled in before
+    the factory sees it and is not checked. A node that is not a mapping is the reader's to
+    refuse."""
 
-    problems, bad = [], set()
-    for key, spec in CORE_KEYS.items():
-        try:
-            node = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False)
-            value = (
-                OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    expected = "a mapping of keyword arguments"
+
+    def __init__(self, factory: Callable[..., Any], *, auto: Iterable[str] = ()) -> None:
+        self.factory, self.auto = factory, tuple(auto)
+
+    def accepts(self, value: Any) -> bool:
+        return not self.problems("", value)
+
+    def problems(self, key: str, value: Any) -> list[str]:
+        if not isinstance(value, Mapping):
+            return []
+        values = {k: v for k, v in value.items() if not (k in self.auto and v == "auto")}
+        return argument_problems(self.factory, values, key)
+
+
+def typed_keys(node: str, keys: Mapping[str, Spec]) -> dict[str, Spec]:
+    """``{"trainer.max_steps": spec, ...}`` for ``keys`` declared under ``node`` (``""``: the
+    top level); a declaration that is not a mapping of key names to :class:`Spec` s raises
+    ``TypeError`` saying which."""
+    where = node or "the top level"
+    if not isinstance(node, str):
+        raise TypeError(f"config keys are declared under a node name (a string), got {node!r}")
+    if not isinstance(keys, Mapping):
+        raise TypeError(f"the keys of {where} must be a mapping of names to Specs, got {keys!r}")
+    typed = {}
+    for name, spec in keys.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"a config key under {where} must be a non-empty string, got {name!r}")
+        key = f"{node}.{name}" if node else name
+        if not isinstance(spec, Spec):
+            raise TypeError(
+                f"config key {key} is declared as {spec!r}, not an ldmkit.config_checks.Spec "
+                "(Integer, Number, Boolean, Text, Choice, Either, ListOf, Arguments, ...)"
             )
-        except OmegaConfBaseException as err:
-            problems.append(f"{key}: cannot resolve its value: {err}".splitlines()[0])
-            continue
-        if value is _MISSING or spec.accepts(value):
-            continue
-        bad.add(key)
-        if _interpolated_from(cfg, key) not in bad:  # data.image_size: ${image_size} is said once
-            problems.append(problem(key, value, spec.expected))
-    for key, target, auto in CORE_ARGUMENTS:
-        node = OmegaConf.select(cfg, key, default=None)
-        if node is None or not OmegaConf.is_dict(node):
-            continue
-        module, _, name = target.partition(":")
-        factory = getattr(importlib.import_module(module), name)
-        values = OmegaConf.to_container(node, resolve=True)
-        values = {k: v for k, v in values.items() if not (k in auto and v == "auto")}
-        problems += argument_problems(factory, values, key)
-    return problems
+        typed[key] = spec
+    return typed
+
+
+class Schema:
+    """The typed keys of a composed config (``key -> Spec``), each declared by one owner.
+
+    A key absent from a config is not checked (its reader's default applies); keys nobody
+    declares are not checked either (component configs are checked against their
+    constructors when built)."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, Spec] = {}
+        self._owners: dict[str, str] = {}
+
+    def declare(self, node: str, keys: Mapping[str, Spec], owner: str) -> None:
+        """Add ``keys`` under ``node`` for ``owner`` (what messages call it); a key another
+        owner declared already is a :class:`ConfigError` naming both."""
+        for key, spec in typed_keys(node, keys).items():
+            if key in self._owners:
+                raise ConfigError(
+                    f"config key {key} is declared twice: by {self._owners[key]} and by {owner}"
+                )
+            self._specs[key], self._owners[key] = spec, owner
+
+    def keys(self) -> list[str]:
+        return list(self._specs)
+
+    def spec(self, key: str) -> Spec:
+        return self._specs[key]
+
+    def owner(self, key: str) -> str:
+        return self._owners[key]
+
+    def problems(self, cfg: Any) -> list[str]:
+        """Every declared key of ``cfg`` (a composed DictConfig) whose value is of the wrong
+        type or out of range, as one ``key=value: expected ...`` string each."""
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+
+        problems, bad = [], set()
+        for key, spec in self._specs.items():
+            try:
+                value = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False)
+                if OmegaConf.is_config(value):
+                    value = OmegaConf.to_container(value, resolve=True)
+            except OmegaConfBaseException as err:
+                problems.append(f"{key}: cannot resolve its value: {err}".splitlines()[0])
+                continue
+            found = [] if value is _MISSING else spec.problems(key, value)
+            if not found:
+                continue
+            bad.add(key)
+            # data.image_size: ${image_size} is said once
+            if _interpolated_from(cfg, key) not in bad:
+                problems += found
+        return problems
 
 
 def _interpolated_from(cfg: Any, key: str) -> str | None:

@@ -67,6 +67,22 @@ def ldmkit_register_configs(register):
     """
 
 
+@hookspec
+def ldmkit_register_config_keys(register):
+    """Declare what config keys take, so that composing a config with a bad value is one line
+    naming the key (``trainer.max_steps='abc': expected an integer >= 1``) before anything
+    runs. ldmkit's training, data and evaluation declare theirs (``trainer.*``, ``data.*``,
+    ``eval.*``) through this hook too; component configs need none (their constructor's type
+    hints are checked).
+
+    :param register: ``register(node, keys)``: ``keys`` maps key names under ``node``
+        (``"trainer"``; ``""`` for the top level; dotted names for nested keys) to
+        :class:`ldmkit.config_checks.Spec` s: ``Integer(1)``, ``Number(0, above=True)``,
+        ``Boolean()``, ``Choice(...)``, ``Either(...)``, ``Arguments(factory)`` for a node
+        of a constructor's keyword arguments, ... A key declared by two owners names both.
+    """
+
+
 # -- what users run ------------------------------------------------------------------
 
 

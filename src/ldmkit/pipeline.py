@@ -715,10 +715,10 @@ PIPELINE_GROUPS = ("first_stage", "denoiser", "conditioner", "sampler")
 def read_pipeline_config(path: str | Path) -> DictConfig:
     """The ``config.yaml`` of a pipeline folder, or a :class:`ConfigError` naming the file and
     what is wrong: not YAML, not a mapping, a component missing (or without a ``name``), a
-    core key of the wrong type (:func:`ldmkit.config_checks.config_problems`)."""
+    typed key of the wrong type (:func:`ldmkit.config.config_problems`)."""
     import yaml
 
-    from ldmkit.config_checks import config_problems
+    from ldmkit.config import config_problems
 
     where = f"the checkpoint config {path}"
     try:

@@ -79,6 +79,7 @@ class PluginManager:
         self._registry: Registry | None = None
         self._registered: list[tuple[str, str, str, Any]] | None = None
         self._config_roots: list[str] | None = None
+        self._config_keys: list[tuple[str, dict[str, Any]]] | None = None
         self._option_clashes: tuple[list[str], list[str]] | None = None  # (for these roots, clashes)
         self._lock = threading.RLock()
 
@@ -191,6 +192,7 @@ class PluginManager:
         self._registry = None
         self._registered = None
         self._config_roots = None
+        self._config_keys = None
 
     # -- what the plugins provide --------------------------------------------------
     def _impls(self, hook_name: str):
@@ -264,6 +266,35 @@ class PluginManager:
                 impl.function(register=register)
             self._config_roots = roots
         return self._config_roots
+
+    def config_keys(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(provider, {key: Spec})`` from every ``ldmkit_register_config_keys`` hook, in
+        plugin order (ldmkit's own training, evaluation and data first). A plugin whose hook
+        raises, or declares something that is not a Spec, is reported as broken, like a plugin
+        that fails to load, and its declarations are dropped."""
+        from ldmkit.config_checks import typed_keys
+
+        with self._lock:
+            self.load_entry_points()
+            if self._config_keys is None:
+                found: list[tuple[str, dict[str, Any]]] = []
+                for impl in self._impls("ldmkit_register_config_keys"):
+                    declared: list[dict[str, Any]] = []
+
+                    def register(node, keys, _declared=declared):
+                        _declared.append(typed_keys(node, keys))
+
+                    try:
+                        impl.function(register=register)
+                    except Exception as err:  # noqa: BLE001 - reported like an import failure
+                        info = self.infos.get(impl.plugin_name, PluginInfo(impl.plugin_name))
+                        self._forget(impl.plugin_name)
+                        self._invalidate()
+                        self._report_broken(info, err, during="ldmkit_register_config_keys")
+                        continue
+                    found += [(self._provider(impl.plugin_name), keys) for keys in declared]
+                self._config_keys = found
+            return self._config_keys
 
     def config_roots(self) -> list[str]:
         """Hydra search-path entries (``file://`` / ``pkg://``) the plugins contribute. Two

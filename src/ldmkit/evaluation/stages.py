@@ -3,7 +3,9 @@
 evaluator to a stage it did not register. The stages themselves are
 :mod:`ldmkit.training.stages`; training never imports evaluation.
 
-The evaluators are imported when they run, not when the stages are listed.
+The evaluators are imported when they run, not when the stages are listed; what the
+``eval`` keys of ``ldmkit evaluate`` take (:mod:`ldmkit.evaluation.schema`) when a config is
+checked.
 """
 
 from __future__ import annotations
@@ -24,3 +26,10 @@ def evaluate_autoencoder(cfg: Any, **kwargs: Any) -> dict[str, Any]:
 @hookimpl
 def ldmkit_register_stages(register):
     register("autoencoder", evaluate=evaluate_autoencoder)
+
+
+@hookimpl
+def ldmkit_register_config_keys(register):
+    from ldmkit.evaluation.schema import EVAL_KEYS
+
+    register("eval", EVAL_KEYS)

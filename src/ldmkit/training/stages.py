@@ -2,7 +2,8 @@
 third-party stage is (the plugin manager loads this module as a built-in plugin). Their
 evaluators register themselves with them the same way (:mod:`ldmkit.evaluation.stages`).
 
-The trainers are imported when a stage runs, not when the stages are listed.
+The trainers are imported when a stage runs, not when the stages are listed; what the
+``trainer`` keys take (:mod:`ldmkit.training.schema`) when a config is checked.
 """
 
 from __future__ import annotations
@@ -39,3 +40,10 @@ def ldmkit_register_stages(register):
     # used when no `trainer=` is given (conf/trainer/autoencoder.yaml and ldm.yaml are presets)
     register("autoencoder", train_autoencoder, trainer_config="default")
     register("ldm", train_ldm, trainer_config="default")
+
+
+@hookimpl
+def ldmkit_register_config_keys(register):
+    from ldmkit.training.schema import TRAINER_KEYS
+
+    register("trainer", TRAINER_KEYS)

@@ -2,7 +2,8 @@
 
 Sources are plugins: a package adds one with the ``ldmkit_register_data_sources`` hook, and
 ldmkit's own (below) register through the same hook (the plugin manager loads this module as
-a built-in plugin). Look them up with :func:`source_class` / :func:`create_source`;
+a built-in plugin, which also declares what the ``data`` config keys take:
+:mod:`ldmkit.data.schema`). Look them up with :func:`source_class` / :func:`create_source`;
 :data:`SOURCES` is a read-only, always-current ``name -> class`` view of the registry.
 """
 
@@ -29,6 +30,13 @@ BUILTIN_SOURCES: tuple[type[Source], ...] = (
 def ldmkit_register_data_sources(register):
     for source in BUILTIN_SOURCES:
         register(source)
+
+
+@hookimpl
+def ldmkit_register_config_keys(register):
+    from ldmkit.data.schema import DATA_KEYS
+
+    register("data", DATA_KEYS)
 
 
 def source_class(name: str) -> type[Source]:

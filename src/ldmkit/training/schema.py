@@ -1,0 +1,77 @@
+"""What the ``trainer`` keys take: the types and ranges ``ldmkit train`` checks a composed
+config against before anything is built or written. Their defaults live in
+``conf/trainer/*.yaml`` (:mod:`ldmkit.training.defaults`), not here.
+
+Declared to the config checker by ldmkit's training stages through
+``ldmkit_register_config_keys`` (:mod:`ldmkit.training.stages`), the hook a plugin's stage
+uses for keys of its own trainer config. A key checked for every stage: a config names one
+trainer preset, whichever stage runs it.
+"""
+
+from __future__ import annotations
+
+from ldmkit.compiling import COMPILE_OPTION
+from ldmkit.config_checks import (
+    Arguments,
+    Boolean,
+    Choice,
+    Device,
+    Either,
+    Integer,
+    Number,
+    Numbers,
+    Spec,
+    Text,
+)
+from ldmkit.diffusion.objective import DiffusionObjective
+from ldmkit.losses import AutoencoderLoss
+from ldmkit.precision import PRECISIONS
+
+__all__ = ["TRAINER_KEYS"]
+
+EVERY = Integer(0, null=True)  # 0 or null: never
+
+TRAINER_KEYS: dict[str, Spec] = {
+    # both stages (conf/trainer/default.yaml)
+    "max_steps": Integer(1),
+    "max_minutes": Number(0, above=True, null=True),
+    "batch_size": Integer(1),
+    "num_workers": Integer(0),
+    "lr": Number(0, above=True),
+    "log_every": EVERY,
+    "sample_every": EVERY,
+    "checkpoint_every": EVERY,
+    "val_every": EVERY,
+    "keep_checkpoints": Integer(1),
+    "embed_frozen": Boolean(),
+    "val_batches": Integer(0),
+    "val_split": Text(),
+    "device": Device(),
+    "resume": Boolean(),
+    "progress": Boolean(),
+    "tensorboard": Boolean(),
+    "save_on_signal": Boolean(),
+    "grad_clip": Number(0, above=True, null=True),
+    "num_threads": Either(Integer(1, null=True), Choice("auto")),
+    "precision": Choice(*PRECISIONS),
+    "compile": COMPILE_OPTION,
+    "compile_backend": Text(),
+    # stage 1 (conf/trainer/autoencoder.yaml)
+    "disc_lr": Number(0, above=True, null=True),
+    "betas": Numbers(Number(0, 1), 2),
+    # stage 2 (conf/trainer/ldm.yaml)
+    "weight_decay": Number(0),
+    "warmup_steps": Integer(0),
+    "latent_cache": Boolean(),
+    "sample_steps": Integer(1),
+    "sample_count": Integer(1),
+    "guidance_scale": Number(0),
+    "ddp_find_unused_parameters": Boolean(),
+    "ema.enabled": Boolean(),
+    "ema.decay": Number(0, 1),
+    "ema.warmup": Boolean(),
+    "ema.use_for_sampling": Boolean(),
+    # nodes of a constructor's keyword arguments, typed by its hints (`auto`: filled in later)
+    "loss": Arguments(AutoencoderLoss, auto=("disc_in_channels", "reduction")),
+    "objective": Arguments(DiffusionObjective),
+}
