@@ -189,7 +189,7 @@ def test_several_bad_values_are_named_in_one_line(capsys, tmp_path):
             ["image_size=8", "--guidance-scale", "nan"],
             "--guidance-scale must be a number >= 0",
         ),
-        ("sample", ["image_size=8", "--num-samples", "0"], "--num-samples must be >= 1, got 0"),
+        ("sample", ["image_size=8", "--num-samples", "0"], "--num-samples must be a whole number >= 1, got 0"),
         (
             "sample",
             ["conditioner=class_label", "--labels", "abc"],

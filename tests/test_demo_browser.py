@@ -30,7 +30,7 @@ from PIL import Image
 from ldmkit.demo.form import (
     MAX_IMAGES,
     DemoInputError,
-    SampleRequest,
+    PageRequest,
     class_names,
     condition_fields,
     prepare,
@@ -80,13 +80,17 @@ def trained(tmp_path_factory) -> Path:
 
 
 def _fake_pipeline(conditioner, *, image_size=8, f=4, channels=3, config=None):
-    """What :func:`prepare` reads of a pipeline, around a real conditioner."""
+    """What :func:`prepare` reads of a pipeline, around a real conditioner and sampler."""
+    from ldmkit_samplers import DDIMSampler
+
     return SimpleNamespace(
         conditioner=conditioner,
         config=config,
         image_size=image_size,
         schedule=SimpleNamespace(timesteps=1000),
         first_stage=SimpleNamespace(downsample_factor=f, image_channels=channels),
+        sampler=DDIMSampler(steps=4),
+        scale_factor=torch.ones(()),  # on the pipeline's device
     )
 
 
@@ -96,11 +100,11 @@ def _class_pipeline(**kw):
     return _fake_pipeline(ClassLabelConditioner(num_classes=3, embed_dim=4), **kw)
 
 
-def _request(**kw) -> SampleRequest:
+def _request(**kw) -> PageRequest:
     values = dict(
         sampler="ddim", steps=4, guidance_scale=1.0, seed=0, num_images=2, conditions={"label": 1}
     )
-    return SampleRequest(**{**values, **kw})
+    return PageRequest(**{**values, **kw})
 
 
 # -- the inputs a pipeline asks for --------------------------------------------------------------
@@ -170,11 +174,12 @@ def test_sampler_choices_are_the_sampler_config_options():
         ({"conditions": {}}, "label: choose a class"),
         (
             {"height": 10, "width": 8},
-            "height must be a multiple of the first stage's factor 4 from 4 to 32, got 10",
+            "size 10x8 is not divisible by the first stage's downsample factor f=4: height and width "
+            "must be positive multiples of 4",
         ),
         (
             {"height": 64, "width": 8},
-            "height must be a whole number from 4 to 32 (a multiple of 4), got 64",
+            "size 64x8 is over the largest allowed here, 32x32",
         ),
     ],
 )
@@ -190,13 +195,14 @@ def test_randomize_draws_the_seed_and_the_settings_keep_it(tmp_path):
     request = _request(seed=None, randomize_seed=True)  # the seed box is ignored
     first = prepare(_class_pipeline(), request, inputs_dir=tmp_path, rng=random.Random(5))
     again = prepare(_class_pipeline(), request, inputs_dir=tmp_path, rng=random.Random(5))
-    assert first.seed == again.seed == random.Random(5).randrange(2**32)
+    assert first.request.seed == again.request.seed == random.Random(5).randrange(2**32)
 
 
 def test_a_text_pipeline_needs_a_prompt(tmp_path):
     conditioner = SimpleNamespace(
-        input_keys=("caption",), input_kind=lambda key: "text", modules=lambda: []
-    )
+        input_keys=("caption",), input_kind=lambda key: "text", modules=lambda: [],
+        read=lambda batch, key: batch[key], known_region=lambda batch: None,
+    )  # fmt: skip
     with pytest.raises(DemoInputError, match="caption: the prompt is empty"):
         prepare(
             _fake_pipeline(conditioner), _request(conditions={"caption": "  "}), inputs_dir=tmp_path
@@ -206,7 +212,7 @@ def test_a_text_pipeline_needs_a_prompt(tmp_path):
         _request(conditions={"caption": "a red apple"}),
         inputs_dir=tmp_path,
     )
-    assert done.batch["caption"] == ["a red apple", "a red apple"]
+    assert done.request.batch["caption"] == ["a red apple", "a red apple"]
 
 
 def test_file_inputs_are_read_as_ldmkit_sample_reads_them(tmp_path):
@@ -229,7 +235,7 @@ def test_file_inputs_are_read_as_ldmkit_sample_reads_them(tmp_path):
     done = prepare(
         pipeline, _request(conditions={"segmentation": str(ids)}), inputs_dir=tmp_path / "in"
     )
-    assert done.batch["segmentation"].shape == (2, 8, 8)
+    assert done.request.batch["segmentation"].shape == (2, 8, 8)
     kept = tmp_path / "in" / "segmentation.png"  # a copy that outlives the upload cache,
     assert kept.is_file() and done.items == ["segmentation=segmentation.png"]  # named as such
 
@@ -238,13 +244,15 @@ def test_a_mask_must_have_the_start_images_size(tmp_path):
     image, mask = tmp_path / "image.png", tmp_path / "mask.png"
     Image.new("RGB", (8, 8)).save(image)
     Image.new("L", (16, 16), 255).save(mask)
-    with pytest.raises(DemoInputError, match="the mask is 16x16 but the start image is 8x8"):
+    with pytest.raises(
+        DemoInputError, match=r"mask has shape \(1, 1, 16, 16\), but init_image has shape \(1, 3, 8, 8\)"
+    ):
         prepare(
             _class_pipeline(),
             _request(init_image=str(image), mask=str(mask)),
             inputs_dir=tmp_path / "in",
         )
-    with pytest.raises(DemoInputError, match="a mask needs the image it repaints"):
+    with pytest.raises(DemoInputError, match="mask is a pixel mask over the start image .*: give the start image too"):
         prepare(_class_pipeline(), _request(mask=str(mask)), inputs_dir=tmp_path / "in")
     with pytest.raises(DemoInputError, match=r"strength must be in \(0, 1\]"):
         prepare(

@@ -28,8 +28,9 @@ The rules (docs/architecture.md explains them):
    2. ``plugins`` (the plugin manager), ``config`` (Hydra composition) and ``data`` (its
       sources are plugins);
    3. ``assembly`` (components from a config, through the registry), ``interop``;
-   4. ``pipeline``, and the package root ``ldmkit`` (it re-exports ``compose`` and
-      ``Pipeline``; nothing in ldmkit imports it: ``__version__`` lives in ``_version``);
+   4. ``pipeline`` and ``sampling_request`` (what ``Pipeline.sample`` runs), and the package
+      root ``ldmkit`` (it re-exports ``compose`` and ``Pipeline``; nothing in ldmkit imports
+      it: ``__version__`` lives in ``_version``);
    5. ``training``, ``evaluation``, ``testing``, ``sample_io`` (what ``ldmkit sample`` and
       ``ldmkit demo`` both read and write);
    6. entry points: ``cli``, ``demo``, ``__main__``.
@@ -98,7 +99,8 @@ LAYERS: dict[str, int] = {
     "ldmkit.assembly": 3,
     "ldmkit.interop": 3,  # translates foreign configs with ldmkit.config; Pipeline.from_compvis calls it
     "ldmkit.pipeline": 4,
-    "ldmkit": 4,  # the package root: ldmkit.compose and ldmkit.Pipeline, lazily
+    "ldmkit.sampling_request": 4,  # what Pipeline.sample runs, checked against a pipeline it never imports
+    "ldmkit": 4,  # the package root: ldmkit.compose, ldmkit.Pipeline and ldmkit.SampleRequest, lazily
     "ldmkit.training": 5,
     "ldmkit.evaluation": 5,
     "ldmkit.testing": 5,

@@ -3,12 +3,12 @@
 from ldmkit._version import __version__
 from ldmkit.hookspecs import hookimpl
 
-__all__ = ["Pipeline", "__version__", "compose", "hookimpl"]
+__all__ = ["Pipeline", "SampleRequest", "__version__", "compose", "hookimpl"]
 
 
 def __getattr__(name: str):
-    # compose/Pipeline pull in torch and Hydra; keep `import ldmkit` (and plugins' imports
-    # of `ldmkit.hookimpl`) cheap
+    # compose/Pipeline/SampleRequest pull in torch and Hydra; keep `import ldmkit` (and
+    # plugins' imports of `ldmkit.hookimpl`) cheap
     if name == "compose":
         from ldmkit.pipeline import compose
 
@@ -17,4 +17,8 @@ def __getattr__(name: str):
         from ldmkit.pipeline import Pipeline
 
         return Pipeline
+    if name == "SampleRequest":
+        from ldmkit.sampling_request import SampleRequest
+
+        return SampleRequest
     raise AttributeError(f"module 'ldmkit' has no attribute {name!r}")

@@ -8,6 +8,7 @@ dependency runs one way: pipeline -> assembly -> config.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +22,7 @@ from ldmkit.errors import WeightsError
 from ldmkit.interfaces import INTERFACES
 from ldmkit.nn.attention import set_attention_backend
 from ldmkit.plugins import get_plugin_manager
-from ldmkit.registry import Registry
+from ldmkit.registry import COMPONENT_KINDS, Registry
 from ldmkit.weights import load_component_weights
 
 
@@ -85,7 +86,52 @@ def create_component(
             load_component_weights(obj, checkpoint, kind)
         except WeightsError as err:
             raise ConfigError(f"{label or kind} ({kind}.checkpoint): {err}") from err
+    obj.built_from = {"name": name, **component_kwargs(node, kind)[1]}  # what builds it again
     return obj
+
+
+def component_config(kind: str, component: Any) -> dict[str, Any]:
+    """The config that builds ``component`` again: the one it was built from through the
+    registry (:func:`create_component` records it), else its registered name and the
+    arguments its constructor was called with (``init_arguments``, recorded by
+    :class:`ldmkit.interfaces.Component`), with a conditioner's ``drop_rate``. A
+    :class:`ConfigError` says why a component cannot be described: its class is not
+    registered, or an argument is not a config value (a tensor, a module)."""
+    if component.built_from is not None:
+        return copy.deepcopy(dict(component.built_from))
+    what = f"the {kind} {type(component).__name__}"
+    registry = get_plugin_manager().registry
+    name = registry.name_of(kind, type(component))
+    if name is None:
+        raise ConfigError(
+            f"{what} is not a registered {kind} class ({registry.listing(kind)}), so no config can "
+            f"name it: register it with ldmkit_register_{kind}s, or build it with ldmkit.assembly.create_component"
+        )
+    if component.init_arguments is None:
+        raise ConfigError(f"{what} was built with positional *args, which a config cannot name")
+    node = {"name": name, **component.init_arguments}
+    if kind == "conditioner":
+        node["drop_rate"] = float(component.drop_rate)
+    try:
+        OmegaConf.create(node)
+    except Exception as err:  # noqa: BLE001 - omegaconf's errors for unsupported values vary
+        raise ConfigError(f"{what} ({kind}={name}) was built with an argument a config cannot hold: {err}") from None
+    return node
+
+
+def pipeline_config(parts: Mapping[str, Any]) -> DictConfig:
+    """The config of a pipeline built from objects (``parts``: the keyword arguments of
+    :class:`~ldmkit.pipeline.Pipeline`): each component's :func:`component_config`, the
+    schedule's arguments, ``scale_factor`` and ``image_size`` — what :func:`pipeline_parts`
+    builds the same pipeline from."""
+    schedule = parts.get("schedule")
+    scale = parts.get("scale_factor", 1.0)
+    return OmegaConf.create({
+        **{kind: component_config(kind, parts[kind]) for kind in COMPONENT_KINDS},
+        "schedule": schedule.config() if schedule is not None else NoiseSchedule().config(),
+        "scale_factor": float(scale),
+        "image_size": parts.get("image_size"),
+    })  # fmt: skip
 
 
 def _on_meta_device(obj: Any) -> bool:

@@ -4,7 +4,6 @@ noise schedule, with sampling and one-folder checkpoints."""
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -12,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 
-from ldmkit import devices, frozen, masks
+from ldmkit import frozen, masks
 from ldmkit import precision as _precision
-from ldmkit.assembly import pipeline_parts
+from ldmkit.assembly import component_config, create_component, pipeline_config, pipeline_parts
 from ldmkit.compiling import compile_module
 from ldmkit.config import compose_config, load_saved_config
 from ldmkit.diffusion.guidance import ClassifierFreeGuidance
@@ -25,10 +24,12 @@ from ldmkit.diffusion.sampling import GeneratorArg, randn_like, sample_generator
 from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.errors import ConfigError, LdmkitError
 from ldmkit.interfaces import Conditioner, Denoiser, FirstStage, Sampler
-from ldmkit.interop import compvis
+from ldmkit.interop import pipelines
 from ldmkit.io import atomic_write, atomic_write_text
+from ldmkit.plugins import get_registry
 from ldmkit.safetensors_io import read_safetensors, read_safetensors_shapes
-from ldmkit.tiling import check_tiling, tiled_decode, tiled_encode
+from ldmkit.sampling_request import SampleArgumentError, SampleRequest  # noqa: F401 - SampleArgumentError: its old home
+from ldmkit.tiling import tiled_decode, tiled_encode
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -65,7 +66,14 @@ class Pipeline(nn.Module):
         # a buffer so that it travels with the weights (scale_by_std sets it from data)
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
         self.image_size = image_size
+        if config is None:  # built from objects: each component's own config (None if one has none)
+            with contextlib.suppress(LdmkitError):
+                config = pipeline_config(self._parts())
         self.config = OmegaConf.create(config) if config is not None else None
+
+    def _parts(self) -> dict[str, Any]:
+        kinds = ("first_stage", "denoiser", "conditioner", "sampler", "schedule", "image_size")
+        return {kind: getattr(self, kind) for kind in kinds} | {"scale_factor": float(self.scale_factor)}
 
     # -- latents ----------------------------------------------------------------------
     def encode(self, images: Tensor, *, tile: int | None = None, tile_overlap: int | None = None) -> Tensor:
@@ -102,152 +110,6 @@ class Pipeline(nn.Module):
             return self.schedule.to_eps(prediction, z_t, t, out.float())
 
         return model
-
-    def _batch_size(self, batch: Mapping[str, Any], num_samples: int | None) -> int:
-        keys = self.conditioner.input_keys
-        for key in keys:
-            self.conditioner.read(batch, key)  # a missing key names the conditioner and the key
-        if not keys:
-            return 1 if num_samples is None else num_samples
-        sizes = {key: len(batch[key]) for key in keys}
-        n = sizes[keys[0]]
-        if any(size != n for size in sizes.values()):
-            raise ValueError(f"the condition inputs hold different numbers of samples: {sizes}")
-        if num_samples is not None and num_samples != n:
-            raise ValueError(f"num_samples={num_samples} but the batch holds {n} conditions (key {keys[0]!r})")
-        return n
-
-    def _image_size(
-        self, size: int | Sequence[int] | None, image_size: int | Sequence[int] | None
-    ) -> tuple[int, int] | None:
-        """``size`` (or its alias ``image_size``) as ``(h, w)``, checked against f."""
-        if size is not None and image_size is not None and _pair(size) != _pair(image_size):
-            raise SampleArgumentError(f"size={size} and image_size={image_size} disagree: give one of them")
-        given = size if size is not None else image_size
-        if given is None:
-            return None
-        h, w = _pair(given)
-        f = self.first_stage.downsample_factor
-        if h < 1 or w < 1 or h % f or w % f:
-            raise SampleArgumentError(
-                f"size {h}x{w} is not divisible by the first stage's downsample factor f={f}: "
-                f"height and width must be positive multiples of {f}"
-            )
-        return h, w
-
-    def _latent_size(self, image_size: int | tuple[int, int] | None, cond: Mapping[str, Tensor]) -> tuple[int, int]:
-        """The latent grid: from ``image_size`` (else the pipeline's), or from a ``concat``
-        condition's grid when no size is given (a 2x semantic map samples at 2x)."""
-        f = self.first_stage.downsample_factor
-        concat = cond.get("concat")
-        if image_size is None and concat is not None:
-            return tuple(concat.shape[-2:])
-        size = image_size or self.image_size
-        if size is None:
-            raise ValueError("image_size is unknown: pass size= or set image_size in the config")
-        h, w = _pair(size)
-        grid = tuple(self.first_stage.latent_shape(h, w)[1:])
-        if concat is not None and tuple(concat.shape[-2:]) != grid:
-            raise ValueError(
-                f"image_size {h}x{w} makes a {grid[0]}x{grid[1]} latent (f={f}), but the conditioner's "
-                f"concat condition is {concat.shape[-2]}x{concat.shape[-1]}: give inputs of size "
-                f"{h}x{w} or leave image_size out to follow them"
-            )
-        return grid
-
-    def _check_memory(
-        self,
-        shape: tuple[int, ...],
-        batch_size: int,
-        cond: Mapping[str, Tensor],
-        uncond: Mapping[str, Tensor] | None,
-        images: Tensor | None,
-        tiling: Mapping[str, Any],
-        precision: str,
-    ) -> None:
-        """Refuse a call whose tensors cannot fit the device's free memory, before any is made
-        (:class:`ldmkit.devices.InsufficientMemoryError`, naming the numbers): the latents and
-        images of all ``shape[0]`` samples, plus the largest of one chunk's denoiser step (both
-        halves under guidance), its decode and the init image's encode, counted by running
-        them on the meta device. Calls whose images take less than 1/1024 of the free memory
-        are let through unestimated (a first meta run costs a second, and activations of
-        1024x the images are beyond the first stages and denoisers we know)."""
-        device = self.scale_factor.device
-        room = devices.available_memory(device)
-        if room is None:
-            return
-        n, channels, h, w = shape
-        f = self.first_stage.downsample_factor
-        size = f"{h * f}x{w * f}"
-        fixed = 4 * n * channels * h * w + 4 * n * self.first_stage.image_channels * h * w * f * f  # float32
-        if fixed * 1024 <= room[0]:
-            return
-        rows = min(batch_size, n)
-        largest, name = 0, ""
-        if fixed <= room[0]:  # the rest of the estimate matters
-
-            def meta(*dims: int, like: Tensor | None = None) -> Tensor:
-                dtype = like.dtype if like is not None else torch.float32
-                return torch.empty(dims, dtype=dtype, device="meta")
-
-            def chunk(values: Mapping[str, Tensor]) -> dict[str, Tensor]:
-                return {k: meta(rows if v.shape[0] == n else v.shape[0], *v.shape[1:], like=v) for k, v in values.items()}
-
-            context = chunk(cond)
-            if uncond is not None:  # ClassifierFreeGuidance runs both halves as one batch
-                context = {k: torch.cat([chunk(uncond)[k], v]) for k, v in context.items()}
-            steps = 2 * rows if uncond is not None else rows
-            tile = tiling.get("tile")
-            th, tw = (h, w) if tile is None else (min(tile, h), min(tile, w))
-            runs = {
-                f"the denoiser's step on {steps} latent{'s' * (steps > 1)} of {channels}x{h}x{w}": lambda: self.denoiser(
-                    meta(steps, channels, h, w), torch.zeros(steps, dtype=torch.long, device="meta"), context
-                ),
-                f"decoding {rows} latent{'s' * (rows > 1)} of {channels}x{th}x{tw}": lambda: self.first_stage.decode(
-                    meta(rows, channels, th, tw)
-                ),
-            }
-            if images is not None:
-                b, c = images.shape[:2]
-                runs[f"encoding the init image{'s' * (b > 1)}"] = lambda: self.first_stage.encode(
-                    meta(b, c, th * f, tw * f)
-                )
-            for what, run in runs.items():
-                peak = devices.meta_peak_bytes(self, run) or 0
-                if what.startswith("the denoiser's") and precision in ("bf16", "fp16"):
-                    peak //= 2  # activations in half precision
-                if peak > largest:
-                    largest, name = peak, what
-        detail = f"the latents and images {devices.format_bytes(fixed)}" + (
-            f", {name} {devices.format_bytes(largest)}" if name else ""
-        )
-        devices.check_fits(
-            fixed + largest,
-            device,
-            f"sampling {n} image{'s' * (n != 1)} of {size}" + (f", {rows} at a time," if rows < n else ""),
-            f" (estimated: {detail}); sample fewer images at once (batch_size), decode in tiles (tile) "
-            "or choose a smaller size",
-        )
-
-    def _check_init_image(self, init_image: Tensor) -> Tensor:
-        """``init_image`` as B×C×H×W float32 on the pipeline's device, in [-1, 1]."""
-        x = torch.as_tensor(init_image)
-        given = tuple(x.shape)
-        if x.ndim == 3:
-            x = x[None]
-        channels = self.first_stage.image_channels
-        if x.ndim != 4 or x.shape[1] != channels or not x.is_floating_point():
-            raise SampleArgumentError(
-                f"init_image must be float images B×{channels}×H×W (or {channels}×H×W) in [-1, 1] "
-                f"for this first stage ({channels} channels), got shape {given} ({x.dtype})"
-            )
-        lo, hi = float(x.min()), float(x.max())
-        if lo < -1 - 1e-4 or hi > 1 + 1e-4:
-            raise SampleArgumentError(
-                f"init_image values must be in [-1, 1], got [{lo:g}, {hi:g}] "
-                f"(images in [0, 1] map to [-1, 1] as x * 2 - 1)"
-            )
-        return x.to(device=self.scale_factor.device, dtype=torch.float32)
 
     def _encode_init(self, images: Tensor, n: int, generator: GeneratorArg, tiling: Mapping[str, Any]) -> Tensor:
         """Latents of ``images`` (B = 1 or n) for n samples. A first stage that samples its
@@ -322,240 +184,119 @@ class Pipeline(nn.Module):
             return z.detach().clone()
 
     @torch.inference_mode()
-    def sample(
-        self,
-        batch: Mapping[str, Any] | None = None,
-        *,
-        num_samples: int | None = None,
-        steps: int | None = None,
-        guidance_scale: float = 1.0,
-        seed: int | None = None,
-        generator: GeneratorArg = None,
-        noise: Tensor | None = None,
-        size: int | Sequence[int] | None = None,
-        image_size: int | Sequence[int] | None = None,
-        init_image: Tensor | None = None,
-        strength: float | None = None,
-        mask: Tensor | None = None,
-        latent_mask: Tensor | None = None,
-        known: Tensor | None = None,
-        batch_size: int | None = None,
-        callback: Callable[[dict[str, Any]], None] | None = None,
-        return_latents: bool = False,
-        keep_known: bool = True,
-        refine_known: int = 0,
-        precision: str = "auto",
-        tile: int | None = None,
-        tile_overlap: int | None = None,
-        compile: bool | str = False,
-    ) -> Tensor:
-        """Sample images in [-1, 1] (B×C×H×W); ``return_latents`` gives z_0 instead.
+    def sample(self, batch: Mapping[str, Any] | SampleRequest | None = None, **options: Any) -> Tensor:
+        """Sample images in [-1, 1] (B×C×H×W), or z_0 with ``return_latents``.
 
-        :param batch: the conditioner's inputs, keyed as its ``input_keys`` (e.g.
-            ``{"label": [3, 7]}``, ``{"caption": ["a red apple"]}``,
-            ``{"segmentation": ids}``); None for an unconditional model.
-        :param num_samples: how many images (unconditional models; with conditions it must
-            match the batch). Default 1, or the number of ``init_image`` images.
-        :param guidance_scale: classifier-free guidance scale (1 = no guidance).
-        :param seed: sample ``i`` draws all of its noise (the start, every ancestral step, a
-            KL first stage's posterior sample of ``init_image``) from its own generator
-            seeded ``seed + i`` (:func:`ldmkit.diffusion.sample_generators`), so
-            ``seed=s + 2`` reproduces sample 2 of ``seed=s`` and no result depends on the
-            batch it was drawn in.
-        :param generator: instead of ``seed``: one ``torch.Generator`` for the whole call (the
-            result then depends on the batch) or a list of one per sample.
-        :param noise: the starting noise z_T (B×c×h×w) instead of drawing it.
-        :param size: the output size, ``(height, width)`` or an int for a square; any
-            multiple of the first stage's factor f, larger than trained included (the
-            paper's convolutional sampling, Sec. 4.3.2). By default the pipeline's, the
-            ``init_image``'s, or, for spatial conditions (``concat``), the size their inputs
-            give. ``image_size`` is an alias.
-        :param init_image: img2img / SDEdit (Meng et al. 2022): images B×C×H×W in [-1, 1]
-            (B = 1 is used for every sample), encoded by the first stage (times the scale
-            factor, as in training), noised to the level where ``strength`` starts and
-            denoised from there.
-        :param strength: in (0, 1], default 1: the share of the sampler's steps run from the
-            noised ``init_image``; ``int(steps * strength)`` steps run, so a strength that
-            rounds to no step returns the first stage's reconstruction of ``init_image``.
-        :param mask: inpainting with any model: a pixel mask over ``init_image`` (H×W,
-            B×H×W or B×1×H×W, values in [0, 1]), **1 = repaint, 0 = keep** (white = repaint
-            in a PNG). It goes to the latent grid by :func:`ldmkit.masks.latent_mask`; the
-            kept region's latents are the init image's, re-noised and blended after every
-            step and exact at the end. With ``strength`` < 1 the repainted region starts
-            from the noised init image too; with 1 (the default) from pure noise.
-        :param latent_mask: with ``known``: a mask already on the latent grid and the known
-            clean latents, handed to the sampler as they are.
-        :param batch_size: sample in chunks of at most this many (memory), with the same
-            results as one batch when seeded with ``seed`` (up to float round-off).
-        :param callback: called after every step with the sampler's dict (``i``, ``t``,
-            ``z``, ``x0``) plus ``chunk`` and ``num_chunks``.
-        :param keep_known: for an inpainting conditioner (``Conditioner.known_region``) and a
-            sampler that supports masks: hold the kept region's latents fixed, so it ends as
-            the first stage's reconstruction of the input (``mask``/``latent_mask`` win).
-        :param refine_known: with a kept region (``mask`` + ``init_image``, or an inpainting
-            conditioner's): after sampling, this many Adam steps on z_0 so that its decode
-            matches the kept pixels (:meth:`refine_known`). Kept latents alone decode the kept
-            region only approximately where it borders generated cells; this closes the gap
-            without pasting pixels. 0 (default): off; 20-50 steps are typical.
-        :param precision: ``auto`` (default: bf16 on CUDA and on CPUs with AVX512-BF16 or AMX,
-            else fp32), ``fp32``, ``bf16`` or ``fp16`` for the conditioner and the denoiser
-            (:mod:`ldmkit.precision`); the sampler's updates, the encode of ``init_image`` and
-            the decode stay float32. Seeded results are independent of the batch size up to
-            the round-off of the chosen precision (docs/performance.md).
-        :param tile: decode (and encode ``init_image``/known regions) in overlapping tiles of
-            this many latent pixels, blended over ``tile_overlap`` (default ``tile // 4``):
-            the first stage's memory is then that of one tile, for outputs far larger than
-            the training size (:mod:`ldmkit.tiling`; the denoiser still sees the whole latent).
-        :param compile: ``True`` or an inductor mode: ``torch.compile`` the denoiser in place
-            before sampling (:mod:`ldmkit.compiling`; it stays compiled for later calls). It
-            pays on CUDA; the first call includes the compile time.
+        ``pipe.sample(request)`` runs a :class:`~ldmkit.sampling_request.SampleRequest`;
+        ``pipe.sample(batch, guidance_scale=3.0, seed=0, ...)`` builds one from ``batch`` and
+        the keywords (its fields: ``num_samples``, ``steps``, ``guidance_scale``, ``seed``,
+        ``size``, ``init_image``, ``strength``, ``mask``, ``batch_size``, ``tile``,
+        ``precision``, ...). The request is checked against this pipeline before anything
+        runs (:meth:`SampleRequest.validate`): a refused argument raises
+        :class:`SampleArgumentError` naming it.
         """
-        if not isinstance(refine_known, int) or isinstance(refine_known, bool) or refine_known < 0:
-            raise SampleArgumentError(f"refine_known must be an int >= 0 (Adam steps), got {refine_known!r}")
-        try:
-            compile_module(self.denoiser, compile, device=self.scale_factor.device, what="the denoiser")
-        except LdmkitError as err:
-            raise SampleArgumentError(str(err)) from None
-        if tile is not None:
-            try:
-                tile, tile_overlap = check_tiling(tile, tile_overlap)
-            except ValueError as err:
-                raise SampleArgumentError(str(err)) from None
-        tiling = {"tile": tile, "tile_overlap": tile_overlap}  # tile None: encode/decode whole
-        batch = dict(batch or {})
+        if isinstance(batch, SampleRequest):
+            if options:
+                raise TypeError(f"sample(request) takes no other arguments, got {', '.join(sorted(options))}")
+            request = batch
+        else:
+            request = SampleRequest(batch, **options)
+        return self._sample(request.validate(self))
+
+    def _sample(self, request: SampleRequest) -> Tensor:
+        """Run a validated request: condition, draw the noise, encode what is kept, sample
+        chunk by chunk, decode."""
+        r = request
         device = self.scale_factor.device
-        images = self._check_init_image(init_image) if init_image is not None else None
-        if images is not None and num_samples is None and not self.conditioner.input_keys:
-            num_samples = images.shape[0]
-        n = self._batch_size(batch, num_samples)
-        if images is not None and images.shape[0] not in (1, n):
-            raise SampleArgumentError(
-                f"init_image holds {images.shape[0]} images for {n} samples: give 1 or {n}"
-            )
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise SampleArgumentError(f"batch_size must be a positive integer, got {batch_size!r}")
-        hw = self._image_size(size, image_size)
-        if images is not None:
-            h, w = images.shape[-2:]
-            if hw is not None and hw != (h, w):
-                raise SampleArgumentError(
-                    f"size {hw[0]}x{hw[1]} differs from init_image's {h}x{w}: "
-                    "leave size out to sample at the image's size"
-                )
-            f = self.first_stage.downsample_factor
-            if h % f or w % f:
-                raise SampleArgumentError(
-                    f"init_image is {h}x{w}, which is not divisible by the first stage's downsample "
-                    f"factor f={f}: crop or resize it to multiples of {f}"
-                )
-            hw = (h, w)
-        if strength is not None:
-            if images is None:
-                raise SampleArgumentError("strength needs init_image (the image to start from)")
-            if not 0.0 < strength <= 1.0:
-                raise SampleArgumentError(
-                    f"strength must be in (0, 1], got {strength}: the share of the steps run from "
-                    "the noised init_image (1 = all of them)"
-                )
-        strength = 1.0 if strength is None else float(strength)
-        if (mask is not None or latent_mask is not None) and not self.sampler.supports_mask:
-            raise ValueError(f"sampler {type(self.sampler).__name__} does not support inpainting masks")
-        if mask is not None and images is None:
-            raise SampleArgumentError(
-                "mask is a pixel mask over init_image (1 = repaint, 0 = keep): give init_image= too "
-                "(a mask on the latent grid goes with known= as latent_mask=)"
-            )
-        if mask is not None and latent_mask is not None:
-            raise SampleArgumentError("give mask= (pixels, with init_image) or latent_mask= (with known), not both")
-        if seed is not None and generator is not None:
-            raise SampleArgumentError("give seed= or generator=, not both")
-        generators = sample_generators(seed, n) if seed is not None else generator
-
-        try:
-            resolved = _precision.resolve(precision, device)
-        except _precision.PrecisionError as err:
-            raise SampleArgumentError(str(err)) from err
-        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        with _precision.autocast(resolved, device):
-            cond = self.conditioner(batch) if self.conditioner.input_keys else {}
-        cond = _float32(cond)
-        guided = guidance_scale != 1.0 and bool(cond)
-        uncond: Mapping[str, Tensor] = {}
-        if guided:
-            if not self.conditioner.learns_null_condition:
-                warnings.warn(
-                    f"guidance_scale={guidance_scale} with conditioner {type(self.conditioner).__name__}, "
-                    "which was configured without condition dropout (drop_rate=0): its null condition "
-                    "was never trained, so guidance extrapolates from an untrained score",
-                    stacklevel=2,
-                )
-            with _precision.autocast(resolved, device):
-                uncond = _float32(self.conditioner.unconditional(batch))  # once per call, sliced per chunk
-        if noise is not None and noise.shape[0] != n:
-            raise SampleArgumentError(f"noise holds {noise.shape[0]} samples for {n}")
-        shape = tuple(noise.shape) if noise is not None else (n, self.first_stage.latent_channels, *self._latent_size(hw, cond))
-        self._check_memory(shape, batch_size or n, cond, uncond if guided else None, images, tiling, resolved)
-        if noise is None:
-            noise = randn_like(torch.empty(shape), generators).to(device)
-
+        compile_module(self.denoiser, r.compile, device=device, what="the denoiser")
+        tiling = {"tile": r.tile, "tile_overlap": r.tile_overlap}  # tile None: encode/decode whole
+        n, images = r.num_samples, r.init_image
+        generators = sample_generators(r.seed, n) if r.seed is not None else r.generator
+        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in r.batch.items()}
+        cond, uncond = self._conditions(batch, r.guidance_scale, r.precision)
+        shape = r.latent_shape(self, cond)
+        r.check_memory(self, shape, cond, uncond)
+        noise = randn_like(torch.empty(shape), generators).to(device) if r.noise is None else r.noise.to(device)
         init = self._encode_init(images, n, generators, tiling) if images is not None else None
-        if init is not None and init.shape != noise.shape:
-            raise SampleArgumentError(
-                f"init_image encodes to latents {tuple(init.shape)}, but the noise is {tuple(noise.shape)}"
-            )
-        pixels = None  # (image, mask) of a kept region, for refine_known
-        if mask is not None:
-            pixel_mask = masks.pixel_mask(mask, images, num_samples=n, name="mask", image_name="init_image")
-            latent_mask = masks.latent_mask(pixel_mask, self.first_stage.downsample_factor)
-            known = init
-            pixels = (images.expand(n, *images.shape[1:]), pixel_mask.expand(n, *pixel_mask.shape[1:]))
-        elif latent_mask is None and known is None and keep_known and self.sampler.supports_mask:
+        latent_mask, known, pixels = r.latent_mask, r.known, None  # pixels: (image, mask) kept, for refine_known
+        if r.mask is not None:
+            latent_mask, known = masks.latent_mask(r.mask, self.first_stage.downsample_factor), init
+            pixels = (images.expand(n, *images.shape[1:]), r.mask.expand(n, *r.mask.shape[1:]))
+        elif latent_mask is None and r.keep_known and self.sampler.supports_mask:
             latent_mask, known, pixels = self._known_latents(batch, generators, tiling)
-        elif (latent_mask is None) != (known is None):
-            raise SampleArgumentError("latent_mask= and known= go together (the latent region and its latents)")
-        sampler_init = init
-        if latent_mask is not None and strength == 1.0:
-            sampler_init = None  # inpainting starts the repainted region from pure noise
-        if refine_known and pixels is None:
-            raise SampleArgumentError(
-                "refine_known needs a kept region: mask= with init_image=, or an inpainting conditioner's "
-                "image and mask in the batch"
-            )
-        if sampler_init is not None and "init" not in inspect.signature(self.sampler.sample).parameters:
-            raise SampleArgumentError(
-                f"sampler {type(self.sampler).__name__} does not support img2img (its sample() takes no init=)"
-            )
+        sampler_init = init if r.starts_from_init(inpainting=latent_mask is not None) else None
 
-        step_model = self.eps_model(resolved)
-        bs = n if batch_size is None else min(batch_size, n)
+        step_model = self.eps_model(r.precision)
+        bs = n if r.batch_size is None else min(r.batch_size, n)
         starts = range(0, n, bs)
         outputs = []
         for k, start in enumerate(starts):
             rows = slice(start, min(start + bs, n))
             part_cond = _rows(cond, rows, n)
-            if guided:
-                denoise = ClassifierFreeGuidance(step_model, part_cond, _rows(uncond, rows, n), guidance_scale)
+            if uncond is not None:
+                denoise = ClassifierFreeGuidance(step_model, part_cond, _rows(uncond, rows, n), r.guidance_scale)
             else:
                 denoise = _Conditioned(step_model, part_cond)
-            extra = {}
-            if sampler_init is not None:
-                extra = {"init": sampler_init[rows], "strength": strength}
+            extra = {"init": sampler_init[rows], "strength": r.strength} if sampler_init is not None else {}
             z0 = self.sampler.sample(
                 denoise,
                 self.schedule,
                 noise[rows],
-                steps=steps,
+                steps=r.steps,
                 generator=split_generator(generators, rows.start, rows.stop),
-                callback=_chunk_callback(callback, k, len(starts)),
+                callback=_chunk_callback(r.callback, k, len(starts)),
                 mask=_rows(latent_mask, rows, n),
                 known=_rows(known, rows, n),
                 **extra,
             )
-            if refine_known:
+            if r.refine_known:
                 image_rows, mask_rows = (_rows(v.to(z0.device), rows, n) for v in pixels)
-                z0 = self.refine_known(z0, image_rows, mask_rows, refine_known, **tiling)
-            outputs.append(z0 if return_latents else self.decode(z0, **tiling).clamp(-1, 1))
+                z0 = self.refine_known(z0, image_rows, mask_rows, r.refine_known, **tiling)
+            outputs.append(z0 if r.return_latents else self.decode(z0, **tiling).clamp(-1, 1))
         return torch.cat(outputs)
+
+    def _conditions(
+        self, batch: Mapping[str, Any], guidance_scale: float, precision: str
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        """``(cond, uncond)`` of ``batch`` in float32; ``uncond`` (computed once per call,
+        sliced per chunk) only under guidance."""
+        device = self.scale_factor.device
+        with _precision.autocast(precision, device):
+            cond = self.conditioner(batch) if self.conditioner.input_keys else {}
+        cond = _float32(cond)
+        if guidance_scale == 1.0 or not cond:
+            return cond, None
+        if not self.conditioner.learns_null_condition:
+            warnings.warn(
+                f"guidance_scale={guidance_scale} with conditioner {type(self.conditioner).__name__}, "
+                "which was configured without condition dropout (drop_rate=0): its null condition "
+                "was never trained, so guidance extrapolates from an untrained score",
+                stacklevel=5,  # the caller of sample()
+            )
+        with _precision.autocast(precision, device):
+            return cond, _float32(self.conditioner.unconditional(batch))
+
+    def with_sampler(self, sampler: str | Mapping[str, Any] | Sampler, /, **overrides: Any) -> Pipeline:
+        """Sample with another sampler from now on, ``config.sampler`` changed with it (what
+        :meth:`save` writes and what ``ldmkit sample`` records). ``sampler`` is a registered
+        name (``"dpmpp_2m"``, built with ``overrides`` as its arguments), a sampler config (a
+        mapping with ``name``; ``overrides`` on top) or a :class:`Sampler` (its own config;
+        with ``overrides``, rebuilt with those arguments changed). A name or config goes
+        through the registry (:func:`ldmkit.assembly.create_component`). Returns the pipeline."""
+        if isinstance(sampler, Sampler):
+            node = component_config("sampler", sampler)
+        elif isinstance(sampler, str):
+            node = {"name": sampler}
+        else:
+            node = OmegaConf.to_container(sampler, resolve=True) if OmegaConf.is_config(sampler) else dict(sampler)
+        if overrides or not isinstance(sampler, Sampler):
+            node = {**node, **overrides}
+            sampler = create_component(get_registry(), "sampler", node, f"sampler={node.get('name')}")
+        self.sampler = sampler
+        if self.config is not None:
+            with open_dict(self.config):
+                self.config.sampler = node
+        return self
 
     # -- checkpoints --------------------------------------------------------------------
     def save(self, directory: str | Path, *, embed_frozen: bool = False) -> Path:
@@ -568,13 +309,13 @@ class Pipeline(nn.Module):
         """
         from safetensors.torch import save_file, save_model
 
+        if self.config is None:  # a component that cannot be described: say which, and why
+            try:
+                self.config = pipeline_config(self._parts())
+            except ConfigError as err:
+                raise ConfigError(f"cannot save this pipeline, no config rebuilds it: {err}") from None
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if self.config is None:
-            raise ValueError(
-                "this Pipeline was built from objects without a config; saving needs the config "
-                "that rebuilds it (build it with ldmkit.compose, or pass config=)"
-            )
         parts = {} if embed_frozen else frozen.frozen_parts(self)
         manifest = directory / frozen.FROZEN_FILE
         if parts:
@@ -609,24 +350,15 @@ class Pipeline(nn.Module):
     ) -> Pipeline:
         """A pipeline from the paper's ``.ckpt`` and its ``config.yaml`` — or, for a published
         model, the name of its stored translation (``preset="cin256-v2"``; docs/interop.md)
-        — (:mod:`ldmkit.interop.compvis`): the EMA weights by default, the paper's DDIM
-        spacing, and for a class-conditional model the last of ``n_classes`` as the null class
-        (``null_class`` another index). A Stable Diffusion v1 checkpoint (``FrozenCLIPEmbedder``)
-        needs ``text_encoder``, a local folder with the CLIP text model's config and tokenizer."""
-        model, state, facts = compvis.read_compvis(
-            checkpoint, config, preset=preset, use_ema=use_ema, null_class=null_class, text_encoder=text_encoder
-        )
-        if model.kind != "pipeline":
-            raise ConfigError(
-                f"{model.source} describes a first stage ({model.groups['first_stage']['name']}), not a latent "
-                "diffusion model: `ldmkit convert compvis` writes it as a folder for first_stage.checkpoint="
-            )
-        pipeline = cls.from_config(compvis.compose(model, weights="ema" if facts.get("ema") else "raw"))
-        compvis.check_schedule(facts, pipeline.schedule.alphas_cumprod, str(checkpoint))
-        own = pipeline.state_dict()
-        if "scale_factor" in own:  # the checkpoint's buffer (scale_by_std) or the YAML's value
-            state["scale_factor"] = torch.full_like(own["scale_factor"], model.top["scale_factor"])
-        compvis.load_converted(pipeline, state, str(checkpoint))
+        — (:func:`ldmkit.interop.pipelines.from_compvis`): the EMA weights by default, the
+        paper's DDIM spacing, and for a class-conditional model the last of ``n_classes`` as
+        the null class (``null_class`` another index). A Stable Diffusion v1 checkpoint
+        (``FrozenCLIPEmbedder``) needs ``text_encoder``, a local folder with the CLIP text
+        model's config and tokenizer."""
+        pipeline = pipelines.from_compvis(
+            cls.from_config, checkpoint, config, preset=preset, use_ema=use_ema, null_class=null_class,
+            text_encoder=text_encoder,
+        )  # fmt: skip
         return pipeline.to(device)
 
     @classmethod
@@ -638,15 +370,10 @@ class Pipeline(nn.Module):
         device: str | torch.device = "cpu",
     ) -> Pipeline:
         """A pipeline from a diffusers folder (UNet, KL / VQ autoencoder, scheduler, CLIP text
-        encoder; :mod:`ldmkit.interop.diffusers_format`). ``text_encoder_dir`` holds the CLIP
-        config and tokenizer (``text_encoder/``, ``tokenizer/``) when not ``directory``."""
-        from ldmkit.interop import diffusers_format
-
-        cfg, state, scale = diffusers_format.read_diffusers(directory, text_encoder_dir=text_encoder_dir)
-        pipeline = cls.from_config(cfg)
-        state = diffusers_format.fit_state(state, pipeline.state_dict(), scale)
-        compvis.load_converted(pipeline, state, str(directory))
-        return pipeline.to(device)
+        encoder; :func:`ldmkit.interop.pipelines.from_diffusers`). ``text_encoder_dir`` holds
+        the CLIP config and tokenizer (``text_encoder/``, ``tokenizer/``) when not
+        ``directory``."""
+        return pipelines.from_diffusers(cls.from_config, directory, text_encoder_dir=text_encoder_dir).to(device)
 
     def to_diffusers(self, directory: str | Path) -> Path:
         """Write this pipeline as a diffusers folder (:mod:`ldmkit.interop.diffusers_format`)."""
@@ -770,17 +497,6 @@ def _not_tied(module: nn.Module, missing: Sequence[str], loaded: Iterable[str]) 
 
     loaded_at = {where(name) for name in loaded if name in state}
     return [name for name in missing if where(name) not in loaded_at]
-
-
-class SampleArgumentError(LdmkitError, ValueError):
-    """An argument of :meth:`Pipeline.sample` that cannot be used (the message names it)."""
-
-
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    h, w = (int(v) for v in size)
-    return h, w
 
 
 def _rows(value: Any, rows: slice, n: int) -> Any:

@@ -196,6 +196,11 @@ class Registry:
             f"{', '.join(names)} (from {provider})" for provider, names in by_provider.items()
         )
 
+    def name_of(self, kind: str, factory: Any) -> str | None:
+        """The name ``factory`` is registered under as a ``kind`` (the first, sorted, of
+        several), or None."""
+        return next((n for n, e in sorted(self._entries[kind].items()) if e.factory is factory), None)
+
     def names(self, kind: str) -> list[str]:
         return sorted(self._entries[kind])
 

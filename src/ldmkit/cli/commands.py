@@ -78,21 +78,19 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    for flag, value in (("--strength", args.strength), ("--mask", args.mask)):
-        if value is not None and args.init_image is None:
-            raise CLIError(f"{flag} needs --init-image (the image to start from, or to inpaint)")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.tile_overlap is not None and args.tile is None:
-        raise CLIError("--tile-overlap needs --tile (the tile size in latent pixels)")
-    if args.tile is not None:
-        from ldmkit.tiling import check_tiling
+    from dataclasses import replace
 
-        try:
-            check_tiling(args.tile, args.tile_overlap)
-        except ValueError as err:
-            raise CLIError(str(err).replace("tile_overlap", "--tile-overlap").replace("tile must", "--tile must")) from None
-    _check_sample_numbers(args)
+    from ldmkit.sampling_request import SampleRequest, message
+
+    try:  # the values on their own, before anything is composed or loaded (the image files are read later)
+        request = SampleRequest(
+            num_samples=args.num_samples, guidance_scale=args.guidance_scale, seed=args.seed,
+            size=_sample_size(args, None), init_image=args.init_image, strength=args.strength, mask=args.mask,
+            batch_size=args.batch_size, refine_known=args.refine_known, tile=args.tile, tile_overlap=args.tile_overlap,
+        )  # fmt: skip
+    except LdmkitError as err:
+        raise CLIError(message(err, SAMPLE_FLAGS)) from None
+    _check_labels(args.labels)
     if not args.out.suffix:
         raise CLIError(f"--out names the grid image, e.g. {args.out}.png; got {args.out}")
     overrides = _checkpoint_sampler_overrides(args.checkpoint, args.overrides)
@@ -108,10 +106,8 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from ldmkit.assembly import create_component
     from ldmkit.devices import resolve_device
     from ldmkit.pipeline import Pipeline, build_pipeline
-    from ldmkit.plugins import get_registry
     from ldmkit.sample_io.conditions import (
         SOURCE_KEY,
         load_image,
@@ -138,8 +134,7 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
             pipeline = Pipeline.load(args.checkpoint, device=device)
             sampler_node = _sampler_node(pipeline.config.sampler, cfg.sampler, args.overrides)
             if sampler_node is not None:
-                pipeline.sampler = create_component(get_registry(), "sampler", sampler_node)
-                pipeline.config.sampler = sampler_node
+                pipeline.with_sampler(sampler_node)
         else:
             pipeline = build_pipeline(cfg).to(device)
             print(
@@ -180,14 +175,6 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     elif num_samples is None:
         num_samples = 1 if init_image is not None else 16
 
-    size = None
-    if args.height is not None or args.width is not None:
-        base = args.image_size or pipeline.image_size
-        h, w = args.height or base or args.width, args.width or base or args.height
-        size = (h, w)
-    elif args.image_size is not None:
-        size = (args.image_size, args.image_size)
-
     steps = int(getattr(pipeline.sampler, "steps", 0) * (args.strength or 1.0)) or None
     bar = tqdm(total=None, desc="sampling", disable=args.no_progress, file=sys.stderr)
 
@@ -198,27 +185,13 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
         bar.update(1)
 
     try:
-        images = pipeline.sample(
-            batch,
-            num_samples=num_samples,
-            guidance_scale=args.guidance_scale,
-            seed=args.seed,
-            size=size,
-            init_image=init_image,
-            strength=args.strength,
-            mask=mask,
-            batch_size=args.batch_size,
-            callback=progress,
-            precision=resolved,
-            tile=args.tile,
-            tile_overlap=args.tile_overlap,
-            compile=cfg.get("compile", False),
-            refine_known=args.refine_known,
-        )
+        images = pipeline.sample(replace(
+            request, batch=batch, num_samples=num_samples, size=_sample_size(args, pipeline.image_size),
+            init_image=init_image, mask=mask, callback=progress, precision=resolved, compile=cfg.get("compile", False),
+        ))  # fmt: skip
     except (LdmkitError, ValueError) as err:
         where = "; ".join(f"{flag}={path}" for flag, path in sources.items())
-        message = str(err).replace("(batch_size)", "(--batch-size)").replace("(tile)", "(--tile)")
-        raise CLIError(message + (f" (inputs: {where})" if where else "")) from err
+        raise CLIError(message(err, SAMPLE_FLAGS) + (f" (inputs: {where})" if where else "")) from err
     finally:
         bar.close()
     settings = {
@@ -247,25 +220,28 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     return 0
 
 
-def _check_sample_numbers(args: argparse.Namespace) -> None:
-    """Values argparse's types let through that can only be mistakes."""
-    import math
+# how ldmkit sample's flags name the sampling arguments (ldmkit.sampling_request.message)
+SAMPLE_FLAGS = {
+    "num_samples": "--num-samples", "guidance_scale": "--guidance-scale", "seed": "--seed",
+    "init_image": "--init-image", "strength": "--strength", "mask": "--mask", "batch_size": "--batch-size",
+    "refine_known": "--refine-known", "tile": "--tile", "tile_overlap": "--tile-overlap",
+}  # fmt: skip
 
-    if not math.isfinite(args.guidance_scale) or args.guidance_scale < 0:
-        raise CLIError(
-            f"--guidance-scale must be a number >= 0 (1: no guidance, 0: unconditional), got {args.guidance_scale}"
-        )
-    for flag, value in (("--num-samples", args.num_samples), ("--image-size", args.image_size),
-                        ("--height", args.height), ("--width", args.width)):
-        if value is not None and value < 1:
-            raise CLIError(f"{flag} must be >= 1, got {value}")
-    from ldmkit.demo.form import SEED_LIMIT, whole_number
 
-    whole_number(args.seed, "--seed", 0, SEED_LIMIT - 1)  # the seeds the demo takes
-    if args.labels is not None and not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*,?\s*", args.labels):
-        raise CLIError(
-            f"--labels {args.labels!r}: expected class ids, comma-separated integers >= 0 (e.g. --labels 0,3,7)"
-        )
+def _sample_size(args: argparse.Namespace, trained: int | None) -> tuple[int, int] | int | None:
+    """The size --height, --width and --image-size ask for; one of --height/--width alone
+    keeps the other at --image-size, else the ``trained`` size, else the one given."""
+    if args.height is None and args.width is None:
+        return args.image_size
+    base = args.image_size or trained
+    h = args.height if args.height is not None else base or args.width
+    w = args.width if args.width is not None else base or args.height
+    return h, w
+
+
+def _check_labels(labels: str | None) -> None:
+    if labels is not None and not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*,?\s*", labels):
+        raise CLIError(f"--labels {labels!r}: expected class ids, comma-separated integers >= 0 (e.g. --labels 0,3,7)")
 
 
 def _checkpoint_sampler_overrides(checkpoint: Path | None, overrides: Sequence[str]) -> list[str]:

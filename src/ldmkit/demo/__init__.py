@@ -15,6 +15,6 @@ images with the settings that reproduce them through ``ldmkit sample``.
 Owns the web page. An entry point (layer 6): may import anything in ldmkit.
 """
 
-from ldmkit.demo.form import ConditionField, DemoInputError, SampleRequest, condition_fields
+from ldmkit.demo.form import ConditionField, DemoInputError, PageRequest, condition_fields
 
-__all__ = ["ConditionField", "DemoInputError", "SampleRequest", "condition_fields"]
+__all__ = ["ConditionField", "DemoInputError", "PageRequest", "condition_fields"]

@@ -28,7 +28,7 @@ from ldmkit.demo.form import (  # noqa: E402
     SEED_LIMIT,
     ConditionField,
     DemoInputError,
-    SampleRequest,
+    PageRequest,
     max_side,
     max_upload_bytes,
     too_large,
@@ -173,10 +173,10 @@ def build_demo(session: DemoSession) -> gr.Blocks:
                     elem_id="ldmkit-files",
                 )
 
-        def request_of(values: dict, scratch: Path) -> SampleRequest:
+        def request_of(values: dict, scratch: Path) -> PageRequest:
             image, painted = editor_files(values[init_editor], scratch, "start")
             mask = values[init_mask] or (str(painted) if painted else None)
-            return SampleRequest(
+            return PageRequest(
                 sampler=values[sampler],
                 steps=values[steps],
                 guidance_scale=values[guidance],

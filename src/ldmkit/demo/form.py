@@ -1,29 +1,32 @@
 """What the demo page asks for, and how its answers become one ``Pipeline.sample`` call.
 
 No Gradio here: the page (:mod:`ldmkit.demo.app`) draws one widget per
-:class:`ConditionField` and hands the values to :func:`prepare`, which checks them with
-one-line :class:`DemoInputError` messages and turns them into a batch the way
-``ldmkit sample`` does (the same readers, :mod:`ldmkit.sample_io.conditions`), so that the
-settings a result shows, and the command line that goes with them, reproduce it.
+:class:`ConditionField` and hands the values to :func:`prepare`, which reads them the way
+``ldmkit sample`` does (the same readers, :mod:`ldmkit.sample_io.conditions`) into the
+:class:`~ldmkit.sampling_request.SampleRequest` that checks them (as it checks the command
+line's), with one-line :class:`DemoInputError` messages, so that the settings a result shows,
+and the command line that goes with them, reproduce it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import shlex
 import shutil
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ldmkit.errors import LdmkitError
+from ldmkit.masks import MaskError
+from ldmkit.sampling_request import SEED_LIMIT, SampleArgumentError, SampleRequest, message
 
 MAX_IMAGES = 16  # per request: a shared page must not let one user hold the model for long
 MAX_CHECKS = 2  # input checks running at once (each may decode a few images of max_side² pixels)
-SEED_LIMIT = 2**32  # seeds are drawn (and accepted) in [0, SEED_LIMIT)
 
 
 class DemoInputError(LdmkitError, ValueError):
@@ -160,9 +163,16 @@ def sampler_options() -> list[str]:
 
 # -- one request -----------------------------------------------------------------------------
 
+# how the page names the sampling arguments in messages (ldmkit.sampling_request.message)
+PAGE_NAMES = {
+    "guidance_scale": "guidance scale",
+    "num_samples": "number of images",
+    "init_image": "the start image",
+}
+
 
 @dataclass
-class SampleRequest:
+class PageRequest:
     """The page's values as they arrive (numbers may be floats or None, files are paths)."""
 
     sampler: str
@@ -181,57 +191,35 @@ class SampleRequest:
 
 @dataclass
 class Prepared:
-    """A checked request: what ``Pipeline.sample`` gets, and what the settings record."""
+    """A checked page request: the :class:`~ldmkit.sampling_request.SampleRequest`
+    ``Pipeline.sample`` runs (validated against the pipeline), and what the settings record."""
 
-    batch: dict[str, Any]
-    num_samples: int | None
-    steps: int
-    guidance_scale: float
-    seed: int
-    size: tuple[int, int] | None
-    init_image: Any
-    mask: Any
-    strength: float | None
+    request: SampleRequest
     # "--cond key" / "--init-image" / "--mask" -> the file it read, by its name among the
     # downloads (inputs/KEY.png): a result never shows a path on the server
     sources: dict[str, str]
     kinds: dict[str, str]
     items: list[str]  # the --cond KEY=VALUE items (files by their names, as in sources)
     num_images: int
-
-
-def whole_number(value: Any, name: str, low: int, high: int, *, hint: str = "") -> int:
-    """``value`` as an int in [low, high], or a one-line error naming ``name``."""
-    if value is None or value == "":
-        raise DemoInputError(f"{name} is empty: give a whole number from {low} to {high}{hint}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise DemoInputError(
-            f"{name} must be a whole number from {low} to {high}, got {value!r}"
-        ) from None
-    if not math.isfinite(number) or not number.is_integer() or not low <= number <= high:
-        shown = int(number) if math.isfinite(number) and number.is_integer() else value
-        raise DemoInputError(
-            f"{name} must be a whole number from {low} to {high}{hint}, got {shown}"
-        )
-    return int(number)
+    size: tuple[int, int] | None  # the height and width asked for (None: the default)
 
 
 def prepare(
     pipeline: Any,
-    request: SampleRequest,
+    page: PageRequest,
     *,
     inputs_dir: Path,
     rng: Any = None,
     fields: Sequence[ConditionField] | None = None,
 ) -> Prepared:
-    """Check ``request`` against ``pipeline`` and read its files; copies of the files go to
-    ``inputs_dir`` (offered for download with the result, by the names its command line and
-    settings give them). An image is refused from its header, before it is decoded, when a
-    side is over :func:`max_side`. ``rng`` (a ``random.Random``) draws the seed when
-    ``randomize_seed`` is set; ``fields`` are the pipeline's :func:`condition_fields`, when
-    already known."""
+    """Check the ``page``'s values against ``pipeline`` and read its files; copies of the files
+    go to ``inputs_dir`` (offered for download with the result, by the names its command line
+    and settings give them). The sampling arguments are checked by the
+    :class:`~ldmkit.sampling_request.SampleRequest` they make (as ``ldmkit sample`` checks
+    them), within the page's limits (:data:`MAX_IMAGES` images, :func:`max_side`). An image is
+    refused from its header, before it is decoded, when a side is over :func:`max_side`.
+    ``rng`` (a ``random.Random``) draws the seed when ``randomize_seed`` is set; ``fields``
+    are the pipeline's :func:`condition_fields`, when already known."""
     from ldmkit.sample_io.conditions import (
         SOURCE_KEY,
         ConditionArgumentError,
@@ -241,17 +229,17 @@ def prepare(
         repeat_to,
     )
 
-    timesteps = int(pipeline.schedule.timesteps)
-    steps = whole_number(request.steps, "steps", 1, timesteps)
-    guidance = _guidance(request.guidance_scale)
-    num_images = whole_number(request.num_images, "number of images", 1, MAX_IMAGES)
-    if request.randomize_seed:
+    if page.randomize_seed:
         import random
 
         seed = (rng or random.SystemRandom()).randrange(SEED_LIMIT)
     else:
-        seed = whole_number(request.seed, "seed", 0, SEED_LIMIT - 1)
-    size = _size(pipeline, request.height, request.width)
+        seed = _required(page.seed, "seed")
+    with _page_names():
+        request = SampleRequest(
+            steps=_required(page.steps, "steps"), guidance_scale=page.guidance_scale, seed=seed,
+            num_samples=page.num_images, size=_size(pipeline, page.height, page.width),
+        )  # fmt: skip
     limit = max_side(pipeline)
 
     conditioner = pipeline.conditioner
@@ -263,7 +251,7 @@ def prepare(
     sources: dict[str, str] = {}
     channels = pipeline.first_stage.image_channels
     for key, kind in kinds.items():
-        value = request.conditions.get(key)
+        value = page.conditions.get(key)
         spec = specs[key]
         read = None  # the item as read, where it names a kept file (its path on the server)
         if kind == "class":
@@ -297,9 +285,9 @@ def prepare(
         batch.update(part)
     init_image = mask = None
     try:
-        if request.init_image is not None:
+        if page.init_image is not None:
             path = _keep(
-                Path(request.init_image),
+                Path(page.init_image),
                 inputs_dir,
                 "init_image",
                 uploaded,
@@ -308,73 +296,37 @@ def prepare(
             )
             init_image = load_image(path, channels=channels, flag="start image")
             sources["--init-image"] = path.name
-        if request.mask is not None:
-            if request.init_image is None:
-                raise DemoInputError("a mask needs the image it repaints: upload a start image too")
-            path = _keep(Path(request.mask), inputs_dir, "mask", uploaded, name="mask", limit=limit)
+        if page.mask is not None:
+            path = _keep(Path(page.mask), inputs_dir, "mask", uploaded, name="mask", limit=limit)
             mask = load_mask(path, flag="mask")
             sources["--mask"] = path.name
     except ConditionArgumentError as err:
         raise DemoInputError(_page_message(str(err), uploaded)) from None
-    strength = None
-    if init_image is not None:
-        strength = _strength(request.strength)
-        if mask is not None and tuple(mask.shape[-2:]) != tuple(init_image.shape[-2:]):
-            h, w = init_image.shape[-2:]
-            raise DemoInputError(
-                f"the mask is {mask.shape[-2]}x{mask.shape[-1]} but the start image is {h}x{w}: "
-                "they must have one size"
-            )
-        if size is not None and size != tuple(init_image.shape[-2:]):
-            raise DemoInputError(
-                f"size {size[0]}x{size[1]} differs from the start image's "
-                f"{init_image.shape[-2]}x{init_image.shape[-1]}: leave height and width empty"
-            )
-    num_samples: int | None = num_images
-    if conditioner.input_keys:
-        batch = repeat_to(batch, conditioner.input_keys, num_images)
-        num_samples = None
-    return Prepared(
-        batch=batch,
-        num_samples=num_samples,
-        steps=steps,
-        guidance_scale=guidance,
-        seed=seed,
-        size=size,
-        init_image=init_image,
-        mask=mask,
-        strength=strength,
-        sources=sources,
-        kinds=kinds,
-        items=items,
-        num_images=num_images,
-    )
+    if conditioner.input_keys:  # one condition for every image
+        batch = repeat_to(batch, conditioner.input_keys, request.num_samples)
+    asked = request.size
+    with _page_names():
+        request = replace(
+            request, batch=batch, init_image=init_image, mask=mask,
+            strength=page.strength if init_image is not None else None,
+        ).validate(pipeline, max_samples=MAX_IMAGES, max_side=limit)  # fmt: skip
+    return Prepared(request, sources, kinds, items, num_images=request.num_samples, size=asked)
 
 
-def _guidance(value: Any) -> float:
+@contextlib.contextmanager
+def _page_names() -> Iterator[None]:
+    """A refused sampling argument as a :class:`DemoInputError`, named as the page names it."""
     try:
-        scale = float(value)
-    except (TypeError, ValueError):
-        raise DemoInputError(f"guidance scale must be a number >= 0, got {value!r}") from None
-    if not math.isfinite(scale) or scale < 0:
-        raise DemoInputError(
-            f"guidance scale must be a number >= 0 (1: no guidance, 0: unconditional), got {value}"
-        )
-    return scale
+        yield
+    except (SampleArgumentError, MaskError) as err:
+        raise DemoInputError(message(err, PAGE_NAMES)) from None
 
 
-def _strength(value: Any) -> float:
-    if value is None:
-        return 1.0
-    try:
-        strength = float(value)
-    except (TypeError, ValueError):
-        strength = float("nan")
-    if not 0.0 < strength <= 1.0:
-        raise DemoInputError(
-            f"strength must be in (0, 1] (the share of the steps run from the start image), got {value}"
-        )
-    return strength
+def _required(value: Any, name: str) -> Any:
+    """A field the page needs (empty is not "the default" there)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DemoInputError(f"{name} is empty: give a whole number")
+    return value
 
 
 def max_side(pipeline: Any) -> int:
@@ -413,26 +365,20 @@ def _check_size(path: Path, name: str, limit: int) -> None:
         raise DemoInputError(too_large(name, limit, (height, width)))
 
 
-def _size(pipeline: Any, height: Any, width: Any) -> tuple[int, int] | None:
-    """``(h, w)``, or None when both are empty or 0 (the pipeline's size, or its inputs')."""
+def _size(pipeline: Any, height: Any, width: Any) -> tuple[Any, Any] | None:
+    """``(h, w)`` as given (the request checks them), or None when both are empty or 0 (the
+    pipeline's size, or its inputs'); one empty side is the trained size."""
     if _unset(height) and _unset(width):
         return None
-    f = int(pipeline.first_stage.downsample_factor)
     base = int(pipeline.image_size) if pipeline.image_size else None
-    limit = max_side(pipeline)
-    out = []
+    sides = []
     for name, value in (("height", height), ("width", width)):
         if _unset(value):
             if base is None:
                 raise DemoInputError(f"{name} is empty: give both height and width, or neither")
             value = base
-        side = whole_number(value, name, f, limit, hint=f" (a multiple of {f})")
-        if side % f:
-            raise DemoInputError(
-                f"{name} must be a multiple of the first stage's factor {f} from {f} to {limit}, got {side}"
-            )
-        out.append(side)
-    return out[0], out[1]
+        sides.append(value)
+    return sides[0], sides[1]
 
 
 def _unset(value: Any) -> bool:
@@ -499,20 +445,20 @@ def settings(
     """The settings ``ldmkit sample`` writes for the same request (same keys, same values)."""
     from ldmkit.sample_io.samples import condition_settings
 
-    p = prepared
+    p, r = prepared, prepared.request
     return {
         "checkpoint": str(checkpoint),
         "sampler": dict(sampler),
-        "guidance_scale": p.guidance_scale,
-        "seed": p.seed,
+        "guidance_scale": r.guidance_scale,
+        "seed": r.seed,
         "num_samples": int(images.shape[0]),
         "batch_size": None,
         "size": [int(images.shape[-2]), int(images.shape[-1])],
         "init_image": p.sources.get("--init-image"),
-        "strength": p.strength,
+        "strength": r.strength,
         "mask": p.sources.get("--mask"),
         "refine_known": 0,  # the page does not offer it (ldmkit sample --refine-known)
-        "conditions": condition_settings(p.batch, p.kinds, p.sources),
+        "conditions": condition_settings(r.batch, p.kinds, p.sources),
         "overrides": list(overrides),
         "device": str(device),
         "precision": precision,
@@ -533,16 +479,16 @@ def command_line(
     """The ``ldmkit sample`` command that reproduces a result (on the same kind of machine:
     the precision ``auto`` picks, and so the last bits, depend on the hardware), run where
     the result's inputs were downloaded to: it names them as the downloads do."""
-    p = prepared
+    p, r = prepared, prepared.request
     words = ["ldmkit", "sample", "--checkpoint", str(checkpoint), *overrides]
     for item in p.items:
         words += ["--cond", item]
-    words += ["--num-samples", str(p.num_images), "--guidance-scale", repr(p.guidance_scale)]
-    words += ["--seed", str(p.seed)]
+    words += ["--num-samples", str(p.num_images), "--guidance-scale", repr(r.guidance_scale)]
+    words += ["--seed", str(r.seed)]
     if p.size is not None:
         words += ["--height", str(p.size[0]), "--width", str(p.size[1])]
     if "--init-image" in p.sources:
-        words += ["--init-image", p.sources["--init-image"], "--strength", repr(p.strength)]
+        words += ["--init-image", p.sources["--init-image"], "--strength", repr(r.strength)]
     if "--mask" in p.sources:
         words += ["--mask", p.sources["--mask"]]
     words += ["--device", str(device), "--out", out]
@@ -551,9 +497,9 @@ def command_line(
 
 def caption(prepared: Prepared, fields: Sequence[ConditionField], index: int) -> str:
     """A gallery caption: the image's seed and its class or prompt."""
-    parts = [f"seed {prepared.seed + index}"]
+    parts = [f"seed {prepared.request.seed + index}"]
     for spec in fields:
-        value = prepared.batch.get(spec.key)
+        value = prepared.request.batch.get(spec.key)
         if value is None or spec.kind not in ("class", "text"):
             continue
         item = value[index]

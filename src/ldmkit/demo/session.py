@@ -1,6 +1,6 @@
 """One loaded pipeline serving requests one at a time (no Gradio here).
 
-:meth:`DemoSession.generate` checks a :class:`~ldmkit.demo.form.SampleRequest`, runs
+:meth:`DemoSession.generate` checks a :class:`~ldmkit.demo.form.PageRequest`, runs
 ``Pipeline.sample`` in a worker thread and yields :class:`Step` events (with a decoded
 preview of the current x0 prediction every few steps), then one :class:`Result`: the images
 written the way ``ldmkit sample`` writes them (``<run>/samples.png``, ``<run>/samples/NNNNNN.png``
@@ -17,16 +17,17 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ldmkit.demo.form import (
+    PAGE_NAMES,
     DemoInputError,
+    PageRequest,
     Prepared,
-    SampleRequest,
     caption,
     command_line,
     condition_fields,
@@ -35,6 +36,7 @@ from ldmkit.demo.form import (
     settings,
 )
 from ldmkit.errors import LdmkitError
+from ldmkit.sampling_request import message
 
 KEEP_RUNS = 64  # result folders kept on disk; the least recently written are deleted
 PREVIEWS = 8  # about this many previews per request
@@ -109,8 +111,8 @@ class SamplerChoices:
     def default_steps(self, name: str) -> int:
         return int(self.node(name).get("steps", 50))
 
-    def build(self, name: str, steps: int) -> tuple[Any, Any, list[str]]:
-        """``(sampler, its config node, the overrides that select it on the command line)``."""
+    def build(self, name: str, steps: int) -> tuple[Any, list[str]]:
+        """``(sampler, the overrides that select it on the command line)``."""
         from ldmkit.assembly import create_component
         from ldmkit.plugins import get_registry
 
@@ -122,7 +124,7 @@ class SamplerChoices:
             sampler = create_component(get_registry(), "sampler", node, f"sampler={name}")
         except LdmkitError as err:
             raise DemoInputError(str(err)) from None
-        return sampler, node, overrides
+        return sampler, overrides
 
 
 class DemoSession:
@@ -142,17 +144,17 @@ class DemoSession:
         self.samplers = SamplerChoices(pipeline)
         self._lock = threading.Lock()  # one sampling at a time, whatever the page's queue does
 
-    def check(self, request: SampleRequest) -> None:
+    def check(self, page: PageRequest) -> None:
         """Raise :class:`DemoInputError` for what :meth:`generate` would refuse before sampling
         (the inputs and the sampler), without sampling or keeping anything."""
         with tempfile.TemporaryDirectory(prefix="check-", dir=_mkdir(self.results_dir)) as scratch:
             prepared = prepare(
-                self.pipeline, request, inputs_dir=Path(scratch) / "inputs", fields=self.fields
+                self.pipeline, page, inputs_dir=Path(scratch) / "inputs", fields=self.fields
             )
-        self.samplers.build(request.sampler, prepared.steps)
+        self.samplers.build(page.sampler, prepared.request.steps)
 
     def generate(
-        self, request: SampleRequest, cancel: threading.Event | None = None
+        self, page: PageRequest, cancel: threading.Event | None = None
     ) -> Iterator[Step | Result]:
         """Check ``request``, sample, write the results; yields :class:`Step` events, then one
         :class:`Result`. Bad input raises :class:`DemoInputError` before anything runs; a
@@ -162,12 +164,10 @@ class DemoSession:
             run_dir = self._new_run_dir()
             try:
                 prepared = prepare(
-                    self.pipeline, request, inputs_dir=run_dir / "inputs", fields=self.fields
+                    self.pipeline, page, inputs_dir=run_dir / "inputs", fields=self.fields
                 )
-                sampler, node, overrides = self.samplers.build(request.sampler, prepared.steps)
-                self.pipeline.sampler = sampler
-                if self.pipeline.config is not None:
-                    self.pipeline.config.sampler = node
+                sampler, overrides = self.samplers.build(page.sampler, prepared.request.steps)
+                self.pipeline.with_sampler(sampler)
                 images = yield from self._sample(prepared, cancel)
             except BaseException:
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -176,13 +176,13 @@ class DemoSession:
 
     # -- sampling in a worker thread ---------------------------------------------------------
     def _total_steps(self, prepared: Prepared) -> int:
-        sampler = self.pipeline.sampler
+        sampler, request = self.pipeline.sampler, prepared.request
         try:
-            total = len(sampler.timesteps(self.pipeline.schedule, prepared.steps))
+            total = len(sampler.timesteps(self.pipeline.schedule, request.steps))
         except Exception:  # a sampler without a step plan
-            total = prepared.steps
-        if prepared.init_image is not None and prepared.strength is not None:
-            total = int(total * prepared.strength)
+            total = request.steps
+        if request.init_image is not None and request.strength is not None:
+            total = int(total * request.strength)
         return max(total, 1)
 
     def _sample(self, prepared: Prepared, cancel: threading.Event):
@@ -204,16 +204,7 @@ class DemoSession:
         def work() -> None:
             try:
                 images = pipeline.sample(
-                    prepared.batch,
-                    num_samples=prepared.num_samples,
-                    guidance_scale=prepared.guidance_scale,
-                    seed=prepared.seed,
-                    size=prepared.size,
-                    init_image=prepared.init_image,
-                    strength=prepared.strength,
-                    mask=prepared.mask,
-                    callback=callback,
-                    precision=self.precision,
+                    replace(prepared.request, callback=callback, precision=self.precision)
                 )
                 events.put(("done", images))
             except BaseException as err:  # handed to the generator, which raises it there
@@ -232,8 +223,7 @@ class DemoSession:
                 if kind == "done":
                     return value
                 if isinstance(value, (LdmkitError, ValueError, FileNotFoundError)):
-                    message = str(value).replace("\n", " ")
-                    raise DemoInputError(message) from None
+                    raise DemoInputError(message(value, PAGE_NAMES)) from None
                 raise value
         finally:
             cancel.set()  # the page went away (or we are done): stop at the next step
@@ -274,7 +264,7 @@ class DemoSession:
             out,
             record,
             conditioner=self.pipeline.conditioner,
-            batch=prepared.batch,
+            batch=prepared.request.batch,
             kinds=prepared.kinds,
         )
         record = json.loads(written["settings"].read_text())

@@ -147,6 +147,7 @@ class _SpacedSampler(Sampler):
     """
 
     supports_mask = True
+    supports_init = True
     default_spacing = "linspace"
     spacings: dict[str, str] = SPACINGS  #: the ``spacing`` options this kind of sampler takes
 

@@ -4,6 +4,7 @@ Owns the contracts plugins implement. May import the foundation and ``diffusion`
 (the schedule a sampler receives); never plugins, configs, training or the pipeline.
 """
 
+from ldmkit.interfaces.component import Component
 from ldmkit.interfaces.conditioner import (
     CONDITION_ROLES,
     INPUT_KINDS,
@@ -28,6 +29,7 @@ __all__ = [
     "MissingConditionError",
     "PREDICTIONS",
     "Callback",
+    "Component",
     "Conditioner",
     "DenoiseFn",
     "Denoiser",

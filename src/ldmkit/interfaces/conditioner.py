@@ -70,6 +70,7 @@ import torch
 from torch import Tensor, nn
 
 from ldmkit.errors import LdmkitError
+from ldmkit.interfaces.component import Component
 
 CONDITION_ROLES = ("crossattn", "concat", "vector")
 INPUT_KINDS = ("class", "text", "image", "segmentation", "mask", "tokens")
@@ -82,7 +83,7 @@ class MissingConditionError(LdmkitError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class Conditioner(nn.Module, abc.ABC):
+class Conditioner(nn.Module, Component, abc.ABC):
     """tau_theta: batch -> ``{"crossattn": B×M×d, "concat": B×C×h×w, "vector": B×d}``.
 
     Set the dims of the roles you return in ``__init__``; leave the others None.

@@ -42,10 +42,12 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from ldmkit.interfaces.component import Component
+
 PREDICTIONS = ("eps", "x0", "v")
 
 
-class Denoiser(nn.Module, abc.ABC):
+class Denoiser(nn.Module, Component, abc.ABC):
     """Time- and condition-dependent network of the reverse process."""
 
     prediction: str = "eps"

@@ -39,8 +39,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ldmkit.interfaces.component import Component
 
-class FirstStage(nn.Module, abc.ABC):
+
+class FirstStage(nn.Module, Component, abc.ABC):
     """Autoencoder used as the first stage of a latent diffusion model.
 
     Implementations set, in ``__init__``:

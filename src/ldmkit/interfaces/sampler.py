@@ -50,6 +50,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from ldmkit.interfaces.component import Component
+
 if TYPE_CHECKING:
     from ldmkit.diffusion.schedule import NoiseSchedule
 
@@ -57,15 +59,23 @@ DenoiseFn = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict[str, Any]], None]
 
 
-class Sampler(abc.ABC):
+class Sampler(Component, abc.ABC):
     """A reverse-process algorithm. Not a module: it holds no weights.
 
-    ``supports_mask`` says whether ``sample`` honours ``mask``/``known``
-    (inpainting: where ``mask`` is 1 the result is generated, where it is 0 the
-    result equals ``known``, re-noised to each step's level while sampling).
+    What ``sample`` honours beyond the plain reverse process is declared, so that
+    ``Pipeline.sample`` refuses a request the sampler would ignore, before it runs:
+
+    * ``supports_mask``: ``mask``/``known`` (inpainting: where ``mask`` is 1 the result is
+      generated, where it is 0 the result equals ``known``, re-noised to each step's level
+      while sampling);
+    * ``supports_init``: ``init``/``strength`` (img2img: start from a noised clean latent).
+
+    Both are False here and True on the bases :class:`ldmkit.diffusion.DiscreteSampler` and
+    :class:`ldmkit.diffusion.SigmaSampler`, which implement them.
     """
 
     supports_mask: bool = False
+    supports_init: bool = False
 
     def __init__(self, *, steps: int = 50) -> None:
         if steps < 1:

@@ -27,6 +27,7 @@ from ldmkit.compiling import compile_module
 from ldmkit.diffusion.objective import DiffusionObjective, scale_factor_from_latents
 from ldmkit.ema import EMA
 from ldmkit.interfaces import Conditioner
+from ldmkit.sampling_request import SEED_LIMIT
 from ldmkit.training.batches import batch_images
 from ldmkit.training.defaults import stage_only_keys
 from ldmkit.training.distributed import broadcast_tensor
@@ -309,7 +310,7 @@ class LDMTrainer(Trainer):
             images = self.pipeline.sample(
                 cond_batch, num_samples=None if cond_batch else n, steps=int(self.opts["sample_steps"]),
                 guidance_scale=float(self.opts["guidance_scale"]) if guided else 1.0,
-                seed=int(self.cfg.get("seed", 0)), image_size=int(image_size), precision=self.precision,
+                seed=int(self.cfg.get("seed", 0)) % SEED_LIMIT, image_size=int(image_size), precision=self.precision,
             )
         tiles, per_row = samples_with_conditions(images, conditioner, cond_batch)
         grid = make_grid(tiles, nrow=per_row or image_grid_rows(n), padding=2)
