@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from ldmkit.cli import commands
-from ldmkit.cli.commands import CLIError
+from ldmkit.cli import sample as sample_command
+from ldmkit.cli.common import CLIError
 
 
 def printed(capsys, *overrides: str) -> str:
     assert (
-        commands.sample([*overrides, "--print-config"], prog="ldmkit sample", description="") == 0
+        sample_command.sample([*overrides, "--print-config"], prog="ldmkit sample", description="") == 0
     )
     return capsys.readouterr().out
 

@@ -70,7 +70,7 @@ def test_the_cli_and_the_demo_refuse_a_bad_argument_with_one_text(
 ):
     """The text is the request's, checked once: the CLI and the page only write the names of the
     arguments their way (``--strength``, ``the start image``)."""
-    from ldmkit.cli.commands import SAMPLE_FLAGS
+    from ldmkit.cli.sample import SAMPLE_FLAGS
     from ldmkit.demo.form import PAGE_NAMES, DemoInputError, PageRequest, prepare
 
     pipeline = Pipeline.load(checkpoint / "pipeline")

@@ -10,7 +10,7 @@ Owns the argument parsing and the one-line error reporting of every subcommand. 
 anything in ldmkit (it is an entry point, layer 6 in docs/architecture.md); nothing imports it
 except ``ldmkit.__main__`` and ``ldmkit.demo``.
 
-One module per subcommand (``train`` holds ``evaluate`` too; ``commands`` holds ``sample``),
+One module per subcommand (``train`` holds ``evaluate`` too),
 what they share in ``common``. ``SUBCOMMANDS`` names each handler through its module, so
 that ``ldmkit.cli.train`` & co. stay modules, not the functions of the same name.
 """
@@ -21,13 +21,13 @@ import errno
 import sys
 from collections.abc import Sequence
 
-from ldmkit.cli import commands, common, convert, data, demo, plugins, train
+from ldmkit.cli import common, convert, data, demo, plugins, sample, train
 from ldmkit.errors import LdmkitError
 from ldmkit.io import as_write_error
 
 SUBCOMMANDS = {
     "train": (train.train, "train a stage (stage=autoencoder | ldm | a plugin's; `ldmkit plugins` lists them) from Hydra overrides"),
-    "sample": (commands.sample, "sample images into a PNG grid"),
+    "sample": (sample.sample, "sample images into a PNG grid"),
     "evaluate": (train.evaluate, "evaluate a trained model and write JSON metrics"),
     "data": (data.data, "prepare and inspect datasets (webdataset shards)"),
     "plugins": (plugins.plugins, "list installed plugins and what they register"),

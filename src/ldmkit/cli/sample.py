@@ -1,5 +1,5 @@
-"""``ldmkit sample``. (The other subcommands have a module each: ``train``, ``data``, ``demo``,
-``convert``, ``plugins``; what they share is in ``common``.)"""
+"""``ldmkit sample``. (Each subcommand has a module: ``train``, ``data``, ``demo``, ``convert``,
+``plugins``; what they share is in ``common``.)"""
 
 from __future__ import annotations
 
