@@ -40,6 +40,7 @@ __all__ = [
     "meta_build_bytes",
     "meta_peak_bytes",
     "resolve_device",
+    "sampling_device",
 ]
 
 
@@ -102,6 +103,15 @@ def resolve_device(name: str | torch.device | None, key: str = "device") -> torc
 
 
 # -- memory ---------------------------------------------------------------------------------
+def sampling_device(name: str, flag: str = "--device") -> str:
+    """The device ``ldmkit sample`` and ``ldmkit demo`` run on, as they record it: ``auto`` is
+    ``cuda`` when available, else ``cpu``; any other name must be a device of this machine
+    (:func:`resolve_device`, whose error names ``flag``)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve_device(name, flag))
+
+
 def format_bytes(n: float) -> str:
     """``1.2 GB`` (powers of 1000, as disks and ``free -h --si`` count)."""
     for unit in ("bytes", "kB", "MB", "GB", "TB", "PB", "EB"):

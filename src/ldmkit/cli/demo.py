@@ -27,13 +27,6 @@ def demo(argv: Sequence[str], *, prog: str, description: str) -> int:
     if args.queue_size < 1:
         raise CLIError(f"--queue-size must be >= 1, got {args.queue_size}")
     from ldmkit.demo.server import serve
-    from ldmkit.devices import resolve_device
-
-    if args.device != "auto":
-        try:
-            resolve_device(args.device, "--device")  # one that exists here, before Gradio loads
-        except LdmkitError as err:
-            raise CLIError(str(err)) from None
     try:
         return serve(checkpoint=args.checkpoint, host=args.host, port=args.port,
                      queue_size=args.queue_size, device=args.device)

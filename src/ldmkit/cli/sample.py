@@ -103,10 +103,9 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     check_writable(args.out)
     check_writable(args.out.parent / args.out.stem / "000000.png")
 
-    import torch
     from tqdm.auto import tqdm
 
-    from ldmkit.devices import resolve_device
+    from ldmkit.devices import sampling_device
     from ldmkit.pipeline import Pipeline, build_pipeline
     from ldmkit.sample_io.conditions import (
         SOURCE_KEY,
@@ -116,10 +115,7 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
         repeat_to,
     )
 
-    if args.device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    else:
-        device = str(resolve_device(args.device, "--device"))  # one that exists here
+    device = sampling_device(args.device)  # one that exists here
     from ldmkit import precision as _precision
 
     try:

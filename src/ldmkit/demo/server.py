@@ -26,12 +26,14 @@ def serve(*, checkpoint: Path, host: str, port: int, queue_size: int, device: st
     """Load ``checkpoint`` and serve its page until interrupted (Ctrl-C or SIGTERM). Without
     Gradio, raises ``ModuleNotFoundError`` (name ``gradio``) before loading anything. Sets
     PIL's image size limit for the rest of the process."""
+    from ldmkit.devices import sampling_device
+
+    device = sampling_device(device)  # one that exists here, before Gradio loads
     with (
         _sigterm_interrupts(),
         tempfile.TemporaryDirectory(prefix="ldmkit-demo-") as results,
         _environ("GRADIO_TEMP_DIR", str(Path(results) / "gradio")),
     ):
-        import torch
         from PIL import Image
 
         from ldmkit.demo import app  # imports Gradio
@@ -39,7 +41,6 @@ def serve(*, checkpoint: Path, host: str, port: int, queue_size: int, device: st
         from ldmkit.demo.session import DemoSession
         from ldmkit.pipeline import Pipeline
 
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         pipeline = Pipeline.load(checkpoint, device=device)
         # no image of more pixels than the page takes (max_side²) is decoded, here or in
         # Gradio: PIL refuses it from its header, and the page says so in one line
