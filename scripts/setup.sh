@@ -65,7 +65,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     }
     log "installing torch==2.14.1 torchvision==0.29.1"
     pip_install torch==2.14.1 torchvision==0.29.1
-    editable=(-e "$ROOT[test,text,logging,demo]")
+    editable=(-e "$ROOT[test,text,logging,demo,lora]")
     for plugin in "$ROOT"/plugins/*/; do
         [ -f "$plugin/pyproject.toml" ] && editable+=(-e "$plugin")
     done
