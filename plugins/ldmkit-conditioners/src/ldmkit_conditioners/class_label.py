@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +24,10 @@ class ClassLabelConditioner(Conditioner):
       ``null_index=0`` the real labels are 1..num_classes).
     * ``role="vector"``: a one-hot B×num_classes vector for a denoiser with a class
       embedding of its own (adm style, UNet ``num_classes``); unconditional is all zeros.
+
+    ``class_names`` (optional, one per class in label order; ``experiment=folder_class`` reads
+    them from the dataset's manifest) travel with the pipeline's config so that labels can be
+    given by name (``ldmkit sample --labels sandal,bag``, :meth:`label_index`).
     """
 
     def __init__(
@@ -34,6 +38,7 @@ class ClassLabelConditioner(Conditioner):
         role: str = "crossattn",
         input_key: str = "label",
         null_index: int | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if role not in ROLES:
@@ -45,6 +50,14 @@ class ClassLabelConditioner(Conditioner):
                 f"null_index={null_index!r} must be in [0, {num_classes}] and needs role='crossattn' "
                 "(a vector condition's null is all zeros)"
             )
+        if class_names is not None:
+            class_names = [str(name) for name in class_names]
+            if len(class_names) != num_classes or len(set(class_names)) != num_classes:
+                raise ValueError(
+                    f"class_names must name each of the {num_classes} classes once; got "
+                    f"{len(class_names)} names ({len(set(class_names))} different)"
+                )
+        self.class_names: list[str] | None = class_names
         self.num_classes, self.role, self.input_key = num_classes, role, input_key
         self.null_index = num_classes if null_index is None else int(null_index)
         self.input_keys = (input_key,)
@@ -71,6 +84,23 @@ class ClassLabelConditioner(Conditioner):
                 f"got min {int(labels.min())}, max {int(labels.max())}"
             )
         return labels.reshape(-1)
+
+    def label_index(self, label: int | str) -> int:
+        """The class index of ``label``: an index, or one of :attr:`class_names`."""
+        if isinstance(label, str) and not label.strip().lstrip("-").isdigit():
+            if self.class_names is None:
+                raise ValueError(
+                    f"class label {label!r} is a name, but this conditioner has no class_names "
+                    f"(give an index in [0, {self.num_classes}))"
+                )
+            if label not in self.class_names:
+                known = ", ".join(self.class_names[:20])
+                raise ValueError(f"unknown class name {label!r}; the classes are: {known}")
+            return self.class_names.index(label)
+        index = int(label)
+        if not 0 <= index < self.num_classes:
+            raise ValueError(f"class label {index} is not in [0, {self.num_classes})")
+        return index
 
     def _device(self) -> torch.device:
         return self._anchor.device
