@@ -16,6 +16,8 @@ from ldmkit.compiling import compile_module
 from ldmkit.training.batches import batch_images, to_unit
 from ldmkit.training.defaults import stage_only_keys
 from ldmkit.training.engine import TRAINER_DEFAULTS, Trainer, TrainingError
+from ldmkit.training.freezing import apply_patterns, print_selection
+from ldmkit.training.init_from import initialize, print_report
 
 __all__ = ["AutoencoderTrainer", "batch_images", "build_first_stage", "to_unit", "train_autoencoder"]
 
@@ -54,13 +56,27 @@ class AutoencoderTrainer(Trainer):
         if unknown:
             warnings.warn(f"trainer option(s) {unknown} are not used by stage=autoencoder", stacklevel=2)
         self.first_stage = build_first_stage(cfg).to(self.device)
-        params = [p for p in self.first_stage.parameters() if p.requires_grad]
-        if not params:
+        if not any(p.requires_grad for p in self.first_stage.parameters()):
             raise TrainingError(
                 f"first_stage {cfg.first_stage.get('name')!r} has no trainable parameters; "
                 f"choose a trainable first stage (e.g. first_stage=kl_f4_small)"
             )
         self.loss = build_autoencoder_loss(options.get("loss") or {}, self.first_stage).to(self.device)
+        # trainer.init_from (a fresh run only), then trainer.trainable / trainer.frozen over the
+        # checkpoint's names: first_stage.*, loss.logvar, loss.discriminator.*
+        init = initialize(self, {"first_stage": self.first_stage, "loss": self.loss})
+        named = [*self.first_stage.named_parameters(prefix="first_stage"), *self.loss.named_parameters(prefix="loss")]
+        selection = apply_patterns(named, options.get("trainable"), options.get("frozen"), what="stage=autoencoder")
+        params = [p for p in self.first_stage.parameters() if p.requires_grad]
+        discriminator = [p for p in self.loss.discriminator.parameters() if p.requires_grad]
+        if not params or not discriminator:
+            raise TrainingError(
+                f"trainer.trainable/trainer.frozen leave nothing of the "
+                f"{'first stage' if not params else 'discriminator (loss.discriminator.*)'} to train"
+            )
+        if init is not None:
+            print_report(self, *init, ["the optimizers and the step counter start fresh"])
+        print_selection(selection, self)
         compile_module(
             self.first_stage, options.get("compile"), device=self.device,
             backend=str(options.get("compile_backend") or "inductor"), key="trainer.compile",
@@ -71,7 +87,7 @@ class AutoencoderTrainer(Trainer):
         self.opt_ae = torch.optim.Adam(params + self.loss.generator_parameters(), lr=lr, betas=betas)
         disc_lr = options.get("disc_lr")
         self.opt_disc = torch.optim.Adam(
-            self.loss.discriminator.parameters(), lr=float(disc_lr) if disc_lr is not None else lr, betas=betas
+            discriminator, lr=float(disc_lr) if disc_lr is not None else lr, betas=betas
         )
 
     def model_modules(self) -> dict[str, nn.Module]:
@@ -106,7 +122,8 @@ class AutoencoderTrainer(Trainer):
         g_loss, logs = self.loss.generator_loss(
             x, rec, reg_loss, global_step=step, last_layer=self.first_stage.last_layer()
         )
-        self.loss.discriminator.requires_grad_(True)
+        for param in self.opt_disc.param_groups[0]["params"]:  # not those trainer.frozen froze
+            param.requires_grad_(True)
         logs = {**reg_logs, **logs}
         self.check_finite("the autoencoder loss", g_loss, logs)
         self.backward(g_loss, self.opt_ae)

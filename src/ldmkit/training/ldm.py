@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from torch import Tensor, nn
 
 from ldmkit.compiling import compile_module
@@ -32,6 +32,8 @@ from ldmkit.training.batches import batch_images
 from ldmkit.training.defaults import stage_only_keys
 from ldmkit.training.distributed import broadcast_tensor
 from ldmkit.training.engine import TRAINER_DEFAULTS, Trainer, TrainingError, TrainingWarning
+from ldmkit.training.freezing import apply_patterns, print_selection
+from ldmkit.training.init_from import InitSource, initialize, print_report
 from ldmkit.training.rng import generator, isolated_rng, preserved_rng, stream_seed
 
 # the stage-2 keys and their defaults: conf/trainer/ldm.yaml (ldmkit.training.defaults)
@@ -84,7 +86,9 @@ class LDMTrainer(Trainer):
         self.pipeline = build_pipeline(cfg).to(self.device)
         first_stage = self.pipeline.first_stage
         first_stage.requires_grad_(False).eval()
-        if cfg.first_stage.get("checkpoint") is None and any(True for _ in first_stage.parameters()):
+        init = initialize(self, self.model_modules())  # trainer.init_from, a fresh run only
+        if (cfg.first_stage.get("checkpoint") is None and not self.options.get("init_from")
+                and any(True for _ in first_stage.parameters())):
             warnings.warn(
                 "first_stage.checkpoint is not set: the latents come from an untrained first stage "
                 "(train one with stage=autoencoder and pass first_stage.checkpoint=<its run_dir>)",
@@ -94,6 +98,8 @@ class LDMTrainer(Trainer):
             self.pipeline.schedule, prediction=self.pipeline.denoiser.prediction, **dict(self.opts["objective"] or {})
         )
         self.step_module = DiffusionStep(self.pipeline.denoiser, self.pipeline.conditioner, objective).to(self.device)
+        selection = apply_patterns(self.step_module.named_parameters(), self.options.get("trainable"),
+                                   self.options.get("frozen"), what="stage=ldm")
         compile_module(
             self.pipeline.denoiser, self.options.get("compile"), device=self.device,
             backend=str(self.options.get("compile_backend") or "inductor"), key="trainer.compile",
@@ -113,6 +119,9 @@ class LDMTrainer(Trainer):
         self.ema = EMA(self.trainable, decay=float(ema["decay"]), warmup=bool(ema["warmup"])) if ema["enabled"] else None
         self.scale = _ScaleFactor(self.pipeline.scale_factor)
         self.scale_by_std = cfg.get("scale_factor") == "scale_by_std"
+        if init is not None:
+            print_report(self, *init, self._carry_scale_factor(init[0]))
+        print_selection(selection, self)
         self.model = self.step_module
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -128,6 +137,20 @@ class LDMTrainer(Trainer):
         self.cache = None
         if self.opts["latent_cache"] and self.data is None:
             self.cache = self._load_cache()  # before the clock starts: not training time
+
+    def _carry_scale_factor(self, source: InitSource) -> list[str]:
+        """The source's scale factor, unless ``scale_factor=scale_by_std`` asks for a new
+        estimate; the report's closing notes."""
+        carried = source.scale_factor
+        if self.scale_by_std:
+            note = "scale_factor: scale_by_std, estimated from the first batch" + (
+                f" (the source's {carried:.6g} is not used)" if carried is not None else "")
+        elif carried is None:
+            note = f"scale_factor: {float(self.pipeline.scale_factor):.6g} from the config (the source has none)"
+        else:
+            self.pipeline.scale_factor.fill_(carried)
+            note = f"scale_factor: {carried:.6g} from the source"
+        return [note, "the optimizer, the step counter and the EMA start fresh"]
 
     # -- state ---------------------------------------------------------------------------
     def model_modules(self) -> dict[str, nn.Module]:
@@ -170,6 +193,8 @@ class LDMTrainer(Trainer):
             "data": OmegaConf.to_container(self.cfg.data, resolve=True),
             "keys": list(self.pipeline.conditioner.data_keys),
         }
+        if self.options.get("init_from"):  # the first stage's weights may come from there
+            parts["init_from"] = str(self.options["init_from"])
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def _load_cache(self):
@@ -329,6 +354,9 @@ class LDMTrainer(Trainer):
     def export_pipeline(self) -> Path:
         """``<run_dir>/pipeline/``: a :class:`Pipeline` folder (EMA weights by default)
         that ``ldmkit sample --checkpoint`` and ``Pipeline.load`` read."""
+        if self.options.get("init_from") and not self.scale_by_std:  # the scale factor it carried
+            with open_dict(self.pipeline.config):
+                self.pipeline.config.scale_factor = float(self.pipeline.scale_factor)
         with self._sampling_weights():
             return self.pipeline.save(self.run_dir / "pipeline", embed_frozen=bool(self.options.get("embed_frozen")))
 

@@ -18,6 +18,7 @@ from ldmkit.config_checks import (
     Device,
     Either,
     Integer,
+    ListOf,
     Number,
     Numbers,
     Spec,
@@ -30,6 +31,13 @@ from ldmkit.precision import PRECISIONS
 __all__ = ["TRAINER_KEYS"]
 
 EVERY = Integer(0, null=True)  # 0 or null: never
+
+
+class Empty(Spec):
+    expected = "an empty list"
+
+    def accepts(self, value: object) -> bool:
+        return isinstance(value, list | tuple) and not value
 
 TRAINER_KEYS: dict[str, Spec] = {
     # both stages (conf/trainer/default.yaml)
@@ -56,6 +64,12 @@ TRAINER_KEYS: dict[str, Spec] = {
     "precision": Choice(*PRECISIONS),
     "compile": COMPILE_OPTION,
     "compile_backend": Text(),
+    "init_from": Text(null=True),
+    "init_strict": Boolean(),
+    "init_preset": Text(null=True),
+    "init_config": Text(null=True),
+    "trainable": Either(Text(null=True), ListOf(Text())),
+    "frozen": Either(Text(), Empty(), ListOf(Text())),
     # stage 1 (conf/trainer/autoencoder.yaml)
     "disc_lr": Number(0, above=True, null=True),
     "betas": Numbers(Number(0, 1), 2),

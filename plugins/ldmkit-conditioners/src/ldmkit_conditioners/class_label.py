@@ -102,6 +102,25 @@ class ClassLabelConditioner(Conditioner):
             raise ValueError(f"class label {index} is not in [0, {self.num_classes})")
         return index
 
+    def adapt_loaded_tensor(self, name: str, source: Tensor, own: Tensor) -> Tensor | None:
+        """``trainer.init_from`` with ``trainer.init_strict=false`` from a table of another
+        class count (:mod:`ldmkit.training.init_from`): the overlapping class rows are kept,
+        the source's null row moves to this table's null row, and the new class rows keep
+        their fresh initialisation. The source's null row is taken to be where this one's is
+        (the last row, or row 0 with ``null_index=0``)."""
+        if name != "embedding.weight" or source.dim() != 2 or source.shape[1] != own.shape[1]:
+            return None
+        if self.null_index not in (0, self.num_classes):
+            return None
+        out = own.detach().clone()
+        shared = min(source.shape[0], own.shape[0]) - 1  # class rows both tables have
+        if self.null_index == 0:
+            out[: shared + 1] = source[: shared + 1]  # the null row, then the classes
+        else:
+            out[:shared] = source[:shared]
+            out[self.null_index] = source[-1]
+        return out
+
     def _device(self) -> torch.device:
         return self._anchor.device
 

@@ -1,0 +1,300 @@
+"""``trainer.init_from``: start a fresh run from trained weights.
+
+The source is detected from the path (:func:`read_source`), read without running code, and
+brought into the pipeline layout (``first_stage.*``, ``denoiser.*``, ``conditioner.*``,
+``scale_factor``; stage 1 also ``loss.*``, the discriminator):
+
+* a pipeline folder (``config.yaml`` + ``model.safetensors``, :meth:`ldmkit.Pipeline.save`);
+* a training run folder: for stage 2 its exported ``pipeline/`` (the EMA weights, what
+  ``ldmkit sample --checkpoint`` reads), else its newest checkpoint; one ``checkpoints/step_N``
+  folder (stage 2: its EMA weights where it has them);
+* the paper's ``.ckpt`` (:meth:`ldmkit.Pipeline.from_compvis` with ``trainer.init_preset`` or
+  ``trainer.init_config``; a first-stage checkpoint for stage 1);
+* a diffusers folder (``model_index.json``, :meth:`ldmkit.Pipeline.from_diffusers`).
+
+:func:`load_components` loads every tensor that fits into the modules the run built from its
+config, and says per component what was loaded, newly initialised (in the model, not in the
+source) and skipped (in the source, not in the model, or another shape). A component with a
+``checkpoint:`` key of its own keeps those weights. With ``trainer.init_strict=false`` a tensor
+of another shape is offered to the module that owns it: a module may define
+``adapt_loaded_tensor(name, source, own) -> Tensor | None`` (``name`` relative to it) to keep
+the part that fits (``class_label``'s embedding keeps the overlapping class rows and its null
+row); otherwise the tensor keeps its fresh initialisation and is reported as skipped.
+
+Only a fresh run is initialised: a run that resumes takes its weights from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ldmkit import frozen
+from ldmkit.checkpoint_layout import (
+    MODEL_FILE,
+    TRAINING_FILE,
+    Checkpoint,
+    resolve_checkpoint,
+    unflatten_state,
+)
+from ldmkit.errors import CheckpointError, LdmkitError
+from ldmkit.safetensors_io import read_safetensors
+from ldmkit.training.errors import TrainingError
+
+__all__ = ["ComponentLoad", "InitSource", "initialize", "load_components", "read_source"]
+
+EXPECTED = (
+    "a pipeline folder (config.yaml + model.safetensors), a training run folder or one of its "
+    "checkpoints/step_N folders, a paper .ckpt (with trainer.init_preset or trainer.init_config) "
+    "or a diffusers folder (model_index.json)"
+)
+SHOWN = 5  # names listed per kind in the report
+
+
+@dataclass
+class InitSource:
+    """Weights to start from, in the pipeline layout, and where they come from."""
+
+    path: Path
+    what: str  # e.g. "the run's exported pipeline/ (EMA weights)"
+    weights: dict[str, Tensor]
+    references: dict[str, dict[str, Any]] = field(default_factory=dict)  # frozen.json parts
+    directory: Path | None = None  # where frozen.json was read
+
+    @property
+    def scale_factor(self) -> float | None:
+        value = self.weights.get("scale_factor")
+        return None if value is None else float(value)
+
+
+@dataclass
+class ComponentLoad:
+    """What :func:`load_components` did with one component."""
+
+    name: str
+    loaded: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)  # partly copied by adapt_loaded_tensor
+    new: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # with the reason
+    kept: str | None = None  # its own checkpoint: key, not loaded from the source
+
+    def line(self) -> str:
+        if self.kept:
+            return f"  {self.name}: not loaded (its own {self.kept} is kept)"
+        parts = [f"{len(self.loaded)} loaded"]
+        if self.resized:
+            parts.append(f"{len(self.resized)} resized {_names(self.resized)}")
+        parts.append(f"{len(self.new)} new" + (f" {_names(self.new)}" if self.new else ""))
+        parts.append(f"{len(self.skipped)} skipped" + (f" {_names(self.skipped)}" if self.skipped else ""))
+        return f"  {self.name}: " + ", ".join(parts)
+
+
+def _names(names: list[str]) -> str:
+    more = f", ... {len(names) - SHOWN} more" if len(names) > SHOWN else ""
+    return "(" + ", ".join(names[:SHOWN]) + more + ")"
+
+
+def _shape(tensor: Tensor) -> list[int]:
+    return list(tensor.shape)
+
+
+# -- reading a source -----------------------------------------------------------------------
+def _missing(path: Path, problem: str) -> TrainingError:
+    return TrainingError(f"trainer.init_from={path} {problem}; expected {EXPECTED}")
+
+
+def read_source(
+    path: str | Path, *, stage: str, preset: str | None = None, config: str | Path | None = None
+) -> InitSource:
+    """The weights at ``path`` (see the module docstring) for a run of ``stage``."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise _missing(path, "does not exist")
+    try:
+        if path.is_file():
+            from ldmkit.weights import PICKLE_SUFFIXES
+
+            if path.suffix not in PICKLE_SUFFIXES:
+                raise _missing(path, "is a file but not a checkpoint (.ckpt, .pt, .pth, .bin)")
+            return _compvis(path, preset, config)
+        if (path / "model_index.json").is_file():
+            from ldmkit.pipeline import Pipeline
+
+            state = Pipeline.from_diffusers(path).state_dict()
+            return InitSource(path, "a diffusers folder", dict(state))
+        if (path / "checkpoints").is_dir() or (path / "meta.json").is_file():
+            return _run(path, stage)
+        if (path / "config.yaml").is_file() and (path / MODEL_FILE).is_file():
+            return _folder(path, "a pipeline folder")
+    except (LdmkitError, FileNotFoundError, CheckpointError) as err:
+        if isinstance(err, TrainingError):
+            raise
+        raise TrainingError(f"trainer.init_from={path}: {err}") from err
+    raise _missing(path, "is not a source it can read")
+
+
+def _folder(path: Path, what: str, folder: Path | None = None) -> InitSource:
+    """A folder written by ``Pipeline.save`` (``folder``, else ``path``): its tensors, read as
+    they are (nothing is built)."""
+    folder = folder or path
+    return InitSource(path, what, read_safetensors(folder / MODEL_FILE), frozen.read_manifest(folder), folder)
+
+
+def _run(path: Path, stage: str) -> InitSource:
+    exported = path / "pipeline"
+    if stage == "ldm" and (exported / MODEL_FILE).is_file() and (exported / "config.yaml").is_file():
+        return _folder(path, "the run's exported pipeline/ (EMA weights, what `ldmkit sample --checkpoint` reads)", exported)
+    checkpoint = resolve_checkpoint(path)
+    weights = read_safetensors(checkpoint.model_file)
+    extra = read_safetensors(checkpoint.path / TRAINING_FILE) if (checkpoint.path / TRAINING_FILE).is_file() else {}
+    what = f"checkpoint {checkpoint.path.name}"
+    if "scale.scale_factor" in extra:  # stage 2's
+        weights["scale_factor"] = extra["scale.scale_factor"]
+    if stage == "ldm":
+        ema = _ema_weights(extra)
+        if ema:
+            weights.update(ema)
+            what += " (EMA weights)"
+    else:
+        weights.update({k: v for k, v in extra.items() if k.startswith("loss.")})  # the discriminator
+    return InitSource(path, what, weights, frozen.read_manifest(checkpoint.path), checkpoint.path)
+
+
+def _ema_weights(extra: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A stage-2 checkpoint's EMA shadow (``ema.shadow.denoiser__out__2__weight``) under the
+    weights' names (:class:`ldmkit.ema.EMA` keeps a parameter's dots as ``__``)."""
+    start = "ema.shadow."
+    return {k[len(start):].replace("__", "."): v for k, v in extra.items() if k.startswith(start)}
+
+
+def _compvis(path: Path, preset: str | None, config: str | Path | None) -> InitSource:
+    from ldmkit.interop import compvis
+    from ldmkit.pipeline import Pipeline
+
+    if preset is None and config is None:
+        raise TrainingError(
+            f"trainer.init_from={path} is a pickled checkpoint: give the paper's config.yaml as "
+            "trainer.init_config=PATH, or a stored translation as trainer.init_preset=NAME (docs/interop.md)"
+        )
+    model = compvis.translation(config, preset)
+    if model.kind == "first_stage":
+        state, _ = compvis.convert_state_dict(compvis.load_checkpoint(path), model)
+        return InitSource(path, "a paper first-stage checkpoint", {f"first_stage.{k}": v for k, v in state.items()})
+    pipeline = Pipeline.from_compvis(path, config, preset=preset)
+    weights = "EMA" if pipeline.config.choices.get("weights") == "ema" else "raw"
+    return InitSource(path, f"a paper checkpoint ({weights} weights)", dict(pipeline.state_dict()))
+
+
+# -- loading --------------------------------------------------------------------------------
+def _adapter(component: nn.Module, name: str):
+    """The innermost module above ``name`` that defines ``adapt_loaded_tensor``, and
+    ``name`` relative to it."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        try:
+            module = component.get_submodule(".".join(parts[:cut]))
+        except AttributeError:
+            continue
+        adapt = getattr(module, "adapt_loaded_tensor", None)
+        if callable(adapt):
+            return adapt, ".".join(parts[cut:])
+    return None, name
+
+
+def load_components(
+    modules: Mapping[str, nn.Module], source: InitSource, *, strict: bool, keep: Mapping[str, str] | None = None
+) -> list[ComponentLoad]:
+    """Load ``source`` into each of ``modules`` (``{prefix: module}``), in place. ``keep``:
+    components left alone (``{prefix: why}``). Raises :class:`TrainingError` in ``strict``
+    mode when a tensor's shape differs."""
+    keep = keep or {}
+    results = []
+    for prefix, module in modules.items():
+        result = ComponentLoad(prefix)
+        results.append(result)
+        if prefix in keep:
+            result.kept = keep[prefix]
+            continue
+        theirs = unflatten_state(source.weights, prefix)
+        own = module.state_dict()
+        references = frozen.within(source.references, prefix)
+        if references:  # the same frozen part, from the same source: the model built it already
+            mine = frozen.frozen_parts(module)
+            same = {k: v for k, v in references.items() if mine.get(k, {}).get("sha256") == v["sha256"]}
+            theirs = frozen.fill_referenced(module, theirs, same)
+        state = {}
+        for name, mine_tensor in own.items():
+            if name not in theirs:
+                result.new.append(name)
+                continue
+            value = theirs[name]
+            if tuple(value.shape) == tuple(mine_tensor.shape):
+                state[name] = value
+                result.loaded.append(name)
+                continue
+            where = f"{prefix}.{name}"
+            if strict:
+                raise TrainingError(
+                    f"trainer.init_from={source.path}: {where} is {_shape(value)} there but "
+                    f"{_shape(mine_tensor)} in the model built from the config; set "
+                    "trainer.init_strict=false to keep what fits and initialise the rest"
+                )
+            adapt, local = _adapter(module, name)
+            adapted = adapt(local, value, mine_tensor) if adapt is not None and value.dim() == mine_tensor.dim() else None
+            if adapted is not None and tuple(adapted.shape) == tuple(mine_tensor.shape):
+                state[name] = adapted
+                result.resized.append(f"{name} {_shape(value)}->{_shape(mine_tensor)}")
+            else:
+                result.skipped.append(f"{name} {_shape(value)} vs {_shape(mine_tensor)}")
+        result.skipped += [f"{name} (not in the model)" for name in theirs if name not in own]
+        if state:
+            with torch.no_grad():
+                for name, value in state.items():
+                    own[name].copy_(value.to(own[name].dtype))
+    return results
+
+
+def report(source: InitSource, results: list[ComponentLoad], notes: list[str]) -> str:
+    """The load report, one block: where from, each component, then ``notes``."""
+    lines = [f"trainer.init_from={source.path}: {source.what}"]
+    lines += [r.line() for r in results]
+    lines += [f"  {note}" for note in notes]
+    return "\n".join(lines)
+
+
+def initialize(trainer: Any, modules: Mapping[str, nn.Module]) -> tuple[InitSource, list[ComponentLoad]] | None:
+    """``trainer.init_from`` for a trainer's fresh run: read the source and load it into
+    ``modules`` (their own ``checkpoint:`` keys win). None when the key is unset, or when the
+    run resumes (its checkpoint wins; said on rank 0)."""
+    options = trainer.options
+    path = options.get("init_from")
+    if not path:
+        return None
+    latest: Checkpoint | None = trainer.state.latest()
+    if latest is not None and trainer.state.allow_resume:
+        if trainer.is_main:
+            print(
+                f"ldmkit train {trainer.stage}: trainer.init_from={path} not applied: resuming from "
+                f"{latest.path} (its weights win)",
+                file=sys.stderr,
+            )
+        return None
+    source = read_source(path, stage=trainer.stage, preset=options.get("init_preset"), config=options.get("init_config"))
+    keep = {}
+    for prefix in modules:
+        node = trainer.cfg.get(prefix)
+        if hasattr(node, "get") and node.get("checkpoint") is not None:
+            keep[prefix] = f"{prefix}.checkpoint={node.get('checkpoint')}"
+    results = load_components(modules, source, strict=bool(options.get("init_strict", True)), keep=keep)
+    return source, results
+
+
+def print_report(trainer: Any, source: InitSource, results: list[ComponentLoad], notes: list[str]) -> None:
+    if trainer.is_main:
+        print(f"ldmkit train {trainer.stage}: " + report(source, results, notes), file=sys.stderr)

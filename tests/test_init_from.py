@@ -1,0 +1,209 @@
+"""``trainer.init_from``: a fresh run starts from a pipeline folder, a run folder (or one of its
+checkpoints), the paper's ``.ckpt`` or a diffusers folder; one report says per component what
+was loaded, newly initialised and skipped; a changed class count is one error line in strict
+mode and keeps the overlapping rows (and the null row) otherwise; a resumed run is bitwise the
+run that was never stopped."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf, open_dict
+
+from ldmkit.checkpoint_layout import Checkpoint
+from ldmkit.config import compose_config
+from ldmkit.interop import compvis
+from ldmkit.pipeline import Pipeline
+from ldmkit.training import TrainingError, train
+from ldmkit.training.init_from import load_components, read_source
+from ldmkit.training.state import load_state
+from tests.test_bad_values import error_line
+from tests.test_compvis_import import LDM_CONFIG, paper_files  # noqa: F401 - a fixture
+from tests.training import faults
+
+
+def ldm_cfg(run_dir, *extra):
+    """A seconds-long stage-2 run: identity first stage, tiny UNet, class labels (8x8)."""
+    return compose_config([
+        "stage=ldm", "trainer=ldm_tiny", "first_stage=identity", "denoiser=unet_tiny",
+        "conditioner=class_label", "conditioner.embed_dim=16", "sampler=ddim", "image_size=8",
+        "trainer.num_threads=1", f"run_dir={run_dir}", *extra,
+    ])  # fmt: skip
+
+
+def class_data(classes, size=8, n_batches=4, batch=4):
+    def data(split, epoch):
+        gen = torch.Generator().manual_seed(100 * epoch + (split == "train"))
+        for _ in range(n_batches):
+            yield {"image": torch.rand(batch, 3, size, size, generator=gen) * 2 - 1,
+                   "label": torch.randint(0, classes, (batch,), generator=gen)}  # fmt: skip
+    return data
+
+
+def paper_cfg(run_dir, *extra):
+    """The training config of the paper fixture's architecture (KL f=2, 16x16, 10 classes)."""
+    model = compvis.translate_config(LDM_CONFIG)
+    cfg = compose_config(["stage=ldm", "trainer=ldm_tiny", "trainer.num_threads=1", f"run_dir={run_dir}", *extra])
+    with open_dict(cfg):
+        for group in ("first_stage", "denoiser", "conditioner", "sampler", "schedule"):
+            cfg[group] = OmegaConf.create(model.groups[group])
+        cfg.image_size, cfg.scale_factor = 16, 1.0
+    return cfg
+
+
+def counts(stderr: str, component: str) -> tuple[int, ...]:
+    """(loaded, new, skipped) of ``component`` in the init report."""
+    match = re.search(rf"^  {component}: (\d+) loaded, (?:\d+ resized .*?, )?(\d+) new.*?, (\d+) skipped", stderr, re.M)
+    assert match, stderr
+    return tuple(int(n) for n in match.groups())
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    """A 3-step run with 5 classes and scale_factor 0.5 (threads restored afterwards)."""
+    threads = torch.get_num_threads()
+    run = tmp_path_factory.mktemp("source") / "run"
+    train(ldm_cfg(run, "trainer.max_steps=3", "conditioner.num_classes=5", "scale_factor=0.5"), data=class_data(5))
+    torch.set_num_threads(threads)
+    return run
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_pipeline_folder_a_run_and_its_checkpoint_give_the_ema_weights(source_run, tmp_path):
+    expected = Pipeline.load(source_run / "pipeline").state_dict()
+    for path, what in [(source_run / "pipeline", "a pipeline folder"), (source_run, "exported pipeline/"),
+                       (source_run / "checkpoints" / "step_000000003", "EMA weights")]:  # fmt: skip
+        source = read_source(path, stage="ldm")
+        assert what in source.what and source.scale_factor == 0.5
+        pipe = Pipeline.from_config(ldm_cfg(tmp_path, "conditioner.num_classes=5"))
+        results = load_components({k: getattr(pipe, k) for k in ("denoiser", "conditioner")}, source, strict=True)
+        assert all(not r.new and not r.skipped for r in results), path
+        for key, value in pipe.state_dict().items():
+            if key != "scale_factor":
+                assert torch.equal(value, expected[key]), (path, key)
+
+
+def test_the_report_counts_and_a_new_class_count_keeps_the_old_rows_and_the_null_row(source_run, tmp_path, capsys):
+    before = Pipeline.load(source_run / "pipeline").conditioner.embedding.weight.detach()  # 5 classes + null
+    # the conditioner frozen: its table after training is the one init_from made
+    run = train(ldm_cfg(tmp_path / "run", f"trainer.init_from={source_run}", "trainer.init_strict=false",
+                        "trainer.frozen=[conditioner]", "trainer.max_steps=2"), data=class_data(10))  # fmt: skip
+    err = capsys.readouterr().err
+    denoiser_tensors = len(Pipeline.load(source_run / "pipeline").denoiser.state_dict())
+    assert counts(err, "denoiser") == (denoiser_tensors, 0, 0)
+    assert "conditioner: 0 loaded, 1 resized (embedding.weight [6, 16]->[11, 16]), 0 new, 0 skipped" in err
+    assert "scale_factor: 0.5 from the source" in err and "exported pipeline/" in err
+    pipe = Pipeline.load(run / "pipeline")
+    table = pipe.conditioner.embedding.weight.detach()
+    assert torch.equal(table[:5], before[:5]) and torch.equal(table[10], before[5])  # classes 0-4, the null row
+    assert all(not torch.equal(table[i], before[j]) for i in range(5, 10) for j in range(6))  # new rows
+    assert float(pipe.scale_factor) == 0.5 and pipe.config.scale_factor == 0.5
+    assert OmegaConf.load(run / "config.yaml").scale_factor == 1.0  # the run's own config is as given
+
+
+def test_a_changed_class_count_in_strict_mode_names_the_tensor_and_both_shapes(source_run, tmp_path):
+    with pytest.raises(TrainingError) as err:
+        train(ldm_cfg(tmp_path / "run", f"trainer.init_from={source_run}"), data=class_data(10))
+    message = str(err.value)
+    assert "\n" not in message and "conditioner.embedding.weight is [6, 16] there but [11, 16]" in message
+    assert "trainer.init_strict=false" in message
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_missing_or_unknown_source_is_one_line_naming_the_key(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for path, problem in [(tmp_path / "nope", "does not exist"), (tmp_path / "empty", "is not a source it can read")]:
+        with pytest.raises(TrainingError, match=rf"trainer.init_from={path} {problem}; expected a pipeline folder"):
+            read_source(path, stage="ldm")
+
+
+def test_resume_of_an_init_from_run_is_bitwise_the_uninterrupted_run(source_run, tmp_path, capsys):
+    args = [f"trainer.init_from={source_run}", "trainer.init_strict=false"]
+    straight = train(ldm_cfg(tmp_path / "a", *args), data=class_data(10))
+    train(ldm_cfg(tmp_path / "b", *args, "trainer.max_steps=3"), data=class_data(10))
+    capsys.readouterr()
+    resumed = train(ldm_cfg(tmp_path / "b", *args), data=class_data(10))
+    assert "not applied: resuming from" in capsys.readouterr().err
+    step = faults.checkpoint_steps(straight)[-1]
+    assert step == 6
+    assert faults.differences(faults.final_contents(straight, step), faults.final_contents(resumed, step)) == []
+
+
+def test_a_paper_checkpoint_loads_through_the_importer(paper_files, tmp_path, capsys):  # noqa: F811
+    ckpt, config, _ = paper_files
+    with pytest.raises(TrainingError, match=r"trainer.init_config=PATH, or a stored translation as trainer.init_preset"):
+        read_source(ckpt, stage="ldm")
+    run = train(paper_cfg(tmp_path / "run", f"trainer.init_from={ckpt}", f"trainer.init_config={config}",
+                          "trainer.max_steps=1", "trainer.frozen=[denoiser]"), data=class_data(10, size=16))  # fmt: skip
+    err = capsys.readouterr().err
+    imported = Pipeline.from_compvis(ckpt, config)
+    for component in ("first_stage", "denoiser", "conditioner"):
+        assert counts(err, component) == (len(getattr(imported, component).state_dict()), 0, 0), component
+    assert "a paper checkpoint (EMA weights)" in err and "scale_factor: 0.7 from the source" in err
+    trained = Pipeline.load(run / "pipeline").state_dict()
+    for key, value in imported.denoiser.state_dict().items():  # frozen: what was loaded
+        assert torch.equal(trained[f"denoiser.{key}"], value), key
+
+
+def test_a_diffusers_folder_written_by_the_exporter_loads_every_tensor(tmp_path):
+    torch.manual_seed(0)
+    original = Pipeline.from_config(paper_cfg(tmp_path))
+    original.to_diffusers(tmp_path / "diffusers")
+    source = read_source(tmp_path / "diffusers", stage="ldm")
+    assert source.what == "a diffusers folder"
+    torch.manual_seed(1)
+    pipe = Pipeline.from_config(paper_cfg(tmp_path))
+    modules = {k: getattr(pipe, k) for k in ("first_stage", "denoiser", "conditioner")}
+    results = load_components(modules, source, strict=True)
+    assert all(r.loaded and not r.new and not r.skipped for r in results)
+    for key, value in original.state_dict().items():
+        assert torch.equal(pipe.state_dict()[key], value), key
+
+
+def test_stage_one_starts_from_a_run_with_its_discriminator(tmp_path, capsys):
+    def cfg(run, *extra):
+        return compose_config(["stage=autoencoder", "first_stage=kl_tiny", "trainer=autoencoder_tiny",
+                               "trainer.loss.disc_start=1", "trainer.num_threads=1", "trainer.tensorboard=false",
+                               "trainer.max_steps=2", "trainer.checkpoint_every=2", f"run_dir={run}", *extra])  # fmt: skip
+
+    data = class_data(1, size=16)
+    source = train(cfg(tmp_path / "a"), data=data)
+    capsys.readouterr()
+    train(cfg(tmp_path / "b", f"trainer.init_from={source}"), data=data)
+    err = capsys.readouterr().err
+    model = faults.checkpoint_contents(source / "checkpoints" / "step_000000002")
+    first_stage = sum(k.startswith("model.safetensors:first_stage.") for k in model)
+    loss = sum(k.startswith("training.safetensors:loss.") for k in model)
+    assert "checkpoint step_000000002" in err
+    assert counts(err, "first_stage") == (first_stage, 0, 0) and counts(err, "loss") == (loss, 0, 0)
+    state = load_state(Checkpoint(2, tmp_path / "b" / "checkpoints" / "step_000000002"))
+    assert state["step"] == 2  # a fresh step counter: 2 steps of its own
+
+
+def test_ldmkit_train_prints_the_report_and_refuses_a_shape_change_in_one_line(tmp_path):
+    """Through the real CLI, on real shards (3 classes), from a run of the same model."""
+    shards = faults.make_shards(tmp_path / "data")
+    source = tmp_path / "source"
+    assert faults.train_in_process(faults.stage_args(2, shards, source, "trainer.max_steps=2")) == 0
+    args = faults.stage_args(2, shards, tmp_path / "run", f"trainer.init_from={source}", "trainer.max_steps=1",
+                             "conditioner.num_classes=4")  # fmt: skip
+    refused = faults.run(args, cwd=tmp_path)
+    assert refused.returncode == 1
+    line = error_line(refused.stderr, "train")
+    assert line.startswith(f"trainer.init_from={source}: conditioner.embedding.weight is [4, 16] there but [5, 16]")
+    done = faults.run([*args, "trainer.init_strict=false", "trainer.trainable=[denoiser.out]"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "conditioner: 0 loaded, 1 resized (embedding.weight [4, 16]->[5, 16])" in done.stderr
+    assert re.search(r"first_stage: \d+ loaded, 0 new, 0 skipped", done.stderr)
+    assert re.search(r"parameters train \(0\.\d+%\)", done.stderr)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["trainer"]["init_from"] == str(source) and saved["trainer"]["init_strict"] is False
