@@ -207,3 +207,44 @@ def test_ldmkit_train_prints_the_report_and_refuses_a_shape_change_in_one_line(t
     assert re.search(r"parameters train \(0\.\d+%\)", done.stderr)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["trainer"]["init_from"] == str(source) and saved["trainer"]["init_strict"] is False
+
+
+def test_init_architecture_source_takes_the_model_from_a_diffusers_folder(tmp_path, capsys):
+    """The config names none of the source's architecture (the defaults: identity first stage,
+    unet_tiny, no conditioner); ``trainer.init_architecture=source`` takes it from the diffusers
+    folder, the overrides of keys inside its groups still apply, and every tensor loads."""
+    from ldmkit.cli.common import _compose
+
+    torch.manual_seed(0)
+    original = Pipeline.from_config(paper_cfg(tmp_path))
+    original.to_diffusers(tmp_path / "diffusers")
+    overrides = ["stage=ldm", "trainer=ldm_tiny", "trainer.num_threads=1", "image_size=16", "trainer.max_steps=1",
+                 f"run_dir={tmp_path / 'run'}", f"trainer.init_from={tmp_path / 'diffusers'}",
+                 "trainer.init_architecture=source", "conditioner.drop_rate=0.25"]  # fmt: skip
+    plain = compose_config(overrides[:-2])
+    assert plain.denoiser.name == "unet" and plain.first_stage.name == "identity"  # not the source's
+    cfg = _compose(overrides, print_config=False)
+    for group in ("first_stage", "denoiser"):
+        assert OmegaConf.to_container(cfg[group]) == OmegaConf.to_container(original.config[group]), group
+    assert cfg.conditioner.name == original.config.conditioner.name and cfg.conditioner.drop_rate == 0.25
+    run = train(cfg, data=class_data(10, size=16))
+    err = capsys.readouterr().err
+    for component in ("first_stage", "denoiser", "conditioner"):
+        assert counts(err, component) == (len(getattr(original, component).state_dict()), 0, 0), component
+    assert Pipeline.load(run / "pipeline").config.denoiser.model_channels == original.config.denoiser.model_channels
+
+
+def test_init_architecture_source_keeps_a_group_chosen_on_the_command_line(source_run, tmp_path):
+    from ldmkit.cli.common import _compose
+
+    base = ["stage=ldm", "trainer=ldm_tiny", "image_size=8", f"trainer.init_from={source_run}",
+            "trainer.init_architecture=source"]  # fmt: skip
+    taken = _compose([*base, "conditioner.num_classes=7"], print_config=False)
+    saved = Pipeline.load(source_run / "pipeline").config
+    assert taken.conditioner.name == "class_label" and taken.conditioner.num_classes == 7
+    assert taken.conditioner.embed_dim == saved.conditioner.embed_dim == 16
+    assert taken.denoiser.model_channels == saved.denoiser.model_channels
+    chosen = _compose([*base, "conditioner=none"], print_config=False)
+    assert chosen.conditioner.name == "none"
+    with pytest.raises(Exception, match=r"trainer.init_architecture=source needs trainer.init_from"):
+        _compose(["stage=ldm", "trainer.init_architecture=source"], print_config=False)

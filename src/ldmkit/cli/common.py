@@ -40,7 +40,14 @@ def _compose(overrides: Sequence[str], print_config: bool):
     from ldmkit.config import compose_config
 
     try:
-        cfg = compose_config(overrides)
+        if any(o.lstrip("+") == "trainer.init_architecture=source" for o in overrides):
+            # the model is trainer.init_from's: keys inside its groups are set on that model
+            from ldmkit.training.init_from import adopt_source_architecture, inside_architecture
+
+            kept = [o for o in overrides if not inside_architecture(o)]
+            cfg = adopt_source_architecture(compose_config(kept), overrides)
+        else:
+            cfg = compose_config(overrides)
     except LdmkitError as err:
         raise CLIError(str(err)) from err
     if print_config:

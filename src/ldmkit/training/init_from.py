@@ -47,7 +47,15 @@ from ldmkit.errors import CheckpointError, LdmkitError
 from ldmkit.safetensors_io import read_safetensors
 from ldmkit.training.errors import TrainingError
 
-__all__ = ["ComponentLoad", "InitSource", "initialize", "load_components", "read_source"]
+__all__ = [
+    "ComponentLoad",
+    "InitSource",
+    "adopt_source_architecture",
+    "initialize",
+    "load_components",
+    "read_source",
+    "source_config",
+]
 
 EXPECTED = (
     "a pipeline folder (config.yaml + model.safetensors), a training run folder or one of its "
@@ -298,3 +306,97 @@ def initialize(trainer: Any, modules: Mapping[str, nn.Module]) -> tuple[InitSour
 def print_report(trainer: Any, source: InitSource, results: list[ComponentLoad], notes: list[str]) -> None:
     if trainer.is_main:
         print(f"ldmkit train {trainer.stage}: " + report(source, results, notes), file=sys.stderr)
+
+
+# -- the architecture from the source --------------------------------------------------------
+#: the config groups that describe the model a stage trains (taken from the source with
+#: ``trainer.init_architecture=source``)
+ARCHITECTURE_GROUPS = {"ldm": ("first_stage", "denoiser", "conditioner", "schedule"), "autoencoder": ("first_stage",)}
+
+
+def source_config(
+    path: str | Path, *, stage: str, preset: str | None = None, config: str | Path | None = None
+) -> Any:
+    """The config (a ``DictConfig``) of the model at ``path``, a source of ``trainer.init_from``:
+    a pipeline folder's or a run's ``config.yaml``, a paper checkpoint's translation, a
+    diffusers folder's."""
+    from ldmkit.config import load_saved_config
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise _missing(path, "does not exist")
+    try:
+        if path.is_file():
+            from ldmkit.interop import compvis
+
+            if preset is None and config is None:
+                raise TrainingError(
+                    f"trainer.init_from={path} is a pickled checkpoint: give the paper's config.yaml as "
+                    "trainer.init_config=PATH, or a stored translation as trainer.init_preset=NAME (docs/interop.md)"
+                )
+            return compvis.compose(compvis.translation(config, preset))
+        if (path / "model_index.json").is_file():
+            from ldmkit.interop import diffusers_format
+
+            return diffusers_format.read_diffusers(path)[0]
+        candidates = [path / "pipeline" / "config.yaml"] if stage == "ldm" else []
+        candidates += [path / "config.yaml"]
+        if (path / "checkpoints").is_dir() and not (path / "config.yaml").is_file():
+            candidates.append(resolve_checkpoint(path).path / "config.yaml")
+        for candidate in candidates:
+            if candidate.is_file():
+                return load_saved_config(candidate)
+    except (LdmkitError, FileNotFoundError, CheckpointError) as err:
+        if isinstance(err, TrainingError):
+            raise
+        raise TrainingError(f"trainer.init_from={path}: {err}") from err
+    raise _missing(path, "holds no config.yaml to take the architecture from")
+
+
+def inside_architecture(override: str) -> bool:
+    """Whether a command-line override sets a key inside one of the model's groups
+    (``conditioner.num_classes=10``, not ``conditioner=class_label``)."""
+    key = override.lstrip("+~").split("=", 1)[0]
+    return "." in key and key.split(".", 1)[0] in ARCHITECTURE_GROUPS["ldm"]
+
+
+def adopt_source_architecture(cfg: Any, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """``trainer.init_architecture=source``: ``cfg`` with the model's groups (the first stage,
+    denoiser, conditioner and noise schedule; stage 1: the first stage) taken from
+    ``trainer.init_from``'s own config, then the ``overrides`` of keys inside those groups
+    applied again (``conditioner.num_classes=10`` still changes the class count). A group
+    chosen on the command line (``conditioner=class_label``) stays the one chosen. Components'
+    ``checkpoint:`` keys are cleared: their weights come from ``init_from``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf, open_dict
+
+    from ldmkit.config import check_config
+
+    trainer = cfg.get("trainer") or {}
+    if trainer.get("init_architecture", "config") != "source":
+        return cfg
+    stage = str(cfg.get("stage", "ldm"))
+    if not trainer.get("init_from"):
+        raise TrainingError("trainer.init_architecture=source needs trainer.init_from=PATH (the model to take it from)")
+    source = source_config(trainer.init_from, stage=stage, preset=trainer.get("init_preset"),
+                           config=trainer.get("init_config"))  # fmt: skip
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    chosen = {o.key_or_group for o in parsed if "." not in o.key_or_group and not o.is_delete()}
+    taken = [g for g in ARCHITECTURE_GROUPS.get(stage, ()) if g not in chosen and g in source]
+    with open_dict(cfg):
+        for group in taken:
+            node = OmegaConf.create(OmegaConf.to_container(source[group], resolve=True))
+            if "checkpoint" in node:
+                node.checkpoint = None
+            cfg[group] = node
+        for o in parsed:
+            if inside_architecture(o.input_line):  # set here: composition went without them
+                if o.is_delete():
+                    parent, _, key = o.key_or_group.rpartition(".")
+                    node = OmegaConf.select(cfg, parent)
+                    if node is not None and key in node:
+                        del node[key]
+                else:
+                    OmegaConf.update(cfg, o.key_or_group, o.value(), force_add=True)
+    check_config(cfg)
+    return cfg

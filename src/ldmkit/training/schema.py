@@ -68,6 +68,7 @@ TRAINER_KEYS: dict[str, Spec] = {
     "init_strict": Boolean(),
     "init_preset": Text(null=True),
     "init_config": Text(null=True),
+    "init_architecture": Choice("config", "source"),
     "trainable": Either(Text(null=True), ListOf(Text())),
     "frozen": Either(Text(), Empty(), ListOf(Text())),
     # stage 1 (conf/trainer/autoencoder.yaml)
