@@ -193,7 +193,7 @@ def test_several_bad_values_are_named_in_one_line(capsys, tmp_path):
         (
             "sample",
             ["conditioner=class_label", "--labels", "abc"],
-            "--labels 'abc': expected class ids",
+            "--labels 'abc': unknown class name 'abc'; the classes are: T-shirt/top, Trouser,",
         ),
         (
             "sample",
@@ -246,7 +246,7 @@ def test_the_console_script_says_it_in_one_line(overrides, message, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_labels_not_numbers_through_the_console_script(tmp_path):
+def test_an_unknown_label_name_through_the_console_script(tmp_path):
     out = ldmkit(
         "sample",
         "conditioner=class_label",
@@ -259,7 +259,7 @@ def test_labels_not_numbers_through_the_console_script(tmp_path):
     )
     assert out.returncode == 1
     assert error_line(out.stderr, "sample").startswith(
-        "--labels 'abc': expected class ids, comma-separated"
+        "--labels 'abc': unknown class name 'abc'; the classes are: T-shirt/top, Trouser,"
     )
 
 

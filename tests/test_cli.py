@@ -196,3 +196,83 @@ def test_bad_sampling_inputs_are_one_line(class_checkpoint, tmp_path, args, mess
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert message in out.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+# -- labels by name, --num-samples per label, --rows --------------------------------------------
+@pytest.fixture(scope="module")
+def named_checkpoint(tmp_path_factory):
+    """A tiny class-conditional pipeline whose conditioner names its three classes."""
+    import ldmkit
+
+    root = tmp_path_factory.mktemp("named")
+    ldmkit.compose(overrides=["conditioner=class_label", "conditioner.num_classes=3",
+                              "conditioner.class_names=[sandal,bag,coat]", "image_size=8",
+                              "sampler.steps=2"]).save(root / "pipeline")  # fmt: skip
+    return root / "pipeline"
+
+
+def grid_shape(path: Path, side: int) -> tuple[int, int]:
+    """(rows, columns) of a grid of side x side tiles with torchvision's 2 px padding."""
+    width, height = Image.open(path).size
+    return (height - 2) // (side + 2), (width - 2) // (side + 2)
+
+
+def test_labels_by_name_sample_num_samples_per_label(named_checkpoint, tmp_path):
+    out = ldmkit("sample", "--checkpoint", str(named_checkpoint), "--labels", "coat,bag", "--num-samples", "3",
+                 "--seed", "5", "--batch-size", "2", "--out", str(tmp_path / "named.png"), "--no-progress")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    settings = json.loads((tmp_path / "named.json").read_text())
+    assert [(e["seed"], e["label"], e["label_name"]) for e in settings["images"]] == [
+        (5, 2, "coat"), (6, 2, "coat"), (7, 2, "coat"), (8, 1, "bag"), (9, 1, "bag"), (10, 1, "bag")]
+    assert settings["num_samples"] == 6
+    assert settings["conditions"] == {"label": [2, 2, 2, 1, 1, 1]}
+    assert grid_shape(tmp_path / "named.png", 8) == (2, 3)  # one row per label
+    # names are the indices they stand for; sample i is seed + i whatever the batch
+    out = ldmkit("sample", "--checkpoint", str(named_checkpoint), "--labels", "1", "--seed", "9",
+                 "--out", str(tmp_path / "one.png"), "--no-progress")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert abs(read_png(tmp_path / "one" / "000000.png") - read_png(tmp_path / "named" / "000004.png")).max() <= 1
+    # --rows lays the grid out in that many rows
+    out = ldmkit("sample", "--checkpoint", str(named_checkpoint), "--labels", "0,1,2", "--num-samples", "2",
+                 "--rows", "2", "--out", str(tmp_path / "rows.png"), "--no-progress")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert grid_shape(tmp_path / "rows.png", 8) == (2, 3)
+    assert [e["label"] for e in json.loads((tmp_path / "rows.json").read_text())["images"]] == [0, 0, 1, 1, 2, 2]
+
+
+def test_rows_without_labels_and_a_single_label_repeated(named_checkpoint, tmp_path):
+    out = ldmkit("sample", "sampler.steps=2", "image_size=8", "--num-samples", "6", "--rows", "3",
+                 "--out", str(tmp_path / "u.png"), "--no-progress")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert grid_shape(tmp_path / "u.png", 8) == (3, 2)
+    out = ldmkit("sample", "--checkpoint", str(named_checkpoint), "--labels", "bag", "--num-samples", "4",
+                 "--out", str(tmp_path / "one.png"), "--no-progress")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert grid_shape(tmp_path / "one.png", 8) == (2, 2)  # one label: a square grid, as unconditional
+    assert [e["label"] for e in json.loads((tmp_path / "one.json").read_text())["images"]] == [1] * 4
+
+
+def test_labels_by_the_datasets_class_names(class_checkpoint, tmp_path):
+    """A conditioner without class_names: the names of the data it was trained on (Fashion-MNIST's
+    here, as the demo shows them), matched without regard to case."""
+    out = ldmkit("sample", "--checkpoint", str(class_checkpoint / "pipeline"), "sampler.steps=1",
+                 "--labels", "sandal,Bag", "--out", str(tmp_path / "f.png"), "--no-progress")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    images = json.loads((tmp_path / "f.json").read_text())["images"]
+    assert [(e["label"], e["label_name"]) for e in images] == [(5, "Sandal"), (8, "Bag")]
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ("sandal,boot", "--labels 'sandal,boot': unknown class name 'boot'; the classes are: sandal, bag, coat"),
+        ("bag,-1", "--labels 'bag,-1': expected class ids (integers >= 0) or class names"),
+    ],
+)
+def test_an_unknown_class_name_is_one_line_naming_the_known_ones(named_checkpoint, tmp_path, labels, message):
+    out = ldmkit("sample", "--checkpoint", str(named_checkpoint), "--labels", labels,
+                 "--out", str(tmp_path / "x.png"), "--no-progress")  # fmt: skip
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert message in out.stderr
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "x").exists()

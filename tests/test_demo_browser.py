@@ -31,11 +31,11 @@ from ldmkit.demo.form import (
     MAX_IMAGES,
     DemoInputError,
     PageRequest,
-    class_names,
     condition_fields,
     prepare,
     sampler_options,
 )
+from ldmkit.sample_io.conditions import data_class_names
 
 # -- a tiny trained class-conditional pipeline -------------------------------------------------
 
@@ -118,13 +118,23 @@ def test_class_field_lists_the_datasets_class_names(tmp_path):
     assert field.choices == (("0: cat", 0), ("1: dog", 1), ("2: emu", 2))
 
 
+def test_class_field_prefers_the_conditioners_own_class_names(tmp_path):
+    from ldmkit_conditioners import ClassLabelConditioner
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"classes": ["cat", "dog", "emu"]}))
+    config = OmegaConf.create({"data": {"path": str(tmp_path), "source": "image_folder"}})
+    named = ClassLabelConditioner(num_classes=3, embed_dim=4, class_names=["sandal", "bag", "coat"])
+    (field,) = condition_fields(_fake_pipeline(named, config=config))
+    assert field.choices == (("0: sandal", 0), ("1: bag", 1), ("2: coat", 2))
+
+
 def test_class_names_fall_back_to_the_source_then_to_numbers(tmp_path):
     fashion = OmegaConf.create(
         {"data": {"path": str(tmp_path / "absent"), "source": "fashion_mnist"}}
     )
-    names = class_names(fashion, 10)
+    names = data_class_names(fashion, 10)
     assert names is not None and names[0] == "T-shirt/top" and len(names) == 10
-    assert class_names(fashion, 3) is None  # a count that does not match is not used
+    assert data_class_names(fashion, 3) is None  # a count that does not match is not used
     (field,) = condition_fields(
         _class_pipeline(config=OmegaConf.create({"data": {"source": "image_folder"}}))
     )

@@ -540,3 +540,70 @@ def test_the_papers_super_resolution_model_imports_and_samples_what_diffusers_sr
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)  # measured: 1.7e-5
     other = pipe.sample({"lowres": -low}, noise=noise, steps=50, precision="fp32") / 2 + 0.5
     assert (other - ours).abs().max() > 1e-2  # the low-res image reaches the result
+
+
+# -- the CPU-size presets: GroupNorms of fewer than 32 groups (diffusers' norm_num_groups) ------
+SMALL_PRESETS = {
+    "kl_f4_small": ["first_stage=kl_f4_small", "first_stage.in_channels=1", "first_stage.out_ch=1"],
+    "kl_tiny": ["first_stage=kl_tiny", "image_size=16"],
+    "vq_f4_small": ["first_stage=vq_f4_small", "first_stage.n_embed=64"],
+}
+
+
+def small_pipeline(preset: str) -> Pipeline:
+    """A class-conditional ``denoiser=unet_tiny`` over a CPU-size first stage, nothing at its
+    initial value."""
+    import ldmkit
+
+    torch.manual_seed(0)
+    pipe = ldmkit.compose(overrides=[*SMALL_PRESETS[preset], "denoiser=unet_tiny", "conditioner=class_label",
+                                     "conditioner.embed_dim=32", "sampler.steps=20", "sampler.spacing=paper"])  # fmt: skip
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(5)
+        for p in pipe.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return pipe
+
+
+@pytest.mark.parametrize("preset", list(SMALL_PRESETS))
+def test_small_presets_export_to_diffusers_which_samples_the_same_images(preset, tmp_path):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, VQModel
+
+    pipe = small_pipeline(preset).eval()
+    groups = pipe.config.first_stage.norm_groups
+    assert groups < 32
+    out = pipe.to_diffusers(tmp_path / "small")
+    vae_dir = "vae" if pipe.config.first_stage.name == "kl" else "vqvae"
+    vae = (AutoencoderKL if vae_dir == "vae" else VQModel).from_pretrained(out / vae_dir)
+    assert vae.config.norm_num_groups == groups and vae.encoder.conv_norm_out.num_groups == groups
+    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    scheduler = DDIMScheduler.from_pretrained(out / "scheduler")
+    scheduler.set_timesteps(20)
+    f = pipe.first_stage.downsample_factor
+    noise = torch.randn(2, pipe.first_stage.latent_channels, pipe.image_size // f, pipe.image_size // f,
+                        generator=torch.Generator().manual_seed(1))  # fmt: skip
+    with torch.no_grad():
+        context = pipe.conditioner({"label": [3, 7]})["crossattn"]
+        x = noise.clone()
+        for step in scheduler.timesteps:
+            x = scheduler.step(unet(x, step, context).sample, step, x).prev_sample
+        theirs = vae.decode(x / vae.config.scaling_factor).sample.clamp(-1, 1)  # as ldmkit returns images
+    ours = pipe.sample({"label": [3, 7]}, noise=noise, steps=20, precision="fp32")
+    assert float(theirs.std()) > 0.05
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    back = Pipeline.from_diffusers(out)
+    assert back.config.first_stage.norm_groups == groups
+    theirs_state, ours_state = back.state_dict(), pipe.state_dict()
+    for key, value in ours_state.items():
+        if not key.endswith("code_usage"):  # the dead-code restarts' bookkeeping stays behind
+            assert torch.equal(value, theirs_state[key]), key
+
+
+def test_a_small_preset_converts_both_ways_on_the_command_line(tmp_path):
+    small_pipeline("kl_f4_small").save(tmp_path / "ldm")
+    for args in (("to-diffusers", str(tmp_path / "ldm"), "--out", str(tmp_path / "d")),
+                 ("from-diffusers", str(tmp_path / "d"), "--out", str(tmp_path / "back"))):  # fmt: skip
+        result = ldmkit_cli("convert", *args)
+        assert result.returncode == 0, result.stderr
+    a, b = Pipeline.load(tmp_path / "ldm").state_dict(), Pipeline.load(tmp_path / "back").state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -34,12 +34,18 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
                    help="the PNG grid to write; each sample goes to <out stem>/NNNNNN.png and the settings "
                         "to <out stem>.json beside it")
     p.add_argument("--num-samples", type=int, default=None,
-                   help="images to sample (unconditional: default 16, or 1 with --init-image; with one "
-                        "condition: repeats it)")
+                   help="images to sample (unconditional: default 16, or 1 with --init-image); with "
+                        "conditions: images PER condition (--labels 0,1 --num-samples 8: 16 images, 8 of each; "
+                        "default 1)")
     p.add_argument("--cond", action="append", default=[], metavar="KEY=VALUE",
                    help="a condition input the conditioner reads, e.g. label=3,5 | caption='a red apple' | "
                         "segmentation=map.png | lowres=small.png | image=photo.png | mask=mask.png; repeatable")
-    p.add_argument("--labels", type=str, help="shorthand for --cond label=LABELS")
+    p.add_argument("--labels", type=str,
+                   help="shorthand for --cond label=LABELS: class ids or the pipeline's class names, "
+                        "comma-separated (--labels 3,5 | --labels sandal,bag)")
+    p.add_argument("--rows", type=int, default=None,
+                   help="rows of the grid (default: one per condition with --num-samples and several "
+                        "conditions, else a roughly square grid)")
     p.add_argument("--prompt", action="append", help="shorthand for --cond caption=PROMPT; repeatable")
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--image-size", type=int, default=None,
@@ -91,6 +97,9 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     except LdmkitError as err:
         raise CLIError(message(err, SAMPLE_FLAGS)) from None
     _check_labels(args.labels)
+    if args.rows is not None and (args.rows < 1 or args.show_conditions):
+        raise CLIError(f"--rows must be a whole number >= 1, got {args.rows}" if args.rows < 1
+                       else "--rows does not apply with --show-conditions (one row per sample)")
     if not args.out.suffix:
         raise CLIError(f"--out names the grid image, e.g. {args.out}.png; got {args.out}")
     overrides = _checkpoint_sampler_overrides(args.checkpoint, args.overrides)
@@ -109,10 +118,11 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     from ldmkit.pipeline import Pipeline, build_pipeline
     from ldmkit.sample_io.conditions import (
         SOURCE_KEY,
+        class_names_by_key,
         load_image,
         load_mask,
         parse_conditions,
-        repeat_to,
+        repeat_each,
     )
 
     device = sampling_device(args.device)  # one that exists here
@@ -150,23 +160,28 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     items = list(args.cond) + ([f"{key_of('class', 'label')}={args.labels}"] if args.labels else [])
     items += [f"{key_of('text', 'caption')}={p}" for p in args.prompt or []]
     channels = pipeline.first_stage.image_channels
+    names = class_names_by_key(pipeline)
     try:
-        batch = parse_conditions(items, kinds, image_channels=channels)
+        batch = parse_conditions(items, kinds, image_channels=channels, names=names)
         init_image = mask = None
         if args.init_image is not None:
             init_image = load_image(args.init_image, channels=channels, flag="--init-image")
         if args.mask is not None:
             mask = load_mask(args.mask, flag="--mask")
     except LdmkitError as err:
-        raise CLIError(str(err)) from err
+        shorthand = f"--cond {key_of('class', 'label')}={args.labels}:"
+        raise CLIError(str(err).replace(shorthand, f"--labels {args.labels!r}:")) from err
     sources = {f"--cond {k}": v for k, v in (batch.pop(SOURCE_KEY, None) or {}).items()}
     for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
         if path is not None:
             sources[flag] = str(path)
-    num_samples = args.num_samples
+    num_samples, rows = args.num_samples, args.rows
     if conditioner.input_keys:
-        if num_samples is not None and all(len(batch.get(k, ())) == 1 for k in conditioner.input_keys):
-            batch = repeat_to(batch, conditioner.input_keys, num_samples)
+        if num_samples is not None and all(k in batch for k in conditioner.input_keys):
+            conditions = len(batch[conditioner.input_keys[0]])
+            batch = repeat_each(batch, conditioner.input_keys, num_samples)
+            if rows is None and conditions > 1 and num_samples > 1:
+                rows = conditions  # one row per label (prompt, ...)
         num_samples = None
     elif num_samples is None:
         num_samples = 1 if init_image is not None else 16
@@ -211,7 +226,7 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
         "tile_overlap": args.tile_overlap,
     }
     written = write_samples(images, args.out, settings, conditioner=conditioner, batch=batch,
-                            kinds=kinds, show_conditions=args.show_conditions)
+                            kinds=kinds, show_conditions=args.show_conditions, rows=rows, names=names)
     print(f"wrote {images.shape[0]} samples to {args.out}, {written['folder']}/ and {written['settings']}")
     return 0
 
@@ -236,8 +251,11 @@ def _sample_size(args: argparse.Namespace, trained: int | None) -> tuple[int, in
 
 
 def _check_labels(labels: str | None) -> None:
-    if labels is not None and not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*,?\s*", labels):
-        raise CLIError(f"--labels {labels!r}: expected class ids, comma-separated integers >= 0 (e.g. --labels 0,3,7)")
+    """Class ids and names, before anything loads (names are checked against the pipeline's)."""
+    tokens = [t.strip() for t in (labels or "").split(",")]
+    if labels is not None and (not any(tokens) or any(re.fullmatch(r"-\d+", t) for t in tokens)):
+        raise CLIError(f"--labels {labels!r}: expected class ids (integers >= 0) or class names, comma-separated "
+                       "(e.g. --labels 0,3,7 or --labels sandal,bag)")
 
 
 def _checkpoint_sampler_overrides(checkpoint: Path | None, overrides: Sequence[str]) -> list[str]:

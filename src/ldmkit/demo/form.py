@@ -11,7 +11,6 @@ and the command line that goes with them, reproduce it.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 import shlex
@@ -58,7 +57,10 @@ class ConditionField:
 
 
 def condition_fields(pipeline: Any) -> list[ConditionField]:
-    """The page's condition inputs, in the conditioner's ``input_keys`` order."""
+    """The page's condition inputs, in the conditioner's ``input_keys`` order; a class key's
+    choices show the class names where known (:func:`~ldmkit.sample_io.conditions.label_names`)."""
+    from ldmkit.sample_io.conditions import data_class_names, label_names
+
     conditioner = pipeline.conditioner
     kinds = {key: conditioner.input_kind(key) for key in conditioner.input_keys}
     images = [k for k, kind in kinds.items() if kind == "image"]
@@ -68,7 +70,7 @@ def condition_fields(pipeline: Any) -> list[ConditionField]:
     for key, kind in kinds.items():
         num_classes = _num_classes(conditioner, key)
         if kind == "class":
-            names = class_names(pipeline.config, num_classes) if num_classes else None
+            names = label_names(pipeline, key)
             choices = tuple(
                 (f"{i}: {names[i]}" if names else str(i), i) for i in range(num_classes or 0)
             )
@@ -81,7 +83,7 @@ def condition_fields(pipeline: Any) -> list[ConditionField]:
             what = f"ids 0..{num_classes - 1}" if num_classes else "class ids"
             label = f"{key} (a one-channel PNG of {what})"
             names = (
-                class_names(pipeline.config, num_classes, "segmentation_classes")
+                data_class_names(pipeline.config, num_classes, "segmentation_classes")
                 if num_classes
                 else None
             )
@@ -103,51 +105,10 @@ def condition_fields(pipeline: Any) -> list[ConditionField]:
 
 def _num_classes(conditioner: Any, key: str) -> int | None:
     """``num_classes`` of the conditioner (or the composite's part) that reads ``key``."""
-    from ldmkit.interfaces import Conditioner
+    from ldmkit.sample_io.conditions import reading_part
 
-    for module in conditioner.modules():
-        if isinstance(module, Conditioner) and key in module.input_keys:
-            n = getattr(module, "num_classes", None)
-            if isinstance(n, int) and n > 0:
-                return n
-    return None
-
-
-def class_names(config: Any, num_classes: int, which: str = "classes") -> list[str] | None:
-    """The label names of the data the pipeline was trained on: the ``classes`` (or, with
-    ``which="segmentation_classes"``, the class-map names) of the prepared dataset's
-    ``manifest.json`` (``data.path``), else those of its data source; None when neither has
-    exactly ``num_classes`` names."""
-    from omegaconf import OmegaConf
-
-    if config is None:
-        return None
-    names: list[str] = []
-    path = OmegaConf.select(config, "data.path", default=None)
-    manifest = Path(str(path)).expanduser() / "manifest.json" if path else None
-    if manifest is not None and manifest.is_file():
-        try:
-            names = [str(n) for n in json.loads(manifest.read_text()).get(which) or []]
-        except (OSError, ValueError, AttributeError):
-            names = []
-    source = OmegaConf.select(config, "data.source", default=None)
-    if not names and source:
-        names = _source_classes(str(source), which)
-    return names if len(names) == num_classes else None
-
-
-def _source_classes(name: str, which: str) -> list[str]:
-    """A data source's fixed class list (``which``: ``classes`` or ``segmentation_classes``),
-    read without constructing the source (which may look for its files, or download them)."""
-    from ldmkit.data.sources import SOURCES
-
-    cls = SOURCES.get(name)
-    if cls is None:
-        return []
-    try:
-        return [str(n) for n in getattr(cls.__new__(cls), which)]
-    except Exception:  # a source whose classes come from its files: unknown without them
-        return []
+    n = getattr(reading_part(conditioner, key, "num_classes"), "num_classes", None)
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def sampler_options() -> list[str]:
@@ -226,7 +187,7 @@ def prepare(
         load_image,
         load_mask,
         parse_conditions,
-        repeat_to,
+        repeat_each,
     )
 
     if page.randomize_seed:
@@ -303,7 +264,7 @@ def prepare(
     except ConditionArgumentError as err:
         raise DemoInputError(_page_message(str(err), uploaded)) from None
     if conditioner.input_keys:  # one condition for every image
-        batch = repeat_to(batch, conditioner.input_keys, request.num_samples)
+        batch = repeat_each(batch, conditioner.input_keys, request.num_samples)
     asked = request.size
     with _page_names():
         request = replace(

@@ -247,6 +247,7 @@ class DemoSession:
     def _write(
         self, run_dir: Path, prepared: Prepared, overrides: list[str], images: torch.Tensor
     ) -> Result:
+        from ldmkit.sample_io.conditions import class_names_by_key
         from ldmkit.sample_io.samples import sampler_settings, write_samples
 
         record = settings(
@@ -266,6 +267,7 @@ class DemoSession:
             conditioner=self.pipeline.conditioner,
             batch=prepared.request.batch,
             kinds=prepared.kinds,
+            names=class_names_by_key(self.pipeline),
         )
         record = json.loads(written["settings"].read_text())
         command = command_line(

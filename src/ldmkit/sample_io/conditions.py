@@ -4,7 +4,8 @@ read by kind.
 The conditioner says which keys it reads (``input_keys``) and what each holds
 (``input_kinds``); this module turns command-line values into batch entries:
 
-* ``class``: comma-separated integers (``--cond label=3,5`` -> two samples);
+* ``class``: comma-separated class ids or class names (``--cond label=3,5`` or
+  ``label=sandal,bag`` -> two samples; the names are :func:`label_names`);
 * ``text``: the whole value is one prompt; repeat ``--cond caption=...`` for more;
 * ``image``: a PNG path -> C×H×W in [-1, 1] (the first stage's channel count);
 * ``segmentation``: a PNG of class ids (mode L or P, values used as they are) -> H×W int64;
@@ -19,7 +20,8 @@ and ``--mask`` (img2img and inpainting with any model) are read by :func:`load_i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +79,37 @@ def _integers(key: str, value: str, what: str) -> list[int]:
         raise ConditionArgumentError(f"--cond {key}={value}: expected comma-separated {what}") from None
 
 
+def _class_ids(key: str, value: str, names: Sequence[str] | None) -> list[int]:
+    """``"3,5"`` or ``"sandal,Bag"`` -> class ids; a name is looked up in ``names`` (exactly,
+    else without regard to case where that is unambiguous)."""
+    ids = []
+    for token in (t.strip() for t in value.split(",")):
+        if not token or token.lstrip("-").isdigit():
+            ids += _integers(key, token, "integers")
+            continue
+        if not names:
+            raise ConditionArgumentError(
+                f"--cond {key}={value}: {token!r} is a class name, but this pipeline has no class names; "
+                "give class ids (comma-separated integers)"
+            )
+        folded = [n for n in names if n.casefold() == token.casefold()]
+        if token not in names and len(folded) != 1:
+            known = ", ".join(names[:20]) + (f", ... ({len(names)} classes)" if len(names) > 20 else "")
+            raise ConditionArgumentError(f"--cond {key}={value}: unknown class name {token!r}; the classes are: {known}")
+        ids.append(list(names).index(token if token in names else folded[0]))
+    return ids
+
+
 def parse_conditions(
-    items: Sequence[str], kinds: dict[str, str], *, image_channels: int
+    items: Sequence[str],
+    kinds: dict[str, str],
+    *,
+    image_channels: int,
+    names: Mapping[str, Sequence[str] | None] | None = None,
 ) -> dict[str, Any]:
     """``["label=3,5", "caption=a cat"]`` -> a batch; ``kinds`` maps the conditioner's keys
-    to their kinds (keys it does not read are an error naming the ones it does)."""
+    to their kinds (keys it does not read are an error naming the ones it does); ``names``
+    the class names of class keys (:func:`label_names`), for labels given by name."""
     values: dict[str, list[Any]] = {}
     sources: dict[str, list[str]] = {}
     for item in items:
@@ -95,7 +123,7 @@ def parse_conditions(
             )
         kind = kinds[key]
         if kind == "class":
-            values.setdefault(key, []).extend(_integers(key, value, "integers"))
+            values.setdefault(key, []).extend(_class_ids(key, value, (names or {}).get(key)))
         elif kind == "tokens":
             ids = _integers(key, value, "token ids")
             if not ids:
@@ -132,11 +160,84 @@ def parse_conditions(
     return batch
 
 
-def repeat_to(batch: dict[str, Any], keys: Sequence[str], n: int) -> dict[str, Any]:
-    """Every key holding one value repeated to ``n`` samples (``--num-samples`` with one condition)."""
+def repeat_each(batch: dict[str, Any], keys: Sequence[str], n: int) -> dict[str, Any]:
+    """Each condition of ``keys`` repeated ``n`` times in place, ``[a, b]`` -> ``[a]*n + [b]*n``
+    (``--num-samples`` per condition)."""
     out = dict(batch)
     for key in keys:
         value = batch[key]
-        if len(value) == 1:
-            out[key] = value.expand(n, *value.shape[1:]).clone() if isinstance(value, torch.Tensor) else list(value) * n
+        if isinstance(value, torch.Tensor):
+            out[key] = value.repeat_interleave(n, dim=0)
+        else:
+            out[key] = [v for v in value for _ in range(n)]
     return out
+
+
+# -- class names -------------------------------------------------------------------------------
+
+
+def reading_part(conditioner: Any, key: str, attr: str) -> Any:
+    """The conditioner that reads batch ``key`` and has ``attr`` set: ``conditioner`` itself
+    or, in a composite (``conditioner=multi``), its part; None if there is none."""
+    from ldmkit.interfaces import Conditioner
+
+    for module in conditioner.modules():
+        if isinstance(module, Conditioner) and key in module.input_keys and getattr(module, attr, None) is not None:
+            return module
+    return None
+
+
+def label_names(pipeline: Any, key: str) -> list[str] | None:
+    """The names of class key ``key``'s classes, in label order: the conditioner's own
+    ``class_names`` (``class_label``), else those of the data it was trained on
+    (:func:`data_class_names`); None when neither is known."""
+    part = reading_part(pipeline.conditioner, key, "num_classes")
+    num_classes = getattr(part, "num_classes", None)
+    if not isinstance(num_classes, int) or num_classes < 1:
+        return None
+    own = getattr(part, "class_names", None)
+    return list(own) if own else data_class_names(pipeline.config, num_classes)
+
+
+def class_names_by_key(pipeline: Any) -> dict[str, list[str] | None]:
+    """:func:`label_names` of each class key the pipeline's conditioner reads."""
+    conditioner = pipeline.conditioner
+    keys = [k for k in conditioner.input_keys if conditioner.input_kind(k) == "class"]
+    return {key: label_names(pipeline, key) for key in keys}
+
+
+def data_class_names(config: Any, num_classes: int, which: str = "classes") -> list[str] | None:
+    """The label names of the data a pipeline was trained on: the ``classes`` (or, with
+    ``which="segmentation_classes"``, the class-map names) of the prepared dataset's
+    ``manifest.json`` (``data.path``), else those of its data source; None when neither has
+    exactly ``num_classes`` names."""
+    from omegaconf import OmegaConf
+
+    if config is None:
+        return None
+    names: list[str] = []
+    path = OmegaConf.select(config, "data.path", default=None)
+    manifest = Path(str(path)).expanduser() / "manifest.json" if path else None
+    if manifest is not None and manifest.is_file():
+        try:
+            names = [str(n) for n in json.loads(manifest.read_text()).get(which) or []]
+        except (OSError, ValueError, AttributeError):
+            names = []
+    source = OmegaConf.select(config, "data.source", default=None)
+    if not names and source:
+        names = _source_classes(str(source), which)
+    return names if len(names) == num_classes else None
+
+
+def _source_classes(name: str, which: str) -> list[str]:
+    """A data source's fixed class list (``which``: ``classes`` or ``segmentation_classes``),
+    read without constructing the source (which may look for its files, or download them)."""
+    from ldmkit.data.sources import SOURCES
+
+    cls = SOURCES.get(name)
+    if cls is None:
+        return []
+    try:
+        return [str(n) for n in getattr(cls.__new__(cls), which)]
+    except Exception:  # a source whose classes come from its files: unknown without them
+        return []

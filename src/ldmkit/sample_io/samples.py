@@ -45,9 +45,12 @@ def write_samples(
     batch=None,
     kinds: dict[str, str] | None = None,
     show_conditions: bool = False,
+    rows: int | None = None,
+    names: dict[str, list[str] | None] | None = None,
 ) -> dict[str, Path]:
-    """``out`` (the grid), ``<out stem>/NNNNNN.png`` (sample i, seed + i) and
-    ``<out stem>.json`` (``settings`` plus each image's file and seed). Each file is
+    """``out`` (the grid: ``rows`` rows, default roughly square), ``<out stem>/NNNNNN.png``
+    (sample i, seed + i) and ``<out stem>.json`` (``settings`` plus each image's file, seed
+    and condition, with ``KEY_name`` for a class key whose ``names`` are known). Each file is
     replaced atomically; the JSON is written last."""
     from torchvision.utils import save_image
 
@@ -72,6 +75,9 @@ def write_samples(
             ):
                 value = batch[key][i]
                 entry[key] = value.tolist() if hasattr(value, "tolist") else value
+                known = (names or {}).get(key)
+                if kind == "class" and known and 0 <= entry[key] < len(known):
+                    entry[f"{key}_name"] = known[entry[key]]
         per_image.append(entry)
     with atomic_path(out) as tmp:
         if show_conditions and conditioner is not None:
@@ -80,7 +86,8 @@ def write_samples(
             tiles, per_row = samples_with_conditions(images, conditioner, batch)
             save_image(tiles, tmp, nrow=per_row or image_grid_rows(n), format=_format(out))
         else:
-            save_image((images + 1) / 2, tmp, nrow=image_grid_rows(n), format=_format(out))
+            per_row = -(-n // rows) if rows else image_grid_rows(n)
+            save_image((images + 1) / 2, tmp, nrow=per_row, format=_format(out))
     record = {**settings, "grid": out.name, "images": per_image}
     json_path = out.with_suffix(".json")
     atomic_write_text(json_path, json.dumps(record, indent=2, default=str) + "\n")

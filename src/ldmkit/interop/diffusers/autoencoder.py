@@ -71,7 +71,9 @@ def _vae_rows(cfg: dict[str, Any]) -> list[Row]:
 
 
 def vae_to_diffusers(state: dict[str, Tensor], cfg: dict[str, Any]) -> dict[str, Tensor]:
-    """An ldmkit KL / VQ first stage's state dict in diffusers' ``AutoencoderKL`` / ``VQModel`` names."""
+    """An ldmkit KL / VQ first stage's state dict in diffusers' ``AutoencoderKL`` / ``VQModel`` names
+    (without ``regularizer.code_usage``, the dead-code restarts' training bookkeeping)."""
+    state = {k: v for k, v in state.items() if k != "regularizer.code_usage"}
     return _convert(state, _vae_rows(cfg), to=True, what="first_stage")
 
 
@@ -90,15 +92,14 @@ def diffusers_vae_config(cfg: dict[str, Any], scaling_factor: float) -> dict[str
     )
     _require(not list(cfg.get("attn_resolutions") or []),
              f"{where}.attn_resolutions={list(cfg['attn_resolutions'])}: diffusers' encoder/decoder blocks have no attention")  # fmt: skip
-    _require(int(cfg.get("norm_groups", 32)) == 32, f"{where}.norm_groups must be 32 for diffusers")
     levels = len(cfg["ch_mult"])
     common = {
         "_diffusers_version": DIFFUSERS_VERSION, "in_channels": int(cfg["in_channels"]),
         "out_channels": int(cfg["out_ch"]), "down_block_types": ["DownEncoderBlock2D"] * levels,
         "up_block_types": ["UpDecoderBlock2D"] * levels,
         "block_out_channels": [int(cfg["ch"]) * int(m) for m in cfg["ch_mult"]],
-        "layers_per_block": int(cfg["num_res_blocks"]), "act_fn": "silu", "norm_num_groups": 32,
-        "sample_size": int(cfg["resolution"]), "scaling_factor": float(scaling_factor),
+        "layers_per_block": int(cfg["num_res_blocks"]), "act_fn": "silu",
+        "norm_num_groups": int(cfg.get("norm_groups", 32)), "sample_size": int(cfg["resolution"]), "scaling_factor": float(scaling_factor),
         "mid_block_add_attention": cfg.get("attn_type", "vanilla") != "none",
     }  # fmt: skip
     if name == "kl":
@@ -122,7 +123,7 @@ def _vae_from_config(c: dict[str, Any]) -> tuple[dict[str, Any], float]:
         cls in ("AutoencoderKL", "VQModel"), f"{where}: only AutoencoderKL and VQModel convert"
     )
     channels = list(_value(c, "block_out_channels", ListOf(WHOLE), where))
-    for key, want in (("act_fn", "silu"), ("norm_num_groups", 32), ("norm_type", "group"), ("use_quant_conv", True),
+    for key, want in (("act_fn", "silu"), ("norm_type", "group"), ("use_quant_conv", True),
                       ("use_post_quant_conv", True), ("latents_mean", None), ("latents_std", None),
                       ("shift_factor", None)):  # fmt: skip
         if key in c:
@@ -133,7 +134,8 @@ def _vae_from_config(c: dict[str, Any]) -> tuple[dict[str, Any], float]:
     arch = {"ch": channels[0], "ch_mult": [x // channels[0] for x in channels],
             "num_res_blocks": _value(c, "layers_per_block", WHOLE, where), "attn_resolutions": [],
             "resolution": _value(c, "sample_size", WHOLE, where, 256), "in_channels": _value(c, "in_channels", WHOLE, where),
-            "out_ch": _value(c, "out_channels", WHOLE, where), "dropout": 0.0, "norm_groups": 32,
+            "out_ch": _value(c, "out_channels", WHOLE, where), "dropout": 0.0,
+            "norm_groups": _value(c, "norm_num_groups", WHOLE, where, 32),
             "attn_type": "vanilla" if c.get("mid_block_add_attention", True) else "none"}  # fmt: skip
     scale = float(_value(c, "scaling_factor", POSITIVE, where, 1.0))
     latent = _value(c, "latent_channels", WHOLE, where)
