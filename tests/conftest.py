@@ -14,12 +14,14 @@ TESTS = Path(__file__).parent
 LDMKIT = Path(sys.executable).with_name("ldmkit")
 
 
-def ldmkit_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def ldmkit_cli(
+    *args: str, env: dict | None = None, timeout: int = 300, cwd: str | os.PathLike | None = None
+) -> subprocess.CompletedProcess:
     """The real ``ldmkit`` console script, with this shell's ``LDMKIT_*`` switches cleared
-    (plus ``env``)."""
+    (plus ``env``), run in ``cwd`` (default: this one)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("LDMKIT_")}
     return subprocess.run(
-        [str(LDMKIT), *args], capture_output=True, text=True, env={**clean, **(env or {})}, timeout=timeout
+        [str(LDMKIT), *args], capture_output=True, text=True, env={**clean, **(env or {})}, timeout=timeout, cwd=cwd
     )
 
 

@@ -44,8 +44,23 @@ def _tiny_clip(tmp_path) -> list[str]:
     return [f"conditioner.name_or_path={write_tiny_clip(tmp_path / 'clip')}"]
 
 
-# options with a mandatory local path (`???`): what the test fills in
-REQUIRED = {("conditioner", "clip_text"): _tiny_clip}
+def _prepared_folder(tmp_path) -> list[str]:
+    from ldmkit.data import prepare
+    from tests.data.conftest import make_image_folder
+
+    make_image_folder(tmp_path / "images", per_class=1, size=(8, 8))
+    prepare("image_folder", tmp_path / "data", path=str(tmp_path / "images"), progress=False)
+    return [f"data.path={tmp_path / 'data'}"]
+
+
+# options with a mandatory local path (`???`) or reading the prepared data's manifest.json
+# (`${manifest:KEY}`): what the test fills in
+REQUIRED = {
+    ("conditioner", "clip_text"): _tiny_clip,
+    ("conditioner", "class_label_manifest"): _prepared_folder,
+    **{("experiment", option): _prepared_folder for group, option in OPTIONS
+       if group == "experiment" and option.startswith("folder_")},
+}
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])

@@ -9,12 +9,13 @@ dependency runs one way: pipeline -> assembly -> config.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ldmkit.config import AUTO, ConfigError
+from ldmkit.config import AUTO, ConfigError, experiment_writing
 from ldmkit.config_checks import argument_problems
 from ldmkit.devices import build_within_memory
 from ldmkit.diffusion.schedule import NoiseSchedule
@@ -188,6 +189,23 @@ def check_parts_fit(cfg: DictConfig, first_stage: Any, denoiser: Any, conditione
             )
 
 
+def _check_stage_one_run(cfg: DictConfig) -> None:
+    """A ``first_stage.checkpoint`` that is missing but is the ``run_dir`` of an experiment (a
+    stage-2 preset reading its stage-1 run): say which command trains it."""
+    checkpoint = OmegaConf.select(cfg, "first_stage.checkpoint", default=None)
+    if not isinstance(checkpoint, str) or os.path.exists(os.path.expanduser(checkpoint)):
+        return
+    experiment = experiment_writing(checkpoint)
+    if experiment is None:
+        return  # the weights loader names the missing path
+    data_path = OmegaConf.select(cfg, "data.path", default=None)
+    command = f"ldmkit train experiment={experiment}" + (f" data.path={data_path}" if data_path else "")
+    raise ConfigError(
+        f"first_stage.checkpoint={checkpoint} does not exist: it is the stage-1 run of "
+        f"experiment={experiment}; train that first: {command}"
+    )
+
+
 def pipeline_parts(cfg: DictConfig) -> dict[str, Any]:
     """The keyword arguments of :class:`~ldmkit.pipeline.Pipeline` that the composed config
     ``cfg`` describes: every component built through the registry and checked against the
@@ -198,6 +216,7 @@ def pipeline_parts(cfg: DictConfig) -> dict[str, Any]:
     if backend is not None:
         set_attention_backend(backend)
 
+    _check_stage_one_run(cfg)
     first_stage = create_component(registry, "first_stage", cfg.first_stage, _choice(cfg, "first_stage"))
     conditioner = create_component(registry, "conditioner", cfg.conditioner, _choice(cfg, "conditioner"))
     conditioner.bind_first_stage(first_stage)

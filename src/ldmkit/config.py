@@ -2,6 +2,10 @@
 explained in one-line errors. Building components from the composed config is
 :mod:`ldmkit.assembly`'s job; this module imports neither it nor the pipeline.
 
+Composed configs may read facts of the prepared dataset (``data.path``'s ``manifest.json``)
+through the ``${manifest:KEY}`` resolver (:data:`MANIFEST_FACTS`); users add config folders of
+their own (``--config-dir``, ``LDMKIT_CONFIG_PATH``) to the search path.
+
 Configs read back from files (:func:`load_saved_config`: a pipeline's or a checkpoint's
 ``config.yaml``, a converted folder's configs) are used as written: ldmkit writes them
 resolved, and an interpolation in one (``${oc.env:AWS_SECRET_ACCESS_KEY}``) would read this
@@ -17,13 +21,14 @@ import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from omegaconf import Container, DictConfig, OmegaConf, open_dict
 
 from ldmkit.config_checks import Choice, Either, Integer, Number, Schema, Spec, Text
 from ldmkit.errors import ConfigError, LdmkitError
-from ldmkit.plugins import get_plugin_manager, root_directory
+from ldmkit.plugins import config_options, get_plugin_manager, root_directory
 from ldmkit.resources import config_dir
 
 GROUPS = ("first_stage", "denoiser", "conditioner", "sampler", "data", "trainer", "experiment")
@@ -31,9 +36,12 @@ COMPONENT_GROUPS = ("first_stage", "denoiser", "conditioner", "sampler")
 AUTO = "auto"
 
 
-__all__ = ["AUTO", "COMPONENT_GROUPS", "GROUPS", "ConfigError", "check_config", "compose_config",
-           "config_dir", "config_problems", "config_schema", "load_saved_config", "primary_keys",
-           "refuse_interpolations"]  # fmt: skip
+CONFIG_PATH_ENV = "LDMKIT_CONFIG_PATH"
+
+
+__all__ = ["AUTO", "COMPONENT_GROUPS", "CONFIG_PATH_ENV", "GROUPS", "MANIFEST_FACTS", "ConfigError",
+           "check_config", "compose_config", "config_dir", "config_problems", "config_schema", "experiment_writing",
+           "load_saved_config", "primary_keys", "refuse_interpolations", "user_config_dirs"]  # fmt: skip
 
 
 # -- Hydra search path ----------------------------------------------------------------
@@ -61,15 +69,22 @@ def _register_search_path_plugin() -> None:
     _search_path_plugin_registered = True
 
 
-def compose_config(overrides: Sequence[str] = (), *, config_name: str = "config") -> DictConfig:
+def compose_config(
+    overrides: Sequence[str] = (), *, config_name: str = "config", config_dirs: Sequence[str | os.PathLike] = ()
+) -> DictConfig:
     """Compose the primary config with Hydra command-line style ``overrides``.
 
+    ``config_dirs`` (the CLI's ``--config-dir``) and the folders in ``$LDMKIT_CONFIG_PATH`` join
+    the search path after ldmkit's and the plugins' config roots (:func:`user_config_dirs`).
     The options each group had selected are kept under ``choices`` (informational).
     """
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    _plugin_roots[:] = get_plugin_manager().config_roots()
+    roots = get_plugin_manager().config_roots()
+    users = user_config_dirs(config_dirs)
+    _refuse_shadowed_options(users, roots)
+    _plugin_roots[:] = [*roots, *(f"file://{d}" for d in users)]
     _register_search_path_plugin()
     overrides = [_weights_override(o) for o in overrides]
     try:
@@ -84,8 +99,109 @@ def compose_config(overrides: Sequence[str] = (), *, config_name: str = "config"
         del cfg["hydra"]
         cfg.choices = choices
     _check_optional_choice("experiment", choices.get("experiment"))
+    _resolve_dataset_facts(cfg)
     check_config(cfg)
     return cfg
+
+
+def user_config_dirs(config_dirs: Sequence[str | os.PathLike] = ()) -> list[Path]:
+    """``config_dirs``, then the folders in ``$LDMKIT_CONFIG_PATH`` (``os.pathsep``-separated),
+    as absolute paths: config roots of the user's own (``experiment/mine.yaml``, group options).
+    One that is not a directory is a ConfigError naming it."""
+    found = []
+    named = [(d, "config_dirs") for d in config_dirs]
+    named += [(d, CONFIG_PATH_ENV) for d in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep) if d]
+    for directory, where in named:
+        path = Path(os.path.expanduser(directory)).absolute()
+        if not path.is_dir():
+            raise ConfigError(f"{where}: config directory {directory} does not exist")
+        found.append(path)
+    return found
+
+
+def _refuse_shadowed_options(users: Sequence[Path], roots: Sequence[str]) -> None:
+    """A user's config folder shipping an option ldmkit or a plugin ships too (or another user
+    folder does) would be ignored or win by search-path order: refuse it, naming both files."""
+    shipped = {option: config_dir() / option for option in config_options(config_dir())}
+    for root in roots:
+        directory = root_directory(root)
+        for option in config_options(directory) if directory is not None else ():
+            shipped.setdefault(option, directory / option)
+    for directory in users:
+        for option in config_options(directory):
+            if option in shipped:
+                group, _, name = option[: -len(".yaml")].partition("/")
+                raise ConfigError(
+                    f"config option {group}={name} of {directory / option} is also {shipped[option]}; "
+                    f"rename yours (e.g. {group}/my_{Path(name).name}.yaml) and choose it by that name"
+                )
+            shipped[option] = directory / option
+
+
+def experiment_writing(run_dir: str) -> str | None:
+    """The experiment option whose ``run_dir`` is ``run_dir`` as written (searched in ldmkit's
+    conf/ and the config roots of the last composition), None if none is: it names the
+    command that trains a stage-1 run a stage-2 config reads."""
+    roots = [config_dir(), *(root_directory(r) for r in _plugin_roots)]
+    wanted = os.path.normpath(run_dir)
+    for root in roots:
+        for path in sorted((root / "experiment").glob("*.yaml")) if root is not None else ():
+            try:
+                written = OmegaConf.load(path).get("run_dir")
+            except Exception:  # noqa: BLE001 - a broken option is reported when it is composed
+                continue
+            if isinstance(written, str) and "${" not in written and os.path.normpath(written) == wanted:
+                return path.stem
+    return None
+
+
+# -- facts of the prepared dataset: ${manifest:KEY} -------------------------------------------
+MANIFEST_FACTS = ("num_classes", "class_names", "val_split", "channels")
+
+
+def _manifest_fact(key: str, *, _root_: DictConfig) -> Any:
+    """``${manifest:KEY}``: ``KEY`` of the ``manifest.json`` in ``data.path``
+    (:meth:`ldmkit.data.Manifest.facts`)."""
+    from ldmkit.data.loader import dataset_dir
+    from ldmkit.data.manifest import MANIFEST, read_manifest
+
+    if key not in MANIFEST_FACTS:
+        raise ConfigError(f"${{manifest:{key}}}: unknown dataset fact; one of {', '.join(MANIFEST_FACTS)}")
+    data = _root_.get("data")
+    path, source = (data.get("path"), data.get("source")) if isinstance(data, DictConfig) else (None, None)
+    directory = dataset_dir({"path": path, "source": source})
+    if not (directory / MANIFEST).is_file():
+        images = "path=YOUR_IMAGES " if source == "image_folder" else ""
+        raise ConfigError(
+            f"data.path={path}: {directory / MANIFEST} is missing (the config reads {key} from it); "
+            f"prepare the folder first: ldmkit data prepare {source or '<source>'} {images}out={path}"
+        )
+    facts = read_manifest(directory).facts()
+    if key == "num_classes" and not facts[key]:
+        raise ConfigError(
+            f"data.path={path}: the dataset has no classes (class = first sub-folder of the images); "
+            "sort the images into class folders and prepare again, or train without labels "
+            "(experiment=folder_uncond or folder_text)"
+        )
+    return facts[key]
+
+
+OmegaConf.register_new_resolver("manifest", _manifest_fact, replace=True)
+
+
+def _resolve_dataset_facts(cfg: DictConfig) -> None:
+    """Resolve ``cfg`` once so a dataset fact that cannot be read is one ConfigError now
+    (OmegaConf wraps a resolver's error in its own, with the original in the chain)."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, LdmkitError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise ConfigError(str(cause)) from None
 
 
 def _compose_with_stage_trainer(overrides: Sequence[str], config_name: str) -> DictConfig:
@@ -145,8 +261,8 @@ def _check_optional_choice(group: str, option: str | None) -> None:
          for p in (root / group).rglob("*.yaml")}
     )
     raise ConfigError(
-        f"unknown option {group}={option} (no {group}/{option}.yaml in ldmkit's conf/ or an installed "
-        f"plugin's config root); {group} options: {', '.join(found) or '(none)'}"
+        f"unknown option {group}={option} (no {group}/{option}.yaml in ldmkit's conf/, an installed "
+        f"plugin's config root or a --config-dir); {group} options: {', '.join(found) or '(none)'}"
     )
 
 

@@ -325,7 +325,7 @@ class PluginManager:
                     sources.append((f"plugin {info.name!r} ({info.label})", directory))
         shipped: dict[str, list[tuple[str, Path]]] = {}
         for provider, directory in sources:
-            for option in _config_options(directory):
+            for option in config_options(directory):
                 path = (directory / option).resolve()
                 providers = shipped.setdefault(option, [])
                 if all(path != other for _, other in providers):
@@ -429,7 +429,7 @@ def _row(info: PluginInfo, status: str, *, registers: dict[str, list[str]] | Non
     }
 
 
-def _config_options(directory: Path) -> list[str]:
+def config_options(directory: Path) -> list[str]:
     """``group/option.yaml`` of every option in a config root (nested groups included)."""
     if not directory.is_dir():
         return []

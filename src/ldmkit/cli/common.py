@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 from collections.abc import Sequence
+from pathlib import Path
 
 from ldmkit.errors import LdmkitError
 
@@ -28,13 +29,24 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
         "overrides", nargs="*", help="Hydra overrides, e.g. first_stage=kl_f8 trainer.max_steps=2000"
     )
     p.add_argument(
+        "--config-dir", action="append", default=[], metavar="DIR", type=_config_dir,
+        help="a folder of your own config options (experiment/NAME.yaml, group options), searched after "
+             "ldmkit's and the plugins'; repeatable; also $LDMKIT_CONFIG_PATH (os.pathsep-separated)",
+    )
+    p.add_argument(
         "--print-config", action="store_true",
         help="print the composed config (denoiser dims written auto resolved, marked '# auto') and exit",
     )
     return p
 
 
-def _compose(overrides: Sequence[str], print_config: bool):
+def _config_dir(value: str) -> str:
+    if not Path(value).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"no such directory: {value}")
+    return value
+
+
+def _compose(overrides: Sequence[str], print_config: bool, config_dirs: Sequence[str] = ()):
     from omegaconf import OmegaConf
 
     from ldmkit.config import compose_config
@@ -45,9 +57,9 @@ def _compose(overrides: Sequence[str], print_config: bool):
             from ldmkit.training.init_from import adopt_source_architecture, inside_architecture
 
             kept = [o for o in overrides if not inside_architecture(o)]
-            cfg = adopt_source_architecture(compose_config(kept), overrides)
+            cfg = adopt_source_architecture(compose_config(kept, config_dirs=config_dirs), overrides)
         else:
-            cfg = compose_config(overrides)
+            cfg = compose_config(overrides, config_dirs=config_dirs)
     except LdmkitError as err:
         raise CLIError(str(err)) from err
     if print_config:

@@ -103,7 +103,7 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     if not args.out.suffix:
         raise CLIError(f"--out names the grid image, e.g. {args.out}.png; got {args.out}")
     overrides = _checkpoint_sampler_overrides(args.checkpoint, args.overrides)
-    cfg = _compose(overrides, args.print_config)
+    cfg = _compose(overrides, args.print_config, args.config_dir)
     if args.print_config:
         return 0
     from ldmkit.io import check_writable

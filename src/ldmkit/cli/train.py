@@ -13,7 +13,7 @@ from ldmkit.errors import LdmkitError
 def _run_stage(argv: Sequence[str], prog: str, description: str, module: str, function: str):
     """Compose the config from ``argv`` and call ``module.function(cfg)``."""
     args = _parser(prog, description).parse_args(argv)
-    cfg = _compose(args.overrides, args.print_config)
+    cfg = _compose(args.overrides, args.print_config, args.config_dir)
     if args.print_config:
         return None
     runner = getattr(_optional_module(module, f"{prog} (stage={cfg.get('stage')})"), function)

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from ldmkit.errors import ConfigError
 from ldmkit.evaluation.frechet import FeatureStats, frechet_distance_from_stats, kernel_distance
 from ldmkit.evaluation.metrics import psnr, ssim
 from ldmkit.io import atomic_write_text, check_writable
@@ -178,6 +179,11 @@ def evaluate_autoencoder(
                       first_stage=OmegaConf.to_container(saved.first_stage, resolve=True))
     else:
         first_stage = first_stage.to(device).eval()
+    if options["split"] is None:  # ${manifest:val_split} of data prepared without a held-out split
+        raise ConfigError(
+            "eval.split is null: the data has no held-out split (val or test); prepare it with "
+            "val_fraction=0.05 (ldmkit data prepare ... val_fraction=0.05 overwrite=true) or set eval.split=train"
+        )
     split = str(options["split"])
     output = options["output"]
     if write and output is None:

@@ -11,7 +11,7 @@ __all__ = ["EVAL_KEYS"]
 
 EVAL_KEYS: dict[str, Spec] = {
     "checkpoint": Text(null=True),
-    "split": Text(),
+    "split": Text(null=True),
     "batch_size": Integer(1),
     "max_images": Integer(1, null=True),
     "lpips": Either(Boolean(), Choice("auto")),

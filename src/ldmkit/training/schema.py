@@ -53,7 +53,7 @@ TRAINER_KEYS: dict[str, Spec] = {
     "keep_checkpoints": Integer(1),
     "embed_frozen": Boolean(),
     "val_batches": Integer(0),
-    "val_split": Text(),
+    "val_split": Text(null=True),
     "device": Device(),
     "resume": Boolean(),
     "progress": Boolean(),
