@@ -91,6 +91,7 @@ LAYERS: dict[str, int] = {
     "ldmkit.losses": 1,
     "ldmkit.checkpoint_layout": 1,
     "ldmkit.weights": 1,
+    "ldmkit.lora": 1,  # LoRA adapters through peft, on any module (Pipeline.load attaches them)
     "ldmkit.evaluation.metrics": 1,
     "ldmkit.evaluation.frechet": 1,
     "ldmkit.plugins": 2,

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 
-from ldmkit import frozen, masks
+from ldmkit import frozen, lora, masks
 from ldmkit import precision as _precision
 from ldmkit.assembly import component_config, create_component, pipeline_config, pipeline_parts
 from ldmkit.compiling import compile_module
@@ -309,6 +309,11 @@ class Pipeline(nn.Module):
         """
         from safetensors.torch import save_file, save_model
 
+        if lora.has_adapters(self):
+            raise ConfigError(
+                "cannot save this pipeline: it carries a LoRA adapter, which config.yaml does not describe; "
+                "bake it in first (ldmkit.lora.merge, `ldmkit lora merge`)"
+            )
         if self.config is None:  # a component that cannot be described: say which, and why
             try:
                 self.config = pipeline_config(self._parts())
@@ -385,14 +390,18 @@ class Pipeline(nn.Module):
     def load(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> Pipeline:
         """Rebuild a pipeline saved with :meth:`save` (names resolve through the registry;
         no code named in the checkpoint is executed, and no interpolation in its config is
-        resolved: :func:`ldmkit.config.load_saved_config`)."""
+        resolved: :func:`ldmkit.config.load_saved_config`). The adapter folder a LoRA run
+        exports loads as its base pipeline with the adapter attached (:mod:`ldmkit.lora`)."""
         directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        # an adapter folder (ldmkit.lora): the weights are its base's, then the adapter on top
+        adapter = lora.read_adapter(directory)
+        weights_dir = adapter.base if adapter is not None else directory
+        config_path, weights_path = directory / CONFIG_FILE, weights_dir / WEIGHTS_FILE
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"checkpoint file missing: {path}")
         cfg = read_pipeline_config(config_path)
-        references = frozen.read_manifest(directory)
+        references = frozen.read_manifest(weights_dir)
         try:
             pipeline = cls.from_config(cfg)
         except (LdmkitError, OSError) as err:
@@ -404,7 +413,7 @@ class Pipeline(nn.Module):
                 f"{err}. Restore the source, or re-save the pipeline with embed_frozen=True on a "
                 "machine where it loads"
             ) from err
-        frozen.check_restored(directory, references, frozen.frozen_parts(pipeline) if references else {})
+        frozen.check_restored(weights_dir, references, frozen.frozen_parts(pipeline) if references else {})
         # names and shapes from the file's header first: nothing is read from a file that
         # does not fit (UnreadableWeightsError names the file)
         stored, own = read_safetensors_shapes(weights_path), pipeline.state_dict()
@@ -422,6 +431,8 @@ class Pipeline(nn.Module):
                 + "; ".join(problems)
             )
         pipeline.load_state_dict(read_safetensors(weights_path), strict=False)
+        if adapter is not None:
+            lora.attach(pipeline, adapter, directory)
         return pipeline.to(device)
 
 

@@ -1,5 +1,5 @@
 """The ``ldmkit`` command: ``train``, ``sample``, ``evaluate``, ``data``, ``plugins``, ``demo``,
-``convert``.
+``convert``, ``lora``.
 
 Everything after the subcommand that looks like ``key=value`` is a Hydra override::
 
@@ -21,7 +21,7 @@ import errno
 import sys
 from collections.abc import Sequence
 
-from ldmkit.cli import common, convert, data, demo, plugins, sample, train
+from ldmkit.cli import common, convert, data, demo, lora, plugins, sample, train
 from ldmkit.errors import LdmkitError
 from ldmkit.io import as_write_error
 
@@ -32,6 +32,7 @@ SUBCOMMANDS = {
     "data": (data.data, "prepare and inspect datasets (webdataset shards)"),
     "plugins": (plugins.plugins, "list installed plugins and what they register"),
     "demo": (demo.demo, "serve a web page for a trained pipeline (pip install 'ldmkit[demo]')"),
+    "lora": (lora.lora, "bake a LoRA run's adapter into a pipeline folder, or export it for diffusers (lora merge|export-diffusers)"),
     "convert": (convert.convert, "import the paper's checkpoints, convert to and from diffusers (convert compvis|to-diffusers|from-diffusers)"),
 }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from torch import Tensor, nn
 
+from ldmkit import lora
 from ldmkit.compiling import compile_module
 from ldmkit.diffusion.objective import DiffusionObjective, scale_factor_from_latents
 from ldmkit.ema import EMA
@@ -98,6 +100,13 @@ class LDMTrainer(Trainer):
             self.pipeline.schedule, prediction=self.pipeline.denoiser.prediction, **dict(self.opts["objective"] or {})
         )
         self.step_module = DiffusionStep(self.pipeline.denoiser, self.pipeline.conditioner, objective).to(self.device)
+        # trainer.lora: peft's LoRA layers, the rest frozen (ldmkit.lora); after init_from, before the patterns
+        # (which narrow what trains) and compile
+        self.lora = lora.from_options(self.pipeline, {**LDM_DEFAULTS["lora"], **(self.options.get("lora") or {})})
+        if self.lora is not None:
+            lora.add_lora(self.pipeline, self.lora)
+            if self.is_main:
+                print(f"ldmkit train {self.stage}: {lora.summary(self.pipeline)}", file=sys.stderr)
         selection = apply_patterns(self.step_module.named_parameters(), self.options.get("trainable"),
                                    self.options.get("frozen"), what="stage=ldm")
         compile_module(
@@ -174,7 +183,7 @@ class LDMTrainer(Trainer):
         return {"diffusion": {"betas": tuple(self.opts["betas"]), "weight_decay": float(self.opts["weight_decay"])}}
 
     def config_keys_that_must_match(self) -> list[str]:
-        return ["first_stage", "denoiser", "conditioner", "schedule", "scale_factor"]
+        return ["first_stage", "denoiser", "conditioner", "schedule", "scale_factor", "trainer.lora"]
 
     # -- data ------------------------------------------------------------------------------
     def make_loader(self, split: str, epoch: int) -> Iterable[Mapping[str, Any]]:
@@ -353,12 +362,21 @@ class LDMTrainer(Trainer):
 
     def export_pipeline(self) -> Path:
         """``<run_dir>/pipeline/``: a :class:`Pipeline` folder (EMA weights by default)
-        that ``ldmkit sample --checkpoint`` and ``Pipeline.load`` read."""
+        that ``ldmkit sample --checkpoint`` and ``Pipeline.load`` read. A LoRA run writes the
+        adapter alone over its base: the ``trainer.init_from`` folder when the base's weights
+        are exactly its, else ``<run_dir>/base/`` (:func:`ldmkit.lora.save_base`)."""
         if self.options.get("init_from") and not self.scale_by_std:  # the scale factor it carried
             with open_dict(self.pipeline.config):
                 self.pipeline.config.scale_factor = float(self.pipeline.scale_factor)
+        embed = bool(self.options.get("embed_frozen"))
+        if self.lora is not None:
+            init = self.options.get("init_from")
+            lora.save_base(self.pipeline, self.lora, [Path(init), Path(init) / "pipeline"] if init else [],
+                           self.run_dir / "base", embed_frozen=embed)  # fmt: skip
+            with self._sampling_weights():
+                return lora.save_adapter(self.pipeline, self.run_dir / "pipeline", self.lora)
         with self._sampling_weights():
-            return self.pipeline.save(self.run_dir / "pipeline", embed_frozen=bool(self.options.get("embed_frozen")))
+            return self.pipeline.save(self.run_dir / "pipeline", embed_frozen=embed)
 
 
 def train_ldm(cfg: Any, *, data: Any = None) -> Path:

@@ -86,6 +86,11 @@ TRAINER_KEYS: dict[str, Spec] = {
     "ema.decay": Number(0, 1),
     "ema.warmup": Boolean(),
     "ema.use_for_sampling": Boolean(),
+    "lora.rank": Integer(0),
+    "lora.alpha": Number(0, above=True, null=True),
+    "lora.dropout": Number(0, 1),
+    "lora.targets": Either(ListOf(Text()), Choice(None)),
+    "lora.conditioner": Boolean(),
     # nodes of a constructor's keyword arguments, typed by its hints (`auto`: filled in later)
     "loss": Arguments(AutoencoderLoss, auto=("disc_in_channels", "reduction")),
     "objective": Arguments(DiffusionObjective),

@@ -82,6 +82,11 @@ def to_diffusers(
         raise ConversionError(
             "this Pipeline has no config (build it with ldmkit.compose or Pipeline.load)"
         )
+    if any(".lora_" in name for name, _ in pipeline.named_parameters()):
+        raise ConversionError(
+            "this pipeline carries a LoRA adapter: export its base and the adapter apart (ldmkit lora "
+            "export-diffusers), or bake it in first (ldmkit lora merge)"
+        )
     cfg = OmegaConf.to_container(pipeline.config, resolve=True)
     out = Path(out)
     step = progress or (lambda _name: None)
