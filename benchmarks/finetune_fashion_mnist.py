@@ -101,24 +101,20 @@ def evaluate(pipeline_dir: Path, per_class: int, real_stats: Any, classifier: An
 
 
 def trainable_report(run_dir: Path) -> dict[str, Any]:
-    """Trainable parameters (the EMA-free count of the final model) and the exported size."""
+    """What a run trains and exports: the trained tensors' element count (the adapter's for a
+    LoRA run, else the denoiser's and conditioner's) and the exported files' sizes."""
     from safetensors import safe_open
 
     pipeline = run_dir / "pipeline"
-    sizes = {p.name: p.stat().st_size for p in pipeline.glob("*.safetensors")}
-    numel = 0
-    for name in sizes:
-        with safe_open(str(pipeline / name), "pt") as f:
-            numel += sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
-                         else _prod(f.get_slice(k).get_shape()) for k in f.keys())  # fmt: skip
-    return {"exported_files": sizes, "exported_tensors_numel": numel}
-
-
-def _prod(shape: list[int]) -> int:
-    out = 1
-    for s in shape:
-        out *= int(s)
-    return out
+    adapter = pipeline / "adapter.safetensors"
+    file = adapter if adapter.is_file() else pipeline / "model.safetensors"
+    with safe_open(str(file), "pt") as f:
+        keys = [k for k in f.keys() if adapter.is_file() or k.startswith(("denoiser.", "conditioner."))]
+        numel = sum(f.get_tensor(k).numel() for k in keys)
+    with safe_open(str(run_dir / "base" / "model.safetensors" if (run_dir / "base").is_dir() else file), "pt") as f:
+        model = sum(f.get_tensor(k).numel() for k in f.keys() if k.startswith(("denoiser.", "conditioner.")))
+    return {"trained_parameters": numel, "model_parameters": model,
+            "exported_mb": sum(p.stat().st_size for p in pipeline.glob("*.safetensors")) / 2**20}  # fmt: skip
 
 
 def main() -> None:
@@ -133,6 +129,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--runs", nargs="+", default=["scratch", "full", "lora4", "lora16"])
     parser.add_argument("--only-base", action="store_true", help="stop after the base model")
+    parser.add_argument("--collect", action="store_true", help="only gather the runs' points into --json and plot")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/finetune_fashion_mnist.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs/images/finetune_fashion_mnist.png")
     args = parser.parse_args()
@@ -169,20 +166,21 @@ def main() -> None:
     real_stats = FeatureStats(real.shape[1])
     real_stats.update(real)
 
-    finetune = [f"trainer.init_from={base / 'pipeline'}", "trainer.init_strict=false"]
+    # a number as scale_factor: the base's is carried (the preset's scale_by_std would estimate anew)
+    finetune = [f"trainer.init_from={base / 'pipeline'}", "trainer.init_strict=false", "scale_factor=1.0"]
     variants = {
         "scratch": [],
         "full": finetune,
-        "lora4": [*finetune, "trainer.lora.rank=4", "trainer.trainable=[conditioner.*]"],
-        "lora16": [*finetune, "trainer.lora.rank=16", "trainer.trainable=[conditioner.*]"],
+        # the new classes need rows of the class table: LoRA on the conditioner's embedding too
+        "lora4": [*finetune, "trainer.lora.rank=4", "trainer.lora.conditioner=true"],
+        "lora16": [*finetune, "trainer.lora.rank=16", "trainer.lora.conditioner=true"],
     }
     results: dict[str, Any] = {"steps": args.steps, "eval_steps": args.eval, "per_class": args.per_class,
                                "base_steps": args.base_steps, "recipe": RECIPE, "runs": {}}  # fmt: skip
-    if args.json.is_file():
-        results["runs"] = json.loads(args.json.read_text()).get("runs", {})
-    for name in args.runs:
+    for name in [] if args.collect else args.runs:
         run_dir = args.work / name
-        entry = results["runs"].setdefault(name, {"overrides": variants[name], "points": []})
+        points_file = run_dir / "points.json"
+        entry = json.loads(points_file.read_text()) if points_file.is_file() else {"overrides": variants[name], "points": []}
         done = {p["step"] for p in entry["points"]}
         for step in args.eval:
             if step in done:
@@ -194,10 +192,14 @@ def main() -> None:
                                                                         real_stats, classifier)}  # fmt: skip
             entry["points"].append(point)
             print(name, json.dumps(point), flush=True)
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=2) + "\n")
+            points_file.write_text(json.dumps(entry, indent=2) + "\n")
         entry.update(trainable_report(run_dir))
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        points_file.write_text(json.dumps(entry, indent=2) + "\n")
+    for name in variants:
+        if (args.work / name / "points.json").is_file():
+            results["runs"][name] = json.loads((args.work / name / "points.json").read_text())
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.plot)
 
 
