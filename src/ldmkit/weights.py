@@ -115,9 +115,16 @@ def load_component_weights(module: nn.Module, source: str | os.PathLike, role: s
         state = read_weights(file)  # a file of this component alone
     frozen.check_referenced(module, references, file.parent, role)
     state = frozen.fill_referenced(module, state, references)
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as err:
+    own = module.state_dict()
+    reshaped = [f"{k} is {list(v.shape)} there but {list(own[k].shape)} in the model"
+                for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]  # fmt: skip
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if reshaped or missing or unexpected:
+        problems = [f"{reshaped[0]}" + (f" (and {len(reshaped) - 1} more)" if len(reshaped) > 1 else "")] if reshaped else []
+        problems += [f"{what} {keys[:5]}" + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+                     for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]  # fmt: skip
         raise WeightsError(
-            f"the weights in {source} do not fit the {role} built from its config: {err}"
-        ) from err
+            f"the weights in {source} do not fit the {role} built from its config: {'; '.join(problems)} "
+            f"(is {role}'s config the one those weights were trained with?)"
+        )
+    module.load_state_dict(state, strict=True)
