@@ -174,6 +174,11 @@ def main() -> None:
         # the new classes need rows of the class table: LoRA on the conditioner's embedding too
         "lora4": [*finetune, "trainer.lora.rank=4", "trainer.lora.conditioner=true"],
         "lora16": [*finetune, "trainer.lora.rank=16", "trainer.lora.conditioner=true"],
+        # the class token reaches the UNet only through attention at one level: LoRA on the
+        # residual blocks' convolutions too (LoCon-style) gives the new classes capacity
+        "lora8_conv": [*finetune, "trainer.lora.rank=8", "trainer.lora.conditioner=true",
+                       "trainer.lora.targets=['denoiser.*.attn[12].to_[qkv]','denoiser.*.attn[12].to_out.0',"
+                       "'denoiser.*.in_layers.2','denoiser.*.out_layers.3']"],
     }
     results: dict[str, Any] = {"steps": args.steps, "eval_steps": args.eval, "per_class": args.per_class,
                                "base_steps": args.base_steps, "recipe": RECIPE, "runs": {}}  # fmt: skip
