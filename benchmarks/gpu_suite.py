@@ -17,7 +17,10 @@ Where CUDA exists it runs, in this order (about 5 minutes on one H100):
    diffusers (``benchmarks/sampling_diffusers.py`` on ``--device cuda``), the same three modes;
 5. the paper-size UNet (SD-v1 / LDM-KL-8 text-to-image shape: 320 channels, [1, 2, 4, 4],
    attention at 4, 2, 1, 768-d context; 64x64x4 latents): parameters, bf16 train-step time,
-   peak memory and MFU, with and without gradient checkpointing.
+   peak memory and MFU, with and without gradient checkpointing;
+6. ``trainer.strategy=fsdp``'s memory per rank (``benchmarks/fsdp_memory.py --cuda`` under
+   ``torchrun``, one rank per visible GPU): the measured training state of txt2img-1p4B and
+   SD-v1 next to the value computed on the meta device.
 
 Without CUDA it prints one line saying so and exits 0 (nothing to measure). diffusers and
 xformers are optional: a missing one skips its part with the reason in the JSON.
@@ -494,12 +497,30 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def fsdp_memory(timeout: int) -> dict[str, Any]:
+    """``benchmarks/fsdp_memory.py --cuda`` under ``torchrun``, one rank per visible GPU."""
+    import tempfile
+
+    here = Path(__file__).resolve().parent
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "fsdp_memory.json"
+        done = subprocess.run(
+            [str(Path(sys.executable).with_name("torchrun")), "--standalone",
+             f"--nproc_per_node={torch.cuda.device_count()}", str(here / "fsdp_memory.py"), "--cuda",
+             "--json", str(out)],
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        if done.returncode != 0 or not out.is_file():
+            return {"skipped": f"exit {done.returncode}: {done.stderr.strip()[-500:]}"}
+        return {"rows": json.loads(out.read_text())}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument(
-        "--skip", nargs="*", default=[], choices=["tests", "train", "sampling", "paper", "compile"]
+        "--skip", nargs="*", default=[], choices=["tests", "train", "sampling", "paper", "compile", "fsdp"]
     )
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--paper-batch", type=int, default=8)
@@ -570,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
             results["paper_unet"] = paper_unet(args.paper_batch, results["matmul_peak_tflops"])
         except Exception as err:  # noqa: BLE001
             results["paper_unet"] = {"skipped": f"{type(err).__name__}: {err}"}
+    if "fsdp" not in args.skip:
+        results["fsdp_memory"] = fsdp_memory(timeout=600)
     save()
     print(markdown(results))
     tests = results.get("cuda_tests", {})

@@ -299,8 +299,12 @@ class Pipeline(nn.Module):
         return self
 
     # -- checkpoints --------------------------------------------------------------------
-    def save(self, directory: str | Path, *, embed_frozen: bool = False) -> Path:
+    def save(
+        self, directory: str | Path, *, embed_frozen: bool = False, state: dict[str, torch.Tensor] | None = None
+    ) -> Path:
         """Write ``model.safetensors`` and the resolved ``config.yaml`` into ``directory``.
+        ``state``: the weights to write instead of the pipeline's own state dict (a sharded
+        model's, gathered).
 
         Frozen pretrained parts that declare where they come from (``frozen_references()``,
         e.g. ``frozen_text``'s encoder) are stored as references in ``frozen.json`` (source
@@ -327,8 +331,11 @@ class Pipeline(nn.Module):
             # the manifest first: a crash before the weights leaves old (embedded) weights
             # beside it, which still load
             atomic_write_text(manifest, frozen.write_manifest(parts))
-            state = _without_shared({k: v for k, v in self.state_dict().items() if not frozen.under(k, parts)})
-            atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, str(p)))
+            full = self.state_dict() if state is None else state
+            kept = _without_shared({k: v for k, v in full.items() if not frozen.under(k, parts)})
+            atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(kept, str(p)))
+        elif state is not None:
+            atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(_without_shared(state), str(p)))
         else:
             atomic_write(directory / WEIGHTS_FILE, lambda p: save_model(self, str(p)))
             manifest.unlink(missing_ok=True)

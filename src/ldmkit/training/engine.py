@@ -208,6 +208,18 @@ class Trainer(abc.ABC):
         """Config keys that define the model: a resumed run refuses to change them."""
         return []
 
+    #: the model is sharded across the ranks (``trainer.strategy=fsdp``): every rank takes
+    #: part in validation and grids (rank 0 still writes) and in checkpoints
+    sharded: bool = False
+
+    def sharded_state(self) -> dict[str, Any] | None:
+        """A sharded model's checkpoint state (:mod:`torch.distributed.checkpoint` writes it
+        and loads into it in place, :mod:`ldmkit.training.state`); None: the model is whole."""
+        return None
+
+    def load_sharded_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - only sharded stages load one
+        """Apply a :meth:`sharded_state` filled from a checkpoint."""
+
     def before_training(self) -> None:  # noqa: B027 - optional: most stages need nothing here
         """Called once per :meth:`fit`, after :meth:`build` and the resume and before the
         first step (:attr:`step` tells a fresh run from a resumed one)."""
@@ -415,7 +427,7 @@ class Trainer(abc.ABC):
         return {"train_minutes": self.train_seconds / 60.0, "epoch": float(self.epoch)}
 
     def _validate(self) -> None:
-        if not self.is_main:
+        if not (self.is_main or self.sharded):
             return
         with isolated_rng(stream_seed(self.seed, "validation")):
             batches = self.validation_batches()
@@ -424,7 +436,7 @@ class Trainer(abc.ABC):
             self.logger.log(self.step, self._timing() | {f"val/{k}": v for k, v in values.items()})
 
     def _images(self, batch: Mapping[str, Any] | None) -> None:
-        if not self.is_main:
+        if not (self.is_main or self.sharded):
             return
         with isolated_rng(stream_seed(self.seed, "grids")):
             val = self.validation_batches()

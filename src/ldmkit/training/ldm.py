@@ -6,7 +6,8 @@ conditioner drops each sample's condition to the null condition with its configu
 ``drop_rate`` (per part for ``conditioner=multi``) so the model also learns the
 unconditional score (classifier-free guidance, Ho & Salimans 2022).
 An EMA of the trainable weights is kept and used for sampling. Under ``torchrun`` the
-trainable part runs in DistributedDataParallel; only rank 0 writes.
+trainable part runs in DistributedDataParallel (``trainer.strategy=ddp``), or sharded by FSDP2
+(``trainer.strategy=fsdp``, :mod:`ldmkit.training.fsdp`); only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ldmkit.diffusion.objective import DiffusionObjective, scale_factor_from_lat
 from ldmkit.ema import EMA
 from ldmkit.interfaces import Conditioner
 from ldmkit.sampling_request import SEED_LIMIT
+from ldmkit.training import fsdp
 from ldmkit.training.batches import batch_images
 from ldmkit.training.defaults import stage_only_keys
 from ldmkit.training.distributed import broadcast_tensor
@@ -107,6 +109,7 @@ class LDMTrainer(Trainer):
             lora.add_lora(self.pipeline, self.lora)
             if self.is_main:
                 print(f"ldmkit train {self.stage}: {lora.summary(self.pipeline)}", file=sys.stderr)
+        self.strategy = fsdp.check_strategy(self.opts["strategy"], lora=self.lora is not None)
         selection = apply_patterns(self.step_module.named_parameters(), self.options.get("trainable"),
                                    self.options.get("frozen"), what="stage=ldm")
         compile_module(
@@ -114,6 +117,10 @@ class LDMTrainer(Trainer):
             backend=str(self.options.get("compile_backend") or "inductor"), key="trainer.compile",
             what="the denoiser",
         )
+        self.sharded = self.strategy == "fsdp"
+        self.units = []
+        if self.sharded:  # before the optimizer and the EMA, which then hold shards
+            self.units = fsdp.shard(self.pipeline.denoiser, self.pipeline.conditioner, objective, self.precision)
         params = [p for p in self.step_module.parameters() if p.requires_grad]
         if not params:
             raise TrainingError("stage=ldm has nothing to train: the denoiser has no trainable parameters")
@@ -132,7 +139,7 @@ class LDMTrainer(Trainer):
             print_report(self, *init, self._carry_scale_factor(init[0]))
         print_selection(selection, self)
         self.model = self.step_module
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel
 
             self.model = DistributedDataParallel(
@@ -177,6 +184,20 @@ class LDMTrainer(Trainer):
 
     def generators(self) -> dict[str, torch.Generator]:
         return {"diffusion": self.noise_generator, "conditions": self.condition_generator}
+
+    def _whole_modules(self) -> dict[str, nn.Module]:
+        """What a sharded checkpoint holds besides the step module and its optimizer."""
+        return {"first_stage": self.pipeline.first_stage, **{k: v for k, v in self.training_modules().items()
+                                                             if k != "objective"}}
+
+    def sharded_state(self) -> dict[str, Any] | None:
+        if not self.sharded:
+            return None
+        fsdp.reshard(self.units)
+        return fsdp.checkpoint_state(self.step_module, self.optimizer, self._whole_modules())
+
+    def load_sharded_state(self, state: dict[str, Any]) -> None:
+        fsdp.load_checkpoint_state(self.step_module, self.optimizer, self._whole_modules(), state)
 
     def hyperparameters(self) -> dict[str, dict[str, Any]]:
         # the lr itself is set every step (warm-up)
@@ -293,7 +314,7 @@ class LDMTrainer(Trainer):
         self.check_finite("the diffusion loss", loss, logs)
         norm = self.backward(loss, self.optimizer, self.optimizer.param_groups[0]["params"])
         if norm is not None:
-            logs["grad_norm"] = norm
+            logs["grad_norm"] = fsdp.replicated(norm)
         if self.ema is not None:
             self.ema.update(self.trainable)
         logs["lr"] = torch.tensor(lr)
@@ -301,6 +322,7 @@ class LDMTrainer(Trainer):
 
     # -- evaluation and images ------------------------------------------------------------
     def _sampling_weights(self):
+        fsdp.reshard(self.units)  # the EMA shadow is sharded as the parameters are
         use_ema = self.ema is not None and bool(self.opts["ema"]["use_for_sampling"])
         return self.ema.applied_to(self.trainable) if use_ema else contextlib.nullcontext(self.trainable)
 
@@ -346,6 +368,8 @@ class LDMTrainer(Trainer):
                 guidance_scale=float(self.opts["guidance_scale"]) if guided else 1.0,
                 seed=int(self.cfg.get("seed", 0)) % SEED_LIMIT, image_size=int(image_size), precision=self.precision,
             )
+        if not self.is_main:  # a sharded model samples on every rank
+            return None
         tiles, per_row = samples_with_conditions(images, conditioner, cond_batch)
         grid = make_grid(tiles, nrow=per_row or image_grid_rows(n), padding=2)
         with atomic_path(path) as tmp:
@@ -356,11 +380,11 @@ class LDMTrainer(Trainer):
         # the pipeline first: a run killed in between resumes from the checkpoint before and
         # exports again, so pipeline/ is never older than the newest checkpoint (a run stopped
         # after its last checkpoint has nothing left to do, and would never re-export)
-        if self.is_main:
+        if self.is_main or self.sharded:  # a sharded model is gathered by every rank
             self.export_pipeline()
         return super().save_checkpoint()
 
-    def export_pipeline(self) -> Path:
+    def export_pipeline(self) -> Path | None:
         """``<run_dir>/pipeline/``: a :class:`Pipeline` folder (EMA weights by default)
         that ``ldmkit sample --checkpoint`` and ``Pipeline.load`` read. A LoRA run writes the
         adapter alone over its base: the ``trainer.init_from`` folder when the base's weights
@@ -376,6 +400,9 @@ class LDMTrainer(Trainer):
             with self._sampling_weights():
                 return lora.save_adapter(self.pipeline, self.run_dir / "pipeline", self.lora)
         with self._sampling_weights():
+            if self.sharded:  # the full weights, gathered on rank 0 (which alone writes)
+                full = fsdp.full_state(self.pipeline)
+                return self.pipeline.save(self.run_dir / "pipeline", embed_frozen=embed, state=full) if self.is_main else None
             return self.pipeline.save(self.run_dir / "pipeline", embed_frozen=embed)
 
 

@@ -81,6 +81,7 @@ TRAINER_KEYS: dict[str, Spec] = {
     "sample_steps": Integer(1),
     "sample_count": Integer(1),
     "guidance_scale": Number(0),
+    "strategy": Choice("ddp", "fsdp"),
     "ddp_find_unused_parameters": Boolean(),
     "ema.enabled": Boolean(),
     "ema.decay": Number(0, 1),

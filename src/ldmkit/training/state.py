@@ -15,6 +15,13 @@ A checkpoint is a folder ``<run_dir>/checkpoints/step_<NNNNNNNNN>/`` holding
 * ``config.yaml`` — the resolved config of the run;
 * ``meta.json`` — step, file list and each file's SHA-256, written last.
 
+Under ``trainer.strategy=fsdp`` the model, the training modules and the optimizers are sharded
+across the ranks: ``sharded/`` takes the place of both safetensors files and of the optimizer
+states, written by :mod:`torch.distributed.checkpoint` (each rank writes its own
+``__<rank>_0.distcp`` into the temporary folder, rank 0 the ``.metadata``, then rank 0 adds the
+other files and renames the folder as above). ``meta.json`` lists and checksums those files
+too. A run with another number of ranks reads them resharded (:mod:`ldmkit.training.fsdp`).
+
 The folder is assembled under a temporary name, every file fsynced, then renamed into place
 with ``os.replace`` (atomic on POSIX) and the parent directory fsynced: a run killed at any
 moment leaves either the complete checkpoint or none, never a torn one. Temporary folders
@@ -76,6 +83,7 @@ __all__ = [
     "CONFIG_FILE",
     "META_FILE",
     "MODEL_FILE",
+    "SHARDED_DIR",
     "STATE_FILE",
     "TRAINING_FILE",
     "Change",
@@ -96,6 +104,7 @@ __all__ = [
 ]
 
 STATE_FORMAT = 2  # trainer_state.pt layout (1: one "rng" entry, data position as a batch count)
+SHARDED_DIR = "sharded"  # trainer.strategy=fsdp: the torch.distributed.checkpoint files
 
 
 class StageParts(Protocol):
@@ -110,6 +119,8 @@ class StageParts(Protocol):
     def generators(self) -> dict[str, torch.Generator]: ...
     def hyperparameters(self) -> dict[str, dict[str, Any]]: ...
     def config_keys_that_must_match(self) -> list[str]: ...
+    def sharded_state(self) -> dict[str, Any] | None: ...
+    def load_sharded_state(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -168,11 +179,18 @@ class TrainingState:
                 "data": data_position,
             }
         )
-        checkpoint = self._write(stage, ranks) if self.rank == 0 else None
+        sharded = stage.sharded_state()
+        if sharded is not None:  # every rank writes its shards
+            checkpoint = self._write(stage, ranks, sharded)
+        else:
+            checkpoint = self._write(stage, ranks) if self.rank == 0 else None
         distributed.barrier()
         return checkpoint
 
-    def _write(self, stage: StageParts, ranks: list[dict[str, Any]]) -> Checkpoint:
+    def _write(
+        self, stage: StageParts, ranks: list[dict[str, Any]], sharded: dict[str, Any] | None = None
+    ) -> Checkpoint | None:
+        optimizers = stage.optimizers() if sharded is None else {}  # else in the shards
         state = {
             "format": STATE_FORMAT,
             "stage": stage.stage,
@@ -180,11 +198,16 @@ class TrainingState:
             "epoch": self.epoch,
             "batches_in_epoch": self.batches_in_epoch,
             "train_seconds": self.train_seconds,
-            "optimizers": {k: opt.state_dict() for k, opt in stage.optimizers().items()},
+            "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()},
+            "sharded": sharded is not None,
             "grad_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "world_size": self.world_size,
             "ranks": ranks,
         }
+        if sharded is not None:
+            return self.checkpoints.save(
+                self.step, state=state, config_yaml=OmegaConf.to_yaml(self.cfg, resolve=True), sharded=sharded
+            )
         parts = self._frozen_references(stage)
         return self.checkpoints.save(
             self.step,
@@ -242,9 +265,12 @@ class TrainingState:
         for key in ("step", "epoch", "batches_in_epoch", "train_seconds", "optimizers"):
             if key not in state:
                 raise CheckpointError(f"{checkpoint.path / STATE_FILE} has no {key!r} entry")
-        weights = read_safetensors(checkpoint.model_file)
+        sharded = bool(state.get("sharded"))  # then sharded/ holds them (load() reads it)
+        weights = {} if sharded else read_safetensors(checkpoint.model_file)
         extra = (
-            read_safetensors(checkpoint.path / TRAINING_FILE) if stage.training_modules() else {}
+            read_safetensors(checkpoint.path / TRAINING_FILE)
+            if stage.training_modules() and not sharded
+            else {}
         )
         saved_config = None
         if checkpoint.config_file.is_file():
@@ -303,17 +329,31 @@ class TrainingState:
     def load(self, checkpoint: Checkpoint, contents: Contents, stage: StageParts) -> None:
         """Apply what :meth:`read` returned: weights, optimizers, position, random streams."""
         state = contents.state
-        for prefix, module in stage.model_modules().items():
-            tensors = frozen.fill_referenced(  # checked by read()
-                module,
-                unflatten_state(contents.weights, prefix),
-                frozen.within(contents.frozen, prefix),
+        target = stage.sharded_state()
+        if bool(state.get("sharded")) != (target is not None):
+            written, running = ("fsdp", "ddp") if state.get("sharded") else ("ddp", "fsdp")
+            raise TrainingError(
+                f"checkpoint {checkpoint.path} was written with trainer.strategy={written}, this run "
+                f"has trainer.strategy={running}: resume it with trainer.strategy={written}"
             )
-            _load_module(module, tensors, checkpoint.model_file, prefix)
-        for prefix, module in stage.training_modules().items():
-            _load_module(module, unflatten_state(contents.extra, prefix), checkpoint.path, prefix)
+        if target is not None:
+            _load_sharded(checkpoint, target)
+            stage.load_sharded_state(target)
+        else:
+            for prefix, module in stage.model_modules().items():
+                tensors = frozen.fill_referenced(  # checked by read()
+                    module,
+                    unflatten_state(contents.weights, prefix),
+                    frozen.within(contents.frozen, prefix),
+                )
+                _load_module(module, tensors, checkpoint.model_file, prefix)
+            for prefix, module in stage.training_modules().items():
+                _load_module(
+                    module, unflatten_state(contents.extra, prefix), checkpoint.path, prefix
+                )
         for key, optimizer in stage.optimizers().items():
-            optimizer.load_state_dict(state["optimizers"][key])
+            if target is None:
+                optimizer.load_state_dict(state["optimizers"][key])
             for group in optimizer.param_groups:
                 group.update(stage.hyperparameters().get(key, {}))
         if self.scaler.is_enabled() and state.get("grad_scaler"):
@@ -336,12 +376,27 @@ class TrainingState:
         if len(ranks) != self.world_size:
             warnings.warn(
                 f"the checkpoint was written by {len(ranks)} rank(s), this run has {self.world_size}: "
-                f"random streams and data positions cannot be restored exactly",
+                f"random streams and data positions cannot be restored exactly"
+                + ("; the sharded weights and optimizer states are resharded" if state.get("sharded") else ""),
                 TrainingWarning,
                 stacklevel=4,
             )
             return {**ranks[0], "data": {"loader": None}}
         return ranks[self.rank]
+
+
+def _load_sharded(checkpoint: Checkpoint, target: dict[str, Any]) -> None:
+    """Fill ``target`` (a stage's sharded state) in place from ``checkpoint``'s shards,
+    resharded when the checkpoint was written by another number of ranks."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(target, checkpoint_id=checkpoint.path / SHARDED_DIR)
+    except Exception as err:  # noqa: BLE001 - DCP wraps every rank's failure
+        raise TrainingError(
+            f"checkpoint {checkpoint.path / SHARDED_DIR} does not fit the model built from the "
+            f"current config (was the config changed since the run started?): {_one_line(err)}"
+        ) from err
 
 
 def _load_module(module: nn.Module, tensors: dict[str, Tensor], source: Path, prefix: str) -> None:
@@ -453,14 +508,18 @@ class CheckpointManager:
         self,
         step: int,
         *,
-        model: dict[str, Tensor],
+        model: dict[str, Tensor] | None = None,
         training: dict[str, Tensor] | None = None,
         state: dict[str, Any] | None = None,
         config_yaml: str | None = None,
         frozen_parts: dict[str, dict[str, Any]] | None = None,
-    ) -> Checkpoint:
+        sharded: dict[str, Any] | None = None,
+    ) -> Checkpoint | None:
         """Write the checkpoint of ``step``. ``frozen_parts`` (``{prefix: reference}``, see
         :mod:`ldmkit.frozen`) are the parts left out of ``model``; they go to ``frozen.json``.
+        ``sharded`` (instead of ``model``): a state of sharded tensors that every rank calls
+        this with, written into ``sharded/`` by :mod:`torch.distributed.checkpoint`; rank 0
+        writes the rest and returns the checkpoint, the other ranks None.
         A read-only or full disk raises
         :class:`~ldmkit.io.WriteError` naming the checkpoint; the ones before stay intact."""
         final = self.directory / f"step_{step:09d}"
@@ -473,6 +532,7 @@ class CheckpointManager:
                 state=state,
                 config_yaml=config_yaml,
                 frozen_parts=frozen_parts,
+                sharded=sharded,
             )
         except Exception as err:
             tmp = self.directory / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
@@ -493,21 +553,34 @@ class CheckpointManager:
         step: int,
         final: Path,
         *,
-        model: dict[str, Tensor],
+        model: dict[str, Tensor] | None,
         training: dict[str, Tensor] | None,
         state: dict[str, Any] | None,
         config_yaml: str | None,
         frozen_parts: dict[str, dict[str, Any]] | None = None,
-    ) -> Checkpoint:
+        sharded: dict[str, Any] | None = None,
+    ) -> Checkpoint | None:
         from safetensors.torch import save_file
 
-        self.directory.mkdir(parents=True, exist_ok=True)
+        main = sharded is None or distributed.distributed_info()[0] == 0
         tmp = self.directory / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        files = [MODEL_FILE]
-        save_file(model, str(tmp / MODEL_FILE), metadata={"step": str(step)})
+        if main:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        if sharded is not None:  # rank 0's folder: the ranks share the file system
+            import torch.distributed.checkpoint as dcp
+
+            tmp = Path(distributed.broadcast_object(str(tmp)))
+            dcp.save(sharded, checkpoint_id=tmp / SHARDED_DIR)  # returns once .metadata is written
+            if not main:
+                return None
+            files = [f"{SHARDED_DIR}/{p.name}" for p in sorted((tmp / SHARDED_DIR).iterdir())]
+        else:
+            assert model is not None, "a checkpoint needs the model's weights or its shards"
+            files = [MODEL_FILE]
+            save_file(model, str(tmp / MODEL_FILE), metadata={"step": str(step)})
         if training:
             save_file(training, str(tmp / TRAINING_FILE), metadata={"step": str(step)})
             files.append(TRAINING_FILE)
@@ -525,6 +598,8 @@ class CheckpointManager:
         for name in files:
             follow_umask(tmp / name)  # safetensors writes 0600
             _fsync_file(tmp / name)
+        if sharded is not None:
+            _fsync_dir(tmp / SHARDED_DIR)
         checksums = {name: file_sha256(tmp / name) for name in files}
         meta = {"step": step, "files": files, "sha256": checksums, "time": time.time()}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
