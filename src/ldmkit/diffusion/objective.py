@@ -78,6 +78,15 @@ class DiffusionObjective(nn.Module):
     ) -> Tensor:
         return torch.randint(0, self.schedule.timesteps, (batch,), generator=generator).to(device)
 
+    def draw(
+        self, shape: torch.Size, dtype: torch.dtype, device: torch.device, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Timesteps and noise for latents of ``shape``, drawn as :meth:`forward` draws them.
+        Drawn once for the samples of all micro-batches of an optimization step and sliced,
+        K micro-batches get what one batch of their samples would (gradient accumulation)."""
+        t = self.sample_timesteps(shape[0], device, generator)
+        return t, torch.randn(shape, generator=generator, dtype=dtype).to(device)
+
     def forward(
         self,
         denoiser: nn.Module,
@@ -89,10 +98,9 @@ class DiffusionObjective(nn.Module):
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, dict[str, Any]]:
         """Draw t and eps (unless given), noise z0 and return ``(loss, logs)``."""
-        if t is None:
-            t = self.sample_timesteps(z0.shape[0], z0.device, generator)
-        if noise is None:
-            noise = torch.randn(z0.shape, generator=generator, dtype=z0.dtype).to(z0.device)
+        if t is None or noise is None:
+            drawn_t, drawn_noise = self.draw(z0.shape, z0.dtype, z0.device, generator)
+            t, noise = t if t is not None else drawn_t, noise if noise is not None else drawn_noise
         z_t = self.schedule.q_sample(z0, t, noise)
         output = denoiser(z_t, t, cond)
         error = output.float() - self.target(z0, t, noise).float()

@@ -5,7 +5,7 @@ loss's log-variance), one for the PatchGAN discriminator once ``disc_start`` is 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ldmkit.compiling import compile_module
 from ldmkit.training.batches import batch_images, to_unit
 from ldmkit.training.defaults import stage_only_keys
-from ldmkit.training.engine import TRAINER_DEFAULTS, Trainer, TrainingError
+from ldmkit.training.engine import TRAINER_DEFAULTS, Trainer, TrainingError, average_logs
 from ldmkit.training.freezing import apply_patterns, print_selection
 from ldmkit.training.init_from import initialize, print_report
 
@@ -43,6 +43,31 @@ def build_autoencoder_loss(options: Mapping[str, Any], first_stage: nn.Module) -
         return AutoencoderLoss(**kwargs)
     except TypeError as err:
         raise TrainingError(f"trainer.loss: {err}") from err
+
+
+class _Generator(nn.Module):
+    """What the autoencoder's optimizer trains — the first stage and the loss's log-variance
+    (used by the loss, outside this forward) — as one module, for DDP."""
+
+    def __init__(self, first_stage: nn.Module, logvar: nn.Parameter) -> None:
+        super().__init__()
+        self.first_stage, self.logvar = first_stage, logvar
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        return self.first_stage(x)
+
+
+class _Discriminator(nn.Module):
+    """The discriminator's loss as a module over the discriminator alone, for DDP (the
+    loss's other parts are not its to reduce)."""
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.discriminator = loss.discriminator
+        self.discriminator_loss = loss.discriminator_loss  # a bound method: not a submodule
+
+    def forward(self, x: Tensor, rec: Tensor, *, global_step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.discriminator_loss(x, rec, global_step=global_step)
 
 
 class AutoencoderTrainer(Trainer):
@@ -89,6 +114,18 @@ class AutoencoderTrainer(Trainer):
         self.opt_disc = torch.optim.Adam(
             discriminator, lr=float(disc_lr) if disc_lr is not None else lr, betas=betas
         )
+        self.ae_model: nn.Module = _Generator(self.first_stage, self.loss.logvar)
+        self.disc_model: nn.Module = _Discriminator(self.loss)
+        if self.world_size > 1:
+            # two wrappers, one per optimizer, each over exactly the parameters its backward
+            # reaches: every backward then reduces all of its wrapper's gradients, with no
+            # unused parameters to search for (the generator's pass calls D unwrapped, its
+            # weights frozen; D's pass sees detached reconstructions)
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ae_model = DistributedDataParallel(self.ae_model, device_ids=ids)
+            self.disc_model = DistributedDataParallel(self.disc_model, device_ids=ids)
 
     def model_modules(self) -> dict[str, nn.Module]:
         return {"first_stage": self.first_stage}
@@ -109,31 +146,41 @@ class AutoencoderTrainer(Trainer):
     def config_keys_that_must_match(self) -> list[str]:
         return ["first_stage"]
 
-    def training_step(self, batch: Mapping[str, Any], step: int) -> dict[str, Tensor]:
-        x = batch_images(batch, channels=self.first_stage.image_channels, device=self.device)
+    def training_step(self, batches: Sequence[Mapping[str, Any]], step: int) -> dict[str, Tensor]:
+        """One step of both optimizers over its micro-batches: each micro-batch's generator
+        and discriminator losses are accumulated, then each optimizer steps once."""
+        images = [batch_images(batch, channels=self.first_stage.image_channels, device=self.device) for batch in batches]
         self.first_stage.train()
         self.loss.train()
-        with self.autocast():  # the autoencoder's forward; every loss term below is float32
-            rec, reg_loss, reg_logs = self.first_stage(x)
-        rec, reg_loss = rec.float(), reg_loss.float()
-        # the generator's loss back-propagates through D into x̂ only; D's weights are
-        # updated by their own optimizer below
-        self.loss.discriminator.requires_grad_(False)
-        g_loss, logs = self.loss.generator_loss(
-            x, rec, reg_loss, global_step=step, last_layer=self.first_stage.last_layer()
-        )
-        for param in self.opt_disc.param_groups[0]["params"]:  # not those trainer.frozen froze
-            param.requires_grad_(True)
-        logs = {**reg_logs, **logs}
-        self.check_finite("the autoencoder loss", g_loss, logs)
-        self.backward(g_loss, self.opt_ae)
-
-        if self.loss.gan_active(step):
-            d_loss, d_logs = self.loss.discriminator_loss(x, rec.detach(), global_step=step)
-            logs.update(d_logs)
-            self.check_finite("the discriminator loss", d_loss, logs)
-            self.backward(d_loss, self.opt_disc)
-        return logs
+        gan = self.loss.gan_active(step)
+        all_logs, weights = [], []
+        for index, weight in self.micro_batches([len(x) for x in images], [self.ae_model, self.disc_model]):
+            x = images[index]
+            with self.autocast():  # the autoencoder's forward; every loss term below is float32
+                rec, reg_loss, reg_logs = self.ae_model(x)
+            rec, reg_loss = rec.float(), reg_loss.float()
+            # the generator's loss back-propagates through D into x̂ only; D's weights are
+            # updated by their own optimizer below
+            self.loss.discriminator.requires_grad_(False)
+            g_loss, logs = self.loss.generator_loss(
+                x, rec, reg_loss, global_step=step, last_layer=self.first_stage.last_layer()
+            )
+            for param in self.opt_disc.param_groups[0]["params"]:  # not those trainer.frozen froze
+                param.requires_grad_(True)
+            logs = {**reg_logs, **logs}
+            self.check_finite("the autoencoder loss", g_loss, logs)
+            self.backward(g_loss * weight)
+            if gan:  # D sees the reconstructions before this step's update, as it would in one batch
+                d_loss, d_logs = self.disc_model(x, rec.detach(), global_step=step)
+                logs.update(d_logs)
+                self.check_finite("the discriminator loss", d_loss, logs)
+                self.backward(d_loss * weight)
+            all_logs.append(logs)
+            weights.append(weight)
+        self.optimizer_step(self.opt_ae)
+        if gan:
+            self.optimizer_step(self.opt_disc)
+        return average_logs(all_logs, weights)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:

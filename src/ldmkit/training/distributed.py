@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -52,6 +52,19 @@ def distributed_process_group() -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def no_sync(models: Iterable[torch.nn.Module]) -> Iterator[None]:
+    """Backward passes inside keep their gradients local to this rank: each
+    ``DistributedDataParallel`` of ``models`` under its ``no_sync()`` (other modules, and a
+    single process, as they are). The next backward outside reduces the sum (gradient
+    accumulation)."""
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+                stack.enter_context(model.no_sync())
+        yield
 
 
 def barrier() -> None:

@@ -19,10 +19,11 @@ the run folder's lock and the logs.
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ __all__ = [
     "TrainingDivergedError",
     "TrainingError",
     "TrainingWarning",
+    "average_logs",
     "distributed_info",
     "resolve_device",
     "trainer_options",
@@ -83,6 +85,20 @@ def trainer_options(cfg: DictConfig, preset: str = "default") -> dict[str, Any]:
     if node is not None:
         options.update(OmegaConf.to_container(node, resolve=True))
     return options
+
+
+def average_logs(logs: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
+    """One step's logs from its micro-batches' (:meth:`Trainer.micro_batches`): each value
+    averaged with the micro-batches' weights, over those that logged it."""
+    if len(logs) == 1:
+        return dict(logs[0])
+    keys = dict.fromkeys(key for entry in logs for key in entry)
+    out = {}
+    for key in keys:
+        pairs = [(entry[key], w) for entry, w in zip(logs, weights, strict=True) if key in entry]
+        total = sum(w for _, w in pairs)
+        out[key] = sum(torch.as_tensor(v).detach().float() * (w / total) for v, w in pairs)
+    return out
 
 
 class Trainer(abc.ABC):
@@ -162,12 +178,28 @@ class Trainer(abc.ABC):
         forward in it and compute the loss on float32 outputs."""
         return _precision.autocast(self.precision, self.device)
 
-    def backward(self, loss: Tensor, optimizer: torch.optim.Optimizer, params: Iterable[Tensor] | None = None) -> Tensor | None:
-        """``zero_grad``, backward (loss-scaled under fp16), the optional ``trainer.grad_clip``
-        of ``params`` (on unscaled gradients) and the optimizer step; returns the gradient norm
-        when clipping. The engine updates the loss scale once per training step."""
-        optimizer.zero_grad(set_to_none=True)
+    def micro_batches(self, sizes: Sequence[int], models: Iterable[nn.Module] = ()) -> Iterator[tuple[int, float]]:
+        """The micro-batches of one optimization step (``trainer.accumulate_grad_batches`` of
+        them, of ``sizes`` samples), as ``(index, weight)``: scale each micro-batch's mean loss
+        by ``weight``, its share of the step's samples (1/K for K equal micro-batches), and
+        the gradients add up to those of the step's mean loss. All but the last run under
+        ``no_sync()`` of the DDP wrappers among ``models``: the last backward all-reduces the
+        sum once."""
+        total = sum(sizes)
+        for index, size in enumerate(sizes):
+            last = index == len(sizes) - 1
+            with contextlib.nullcontext() if last else distributed.no_sync(models):
+                yield index, size / total
+
+    def backward(self, loss: Tensor) -> None:
+        """Accumulate ``loss``'s gradients (loss-scaled under fp16)."""
         self.scaler.scale(loss).backward()
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, params: Iterable[Tensor] | None = None) -> Tensor | None:
+        """Once per optimization step, after the micro-batches' :meth:`backward`: the optional
+        ``trainer.grad_clip`` of ``params`` (on unscaled gradients), the optimizer step and
+        ``zero_grad``; returns the gradient norm when clipping. The engine updates the loss
+        scale once per training step."""
         norm = None
         if self.options.get("grad_clip"):
             self.scaler.unscale_(optimizer)
@@ -176,6 +208,7 @@ class Trainer(abc.ABC):
                 float(self.options["grad_clip"]),
             )
         self.scaler.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
         return norm
 
     # -- what a stage provides ------------------------------------------------------------
@@ -225,9 +258,11 @@ class Trainer(abc.ABC):
         first step (:attr:`step` tells a fresh run from a resumed one)."""
 
     @abc.abstractmethod
-    def training_step(self, batch: Mapping[str, Any], step: int) -> dict[str, Tensor]:
-        """One optimization step on ``batch`` (``step`` = updates done so far); returns
-        logs. Raise :class:`TrainingDivergedError` (see :meth:`check_finite`) on NaN/Inf."""
+    def training_step(self, batches: Sequence[Mapping[str, Any]], step: int) -> dict[str, Tensor]:
+        """One optimization step on ``batches``, its ``trainer.accumulate_grad_batches``
+        micro-batches (see :meth:`micro_batches`; ``step`` = updates done so far); returns
+        logs, averaged over the micro-batches (:func:`average_logs`). Raise
+        :class:`TrainingDivergedError` (see :meth:`check_finite`) on NaN/Inf."""
 
     def validate(self, batches: list[Mapping[str, Any]]) -> dict[str, float]:
         return {}
@@ -341,6 +376,7 @@ class Trainer(abc.ABC):
                    disable=not (self.options["progress"] and self.is_main),
                    desc=f"train {self.stage}", dynamic_ncols=True)
         start_step, batch = state.step, None
+        accumulate = int(self.options["accumulate_grad_batches"])
         try:
             batches = iter(self.train_batches)
             stop, _ = self.signals.poll(self.world_size)  # a signal while building or resuming
@@ -348,13 +384,16 @@ class Trainer(abc.ABC):
                 self._stop(stop, last_saved)
             while state.step < max_steps and state.train_seconds < max_seconds:
                 started = time.perf_counter()
+                micro: list[Mapping[str, Any]] = []
                 try:
-                    batch = next(batches)
+                    while len(micro) < accumulate:
+                        micro.append(next(batches))
                 except Exception:
                     if self.signals.stop:  # a data worker died of the same signal: the step before is whole
-                        self._stop(self.signals.stop, last_saved)
+                        self._stop(self.signals.stop, last_saved, mid_step=bool(micro))
                     raise
-                logs = self.training_step(batch, state.step)
+                batch = micro[-1]
+                logs = self.training_step(micro, state.step)
                 self.scaler.update()
                 state.step += 1
                 state.train_seconds += time.perf_counter() - started
@@ -416,7 +455,11 @@ class Trainer(abc.ABC):
             if not self.signals.stop:
                 raise
 
-    def _stop(self, signal_name: str, last_saved: int) -> None:
+    def _stop(self, signal_name: str, last_saved: int, *, mid_step: bool = False) -> None:
+        if mid_step:  # the data position is inside the next step: resume from the last checkpoint
+            latest = self.state.latest()
+            raise TrainingInterrupted(signal_name, latest.step if latest else 0, latest.path if latest else None,
+                                      during=f"between the micro-batches of step {self.step + 1}")
         if self.step != last_saved and self.step > 0:
             self.save_checkpoint()
             last_saved = self.step

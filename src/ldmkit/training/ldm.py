@@ -17,7 +17,7 @@ import hashlib
 import json
 import sys
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,13 @@ from ldmkit.training import fsdp
 from ldmkit.training.batches import batch_images
 from ldmkit.training.defaults import stage_only_keys
 from ldmkit.training.distributed import broadcast_tensor
-from ldmkit.training.engine import TRAINER_DEFAULTS, Trainer, TrainingError, TrainingWarning
+from ldmkit.training.engine import (
+    TRAINER_DEFAULTS,
+    Trainer,
+    TrainingError,
+    TrainingWarning,
+    average_logs,
+)
 from ldmkit.training.freezing import apply_patterns, print_selection
 from ldmkit.training.init_from import InitSource, initialize, print_report
 from ldmkit.training.rng import generator, isolated_rng, preserved_rng, stream_seed
@@ -52,13 +58,13 @@ class DiffusionStep(nn.Module):
         self.denoiser, self.conditioner, self.objective = denoiser, conditioner, objective
 
     def forward(
-        self, z0: Tensor, batch: Mapping[str, Any], *,
-        noise_generator: torch.Generator | None = None, condition_generator: torch.Generator | None = None,
+        self, z0: Tensor, batch: Mapping[str, Any], *, t: Tensor, noise: Tensor,
+        condition_generator: torch.Generator | None = None,
     ) -> tuple[Tensor, dict[str, Any]]:
         batch = self.conditioner.training_inputs(batch, condition_generator)
         # with the conditioner's guidance dropout
         cond = self.conditioner.condition(batch, generator=condition_generator)
-        return self.objective(self.denoiser, z0, cond, generator=noise_generator)
+        return self.objective(self.denoiser, z0, cond, t=t, noise=noise)
 
 
 class _ScaleFactor(nn.Module):
@@ -301,18 +307,33 @@ class LDMTrainer(Trainer):
         """What the diffusion model sees: the batch's latents times the scale factor."""
         return self.encode(batch) * self.pipeline.scale_factor
 
-    def training_step(self, batch: Mapping[str, Any], step: int) -> dict[str, Tensor]:
+    def training_step(self, batches: Sequence[Mapping[str, Any]], step: int) -> dict[str, Tensor]:
+        """One step over its micro-batches. Timesteps and noise are drawn at once for all the
+        step's samples (:meth:`DiffusionObjective.draw`), so K micro-batches of B train as
+        one batch of K·B would; the conditioner draws its dropout per micro-batch."""
         self.step_module.train()
         warmup = int(self.opts["warmup_steps"])
         lr = float(self.options["lr"]) * (min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        z0 = self.latents(batch)  # float32: the first stage's encode stays outside autocast
-        with self.autocast():  # the loss is computed on float32 outputs (DiffusionObjective)
-            loss, logs = self.model(z0, batch, noise_generator=self.noise_generator,
-                                    condition_generator=self.condition_generator)
-        self.check_finite("the diffusion loss", loss, logs)
-        norm = self.backward(loss, self.optimizer, self.optimizer.param_groups[0]["params"])
+        latents = [self.latents(batch) for batch in batches]  # float32: encoded outside autocast
+        sizes = [len(z0) for z0 in latents]
+        t, noise = self.step_module.objective.draw(
+            torch.Size([sum(sizes), *latents[0].shape[1:]]), latents[0].dtype, self.device, self.noise_generator
+        )
+        all_logs, weights = [], []
+        for index, weight in self.micro_batches(sizes, [self.model]):
+            start = sum(sizes[:index])
+            part = slice(start, start + sizes[index])
+            with self.autocast():  # the loss is computed on float32 outputs (DiffusionObjective)
+                loss, logs = self.model(latents[index], batches[index], t=t[part], noise=noise[part],
+                                        condition_generator=self.condition_generator)
+            self.check_finite("the diffusion loss", loss, logs)
+            self.backward(loss * weight)
+            all_logs.append(logs)
+            weights.append(weight)
+        logs = average_logs(all_logs, weights)
+        norm = self.optimizer_step(self.optimizer, self.optimizer.param_groups[0]["params"])
         if norm is not None:
             logs["grad_norm"] = fsdp.replicated(norm)
         if self.ema is not None:

@@ -44,6 +44,7 @@ TRAINER_KEYS: dict[str, Spec] = {
     "max_steps": Integer(1),
     "max_minutes": Number(0, above=True, null=True),
     "batch_size": Integer(1),
+    "accumulate_grad_batches": Integer(1),
     "num_workers": Integer(0),
     "lr": Number(0, above=True),
     "log_every": EVERY,

@@ -17,13 +17,7 @@ from ldmkit.hookspecs import hookimpl
 def train_autoencoder(cfg: Any, *, data: Any = None) -> Path:
     """Stage 1: the first stage (:class:`ldmkit.training.autoencoder.AutoencoderTrainer`)."""
     from ldmkit.training.autoencoder import train_autoencoder
-    from ldmkit.training.distributed import distributed_info
-    from ldmkit.training.errors import TrainingError
 
-    if distributed_info()[1] > 1:
-        raise TrainingError(
-            "stage=autoencoder does not run distributed yet; start it without torchrun"
-        )
     return train_autoencoder(cfg, data=data)
 
 
