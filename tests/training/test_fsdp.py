@@ -169,3 +169,17 @@ def test_mixed_precision_policy_follows_trainer_precision():
     assert (bf16.param_dtype, bf16.reduce_dtype, bf16.output_dtype) == (torch.bfloat16, torch.float32, torch.float32)
     fp32 = mixed_precision("fp32")
     assert (fp32.param_dtype, fp32.reduce_dtype, fp32.output_dtype) == (None, torch.float32, None)
+
+
+@pytest.mark.slow
+def test_fsdp_accumulated_micro_batches_equal_one_batch(runs):
+    """K=2 micro-batches of 1 per rank (FSDP2 units keep their gradients local until the last
+    one: ``set_requires_gradient_sync(False)``) train like the fixture's batches of 2."""
+    from safetensors.torch import load_file
+
+    tmp, _ = runs
+    _torchrun(tmp, tmp / "shards", tmp / "accumulated", tmp / "out_accumulated", "trainer.strategy=fsdp",
+              "trainer.max_steps=4", "trainer.batch_size=1", "trainer.accumulate_grad_batches=2")  # fmt: skip
+    whole, accumulated = (load_file(tmp / f"out_{s}" / "weights.safetensors") for s in ("fsdp", "accumulated"))
+    for name in whole:  # the same tolerance as FSDP vs DDP, for the same reason
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-5, atol=1e-4, msg=name)

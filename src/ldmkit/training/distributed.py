@@ -57,14 +57,23 @@ def distributed_process_group() -> Iterator[None]:
 @contextlib.contextmanager
 def no_sync(models: Iterable[torch.nn.Module]) -> Iterator[None]:
     """Backward passes inside keep their gradients local to this rank: each
-    ``DistributedDataParallel`` of ``models`` under its ``no_sync()`` (other modules, and a
-    single process, as they are). The next backward outside reduces the sum (gradient
-    accumulation)."""
+    ``DistributedDataParallel`` of ``models`` under its ``no_sync()``, and every FSDP2 unit
+    within them with ``set_requires_gradient_sync(False)`` (other modules, and a single
+    process, as they are). The next backward outside reduces the sum (gradient accumulation)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for model in models for m in model.modules() if isinstance(m, FSDPModule)]
     with contextlib.ExitStack() as stack:
         for model in models:
             if isinstance(model, torch.nn.parallel.DistributedDataParallel):
                 stack.enter_context(model.no_sync())
-        yield
+        for unit in units:
+            unit.set_requires_gradient_sync(False, recurse=False)
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.set_requires_gradient_sync(True, recurse=False)
 
 
 def barrier() -> None:
