@@ -162,21 +162,24 @@ MANIFEST_FACTS = ("num_classes", "class_names", "val_split", "channels")
 def _manifest_fact(key: str, *, _root_: DictConfig) -> Any:
     """``${manifest:KEY}``: ``KEY`` of the ``manifest.json`` in ``data.path``
     (:meth:`ldmkit.data.Manifest.facts`)."""
-    from ldmkit.data.loader import dataset_dir
-    from ldmkit.data.manifest import MANIFEST, read_manifest
+    from ldmkit.data.loader import dataset_location
+    from ldmkit.data.manifest import MANIFEST
 
     if key not in MANIFEST_FACTS:
         raise ConfigError(f"${{manifest:{key}}}: unknown dataset fact; one of {', '.join(MANIFEST_FACTS)}")
     data = _root_.get("data")
-    path, source = (data.get("path"), data.get("source")) if isinstance(data, DictConfig) else (None, None)
-    directory = dataset_dir({"path": path, "source": source})
-    if not (directory / MANIFEST).is_file():
+    path, source, manifest = (
+        (data.get("path"), data.get("source"), data.get("manifest")) if isinstance(data, DictConfig) else (None,) * 3
+    )
+    location = dataset_location({"path": path, "source": source, "manifest": manifest})  # a folder, URL, pipe:...
+    directory = location.folder
+    if directory is not None and manifest is None and not (directory / MANIFEST).is_file():
         images = "path=YOUR_IMAGES " if source == "image_folder" else ""
         raise ConfigError(
             f"data.path={path}: {directory / MANIFEST} is missing (the config reads {key} from it); "
             f"prepare the folder first: ldmkit data prepare {source or '<source>'} {images}out={path}"
         )
-    facts = read_manifest(directory).facts()
+    facts = location.read_manifest().facts()
     if key == "num_classes" and not facts[key]:
         raise ConfigError(
             f"data.path={path}: the dataset has no classes (class = first sub-folder of the images); "

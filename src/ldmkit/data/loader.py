@@ -1,7 +1,8 @@
 """Loaders over prepared shards, built from the ``data`` config: ``build_dataloader`` (a
 ``ShardLoader``: a DataLoader over a ``ShardStream`` that owns its epoch and its resumable
 position) for training, ``build_dataset`` (a map-style ``ShardDataset``) for tiny data; the
-config itself (``data_config``: defaults, the prepared folder, the transform, the manifest).
+config itself (``data_config``: defaults, where the shards are — a folder, a URL, a ``pipe:``
+command or a shard list, see ``location`` —, the transform, the manifest).
 """
 
 from __future__ import annotations
@@ -21,17 +22,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from ldmkit.data.decode import SampleDecoder, SampleError
 from ldmkit.data.errors import DataError
+from ldmkit.data.location import Location, locate
 from ldmkit.data.manifest import Manifest, read_manifest
+from ldmkit.data.remote import Retry
 from ldmkit.data.shards import iter_shard
 from ldmkit.data.stats import DataStats, SkipEvent
-from ldmkit.data.stream import POSITION, SKIPPED, ShardStream, _Resume
+from ldmkit.data.stream import ERROR, POSITION, SKIPPED, ShardStream, _Resume
 from ldmkit.data.transforms import ImageTransform, parse_background
 
 # --------------------------------------------------------------------------- configuration
 
 CONFIG_DEFAULTS: dict[str, Any] = {
     "source": None,  # the prepare source (used in the "how to prepare" hint)
-    "path": None,  # the prepared folder; default data/<source>
+    "path": None,  # the prepared folder, URL, pipe: command or shard list; default data/<source>
+    "manifest": None,  # where manifest.json is, when not beside the shards (location.py)
     "image_size": 32,
     "channels": 3,
     "crop": "center",
@@ -40,6 +44,8 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "shuffle_buffer": 1000,
     "resampled": None,  # None: on when world_size > 1
     "prepare": {},  # extra `ldmkit data prepare` options (hint and ensure_prepared)
+    "retries": 5,  # a broken stream (URL, pipe:) is read again this often ...
+    "retry_delay": 1.0,  # ... after this many seconds, doubling each time
 }
 
 
@@ -67,21 +73,34 @@ def data_config(data_cfg: Any) -> dict[str, Any]:
     return cfg
 
 
-def dataset_dir(cfg: Mapping[str, Any]) -> Path:
-    """Where the shards are: ``path``, relative to the directory the run was started in."""
-    path = Path(os.path.expanduser(str(cfg["path"] or f"data/{cfg['source']}")))
-    if path.is_absolute():
-        return path
+def _start_dir() -> Path:
+    """The directory the run was started in (Hydra's original cwd)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
         if HydraConfig.initialized():
             from hydra.utils import get_original_cwd
 
-            return Path(get_original_cwd()) / path
+            return Path(get_original_cwd())
     except ImportError:  # pragma: no cover
         pass
-    return Path.cwd() / path
+    return Path.cwd()
+
+
+def dataset_dir(cfg: Mapping[str, Any]) -> Path:
+    """Where the shards are: ``path``, relative to the directory the run was started in."""
+    path = Path(os.path.expanduser(str(cfg["path"] or f"data/{cfg['source']}")))
+    return path if path.is_absolute() else _start_dir() / path
+
+
+def dataset_location(cfg: Mapping[str, Any]) -> Location:
+    """Where the shards and the manifest are (``path``, ``manifest``; ``ldmkit.data.location``)."""
+    path = cfg.get("path") or f"data/{cfg['source']}"
+    return locate(str(path), manifest=cfg.get("manifest"), base=_start_dir())
+
+
+def retry_from(cfg: Mapping[str, Any]) -> Retry:
+    return Retry(attempts=int(cfg["retries"]), delay=float(cfg["retry_delay"]))
 
 
 def transform_from(cfg: Mapping[str, Any]) -> ImageTransform:
@@ -94,18 +113,24 @@ def transform_from(cfg: Mapping[str, Any]) -> ImageTransform:
     )
 
 
-def load_manifest(cfg: Mapping[str, Any]) -> tuple[Path, Manifest]:
-    directory = dataset_dir(cfg)
+def load_manifest(cfg: Mapping[str, Any]) -> tuple[Location, Manifest]:
+    """Where the data is, and its manifest (read from there)."""
+    location = dataset_location(cfg)
     hint = cfg["source"] or "<source>"
     extra = " ".join(f"{k}={v}" for k, v in (cfg["prepare"] or {}).items())
-    return directory, read_manifest(directory, source=f"{hint} {extra}".strip() if extra else hint)
+    source = f"{hint} {extra}".strip() if extra else hint
+    return location, location.read_manifest(source=source, retry=retry_from(cfg))
 
 
 def ensure_prepared(data_cfg: Any, *, progress: bool = True) -> Manifest:
     """Prepare the configured dataset if its folder has no manifest yet (single process only:
-    in a multi-rank job prepare beforehand with ``ldmkit data prepare``)."""
+    in a multi-rank job prepare beforehand with ``ldmkit data prepare``). Data elsewhere
+    (a URL, ``pipe:``, a shard list) is only read."""
     cfg = data_config(data_cfg)
-    directory = dataset_dir(cfg)
+    location = dataset_location(cfg)
+    if location.folder is None or location.explicit_manifest:
+        return load_manifest(cfg)[1]
+    directory = location.folder
     try:
         return read_manifest(directory)
     except FileNotFoundError:
@@ -134,8 +159,9 @@ def _ignore_signals_in_worker(worker_id: int) -> None:
 class ShardLoader(DataLoader):
     """A DataLoader over a ``ShardStream`` (batches are made in the workers).
 
-    ``stats`` counts valid and skipped samples across workers; ``manifest``, ``directory``,
-    ``split``, ``num_samples`` and ``classes`` describe the data. Each ``iter()`` is one epoch
+    ``stats`` counts valid and skipped samples and retried streams across workers;
+    ``manifest``, ``directory`` (the folder, else ``data.path`` as given), ``split``,
+    ``num_samples`` and ``classes`` describe the data. Each ``iter()`` is one epoch
     (endless when resampled), epoch ``loader.epoch`` (``epoch`` at first), which then
     advances; the shard order changes per epoch.
 
@@ -152,9 +178,10 @@ class ShardLoader(DataLoader):
         stream: ShardStream,
         *,
         manifest: Manifest,
-        directory: Path,
+        directory: Path | str,
         split: str,
         epoch: int = 0,
+        num_samples: int | None = None,  # of the shards read (default: the split's)
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("generator", torch.Generator().manual_seed(stream.seed))
@@ -164,7 +191,7 @@ class ShardLoader(DataLoader):
         self.manifest = manifest
         self.directory = directory
         self.split = split
-        self.num_samples = manifest.split(split).num_samples
+        self.num_samples = manifest.split(split).num_samples if num_samples is None else num_samples
         self.classes = list(manifest.classes)
         self.segmentation_classes = list(manifest.segmentation_classes)
         self.epoch = epoch
@@ -203,10 +230,13 @@ class ShardLoader(DataLoader):
         finally:
             stream.resume = None
         batches = 0
-        for batch in batches_iter:
+        while (batch := next(batches_iter, None)) is not None:  # (no hidden reference to it)
             events = batch.pop(SKIPPED, None)
             if events:
                 self.stats.merge_events(events)
+            if ERROR in batch:  # raised in a worker, passed on as one line
+                del batches_iter  # stop the workers now, not when the traceback is collected
+                raise DataError(batch[ERROR])
             where = batch.pop(POSITION, None)
             if "image" not in batch:
                 continue
@@ -226,7 +256,7 @@ class ShardLoader(DataLoader):
     # -- resuming ---------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
         stream: ShardStream = self.dataset
-        names = "\n".join(Path(s).name for s in stream.shards)
+        names = "\n".join(stream.names)  # where the shards are may change; their names not
         return {
             "kind": "shards",
             "split": self.split,
@@ -321,15 +351,16 @@ def build_dataloader(
     """
     cfg = data_config(data_cfg)
     rank, world_size = _distributed_defaults(rank, world_size)
-    directory, manifest = load_manifest(cfg)
-    info = manifest.split(split)
+    location, manifest = load_manifest(cfg)
+    directory = location.folder or location.text
+    chosen = location.shards(manifest, split)
     if resampled is None:
         resampled = cfg["resampled"] if cfg["resampled"] is not None else world_size > 1
     shuffle = split == "train" if shuffle is None else shuffle
     transform = transform_from(cfg)
     if not shuffle:
         transform = transform.without_augmentation()
-    shards = [str(directory / shard.name) for shard in info.shards]
+    shards = [where for _, where in chosen]
     readers = world_size * max(1, num_workers)
     if not resampled and len(shards) < readers:
         warnings.warn(
@@ -349,7 +380,10 @@ def build_dataloader(
         shuffle_buffer=int(cfg["shuffle_buffer"]),
         drop_last=drop_last,
         seed=seed,
-        shard_samples=[shard.num_samples for shard in info.shards],
+        shard_samples=[info.num_samples for info, _ in chosen],
+        names=[info.name for info, _ in chosen],
+        shard_bytes=[info.bytes for info, _ in chosen],
+        retry=retry_from(cfg),
     )
     return ShardLoader(
         stream,
@@ -357,6 +391,7 @@ def build_dataloader(
         directory=directory,
         split=split,
         epoch=epoch,
+        num_samples=sum(info.num_samples for info, _ in chosen),
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
     )
@@ -377,13 +412,15 @@ class ShardDataset(Dataset):
 
     def __init__(
         self,
-        directory: Path,
+        directory: Path | str,
         manifest: Manifest,
         split: str,
         decoder: SampleDecoder,
         *,
         augment: bool,
         validate: bool = True,
+        shards: list[str] | None = None,  # where the split's shards are (default: in directory)
+        retry: Retry | None = None,
     ) -> None:
         self.directory = directory
         self.manifest = manifest
@@ -395,9 +432,10 @@ class ShardDataset(Dataset):
         self.segmentation_classes = list(manifest.segmentation_classes)
         keep = set(decoder.fields) | {"__key__", "__shard__"}
         self._raw: list[dict[str, Any]] = []
-        for shard in manifest.split(split).shards:
-            path = str(directory / shard.name)
-            for raw in iter_shard(path, self.stats):
+        if shards is None:
+            shards = [str(Path(directory) / shard.name) for shard in manifest.split(split).shards]
+        for path in shards:
+            for raw in iter_shard(path, self.stats, retry=retry):
                 raw = {k: v for k, v in raw.items() if k in keep}
                 if validate:
                     try:
@@ -422,10 +460,14 @@ class ShardDataset(Dataset):
 def build_dataset(data_cfg: Any, *, split: str = "train", validate: bool = True) -> ShardDataset:
     """The prepared ``split`` as a map-style dataset (see ``ShardDataset``)."""
     cfg = data_config(data_cfg)
-    directory, manifest = load_manifest(cfg)
+    location, manifest = load_manifest(cfg)
     transform = transform_from(cfg)
     augment = split == "train"
     if not augment:
         transform = transform.without_augmentation()
     decoder = SampleDecoder.for_manifest(manifest, transform)
-    return ShardDataset(directory, manifest, split, decoder, augment=augment, validate=validate)
+    return ShardDataset(
+        location.folder or location.text, manifest, split, decoder, augment=augment,
+        validate=validate, shards=[where for _, where in location.shards(manifest, split)],
+        retry=retry_from(cfg),
+    )  # fmt: skip

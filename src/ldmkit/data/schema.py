@@ -22,7 +22,9 @@ __all__ = ["DATA_KEYS"]
 
 DATA_KEYS: dict[str, Spec] = {
     "source": Text(null=True),
+    # a folder, http(s):// URL, pipe:CMD or brace-expanded shard list (ldmkit.data.location)
     "path": Text(null=True),
+    "manifest": Text(null=True),
     "image_size": Integer(1),
     "channels": Choice(1, 3),
     "crop": Choice(*CROPS),
@@ -32,4 +34,6 @@ DATA_KEYS: dict[str, Spec] = {
     "shuffle_buffer": Integer(0),
     "resampled": Boolean(null=True),
     "prepare": Table(),
+    "retries": Integer(0),
+    "retry_delay": Number(0),
 }

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ from pathlib import Path
 
 import webdataset as wds
 
-from ldmkit.data.stats import DataStats, SkipEvent
+from ldmkit.data.remote import Failure, Retry, StreamReader, is_stream
+from ldmkit.data.stats import DataStats, RetryEvent, SkipEvent
 
 IMAGE = "png"
 LABEL = "cls"
@@ -262,15 +264,60 @@ def iter_tar_members(fileobj) -> Iterator[tuple[str, bytes]]:
             yield name, data
 
 
+class _Broken(Exception):
+    """A tar stream broke off: ``error`` says how, ``key`` is the sample being read (None:
+    nothing could be read)."""
+
+    def __init__(self, error: Exception, key: str | None) -> None:
+        super().__init__(str(error))
+        self.error, self.key = error, key
+
+
+def _group(fileobj, path: str) -> Iterator[RawSample]:
+    """The complete samples of a tar stream (consecutive members sharing a key); where the
+    stream breaks, ``_Broken`` — the sample being read is never yielded half-assembled."""
+    current: RawSample | None = None
+    member_key: str | None = None
+    try:
+        for name, data in iter_tar_members(fileobj):
+            parts = split_member_name(name)
+            if parts is None:
+                continue
+            member_key, ext = parts
+            if current is not None and current["__key__"] != member_key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": member_key, "__shard__": path}
+            current[ext] = data
+    except (TarFormatError, OSError) as exc:
+        raise _Broken(exc, current["__key__"] if current is not None else member_key) from exc
+    if current is not None:
+        yield current
+
+
 def iter_shard(
-    path: str, stats: DataStats, *, on_skip: Callable[[SkipEvent], None] | None = None
+    path: str,
+    stats: DataStats,
+    *,
+    on_skip: Callable[[SkipEvent], None] | None = None,
+    on_retry: Callable[[RetryEvent], None] | None = None,
+    retry: Retry | None = None,
+    expected_bytes: int | None = None,
 ) -> Iterator[RawSample]:
     """Yield complete raw samples of one shard; record (and skip) what cannot be read.
 
-    An unreadable shard (missing, permission) is one ``unreadable_shard`` event. A tar that
-    breaks part-way (truncated member, damaged header, not a tar at all) ends the shard: the
-    sample being read is dropped as ``truncated`` (``unreadable_shard`` if nothing could be
-    read) and the samples before it are kept.
+    ``path`` is a local file or a location ``gopen`` reads (``http(s)://``, ``pipe:CMD``;
+    see ``ldmkit.data.remote``). An unreadable shard (missing, permission) is one
+    ``unreadable_shard`` event. A tar that breaks part-way (truncated member, damaged header,
+    not a tar at all) ends the shard: the sample being read is dropped as ``truncated``
+    (``unreadable_shard`` if nothing could be read) and the samples before it are kept.
+
+    A stream whose *transfer* broke (the connection dropped, the command failed, fewer than
+    ``expected_bytes`` arrived) is read again from its start after a pause (``retry``), each
+    retry recorded in ``stats`` and passed to ``on_retry``; the samples already yielded are
+    passed over, so none is lost or yielded twice. After the last retry it raises
+    ``DataError`` naming the location.
     """
 
     def skip(kind: str, key: str | None, reason: str) -> None:
@@ -279,35 +326,60 @@ def iter_shard(
         if on_skip is not None:
             on_skip(event)
 
+    def retried(event: RetryEvent) -> None:
+        stats.record_retry(event)
+        if on_retry is not None:
+            on_retry(event)
+
+    def broken(exc: _Broken) -> None:
+        if exc.key is None:
+            skip("unreadable_shard", None, f"not a readable tar file: {exc.error}")
+        else:
+            skip("truncated", exc.key, f"tar stream broken: {exc.error}")
+
+    if is_stream(path):
+        yield from _stream_shard(path, broken, retried, retry or Retry(), expected_bytes)
+        return
     try:
         fileobj = open(path, "rb", buffering=1 << 20)
     except OSError as exc:
         skip("unreadable_shard", None, f"cannot open: {exc}")
         return
-    current: RawSample | None = None
-    member_key: str | None = None
     with fileobj:
         try:
-            for name, data in iter_tar_members(fileobj):
-                parts = split_member_name(name)
-                if parts is None:
-                    continue
-                member_key, ext = parts
-                if current is not None and current["__key__"] != member_key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": member_key, "__shard__": path}
-                current[ext] = data
-        except (TarFormatError, OSError) as exc:
-            key = current["__key__"] if current is not None else member_key
-            if key is None:
-                skip("unreadable_shard", None, f"not a readable tar file: {exc}")
-            else:
-                skip("truncated", key, f"tar stream broken: {exc}")
+            yield from _group(fileobj, path)
+        except _Broken as exc:
+            broken(exc)
+
+
+def _stream_shard(
+    location: str,
+    broken: Callable[[_Broken], None],
+    retried: Callable[[RetryEvent], None],
+    retry: Retry,
+    expected_bytes: int | None,
+) -> Iterator[RawSample]:
+    """``iter_shard`` for a stream: read it through ``gopen``, again after a broken transfer."""
+    done = 0  # samples of this shard yielded so far
+    for attempt in itertools.count(1):
+        with StreamReader(location) as reader:
+            try:
+                for seen, sample in enumerate(_group(reader, location), 1):
+                    if seen > done:
+                        done = seen
+                        yield sample
+                failure = reader.finish(expected_bytes)
+            except _Broken as exc:
+                if not isinstance(exc.error, TarFormatError):
+                    failure = Failure(f"reading failed: {exc.error}")
+                else:  # the transfer or the tar itself? a stream still flowing is whole
+                    failure = reader.outcome(expected_bytes) if reader.eof else None
+                if failure is None:
+                    broken(exc)
+                    return
+        if failure is None:
             return
-    if current is not None:
-        yield current
+        retry.after(location, failure, attempt, retried)
 
 
 def read_members(path: str) -> dict[str, dict[str, bytes]]:

@@ -11,12 +11,18 @@ Stream (``ShardStream``, through ``build_dataloader``)::
       -> decode PNG + label/caption/class map, transform       (decode.py; corrupt samples recorded)
       -> batch in the worker (decode.collate)
 
+Shards are local files (read with ldmkit's tar reader) or locations webdataset's ``gopen``
+opens (``http(s)://``, ``pipe:CMD``): those are parsed by the same reader from the stream, and
+a transfer that breaks off is read again, passing over the samples already read
+(``shards.iter_shard``), so a stream gives exactly what the file would.
+
 Every step is a pure function of (seed, epoch, rank, worker, window, index), so the loader's
 position — each worker's (window, index) — is all a checkpoint needs to continue an epoch
 exactly (``ShardLoader.state_dict`` / ``load_state_dict``). Each worker's skip events ride
 along with its next batch (or an event-only message at its end) to the main process, where
 ``loader.stats`` (a ``DataStats``) counts them; the worker has already logged each one with its
-shard and key.
+shard and key. Retried streams ride along likewise; a ``DataError`` in a worker (a stream that
+failed for good) reaches the main process as a message, raised there as one line.
 """
 
 from __future__ import annotations
@@ -26,17 +32,20 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ldmkit.data.decode import SampleDecoder, SampleError, collate
 from ldmkit.data.errors import DataError
+from ldmkit.data.remote import Retry
 from ldmkit.data.shards import iter_shard
-from ldmkit.data.stats import DataStats, SkipEvent
+from ldmkit.data.stats import DataStats, RetryEvent, SkipEvent
 
 SKIPPED = "__skipped__"  # batch key carrying a worker's skip events; removed before the caller
 POSITION = "__position__"  # batch key: (worker, window, index) after the batch; removed likewise
+ERROR = "__error__"  # message key: the DataError that ended a worker's stream
 
 
 @dataclass
@@ -51,7 +60,7 @@ class _Context:
     epoch: int
     seed: str
     start: tuple[int, int] = (0, 0)  # (window, index in window) of the first sample to read
-    events: list[SkipEvent] = field(default_factory=list)
+    events: list[SkipEvent | RetryEvent] = field(default_factory=list)
     stats: DataStats = field(default_factory=lambda: DataStats(max_events=0))
     fruitless: int = 0  # consecutive shard reads without a valid sample (resampled streams)
 
@@ -105,13 +114,20 @@ class ShardStream(IterableDataset):
         drop_last: bool = False,
         seed: int = 0,
         shard_samples: list[int] | None = None,
+        names: list[str] | None = None,
+        shard_bytes: list[int] | None = None,
+        retry: Retry | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.shards = list(shards)
+        self.shards = list(shards)  # where each shard is: a path, URL or pipe: command
+        # what the position names (the manifest's names): the same shards elsewhere resume
+        self.names = list(names) if names is not None else [Path(s).name for s in self.shards]
+        self._bytes = dict(zip(self.shards, shard_bytes or (), strict=False))
+        self.retry = retry or Retry()
         self.decoder = decoder
         self.batch_size = batch_size
         self.rank = rank
@@ -166,7 +182,16 @@ class ShardStream(IterableDataset):
     def _read(self, ctx: _Context, shards: list[str]) -> list[dict[str, Any]]:
         raws = []
         for shard in shards:
-            raws.extend(iter_shard(shard, ctx.stats, on_skip=partial(ctx.skip, log=False)))
+            raws.extend(
+                iter_shard(
+                    shard,
+                    ctx.stats,
+                    on_skip=partial(ctx.skip, log=False),
+                    on_retry=ctx.events.append,
+                    retry=self.retry,
+                    expected_bytes=self._bytes.get(shard),
+                )
+            )
         return raws
 
     def _samples(self, ctx: _Context) -> Iterator[tuple[tuple[int, int], dict[str, Any]]]:
@@ -214,11 +239,15 @@ class ShardStream(IterableDataset):
             return out
 
         position = None
-        for position, sample in samples:
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                yield emit(batch, position)
-                batch = []
+        try:
+            for position, sample in samples:
+                batch.append(sample)
+                if len(batch) == self.batch_size:
+                    yield emit(batch, position)
+                    batch = []
+        except DataError as exc:
+            yield {**emit([], None), ERROR: str(exc)}
+            return
         if batch and not self.drop_last:
             yield emit(batch, position)
         if ctx.events:
