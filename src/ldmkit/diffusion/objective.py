@@ -4,7 +4,7 @@ the denoiser's parameterization (eps, x0 or v)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -14,6 +14,9 @@ from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.interfaces import PREDICTIONS
 
 LOSS_TYPES = ("l2", "l1")
+# one generator for the batch, one per sample (ldmkit.training.rng.sample_generators), or None
+# (the global generator)
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 class DiffusionObjective(nn.Module):
@@ -73,10 +76,17 @@ class DiffusionObjective(nn.Module):
             return clipped
         return clipped / (snr + 1)
 
-    def sample_timesteps(
-        self, batch: int, device: torch.device, generator: torch.Generator | None = None
-    ) -> Tensor:
+    def sample_timesteps(self, batch: int, device: torch.device, generator: Generators = None) -> Tensor:
+        if isinstance(generator, Sequence):  # one per sample
+            draws = [torch.randint(0, self.schedule.timesteps, (1,), generator=g) for g in generator]
+            return torch.cat(draws).to(device)
         return torch.randint(0, self.schedule.timesteps, (batch,), generator=generator).to(device)
+
+    def sample_noise(self, z0: Tensor, generator: Generators = None) -> Tensor:
+        if isinstance(generator, Sequence):  # one per sample
+            draws = [torch.randn(z0.shape[1:], generator=g, dtype=z0.dtype) for g in generator]
+            return torch.stack(draws).to(z0.device)
+        return torch.randn(z0.shape, generator=generator, dtype=z0.dtype).to(z0.device)
 
     def forward(
         self,
@@ -86,13 +96,14 @@ class DiffusionObjective(nn.Module):
         *,
         t: Tensor | None = None,
         noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> tuple[Tensor, dict[str, Any]]:
-        """Draw t and eps (unless given), noise z0 and return ``(loss, logs)``."""
+        """Draw t and eps (unless given), noise z0 and return ``(loss, logs)``. ``generator``:
+        one for the batch, or one per sample (each draws its t, then its eps)."""
         if t is None:
             t = self.sample_timesteps(z0.shape[0], z0.device, generator)
         if noise is None:
-            noise = torch.randn(z0.shape, generator=generator, dtype=z0.dtype).to(z0.device)
+            noise = self.sample_noise(z0, generator)
         z_t = self.schedule.q_sample(z0, t, noise)
         output = denoiser(z_t, t, cond)
         error = output.float() - self.target(z0, t, noise).float()

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ldmkit import lora
 from ldmkit.compiling import compile_module
-from ldmkit.diffusion.objective import DiffusionObjective, scale_factor_from_latents
+from ldmkit.diffusion.objective import DiffusionObjective, Generators, scale_factor_from_latents
 from ldmkit.ema import EMA
 from ldmkit.interfaces import Conditioner
 from ldmkit.sampling_request import SEED_LIMIT
@@ -36,7 +36,13 @@ from ldmkit.training.distributed import broadcast_tensor
 from ldmkit.training.engine import TRAINER_DEFAULTS, Trainer, TrainingError, TrainingWarning
 from ldmkit.training.freezing import apply_patterns, print_selection
 from ldmkit.training.init_from import InitSource, initialize, print_report
-from ldmkit.training.rng import generator, isolated_rng, preserved_rng, stream_seed
+from ldmkit.training.rng import (
+    generator,
+    isolated_rng,
+    preserved_rng,
+    sample_generators,
+    stream_seed,
+)
 
 # the stage-2 keys and their defaults: conf/trainer/ldm.yaml (ldmkit.training.defaults)
 LDM_DEFAULTS: dict[str, Any] = stage_only_keys("ldm")
@@ -51,7 +57,7 @@ class DiffusionStep(nn.Module):
 
     def forward(
         self, z0: Tensor, batch: Mapping[str, Any], *,
-        noise_generator: torch.Generator | None = None, condition_generator: torch.Generator | None = None,
+        noise_generator: Generators = None, condition_generator: torch.Generator | None = None,
     ) -> tuple[Tensor, dict[str, Any]]:
         batch = self.conditioner.training_inputs(batch, condition_generator)
         # with the conditioner's guidance dropout
@@ -140,8 +146,8 @@ class LDMTrainer(Trainer):
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=bool(self.opts["ddp_find_unused_parameters"]),
             )
-        # one stream per consumer (rng.py): timesteps and noise; masks and condition dropout
-        self.noise_generator = generator(stream_seed(self.seed, "diffusion", self.rank))
+        # rng.py: timesteps and noise per sample (training_step); masks and condition dropout, one
+        # stream per rank
         self.condition_generator = generator(stream_seed(self.seed, "conditions", self.rank))
         self.cache = None
         if self.opts["latent_cache"] and self.data is None:
@@ -176,7 +182,7 @@ class LDMTrainer(Trainer):
         return {"diffusion": self.optimizer}
 
     def generators(self) -> dict[str, torch.Generator]:
-        return {"diffusion": self.noise_generator, "conditions": self.condition_generator}
+        return {"conditions": self.condition_generator}
 
     def hyperparameters(self) -> dict[str, dict[str, Any]]:
         # the lr itself is set every step (warm-up)
@@ -287,8 +293,12 @@ class LDMTrainer(Trainer):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         z0 = self.latents(batch)  # float32: the first stage's encode stays outside autocast
+        # each sample's t and noise from its index in the step's global batch: N ranks of B
+        # samples train as one process of N * B does
+        n = z0.shape[0]
+        noise = sample_generators(self.seed, "diffusion", step, self.rank * n, n)
         with self.autocast():  # the loss is computed on float32 outputs (DiffusionObjective)
-            loss, logs = self.model(z0, batch, noise_generator=self.noise_generator,
+            loss, logs = self.model(z0, batch, noise_generator=noise,
                                     condition_generator=self.condition_generator)
         self.check_finite("the diffusion loss", loss, logs)
         norm = self.backward(loss, self.optimizer, self.optimizer.param_groups[0]["params"])
