@@ -14,7 +14,8 @@ What lines up by construction between world 1 x batch 2B and world 2 x batch B:
 What does not: DDP averages the ranks' mean gradients where one process takes the mean of all
 2B, so the float sums run in another order: the weights agree to float32 rounding, not bitwise.
 
-Run as ``python -m tests.training.multinode SHARDS RUN_DIR OUT [--global-batch N --steps N]``
+Run as ``python -m tests.training.multinode SHARDS RUN_DIR OUT [--global-batch N --steps N
+--image-size N --threads N --set KEY=VALUE]``
 (under torchrun or not); writes ``OUT/world{W}_rank{R}.pt`` (the weights before and after training) and
 ``.json`` (world, rank, step, seconds in the training steps).
 """
@@ -91,6 +92,23 @@ def global_batches(data_cfg: Any, global_batch: int, rank: int, world_size: int)
     return data
 
 
+def flat_weights(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(initial, trained) of one worker's ``.pt``: every weight flattened into one float64 vector."""
+    saved = torch.load(path, weights_only=True)
+    return tuple(torch.cat([v.double().flatten() for _, v in sorted(saved[w].items())])
+                 for w in ("initial", "trained"))  # fmt: skip
+
+
+def compare(run: Path, reference: Path) -> dict[str, Any]:
+    """A run's weights against a reference run's (each a worker's ``.pt``): whether they
+    started equal, how far training moved the reference (L2), and how far apart the trained
+    weights are relative to that."""
+    (start, trained), (start_ref, trained_ref) = flat_weights(run), flat_weights(reference)
+    moved = (trained_ref - start_ref).norm().item()
+    return {"same_start": torch.equal(start, start_ref), "moved": moved,
+            "relative_difference": (trained - trained_ref).norm().item() / moved}  # fmt: skip
+
+
 def weights(trainer: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in trainer.trainable.state_dict().items()}
 
@@ -108,16 +126,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--global-batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--image-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="trainer.num_threads of each process")
+    parser.add_argument("--set", action="append", default=[], help="a further config override")
     args = parser.parse_args(argv)
     with distributed_process_group():
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         cfg = compose_config([
             "stage=ldm", "trainer=ldm_tiny", "first_stage=identity", "denoiser=unet_tiny",
             "conditioner=class_label", "conditioner.num_classes=3", "conditioner.embed_dim=16",
-            "conditioner.drop_rate=0", "data=image_folder", f"data.path={args.shards}", "image_size=8",
+            "conditioner.drop_rate=0", "data=image_folder", f"data.path={args.shards}",
+            f"image_size={args.image_size}",
             f"run_dir={args.run_dir}", f"trainer.max_steps={args.steps}",
             f"trainer.batch_size={args.global_batch // world}", "trainer.val_batches=0",
-            "trainer.sample_every=0", "trainer.num_threads=1", "trainer.precision=fp32",
+            "trainer.sample_every=0", f"trainer.num_threads={args.threads}", "trainer.precision=fp32",
+            *args.set,
         ])  # fmt: skip
 
         class Trainer(LDMTrainer):
