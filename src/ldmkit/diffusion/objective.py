@@ -4,7 +4,7 @@ the denoiser's parameterization (eps, x0 or v)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -14,6 +14,9 @@ from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.interfaces import PREDICTIONS
 
 LOSS_TYPES = ("l2", "l1")
+# one generator for the batch, one per sample (ldmkit.training.rng.sample_generators), or None
+# (the global generator)
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 class DiffusionObjective(nn.Module):
@@ -73,19 +76,27 @@ class DiffusionObjective(nn.Module):
             return clipped
         return clipped / (snr + 1)
 
-    def sample_timesteps(
-        self, batch: int, device: torch.device, generator: torch.Generator | None = None
-    ) -> Tensor:
+    def sample_timesteps(self, batch: int, device: torch.device, generator: Generators = None) -> Tensor:
+        if isinstance(generator, Sequence):  # one per sample
+            draws = [torch.randint(0, self.schedule.timesteps, (1,), generator=g) for g in generator]
+            return torch.cat(draws).to(device)
         return torch.randint(0, self.schedule.timesteps, (batch,), generator=generator).to(device)
 
+    def sample_noise(self, z0: Tensor, generator: Generators = None) -> Tensor:
+        return self.draw_noise(z0.shape, z0.dtype, z0.device, generator)
+
+    def draw_noise(self, shape: torch.Size, dtype: torch.dtype, device: torch.device, generator: Generators = None) -> Tensor:
+        if isinstance(generator, Sequence):  # one per sample
+            return torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype) for g in generator]).to(device)
+        return torch.randn(shape, generator=generator, dtype=dtype).to(device)
+
     def draw(
-        self, shape: torch.Size, dtype: torch.dtype, device: torch.device, generator: torch.Generator | None = None
+        self, shape: torch.Size, dtype: torch.dtype, device: torch.device, generator: Generators = None
     ) -> tuple[Tensor, Tensor]:
-        """Timesteps and noise for latents of ``shape``, drawn as :meth:`forward` draws them.
-        Drawn once for the samples of all micro-batches of an optimization step and sliced,
-        K micro-batches get what one batch of their samples would (gradient accumulation)."""
+        """Timesteps and noise for latents of ``shape``, drawn as :meth:`forward` draws them
+        (one generator per sample: each draws its t, then its eps)."""
         t = self.sample_timesteps(shape[0], device, generator)
-        return t, torch.randn(shape, generator=generator, dtype=dtype).to(device)
+        return t, self.draw_noise(shape, dtype, device, generator)
 
     def forward(
         self,
@@ -95,9 +106,10 @@ class DiffusionObjective(nn.Module):
         *,
         t: Tensor | None = None,
         noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> tuple[Tensor, dict[str, Any]]:
-        """Draw t and eps (unless given), noise z0 and return ``(loss, logs)``."""
+        """Draw t and eps (unless given), noise z0 and return ``(loss, logs)``. ``generator``:
+        one for the batch, or one per sample (each draws its t, then its eps)."""
         if t is None or noise is None:
             drawn_t, drawn_noise = self.draw(z0.shape, z0.dtype, z0.device, generator)
             t, noise = t if t is not None else drawn_t, noise if noise is not None else drawn_noise

@@ -44,7 +44,13 @@ from ldmkit.training.engine import (
 )
 from ldmkit.training.freezing import apply_patterns, print_selection
 from ldmkit.training.init_from import InitSource, initialize, print_report
-from ldmkit.training.rng import generator, isolated_rng, preserved_rng, stream_seed
+from ldmkit.training.rng import (
+    generator,
+    isolated_rng,
+    preserved_rng,
+    sample_generators,
+    stream_seed,
+)
 
 # the stage-2 keys and their defaults: conf/trainer/ldm.yaml (ldmkit.training.defaults)
 LDM_DEFAULTS: dict[str, Any] = stage_only_keys("ldm")
@@ -153,8 +159,8 @@ class LDMTrainer(Trainer):
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=bool(self.opts["ddp_find_unused_parameters"]),
             )
-        # one stream per consumer (rng.py): timesteps and noise; masks and condition dropout
-        self.noise_generator = generator(stream_seed(self.seed, "diffusion", self.rank))
+        # rng.py: timesteps and noise per sample (training_step); masks and condition dropout, one
+        # stream per rank
         self.condition_generator = generator(stream_seed(self.seed, "conditions", self.rank))
         self.cache = None
         if self.opts["latent_cache"] and self.data is None:
@@ -189,7 +195,7 @@ class LDMTrainer(Trainer):
         return {"diffusion": self.optimizer}
 
     def generators(self) -> dict[str, torch.Generator]:
-        return {"diffusion": self.noise_generator, "conditions": self.condition_generator}
+        return {"conditions": self.condition_generator}
 
     def _whole_modules(self) -> dict[str, nn.Module]:
         """What a sharded checkpoint holds besides the step module and its optimizer."""
@@ -318,15 +324,18 @@ class LDMTrainer(Trainer):
             group["lr"] = lr
         latents = [self.latents(batch) for batch in batches]  # float32: encoded outside autocast
         sizes = [len(z0) for z0 in latents]
-        t, noise = self.step_module.objective.draw(
-            torch.Size([sum(sizes), *latents[0].shape[1:]]), latents[0].dtype, self.device, self.noise_generator
-        )
         all_logs, weights = [], []
         for index, weight in self.micro_batches(sizes, [self.model]):
-            start = sum(sizes[:index])
-            part = slice(start, start + sizes[index])
+            z0 = latents[index]
+            # each sample's t and noise from its index in the step's global batch (micro-batch
+            # k of every rank, then k+1): N ranks x K micro-batches of B samples train as one
+            # process with one batch of N * K * B does
+            first = sum(sizes[:index]) * self.world_size + self.rank * sizes[index]
+            t, noise = self.step_module.objective.draw(
+                z0.shape, z0.dtype, self.device, sample_generators(self.seed, "diffusion", step, first, sizes[index])
+            )
             with self.autocast():  # the loss is computed on float32 outputs (DiffusionObjective)
-                loss, logs = self.model(latents[index], batches[index], t=t[part], noise=noise[part],
+                loss, logs = self.model(z0, batches[index], t=t, noise=noise,
                                         condition_generator=self.condition_generator)
             self.check_finite("the diffusion loss", loss, logs)
             self.backward(loss * weight)

@@ -3,8 +3,11 @@
 * the global generators (torch CPU and CUDA, Python's ``random``, NumPy): what code we do not
   own draws from inside a step (a KL posterior sample, VQ dead-code restarts). Only training
   steps may move them; their state after a step is in every checkpoint;
-* named ``torch.Generator``s a stage owns, one per consumer (stage 2: timesteps and noise,
-  condition dropout), seeded from ``(seed, name, rank)`` and checkpointed;
+* named ``torch.Generator``s a stage owns, one per consumer (stage 2: condition dropout),
+  seeded from ``(seed, name, rank)`` and checkpointed;
+* per-sample generators (:func:`sample_generators`, stage 2: timesteps and noise), seeded from
+  the sample's place in the step's global batch, so what a sample draws does not depend on
+  how many ranks share the batch; they hold no state to checkpoint;
 * everything else that wants randomness — image grids, validation, data loading — runs in
   :func:`isolated_rng` or draws from its own generator, so it can run at any step, or not at
   all, without moving the training streams.
@@ -79,3 +82,11 @@ def isolated_rng(seed: int) -> Iterator[None]:
 
 def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def sample_generators(seed: int, name: str, step: int, first: int, count: int) -> list[torch.Generator]:
+    """One generator for each of ``count`` samples, the first at index ``first`` of step
+    ``step``'s global batch (rank r of a batch of B per rank starts at r * B): sample i draws
+    from ``(seed, name, step, i)`` whichever rank holds it, so N ranks of B samples draw what
+    one process of N * B samples draws."""
+    return [generator(stream_seed(seed, name, step, first + i)) for i in range(count)]
