@@ -327,10 +327,10 @@ class LDMTrainer(Trainer):
         all_logs, weights = [], []
         for index, weight in self.micro_batches(sizes, [self.model]):
             z0 = latents[index]
-            # each sample's t and noise from its index in the step's global batch (micro-batch
-            # k of every rank, then k+1): N ranks x K micro-batches of B samples train as one
-            # process with one batch of N * K * B does
-            first = sum(sizes[:index]) * self.world_size + self.rank * sizes[index]
+            # each sample's t and noise from its index in the step's global batch (rank r's
+            # samples, its micro-batches in order, from r * K * B): N ranks x K micro-batches of
+            # B samples train as one process with one batch of N * K * B does
+            first = self.rank * sum(sizes) + sum(sizes[:index])
             t, noise = self.step_module.objective.draw(
                 z0.shape, z0.dtype, self.device, sample_generators(self.seed, "diffusion", step, first, sizes[index])
             )
