@@ -180,6 +180,8 @@ def main() -> None:
                        "trainer.lora.targets=['denoiser.*.attn[12].to_[qkv]','denoiser.*.attn[12].to_out.0',"
                        "'denoiser.*.in_layers.2','denoiser.*.out_layers.3']"],
     }
+    # LoRA updates start at zero (B = 0): the same adapter with a 3x learning rate
+    variants["lora8_conv_lr3x"] = [*variants["lora8_conv"], "trainer.lr=3.0e-3"]
     results: dict[str, Any] = {"steps": args.steps, "eval_steps": args.eval, "per_class": args.per_class,
                                "base_steps": args.base_steps, "recipe": RECIPE, "runs": {}}  # fmt: skip
     for name in [] if args.collect else args.runs:

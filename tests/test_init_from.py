@@ -106,6 +106,12 @@ def test_the_report_counts_and_a_new_class_count_keeps_the_old_rows_and_the_null
     table = pipe.conditioner.embedding.weight.detach()
     assert torch.equal(table[:5], before[:5]) and torch.equal(table[10], before[5])  # classes 0-4, the null row
     assert all(not torch.equal(table[i], before[j]) for i in range(5, 10) for j in range(6))  # new rows
+    # drawn from the known rows' distribution: their mean, within the span of their deviations
+    known = before[:5]
+    deviation = table[5:10] - known.mean(0)
+    basis = torch.linalg.qr((known - known.mean(0)).T).Q  # 16 x 5
+    torch.testing.assert_close(deviation, deviation @ basis @ basis.T, atol=1e-5, rtol=1e-5)
+    assert float(deviation.norm(dim=1).mean()) < 3 * float((known - known.mean(0)).norm(dim=1).mean())
     assert float(pipe.scale_factor) == 0.5 and pipe.config.scale_factor == 0.5
     assert OmegaConf.load(run / "config.yaml").scale_factor == 1.0  # the run's own config is as given
 

@@ -105,9 +105,12 @@ class ClassLabelConditioner(Conditioner):
     def adapt_loaded_tensor(self, name: str, source: Tensor, own: Tensor) -> Tensor | None:
         """``trainer.init_from`` with ``trainer.init_strict=false`` from a table of another
         class count (:mod:`ldmkit.training.init_from`): the overlapping class rows are kept,
-        the source's null row moves to this table's null row, and the new class rows keep
-        their fresh initialisation. The source's null row is taken to be where this one's is
-        (the last row, or row 0 with ``null_index=0``)."""
+        the source's null row moves to this table's null row, and each new class row is drawn
+        from the normal distribution of the known class rows (their mean and covariance, as
+        transformers' ``resize_token_embeddings(mean_resizing=True)`` does): a new class starts
+        among the known ones rather than at the untrained scale of a fresh row. The source's
+        null row is taken to be where this one's is (the last row, or row 0 with
+        ``null_index=0``)."""
         if name != "embedding.weight" or source.dim() != 2 or source.shape[1] != own.shape[1]:
             return None
         if self.null_index not in (0, self.num_classes):
@@ -116,9 +119,17 @@ class ClassLabelConditioner(Conditioner):
         shared = min(source.shape[0], own.shape[0]) - 1  # class rows both tables have
         if self.null_index == 0:
             out[: shared + 1] = source[: shared + 1]  # the null row, then the classes
+            known, new = source[1:], slice(shared + 1, None)
         else:
             out[:shared] = source[:shared]
             out[self.null_index] = source[-1]
+            known, new = source[:-1], slice(shared, self.num_classes)
+        count = len(range(*new.indices(out.shape[0])))
+        if count and len(known) >= 2:
+            # mean + a random combination of the centred known rows: covariance = theirs
+            centred = known.float() - known.float().mean(0)
+            mix = torch.randn(count, len(known), dtype=torch.float32) / (len(known) - 1) ** 0.5
+            out[new] = (known.float().mean(0) + mix @ centred).to(out.dtype)
         return out
 
     def _device(self) -> torch.device:
