@@ -316,11 +316,15 @@ def _options(group: str) -> list[str]:
     )
 
 
-def test_component_checkpoint_needs_no_plus_for_any_option():
+def test_component_checkpoint_needs_no_plus_for_any_option(tmp_path):
     """Every first_stage option and every experiment take `first_stage.checkpoint=PATH`
     (and `denoiser.checkpoint`, `conditioner.checkpoint`) whether or not they set the key."""
+    from tests.test_all_configs import _prepared_folder
+
     combos = [[f"first_stage={fs}"] for fs in _options("first_stage")]
-    combos += [[f"experiment={e}"] for e in _options("experiment")]
+    # the folder presets read the prepared folder's manifest.json
+    folder = _prepared_folder(tmp_path)
+    combos += [[f"experiment={e}", *(folder if e.startswith("folder_") else [])] for e in _options("experiment")]
     for overrides in combos:
         cfg = compose_config(
             [
