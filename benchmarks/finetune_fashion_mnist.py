@@ -180,6 +180,10 @@ def main() -> None:
                        "trainer.lora.targets=['denoiser.*.attn[12].to_[qkv]','denoiser.*.attn[12].to_out.0',"
                        "'denoiser.*.in_layers.2','denoiser.*.out_layers.3']"],
     }
+    # measured before class_label drew new rows from the known rows' distribution (fresh
+    # N(0, 1) rows): kept for the comparison, rerun only with the code of that time
+    variants["full_fresh_rows"] = finetune
+    variants["lora8_conv_lr3x_fresh_rows"] = [*variants["lora8_conv"], "trainer.lr=3.0e-3"]
     # LoRA updates start at zero (B = 0): the same adapter with a 3x learning rate
     variants["lora8_conv_lr3x"] = [*variants["lora8_conv"], "trainer.lr=3.0e-3"]
     results: dict[str, Any] = {"steps": args.steps, "eval_steps": args.eval, "per_class": args.per_class,
