@@ -101,14 +101,14 @@ def compare(shard_loader, folder_loader, shard_files, folder_files, repeats: int
     return max(shards), max(folder)
 
 
-def record(results: Path, text: str) -> None:
-    """Replace our section of RESULTS.md (or append it); other sections stay as they are."""
+def record(results: Path, text: str, section: str = SECTION) -> None:
+    """Replace ``section`` of RESULTS.md (or append it); other sections stay as they are."""
     old = results.read_text() if results.is_file() else "# Benchmark results\n"
-    start = old.find(SECTION)
+    start = old.find(section)
     if start < 0:
         new = old.rstrip("\n") + "\n\n" + text
     else:
-        end = old.find("\n## ", start + len(SECTION))
+        end = old.find("\n## ", start + len(section))
         new = old[:start] + text + ("\n" + old[end + 1 :] if end >= 0 else "")
     results.write_text(new.rstrip("\n") + "\n")
 

@@ -44,6 +44,8 @@ RECIPE = ["experiment=fmnist_ldm_kl_f4", "trainer.lr=1.0e-3", "trainer.warmup_st
           "denoiser.attention_resolutions=[2]", "trainer.max_minutes=null", "trainer.progress=false",
           "trainer.sample_every=0", "trainer.val_every=0", "trainer.keep_checkpoints=1"]  # fmt: skip
 BASE_CLASSES = 5
+# the runs the PNG shows (every run is in the JSON and the RESULTS.md table)
+PLOTTED = ("scratch", "full", "lora4", "lora16", "lora8_conv_lr3x")
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -100,6 +102,23 @@ def evaluate(pipeline_dir: Path, per_class: int, real_stats: Any, classifier: An
     }
 
 
+def real_features() -> tuple[Any, Any]:
+    """The classifier, and its feature statistics of 1,000 real test images."""
+    import torch
+
+    from ldmkit.evaluation.classifier import fashion_mnist_arrays, load_classifier, to_model_input
+    from ldmkit.evaluation.frechet import FeatureStats
+
+    classifier = load_classifier()
+    test_images, _ = fashion_mnist_arrays("test")
+    order = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(0))[:1000]
+    with torch.no_grad():
+        real = classifier.features(to_model_input(test_images[order.numpy()]))
+    stats = FeatureStats(real.shape[1])
+    stats.update(real)
+    return classifier, stats
+
+
 def trainable_report(run_dir: Path) -> dict[str, Any]:
     """What a run trains and exports: the trained tensors' element count (the adapter's for a
     LoRA run, else the denoiser's and conditioner's) and the exported files' sizes."""
@@ -153,18 +172,7 @@ def main() -> None:
     if args.only_base:
         return
 
-    import torch
-
-    from ldmkit.evaluation.classifier import fashion_mnist_arrays, load_classifier, to_model_input
-    from ldmkit.evaluation.frechet import FeatureStats
-
-    classifier = load_classifier()
-    test_images, _ = fashion_mnist_arrays("test")
-    order = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(0))[:1000]
-    with torch.no_grad():
-        real = classifier.features(to_model_input(test_images[order.numpy()]))
-    real_stats = FeatureStats(real.shape[1])
-    real_stats.update(real)
+    classifier, real_stats = (None, None) if args.collect else real_features()
 
     # a number as scale_factor: the base's is carried (the preset's scale_by_std would estimate anew)
     finetune = [f"trainer.init_from={base / 'pipeline'}", "trainer.init_strict=false", "scale_factor=1.0"]
@@ -217,7 +225,7 @@ def main() -> None:
 def plot(results: dict[str, Any], path: Path) -> None:
     from plotting import stacked_line_charts
 
-    runs = results["runs"]
+    runs = {name: run for name, run in results["runs"].items() if name in PLOTTED}
     stacked_line_charts(
         path,
         [

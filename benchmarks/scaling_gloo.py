@@ -4,7 +4,7 @@ on 1 process and on 2 processes (two torchrun agents meeting at a c10d rendezvou
 
     .venv/bin/python benchmarks/scaling_gloo.py                 # --steps 40 --global-batch 16
     .venv/bin/python benchmarks/scaling_gloo.py --quick         # a seconds-long check, nothing written
-    .venv/bin/python benchmarks/scaling_gloo.py --set trainer.strategy=fsdp   # the same with FSDP
+    .venv/bin/python benchmarks/scaling_gloo.py --set-2proc trainer.strategy=fsdp   # 2 processes with FSDP
 
 Three runs: 1 process x 1 thread, 1 process x 2 threads (what 2 cores give one process), 2
 processes x 1 thread. Steps/s is over the time spent in training steps (the trainer's
@@ -37,11 +37,11 @@ from tests.training.multinode import compare, single_process, two_nodes  # noqa:
 RESULTS = Path(__file__).resolve().parent / "results" / "scaling_gloo.json"
 
 
-def run(kind: str, work: Path, shards: Path, args: list[str], timeout: float) -> dict:
+def run(kind: str, work: Path, shards: Path, args: list[str], timeout: float, two: list[str] = ()) -> dict:
     out = work / kind
     out.mkdir()
     started = time.perf_counter()
-    common = [str(shards), str(work / f"run_{kind}"), str(out), *args]
+    common = [str(shards), str(work / f"run_{kind}"), str(out), *args, *(two if kind == "2proc" else [])]
     if kind == "2proc":
         done = two_nodes(common, timeout=timeout)
     else:
@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--global-batch", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--set", action="append", default=[], help="a config override for every run")
+    parser.add_argument("--set-2proc", action="append", default=[],
+                        help="an override of the 2-process run only (trainer.strategy=fsdp: the 1-process "
+                             "runs stay plain, the reference)")
     parser.add_argument("--quick", action="store_true", help="3 steps at 8x8, batch 4; writes nothing")
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args(argv)
@@ -77,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
         make_image_folder(work / "images", per_class=per_class, size=(args.image_size, args.image_size))
         prepare("image_folder", work / "shards", path=str(work / "images"), shard_size=args.global_batch,
                 progress=False)  # fmt: skip
-        rows = [run(kind, work, work / "shards", worker_args, args.timeout)
+        two = [f"--set={s}" for s in args.set_2proc]
+        rows = [run(kind, work, work / "shards", worker_args, args.timeout, two)
                 for kind in ("1proc", "1proc_2threads", "2proc")]  # fmt: skip
         check = compare(Path(rows[2]["weights"]), Path(rows[0]["weights"]))
         for row in rows:
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     meta = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
             "steps": args.steps, "global_batch": args.global_batch, "image_size": args.image_size,
-            "overrides": args.set, "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "overrides": args.set, "overrides_2proc": args.set_2proc, "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({"meta": meta, "rows": rows, "equality": check}, indent=2) + "\n")

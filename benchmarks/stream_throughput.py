@@ -45,7 +45,7 @@ from ldmkit.data.transforms import ImageTransform
 sys.path.insert(0, str(Path(__file__).parent))
 from data_throughput import record  # noqa: E402  (the RESULTS.md section writer)
 
-SECTION = "## Streamed vs local shards"
+SECTION = "### Streamed vs local shards"  # under "## Scale-out (issue 29)"
 
 
 def serve(folder: Path) -> tuple[subprocess.Popen, str]:
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print("\n".join(lines))
     if not args.no_record:
-        record(args.results, "\n".join(lines))
+        record(args.results, "\n".join(lines), SECTION)
         print(f"recorded in {args.results}")
     return 0
 

@@ -110,6 +110,12 @@ def compare(run: Path, reference: Path) -> dict[str, Any]:
 
 
 def weights(trainer: Any) -> dict[str, torch.Tensor]:
+    """The trainable weights, whole (gathered from the ranks' shards under FSDP: every rank
+    must call it; rank 0's are complete)."""
+    if getattr(trainer, "sharded", False):
+        from ldmkit.training.fsdp import full_state
+
+        return {k: v.detach().cpu().clone() for k, v in full_state(trainer.trainable).items()}
     return {k: v.detach().cpu().clone() for k, v in trainer.trainable.state_dict().items()}
 
 
