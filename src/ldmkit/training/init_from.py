@@ -26,8 +26,9 @@ Only a fresh run is initialised: a run that resumes takes its weights from its c
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,19 +118,45 @@ def _missing(path: Path, problem: str) -> TrainingError:
     return TrainingError(f"trainer.init_from={path} {problem}; expected {EXPECTED}")
 
 
+def _existing(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise _missing(path, "does not exist")
+    return path
+
+
+def _check_translation(path: Path, preset: str | None, config: str | Path | None) -> None:
+    """A pickled checkpoint is read through the paper's config or a stored translation."""
+    from ldmkit.weights import PICKLE_SUFFIXES
+
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise _missing(path, "is a file but not a checkpoint (.ckpt, .pt, .pth, .bin)")
+    if preset is None and config is None:
+        raise TrainingError(
+            f"trainer.init_from={path} is a pickled checkpoint: give the paper's config.yaml as "
+            "trainer.init_config=PATH, or a stored translation as trainer.init_preset=NAME (docs/interop.md)"
+        )
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Errors of reading ``path`` as one :class:`TrainingError` naming ``trainer.init_from``."""
+    try:
+        yield
+    except TrainingError:
+        raise
+    except (LdmkitError, FileNotFoundError, CheckpointError) as err:
+        raise TrainingError(f"trainer.init_from={path}: {err}") from err
+
+
 def read_source(
     path: str | Path, *, stage: str, preset: str | None = None, config: str | Path | None = None
 ) -> InitSource:
     """The weights at ``path`` (see the module docstring) for a run of ``stage``."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise _missing(path, "does not exist")
-    try:
+    path = _existing(path)
+    with _reading(path):
         if path.is_file():
-            from ldmkit.weights import PICKLE_SUFFIXES
-
-            if path.suffix not in PICKLE_SUFFIXES:
-                raise _missing(path, "is a file but not a checkpoint (.ckpt, .pt, .pth, .bin)")
+            _check_translation(path, preset, config)
             return _compvis(path, preset, config)
         if (path / "model_index.json").is_file():
             from ldmkit.pipeline import Pipeline
@@ -140,10 +167,6 @@ def read_source(
             return _run(path, stage)
         if (path / "config.yaml").is_file() and (path / MODEL_FILE).is_file():
             return _folder(path, "a pipeline folder")
-    except (LdmkitError, FileNotFoundError, CheckpointError) as err:
-        if isinstance(err, TrainingError):
-            raise
-        raise TrainingError(f"trainer.init_from={path}: {err}") from err
     raise _missing(path, "is not a source it can read")
 
 
@@ -185,11 +208,6 @@ def _compvis(path: Path, preset: str | None, config: str | Path | None) -> InitS
     from ldmkit.interop import compvis
     from ldmkit.pipeline import Pipeline
 
-    if preset is None and config is None:
-        raise TrainingError(
-            f"trainer.init_from={path} is a pickled checkpoint: give the paper's config.yaml as "
-            "trainer.init_config=PATH, or a stored translation as trainer.init_preset=NAME (docs/interop.md)"
-        )
     model = compvis.translation(config, preset)
     if model.kind == "first_stage":
         state, _ = compvis.convert_state_dict(compvis.load_checkpoint(path), model)
@@ -322,18 +340,12 @@ def source_config(
     diffusers folder's."""
     from ldmkit.config import load_saved_config
 
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise _missing(path, "does not exist")
-    try:
+    path = _existing(path)
+    with _reading(path):
         if path.is_file():
             from ldmkit.interop import compvis
 
-            if preset is None and config is None:
-                raise TrainingError(
-                    f"trainer.init_from={path} is a pickled checkpoint: give the paper's config.yaml as "
-                    "trainer.init_config=PATH, or a stored translation as trainer.init_preset=NAME (docs/interop.md)"
-                )
+            _check_translation(path, preset, config)
             return compvis.compose(compvis.translation(config, preset))
         if (path / "model_index.json").is_file():
             from ldmkit.interop import diffusers_format
@@ -346,10 +358,6 @@ def source_config(
         for candidate in candidates:
             if candidate.is_file():
                 return load_saved_config(candidate)
-    except (LdmkitError, FileNotFoundError, CheckpointError) as err:
-        if isinstance(err, TrainingError):
-            raise
-        raise TrainingError(f"trainer.init_from={path}: {err}") from err
     raise _missing(path, "holds no config.yaml to take the architecture from")
 
 

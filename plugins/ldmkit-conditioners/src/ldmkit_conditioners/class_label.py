@@ -27,7 +27,7 @@ class ClassLabelConditioner(Conditioner):
 
     ``class_names`` (optional, one per class in label order; ``experiment=folder_class`` reads
     them from the dataset's manifest) travel with the pipeline's config so that labels can be
-    given by name (``ldmkit sample --labels sandal,bag``, :meth:`label_index`).
+    given by name (``ldmkit sample --labels sandal,bag``).
     """
 
     def __init__(
@@ -84,23 +84,6 @@ class ClassLabelConditioner(Conditioner):
                 f"got min {int(labels.min())}, max {int(labels.max())}"
             )
         return labels.reshape(-1)
-
-    def label_index(self, label: int | str) -> int:
-        """The class index of ``label``: an index, or one of :attr:`class_names`."""
-        if isinstance(label, str) and not label.strip().lstrip("-").isdigit():
-            if self.class_names is None:
-                raise ValueError(
-                    f"class label {label!r} is a name, but this conditioner has no class_names "
-                    f"(give an index in [0, {self.num_classes}))"
-                )
-            if label not in self.class_names:
-                known = ", ".join(self.class_names[:20])
-                raise ValueError(f"unknown class name {label!r}; the classes are: {known}")
-            return self.class_names.index(label)
-        index = int(label)
-        if not 0 <= index < self.num_classes:
-            raise ValueError(f"class label {index} is not in [0, {self.num_classes})")
-        return index
 
     def adapt_loaded_tensor(self, name: str, source: Tensor, own: Tensor) -> Tensor | None:
         """``trainer.init_from`` with ``trainer.init_strict=false`` from a table of another
