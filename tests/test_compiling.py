@@ -24,6 +24,8 @@ from ldmkit.pipeline import SampleArgumentError
         ("true", "default"),
         ("reduce-overhead", "reduce-overhead"),
         ("max-autotune", "max-autotune"),
+        ("auto", "auto"),
+        ("AUTO", "auto"),
     ],
 )
 def test_values(value, mode):
@@ -56,14 +58,15 @@ def test_compiled_in_place_keeps_names_and_outputs():
     assert not compile_module(tiny_unet(), False)
 
 
-def test_inductor_on_cpu_warns_and_matches():
-    """The real inductor backend on the CPU: allowed, with the note that it does not pay there,
-    and numerically the same model."""
+def test_inductor_on_cpu_warns_and_matches(monkeypatch):
+    """The real inductor backend on a CPU without bf16 units (flags faked): allowed, with the
+    note that it does not pay there, and numerically the same model."""
+    monkeypatch.setattr("ldmkit.precision.cpu_flags", lambda: frozenset({"avx2", "fma"}))
     unet = tiny_unet()
     x, t = torch.randn(1, unet.in_channels, 8, 8), torch.tensor([500])
     with torch.no_grad():
         before = unet(x, t, {})
-    with pytest.warns(UserWarning, match="without gain on CPUs"):
+    with pytest.warns(UserWarning, match="without gain on such CPUs"):
         compile_module(unet, True, device="cpu")
     with torch.no_grad():
         torch.testing.assert_close(unet(x, t, {}), before, atol=1e-4, rtol=1e-4)
@@ -89,7 +92,11 @@ def test_pipeline_sample_compiles_the_denoiser(monkeypatch):
         lambda m, s, **kw: real(m, s, **{**kw, "backend": "eager"}),
     )
     compiled = pipe.sample({"label": [1, 2]}, seed=0, compile=True)
-    assert is_compiled(pipe.denoiser)
+    # precision=auto: in fp32 the denoiser itself is compiled; in bf16 its low-precision copy,
+    # which is kept on the pipeline and stays compiled for the next call
+    resolved = ldmkit.precision.resolve("auto", "cpu")
+    assert is_compiled(pipe.sampling_denoiser(resolved))
+    assert is_compiled(pipe.denoiser) == (resolved == "fp32")
     torch.testing.assert_close(compiled, reference)
     with pytest.raises(SampleArgumentError, match="compile='fast'"):
         pipe.sample({"label": [1]}, seed=0, compile="fast")

@@ -13,15 +13,22 @@ training step after a 4-minute compile, 1.0x for a sampling forward: the time is
 convolutions and matrix products that inductor calls as they are), so ldmkit prints a
 one-line note when it is asked for on a CPU.
 
-Values: ``false`` (default), ``true`` (inductor's default mode), or an inductor mode name
-(``reduce-overhead``: CUDA graphs; ``max-autotune``; ``max-autotune-no-cudagraphs``).
-``compile_backend`` (default ``inductor``) picks another ``torch.compile`` backend, e.g.
-``eager`` or ``aot_eager`` to check a model traces without compiling kernels.
+Values: ``false`` (default), ``true`` (inductor's default mode), an inductor mode name
+(``reduce-overhead``: CUDA graphs; ``max-autotune``: on CPUs also inductor's C++ GEMM
+templates, which use AMX tiles where the CPU has them; ``max-autotune-no-cudagraphs``), or
+``auto``: compile where it was measured to pay back its compile time for this much work, on
+this kind of host (:data:`AUTO_RULES`, :func:`auto_compile`; the choice and its reason are
+printed in one line). ``compile_backend`` (default ``inductor``) picks another
+``torch.compile`` backend, e.g. ``eager`` or ``aot_eager`` to check a model traces without
+compiling kernels.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,11 +37,99 @@ from torch import nn
 from ldmkit.config_checks import Boolean, Choice, Either
 from ldmkit.errors import LdmkitError
 
-__all__ = ["COMPILE_MODES", "COMPILE_OPTION", "check_compile", "compile_module", "is_compiled"]
+__all__ = [
+    "AUTO_RULES",
+    "COMPILE_MODES",
+    "COMPILE_OPTION",
+    "AutoCompileRule",
+    "auto_compile",
+    "check_compile",
+    "compile_module",
+    "host_kind",
+    "is_compiled",
+]
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # what a `compile` / `trainer.compile` key takes, for the config checker
-COMPILE_OPTION = Either(Boolean(), Choice(*COMPILE_MODES))
+COMPILE_OPTION = Either(Boolean(), Choice(*COMPILE_MODES, "auto"))
+
+
+@dataclass(frozen=True)
+class AutoCompileRule:
+    """What ``compile=auto`` does for one kind of host and one purpose.
+
+    ``mode``: the inductor mode to compile with, None: never. ``min_work``: the least work
+    (optimizer steps for ``train``, denoiser calls for ``sample``) for which the measured
+    speed-up pays back the measured compile time, with a 2x margin; less work stays eager.
+    ``measured``: the measurement behind the rule (or what is missing)."""
+
+    mode: str | None
+    min_work: int
+    measured: str
+
+
+# (host kind, purpose) -> rule. Host kinds: :func:`host_kind`. A kind whose gain was not
+# measured stays eager (compile=max-autotune or true still compiles on request); the
+# figures are in benchmarks/RESULTS.md ("Matrix units (issue 30)"), made with
+# benchmarks/compile_gain.py on the host kind named.
+AUTO_RULES: dict[tuple[str, str], AutoCompileRule] = {
+    ("cpu", "train"): AutoCompileRule(
+        None, 0, "CPUs without AVX512-BF16/AMX: 0.97x for a float32 train step after a 4-minute compile"
+    ),
+    ("cpu", "sample"): AutoCompileRule(None, 0, "CPUs without AVX512-BF16/AMX: 1.0x for a float32 sampling forward"),
+    ("cpu-avx512_bf16", "train"): AutoCompileRule(None, 0, "AVX512-BF16 without AMX: TRAIN_AVX512"),
+    ("cpu-avx512_bf16", "sample"): AutoCompileRule(
+        "default", 4600, "AVX512-BF16 without AMX: SAMPLE_AVX512"
+    ),
+    ("cpu-amx", "train"): AutoCompileRule(
+        None, 0, "AMX: not measured yet (benchmarks/compile_gain.py on an AMX host fills this rule)"
+    ),
+    ("cpu-amx", "sample"): AutoCompileRule(
+        None, 0, "AMX: not measured yet (benchmarks/compile_gain.py on an AMX host fills this rule)"
+    ),
+    ("cuda", "train"): AutoCompileRule(
+        None, 0, "CUDA: not measured yet (benchmarks/gpu_suite.py --cases compile fills this rule)"
+    ),
+    ("cuda", "sample"): AutoCompileRule(
+        None, 0, "CUDA: not measured yet (benchmarks/gpu_suite.py --cases graphs fills this rule)"
+    ),
+}
+
+
+def host_kind(device: torch.device | str, flags: Iterable[str] | None = None) -> str:
+    """``cuda``, ``cpu-amx``, ``cpu-avx512_bf16`` or ``cpu`` (neither), from the CPU flags
+    (``/proc/cpuinfo``, or ``flags``); another device type is returned as it is."""
+    from ldmkit.precision import cpu_bf16_units
+
+    kind = torch.device(device).type
+    if kind != "cpu":
+        return kind
+    units = cpu_bf16_units(flags)
+    return "cpu" if units is None else f"cpu-{units}"
+
+
+def auto_compile(
+    device: torch.device | str,
+    purpose: str,
+    *,
+    work: int | None = None,
+    flags: Iterable[str] | None = None,
+) -> tuple[str | None, str]:
+    """``(mode or None, reason)`` for ``compile=auto``: the rule of :data:`AUTO_RULES` for
+    this host and ``purpose`` (``train`` or ``sample``), off when ``work`` (optimizer steps /
+    denoiser calls; None: unknown, counted as enough) is below the rule's ``min_work``."""
+    if purpose not in ("train", "sample"):
+        raise ValueError(f"auto_compile: purpose must be 'train' or 'sample', got {purpose!r}")
+    kind = host_kind(device, flags)
+    rule = AUTO_RULES.get((kind, purpose))
+    if rule is None:
+        return None, f"no rule for {kind} ({purpose})"
+    if rule.mode is None:
+        return None, rule.measured
+    unit = "steps" if purpose == "train" else "denoiser calls"
+    if work is not None and work < rule.min_work:
+        return None, f"{work} {unit} < {rule.min_work}, too few to pay back the compile ({rule.measured})"
+    return rule.mode, rule.measured
 
 
 class CompileSettingError(LdmkitError, ValueError):
@@ -42,7 +137,8 @@ class CompileSettingError(LdmkitError, ValueError):
 
 
 def check_compile(value: Any, *, key: str = "compile") -> str | None:
-    """The inductor mode for a ``compile`` setting (``"default"`` for true), or None (off)."""
+    """The inductor mode for a ``compile`` setting (``"default"`` for true), ``"auto"``, or
+    None (off)."""
     if value is None or value is False:
         return None
     if value is True:
@@ -53,10 +149,10 @@ def check_compile(value: Any, *, key: str = "compile") -> str | None:
             return None
         if lowered in ("true", "on", "yes", "1"):
             return "default"
-        if lowered in COMPILE_MODES:
+        if lowered in COMPILE_MODES or lowered == "auto":
             return lowered
     raise CompileSettingError(
-        f"{key}={value!r}: expected true, false or one of {', '.join(COMPILE_MODES)}"
+        f"{key}={value!r}: expected true, false, auto or one of {', '.join(COMPILE_MODES)}"
     )
 
 
@@ -73,20 +169,32 @@ def compile_module(
     backend: str = "inductor",
     key: str = "compile",
     what: str = "the model",
+    purpose: str = "train",
+    work: int | None = None,
+    quiet: bool = False,
 ) -> bool:
     """Compile ``module`` in place for ``setting`` (see :func:`check_compile`); returns
-    whether it is compiled. Already compiled modules are left alone."""
+    whether it is compiled. Already compiled modules are left alone. ``auto`` decides by
+    :func:`auto_compile` for ``purpose`` and ``work`` and prints the choice in one line
+    (unless ``quiet``)."""
     mode = check_compile(setting, key=key)
     if mode is None:
         return False
     if is_compiled(module):
         return True
+    chosen_by_rule = mode == "auto"
+    if chosen_by_rule:
+        mode, why = auto_compile(device, purpose, work=work)
+        if not quiet:
+            print(f"{key}: {mode or 'off'} (auto: {why})", file=sys.stderr)
+        if mode is None:
+            return False
     if not hasattr(torch, "compile"):
         raise CompileSettingError(f"{key}={setting!r}: this torch has no torch.compile")
-    if torch.device(device).type == "cpu" and backend == "inductor":
+    if backend == "inductor" and not chosen_by_rule and host_kind(device) == "cpu":
         warnings.warn(
-            f"{key}: compiling {what} for the CPU; measured without gain on CPUs "
-            "(docs/performance.md), it only pays on CUDA",
+            f"{key}: compiling {what} for a CPU without AVX512-BF16/AMX; measured without gain "
+            "on such CPUs (docs/performance.md)",
             stacklevel=2,
         )
     options = {"backend": backend}

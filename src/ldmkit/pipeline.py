@@ -98,18 +98,48 @@ class Pipeline(nn.Module):
         )
 
     # -- the model the sampler calls ---------------------------------------------------
-    def eps_model(self, precision: str = "fp32") -> Callable[[Tensor, Tensor, Mapping[str, Tensor]], Tensor]:
+    def eps_model(
+        self, precision: str = "fp32", denoiser: nn.Module | None = None
+    ) -> Callable[[Tensor, Tensor, Mapping[str, Tensor]], Tensor]:
         """``(z_t, t, cond) -> eps`` whatever the denoiser predicts; the denoiser runs in
-        ``precision`` (a resolved one: fp32, bf16 or fp16), its output comes back float32."""
+        ``precision`` (a resolved one: fp32, bf16 or fp16), its output comes back float32.
+        ``denoiser``: the module to call (default: :meth:`sampling_denoiser` of ``precision``,
+        i.e. the low-precision weight copy for bf16/fp16)."""
         prediction = self.denoiser.prediction
         device = self.scale_factor.device
+        net = self.sampling_denoiser(precision) if denoiser is None else denoiser
 
         def model(z_t: Tensor, t: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+            # the weight copy is already in the low precision (autocast's casts of it are
+            # no-ops); autocast still casts the float32 inputs and what the network makes
+            # in float32 on the way (timestep embeddings), as for the float32 weights
             with _precision.autocast(precision, device):
-                out = self.denoiser(z_t, t, cond)
+                out = net(z_t, t, cond)
             return self.schedule.to_eps(prediction, z_t, t, out.float())
 
         return model
+
+    # sampling in bf16/fp16 runs on a copy of the denoiser's weights in that precision, made
+    # once and kept while the weights stay the same (False: autocast over the float32 weights,
+    # which casts every weight at every step)
+    low_precision_weights: bool = True
+
+    def sampling_denoiser(self, precision: str) -> nn.Module:
+        """The module sampling calls in ``precision`` (a resolved one): the denoiser itself for
+        fp32, else a copy of it with bf16/fp16 weights (:func:`ldmkit.precision.low_precision_copy`).
+        The copy is kept on the pipeline (outside its modules: not in ``state_dict()``) and
+        made again when a weight of the denoiser changes (in place, moved or replaced), so
+        repeated calls pay the cast once and a compiled copy stays compiled."""
+        dtype = _precision.DTYPES[_precision.check(precision)] if precision != "auto" else None
+        if dtype in (None, torch.float32) or not self.low_precision_weights:
+            return self.denoiser
+        key = (dtype, self.denoiser.training, _weights_signature(self.denoiser))
+        cached = self.__dict__.get("_low_precision_denoiser")
+        if cached is None or cached[0] != key:
+            self.__dict__["_low_precision_denoiser"] = None  # free the old copy before making one
+            cached = (key, _precision.low_precision_copy(self.denoiser, dtype))
+            self.__dict__["_low_precision_denoiser"] = cached
+        return cached[1]
 
     def _encode_init(self, images: Tensor, n: int, generator: GeneratorArg, tiling: Mapping[str, Any]) -> Tensor:
         """Latents of ``images`` (B = 1 or n) for n samples. A first stage that samples its
@@ -208,9 +238,13 @@ class Pipeline(nn.Module):
         chunk by chunk, decode."""
         r = request
         device = self.scale_factor.device
-        compile_module(self.denoiser, r.compile, device=device, what="the denoiser")
         tiling = {"tile": r.tile, "tile_overlap": r.tile_overlap}  # tile None: encode/decode whole
         n, images = r.num_samples, r.init_image
+        bs = n if r.batch_size is None else min(r.batch_size, n)
+        denoiser = self.sampling_denoiser(r.precision)
+        steps = r.steps if r.steps is not None else getattr(self.sampler, "steps", None)
+        calls = None if steps is None else int(steps) * math.ceil(n / bs)  # for compile=auto
+        compile_module(denoiser, r.compile, device=device, what="the denoiser", purpose="sample", work=calls)
         generators = sample_generators(r.seed, n) if r.seed is not None else r.generator
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in r.batch.items()}
         cond, uncond = self._conditions(batch, r.guidance_scale, r.precision)
@@ -226,8 +260,7 @@ class Pipeline(nn.Module):
             latent_mask, known, pixels = self._known_latents(batch, generators, tiling)
         sampler_init = init if r.starts_from_init(inpainting=latent_mask is not None) else None
 
-        step_model = self.eps_model(r.precision)
-        bs = n if r.batch_size is None else min(r.batch_size, n)
+        step_model = self.eps_model(r.precision, denoiser)
         starts = range(0, n, bs)
         outputs = []
         for k, start in enumerate(starts):
@@ -524,6 +557,16 @@ def _rows(value: Any, rows: slice, n: int) -> Any:
     if isinstance(value, Mapping):
         return {k: _rows(v, rows, n) for k, v in value.items()}
     return value[rows] if value.shape[0] == n else value
+
+
+def _weights_signature(module: nn.Module) -> tuple:
+    """What changes when a weight of ``module`` changes: each parameter's and buffer's identity,
+    storage, version counter (bumped by every in-place write: optimizer steps,
+    ``load_state_dict``, ``copy_``), dtype and device."""
+    return tuple(
+        (id(t), t.data_ptr(), t._version, t.dtype, t.device)
+        for t in (*module.parameters(), *module.buffers())
+    )
 
 
 def _float32(cond: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -6,6 +6,10 @@ statistics and softmax stay float32 by autocast's own rules and ldmkit's
 :class:`~ldmkit.nn.GroupNorm32`). ``auto`` picks ``bf16`` where it is fast — on CUDA, and on
 CPUs with AVX512-BF16 or AMX (detected at run time) — and ``fp32`` elsewhere.
 
+Sampling in bf16/fp16 runs the denoiser on a low-precision *copy* of its weights
+(:func:`low_precision_copy`, made once and reused while the weights do not change) instead
+of autocast casting every weight again at every step; the float32 weights are never touched.
+
 What stays float32 whatever the choice, and why:
 
 * **the loss** (the diffusion MSE, the autoencoder's L1/LPIPS/KL/adversarial terms): the
@@ -27,6 +31,7 @@ has float32's exponent range and needs no scaling.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from collections.abc import Iterable, Iterator
 
@@ -38,6 +43,12 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # /proc/cpuinfo flags of x86 CPUs with native bf16 matrix instructions
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+# the kinds of CPU bf16 support :func:`cpu_bf16_units` tells apart
+CPU_BF16_UNITS = {
+    "amx": "AMX tiles (amx_bf16): bf16 matrix products on the matrix units, several times float32",
+    "avx512_bf16": "AVX512-BF16 without AMX: bf16 dot products on the vector units",
+    None: "no AVX512-BF16 or AMX: bf16 is emulated, slower than float32",
+}
 
 
 class PrecisionError(LdmkitError, ValueError):
@@ -89,6 +100,24 @@ def _cpu_has_fast_bf16() -> bool:
     return False
 
 
+def cpu_bf16_units(flags: Iterable[str] | None = None) -> str | None:
+    """``"amx"`` (AMX-BF16 tiles), ``"avx512_bf16"`` (bf16 dot products on the vector units,
+    no AMX) or None (neither: bf16 would be emulated) for this CPU, or one with ``flags``."""
+    flags = cpu_flags() if flags is None else frozenset(flags)
+    if "amx_bf16" in flags:
+        return "amx"
+    if "avx512_bf16" in flags:
+        return "avx512_bf16"
+    if not flags and _cpu_has_fast_bf16():  # no /proc/cpuinfo: torch's own probes
+        cpu = getattr(torch, "cpu", None)
+        probe = getattr(cpu, "_is_amx_tile_supported", None)
+        with contextlib.suppress(Exception):
+            if probe is not None and probe():
+                return "amx"
+        return "avx512_bf16"
+    return None
+
+
 def cpu_has_fast_bf16(flags: Iterable[str] | None = None) -> bool:
     """Whether this CPU (or one with ``flags``) runs bf16 matrix products natively."""
     if flags is not None:
@@ -112,19 +141,25 @@ def resolve(
     return "fp32"
 
 
-def reason(precision: str, resolved: str, device: torch.device | str) -> str:
-    """One line saying what was chosen and why (printed once by the trainers and the CLI)."""
+def reason(
+    precision: str,
+    resolved: str,
+    device: torch.device | str,
+    *,
+    flags: Iterable[str] | None = None,
+) -> str:
+    """One line saying what was chosen and why (printed once by the trainers and the CLI).
+    On a CPU it names the kind of bf16 support (:data:`CPU_BF16_UNITS`): AMX, AVX512-BF16
+    without AMX, or neither."""
     device = torch.device(device)
     if check(precision) != "auto":
         return f"precision: {resolved} (as configured) on {device.type}"
     if device.type == "cuda":
         why = "CUDA" if resolved == "bf16" else "this GPU has no bf16"
-    elif resolved == "bf16":
-        why = (
-            f"this CPU has {'/'.join(sorted(BF16_CPU_FLAGS & cpu_flags())) or 'bf16 instructions'}"
-        )
+    elif device.type == "cpu":
+        why = f"this CPU has {CPU_BF16_UNITS[cpu_bf16_units(flags)]}"
     else:
-        why = "this CPU has no AVX512-BF16 or AMX"
+        why = f"no bf16 rule for {device.type}"
     return f"precision: {resolved} (auto: {why})"
 
 
@@ -149,6 +184,28 @@ def float32() -> Iterator[None]:
         yield
 
 
+def low_precision_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of ``module`` whose floating-point parameters and buffers are ``dtype``, for
+    inference: made in one pass without a float32 intermediate copy (the copy's tensors are
+    cast straight from the originals), parameters without ``requires_grad``. ``module`` and
+    its float32 weights are left as they are. A module compiled in place
+    (``nn.Module.compile``) is copied uncompiled: the compiled call would run the original."""
+    memo: dict[int, object] = {}
+    for sub in module.modules():
+        compiled = sub.__dict__.get("_compiled_call_impl")
+        if compiled is not None:
+            memo[id(compiled)] = None
+    for p in module.parameters():
+        if p.is_floating_point():
+            memo[id(p)] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+    for b in module.buffers():
+        if b.is_floating_point():
+            memo[id(b)] = b.detach().to(dtype)
+    low = copy.deepcopy(module, memo)
+    low.requires_grad_(False)
+    return low
+
+
 def grad_scaler(precision: str, device: torch.device | str) -> torch.amp.GradScaler:
     """A loss scaler, enabled for ``fp16`` only (bf16 and fp32 need none)."""
     device = torch.device(device)
@@ -157,15 +214,18 @@ def grad_scaler(precision: str, device: torch.device | str) -> torch.amp.GradSca
 
 __all__ = [
     "BF16_CPU_FLAGS",
+    "CPU_BF16_UNITS",
     "DTYPES",
     "PRECISIONS",
     "PrecisionError",
     "autocast",
     "check",
+    "cpu_bf16_units",
     "cpu_flags",
     "cpu_has_fast_bf16",
     "float32",
     "grad_scaler",
+    "low_precision_copy",
     "reason",
     "resolve",
 ]

