@@ -4,7 +4,8 @@ and the paper-size UNet's train step (issue 13).
     python benchmarks/gpu_suite.py --json benchmarks/results/gpu_suite.json \\
         --markdown benchmarks/results/gpu_suite.md
 
-Where CUDA exists it runs, in this order (about 5 minutes on one H100):
+Where CUDA exists it runs, in this order, within ``--budget-s`` (540 s: a section that would
+start later is skipped and listed, so one command ends inside a 10-minute device call):
 
 1. ``pytest -m cuda`` — attention kernels (SDPA flash / memory-efficient, xformers, math,
    chunked) in fp32/bf16/fp16, LDM and autoencoder training steps under bf16/fp16 autocast
@@ -18,7 +19,10 @@ Where CUDA exists it runs, in this order (about 5 minutes on one H100):
 5. the paper-size UNet (SD-v1 / LDM-KL-8 text-to-image shape: 320 channels, [1, 2, 4, 4],
    attention at 4, 2, 1, 768-d context; 64x64x4 latents): parameters, bf16 train-step time,
    peak memory and MFU, with and without gradient checkpointing;
-6. ``trainer.strategy=fsdp``'s memory per rank (``benchmarks/fsdp_memory.py --cuda`` under
+6. sampling with CUDA graphs (``compile=reduce-overhead`` on the bf16 weight copy) for the
+   CPU-size models, which are launch-bound: against diffusers eager and against diffusers'
+   UNet compiled the same way (issue 30);
+7. ``trainer.strategy=fsdp``'s memory per rank (``benchmarks/fsdp_memory.py --cuda`` under
    ``torchrun``, one rank per visible GPU): the measured training state of txt2img-1p4B and
    SD-v1 next to the value computed on the meta device.
 
@@ -415,6 +419,36 @@ def sampling_races(repeats: int) -> dict[str, Any]:
     return out
 
 
+def graph_races(repeats: int) -> dict[str, Any]:
+    """Sampling of the CPU-size models, which are launch-bound on a GPU: ldmkit with
+    ``compile="reduce-overhead"`` (inductor + CUDA graphs, on the low-precision weight copy)
+    against diffusers eager, then against diffusers' UNet under the same
+    ``torch.compile(mode="reduce-overhead")`` (the compile race); default precision (ldmkit
+    ``auto`` = bf16 vs diffusers float32) and bf16 vs bf16. The first call's time (the
+    compile and the graph capture) is ``compile_s``."""
+    import sampling_diffusers as sd
+
+    out = {}
+    for case in sd.CASES:
+        for mode in ("default", "bf16"):
+            for theirs in (None, "reduce-overhead"):
+                args = argparse.Namespace(
+                    guidance=3.0, repeats=repeats, device="cuda", ldmkit_weights="copy",
+                    ldmkit_compile="reduce-overhead", diffusers_compile=theirs, no_breakdown=True,
+                )
+                key = f"{case}/{mode}/ldmkit-graphs-vs-diffusers-{'graphs' if theirs else 'eager'}"
+                try:
+                    entry = sd.run_case(case, args, mode)
+                except Exception as err:  # noqa: BLE001 - record and go on
+                    out[key] = {"skipped": f"{type(err).__name__}: {err}"}
+                    continue
+                out[key] = entry
+                print(f"[gpu_suite] sampling {key}: {entry['speedup_median_of_pairs']:.2f}x "
+                      f"(compile s {entry['compile_s']})", flush=True)
+            torch._dynamo.reset()
+    return out
+
+
 def markdown(results: dict[str, Any]) -> str:
     env = results["environment"]
     lines = [
@@ -494,6 +528,27 @@ def markdown(results: dict[str, Any]) -> str:
         ]
     elif comp:
         lines += [f"`compile=true`: skipped ({comp.get('skipped')})", ""]
+    graphs = results.get("graphs", {})
+    if graphs and "skipped" not in graphs:
+        lines += [
+            "Sampling with CUDA graphs (`compile=reduce-overhead`), ldmkit vs diffusers eager / compiled alike:",
+            "",
+            "| case / mode / race | ldmkit s | diffusers s | speedup | compile s (ldmkit / diffusers) |",
+            "|---|---|---|---|---|",
+        ]
+        for key, e in graphs.items():
+            if "skipped" in e:
+                lines.append(f"| {key} | skipped: {e['skipped'][:80]} | | | |")
+                continue
+            c = e.get("compile_s", {})
+            lines.append(
+                f"| {key} | {e['ldmkit_s']:.3f} | {e['diffusers_s']:.3f} | {e['speedup_median_of_pairs']:.2f}x "
+                f"| {c.get('ldmkit', 0):.0f} / {c.get('diffusers', 0):.0f} |"
+            )
+        lines.append("")
+    if results.get("budget_skipped"):
+        lines += [f"Skipped for the time budget: {', '.join(results['budget_skipped'])}.", ""]
+    lines.append(f"Suite time: {results.get('seconds')} s.")
     return "\n".join(lines)
 
 
@@ -520,7 +575,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument(
-        "--skip", nargs="*", default=[], choices=["tests", "train", "sampling", "paper", "compile", "fsdp"]
+        "--skip", nargs="*", default=[],
+        choices=["tests", "train", "sampling", "graphs", "paper", "compile", "fsdp"],
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=540,
+        help="a section that would start after this many seconds is skipped (and listed), so "
+        "that one command ends within a 10-minute device call",
     )
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--paper-batch", type=int, default=8)
@@ -546,12 +607,23 @@ def main(argv: list[str] | None = None) -> int:
             args.markdown.parent.mkdir(parents=True, exist_ok=True)
             args.markdown.write_text(markdown(results) + "\n")
 
-    if "tests" not in args.skip:
-        results["cuda_tests"] = run_cuda_tests(timeout=300)
+    results["budget_skipped"] = []
+
+    def wanted(section: str) -> bool:
+        if section in args.skip:
+            return False
+        if time.perf_counter() - started > args.budget_s:
+            results["budget_skipped"].append(section)
+            print(f"[gpu_suite] {section}: skipped, past the {args.budget_s:.0f} s budget", flush=True)
+            return False
+        return True
+
+    if wanted("tests"):
+        results["cuda_tests"] = run_cuda_tests(timeout=240)
         save()
     results["matmul_peak_tflops"] = matmul_peak()
     have_diffusers = results["environment"]["diffusers"] is not None
-    if "train" not in args.skip:
+    if wanted("train"):
         from unet_train_step import SIZES
 
         results["train_step"] = {}
@@ -568,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as err:  # noqa: BLE001 - record and go on with the rest of the suite
                 results["train_step"][name] = {"skipped": f"{type(err).__name__}: {err}"}
             save()
-    if "sampling" not in args.skip:
+    if wanted("sampling"):
         try:
             results["sampling"] = (
                 sampling_races(args.rounds)
@@ -578,7 +650,13 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # noqa: BLE001
             results["sampling"] = {"skipped": f"{type(err).__name__}: {err}"}
         save()
-    if "compile" not in args.skip:
+    if wanted("graphs"):
+        try:
+            results["graphs"] = graph_races(args.rounds) if have_diffusers else {"skipped": "diffusers is not installed"}
+        except Exception as err:  # noqa: BLE001
+            results["graphs"] = {"skipped": f"{type(err).__name__}: {err}"}
+        save()
+    if wanted("compile"):
         from unet_train_step import SIZES
 
         try:
@@ -586,12 +664,12 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # noqa: BLE001 - inductor may be unavailable (no C compiler, no triton)
             results["compile"] = {"skipped": f"{type(err).__name__}: {err}"}
         save()
-    if "paper" not in args.skip:
+    if wanted("paper"):
         try:
             results["paper_unet"] = paper_unet(args.paper_batch, results["matmul_peak_tflops"])
         except Exception as err:  # noqa: BLE001
             results["paper_unet"] = {"skipped": f"{type(err).__name__}: {err}"}
-    if "fsdp" not in args.skip:
+    if wanted("fsdp"):
         results["fsdp_memory"] = fsdp_memory(timeout=600)
     save()
     print(markdown(results))

@@ -60,6 +60,25 @@ CASES: dict[str, tuple[list[str], int, int]] = {
         4,
         25,
     ),
+    # issue 30's case: 8 images of 64 px, KL-f4 (3x16x16 latents), UNet 64 channels [1, 2, 4],
+    # attention at 2 and 4, DDIM 50 with guidance 3, one decode
+    "ldm_kl_f4_64_c64": (
+        [
+            "experiment=fmnist_ldm_kl_f4",
+            "first_stage.checkpoint=null",
+            "sampler.spacing=trailing",
+            "image_size=64",
+            "first_stage.in_channels=3",
+            "first_stage.out_ch=3",
+            "first_stage.resolution=64",
+            "denoiser.model_channels=64",
+            "denoiser.channel_mult=[1,2,4]",
+            "denoiser.attention_resolutions=[2,4]",
+            "denoiser.num_head_channels=32",
+        ],
+        8,
+        50,
+    ),
 }
 UNET_ONLY_KEYS = {"name", "prediction", "vector_dim", "use_checkpoint", "adm_in_channels"}
 
@@ -131,10 +150,10 @@ def diffusers_sample(
 
 def ldmkit_sample(
     pipe: Any, labels: torch.Tensor, noise: torch.Tensor, steps: int, guidance: float,
-    precision: str = "fp32",
+    precision: str = "fp32", compile: bool | str = False,
 ) -> torch.Tensor:
     return pipe.sample({"label": labels}, noise=noise, steps=steps, guidance_scale=guidance,
-                       precision=precision)
+                       precision=precision, compile=compile)
 
 
 # --precision modes: (ldmkit's precision, diffusers' dtype)
@@ -179,9 +198,11 @@ def breakdown(
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
+    net = pipe.sampling_denoiser(resolved)  # the low-precision copy where the pipeline uses it
+
     def unet_call(*args):
         with _precision.autocast(resolved, device):
-            return pipe.denoiser(*args)
+            return net(*args)
 
     with torch.inference_mode():
         unet = med(lambda: unet_call(z2, t2, both))
@@ -205,20 +226,39 @@ def run_case(case: str, args: argparse.Namespace, mode: str = "fp32") -> dict[st
     device = torch.device(getattr(args, "device", "cpu"))
     pipe, theirs = build_pair(overrides)
     ours_precision, their_dtype = MODES[mode]
+    # --ldmkit-weights autocast: the path before issue 30 (autocast over float32 weights)
+    pipe.low_precision_weights = getattr(args, "ldmkit_weights", "copy") == "copy"
+    ours_compile = getattr(args, "ldmkit_compile", None) or False
+    their_compile = getattr(args, "diffusers_compile", None)
     pipe.to(device)
     theirs["unet"].to(device, their_dtype)
     theirs["vae"].to(device, their_dtype)
+    compile_s = {}
+    if ours_compile:  # the first call compiles (the denoiser, or its low-precision copy)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            ldmkit_sample(pipe, (torch.arange(batch) % 10).to(device), torch.randn(
+                batch, pipe.first_stage.latent_channels, *(2 * [int(pipe.config.image_size) // pipe.first_stage.downsample_factor])
+            ).to(device), steps, args.guidance, ours_precision, ours_compile)
+        sync(device)
+        compile_s["ldmkit"] = time.perf_counter() - start
+    if their_compile:
+        theirs["unet"] = torch.compile(theirs["unet"], **({} if their_compile == "default" else {"mode": their_compile}))
     labels = (torch.arange(batch) % 10).to(device)
     side = int(pipe.config.image_size) // pipe.first_stage.downsample_factor
     shape = (batch, pipe.first_stage.latent_channels, side, side)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.inference_mode():
-        a = ldmkit_sample(pipe, labels, noise, steps, args.guidance, ours_precision)
+        a = ldmkit_sample(pipe, labels, noise, steps, args.guidance, ours_precision, ours_compile)
+        start = time.perf_counter()
         b = diffusers_sample(theirs, pipe, labels, noise, steps, args.guidance)
+        sync(device)
+        if their_compile:
+            compile_s["diffusers"] = time.perf_counter() - start
     diff = (a - b).abs().max().item()
     times: dict[str, list[float]] = {"ldmkit": [], "diffusers": []}
     runners = {
-        "ldmkit": lambda: ldmkit_sample(pipe, labels, noise, steps, args.guidance, ours_precision),
+        "ldmkit": lambda: ldmkit_sample(pipe, labels, noise, steps, args.guidance, ours_precision, ours_compile),
         "diffusers": lambda: diffusers_sample(theirs, pipe, labels, noise, steps, args.guidance),
     }
     with torch.inference_mode():
@@ -237,6 +277,10 @@ def run_case(case: str, args: argparse.Namespace, mode: str = "fp32") -> dict[st
         "overrides": overrides,
         "mode": mode,
         "ldmkit_precision": _precision.resolve(ours_precision, device),
+        "ldmkit_weights": "copy" if pipe.low_precision_weights else "autocast",
+        "ldmkit_compile": ours_compile,
+        "diffusers_compile": their_compile,
+        "compile_s": compile_s,
         "diffusers_dtype": str(their_dtype).replace("torch.", ""),
         "device": str(device),
         "batch": batch,
@@ -246,10 +290,11 @@ def run_case(case: str, args: argparse.Namespace, mode: str = "fp32") -> dict[st
         "diffusers_s": statistics.median(times["diffusers"]),
         "speedup_median_of_pairs": statistics.median(ratios),
         "speedup_range": [min(ratios), max(ratios)],
-        "ldmkit_breakdown": breakdown(
-            pipe, labels, noise, steps, args.guidance, max(3, args.repeats // 2), ours_precision
-        ),
     }
+    if not ours_compile and not getattr(args, "no_breakdown", False):
+        entry["ldmkit_breakdown"] = breakdown(
+            pipe, labels, noise, steps, args.guidance, max(3, args.repeats // 2), ours_precision
+        )
     return entry
 
 
@@ -263,15 +308,32 @@ def main() -> None:
                         help="fp32: both float32 (the sampling issue's race); bf16: both bf16; "
                              "default: ldmkit precision=auto vs diffusers' float32 default")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ldmkit-weights", choices=["copy", "autocast"], default="copy",
+                        help="bf16/fp16: copy = the denoiser's weights cast once (ldmkit's default "
+                             "since issue 30), autocast = autocast over the float32 weights (before)")
+    parser.add_argument("--ldmkit-groupnorm", choices=["native", "roundtrip"], default="native",
+                        help="GroupNorm on bf16 CPU activations: native (since issue 30) or the "
+                             "float32 round trip (before)")
+    parser.add_argument("--ldmkit-compile", default=None, help="compile setting for ldmkit (true, auto, a mode)")
+    parser.add_argument("--diffusers-compile", default=None, help="torch.compile mode for diffusers' UNet")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the split of ldmkit's time")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from ldmkit.nn import GroupNorm32
+
+    GroupNorm32.low_precision_on_cpu = args.ldmkit_groupnorm == "native"
+    from host import host_info, host_line
+
+    host = host_info(peaks=args.device == "cpu")
+    print(host_line(host), flush=True)
     results: dict[str, Any] = {
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
             "torch": torch.__version__,
             "threads": args.threads,
+            "host": host,
         },
         "guidance": args.guidance,
         "cases": {},
@@ -283,6 +345,12 @@ def main() -> None:
         for mode in args.modes:
             entry = run_case(case, args, mode)
             key = case if mode == "fp32" else f"{case}/{mode}"
+            if mode != "fp32" and args.ldmkit_weights == "autocast":
+                key += "/ldmkit-autocast"
+            if mode != "fp32" and args.ldmkit_groupnorm == "roundtrip":
+                key += "/groupnorm-roundtrip"
+            if args.ldmkit_compile or args.diffusers_compile:
+                key += f"/compile-{args.ldmkit_compile}-{args.diffusers_compile}"
             results["cases"][key] = entry
             print(key, json.dumps(entry, indent=1), flush=True)
     if args.json:

@@ -181,9 +181,23 @@ def main(argv: list[str] | None = None) -> None:
         help="fp32: both float32; bf16: both under bf16 autocast; default: ldmkit's "
         "trainer.precision=auto (bf16 autocast on CUDA and bf16-capable CPUs) vs diffusers' float32",
     )
+    parser.add_argument(
+        "--groupnorm",
+        choices=["native", "roundtrip"],
+        default="native",
+        help="ldmkit's GroupNorm on bf16 activations: native = PyTorch's CPU kernel on them "
+        "(float32 statistics inside; the default since issue 30), roundtrip = cast to float32 and back (before)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from ldmkit.nn import GroupNorm32
+
+    GroupNorm32.low_precision_on_cpu = args.groupnorm == "native"
+    from host import host_info, host_line
+
+    host = host_info()
+    print(host_line(host), flush=True)
 
     ours, reference = make_models(args.size)
     x, t, cond, target = make_batch(args.size)
@@ -253,21 +267,13 @@ def main(argv: list[str] | None = None) -> None:
     with counter, _precision.autocast(ours_precision, "cpu"):
         F.mse_loss(ours(x, t, cond).float(), target).backward()
     flops = counter.get_total_flops()
-    peak = {name: matmul_peak(dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    peak = {name: value * 1e9 for name, value in host["gemm_gflops_1024"].items()}
     print(f"matmul peak here ({torch.get_num_threads()} threads, 1024^3): fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
     print(f"ldmkit step: {flops / 1e9:.2f} GFLOP, MFU {flops / median['ldmkit'] / peak[ours_precision]:.1%} "
-          f"of the {ours_precision} peak")
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 1024, reps: int = 20) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+          f"of the {ours_precision} peak, {flops / median['ldmkit'] / peak['bf16']:.1%} of the bf16 peak")
+    print(f"diffusers step: MFU {flops / median['diffusers'] / peak[theirs_precision]:.1%} of the "
+          f"{theirs_precision} peak")
 
 
 if __name__ == "__main__":

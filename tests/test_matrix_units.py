@@ -172,7 +172,7 @@ def test_seeds_stay_batch_size_independent(dtype):
     chunks = pipe.sample(batch, guidance_scale=3.0, seed=9, precision=dtype, batch_size=2)
     # per-sample generators: sample i of seed s is the same drawn alone or in a batch; the
     # kernels' blocking per batch size leaves round-off of the precision's order at most
-    tolerance = 1e-5 if dtype == "fp32" else 2e-2
+    tolerance = 1e-5 if dtype == "fp32" else 1e-3  # measured here: 0 in both
     assert float((whole - chunks).abs().max()) < tolerance
     alone = pipe.sample({"label": [2, 3]}, guidance_scale=3.0, seed=11, precision=dtype)  # samples 2-3
     assert float((whole[2:] - alone).abs().max()) < tolerance
@@ -223,3 +223,58 @@ def test_groupnorm_keeps_the_round_trip_for_channels_last():
     out = norm(x)
     expected = F.group_norm(x.float(), 4, norm.weight, norm.bias, norm.eps).bfloat16()
     assert torch.equal(out, expected)
+
+
+def test_a_denoiser_that_cannot_take_low_precision_weights_falls_back_with_a_warning():
+    """A third-party forward with a dtype clash on bf16 weights (layer_norm of a float32
+    activation with the module's own weight): one warning naming it, then autocast over the
+    float32 weights, the same result as with the copy switched off, and no second attempt."""
+    from ldmkit.interfaces import Denoiser
+
+    class Clashing(Denoiser):
+        prediction = "eps"
+
+        def __init__(self, channels):
+            super().__init__()
+            self.in_channels = self.out_channels = channels
+            self.scale = torch.nn.Parameter(torch.ones(channels))
+            self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+
+        def forward(self, z_t, t, cond):
+            h = self.conv(z_t).float().permute(0, 2, 3, 1)
+            return F.layer_norm(h, h.shape[-1:], self.scale).permute(0, 3, 1, 2)  # float32 h, bf16 weight
+
+    pipe = _pipe()
+    channels = pipe.first_stage.latent_channels
+    pipe.denoiser = Clashing(channels)
+    with pytest.warns(UserWarning, match=r"denoiser Clashing does not run on bf16 weights"):
+        a = pipe.sample({"label": [1, 2]}, seed=0, precision="bf16", guidance_scale=1.0)
+    assert pipe.sampling_denoiser("bf16") is pipe.denoiser  # no second attempt
+    pipe.low_precision_weights = False
+    b = pipe.sample({"label": [1, 2]}, seed=0, precision="bf16", guidance_scale=1.0)
+    assert torch.equal(a, b)
+    Clashing.supports_low_precision_weights = False  # the opt-out, declared by the plugin
+    pipe2 = _pipe()
+    pipe2.denoiser = Clashing(channels)
+    assert pipe2.sampling_denoiser("bf16") is pipe2.denoiser
+
+
+def test_an_error_that_is_not_a_dtype_clash_is_raised_as_it_is():
+    from ldmkit.interfaces import Denoiser
+
+    class Broken(Denoiser):
+        prediction = "eps"
+
+        def __init__(self, channels):
+            super().__init__()
+            self.in_channels = self.out_channels = channels
+            self.conv = torch.nn.Conv2d(channels, channels, 1)
+
+        def forward(self, z_t, t, cond):
+            raise RuntimeError("the plugin's own failure")
+
+    pipe = _pipe()
+    pipe.denoiser = Broken(pipe.first_stage.latent_channels)
+    with pytest.raises(RuntimeError, match="the plugin's own failure"):
+        pipe.sample({"label": [1]}, seed=0, precision="bf16", guidance_scale=1.0)
+    assert pipe.sampling_denoiser("bf16") is not pipe.denoiser  # no fallback recorded

@@ -110,7 +110,7 @@ def test_values_are_checked_and_normalized_when_the_request_is_made():
         ({"size": (16, "a")}, "size must be a whole number >= 1 or (height, width) of them, got (16, 'a')"),
         ({"batch_size": 0}, "batch_size must be a whole number >= 1, got 0"),
         ({"precision": "fp8"}, "precision='fp8' is not a precision"),
-        ({"compile": "fast"}, "compile='fast': expected true, false or one of"),
+        ({"compile": "fast"}, "compile='fast': expected true, false, auto or one of"),
     ]
     for kwargs, text in refused:
         with pytest.raises(SampleArgumentError) as err:

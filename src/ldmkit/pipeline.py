@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -17,7 +19,7 @@ from torch import Tensor, nn
 from ldmkit import frozen, lora, masks
 from ldmkit import precision as _precision
 from ldmkit.assembly import component_config, create_component, pipeline_config, pipeline_parts
-from ldmkit.compiling import compile_module
+from ldmkit.compiling import compile_module, is_compiled
 from ldmkit.config import compose_config, load_saved_config
 from ldmkit.diffusion.guidance import ClassifierFreeGuidance
 from ldmkit.diffusion.sampling import GeneratorArg, randn_like, sample_generators, split_generator
@@ -108,16 +110,50 @@ class Pipeline(nn.Module):
         prediction = self.denoiser.prediction
         device = self.scale_factor.device
         net = self.sampling_denoiser(precision) if denoiser is None else denoiser
+        # compile="reduce-overhead" on CUDA replays CUDA graphs whose outputs the next replay
+        # overwrites: each call starts a new step and its output is copied out (multistep
+        # samplers keep earlier eps)
+        graphs = device.type == "cuda" and is_compiled(net)
+        # a third-party denoiser that cannot run on low-precision weights (a dtype clash in its
+        # forward) falls back, at its first call, to autocast over the float32 weights
+        state = {"net": net, "checked": net is self.denoiser or is_compiled(net)}
 
         def model(z_t: Tensor, t: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             # the weight copy is already in the low precision (autocast's casts of it are
             # no-ops); autocast still casts the float32 inputs and what the network makes
             # in float32 on the way (timestep embeddings), as for the float32 weights
             with _precision.autocast(precision, device):
-                out = net(z_t, t, cond)
+                if state["checked"]:
+                    out = state["net"](z_t, t, cond)
+                else:
+                    out = self._first_low_precision_call(state, precision, z_t, t, cond)
+            out = out.clone() if graphs else out
             return self.schedule.to_eps(prediction, z_t, t, out.float())
 
         return model
+
+    def _first_low_precision_call(self, state: dict[str, Any], precision: str, *args: Any) -> Tensor:
+        try:
+            out = state["net"](*args)
+        except (RuntimeError, TypeError) as err:
+            if not _DTYPE_CLASH.search(str(err)):  # another error: the denoiser's own, as it is
+                raise
+            name = type(self.denoiser).__name__
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            warnings.warn(
+                f"sampling in {precision}: denoiser {name} does not run on {precision} weights ({first}); "
+                f"it runs under autocast over its float32 weights instead (set "
+                f"{name}.supports_low_precision_weights = False to skip the attempt)",
+                stacklevel=4,
+            )
+            self.__dict__["_low_precision_denoiser"] = None
+            self.__dict__["_low_precision_refused"] = type(self.denoiser)
+            state["net"] = self.denoiser
+            out = self.denoiser(*args)
+        state["checked"] = True
+        return out
 
     # sampling in bf16/fp16 runs on a copy of the denoiser's weights in that precision, made
     # once and kept while the weights stay the same (False: autocast over the float32 weights,
@@ -131,7 +167,13 @@ class Pipeline(nn.Module):
         made again when a weight of the denoiser changes (in place, moved or replaced), so
         repeated calls pay the cast once and a compiled copy stays compiled."""
         dtype = _precision.DTYPES[_precision.check(precision)] if precision != "auto" else None
-        if dtype in (None, torch.float32) or not self.low_precision_weights:
+        if (
+            dtype in (None, torch.float32)
+            or not self.low_precision_weights
+            or not getattr(self.denoiser, "supports_low_precision_weights", True)
+            or self.__dict__.get("_low_precision_refused") is type(self.denoiser)
+            or _is_sharded(self.denoiser)  # FSDP: its own mixed-precision policy casts the shards
+        ):
             return self.denoiser
         key = (dtype, self.denoiser.training, _weights_signature(self.denoiser))
         cached = self.__dict__.get("_low_precision_denoiser")
@@ -557,6 +599,18 @@ def _rows(value: Any, rows: slice, n: int) -> Any:
     if isinstance(value, Mapping):
         return {k: _rows(v, rows, n) for k, v in value.items()}
     return value[rows] if value.shape[0] == n else value
+
+
+# what PyTorch's dtype-mismatch errors say ("expected scalar type Float but found BFloat16",
+# "mat1 and mat2 must have the same dtype", "Input type (c10::BFloat16) and bias type (float)
+# should be the same", "mixed dtype (CPU): expect parameter to have scalar type of Float")
+_DTYPE_CLASH = re.compile(r"dtype|scalar type|should be the same|BFloat16|Half", re.IGNORECASE)
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    """Whether ``module``'s parameters are DTensors (FSDP2 shards): they are not copied."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor exists
+    return dtensor is not None and any(isinstance(p, dtensor.DTensor) for p in module.parameters())
 
 
 def _weights_signature(module: nn.Module) -> tuple:

@@ -150,9 +150,11 @@ class SampleRequest:
         this many latent pixels, blended over ``tile_overlap`` (default ``tile // 4``): the
         first stage's memory is then that of one tile, for outputs far larger than the
         training size (:mod:`ldmkit.tiling`; the denoiser still sees the whole latent).
-    :param compile: ``True`` or an inductor mode: ``torch.compile`` the denoiser in place
-        before sampling (:mod:`ldmkit.compiling`; it stays compiled for later calls). It pays
-        on CUDA; the first call includes the compile time.
+    :param compile: ``True``, ``"auto"`` or an inductor mode: ``torch.compile`` the denoiser
+        (in bf16/fp16: its low-precision weight copy) before sampling (:mod:`ldmkit.compiling`;
+        it stays compiled for later calls); the first call includes the compile time.
+        ``"auto"`` compiles where it was measured to pay back for this call's denoiser calls
+        on this kind of host (:data:`ldmkit.compiling.AUTO_RULES`).
     :param callback: called after every step with the sampler's dict (``i``, ``t``, ``z``,
         ``x0``) plus ``chunk`` and ``num_chunks``.
     :param return_latents: return z_0 instead of the decoded images.

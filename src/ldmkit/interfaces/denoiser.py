@@ -51,6 +51,10 @@ class Denoiser(nn.Module, Component, abc.ABC):
     """Time- and condition-dependent network of the reverse process."""
 
     prediction: str = "eps"
+    # sampling in bf16/fp16 runs on a copy of the weights in that precision (under autocast);
+    # False: autocast over the float32 weights (for a forward that cannot take low-precision
+    # weights; one that raises a dtype error falls back by itself, with a warning)
+    supports_low_precision_weights: bool = True
     in_channels: int
     out_channels: int
     context_dim: int | None = None

@@ -170,6 +170,12 @@ class SpatialTransformer(nn.Module):
         # the 1x1 convolutions are applied as linear maps on tokens: one layout change
         # each way instead of two, and none at all for channels-last inputs
         tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")
+        if tokens.dtype in (torch.bfloat16, torch.float16) and height * width < tokens.shape[-1]:
+            # few tokens, many channels: a linear map on this transposed view is a batched
+            # product with the weight copied once per sample; one copy of the (small)
+            # activation makes it one matrix product (bf16, CPU, 16 tokens x 256 channels:
+            # 0.94 -> 0.22 ms; with many tokens the view is faster, and float32 is unchanged)
+            tokens = tokens.contiguous()
         tokens = F.linear(tokens, self.proj_in.weight.flatten(1), self.proj_in.bias)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)

@@ -1,0 +1,169 @@
+"""Where the bf16 time goes, and what each lever of issue 30 gives, in one process.
+
+1. **Per-op profile** (``torch.profiler``) of the UNet's guided-batch sampling forward and of a
+   train step (forward + backward + fused AdamW) under the resolved ``precision=auto``: the
+   top ops by self time with their share — convolutions, matrix products, attention, the
+   casts (``aten::copy_``/``_to_copy``: autocast's weight casts, float32 round trips), norms,
+   the optimizer.
+2. **Levers, interleaved** (same weights, same noise, one thread, median of rounds and the
+   median of per-round ratios against the old path):
+   - sampling (``Pipeline.sample``, issue 30's case: 8 images of 64 px, KL-f4, UNet 64 ch
+     [1, 2, 4], DDIM 50, guidance 3): ``before`` = autocast over the float32 weights with
+     GroupNorm's float32 round trip; ``+copy`` = the low-precision weight copy;
+     ``+copy+gn`` = and GroupNorm on the bf16 activations (today's default); ``fp32``;
+   - train step (``unet_train_step.py --size small``): GroupNorm round trip vs native, and
+     float32.
+
+    .venv/bin/python benchmarks/bf16_levers.py --json benchmarks/results/bf16_levers.json
+
+Run it alone on a quiet machine; it prints the host's flags and measured peaks first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def profile_table(fn, rows: int = 12) -> list[dict[str, Any]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [
+        {"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 2), "share": round(e.self_cpu_time_total / total, 3),
+         "calls": e.count}
+        for e in events[:rows]
+    ]
+
+
+def interleave(variants: dict[str, Any], rounds: int, baseline: str) -> dict[str, Any]:
+    for fn in variants.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(rounds):
+        names = list(variants) if r % 2 == 0 else list(reversed(variants))
+        for name in names:
+            start = time.process_time()
+            variants[name]()
+            times[name].append(time.process_time() - start)
+    out = {}
+    for name, values in times.items():
+        ratios = [b / v for b, v in zip(times[baseline], values, strict=True)]
+        out[name] = {"median_s": round(statistics.median(values), 4),
+                     f"speedup_vs_{baseline}": round(statistics.median(ratios), 3),
+                     "range": [round(min(ratios), 3), round(max(ratios), 3)]}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from host import host_info, host_line
+    from sampling_diffusers import CASES, build_pair
+    from unet_train_step import make_batch, make_models
+
+    from ldmkit import precision as _precision
+    from ldmkit.nn import GroupNorm32
+
+    host = host_info()
+    print(host_line(host), flush=True)
+    resolved = _precision.resolve("auto", "cpu")
+    low = "bf16" if resolved == "fp32" else resolved  # an fp32 host still shows the bf16 levers
+    results: dict[str, Any] = {"host": host, "precision": low}
+
+    # -- sampling ---------------------------------------------------------------------------
+    overrides, batch, steps = CASES["ldm_kl_f4_64_c64"]
+    pipe, _ = build_pair(overrides)
+    labels = torch.arange(batch) % 10
+    side = int(pipe.config.image_size) // pipe.first_stage.downsample_factor
+    noise = torch.randn(batch, pipe.first_stage.latent_channels, side, side, generator=torch.Generator().manual_seed(0))
+
+    def sample(precision: str, copy: bool, gn: bool):
+        def run():
+            pipe.low_precision_weights = copy
+            GroupNorm32.low_precision_on_cpu = gn
+            pipe.sample({"label": labels}, noise=noise, steps=steps, guidance_scale=3.0, precision=precision)
+
+        return run
+
+    net = pipe.sampling_denoiser(low)
+    z2 = torch.cat([noise, noise])
+    t2 = torch.full((2 * batch,), 500)
+    cond = pipe.conditioner({"label": labels})
+    both = {k: torch.cat([pipe.conditioner.unconditional({"label": labels})[k], v]) for k, v in cond.items()}
+
+    def forward(module, copy_gn: bool):
+        def run():
+            GroupNorm32.low_precision_on_cpu = copy_gn
+            with torch.inference_mode(), _precision.autocast(low, "cpu"):
+                module(z2, t2, both)
+
+        return run
+
+    results["profile_sampling_forward_before"] = profile_table(forward(pipe.denoiser, False))
+    results["profile_sampling_forward_now"] = profile_table(forward(net, True))
+    results["sampling"] = interleave(
+        {
+            "before": sample(low, False, False),
+            "+copy": sample(low, True, False),
+            "+copy+gn": sample(low, True, True),
+            "fp32": sample("fp32", True, True),
+        },
+        args.rounds,
+        "before",
+    )
+    print("sampling", json.dumps(results["sampling"]), flush=True)
+
+    # -- train step -------------------------------------------------------------------------
+    model, _ = make_models("small")
+    model.train()
+    x, t, c, target = make_batch("small")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def train(precision: str, gn: bool):
+        def run():
+            GroupNorm32.low_precision_on_cpu = gn
+            optimizer.zero_grad(set_to_none=True)
+            with _precision.autocast(precision, "cpu"):
+                out = model(x, t, c)
+            F.mse_loss(out.float(), target).backward()
+            optimizer.step()
+
+        return run
+
+    results["profile_train_step_now"] = profile_table(train(low, True), rows=16)
+    results["train_step"] = interleave(
+        {"before": train(low, False), "+gn": train(low, True), "fp32": train("fp32", True)}, 2 * args.rounds, "before"
+    )
+    print("train_step", json.dumps(results["train_step"]), flush=True)
+    GroupNorm32.low_precision_on_cpu = True
+    for key in ("profile_sampling_forward_before", "profile_sampling_forward_now", "profile_train_step_now"):
+        print(key)
+        for row in results[key]:
+            print(f"  {row['op'][:58]:58s} {row['self_ms']:9.2f} ms {row['share']:6.1%} x{row['calls']}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
