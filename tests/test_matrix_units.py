@@ -164,7 +164,7 @@ def test_fp32_sampling_is_the_old_path_bit_for_bit():
     assert torch.equal(new, old)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_seeds_stay_batch_size_independent(dtype):
     pipe = _pipe()
     batch = {"label": [0, 1, 2, 3]}
