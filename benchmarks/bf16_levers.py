@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -79,7 +78,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from host import host_info, host_line
     from sampling_diffusers import CASES, build_pair
-    from unet_train_step import make_batch, make_models
+    from unet_train_step import autocast_train_step, make_batch, make_models
 
     from ldmkit import precision as _precision
     from ldmkit.nn import GroupNorm32
@@ -137,16 +136,12 @@ def main() -> None:
     model, _ = make_models("small")
     model.train()
     x, t, c, target = make_batch("small")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    steps = {p: autocast_train_step(model, lambda m, *a: m(*a), x, t, c, target, p) for p in (low, "fp32")}
 
     def train(precision: str, gn: bool):
         def run():
             GroupNorm32.low_precision_on_cpu = gn
-            optimizer.zero_grad(set_to_none=True)
-            with _precision.autocast(precision, "cpu"):
-                out = model(x, t, c)
-            F.mse_loss(out.float(), target).backward()
-            optimizer.step()
+            steps[precision]()
 
         return run
 

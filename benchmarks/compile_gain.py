@@ -43,8 +43,7 @@ sys.path.insert(0, str(HERE))
 def one_cell(purpose: str, mode: str, rounds: int) -> dict:
     import copy
 
-    import torch.nn.functional as F
-    from unet_train_step import make_batch, make_models
+    from unet_train_step import autocast_train_step, make_batch, make_models
 
     from ldmkit import precision as _precision
 
@@ -77,16 +76,7 @@ def one_cell(purpose: str, mode: str, rounds: int) -> dict:
         compiled.compile(**options)
 
         def make(model):
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-            def call():
-                optimizer.zero_grad(set_to_none=True)
-                with _precision.autocast(resolved, "cpu"):
-                    out = model(x, t, cond)
-                F.mse_loss(out.float(), target).backward()
-                optimizer.step()
-
-            return call
+            return autocast_train_step(model, lambda m, *a: m(*a), x, t, cond, target, resolved)
 
     calls = {"eager": make(eager), "compiled": make(compiled)}
     start = time.perf_counter()

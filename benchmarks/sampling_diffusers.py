@@ -34,6 +34,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+
+def _ldm_64(channels: int, mult: str) -> list[str]:
+    """A paper-shaped LDM-4 on 64x64 RGB images (KL-f4: 3x16x16 latents), attention at 2 and 4."""
+    return [
+        "experiment=fmnist_ldm_kl_f4",
+        "first_stage.checkpoint=null",
+        "sampler.spacing=trailing",
+        "image_size=64",
+        "first_stage.in_channels=3",
+        "first_stage.out_ch=3",
+        "first_stage.resolution=64",
+        f"denoiser.model_channels={channels}",
+        f"denoiser.channel_mult={mult}",
+        "denoiser.attention_resolutions=[2,4]",
+        "denoiser.num_head_channels=32",
+    ]
+
+
 # case -> (overrides for ldmkit.compose, batch, steps)
 CASES: dict[str, tuple[list[str], int, int]] = {
     # the class-conditional Fashion-MNIST LDM (32x32 -> 3x8x8 latents, the demo's model)
@@ -42,43 +60,10 @@ CASES: dict[str, tuple[list[str], int, int]] = {
         16,
         50,
     ),
-    # a paper-shaped LDM-4 (64x64 RGB -> 3x16x16, UNet 128 channels, 3 levels, cross-attention)
-    "ldm_kl_f4_64": (
-        [
-            "experiment=fmnist_ldm_kl_f4",
-            "first_stage.checkpoint=null",
-            "sampler.spacing=trailing",
-            "image_size=64",
-            "first_stage.in_channels=3",
-            "first_stage.out_ch=3",
-            "first_stage.resolution=64",
-            "denoiser.model_channels=128",
-            "denoiser.channel_mult=[1,2,2]",
-            "denoiser.attention_resolutions=[2,4]",
-            "denoiser.num_head_channels=32",
-        ],
-        4,
-        25,
-    ),
-    # issue 30's case: 8 images of 64 px, KL-f4 (3x16x16 latents), UNet 64 channels [1, 2, 4],
-    # attention at 2 and 4, DDIM 50 with guidance 3, one decode
-    "ldm_kl_f4_64_c64": (
-        [
-            "experiment=fmnist_ldm_kl_f4",
-            "first_stage.checkpoint=null",
-            "sampler.spacing=trailing",
-            "image_size=64",
-            "first_stage.in_channels=3",
-            "first_stage.out_ch=3",
-            "first_stage.resolution=64",
-            "denoiser.model_channels=64",
-            "denoiser.channel_mult=[1,2,4]",
-            "denoiser.attention_resolutions=[2,4]",
-            "denoiser.num_head_channels=32",
-        ],
-        8,
-        50,
-    ),
+    # UNet 128 channels, 3 levels, cross-attention
+    "ldm_kl_f4_64": (_ldm_64(128, "[1,2,2]"), 4, 25),
+    # issue 30's case: 8 images of 64 px, UNet 64 channels [1, 2, 4], DDIM 50 with guidance 3
+    "ldm_kl_f4_64_c64": (_ldm_64(64, "[1,2,4]"), 8, 50),
 }
 UNET_ONLY_KEYS = {"name", "prediction", "vector_dim", "use_checkpoint", "adm_in_channels"}
 

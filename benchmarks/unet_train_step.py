@@ -141,6 +141,23 @@ def make_batch(size: str, seed: int = 1):
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
+def autocast_train_step(model, forward, x, t, cond, target, precision: str = "fp32", fused: bool = True):
+    """The trainers' step on one model: AdamW, the forward under ``precision``'s autocast, the
+    float32 MSE (as in DiffusionObjective), backward, step."""
+    from ldmkit import precision as _precision
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if fused else {}))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with _precision.autocast(precision, "cpu"):
+            out = forward(model, x, t, cond)
+        F.mse_loss(out.float(), target).backward()
+        optimizer.step()
+
+    return step
+
+
 def timed_steps(step, steps: int, clock=time.perf_counter) -> float:
     start = clock()
     for _ in range(steps):
@@ -216,18 +233,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def train_step(model, forward, precision="fp32", ours=False):
         use_fused = args.optimizer == "adamw-fused" or (args.optimizer == "defaults" and ours)
-        fused = {"fused": True} if use_fused else {}
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            with _precision.autocast(precision, "cpu"):  # the trainers' path: autocast forward
-                out = forward(model, x, t, cond)
-            loss = F.mse_loss(out.float(), target)  # float32 loss, as in DiffusionObjective
-            loss.backward()
-            optimizer.step()
-
-        return step
+        return autocast_train_step(model, forward, x, t, cond, target, precision, fused=use_fused)
 
     ours.train()
     reference.train()
