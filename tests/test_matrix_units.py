@@ -36,6 +36,15 @@ def test_auto_precision_names_the_kind_of_bf16_support(flags, resolved, units, w
     assert line not in others
 
 
+def test_explicit_flags_are_not_mixed_with_this_machines_probes():
+    """flags=set() means a CPU with no flags (an ARM box), not "read this machine": the
+    reason and the host kind must agree with resolve(), which says fp32 there."""
+    assert precision.resolve("auto", "cpu", flags=set()) == "fp32"
+    assert precision.cpu_bf16_units(set()) is None
+    assert "no AVX512-BF16 or AMX" in precision.reason("auto", "fp32", "cpu", flags=set())
+    assert compiling.host_kind("cpu", set()) == "cpu"
+
+
 # -- compile=auto --------------------------------------------------------------------------
 def test_host_kind_and_auto_compile_rules_per_host():
     assert compiling.host_kind("cpu", AMX) == "cpu-amx"

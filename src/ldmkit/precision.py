@@ -86,35 +86,35 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def _torch_cpu_probe(name: str) -> bool:
+    """torch's own detection of a CPU feature (``torch.cpu._is_amx_tile_supported`` ...),
+    for where ``/proc/cpuinfo`` is absent; False where torch has no such probe."""
+    fn = getattr(getattr(torch, "cpu", None), name, None)
+    with contextlib.suppress(Exception):
+        return bool(fn is not None and fn())
+    return False
+
+
 @functools.lru_cache(maxsize=1)
 def _cpu_has_fast_bf16() -> bool:
     if BF16_CPU_FLAGS & cpu_flags():
         return True
-    cpu = getattr(torch, "cpu", None)  # torch's own detection, where /proc/cpuinfo is absent
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        fn = getattr(cpu, probe, None)
-        if fn is not None:
-            with contextlib.suppress(Exception):
-                if fn():
-                    return True
-    return False
+    return any(_torch_cpu_probe(p) for p in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def cpu_bf16_units(flags: Iterable[str] | None = None) -> str | None:
     """``"amx"`` (AMX-BF16 tiles), ``"avx512_bf16"`` (bf16 dot products on the vector units,
     no AMX) or None (neither: bf16 would be emulated) for this CPU, or one with ``flags``."""
-    flags = cpu_flags() if flags is None else frozenset(flags)
-    if "amx_bf16" in flags:
+    read = cpu_flags() if flags is None else frozenset(flags)
+    if "amx_bf16" in read:
         return "amx"
-    if "avx512_bf16" in flags:
+    if "avx512_bf16" in read:
         return "avx512_bf16"
-    if not flags and _cpu_has_fast_bf16():  # no /proc/cpuinfo: torch's own probes
-        cpu = getattr(torch, "cpu", None)
-        probe = getattr(cpu, "_is_amx_tile_supported", None)
-        with contextlib.suppress(Exception):
-            if probe is not None and probe():
-                return "amx"
-        return "avx512_bf16"
+    if flags is None and not read:  # this CPU, no /proc/cpuinfo: torch's own probes
+        if _torch_cpu_probe("_is_amx_tile_supported"):
+            return "amx"
+        if _torch_cpu_probe("_is_avx512_bf16_supported"):
+            return "avx512_bf16"
     return None
 
 

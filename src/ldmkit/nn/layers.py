@@ -36,7 +36,7 @@ class GroupNorm32(nn.GroupNorm):
     accumulates the mean and variance in float32 and takes float32 affine parameters
     ("low-precision GroupNorm": the same result as the float32 round trip to one bf16 rounding
     step, 1.3-1.45x faster for the op and no two casts of the activation; forward and
-    backward checked in tests/nn/test_layers.py). Elsewhere (CUDA, channels-last on the CPU,
+    backward checked in tests/test_matrix_units.py). Elsewhere (CUDA, channels-last on the CPU,
     whose low-precision kernel is slow) the input is cast to float32 and the result back.
     float64 (a module moved to double) is normalised as it is.
     """
