@@ -158,6 +158,20 @@ def test_weight_copy_is_kept_until_a_weight_changes():
     assert pipe.sampling_denoiser("fp16") is not pipe.sampling_denoiser("bf16") is not second
 
 
+def test_releasing_the_weight_copy_frees_it():
+    import gc
+    import weakref
+
+    pipe = _pipe()
+    copy = weakref.ref(pipe.sampling_denoiser("bf16"))
+    assert copy() is pipe.sampling_denoiser("bf16")
+    pipe.release_low_precision_copy()
+    gc.collect()
+    assert copy() is None  # nothing else holds it
+    again = pipe.sampling_denoiser("bf16")
+    assert next(again.parameters()).dtype == torch.bfloat16
+
+
 def test_fp32_sampling_is_the_old_path_bit_for_bit():
     """In float32 nothing of the levers applies: the same bits as autocast-free sampling on the
     float32 weights with GroupNorm's old round trip switched back on."""

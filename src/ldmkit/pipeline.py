@@ -183,6 +183,12 @@ class Pipeline(nn.Module):
             self.__dict__["_low_precision_denoiser"] = cached
         return cached[1]
 
+    def release_low_precision_copy(self) -> None:
+        """Drop the bf16/fp16 copy of the denoiser's weights that sampling keeps (half the
+        float32 size of the denoiser in memory while the pipeline lives); the next sampling
+        call in low precision makes it again."""
+        self.__dict__["_low_precision_denoiser"] = None
+
     def _encode_init(self, images: Tensor, n: int, generator: GeneratorArg, tiling: Mapping[str, Any]) -> Tensor:
         """Latents of ``images`` (B = 1 or n) for n samples. A first stage that samples its
         posterior (KL, ``encode_mode=sample``) draws from the samples' generator(s): sample i's

@@ -103,3 +103,39 @@ def test_a_run_dir_in_use_stops_every_rank_in_one_line(tmp_path):
     assert out.returncode != 0
     line = f"ldmkit train: error: run_dir {run} is in use by PID {os.getpid()} (started "
     assert out.stderr.count(line) == 2, out.stderr  # one line from each rank
+
+
+def test_ranks_that_would_resume_from_different_checkpoints_stop_in_one_line(tmp_path):
+    """A run_dir local to each machine: rank 0 finds the checkpoints rank 0 wrote, the other
+    ranks find none. Every rank stops with the same line naming each rank's checkpoint, rather
+    than rank 0 resuming while the others start from step 0 (or hang at a collective)."""
+    images = tmp_path / "images"
+    make_image_folder(images, per_class=4, size=(8, 8))
+    shards = tmp_path / "shards"
+    prepare("image_folder", shards, path=str(images), shard_size=4, progress=False)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    # ${oc.env:RANK}: each rank its own folder, as node-local storage would give it
+    run = f"{tmp_path}/node" + "${oc.env:RANK}"
+
+    def train(steps: int) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "ldmkit.cli", "train",
+             "stage=ldm", "trainer=ldm_tiny", "first_stage=identity", "denoiser=unet_tiny",
+             "data=image_folder", f"data.path={shards}", "image_size=8", f"run_dir={run}",
+             f"trainer.max_steps={steps}", "trainer.batch_size=2", "trainer.checkpoint_every=2"],
+            capture_output=True, text=True, env=_environment(), timeout=300,
+        )  # fmt: skip
+
+    first = train(2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "node0" / "checkpoints" / "step_000000002").is_dir()
+    assert not (tmp_path / "node1" / "checkpoints").exists()  # only rank 0 writes
+    before = digest(tmp_path / "node0")
+    second = train(4)
+    assert second.returncode != 0
+    line = (f"ldmkit train: error: the ranks found different checkpoints to resume from: "
+            f"step 2 ({tmp_path}/node0/checkpoints/step_000000002) on rank 0, none on rank 1")
+    assert second.stderr.count(line) == 2, second.stderr[-3000:]
+    assert "run_dir must be on storage every machine sees" in second.stderr
+    after = digest(tmp_path / "node0")
+    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}

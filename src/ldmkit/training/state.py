@@ -237,6 +237,19 @@ class TrainingState:
         if self.rank == 0:
             self.checkpoints.remove_incomplete()
         distributed.barrier()
+        try:
+            found, problem = self._usable(stage), None
+        except Exception as err:  # noqa: BLE001 - every rank must reach the agreement below
+            found, problem = None, err
+        self._agree(found, problem)
+        if found is None:
+            return None
+        checkpoint, contents = found
+        self.load(checkpoint, contents, stage)
+        return checkpoint
+
+    def _usable(self, stage: StageParts) -> tuple[Checkpoint, Contents] | None:
+        """The newest checkpoint this rank can read and resume from, read (not applied)."""
         for checkpoint in self.checkpoints.usable(verify=True):
             if not self.allow_resume:
                 raise TrainingError(
@@ -249,9 +262,32 @@ class TrainingState:
                 skip_warning(checkpoint, str(err))
                 continue
             self.verify(checkpoint, contents.config, stage)
-            self.load(checkpoint, contents, stage)
-            return checkpoint
+            return checkpoint, contents
         return None
+
+    def _agree(self, found: tuple[Checkpoint, Contents] | None, problem: Exception | None) -> None:
+        """Raise on every rank unless every rank resumes from the same step (or none starts
+        from one). A ``run_dir`` local to each machine lets rank 0 find its checkpoints while
+        the others find none; resuming anyway would train the ranks from different steps
+        (and with sharded checkpoints wait forever in a collective load)."""
+        choice = None if found is None else (found[0].step, str(found[0].path))
+        why = None if problem is None else str(problem) or type(problem).__name__
+        choices = distributed.gather((choice, why))
+        if problem is not None:
+            raise problem
+        failed = [(rank, reason) for rank, (_, reason) in enumerate(choices) if reason is not None]
+        if failed:
+            rank, reason = failed[0]
+            raise TrainingError(f"rank {rank} cannot resume: {reason}")
+        if len({None if pick is None else pick[0] for pick, _ in choices}) > 1:
+            groups: dict[str, list[int]] = {}
+            for rank, (pick, _) in enumerate(choices):
+                groups.setdefault("none" if pick is None else f"step {pick[0]} ({pick[1]})", []).append(rank)
+            found_text = ", ".join(f"{what} on {_ranks_text(ranks)}" for what, ranks in groups.items())
+            raise TrainingError(
+                f"the ranks found different checkpoints to resume from: {found_text}; run_dir must be "
+                "on storage every machine sees at the same path (docs/distributed.md)"
+            )
 
     def read(self, checkpoint: Checkpoint, stage: StageParts) -> Contents:
         """Every file of ``checkpoint``, read and parsed before anything is applied (a bad
@@ -678,3 +714,15 @@ def load_state(checkpoint: Checkpoint) -> dict[str, Any]:
 def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    """``rank 3`` / ``ranks 0-3, 8`` (ascending ranks)."""
+    spans: list[list[int]] = []
+    for rank in ranks:
+        if spans and rank == spans[-1][1] + 1:
+            spans[-1][1] = rank
+        else:
+            spans.append([rank, rank])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    return f"rank{'s' if len(ranks) > 1 else ''} {text}"
