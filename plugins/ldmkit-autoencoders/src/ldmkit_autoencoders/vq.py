@@ -13,11 +13,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
 from ldmkit_autoencoders.engine import AutoencodingEngine, Regularizer, with_architecture_signature
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class VectorQuantizer(Regularizer):
@@ -31,6 +36,11 @@ class VectorQuantizer(Regularizer):
     hit count is kept; codes whose average falls below ``dead_code_threshold`` are moved
     onto randomly chosen encoder outputs of the current batch (as in Dhariwal et al.
     2020's Jukebox and Zeghidour et al. 2021), which keeps large codebooks in use.
+
+    Under ``torch.distributed`` (DDP averages gradients but never re-syncs parameters) a
+    training forward sums the code counts over the ranks, so the usage logs, the moving
+    average and the dead set are the global batch's on every rank, and the replacement
+    vectors are rank 0's picks, broadcast: every rank's codebook stays identical.
     """
 
     moments_factor = 1
@@ -87,7 +97,10 @@ class VectorQuantizer(Regularizer):
         loss = self.codebook_weight * (codebook_loss + self.beta * commitment_loss)
         z_st = h + (z_q - h).detach()  # straight-through: forward z_q, backward identity
 
-        counts = torch.bincount(index.flatten(), minlength=self.n_embed).to(h.dtype)
+        counts = torch.bincount(index.flatten(), minlength=self.n_embed)
+        if self.training and _world_size() > 1:
+            dist.all_reduce(counts)  # the global batch's: the same usage and dead set on every rank
+        counts = counts.to(h.dtype)
         probs = counts / counts.sum()
         perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum())
         logs: dict[str, Any] = {
@@ -106,8 +119,13 @@ class VectorQuantizer(Regularizer):
         dead = torch.nonzero(self.code_usage < self.dead_code_threshold).squeeze(1)
         if dead.numel() > 0:
             flat = rearrange(h.detach(), "b c h w -> (b h w) c")
+            # every rank draws (its random stream advances alike, for exact resumes); rank 0's
+            # picks are written everywhere
             pick = torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)
-            self.embedding.weight.data[dead] = flat[pick].to(self.embedding.weight.dtype)
+            vectors = flat[pick].to(self.embedding.weight.dtype)
+            if _world_size() > 1:
+                dist.broadcast(vectors, src=0)
+            self.embedding.weight.data[dead] = vectors
             self.code_usage[dead] = 1.0
         return torch.tensor(float(dead.numel()), device=h.device, dtype=h.dtype)
 
