@@ -154,3 +154,19 @@ def test_dead_codes_restart_onto_encoder_outputs():
     q.eval()
     _, _, logs = q(h)
     assert "dead_codes_restarted" not in logs  # never in evaluation
+
+
+def test_code_counts_stay_exact_for_bf16_latents():
+    """Under bf16 autocast the encoder's output is bf16; the code counts that feed the usage
+    average and the logs are counted in float32 (a bf16 count is exact only up to 256)."""
+    q = _quantizer(n=8, d=3, restart_dead_codes=True, dead_code_threshold=0.5, usage_decay=0.0)
+    q.train()
+    codes = q.embedding.weight.detach()
+    index = torch.tensor([0] * 899 + [1])  # 899 is not a bf16 number (896 and 900 are)
+    h = codes[index].reshape(1, 30, 30, 3).permute(0, 3, 1, 2).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the trainer runs it in bf16
+        assert bool((q.indices(h) == index.reshape(1, 30, 30)).all())
+        _, _, logs = q(h)
+    assert float(q.code_usage[0]) == 899.0 and float(q.code_usage[1]) == 1.0
+    p = torch.tensor([899 / 900, 1 / 900], dtype=torch.float64)
+    assert float(logs["perplexity"]) == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-6)

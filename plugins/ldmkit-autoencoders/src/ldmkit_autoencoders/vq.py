@@ -100,7 +100,8 @@ class VectorQuantizer(Regularizer):
         counts = torch.bincount(index.flatten(), minlength=self.n_embed)
         if self.training and _world_size() > 1:
             dist.all_reduce(counts)  # the global batch's: the same usage and dead set on every rank
-        counts = counts.to(h.dtype)
+        # at least float32: a bf16 count is exact only up to 256 hits (h is bf16 under autocast)
+        counts = counts.to(torch.promote_types(h.dtype, torch.float32))
         probs = counts / counts.sum()
         perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum())
         logs: dict[str, Any] = {
@@ -127,7 +128,7 @@ class VectorQuantizer(Regularizer):
                 dist.broadcast(vectors, src=0)
             self.embedding.weight.data[dead] = vectors
             self.code_usage[dead] = 1.0
-        return torch.tensor(float(dead.numel()), device=h.device, dtype=h.dtype)
+        return torch.tensor(float(dead.numel()), device=h.device, dtype=counts.dtype)
 
     def latent(self, h: Tensor) -> Tensor:
         return h
