@@ -359,7 +359,7 @@ class TrainingState:
                 f"resuming {self.run_dir} at step {checkpoint.step} with {len(changes)} changed "
                 f"setting(s), applied from here on: {listed}",
                 TrainingWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
     def load(self, checkpoint: Checkpoint, contents: Contents, stage: StageParts) -> None:
