@@ -118,6 +118,19 @@ def train_in_process(args: Sequence[str]) -> int:
         torch.set_num_threads(threads)
 
 
+def torchrun_worker(folder: Path, worker: str, args: Sequence[str]) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 FOLDER/worker.py FOLDER ARGS`` (``worker``:
+    the script's source, written there), asserted to exit 0."""
+    (folder / "worker.py").write_text(worker)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node=2", str(folder / "worker.py"), str(folder), *args],
+        capture_output=True, text=True, env=environment(), timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
 def run(args: Sequence[str], *, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         command(args), cwd=cwd, env=environment(), capture_output=True, text=True, timeout=timeout

@@ -6,15 +6,11 @@ run stopped at a checkpoint resumes under torchrun bitwise equal to one never st
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from tests.training import faults
-from tests.training.test_distributed_ldm import _environment
 
 pytestmark = pytest.mark.slow
 
@@ -68,18 +64,12 @@ WORKER = textwrap.dedent('''
 
 def test_stage1_under_torchrun_accumulates_and_resumes_exactly(tmp_path):
     shards = faults.make_shards(tmp_path / "data")
-    (tmp_path / "worker.py").write_text(WORKER)
     args = faults.stage_args(
         1, shards, tmp_path / "unused", f"trainer.accumulate_grad_batches={ACCUMULATE}", "trainer.num_workers=0",
         "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.loss.disc_start=2",
         "trainer.sample_every=0", "trainer.val_every=0",
     )  # fmt: skip
-    torchrun = Path(sys.executable).with_name("torchrun")
-    done = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node=2", str(tmp_path / "worker.py"), str(tmp_path), *args],
-        capture_output=True, text=True, env=_environment(), timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    faults.torchrun_worker(tmp_path, WORKER, args)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     (straight, _, resumed), others = ranks[0], ranks[1]
     assert [r["world"] for r in (straight, others[0])] == [2, 2] and straight["step"] == others[0]["step"] == 4

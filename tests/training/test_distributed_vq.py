@@ -6,15 +6,11 @@ DDP's buffer broadcast on (the trainer's default) or off."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from tests.training import faults
-from tests.training.test_distributed_ldm import _environment
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +55,6 @@ WORKER = textwrap.dedent('''
 
 def test_dead_code_restarts_keep_the_ranks_codebooks_equal(tmp_path):
     shards = faults.make_shards(tmp_path / "data")
-    (tmp_path / "worker.py").write_text(WORKER)
     # usage_decay=0: a code is dead when this step's batch misses it (most of 256 codes, for
     # 2 images of 4x4 latents per rank), so every step restarts codes
     args = faults.stage_args(
@@ -68,12 +63,7 @@ def test_dead_code_restarts_keep_the_ranks_codebooks_equal(tmp_path):
         "trainer.num_workers=0", "trainer.max_steps=3", "trainer.checkpoint_every=3",
         "trainer.sample_every=0", "trainer.val_every=0",
     )  # fmt: skip
-    torchrun = Path(sys.executable).with_name("torchrun")
-    done = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node=2", str(tmp_path / "worker.py"), str(tmp_path), *args],
-        capture_output=True, text=True, env=_environment(), timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    faults.torchrun_worker(tmp_path, WORKER, args)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for broadcast in ("True", "False"):
         first, second = (rank[broadcast] for rank in ranks)
