@@ -66,6 +66,7 @@ def test_every_key_the_shipped_configs_set_is_typed():
             "data.background=[1,2]",
             "data.background=[1, 2]: expected a non-empty string or a number",
         ),
+        ("data.stall_timeout=0", "data.stall_timeout=0: expected a number > 0 or null"),
         (
             "eval.fid_features=clip",
             "eval.fid_features='clip': expected one of auto, inception, fashion_mnist, none",

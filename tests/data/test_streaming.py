@@ -13,6 +13,7 @@ import logging
 import socket
 import tarfile
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -37,8 +38,10 @@ def shards(tmp_path_factory) -> Path:
 
 
 class ShardHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves the folder, but not the files in ``server.missing`` (404); a shard named in ``server.drops`` (name -> times) has its connection
-    dropped half-way through the body that many times (the headers promise the whole file)."""
+    """Serves the folder, but not the files in ``server.missing`` (404); a shard named in
+    ``server.drops`` (name -> times) has its connection dropped half-way through the body that
+    many times (the headers promise the whole file); one in ``server.stalls`` likewise sends
+    half of its body and then nothing more, keeping the connection open until the server stops."""
 
     def do_GET(self) -> None:
         name = self.path.lstrip("/")
@@ -50,14 +53,17 @@ class ShardHandler(http.server.SimpleHTTPRequestHandler):
 
     def copyfile(self, source, outputfile) -> None:
         name = self.path.lstrip("/")
-        if self.server.drops.get(name, 0) > 0:
-            self.server.drops[name] -= 1
-            data = source.read()
-            outputfile.write(data[: len(data) // 2])
-            outputfile.flush()
-            self.connection.shutdown(socket.SHUT_RDWR)
-            self.close_connection = True
-            return
+        for faults in (self.server.drops, self.server.stalls):
+            if faults.get(name, 0) > 0:
+                faults[name] -= 1
+                data = source.read()
+                outputfile.write(data[: len(data) // 2])
+                outputfile.flush()
+                if faults is self.server.stalls:
+                    self.server.stopped.wait()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                return
         super().copyfile(source, outputfile)
 
     def log_message(self, *args) -> None:
@@ -67,17 +73,19 @@ class ShardHandler(http.server.SimpleHTTPRequestHandler):
 @contextlib.contextmanager
 def serve(folder: Path):
     """``folder`` over HTTP on 127.0.0.1 (a free port): ``server.url``, ``server.requests``
-    (name -> GETs), ``server.drops``, ``server.missing`` (see ShardHandler)."""
+    (name -> GETs), ``server.drops``, ``server.stalls``, ``server.missing`` (see ShardHandler)."""
     httpd = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(ShardHandler, directory=str(folder))
     )
-    httpd.requests, httpd.drops, httpd.missing = Counter(), {}, set()
+    httpd.requests, httpd.drops, httpd.stalls, httpd.missing = Counter(), {}, {}, set()
+    httpd.stopped = threading.Event()  # ends the stalled answers
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     httpd.url = f"http://127.0.0.1:{httpd.server_port}"
     try:
         yield httpd
     finally:
+        httpd.stopped.set()
         httpd.shutdown()
         httpd.server_close()
 
@@ -186,6 +194,108 @@ def test_short_stream_is_retried_damaged_tar_is_skipped(shards, tmp_path):
     assert keys_of(loader) == KEYS[:1]  # the second sample was being read when it broke
     assert loader.stats.counts["truncated"] == 1
     assert loader.stats.retries == 0
+
+
+def within(seconds: float, read):
+    """``read()``, failing the test instead of hanging it when it takes over ``seconds``."""
+    result = {}
+
+    def run() -> None:
+        try:
+            result["value"] = read()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, in the test's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still reading after {seconds} s: the stalled stream hangs"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` is alive (exists and is no zombie; Linux /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def left_running(text: str = "", pids: tuple[int, ...] = ()) -> list[int]:
+    """Of ``pids`` and the processes whose command line holds ``text``, those still alive a
+    moment later (a killed process may take a few milliseconds to go)."""
+    deadline = time.monotonic() + 5
+    while True:
+        found = [pid for pid in pids if running(pid)]
+        for entry in Path("/proc").iterdir() if text else ():
+            with contextlib.suppress(OSError):
+                if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
+                    found += [int(entry.name)] if running(int(entry.name)) else []
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+
+
+@needs_proc
+@pytest.mark.parametrize("always", [False, True])
+def test_stalled_http_transfer_is_cut_and_retried(shards, server, always, caplog):
+    """A server that sends half a shard and then nothing, keeping the connection open: after
+    ``data.stall_timeout`` seconds without a byte, curl is killed and the shard read again
+    like a transfer cut short (nothing lost); one that always stalls ends in one error."""
+    name, url = "train-000002.tar", f"{server.url}/train-000002.tar"
+    server.stalls[name] = 100 if always else 1
+    loader = build_dataloader(cfg(server.url, stall_timeout=1, retries=1), batch_size=2, seed=1)
+    with caplog.at_level(logging.WARNING, logger="ldmkit.data"):
+        if always:
+            with pytest.raises(DataError) as info:
+                within(20, lambda: keys_of(loader))
+            assert str(info.value) == f"cannot read {url}: no data for 1 s (after 1 retries)"
+        else:
+            expected = keys_of(build_dataloader(cfg(shards), batch_size=2, seed=1))
+            assert within(20, lambda: keys_of(loader)) == expected
+            assert loader.stats.retries == 1 and loader.stats.skipped == 0
+    assert server.requests[name] == 2
+    (line,) = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert line == f"retrying {url} in 0 s (retry 1 of 1): no data for 1 s"
+    assert left_running(server.url) == []  # no curl left waiting
+
+
+@needs_proc
+@pytest.mark.parametrize("always", [False, True])
+def test_stalled_pipe_command_is_killed_with_its_children(shards, tmp_path, always):
+    """``pipe:`` likewise: a command that writes half a shard (or manifest) and then waits on a
+    child that never writes is killed, child included, after ``data.stall_timeout`` seconds
+    without a byte, and read again; one that always stalls ends in one error naming it."""
+    shard, sleepers = shards / "train-000000.tar", tmp_path / "sleepers"
+    script = tmp_path / "stall.sh"
+    script.write_text(
+        f'if [ -e {tmp_path}/stalled ]; then exec cat "$1"; fi\n'
+        + ("" if always else f"touch {tmp_path}/stalled\n")
+        + f'head -c {shard.stat().st_size // 2} "$1"\n'
+        + f"sleep 60 &\necho $! >> {sleepers}\nwait\n"
+    )
+    location = f"pipe:sh {script} {shard}"
+    options = {"manifest": str(shards / "manifest.json"), "stall_timeout": 1, "retries": 1}
+    loader = build_dataloader(cfg(location, **options), batch_size=2, shuffle=False)
+    if always:
+        with pytest.raises(DataError) as info:
+            within(20, lambda: keys_of(loader))
+        assert str(info.value) == f"cannot read {location}: no data for 1 s (after 1 retries)"
+        options["manifest"] = manifest = f"pipe:sh {script} {shards}/manifest.json"
+        with pytest.raises(DataError, match=rf"^cannot read {manifest}: no data for 1 s \("):
+            within(20, lambda: build_dataloader(cfg(location, **options), batch_size=2))
+    else:
+        assert within(20, lambda: keys_of(loader)) == KEYS[:3]
+        assert loader.stats.retries == 1
+    pids = tuple(int(pid) for pid in sleepers.read_text().split())
+    assert len(pids) == (4 if always else 1)
+    assert left_running(str(script), pids) == []
 
 
 def test_brace_lists_local_and_url(shards, server):

@@ -46,6 +46,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "prepare": {},  # extra `ldmkit data prepare` options (hint and ensure_prepared)
     "retries": 5,  # a broken stream (URL, pipe:) is read again this often ...
     "retry_delay": 1.0,  # ... after this many seconds, doubling each time
+    "stall_timeout": 120.0,  # a stream that sends nothing for this many seconds is broken too
 }
 
 
@@ -100,7 +101,12 @@ def dataset_location(cfg: Mapping[str, Any]) -> Location:
 
 
 def retry_from(cfg: Mapping[str, Any]) -> Retry:
-    return Retry(attempts=int(cfg["retries"]), delay=float(cfg["retry_delay"]))
+    stall = cfg["stall_timeout"]
+    return Retry(
+        attempts=int(cfg["retries"]),
+        delay=float(cfg["retry_delay"]),
+        stall_timeout=None if stall is None else float(stall),
+    )
 
 
 def transform_from(cfg: Mapping[str, Any]) -> ImageTransform:

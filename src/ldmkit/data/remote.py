@@ -7,19 +7,30 @@ exits non-zero, fewer bytes than the manifest says) is retried after a growing p
 After ``Retry.attempts`` retries, or at once for an answer that retrying cannot change (an HTTP
 error: curl ``-f`` exits 22, having already retried 408/429/5xx answers itself), the read fails
 with a ``DataError`` naming the location.
+
+A stream that sends nothing for ``Retry.stall_timeout`` seconds (a server that stops sending
+but keeps the connection open, a command that stops writing but does not exit) is a broken
+transfer too: its command is killed (a ``pipe:`` command with everything it started: it runs
+in a session of its own) and the read goes on as for a transfer cut short.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import math
+import os
+import select
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import urlparse
 
-from webdataset.gopen import gopen, gopen_schemes
+from webdataset import utils as wds_utils
+from webdataset.gopen import Pipe, gopen, gopen_schemes, rewrite_url
 
 from ldmkit.data.errors import DataError
 from ldmkit.data.stats import RetryEvent
@@ -40,6 +51,8 @@ CURL_EXITS = {
     56: "receiving failed",
 }
 HTTP_ERROR = 22
+# a command in a session of its own can be killed with its children; the stall watch polls
+POSIX = os.name == "posix" and hasattr(select, "poll")
 
 
 def scheme_of(location: str) -> str:
@@ -69,11 +82,13 @@ class Failure(NamedTuple):
 @dataclass(frozen=True)
 class Retry:
     """How often, and after how long a pause, a broken transfer is tried again: the n-th retry
-    waits ``delay * 2**(n-1)`` seconds, at most ``max_delay``."""
+    waits ``delay * 2**(n-1)`` seconds, at most ``max_delay``. A stream that sends no byte for
+    ``stall_timeout`` seconds is broken too (None: it may wait forever)."""
 
     attempts: int = 5
     delay: float = 1.0
     max_delay: float = 60.0
+    stall_timeout: float | None = 120.0
 
     def pause(self, retry: int) -> float:
         return min(self.max_delay, self.delay * 2 ** (retry - 1))
@@ -91,22 +106,75 @@ class Retry:
         time.sleep(event.wait)
 
 
+def _open(location: str) -> tuple[object, bool]:
+    """``gopen(location)``, but a ``pipe:`` command runs in a session of its own (gopen's
+    runs it in ours), so that killing it kills what it started too; and whether it does."""
+    url = rewrite_url(location)
+    if not (POSIX and url.startswith("pipe:")):
+        return gopen(url, "rb", bufsize=BUFFER), False
+    if wds_utils.enforce_security:  # as gopen's pipe: handler
+        raise ValueError("gopen_pipe: unsafe_gopen is False, cannot open pipe URLs")
+    pipe = Pipe(url[5:], mode="rb", shell=True, bufsize=BUFFER, ignore_status=[141],
+                start_new_session=True)  # fmt: skip
+    return pipe, True
+
+
+class _Watched(io.RawIOBase):
+    """A command's output pipe that ends, like a transfer cut short, once no byte arrived for
+    ``timeout`` seconds: then ``on_stall()`` (which kills the command). One ``poll`` per read
+    of the pipe (up to its 64 KiB), not per byte."""
+
+    def __init__(self, raw: io.RawIOBase, timeout: float, on_stall: Callable[[], None]) -> None:
+        super().__init__()
+        self._raw, self._on_stall, self.stalled = raw, on_stall, False
+        self._timeout_ms = min(math.ceil(timeout * 1000), 2**31 - 1)  # poll takes a C int
+        self._poll = select.poll()
+        self._poll.register(raw.fileno(), select.POLLIN)
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def readinto(self, buffer) -> int | None:
+        if self.stalled:
+            return 0
+        if not self._poll.poll(self._timeout_ms):  # no byte (nor the end) in time
+            self.stalled = True
+            self._on_stall()
+            return 0
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 class StreamReader:
     """One read of ``location`` through ``gopen``: a file-like object that counts the bytes
-    it hands out and, at the end, says whether the transfer completed (``finish``)."""
+    it hands out and, at the end, says whether the transfer completed (``finish``). With a
+    ``stall_timeout``, a stream that sends nothing for that long is ended (its command killed)
+    and reported as broken."""
 
-    def __init__(self, location: str) -> None:
+    def __init__(self, location: str, stall_timeout: float | None = None) -> None:
         self.location = location
         self.bytes = 0
         self.eof = False
+        self.stall_timeout = stall_timeout
         try:
-            self._pipe = gopen(location, "rb", bufsize=BUFFER)
+            self._pipe, self._session = _open(location)
         except (OSError, ValueError) as exc:  # no curl; WDS_SECURE=1 refuses pipe:
             raise DataError(f"cannot read {location}: {exc}") from exc
         # the pipe's own read() polls the child after every call; the exit status is checked
         # once, at the end (finish)
         self._stream = getattr(self._pipe, "stream", self._pipe)
         self._process = getattr(self._pipe, "proc", None)
+        self._watch = None
+        if stall_timeout is not None and self._process is not None and POSIX:
+            raw = getattr(self._stream, "raw", self._stream)
+            self._watch = _Watched(raw, stall_timeout, self._kill)
+            self._stream = io.BufferedReader(self._watch, BUFFER)
 
     def read(self, size: int = -1) -> bytes:
         data = self._stream.read(size)
@@ -128,6 +196,8 @@ class StreamReader:
     def outcome(self, expected_bytes: int | None = None) -> Failure | None:
         """Once the stream has ended: how the transfer went (None: completely)."""
         status = self._wait()
+        if self._watch is not None and self._watch.stalled:
+            return Failure(f"no data for {self.stall_timeout:g} s")
         if status not in getattr(self._pipe, "ignore_status", [0]):
             if scheme_of(self.location) == "pipe":
                 return Failure(f"the command exited with status {status}")
@@ -145,11 +215,20 @@ class StreamReader:
         self._pipe.status = status  # the pipe's close() has nothing left to check
         return status
 
+    def _kill(self) -> None:
+        """Kill the command unless it has ended (a ``pipe:`` command's whole session: it is
+        the leader, and not yet waited for, so the id is still its own)."""
+        if self._process is None or self._process.poll() is not None:
+            return
+        with contextlib.suppress(OSError):
+            if self._session:
+                os.killpg(self._process.pid, signal.SIGKILL)
+            else:
+                self._process.kill()
+
     def close(self) -> None:
         """Stop the transfer (a no-op once it finished)."""
-        if self._process is not None and self._process.poll() is None:
-            with contextlib.suppress(OSError):
-                self._process.kill()
+        self._kill()
         with contextlib.suppress(OSError, ValueError):
             self._wait()
 
@@ -163,7 +242,7 @@ class StreamReader:
 def fetch(location: str, retry: Retry = Retry()) -> bytes:
     """The whole content at ``location`` (a manifest), retried like a shard."""
     for attempt in range(1, retry.attempts + 2):
-        with StreamReader(location) as reader:
+        with StreamReader(location, retry.stall_timeout) as reader:
             data = reader.read()
             failure = reader.outcome()
         if failure is None:

@@ -36,4 +36,5 @@ DATA_KEYS: dict[str, Spec] = {
     "prepare": Table(),
     "retries": Integer(0),
     "retry_delay": Number(0),
+    "stall_timeout": Number(0, above=True, null=True),
 }

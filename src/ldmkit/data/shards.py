@@ -314,10 +314,10 @@ def iter_shard(
     (``unreadable_shard`` if nothing could be read) and the samples before it are kept.
 
     A stream whose *transfer* broke (the connection dropped, the command failed, fewer than
-    ``expected_bytes`` arrived) is read again from its start after a pause (``retry``), each
-    retry recorded in ``stats`` and passed to ``on_retry``; the samples already yielded are
-    passed over, so none is lost or yielded twice. After the last retry it raises
-    ``DataError`` naming the location.
+    ``expected_bytes`` arrived, nothing arrived for ``retry.stall_timeout`` seconds) is read
+    again from its start after a pause (``retry``), each retry recorded in ``stats`` and passed
+    to ``on_retry``; the samples already yielded are passed over, so none is lost or yielded
+    twice. After the last retry it raises ``DataError`` naming the location.
     """
 
     def skip(kind: str, key: str | None, reason: str) -> None:
@@ -362,7 +362,7 @@ def _stream_shard(
     """``iter_shard`` for a stream: read it through ``gopen``, again after a broken transfer."""
     done = 0  # samples of this shard yielded so far
     for attempt in itertools.count(1):
-        with StreamReader(location) as reader:
+        with StreamReader(location, retry.stall_timeout) as reader:
             try:
                 for seen, sample in enumerate(_group(reader, location), 1):
                     if seen > done:
