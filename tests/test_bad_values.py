@@ -972,3 +972,26 @@ def test_a_gpu_index_beyond_the_machines_names_those_it_has(monkeypatch):
     assert resolve_device("cuda:1", "--device") == torch.device("cuda", 1)
     with pytest.raises(DeviceError, match=r"^--device 'gpu': expected auto or a torch device"):
         resolve_device("gpu", "--device")
+
+
+def test_a_folder_made_by_another_rank_meanwhile_is_not_a_file(tmp_path, monkeypatch):
+    """check_folder races rank 0 making run_dir: the folder appears between its look for a
+    folder and its look for anything; that is a folder, not 'a file in the way'."""
+    from pathlib import Path
+
+    from ldmkit.io import check_folder
+
+    run = tmp_path / "run"
+    real_is_dir = Path.is_dir
+    looked: list[Path] = []
+
+    def is_dir(self):
+        if self == run and not looked:  # the first look: not made yet; then rank 0 makes it
+            looked.append(self)
+            run.mkdir()
+            return False
+        return real_is_dir(self)
+
+    monkeypatch.setattr(Path, "is_dir", is_dir)
+    check_folder(run, "run_dir")  # no NotAFolderError
+    assert looked == [run]

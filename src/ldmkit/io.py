@@ -117,7 +117,8 @@ def check_folder(folder: str | os.PathLike, label: str) -> None:
         try:
             if path.is_dir():
                 return
-            in_the_way = path.exists() or path.is_symlink()
+            # is_dir again: another process (rank 0 of the same run) may have made it meanwhile
+            in_the_way = (path.exists() or path.is_symlink()) and not path.is_dir()
         except OSError:
             return  # cannot look (no permission): the write itself will say
         if in_the_way:
