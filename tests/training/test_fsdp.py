@@ -185,3 +185,28 @@ def test_fsdp_accumulated_micro_batches_equal_one_batch(runs):
     whole, accumulated = (load_file(tmp / f"out_{s}" / "weights.safetensors") for s in ("fsdp", "accumulated"))
     for name in whole:  # the same tolerance as FSDP vs DDP, for the same reason
         torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-5, atol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp_keeps_frozen_parameters_frozen(runs):
+    """``trainer.frozen`` under FSDP: the frozen blocks sit in the same sharded units as the
+    trained ones; after training they are bit for bit what DDP (whose frozen weights are the
+    initial ones, tests/test_freezing.py) left, while the rest trains as under DDP."""
+    from safetensors.torch import load_file
+
+    tmp, _ = runs
+    frozen = "trainer.frozen=[denoiser.input_blocks]"
+    for strategy in ("ddp", "fsdp"):
+        _torchrun(tmp, tmp / "shards", tmp / f"frozen_{strategy}", tmp / f"out_frozen_{strategy}",
+                  f"trainer.strategy={strategy}", "trainer.max_steps=2", frozen)  # fmt: skip
+    ddp, sharded = (load_file(tmp / f"out_frozen_{s}" / "weights.safetensors") for s in ("ddp", "fsdp"))
+    assert ddp.keys() == sharded.keys()
+    still = [name for name in ddp if ".input_blocks." in name]
+    assert still and len(still) < len(ddp)
+    for name in ddp:
+        if name in still:
+            assert torch.equal(sharded[name], ddp[name]), f"{name} moved under FSDP"
+        else:
+            torch.testing.assert_close(sharded[name], ddp[name], rtol=1e-5, atol=1e-4, msg=name)
+    trained = load_file(tmp / "out_fsdp" / "weights.safetensors")  # the fixture's run, nothing frozen
+    assert any(not torch.equal(trained[name], sharded[name]) for name in still)  # they would have moved
