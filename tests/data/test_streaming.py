@@ -382,3 +382,35 @@ def test_training_from_a_stream_equals_training_from_disk(tmp_path):
     assert server.drops["train-000001.tar"] == 0 and server.requests["val-000000.tar"] > 0
     expected = faults.final_contents(reference, step)
     assert faults.differences(expected, faults.final_contents(run_dir, step)) == []
+
+
+def test_data_info_and_verify_read_a_served_folder_and_a_pipe_list(shards, tmp_path):
+    """`ldmkit data info|verify` take what data.path takes: a folder's URL (each shard streamed
+    and hashed, a dropped transfer retried rather than reported) and a pipe: shard list."""
+    import shutil
+
+    from tests.conftest import ldmkit_cli
+
+    served = tmp_path / "served"
+    shutil.copytree(shards, served)
+    with serve(served) as httpd:
+        out = ldmkit_cli("data", "info", httpd.url)
+        assert out.returncode == 0, out.stderr
+        assert "split train: 24 samples in 8 shards" in out.stdout
+        out = ldmkit_cli("data", "verify", "--no-progress", httpd.url)
+        assert (out.returncode, out.stdout.strip()) == (0, "8 of 8 shards match the manifest"), out.stderr
+        damaged = served / "train-000002.tar"
+        data = bytearray(damaged.read_bytes())
+        data[600] ^= 1  # one bit: the same size, another checksum
+        damaged.write_bytes(bytes(data))
+        httpd.drops["train-000005.tar"] = 1
+        out = ldmkit_cli("data", "verify", "--no-progress", httpd.url)
+        assert out.returncode == 1
+        assert out.stderr.splitlines()[-1] == "train: train-000002.tar checksum differs from the manifest"
+        assert (f"retrying {httpd.url}/train-000005.tar in 1 s (retry 1 of 5): curl exited with status 18 "
+                "(the transfer was cut short)") in out.stderr  # retried, then whole
+        assert out.stdout.strip() == "7 of 8 shards match the manifest"
+        assert httpd.requests["train-000005.tar"] == 3  # once, then dropped and read again
+    listed = "pipe:cat " + str(served) + "/train-{000000..000001}.tar"
+    out = ldmkit_cli("data", "verify", "--no-progress", listed, "--manifest", str(served / "manifest.json"))
+    assert (out.returncode, out.stdout.strip()) == (0, "2 of 2 shards match the manifest"), out.stderr

@@ -21,7 +21,8 @@ from ldmkit.data.loader import (
     dataset_dir,
     ensure_prepared,
 )
-from ldmkit.data.manifest import Manifest, read_manifest, verify
+from ldmkit.data.location import verify, verify_shards
+from ldmkit.data.manifest import Manifest, read_manifest
 from ldmkit.data.prepare import prepare
 from ldmkit.data.sources import SOURCES, Source, SourceSample, create_source, source_class
 from ldmkit.data.stats import DataStats, SkipEvent
@@ -51,4 +52,5 @@ __all__ = [
     "read_manifest",
     "source_class",
     "verify",
+    "verify_shards",
 ]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -80,21 +79,20 @@ def summary(manifest) -> str:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from ldmkit.data.manifest import read_manifest
+    from ldmkit.data.location import locate
 
-    print(summary(read_manifest(args.directory)))
+    print(summary(locate(args.location, manifest=args.manifest).read_manifest()))
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from ldmkit.data.manifest import read_manifest, verify
+    from ldmkit.data.location import locate, verify_shards
 
-    manifest = read_manifest(args.directory)
-    problems = verify(args.directory, manifest)
+    location = locate(args.location, manifest=args.manifest)
+    count, problems = verify_shards(location, location.read_manifest(), progress=args.progress)
     for problem in problems:
         print(problem, file=sys.stderr)
-    shards = sum(len(s.shards) for s in manifest.splits.values())
-    print(f"{shards - len(problems)} of {shards} shards match the manifest")
+    print(f"{count - len(problems)} of {count} shards match the manifest")
     return 1 if problems else 0
 
 
@@ -122,11 +120,19 @@ def build_parser(prog: str = "ldmkit data") -> argparse.ArgumentParser:
     p.add_argument("source", help="a registered source: see `ldmkit data sources`")
     p.add_argument("options", nargs="*", metavar="key=value")
     p.set_defaults(run=_prepare)
-    p = commands.add_parser("info", help="summarize a prepared folder's manifest")
-    p.add_argument("directory", type=Path)
+    where = ("a prepared folder, that folder's URL, or a shard list (local, URLs or pipe: commands, "
+             "with {000000..000015} lists), as data.path takes them")  # fmt: skip
+    manifest = "the manifest when it is not manifest.json in the same place (as data.manifest)"
+    p = commands.add_parser("info", help="summarize a prepared dataset's manifest")
+    p.add_argument("location", help=where)
+    p.add_argument("--manifest", help=manifest)
     p.set_defaults(run=_info)
-    p = commands.add_parser("verify", help="check shard sizes and sha256 against the manifest")
-    p.add_argument("directory", type=Path)
+    p = commands.add_parser(
+        "verify", help="check every shard's size and sha256 against the manifest (streamed ones as they arrive)"
+    )
+    p.add_argument("location", help=where)
+    p.add_argument("--manifest", help=manifest)
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(run=_verify)
     p = commands.add_parser("sources", help="list the sources and their options")
     p.set_defaults(run=_sources)

@@ -84,6 +84,39 @@ class Location:
         return _parse_manifest(data, self.manifest)
 
 
+def verify_shards(location: Location, manifest: Manifest, *, progress: bool = False) -> tuple[int, list[str]]:
+    """Check the size and sha256 of every shard ``location`` names against ``manifest``
+    (streamed ones hashed as they arrive, retried like a read); returns how many shards were
+    checked and the problems found, one line each."""
+    from tqdm.auto import tqdm
+
+    from ldmkit.data.remote import stream_digest
+    from ldmkit.data.shards import sha256_of
+
+    shards = [(split, info, where) for split in manifest.splits for info, where in location.shards(manifest, split)]
+    problems = []
+    for split, info, where in tqdm(shards, desc="verify", unit="shard", disable=not progress):
+        if location.remote:
+            size, digest = stream_digest(where)
+        elif not os.path.isfile(where):
+            problems.append(f"{split}: {info.name} is missing")
+            continue
+        else:
+            size, digest = os.path.getsize(where), None
+        if size != info.bytes:
+            problems.append(f"{split}: {info.name} has {size} bytes, expected {info.bytes}")
+        elif (digest or sha256_of(where)) != info.sha256:
+            problems.append(f"{split}: {info.name} checksum differs from the manifest")
+    return len(shards), problems
+
+
+def verify(directory: str | os.PathLike, manifest: Manifest | None = None) -> list[str]:
+    """Check every shard's size and sha256 in a prepared folder against its manifest; returns
+    the problems found (:func:`verify_shards` takes URLs and shard lists too)."""
+    manifest = manifest or read_manifest(directory)
+    return verify_shards(locate(str(Path(directory).resolve())), manifest)[1]
+
+
 @functools.lru_cache(maxsize=8)
 def _fetch_manifest(location: str, retry: Retry) -> Manifest:
     """Fetched once per process: composing a config and building its loaders read it often."""

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ldmkit.data.errors import DataError, SourceNotFoundError
-from ldmkit.data.shards import ShardInfo, sha256_of
+from ldmkit.data.shards import ShardInfo
 
 MANIFEST = "manifest.json"
 FORMAT = "ldmkit-webdataset"
@@ -114,22 +114,3 @@ def read_manifest(directory: str | os.PathLike, *, source: str | None = None) ->
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
     return Manifest.from_json(data, str(path))
-
-
-def verify(directory: str | os.PathLike, manifest: Manifest | None = None) -> list[str]:
-    """Check every shard's size and sha256 against the manifest; returns the problems found."""
-    directory = Path(directory)
-    manifest = manifest or read_manifest(directory)
-    problems = []
-    for split_name, split in manifest.splits.items():
-        for shard in split.shards:
-            path = directory / shard.name
-            if not path.is_file():
-                problems.append(f"{split_name}: {shard.name} is missing")
-            elif path.stat().st_size != shard.bytes:
-                problems.append(
-                    f"{split_name}: {shard.name} has {path.stat().st_size} bytes, expected {shard.bytes}"
-                )
-            elif sha256_of(path) != shard.sha256:
-                problems.append(f"{split_name}: {shard.name} checksum differs from the manifest")
-    return problems

@@ -239,6 +239,23 @@ class StreamReader:
         self.close()
 
 
+def stream_digest(location: str, retry: Retry = Retry()) -> tuple[int, str]:
+    """Size and sha256 of what ``location`` streams (a shard), hashed as it arrives (never
+    held whole) and retried like a shard's read."""
+    import hashlib
+
+    for attempt in range(1, retry.attempts + 2):
+        hasher = hashlib.sha256()
+        with StreamReader(location, retry.stall_timeout) as reader:
+            while chunk := reader.read(BUFFER):
+                hasher.update(chunk)
+            failure = reader.outcome()
+        if failure is None:
+            return reader.bytes, hasher.hexdigest()
+        retry.after(location, failure, attempt, lambda event: logger.warning("%s", event))
+    raise AssertionError("unreachable")  # pragma: no cover - after() raises on the last attempt
+
+
 def fetch(location: str, retry: Retry = Retry()) -> bytes:
     """The whole content at ``location`` (a manifest), retried like a shard."""
     for attempt in range(1, retry.attempts + 2):
