@@ -17,6 +17,7 @@ in a session of its own) and the read goes on as for a transfer cut short.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import math
@@ -26,7 +27,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 from urllib.parse import urlparse
 
 from webdataset import utils as wds_utils
@@ -51,6 +52,7 @@ CURL_EXITS = {
     56: "receiving failed",
 }
 HTTP_ERROR = 22
+T = TypeVar("T")
 # a command in a session of its own can be killed with its children; the stall watch polls
 POSIX = os.name == "posix" and hasattr(select, "poll")
 
@@ -239,30 +241,31 @@ class StreamReader:
         self.close()
 
 
+def _read_retried(location: str, retry: Retry, read: Callable[[StreamReader], T]) -> T:
+    """``read(reader)`` of a whole transfer of ``location``, retried while it breaks off."""
+    for attempt in range(1, retry.attempts + 2):
+        with StreamReader(location, retry.stall_timeout) as reader:
+            result = read(reader)
+            failure = reader.outcome()
+        if failure is None:
+            return result
+        retry.after(location, failure, attempt, lambda event: logger.warning("%s", event))
+    raise AssertionError("unreachable")  # pragma: no cover - after() raises on the last attempt
+
+
 def stream_digest(location: str, retry: Retry = Retry()) -> tuple[int, str]:
     """Size and sha256 of what ``location`` streams (a shard), hashed as it arrives (never
     held whole) and retried like a shard's read."""
-    import hashlib
 
-    for attempt in range(1, retry.attempts + 2):
+    def digest(reader: StreamReader) -> tuple[int, str]:
         hasher = hashlib.sha256()
-        with StreamReader(location, retry.stall_timeout) as reader:
-            while chunk := reader.read(BUFFER):
-                hasher.update(chunk)
-            failure = reader.outcome()
-        if failure is None:
-            return reader.bytes, hasher.hexdigest()
-        retry.after(location, failure, attempt, lambda event: logger.warning("%s", event))
-    raise AssertionError("unreachable")  # pragma: no cover - after() raises on the last attempt
+        while chunk := reader.read(BUFFER):
+            hasher.update(chunk)
+        return reader.bytes, hasher.hexdigest()
+
+    return _read_retried(location, retry, digest)
 
 
 def fetch(location: str, retry: Retry = Retry()) -> bytes:
     """The whole content at ``location`` (a manifest), retried like a shard."""
-    for attempt in range(1, retry.attempts + 2):
-        with StreamReader(location, retry.stall_timeout) as reader:
-            data = reader.read()
-            failure = reader.outcome()
-        if failure is None:
-            return data
-        retry.after(location, failure, attempt, lambda event: logger.warning("%s", event))
-    raise AssertionError("unreachable")  # pragma: no cover - after() raises on the last attempt
+    return _read_retried(location, retry, lambda reader: reader.read())
