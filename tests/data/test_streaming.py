@@ -414,3 +414,24 @@ def test_data_info_and_verify_read_a_served_folder_and_a_pipe_list(shards, tmp_p
     listed = "pipe:cat " + str(served) + "/train-{000000..000001}.tar"
     out = ldmkit_cli("data", "verify", "--no-progress", listed, "--manifest", str(served / "manifest.json"))
     assert (out.returncode, out.stdout.strip()) == (0, "2 of 2 shards match the manifest"), out.stderr
+
+
+def test_a_pipe_command_that_cannot_run_fails_at_once(shards, tmp_path):
+    """The shell's 127 (command not found) and 126 (cannot run) are answers, not broken
+    transfers: one error naming the command, without the retries' pauses; any other failing
+    status is retried as before."""
+    script = tmp_path / "not_executable.sh"
+    script.write_text("cat \"$1\"\n")  # no x bit: the shell answers 126
+    manifest = str(shards / "manifest.json")  # read from disk: the shard's command fails
+    for command, status in ((f"pipe:no-such-command-ldmkit {shards}/train-000000.tar", 127),
+                            (f"pipe:{script} {shards}/train-000000.tar", 126)):  # fmt: skip
+        start = time.monotonic()
+        with pytest.raises(DataError) as info:
+            keys_of(build_dataloader(loader_cfg(command, retry_delay=5.0, manifest=manifest), batch_size=2))
+        assert time.monotonic() - start < 5.0  # no retry pause
+        message = str(info.value)
+        assert f"cannot read {command}: the command exited with status {status} (" in message
+        assert "retries" not in message
+    with pytest.raises(DataError, match=r"status 3 \(after 1 retries\)"):
+        keys_of(build_dataloader(cfg(f"pipe:exit 3 # {shards}/train-000000.tar", retries=1, manifest=manifest),
+                                 batch_size=2))

@@ -5,8 +5,9 @@ A transfer that breaks off (curl's ``transfer closed with bytes remaining``, a c
 exits non-zero, fewer bytes than the manifest says) is retried after a growing pause
 (``Retry``); each retry is a ``RetryEvent`` (logged once, counted in ``DataStats.retries``).
 After ``Retry.attempts`` retries, or at once for an answer that retrying cannot change (an HTTP
-error: curl ``-f`` exits 22, having already retried 408/429/5xx answers itself), the read fails
-with a ``DataError`` naming the location.
+error: curl ``-f`` exits 22, having already retried 408/429/5xx answers itself; a ``pipe:``
+command the shell cannot find or run, status 127 or 126), the read fails with a ``DataError``
+naming the location.
 
 A stream that sends nothing for ``Retry.stall_timeout`` seconds (a server that stops sending
 but keeps the connection open, a command that stops writing but does not exit) is a broken
@@ -52,6 +53,8 @@ CURL_EXITS = {
     56: "receiving failed",
 }
 HTTP_ERROR = 22
+# the shell's statuses for a command it cannot run: retrying cannot help (as with curl's 22)
+SHELL_EXITS = {126: "the command cannot be run", 127: "command not found"}
 T = TypeVar("T")
 # a command in a session of its own can be killed with its children; the stall watch polls
 POSIX = os.name == "posix" and hasattr(select, "poll")
@@ -202,7 +205,10 @@ class StreamReader:
             return Failure(f"no data for {self.stall_timeout:g} s")
         if status not in getattr(self._pipe, "ignore_status", [0]):
             if scheme_of(self.location) == "pipe":
-                return Failure(f"the command exited with status {status}")
+                what = SHELL_EXITS.get(status)
+                # a command the shell cannot find or run fails the same way every time
+                return Failure(f"the command exited with status {status}" + (f" ({what})" if what else ""),
+                               what is not None)  # fmt: skip
             what = CURL_EXITS.get(status, "see curl(1), EXIT CODES")
             return Failure(f"curl exited with status {status} ({what})", status == HTTP_ERROR)
         if expected_bytes is not None and self.bytes < expected_bytes:
