@@ -148,7 +148,7 @@ class Pipeline(nn.Module):
                 f"{name}.supports_low_precision_weights = False to skip the attempt)",
                 stacklevel=4,
             )
-            self.__dict__["_low_precision_denoiser"] = None
+            self.release_low_precision_copy()
             self.__dict__["_low_precision_refused"] = type(self.denoiser)
             state["net"] = self.denoiser
             out = self.denoiser(*args)
@@ -178,7 +178,7 @@ class Pipeline(nn.Module):
         key = (dtype, self.denoiser.training, _weights_signature(self.denoiser))
         cached = self.__dict__.get("_low_precision_denoiser")
         if cached is None or cached[0] != key:
-            self.__dict__["_low_precision_denoiser"] = None  # free the old copy before making one
+            self.release_low_precision_copy()  # free the old copy before making one
             cached = (key, _precision.low_precision_copy(self.denoiser, dtype))
             self.__dict__["_low_precision_denoiser"] = cached
         return cached[1]
