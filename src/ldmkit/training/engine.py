@@ -375,7 +375,7 @@ class Trainer(abc.ABC):
         bar = tqdm(total=None if time_bound else max_steps, initial=state.step,
                    disable=not (self.options["progress"] and self.is_main),
                    desc=f"train {self.stage}", dynamic_ncols=True)
-        start_step, batch = state.step, None
+        start_step, batch, batches = state.step, None, None
         accumulate = int(self.options["accumulate_grad_batches"])
         try:
             batches = iter(self.train_batches)
@@ -420,6 +420,12 @@ class Trainer(abc.ABC):
                     self._unless_stopping(self._images, batch)
         finally:
             bar.close()
+            if hasattr(batches, "close"):
+                # End the data workers now, while the signal watch still holds SIGCHLD: an
+                # exception's traceback keeps this frame, and with it the workers, alive; one
+                # dying later of a process-group SIGTERM would make torch's SIGCHLD handler
+                # raise wherever the program is then (the CLI printing the stop line)
+                batches.close()
 
     def _check_image_size(self) -> None:
         """The configured image sizes against the first stage's factor f, before anything is
