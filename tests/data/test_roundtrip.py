@@ -134,12 +134,12 @@ def test_limit_split_and_val_fraction(tmp_path, image_folder):
     with pytest.raises(Exception, match="overwrite=true"):
         prepare("image_folder", tmp_path / "o", path=str(root), split="train", progress=False)
     manifest = prepare(
-        "image_folder", tmp_path / "o", path=str(root), split="train", limit=5,
+        "image_folder", tmp_path / "o", path=str(root), split="val", limit=5,
         val_fraction=0.25, overwrite=True, progress=False,
     )  # fmt: skip
-    assert {k: v.num_samples for k, v in manifest.splits.items()} == {"val": 6, "train": 5}
-    assert sorted(p.name for p in (tmp_path / "o").glob("train-*.tar")) == [
-        s.name for s in manifest.splits["train"].shards
+    assert {k: v.num_samples for k, v in manifest.splits.items()} == {"val": 5, "train": 18}
+    assert sorted(p.name for p in (tmp_path / "o").glob("val-*.tar")) == [
+        s.name for s in manifest.splits["val"].shards
     ]
 
 

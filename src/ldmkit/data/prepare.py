@@ -73,9 +73,16 @@ def plan_splits(
             random.Random(f"{seed}/{name}").shuffle(items)
         if val_fraction and name == "train":
             n_val = max(1, round(len(items) * val_fraction))
+            if n_val >= len(items):
+                raise ValueError(
+                    f"val_fraction={val_fraction} leaves no train item: source {source.name!r} "
+                    f"has {len(items)}"
+                )
             plan["val"], items = items[:n_val], items[n_val:]
         plan[name] = items
     wanted = list(plan) if split == "all" else [s.strip() for s in split.split(",")]
+    if val_fraction and "train" in wanted and "val" not in wanted:
+        wanted.insert(0, "val")  # carved out of train: written with it, or its items are lost
     unknown = [s for s in wanted if s not in plan]
     if unknown:
         raise ValueError(
@@ -154,7 +161,10 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     for stray in out.glob(".*.partial"):
         stray.unlink()
-    manifest = _existing_manifest(out, source, list(plan), overwrite)
+    replaced = list(plan)
+    if "train" in plan and "val" not in src.splits and "val" not in plan:
+        replaced.append("val")  # an earlier val_fraction carved it out of the train replaced
+    manifest = _existing_manifest(out, source, replaced, overwrite)
     if manifest is None:
         manifest = Manifest(source=source, fields=[], splits={})
     kept_splits = set(manifest.splits) - set(plan)

@@ -132,11 +132,13 @@ def normalize_mode(image: Image.Image) -> Image.Image:
     if image.mode in ("1",):
         return image.convert("L")
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        # 16-bit / float grayscale: keep the top 8 bits, the range PNG viewers assume
+        # 16-bit grayscale: keep the top 8 bits, as PIL does for 16-bit RGB; 32-bit integer or
+        # float: as 16-bit where a value exceeds 255, else as 8-bit
         import numpy as np
 
         array = np.asarray(image, dtype=np.float64)
-        scale = 255.0 / 65535.0 if array.max() > 255 else 1.0
+        sixteen = image.mode.startswith("I;16") or array.max() > 255
+        scale = 255.0 / 65535.0 if sixteen else 1.0
         return Image.fromarray(np.clip(array * scale, 0, 255).round().astype("uint8"))
     return image.convert("RGB")
 

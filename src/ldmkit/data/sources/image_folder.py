@@ -7,14 +7,15 @@ gives classes ["cat", "dog"] (sorted), and label -1 for images directly under th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageOps
 
 from ldmkit.data.errors import SourceNotFoundError
-from ldmkit.data.sources.base import Source, SourceSample, is_utf8, normalize_mode
+from ldmkit.data.sources.base import Source, SourceSample, is_utf8, normalize_mode, printable
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -25,6 +26,37 @@ def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
         return image  # never upsample at preparation; the loader resizes at train time
     target = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     return image.resize(target, Image.Resampling.LANCZOS)
+
+
+def image_files(root: Path, unreadable: list[str]) -> Iterator[Path]:
+    """The files under ``root`` with an image suffix, hidden names left out. Symlinked folders
+    are followed (a link back to a folder it lies in is not); a dangling or looping link is
+    listed, so that loading it names it; a folder that cannot be listed goes to ``unreadable``."""
+
+    def is_folder(entry: os.DirEntry) -> bool:
+        try:
+            return entry.is_dir()  # follows a link
+        except OSError:  # a link to itself
+            return False
+
+    def walk(folder: Path, ancestors: frozenset[str]) -> Iterator[Path]:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError as exc:
+            unreadable.append(f"folder {folder} could not be read: {exc.strerror}")
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.name.startswith("."):
+                continue
+            if is_folder(entry):
+                real = os.path.realpath(path)
+                if real not in ancestors:
+                    yield from walk(path, ancestors | {real})
+            elif path.suffix.lower() in IMAGE_SUFFIXES:
+                yield path
+
+    yield from walk(root, frozenset({os.path.realpath(root)}))
 
 
 class ImageFolder(Source):
@@ -44,13 +76,8 @@ class ImageFolder(Source):
         self.root = Path(self.config["path"]).expanduser()
         if not self.root.is_dir():
             raise SourceNotFoundError(f"image_folder: {self.root} is not a folder")
-        self.paths = sorted(
-            p
-            for p in self.root.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES
-            and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(self.root).parts)
-        )
+        self._unreadable: list[str] = []
+        self.paths = sorted(image_files(self.root, self._unreadable))
         if not self.paths:
             raise SourceNotFoundError(
                 f"image_folder: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {self.root}"
@@ -63,6 +90,9 @@ class ImageFolder(Source):
                 and is_utf8(str(p.relative_to(self.root)))
             }
         )
+
+    def notes(self) -> list[str]:
+        return [printable(note) for note in self._unreadable]
 
     def items(self, split: str) -> Sequence[Any]:
         return list(self.paths)
@@ -78,7 +108,12 @@ class ImageFolder(Source):
             image = resize_shorter_side(image, int(self.config["image_size"]))
         label = self._classes.index(relative.parts[0]) if len(relative.parts) > 1 else -1
         sidecar = path.with_suffix(".txt")
-        caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else ""
+        try:
+            caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else ""
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"its caption {sidecar.name} is not UTF-8 ({exc.reason} at byte {exc.start})"
+            ) from None
         meta = {"origin": relative.as_posix()}
         if label >= 0:
             meta["class_name"] = self._classes[label]

@@ -1,0 +1,120 @@
+"""``image_folder`` on the files people really have: symlinked folders (and a loop), dangling
+links, a caption that is not UTF-8, 16-bit PNGs, and a ``val`` split carved out of ``train``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldmkit.data import prepare
+from ldmkit.data.sources.image_folder import ImageFolder
+from tests.conftest import ldmkit_cli
+
+from .conftest import make_image_folder
+from .test_roundtrip import origin_of
+
+
+def counts(manifest) -> dict[str, int]:
+    return {name: split.num_samples for name, split in manifest.splits.items()}
+
+
+def test_symlinks_are_followed_loops_ended_and_dangling_ones_named(tmp_path):
+    """Before: a symlinked class folder was silently left out (rglob does not follow links to
+    folders) and a dangling or looping image link silently dropped (``is_file()`` is False)."""
+    root, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    make_image_folder(root, per_class=2)  # cat, dog, owl: 6 images
+    make_image_folder(elsewhere, per_class=1)
+    os.symlink(elsewhere / "cat", root / "kitten")  # a class folder kept elsewhere
+    os.symlink(root, root / "cat" / "again")  # a loop back to the top
+    os.symlink(tmp_path / "gone.png", root / "dog" / "dangling.png")
+    os.symlink(root / "owl" / "self.png", root / "owl" / "self.png")  # a link to itself
+    out = tmp_path / "out"
+    done = ldmkit_cli(
+        "data",
+        "prepare",
+        "image_folder",
+        f"path={root}",
+        f"out={out}",
+        "progress=false",
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "split train: 7 samples" in done.stdout
+    assert "classes (4): cat, dog, kitten, owl" in done.stdout
+    assert "note: 2 items could not be loaded and were left out" in done.stdout
+    assert any(f"{root}/dog/dangling.png" in line for line in done.stdout.splitlines())
+    assert any(f"{root}/owl/self.png" in line for line in done.stdout.splitlines())
+    assert "kitten/img_00.png" in origin_of(out).values()
+
+
+def test_a_folder_that_cannot_be_read_is_noted(tmp_path, monkeypatch):
+    """Before: rglob passed over a folder it may not list without a word (root reads any
+    folder, so the refusal is simulated)."""
+    root = tmp_path / "images"
+    make_image_folder(root, per_class=1)
+    scandir = os.scandir
+
+    def refusing(path):
+        if Path(path).name == "owl":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr("ldmkit.data.sources.image_folder.os.scandir", refusing)
+    manifest = prepare("image_folder", tmp_path / "out", path=str(root), progress=False)
+    assert counts(manifest) == {"train": 2}
+    assert manifest.notes == [f"folder {root}/owl could not be read: Permission denied"]
+
+
+def test_a_caption_that_is_not_utf8_names_its_file(tmp_path):
+    root = tmp_path / "images"
+    make_image_folder(root, per_class=1)
+    (root / "cat" / "img_00.txt").write_bytes(b"caf\xe9")
+    manifest = prepare("image_folder", tmp_path / "out", path=str(root), progress=False)
+    assert counts(manifest) == {"train": 2}
+    (note,) = [n for n in manifest.notes if "img_00" in n]
+    assert f"{root}/cat/img_00.png: its caption img_00.txt is not UTF-8" in note
+
+
+@pytest.mark.parametrize("top", [200, 65535])
+def test_16_bit_gray_is_scaled_by_its_bit_depth_not_its_brightest_pixel(tmp_path, top):
+    """Before: a dark 16-bit PNG (all values <= 255) kept its values as 8-bit ones, 257x too
+    bright, while a bright one was scaled; PIL scales 16-bit RGB PNGs by 257 either way."""
+    root = tmp_path / "images"
+    root.mkdir()
+    values = np.linspace(0, top, 16).astype(np.uint16).reshape(4, 4)
+    Image.fromarray(values).save(root / "depth.png")
+    assert Image.open(root / "depth.png").mode == "I;16"
+    sample = ImageFolder(path=str(root)).load(root / "depth.png")
+    assert sample.image.mode == "L"
+    np.testing.assert_array_equal(np.asarray(sample.image), np.round(values / 257).astype(np.uint8))
+
+
+def test_a_val_split_carved_out_of_train_is_written_and_replaced_with_it(tmp_path):
+    """Before: ``split=train val_fraction=F`` wrote train without the carved items and no val
+    (F of the images silently gone), and rewriting train with ``val_fraction=0`` kept the old
+    val, whose images were then in train as well."""
+    root = tmp_path / "images"
+    make_image_folder(root, per_class=4)  # 12 images
+    out = tmp_path / "out"
+    manifest = prepare(
+        "image_folder", out, path=str(root), split="train", val_fraction=0.25, progress=False
+    )
+    assert counts(manifest) == {"val": 3, "train": 9}
+    manifest = prepare("image_folder", out, path=str(root), overwrite=True, progress=False)
+    assert counts(manifest) == {"train": 12}
+    assert not list(out.glob("val-*")) and manifest.facts()["val_split"] is None
+
+
+def test_val_fraction_that_leaves_no_train_item_says_so(tmp_path):
+    root = tmp_path / "images"
+    (root / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "cat" / "only.png")
+    with pytest.raises(
+        ValueError, match=r"^val_fraction=0.05 leaves no train item: source 'image_folder' has 1$"
+    ):
+        prepare("image_folder", tmp_path / "out", path=str(root), val_fraction=0.05, progress=False)
+    assert not (tmp_path / "out").exists()
