@@ -58,8 +58,8 @@ def test_a_folder_that_cannot_be_read_is_noted(tmp_path, monkeypatch):
     make_image_folder(root, per_class=1)
     scandir = os.scandir
 
-    def refusing(path):
-        if Path(path).name == "owl":
+    def refusing(path="."):  # os.scandir for every caller (shutil.rmtree passes a descriptor)
+        if not isinstance(path, int) and Path(path).name == "owl":
             raise PermissionError(13, "Permission denied", str(path))
         return scandir(path)
 
@@ -118,3 +118,26 @@ def test_val_fraction_that_leaves_no_train_item_says_so(tmp_path):
     ):
         prepare("image_folder", tmp_path / "out", path=str(root), val_fraction=0.05, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_rewrite_that_fails_leaves_the_dataset_as_it_was(tmp_path):
+    """Before: ``overwrite=true`` deleted the old split before writing the new one, so a
+    rewrite that failed (here: every file damaged since) lost the dataset. Now the new splits
+    are staged and replace the old ones only once whole; a killed run's staging is removed."""
+    from ldmkit.data import read_manifest, verify
+    from ldmkit.data.errors import DataError
+
+    root = tmp_path / "images"
+    make_image_folder(root, per_class=2)
+    out = tmp_path / "out"
+    before = counts(prepare("image_folder", out, path=str(root), progress=False))
+    shards = sorted(p.name for p in out.glob("*.tar"))
+    (out / ".staging-killed").mkdir()  # what a preparation killed mid-way leaves
+    for image in root.rglob("*.png"):
+        image.write_bytes(b"not a png any more")
+    with pytest.raises(DataError, match="none of 6 items could be loaded"):
+        prepare("image_folder", out, path=str(root), overwrite=True, progress=False)
+    assert sorted(p.name for p in out.glob("*.tar")) == shards
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert verify(out) == [] and before == {"train": 6}
+    assert counts(read_manifest(out)) == before

@@ -6,6 +6,9 @@ import json
 import math
 import os
 import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,8 @@ from ldmkit.data.manifest import MANIFEST, Manifest, SplitInfo, read_manifest, w
 from ldmkit.data.shards import CAPTION, IMAGE, LABEL, META, SEGMENTATION, ShardWriter, encode_png
 from ldmkit.data.sources import source_class
 from ldmkit.data.sources.base import Source, SourceSample, printable
+
+STAGING = ".staging-"  # the folder in out= where a preparation writes before replacing
 
 # what prepare's own options take (ldmkit.config_checks specs; the range of val_fraction,
 # [0, 1), is checked with the source's splits)
@@ -94,9 +99,11 @@ def plan_splits(
 
 def _existing_manifest(
     out: Path, source_name: str, splits: list[str], overwrite: bool
-) -> Manifest | None:
+) -> tuple[Manifest | None, list[str]]:
+    """The manifest already in ``out`` (or None) and the splits of it this run replaces (all
+    of them for another source). Nothing is deleted here: the new splits are written first."""
     if not (out / MANIFEST).is_file():
-        return None
+        return None, []
     manifest = read_manifest(out)
     if manifest.source != source_name:
         if not overwrite:
@@ -104,16 +111,14 @@ def _existing_manifest(
                 f"{out} already holds a {manifest.source!r} dataset; choose another out= or "
                 f"pass overwrite=true to replace it"
             )
-        _drop_splits(out, manifest, list(manifest.splits))
-        return None
+        return manifest, list(manifest.splits)
     clash = [s for s in splits if s in manifest.splits]
     if clash and not overwrite:
         raise DataError(
             f"{out} already has split {clash[0]!r} of {source_name}; pass overwrite=true to "
             f"rewrite it"
         )
-    _drop_splits(out, manifest, clash)
-    return manifest
+    return manifest, clash
 
 
 def _drop_splits(out: Path, manifest: Manifest, splits: list[str]) -> None:
@@ -161,44 +166,32 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     for stray in out.glob(".*.partial"):
         stray.unlink()
+    for stray in out.glob(f"{STAGING}*"):  # left by a preparation that was killed
+        shutil.rmtree(stray, ignore_errors=True)
     replaced = list(plan)
     if "train" in plan and "val" not in src.splits and "val" not in plan:
         replaced.append("val")  # an earlier val_fraction carved it out of the train replaced
-    manifest = _existing_manifest(out, source, replaced, overwrite)
-    if manifest is None:
-        manifest = Manifest(source=source, fields=[], splits={})
-    kept_splits = set(manifest.splits) - set(plan)
+    old, dropped = _existing_manifest(out, source, replaced, overwrite)
+    same_source = old is not None and old.source == source
+    manifest = old if same_source else Manifest(source=source, fields=[], splits={})
+    kept_splits = set(manifest.splits) - set(dropped) - set(plan)
+    # The new splits go to a staging folder and replace the old ones only once all are whole:
+    # a rewrite that fails (or is killed) leaves the dataset as it was
+    staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
+    try:
+        written = _write_splits(src, source, plan, staging, shard_size, progress)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if old is not None:
+        _drop_splits(out, old, dropped)
+    for split_name, info in written.splits.items():
+        for shard in info.shards:
+            os.replace(staging / shard.name, out / shard.name)
+        manifest.splits[split_name] = info
+    shutil.rmtree(staging, ignore_errors=True)
 
-    fields: set[str] | None = None
-    modes: set[str | None] = set()
-    sizes: set[tuple[int, int] | None] = set()
-    failures: list[str] = []
-    for split_name, items in plan.items():
-        size = auto_shard_size(len(items)) if shard_size == "auto" else int(shard_size)
-        written = 0
-        with ShardWriter(out, split_name, size) as writer:
-            for index, item in enumerate(
-                tqdm(items, desc=f"{source} {split_name}", unit="img", disable=not progress)
-            ):
-                try:
-                    sample = src.load(item)
-                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-                    failures.append(printable(f"{split_name} item {item}: {exc}"))
-                    continue
-                members = encode_sample(sample, src)
-                writer.write(f"{split_name}-{index:07d}", members)
-                fields = set(members) if fields is None else fields & set(members)
-                modes.add(sample.image.mode)
-                sizes.add(sample.image.size)
-                written += 1
-        if written == 0:
-            raise DataError(
-                f"{source} {split_name}: none of {len(items)} items could be loaded"
-                + (f"; first error: {failures[0]}" if failures else "")
-            )
-        manifest.splits[split_name] = SplitInfo(num_samples=written, shards=writer.shards)
-    fields = fields or set()
-
+    fields, modes, sizes = written.fields, written.modes, written.sizes
     if kept_splits:  # splits written by an earlier run stay; describe them too
         fields &= set(manifest.fields)
         modes.add(manifest.image_mode)
@@ -214,9 +207,53 @@ def prepare(
         **{k: v for k, v in src.config.items() if not isinstance(v, Path)},
     }  # fmt: skip
     manifest.notes = src.notes()
-    if failures:
-        manifest.notes.append(f"{len(failures)} items could not be loaded and were left out")
-        manifest.notes.extend(failures[:20])
+    if written.failures:
+        manifest.notes.append(f"{len(written.failures)} items could not be loaded and were left out")
+        manifest.notes.extend(written.failures[:20])
     manifest.created_by = f"ldmkit {__version__}"
     write_manifest(out, manifest)
     return manifest
+
+
+@dataclass
+class _Written:
+    splits: dict[str, SplitInfo] = field(default_factory=dict)
+    fields: set[str] = field(default_factory=set)  # the members every sample has
+    modes: set[str | None] = field(default_factory=set)
+    sizes: set[tuple[int, int] | None] = field(default_factory=set)
+    failures: list[str] = field(default_factory=list)  # items left out, one line each
+
+
+def _write_splits(
+    src: Source, source: str, plan: dict[str, list[Any]], folder: Path, shard_size: int | str,
+    progress: bool,
+) -> _Written:
+    """Each planned split as shards in ``folder``, and what its samples have in common."""
+    written = _Written()
+    fields: set[str] | None = None
+    for split_name, items in plan.items():
+        size = auto_shard_size(len(items)) if shard_size == "auto" else int(shard_size)
+        count = 0
+        with ShardWriter(folder, split_name, size) as writer:
+            for index, item in enumerate(
+                tqdm(items, desc=f"{source} {split_name}", unit="img", disable=not progress)
+            ):
+                try:
+                    sample = src.load(item)
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                    written.failures.append(printable(f"{split_name} item {item}: {exc}"))
+                    continue
+                members = encode_sample(sample, src)
+                writer.write(f"{split_name}-{index:07d}", members)
+                fields = set(members) if fields is None else fields & set(members)
+                written.modes.add(sample.image.mode)
+                written.sizes.add(sample.image.size)
+                count += 1
+        if count == 0:
+            raise DataError(
+                f"{source} {split_name}: none of {len(items)} items could be loaded"
+                + (f"; first error: {written.failures[0]}" if written.failures else "")
+            )
+        written.splits[split_name] = SplitInfo(num_samples=count, shards=writer.shards)
+    written.fields = fields or set()
+    return written
