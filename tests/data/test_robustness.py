@@ -43,6 +43,20 @@ def all_keys(loader) -> list[str]:
     return [key for batch in loader for key in batch["__key__"]]
 
 
+def test_an_image_member_that_is_no_image_says_so_without_a_buffer_address(prepared):
+    """Before: ``UnidentifiedImageError: cannot identify image file <_io.BytesIO object at
+    0x7f…>``: the address of an in-memory buffer, which names nothing."""
+    out, _ = prepared
+    shard = out / "train-000000.tar"
+    victim = keys_of(shard)[0]
+    rewrite_shard(shard, lambda name, data: b"<html>" if name == f"{victim}.png" else data)
+    loader = build_dataloader(loader_cfg(out), batch_size=4, num_workers=0)
+    all_keys(loader)
+    (event,) = loader.stats.events
+    assert event.key == victim
+    assert event.reason == "ValueError: not an image PIL can identify (6 bytes)"
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_corrupt_image_is_skipped_counted_and_named(prepared, num_workers, caplog):
     out, _ = prepared

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ldmkit.data.manifest import Manifest
 from ldmkit.data.shards import CAPTION, IMAGE, LABEL, META, SEGMENTATION
@@ -78,7 +78,10 @@ class SampleDecoder:
 
 
 def _open_png(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # its message names only an in-memory buffer's address
+        raise ValueError(f"not an image PIL can identify ({len(data)} bytes)") from None
     image.load()  # decode now, so damage shows up here and not in the transform
     return image
 
