@@ -141,3 +141,19 @@ def test_a_rewrite_that_fails_leaves_the_dataset_as_it_was(tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
     assert verify(out) == [] and before == {"train": 6}
     assert counts(read_manifest(out)) == before
+
+
+def test_jfif_and_avif_are_read_and_other_files_are_counted_in_a_note(tmp_path):
+    """Before: ``.jfif`` (a JPEG), ``.avif`` and a phone's ``.heic`` were passed over without a
+    word; now PIL reads the first two and the rest are counted by suffix (captions aside)."""
+    root = tmp_path / "images"
+    make_image_folder(root, per_class=1)  # cat, dog, owl
+    Image.new("RGB", (8, 8), "red").save(root / "cat" / "photo.jfif", format="JPEG")
+    Image.new("RGB", (8, 8), "blue").save(root / "dog" / "photo.avif", format="AVIF")
+    (root / "dog" / "photo.txt").write_text("a blue dog")
+    (root / "owl" / "IMG_0001.heic").write_bytes(b"\0\0\0\x18ftypheic")
+    (root / "owl" / "IMG_0002.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
+    (root / "README").write_text("my photos")
+    manifest = prepare("image_folder", tmp_path / "out", path=str(root), progress=False)
+    assert counts(manifest) == {"train": 5}
+    assert manifest.notes == ["3 files without an image suffix were left out: (no suffix) (1), .heic (2)"]

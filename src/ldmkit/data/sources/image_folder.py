@@ -8,6 +8,7 @@ gives classes ["cat", "dog"] (sorted), and label -1 for images directly under th
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,10 @@ from PIL import Image, ImageOps
 from ldmkit.data.errors import SourceNotFoundError
 from ldmkit.data.sources.base import Source, SourceSample, is_utf8, normalize_mode, printable
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {
+    ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif",
+}  # fmt: skip
+SIDECAR_SUFFIXES = {".txt"}  # captions: neither images nor files left out
 
 
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
@@ -28,10 +32,11 @@ def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
     return image.resize(target, Image.Resampling.LANCZOS)
 
 
-def image_files(root: Path, unreadable: list[str]) -> Iterator[Path]:
+def image_files(root: Path, unreadable: list[str], others: Counter[str]) -> Iterator[Path]:
     """The files under ``root`` with an image suffix, hidden names left out. Symlinked folders
     are followed (a link back to a folder it lies in is not); a dangling or looping link is
-    listed, so that loading it names it; a folder that cannot be listed goes to ``unreadable``."""
+    listed, so that loading it names it; a folder that cannot be listed goes to ``unreadable``,
+    and ``others`` counts the other files by suffix."""
 
     def is_folder(entry: os.DirEntry) -> bool:
         try:
@@ -55,6 +60,8 @@ def image_files(root: Path, unreadable: list[str]) -> Iterator[Path]:
                     yield from walk(path, ancestors | {real})
             elif path.suffix.lower() in IMAGE_SUFFIXES:
                 yield path
+            elif path.suffix.lower() not in SIDECAR_SUFFIXES:
+                others[path.suffix.lower() or "(no suffix)"] += 1
 
     yield from walk(root, frozenset({os.path.realpath(root)}))
 
@@ -77,7 +84,8 @@ class ImageFolder(Source):
         if not self.root.is_dir():
             raise SourceNotFoundError(f"image_folder: {self.root} is not a folder")
         self._unreadable: list[str] = []
-        self.paths = sorted(image_files(self.root, self._unreadable))
+        self._others: Counter[str] = Counter()
+        self.paths = sorted(image_files(self.root, self._unreadable, self._others))
         if not self.paths:
             raise SourceNotFoundError(
                 f"image_folder: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {self.root}"
@@ -92,7 +100,12 @@ class ImageFolder(Source):
         )
 
     def notes(self) -> list[str]:
-        return [printable(note) for note in self._unreadable]
+        notes = [printable(note) for note in self._unreadable]
+        if self._others:  # e.g. .heic from a phone: PIL needs a plugin for it; convert first
+            kinds = ", ".join(f"{suffix} ({n})" for suffix, n in sorted(self._others.items()))
+            count = sum(self._others.values())
+            notes.append(printable(f"{count} files without an image suffix were left out: {kinds}"))
+        return notes
 
     def items(self, split: str) -> Sequence[Any]:
         return list(self.paths)
