@@ -126,6 +126,26 @@ def test_merge_cli_bakes_the_adapter_in(lora_run, tmp_path):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_init_from_a_lora_run_starts_from_the_merged_weights(lora_run):
+    """A LoRA run (its adapter-only pipeline/, or one of its checkpoints: base + adapter under
+    peft's names) is a source like any run: the adapter baked into its base, every tensor
+    loaded, none re-initialised."""
+    from ldmkit.training.init_from import load_components, read_source
+
+    _, run = lora_run
+    merged = Pipeline.load(run / "pipeline")
+    lora.merge(merged)
+    checkpoint = CheckpointManager(run / "checkpoints").latest().path
+    for path in (run, run / "pipeline", checkpoint):
+        source = read_source(path, stage="ldm")
+        assert "LoRA adapter merged" in source.what, path
+        pipe = Pipeline.from_config(cfg(run, "trainer.lora.rank=0"))
+        results = load_components({"denoiser": pipe.denoiser, "conditioner": pipe.conditioner}, source, strict=True)
+        assert all(r.loaded and not r.new and not r.skipped for r in results), (path, [r.line() for r in results])
+        for key, value in pipe.denoiser.state_dict().items():  # pipeline/ and the checkpoint: the EMA weights
+            assert torch.equal(value, merged.denoiser.state_dict()[key]), (path, key)
+
+
 def test_a_moved_or_changed_base_is_one_line_naming_the_file(lora_run, tmp_path):
     _, run = lora_run
     copy = tmp_path / "run"
