@@ -20,6 +20,7 @@ from ldmkit.safetensors_io import read_safetensors
 from ldmkit.training import CheckpointManager, train
 from ldmkit.training.ldm import LDMTrainer
 from tests.conftest import ldmkit_cli
+from tests.test_bad_values import error_line
 
 BASE = ["stage=ldm", "trainer=ldm_tiny", "first_stage=identity", "denoiser=unet_tiny",
         "conditioner=class_label", "conditioner.num_classes=3", "sampler=ddim", "image_size=8"]  # fmt: skip
@@ -144,6 +145,20 @@ def test_init_from_a_lora_run_starts_from_the_merged_weights(lora_run):
         assert all(r.loaded and not r.new and not r.skipped for r in results), (path, [r.line() for r in results])
         for key, value in pipe.denoiser.state_dict().items():  # pipeline/ and the checkpoint: the EMA weights
             assert torch.equal(value, merged.denoiser.state_dict()[key]), (path, key)
+
+
+def test_merge_refuses_to_write_over_its_own_base_or_adapter(lora_run, tmp_path):
+    _, run = lora_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", ".lock"))
+    before = {p: p.read_bytes() for p in [*(copy / "base").iterdir(), *(copy / "pipeline").iterdir()]}
+    for out in (copy / "base", copy / "pipeline"):
+        result = ldmkit_cli("lora", "merge", str(copy / "pipeline"), "--out", str(out))
+        assert result.returncode == 1, result.stdout
+        assert error_line(result.stderr, "lora").startswith(f"--out {out} is the adapter's"), result.stderr
+    assert {p: p.read_bytes() for p in before} == before and sorted(copy.joinpath("base").iterdir()) == sorted(
+        p for p in before if p.parent.name == "base")
+    assert not (copy / "pipeline" / "model.safetensors").exists()
 
 
 def test_a_moved_or_changed_base_is_one_line_naming_the_file(lora_run, tmp_path):
