@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -204,6 +205,20 @@ def test_mismatched_keys_name_their_component(paper_files, tmp_path):
     torch.save({"state_dict": state}, broken)
     with pytest.raises(WeightsError, match=r"missing denoiser: 1 \(denoiser\.out\.2\.bias\).*unexpected conditioner: 1"):
         Pipeline.from_compvis(broken, config, use_ema=False)
+
+
+def test_a_config_of_another_size_is_one_line_naming_a_tensor_and_both_shapes(paper_files, tmp_path):
+    """(torch's own message is one line per tensor: hundreds for the wrong preset)"""
+    ckpt, _, _ = paper_files
+    wider = copy.deepcopy(LDM_CONFIG)
+    wider["model"]["params"]["unet_config"]["params"]["model_channels"] = 64
+    config = tmp_path / "wider.yaml"
+    config.write_text(yaml.safe_dump(wider))
+    with pytest.raises(WeightsError) as err:
+        Pipeline.from_compvis(ckpt, config)
+    message = str(err.value)
+    assert "\n" not in message, message[:500]
+    assert re.search(r"denoiser\.time_embed\.0\.weight is \[128, 32\] there but \[256, 64\] in the model", message), message
 
 
 def test_a_schedule_that_does_not_match_the_config_is_refused(paper_files, tmp_path):

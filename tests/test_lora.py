@@ -20,6 +20,7 @@ from ldmkit.safetensors_io import read_safetensors
 from ldmkit.training import CheckpointManager, train
 from ldmkit.training.ldm import LDMTrainer
 from tests.conftest import ldmkit_cli
+from tests.test_bad_values import error_line
 
 BASE = ["stage=ldm", "trainer=ldm_tiny", "first_stage=identity", "denoiser=unet_tiny",
         "conditioner=class_label", "conditioner.num_classes=3", "sampler=ddim", "image_size=8"]  # fmt: skip
@@ -124,6 +125,40 @@ def test_merge_cli_bakes_the_adapter_in(lora_run, tmp_path):
     a, b = (p.sample({"label": [0, 1, 2]}, steps=4, seed=3, guidance_scale=2.0, return_latents=True,
                      precision="fp32") for p in (merged, adapted))  # fmt: skip
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_init_from_a_lora_run_starts_from_the_merged_weights(lora_run):
+    """A LoRA run (its adapter-only pipeline/, or one of its checkpoints: base + adapter under
+    peft's names) is a source like any run: the adapter baked into its base, every tensor
+    loaded, none re-initialised."""
+    from ldmkit.training.init_from import load_components, read_source
+
+    _, run = lora_run
+    merged = Pipeline.load(run / "pipeline")
+    lora.merge(merged)
+    checkpoint = CheckpointManager(run / "checkpoints").latest().path
+    for path in (run, run / "pipeline", checkpoint):
+        source = read_source(path, stage="ldm")
+        assert "LoRA adapter merged" in source.what, path
+        pipe = Pipeline.from_config(cfg(run, "trainer.lora.rank=0"))
+        results = load_components({"denoiser": pipe.denoiser, "conditioner": pipe.conditioner}, source, strict=True)
+        assert all(r.loaded and not r.new and not r.skipped for r in results), (path, [r.line() for r in results])
+        for key, value in pipe.denoiser.state_dict().items():  # pipeline/ and the checkpoint: the EMA weights
+            assert torch.equal(value, merged.denoiser.state_dict()[key]), (path, key)
+
+
+def test_merge_refuses_to_write_over_its_own_base_or_adapter(lora_run, tmp_path):
+    _, run = lora_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", ".lock"))
+    before = {p: p.read_bytes() for p in [*(copy / "base").iterdir(), *(copy / "pipeline").iterdir()]}
+    for out in (copy / "base", copy / "pipeline"):
+        result = ldmkit_cli("lora", "merge", str(copy / "pipeline"), "--out", str(out))
+        assert result.returncode == 1, result.stdout
+        assert error_line(result.stderr, "lora").startswith(f"--out {out} is the adapter's"), result.stderr
+    assert {p: p.read_bytes() for p in before} == before and sorted(copy.joinpath("base").iterdir()) == sorted(
+        p for p in before if p.parent.name == "base")
+    assert not (copy / "pipeline" / "model.safetensors").exists()
 
 
 def test_a_moved_or_changed_base_is_one_line_naming_the_file(lora_run, tmp_path):

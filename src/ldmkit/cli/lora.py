@@ -35,8 +35,12 @@ def lora(argv: Sequence[str], *, prog: str, description: str) -> int:
             path = adapter_to_diffusers(args.adapter, args.out)
             print(f"wrote {path} (onto the base's diffusers UNet: unet.load_lora_adapter(DIR, prefix='unet', weight_name='{path.name}'))")
             return 0
-        if adapters.read_adapter(args.adapter) is None:
+        adapter = adapters.read_adapter(args.adapter)
+        if adapter is None:
             raise CLIError(f"{args.adapter} is not a LoRA adapter folder (no {adapters.ADAPTER_CONFIG})")
+        for folder, what in ((adapter.base, "base pipeline"), (args.adapter, "own folder")):
+            if args.out.resolve() == Path(folder).resolve():  # the merge needs both, as they are
+                raise CLIError(f"--out {args.out} is the adapter's {what}: write the merged pipeline to a new folder")
         pipeline = Pipeline.load(args.adapter)
         merged = adapters.merge(pipeline)
         # a frozen part kept by reference (frozen.json) would point at the unmerged source

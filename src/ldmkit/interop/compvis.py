@@ -605,10 +605,13 @@ def compose(model: CompvisModel, *, weights: str | None = None, source_kind: str
 def load_converted(module: torch.nn.Module, state: dict[str, Tensor], where: str) -> None:
     """``module.load_state_dict(state)``, strict; a mismatch lists the first missing and
     unexpected keys under the component they belong to."""
-    try:
-        missing, unexpected = module.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shapes
-        raise WeightsError(f"{where} does not fit the model its config describes: {err}") from err
+    own = module.state_dict()
+    reshaped = [f"{k} is {list(v.shape)} there but {list(own[k].shape)} in the model"
+                for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]  # fmt: skip
+    if reshaped:  # (torch's message is one line per tensor)
+        more = f" (and {len(reshaped) - 3} more)" if len(reshaped) > 3 else ""
+        raise WeightsError(f"{where} does not fit the model its config describes: {'; '.join(reshaped[:3])}{more}")
+    missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         def by_component(keys: list[str]) -> str:
             groups: dict[str, list[str]] = {}

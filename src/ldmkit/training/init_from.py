@@ -12,6 +12,9 @@ brought into the pipeline layout (``first_stage.*``, ``denoiser.*``, ``condition
   ``trainer.init_config``; a first-stage checkpoint for stage 1);
 * a diffusers folder (``model_index.json``, :meth:`ldmkit.Pipeline.from_diffusers`).
 
+A LoRA run's adapter folder (its ``pipeline/``) and its checkpoints give their base with the
+adapter merged in (:func:`ldmkit.lora.merge`).
+
 :func:`load_components` loads every tensor that fits into the modules the run built from its
 config, and says per component what was loaded, newly initialised (in the model, not in the
 source) and skipped (in the source, not in the model, or another shape). A component with a
@@ -45,6 +48,7 @@ from ldmkit.checkpoint_layout import (
     unflatten_state,
 )
 from ldmkit.errors import CheckpointError, LdmkitError
+from ldmkit.lora import ADAPTER_CONFIG
 from ldmkit.safetensors_io import read_safetensors
 from ldmkit.training.errors import TrainingError
 
@@ -64,6 +68,7 @@ EXPECTED = (
     "or a diffusers folder (model_index.json)"
 )
 SHOWN = 5  # names listed per kind in the report
+LORA_MERGED = "LoRA adapter merged into its base"
 
 
 @dataclass
@@ -167,6 +172,8 @@ def read_source(
             return _run(path, stage)
         if (path / "config.yaml").is_file() and (path / MODEL_FILE).is_file():
             return _folder(path, "a pipeline folder")
+        if (path / "config.yaml").is_file() and (path / ADAPTER_CONFIG).is_file():
+            return _adapter_folder(path, "a pipeline folder")
     raise _missing(path, "is not a source it can read")
 
 
@@ -177,10 +184,50 @@ def _folder(path: Path, what: str, folder: Path | None = None) -> InitSource:
     return InitSource(path, what, read_safetensors(folder / MODEL_FILE), frozen.read_manifest(folder), folder)
 
 
+def _adapter_folder(path: Path, what: str, folder: Path | None = None) -> InitSource:
+    """An adapter folder (a LoRA run's ``pipeline/``, :mod:`ldmkit.lora`): its base with the
+    adapter merged in, as ``ldmkit lora merge`` writes it."""
+    from ldmkit import lora
+    from ldmkit.pipeline import Pipeline
+
+    try:
+        pipeline = Pipeline.load(folder or path)
+    except ValueError as err:  # LoraError, or weights that do not fit the config
+        raise TrainingError(f"trainer.init_from={path}: {err}") from err
+    lora.merge(pipeline)
+    return InitSource(path, f"{what}, its {LORA_MERGED}", dict(pipeline.state_dict()))
+
+
+def _merged_checkpoint(checkpoint: Checkpoint, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A LoRA run's checkpoint weights (the base and the adapter under peft's names) with the
+    adapter merged in: the run's model rebuilt from the checkpoint's ``config.yaml``."""
+    from omegaconf import open_dict
+
+    from ldmkit import lora
+    from ldmkit.config import load_saved_config
+    from ldmkit.pipeline import Pipeline
+
+    config = checkpoint.path / "config.yaml"
+    if not config.is_file():
+        raise TrainingError(f"{checkpoint.path} holds a LoRA adapter but no config.yaml to merge it with")
+    cfg = load_saved_config(config)
+    with open_dict(cfg):
+        for group in ("first_stage", "denoiser", "conditioner"):  # the weights are all here
+            if "checkpoint" in (cfg.get(group) or {}):
+                cfg[group].checkpoint = None
+    pipeline = Pipeline.from_config(cfg)
+    lora.add_lora(pipeline, lora.from_options(pipeline, cfg.trainer.get("lora") or {}))
+    pipeline.load_state_dict(weights, strict=False)
+    lora.merge(pipeline)
+    return dict(pipeline.state_dict())
+
+
 def _run(path: Path, stage: str) -> InitSource:
     exported = path / "pipeline"
     if stage == "ldm" and (exported / MODEL_FILE).is_file() and (exported / "config.yaml").is_file():
         return _folder(path, "the run's exported pipeline/ (EMA weights, what `ldmkit sample --checkpoint` reads)", exported)
+    if stage == "ldm" and (exported / ADAPTER_CONFIG).is_file() and (exported / "config.yaml").is_file():
+        return _adapter_folder(path, "the run's exported pipeline/ (EMA weights)", exported)
     checkpoint = resolve_checkpoint(path)
     weights = read_safetensors(checkpoint.model_file)
     extra = read_safetensors(checkpoint.path / TRAINING_FILE) if (checkpoint.path / TRAINING_FILE).is_file() else {}
@@ -192,6 +239,11 @@ def _run(path: Path, stage: str) -> InitSource:
         if ema:
             weights.update(ema)
             what += " (EMA weights)"
+        if any(".lora_" in k for k in weights):
+            scale = {k: v for k, v in weights.items() if k == "scale_factor"}  # the run's, not the config's
+            merged = _merged_checkpoint(checkpoint, weights)
+            weights = {**{k: v for k, v in merged.items() if k != "scale_factor"}, **scale}
+            what += f", its {LORA_MERGED}"
     else:
         weights.update({k: v for k, v in extra.items() if k.startswith("loss.")})  # the discriminator
     return InitSource(path, what, weights, frozen.read_manifest(checkpoint.path), checkpoint.path)
