@@ -208,6 +208,29 @@ def test_ldmkit_to_diffusers_to_ldmkit_is_bit_identical(sd_imported, tmp_path):
     )
 
 
+def test_a_cross_attention_unet_without_its_text_encoder_is_one_line(sd_imported, tmp_path):
+    """Before: read as conditioner=none, then refused by the config check with advice that
+    does not apply (``set denoiser.context_dim=auto``)."""
+    import json
+    import shutil
+
+    from ldmkit.interop.diffusers_format import ConversionError
+
+    out = sd_imported.to_diffusers(tmp_path / "sd")
+    index = json.loads((out / "model_index.json").read_text())
+    index.pop("text_encoder"), index.pop("tokenizer", None)
+    (out / "model_index.json").write_text(json.dumps(index))
+    shutil.rmtree(out / "text_encoder")
+    with pytest.raises(ConversionError) as caught:
+        Pipeline.from_diffusers(out)
+    assert str(caught.value) == (
+        f"{out}: its UNet attends to a condition (cross_attention_dim=32) but the folder has "
+        "nothing that makes one: no text_encoder, no bert and no ldmkit_conditioner/ (what "
+        "`ldmkit convert to-diffusers` writes for a conditioner diffusers has no class for); "
+        "put back the one it was trained with"
+    )
+
+
 def unconditional_vq_pipeline(*, new_order: bool, head_channels: int, heads: int) -> Pipeline:
     """An AttentionBlock UNet (the paper's unconditional / LSUN / CelebA layout) over a VQ
     first stage, at a tiny size."""

@@ -286,6 +286,14 @@ def read_diffusers(
         conditioner = {"name": "class_label", "num_classes": unet_cfg["num_classes"], "embed_dim": 1, "role": "vector",
                        "input_key": "label", "drop_rate": 0.0}  # fmt: skip
     else:
+        _require(
+            unet_cfg.get("context_dim") is None,
+            f"{directory}: its UNet attends to a condition (cross_attention_dim="
+            f"{unet_cfg.get('context_dim')}) but the folder has nothing that makes one: no "
+            f"text_encoder, no bert and no {CONDITIONER_DIR}/ (what `ldmkit convert to-diffusers` "
+            f"writes for a conditioner diffusers has no class for); put back the one it was "
+            f"trained with",
+        )
         conditioner = {"name": "none"}
     groups = {"first_stage": first, "denoiser": unet_cfg, "conditioner": conditioner, "sampler": sampler,
               "schedule": schedule}  # fmt: skip
