@@ -80,6 +80,63 @@ def test_random_crop_and_flip_move_the_map_with_the_image():
     assert flips == {False, True} and len(offsets) > 3
 
 
+@pytest.mark.parametrize("crop", ["center", "random"])
+def test_scaling_only_the_crop_matches_scaling_the_whole_image_then_cropping(crop):
+    """The transform resizes just the crop's source region (PIL's ``box``); the reference
+    scales the whole image (shorter side to ``size``), then crops: class maps equal, images
+    within one level. A 3000 x 3 strip no longer becomes 32000 x 32 on the way."""
+    rng = np.random.default_rng(0)
+    for width, height, size in [(40, 30, 16), (300, 20, 32), (20, 100, 32), (13, 7, 32), (3000, 3, 32)]:
+        pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        classes = rng.integers(0, 5, (height, width), dtype=np.uint8)
+        image, seg_in = Image.fromarray(pixels), Image.fromarray(classes)
+        scaled = max(size, round(width * size / min(width, height))), max(size, round(height * size / min(width, height)))
+        draws = random.Random(7)
+        left = draws.randint(0, scaled[0] - size) if crop == "random" else (scaled[0] - size) // 2
+        top = draws.randint(0, scaled[1] - size) if crop == "random" else (scaled[1] - size) // 2
+        box = (left, top, left + size, top + size)
+        want = np.asarray(image.resize(scaled, Image.Resampling.BICUBIC).crop(box)).astype(int)
+        out, seg = ImageTransform(image_size=size, crop=crop)(image, seg_in, random.Random(7))
+        got = to_uint8(out).permute(1, 2, 0).numpy().astype(int)
+        assert got.shape == (size, size, 3) and np.abs(got - want).max() <= 1, (width, height)
+        # each map pixel is the class of a source pixel nearest its centre (either one on a tie)
+        rows, ties_r = nearest(top, size, height, scaled[1])
+        cols, ties_c = nearest(left, size, width, scaled[0])
+        ok = np.zeros((size, size), bool)
+        for r_shift in (0, 1):
+            for c_shift in (0, 1):
+                r = np.maximum(rows - r_shift * ties_r, 0)[:, None]
+                c = np.maximum(cols - c_shift * ties_c, 0)[None, :]
+                ok |= classes[r, c] == seg.numpy()
+        assert ok.all(), (width, height)
+
+
+def test_a_thin_strip_is_not_scaled_whole_first():
+    """A 60000 x 2 strip at image_size=64: scaling it whole first made a 1,920,000 x 64 RGB
+    image (369 MB) to crop 64 x 64 out of; now only the crop's region is scaled."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource; from PIL import Image; from ldmkit.data.transforms import ImageTransform\n"
+        "strip = Image.new('RGB', (60000, 2), 'red'); transform = ImageTransform(image_size=64)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "out, _ = transform(strip)\n"
+        "print(tuple(out.shape), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    shape, grown_mib = done.stdout.rsplit(" ", 1)
+    assert shape == "(3, 64, 64)" and int(grown_mib) < 50, done.stdout
+
+
+def nearest(start: int, size: int, source: int, scaled: int) -> tuple[np.ndarray, np.ndarray]:
+    """The source index under each output pixel's centre, exactly (integers: the centre is
+    (2 (start + i) + 1) source / (2 scaled)), and whether that centre lies on a boundary."""
+    numerator = (2 * (start + np.arange(size)) + 1) * source
+    return numerator // (2 * scaled), (numerator % (2 * scaled) == 0).astype(int)
+
+
 def test_nearest_resize_keeps_class_ids():
     classes = np.zeros((10, 10), np.uint8)
     classes[:, 5:] = 7

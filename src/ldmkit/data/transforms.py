@@ -84,19 +84,23 @@ class ImageTransform:
         image = self.to_channels(image)
         size = int(self.image_size)
         width, height = image.size
-        if min(width, height) != size:
-            scale = size / min(width, height)
-            target = (max(size, round(width * scale)), max(size, round(height * scale)))
-            image = image.resize(target, Image.Resampling.BICUBIC)
-            if segmentation is not None:
-                segmentation = segmentation.resize(target, Image.Resampling.NEAREST)
-            width, height = target
+        # the shorter side scaled to `size`, then a size x size crop: done as one resize of the
+        # crop's source region (PIL's `box`), so a 4000 x 3000 photo or a 3000 x 8 strip is
+        # never scaled whole first (time, and memory: the strip would become 12000 x 32)
+        scale = size / min(width, height)
+        scaled = (max(size, round(width * scale)), max(size, round(height * scale)))
         if self.crop == "random" and rng is not None:
-            left, top = rng.randint(0, width - size), rng.randint(0, height - size)
+            left, top = rng.randint(0, scaled[0] - size), rng.randint(0, scaled[1] - size)
         else:
-            left, top = (width - size) // 2, (height - size) // 2
-        box = (left, top, left + size, top + size)
-        if box != (0, 0, width, height):
+            left, top = (scaled[0] - size) // 2, (scaled[1] - size) // 2
+        if scaled != (width, height):
+            sx, sy = width / scaled[0], height / scaled[1]
+            box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+            image = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+            if segmentation is not None:
+                segmentation = segmentation.resize((size, size), Image.Resampling.NEAREST, box=box)
+        elif (left, top, left + size, top + size) != (0, 0, width, height):
+            box = (left, top, left + size, top + size)
             image = image.crop(box)
             if segmentation is not None:
                 segmentation = segmentation.crop(box)
