@@ -157,3 +157,22 @@ def test_jfif_and_avif_are_read_and_other_files_are_counted_in_a_note(tmp_path):
     manifest = prepare("image_folder", tmp_path / "out", path=str(root), progress=False)
     assert counts(manifest) == {"train": 5}
     assert manifest.notes == ["3 files without an image suffix were left out: (no suffix) (1), .heic (2)"]
+
+
+def test_what_pil_warns_while_loading_names_the_file(tmp_path):
+    """Before: ``UserWarning: Corrupt EXIF data ...`` went to stderr naming no file; now the
+    item is kept and the warning is a note naming it."""
+    import io
+
+    root = tmp_path / "images"
+    make_image_folder(root, per_class=1)
+    exif = b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\x01\x00\x00\x00\x06\x00"
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "green").save(buffer, "JPEG", exif=exif)  # its EXIF is cut short
+    (root / "dog" / "odd.jpg").write_bytes(buffer.getvalue())
+    manifest = prepare("image_folder", tmp_path / "out", path=str(root), progress=False)
+    assert counts(manifest) == {"train": 4}
+    assert manifest.notes == [
+        "1 items were kept with a warning",
+        f"train item {root}/dog/odd.jpg: Corrupt EXIF data.  Expecting to read 12 bytes but only got 10. ",
+    ]

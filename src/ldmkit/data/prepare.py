@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,9 @@ def prepare(
     if written.failures:
         manifest.notes.append(f"{len(written.failures)} items could not be loaded and were left out")
         manifest.notes.extend(written.failures[:20])
+    if written.warnings:
+        manifest.notes.append(f"{len(written.warnings)} items were kept with a warning")
+        manifest.notes.extend(written.warnings[:20])
     manifest.created_by = f"ldmkit {__version__}"
     write_manifest(out, manifest)
     return manifest
@@ -222,6 +226,7 @@ class _Written:
     modes: set[str | None] = field(default_factory=set)
     sizes: set[tuple[int, int] | None] = field(default_factory=set)
     failures: list[str] = field(default_factory=list)  # items left out, one line each
+    warnings: list[str] = field(default_factory=list)  # items kept, with what loading them warned
 
 
 def _write_splits(
@@ -239,10 +244,13 @@ def _write_splits(
                 tqdm(items, desc=f"{source} {split_name}", unit="img", disable=not progress)
             ):
                 try:
-                    sample = src.load(item)
+                    with warnings.catch_warnings(record=True) as caught:  # PIL's name no file
+                        warnings.simplefilter("always")
+                        sample = src.load(item)
                 except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                     written.failures.append(printable(f"{split_name} item {item}: {exc}"))
                     continue
+                written.warnings += [printable(f"{split_name} item {item}: {w.message}") for w in caught]
                 members = encode_sample(sample, src)
                 writer.write(f"{split_name}-{index:07d}", members)
                 fields = set(members) if fields is None else fields & set(members)
