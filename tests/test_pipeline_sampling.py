@@ -180,6 +180,8 @@ def test_non_square_and_larger_than_trained_sizes(pipe):
     z = pipe.sample({"label": [1]}, size=24, seed=0, return_latents=True)
     assert z.shape == (1, 3, 6, 6)
     assert pipe.sample({"label": [1]}, image_size=(8, 16), seed=0).shape == (1, 3, 8, 16)
+    # latents of odd sides (20 / 4 = 5): the UNet's levels do not halve them evenly
+    assert pipe.sample({"label": [1]}, size=(20, 28), seed=0).shape == (1, 3, 20, 28)
 
 
 def test_size_not_divisible_by_f_is_an_error(pipe):
