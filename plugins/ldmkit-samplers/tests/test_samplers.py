@@ -124,10 +124,11 @@ def test_unit_gaussian_data_matches_closed_form():
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="steps"):
         DDIMSampler(steps=0)
-    with pytest.raises(ValueError, match="eta"):
-        DDIMSampler(eta=-1)
-    with pytest.raises(ValueError, match="eta"):
-        EulerAncestralSampler(eta=-1)
+    for eta in (-1, float("nan"), float("inf")):  # nan: NaN images from ddim, full noise from euler_ancestral
+        with pytest.raises(ValueError, match=f"eta must be a finite number >= 0, got {eta}"):
+            DDIMSampler(eta=eta)
+        with pytest.raises(ValueError, match=f"eta must be a finite number >= 0, got {eta}"):
+            EulerAncestralSampler(eta=eta)
     with pytest.raises(ValueError, match="HeunSampler: unknown timestep spacing 'kerras'"):
         HeunSampler(spacing="kerras")
     schedule = NoiseSchedule()
