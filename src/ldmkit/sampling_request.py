@@ -488,7 +488,7 @@ def _init_images(init_image: Any, first_stage: Any, device: torch.device) -> Ten
             got=got,
         )
     lo, hi = float(x.min()), float(x.max())
-    if lo < -1 - 1e-4 or hi > 1 + 1e-4:
+    if not (lo >= -1 - 1e-4 and hi <= 1 + 1e-4):  # NaN fails both
         raise SampleArgumentError(
             f"{{init_image}} values must be in [-1, 1], got [{lo:g}, {hi:g}] (images in [0, 1] map to [-1, 1] as "
             "x * 2 - 1)"
