@@ -645,6 +645,8 @@ def bad_files(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("bad_files")
     (root / "a_file").write_text("kept\n")
+    (root / "folder.png").mkdir()  # a folder where --out's grid goes
+    (root / "settings.json").mkdir()  # ... where --out settings.png's JSON goes
     ldmkit.compose(overrides=["image_size=8"]).save(root / "identity")  # first_stage=identity
     saved = (root / "identity" / "config.yaml").read_text()
     broken = {
@@ -710,6 +712,15 @@ ONE_LINE_CASES = {
     "out-samples-folder-is-a-file": (
         ["sample", *SAMPLE, "--out", "{root}/a_file.png"],
         "cannot write {root}/a_file/000000.png: {root}/a_file is a file, not a folder",
+    ),
+    # a folder where a file goes: refused before sampling (was a traceback after it)
+    "out-is-a-folder": (
+        ["sample", *SAMPLE, "--out", "{root}/folder.png"],
+        "cannot write {root}/folder.png: Is a directory",
+    ),
+    "out-json-is-a-folder": (
+        ["sample", *SAMPLE, "--out", "{root}/settings.png"],
+        "cannot write {root}/settings.json: Is a directory",
     ),
     # model sizes: a level without channels, a model beyond this machine's memory
     "channel_mult-0": (

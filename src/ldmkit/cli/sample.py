@@ -108,9 +108,10 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
         return 0
     from ldmkit.io import check_writable
 
-    # a read-only --out, or a file where its folders go, fails before sampling, not after
-    check_writable(args.out)
-    check_writable(args.out.parent / args.out.stem / "000000.png")
+    # a read-only --out, a file where its folders go or a folder where its files go fails
+    # before sampling, not after
+    for path in (args.out, args.out.with_suffix(".json"), args.out.parent / args.out.stem / "000000.png"):
+        check_writable(path)
 
     from tqdm.auto import tqdm
 
