@@ -200,6 +200,11 @@ def test_several_bad_values_are_named_in_one_line(capsys, tmp_path):
             ["conditioner=class_label", "--labels", "1,-2"],
             "--labels '1,-2': expected class ids",
         ),
+        (  # beyond int64: was an OverflowError traceback
+            "sample",
+            ["conditioner=class_label", "--labels", "1,99999999999999999999"],
+            "--labels '1,99999999999999999999': class id 99999999999999999999 is out of range",
+        ),
     ],
 )
 def test_bad_values_of_evaluate_and_sample(command, args, message, tmp_path, capsys):

@@ -79,6 +79,14 @@ def _integers(key: str, value: str, what: str) -> list[int]:
         raise ConditionArgumentError(f"--cond {key}={value}: expected comma-separated {what}") from None
 
 
+def _int64(key: str, value: str, ids: list[int], what: str) -> list[int]:
+    """``ids`` when each fits the int64 tensor they become (a larger one is out of any range)."""
+    for i in ids:
+        if not -(2**63) <= i < 2**63:
+            raise ConditionArgumentError(f"--cond {key}={value}: {what} {i} is out of range")
+    return ids
+
+
 def _class_ids(key: str, value: str, names: Sequence[str] | None) -> list[int]:
     """``"3,5"`` or ``"sandal,Bag"`` -> class ids; a name is looked up in ``names`` (exactly,
     else without regard to case where that is unambiguous)."""
@@ -97,7 +105,7 @@ def _class_ids(key: str, value: str, names: Sequence[str] | None) -> list[int]:
             known = ", ".join(names[:20]) + (f", ... ({len(names)} classes)" if len(names) > 20 else "")
             raise ConditionArgumentError(f"--cond {key}={value}: unknown class name {token!r}; the classes are: {known}")
         ids.append(list(names).index(token if token in names else folded[0]))
-    return ids
+    return _int64(key, value, ids, "class id")
 
 
 def parse_conditions(
@@ -125,7 +133,7 @@ def parse_conditions(
         if kind == "class":
             values.setdefault(key, []).extend(_class_ids(key, value, (names or {}).get(key)))
         elif kind == "tokens":
-            ids = _integers(key, value, "token ids")
+            ids = _int64(key, value, _integers(key, value, "token ids"), "token id")
             if not ids:
                 raise ConditionArgumentError(f"--cond {key}=: expected comma-separated token ids, got none")
             values.setdefault(key, []).append(ids)
