@@ -186,15 +186,17 @@ def test_height_and_width_sample_a_non_square_grid(class_checkpoint, tmp_path):
         (["--init-image", "{photo}", "--strength", "0"], "strength must be in (0, 1], got 0.0"),
         (["--strength", "0.5"], "--strength needs --init-image"),
         (["--height", "18"], "size 18x16 is not divisible by the first stage's downsample factor f=4"),
+        (["--init-image", "{folder}"], "--init-image: {folder} is a folder, not an image file"),
     ],
 )
 def test_bad_sampling_inputs_are_one_line(class_checkpoint, tmp_path, args, message):
-    files = {"photo": class_checkpoint / "photo.png", "small_mask": class_checkpoint / "small_mask.png"}
+    files = {"photo": class_checkpoint / "photo.png", "small_mask": class_checkpoint / "small_mask.png",
+             "folder": class_checkpoint}  # fmt: skip
     out = ldmkit("sample", "--checkpoint", str(class_checkpoint / "pipeline"), "sampler.steps=2", "--labels", "1",
                  *[a.format(**files) for a in args], "--out", str(tmp_path / "x.png"), "--no-progress")  # fmt: skip
     assert out.returncode == 1
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert message in out.stderr
+    assert message.format(**files) in out.stderr
     assert not (tmp_path / "x.png").exists()
 
 

@@ -40,6 +40,8 @@ class ConditionArgumentError(LdmkitError, ValueError):
 
 
 def _load_png(path: Path, kind: str, channels: int, flag: str = "--cond") -> torch.Tensor:
+    if path.is_dir():
+        raise ConditionArgumentError(f"{flag}: {path} is a folder, not an image file")
     if not path.is_file():
         raise ConditionArgumentError(f"{flag}: no such file {path}")
     try:
