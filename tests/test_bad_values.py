@@ -756,6 +756,12 @@ ONE_LINE_CASES = {
         r"the latents and images 3.8 TB\); sample fewer images at once \(--batch-size\), decode in tiles "
         r"\(--tile\) or choose a smaller size",
     ),
+    # the sampler's own steps beyond the schedule's T (was "steps must be in [1, 1000]", no key)
+    "sample-steps-beyond-T": (
+        ["sample", "image_size=8", "sampler=plms", "sampler.steps=2000"],
+        r"sampler.steps=2000 is more than the schedule's 1000 timesteps \(schedule.timesteps\): "
+        "give at most 1000",
+    ),
     # the seeds the demo takes
     "seed-negative": (
         ["sample", *SAMPLE, "--seed", "-1"],
