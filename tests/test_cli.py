@@ -200,6 +200,23 @@ def test_bad_sampling_inputs_are_one_line(class_checkpoint, tmp_path, args, mess
     assert not (tmp_path / "x.png").exists()
 
 
+def test_a_16_bit_grayscale_png_reads_as_its_8_bit_twin(tmp_path):
+    """--init-image / --mask of a 16-bit PNG (mode I;16): PIL's convert() clips it at 255,
+    which made nearly every pixel white."""
+    import numpy as np
+
+    from ldmkit.sample_io.conditions import load_image, load_mask
+
+    eight = np.arange(0, 256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(eight).save(tmp_path / "8.png")
+    Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "16.png")
+    assert Image.open(tmp_path / "16.png").mode.startswith("I")
+    for channels in (1, 3):
+        expected = load_image(tmp_path / "8.png", channels=channels, flag="--init-image")
+        assert load_image(tmp_path / "16.png", channels=channels, flag="--init-image").equal(expected)
+    assert load_mask(tmp_path / "16.png", flag="--mask").equal(load_mask(tmp_path / "8.png", flag="--mask"))
+
+
 # -- labels by name, --num-samples per label, --rows --------------------------------------------
 @pytest.fixture(scope="module")
 def named_checkpoint(tmp_path_factory):
