@@ -190,6 +190,10 @@ def test_several_bad_values_are_named_in_one_line(capsys, tmp_path):
             "--guidance-scale must be a number >= 0",
         ),
         ("sample", ["image_size=8", "--num-samples", "0"], "--num-samples must be a whole number >= 1, got 0"),
+        # the flag itself, not "size ... got (0, 0)"
+        ("sample", ["image_size=8", "--height", "0"], "--height must be a whole number >= 1, got 0"),
+        ("sample", ["image_size=8", "--width", "-4"], "--width must be a whole number >= 1, got -4"),
+        ("sample", ["image_size=8", "--image-size", "0"], "--image-size must be a whole number >= 1, got 0"),
         (
             "sample",
             ["conditioner=class_label", "--labels", "abc"],

@@ -243,6 +243,9 @@ SAMPLE_FLAGS = {
 def _sample_size(args: argparse.Namespace, trained: int | None) -> tuple[int, int] | int | None:
     """The size --height, --width and --image-size ask for; one of --height/--width alone
     keeps the other at --image-size, else the ``trained`` size, else the one given."""
+    for flag, side in (("--height", args.height), ("--width", args.width), ("--image-size", args.image_size)):
+        if side is not None and side < 1:
+            raise CLIError(f"{flag} must be a whole number >= 1, got {side}")
     if args.height is None and args.width is None:
         return args.image_size
     base = args.image_size or trained
