@@ -204,6 +204,13 @@ def test_several_bad_values_are_named_in_one_line(capsys, tmp_path):
             ["conditioner=class_label", "--labels", "1,-2"],
             "--labels '1,-2': expected class ids",
         ),
+        # the shorthand named, not the --cond item it stands for
+        ("sample", ["image_size=8", "--labels", "3"], "--labels: the conditioner reads no key 'label'; it reads nothing"),
+        (
+            "sample",
+            ["conditioner=class_label", "--prompt", "a cat"],
+            "--prompt: the conditioner reads no key 'caption'; it reads ['label']",
+        ),
         (  # beyond int64: was an OverflowError traceback
             "sample",
             ["conditioner=class_label", "--labels", "1,99999999999999999999"],

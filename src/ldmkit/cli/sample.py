@@ -170,8 +170,12 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
         if args.mask is not None:
             mask = load_mask(args.mask, flag="--mask")
     except LdmkitError as err:
-        shorthand = f"--cond {key_of('class', 'label')}={args.labels}:"
-        raise CLIError(str(err).replace(shorthand, f"--labels {args.labels!r}:")) from err
+        text = str(err).replace(f"--cond {key_of('class', 'label')}={args.labels}:", f"--labels {args.labels!r}:")
+        for flag, key, given in (("--labels", key_of("class", "label"), args.labels),
+                                 ("--prompt", key_of("text", "caption"), args.prompt)):  # fmt: skip
+            if given and not any(c.partition("=")[0].strip() == key for c in args.cond):
+                text = text.replace(f"--cond {key}=...:", f"{flag}:")  # a key the conditioner does not read
+        raise CLIError(text) from err
     sources = {f"--cond {k}": v for k, v in (batch.pop(SOURCE_KEY, None) or {}).items()}
     for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
         if path is not None:
