@@ -190,6 +190,10 @@ def test_several_bad_values_are_named_in_one_line(capsys, tmp_path):
             "--guidance-scale must be a number >= 0",
         ),
         ("sample", ["image_size=8", "--num-samples", "0"], "--num-samples must be a whole number >= 1, got 0"),
+        # the flag itself, not "size ... got (0, 0)"
+        ("sample", ["image_size=8", "--height", "0"], "--height must be a whole number >= 1, got 0"),
+        ("sample", ["image_size=8", "--width", "-4"], "--width must be a whole number >= 1, got -4"),
+        ("sample", ["image_size=8", "--image-size", "0"], "--image-size must be a whole number >= 1, got 0"),
         (
             "sample",
             ["conditioner=class_label", "--labels", "abc"],
@@ -199,6 +203,18 @@ def test_several_bad_values_are_named_in_one_line(capsys, tmp_path):
             "sample",
             ["conditioner=class_label", "--labels", "1,-2"],
             "--labels '1,-2': expected class ids",
+        ),
+        # the shorthand named, not the --cond item it stands for
+        ("sample", ["image_size=8", "--labels", "3"], "--labels: the conditioner reads no key 'label'; it reads nothing"),
+        (
+            "sample",
+            ["conditioner=class_label", "--prompt", "a cat"],
+            "--prompt: the conditioner reads no key 'caption'; it reads ['label']",
+        ),
+        (  # beyond int64: was an OverflowError traceback
+            "sample",
+            ["conditioner=class_label", "--labels", "1,99999999999999999999"],
+            "--labels '1,99999999999999999999': class id 99999999999999999999 is out of range",
         ),
     ],
 )
@@ -645,6 +661,8 @@ def bad_files(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("bad_files")
     (root / "a_file").write_text("kept\n")
+    (root / "folder.png").mkdir()  # a folder where --out's grid goes
+    (root / "settings.json").mkdir()  # ... where --out settings.png's JSON goes
     ldmkit.compose(overrides=["image_size=8"]).save(root / "identity")  # first_stage=identity
     saved = (root / "identity" / "config.yaml").read_text()
     broken = {
@@ -711,6 +729,15 @@ ONE_LINE_CASES = {
         ["sample", *SAMPLE, "--out", "{root}/a_file.png"],
         "cannot write {root}/a_file/000000.png: {root}/a_file is a file, not a folder",
     ),
+    # a folder where a file goes: refused before sampling (was a traceback after it)
+    "out-is-a-folder": (
+        ["sample", *SAMPLE, "--out", "{root}/folder.png"],
+        "cannot write {root}/folder.png: Is a directory",
+    ),
+    "out-json-is-a-folder": (
+        ["sample", *SAMPLE, "--out", "{root}/settings.png"],
+        "cannot write {root}/settings.json: Is a directory",
+    ),
     # model sizes: a level without channels, a model beyond this machine's memory
     "channel_mult-0": (
         ["train", *LDM_RUN, "denoiser.channel_mult=[1,0]"],
@@ -739,6 +766,12 @@ ONE_LINE_CASES = {
         r"sampling 16 images of 100000x100000 needs 3.8 TB, but .* of memory is available here \(estimated: "
         r"the latents and images 3.8 TB\); sample fewer images at once \(--batch-size\), decode in tiles "
         r"\(--tile\) or choose a smaller size",
+    ),
+    # the sampler's own steps beyond the schedule's T (was "steps must be in [1, 1000]", no key)
+    "sample-steps-beyond-T": (
+        ["sample", "image_size=8", "sampler=plms", "sampler.steps=2000"],
+        r"sampler.steps=2000 is more than the schedule's 1000 timesteps \(schedule.timesteps\): "
+        "give at most 1000",
     ),
     # the seeds the demo takes
     "seed-negative": (

@@ -186,16 +186,35 @@ def test_height_and_width_sample_a_non_square_grid(class_checkpoint, tmp_path):
         (["--init-image", "{photo}", "--strength", "0"], "strength must be in (0, 1], got 0.0"),
         (["--strength", "0.5"], "--strength needs --init-image"),
         (["--height", "18"], "size 18x16 is not divisible by the first stage's downsample factor f=4"),
+        (["--init-image", "{folder}"], "--init-image: {folder} is a folder, not an image file"),
     ],
 )
 def test_bad_sampling_inputs_are_one_line(class_checkpoint, tmp_path, args, message):
-    files = {"photo": class_checkpoint / "photo.png", "small_mask": class_checkpoint / "small_mask.png"}
+    files = {"photo": class_checkpoint / "photo.png", "small_mask": class_checkpoint / "small_mask.png",
+             "folder": class_checkpoint}  # fmt: skip
     out = ldmkit("sample", "--checkpoint", str(class_checkpoint / "pipeline"), "sampler.steps=2", "--labels", "1",
                  *[a.format(**files) for a in args], "--out", str(tmp_path / "x.png"), "--no-progress")  # fmt: skip
     assert out.returncode == 1
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert message in out.stderr
+    assert message.format(**files) in out.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_16_bit_grayscale_png_reads_as_its_8_bit_twin(tmp_path):
+    """--init-image / --mask of a 16-bit PNG (mode I;16): PIL's convert() clips it at 255,
+    which made nearly every pixel white."""
+    import numpy as np
+
+    from ldmkit.sample_io.conditions import load_image, load_mask
+
+    eight = np.arange(0, 256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(eight).save(tmp_path / "8.png")
+    Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "16.png")
+    assert Image.open(tmp_path / "16.png").mode.startswith("I")
+    for channels in (1, 3):
+        expected = load_image(tmp_path / "8.png", channels=channels, flag="--init-image")
+        assert load_image(tmp_path / "16.png", channels=channels, flag="--init-image").equal(expected)
+    assert load_mask(tmp_path / "16.png", flag="--mask").equal(load_mask(tmp_path / "8.png", flag="--mask"))
 
 
 # -- labels by name, --num-samples per label, --rows --------------------------------------------

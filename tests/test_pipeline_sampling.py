@@ -180,6 +180,8 @@ def test_non_square_and_larger_than_trained_sizes(pipe):
     z = pipe.sample({"label": [1]}, size=24, seed=0, return_latents=True)
     assert z.shape == (1, 3, 6, 6)
     assert pipe.sample({"label": [1]}, image_size=(8, 16), seed=0).shape == (1, 3, 8, 16)
+    # latents of odd sides (20 / 4 = 5): the UNet's levels do not halve them evenly
+    assert pipe.sample({"label": [1]}, size=(20, 28), seed=0).shape == (1, 3, 20, 28)
 
 
 def test_size_not_divisible_by_f_is_an_error(pipe):
@@ -201,13 +203,20 @@ def test_size_not_divisible_by_f_is_an_error(pipe):
             r"mask has shape \(1, 1, 8, 8\), but init_image",
         ),
         ({"mask": torch.full((16, 16), 2.0)}, MaskError, r"mask values must be in \[0, 1\]"),
+        # NaN passed the range checks (min/max compare false) and gave NaN images
+        ({"mask": torch.full((16, 16), float("nan"))}, MaskError, r"mask values must be in \[0, 1\]"),
+        (
+            {"init_image": torch.full((1, 3, 16, 16), float("nan"))},
+            SampleArgumentError,
+            r"init_image values must be in \[-1, 1\], got \[nan, nan\]",
+        ),
         ({"size": 32}, SampleArgumentError, "size 32x32 differs from init_image's 16x16"),
     ],
 )
 def test_bad_img2img_and_inpainting_inputs_name_the_argument(kwargs, error, message):
     pipe = make_pipe("ddim", steps=2)
     with pytest.raises(error, match=message):
-        pipe.sample({"label": [1]}, init_image=images_in(1), **kwargs)
+        pipe.sample({"label": [1]}, **{"init_image": images_in(1), **kwargs})
 
 
 def test_inputs_that_need_an_init_image_or_fit_the_first_stage():

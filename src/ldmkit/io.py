@@ -129,9 +129,12 @@ def check_writable(path: str | os.PathLike) -> None:
     """Raise :class:`WriteError` now if the file ``path`` could not be created (its nearest
     existing folder is read-only or not writable), or :class:`NotAFolderError` if a file
     stands where a folder above it has to be, so that a long command fails before its work
-    rather than after it. A full disk is only found when writing."""
+    rather than after it; a folder at ``path`` is :class:`WriteError` (EISDIR). A full disk
+    is only found when writing."""
     target = Path(path)
     check_folder(target.parent, f"cannot write {target}")
+    if target.is_dir():
+        raise WriteError(target, errno.EISDIR)
     existing = target.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

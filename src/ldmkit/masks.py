@@ -69,7 +69,7 @@ def pixel_mask(
         )
     mask = mask.to(device=image.device, dtype=torch.float32)
     lo, hi = float(mask.min()), float(mask.max())
-    if lo < 0 or hi > 1:
+    if not (lo >= 0 and hi <= 1):  # NaN fails both
         raise MaskError(
             f"{name} values must be in [0, 1] (1 = generate, 0 = keep), got [{lo:g}, {hi:g}]"
         )

@@ -231,9 +231,14 @@ class SampleRequest:
         sampler, first_stage = pipeline.sampler, pipeline.first_stage
         f = int(first_stage.downsample_factor)
         self._check_masks(sampler)
-        steps = self.steps
+        steps, timesteps = self.steps, int(pipeline.schedule.timesteps)
         if steps is not None:
-            steps = whole_number(steps, "steps", 1, int(pipeline.schedule.timesteps))
+            steps = whole_number(steps, "steps", 1, timesteps)
+        elif int(getattr(sampler, "steps", 1)) > timesteps:  # the sampler's own, from its config
+            raise SampleArgumentError(
+                f"sampler.steps={sampler.steps} is more than the schedule's {timesteps} timesteps "
+                f"(schedule.timesteps): give at most {timesteps}"
+            )
         if max_samples is not None and self.num_samples is not None:
             whole_number(self.num_samples, "num_samples", 1, max_samples)
         size = self.size
@@ -488,7 +493,7 @@ def _init_images(init_image: Any, first_stage: Any, device: torch.device) -> Ten
             got=got,
         )
     lo, hi = float(x.min()), float(x.max())
-    if lo < -1 - 1e-4 or hi > 1 + 1e-4:
+    if not (lo >= -1 - 1e-4 and hi <= 1 + 1e-4):  # NaN fails both
         raise SampleArgumentError(
             f"{{init_image}} values must be in [-1, 1], got [{lo:g}, {hi:g}] (images in [0, 1] map to [-1, 1] as "
             "x * 2 - 1)"

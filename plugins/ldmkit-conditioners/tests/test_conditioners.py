@@ -47,6 +47,9 @@ def test_bad_labels_and_options_are_named():
     c = ClassLabelConditioner(num_classes=3, embed_dim=4)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 3\); got min 0, max 3"):
         c({"label": [0, 3]})
+    with pytest.raises(ValueError, match=r"class labels must be whole numbers, got \[1.5\]"):
+        c({"label": torch.tensor([1.5])})  # was label 1, silently
+    assert torch.equal(c({"label": torch.tensor([2.0])})["crossattn"], c({"label": [2]})["crossattn"])
     with pytest.raises(KeyError, match=r"ClassLabelConditioner reads batch key 'label'.*\['caption'\]"):
         c({"caption": ["a"]})
     with pytest.raises(ValueError, match="unknown role 'concat'"):

@@ -124,10 +124,11 @@ def test_unit_gaussian_data_matches_closed_form():
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="steps"):
         DDIMSampler(steps=0)
-    with pytest.raises(ValueError, match="eta"):
-        DDIMSampler(eta=-1)
-    with pytest.raises(ValueError, match="eta"):
-        EulerAncestralSampler(eta=-1)
+    for eta in (-1, float("nan"), float("inf")):  # nan: NaN images from ddim, full noise from euler_ancestral
+        with pytest.raises(ValueError, match=f"eta must be a finite number >= 0, got {eta}"):
+            DDIMSampler(eta=eta)
+        with pytest.raises(ValueError, match=f"eta must be a finite number >= 0, got {eta}"):
+            EulerAncestralSampler(eta=eta)
     with pytest.raises(ValueError, match="HeunSampler: unknown timestep spacing 'kerras'"):
         HeunSampler(spacing="kerras")
     schedule = NoiseSchedule()
@@ -327,3 +328,14 @@ def test_karras_chains_equal_kdiffusions(cls):
     out = cls(steps=10, spacing="karras").sample(gaussian_denoiser(schedule, 0.3, 0.7), schedule, z)
     expected = torch.tensor(KDIFFUSION_KARRAS_10[cls], dtype=torch.float64).reshape(4, 1, 1, 1)
     torch.testing.assert_close(out, expected, atol=1e-8, rtol=0)  # measured 2.5e-9
+
+
+@pytest.mark.parametrize("value", [2.0, float("nan")])
+def test_a_latent_mask_outside_zero_one_is_refused(value):
+    """A NaN mask passed the min/max check and made NaN latents."""
+    schedule = NoiseSchedule()
+    with pytest.raises(ValueError, match=r"mask values must be in \[0, 1\]"):
+        DDIMSampler(steps=2).sample(
+            gaussian_denoiser(schedule, 0.0, 1.0), schedule, torch.randn(1, 2, 3, 4),
+            mask=torch.full((1, 1, 3, 4), value), known=torch.zeros(1, 2, 3, 4),
+        )  # fmt: skip

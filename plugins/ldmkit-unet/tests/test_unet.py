@@ -96,6 +96,21 @@ def test_tiny_config_composes_and_runs_fast(role):
     assert min(timings) < 1.0, f"unet_tiny forward took {min(timings):.2f} s"
 
 
+@pytest.mark.parametrize("resblock_updown", [False, True])
+@pytest.mark.parametrize("conv_resample", [False, True])
+def test_latents_that_the_levels_do_not_halve_evenly(resblock_updown, conv_resample):
+    """An odd latent side (5 or 7 under a level that halves it) is upsampled to the size
+    of the skip it meets, as diffusers' UNet does (``upsample_size``): the output has the
+    input's size (sizes that do halve evenly are the frozen references of test_reference.py)."""
+    torch.manual_seed(0)
+    unet = UNetModel(in_channels=2, out_channels=2, model_channels=32, channel_mult=(1, 1), num_res_blocks=1,
+                     attention_resolutions=(2,), num_head_channels=16, resblock_updown=resblock_updown,
+                     conv_resample=conv_resample)  # fmt: skip
+    with torch.no_grad():
+        for h, w in [(5, 7), (6, 10), (7, 9)]:
+            assert unet(torch.randn(1, 2, h, w), torch.tensor([10])).shape == (1, 2, h, w)
+
+
 # -- conditioning paths ---------------------------------------------------------------------
 
 

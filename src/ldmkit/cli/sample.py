@@ -108,9 +108,10 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
         return 0
     from ldmkit.io import check_writable
 
-    # a read-only --out, or a file where its folders go, fails before sampling, not after
-    check_writable(args.out)
-    check_writable(args.out.parent / args.out.stem / "000000.png")
+    # a read-only --out, a file where its folders go or a folder where its files go fails
+    # before sampling, not after
+    for path in (args.out, args.out.with_suffix(".json"), args.out.parent / args.out.stem / "000000.png"):
+        check_writable(path)
 
     from tqdm.auto import tqdm
 
@@ -169,8 +170,12 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
         if args.mask is not None:
             mask = load_mask(args.mask, flag="--mask")
     except LdmkitError as err:
-        shorthand = f"--cond {key_of('class', 'label')}={args.labels}:"
-        raise CLIError(str(err).replace(shorthand, f"--labels {args.labels!r}:")) from err
+        text = str(err).replace(f"--cond {key_of('class', 'label')}={args.labels}:", f"--labels {args.labels!r}:")
+        for flag, key, given in (("--labels", key_of("class", "label"), args.labels),
+                                 ("--prompt", key_of("text", "caption"), args.prompt)):  # fmt: skip
+            if given and not any(c.partition("=")[0].strip() == key for c in args.cond):
+                text = text.replace(f"--cond {key}=...:", f"{flag}:")  # a key the conditioner does not read
+        raise CLIError(text) from err
     sources = {f"--cond {k}": v for k, v in (batch.pop(SOURCE_KEY, None) or {}).items()}
     for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
         if path is not None:
@@ -242,6 +247,9 @@ SAMPLE_FLAGS = {
 def _sample_size(args: argparse.Namespace, trained: int | None) -> tuple[int, int] | int | None:
     """The size --height, --width and --image-size ask for; one of --height/--width alone
     keeps the other at --image-size, else the ``trained`` size, else the one given."""
+    for flag, side in (("--height", args.height), ("--width", args.width), ("--image-size", args.image_size)):
+        if side is not None and side < 1:
+            raise CLIError(f"{flag} must be a whole number >= 1, got {side}")
     if args.height is None and args.width is None:
         return args.image_size
     base = args.image_size or trained

@@ -100,7 +100,7 @@ def check_mask(mask: Tensor | None, known: Tensor | None, z: Tensor) -> None:
             f"mask of shape {tuple(mask.shape)} does not broadcast to {tuple(z.shape)}"
         ) from err
     lo, hi = float(mask.min()), float(mask.max())
-    if lo < 0 or hi > 1:
+    if not (lo >= 0 and hi <= 1):  # NaN fails both
         raise ValueError(
             f"mask values must be in [0, 1] (1 = generate, 0 = keep), got [{lo}, {hi}]"
         )

@@ -40,6 +40,8 @@ class ConditionArgumentError(LdmkitError, ValueError):
 
 
 def _load_png(path: Path, kind: str, channels: int, flag: str = "--cond") -> torch.Tensor:
+    if path.is_dir():
+        raise ConditionArgumentError(f"{flag}: {path} is a folder, not an image file")
     if not path.is_file():
         raise ConditionArgumentError(f"{flag}: no such file {path}")
     try:
@@ -53,6 +55,9 @@ def _load_png(path: Path, kind: str, channels: int, flag: str = "--cond") -> tor
                 f"{flag}: {path} is a {image.mode} image; a class map is a one-channel PNG of class ids (mode L or P)"
             )
         return torch.from_numpy(np.array(image, dtype=np.int64))
+    # a 16-bit grayscale PNG (mode I;16, or I in older Pillow): convert() would clip it at 255
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
     if kind == "mask":
         gray = np.asarray(image.convert("L"), dtype=np.uint8)
         return torch.from_numpy((gray > 127).astype(np.float32))[None]
@@ -79,6 +84,14 @@ def _integers(key: str, value: str, what: str) -> list[int]:
         raise ConditionArgumentError(f"--cond {key}={value}: expected comma-separated {what}") from None
 
 
+def _int64(key: str, value: str, ids: list[int], what: str) -> list[int]:
+    """``ids`` when each fits the int64 tensor they become (a larger one is out of any range)."""
+    for i in ids:
+        if not -(2**63) <= i < 2**63:
+            raise ConditionArgumentError(f"--cond {key}={value}: {what} {i} is out of range")
+    return ids
+
+
 def _class_ids(key: str, value: str, names: Sequence[str] | None) -> list[int]:
     """``"3,5"`` or ``"sandal,Bag"`` -> class ids; a name is looked up in ``names`` (exactly,
     else without regard to case where that is unambiguous)."""
@@ -97,7 +110,7 @@ def _class_ids(key: str, value: str, names: Sequence[str] | None) -> list[int]:
             known = ", ".join(names[:20]) + (f", ... ({len(names)} classes)" if len(names) > 20 else "")
             raise ConditionArgumentError(f"--cond {key}={value}: unknown class name {token!r}; the classes are: {known}")
         ids.append(list(names).index(token if token in names else folded[0]))
-    return ids
+    return _int64(key, value, ids, "class id")
 
 
 def parse_conditions(
@@ -125,7 +138,7 @@ def parse_conditions(
         if kind == "class":
             values.setdefault(key, []).extend(_class_ids(key, value, (names or {}).get(key)))
         elif kind == "tokens":
-            ids = _integers(key, value, "token ids")
+            ids = _int64(key, value, _integers(key, value, "token ids"), "token id")
             if not ids:
                 raise ConditionArgumentError(f"--cond {key}=: expected comma-separated token ids, got none")
             values.setdefault(key, []).append(ids)

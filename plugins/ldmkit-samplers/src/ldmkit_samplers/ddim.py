@@ -6,6 +6,8 @@ With ``spacing="paper"`` this is the paper's ``DDIMSampler`` step for step (its 
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 from ldmkit.diffusion import DiscreteSampler, DiscreteStep
@@ -20,8 +22,8 @@ class DDIMSampler(DiscreteSampler):
 
     def __init__(self, *, steps: int = 50, eta: float = 0.0, spacing: str | None = None) -> None:
         super().__init__(steps=steps, spacing=spacing)
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        if not (math.isfinite(eta) and eta >= 0):  # nan passed `eta < 0`: NaN images
+            raise ValueError(f"eta must be a finite number >= 0, got {eta}")
         self.eta = eta
 
     def step(self, s: DiscreteStep) -> Tensor:

@@ -43,8 +43,8 @@ class EulerAncestralSampler(SigmaSampler):
         quantize: bool = False,
     ) -> None:
         super().__init__(steps=steps, spacing=spacing, quantize=quantize)
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        if not (math.isfinite(eta) and eta >= 0):  # nan passed `eta < 0`: NaN images
+            raise ValueError(f"eta must be a finite number >= 0, got {eta}")
         self.eta = eta
 
     def step(self, s: SigmaStep) -> Tensor:

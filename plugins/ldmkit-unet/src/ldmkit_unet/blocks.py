@@ -9,6 +9,8 @@ of the reference code (``in_layers.{0,2}``, ``emb_layers.1``, ``out_layers.{0,3}
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -21,7 +23,8 @@ __all__ = ["AttentionBlock", "Downsample", "ResBlock", "TimestepEmbedSequential"
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling, then (``use_conv``) a 3x3 convolution."""
+    """Nearest-neighbour 2x upsampling (to ``size`` when given: the skip an odd side meets),
+    then (``use_conv``) a 3x3 convolution."""
 
     def __init__(self, channels: int, *, use_conv: bool, out_channels: int | None = None) -> None:
         super().__init__()
@@ -34,8 +37,11 @@ class Upsample(nn.Module):
         else:
             self.conv = None
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    def forward(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:  # diffusers' upsample_size: 2x of an odd side is one too many
+            x = F.interpolate(x, size=tuple(size), mode="nearest")
         return x if self.conv is None else self.conv(x)
 
 
@@ -115,13 +121,15 @@ class ResBlock(nn.Module):
         else:
             self.skip_connection = nn.Conv2d(channels, out_channels, 1)
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        return maybe_checkpoint(self.use_checkpoint, self._forward, x, emb)
+    def forward(self, x: Tensor, emb: Tensor, size: Sequence[int] | None = None) -> Tensor:
+        return maybe_checkpoint(self.use_checkpoint, self._forward, x, emb, size)
 
-    def _forward(self, x: Tensor, emb: Tensor) -> Tensor:
+    def _forward(self, x: Tensor, emb: Tensor, size: Sequence[int] | None = None) -> Tensor:
         norm_in, _, conv_in = self.in_layers
         h = F.silu(norm_in(x))
-        if self.updown:
+        if isinstance(self.h_upd, Upsample):
+            h, x = self.h_upd(h, size), self.x_upd(x, size)
+        elif self.updown:
             h, x = self.h_upd(h), self.x_upd(x)
         h = conv_in(h)
 
@@ -182,10 +190,15 @@ class AttentionBlock(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """A sequence of UNet layers; ResBlocks get the embedding, transformers the context."""
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None = None) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, x: Tensor, emb: Tensor, context: Tensor | None = None, size: Sequence[int] | None = None
+    ) -> Tensor:
+        """``size``: the output size of an upsampling layer (the next skip's), else 2x."""
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x = layer(x, emb, size)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
             else:

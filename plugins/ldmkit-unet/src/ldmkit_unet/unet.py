@@ -305,7 +305,9 @@ class UNetModel(Denoiser):
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = torch.cat([h, skips.pop()], dim=1)
+            # an upsampling block ends at the next skip's size: odd sides (a latent of 20 / 4 = 5) too
+            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)
 
     def _context(self, cond: Mapping[str, Tensor], batch: int) -> Tensor | None:
