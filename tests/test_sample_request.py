@@ -98,6 +98,25 @@ def test_the_cli_and_the_demo_refuse_a_bad_argument_with_one_text(
     assert str(page.value).startswith(f"{PAGE_NAMES.get(argument, argument)} ")
 
 
+def test_every_sample_seed_stays_in_range_so_each_can_be_redrawn_alone(checkpoint, tmp_path):
+    """Sample i uses seed + i. Before: ``--seed 4294967295 --labels 0,1,2`` drew samples from
+    seeds 4294967296 and 4294967297, which ``--seed`` then refused to take to redraw them."""
+    pipeline = Pipeline.load(checkpoint / "pipeline")
+    SampleRequest({"label": [0, 1, 2]}, seed=4294967293).validate(pipeline)  # the last one fits
+    with pytest.raises(SampleArgumentError) as err:
+        SampleRequest({"label": [0, 1, 2]}, seed=4294967294).validate(pipeline)
+    assert str(err.value) == (
+        "seed=4294967294 for 3 samples: sample i uses seed + i, which must stay at most "
+        "4294967295; use a seed of at most 4294967293"
+    )
+    out = ldmkit_cli("sample", "--checkpoint", str(checkpoint / "pipeline"), "--labels", "0,1,2",
+                     "--seed", "4294967295", "--out", str(tmp_path / "s.png"), "--no-progress")  # fmt: skip
+    assert out.returncode == 1 and out.stderr.strip() == (
+        "ldmkit sample: error: --seed=4294967295 for 3 samples: sample i uses seed + i, which must "
+        "stay at most 4294967295; use a seed of at most 4294967293"
+    ), out.stderr
+
+
 def test_values_are_checked_and_normalized_when_the_request_is_made():
     request = SampleRequest({"label": [1]}, seed=3.0, num_samples=1.0, size=16, guidance_scale=2, tile=8)
     assert (request.seed, request.num_samples, request.size, request.guidance_scale) == (3, 1, (16, 16), 2.0)

@@ -108,7 +108,7 @@ class SampleRequest:
         first stage's posterior sample of ``init_image``) from its own generator seeded
         ``seed + i`` (:func:`ldmkit.diffusion.sample_generators`), so ``seed=s + 2``
         reproduces sample 2 of ``seed=s`` and no result depends on the batch it was drawn
-        in. A whole number from 0 to 4294967295 (``SEED_LIMIT - 1``).
+        in. A whole number from 0 to 4294967295 (``SEED_LIMIT - 1``), and so is ``seed + i``.
     :param generator: instead of ``seed``: one ``torch.Generator`` for the whole call (the
         result then depends on the batch) or a list of one per sample.
     :param noise: the starting noise z_T (B×c×h×w) instead of drawing it.
@@ -249,6 +249,12 @@ class SampleRequest:
         if images is not None and num_samples is None and not pipeline.conditioner.input_keys:
             num_samples = images.shape[0]
         n = _count(pipeline.conditioner, self.batch, num_samples)
+        if self.seed is not None and self.seed + n > SEED_LIMIT:  # sample i could not be redrawn alone
+            raise SampleArgumentError(
+                "{seed}={seed_value} for {n} samples: sample i uses seed + i, which must stay at "
+                "most {top}; use a seed of at most {highest}",
+                seed_value=self.seed, n=n, top=SEED_LIMIT - 1, highest=SEED_LIMIT - n,
+            )
         if images is not None:
             h, w = images.shape[-2:]
             if images.shape[0] not in (1, n):

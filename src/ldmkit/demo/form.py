@@ -193,7 +193,7 @@ def prepare(
     if page.randomize_seed:
         import random
 
-        seed = (rng or random.SystemRandom()).randrange(SEED_LIMIT)
+        seed = (rng or random.SystemRandom()).randrange(SEED_LIMIT - MAX_IMAGES)  # seed + i fits too
     else:
         seed = _required(page.seed, "seed")
     with _page_names():
