@@ -418,3 +418,33 @@ def test_identity_reconstruction_equals_the_input():
     fs = get_registry().create("first_stage", "identity")
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     torch.testing.assert_close(fs.decode(fs.encode(x)), x, atol=0, rtol=0)
+
+
+class SamplingEncoder(Pooling):
+    """Claims a deterministic encode (a KL posterior's mean, say) but adds noise to it."""
+
+    def encode(self, x):
+        z = super().encode(x)
+        return z + 0.5 * torch.randn_like(z)
+
+
+def test_an_encoder_declared_deterministic_that_samples_fails():
+    with pytest.raises(AssertionError, match="deterministic_encode"):
+        run_check(FirstStageConformance, "test_encode_is_deterministic",
+                  make_first_stage=lambda self: SamplingEncoder(), deterministic_encode=True)  # fmt: skip
+    run_check(FirstStageConformance, "test_encode_is_deterministic",
+              make_first_stage=lambda self: Pooling(), deterministic_encode=True)  # fmt: skip
+
+
+def test_a_kl_first_stage_encodes_deterministically_in_mode_only():
+    if "kl" not in get_registry().names("first_stage"):
+        pytest.skip("first stage 'kl' is not installed")
+
+    def kl(mode):
+        return lambda self: get_registry().create("first_stage", "kl", **TINY_AUTOENCODER, encode_mode=mode)
+
+    run_check(FirstStageConformance, "test_encode_is_deterministic", make_first_stage=kl("mode"),
+              deterministic_encode=True)  # fmt: skip
+    with pytest.raises(AssertionError):
+        run_check(FirstStageConformance, "test_encode_is_deterministic", make_first_stage=kl("sample"),
+                  deterministic_encode=True)  # fmt: skip

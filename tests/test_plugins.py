@@ -188,3 +188,73 @@ def test_temporary_plugin_context_manager_unregisters(fresh_plugins):
 def test_unknown_component_lists_registered_names(fresh_plugins):
     with pytest.raises(RegistryError, match=r"unknown sampler 'dimm'; registered samplers: .*ddim"):
         get_registry().get("sampler", "dimm")
+
+
+def test_entry_point_name_taken_by_another_distribution_is_reported_and_both_named(site):
+    """A third party naming its entry point `samplers` must not silently displace
+    ldmkit-samplers (or be silently dropped): it is reported, naming both distributions."""
+    make_distribution(site, "ldmkit-mine", "1.0", {"samplers": "namesake_plugin"},
+                      {"namesake_plugin": GOOD.format(name="mine")})
+    with pytest.warns(PluginLoadWarning) as caught:
+        registry = get_registry()
+    message = " ".join(str(w.message) for w in caught)
+    assert "'samplers'" in message and "ldmkit-mine 1.0" in message and "ldmkit-samplers 0.1.0" in message
+    # the first on sys.path keeps the name (here the test's site, prepended); the other is broken
+    assert registry.names("sampler") == ["mine"]
+    rows = get_plugin_manager().plugin_report()
+    assert [row["status"] for row in rows if row["distribution"] == "ldmkit-samplers"] == ["broken"]
+
+
+def test_entry_point_name_clash_is_fatal_in_strict_mode(site, monkeypatch):
+    make_distribution(site, "ldmkit-mine", "1.0", {"samplers": "namesake_plugin"},
+                      {"namesake_plugin": GOOD.format(name="mine")})
+    monkeypatch.setenv("LDMKIT_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match=r"'samplers'.*ldmkit-samplers 0.1.0.*already registered by ldmkit-mine 1.0"):
+        get_registry()
+
+
+CONFIG_ROOT_PLUGIN = """
+import ldmkit
+
+@ldmkit.hookimpl
+def ldmkit_register_configs(register):
+    register({root!r})
+"""
+
+
+@pytest.mark.parametrize("root", ["/no/such/conf_dir", "pkg://no_such_package_xyz.conf"])
+def test_config_root_that_is_missing_is_reported_and_others_load(site, root):
+    """A plugin whose conf/ did not ship (or whose pkg:// names no package) is a broken plugin,
+    named with its distribution; composing with the other plugins still works."""
+    from ldmkit.config import compose_config
+
+    make_distribution(site, "ldmkit-noconf", "1.0", {"noconf": "noconf_plugin"},
+                      {"noconf_plugin": CONFIG_ROOT_PLUGIN.format(root=root)})
+    with pytest.warns(PluginLoadWarning, match=r"ldmkit-noconf 1.0.*ldmkit_register_configs.*not a"):
+        cfg = compose_config(["sampler=ddim"])
+    assert cfg.sampler.name == "ddim"
+    rows = get_plugin_manager().plugin_report()
+    assert [row["status"] for row in rows if row["distribution"] == "ldmkit-noconf"] == ["broken"]
+
+
+def test_config_root_that_is_missing_is_fatal_in_strict_mode(site, monkeypatch):
+    make_distribution(site, "ldmkit-noconf", "1.0", {"noconf": "noconf_plugin"},
+                      {"noconf_plugin": CONFIG_ROOT_PLUGIN.format(root="/no/such/conf_dir")})
+    monkeypatch.setenv("LDMKIT_STRICT_PLUGINS", "1")
+    with pytest.raises(PluginError, match=r"ldmkit-noconf 1.0.*not a directory"):
+        get_plugin_manager().config_roots()
+
+
+def test_pkg_config_root_of_a_namespace_folder_lists_its_groups(site):
+    """`register("pkg://my_plugin.conf")` where conf/ has no __init__.py (as in the docs' layout):
+    its groups are listed and its options take part in the clash check."""
+    package = site / "nsconf_plugin"
+    (package / "conf" / "sampler").mkdir(parents=True)
+    (package / "__init__.py").write_text(CONFIG_ROOT_PLUGIN.format(root="pkg://nsconf_plugin.conf"))
+    (package / "conf" / "sampler" / "ddim.yaml").write_text("name: ddim\n")
+    make_distribution(site, "ldmkit-nsconf", "1.0", {"nsconf": "nsconf_plugin"}, {})
+    rows = get_plugin_manager().plugin_report()
+    row = next(row for row in rows if row["distribution"] == "ldmkit-nsconf")
+    assert row["config_groups"] == {"sampler": ["ddim"]}
+    clashes = get_plugin_manager().config_option_clashes()
+    assert any("sampler=ddim is shipped twice" in c and "ldmkit-nsconf 1.0" in c for c in clashes)

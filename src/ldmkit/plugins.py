@@ -104,9 +104,15 @@ class PluginManager:
                 seen.add((ep.name, ep.value))
                 if only and ep.name not in only and dist_name not in only:
                     continue
-                if self.pm.get_plugin(ep.name) is not None or ep.name in self.infos:
-                    continue
                 info = PluginInfo(ep.name, dist_name, version, ep.value)
+                if self.pm.get_plugin(ep.name) is not None or ep.name in self.infos:
+                    # another distribution's entry point has this name: loading the second
+                    # silently (or not at all) would depend on the order of sys.path
+                    holder = self.infos.get(ep.name)
+                    by = f" by {holder.label} (entry point {holder.module})" if holder else ""
+                    clash = PluginError(f"the plugin name {ep.name!r} is already registered{by}; rename the entry point")
+                    self._report_broken(info, clash)
+                    continue
                 try:
                     plugin = ep.load()
                     self._register(plugin, info)
@@ -255,15 +261,21 @@ class PluginManager:
                 info.config_roots = []
             for impl in self._impls("ldmkit_register_configs"):
                 info = self.infos.get(impl.plugin_name)
+                registered: list[str] = []
 
-                def register(path, _info=info, _plugin=impl.plugin_name):
-                    root = _search_path_entry(path, _plugin)
-                    if root not in roots:
-                        roots.append(root)
-                    if _info is not None:
-                        _info.config_roots.append(root)
+                def register(path, _registered=registered, _plugin=impl.plugin_name):
+                    _registered.append(_search_path_entry(path, _plugin))
 
-                impl.function(register=register)
+                try:
+                    impl.function(register=register)
+                except Exception as err:  # noqa: BLE001 - reported like an import failure
+                    self._forget(impl.plugin_name)
+                    self._registry, self._registered, self._config_keys = None, None, None
+                    self._report_broken(info or PluginInfo(impl.plugin_name), err, during="ldmkit_register_configs")
+                    continue
+                roots += [root for root in registered if root not in roots]
+                if info is not None:
+                    info.config_roots += registered
             self._config_roots = roots
         return self._config_roots
 
@@ -443,6 +455,9 @@ def config_options(directory: Path) -> list[str]:
 def _search_path_entry(path: Any, plugin: str) -> str:
     text = str(path)
     if text.startswith("pkg://"):
+        directory = root_directory(text)
+        if directory is None or not directory.is_dir():
+            raise PluginError(f"plugin {plugin!r} registered config root {text!r}, which is not a package folder")
         return text
     if text.startswith("file://"):
         text = text[len("file://") :]
@@ -456,12 +471,14 @@ def root_directory(root: str) -> Path | None:
     """The folder a search-path entry (``file://`` or ``pkg://``) points at."""
     if root.startswith("file://"):
         return Path(root[len("file://") :])
-    import importlib.resources
+    import importlib.util
 
-    try:
-        return Path(str(importlib.resources.files(root[len("pkg://") :].replace("/", "."))))
-    except (ModuleNotFoundError, TypeError):
+    try:  # a regular package or a namespace folder (a conf/ without __init__.py)
+        spec = importlib.util.find_spec(root[len("pkg://") :].replace("/", "."))
+    except (ImportError, ValueError):
         return None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(locations[0]) if locations else None
 
 
 _root_directory = root_directory  # the name tests and older callers import

@@ -84,12 +84,15 @@ class FirstStageConformance:
     constant, the encoder's latent depends on the image, and ``decode(encode(x))`` follows
     ``x``. Set ``min_reconstruction_correlation`` (the Pearson correlation of
     ``decode(encode(x))`` with ``x``) when ``make_first_stage`` returns a trained or lossless
-    one: 0.999 for an identity, about 0.9 for a pretrained KL-f8.
+    one: 0.999 for an identity, about 0.9 for a pretrained KL-f8. Set ``deterministic_encode``
+    when ``encode`` should not draw noise (a KL posterior's mean, ``encode_mode=mode``; VQ's
+    pre-quantization latent): two encodes in eval mode under different RNG seeds must agree.
     """
 
     image_size: int = 16
     batch_size: int = 2
     min_reconstruction_correlation: float | None = None
+    deterministic_encode: bool = False
 
     def make_first_stage(self) -> FirstStage:
         raise NotImplementedError("implement make_first_stage() in your test class")
@@ -171,6 +174,21 @@ class FirstStageConformance:
                 f"decode(encode(x)) correlates {corr:.4f} with x, below "
                 f"min_reconstruction_correlation = {self.min_reconstruction_correlation}"
             )
+
+    def test_encode_is_deterministic(self):
+        if not self.deterministic_encode:
+            pytest.skip("deterministic_encode is not set: encode may sample")
+        fs = self.make_first_stage().eval()
+        x = self._images(fs)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            runs = []
+            for seed in (0, 1):
+                torch.manual_seed(seed)
+                runs.append(fs.encode(x))
+        assert torch.equal(runs[0], runs[1]), (
+            "encode(x) differs between two calls under different RNG seeds, but the test class "
+            "sets deterministic_encode = True"
+        )
 
     def test_latent_shape_rejects_indivisible_sizes(self):
         fs = self.make_first_stage()
