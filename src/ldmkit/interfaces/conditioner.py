@@ -38,6 +38,7 @@ A complete minimal plugin (a learned embedding per class, as cross-attention tok
 
     class ClassTokens(Conditioner):
         input_keys = ("label",)
+        input_kinds = {"label": "class"}
 
         def __init__(self, *, num_classes: int = 10, embed_dim: int = 32):
             super().__init__()
@@ -47,11 +48,11 @@ A complete minimal plugin (a learned embedding per class, as cross-attention tok
             self.null_index = num_classes
 
         def forward(self, batch):
-            labels = torch.as_tensor(batch["label"], device=self.embedding.weight.device)
+            labels = torch.as_tensor(self.read(batch, "label"), device=self.embedding.weight.device)
             return {"crossattn": self.embedding(labels)[:, None, :]}
 
         def unconditional(self, batch):
-            n = len(batch["label"])
+            n = len(self.read(batch, "label"))
             idx = torch.full((n,), self.null_index, device=self.embedding.weight.device)
             return {"crossattn": self.embedding(idx)[:, None, :]}
 

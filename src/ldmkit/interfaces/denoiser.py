@@ -10,7 +10,8 @@ It declares ``in_channels`` (latent channels + concat channels), ``out_channels`
 ``vector_dim`` (the ``vector`` dim, None if none). Configs may set any of these to
 ``auto``; composition fills them from the first stage and the conditioner.
 
-A complete minimal plugin (a 3x3 convolution that ignores t and the condition)::
+A complete minimal plugin (a 3x3 convolution plus a bias learned from t; it reads only the
+``concat`` condition)::
 
     from torch import nn
     import ldmkit
@@ -25,9 +26,11 @@ A complete minimal plugin (a 3x3 convolution that ignores t and the condition)::
             self.in_channels, self.out_channels = in_channels, out_channels
             self.context_dim, self.vector_dim = context_dim, vector_dim
             self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+            self.time = nn.Linear(1, out_channels)  # a denoiser must depend on t
 
         def forward(self, z_t, t, cond):
-            return self.conv(self.concat_condition(z_t, cond))
+            bias = self.time(t.float()[:, None] / 1000)[:, :, None, None]
+            return self.conv(self.concat_condition(z_t, cond)) + bias
 
     @ldmkit.hookimpl
     def ldmkit_register_denoisers(register):

@@ -1,0 +1,58 @@
+"""The "complete minimal plugin" in each interface's docstring is complete: it runs as
+written and passes that interface's conformance mixin from ``ldmkit.testing`` (a newcomer
+copies it first)."""
+
+from __future__ import annotations
+
+import textwrap
+
+import torch
+
+from ldmkit.interfaces import conditioner, denoiser, first_stage
+from ldmkit.testing import ConditionerConformance, DenoiserConformance, FirstStageConformance
+
+
+def example(module) -> dict:
+    """The names the docstring's ``::`` block defines, executed as written."""
+    block = module.__doc__.split("::\n", 1)[1]
+    lines = []
+    for line in block.splitlines():
+        if line.strip() and not line.startswith("    "):
+            break  # the prose after the block
+        lines.append(line)
+    namespace: dict = {}
+    exec(compile(textwrap.dedent("\n".join(lines)), f"{module.__name__} docstring", "exec"), namespace)
+    return namespace
+
+
+CONDITIONER, DENOISER, FIRST_STAGE = example(conditioner), example(denoiser), example(first_stage)
+
+
+class TestConditionerExample(ConditionerConformance):
+    def make_conditioner(self):
+        return CONDITIONER["ClassTokens"](num_classes=4, embed_dim=8)
+
+    def make_batch(self, n):
+        return {"label": torch.arange(n) % 4}
+
+
+class TestDenoiserExample(DenoiserConformance):
+    def make_denoiser(self):
+        return DENOISER["ConvDenoiser"](in_channels=4, out_channels=4)
+
+
+class TestFirstStageExample(FirstStageConformance):
+    deterministic_encode = True
+
+    def make_first_stage(self):
+        return FIRST_STAGE["Pool2"](latent_channels=3)
+
+
+def test_each_example_registers_its_plugin():
+    registered = {}
+    for namespace, hook in ((CONDITIONER, "ldmkit_register_conditioners"),
+                            (DENOISER, "ldmkit_register_denoisers"),
+                            (FIRST_STAGE, "ldmkit_register_first_stages")):  # fmt: skip
+        namespace[hook](register=lambda name, cls: registered.__setitem__(name, cls))
+    assert registered == {"class_tokens": CONDITIONER["ClassTokens"], "conv": DENOISER["ConvDenoiser"],
+                          "pool2": FIRST_STAGE["Pool2"]}  # fmt: skip
