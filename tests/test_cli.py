@@ -59,6 +59,17 @@ def test_print_config_applies_overrides():
     assert "steps: 7" in out.stdout and "name: ddim" in out.stdout
 
 
+def test_a_reader_that_goes_away_ends_the_output_quietly():
+    """``ldmkit ... --print-config | head -2``: before, a BrokenPipeError traceback once head
+    had exited; now the command stops as cat does (status 141, a death by SIGPIPE)."""
+    exe = Path(sys.executable).with_name("ldmkit")
+    proc = subprocess.Popen([str(exe), "sample", "--print-config"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc.stdout.close()  # the reader is gone before anything is written
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 141 and stderr == "", stderr
+
+
 def test_unknown_option_is_one_clear_line():
     out = ldmkit("sample", "sampler=dimm")
     assert out.returncode == 1

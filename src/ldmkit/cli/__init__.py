@@ -18,6 +18,7 @@ that ``ldmkit.cli.train`` & co. stay modules, not the functions of the same name
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from collections.abc import Sequence
 
@@ -68,6 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ldmkit {name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of stdout went away (`ldmkit ... --print-config | head`): stop quietly, as
+        # cat does; stdout goes to /dev/null so the flush at exit does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # what a death by SIGPIPE reports
     except Exception as err:
         # a read-only or full disk, wherever the write was: one line naming the path
         problem = as_write_error(err)
