@@ -732,11 +732,11 @@ ONE_LINE_CASES = {
     # a folder where a file goes: refused before sampling (was a traceback after it)
     "out-is-a-folder": (
         ["sample", *SAMPLE, "--out", "{root}/folder.png"],
-        "cannot write {root}/folder.png: Is a directory",
+        "cannot write {root}/folder.png: it is a folder; name a file",
     ),
     "out-json-is-a-folder": (
         ["sample", *SAMPLE, "--out", "{root}/settings.png"],
-        "cannot write {root}/settings.json: Is a directory",
+        "cannot write {root}/settings.json: it is a folder; name a file",
     ),
     # model sizes: a level without channels, a model beyond this machine's memory
     "channel_mult-0": (

@@ -657,6 +657,27 @@ def test_an_upload_larger_than_the_demo_takes_is_one_line(server, tmp_path, kind
         assert response.status_code == 413
 
 
+@pytest.mark.slow  # a few seconds on the shared server
+def test_an_upload_that_is_no_image_is_one_line(server, tmp_path):
+    """Gradio decodes the start image and the mask before the page's check runs: a file PIL
+    cannot read is the page's one line naming the input and the file as uploaded (not the
+    bare "Error" of a failed preprocess, nor the upload's path on the server)."""
+    page = _Page(server.url)
+    notes, truncated, fine = tmp_path / "notes.png", tmp_path / "cut.png", tmp_path / "ok.png"
+    notes.write_text("not an image")
+    Image.new("RGB", (8, 8)).save(fine)
+    truncated.write_bytes(fine.read_bytes()[:40])
+    done = page.run("check", {"ldmkit-init-image": _editor(page.upload(notes))})
+    assert not done["success"]
+    assert done["output"]["error"] == "start image: cannot read notes.png as an image: cannot identify image file 'notes.png'"
+    done = page.run(
+        "check", {"ldmkit-init-image": _editor(page.upload(fine)), "ldmkit-init-mask": page.upload(truncated)}
+    )
+    assert not done["success"]
+    assert done["output"]["error"].startswith("mask: cannot read cut.png as an image: ")
+    assert str(server.tmp) not in done["output"]["error"]
+
+
 @pytest.mark.slow
 def test_input_checks_run_a_few_at_a_time(server):
     from ldmkit.demo.form import MAX_CHECKS

@@ -30,6 +30,7 @@ WRITE_FAILURES = {
     errno.EFBIG: "file too large (the file size limit, `ulimit -f`, was reached)",
     errno.EACCES: "permission denied",
     errno.EPERM: "operation not permitted",
+    errno.EISDIR: "it is a folder",
 }
 
 
@@ -126,15 +127,14 @@ def check_folder(folder: str | os.PathLike, label: str) -> None:
 
 
 def check_writable(path: str | os.PathLike) -> None:
-    """Raise :class:`WriteError` now if the file ``path`` could not be created (its nearest
-    existing folder is read-only or not writable), or :class:`NotAFolderError` if a file
-    stands where a folder above it has to be, so that a long command fails before its work
-    rather than after it; a folder at ``path`` is :class:`WriteError` (EISDIR). A full disk
-    is only found when writing."""
+    """Raise :class:`WriteError` now if the file ``path`` could not be created (it is a
+    folder, or its nearest existing folder is read-only or not writable), or
+    :class:`NotAFolderError` if a file stands where a folder above it has to be, so that a long
+    command fails before its work rather than after it. A full disk is only found when writing."""
     target = Path(path)
     check_folder(target.parent, f"cannot write {target}")
     if target.is_dir():
-        raise WriteError(target, errno.EISDIR)
+        raise WriteError(target, errno.EISDIR, "name a file")
     existing = target.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

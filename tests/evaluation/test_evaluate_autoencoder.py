@@ -103,3 +103,35 @@ def test_classifier_training_writes_a_loadable_model(tmp_path):
     assert 0.0 <= summary["test_accuracy"] <= 1.0
     model = load_classifier(tmp_path / "c.safetensors")
     assert model.features(torch.zeros(2, 3, 28, 28)).shape == (2, 128)
+
+
+def test_images_smaller_than_the_ssim_window_skip_ssim_with_the_reason(trained_run, tmp_path):
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    cfg = compose_config(["stage=autoencoder", f"run_dir={trained_run}", "eval.fid_features=none",
+                          "eval.lpips=false", f"eval.output={tmp_path / 'r.json'}"])
+    report = evaluate(cfg, data=lambda split, epoch: [{"image": images}])
+    assert report["num_images"] == 4 and report["psnr"] > 0  # PSNR is still scored
+    assert report["ssim"] is None and report["ssim_std"] is None
+    assert report["skipped"]["ssim"] == "SSIM's 11x11 window does not fit the 8x8 images"
+
+
+def test_an_image_size_the_checkpoints_f_does_not_divide_is_one_line(trained_run, tmp_path):
+    from tests.test_cli import ldmkit
+
+    out = ldmkit("evaluate", "stage=autoencoder", f"run_dir={trained_run}", "image_size=18")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "ldmkit evaluate: error: image_size=18 is not divisible by the downsample factor f=4 of the "
+        f"first stage of {trained_run / 'checkpoints' / 'step_000000010'}; use a multiple of 4 (e.g. 16 or 20)"
+    ]
+
+
+def test_an_output_path_that_is_a_folder_fails_before_the_evaluation(trained_run, tmp_path):
+    from ldmkit.io import WriteError
+
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    cfg = compose_config(["stage=autoencoder", f"run_dir={trained_run}", f"eval.output={folder}"])
+    with pytest.raises(WriteError, match=f"cannot write {folder}: it is a folder; name a file"):
+        evaluate(cfg, data=lambda split, epoch: pytest.fail("evaluated before refusing eval.output"))
+    assert folder.is_dir() and not any(folder.iterdir())

@@ -236,7 +236,7 @@ def build_demo(session: DemoSession) -> gr.Blocks:
         images.update({c: key for key, c in [*components.items(), *drawings.items()]})
         for component, name in images.items():
             if isinstance(component, (gr.Image, gr.ImageEditor)):
-                _refuse_bombs(component, name, max_side(pipeline))
+                _refuse_unreadable(component, name, max_side(pipeline))
         # the check goes through the queue too (a queue=False error shows no message in Gradio
         # 6), but never waits for a sampling: a queue of its own, MAX_CHECKS at a time (Gradio
         # decodes the uploads before a check runs)
@@ -269,10 +269,11 @@ def build_demo(session: DemoSession) -> gr.Blocks:
     return demo
 
 
-def _refuse_bombs(component: Any, name: str, limit: int) -> None:
+def _refuse_unreadable(component: Any, name: str, limit: int) -> None:
     """Gradio decodes an upload in the component's ``preprocess``, before the event's function
     runs, and PIL refuses there an image of more than ``Image.MAX_IMAGE_PIXELS`` (``serve``
-    sets it to ``limit**2``): say so in ldmkit's one line, not as Gradio's bare "Error"."""
+    sets it to ``limit**2``) and a file that is no image it can read: say so in ldmkit's one
+    line, naming the file as uploaded, not as Gradio's bare "Error"."""
     decode = component.preprocess
 
     def preprocess(payload: Any) -> Any:
@@ -280,6 +281,15 @@ def _refuse_bombs(component: Any, name: str, limit: int) -> None:
             return decode(payload)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise gr.Error(too_large(name, limit), print_exception=False) from None
+        except (OSError, SyntaxError, ValueError) as err:  # PIL signals damage through these
+            upload = getattr(payload, "background", None) or payload  # an editor's image
+            path, shown = getattr(upload, "path", None), getattr(upload, "orig_name", None)
+            if not path or not Path(path).is_file():
+                raise
+            shown = shown or "the upload"
+            reason = str(err).replace(str(path), shown).replace("\n", " ")
+            message = f"{name}: cannot read {shown} as an image: {reason}"
+            raise gr.Error(message, print_exception=False) from None
 
     component.preprocess = preprocess
 

@@ -105,10 +105,13 @@ def reconstruction_metrics(
 ) -> dict[str, Any]:
     """Average per-image PSNR / SSIM / LPIPS of ``decode(encode(x))`` against ``x`` (in
     [0, 1]), and the Fréchet distance and KID (mean and std over subsets) between the
-    features of ``x`` and of the reconstructions when ``feature_model`` is given."""
+    features of ``x`` and of the reconstructions when ``feature_model`` is given. Images
+    smaller than SSIM's window score ``ssim: None``, the reason under ``skipped``."""
     from ldmkit.training.autoencoder import batch_images, to_unit
 
     psnrs, ssims, lpipses = [], [], []
+    window = 11  # SSIM's Gaussian window (metrics.ssim): smaller images have no SSIM
+    ssim_note = None
     real_stats = fake_stats = None
     real_feats: list[Tensor] = []
     fake_feats: list[Tensor] = []
@@ -119,7 +122,10 @@ def reconstruction_metrics(
             x = x[: max_images - seen]
         rec = first_stage.decode(first_stage.encode(x)).clamp(-1, 1)
         psnrs.append(psnr(to_unit(rec), to_unit(x)).cpu())
-        ssims.append(ssim(to_unit(rec), to_unit(x)).cpu())
+        if min(x.shape[-2:]) < window:
+            ssim_note = f"SSIM's {window}x{window} window does not fit the {x.shape[-2]}x{x.shape[-1]} images"
+        else:
+            ssims.append(ssim(to_unit(rec), to_unit(x), window_size=window).cpu())
         if lpips_model is not None:
             lpipses.append(lpips_model(x, rec).flatten().cpu())
         if feature_model is not None:
@@ -135,15 +141,18 @@ def reconstruction_metrics(
             break
     if seen == 0:
         raise ValueError("the evaluation split yielded no images")
-    psnr_all, ssim_all = torch.cat(psnrs), torch.cat(ssims)
+    psnr_all = torch.cat(psnrs)
+    ssim_all = torch.cat(ssims) if ssims and ssim_note is None else None
     results: dict[str, Any] = {
         "num_images": seen,
         "psnr": float(psnr_all.mean()),
         "psnr_std": float(psnr_all.std()) if seen > 1 else 0.0,
-        "ssim": float(ssim_all.mean()),
-        "ssim_std": float(ssim_all.std()) if seen > 1 else 0.0,
+        "ssim": float(ssim_all.mean()) if ssim_all is not None else None,
+        "ssim_std": (float(ssim_all.std()) if seen > 1 else 0.0) if ssim_all is not None else None,
         "lpips": float(torch.cat(lpipses).mean()) if lpipses else None,
     }
+    if ssim_note is not None:
+        results["skipped"] = {"ssim": ssim_note}
     results["frechet_distance"] = (
         frechet_distance_from_stats(real_stats, fake_stats) if real_stats is not None else None
     )
@@ -175,6 +184,10 @@ def evaluate_autoencoder(
     if first_stage is None:
         checkpoint = resolve_checkpoint(options["checkpoint"] or cfg.get("run_dir"))
         first_stage, saved = load_first_stage(checkpoint, device=device)
+        if data is None:  # a size f does not divide fails now, in one line, not in the encoder
+            from ldmkit.training.engine import check_image_sizes
+
+            check_image_sizes(cfg, int(first_stage.downsample_factor), f"the first stage of {checkpoint.path}")
         report.update(checkpoint=str(checkpoint.path), step=checkpoint.step,
                       first_stage=OmegaConf.to_container(saved.first_stage, resolve=True))
     else:
@@ -207,7 +220,7 @@ def evaluate_autoencoder(
     )
     report.update(split=split, **metrics)
     report["frechet_features"] = feature_note if feature_model is not None else None
-    notes = {}
+    notes = report.pop("skipped", {})
     if lpips_model is None:
         notes["lpips"] = lpips_note
     if feature_model is None:

@@ -60,6 +60,7 @@ __all__ = [
     "TrainingError",
     "TrainingWarning",
     "average_logs",
+    "check_image_sizes",
     "distributed_info",
     "resolve_device",
     "trainer_options",
@@ -430,24 +431,16 @@ class Trainer(abc.ABC):
     def _check_image_size(self) -> None:
         """The configured image sizes against the first stage's factor f, before anything is
         written (a size not divisible by f would fail inside the first step)."""
-        from ldmkit.config import ConfigError
         from ldmkit.interfaces import FirstStage
 
         first_stage = self.model_modules().get("first_stage")
         if not isinstance(first_stage, FirstStage):
             return
-        f = int(first_stage.downsample_factor)
-        keys = ["image_size"] + (["data.image_size"] if self.data is None else [])
-        for key in keys:
-            size = OmegaConf.select(self.cfg, key, default=None)
-            if isinstance(size, int) and size % f:
-                choice = (self.cfg.get("choices") or {}).get("first_stage")
-                which = f"first_stage={choice}" if choice else "the first stage"
-                smaller, larger = max(f, size // f * f), (size // f + 1) * f
-                raise ConfigError(
-                    f"{key}={size} is not divisible by the downsample factor f={f} of {which}; "
-                    f"use a multiple of {f} (e.g. {smaller} or {larger})"
-                )
+        choice = (self.cfg.get("choices") or {}).get("first_stage")
+        check_image_sizes(
+            self.cfg, int(first_stage.downsample_factor),
+            f"first_stage={choice}" if choice else "the first stage", data=self.data is None,
+        )  # fmt: skip
 
     def _unless_stopping(self, phase: Callable[..., None], *args: Any) -> None:
         """Validation or a grid, skipped once SIGTERM/SIGINT arrived, and abandoned if the
@@ -496,3 +489,19 @@ class Trainer(abc.ABC):
             grid = self.save_images(source, path)
         if grid is not None:
             self.logger.log_image(f"{self.stage}/images", grid, self.step)
+
+
+def check_image_sizes(cfg: Any, f: int, which: str, *, data: bool = True) -> None:
+    """Raise :class:`ConfigError` naming the key when ``image_size`` (and ``data.image_size``
+    where ``data``: the configured dataset is read) is not divisible by the factor ``f`` of
+    the first stage ``which`` names."""
+    from ldmkit.config import ConfigError
+
+    for key in ["image_size"] + (["data.image_size"] if data else []):
+        size = OmegaConf.select(cfg, key, default=None)
+        if isinstance(size, int) and size % f:
+            smaller, larger = max(f, size // f * f), (size // f + 1) * f
+            raise ConfigError(
+                f"{key}={size} is not divisible by the downsample factor f={f} of {which}; "
+                f"use a multiple of {f} (e.g. {smaller} or {larger})"
+            )
