@@ -135,3 +135,28 @@ def test_an_output_path_that_is_a_folder_fails_before_the_evaluation(trained_run
     with pytest.raises(WriteError, match=f"cannot write {folder}: it is a folder; name a file"):
         evaluate(cfg, data=lambda split, epoch: pytest.fail("evaluated before refusing eval.output"))
     assert folder.is_dir() and not any(folder.iterdir())
+
+
+def test_missing_data_names_the_data_the_run_was_trained_on(tmp_path, monkeypatch):
+    """Before: a run trained on ``data=image_folder data.path=...`` evaluated with only its
+    run_dir said ``no prepared dataset at data/fashion_mnist`` (the default data) and no more."""
+    from ldmkit.data.errors import SourceNotFoundError
+
+    _, data = _data()
+    monkeypatch.chdir(tmp_path)  # no data/ here
+    cfg = compose_config(["stage=autoencoder", "first_stage=kl_tiny", "first_stage.encode_mode=mode",
+                          "data=image_folder", f"data.path={tmp_path / 'photos'}", "trainer=autoencoder_tiny",
+                          "trainer.max_steps=2", "trainer.tensorboard=false", "trainer.num_threads=1",
+                          f"run_dir={tmp_path / 'run'}"])  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        run = train(cfg, data=data)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(SourceNotFoundError) as err:
+        evaluate(compose_config(["stage=autoencoder", f"run_dir={run}"]))
+    assert str(err.value).endswith(
+        f"; the run was trained on data=image_folder data.path={tmp_path / 'photos'}: evaluate reads the "
+        "data its command line gives, so repeat the run's data overrides (or its experiment=)"
+    )
+    assert str(err.value).startswith(f"no prepared dataset at {tmp_path / 'data' / 'fashion_mnist'}")

@@ -209,9 +209,19 @@ def evaluate_autoencoder(
         batches = data(split, 0)
     else:
         from ldmkit.data import build_dataloader
+        from ldmkit.data.errors import SourceNotFoundError
 
-        batches = build_dataloader(cfg.data, batch_size=int(options["batch_size"]), split=split,
-                                   num_workers=int(options["num_workers"]), seed=int(cfg.get("seed", 0)))
+        try:
+            batches = build_dataloader(cfg.data, batch_size=int(options["batch_size"]), split=split,
+                                       num_workers=int(options["num_workers"]), seed=int(cfg.get("seed", 0)))
+        except SourceNotFoundError as err:
+            trained_on = _other_data(cfg, saved) if checkpoint is not None else None
+            if trained_on is None:
+                raise
+            raise SourceNotFoundError(
+                f"{err}; the run was trained on {trained_on}: evaluate reads the data its command "
+                f"line gives, so repeat the run's data overrides (or its experiment=)"
+            ) from None
     lpips_model, lpips_note = _lpips_model(options["lpips"], device)
     feature_model, feature_note = _feature_model(options, device)
     metrics = reconstruction_metrics(
@@ -232,3 +242,15 @@ def evaluate_autoencoder(
         atomic_write_text(output, json.dumps(report, indent=2) + "\n")
         report["output"] = str(output)
     return report
+
+
+def _other_data(cfg: Any, saved: DictConfig) -> str | None:
+    """``data=NAME data.path=PATH`` of the data a run was trained on, where it is not the data
+    ``cfg`` names (None where they agree)."""
+    def described(config: Any) -> list[str]:
+        choice = (config.get("choices") or {}).get("data")
+        path = OmegaConf.select(config, "data.path", default=None)
+        return [f"data={choice}"] * bool(choice) + [f"data.path={path}"] * bool(path)
+
+    trained, given = described(saved), described(cfg)
+    return " ".join(trained) if trained and trained != given else None
