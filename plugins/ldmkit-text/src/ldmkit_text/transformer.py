@@ -92,7 +92,8 @@ class TextTransformer(nn.Module):
     """Token ids (B x n, n <= max_seq_len) -> final-normed hidden states (B x n x dim).
 
     ``to_logits`` (dim -> num_tokens) is kept only so that the paper's checkpoints load
-    one-to-one; the conditioner never calls it and it receives no gradient.
+    one-to-one; the conditioner never calls it, so it is frozen (``requires_grad`` off): a
+    trainable parameter that gets no gradient stops DistributedDataParallel at the second step.
     """
 
     def __init__(
@@ -117,7 +118,7 @@ class TextTransformer(nn.Module):
         self.pos_emb = PositionEmbedding(dim, max_seq_len)
         self.attn_layers = EncoderLayers(dim, depth, heads=heads, dim_head=dim_head, ff_mult=ff_mult)
         self.norm = nn.LayerNorm(dim)
-        self.to_logits = nn.Linear(dim, num_tokens)
+        self.to_logits = nn.Linear(dim, num_tokens).requires_grad_(False)
 
     def forward(self, tokens: Tensor) -> Tensor:
         if tokens.ndim != 2 or tokens.shape[1] > self.max_seq_len:
