@@ -436,6 +436,15 @@ def _load_sharded(checkpoint: Checkpoint, target: dict[str, Any]) -> None:
 
 
 def _load_module(module: nn.Module, tensors: dict[str, Tensor], source: Path, prefix: str) -> None:
+    untrained = _averages_of_frozen(module, tensors)
+    if untrained:  # e.g. bert's to_logits, trained by runs before ldmkit froze it
+        listed = ", ".join(untrained[:3]) + (f" (and {len(untrained) - 3} more)" if len(untrained) > 3 else "")
+        checkpoint = source if source.is_dir() else source.parent
+        raise TrainingError(
+            f"checkpoint {checkpoint} was written while {listed} were trained (its EMA averages "
+            f"them), and the model built now keeps them frozen, so the run cannot resume exactly; "
+            f"start a new run from its weights: trainer.init_from={checkpoint} run_dir=<a new folder>"
+        )
     try:
         module.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
@@ -726,3 +735,15 @@ def _ranks_text(ranks: list[int]) -> str:
             spans.append([rank, rank])
     text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
     return f"rank{'s' if len(ranks) > 1 else ''} {text}"
+
+
+def _averages_of_frozen(module: nn.Module, tensors: Mapping[str, Tensor]) -> list[str]:
+    """The parameters an EMA checkpoint averages that ``module`` (an :class:`~ldmkit.ema.EMA`)
+    no longer tracks, as the model names them; empty for anything else."""
+    from ldmkit.ema import EMA
+
+    if not isinstance(module, EMA):
+        return []
+    tracked = {EMA._key(name) for name in module.names}
+    extra = [k.removeprefix("shadow.") for k in tensors if k.startswith("shadow.")]
+    return [k.replace("__", ".") for k in extra if k not in tracked]
