@@ -348,7 +348,26 @@ def check_ldmkit_command(words: list[str], where: str, flags: dict[str, set[str]
         if flag.startswith("--") and flag not in flags[sub]:
             problems.append(f"{where}: `ldmkit {sub} {flag}`: no such option "
                             f"(`ldmkit {sub} --help` lists {', '.join(sorted(flags[sub]))})")
+        elif sub in OVERRIDE_SUBCOMMANDS and "=" in word and not word.startswith("-") and "<" not in word:
+            problems += check_override(word, where)
     return problems
+
+
+# the subcommands whose free words are Hydra overrides
+OVERRIDE_SUBCOMMANDS = {"train", "evaluate", "sample"}
+
+
+def check_override(word: str, where: str) -> list[str]:
+    """A problem when Hydra's override grammar rejects ``word`` as the shell passes it
+    (an unquoted ``{``, ``[`` or space in a value); ``<placeholder>`` words are not checked."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        OverridesParser.create().parse_overrides([word])
+    except HydraException as err:
+        return [f"{where}: `{word}` is not a valid override: {str(err).splitlines()[0]}"]
+    return []
 
 
 def test_bash_blocks_name_real_commands():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -163,3 +164,32 @@ def test_torchrun_trains_the_paper_text_conditioner(tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert (run / "checkpoints" / "step_000000003").is_dir()
+
+
+@pytest.mark.slow
+def test_latent_cache_under_torchrun(tmp_path):
+    """trainer.latent_cache under torchrun: rank 0 builds the cache while the other ranks wait,
+    then every rank trains from it (rank 0's signal check while building took part in a
+    collective the waiting ranks never joined: the run hung for good)."""
+    images = tmp_path / "images"
+    make_image_folder(images, per_class=4, size=(8, 8))
+    shards = tmp_path / "shards"
+    prepare("image_folder", shards, path=str(images), shard_size=4, progress=False)
+    run = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.Popen(
+        [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "ldmkit.cli", "train",
+         "stage=ldm", "trainer=ldm_tiny", "first_stage=identity", "denoiser=unet_tiny",
+         "data=image_folder", f"data.path={shards}", "image_size=8", f"run_dir={run}",
+         "trainer.max_steps=2", "trainer.batch_size=2", "trainer.latent_cache=true"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_environment(),
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its ranks
+        pytest.fail(f"the run hung: {proc.communicate()[1][-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    assert (run / "latent_cache" / "meta.json").is_file()
+    assert (run / "checkpoints" / "step_000000002").is_dir()

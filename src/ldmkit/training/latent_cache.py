@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ldmkit.errors import LdmkitError, UnreadableWeightsError
 from ldmkit.io import atomic_write, atomic_write_text
+from ldmkit.training.errors import TrainingError
 
 META = "meta.json"
 CHUNK_SIZE = 4096
@@ -151,9 +152,11 @@ class LatentCache:
         self, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1, start: int = 0
     ) -> Iterator[dict[str, Any]]:
         """One epoch: a seeded permutation, this rank's share, in batches (last one dropped
-        when short, so every rank takes the same number of steps), from batch ``start`` on.
-        Batches hold ``latent`` and the cached keys."""
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[rank::world_size]
+        when short), from batch ``start`` on. Every rank's share is equally long (the
+        permutation's last ``len % world_size`` samples sit this epoch out), so every rank takes
+        the same number of batches. Batches hold ``latent`` and the cached keys."""
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        order = order[: len(self) // world_size * world_size][rank::world_size]
         for first in range(start * batch_size, len(order) - batch_size + 1, batch_size):
             idx = order[first : first + batch_size]
             positions = idx.tolist()
@@ -194,6 +197,13 @@ class CacheLoader:
 
     def __init__(self, cache: LatentCache, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
                  epoch: int = 0) -> None:
+        share = len(cache) // world_size
+        if batch_size > share:  # every rank would find no batch: say why, on every rank alike
+            each = f" each of the {world_size} ranks takes an epoch ({len(cache)} in all)" if world_size > 1 else ""
+            raise TrainingError(
+                f"trainer.batch_size={batch_size} is larger than the {share} samples of the latent cache"
+                f"{each}; every batch would be short and is dropped: lower trainer.batch_size"
+            )
         self.cache, self.batch_size, self.seed = cache, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = epoch

@@ -34,7 +34,7 @@ from ldmkit.sampling_request import SEED_LIMIT
 from ldmkit.training import fsdp
 from ldmkit.training.batches import batch_images
 from ldmkit.training.defaults import stage_only_keys
-from ldmkit.training.distributed import broadcast_tensor
+from ldmkit.training.distributed import broadcast_object, broadcast_tensor
 from ldmkit.training.engine import (
     TRAINER_DEFAULTS,
     Trainer,
@@ -71,6 +71,10 @@ class DiffusionStep(nn.Module):
         # with the conditioner's guidance dropout
         cond = self.conditioner.condition(batch, generator=condition_generator)
         return self.objective(self.denoiser, z0, cond, t=t, noise=noise)
+
+
+class _CacheBuildStopped(Exception):
+    """SIGTERM/SIGINT while rank 0 builds the latent cache: stop building."""
 
 
 class _ScaleFactor(nn.Module):
@@ -256,24 +260,30 @@ class LDMTrainer(Trainer):
                 cache = LatentCache(directory)
             except DamagedCacheError as err:
                 warnings.warn(f"{err}; rebuilding the latent cache", TrainingWarning, stacklevel=2)
-        if self.is_main and cache is None:
+        building = self.is_main and cache is None
+        if building:
             loader = build_dataloader(
                 self.cfg.data, batch_size=int(self.options["batch_size"]), split="train",
                 rank=0, world_size=1, num_workers=int(self.options["num_workers"]),
                 resampled=False, shuffle=False,
             )
-            during = "while building the latent cache"
+
+            def check() -> None:  # this rank's signal alone: the others wait at the barrier
+                if self.signals.stop:
+                    raise _CacheBuildStopped
+
             try:
                 with isolated_rng(stream_seed(self.seed, "latent_cache")):  # KL posterior samples
                     build_cache(directory, loader, self.pipeline.first_stage.encode,
                                 keys=self.pipeline.conditioner.data_keys, fingerprint=fingerprint,
                                 device=self.device, progress=bool(self.options["progress"]),
-                                check=lambda: self.check_interrupt(during))
+                                check=check)
             except Exception:
-                if self.signals.stop:  # the signal also ended the data workers
-                    self.check_interrupt(during)
-                raise
+                if not self.signals.stop:  # else it stopped, or the signal also ended the data workers
+                    raise
         self.barrier()
+        if broadcast_object(building):  # a signal on any rank stops them all, the cache left incomplete
+            self.check_interrupt("while building the latent cache")
         return cache if cache is not None else LatentCache(directory)
 
     # -- before the first step -----------------------------------------------------------
