@@ -79,6 +79,7 @@ LAYERS: dict[str, int] = {
     "ldmkit.masks": 0,
     "ldmkit.tiling": 0,
     "ldmkit.frozen": 0,
+    "ldmkit.pipeline_files": 0,
     "ldmkit.visualize": 0,
     "ldmkit.ema": 0,
     "ldmkit.config_checks": 0,

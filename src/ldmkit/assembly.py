@@ -78,6 +78,7 @@ def create_component(
             f"{kind} {name!r} from {entry.provider} built a {type(obj).__name__}, "
             f"which is not an ldmkit.interfaces.{INTERFACES[kind].__name__}"
         )
+    obj.config_key = key or kind  # where its options live (ldmkit.pipeline_files)
     if drop_rate is not None:
         if not isinstance(drop_rate, int | float) or not 0.0 <= drop_rate <= 1.0:
             raise ConfigError(f"{label or kind}: conditioner.drop_rate must be in [0, 1], got {drop_rate!r}")

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ldmkit import frozen
+from ldmkit import frozen, pipeline_files
 from ldmkit.errors import LdmkitError
 from ldmkit.io import atomic_write, atomic_write_text
 from ldmkit.safetensors_io import read_safetensors, read_safetensors_shapes
@@ -245,7 +245,9 @@ def save_base(
 def save_adapter(pipeline: Any, directory: str | os.PathLike, adapter: Adapter) -> Path:
     """Write ``pipeline``'s adapter as an adapter folder over ``adapter.base`` (a pipeline
     folder; its path stored relative to ``directory`` when they share a parent: a run folder
-    moves whole). A ``model.safetensors`` left there by an earlier export goes."""
+    moves whole). A ``model.safetensors`` left there by an earlier export goes. The files the
+    components read travel with its ``config.yaml`` as with :meth:`ldmkit.Pipeline.save`
+    (frozen parts embedded when the base embeds them; :mod:`ldmkit.pipeline_files`)."""
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
@@ -261,7 +263,9 @@ def save_adapter(pipeline: Any, directory: str | os.PathLike, adapter: Adapter) 
     state = adapter_state(pipeline)
     atomic_write(directory / ADAPTER_FILE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     atomic_write_text(directory / ADAPTER_CONFIG, json.dumps(record, indent=2) + "\n")
-    atomic_write_text(directory / "config.yaml", OmegaConf.to_yaml(pipeline.config, resolve=True))
+    embedded = not frozen.read_manifest(base)  # the base keeps no part by reference
+    config = pipeline_files.bundle(pipeline, pipeline.config, directory, embed_frozen=embedded)
+    atomic_write_text(directory / "config.yaml", OmegaConf.to_yaml(config, resolve=True))
     for stale in ("model.safetensors", frozen.FROZEN_FILE):
         (directory / stale).unlink(missing_ok=True)
     return directory

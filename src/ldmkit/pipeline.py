@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 
-from ldmkit import frozen, lora, masks
+from ldmkit import frozen, lora, masks, pipeline_files
 from ldmkit import precision as _precision
 from ldmkit.assembly import component_config, create_component, pipeline_config, pipeline_parts
 from ldmkit.compiling import compile_module, is_compiled
@@ -390,6 +390,10 @@ class Pipeline(nn.Module):
         Frozen pretrained parts that declare where they come from (``frozen_references()``,
         e.g. ``frozen_text``'s encoder) are stored as references in ``frozen.json`` (source
         and content hash) instead of being copied, unless ``embed_frozen`` (:mod:`ldmkit.frozen`).
+        Files and folders the components read when built (``Component.pipeline_files``: a
+        custom tokenizer vocab; with ``embed_frozen`` a frozen encoder's config and tokenizer)
+        are copied under ``files/`` and ``config.yaml`` names them relative to ``directory``
+        (:mod:`ldmkit.pipeline_files`): the folder loads from any working directory.
         Each file is replaced atomically: a crash leaves the previous checkpoint loadable.
         """
         from safetensors.torch import save_file, save_model
@@ -420,7 +424,9 @@ class Pipeline(nn.Module):
         else:
             atomic_write(directory / WEIGHTS_FILE, lambda p: save_model(self, str(p)))
             manifest.unlink(missing_ok=True)
-        atomic_write_text(directory / CONFIG_FILE, OmegaConf.to_yaml(self.config, resolve=True))
+        # the files components read when built travel with it (ldmkit.pipeline_files)
+        config = pipeline_files.bundle(self, self.config, directory, embed_frozen=embed_frozen)
+        atomic_write_text(directory / CONFIG_FILE, OmegaConf.to_yaml(config, resolve=True))
         return directory
 
     @classmethod
@@ -541,7 +547,8 @@ PIPELINE_GROUPS = ("first_stage", "denoiser", "conditioner", "sampler")
 def read_pipeline_config(path: str | Path) -> DictConfig:
     """The ``config.yaml`` of a pipeline folder, or a :class:`ConfigError` naming the file and
     what is wrong: not YAML, not a mapping, a component missing (or without a ``name``), a
-    typed key of the wrong type (:func:`ldmkit.config.config_problems`)."""
+    typed key of the wrong type (:func:`ldmkit.config.config_problems`). The files the folder
+    carries (``files.json``) are named by their paths inside it (:mod:`ldmkit.pipeline_files`)."""
     import yaml
 
     from ldmkit.config import config_problems
@@ -568,7 +575,7 @@ def read_pipeline_config(path: str | Path) -> DictConfig:
     problems = config_problems(cfg)
     if problems:
         raise ConfigError(f"{where}: {'; '.join(problems)}")
-    return cfg
+    return pipeline_files.resolve(cfg, Path(path).parent)
 
 
 def _without_shared(state: dict[str, Tensor]) -> dict[str, Tensor]:

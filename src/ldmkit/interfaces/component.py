@@ -29,6 +29,20 @@ class Component:
     built_from: dict[str, Any] | None = None
     #: the arguments of the constructor call that built it
     init_arguments: dict[str, Any] | None = None
+    #: the dotted key of the config it was built from (``conditioner``,
+    #: ``conditioner.parts[0]``), set by :func:`ldmkit.assembly.create_component`
+    config_key: str | None = None
+
+    def pipeline_files(self, *, embed_frozen: bool) -> dict[str, Any]:
+        """The config options naming files or folders this component read when it was built,
+        for a saved pipeline folder to stand alone (:mod:`ldmkit.pipeline_files`):
+        ``{option: value}``. A :class:`~pathlib.Path` is copied into the pipeline folder (a
+        folder without its weight files) and the saved config names the copy; another value
+        is written for the option as it is. ``embed_frozen``: the weights of the parts that
+        ``frozen_references()`` declares go into ``model.safetensors`` (so their source's
+        config and tokenizer files are to be copied, and the option that loads the source's
+        weights turned off). Default: none."""
+        return {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

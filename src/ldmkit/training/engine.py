@@ -2,8 +2,9 @@
 models, optimizers and the body of one step; :meth:`Trainer.fit` then
 
 1. locks the run folder (rank 0, for every rank) and watches for SIGTERM, SIGINT, SIGUSR1;
-2. builds the stage, checks the image size, resumes from the newest intact checkpoint and
-   writes the run's ``config.yaml``;
+2. builds the stage (the files its components read recorded by absolute paths:
+   :mod:`ldmkit.pipeline_files`), checks the image size, resumes from the newest intact
+   checkpoint and writes the run's ``config.yaml``;
 3. lets the stage prepare (:meth:`Trainer.before_training`: stage 2 estimates its latent
    scale factor there);
 4. steps until ``max_steps`` or ``max_minutes``, with logs, validation, image grids,
@@ -31,7 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 
-from ldmkit import devices
+from ldmkit import devices, pipeline_files
 from ldmkit import precision as _precision
 from ldmkit.io import (
     atomic_write_text,
@@ -339,6 +340,8 @@ class Trainer(abc.ABC):
             if self.options["progress"]:
                 print(f"ldmkit train {self.stage}: {self.precision_note}", file=sys.stderr)
         self.build()
+        # the files the components read, by absolute paths: the run resumes from any directory
+        pipeline_files.absolute_paths(self.cfg, self.model_modules().values())
         self._check_image_size()
         latest = self.state.resume(self)
         if self.is_main:

@@ -390,6 +390,7 @@ def source_config(
     """The config (a ``DictConfig``) of the model at ``path``, a source of ``trainer.init_from``:
     a pipeline folder's or a run's ``config.yaml``, a paper checkpoint's translation, a
     diffusers folder's."""
+    from ldmkit import pipeline_files
     from ldmkit.config import load_saved_config
 
     path = _existing(path)
@@ -408,8 +409,8 @@ def source_config(
         if (path / "checkpoints").is_dir() and not (path / "config.yaml").is_file():
             candidates.append(resolve_checkpoint(path).path / "config.yaml")
         for candidate in candidates:
-            if candidate.is_file():
-                return load_saved_config(candidate)
+            if candidate.is_file():  # a pipeline folder's carried files named inside it
+                return pipeline_files.resolve(load_saved_config(candidate), candidate.parent)
     raise _missing(path, "holds no config.yaml to take the architecture from")
 
 

