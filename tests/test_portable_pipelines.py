@@ -167,3 +167,33 @@ def test_a_relative_vocab_is_recorded_absolute_in_the_run(tmp_path, elsewhere):
     elsewhere()  # resumes from another directory, with the path as recorded
     train(cfg(2), data=data)
     Pipeline.load(run / "pipeline")
+
+
+def test_a_run_that_recorded_a_relative_vocab_resumes_with_the_same_command(tmp_path, elsewhere, monkeypatch):
+    """Runs before paths were recorded absolute kept ``vocab: myvocab.txt``; resuming from the
+    same directory must not see ``myvocab.txt -> /…/myvocab.txt`` as a changed model."""
+    from ldmkit import pipeline_files
+    from ldmkit.config import compose_config
+    from ldmkit.training import train
+
+    work = elsewhere("work")
+    write_vocab(work / "myvocab.txt")
+
+    def data(split, epoch):
+        gen = torch.Generator().manual_seed(epoch)
+        for _ in range(2):
+            yield {"image": torch.rand(2, 3, 8, 8, generator=gen) * 2 - 1, "caption": ["a red apple", "hi"]}
+
+    def cfg(steps):
+        return compose_config(["stage=ldm", "trainer=ldm_tiny", *TINY, "conditioner=bert", "conditioner.max_seq_len=8",
+                               "conditioner.vocab=myvocab.txt", f"run_dir={tmp_path / 'run'}",
+                               f"trainer.max_steps={steps}"])  # fmt: skip
+
+    with monkeypatch.context() as before:
+        before.setattr(pipeline_files, "absolute_paths", lambda cfg, modules: None)
+        run = train(cfg(1), data=data)
+    assert yaml.safe_load((run / "config.yaml").read_text())["conditioner"]["vocab"] == "myvocab.txt"
+    with pytest.warns(Warning) as caught:
+        train(cfg(2), data=data)
+    assert not any("vocab" in str(w.message) for w in caught)
+    assert (run / "checkpoints" / "step_000000002").is_dir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -31,10 +32,15 @@ def train(argv: Sequence[str], *, prog: str, description: str) -> int:
 
     default_show = warnings.showwarning
 
+    # under torchrun every rank runs this; the ranks agree on what the trainer warns about
+    # (resume notes, skipped checkpoints), so rank 0 alone says it, as it alone prints progress
+    main_rank = os.environ.get("RANK", "0") == "0"
+
     def show(message, category, filename, lineno, file=None, line=None):
-        # the trainer's own warnings (resume notes, skipped checkpoints): one line each
+        # the trainer's own warnings: one line each
         if category.__module__.startswith("ldmkit.training."):
-            print(f"{prog}: warning: {message}", file=file or sys.stderr)
+            if main_rank:
+                print(f"{prog}: warning: {message}", file=file or sys.stderr)
         else:
             default_show(message, category, filename, lineno, file, line)
 
@@ -51,7 +57,7 @@ def train(argv: Sequence[str], *, prog: str, description: str) -> int:
         return err.exit_code
     finally:
         warnings.showwarning = default_show
-    if run_dir is not None:
+    if run_dir is not None and main_rank:
         print(f"run directory: {run_dir}")
     return 0
 

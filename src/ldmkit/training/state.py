@@ -340,6 +340,8 @@ class TrainingState:
         current = OmegaConf.to_container(self.cfg, resolve=True)
         fixed = [*stage.config_keys_that_must_match(), "seed"]
         changes = config_changes(saved, current)  # the saved config was written resolved
+        # a file option recorded as typed by runs before ldmkit recorded it absolute
+        changes = [c for c in changes if not _now_absolute(c)]
         refused = [c for c in changes if under(c.key, fixed) and not weights_only_key(c.key)]
         if refused:
             listed = "; ".join(str(c) for c in refused)
@@ -491,6 +493,13 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
         for k in keys
         if before.get(k, _ABSENT) != after.get(k, _ABSENT)
     ]
+
+
+def _now_absolute(change: Change) -> bool:
+    """``vocab: 'myvocab.txt' -> '/work/myvocab.txt'``: the same file, named from here."""
+    before, after = change.before, change.after
+    return (isinstance(before, str) and isinstance(after, str) and bool(before)
+            and not os.path.isabs(before) and os.path.abspath(os.path.expanduser(before)) == after)  # fmt: skip
 
 
 def under(key: str, prefixes: Iterable[str]) -> bool:
