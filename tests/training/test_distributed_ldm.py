@@ -164,6 +164,7 @@ def test_torchrun_trains_the_paper_text_conditioner(tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert (run / "checkpoints" / "step_000000003").is_dir()
+    assert out.stdout.count("run directory:") == 1, out.stdout  # rank 0's, not one per rank
 
 
 @pytest.mark.slow
