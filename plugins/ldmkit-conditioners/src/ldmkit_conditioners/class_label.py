@@ -71,10 +71,10 @@ class ClassLabelConditioner(Conditioner):
             self.vector_dim = num_classes
 
     def _labels(self, batch: Mapping[str, Any]) -> Tensor:
-        given = torch.as_tensor(self.read(batch, self.input_key))
+        given = torch.as_tensor(self.read(batch, self.input_key), device=self._device())
         if given.is_floating_point() and not torch.equal(given, given.round()):  # long() would truncate 1.5 to 1
             raise ValueError(f"class labels must be whole numbers, got {given.flatten()[:8].tolist()}")
-        labels = given.to(dtype=torch.long, device=self._device())
+        labels = given.to(dtype=torch.long)
         if self.null_index == self.num_classes:
             if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
                 raise ValueError(
