@@ -62,6 +62,21 @@ def test_remove_incomplete_and_prune(tmp_path):
     assert [c.step for c in manager.list()] == [2, 3]
 
 
+def test_prune_keeps_the_step_just_written_when_later_ones_are_damaged(tmp_path):
+    """A run whose newest checkpoints are damaged resumes from an older one (or starts
+    again); pruning used to count the damaged later steps and delete the checkpoint it had
+    just written, leaving the run with no usable checkpoint at all."""
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    with open(_save(manager, 4).model_file, "r+b") as f:
+        f.write(b"\xff" * 16)
+    _save(manager, 2)  # the rerun, from scratch
+    assert [c.step for c in manager.list()] == [2, 4]  # the damaged one stays until replaced
+    with pytest.warns(UserWarning, match="skipping unusable checkpoint"):
+        assert manager.latest().step == 2
+    _save(manager, 4)  # its step reached again: replaced, and the one before pruned
+    assert [c.step for c in manager.list()] == [4] and validate(manager.list()[0].path) is None
+
+
 def test_same_step_saved_again_replaces_it(tmp_path):
     manager = CheckpointManager(tmp_path)
     _save(manager, 4, 1.0)

@@ -667,15 +667,18 @@ class CheckpointManager:
         else:
             os.replace(tmp, final)
         _fsync_dir(self.directory)
-        self.prune()
+        self.prune(step)
         return Checkpoint(step, final)
 
-    def prune(self) -> None:
-        """Keep the newest ``keep_last`` checkpoints.
+    def prune(self, step: int | None = None) -> None:
+        """Keep the newest ``keep_last`` checkpoints (up to ``step``, the one just written:
+        later ones are what a run resumed before them left, unusable, and stay until a rerun
+        of their step replaces them; counting them would delete the checkpoint just written).
 
         A folder is first renamed to a temporary name (atomically), then deleted: a kill
         during the deletion leaves a temporary folder, never a half-deleted checkpoint."""
-        for checkpoint in self.list()[: -self.keep_last]:
+        upto = [c for c in self.list() if step is None or c.step <= step]
+        for checkpoint in upto[: -self.keep_last]:
             doomed = self.directory / f"{_TMP_PREFIX}pruned-{checkpoint.path.name}-{os.getpid()}"
             os.replace(checkpoint.path, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
