@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from ldmkit.config import ConfigError
-from ldmkit.training import TrainingDivergedError, TrainingError, train
+from ldmkit.training import TrainingDivergedError, TrainingError, TrainingWarning, train
 from ldmkit.training.checkpoint import CheckpointManager
 from ldmkit.training.logger import read_metrics
 
@@ -117,3 +117,12 @@ def test_time_limit_stops_and_checkpoints(tiny_cfg, image_data):
     run = train(tiny_cfg("trainer.max_steps=100000", "trainer.max_minutes=0.0001"), data=image_data())
     latest = CheckpointManager(run / "checkpoints").latest()
     assert latest is not None and latest.step < 100000
+
+
+def test_a_rerun_with_nothing_left_to_train_says_so(tiny_cfg, image_data):
+    """Before: a finished run started again exited 0 without a word on why nothing trained."""
+    run = train(tiny_cfg("trainer.max_steps=2"), data=image_data())
+    with pytest.warns(TrainingWarning, match=r"^nothing to train: the run is at step 2 and trainer.max_steps=2 is reached; raise it to train on$"):
+        assert train(tiny_cfg("trainer.max_steps=2"), data=image_data()) == run
+    with pytest.warns(TrainingWarning, match=r"its time budget \(trainer.max_minutes=1e-06\) is used up"):
+        train(tiny_cfg("trainer.max_steps=5", "trainer.max_minutes=0.000001"), data=image_data())

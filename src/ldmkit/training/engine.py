@@ -24,6 +24,7 @@ import contextlib
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -381,6 +382,13 @@ class Trainer(abc.ABC):
                    desc=f"train {self.stage}", dynamic_ncols=True)
         start_step, batch, batches = state.step, None, None
         accumulate = int(self.options["accumulate_grad_batches"])
+        if state.step >= max_steps or state.train_seconds >= max_seconds:  # a rerun of a finished run
+            done = (f"trainer.max_steps={max_steps} is reached" if state.step >= max_steps else
+                    f"its time budget (trainer.max_minutes={max_minutes}) is used up")  # fmt: skip
+            warnings.warn(
+                f"nothing to train: the run is at step {state.step} and {done}; raise it to train on",
+                TrainingWarning, stacklevel=2,
+            )
         try:
             batches = iter(self.train_batches)
             stop, _ = self.signals.poll(self.world_size)  # a signal while building or resuming
