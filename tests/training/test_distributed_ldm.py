@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ WORKER = textwrap.dedent('''
         "conditioner=class_label", "conditioner.num_classes=3", "conditioner.embed_dim=16",
         "data=image_folder", f"data.path={shards}", "data.resampled=false", "data.flip=false",
         "image_size=8", f"run_dir={run_dir}", "trainer.max_steps=4", "trainer.batch_size=2",
+        "trainer.val_split=val",
     ])
 
     class Recording(LDMTrainer):
@@ -67,7 +69,8 @@ def test_torchrun_two_processes(tmp_path):
     images = tmp_path / "images"
     make_image_folder(images, per_class=8, size=(8, 8))
     shards = tmp_path / "shards"
-    prepare("image_folder", shards, path=str(images), shard_size=4, progress=False)  # 6 shards
+    # 5 train shards; 1 val shard, which validation reads on rank 0 alone
+    prepare("image_folder", shards, path=str(images), shard_size=4, val_fraction=0.15, progress=False)
     (tmp_path / "worker.py").write_text(WORKER)
     torchrun = Path(sys.executable).with_name("torchrun")
     env = _environment()
@@ -85,7 +88,8 @@ def test_torchrun_two_processes(tmp_path):
     run = tmp_path / "run"
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert checkpoints == ["step_000000003", "step_000000004"]
-    assert len((run / "metrics.csv").read_text().splitlines()) >= 2
+    metrics = (run / "metrics.csv").read_text().splitlines()
+    assert len(metrics) >= 2 and "val/" in metrics[0], metrics
     assert (run / "pipeline" / "model.safetensors").is_file()
 
 
@@ -194,3 +198,112 @@ def test_latent_cache_under_torchrun(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert (run / "latent_cache" / "meta.json").is_file()
     assert (run / "checkpoints" / "step_000000002").is_dir()
+
+
+def _torchrun_train(shards: Path, run: Path, *overrides: str) -> subprocess.Popen:
+    """`ldmkit train` of a tiny stage 2 on 2 ranks, in a session of its own (killed whole on a hang)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    return subprocess.Popen(
+        [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "ldmkit.cli", "train",
+         "stage=ldm", "trainer=ldm_tiny", "first_stage=identity", "denoiser=unet_tiny",
+         "data=image_folder", f"data.path={shards}", "image_size=8", f"run_dir={run}",
+         "trainer.batch_size=2", "trainer.sample_every=null", "trainer.val_every=null", *overrides],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_environment(),
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> str:
+    """The run's stderr once it ends; a hang kills torchrun and its ranks and fails the test."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the run hung: {proc.communicate()[1][-3000:]}")
+
+
+def _assert_no_rank_traceback(err: str) -> None:
+    """No rank printed a traceback (torch prefixes those lines "[rankN]:"; torchrun's own
+    summary of the failed ranks is torchrun's, not ours)."""
+    assert not [line for line in err.splitlines() if line.startswith("[rank")], err[-3000:]
+    assert "gloo" not in err, err[-3000:]
+
+
+def _rank_pid(torchrun: int, rank: int) -> int:
+    """The process of ``rank`` among torchrun's children (by the RANK torchrun gave it)."""
+    for child in Path(f"/proc/{torchrun}/task/{torchrun}/children").read_text().split():
+        if f"RANK={rank}".encode() in Path(f"/proc/{child}/environ").read_bytes().split(b"\0"):
+            return int(child)
+    raise AssertionError(f"no rank {rank} among torchrun's children")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process in /proc")
+def test_a_rank_killed_stops_the_others_in_one_line(tmp_path):
+    """A rank SIGKILLed mid-run (out of memory, a lost machine): the surviving rank says so in
+    one line naming the newest checkpoint, instead of gloo's "Connection reset by peer" traceback."""
+    images = tmp_path / "images"
+    make_image_folder(images, per_class=4, size=(8, 8))
+    shards = tmp_path / "shards"
+    prepare("image_folder", shards, path=str(images), shard_size=4, progress=False)
+    run = tmp_path / "run"
+    proc = _torchrun_train(shards, run, "trainer.max_steps=100000", "trainer.checkpoint_every=2")
+    try:
+        while not (run / "checkpoints" / "step_000000002").is_dir():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    err = _finish(proc, 60)
+    assert proc.returncode != 0
+    lines = [line for line in err.splitlines() if line.startswith("ldmkit train: error: ")]
+    assert len(lines) == 1, err[-3000:]  # rank 0's; rank 1 said nothing, it was killed
+    newest = max(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert lines[0] == (
+        "ldmkit train: error: another rank stopped (the connection to it was lost); the newest "
+        f"checkpoint is step {int(newest[5:])} ({run}/checkpoints/{newest}): run the same command "
+        "again to resume"
+    )
+    _assert_no_rank_traceback(err)
+
+
+@pytest.mark.slow
+def test_fewer_shards_than_ranks_stops_every_rank_in_one_line(tmp_path):
+    """data.resampled=false deals whole shards to the ranks: with one shard for two ranks rank 1
+    would have nothing to train on. Every rank stops before the first step with the reason and
+    the fix (rank 1 found "no valid sample" and rank 0 died of the lost connection)."""
+    images = tmp_path / "images"
+    make_image_folder(images, per_class=4, size=(8, 8))
+    shards = tmp_path / "shards"
+    prepare("image_folder", shards, path=str(images), shard_size=100, progress=False)  # 1 shard
+    run = tmp_path / "run"
+    proc = _torchrun_train(shards, run, "trainer.max_steps=2", "data.resampled=false")
+    err = _finish(proc, 60)
+    assert proc.returncode != 0
+    line = (
+        f"ldmkit train: error: {shards} split 'train' has 1 shard for 2 ranks and "
+        "data.resampled=false deals whole shards to the ranks, so rank 1 would have nothing to "
+        "train on: prepare it with more shards (ldmkit data prepare ... shard_size=N, at most 6 "
+        "samples per shard here) or set data.resampled=true"
+    )
+    assert err.count(line) == 2, err[-3000:]  # one from each rank
+    _assert_no_rank_traceback(err)
+    assert not (run / "checkpoints").exists()
+
+
+def test_only_a_lost_connection_to_a_rank_is_reported_as_one():
+    """The trainer turns these into one line; every other error keeps its traceback."""
+    import torch.distributed as dist
+
+    from ldmkit.training.distributed import lost_connection
+
+    gloo = "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:32144"
+    assert lost_connection(RuntimeError(gloo))
+    assert lost_connection(RuntimeError(gloo.replace("Connection closed by peer", "Read error: Connection reset by peer")))
+    assert lost_connection(dist.DistNetworkError("failed to recv, got 0 bytes"))
+    assert lost_connection(dist.DistBackendError("NCCL communicator was aborted"))
+    assert not lost_connection(RuntimeError("Connection reset by peer"))  # not from the process group
+    assert not lost_connection(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not lost_connection(ConnectionResetError("Connection reset by peer"))  # e.g. streaming data

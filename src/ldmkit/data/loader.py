@@ -345,6 +345,7 @@ def build_dataloader(
     shuffle: bool | None = None,
     drop_last: bool = False,
     epoch: int = 0,
+    every_rank: bool = False,
 ) -> ShardLoader:
     """A DataLoader of batch dicts over the prepared shards of ``split``.
 
@@ -353,7 +354,9 @@ def build_dataloader(
     ``__key__`` list[str]. ``rank``/``world_size`` default to torch.distributed's.
     ``resampled`` (default: the config's, else on when world_size > 1) makes the stream endless.
     ``shuffle`` (default: on for the train split) also switches random crop/flip. The first
-    ``iter()`` is epoch ``epoch``; each one advances it.
+    ``iter()`` is epoch ``epoch``; each one advances it. ``every_rank``: each rank must get
+    data (training), so one pass over fewer shards than ranks is a :class:`DataError` on every
+    rank, not a warning.
     """
     cfg = data_config(data_cfg)
     rank, world_size = _distributed_defaults(rank, world_size)
@@ -367,6 +370,19 @@ def build_dataloader(
     if not shuffle:
         transform = transform.without_augmentation()
     shards = [where for _, where in chosen]
+    if every_rank and not resampled and len(shards) < world_size:
+        idle = (
+            f"rank {len(shards)}"
+            if len(shards) == world_size - 1
+            else f"ranks {len(shards)} to {world_size - 1}"
+        )
+        samples = sum(info.num_samples for info, _ in chosen)
+        raise DataError(
+            f"{directory} split {split!r} has {len(shards)} shard{'s' * (len(shards) != 1)} for {world_size} "
+            f"ranks and data.resampled=false deals whole shards to the ranks, so {idle} would have "
+            f"nothing to train on: prepare it with more shards (ldmkit data prepare ... shard_size=N, "
+            f"at most {max(1, samples // world_size)} samples per shard here) or set data.resampled=true"
+        )
     readers = world_size * max(1, num_workers)
     if not resampled and len(shards) < readers:
         warnings.warn(

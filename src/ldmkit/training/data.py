@@ -52,6 +52,7 @@ def configured_loader(
         num_workers=int(options["num_workers"]),
         seed=seed,
         epoch=epoch,
+        every_rank=split == "train",  # the other splits are read by rank 0 alone
     )
 
 

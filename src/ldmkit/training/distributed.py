@@ -24,6 +24,25 @@ def _group_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+#: what gloo's TCP transport says when the process at the other end of a connection is gone
+_GLOO_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def lost_connection(error: BaseException) -> bool:
+    """Whether ``error`` is the communication layer losing another rank: torch.distributed's
+    ``DistError`` family (backend, network, store) or gloo's closed or reset connection."""
+    import torch.distributed as dist
+
+    if isinstance(error, dist.DistError):
+        return True
+    message = str(error)
+    return (
+        isinstance(error, RuntimeError)
+        and "gloo" in message
+        and any(m in message for m in _GLOO_LOST)
+    )
+
+
 def distributed_info() -> tuple[int, int]:
     """``(rank, world_size)`` of the initialized process group, else ``(0, 1)``."""
     import torch.distributed as dist

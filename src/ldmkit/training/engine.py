@@ -323,7 +323,8 @@ class Trainer(abc.ABC):
         """Train to ``max_steps`` (or ``max_minutes``), resuming from ``run_dir``.
 
         Raises :class:`TrainingInterrupted` after SIGTERM/SIGINT (``trainer.save_on_signal``),
-        once the step in progress is finished and checkpointed."""
+        once the step in progress is finished and checkpointed, and :class:`TrainingError`
+        when another rank stops (the process group loses its connection to it)."""
         # half the usable cores on the CPU unless told (ldmkit.training.threads: a thread team
         # larger than the free cores runs many times slower on a shared machine)
         apply_num_threads(self.options["num_threads"], self.device)
@@ -331,7 +332,23 @@ class Trainer(abc.ABC):
         # the lock is taken before the model is built: a second trainer must not fill the
         # first one's GPU (ldmkit.training.run_lock)
         with locked_for_all_ranks(self.run_dir), self.signals:
-            return self._fit()
+            try:
+                return self._fit()
+            except Exception as err:
+                if not distributed.lost_connection(err):
+                    raise
+                raise TrainingError(self._lost_rank_message()) from err
+
+    def _lost_rank_message(self) -> str:
+        """Another rank died (killed, out of memory, its own error): what this rank says
+        instead of the communication layer's traceback."""
+        latest = self.state.latest()
+        if latest is None:
+            saved = "there is no checkpoint yet: run the same command again to start over"
+        else:
+            saved = (f"the newest checkpoint is step {latest.step} ({latest.path}): "
+                     "run the same command again to resume")
+        return f"another rank stopped (the connection to it was lost); {saved}"
 
     def _fit(self) -> Path:
         seed_everything(self.seed)
