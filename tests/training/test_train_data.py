@@ -5,6 +5,8 @@ outside, and a loader that does not keep its epoch is refused in one line."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -97,3 +99,29 @@ def test_a_resumable_loader_that_does_not_advance_its_epoch_is_refused(tiny_cfg)
         "at epoch 1: a resumable loader starts at the epoch make_loader gives it and each iter() "
         "advances its epoch by one"
     )
+
+
+def test_a_split_other_than_train_is_read_whole_on_any_rank(tmp_path, monkeypatch):
+    """Before: rank 0's validation under DDP read a resampled stream over its share of the
+    val shards, so validation changed with the number of ranks. Now only train is dealt."""
+    from omegaconf import OmegaConf
+
+    from ldmkit.data import loader, prepare
+    from ldmkit.training.data import configured_loader
+    from tests.data.conftest import loader_cfg, make_image_folder
+
+    make_image_folder(tmp_path / "images", per_class=4, size=(10, 10))
+    prepare("image_folder", tmp_path / "shards", path=str(tmp_path / "images"), shard_size=2,
+            val_fraction=0.5, progress=False)  # fmt: skip
+    cfg = OmegaConf.create({"data": loader_cfg(tmp_path / "shards")})
+    options = {"batch_size": 2, "num_workers": 0}
+
+    def keys(split):  # at most 10 batches: a resampled stream never ends
+        batches = itertools.islice(configured_loader(cfg, options, split, 0, seed=0), 10)
+        return [k for batch in batches for k in batch["__key__"]]
+
+    alone = {"val": keys("val")}
+    real = loader._distributed_defaults
+    monkeypatch.setattr(loader, "_distributed_defaults",
+                        lambda rank, world: real(1 if rank is None else rank, 2 if world is None else world))  # fmt: skip
+    assert keys("val") == alone["val"] and len(alone["val"]) == 6

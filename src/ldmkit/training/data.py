@@ -42,9 +42,11 @@ def configured_loader(
     cfg: DictConfig, options: Mapping[str, Any], split: str, epoch: int, seed: int
 ):
     """A :class:`ldmkit.data.ShardLoader` (resumable) over ``cfg.data``'s ``split``, at
-    ``epoch``."""
+    ``epoch``: the train split dealt to the ranks, any other one whole to whichever rank reads
+    it (validation sees the same batches whatever the number of ranks)."""
     from ldmkit.data import build_dataloader
 
+    train = split == "train"
     return build_dataloader(
         cfg.data,
         batch_size=int(options["batch_size"]),
@@ -52,7 +54,8 @@ def configured_loader(
         num_workers=int(options["num_workers"]),
         seed=seed,
         epoch=epoch,
-        every_rank=split == "train",  # the other splits are read by rank 0 alone
+        every_rank=train,
+        **({} if train else {"rank": 0, "world_size": 1}),
     )
 
 
