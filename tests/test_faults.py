@@ -198,6 +198,10 @@ def test_stop_signal_finishes_the_step_checkpoints_it_and_exits(
     # still holds the loop's frame: a worker dying later (the same SIGTERM sent to the process
     # group) would otherwise make torch's restored SIGCHLD handler raise while the CLI prints
     assert multiprocessing.active_children() == []
+    # and torch's SIGCHLD handler is not back: a child ending now (here: `true`) must not make
+    # it raise for data workers the stop signal ended
+    assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL
+    subprocess.run(["true"], check=True)
     assert stopped.value.exit_code == EXIT_PREEMPTED == 75
     assert str(stopped.value) == (
         f"stopped by {name} after step 7; checkpoint {run_dir / 'checkpoints' / 'step_000000007'} holds the state "

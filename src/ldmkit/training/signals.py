@@ -69,8 +69,14 @@ class SignalWatch:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        sigchld = getattr(signal, "SIGCHLD", None)
         for number, handler in self._previous.items():
-            signal.signal(number, handler)
+            # SIGCHLD (swapped only once a stop signal came) stays at the default: data workers
+            # that signal ended stay registered with torch while the exception's traceback keeps
+            # their iterator, and torch's handler would raise for them at the next child's exit,
+            # wherever the program then is (the CLI printing the stop line)
+            if number != sigchld:
+                signal.signal(number, handler)
         self._previous.clear()
 
     @property
