@@ -139,6 +139,13 @@ def test_clip_text_with_a_separate_tokenizer_folder_stands_alone(tmp_path, elsew
     Pipeline.load(saved)
 
 
+def captioned_batches(split, epoch):
+    """Training data for a tiny text run: two batches of two 8x8 images with captions."""
+    gen = torch.Generator().manual_seed(epoch)
+    for _ in range(2):
+        yield {"image": torch.rand(2, 3, 8, 8, generator=gen) * 2 - 1, "caption": ["a red apple", "hi"]}
+
+
 def test_a_relative_vocab_is_recorded_absolute_in_the_run(tmp_path, elsewhere):
     from ldmkit.config import compose_config
     from ldmkit.training import train
@@ -147,11 +154,6 @@ def test_a_relative_vocab_is_recorded_absolute_in_the_run(tmp_path, elsewhere):
     work = elsewhere("work")
     write_vocab(work / "myvocab.txt")
 
-    def data(split, epoch):
-        gen = torch.Generator().manual_seed(epoch)
-        for _ in range(2):
-            yield {"image": torch.rand(2, 3, 8, 8, generator=gen) * 2 - 1, "caption": ["a red apple", "hi"]}
-
     def cfg(steps):
         return compose_config([
             "stage=ldm", "trainer=ldm_tiny", *TINY, "conditioner=bert", "conditioner.max_seq_len=8",
@@ -159,13 +161,13 @@ def test_a_relative_vocab_is_recorded_absolute_in_the_run(tmp_path, elsewhere):
             f"run_dir={tmp_path / 'run'}", f"trainer.max_steps={steps}",
         ])  # fmt: skip
 
-    run = train(cfg(1), data=data)
+    run = train(cfg(1), data=captioned_batches)
     recorded = yaml.safe_load((run / "config.yaml").read_text())["conditioner"]["vocab"]
     assert recorded == str(work / "myvocab.txt")
     checkpoint = CheckpointManager(run / "checkpoints").latest()
     assert yaml.safe_load(checkpoint.config_file.read_text())["conditioner"]["vocab"] == recorded
     elsewhere()  # resumes from another directory, with the path as recorded
-    train(cfg(2), data=data)
+    train(cfg(2), data=captioned_batches)
     Pipeline.load(run / "pipeline")
 
 
@@ -179,11 +181,6 @@ def test_a_run_that_recorded_a_relative_vocab_resumes_with_the_same_command(tmp_
     work = elsewhere("work")
     write_vocab(work / "myvocab.txt")
 
-    def data(split, epoch):
-        gen = torch.Generator().manual_seed(epoch)
-        for _ in range(2):
-            yield {"image": torch.rand(2, 3, 8, 8, generator=gen) * 2 - 1, "caption": ["a red apple", "hi"]}
-
     def cfg(steps):
         return compose_config(["stage=ldm", "trainer=ldm_tiny", *TINY, "conditioner=bert", "conditioner.max_seq_len=8",
                                "conditioner.vocab=myvocab.txt", f"run_dir={tmp_path / 'run'}",
@@ -191,9 +188,9 @@ def test_a_run_that_recorded_a_relative_vocab_resumes_with_the_same_command(tmp_
 
     with monkeypatch.context() as before:
         before.setattr(pipeline_files, "absolute_paths", lambda cfg, modules: None)
-        run = train(cfg(1), data=data)
+        run = train(cfg(1), data=captioned_batches)
     assert yaml.safe_load((run / "config.yaml").read_text())["conditioner"]["vocab"] == "myvocab.txt"
     with pytest.warns(Warning) as caught:
-        train(cfg(2), data=data)
+        train(cfg(2), data=captioned_batches)
     assert not any("vocab" in str(w.message) for w in caught)
     assert (run / "checkpoints" / "step_000000002").is_dir()

@@ -116,10 +116,7 @@ def test_ranks_that_would_resume_from_different_checkpoints_stop_in_one_line(tmp
     """A run_dir local to each machine: rank 0 finds the checkpoints rank 0 wrote, the other
     ranks find none. Every rank stops with the same line naming each rank's checkpoint, rather
     than rank 0 resuming while the others start from step 0 (or hang at a collective)."""
-    images = tmp_path / "images"
-    make_image_folder(images, per_class=4, size=(8, 8))
-    shards = tmp_path / "shards"
-    prepare("image_folder", shards, path=str(images), shard_size=4, progress=False)
+    shards = _tiny_shards(tmp_path)
     torchrun = Path(sys.executable).with_name("torchrun")
     # ${oc.env:RANK}: each rank its own folder, as node-local storage would give it
     run = f"{tmp_path}/node" + "${oc.env:RANK}"
@@ -152,23 +149,13 @@ def test_ranks_that_would_resume_from_different_checkpoints_stop_in_one_line(tmp
 def test_torchrun_trains_the_paper_text_conditioner(tmp_path):
     """conditioner=bert under DDP (trainer.ddp_find_unused_parameters=false, the default): every
     trainable parameter must get a gradient each step, or the second step stops every rank."""
-    images = tmp_path / "images"
-    make_image_folder(images, per_class=4, size=(8, 8))  # every other image has a caption
-    shards = tmp_path / "shards"
-    prepare("image_folder", shards, path=str(images), shard_size=4, progress=False)
-    run = tmp_path / "run"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    out = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "ldmkit.cli", "train",
-         "stage=ldm", "trainer=ldm_tiny", "first_stage=identity", "denoiser=unet_tiny", "conditioner=bert",
-         "conditioner.n_layer=1", "conditioner.max_seq_len=8", "data=image_folder", f"data.path={shards}",
-         "image_size=8", f"run_dir={run}", "trainer.max_steps=3", "trainer.batch_size=2",
-         "trainer.sample_every=null", "trainer.val_every=null"],
-        capture_output=True, text=True, env=_environment(), timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
+    shards, run = _tiny_shards(tmp_path), tmp_path / "run"  # every other image has a caption
+    proc = _torchrun_train(shards, run, "conditioner=bert", "conditioner.n_layer=1", "conditioner.max_seq_len=8",
+                           "trainer.max_steps=3")  # fmt: skip
+    out, err = _finish(proc, 300)
+    assert proc.returncode == 0, err[-3000:]
     assert (run / "checkpoints" / "step_000000003").is_dir()
-    assert out.stdout.count("run directory:") == 1, out.stdout  # rank 0's, not one per rank
+    assert out.count("run directory:") == 1, out  # rank 0's, not one per rank
 
 
 @pytest.mark.slow
@@ -176,25 +163,9 @@ def test_latent_cache_under_torchrun(tmp_path):
     """trainer.latent_cache under torchrun: rank 0 builds the cache while the other ranks wait,
     then every rank trains from it (rank 0's signal check while building took part in a
     collective the waiting ranks never joined: the run hung for good)."""
-    images = tmp_path / "images"
-    make_image_folder(images, per_class=4, size=(8, 8))
-    shards = tmp_path / "shards"
-    prepare("image_folder", shards, path=str(images), shard_size=4, progress=False)
-    run = tmp_path / "run"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.Popen(
-        [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "ldmkit.cli", "train",
-         "stage=ldm", "trainer=ldm_tiny", "first_stage=identity", "denoiser=unet_tiny",
-         "data=image_folder", f"data.path={shards}", "image_size=8", f"run_dir={run}",
-         "trainer.max_steps=2", "trainer.batch_size=2", "trainer.latent_cache=true"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_environment(),
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        _, err = proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its ranks
-        pytest.fail(f"the run hung: {proc.communicate()[1][-3000:]}")
+    shards, run = _tiny_shards(tmp_path), tmp_path / "run"
+    proc = _torchrun_train(shards, run, "trainer.max_steps=2", "trainer.latent_cache=true")
+    _, err = _finish(proc, 90)
     assert proc.returncode == 0, err[-3000:]
     assert (run / "latent_cache" / "meta.json").is_file()
     assert (run / "checkpoints" / "step_000000002").is_dir()
@@ -213,10 +184,18 @@ def _torchrun_train(shards: Path, run: Path, *overrides: str) -> subprocess.Pope
     )  # fmt: skip
 
 
-def _finish(proc: subprocess.Popen, timeout: float) -> str:
-    """The run's stderr once it ends; a hang kills torchrun and its ranks and fails the test."""
+def _tiny_shards(tmp_path: Path, shard_size: int = 4) -> Path:
+    """12 captioned-or-not 8x8 images in 3 classes, prepared as shards under tmp_path."""
+    make_image_folder(tmp_path / "images", per_class=4, size=(8, 8))
+    prepare("image_folder", tmp_path / "shards", path=str(tmp_path / "images"), shard_size=shard_size, progress=False)
+    return tmp_path / "shards"
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """The run's stdout and stderr once it ends; a hang kills torchrun and its ranks and fails
+    the test."""
     try:
-        return proc.communicate(timeout=timeout)[1]
+        return proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail(f"the run hung: {proc.communicate()[1][-3000:]}")
@@ -242,11 +221,7 @@ def _rank_pid(torchrun: int, rank: int) -> int:
 def test_a_rank_killed_stops_the_others_in_one_line(tmp_path):
     """A rank SIGKILLed mid-run (out of memory, a lost machine): the surviving rank says so in
     one line naming the newest checkpoint, instead of gloo's "Connection reset by peer" traceback."""
-    images = tmp_path / "images"
-    make_image_folder(images, per_class=4, size=(8, 8))
-    shards = tmp_path / "shards"
-    prepare("image_folder", shards, path=str(images), shard_size=4, progress=False)
-    run = tmp_path / "run"
+    shards, run = _tiny_shards(tmp_path), tmp_path / "run"
     proc = _torchrun_train(shards, run, "trainer.max_steps=100000", "trainer.checkpoint_every=2")
     try:
         while not (run / "checkpoints" / "step_000000002").is_dir():
@@ -256,7 +231,7 @@ def test_a_rank_killed_stops_the_others_in_one_line(tmp_path):
     except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
-    err = _finish(proc, 60)
+    _, err = _finish(proc, 60)
     assert proc.returncode != 0
     lines = [line for line in err.splitlines() if line.startswith("ldmkit train: error: ")]
     assert len(lines) == 1, err[-3000:]  # rank 0's; rank 1 said nothing, it was killed
@@ -274,13 +249,9 @@ def test_fewer_shards_than_ranks_stops_every_rank_in_one_line(tmp_path):
     """data.resampled=false deals whole shards to the ranks: with one shard for two ranks rank 1
     would have nothing to train on. Every rank stops before the first step with the reason and
     the fix (rank 1 found "no valid sample" and rank 0 died of the lost connection)."""
-    images = tmp_path / "images"
-    make_image_folder(images, per_class=4, size=(8, 8))
-    shards = tmp_path / "shards"
-    prepare("image_folder", shards, path=str(images), shard_size=100, progress=False)  # 1 shard
-    run = tmp_path / "run"
+    shards, run = _tiny_shards(tmp_path, shard_size=100), tmp_path / "run"  # 1 shard
     proc = _torchrun_train(shards, run, "trainer.max_steps=2", "data.resampled=false")
-    err = _finish(proc, 60)
+    _, err = _finish(proc, 60)
     assert proc.returncode != 0
     line = (
         f"ldmkit train: error: {shards} split 'train' has 1 shard for 2 ranks and "
