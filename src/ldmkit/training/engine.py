@@ -450,10 +450,9 @@ class Trainer(abc.ABC):
         finally:
             bar.close()
             if hasattr(batches, "close"):
-                # End the data workers now, while the signal watch still holds SIGCHLD: an
-                # exception's traceback keeps this frame, and with it the workers, alive; one
-                # dying later of a process-group SIGTERM would make torch's SIGCHLD handler
-                # raise wherever the program is then (the CLI printing the stop line)
+                # End the data workers now: an exception's traceback keeps this frame, and with
+                # it the workers, alive until it is collected (after a stop signal the signal
+                # watch also leaves SIGCHLD at the default, for workers that signal ended)
                 batches.close()
 
     def _check_image_size(self) -> None:
