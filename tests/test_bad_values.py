@@ -216,6 +216,11 @@ def test_several_bad_values_are_named_in_one_line(capsys, tmp_path):
             ["conditioner=class_label", "--labels", "1,99999999999999999999"],
             "--labels '1,99999999999999999999': class id 99999999999999999999 is out of range",
         ),
+        (  # a label past the table: the message named no flag
+            "sample",
+            ["conditioner=class_label", "--labels", "10"],
+            "class labels must be in [0, 10); got min 10, max 10 (inputs: --labels=10)",
+        ),
     ],
 )
 def test_bad_values_of_evaluate_and_sample(command, args, message, tmp_path, capsys):

@@ -180,6 +180,7 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
         if path is not None:
             sources[flag] = str(path)
+    failed_inputs = dict(sources, **({"--labels": args.labels} if args.labels else {}))
     num_samples, rows = args.num_samples, args.rows
     if conditioner.input_keys:
         if num_samples is not None and all(k in batch for k in conditioner.input_keys):
@@ -206,7 +207,7 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
             init_image=init_image, mask=mask, callback=progress, precision=resolved, compile=cfg.get("compile", False),
         ))  # fmt: skip
     except (LdmkitError, ValueError) as err:
-        where = "; ".join(f"{flag}={path}" for flag, path in sources.items())
+        where = "; ".join(f"{flag}={path}" for flag, path in failed_inputs.items())
         raise CLIError(message(err, SAMPLE_FLAGS) + (f" (inputs: {where})" if where else "")) from err
     finally:
         bar.close()
