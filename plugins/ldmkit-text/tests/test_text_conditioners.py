@@ -124,6 +124,22 @@ def test_truncation_warns_once_per_instance_and_counts(make):
     assert len([w for w in caught if "truncated" in str(w.message)]) == 1
 
 
+@pytest.mark.parametrize("make", [tiny_bert, frozen], ids=["bert", "frozen_text"])
+def test_text_the_vocab_does_not_know_warns_once_quoting_it(make):
+    """bert-base-uncased's vocab maps emoji to [UNK]: "🐸" and "🍎" would be one condition."""
+    c = make().eval()
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        frog, apple = c({"caption": ["a 🐸 on a log", "a 🍎 on a log", "red apple"]})["crossattn"][:2]
+        c({"caption": ["☃"]})
+        c({"caption": ["snowman"]})
+    unknown = [str(w.message) for w in caught if "does not know" in str(w.message)]
+    assert len(unknown) == 1, [str(w.message) for w in caught]
+    assert "2 prompt(s) in this batch" in unknown[0] and "('🐸', '🍎')" in unknown[0], unknown[0]
+    assert c.unknown_prompts == 3
+    torch.testing.assert_close(frog, apple)  # why it warns: the two prompts are one condition
+
+
 def test_a_lone_string_or_missing_key_is_a_clear_error():
     c = tiny_bert()
     with pytest.raises(PromptTypeError, match=r"list of prompts, got str \(wrap a single prompt: \['red apple'\]\)"):

@@ -127,6 +127,7 @@ class BertConditioner(TextConditioner):
             raise TypeError("bert with use_tokenizer=false encodes token ids, not prompts (see token_ids)")
         tokens, cut = self.tokenizer.encode(prompts, device=self.transformer.token_emb.weight.device)
         self.note_truncated(cut, self.max_seq_len)
+        self.note_unknown(prompts, *self.tokenizer.token_spans(prompts), self.tokenizer.unk_id)
         return self.transformer(tokens)
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:

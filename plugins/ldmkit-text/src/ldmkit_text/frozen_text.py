@@ -104,8 +104,11 @@ class FrozenTextConditioner(PromptEncoder):
         return next(self.encoder.parameters()).device
 
     def encode(self, prompts: list[str]) -> dict[str, Tensor]:
-        lengths = [len(ids) for ids in self.tokenizer(prompts, verbose=False)["input_ids"]]
-        self.note_truncated(sum(n > self.max_length for n in lengths), self.max_length)
+        fast = self.tokenizer.is_fast  # only fast tokenizers give character spans
+        spans = self.tokenizer(prompts, verbose=False, return_offsets_mapping=fast)
+        self.note_truncated(sum(len(ids) > self.max_length for ids in spans["input_ids"]), self.max_length)
+        if fast:
+            self.note_unknown(prompts, spans["input_ids"], spans["offset_mapping"], self.tokenizer.unk_token_id)
         tokens = self.tokenizer(
             prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self._device())

@@ -1,9 +1,10 @@
-"""What the text conditioners share: reading prompts from a batch, counting cut ones."""
+"""What the text conditioners share: reading prompts from a batch, counting cut ones and
+ones with text the vocabulary does not know."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
@@ -23,6 +24,8 @@ class TextConditioner(Conditioner):
 
     ``truncated_prompts`` counts the prompts cut to the token limit over this instance's
     life; the first batch with cut prompts warns once, later ones are cut silently.
+    ``unknown_prompts`` counts the prompts with text the tokenizer maps to its unknown token
+    (emoji and most symbols in the bert-base-uncased vocab), with one warning the same way.
     """
 
     def __init__(self, *, input_key: str = "caption") -> None:
@@ -31,7 +34,9 @@ class TextConditioner(Conditioner):
         self.input_keys = (input_key,)
         self.input_kinds = {input_key: "text"}
         self.truncated_prompts = 0
+        self.unknown_prompts = 0
         self._warned = False
+        self._warned_unknown = False
 
     def prompts(self, batch: Mapping[str, Any]) -> list[str]:
         """``batch[input_key]`` as a list of strings (a lone string is an error: B would be ambiguous)."""
@@ -61,6 +66,33 @@ class TextConditioner(Conditioner):
                 f"{type(self).__name__}: {count} prompt(s) in this batch exceed {limit} tokens and "
                 f"were truncated; further long prompts are truncated silently (the count is kept "
                 f"in .truncated_prompts)",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+    def note_unknown(
+        self, prompts: Sequence[str], ids: Sequence[Sequence[int]], offsets: Sequence[Sequence[tuple[int, int]]], unk_id: int | None
+    ) -> None:
+        """Record the prompts whose tokens (``ids``, with character ``offsets`` into each
+        prompt) hold ``unk_id``; warn the first time only, quoting the unknown text."""
+        if unk_id is None:
+            return
+        unknown = [
+            prompt[start:end] for prompt, row, spans in zip(prompts, ids, offsets, strict=True)
+            for token, (start, end) in zip(row, spans, strict=True) if token == unk_id
+        ]  # fmt: skip
+        count = sum(unk_id in row for row in ids)
+        if count <= 0:
+            return
+        self.unknown_prompts += count
+        if not self._warned_unknown:
+            self._warned_unknown = True
+            shown = ", ".join(repr(t) for t in dict.fromkeys(unknown[:8]))
+            warnings.warn(
+                f"{type(self).__name__}: {count} prompt(s) in this batch hold text its vocabulary does not "
+                f"know ({shown}), encoded as the unknown token, so prompts that differ only in such text get the "
+                f"same condition; further ones are encoded silently (the count is kept in .unknown_prompts)",
                 UserWarning,
                 stacklevel=3,
             )

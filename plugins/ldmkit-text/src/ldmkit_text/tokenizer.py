@@ -116,6 +116,15 @@ class WordPieceTokenizer:
         ids = ids.reshape(-1, self.max_length)
         return ids, sum(bool(e.overflowing) for e in encodings)
 
+    def token_spans(self, prompts: Sequence[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+        """Each prompt's ids (before padding, cut as ``encode`` cuts) and their character spans."""
+        encodings = self._tok.encode_batch(list(prompts))
+        return [e.ids for e in encodings], [e.offsets for e in encodings]
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._tok.token_to_id("[UNK]")
+
     def decode(self, ids: Sequence[int] | Tensor) -> str:
         """The text of one row of ids, special tokens dropped."""
         if isinstance(ids, Tensor):
