@@ -160,3 +160,44 @@ def test_missing_data_names_the_data_the_run_was_trained_on(tmp_path, monkeypatc
         "data its command line gives, so repeat the run's data overrides (or its experiment=)"
     )
     assert str(err.value).startswith(f"no prepared dataset at {tmp_path / 'data' / 'fashion_mnist'}")
+
+
+def test_an_ldm_run_is_scored_by_its_first_stage_and_the_report_says_so(trained_run, tmp_path):
+    """Before: `evaluate stage=autoencoder run_dir=<an LDM run>` scored the first stage quietly."""
+    images, data = _data()
+    ldm_run = tmp_path / "ldm"
+    cfg = compose_config(["stage=ldm", "trainer=ldm_tiny", "trainer.max_steps=1", "trainer.num_threads=1",
+                          "first_stage=kl_tiny", "first_stage.encode_mode=mode", f"first_stage.checkpoint={trained_run}",
+                          "denoiser=unet_tiny",
+                          "image_size=16", f"run_dir={ldm_run}"])
+    threads = torch.get_num_threads()
+    train(cfg, data=data)
+    torch.set_num_threads(threads)
+    options = ["eval.fid_features=none", "eval.lpips=false", f"eval.output={tmp_path / 'r.json'}"]
+    on_ldm = evaluate(compose_config(["stage=autoencoder", f"run_dir={ldm_run}", *options]), data=data)
+    on_first = evaluate(compose_config(["stage=autoencoder", f"run_dir={trained_run}", *options]), data=data)
+    assert on_ldm["psnr"] == on_first["psnr"]  # the same weights scored
+    assert on_ldm["note"] == (f"{ldm_run / 'checkpoints' / 'step_000000001'} is a ldm run: this scores its first "
+                              f"stage (trained in {trained_run}), not its samples")
+    assert "note" not in on_first
+
+
+def test_an_encoder_that_samples_scores_the_same_numbers_twice(tmp_path):
+    """Before: a KL first stage with encode_mode=sample (the presets' default) drew its latents
+    from the unseeded global RNG, so each `ldmkit evaluate` printed other numbers."""
+    _, data = _data()
+    run = tmp_path / "run"
+    cfg = compose_config(["stage=autoencoder", "first_stage=kl_tiny", "first_stage.encode_mode=sample",
+                          "trainer=autoencoder_tiny", "trainer.max_steps=2", "trainer.tensorboard=false",
+                          "trainer.num_threads=1", f"run_dir={run}"])
+    threads = torch.get_num_threads()
+    train(cfg, data=data)
+    torch.set_num_threads(threads)
+    options = ["eval.fid_features=none", "eval.lpips=false", f"eval.output={tmp_path / 'r.json'}"]
+    reports = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)  # whatever the caller's RNG holds
+        reports.append(evaluate(compose_config(["stage=autoencoder", f"run_dir={run}", *options]), data=data))
+    assert reports[0]["psnr"] == reports[1]["psnr"] and reports[0]["ssim"] == reports[1]["ssim"]
+    other = evaluate(compose_config(["stage=autoencoder", f"run_dir={run}", "seed=7", *options]), data=data)
+    assert other["psnr"] != reports[0]["psnr"]  # the latents are drawn, from the run's seed

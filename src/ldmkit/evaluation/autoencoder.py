@@ -190,6 +190,9 @@ def evaluate_autoencoder(
             check_image_sizes(cfg, int(first_stage.downsample_factor), f"the first stage of {checkpoint.path}")
         report.update(checkpoint=str(checkpoint.path), step=checkpoint.step,
                       first_stage=OmegaConf.to_container(saved.first_stage, resolve=True))
+        if saved.get("stage", "autoencoder") != "autoencoder":  # said, not scored silently
+            report["note"] = (f"{checkpoint.path} is a {saved.get('stage')} run: this scores its first stage "
+                              f"(trained in {saved.first_stage.get('checkpoint') or 'that run'}), not its samples")
     else:
         first_stage = first_stage.to(device).eval()
     if options["split"] is None:  # ${manifest:val_split} of data prepared without a held-out split
@@ -224,10 +227,14 @@ def evaluate_autoencoder(
             ) from None
     lpips_model, lpips_note = _lpips_model(options["lpips"], device)
     feature_model, feature_note = _feature_model(options, device)
-    metrics = reconstruction_metrics(
-        first_stage, batches, device=device, lpips_model=lpips_model,
-        feature_model=feature_model, max_images=options["max_images"],
-    )
+    # an encoder that samples (KL with encode_mode=sample) draws from the run's seed: the same
+    # command scores the same numbers, and the caller's RNG is left as it was
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(cfg.get("seed", 0)))
+        metrics = reconstruction_metrics(
+            first_stage, batches, device=device, lpips_model=lpips_model,
+            feature_model=feature_model, max_images=options["max_images"],
+        )
     report.update(split=split, **metrics)
     report["frechet_features"] = feature_note if feature_model is not None else None
     notes = report.pop("skipped", {})
