@@ -252,10 +252,12 @@ class Pipeline(nn.Module):
             image, keep = image.clone(), (1 - mask).expand_as(image).clone()
             # a cell moves if one of its f x f pixels is kept (any kept weight > 0 in the block)
             movable = (masks.latent_mask(1 - mask.float(), f) > 0).to(z.dtype)
-            count = float(keep.sum().clamp_min(1))
+            # each sample's squared error over its own kept pixels: a sample moves as it would alone
+            count = keep.flatten(1).sum(1).clamp_min(1)
             optimizer = torch.optim.Adam([z], lr=lr)
             for _ in range(steps):
-                loss = ((self.decode(z, tile=tile, tile_overlap=tile_overlap) - image).square() * keep).sum() / count
+                error = ((self.decode(z, tile=tile, tile_overlap=tile_overlap) - image).square() * keep).flatten(1)
+                loss = (error.sum(1) / count).sum()
                 (grad,) = torch.autograd.grad(loss, z)  # no gradients into the first stage's weights
                 z.grad = grad * movable
                 optimizer.step()
