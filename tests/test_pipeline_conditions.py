@@ -125,3 +125,23 @@ def test_refine_known_moves_each_sample_as_if_it_were_alone():
     for i in range(2):
         alone = pipe.refine_known(z0[i : i + 1], image[i : i + 1], mask[i : i + 1], 10)
         assert float((both[i : i + 1] - alone).abs().max()) <= 2e-5, i
+
+
+@pytest.mark.parametrize("sampler", [["sampler=euler_ancestral"], ["sampler=ddim", "sampler.eta=1.0"], ["sampler=ddpm"]],
+                         ids=["euler_ancestral", "ddim_eta1", "ddpm"])
+def test_a_mask_that_keeps_nothing_samples_what_plain_sampling_samples(sampler):
+    """Before: the kept region's re-noising drew from each sample's generator at every step
+    even where the mask kept nothing, so an ancestral sampler's later noise moved: an all-white
+    mask (regenerate everything) at strength 1 did not give the plain sample of its seed. Now a
+    sample that keeps nothing draws nothing extra, in a batch with one that keeps something too."""
+    import ldmkit
+
+    pipe = ldmkit.compose(overrides=["first_stage=identity", "image_size=8", "sampler.steps=4", *sampler]).eval()
+    image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    mask = torch.ones(2, 1, 8, 8)
+    mask[1, :, :, :4] = 0  # sample 1 keeps its left half
+    plain = pipe.sample(num_samples=2, seed=0)
+    masked = pipe.sample(init_image=image, mask=mask, num_samples=2, seed=0)
+    torch.testing.assert_close(masked[0], plain[0], atol=1e-6, rtol=0)
+    assert not torch.allclose(masked[1], plain[1], atol=1e-2)  # the kept half is kept
+    torch.testing.assert_close(masked[1, :, :, :4], image[0, :, :, :4].clamp(-1, 1), atol=1e-5, rtol=0)

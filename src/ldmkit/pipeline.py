@@ -189,10 +189,22 @@ class Pipeline(nn.Module):
         call in low precision makes it again."""
         self.__dict__["_low_precision_denoiser"] = None
 
-    def _encode_init(self, images: Tensor, n: int, generator: GeneratorArg, tiling: Mapping[str, Any]) -> Tensor:
+    def _encode_init(
+        self, images: Tensor, n: int, generator: GeneratorArg, tiling: Mapping[str, Any], unused: Tensor | None = None
+    ) -> Tensor:
         """Latents of ``images`` (B = 1 or n) for n samples. A first stage that samples its
         posterior (KL, ``encode_mode=sample``) draws from the samples' generator(s): sample i's
-        latent depends on its own generator only, whatever the batch."""
+        latent depends on its own generator only, whatever the batch. Samples marked in
+        ``unused`` (n bools: their latent is never read) get zeros and draw nothing, so their
+        generators stay where plain sampling has them."""
+        if unused is not None and bool(unused.all()):
+            return images.new_zeros(n, *self.first_stage.latent_shape(*images.shape[-2:]))
+        if unused is not None and isinstance(generator, Sequence):
+            zeros = images.new_zeros(1, *self.first_stage.latent_shape(*images.shape[-2:]))
+            return torch.cat([
+                zeros if skip else self._encode_init(images[i : i + 1] if images.shape[0] > 1 else images, 1, [g], tiling)
+                for i, (g, skip) in enumerate(zip(generator, unused.tolist(), strict=True))
+            ])  # fmt: skip
         if generator is None:
             z = self.encode(images, **tiling)
         elif isinstance(generator, torch.Generator):
@@ -301,7 +313,13 @@ class Pipeline(nn.Module):
         shape = r.latent_shape(self, cond)
         r.check_memory(self, shape, cond, uncond)
         noise = randn_like(torch.empty(shape), generators).to(device) if r.noise is None else r.noise.to(device)
-        init = self._encode_init(images, n, generators, tiling) if images is not None else None
+        init = None
+        if images is not None:
+            # inpainting at strength 1 reads the init latent only where the mask keeps something
+            unused = None
+            if r.mask is not None and r.strength == 1.0:
+                unused = (r.mask >= 1).flatten(1).all(1).expand(n)
+            init = self._encode_init(images, n, generators, tiling, unused)
         latent_mask, known, pixels = r.latent_mask, r.known, None  # pixels: (image, mask) kept, for refine_known
         if r.mask is not None:
             latent_mask, known = masks.latent_mask(r.mask, self.first_stage.downsample_factor), init

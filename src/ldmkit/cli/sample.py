@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -180,7 +181,8 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
         if path is not None:
             sources[flag] = str(path)
-    failed_inputs = dict(sources, **({"--labels": args.labels} if args.labels else {}))
+    given = {"--labels": args.labels, "--prompt": " | ".join(args.prompt or [])}
+    conditions = {flag: value for flag, value in given.items() if value}  # named where the conditioner fails
     num_samples, rows = args.num_samples, args.rows
     if conditioner.input_keys:
         if num_samples is not None and all(k in batch for k in conditioner.input_keys):
@@ -207,7 +209,8 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
             init_image=init_image, mask=mask, callback=progress, precision=resolved, compile=cfg.get("compile", False),
         ))  # fmt: skip
     except (LdmkitError, ValueError) as err:
-        where = "; ".join(f"{flag}={path}" for flag, path in failed_inputs.items())
+        inputs = dict(sources, **(conditions if _raised_in(err, "_conditions") else {}))
+        where = "; ".join(f"{flag}={path}" for flag, path in inputs.items())
         raise CLIError(message(err, SAMPLE_FLAGS) + (f" (inputs: {where})" if where else "")) from err
     finally:
         bar.close()
@@ -257,6 +260,11 @@ def _sample_size(args: argparse.Namespace, trained: int | None) -> tuple[int, in
     h = args.height if args.height is not None else base or args.width
     w = args.width if args.width is not None else base or args.height
     return h, w
+
+
+def _raised_in(err: BaseException, function: str) -> bool:
+    """Whether ``err`` was raised inside a call of ``function`` (e.g. the pipeline's conditioning)."""
+    return any(frame.f_code.co_name == function for frame, _ in traceback.walk_tb(err.__traceback__))
 
 
 def _check_labels(labels: str | None) -> None:

@@ -79,6 +79,24 @@ def randn_like(like: Tensor, generator: GeneratorArg = None) -> Tensor:
     return noise.to(like.dtype)
 
 
+def kept_noise(like: Tensor, generator: GeneratorArg, mask: Tensor) -> Tensor:
+    """The noise that re-noises an inpainting's kept region (``randn_like``), drawn only for
+    the samples whose ``mask`` keeps something: a sample that keeps nothing (an all-1 mask)
+    draws what plain sampling draws, and its result equals plain sampling's, ancestral
+    samplers included. With one generator or the global RNG (no per-sample streams) the
+    noise is drawn unless no sample keeps anything."""
+    keeps = (mask.expand_as(like) < 1).flatten(1).any(1).tolist()
+    if generator is None or isinstance(generator, torch.Generator):
+        return randn_like(like, generator) if any(keeps) else torch.zeros_like(like)
+    generators = list(generator)
+    if len(generators) != like.shape[0]:
+        raise ValueError(f"got {len(generators)} generators for a batch of {like.shape[0]}: give one per sample")
+    return torch.stack([
+        randn_like(like[i : i + 1], [g])[0] if keep else torch.zeros_like(like[i])
+        for i, (g, keep) in enumerate(zip(generators, keeps, strict=True))
+    ])  # fmt: skip
+
+
 def split_generator(generator: GeneratorArg, start: int, stop: int) -> GeneratorArg:
     """The generators of samples ``start:stop`` (a single generator is shared, as given)."""
     if generator is None or isinstance(generator, torch.Generator):
@@ -228,7 +246,7 @@ class DiscreteSampler(_SpacedSampler):
                     kept = known
                 else:
                     tp = torch.full((z.shape[0],), t_prev, device=z.device, dtype=torch.long)
-                    kept = schedule.q_sample(known, tp, randn_like(z, generator))
+                    kept = schedule.q_sample(known, tp, kept_noise(z, generator, mask))
                 z = mask * z + (1 - mask) * kept
             if callback is not None:
                 callback({"i": i, "t": t, "z": z, "x0": x0})
@@ -430,7 +448,7 @@ class SigmaSampler(_SpacedSampler):
                     # for spacings that end at sigma_0 > 0 (paper, quad)
                     kept = known * math.sqrt(1 + sigma_next**2)
                 else:
-                    kept = known + sigma_next * randn_like(x, generator)
+                    kept = known + sigma_next * kept_noise(x, generator, mask)
                 x = mask * x + (1 - mask) * kept
             if callback is not None:
                 callback(
@@ -469,6 +487,7 @@ __all__ = [
     "SigmaStep",
     "SIGMA_SPACINGS",
     "check_mask",
+    "kept_noise",
     "check_spacing",
     "sigma_levels",
     "sigma_table",
