@@ -488,3 +488,16 @@ def test_interrupted_checkpoint_write_is_invisible(tmp_path):
         torch.save = original
     assert [c.step for c in manager.list()] == [1] and manager.latest().step == 1
     assert len(manager.remove_incomplete()) == 1
+
+
+def test_more_readers_than_shards_is_one_warning_line(shards, tmp_path, capsys):
+    """Before: a UserWarning with its source location and code line (two lines, on every rank)."""
+    run_dir = tmp_path / "run"
+    args = faults.stage_args(1, shards, run_dir, "trainer.max_steps=1", "trainer.num_workers=7")
+    assert faults.train_in_process(args) == 0
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if "readers" in x or "warnings.warn" in x]
+    assert lines == [
+        f"ldmkit train: warning: {shards} split 'train' has 6 shards for 7 readers (1 ranks x 7 workers): "
+        "some get no data; prepare with a smaller shard_size or use resampled=True"
+    ], err

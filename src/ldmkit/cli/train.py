@@ -37,8 +37,8 @@ def train(argv: Sequence[str], *, prog: str, description: str) -> int:
     main_rank = os.environ.get("RANK", "0") == "0"
 
     def show(message, category, filename, lineno, file=None, line=None):
-        # the trainer's own warnings: one line each
-        if category.__module__.startswith("ldmkit.training."):
+        # the trainer's own warnings, and data warnings every rank gives alike: one line each
+        if category.__module__.startswith("ldmkit.training.") or getattr(category, "same_on_every_rank", False):
             if main_rank:
                 print(f"{prog}: warning: {message}", file=file or sys.stderr)
         else:

@@ -14,3 +14,10 @@ class SourceNotFoundError(DataError, FileNotFoundError):
 
     The message says what to install or where to put the files.
     """
+
+
+class ShardShareWarning(UserWarning):
+    """Some of the data's readers (ranks x workers) get no shard. Every rank computes the same
+    numbers, so ``ldmkit train`` prints it once, on rank 0, in one line."""
+
+    same_on_every_rank = True

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ldmkit.data.decode import SampleDecoder, SampleError
-from ldmkit.data.errors import DataError
+from ldmkit.data.errors import DataError, ShardShareWarning
 from ldmkit.data.location import Location, locate
 from ldmkit.data.manifest import Manifest, read_manifest
 from ldmkit.data.remote import Retry
@@ -384,11 +384,13 @@ def build_dataloader(
             f"at most {max(1, samples // world_size)} samples per shard here) or set data.resampled=true"
         )
     readers = world_size * max(1, num_workers)
-    if not resampled and len(shards) < readers:
+    # the training stream only: a held-out split is read whole, idle workers lose nothing there
+    if not resampled and len(shards) < readers and (every_rank or split == "train"):
         warnings.warn(
             f"{directory} split {split!r} has {len(shards)} shards for {readers} readers "
             f"({world_size} ranks x {max(1, num_workers)} workers): some get no data; prepare "
             f"with a smaller shard_size or use resampled=True",
+            ShardShareWarning,
             stacklevel=2,
         )
     stream = ShardStream(
