@@ -263,10 +263,14 @@ class ShardLoader(DataLoader):
     def _identity(self) -> dict[str, Any]:
         stream: ShardStream = self.dataset
         names = "\n".join(stream.names)  # where the shards are may change; their names not
+        # nor what they hold: data prepared again under the same names has other checksums
+        sums = {shard.name: shard.sha256 for shard in self.manifest.split(self.split).shards}
+        content = "\n".join(sums.get(name, "") for name in stream.names)
         return {
             "kind": "shards",
             "split": self.split,
             "shards": hashlib.sha256(names.encode()).hexdigest()[:16],
+            "content": hashlib.sha256(content.encode()).hexdigest()[:16],
             "window": stream.window,
             "readers": self.readers,
             "rank": stream.rank,
@@ -296,6 +300,7 @@ class ShardLoader(DataLoader):
             ("kind", "the data source"),
             ("split", "the split"),
             ("shards", "the split's shards"),
+            ("content", "what the shards hold (their sha256 in manifest.json)"),
             ("readers", "the number of DataLoader workers (trainer.num_workers)"),
             ("world_size", "the number of ranks"),
             ("rank", "the rank"),
@@ -304,6 +309,8 @@ class ShardLoader(DataLoader):
             ("shuffle", "shuffling"),
             ("seed", "the seed"),
         ):
+            if key == "content" and key not in state:  # saved before the checksums were compared
+                continue
             if state.get(key) != mine[key]:
                 reasons.append(f"{what} changed from {state.get(key)} to {mine[key]}")
         if reasons:
