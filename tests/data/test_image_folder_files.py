@@ -93,6 +93,27 @@ def test_16_bit_gray_is_scaled_by_its_bit_depth_not_its_brightest_pixel(tmp_path
     np.testing.assert_array_equal(np.asarray(sample.image), np.round(values / 257).astype(np.uint8))
 
 
+@pytest.mark.parametrize(
+    ("values", "white"),
+    [
+        (np.linspace(0, 1, 16, dtype=np.float32), 1.0),  # a float image in [0, 1]: was nearly black
+        (np.linspace(0, 200, 16, dtype=np.float32), 255.0),  # float with 8-bit values
+        (np.linspace(0, 2**31 - 1, 16).astype(np.int32), 2**31 - 1),  # 32-bit integer: was white
+    ],
+    ids=["float-unit", "float-8-bit", "int32"],
+)
+def test_32_bit_gray_is_scaled_by_its_range(tmp_path, values, white):
+    """Before: mode F and I images went through "a value above 255 means 16-bit": a float
+    TIFF in [0, 1] came out black (0 or 1 of 255), a full-range 32-bit one white."""
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.fromarray(values.reshape(4, 4)).save(root / "scan.tiff")
+    sample = ImageFolder(path=str(root)).load(root / "scan.tiff")
+    assert sample.image.mode == "L"
+    expected = np.round(values.astype(np.float64).reshape(4, 4) * (255.0 / white)).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(sample.image), expected)
+
+
 def test_a_val_split_carved_out_of_train_is_written_and_replaced_with_it(tmp_path):
     """Before: ``split=train val_fraction=F`` wrote train without the carved items and no val
     (F of the images silently gone), and rewriting train with ``val_fraction=0`` kept the old

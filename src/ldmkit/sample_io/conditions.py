@@ -55,9 +55,11 @@ def _load_png(path: Path, kind: str, channels: int, flag: str = "--cond") -> tor
                 f"{flag}: {path} is a {image.mode} image; a class map is a one-channel PNG of class ids (mode L or P)"
             )
         return torch.from_numpy(np.array(image, dtype=np.int64))
-    # a 16-bit grayscale PNG (mode I;16, or I in older Pillow): convert() would clip it at 255
-    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
-        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    # 16-bit, 32-bit and float grayscale: convert() would clip at 255; scaled as training data is
+    if image.mode.startswith("I") or image.mode == "F":
+        from ldmkit.data.sources.base import normalize_mode
+
+        image = normalize_mode(image)
     if kind == "mask":
         gray = np.asarray(image.convert("L"), dtype=np.uint8)
         return torch.from_numpy((gray > 127).astype(np.float32))[None]

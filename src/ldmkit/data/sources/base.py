@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -132,14 +133,21 @@ def normalize_mode(image: Image.Image) -> Image.Image:
     if image.mode in ("1",):
         return image.convert("L")
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        # 16-bit grayscale: keep the top 8 bits, as PIL does for 16-bit RGB; 32-bit integer or
-        # float: as 16-bit where a value exceeds 255, else as 8-bit
+        # 16-bit grayscale: keep the top 8 bits, as PIL does for 16-bit RGB. The others carry
+        # no bit depth, so their range decides: float in [0, 1] (the usual float image) as
+        # [0, 1]; else up to 255 as 8-bit, up to 65535 as 16-bit, beyond as 32-bit
         import numpy as np
 
         array = np.asarray(image, dtype=np.float64)
-        sixteen = image.mode.startswith("I;16") or array.max() > 255
-        scale = 255.0 / 65535.0 if sixteen else 1.0
-        return Image.fromarray(np.clip(array * scale, 0, 255).round().astype("uint8"))
+        low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+        if image.mode.startswith("I;16"):
+            top = 65535.0
+        elif image.mode == "F" and low >= 0.0 and high <= 1.0:
+            top = 1.0
+        else:
+            top = next(t for t in (255.0, 65535.0, 2.0**31 - 1, math.inf) if high <= t)
+            top = high if math.isinf(top) else top  # float beyond int32: its own maximum is white
+        return Image.fromarray(np.clip(array * (255.0 / top), 0, 255).round().astype("uint8"))
     return image.convert("RGB")
 
 
