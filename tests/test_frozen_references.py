@@ -91,6 +91,27 @@ def test_a_changed_source_is_refused_naming_it(tmp_path, model_copy):
         Pipeline.load(tmp_path / "p")
 
 
+def test_changed_tokenizer_files_are_refused_naming_them(tmp_path, model_copy):
+    """Before: the hash covered weight files only, so a source whose tokenizer changed (here:
+    no more lowercasing, so "A Red Apple" becomes other tokens) loaded silently and gave other
+    conditions for the same prompts."""
+    folder = tmp_path / "retokenized"
+    shutil.copytree(model_copy, folder)
+    make(folder).save(tmp_path / "p")
+    Pipeline.load(tmp_path / "p")  # unchanged: loads
+    assert json.loads((tmp_path / "p" / FROZEN_FILE).read_text())["parts"]["conditioner.encoder"]["files_sha256"]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        text = (folder / name).read_text()
+        (folder / name).write_text(text.replace('"lowercase": true', '"lowercase": false')
+                                   .replace('"do_lower_case": true', '"do_lower_case": false'))
+    with pytest.raises(FrozenReferenceError, match=r"tokenizer or config files of conditioner\.encoder changed"):
+        Pipeline.load(tmp_path / "p")
+    saved = json.loads((tmp_path / "p" / FROZEN_FILE).read_text())
+    del saved["parts"]["conditioner.encoder"]["files_sha256"]  # a folder saved before: weights only
+    (tmp_path / "p" / FROZEN_FILE).write_text(json.dumps(saved))
+    Pipeline.load(tmp_path / "p")
+
+
 def test_a_missing_source_is_one_clear_error(tmp_path, model_copy):
     folder = tmp_path / "gone"
     shutil.copytree(model_copy, folder)

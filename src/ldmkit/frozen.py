@@ -39,6 +39,7 @@ __all__ = [
     "FrozenReferenceError",
     "check_referenced",
     "fill_referenced",
+    "files_digest",
     "frozen_parts",
     "weights_digest",
     "within",
@@ -58,12 +59,28 @@ _digests: dict[tuple[str, float, int], str] = {}
 def weights_digest(source: str | Path) -> str:
     """sha256 over the weight files of ``source`` (a file, or a folder's files with a weight
     suffix, by relative name); cached per path, size and modification time."""
-    path = Path(source)
+    return _digest(Path(source), WEIGHT_SUFFIXES)
+
+
+def files_digest(*sources: str | Path) -> str:
+    """sha256 over the files beside the weights that decide what a part computes: the
+    tokenizer and config files (``.json``, ``.txt``, ``.model``) of each folder in
+    ``sources``. A reference may carry it as ``files_sha256``, checked like ``sha256``."""
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(_digest(Path(source), FILE_SUFFIXES).encode())
+    return digest.hexdigest()
+
+
+FILE_SUFFIXES = (".json", ".txt", ".model")
+
+
+def _digest(path: Path, suffixes: tuple[str, ...]) -> str:
     files: Iterable[Path]
     if path.is_file():
-        files = [path]
+        files = [path] if path.suffix in suffixes or suffixes is WEIGHT_SUFFIXES else []
     else:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
     digest = hashlib.sha256()
     for file in files:
         stat = file.stat()
@@ -98,6 +115,8 @@ def frozen_parts(model: nn.Module) -> dict[str, dict[str, Any]]:
                     "with the weights (train it, or freeze it with requires_grad_(False))"
                 )
             parts[prefix] = {"source": str(reference["source"]), "sha256": str(reference["sha256"])}
+            if "files_sha256" in reference:
+                parts[prefix]["files_sha256"] = str(reference["files_sha256"])
     return parts
 
 
@@ -130,6 +149,14 @@ def check_restored(
                 f"{reference['sha256'][:12]}... then); restore that source, or save with "
                 "embed_frozen=True (trainer.embed_frozen=true in training) from a copy that has "
                 "the original weights"
+            )
+        # tokenizer and config files: compared where the reference kept their hash (saved since)
+        if "files_sha256" in reference and now.get("files_sha256", reference["files_sha256"]) != reference["files_sha256"]:
+            raise FrozenReferenceError(
+                f"{directory}: the tokenizer or config files of {prefix} changed since it was saved "
+                f"(source {now['source']}: the same weights, other .json/.txt/.model files); restore "
+                "those files, or save with embed_frozen=True (trainer.embed_frozen=true in training), "
+                "which copies them, from a copy that has the original files"
             )
 
 

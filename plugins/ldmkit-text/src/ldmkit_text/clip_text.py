@@ -104,9 +104,11 @@ class ClipTextConditioner(PromptEncoder):
         weights from a checkpoint are not, and are saved with the pipeline."""
         if not self.pretrained:
             return {}
-        from ldmkit.frozen import weights_digest
+        from ldmkit.frozen import files_digest, weights_digest
 
-        return {"transformer": {"source": str(self.path.absolute()), "sha256": weights_digest(self.path)}}
+        folders = dict.fromkeys([self.path, self.tokenizer_path])  # the tokenizer may live apart
+        return {"transformer": {"source": str(self.path.absolute()), "sha256": weights_digest(self.path),
+                                "files_sha256": files_digest(*folders)}}  # fmt: skip
 
     def pipeline_files(self, *, embed_frozen: bool) -> dict[str, Any]:
         """By reference, the folders by their absolute paths; with the weights in the

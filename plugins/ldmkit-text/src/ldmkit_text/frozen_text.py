@@ -83,9 +83,10 @@ class FrozenTextConditioner(PromptEncoder):
         came with a pipeline (``pretrained=False``) are saved with it."""
         if not self.pretrained:
             return {}
-        from ldmkit.frozen import weights_digest
+        from ldmkit.frozen import files_digest, weights_digest
 
-        return {"encoder": {"source": str(self.path.absolute()), "sha256": weights_digest(self.path)}}
+        return {"encoder": {"source": str(self.path.absolute()), "sha256": weights_digest(self.path),
+                            "files_sha256": files_digest(self.path)}}  # fmt: skip
 
     def pipeline_files(self, *, embed_frozen: bool) -> dict[str, Any]:
         """By reference, the folder by its absolute path; with the weights in the pipeline,
