@@ -37,11 +37,17 @@ def build_autoencoder_loss(options: Mapping[str, Any], first_stage: nn.Module) -
     kwargs = dict(options or {})
     if kwargs.get("reduction", "auto") == "auto":
         kwargs["reduction"] = getattr(first_stage, "loss_reduction", "mean")
+    channels = getattr(first_stage, "out_channels", first_stage.image_channels)
     if kwargs.get("disc_in_channels", "auto") == "auto":
-        kwargs["disc_in_channels"] = getattr(first_stage, "out_channels", first_stage.image_channels)
+        kwargs["disc_in_channels"] = channels
+    elif kwargs["disc_in_channels"] != channels:  # else a traceback at the first GAN step
+        raise TrainingError(
+            f"trainer.loss.disc_in_channels={kwargs['disc_in_channels']}: the discriminator judges the "
+            f"first stage's reconstructions, which have {channels} channels; leave it at auto"
+        )
     try:
         return AutoencoderLoss(**kwargs)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:  # the constructor's range checks: one line, no traceback
         raise TrainingError(f"trainer.loss: {err}") from err
 
 
