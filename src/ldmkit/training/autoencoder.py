@@ -150,7 +150,9 @@ class AutoencoderTrainer(Trainer):
                 "discriminator": {"lr": float(disc_lr) if disc_lr is not None else lr, "betas": betas}}
 
     def config_keys_that_must_match(self) -> list[str]:
-        return ["first_stage"]
+        # the discriminator's shape and the autoencoder optimizer's parameters (logvar) are
+        # the checkpoint's too
+        return ["first_stage", *(f"trainer.loss.{key}" for key in ("disc_ndf", "disc_num_layers", "learn_logvar"))]
 
     def training_step(self, batches: Sequence[Mapping[str, Any]], step: int) -> dict[str, Tensor]:
         """One step of both optimizers over its micro-batches: each micro-batch's generator
