@@ -105,6 +105,26 @@ def test_classifier_training_writes_a_loadable_model(tmp_path):
     assert model.features(torch.zeros(2, 3, 28, 28)).shape == (2, 128)
 
 
+def test_a_sampling_first_stage_scores_the_same_twice(tmp_path):
+    # encode_mode=sample draws posterior noise: evaluate seeds it from `seed` (it drew from
+    # whatever the global generator held, so two evaluations disagreed)
+    _, data = _data()
+    run = train(compose_config(["stage=autoencoder", "first_stage=kl_tiny", "trainer=autoencoder_tiny",
+                                "trainer.max_steps=2", "trainer.tensorboard=false", "trainer.num_threads=1",
+                                f"run_dir={tmp_path / 'run'}"]), data=data)
+
+    def scored(seed):
+        cfg = compose_config(["stage=autoencoder", f"run_dir={run}", "eval.fid_features=none",
+                              "eval.lpips=false", f"seed={seed}"])
+        return evaluate(cfg, data=data, write=False)["psnr"]
+
+    torch.manual_seed(1)
+    first = scored(0)
+    torch.manual_seed(2)
+    assert scored(0) == first
+    assert scored(3) != first  # the noise is the seed's
+
+
 def test_images_smaller_than_the_ssim_window_skip_ssim_with_the_reason(trained_run, tmp_path):
     images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
     cfg = compose_config(["stage=autoencoder", f"run_dir={trained_run}", "eval.fid_features=none",

@@ -224,10 +224,14 @@ def evaluate_autoencoder(
             ) from None
     lpips_model, lpips_note = _lpips_model(options["lpips"], device)
     feature_model, feature_note = _feature_model(options, device)
-    metrics = reconstruction_metrics(
-        first_stage, batches, device=device, lpips_model=lpips_model,
-        feature_model=feature_model, max_images=options["max_images"],
-    )
+    # a first stage that samples (KL's encode_mode: sample) draws its noise from `seed`, so the
+    # same command scores the same; the caller's random stream goes on where it was
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(cfg.get("seed", 0)))
+        metrics = reconstruction_metrics(
+            first_stage, batches, device=device, lpips_model=lpips_model,
+            feature_model=feature_model, max_images=options["max_images"],
+        )
     report.update(split=split, **metrics)
     report["frechet_features"] = feature_note if feature_model is not None else None
     notes = report.pop("skipped", {})
