@@ -90,6 +90,13 @@ def test_resume_refuses_another_discriminator_or_logvar(tiny_cfg, image_data, ov
         train(tiny_cfg(override, "trainer.max_steps=4"), data=image_data())
 
 
+def test_an_option_stage_1_does_not_use_is_a_training_warning(tiny_cfg, image_data):
+    # a TrainingWarning: `ldmkit train` prints it as one line (a UserWarning came with the
+    # source line of the engine)
+    with pytest.warns(TrainingWarning, match=r"trainer option\(s\) \['ema'\] are not used by stage=autoencoder"):
+        train(tiny_cfg("+trainer.ema.enabled=true", "trainer.max_steps=1"), data=image_data())
+
+
 def test_an_interpolation_in_a_checkpoint_config_is_refused(tiny_cfg, image_data, monkeypatch):
     """A run folder someone sent: its checkpoint's config.yaml (checksum updated to match)
     reads an environment variable. Resume and evaluate refuse it naming the file and key;

@@ -15,7 +15,13 @@ from torch import Tensor, nn
 from ldmkit.compiling import compile_module
 from ldmkit.training.batches import batch_images, to_unit
 from ldmkit.training.defaults import stage_only_keys
-from ldmkit.training.engine import TRAINER_DEFAULTS, Trainer, TrainingError, average_logs
+from ldmkit.training.engine import (
+    TRAINER_DEFAULTS,
+    Trainer,
+    TrainingError,
+    TrainingWarning,
+    average_logs,
+)
 from ldmkit.training.freezing import apply_patterns, print_selection
 from ldmkit.training.init_from import initialize, print_report
 
@@ -85,7 +91,7 @@ class AutoencoderTrainer(Trainer):
         cfg, options = self.cfg, self.options
         unknown = sorted(set(options) - set(TRAINER_DEFAULTS) - set(self.extra_options))
         if unknown:
-            warnings.warn(f"trainer option(s) {unknown} are not used by stage=autoencoder", stacklevel=2)
+            warnings.warn(f"trainer option(s) {unknown} are not used by stage=autoencoder", TrainingWarning, stacklevel=2)
         self.first_stage = build_first_stage(cfg).to(self.device)
         if not any(p.requires_grad for p in self.first_stage.parameters()):
             raise TrainingError(
