@@ -63,6 +63,13 @@ def test_kl_of_bf16_moments_is_computed_in_float32():
     torch.testing.assert_close(logs["kl"], exact, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("key", ["beta", "codebook_weight", "dead_code_threshold"])
+def test_vq_weights_must_not_be_negative(key):
+    # a negative commitment or codebook weight pushes the latents away from their codes
+    with pytest.raises(ValueError, match=f"{key} must be >= 0, got -0.5"):
+        VectorQuantizer(n_embed=4, embed_dim=2, **{key: -0.5})
+
+
 def test_kl_logvar_is_clamped():
     reg = DiagonalGaussianRegularizer()
     h = torch.cat([torch.zeros(1, 2, 1, 1), torch.full((1, 2, 1, 1), 100.0)], dim=1)

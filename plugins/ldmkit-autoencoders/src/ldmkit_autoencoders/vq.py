@@ -62,6 +62,10 @@ class VectorQuantizer(Regularizer):
             raise ValueError(f"n_embed must be >= 1, got {n_embed}")
         if not 0.0 <= usage_decay < 1.0:
             raise ValueError(f"usage_decay must be in [0, 1), got {usage_decay}")
+        for name, value in (("beta", beta), ("codebook_weight", codebook_weight),
+                            ("dead_code_threshold", dead_code_threshold)):
+            if not value >= 0:  # a negative weight pushes the latents away from their codes
+                raise ValueError(f"{name} must be >= 0, got {value}")
         self.n_embed, self.embed_dim = int(n_embed), int(embed_dim)
         self.beta, self.codebook_weight = float(beta), float(codebook_weight)
         self.restart_dead_codes = bool(restart_dead_codes)
