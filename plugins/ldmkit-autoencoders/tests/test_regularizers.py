@@ -171,6 +171,12 @@ def test_dead_codes_restart_onto_encoder_outputs():
     torch.testing.assert_close(after[0], codes_before[0])
     for i in range(1, 8):  # moved onto an encoder output (here all equal code 0)
         torch.testing.assert_close(after[i], codes_before[0])
+    # metrics.csv shows every log_every-th step: the running total tells how many restarts
+    # happened in between (it is not in the state dict: weights keep their keys)
+    assert float(logs["dead_codes_restarted_total"]) == 7
+    _, _, logs = q(h)
+    assert float(logs["dead_codes_restarted"]) == 7 and float(logs["dead_codes_restarted_total"]) == 14
+    assert set(q.state_dict()) == {"embedding.weight", "code_usage"}
     q.eval()
     _, _, logs = q(h)
     assert "dead_codes_restarted" not in logs  # never in evaluation
