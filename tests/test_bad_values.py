@@ -128,6 +128,12 @@ TRAIN_CASES = [
             ),
         ]
     ],
+    (  # an autoencoder reconstructs its input (was a traceback in the first step)
+        "stage=autoencoder first_stage=kl_tiny trainer=autoencoder_tiny first_stage.in_channels=1 "
+        "first_stage.out_ch=3 data.channels=1",
+        "first_stage.in_channels=1 and first_stage.out_ch=3: stage=autoencoder trains the first "
+        "stage to reconstruct its input, so they must be equal",
+    ),
     (
         "trainer=ldm trainer.objective.min_snr_gamma=x",
         "trainer.objective.min_snr_gamma='x': expected a number or null",

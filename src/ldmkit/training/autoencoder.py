@@ -98,6 +98,12 @@ class AutoencoderTrainer(Trainer):
                 f"first_stage {cfg.first_stage.get('name')!r} has no trainable parameters; "
                 f"choose a trainable first stage (e.g. first_stage=kl_f4_small)"
             )
+        channels_in, channels_out = self.first_stage.image_channels, getattr(self.first_stage, "out_channels", None)
+        if channels_out not in (None, channels_in):  # the loss compares x̂ with x
+            raise TrainingError(
+                f"first_stage.in_channels={channels_in} and first_stage.out_ch={channels_out}: stage=autoencoder "
+                f"trains the first stage to reconstruct its input, so they must be equal"
+            )
         self.loss = build_autoencoder_loss(options.get("loss") or {}, self.first_stage).to(self.device)
         # trainer.init_from (a fresh run only), then trainer.trainable / trainer.frozen over the
         # checkpoint's names: first_stage.*, loss.logvar, loss.discriminator.*
