@@ -90,6 +90,18 @@ def test_resume_refuses_another_discriminator_or_logvar(tiny_cfg, image_data, ov
         train(tiny_cfg(override, "trainer.max_steps=4"), data=image_data())
 
 
+def test_resume_with_other_trained_parameters_says_how_to_go_on(tiny_cfg, image_data):
+    # trainer.frozen changes what the optimizer holds: one line (it was torch's param-group
+    # traceback), and its advice works
+    run = train(tiny_cfg("trainer.max_steps=2"), data=image_data())
+    frozen = "trainer.frozen=[first_stage.encoder.*]"
+    with pytest.raises(TrainingError, match=r"autoencoder optimizer's state for other parameters .*"
+                                            r"trainer\.trainable / trainer\.frozen"):
+        train(tiny_cfg(frozen, "trainer.max_steps=4"), data=image_data())
+    checkpoint = CheckpointManager(run / "checkpoints").latest().path
+    train(tiny_cfg(frozen, "trainer.max_steps=2", f"trainer.init_from={checkpoint}", run="next"), data=image_data())
+
+
 def test_an_option_stage_1_does_not_use_is_a_training_warning(tiny_cfg, image_data):
     # a TrainingWarning: `ldmkit train` prints it as one line (a UserWarning came with the
     # source line of the engine)
