@@ -108,6 +108,32 @@ TRAIN_CASES = [
         "trainer=autoencoder_tiny trainer.loss.disc_start=abc",
         "trainer.loss.disc_start='abc': expected an integer",
     ),
+    # ... and their ranges, by the constructor: one line before anything is written, never a
+    # traceback (nor a silently ignored negative weight)
+    *[
+        (f"stage=autoencoder first_stage=kl_tiny trainer=autoencoder_tiny trainer.loss.{key}", message)
+        for key, message in [
+            ("disc_weight=-1", "trainer.loss: disc_weight must be >= 0, got -1"),
+            ("perceptual_weight=-0.5", "trainer.loss: perceptual_weight must be >= 0, got -0.5"),
+            ("disc_start=-3", "trainer.loss: disc_start must be >= 0, got -3"),
+            ("disc_ndf=0", "trainer.loss: disc_ndf must be >= 1, got 0"),
+            ("disc_num_layers=0", "trainer.loss: disc_num_layers must be >= 1, got 0"),
+            ("disc_loss=wgan", "trainer.loss: unknown disc_loss 'wgan'; expected one of ('hinge', 'vanilla')"),
+            ("reduction=median", "trainer.loss: unknown reduction 'median'; expected one of ('mean', 'sum')"),
+            ("lpips_trunk=alexnet", "trainer.loss: unknown LPIPS trunk 'alexnet'"),
+            (
+                "disc_in_channels=1",
+                "trainer.loss.disc_in_channels=1: the discriminator judges the first stage's "
+                "reconstructions, which have 3 channels; leave it at auto",
+            ),
+        ]
+    ],
+    (  # an autoencoder reconstructs its input (was a traceback in the first step)
+        "stage=autoencoder first_stage=kl_tiny trainer=autoencoder_tiny first_stage.in_channels=1 "
+        "first_stage.out_ch=3 data.channels=1",
+        "first_stage.in_channels=1 and first_stage.out_ch=3: stage=autoencoder trains the first "
+        "stage to reconstruct its input, so they must be equal",
+    ),
     (
         "trainer=ldm trainer.objective.min_snr_gamma=x",
         "trainer.objective.min_snr_gamma='x': expected a number or null",

@@ -110,5 +110,11 @@ def test_bad_options_are_named():
         _loss(disc_loss="wgan")
     with pytest.raises(ValueError, match="unknown reduction 'avg'"):
         _loss(reduction="avg")
+    # a negative (or NaN) weight would make a term one to maximize: refused, not trained
+    for key, value in (("disc_factor", -1.0), ("regularization_weight", math.nan), ("pixel_weight", -2)):
+        with pytest.raises(ValueError, match=f"{key} must be >= 0, got {value}"):
+            _loss(**{key: value})
+    with pytest.raises(ValueError, match="logvar_init must be a finite number, got inf"):
+        _loss(logvar_init=math.inf)
     with pytest.raises(ValueError, match="do not match"):
         _loss().generator_loss(_images(0), _images(1, (2, 3, 8, 8)), torch.tensor(0.0), global_step=0)

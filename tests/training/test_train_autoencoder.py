@@ -71,10 +71,42 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cfg, image_data)
 
 def test_resume_refuses_a_different_first_stage(tiny_cfg, image_data):
     train(tiny_cfg("trainer.max_steps=10"), data=image_data())
-    with pytest.raises(TrainingError, match=r"different model: first_stage\.ch: 8 -> 16; first_stage, seed cannot"):
+    with pytest.raises(TrainingError, match=r"different model: first_stage\.ch: 8 -> 16; first_stage, trainer\.loss\.disc_ndf, .*, seed cannot"):
         train(tiny_cfg("first_stage.ch=16", "trainer.max_steps=20"), data=image_data())
     with pytest.raises(TrainingError, match="already holds checkpoints"):
         train(tiny_cfg("trainer.resume=false"), data=image_data())
+
+
+@pytest.mark.parametrize(("override", "change"), [
+    ("trainer.loss.disc_ndf=16", r"trainer\.loss\.disc_ndf: 8 -> 16"),
+    ("trainer.loss.disc_num_layers=3", r"trainer\.loss\.disc_num_layers: 2 -> 3"),
+    ("trainer.loss.learn_logvar=false", r"trainer\.loss\.learn_logvar: True -> False"),
+])
+def test_resume_refuses_another_discriminator_or_logvar(tiny_cfg, image_data, override, change):
+    # the discriminator's shape and the optimizers' parameters are the checkpoint's: a change
+    # is one error naming the key (it was a state_dict / param-group traceback)
+    train(tiny_cfg("trainer.max_steps=2"), data=image_data())
+    with pytest.raises(TrainingError, match=f"different model: {change}; "):
+        train(tiny_cfg(override, "trainer.max_steps=4"), data=image_data())
+
+
+def test_resume_with_other_trained_parameters_says_how_to_go_on(tiny_cfg, image_data):
+    # trainer.frozen changes what the optimizer holds: one line (it was torch's param-group
+    # traceback), and its advice works
+    run = train(tiny_cfg("trainer.max_steps=2"), data=image_data())
+    frozen = "trainer.frozen=[first_stage.encoder.*]"
+    with pytest.raises(TrainingError, match=r"autoencoder optimizer's state for other parameters .*"
+                                            r"trainer\.trainable / trainer\.frozen"):
+        train(tiny_cfg(frozen, "trainer.max_steps=4"), data=image_data())
+    checkpoint = CheckpointManager(run / "checkpoints").latest().path
+    train(tiny_cfg(frozen, "trainer.max_steps=2", f"trainer.init_from={checkpoint}", run="next"), data=image_data())
+
+
+def test_an_option_stage_1_does_not_use_is_a_training_warning(tiny_cfg, image_data):
+    # a TrainingWarning: `ldmkit train` prints it as one line (a UserWarning came with the
+    # source line of the engine)
+    with pytest.warns(TrainingWarning, match=r"trainer option\(s\) \['ema'\] are not used by stage=autoencoder"):
+        train(tiny_cfg("+trainer.ema.enabled=true", "trainer.max_steps=1"), data=image_data())
 
 
 def test_an_interpolation_in_a_checkpoint_config_is_refused(tiny_cfg, image_data, monkeypatch):

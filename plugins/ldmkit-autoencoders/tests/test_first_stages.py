@@ -80,6 +80,11 @@ def test_attention_resolutions_follow_the_paper_convention():
                           attn_resolutions=(16,), resolution=32, norm_groups=4)
     assert [len(level.attn) for level in model.encoder.down] == [0, 2, 0]
     assert [len(level.attn) for level in model.decoder.up] == [0, 3, 0]
+    # a size no level has would add attention nowhere: refused, not ignored
+    with pytest.raises(ValueError, match=r"attn_resolutions=\[16, 5\]: 5 is not a feature-map size; for "
+                                         r"resolution=32 and ch_mult=\(1, 2, 2\) they are 32, 16, 8"):
+        KLAutoencoder(latent_channels=3, ch=8, ch_mult=(1, 2, 2), attn_resolutions=(16, 5), resolution=32,
+                      norm_groups=4)
 
 
 def test_parameter_names_follow_the_original_ldm_checkpoints():

@@ -50,6 +50,26 @@ def test_kl_encode_sample_and_mode():
         torch.testing.assert_close(model.encode(x), mean)
 
 
+def test_kl_of_bf16_moments_is_computed_in_float32():
+    # under CPU autocast the moments arrive in bf16 and nothing upcasts exp/sum there (CUDA's
+    # autocast does): exp(logvar) - 1 - logvar near the prior cancelled to a few % error
+    gen = torch.Generator().manual_seed(0)
+    h = torch.cat([0.1 * torch.randn(4, 3, 8, 8, generator=gen), 0.05 * torch.randn(4, 3, 8, 8, generator=gen)], 1)
+    h = h.bfloat16()
+    _, reg, logs = DiagonalGaussianRegularizer(kl_weight=1.0)(h)
+    exact = gaussian_kl(*DiagonalGaussianRegularizer.split(h.float())).mean()
+    assert reg.dtype == torch.float32
+    torch.testing.assert_close(reg, exact, rtol=1e-5, atol=0)
+    torch.testing.assert_close(logs["kl"], exact, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("key", ["beta", "codebook_weight", "dead_code_threshold"])
+def test_vq_weights_must_not_be_negative(key):
+    # a negative commitment or codebook weight pushes the latents away from their codes
+    with pytest.raises(ValueError, match=f"{key} must be >= 0, got -0.5"):
+        VectorQuantizer(n_embed=4, embed_dim=2, **{key: -0.5})
+
+
 def test_kl_logvar_is_clamped():
     reg = DiagonalGaussianRegularizer()
     h = torch.cat([torch.zeros(1, 2, 1, 1), torch.full((1, 2, 1, 1), 100.0)], dim=1)
@@ -151,6 +171,12 @@ def test_dead_codes_restart_onto_encoder_outputs():
     torch.testing.assert_close(after[0], codes_before[0])
     for i in range(1, 8):  # moved onto an encoder output (here all equal code 0)
         torch.testing.assert_close(after[i], codes_before[0])
+    # metrics.csv shows every log_every-th step: the running total tells how many restarts
+    # happened in between (it is not in the state dict: weights keep their keys)
+    assert float(logs["dead_codes_restarted_total"]) == 7
+    _, _, logs = q(h)
+    assert float(logs["dead_codes_restarted"]) == 7 and float(logs["dead_codes_restarted_total"]) == 14
+    assert set(q.state_dict()) == {"embedding.weight", "code_usage"}
     q.eval()
     _, _, logs = q(h)
     assert "dead_codes_restarted" not in logs  # never in evaluation

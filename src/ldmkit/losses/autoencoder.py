@@ -18,11 +18,14 @@ weighted; ``regularization_weight`` can scale it further.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldmkit.losses.discriminator import DISC_LOSSES, PatchDiscriminator, discriminator_loss_fn
+from ldmkit.losses.perceptual import TRUNKS
 
 REDUCTIONS = ("mean", "sum")
 
@@ -66,6 +69,17 @@ class AutoencoderLoss(nn.Module):
             raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
         if disc_loss not in DISC_LOSSES:
             raise ValueError(f"unknown disc_loss {disc_loss!r}; expected one of {DISC_LOSSES}")
+        if lpips_trunk not in TRUNKS:  # checked even with the LPIPS term off: a typo is a typo
+            raise ValueError(f"unknown LPIPS trunk {lpips_trunk!r}; expected one of {TRUNKS}")
+        for name, value in (
+            ("pixel_weight", pixel_weight), ("perceptual_weight", perceptual_weight),
+            ("disc_weight", disc_weight), ("disc_factor", disc_factor),
+            ("regularization_weight", regularization_weight), ("disc_start", disc_start),
+        ):
+            if not value >= 0:  # a negative weight turns a term into one to maximize (NaN: too)
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if not math.isfinite(logvar_init):
+            raise ValueError(f"logvar_init must be a finite number, got {logvar_init}")
         self.disc_start = int(disc_start)
         self.pixel_weight = float(pixel_weight)
         self.perceptual_weight = float(perceptual_weight)

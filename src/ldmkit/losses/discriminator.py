@@ -16,8 +16,9 @@ class PatchDiscriminator(nn.Module):
 
     def __init__(self, *, in_channels: int = 3, ndf: int = 64, num_layers: int = 3) -> None:
         super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"disc_num_layers must be >= 1, got {num_layers}")
+        for name, value in (("disc_in_channels", in_channels), ("disc_ndf", ndf), ("disc_num_layers", num_layers)):
+            if value < 1:  # named as trainer.loss calls them
+                raise ValueError(f"{name} must be >= 1, got {value}")
         layers: list[nn.Module] = [nn.Conv2d(in_channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
         mult = 1
         for n in range(1, num_layers):

@@ -15,7 +15,13 @@ from torch import Tensor, nn
 from ldmkit.compiling import compile_module
 from ldmkit.training.batches import batch_images, to_unit
 from ldmkit.training.defaults import stage_only_keys
-from ldmkit.training.engine import TRAINER_DEFAULTS, Trainer, TrainingError, average_logs
+from ldmkit.training.engine import (
+    TRAINER_DEFAULTS,
+    Trainer,
+    TrainingError,
+    TrainingWarning,
+    average_logs,
+)
 from ldmkit.training.freezing import apply_patterns, print_selection
 from ldmkit.training.init_from import initialize, print_report
 
@@ -37,11 +43,17 @@ def build_autoencoder_loss(options: Mapping[str, Any], first_stage: nn.Module) -
     kwargs = dict(options or {})
     if kwargs.get("reduction", "auto") == "auto":
         kwargs["reduction"] = getattr(first_stage, "loss_reduction", "mean")
+    channels = getattr(first_stage, "out_channels", first_stage.image_channels)
     if kwargs.get("disc_in_channels", "auto") == "auto":
-        kwargs["disc_in_channels"] = getattr(first_stage, "out_channels", first_stage.image_channels)
+        kwargs["disc_in_channels"] = channels
+    elif kwargs["disc_in_channels"] != channels:  # else a traceback at the first GAN step
+        raise TrainingError(
+            f"trainer.loss.disc_in_channels={kwargs['disc_in_channels']}: the discriminator judges the "
+            f"first stage's reconstructions, which have {channels} channels; leave it at auto"
+        )
     try:
         return AutoencoderLoss(**kwargs)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:  # the constructor's range checks: one line, no traceback
         raise TrainingError(f"trainer.loss: {err}") from err
 
 
@@ -79,12 +91,18 @@ class AutoencoderTrainer(Trainer):
         cfg, options = self.cfg, self.options
         unknown = sorted(set(options) - set(TRAINER_DEFAULTS) - set(self.extra_options))
         if unknown:
-            warnings.warn(f"trainer option(s) {unknown} are not used by stage=autoencoder", stacklevel=2)
+            warnings.warn(f"trainer option(s) {unknown} are not used by stage=autoencoder", TrainingWarning, stacklevel=2)
         self.first_stage = build_first_stage(cfg).to(self.device)
         if not any(p.requires_grad for p in self.first_stage.parameters()):
             raise TrainingError(
                 f"first_stage {cfg.first_stage.get('name')!r} has no trainable parameters; "
                 f"choose a trainable first stage (e.g. first_stage=kl_f4_small)"
+            )
+        channels_in, channels_out = self.first_stage.image_channels, getattr(self.first_stage, "out_channels", None)
+        if channels_out not in (None, channels_in):  # the loss compares x̂ with x
+            raise TrainingError(
+                f"first_stage.in_channels={channels_in} and first_stage.out_ch={channels_out}: stage=autoencoder "
+                f"trains the first stage to reconstruct its input, so they must be equal"
             )
         self.loss = build_autoencoder_loss(options.get("loss") or {}, self.first_stage).to(self.device)
         # trainer.init_from (a fresh run only), then trainer.trainable / trainer.frozen over the
@@ -144,7 +162,9 @@ class AutoencoderTrainer(Trainer):
                 "discriminator": {"lr": float(disc_lr) if disc_lr is not None else lr, "betas": betas}}
 
     def config_keys_that_must_match(self) -> list[str]:
-        return ["first_stage"]
+        # the discriminator's shape and the autoencoder optimizer's parameters (logvar) are
+        # the checkpoint's too
+        return ["first_stage", *(f"trainer.loss.{key}" for key in ("disc_ndf", "disc_num_layers", "learn_logvar"))]
 
     def training_step(self, batches: Sequence[Mapping[str, Any]], step: int) -> dict[str, Tensor]:
         """One step of both optimizers over its micro-batches: each micro-batch's generator

@@ -391,7 +391,15 @@ class TrainingState:
                 )
         for key, optimizer in stage.optimizers().items():
             if target is None:
-                optimizer.load_state_dict(state["optimizers"][key])
+                try:
+                    optimizer.load_state_dict(state["optimizers"][key])
+                except ValueError as err:  # torch: "... doesn't match the size of optimizer's group"
+                    raise TrainingError(
+                        f"checkpoint {checkpoint.path} holds the {key} optimizer's state for other parameters "
+                        f"than this run trains (did trainer.trainable / trainer.frozen change since the run "
+                        f"started?); restore them, or start a new run from its weights: "
+                        f"trainer.init_from={checkpoint.path} run_dir=<a new folder>"
+                    ) from err
             for group in optimizer.param_groups:
                 group.update(stage.hyperparameters().get(key, {}))
         if self.scaler.is_enabled() and state.get("grad_scaler"):

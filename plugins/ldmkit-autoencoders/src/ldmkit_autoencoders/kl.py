@@ -46,7 +46,9 @@ class DiagonalGaussianRegularizer(Regularizer):
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
         mean, logvar = self.split(h)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
-        kl = gaussian_kl(mean, logvar).mean()
+        # in float32: under CPU autocast the moments are bf16 and nothing upcasts exp / sum
+        # (CUDA's autocast does), where exp(logvar) - 1 - logvar cancels near the prior
+        kl = gaussian_kl(mean.float(), logvar.float()).mean()
         logs = {"kl": kl.detach(), "posterior_std": torch.exp(0.5 * logvar).mean().detach()}
         return z, self.kl_weight * kl, logs
 

@@ -126,7 +126,9 @@ class _Mid(nn.Module):
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
-def _check_architecture(ch_mult: Sequence[int], num_res_blocks: int, resolution: int) -> None:
+def _check_architecture(
+    ch_mult: Sequence[int], num_res_blocks: int, resolution: int, attn_resolutions: Sequence[int] = ()
+) -> None:
     if len(ch_mult) < 1:
         raise ValueError("ch_mult must have at least one entry (f = 2^(len(ch_mult)-1))")
     if any(m < 1 for m in ch_mult):
@@ -140,6 +142,13 @@ def _check_architecture(ch_mult: Sequence[int], num_res_blocks: int, resolution:
             f"resolution={resolution} is not divisible by f={2 ** (len(ch_mult) - 1)} "
             f"(len(ch_mult)={len(ch_mult)})"
         )
+    sizes = [resolution // 2**level for level in range(len(ch_mult))]
+    for size in attn_resolutions:  # one no level has would add attention nowhere, silently
+        if size not in sizes:
+            raise ValueError(
+                f"attn_resolutions={list(attn_resolutions)}: {size} is not a feature-map size; for "
+                f"resolution={resolution} and ch_mult={tuple(ch_mult)} they are {', '.join(map(str, sizes))}"
+            )
 
 
 class Encoder(nn.Module):
@@ -165,7 +174,7 @@ class Encoder(nn.Module):
         attn_type: str = "vanilla",
     ):
         super().__init__()
-        _check_architecture(ch_mult, num_res_blocks, resolution)
+        _check_architecture(ch_mult, num_res_blocks, resolution, attn_resolutions)
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         in_mult = (1, *ch_mult)
         self.down = nn.ModuleList()
@@ -222,7 +231,7 @@ class Decoder(nn.Module):
         attn_type: str = "vanilla",
     ):
         super().__init__()
-        _check_architecture(ch_mult, num_res_blocks, resolution)
+        _check_architecture(ch_mult, num_res_blocks, resolution, attn_resolutions)
         block_in = ch * ch_mult[-1]
         curr_res = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)

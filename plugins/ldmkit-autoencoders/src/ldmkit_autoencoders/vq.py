@@ -62,6 +62,10 @@ class VectorQuantizer(Regularizer):
             raise ValueError(f"n_embed must be >= 1, got {n_embed}")
         if not 0.0 <= usage_decay < 1.0:
             raise ValueError(f"usage_decay must be in [0, 1), got {usage_decay}")
+        for name, value in (("beta", beta), ("codebook_weight", codebook_weight),
+                            ("dead_code_threshold", dead_code_threshold)):
+            if not value >= 0:  # a negative weight pushes the latents away from their codes
+                raise ValueError(f"{name} must be >= 0, got {value}")
         self.n_embed, self.embed_dim = int(n_embed), int(embed_dim)
         self.beta, self.codebook_weight = float(beta), float(codebook_weight)
         self.restart_dead_codes = bool(restart_dead_codes)
@@ -70,6 +74,10 @@ class VectorQuantizer(Regularizer):
         nn.init.uniform_(self.embedding.weight, -1.0 / self.n_embed, 1.0 / self.n_embed)
         if self.restart_dead_codes:
             self.register_buffer("code_usage", torch.ones(self.n_embed))
+            # restarts since this process started: metrics.csv shows every log_every-th step's
+            # logs only, so a step's own count misses those in between. Not in the state dict
+            # (weights written before it existed load as they are): a resumed run counts anew
+            self.register_buffer("codes_restarted", torch.zeros((), dtype=torch.int64), persistent=False)
 
     @torch.no_grad()
     def indices(self, z: Tensor) -> Tensor:
@@ -112,6 +120,7 @@ class VectorQuantizer(Regularizer):
         }
         if self.training and self.restart_dead_codes:
             logs["dead_codes_restarted"] = self._restart_dead_codes(h, counts)
+            logs["dead_codes_restarted_total"] = self.codes_restarted.to(counts.dtype)
         return z_st, loss, logs
 
     @torch.no_grad()
@@ -128,6 +137,7 @@ class VectorQuantizer(Regularizer):
                 dist.broadcast(vectors, src=0)
             self.embedding.weight.data[dead] = vectors
             self.code_usage[dead] = 1.0
+            self.codes_restarted += dead.numel()
         return torch.tensor(float(dead.numel()), device=h.device, dtype=counts.dtype)
 
     def latent(self, h: Tensor) -> Tensor:
