@@ -80,7 +80,7 @@ def test_resume_refuses_a_different_first_stage(tiny_cfg, image_data):
 @pytest.mark.parametrize(("override", "change"), [
     ("trainer.loss.disc_ndf=16", r"trainer\.loss\.disc_ndf: 8 -> 16"),
     ("trainer.loss.disc_num_layers=3", r"trainer\.loss\.disc_num_layers: 2 -> 3"),
-    ("trainer.loss.learn_logvar=false", r"trainer\.loss\.learn_logvar: True -> False"),
+    ("trainer.loss.learn_logvar=true", r"trainer\.loss\.learn_logvar: False -> True"),
 ])
 def test_resume_refuses_another_discriminator_or_logvar(tiny_cfg, image_data, override, change):
     # the discriminator's shape and the optimizers' parameters are the checkpoint's: a change

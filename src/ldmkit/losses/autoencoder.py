@@ -40,10 +40,12 @@ def adaptive_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor, *, dis
 
 
 class AutoencoderLoss(nn.Module):
-    """L1 + LPIPS + PatchGAN loss with a learned log-variance for any FirstStage.
+    """L1 + LPIPS + PatchGAN loss with a log-variance for any FirstStage.
 
-    Two optimizers train it: one over the autoencoder's parameters plus ``logvar`` (see
-    :meth:`generator_parameters`), one over :attr:`discriminator`.
+    Two optimizers train it: one over the autoencoder's parameters (plus ``logvar`` with
+    ``learn_logvar``; see :meth:`generator_parameters`), one over :attr:`discriminator`. The
+    paper's code (CompVis ``LPIPSWithDiscriminator``) declares ``logvar`` but leaves it out of
+    its optimizer, so it stays at ``logvar_init``: the default ``learn_logvar=False`` does the same.
     """
 
     def __init__(
@@ -60,7 +62,7 @@ class AutoencoderLoss(nn.Module):
         disc_weight: float = 0.5,
         disc_loss: str = "hinge",
         logvar_init: float = 0.0,
-        learn_logvar: bool = True,
+        learn_logvar: bool = False,
         reduction: str = "mean",
         regularization_weight: float = 1.0,
     ) -> None:
