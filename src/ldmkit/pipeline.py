@@ -551,17 +551,13 @@ def read_pipeline_config(path: str | Path) -> DictConfig:
     carries (``files.json``) are named by their paths inside it (:mod:`ldmkit.pipeline_files`)."""
     import yaml
 
-    from ldmkit.config import config_problems
+    from ldmkit.config import config_problems, yaml_problem
 
     where = f"the checkpoint config {path}"
     try:
         cfg = load_saved_config(path)  # an interpolation in it is refused, not resolved
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        raise ConfigError(f"{where} is not YAML: {getattr(err, 'problem', None) or err}{at}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{where} is not YAML: it is not UTF-8 text") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{where} is not YAML: {yaml_problem(err)}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{where} holds a list, not a mapping of config groups ({', '.join(PIPELINE_GROUPS)})")
     missing = [g for g in PIPELINE_GROUPS if g not in cfg]

@@ -160,6 +160,8 @@ def to_diffusers(
             out / CONDITIONER_DIR / "config.json", {"conditioner": conditioner, "ldmkit_format": 1}
         )
         _write_tensors(out / CONDITIONER_DIR / "model.safetensors", cond_state)
+    if name in ("none", "clip_text") or ldm_bert:  # an older export's conditioner would be read back
+        shutil.rmtree(out / CONDITIONER_DIR, ignore_errors=True)
     if name == "clip_text" and unet_config["_class_name"] == "UNet2DConditionModel":
         index = {"_class_name": "StableDiffusionPipeline", **components, "safety_checker": [None, None],
                  "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}  # fmt: skip
@@ -197,15 +199,28 @@ def describe(directory: str | os.PathLike) -> str:
 
 
 # -- reading -------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, folder: Path | None = None) -> dict[str, Any]:
+    """The JSON object in ``path`` (a file of the diffusers folder ``folder``, by default the
+    folder above the component's)."""
     if not path.is_file():
-        raise ConversionError(f"{path} is missing (is {path.parent.parent} a diffusers folder?)")
+        folder = folder if folder is not None else path.parent.parent
+        raise ConversionError(f"{path} is missing (is {folder} a diffusers folder?)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConversionError(f"{path} is not JSON: {err}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConversionError(f"{path} is not JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} does not hold a JSON object, but a {type(data).__name__}")
     refuse_interpolations(data, path)  # its values become the pipeline's config
     return data
+
+
+def _component(data: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    """``data[key]``: a component's config (a mapping with a ``name``), or an error naming it."""
+    node = data.get(key)
+    if not isinstance(node, dict) or not isinstance(node.get("name"), str):
+        raise ConversionError(f"{where}: {key}={node!r}: expected a mapping with the component's name")
+    return node
 
 
 def _read_tensors(folder: Path) -> dict[str, Tensor]:
@@ -234,7 +249,7 @@ def read_diffusers(
     from ldmkit.interop import compvis
 
     directory = Path(directory)
-    index = _read_json(directory / "model_index.json")
+    index = _read_json(directory / "model_index.json", directory)
     unet_cfg = _unet_from_config(_read_json(directory / "unet" / "config.json"))
     vae_dir = "vae" if "vae" in index else "vqvae" if "vqvae" in index else None
     _require(vae_dir is not None, f"{directory}/model_index.json names no `vae` or `vqvae`")
@@ -245,8 +260,8 @@ def read_diffusers(
     unet_raw = _read_json(directory / "unet" / "config.json")
     factor = 2 ** (len(first["ch_mult"]) - 1)
     extra = _read_json(directory / "ldmkit.json") if (directory / "ldmkit.json").is_file() else {}
-    if extra.get("sampler"):
-        sampler = extra["sampler"]
+    if extra.get("sampler") is not None:
+        sampler = _component(extra, "sampler", "ldmkit.json")
     unet_cfg["use_new_attention_order"] = bool(extra.get("use_new_attention_order", False))
     image_size = _value(extra, "image_size", WHOLE, "ldmkit.json", None) or factor * _value(
         unet_raw, "sample_size", WHOLE, f"unet/config.json ({unet_raw.get('_class_name')})", 32
@@ -279,7 +294,9 @@ def read_diffusers(
         _require(not unknown, f"{directory}/bert: weights ldmkit's bert does not have: {unknown[:5]}")
         cond_state = {"transformer." + names[k]: v for k, v in bert_state.items()}
     elif (directory / CONDITIONER_DIR / "config.json").is_file():
-        conditioner = _read_json(directory / CONDITIONER_DIR / "config.json")["conditioner"]
+        conditioner = _component(
+            _read_json(directory / CONDITIONER_DIR / "config.json"), "conditioner", f"{CONDITIONER_DIR}/config.json"
+        )
         if (directory / CONDITIONER_DIR / "model.safetensors").is_file():
             cond_state = _read_tensors(directory / CONDITIONER_DIR)
     elif unet_cfg["num_classes"] not in (None, "sequential"):

@@ -58,6 +58,11 @@ def _schedule_from_config(c: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
         f"{where}: beta_schedule={c.get('beta_schedule')!r} (supported: {sorted(inverse)})",
     )
     _require(c.get("trained_betas") is None, f"{where}: trained_betas are not supported")
+    _require(  # a schedule ldmkit's kinds do not make (the sampling options are the sampler's own)
+        not c.get("rescale_betas_zero_snr"),
+        f"{where}: rescale_betas_zero_snr={c.get('rescale_betas_zero_snr')!r} is not supported "
+        "(ldmkit's schedules do not rescale their betas to a zero terminal SNR)",
+    )
     schedule = {"kind": kind, "timesteps": _value(c, "num_train_timesteps", WHOLE, where, 1000),
                 "linear_start": float(_value(c, "beta_start", POSITIVE, where, 1e-4)),
                 "linear_end": float(_value(c, "beta_end", POSITIVE, where, 2e-2)), "cosine_s": 8e-3}  # fmt: skip

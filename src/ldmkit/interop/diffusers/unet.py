@@ -243,9 +243,13 @@ def _unet_from_config(c: dict[str, Any]) -> dict[str, Any]:
         )
         depth = _value(c, "transformer_layers_per_block", WHOLE, where, 1)
         heads_spec = Either(WHOLE, ListOf(WHOLE))
-        heads = _value(  # diffusers' attention_head_dim counts heads here
+        heads = _value(  # diffusers' attention_head_dim counts heads here (absent: its default, 8)
             c, "num_attention_heads", heads_spec, where, None
-        ) or _value(c, "attention_head_dim", heads_spec, where)
+        ) or _value(c, "attention_head_dim", heads_spec, where, 8)
+        _require(
+            isinstance(heads, int) or len(heads) == levels,
+            f"{where}: attention_head_dim={heads}: expected one number of heads, or one per level ({levels} levels)",
+        )
         if isinstance(heads, int):
             out.update(num_heads=heads, num_head_channels=-1)
         else:
@@ -261,7 +265,8 @@ def _unet_from_config(c: dict[str, Any]) -> dict[str, Any]:
             transformer_depth=depth,
         )
     else:
-        head_dim = _value(c, "attention_head_dim", WHOLE, where, None)
+        # absent is diffusers' default (heads 8 wide); null is one head of the block's width
+        head_dim = _value(c, "attention_head_dim", WHOLE, where, None) if "attention_head_dim" in c else 8
         if head_dim is None:
             out.update(num_heads=1, num_head_channels=-1)
         else:
