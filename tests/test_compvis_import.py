@@ -315,6 +315,16 @@ def test_a_standalone_vq_first_stage_converts_for_first_stage_checkpoint(tmp_pat
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(fresh.decode(fresh.encode(x)), vq.decode(vq.encode(x)))
+    # a pipeline folder as --out keeps its weights: a first stage's would replace them
+    pipeline = tmp_path / "pipeline"
+    Pipeline.from_config(compvis.compose(compvis.translate_config(LDM_CONFIG))).save(pipeline)
+    before = (pipeline / "model.safetensors").read_bytes()
+    result = ldmkit_cli("convert", "compvis", str(tmp_path / "vq.ckpt"), "--config", str(tmp_path / "config.yaml"), "--out", str(pipeline))
+    assert result.returncode == 1
+    assert error_line(result.stderr, "convert").endswith(f"--out {pipeline} holds a pipeline (config.yaml), whose "
+                                                         "weights the first stage's model.safetensors would replace; "
+                                                         "write it to another folder")  # fmt: skip
+    assert (pipeline / "model.safetensors").read_bytes() == before
 
 
 # the paper's published parameter counts (Rombach et al. 2022, Tab. 13-18 and the model zoo):

@@ -725,6 +725,18 @@ def test_a_pipeline_with_another_sampler_converts_back(sampler, tmp_path):
     assert back.config.sampler == pipe.config.sampler and back.config.choices.sampler == sampler
 
 
+def test_a_multi_conditioner_converts_back(tmp_path):
+    import ldmkit
+
+    torch.manual_seed(0)
+    pipe = ldmkit.compose(overrides=["first_stage=kl_tiny", "image_size=16", "denoiser=unet_tiny", "conditioner=multi",
+                                     "conditioner.parts=[{name: class_label, num_classes: 10, embed_dim: 32}]"])  # fmt: skip
+    back = Pipeline.from_diffusers(pipe.to_diffusers(tmp_path / "d"))
+    assert back.config.conditioner == pipe.config.conditioner
+    a, b = pipe.state_dict(), back.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_exporting_over_an_older_export_leaves_none_of_its_conditioner(tmp_path):
     tiny_kl_pipeline().to_diffusers(tmp_path / "d")  # class-conditional: ldmkit_conditioner/
     unconditional = unconditional_vq_pipeline(new_order=False, head_channels=16, heads=-1)
@@ -769,3 +781,43 @@ def test_from_diffusers_may_write_into_the_diffusers_folder_itself(sd_imported, 
     a, b = sd_imported.state_dict(), Pipeline.load(out).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert Pipeline.from_diffusers(out).config.conditioner.name == "clip_text"  # still a diffusers folder
+
+
+def test_an_export_cut_short_over_an_older_one_is_refused_not_read_half_old(tmp_path, monkeypatch):
+    from ldmkit.interop.diffusers import folder
+
+    tiny_kl_pipeline().to_diffusers(tmp_path / "d")
+    newer = tiny_kl_pipeline()
+    with torch.no_grad():
+        newer.denoiser.out[-1].bias.add_(1.0)
+    written = []
+
+    def crash_after_the_unet(path, state):
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        real_write(path, state)
+
+    real_write = folder._write_tensors
+    monkeypatch.setattr(folder, "_write_tensors", crash_after_the_unet)
+    with pytest.raises(KeyboardInterrupt):
+        newer.to_diffusers(tmp_path / "d")
+    assert written == [tmp_path / "d" / "unet" / "diffusion_pytorch_model.safetensors"]
+    with pytest.raises(diffusers_format.ConversionError, match="model_index.json is missing"):
+        Pipeline.from_diffusers(tmp_path / "d")
+    monkeypatch.undo()
+    back = Pipeline.from_diffusers(newer.to_diffusers(tmp_path / "d"))  # the rerun completes it
+    assert torch.equal(back.denoiser.out[-1].bias, newer.denoiser.out[-1].bias)
+
+
+@pytest.mark.parametrize("source", ["to-diffusers", "from-diffusers", "compvis"])
+def test_convert_out_at_a_file_is_one_line(source, tmp_path):
+    from tests.test_bad_values import error_line
+
+    (tmp_path / "notes.txt").write_text("keep me")
+    args = {"to-diffusers": [str(tmp_path / "ldm")], "from-diffusers": [str(tmp_path / "d")],
+            "compvis": [str(tmp_path / "model.ckpt"), "--preset", "kl-f8"]}[source]  # fmt: skip
+    result = ldmkit_cli("convert", source, *args, "--out", str(tmp_path / "notes.txt" / "sub"))
+    assert result.returncode == 1
+    assert error_line(result.stderr, "convert").endswith(f"--out: {tmp_path / 'notes.txt'} is a file, not a folder")
+    assert (tmp_path / "notes.txt").read_text() == "keep me"

@@ -127,6 +127,9 @@ def to_diffusers(
         vae_dir: ["diffusers", vae_config["_class_name"]],
         "scheduler": ["diffusers", "DDIMScheduler"],
     }
+    # model_index.json is the export's last file, an older one gone first: an export cut short
+    # is no diffusers folder (to diffusers and to ldmkit), never one half old, half new
+    (out / "model_index.json").unlink(missing_ok=True)
     step("unet")
     _write_json(out / "unet" / "config.json", unet_config)
     _write_tensors(out / "unet" / "diffusion_pytorch_model.safetensors", unet_state)
@@ -179,13 +182,13 @@ def to_diffusers(
         index = {"_class_name": "LDMPipeline", **components}
     else:  # no diffusers pipeline class runs this combination: load the components one by one
         index = {"_class_name": "DiffusionPipeline", **components}
-    _write_json(out / "model_index.json", {"_diffusers_version": DIFFUSERS_VERSION, **index})
     # what diffusers does not record and ldmkit reads back (the qkv order only changes the layout
     # of equal weights; keeping it makes the round trip bit-identical)
     _write_json(out / "ldmkit.json", {"image_size": int(cfg["image_size"]), "sampler": cfg["sampler"],
                                        "use_new_attention_order": bool(unet_cfg.get("use_new_attention_order")),
                                        "bert_default_vocab": ldm_bert and conditioner.get("vocab") is None,
                                        "source": "ldmkit convert to-diffusers"})  # fmt: skip
+    _write_json(out / "model_index.json", {"_diffusers_version": DIFFUSERS_VERSION, **index})
     return out
 
 
