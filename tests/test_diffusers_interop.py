@@ -821,3 +821,11 @@ def test_convert_out_at_a_file_is_one_line(source, tmp_path):
     assert result.returncode == 1
     assert error_line(result.stderr, "convert").endswith(f"--out: {tmp_path / 'notes.txt'} is a file, not a folder")
     assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_a_cosine_schedule_diffusers_cannot_hold_is_named(tmp_path):
+    """diffusers' squaredcos_cap_v2 has the offset s = 0.008 built in."""
+    pipe = tiny_kl_pipeline("schedule.kind=cosine", "schedule.cosine_s=0.02")
+    with pytest.raises(diffusers_format.ConversionError, match=r"schedule.cosine_s=0.02: .*0.008"):
+        pipe.to_diffusers(tmp_path / "d")
+    assert not (tmp_path / "d" / "model_index.json").exists()
