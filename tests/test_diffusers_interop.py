@@ -829,3 +829,16 @@ def test_a_cosine_schedule_diffusers_cannot_hold_is_named(tmp_path):
     with pytest.raises(diffusers_format.ConversionError, match=r"schedule.cosine_s=0.02: .*0.008"):
         pipe.to_diffusers(tmp_path / "d")
     assert not (tmp_path / "d" / "model_index.json").exists()
+
+
+def test_sampling_a_diffusers_folder_or_a_paper_ckpt_says_how_to_convert_it(tiny_export, tmp_path):
+    from tests.test_bad_values import error_line
+
+    _, out = tiny_export
+    (tmp_path / "model.ckpt").write_bytes(b"")
+    for checkpoint, hint in ((out, f"{out} is a diffusers folder: convert it with ldmkit convert from-diffusers"),
+                             (tmp_path / "model.ckpt", "is a file, not a pipeline folder (the paper's .ckpt: ldmkit "
+                                                       "convert compvis)")):  # fmt: skip
+        result = ldmkit_cli("sample", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "s.png"))
+        assert result.returncode == 1
+        assert hint in error_line(result.stderr, "sample")

@@ -493,7 +493,7 @@ class Pipeline(nn.Module):
         config_path, weights_path = directory / CONFIG_FILE, weights_dir / WEIGHTS_FILE
         for path in (config_path, weights_path):
             if not path.is_file():
-                raise FileNotFoundError(f"checkpoint file missing: {path}")
+                raise FileNotFoundError(f"checkpoint file missing: {path}{_not_a_pipeline_folder(directory)}")
         cfg = read_pipeline_config(config_path)
         references = frozen.read_manifest(weights_dir)
         try:
@@ -572,6 +572,15 @@ def read_pipeline_config(path: str | Path) -> DictConfig:
     if problems:
         raise ConfigError(f"{where}: {'; '.join(problems)}")
     return pipeline_files.resolve(cfg, Path(path).parent)
+
+
+def _not_a_pipeline_folder(directory: Path) -> str:
+    """What ``directory``, which lacks a pipeline's files, is instead, and how to convert it."""
+    if directory.is_file():
+        return f"; {directory} is a file, not a pipeline folder (the paper's .ckpt: ldmkit convert compvis)"
+    if (directory / "model_index.json").is_file():
+        return f"; {directory} is a diffusers folder: convert it with ldmkit convert from-diffusers"
+    return ""
 
 
 def _without_shared(state: dict[str, Tensor]) -> dict[str, Tensor]:
