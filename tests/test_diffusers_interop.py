@@ -842,3 +842,23 @@ def test_sampling_a_diffusers_folder_or_a_paper_ckpt_says_how_to_convert_it(tiny
         result = ldmkit_cli("sample", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "s.png"))
         assert result.returncode == 1
         assert hint in error_line(result.stderr, "sample")
+
+
+def test_a_conditioner_that_reads_a_file_carries_it_in_the_diffusers_folder(tmp_path, monkeypatch):
+    """A vocab of one's own (bert with 32 tokens: no LDMBertModel) is copied into
+    ldmkit_conditioner/: the folder converts back with the source gone, from another cwd."""
+    import ldmkit
+
+    default = ldmkit.compose(overrides=["first_stage=kl_tiny", "image_size=16", "denoiser=unet_tiny", "conditioner=bert"])
+    shutil.copy(default.conditioner.tokenizer.path, tmp_path / "my_vocab.txt")
+    pipe = ldmkit.compose(overrides=["first_stage=kl_tiny", "image_size=16", "denoiser=unet_tiny", "conditioner=bert",
+                                     f"conditioner.vocab={tmp_path / 'my_vocab.txt'}"])  # fmt: skip
+    out = pipe.to_diffusers(tmp_path / "d")
+    (tmp_path / "my_vocab.txt").unlink()
+    shutil.move(out, tmp_path / "moved")
+    monkeypatch.chdir(tmp_path / "moved")
+    back = Pipeline.from_diffusers(".")
+    a, b = pipe.state_dict(), back.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    batch = {"caption": ["a red apple"]}
+    assert torch.equal(back.conditioner(batch)["crossattn"], pipe.conditioner(batch)["crossattn"])

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 
+from ldmkit import pipeline_files
 from ldmkit.config import refuse_interpolations
 from ldmkit.interop.diffusers.autoencoder import (
     _vae_from_config,
@@ -76,8 +78,6 @@ def to_diffusers(
 ) -> Path:
     """Write ``pipeline`` (an ldmkit :class:`~ldmkit.pipeline.Pipeline` with its config) as a
     diffusers folder; returns ``out``. ``progress`` is called with each component's name."""
-    from omegaconf import OmegaConf
-
     if pipeline.config is None:
         raise ConversionError(
             "this Pipeline has no config (build it with ldmkit.compose or Pipeline.load)"
@@ -159,6 +159,11 @@ def to_diffusers(
         components.update(bert=["latent_diffusion", "LDMBertModel"], tokenizer=["transformers", "BertTokenizer"])
     elif name != "none":
         cond_state = {k: v for k, v in _sub(state, "conditioner.").items()}
+        # the files it reads when built (a vocab of its own) go with it, named relative to it
+        carried = pipeline_files.bundle(torch.nn.ModuleDict({"conditioner": pipeline.conditioner}),
+                                        OmegaConf.create({"conditioner": conditioner}), out / CONDITIONER_DIR,
+                                        embed_frozen=True)  # fmt: skip
+        conditioner = OmegaConf.to_container(carried.conditioner)
         _write_json(
             out / CONDITIONER_DIR / "config.json", {"conditioner": conditioner, "ldmkit_format": 1}
         )
@@ -300,6 +305,8 @@ def read_diffusers(
         conditioner = _component(
             _read_json(directory / CONDITIONER_DIR / "config.json"), "conditioner", f"{CONDITIONER_DIR}/config.json"
         )
+        carried = pipeline_files.resolve(OmegaConf.create({"conditioner": conditioner}), directory / CONDITIONER_DIR)
+        conditioner = OmegaConf.to_container(carried.conditioner)
         if (directory / CONDITIONER_DIR / "model.safetensors").is_file():
             cond_state = _read_tensors(directory / CONDITIONER_DIR)
     elif unet_cfg["num_classes"] not in (None, "sequential"):
