@@ -862,3 +862,14 @@ def test_a_conditioner_that_reads_a_file_carries_it_in_the_diffusers_folder(tmp_
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     batch = {"caption": ["a red apple"]}
     assert torch.equal(back.conditioner(batch)["crossattn"], pipe.conditioner(batch)["crossattn"])
+
+
+def test_weights_under_a_variant_name_are_named(tiny_export, tmp_path):
+    _, out = tiny_export
+    shutil.copytree(out, tmp_path / "d")
+    unet = tmp_path / "d" / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").rename(unet / "diffusion_pytorch_model.fp16.safetensors")
+    with pytest.raises(diffusers_format.ConversionError,
+                       match=r"unet holds no weights \(diffusion_pytorch_model.safetensors\); it has "
+                             r"diffusion_pytorch_model.fp16.safetensors \(a variant\? rename it"):  # fmt: skip
+        Pipeline.from_diffusers(tmp_path / "d")

@@ -241,7 +241,10 @@ def _read_tensors(folder: Path) -> dict[str, Tensor]:
         from ldmkit.weights import read_weights
 
         return read_weights(folder / "diffusion_pytorch_model.bin")
-    raise ConversionError(f"{folder} holds no weights (diffusion_pytorch_model.safetensors)")
+    others = sorted(p.name for p in folder.glob("*.safetensors*")) if folder.is_dir() else []
+    found = (f"; it has {', '.join(others[:3])} (a variant? rename it to the name above; sharded weights are "
+             "not read)") if others else ""  # fmt: skip
+    raise ConversionError(f"{folder} holds no weights (diffusion_pytorch_model.safetensors){found}")
 
 
 def read_diffusers(
