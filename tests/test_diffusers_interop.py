@@ -810,16 +810,18 @@ def test_an_export_cut_short_over_an_older_one_is_refused_not_read_half_old(tmp_
     assert torch.equal(back.denoiser.out[-1].bias, newer.denoiser.out[-1].bias)
 
 
-@pytest.mark.parametrize("source", ["to-diffusers", "from-diffusers", "compvis"])
+@pytest.mark.parametrize("source", ["to-diffusers", "from-diffusers", "compvis", "export-diffusers"])
 def test_convert_out_at_a_file_is_one_line(source, tmp_path):
     from tests.test_bad_values import error_line
 
     (tmp_path / "notes.txt").write_text("keep me")
+    command = "lora" if source == "export-diffusers" else "convert"
     args = {"to-diffusers": [str(tmp_path / "ldm")], "from-diffusers": [str(tmp_path / "d")],
-            "compvis": [str(tmp_path / "model.ckpt"), "--preset", "kl-f8"]}[source]  # fmt: skip
-    result = ldmkit_cli("convert", source, *args, "--out", str(tmp_path / "notes.txt" / "sub"))
+            "compvis": [str(tmp_path / "model.ckpt"), "--preset", "kl-f8"],
+            "export-diffusers": [str(tmp_path / "adapter")]}[source]  # fmt: skip
+    result = ldmkit_cli(command, source, *args, "--out", str(tmp_path / "notes.txt" / "sub"))
     assert result.returncode == 1
-    assert error_line(result.stderr, "convert").endswith(f"--out: {tmp_path / 'notes.txt'} is a file, not a folder")
+    assert error_line(result.stderr, command).endswith(f"--out: {tmp_path / 'notes.txt'} is a file, not a folder")
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
