@@ -875,3 +875,13 @@ def test_weights_under_a_variant_name_are_named(tiny_export, tmp_path):
                        match=r"unet holds no weights \(diffusion_pytorch_model.safetensors\); it has "
                              r"diffusion_pytorch_model.fp16.safetensors \(a variant\? rename it"):  # fmt: skip
         Pipeline.from_diffusers(tmp_path / "d")
+
+
+@pytest.mark.parametrize(("key", "value"), [("norm_eps", 1e-6), ("resnet_out_scale_factor", 2.0),
+                                            ("time_embedding_act_fn", "silu"), ("resnet_time_scale_shift", "ada_group")])  # fmt: skip
+def test_a_unet_option_that_changes_the_function_but_no_weight_is_named(key, value, tiny_export, tmp_path):
+    _, out = tiny_export
+    shutil.copytree(out, tmp_path / "d")
+    edit_json(tmp_path / "d" / "unet" / "config.json", **{key: value})
+    with pytest.raises(diffusers_format.ConversionError, match=rf"unet/config.json \(UNet2DConditionModel\): {key}="):
+        Pipeline.from_diffusers(tmp_path / "d")

@@ -196,12 +196,19 @@ def _unet_from_config(c: dict[str, Any]) -> dict[str, Any]:
                       ("use_linear_projection", False), ("upcast_attention", False), ("only_cross_attention", False),
                       ("dual_cross_attention", False), ("addition_embed_type", None), ("encoder_hid_dim", None),
                       ("time_embedding_type", "positional"), ("time_cond_proj_dim", None),
-                      ("downsample_type", "conv"), ("upsample_type", "conv"), ("add_attention", True)):  # fmt: skip
+                      ("downsample_type", "conv"), ("upsample_type", "conv"), ("add_attention", True),
+                      # options that change what the UNet computes but none of its weights' shapes
+                      ("norm_eps", 1e-5), ("resnet_out_scale_factor", 1.0), ("resnet_skip_time_act", False),
+                      ("time_embedding_act_fn", None), ("timestep_post_act", None)):  # fmt: skip
         if key in c:
             _require(
                 c[key] == want,
                 f"{where}: {key}={c[key]!r} is not supported (ldmkit's UNet has {want!r})",
             )
+    _require(
+        c.get("resnet_time_scale_shift", "default") in ("default", "scale_shift"),
+        f"{where}: resnet_time_scale_shift={c.get('resnet_time_scale_shift')!r} is not supported (default or scale_shift)",
+    )
     if cls == "UNet2DModel" and c.get("resnet_time_scale_shift") == "scale_shift":
         _require(c.get("attn_norm_num_groups") == 32,
                  f"{where}: attn_norm_num_groups={c.get('attn_norm_num_groups')!r} with scale_shift leaves the mid attention "
