@@ -753,6 +753,8 @@ BROKEN_FILES = {
     "conditioner-missing": ("ldmkit_conditioner/config.json", "{}", r"ldmkit_conditioner/config.json: conditioner"),
     "conditioner-no-name": ("ldmkit_conditioner/config.json", '{"conditioner": [1]}',
                             r"ldmkit_conditioner/config.json: conditioner"),
+    "index-entry": ("model_index.json", '{"vae": ["diffusers", "AutoencoderKL"], "text_encoder": []}',
+                    r"model_index.json: text_encoder=\[\]: expected \[library, class\]"),
 }  # fmt: skip
 
 

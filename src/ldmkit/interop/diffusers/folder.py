@@ -223,6 +223,17 @@ def _read_json(path: Path, folder: Path | None = None) -> dict[str, Any]:
     return data
 
 
+def _index_class(index: dict[str, Any], key: str, directory: Path) -> str | None:
+    """The class model_index.json names for the component ``key`` (``[library, class]``); None
+    when it names none (absent, or ``[null, null]``)."""
+    entry = index.get(key)
+    if entry is None or (isinstance(entry, list) and len(entry) == 2 and entry[0] is None):
+        return None
+    if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
+        raise ConversionError(f"{directory}/model_index.json: {key}={entry!r}: expected [library, class]")
+    return entry[1]
+
+
 def _component(data: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     """``data[key]``: a component's config (a mapping with a ``name``), or an error naming it."""
     node = data.get(key)
@@ -278,8 +289,9 @@ def read_diffusers(
         unet_raw, "sample_size", WHOLE, f"unet/config.json ({unet_raw.get('_class_name')})", 32
     )
     cond_state: dict[str, Tensor] = {}
-    if "text_encoder" in index and index["text_encoder"][0] is not None:
-        kind = index["text_encoder"][1]
+    text_kind, bert_kind = (_index_class(index, key, directory) for key in ("text_encoder", "bert"))
+    if text_kind is not None:
+        kind = text_kind
         _require(
             kind == "CLIPTextModel",
             f"{directory}: text_encoder {kind} has no ldmkit conditioner (CLIPTextModel does: clip_text)",
@@ -293,8 +305,8 @@ def read_diffusers(
         cond_state = {
             "transformer." + k: v for k, v in _read_tensors(directory / "text_encoder").items()
         }
-    elif "bert" in index and index["bert"][0] is not None:
-        kind = index["bert"][1]
+    elif bert_kind is not None:
+        kind = bert_kind
         _require(kind == "LDMBertModel", f"{directory}: bert {kind} has no ldmkit conditioner (LDMBertModel does: bert)")
         conditioner = _bert_from_config(_read_json(directory / "bert" / "config.json"), f"{directory}/bert/config.json")
         base = Path(text_encoder_dir) if text_encoder_dir is not None else directory
