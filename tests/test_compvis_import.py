@@ -196,6 +196,33 @@ def test_cli_writes_a_pipeline_folder_that_samples_the_same(paper_files, tmp_pat
     torch.testing.assert_close(loaded.sample({"label": [3]}, **kwargs), direct.sample({"label": [3]}, **kwargs))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_checkpoint_imports(paper_files, tmp_path, dtype):
+    """The pruned half-precision files shared of the paper's models store the schedule buffers
+    in half precision too: they still match the schedule their config describes."""
+    ckpt, config, _ = paper_files
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    torch.save({"state_dict": {k: v.to(dtype) for k, v in state.items()}}, tmp_path / "half.ckpt")
+    pipe = Pipeline.from_compvis(tmp_path / "half.ckpt", config)
+    key = "model_ema." + "diffusion_model.out.2.weight".replace(".", "")
+    assert torch.equal(pipe.denoiser.state_dict()["out.2.weight"], state[key].to(dtype).float())
+    # a schedule of another linear_end stays refused at this precision
+    other = yaml.safe_load(config.read_text())
+    other["model"]["params"]["linear_end"] = 0.012
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    with pytest.raises(ConfigError, match="alphas_cumprod does not match"):
+        Pipeline.from_compvis(tmp_path / "half.ckpt", tmp_path / "other.yaml")
+
+
+def test_a_config_that_is_not_yaml_is_one_line(paper_files, tmp_path):
+    ckpt, _, _ = paper_files
+    (tmp_path / "bad.yaml").write_text("model: [1, 2\n")
+    result = ldmkit_cli("convert", "compvis", str(ckpt), "--config", str(tmp_path / "bad.yaml"), "--out",
+                        str(tmp_path / "out"))  # fmt: skip
+    assert result.returncode == 1
+    assert error_line(result.stderr, "convert").endswith("bad.yaml is not YAML: expected ',' or ']', but got '<stream end>' (line 2, column 1)")
+
+
 def test_mismatched_keys_name_their_component(paper_files, tmp_path):
     ckpt, config, _ = paper_files
     state = torch.load(ckpt, weights_only=True)["state_dict"]
@@ -288,6 +315,16 @@ def test_a_standalone_vq_first_stage_converts_for_first_stage_checkpoint(tmp_pat
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(fresh.decode(fresh.encode(x)), vq.decode(vq.encode(x)))
+    # a pipeline folder as --out keeps its weights: a first stage's would replace them
+    pipeline = tmp_path / "pipeline"
+    Pipeline.from_config(compvis.compose(compvis.translate_config(LDM_CONFIG))).save(pipeline)
+    before = (pipeline / "model.safetensors").read_bytes()
+    result = ldmkit_cli("convert", "compvis", str(tmp_path / "vq.ckpt"), "--config", str(tmp_path / "config.yaml"), "--out", str(pipeline))
+    assert result.returncode == 1
+    assert error_line(result.stderr, "convert").endswith(f"--out {pipeline} holds a pipeline (config.yaml), whose "
+                                                         "weights the first stage's model.safetensors would replace; "
+                                                         "write it to another folder")  # fmt: skip
+    assert (pipeline / "model.safetensors").read_bytes() == before
 
 
 # the paper's published parameter counts (Rombach et al. 2022, Tab. 13-18 and the model zoo):

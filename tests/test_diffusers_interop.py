@@ -11,6 +11,7 @@ compared with ldmkit's."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -630,3 +631,259 @@ def test_a_small_preset_converts_both_ways_on_the_command_line(tmp_path):
         assert result.returncode == 0, result.stderr
     a, b = Pipeline.load(tmp_path / "ldm").state_dict(), Pipeline.load(tmp_path / "back").state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- what diffusers reads from a folder, ldmkit reads the same way -----------------------------
+def tiny_kl_pipeline(*overrides: str) -> Pipeline:
+    """``first_stage=kl_tiny`` under ``denoiser=unet_tiny``, class-conditional (or as
+    ``overrides`` say), nothing at its initial value."""
+    import ldmkit
+
+    torch.manual_seed(0)
+    pipe = ldmkit.compose(overrides=["first_stage=kl_tiny", "image_size=16", "denoiser=unet_tiny",
+                                     "conditioner=class_label", "conditioner.embed_dim=32", *overrides])  # fmt: skip
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(5)
+        for p in pipe.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return pipe
+
+
+def edit_json(path, **changes) -> None:
+    """Set (a value) or drop (``...``) keys of the JSON object in ``path``."""
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is ...:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    pipe = tiny_kl_pipeline()
+    return pipe, pipe.to_diffusers(tmp_path_factory.mktemp("tiny") / "d")
+
+
+def test_a_vae_config_without_scaling_factor_has_diffusers_default(tiny_export, tmp_path):
+    """diffusers' folders written before scaling_factor was a config key (Stable Diffusion v1's
+    vae/config.json) rely on its default, 0.18215, for AutoencoderKL and VQModel alike."""
+    from diffusers import AutoencoderKL
+
+    _, out = tiny_export
+    shutil.copytree(out, tmp_path / "d")
+    edit_json(tmp_path / "d" / "vae" / "config.json", scaling_factor=...)
+    theirs = AutoencoderKL.from_pretrained(tmp_path / "d" / "vae").config.scaling_factor
+    back = Pipeline.from_diffusers(tmp_path / "d")
+    assert float(back.scale_factor) == pytest.approx(theirs) == pytest.approx(0.18215)
+
+
+def test_attention_head_dim_left_out_or_null_means_what_it_means_to_diffusers(tmp_path):
+    """UNet2DModel: attention_head_dim absent is diffusers' default (heads 8 wide), null one
+    head of the block's width; the re-imported UNet computes what diffusers' does."""
+    from diffusers import UNet2DModel
+
+    pipe = unconditional_vq_pipeline(new_order=False, head_channels=8, heads=-1)
+    out = pipe.to_diffusers(tmp_path / "ldm")
+    z, t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 700])
+    for value in (..., None):
+        edit_json(out / "unet" / "config.json", attention_head_dim=value)
+        unet = UNet2DModel.from_pretrained(out / "unet")
+        back = Pipeline.from_diffusers(out)
+        with torch.no_grad():
+            torch.testing.assert_close(back.denoiser(z, t, {}), unet(z, t).sample, rtol=1e-4, atol=1e-4)
+
+
+def test_a_cross_attention_unet_without_attention_head_dim_has_diffusers_8_heads(tiny_export, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    pipe, out = tiny_export
+    shutil.copytree(out, tmp_path / "d")
+    edit_json(tmp_path / "d" / "unet" / "config.json", attention_head_dim=..., num_attention_heads=...)
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "d" / "unet")
+    back = Pipeline.from_diffusers(tmp_path / "d")
+    assert back.config.denoiser.num_heads == 8
+    z, t = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 700])
+    cond = pipe.conditioner({"label": [3, 7]})
+    with torch.no_grad():
+        torch.testing.assert_close(back.denoiser(z, t, cond), unet(z, t, cond["crossattn"]).sample, rtol=1e-4, atol=1e-4)
+
+
+def test_a_scheduler_that_rescales_its_betas_is_refused(tiny_export, tmp_path):
+    _, out = tiny_export
+    shutil.copytree(out, tmp_path / "d")
+    edit_json(tmp_path / "d" / "scheduler" / "scheduler_config.json", rescale_betas_zero_snr=True)
+    with pytest.raises(diffusers_format.ConversionError, match="rescale_betas_zero_snr=True"):
+        Pipeline.from_diffusers(tmp_path / "d")
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_a_pipeline_with_another_sampler_converts_back(sampler, tmp_path):
+    pipe = tiny_kl_pipeline(f"sampler={sampler}")
+    back = Pipeline.from_diffusers(pipe.to_diffusers(tmp_path / "d"))
+    assert back.config.sampler == pipe.config.sampler and back.config.choices.sampler == sampler
+
+
+def test_a_multi_conditioner_converts_back(tmp_path):
+    import ldmkit
+
+    torch.manual_seed(0)
+    pipe = ldmkit.compose(overrides=["first_stage=kl_tiny", "image_size=16", "denoiser=unet_tiny", "conditioner=multi",
+                                     "conditioner.parts=[{name: class_label, num_classes: 10, embed_dim: 32}]"])  # fmt: skip
+    back = Pipeline.from_diffusers(pipe.to_diffusers(tmp_path / "d"))
+    assert back.config.conditioner == pipe.config.conditioner
+    a, b = pipe.state_dict(), back.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_exporting_over_an_older_export_leaves_none_of_its_conditioner(tmp_path):
+    tiny_kl_pipeline().to_diffusers(tmp_path / "d")  # class-conditional: ldmkit_conditioner/
+    unconditional = unconditional_vq_pipeline(new_order=False, head_channels=16, heads=-1)
+    back = Pipeline.from_diffusers(unconditional.to_diffusers(tmp_path / "d"))
+    assert back.config.conditioner.name == "none"
+    for key, value in unconditional.state_dict().items():
+        assert torch.equal(value, back.state_dict()[key]), key
+
+
+BROKEN_FILES = {
+    "not-an-object": ("vae/config.json", "[]", r"vae/config.json does not hold a JSON object"),
+    "not-utf8": ("unet/config.json", b"\xff\xfe\x00 garbage", r"unet/config.json is not JSON"),
+    "sampler-not-a-mapping": ("ldmkit.json", '{"sampler": "ddim"}', r"ldmkit.json: sampler="),
+    "conditioner-missing": ("ldmkit_conditioner/config.json", "{}", r"ldmkit_conditioner/config.json: conditioner"),
+    "conditioner-no-name": ("ldmkit_conditioner/config.json", '{"conditioner": [1]}',
+                            r"ldmkit_conditioner/config.json: conditioner"),
+    "index-entry": ("model_index.json", '{"vae": ["diffusers", "AutoencoderKL"], "text_encoder": []}',
+                    r"model_index.json: text_encoder=\[\]: expected \[library, class\]"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BROKEN_FILES))
+def test_a_broken_file_in_a_diffusers_folder_is_one_error_naming_it(case, tiny_export, tmp_path):
+    _, out = tiny_export
+    shutil.copytree(out, tmp_path / "d")
+    name, content, message = BROKEN_FILES[case]
+    path = tmp_path / "d" / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ConfigError, match=message):
+        Pipeline.from_diffusers(tmp_path / "d")
+
+
+def test_attention_head_dims_of_the_wrong_length_are_named(sd_imported, tmp_path):
+    out = sd_imported.to_diffusers(tmp_path / "sd")
+    edit_json(out / "unet" / "config.json", attention_head_dim=[1, 2, 3])
+    with pytest.raises(diffusers_format.ConversionError, match=r"attention_head_dim=\[1, 2, 3\]: .*2 levels"):
+        Pipeline.from_diffusers(out)
+
+
+def test_from_diffusers_may_write_into_the_diffusers_folder_itself(sd_imported, tmp_path):
+    out = sd_imported.to_diffusers(tmp_path / "sd")
+    result = ldmkit_cli("convert", "from-diffusers", str(out), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    a, b = sd_imported.state_dict(), Pipeline.load(out).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert Pipeline.from_diffusers(out).config.conditioner.name == "clip_text"  # still a diffusers folder
+
+
+def test_an_export_cut_short_over_an_older_one_is_refused_not_read_half_old(tmp_path, monkeypatch):
+    from ldmkit.interop.diffusers import folder
+
+    tiny_kl_pipeline().to_diffusers(tmp_path / "d")
+    newer = tiny_kl_pipeline()
+    with torch.no_grad():
+        newer.denoiser.out[-1].bias.add_(1.0)
+    written = []
+
+    def crash_after_the_unet(path, state):
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        real_write(path, state)
+
+    real_write = folder._write_tensors
+    monkeypatch.setattr(folder, "_write_tensors", crash_after_the_unet)
+    with pytest.raises(KeyboardInterrupt):
+        newer.to_diffusers(tmp_path / "d")
+    assert written == [tmp_path / "d" / "unet" / "diffusion_pytorch_model.safetensors"]
+    with pytest.raises(diffusers_format.ConversionError, match="model_index.json is missing"):
+        Pipeline.from_diffusers(tmp_path / "d")
+    monkeypatch.undo()
+    back = Pipeline.from_diffusers(newer.to_diffusers(tmp_path / "d"))  # the rerun completes it
+    assert torch.equal(back.denoiser.out[-1].bias, newer.denoiser.out[-1].bias)
+
+
+@pytest.mark.parametrize("source", ["to-diffusers", "from-diffusers", "compvis", "export-diffusers"])
+def test_convert_out_at_a_file_is_one_line(source, tmp_path):
+    from tests.test_bad_values import error_line
+
+    (tmp_path / "notes.txt").write_text("keep me")
+    command = "lora" if source == "export-diffusers" else "convert"
+    args = {"to-diffusers": [str(tmp_path / "ldm")], "from-diffusers": [str(tmp_path / "d")],
+            "compvis": [str(tmp_path / "model.ckpt"), "--preset", "kl-f8"],
+            "export-diffusers": [str(tmp_path / "adapter")]}[source]  # fmt: skip
+    result = ldmkit_cli(command, source, *args, "--out", str(tmp_path / "notes.txt" / "sub"))
+    assert result.returncode == 1
+    assert error_line(result.stderr, command).endswith(f"--out: {tmp_path / 'notes.txt'} is a file, not a folder")
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_a_cosine_schedule_diffusers_cannot_hold_is_named(tmp_path):
+    """diffusers' squaredcos_cap_v2 has the offset s = 0.008 built in."""
+    pipe = tiny_kl_pipeline("schedule.kind=cosine", "schedule.cosine_s=0.02")
+    with pytest.raises(diffusers_format.ConversionError, match=r"schedule.cosine_s=0.02: .*0.008"):
+        pipe.to_diffusers(tmp_path / "d")
+    assert not (tmp_path / "d" / "model_index.json").exists()
+
+
+def test_sampling_a_diffusers_folder_or_a_paper_ckpt_says_how_to_convert_it(tiny_export, tmp_path):
+    from tests.test_bad_values import error_line
+
+    _, out = tiny_export
+    (tmp_path / "model.ckpt").write_bytes(b"")
+    for checkpoint, hint in ((out, f"{out} is a diffusers folder: convert it with ldmkit convert from-diffusers"),
+                             (tmp_path / "model.ckpt", "is a file, not a pipeline folder (the paper's .ckpt: ldmkit "
+                                                       "convert compvis)")):  # fmt: skip
+        result = ldmkit_cli("sample", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "s.png"))
+        assert result.returncode == 1
+        assert hint in error_line(result.stderr, "sample")
+
+
+def test_a_conditioner_that_reads_a_file_carries_it_in_the_diffusers_folder(tmp_path, monkeypatch):
+    """A vocab of one's own (bert with 32 tokens: no LDMBertModel) is copied into
+    ldmkit_conditioner/: the folder converts back with the source gone, from another cwd."""
+    import ldmkit
+
+    default = ldmkit.compose(overrides=["first_stage=kl_tiny", "image_size=16", "denoiser=unet_tiny", "conditioner=bert"])
+    shutil.copy(default.conditioner.tokenizer.path, tmp_path / "my_vocab.txt")
+    pipe = ldmkit.compose(overrides=["first_stage=kl_tiny", "image_size=16", "denoiser=unet_tiny", "conditioner=bert",
+                                     f"conditioner.vocab={tmp_path / 'my_vocab.txt'}"])  # fmt: skip
+    out = pipe.to_diffusers(tmp_path / "d")
+    (tmp_path / "my_vocab.txt").unlink()
+    shutil.move(out, tmp_path / "moved")
+    monkeypatch.chdir(tmp_path / "moved")
+    back = Pipeline.from_diffusers(".")
+    a, b = pipe.state_dict(), back.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    batch = {"caption": ["a red apple"]}
+    assert torch.equal(back.conditioner(batch)["crossattn"], pipe.conditioner(batch)["crossattn"])
+
+
+def test_weights_under_a_variant_name_are_named(tiny_export, tmp_path):
+    _, out = tiny_export
+    shutil.copytree(out, tmp_path / "d")
+    unet = tmp_path / "d" / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").rename(unet / "diffusion_pytorch_model.fp16.safetensors")
+    with pytest.raises(diffusers_format.ConversionError,
+                       match=r"unet holds no weights \(diffusion_pytorch_model.safetensors\); it has "
+                             r"diffusion_pytorch_model.fp16.safetensors \(a variant\? rename it"):  # fmt: skip
+        Pipeline.from_diffusers(tmp_path / "d")
+
+
+@pytest.mark.parametrize(("key", "value"), [("norm_eps", 1e-6), ("resnet_out_scale_factor", 2.0),
+                                            ("time_embedding_act_fn", "silu"), ("resnet_time_scale_shift", "ada_group")])  # fmt: skip
+def test_a_unet_option_that_changes_the_function_but_no_weight_is_named(key, value, tiny_export, tmp_path):
+    _, out = tiny_export
+    shutil.copytree(out, tmp_path / "d")
+    edit_json(tmp_path / "d" / "unet" / "config.json", **{key: value})
+    with pytest.raises(diffusers_format.ConversionError, match=rf"unet/config.json \(UNet2DConditionModel\): {key}="):
+        Pipeline.from_diffusers(tmp_path / "d")

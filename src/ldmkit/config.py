@@ -397,6 +397,16 @@ def _leaf_keys(node: Any, prefix: str = "") -> list[str]:
 
 
 # -- configs read back from files ------------------------------------------------------------
+def yaml_problem(err: Exception) -> str:
+    """Why a YAML file did not parse, in one line: PyYAML's problem and where it is (its own
+    message spans several lines, quoting the file)."""
+    if isinstance(err, UnicodeDecodeError):
+        return "it is not UTF-8 text"
+    mark = getattr(err, "problem_mark", None)
+    at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{getattr(err, 'problem', None) or err}{at}"
+
+
 def load_saved_config(path: str | os.PathLike) -> Any:
     """The config in the YAML file ``path`` (``OmegaConf.load``), refused with a
     :class:`ConfigError` naming the file and the key when a value is an interpolation."""

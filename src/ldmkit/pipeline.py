@@ -513,7 +513,7 @@ class Pipeline(nn.Module):
         config_path, weights_path = directory / CONFIG_FILE, weights_dir / WEIGHTS_FILE
         for path in (config_path, weights_path):
             if not path.is_file():
-                raise FileNotFoundError(f"checkpoint file missing: {path}")
+                raise FileNotFoundError(f"checkpoint file missing: {path}{_not_a_pipeline_folder(directory)}")
         cfg = read_pipeline_config(config_path)
         references = frozen.read_manifest(weights_dir)
         try:
@@ -571,17 +571,13 @@ def read_pipeline_config(path: str | Path) -> DictConfig:
     carries (``files.json``) are named by their paths inside it (:mod:`ldmkit.pipeline_files`)."""
     import yaml
 
-    from ldmkit.config import config_problems
+    from ldmkit.config import config_problems, yaml_problem
 
     where = f"the checkpoint config {path}"
     try:
         cfg = load_saved_config(path)  # an interpolation in it is refused, not resolved
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        raise ConfigError(f"{where} is not YAML: {getattr(err, 'problem', None) or err}{at}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{where} is not YAML: it is not UTF-8 text") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{where} is not YAML: {yaml_problem(err)}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{where} holds a list, not a mapping of config groups ({', '.join(PIPELINE_GROUPS)})")
     missing = [g for g in PIPELINE_GROUPS if g not in cfg]
@@ -596,6 +592,15 @@ def read_pipeline_config(path: str | Path) -> DictConfig:
     if problems:
         raise ConfigError(f"{where}: {'; '.join(problems)}")
     return pipeline_files.resolve(cfg, Path(path).parent)
+
+
+def _not_a_pipeline_folder(directory: Path) -> str:
+    """What ``directory``, which lacks a pipeline's files, is instead, and how to convert it."""
+    if directory.is_file():
+        return f"; {directory} is a file, not a pipeline folder (the paper's .ckpt: ldmkit convert compvis)"
+    if (directory / "model_index.json").is_file():
+        return f"; {directory} is a diffusers folder: convert it with ldmkit convert from-diffusers"
+    return ""
 
 
 def _without_shared(state: dict[str, Tensor]) -> dict[str, Tensor]:

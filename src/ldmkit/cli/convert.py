@@ -43,6 +43,12 @@ def convert(argv: Sequence[str], *, prog: str, description: str) -> int:
     fd.add_argument("diffusers", type=Path, help="a diffusers folder (model_index.json, unet/, vae/ or vqvae/, scheduler/)")
     fd.add_argument("--out", type=Path, required=True, help="the ldmkit pipeline folder to write")
     args = p.parse_args(argv)
+    from ldmkit.io import check_folder
+
+    try:
+        check_folder(args.out, "--out")  # before anything is read
+    except LdmkitError as err:
+        raise CLIError(str(err)) from err
     if args.source in ("to-diffusers", "from-diffusers"):
         return _convert_diffusers(args)
     from ldmkit.interop import compvis
@@ -51,6 +57,9 @@ def convert(argv: Sequence[str], *, prog: str, description: str) -> int:
     try:
         model = compvis.translation(args.config, args.preset, null_class=args.null_class, text_encoder=args.text_encoder)
         if model.kind == "first_stage":
+            if (args.out / "config.yaml").is_file():
+                raise CLIError(f"--out {args.out} holds a pipeline (config.yaml), whose weights the first stage's "
+                               "model.safetensors would replace; write it to another folder")  # fmt: skip
             state, _ = compvis.convert_state_dict(compvis.load_checkpoint(args.checkpoint), model)
             from omegaconf import OmegaConf
             from safetensors.torch import save_file

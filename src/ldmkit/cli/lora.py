@@ -26,9 +26,11 @@ def lora(argv: Sequence[str], *, prog: str, description: str) -> int:
     args = p.parse_args(argv)
     from ldmkit import frozen
     from ldmkit import lora as adapters
+    from ldmkit.io import check_folder
     from ldmkit.pipeline import Pipeline
 
     try:
+        check_folder(args.out, "--out")  # before anything is read
         if args.action == "export-diffusers":
             from ldmkit.interop.diffusers.lora import adapter_to_diffusers
 

@@ -18,6 +18,10 @@ from ldmkit.interop.diffusers.common import (
 )
 from ldmkit.interop.diffusers.renaming import Row, _convert
 
+# AutoencoderKL's and VQModel's scaling_factor when their config.json has none (Stable
+# Diffusion v1's vae/config.json predates the key)
+DIFFUSERS_SCALING_FACTOR = 0.18215
+
 
 def _vae_rows(cfg: dict[str, Any]) -> list[Row]:
     levels, nrb = len(cfg["ch_mult"]), int(cfg["num_res_blocks"])
@@ -137,7 +141,8 @@ def _vae_from_config(c: dict[str, Any]) -> tuple[dict[str, Any], float]:
             "out_ch": _value(c, "out_channels", WHOLE, where), "dropout": 0.0,
             "norm_groups": _value(c, "norm_num_groups", WHOLE, where, 32),
             "attn_type": "vanilla" if c.get("mid_block_add_attention", True) else "none"}  # fmt: skip
-    scale = float(_value(c, "scaling_factor", POSITIVE, where, 1.0))
+    # absent: diffusers' default, which the folders written before it was a key rely on
+    scale = float(_value(c, "scaling_factor", POSITIVE, where, DIFFUSERS_SCALING_FACTOR))
     latent = _value(c, "latent_channels", WHOLE, where)
     if cls == "AutoencoderKL":
         return {

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 
+from ldmkit import pipeline_files
 from ldmkit.config import refuse_interpolations
 from ldmkit.interop.diffusers.autoencoder import (
     _vae_from_config,
@@ -76,8 +78,6 @@ def to_diffusers(
 ) -> Path:
     """Write ``pipeline`` (an ldmkit :class:`~ldmkit.pipeline.Pipeline` with its config) as a
     diffusers folder; returns ``out``. ``progress`` is called with each component's name."""
-    from omegaconf import OmegaConf
-
     if pipeline.config is None:
         raise ConversionError(
             "this Pipeline has no config (build it with ldmkit.compose or Pipeline.load)"
@@ -127,6 +127,9 @@ def to_diffusers(
         vae_dir: ["diffusers", vae_config["_class_name"]],
         "scheduler": ["diffusers", "DDIMScheduler"],
     }
+    # model_index.json is the export's last file, an older one gone first: an export cut short
+    # is no diffusers folder (to diffusers and to ldmkit), never one half old, half new
+    (out / "model_index.json").unlink(missing_ok=True)
     step("unet")
     _write_json(out / "unet" / "config.json", unet_config)
     _write_tensors(out / "unet" / "diffusion_pytorch_model.safetensors", unet_state)
@@ -156,10 +159,17 @@ def to_diffusers(
         components.update(bert=["latent_diffusion", "LDMBertModel"], tokenizer=["transformers", "BertTokenizer"])
     elif name != "none":
         cond_state = {k: v for k, v in _sub(state, "conditioner.").items()}
+        # the files it reads when built (a vocab of its own) go with it, named relative to it
+        carried = pipeline_files.bundle(torch.nn.ModuleDict({"conditioner": pipeline.conditioner}),
+                                        OmegaConf.create({"conditioner": conditioner}), out / CONDITIONER_DIR,
+                                        embed_frozen=True)  # fmt: skip
+        conditioner = OmegaConf.to_container(carried.conditioner)
         _write_json(
             out / CONDITIONER_DIR / "config.json", {"conditioner": conditioner, "ldmkit_format": 1}
         )
         _write_tensors(out / CONDITIONER_DIR / "model.safetensors", cond_state)
+    if name in ("none", "clip_text") or ldm_bert:  # an older export's conditioner would be read back
+        shutil.rmtree(out / CONDITIONER_DIR, ignore_errors=True)
     if name == "clip_text" and unet_config["_class_name"] == "UNet2DConditionModel":
         index = {"_class_name": "StableDiffusionPipeline", **components, "safety_checker": [None, None],
                  "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}  # fmt: skip
@@ -177,13 +187,13 @@ def to_diffusers(
         index = {"_class_name": "LDMPipeline", **components}
     else:  # no diffusers pipeline class runs this combination: load the components one by one
         index = {"_class_name": "DiffusionPipeline", **components}
-    _write_json(out / "model_index.json", {"_diffusers_version": DIFFUSERS_VERSION, **index})
     # what diffusers does not record and ldmkit reads back (the qkv order only changes the layout
     # of equal weights; keeping it makes the round trip bit-identical)
     _write_json(out / "ldmkit.json", {"image_size": int(cfg["image_size"]), "sampler": cfg["sampler"],
                                        "use_new_attention_order": bool(unet_cfg.get("use_new_attention_order")),
                                        "bert_default_vocab": ldm_bert and conditioner.get("vocab") is None,
                                        "source": "ldmkit convert to-diffusers"})  # fmt: skip
+    _write_json(out / "model_index.json", {"_diffusers_version": DIFFUSERS_VERSION, **index})
     return out
 
 
@@ -197,15 +207,39 @@ def describe(directory: str | os.PathLike) -> str:
 
 
 # -- reading -------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, folder: Path | None = None) -> dict[str, Any]:
+    """The JSON object in ``path`` (a file of the diffusers folder ``folder``, by default the
+    folder above the component's)."""
     if not path.is_file():
-        raise ConversionError(f"{path} is missing (is {path.parent.parent} a diffusers folder?)")
+        folder = folder if folder is not None else path.parent.parent
+        raise ConversionError(f"{path} is missing (is {folder} a diffusers folder?)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConversionError(f"{path} is not JSON: {err}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConversionError(f"{path} is not JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} does not hold a JSON object, but a {type(data).__name__}")
     refuse_interpolations(data, path)  # its values become the pipeline's config
     return data
+
+
+def _index_class(index: dict[str, Any], key: str, directory: Path) -> str | None:
+    """The class model_index.json names for the component ``key`` (``[library, class]``); None
+    when it names none (absent, or ``[null, null]``)."""
+    entry = index.get(key)
+    if entry is None or (isinstance(entry, list) and len(entry) == 2 and entry[0] is None):
+        return None
+    if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
+        raise ConversionError(f"{directory}/model_index.json: {key}={entry!r}: expected [library, class]")
+    return entry[1]
+
+
+def _component(data: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    """``data[key]``: a component's config (a mapping with a ``name``), or an error naming it."""
+    node = data.get(key)
+    if not isinstance(node, dict) or not isinstance(node.get("name"), str):
+        raise ConversionError(f"{where}: {key}={node!r}: expected a mapping with the component's name")
+    return node
 
 
 def _read_tensors(folder: Path) -> dict[str, Tensor]:
@@ -218,7 +252,10 @@ def _read_tensors(folder: Path) -> dict[str, Tensor]:
         from ldmkit.weights import read_weights
 
         return read_weights(folder / "diffusion_pytorch_model.bin")
-    raise ConversionError(f"{folder} holds no weights (diffusion_pytorch_model.safetensors)")
+    others = sorted(p.name for p in folder.glob("*.safetensors*")) if folder.is_dir() else []
+    found = (f"; it has {', '.join(others[:3])} (a variant? rename it to the name above; sharded weights are "
+             "not read)") if others else ""  # fmt: skip
+    raise ConversionError(f"{folder} holds no weights (diffusion_pytorch_model.safetensors){found}")
 
 
 def read_diffusers(
@@ -234,7 +271,7 @@ def read_diffusers(
     from ldmkit.interop import compvis
 
     directory = Path(directory)
-    index = _read_json(directory / "model_index.json")
+    index = _read_json(directory / "model_index.json", directory)
     unet_cfg = _unet_from_config(_read_json(directory / "unet" / "config.json"))
     vae_dir = "vae" if "vae" in index else "vqvae" if "vqvae" in index else None
     _require(vae_dir is not None, f"{directory}/model_index.json names no `vae` or `vqvae`")
@@ -245,15 +282,16 @@ def read_diffusers(
     unet_raw = _read_json(directory / "unet" / "config.json")
     factor = 2 ** (len(first["ch_mult"]) - 1)
     extra = _read_json(directory / "ldmkit.json") if (directory / "ldmkit.json").is_file() else {}
-    if extra.get("sampler"):
-        sampler = extra["sampler"]
+    if extra.get("sampler") is not None:
+        sampler = _component(extra, "sampler", "ldmkit.json")
     unet_cfg["use_new_attention_order"] = bool(extra.get("use_new_attention_order", False))
     image_size = _value(extra, "image_size", WHOLE, "ldmkit.json", None) or factor * _value(
         unet_raw, "sample_size", WHOLE, f"unet/config.json ({unet_raw.get('_class_name')})", 32
     )
     cond_state: dict[str, Tensor] = {}
-    if "text_encoder" in index and index["text_encoder"][0] is not None:
-        kind = index["text_encoder"][1]
+    text_kind, bert_kind = (_index_class(index, key, directory) for key in ("text_encoder", "bert"))
+    if text_kind is not None:
+        kind = text_kind
         _require(
             kind == "CLIPTextModel",
             f"{directory}: text_encoder {kind} has no ldmkit conditioner (CLIPTextModel does: clip_text)",
@@ -267,8 +305,8 @@ def read_diffusers(
         cond_state = {
             "transformer." + k: v for k, v in _read_tensors(directory / "text_encoder").items()
         }
-    elif "bert" in index and index["bert"][0] is not None:
-        kind = index["bert"][1]
+    elif bert_kind is not None:
+        kind = bert_kind
         _require(kind == "LDMBertModel", f"{directory}: bert {kind} has no ldmkit conditioner (LDMBertModel does: bert)")
         conditioner = _bert_from_config(_read_json(directory / "bert" / "config.json"), f"{directory}/bert/config.json")
         base = Path(text_encoder_dir) if text_encoder_dir is not None else directory
@@ -279,7 +317,11 @@ def read_diffusers(
         _require(not unknown, f"{directory}/bert: weights ldmkit's bert does not have: {unknown[:5]}")
         cond_state = {"transformer." + names[k]: v for k, v in bert_state.items()}
     elif (directory / CONDITIONER_DIR / "config.json").is_file():
-        conditioner = _read_json(directory / CONDITIONER_DIR / "config.json")["conditioner"]
+        conditioner = _component(
+            _read_json(directory / CONDITIONER_DIR / "config.json"), "conditioner", f"{CONDITIONER_DIR}/config.json"
+        )
+        carried = pipeline_files.resolve(OmegaConf.create({"conditioner": conditioner}), directory / CONDITIONER_DIR)
+        conditioner = OmegaConf.to_container(carried.conditioner)
         if (directory / CONDITIONER_DIR / "model.safetensors").is_file():
             cond_state = _read_tensors(directory / CONDITIONER_DIR)
     elif unet_cfg["num_classes"] not in (None, "sequential"):

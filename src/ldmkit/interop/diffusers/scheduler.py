@@ -22,6 +22,7 @@ SCHEDULE_TO_DIFFUSERS = {
     "sqrt_linear": "linear",
     "cosine": "squaredcos_cap_v2",
 }
+COSINE_S = 8e-3  # the offset s of diffusers' squaredcos_cap_v2 (Nichol & Dhariwal's)
 PREDICTION_TO_DIFFUSERS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 
 
@@ -37,6 +38,11 @@ def diffusers_scheduler_config(
     _require(
         kind in SCHEDULE_TO_DIFFUSERS.values(),
         f"schedule.kind={schedule['kind']!r} has no diffusers beta_schedule",
+    )
+    _require(
+        kind != "squaredcos_cap_v2" or float(schedule.get("cosine_s", COSINE_S)) == COSINE_S,
+        f"schedule.cosine_s={schedule.get('cosine_s')}: diffusers' squaredcos_cap_v2 has the offset "
+        f"{COSINE_S} built in",
     )
     timestep_spacing, offset, alpha_one = SPACING_TO_DDIM[spacing]
     return {
@@ -58,9 +64,14 @@ def _schedule_from_config(c: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
         f"{where}: beta_schedule={c.get('beta_schedule')!r} (supported: {sorted(inverse)})",
     )
     _require(c.get("trained_betas") is None, f"{where}: trained_betas are not supported")
+    _require(  # a schedule ldmkit's kinds do not make (the sampling options are the sampler's own)
+        not c.get("rescale_betas_zero_snr"),
+        f"{where}: rescale_betas_zero_snr={c.get('rescale_betas_zero_snr')!r} is not supported "
+        "(ldmkit's schedules do not rescale their betas to a zero terminal SNR)",
+    )
     schedule = {"kind": kind, "timesteps": _value(c, "num_train_timesteps", WHOLE, where, 1000),
                 "linear_start": float(_value(c, "beta_start", POSITIVE, where, 1e-4)),
-                "linear_end": float(_value(c, "beta_end", POSITIVE, where, 2e-2)), "cosine_s": 8e-3}  # fmt: skip
+                "linear_end": float(_value(c, "beta_end", POSITIVE, where, 2e-2)), "cosine_s": COSINE_S}  # fmt: skip
     ddim = (
         c.get("timestep_spacing", "leading"),
         _value(c, "steps_offset", Integer(0), where, 0),

@@ -102,6 +102,8 @@ def copy_text_encoder_files(source: Path, out: Path) -> bool:
     subs = [sub for sub in ("text_encoder", "bert", "tokenizer") if (source / sub).is_dir()]
     if not any(sub in subs for sub in ("text_encoder", "bert")):
         return False
+    if out.exists() and out.resolve() == source.resolve():  # written beside the diffusers files
+        return True
     for sub in subs:
         (out / sub).mkdir(parents=True, exist_ok=True)
         for path in (source / sub).iterdir():

@@ -196,12 +196,19 @@ def _unet_from_config(c: dict[str, Any]) -> dict[str, Any]:
                       ("use_linear_projection", False), ("upcast_attention", False), ("only_cross_attention", False),
                       ("dual_cross_attention", False), ("addition_embed_type", None), ("encoder_hid_dim", None),
                       ("time_embedding_type", "positional"), ("time_cond_proj_dim", None),
-                      ("downsample_type", "conv"), ("upsample_type", "conv"), ("add_attention", True)):  # fmt: skip
+                      ("downsample_type", "conv"), ("upsample_type", "conv"), ("add_attention", True),
+                      # options that change what the UNet computes but none of its weights' shapes
+                      ("norm_eps", 1e-5), ("resnet_out_scale_factor", 1.0), ("resnet_skip_time_act", False),
+                      ("time_embedding_act_fn", None), ("timestep_post_act", None)):  # fmt: skip
         if key in c:
             _require(
                 c[key] == want,
                 f"{where}: {key}={c[key]!r} is not supported (ldmkit's UNet has {want!r})",
             )
+    _require(
+        c.get("resnet_time_scale_shift", "default") in ("default", "scale_shift"),
+        f"{where}: resnet_time_scale_shift={c.get('resnet_time_scale_shift')!r} is not supported (default or scale_shift)",
+    )
     if cls == "UNet2DModel" and c.get("resnet_time_scale_shift") == "scale_shift":
         _require(c.get("attn_norm_num_groups") == 32,
                  f"{where}: attn_norm_num_groups={c.get('attn_norm_num_groups')!r} with scale_shift leaves the mid attention "
@@ -243,9 +250,13 @@ def _unet_from_config(c: dict[str, Any]) -> dict[str, Any]:
         )
         depth = _value(c, "transformer_layers_per_block", WHOLE, where, 1)
         heads_spec = Either(WHOLE, ListOf(WHOLE))
-        heads = _value(  # diffusers' attention_head_dim counts heads here
+        heads = _value(  # diffusers' attention_head_dim counts heads here (absent: its default, 8)
             c, "num_attention_heads", heads_spec, where, None
-        ) or _value(c, "attention_head_dim", heads_spec, where)
+        ) or _value(c, "attention_head_dim", heads_spec, where, 8)
+        _require(
+            isinstance(heads, int) or len(heads) == levels,
+            f"{where}: attention_head_dim={heads}: expected one number of heads, or one per level ({levels} levels)",
+        )
         if isinstance(heads, int):
             out.update(num_heads=heads, num_head_channels=-1)
         else:
@@ -261,7 +272,8 @@ def _unet_from_config(c: dict[str, Any]) -> dict[str, Any]:
             transformer_depth=depth,
         )
     else:
-        head_dim = _value(c, "attention_head_dim", WHOLE, where, None)
+        # absent is diffusers' default (heads 8 wide); null is one head of the block's width
+        head_dim = _value(c, "attention_head_dim", WHOLE, where, None) if "attention_head_dim" in c else 8
         if head_dim is None:
             out.update(num_heads=1, num_head_channels=-1)
         else:
