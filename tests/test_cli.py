@@ -164,6 +164,43 @@ def test_sampler_overrides_change_the_checkpoints_sampler_or_switch_it(class_che
     assert read_png(tmp_path / "b" / "000000.png").shape == (16, 16, 3)
 
 
+@pytest.mark.parametrize(
+    ("override", "hint"),
+    [
+        ("image_size=32", "--image-size"),  # before: sampled 16x16, the checkpoint's size, silently
+        ("seed=5", "--seed"),
+        ("schedule.kind=cosine", None),
+        ("first_stage=kl_f8", None),
+        ("experiment=fmnist_ldm_kl_f4", None),
+    ],
+)
+def test_with_a_checkpoint_a_model_override_is_refused_not_ignored(class_checkpoint, tmp_path, override, hint):
+    out = ldmkit("sample", "--checkpoint", str(class_checkpoint / "pipeline"), override, "--labels", "1",
+                 "--out", str(tmp_path / "x.png"), "--no-progress")  # fmt: skip
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith(f"ldmkit sample: error: {override}: not applied with --checkpoint"), out.stderr
+    assert hint is None or f"use {hint}" in out.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_print_config_with_a_checkpoint_shows_the_checkpoints_config(class_checkpoint):
+    """Before, it printed the config composed from ldmkit's defaults (first_stage identity,
+    image_size 32), not the checkpoint's that sampling uses."""
+    import yaml
+
+    out = ldmkit("sample", "--checkpoint", str(class_checkpoint / "pipeline"), "sampler.steps=3",
+                 "attention.backend=math", "--print-config")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    shown = yaml.safe_load(out.stdout)
+    assert shown["first_stage"]["name"] == "kl" and shown["image_size"] == 16
+    assert shown["conditioner"]["name"] == "class_label"
+    assert shown["sampler"] == {"name": "ddpm", "steps": 3, "spacing": "linspace"}
+    assert shown["attention"]["backend"] == "math"
+    missing = ldmkit("sample", "--checkpoint", str(class_checkpoint / "nothing"), "--print-config")
+    assert missing.returncode == 1 and missing.stderr.startswith("ldmkit sample: error: checkpoint file missing:")
+
+
 def test_euler_samples_on_karras_noise_levels_with_img2img_and_a_mask(class_checkpoint, tmp_path):
     ckpt = str(class_checkpoint / "pipeline")
     flags = ["--labels", "3", "--seed", "4", "--init-image", str(class_checkpoint / "photo.png"),
