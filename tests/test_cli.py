@@ -343,3 +343,26 @@ def test_an_unknown_class_name_is_one_line_naming_the_known_ones(named_checkpoin
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert message in out.stderr
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "x").exists()
+
+
+def test_the_trainers_warnings_are_one_line_each(tmp_path):
+    """An option the stage does not read (with the one meant), an untrained first stage and a
+    missing validation split: before, each was Python's two lines (file:line and the source)."""
+    from tests.training.faults import make_shards
+
+    shards = make_shards(tmp_path)
+    out = ldmkit("train", "stage=ldm", "first_stage=kl_tiny", "trainer=ldm_tiny", "denoiser=unet_tiny",
+                 "data=image_folder", f"data.path={shards}", "image_size=16", "trainer.max_steps=1",
+                 "trainer.batch_size=2", "trainer.num_workers=0", "trainer.num_threads=1", "trainer.progress=false",
+                 "trainer.tensorboard=false", "trainer.sample_every=0", "trainer.val_split=test",
+                 "+trainer.sample_stepz=3", f"run_dir={tmp_path / 'run'}")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines() == [
+        "ldmkit train: warning: trainer option(s) trainer.sample_stepz (did you mean trainer.sample_steps?) "
+        "are not used by stage=ldm",
+        "ldmkit train: warning: first_stage.checkpoint is not set: the latents come from an untrained first "
+        "stage (train one with stage=autoencoder and pass first_stage.checkpoint=<its run_dir>)",
+        "ldmkit train: warning: trainer.val_split='test' is not in data=image_folder (it has train, val); "
+        "validation is skipped and grids use training batches. Prepare the data with val_fraction=... or set "
+        "trainer.val_split",
+    ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import difflib
 import math
 import sys
 import time
@@ -144,6 +145,18 @@ class Trainer(abc.ABC):
         self.signals = SignalWatch(enabled=False)
         self.logger: RunLogger | SilentLogger = SilentLogger()  # rank 0's writes, from fit() on
         self._val_batches: list[Mapping[str, Any]] | None = None
+
+    def warn_unused_options(self, known: Iterable[str]) -> None:
+        """One warning naming each trainer option outside ``known`` (the keys the stage reads;
+        an added ``+trainer.KEY`` nobody reads), with the known one it may have meant."""
+        known = sorted(set(known))
+        unknown = sorted(set(self.options) - set(known))
+        if unknown:
+            named = ", ".join(
+                f"trainer.{key}" + "".join(f" (did you mean trainer.{m}?)" for m in difflib.get_close_matches(key, known, n=1))
+                for key in unknown
+            )
+            warnings.warn(f"trainer option(s) {named} are not used by stage={self.stage}", TrainingWarning, stacklevel=3)
 
     @property
     def step(self) -> int:
