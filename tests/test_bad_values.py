@@ -118,6 +118,10 @@ TRAIN_CASES = [
         "trainer.optimizer.lr: no such key in the config (did you mean trainer.lr?)",
     ),
     ("trainer.lrr=3", "trainer.lrr: no such key in the config (did you mean trainer.lr?)"),
+    # a misspelled group: before, "(did you mean first_stage.name?); to add a new key, write +first_stag=..."
+    ("first_stag=kl_tiny", "first_stag: no such config group or key (did you mean first_stage=kl_tiny?)"),
+    ("samplr=ddpm", "samplr: no such config group or key (did you mean sampler=ddpm?)"),
+    ("expriment=fmnist_kl_f4", "expriment: no such config group or key (did you mean experiment=fmnist_kl_f4?)"),
     ("sampler=dimm", "unknown option sampler=dimm"),
     ("experiment=fmnist_kl_f5", "unknown option experiment=fmnist_kl_f5"),
     # component configs: checked against the registered constructor's type hints when built
@@ -152,6 +156,15 @@ def test_a_bad_value_is_one_line_naming_the_key(overrides, message, tmp_path, ca
     assert code == 1
     assert line.startswith(message), line
     assert not run_dir.exists()  # nothing written
+
+
+def test_a_misspelled_key_is_not_told_to_be_added(capsys, tmp_path):
+    """With a key meant found, the line does not end "to add a new key, write +trainer.lrr=3":
+    the added key would be read by nothing. Without one, it still says how to add a key."""
+    code, line = run_main(capsys, "train", "trainer.lrr=3", f"run_dir={tmp_path}/run")
+    assert code == 1 and line == "trainer.lrr: no such key in the config (did you mean trainer.lr?)"
+    code, line = run_main(capsys, "train", "trainer.zzz=3", f"run_dir={tmp_path}/run")
+    assert code == 1 and line == "trainer.zzz: no such key in the config; to add a new key, write +trainer.zzz=3"
 
 
 def test_several_bad_values_are_named_in_one_line(capsys, tmp_path):
@@ -368,7 +381,7 @@ def test_component_checkpoint_needs_no_plus_for_any_option(tmp_path):
     )
     assert cfg.first_stage.checkpoint == "runs/fmnist_kl_f4"
     # and a typo in another key of the group is still caught
-    with pytest.raises(Exception, match=r"first_stage.chekpoint: no such key"):
+    with pytest.raises(Exception, match=r"first_stage.chekpoint: no such key in the config \(did you mean first_stage.checkpoint\?\)$"):
         compose_config(["first_stage=kl_f4_small", "first_stage.chekpoint=/x"])
 
 

@@ -369,6 +369,9 @@ def _explain_compose_error(err: Exception, overrides: Sequence[str], config_name
 def _unknown_key(key: str, overrides: Sequence[str], config_name: str) -> str:
     """``trainer.optimizer.lr: no such key (did you mean trainer.lr?) ...``."""
     value = next((o.partition("=")[2] for o in overrides if o.partition("=")[0] == key), "VALUE")
+    group = difflib.get_close_matches(key, GROUPS, n=1, cutoff=0.75) if "." not in key else []
+    if group:  # `samplr=ddim`: a group's name misspelled
+        return f"{key}: no such config group or key (did you mean {group[0]}={value}?)"
     hint = f"to add a new key, write +{key}={value}"
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -379,12 +382,21 @@ def _unknown_key(key: str, overrides: Sequence[str], config_name: str) -> str:
         return f"{key}: no such key in the config; {hint}"
     keys = _leaf_keys(OmegaConf.to_container(cfg, resolve=False))
     keys = [k for k in keys if not k.startswith("hydra.")]
+    keys += [f"{g}.checkpoint" for g in ("first_stage", "denoiser", "conditioner") if f"{g}.checkpoint" not in keys]
     leaf = key.rpartition(".")[2]
     group = key.partition(".")[0]
     close = [k for k in keys if k.partition(".")[0] == group and k.rpartition(".")[2] == leaf]
-    close = close or difflib.get_close_matches(key, keys, n=2, cutoff=0.75)
-    suggestion = f" (did you mean {' or '.join(close)}?)" if close else ""
-    return f"{key}: no such key in the config{suggestion}; {hint}"
+    if not close:  # a sibling's name misspelled; the whole key only where its parent does not exist
+        parent = key.rpartition(".")[0]
+        siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
+        close = (
+            [siblings[m] for m in difflib.get_close_matches(leaf, list(siblings), n=2, cutoff=0.6)]
+            if siblings
+            else difflib.get_close_matches(key, keys, n=2, cutoff=0.75)
+        )
+    if close:  # a misspelling: the key added as `+KEY` would be read by nothing
+        return f"{key}: no such key in the config (did you mean {' or '.join(close)}?)"
+    return f"{key}: no such key in the config; {hint}"
 
 
 def _leaf_keys(node: Any, prefix: str = "") -> list[str]:
