@@ -123,6 +123,18 @@ TRAIN_CASES = [
     ("samplr=ddpm", "samplr: no such config group or key (did you mean sampler=ddpm?)"),
     ("expriment=fmnist_kl_f4", "expriment: no such config group or key (did you mean experiment=fmnist_kl_f4?)"),
     ("sampler=dimm", "unknown option sampler=dimm"),
+    # a group choice that YAML reads as a number, a switch or null: before, a ValueError traceback
+    ("sampler=1", "sampler=1: a config group takes the name of an option, not 1; sampler options: ddim, ddpm,"),
+    ("experiment=2024", "experiment=2024: a config group takes the name of an option, not 2024; experiment options:"),
+    ("trainer=null", "trainer=null: a config group takes the name of an option, not null; trainer options:"),
+    ("=3", "=3: an override is KEY=VALUE; the key is missing"),
+    # characters Hydra's grammar takes only quoted: before, "LexerNoViableAltException: ... ^ See https://..."
+    (
+        "data.path=~/photos",
+        "data.path=~/photos: Hydra cannot parse this override; quote the value: 'data.path=\"~/photos\"'",
+    ),
+    ("run_dir=runs/café", "run_dir=runs/café: Hydra cannot parse this override; quote the value: 'run_dir=\"runs/café\"'"),
+    ("run_dir=runs/a(1)", "run_dir=runs/a(1): Hydra cannot parse this override; quote the value"),
     ("experiment=fmnist_kl_f5", "unknown option experiment=fmnist_kl_f5"),
     # component configs: checked against the registered constructor's type hints when built
     ("sampler.eta=abc", "sampler.eta='abc': expected a number (sampler=ddim)"),

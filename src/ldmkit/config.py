@@ -26,7 +26,7 @@ from typing import Any
 
 from omegaconf import Container, DictConfig, OmegaConf, open_dict
 
-from ldmkit.config_checks import Choice, Either, Integer, Number, Schema, Spec, Text
+from ldmkit.config_checks import Choice, Either, Integer, Number, Schema, Spec, Text, show_value
 from ldmkit.errors import ConfigError, LdmkitError
 from ldmkit.plugins import config_options, get_plugin_manager, root_directory
 from ldmkit.resources import config_dir
@@ -87,6 +87,7 @@ def compose_config(
     _plugin_roots[:] = [*roots, *(f"file://{d}" for d in users)]
     _register_search_path_plugin()
     overrides = [_weights_override(o) for o in overrides]
+    _refuse_unnamed_choices(overrides)
     try:
         cfg = _compose_with_stage_trainer(overrides, config_name)
     except (HydraException, OmegaConfBaseException) as err:
@@ -258,15 +259,59 @@ def _check_optional_choice(group: str, option: str | None) -> None:
     roots = [config_dir(), *(root_directory(r) for r in _plugin_roots)]
     if any(root is not None and (root / group / f"{option}.yaml").is_file() for root in roots):
         return
+    raise ConfigError(
+        f"unknown option {group}={option} (no {group}/{option}.yaml in ldmkit's conf/, an installed "
+        f"plugin's config root or a --config-dir); {group} options: {_group_options(group)}"
+    )
+
+
+def _group_options(group: str) -> str:
+    """The options of ``group`` in ldmkit's conf/ and the config roots of this composition,
+    comma-separated."""
+    roots = [config_dir(), *(root_directory(r) for r in _plugin_roots)]
     found = sorted(
         {p.relative_to(root / group).with_suffix("").as_posix()
          for root in roots if root is not None and (root / group).is_dir()
          for p in (root / group).rglob("*.yaml")}
     )
+    return ", ".join(found) or "(none)"
+
+
+def _refuse_unquoted(override: str) -> None:
+    """``data.path=~/photos``, ``run_dir=runs/café``: characters Hydra's grammar takes only in
+    a quoted value. Say how to quote it instead of Hydra's lexer message."""
+    key, _, value = override.partition("=")
+    if not re.fullmatch(r"[+~]*[\w.@/-]+", key) or not value or value[0] in "=[{\"'" or '"' in value:
+        return
+    shell = f"'{key}=\"{value}\"'" if "'" not in value else f'"{key}=\\"{value}\\""'
     raise ConfigError(
-        f"unknown option {group}={option} (no {group}/{option}.yaml in ldmkit's conf/, an installed "
-        f"plugin's config root or a --config-dir); {group} options: {', '.join(found) or '(none)'}"
+        f"{override}: Hydra cannot parse this override; quote the value: {shell} (values with ~, "
+        "brackets, quotes, commas or letters beyond ASCII need quotes)"
     )
+
+
+def _refuse_unnamed_choices(overrides: Sequence[str]) -> None:
+    """``sampler=1``, ``experiment=2024``, ``trainer=null``: Hydra reads the value as a number,
+    a switch or null and raises a bare ValueError; ``=3`` has no key. Say which override."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            (parsed,) = parser.parse_overrides([override])
+        except HydraException:
+            _refuse_unquoted(override)
+            continue  # another syntax error: Hydra's message, when composing
+        key, value = parsed.key_or_group, parsed.value()
+        if key == "":
+            raise ConfigError(f"{override}: an override is KEY=VALUE; the key is missing")
+        if key in GROUPS and parsed.package is None and not isinstance(value, str | list):
+            raise ConfigError(
+                f"{override}: a config group takes the name of an option, not {show_value(value)}; "
+                f"{key} options: {_group_options(key)} (quote a name that reads as a number: "
+                f"{key}='{override.partition('=')[2]}')"
+            )
 
 
 # -- typed keys ---------------------------------------------------------------------
