@@ -366,3 +366,27 @@ def test_the_trainers_warnings_are_one_line_each(tmp_path):
         "validation is skipped and grids use training batches. Prepare the data with val_fraction=... or set "
         "trainer.val_split",
     ]
+
+
+def test_a_run_dir_under_home_is_written_there_not_in_a_folder_named_tilde(tmp_path):
+    """``run_dir="~/runs/ae"`` (quoted for Hydra): before, training wrote ./~/runs/ae, a
+    folder named ``~`` in the working directory (``data.path`` and checkpoints expand it)."""
+    from tests.training.faults import make_shards
+
+    shards, home, cwd = make_shards(tmp_path), tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    out = ldmkit("train", "stage=autoencoder", "first_stage=kl_tiny", "trainer=autoencoder_tiny",
+                 "data=image_folder", f"data.path={shards}", "image_size=16", "trainer.max_steps=1",
+                 "trainer.batch_size=2", "trainer.num_workers=0", "trainer.num_threads=1", "trainer.progress=false",
+                 "trainer.tensorboard=false", "trainer.sample_every=0", "trainer.val_split=val",
+                 'run_dir="~/runs/ae"', cwd=cwd, env={"HOME": str(home)})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert not (cwd / "~").exists()
+    assert (home / "runs" / "ae" / "checkpoints").is_dir()
+    out = ldmkit("evaluate", "stage=autoencoder", "data=image_folder", f"data.path={shards}", "image_size=16",
+                 "eval.split=val", "eval.lpips=false", "eval.fid_features=none", 'run_dir="~/runs/ae"',
+                 cwd=cwd, env={"HOME": str(home)})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert not (cwd / "~").exists()
+    assert list((home / "runs" / "ae" / "eval").glob("*.json"))

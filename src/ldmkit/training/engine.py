@@ -128,7 +128,7 @@ class Trainer(abc.ABC):
     def __init__(self, cfg: DictConfig, *, data: DataFactory | None = None) -> None:
         self.cfg = cfg
         self.options = trainer_options(cfg, self.default_preset)
-        self.run_dir = Path(cfg.get("run_dir") or f"runs/{self.stage}")
+        self.run_dir = Path(cfg.get("run_dir") or f"runs/{self.stage}").expanduser()
         check_folder(self.run_dir, f"run_dir={self.run_dir}")  # before anything is built
         self.rank, self.world_size = distributed_info()
         self.is_main = self.rank == 0  # only rank 0 writes checkpoints, logs and images
