@@ -98,6 +98,13 @@ TRAIN_CASES = [
         "attention.backend='fast': expected one of auto, sdpa, xformers, math, chunked",
     ),
     ("scale_factor=-1", "scale_factor=-1: expected a number > 0 or one of scale_by_std"),
+    # schedules that leave nothing to sample: before, all-black images and NaN losses
+    ("schedule.linear_end=2", "schedule config: linear_start and linear_end must be in (0, 1)"),
+    ("schedule.kind=sqrt_linear schedule.linear_start=1", "schedule config: linear_start and linear_end must be in"),
+    (
+        "schedule.linear_start=0.9 schedule.linear_end=0.99",
+        "schedule config: alphas_cumprod falls to 0 by t=1000: no signal is left",
+    ),
     # stage-specific trainer keys
     ("trainer=ldm trainer.guidance_scale=-1", "trainer.guidance_scale=-1: expected a number >= 0"),
     ("trainer=ldm trainer.betas=[0.9]", "trainer.betas=[0.9]: expected a list of 2 numbers"),
