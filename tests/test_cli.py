@@ -28,6 +28,14 @@ def test_help_lists_subcommands():
         assert command in out.stdout
 
 
+def test_help_names_the_version_flag_and_help_of_a_command_is_that_commands():
+    """Before, the usage did not mention -V/--version, and `ldmkit help train` printed the
+    general usage instead of train's."""
+    assert "-V, --version" in ldmkit("--help").stdout
+    out = ldmkit("help", "train")
+    assert out.returncode == 0 and out.stdout.startswith("usage: ldmkit train ")
+
+
 def test_unknown_subcommand_fails_clearly():
     out = ldmkit("trian")
     assert out.returncode == 2 and "unknown command 'trian'" in out.stderr
