@@ -49,7 +49,9 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
                    help="rows of the grid (default: one per condition with --num-samples and several "
                         "conditions, else a roughly square grid)")
     p.add_argument("--prompt", action="append", help="shorthand for --cond caption=PROMPT; repeatable")
-    p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance: 1 none (default), 0 unconditional, above 1 follows the "
+                        "conditions more closely (3 is typical)")
     p.add_argument("--image-size", type=int, default=None,
                    help="output size, square (default: the pipeline's, or the size of spatial condition "
                         "inputs or of --init-image)")
@@ -84,7 +86,8 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     p.add_argument("--show-conditions", action="store_true",
                    help="one row per sample: its condition inputs (images, maps, masks, prompts), then the sample")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar and no precision note on stderr")
     args = p.parse_args(argv)
     from dataclasses import replace
 
