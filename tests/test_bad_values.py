@@ -135,6 +135,10 @@ TRAIN_CASES = [
     ("experiment=2024", "experiment=2024: a config group takes the name of an option, not 2024; experiment options:"),
     ("trainer=null", "trainer=null: a config group takes the name of an option, not null; trainer options:"),
     ("=3", "=3: an override is KEY=VALUE; the key is missing"),
+    # a word without '=': before, "Error parsing override 'fmnist_kl_f4' missing EQUAL at '<EOF>' See https://..."
+    ("fmnist_kl_f4", "fmnist_kl_f4: an override is KEY=VALUE (did you mean experiment=fmnist_kl_f4?)"),
+    ("kl_tiny", "kl_tiny: an override is KEY=VALUE (did you mean first_stage=kl_tiny?)"),
+    ("lr", "lr: an override is KEY=VALUE, e.g. trainer.max_steps=100 or experiment=NAME"),
     # characters Hydra's grammar takes only quoted: before, "LexerNoViableAltException: ... ^ See https://..."
     (
         "data.path=~/photos",

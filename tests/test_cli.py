@@ -192,6 +192,13 @@ def test_with_a_checkpoint_a_model_override_is_refused_not_ignored(class_checkpo
     assert not (tmp_path / "x.png").exists()
 
 
+def test_a_checkpoint_folder_without_the_flag_is_named(class_checkpoint):
+    out = ldmkit("sample", str(class_checkpoint / "pipeline"), "--print-config")
+    assert out.returncode == 1
+    assert out.stderr == (f"ldmkit sample: error: {class_checkpoint / 'pipeline'}: an override is KEY=VALUE "
+                          f"(did you mean --checkpoint {class_checkpoint / 'pipeline'}?)\n")
+
+
 def test_print_config_with_a_checkpoint_shows_the_checkpoints_config(class_checkpoint):
     """Before, it printed the config composed from ldmkit's defaults (first_stage identity,
     image_size 32), not the checkpoint's that sampling uses."""

@@ -261,20 +261,26 @@ def _check_optional_choice(group: str, option: str | None) -> None:
         return
     raise ConfigError(
         f"unknown option {group}={option} (no {group}/{option}.yaml in ldmkit's conf/, an installed "
-        f"plugin's config root or a --config-dir); {group} options: {_group_options(group)}"
+        f"plugin's config root or a --config-dir); {group} options: {', '.join(_group_options(group)) or '(none)'}"
     )
 
 
-def _group_options(group: str) -> str:
-    """The options of ``group`` in ldmkit's conf/ and the config roots of this composition,
-    comma-separated."""
+def _group_options(group: str) -> list[str]:
+    """The options of ``group`` in ldmkit's conf/ and the config roots of this composition."""
     roots = [config_dir(), *(root_directory(r) for r in _plugin_roots)]
-    found = sorted(
+    return sorted(
         {p.relative_to(root / group).with_suffix("").as_posix()
          for root in roots if root is not None and (root / group).is_dir()
          for p in (root / group).rglob("*.yaml")}
     )
-    return ", ".join(found) or "(none)"
+
+
+def _refuse_bare_word(word: str) -> None:
+    """``fmnist_kl_f4`` for ``experiment=fmnist_kl_f4``: name the group with that option."""
+    meant = [f"{group}={word}" for group in GROUPS if word in _group_options(group)]
+    if meant:
+        raise ConfigError(f"{word}: an override is KEY=VALUE (did you mean {' or '.join(meant)}?)")
+    raise ConfigError(f"{word}: an override is KEY=VALUE, e.g. trainer.max_steps=100 or experiment=NAME")
 
 
 def _refuse_unquoted(override: str) -> None:
@@ -298,6 +304,8 @@ def _refuse_unnamed_choices(overrides: Sequence[str]) -> None:
 
     parser = OverridesParser.create()
     for override in overrides:
+        if "=" not in override and not override.startswith("~"):  # `~KEY` deletes; anything else sets
+            _refuse_bare_word(override)
         try:
             (parsed,) = parser.parse_overrides([override])
         except HydraException:
@@ -309,7 +317,7 @@ def _refuse_unnamed_choices(overrides: Sequence[str]) -> None:
         if key in GROUPS and parsed.package is None and not isinstance(value, str | list):
             raise ConfigError(
                 f"{override}: a config group takes the name of an option, not {show_value(value)}; "
-                f"{key} options: {_group_options(key)} (quote a name that reads as a number: "
+                f"{key} options: {', '.join(_group_options(key))} (quote a name that reads as a number: "
                 f"{key}='{override.partition('=')[2]}')"
             )
 

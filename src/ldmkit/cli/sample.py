@@ -107,6 +107,9 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
                        else "--rows does not apply with --show-conditions (one row per sample)")
     if not args.out.suffix:
         raise CLIError(f"--out names the grid image, e.g. {args.out}.png; got {args.out}")
+    folder = next((o for o in args.overrides if "=" not in o and Path(o).expanduser().is_dir()), None)
+    if folder is not None:
+        raise CLIError(f"{folder}: an override is KEY=VALUE (did you mean --checkpoint {folder}?)")
     if args.checkpoint is not None:
         _refuse_model_overrides(args.overrides)
     overrides = _checkpoint_sampler_overrides(args.checkpoint, args.overrides)
