@@ -405,3 +405,19 @@ def test_a_run_dir_under_home_is_written_there_not_in_a_folder_named_tilde(tmp_p
     assert out.returncode == 0, out.stderr
     assert not (cwd / "~").exists()
     assert list((home / "runs" / "ae" / "eval").glob("*.json"))
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [("config.yaml", "my precious config\n"), ("metrics.csv", "date,weight\n2026-12-01,71.5\n")],
+)
+def test_a_run_dir_holding_files_ldmkit_did_not_write_is_refused(tmp_path, name, text):
+    """run_dir=. in a project folder: before, training overwrote its config.yaml (and appended to
+    its metrics.csv, then died with a ValueError traceback)."""
+    (tmp_path / name).write_text(text)
+    out = ldmkit("train", "stage=autoencoder", "first_stage=kl_tiny", "trainer=autoencoder_tiny",
+                 "trainer.max_steps=1", "run_dir=.", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr.startswith(f"ldmkit train: error: run_dir=. holds {name}, which no ldmkit run wrote"), out.stderr
+    assert len(out.stderr.splitlines()) == 1, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name] and (tmp_path / name).read_text() == text
