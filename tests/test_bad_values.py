@@ -92,6 +92,11 @@ TRAIN_CASES = [
     ("data.channels=2", "data.channels=2: expected one of 1, 3"),
     ("image_size=abc", "image_size='abc': expected an integer >= 1 or null"),
     ("seed=abc", "seed='abc': expected an integer"),
+    # beyond what torch.manual_seed takes: before, "ValueError: Overflow when unpacking long long" once training began
+    (
+        "seed=18446744073709551616",
+        "seed=18446744073709551616: expected an integer >= -9223372036854775808 and <= 18446744073709551615",
+    ),
     ("schedule.timesteps=0", "schedule.timesteps=0: expected an integer >= 1"),
     (
         "attention.backend=fast",

@@ -338,7 +338,7 @@ def primary_keys() -> dict[str, Spec]:
 
     return {
         "stage": Text(),
-        "seed": Integer(),
+        "seed": Integer(-(2**63), 2**64 - 1),  # what torch.manual_seed takes
         "image_size": Integer(1, null=True),
         "scale_factor": Either(Number(0, above=True), Choice("scale_by_std")),
         "run_dir": Text(),
