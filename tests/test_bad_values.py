@@ -103,6 +103,8 @@ TRAIN_CASES = [
         "attention.backend='fast': expected one of auto, sdpa, xformers, math, chunked",
     ),
     ("scale_factor=-1", "scale_factor=-1: expected a number > 0 or one of scale_by_std"),
+    # before: "RuntimeError: [enforce fail at alloc_cpu.cpp:127] ... you tried to allocate 8000000000000 bytes"
+    ("schedule.timesteps=1000000000000", "schedule.timesteps=1000000000000 needs 32.0 TB, but "),
     # schedules that leave nothing to sample: before, all-black images and NaN losses
     ("schedule.linear_end=2", "schedule config: linear_start and linear_end must be in (0, 1)"),
     ("schedule.kind=sqrt_linear schedule.linear_start=1", "schedule config: linear_start and linear_end must be in"),
