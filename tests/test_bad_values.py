@@ -982,6 +982,27 @@ def test_the_console_script_refuses_them_in_one_line_too(argv, pattern, bad_file
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_seeded_generators_of_many_samples_are_counted_first(monkeypatch):
+    """One torch.Generator per sample (2.7 kB of state each): before, `ldmkit sample
+    --num-samples 1000000000` made them before any memory check, and took all the memory of the
+    machine (std::bad_alloc under a limit)."""
+    import ldmkit
+    from ldmkit import devices
+    from ldmkit import pipeline as pipeline_module
+
+    pipe = ldmkit.compose(overrides=["first_stage=kl_tiny", "image_size=16", "sampler.steps=1"])
+    monkeypatch.setattr(devices, "available_memory", lambda device: (1_000_000, "of memory is here"))
+    made = []
+    monkeypatch.setattr(pipeline_module, "sample_generators", lambda seed, n: made.append(n))
+    with pytest.raises(devices.InsufficientMemoryError) as err:
+        pipe.sample(num_samples=1000, size=4, seed=0)
+    assert str(err.value) == (
+        "drawing the noise of 1000 samples (a seeded generator each) needs 2.7 MB, but 1.0 MB of memory is "
+        "here; sample fewer images"
+    )
+    assert made == []
+
+
 def test_sampling_memory_is_estimated_from_the_activations(monkeypatch):
     """Beyond the latents and images, the largest of a chunk's denoiser step and decode,
     counted on the meta device; tiles and smaller chunks shrink what is counted."""
