@@ -92,12 +92,26 @@ TRAIN_CASES = [
     ("data.channels=2", "data.channels=2: expected one of 1, 3"),
     ("image_size=abc", "image_size='abc': expected an integer >= 1 or null"),
     ("seed=abc", "seed='abc': expected an integer"),
+    # beyond what torch.manual_seed takes: before, "ValueError: Overflow when unpacking long long" once training began
+    (
+        "seed=18446744073709551616",
+        "seed=18446744073709551616: expected an integer >= -9223372036854775808 and <= 18446744073709551615",
+    ),
     ("schedule.timesteps=0", "schedule.timesteps=0: expected an integer >= 1"),
     (
         "attention.backend=fast",
         "attention.backend='fast': expected one of auto, sdpa, xformers, math, chunked",
     ),
     ("scale_factor=-1", "scale_factor=-1: expected a number > 0 or one of scale_by_std"),
+    # before: "RuntimeError: [enforce fail at alloc_cpu.cpp:127] ... you tried to allocate 8000000000000 bytes"
+    ("schedule.timesteps=1000000000000", "schedule.timesteps=1000000000000 needs 32.0 TB, but "),
+    # schedules that leave nothing to sample: before, all-black images and NaN losses
+    ("schedule.linear_end=2", "schedule config: linear_start and linear_end must be in (0, 1)"),
+    ("schedule.kind=sqrt_linear schedule.linear_start=1", "schedule config: linear_start and linear_end must be in"),
+    (
+        "schedule.linear_start=0.9 schedule.linear_end=0.99",
+        "schedule config: alphas_cumprod falls to 0 by t=1000: no signal is left",
+    ),
     # stage-specific trainer keys
     ("trainer=ldm trainer.guidance_scale=-1", "trainer.guidance_scale=-1: expected a number >= 0"),
     ("trainer=ldm trainer.betas=[0.9]", "trainer.betas=[0.9]: expected a list of 2 numbers"),
@@ -144,7 +158,27 @@ TRAIN_CASES = [
         "trainer.optimizer.lr: no such key in the config (did you mean trainer.lr?)",
     ),
     ("trainer.lrr=3", "trainer.lrr: no such key in the config (did you mean trainer.lr?)"),
+    # a misspelled group: before, "(did you mean first_stage.name?); to add a new key, write +first_stag=..."
+    ("first_stag=kl_tiny", "first_stag: no such config group or key (did you mean first_stage=kl_tiny?)"),
+    ("samplr=ddpm", "samplr: no such config group or key (did you mean sampler=ddpm?)"),
+    ("expriment=fmnist_kl_f4", "expriment: no such config group or key (did you mean experiment=fmnist_kl_f4?)"),
     ("sampler=dimm", "unknown option sampler=dimm"),
+    # a group choice that YAML reads as a number, a switch or null: before, a ValueError traceback
+    ("sampler=1", "sampler=1: a config group takes the name of an option, not 1; sampler options: ddim, ddpm,"),
+    ("experiment=2024", "experiment=2024: a config group takes the name of an option, not 2024; experiment options:"),
+    ("trainer=null", "trainer=null: a config group takes the name of an option, not null; trainer options:"),
+    ("=3", "=3: an override is KEY=VALUE; the key is missing"),
+    # a word without '=': before, "Error parsing override 'fmnist_kl_f4' missing EQUAL at '<EOF>' See https://..."
+    ("fmnist_kl_f4", "fmnist_kl_f4: an override is KEY=VALUE (did you mean experiment=fmnist_kl_f4?)"),
+    ("kl_tiny", "kl_tiny: an override is KEY=VALUE (did you mean first_stage=kl_tiny?)"),
+    ("lr", "lr: an override is KEY=VALUE, e.g. trainer.max_steps=100 or experiment=NAME"),
+    # characters Hydra's grammar takes only quoted: before, "LexerNoViableAltException: ... ^ See https://..."
+    (
+        "data.path=~/photos",
+        "data.path=~/photos: Hydra cannot parse this override; quote the value: 'data.path=\"~/photos\"'",
+    ),
+    ("run_dir=runs/café", "run_dir=runs/café: Hydra cannot parse this override; quote the value: 'run_dir=\"runs/café\"'"),
+    ("run_dir=runs/a(1)", "run_dir=runs/a(1): Hydra cannot parse this override; quote the value"),
     ("experiment=fmnist_kl_f5", "unknown option experiment=fmnist_kl_f5"),
     # component configs: checked against the registered constructor's type hints when built
     ("sampler.eta=abc", "sampler.eta='abc': expected a number (sampler=ddim)"),
@@ -178,6 +212,15 @@ def test_a_bad_value_is_one_line_naming_the_key(overrides, message, tmp_path, ca
     assert code == 1
     assert line.startswith(message), line
     assert not run_dir.exists()  # nothing written
+
+
+def test_a_misspelled_key_is_not_told_to_be_added(capsys, tmp_path):
+    """With a key meant found, the line does not end "to add a new key, write +trainer.lrr=3":
+    the added key would be read by nothing. Without one, it still says how to add a key."""
+    code, line = run_main(capsys, "train", "trainer.lrr=3", f"run_dir={tmp_path}/run")
+    assert code == 1 and line == "trainer.lrr: no such key in the config (did you mean trainer.lr?)"
+    code, line = run_main(capsys, "train", "trainer.zzz=3", f"run_dir={tmp_path}/run")
+    assert code == 1 and line == "trainer.zzz: no such key in the config; to add a new key, write +trainer.zzz=3"
 
 
 def test_several_bad_values_are_named_in_one_line(capsys, tmp_path):
@@ -399,7 +442,7 @@ def test_component_checkpoint_needs_no_plus_for_any_option(tmp_path):
     )
     assert cfg.first_stage.checkpoint == "runs/fmnist_kl_f4"
     # and a typo in another key of the group is still caught
-    with pytest.raises(Exception, match=r"first_stage.chekpoint: no such key"):
+    with pytest.raises(Exception, match=r"first_stage.chekpoint: no such key in the config \(did you mean first_stage.checkpoint\?\)$"):
         compose_config(["first_stage=kl_f4_small", "first_stage.chekpoint=/x"])
 
 
@@ -968,6 +1011,27 @@ def test_the_console_script_refuses_them_in_one_line_too(argv, pattern, bad_file
     assert re.fullmatch(pattern, error_line(out.stderr, argv[0]))
     assert "weights_only" not in out.stderr and "Traceback" not in out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_seeded_generators_of_many_samples_are_counted_first(monkeypatch):
+    """One torch.Generator per sample (2.7 kB of state each): before, `ldmkit sample
+    --num-samples 1000000000` made them before any memory check, and took all the memory of the
+    machine (std::bad_alloc under a limit)."""
+    import ldmkit
+    from ldmkit import devices
+    from ldmkit import pipeline as pipeline_module
+
+    pipe = ldmkit.compose(overrides=["first_stage=kl_tiny", "image_size=16", "sampler.steps=1"])
+    monkeypatch.setattr(devices, "available_memory", lambda device: (1_000_000, "of memory is here"))
+    made = []
+    monkeypatch.setattr(pipeline_module, "sample_generators", lambda seed, n: made.append(n))
+    with pytest.raises(devices.InsufficientMemoryError) as err:
+        pipe.sample(num_samples=1000, size=4, seed=0)
+    assert str(err.value) == (
+        "drawing the noise of 1000 samples (a seeded generator each) needs 2.7 MB, but 1.0 MB of memory is "
+        "here; sample fewer images"
+    )
+    assert made == []
 
 
 def test_sampling_memory_is_estimated_from_the_activations(monkeypatch):

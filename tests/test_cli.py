@@ -28,6 +28,14 @@ def test_help_lists_subcommands():
         assert command in out.stdout
 
 
+def test_help_names_the_version_flag_and_help_of_a_command_is_that_commands():
+    """Before, the usage did not mention -V/--version, and `ldmkit help train` printed the
+    general usage instead of train's."""
+    assert "-V, --version" in ldmkit("--help").stdout
+    out = ldmkit("help", "train")
+    assert out.returncode == 0 and out.stdout.startswith("usage: ldmkit train ")
+
+
 def test_unknown_subcommand_fails_clearly():
     out = ldmkit("trian")
     assert out.returncode == 2 and "unknown command 'trian'" in out.stderr
@@ -162,6 +170,50 @@ def test_sampler_overrides_change_the_checkpoints_sampler_or_switch_it(class_che
     assert settings["strength"] == 0.5 and settings["size"] == [16, 16]
     assert [e["seed"] for e in settings["images"]] == [4, 5]
     assert read_png(tmp_path / "b" / "000000.png").shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize(
+    ("override", "hint"),
+    [
+        ("image_size=32", "--image-size"),  # before: sampled 16x16, the checkpoint's size, silently
+        ("seed=5", "--seed"),
+        ("schedule.kind=cosine", None),
+        ("first_stage=kl_f8", None),
+        ("experiment=fmnist_ldm_kl_f4", None),
+    ],
+)
+def test_with_a_checkpoint_a_model_override_is_refused_not_ignored(class_checkpoint, tmp_path, override, hint):
+    out = ldmkit("sample", "--checkpoint", str(class_checkpoint / "pipeline"), override, "--labels", "1",
+                 "--out", str(tmp_path / "x.png"), "--no-progress")  # fmt: skip
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith(f"ldmkit sample: error: {override}: not applied with --checkpoint"), out.stderr
+    assert hint is None or f"use {hint}" in out.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_checkpoint_folder_without_the_flag_is_named(class_checkpoint):
+    out = ldmkit("sample", str(class_checkpoint / "pipeline"), "--print-config")
+    assert out.returncode == 1
+    assert out.stderr == (f"ldmkit sample: error: {class_checkpoint / 'pipeline'}: an override is KEY=VALUE "
+                          f"(did you mean --checkpoint {class_checkpoint / 'pipeline'}?)\n")
+
+
+def test_print_config_with_a_checkpoint_shows_the_checkpoints_config(class_checkpoint):
+    """Before, it printed the config composed from ldmkit's defaults (first_stage identity,
+    image_size 32), not the checkpoint's that sampling uses."""
+    import yaml
+
+    out = ldmkit("sample", "--checkpoint", str(class_checkpoint / "pipeline"), "sampler.steps=3",
+                 "attention.backend=math", "--print-config")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    shown = yaml.safe_load(out.stdout)
+    assert shown["first_stage"]["name"] == "kl" and shown["image_size"] == 16
+    assert shown["conditioner"]["name"] == "class_label"
+    assert shown["sampler"] == {"name": "ddpm", "steps": 3, "spacing": "linspace"}
+    assert shown["attention"]["backend"] == "math"
+    missing = ldmkit("sample", "--checkpoint", str(class_checkpoint / "nothing"), "--print-config")
+    assert missing.returncode == 1 and missing.stderr.startswith("ldmkit sample: error: checkpoint file missing:")
 
 
 def test_euler_samples_on_karras_noise_levels_with_img2img_and_a_mask(class_checkpoint, tmp_path):
@@ -306,3 +358,66 @@ def test_an_unknown_class_name_is_one_line_naming_the_known_ones(named_checkpoin
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert message in out.stderr
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "x").exists()
+
+
+def test_the_trainers_warnings_are_one_line_each(tmp_path):
+    """An option the stage does not read (with the one meant), an untrained first stage and a
+    missing validation split: before, each was Python's two lines (file:line and the source)."""
+    from tests.training.faults import make_shards
+
+    shards = make_shards(tmp_path)
+    out = ldmkit("train", "stage=ldm", "first_stage=kl_tiny", "trainer=ldm_tiny", "denoiser=unet_tiny",
+                 "data=image_folder", f"data.path={shards}", "image_size=16", "trainer.max_steps=1",
+                 "trainer.batch_size=2", "trainer.num_workers=0", "trainer.num_threads=1", "trainer.progress=false",
+                 "trainer.tensorboard=false", "trainer.sample_every=0", "trainer.val_split=test",
+                 "+trainer.sample_stepz=3", f"run_dir={tmp_path / 'run'}")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines() == [
+        "ldmkit train: warning: trainer option(s) trainer.sample_stepz (did you mean trainer.sample_steps?) "
+        "are not used by stage=ldm",
+        "ldmkit train: warning: first_stage.checkpoint is not set: the latents come from an untrained first "
+        "stage (train one with stage=autoencoder and pass first_stage.checkpoint=<its run_dir>)",
+        "ldmkit train: warning: trainer.val_split='test' is not in data=image_folder (it has train, val); "
+        "validation is skipped and grids use training batches. Prepare the data with val_fraction=... or set "
+        "trainer.val_split",
+    ]
+
+
+def test_a_run_dir_under_home_is_written_there_not_in_a_folder_named_tilde(tmp_path):
+    """``run_dir="~/runs/ae"`` (quoted for Hydra): before, training wrote ./~/runs/ae, a
+    folder named ``~`` in the working directory (``data.path`` and checkpoints expand it)."""
+    from tests.training.faults import make_shards
+
+    shards, home, cwd = make_shards(tmp_path), tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    out = ldmkit("train", "stage=autoencoder", "first_stage=kl_tiny", "trainer=autoencoder_tiny",
+                 "data=image_folder", f"data.path={shards}", "image_size=16", "trainer.max_steps=1",
+                 "trainer.batch_size=2", "trainer.num_workers=0", "trainer.num_threads=1", "trainer.progress=false",
+                 "trainer.tensorboard=false", "trainer.sample_every=0", "trainer.val_split=val",
+                 'run_dir="~/runs/ae"', cwd=cwd, env={"HOME": str(home)})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert not (cwd / "~").exists()
+    assert (home / "runs" / "ae" / "checkpoints").is_dir()
+    out = ldmkit("evaluate", "stage=autoencoder", "data=image_folder", f"data.path={shards}", "image_size=16",
+                 "eval.split=val", "eval.lpips=false", "eval.fid_features=none", 'run_dir="~/runs/ae"',
+                 cwd=cwd, env={"HOME": str(home)})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert not (cwd / "~").exists()
+    assert list((home / "runs" / "ae" / "eval").glob("*.json"))
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [("config.yaml", "my precious config\n"), ("metrics.csv", "date,weight\n2026-12-01,71.5\n")],
+)
+def test_a_run_dir_holding_files_ldmkit_did_not_write_is_refused(tmp_path, name, text):
+    """run_dir=. in a project folder: before, training overwrote its config.yaml (and appended to
+    its metrics.csv, then died with a ValueError traceback)."""
+    (tmp_path / name).write_text(text)
+    out = ldmkit("train", "stage=autoencoder", "first_stage=kl_tiny", "trainer=autoencoder_tiny",
+                 "trainer.max_steps=1", "run_dir=.", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr.startswith(f"ldmkit train: error: run_dir=. holds {name}, which no ldmkit run wrote"), out.stderr
+    assert len(out.stderr.splitlines()) == 1, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name] and (tmp_path / name).read_text() == text

@@ -149,6 +149,22 @@ def test_load_only_accepts_distribution_names(fresh_plugins, monkeypatch):
     assert registry.names("sampler") == [] and "none" in registry.names("conditioner")
 
 
+def test_a_name_in_load_only_that_no_plugin_has_is_said(fresh_plugins, monkeypatch):
+    """Before, LDMKIT_LOAD_PLUGINS=autoencoderz loaded nothing of it silently: the first sign was
+    `unknown option first_stage=kl_tiny ... first_stage options: (none)`."""
+    from ldmkit.plugins import PluginLoadWarning
+
+    monkeypatch.setenv("LDMKIT_LOAD_PLUGINS", "samplers,autoencoderz")
+    with pytest.warns(PluginLoadWarning) as caught:
+        assert "ddim" in get_registry().names("sampler")
+    (message,) = [str(w.message) for w in caught]
+    assert message.startswith(
+        "LDMKIT_LOAD_PLUGINS names 'autoencoderz', which is no installed plugin (did you mean 'autoencoders'?); "
+        "installed: "
+    ), message
+    assert "autoencoders (ldmkit-autoencoders)" in message
+
+
 def test_loading_is_lazy_and_idempotent(fresh_plugins):
     manager = get_plugin_manager()
     assert manager.infos == {}  # nothing loaded until first use

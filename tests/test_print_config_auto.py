@@ -43,3 +43,14 @@ def test_an_explicit_dim_is_printed_as_written(capsys):
 def test_disagreeing_dims_are_the_composition_error(capsys):
     with pytest.raises(CLIError, match="denoiser.context_dim must be 64"):
         printed(capsys, "conditioner=class_label", "denoiser.context_dim=3")
+
+
+def test_interpolations_are_printed_as_their_values_and_marked(capsys):
+    """What runs (and what the run's config.yaml holds) is the value; before, --print-config
+    showed `in_channels: ${data.channels}` and `image_size: ${image_size}`."""
+    out = printed(capsys, "experiment=fmnist_kl_f4", "image_size=16")
+    cfg = yaml.safe_load(out)
+    assert (cfg["first_stage"]["in_channels"], cfg["data"]["image_size"]) == (1, 16)
+    lines = out.splitlines()
+    assert "  in_channels: 1  # ${data.channels}" in lines and "  image_size: 16  # ${image_size}" in lines
+    assert "${" not in out.replace("# ${", "")

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldmkit.config import AUTO, ConfigError, experiment_writing
 from ldmkit.config_checks import argument_problems
-from ldmkit.devices import build_within_memory
+from ldmkit.devices import build_within_memory, check_fits
 from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.errors import WeightsError
 from ldmkit.interfaces import INTERFACES
@@ -228,6 +228,9 @@ def pipeline_parts(cfg: DictConfig) -> dict[str, Any]:
     check_parts_fit(cfg, first_stage, denoiser, conditioner)
     sampler = create_component(registry, "sampler", cfg.sampler, _choice(cfg, "sampler"))
     schedule_args = OmegaConf.to_container(cfg.schedule, resolve=True) if cfg.get("schedule") else {}
+    timesteps = schedule_args.get("timesteps", 1000)
+    if isinstance(timesteps, int):  # its float64 tables, before they are made
+        check_fits(32 * timesteps, "cpu", f"schedule.timesteps={timesteps}", "; lower schedule.timesteps")
     try:
         schedule = NoiseSchedule(**schedule_args)
     except (TypeError, ValueError) as err:

@@ -133,7 +133,7 @@ def validate(path: str | os.PathLike, *, verify: bool = False) -> str | None:
 
 def resolve_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """A checkpoint folder, a run folder (its latest checkpoint) or its ``checkpoints/``."""
-    path = Path(path)
+    path = Path(path).expanduser()
     match = STEP_DIR.match(path.name)
     if match and path.is_dir():
         problem = validate(path)

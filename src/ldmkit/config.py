@@ -26,7 +26,7 @@ from typing import Any
 
 from omegaconf import Container, DictConfig, OmegaConf, open_dict
 
-from ldmkit.config_checks import Choice, Either, Integer, Number, Schema, Spec, Text
+from ldmkit.config_checks import Choice, Either, Integer, Number, Schema, Spec, Text, show_value
 from ldmkit.errors import ConfigError, LdmkitError
 from ldmkit.plugins import config_options, get_plugin_manager, root_directory
 from ldmkit.resources import config_dir
@@ -87,6 +87,7 @@ def compose_config(
     _plugin_roots[:] = [*roots, *(f"file://{d}" for d in users)]
     _register_search_path_plugin()
     overrides = [_weights_override(o) for o in overrides]
+    _refuse_unnamed_choices(overrides)
     try:
         cfg = _compose_with_stage_trainer(overrides, config_name)
     except (HydraException, OmegaConfBaseException) as err:
@@ -258,15 +259,67 @@ def _check_optional_choice(group: str, option: str | None) -> None:
     roots = [config_dir(), *(root_directory(r) for r in _plugin_roots)]
     if any(root is not None and (root / group / f"{option}.yaml").is_file() for root in roots):
         return
-    found = sorted(
+    raise ConfigError(
+        f"unknown option {group}={option} (no {group}/{option}.yaml in ldmkit's conf/, an installed "
+        f"plugin's config root or a --config-dir); {group} options: {', '.join(_group_options(group)) or '(none)'}"
+    )
+
+
+def _group_options(group: str) -> list[str]:
+    """The options of ``group`` in ldmkit's conf/ and the config roots of this composition."""
+    roots = [config_dir(), *(root_directory(r) for r in _plugin_roots)]
+    return sorted(
         {p.relative_to(root / group).with_suffix("").as_posix()
          for root in roots if root is not None and (root / group).is_dir()
          for p in (root / group).rglob("*.yaml")}
     )
+
+
+def _refuse_bare_word(word: str) -> None:
+    """``fmnist_kl_f4`` for ``experiment=fmnist_kl_f4``: name the group with that option."""
+    meant = [f"{group}={word}" for group in GROUPS if word in _group_options(group)]
+    if meant:
+        raise ConfigError(f"{word}: an override is KEY=VALUE (did you mean {' or '.join(meant)}?)")
+    raise ConfigError(f"{word}: an override is KEY=VALUE, e.g. trainer.max_steps=100 or experiment=NAME")
+
+
+def _refuse_unquoted(override: str) -> None:
+    """``data.path=~/photos``, ``run_dir=runs/café``: characters Hydra's grammar takes only in
+    a quoted value. Say how to quote it instead of Hydra's lexer message."""
+    key, _, value = override.partition("=")
+    if not re.fullmatch(r"[+~]*[\w.@/-]+", key) or not value or value[0] in "=[{\"'" or '"' in value:
+        return
+    shell = f"'{key}=\"{value}\"'" if "'" not in value else f'"{key}=\\"{value}\\""'
     raise ConfigError(
-        f"unknown option {group}={option} (no {group}/{option}.yaml in ldmkit's conf/, an installed "
-        f"plugin's config root or a --config-dir); {group} options: {', '.join(found) or '(none)'}"
+        f"{override}: Hydra cannot parse this override; quote the value: {shell} (values with ~, "
+        "brackets, quotes, commas or letters beyond ASCII need quotes)"
     )
+
+
+def _refuse_unnamed_choices(overrides: Sequence[str]) -> None:
+    """``sampler=1``, ``experiment=2024``, ``trainer=null``: Hydra reads the value as a number,
+    a switch or null and raises a bare ValueError; ``=3`` has no key. Say which override."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        if "=" not in override and not override.startswith("~"):  # `~KEY` deletes; anything else sets
+            _refuse_bare_word(override)
+        try:
+            (parsed,) = parser.parse_overrides([override])
+        except HydraException:
+            _refuse_unquoted(override)
+            continue  # another syntax error: Hydra's message, when composing
+        key, value = parsed.key_or_group, parsed.value()
+        if key == "":
+            raise ConfigError(f"{override}: an override is KEY=VALUE; the key is missing")
+        if key in GROUPS and parsed.package is None and not isinstance(value, str | list):
+            raise ConfigError(
+                f"{override}: a config group takes the name of an option, not {show_value(value)}; "
+                f"{key} options: {', '.join(_group_options(key))} (quote a name that reads as a number: "
+                f"{key}='{override.partition('=')[2]}')"
+            )
 
 
 # -- typed keys ---------------------------------------------------------------------
@@ -285,7 +338,7 @@ def primary_keys() -> dict[str, Spec]:
 
     return {
         "stage": Text(),
-        "seed": Integer(),
+        "seed": Integer(-(2**63), 2**64 - 1),  # what torch.manual_seed takes
         "image_size": Integer(1, null=True),
         "scale_factor": Either(Number(0, above=True), Choice("scale_by_std")),
         "run_dir": Text(),
@@ -369,6 +422,9 @@ def _explain_compose_error(err: Exception, overrides: Sequence[str], config_name
 def _unknown_key(key: str, overrides: Sequence[str], config_name: str) -> str:
     """``trainer.optimizer.lr: no such key (did you mean trainer.lr?) ...``."""
     value = next((o.partition("=")[2] for o in overrides if o.partition("=")[0] == key), "VALUE")
+    group = difflib.get_close_matches(key, GROUPS, n=1, cutoff=0.75) if "." not in key else []
+    if group:  # `samplr=ddim`: a group's name misspelled
+        return f"{key}: no such config group or key (did you mean {group[0]}={value}?)"
     hint = f"to add a new key, write +{key}={value}"
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -379,12 +435,21 @@ def _unknown_key(key: str, overrides: Sequence[str], config_name: str) -> str:
         return f"{key}: no such key in the config; {hint}"
     keys = _leaf_keys(OmegaConf.to_container(cfg, resolve=False))
     keys = [k for k in keys if not k.startswith("hydra.")]
+    keys += [f"{g}.checkpoint" for g in ("first_stage", "denoiser", "conditioner") if f"{g}.checkpoint" not in keys]
     leaf = key.rpartition(".")[2]
     group = key.partition(".")[0]
     close = [k for k in keys if k.partition(".")[0] == group and k.rpartition(".")[2] == leaf]
-    close = close or difflib.get_close_matches(key, keys, n=2, cutoff=0.75)
-    suggestion = f" (did you mean {' or '.join(close)}?)" if close else ""
-    return f"{key}: no such key in the config{suggestion}; {hint}"
+    if not close:  # a sibling's name misspelled; the whole key only where its parent does not exist
+        parent = key.rpartition(".")[0]
+        siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
+        close = (
+            [siblings[m] for m in difflib.get_close_matches(leaf, list(siblings), n=2, cutoff=0.6)]
+            if siblings
+            else difflib.get_close_matches(key, keys, n=2, cutoff=0.75)
+        )
+    if close:  # a misspelling: the key added as `+KEY` would be read by nothing
+        return f"{key}: no such key in the config (did you mean {' or '.join(close)}?)"
+    return f"{key}: no such key in the config; {hint}"
 
 
 def _leaf_keys(node: Any, prefix: str = "") -> list[str]:

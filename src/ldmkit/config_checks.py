@@ -46,11 +46,14 @@ class Spec:
 
 
 def _bounds(low: float | None, high: float | None, above: bool) -> str:
+    def show(bound: float) -> str:  # integers in full: 18446744073709551615, not 1.84467e+19
+        return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
     parts = []
     if low is not None:
-        parts.append(f"> {low:g}" if above else f">= {low:g}")
+        parts.append(f"> {show(low)}" if above else f">= {show(low)}")
     if high is not None:
-        parts.append(f"<= {high:g}")
+        parts.append(f"<= {show(high)}")
     return " and ".join(parts)
 
 

@@ -307,11 +307,11 @@ class Pipeline(nn.Module):
         steps = r.steps if r.steps is not None else getattr(self.sampler, "steps", None)
         calls = None if steps is None else int(steps) * math.ceil(n / bs)  # for compile=auto
         compile_module(denoiser, r.compile, device=device, what="the denoiser", purpose="sample", work=calls)
-        generators = sample_generators(r.seed, n) if r.seed is not None else r.generator
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in r.batch.items()}
         cond, uncond = self._conditions(batch, r.guidance_scale, r.precision)
         shape = r.latent_shape(self, cond)
         r.check_memory(self, shape, cond, uncond)
+        generators = sample_generators(r.seed, n) if r.seed is not None else r.generator
         noise = randn_like(torch.empty(shape), generators).to(device) if r.noise is None else r.noise.to(device)
         init = None
         if images is not None:

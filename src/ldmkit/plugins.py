@@ -41,7 +41,22 @@ class PluginError(LdmkitError, RuntimeError):
 
 
 class PluginLoadWarning(UserWarning):
-    """A plugin failed to load; the others were loaded."""
+    """A plugin failed to load (the others were loaded), or LDMKIT_LOAD_PLUGINS names none installed."""
+
+
+def _warn_unmatched(only: set[str], installed: dict[str, str | None]) -> None:
+    """A name in ``LDMKIT_LOAD_PLUGINS`` that is no installed plugin's entry-point or
+    distribution name (a typo would otherwise load nothing of it, silently)."""
+    names = [*installed, *(d for d in installed.values() if d)]
+    for name in sorted(only - set(names)):
+        close = difflib.get_close_matches(name, names, n=1)
+        listed = ", ".join(f"{ep} ({dist})" if dist else ep for ep, dist in installed.items()) or "none"
+        warnings.warn(
+            f"LDMKIT_LOAD_PLUGINS names {name!r}, which is no installed plugin"
+            + (f" (did you mean {close[0]!r}?)" if close else "") + f"; installed: {listed}",
+            PluginLoadWarning,
+            stacklevel=4,
+        )
 
 
 @dataclass
@@ -95,6 +110,7 @@ class PluginManager:
                 return
             only = {s.strip() for s in os.environ.get("LDMKIT_LOAD_PLUGINS", "").split(",") if s.strip()}
             seen: set[tuple[str, str]] = set()
+            installed: dict[str, str | None] = {}  # entry-point name -> distribution
             for ep in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP):
                 dist = getattr(ep, "dist", None)
                 dist_name = dist.metadata["Name"] if dist is not None else None
@@ -102,6 +118,7 @@ class PluginManager:
                 if (ep.name, ep.value) in seen:
                     continue  # the same distribution visible twice on sys.path
                 seen.add((ep.name, ep.value))
+                installed.setdefault(ep.name, dist_name)
                 if only and ep.name not in only and dist_name not in only:
                     continue
                 info = PluginInfo(ep.name, dist_name, version, ep.value)
@@ -118,6 +135,7 @@ class PluginManager:
                     self._register(plugin, info)
                 except Exception as err:  # noqa: BLE001 - any import error is reported
                     self._report_broken(info, err)
+            _warn_unmatched(only, installed)
 
     def _load_builtins(self) -> None:
         import importlib

@@ -358,12 +358,17 @@ class SampleRequest:
         Calls whose images take less than 1/1024 of the free memory are let through
         unestimated (a first meta run costs a second, and activations of 1024x the images
         are beyond the first stages and denoisers we know)."""
+        n, channels, h, w = shape
+        if self.seed is not None:  # one seeded generator per sample, in the CPU's memory
+            devices.check_fits(
+                GENERATOR_BYTES * n, "cpu", f"drawing the noise of {n} samples (a seeded generator each)",
+                "; sample fewer images",
+            )
         device = _device(pipeline)
         room = devices.available_memory(device)
         if room is None:
             return
         first_stage, denoiser = pipeline.first_stage, pipeline.denoiser
-        n, channels, h, w = shape
         f = first_stage.downsample_factor
         fixed = 4 * n * channels * h * w + 4 * n * first_stage.image_channels * h * w * f * f  # float32
         if fixed * 1024 <= room[0]:
@@ -415,6 +420,9 @@ class SampleRequest:
         except devices.InsufficientMemoryError as err:
             err.names = ("batch_size", "tile")  # for message()
             raise
+
+
+GENERATOR_BYTES = 2_700  # a CPU torch.Generator: its Mersenne Twister state and the object (measured)
 
 
 # -- the checks -----------------------------------------------------------------------------------

@@ -41,12 +41,15 @@ SUBCOMMANDS = {
 def _usage() -> str:
     lines = ["usage: ldmkit <command> [options] [key=value overrides ...]", "", "commands:"]
     lines += [f"  {name:<10}{help_}" for name, (_, help_) in SUBCOMMANDS.items()]
-    lines += ["", "`ldmkit <command> --help` describes each command."]
+    lines += ["", "`ldmkit <command> --help` (or `ldmkit help <command>`) describes each command;",
+              "-V, --version prints the version."]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 2 and argv[0] == "help" and argv[1] in SUBCOMMANDS:
+        argv = [argv[1], "--help"]
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(_usage())
         return 0

@@ -35,7 +35,8 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--print-config", action="store_true",
-        help="print the composed config (denoiser dims written auto resolved, marked '# auto') and exit",
+        help="print the composed config as it runs (interpolations and the denoiser dims written auto "
+             "resolved, each marked with what it was: '# ${image_size}', '# auto') and exit",
     )
     return p
 
@@ -47,7 +48,6 @@ def _config_dir(value: str) -> str:
 
 
 def _compose(overrides: Sequence[str], print_config: bool, config_dirs: Sequence[str] = ()):
-    from omegaconf import OmegaConf
 
     from ldmkit.config import compose_config
 
@@ -63,8 +63,41 @@ def _compose(overrides: Sequence[str], print_config: bool, config_dirs: Sequence
     except LdmkitError as err:
         raise CLIError(str(err)) from err
     if print_config:
-        print(_config_with_resolved_auto(cfg) if "denoiser" in cfg else OmegaConf.to_yaml(cfg))
+        print(_config_with_resolved_auto(cfg) if "denoiser" in cfg else _annotated_yaml(cfg, {}))
     return cfg
+
+
+def _annotated_yaml(cfg, notes: dict[str, str]) -> str:
+    """``cfg`` as YAML with every interpolation resolved, as a run's ``config.yaml`` holds it;
+    each key whose value was an interpolation (``${data.channels}``) or is in ``notes`` (key
+    path -> note) ends with that as a comment."""
+    from omegaconf import DictConfig, OmegaConf
+
+    notes = dict(notes)
+
+    def collect(node: DictConfig, prefix: str) -> None:
+        for key in node:
+            path = f"{prefix}{key}"
+            if OmegaConf.is_interpolation(node, key):
+                notes.setdefault(path, str(node._get_node(key)._value()))
+            elif isinstance(node.get(key), DictConfig):
+                collect(node[key], f"{path}.")
+
+    collect(cfg, "")
+    lines, stack = [], []  # stack: (indent, key) of the mappings the line is inside
+    for line in OmegaConf.to_yaml(cfg, resolve=True).splitlines():
+        stripped = line.lstrip(" ")
+        indent = len(line) - len(stripped)
+        if stripped.startswith("- ") or ":" not in stripped:  # a list item: no key of its own
+            lines.append(line)
+            continue
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        key = stripped.split(":")[0]
+        path = ".".join([k for _, k in stack] + [key])
+        stack.append((indent, key))
+        lines.append(f"{line}  # {notes[path]}" if path in notes and not stripped.endswith(":") else line)
+    return "\n".join(lines) + "\n"
 
 
 def _config_with_resolved_auto(cfg) -> str:
@@ -73,7 +106,7 @@ def _config_with_resolved_auto(cfg) -> str:
     conditioner are built only to read their dims: on the meta device (no memory, no
     weights) where they allow it, for real otherwise."""
     import torch
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import open_dict
 
     from ldmkit.assembly import create_component, resolve_denoiser_dims
     from ldmkit.config import AUTO
@@ -81,7 +114,7 @@ def _config_with_resolved_auto(cfg) -> str:
 
     auto = [key for key, value in cfg.denoiser.items() if value == AUTO]
     if not auto:
-        return OmegaConf.to_yaml(cfg)
+        return _annotated_yaml(cfg, {})
 
     def build(kind: str):
         try:
@@ -100,13 +133,7 @@ def _config_with_resolved_auto(cfg) -> str:
     with open_dict(shown):
         for key in auto:
             shown.denoiser[key] = resolved[key]
-    lines, block = [], None
-    for line in OmegaConf.to_yaml(shown).splitlines():
-        block = line.split(":")[0] if line and not line.startswith(" ") else block
-        key = line.strip().split(":")[0]
-        marked = block == "denoiser" and line.startswith("  ") and not line.startswith("   ") and key in auto
-        lines.append(line + "  # auto" if marked else line)
-    return "\n".join(lines) + "\n"
+    return _annotated_yaml(shown, {f"denoiser.{key}": AUTO for key in auto})
 
 
 def _optional_module(module: str, what: str):

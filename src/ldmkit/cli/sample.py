@@ -23,6 +23,8 @@ guidance, size, strength, init image, mask, conditions, and each image's file an
 
 sampler options are overrides: sampler.steps=20 sampler.spacing=paper; sampler=NAME switches
 the sampler (with --checkpoint, sampler.KEY=VALUE alone changes the checkpoint's own sampler).
+With --checkpoint the model is the checkpoint's: overrides may set sampler, precision, compile
+and attention only, and --print-config prints the checkpoint's config as it will sample.
 """
 
 
@@ -48,7 +50,9 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
                    help="rows of the grid (default: one per condition with --num-samples and several "
                         "conditions, else a roughly square grid)")
     p.add_argument("--prompt", action="append", help="shorthand for --cond caption=PROMPT; repeatable")
-    p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance: 1 none (default), 0 unconditional, above 1 follows the "
+                        "conditions more closely (3 is typical)")
     p.add_argument("--image-size", type=int, default=None,
                    help="output size, square (default: the pipeline's, or the size of spatial condition "
                         "inputs or of --init-image)")
@@ -83,7 +87,8 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     p.add_argument("--show-conditions", action="store_true",
                    help="one row per sample: its condition inputs (images, maps, masks, prompts), then the sample")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar and no precision note on stderr")
     args = p.parse_args(argv)
     from dataclasses import replace
 
@@ -103,9 +108,16 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
                        else "--rows does not apply with --show-conditions (one row per sample)")
     if not args.out.suffix:
         raise CLIError(f"--out names the grid image, e.g. {args.out}.png; got {args.out}")
+    folder = next((o for o in args.overrides if "=" not in o and Path(o).expanduser().is_dir()), None)
+    if folder is not None:
+        raise CLIError(f"{folder}: an override is KEY=VALUE (did you mean --checkpoint {folder}?)")
+    if args.checkpoint is not None:
+        _refuse_model_overrides(args.overrides)
     overrides = _checkpoint_sampler_overrides(args.checkpoint, args.overrides)
-    cfg = _compose(overrides, args.print_config, args.config_dir)
+    cfg = _compose(overrides, args.print_config and args.checkpoint is None, args.config_dir)
     if args.print_config:
+        if args.checkpoint is not None:  # what runs: the checkpoint's config, with the overrides that apply
+            print(_checkpoint_config(args.checkpoint, cfg, args.overrides), end="")
         return 0
     from ldmkit.io import check_writable
 
@@ -143,6 +155,10 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
             sampler_node = _sampler_node(pipeline.config.sampler, cfg.sampler, args.overrides)
             if sampler_node is not None:
                 pipeline.with_sampler(sampler_node)
+            if any(_override_root(o) == "attention" for o in args.overrides):
+                from ldmkit.nn.attention import set_attention_backend
+
+                set_attention_backend(cfg.attention.backend)  # loading set the checkpoint's
         else:
             pipeline = build_pipeline(cfg).to(device)
             print(
@@ -273,6 +289,51 @@ def _check_labels(labels: str | None) -> None:
     if labels is not None and (not any(tokens) or any(re.fullmatch(r"-\d+", t) for t in tokens)):
         raise CLIError(f"--labels {labels!r}: expected class ids (integers >= 0) or class names, comma-separated "
                        "(e.g. --labels 0,3,7 or --labels sandal,bag)")
+
+
+# with --checkpoint the model is the checkpoint's: overrides may change only these
+CHECKPOINT_OVERRIDES = ("sampler", "precision", "compile", "attention")
+_FLAG_FOR = {"image_size": "--image-size (or --height/--width) for the output size", "seed": "--seed"}
+
+
+def _override_root(override: str) -> str:
+    """``sampler`` for ``+sampler.steps=3``, ``image_size`` for ``image_size=32``."""
+    return re.split(r"[.=]", override.lstrip("+~"), maxsplit=1)[0]
+
+
+def _refuse_model_overrides(overrides: Sequence[str]) -> None:
+    """With --checkpoint, an override of the model (its parts, size, schedule, an experiment)
+    would be composed and then ignored: refuse it, naming the flag that does it if one does."""
+    for override in overrides:
+        root = _override_root(override)
+        if root not in CHECKPOINT_OVERRIDES:
+            flag = f"; use {_FLAG_FOR[root]}" if root in _FLAG_FOR else ""
+            raise CLIError(
+                f"{override}: not applied with --checkpoint (the model and its settings are the "
+                f"checkpoint's; overrides may set {', '.join(CHECKPOINT_OVERRIDES)}){flag}"
+            )
+
+
+def _checkpoint_config(checkpoint: Path, cfg, overrides: Sequence[str]) -> str:
+    """The config ``ldmkit sample --checkpoint`` samples with, as YAML: the checkpoint's, with
+    the sampler the overrides choose and the composed precision, compile and attention."""
+    from omegaconf import OmegaConf, open_dict
+
+    from ldmkit.pipeline import CONFIG_FILE, read_pipeline_config
+
+    path = Path(checkpoint) / CONFIG_FILE
+    if not path.is_file():
+        raise CLIError(f"checkpoint file missing: {path}")  # as Pipeline.load says it
+    saved = read_pipeline_config(path)
+    node = _sampler_node(saved.sampler, cfg.sampler, overrides)
+    with open_dict(saved):
+        if node is not None:
+            saved.sampler = node
+            if "choices" in saved and _sampler_switch(overrides):
+                saved.choices.sampler = cfg.choices.sampler
+        for key in ("precision", "compile", "attention"):
+            saved[key] = cfg[key]
+    return OmegaConf.to_yaml(saved)
 
 
 def _checkpoint_sampler_overrides(checkpoint: Path | None, overrides: Sequence[str]) -> list[str]:

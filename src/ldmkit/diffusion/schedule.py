@@ -45,6 +45,11 @@ def make_betas(
     if timesteps < 1:
         raise ValueError(f"timesteps must be >= 1, got {timesteps}")
     kind = BETA_SCHEDULE_ALIASES[kind]
+    if kind != "cosine" and not (0 < linear_start < 1 and 0 < linear_end < 1):
+        raise ValueError(
+            "linear_start and linear_end must be in (0, 1) (the betas of the first and last steps), "
+            f"got linear_start={linear_start}, linear_end={linear_end}"
+        )
     if kind == "linear":
         return (
             torch.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=torch.float64) ** 2
@@ -83,6 +88,11 @@ class NoiseSchedule(nn.Module):
             kind, timesteps, linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s
         )
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        if not alphas_cumprod[-1] >= torch.finfo(torch.float32).tiny:  # sampling divides by its sqrt in float32
+            raise ValueError(
+                f"alphas_cumprod falls to {alphas_cumprod[-1].item():.3g} by t={timesteps}: no signal is left "
+                "(float32 holds nothing below 1.2e-38); lower linear_start, linear_end or timesteps"
+            )
         # float64 here, cast on use: sqrt(1 - a) near a = 1 loses digits in float32
         self.register_buffer("betas", betas, persistent=False)
         self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)

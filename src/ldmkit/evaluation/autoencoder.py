@@ -201,9 +201,9 @@ def evaluate_autoencoder(
             "val_fraction=0.05 (ldmkit data prepare ... val_fraction=0.05 overwrite=true) or set eval.split=train"
         )
     split = str(options["split"])
-    output = options["output"]
+    output = Path(options["output"]).expanduser() if options["output"] is not None else None
     if write and output is None:
-        base = checkpoint.path.parent.parent if checkpoint is not None else Path(cfg.get("run_dir") or ".")
+        base = checkpoint.path.parent.parent if checkpoint is not None else Path(cfg.get("run_dir") or ".").expanduser()
         step = checkpoint.step if checkpoint is not None else "model"
         output = base / "eval" / f"autoencoder_{split}_step_{step}.json"
     if write:

@@ -4,7 +4,6 @@ loss's log-variance), one for the PatchGAN discriminator once ``disc_start`` is 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,6 @@ from ldmkit.training.engine import (
     TRAINER_DEFAULTS,
     Trainer,
     TrainingError,
-    TrainingWarning,
     average_logs,
 )
 from ldmkit.training.freezing import apply_patterns, print_selection
@@ -89,9 +87,7 @@ class AutoencoderTrainer(Trainer):
 
     def build(self) -> None:
         cfg, options = self.cfg, self.options
-        unknown = sorted(set(options) - set(TRAINER_DEFAULTS) - set(self.extra_options))
-        if unknown:
-            warnings.warn(f"trainer option(s) {unknown} are not used by stage=autoencoder", TrainingWarning, stacklevel=2)
+        self.warn_unused_options([*TRAINER_DEFAULTS, *self.extra_options])
         self.first_stage = build_first_stage(cfg).to(self.device)
         if not any(p.requires_grad for p in self.first_stage.parameters()):
             raise TrainingError(

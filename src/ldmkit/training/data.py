@@ -77,6 +77,7 @@ def has_val_split(cfg: DictConfig, split: str) -> bool:
         f"trainer.val_split={split!r} is not in data={data_label(cfg)} (it has "
         f"{', '.join(sorted(manifest.splits))}); validation is skipped and grids use training batches. "
         "Prepare the data with val_fraction=... or set trainer.val_split",
+        TrainingWarning,
         stacklevel=3,
     )
     return False

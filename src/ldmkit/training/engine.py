@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import difflib
 import math
 import sys
 import time
@@ -75,6 +76,33 @@ TRAINER_DEFAULTS: dict[str, Any] = trainer_preset("default")
 _INTERVALS = ("log_every", "sample_every", "checkpoint_every", "val_every")
 
 
+def refuse_foreign_files(run_dir: Path, written: Any) -> None:
+    """Raise TrainingError when ``run_dir`` holds a ``config.yaml`` or ``metrics.csv`` that no
+    ldmkit run wrote (``run_dir=.`` in a project folder): a run would overwrite or append to it."""
+    import yaml
+
+    from ldmkit.training.logger import METRICS_FILE
+
+    for name in ("config.yaml", METRICS_FILE):
+        path = run_dir / name
+        try:
+            if not path.is_file():
+                continue
+            with path.open(encoding="utf-8") as handle:
+                if name == METRICS_FILE:
+                    ours = handle.readline().split(",")[0].strip() in ("step", "")  # "": killed before the header
+                else:
+                    data = yaml.safe_load(handle)
+                    ours = isinstance(data, dict) and "stage" in data and "trainer" in data
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            ours = False
+        if not ours:
+            raise TrainingError(
+                f"run_dir={written} holds {name}, which no ldmkit run wrote ({path}); a run would "
+                "overwrite it: choose a new or empty folder for run_dir"
+            )
+
+
 def resolve_device(name: str | None, key: str = "trainer.device") -> torch.device:
     """``trainer.device`` (or ``key``) as a device of this machine (:mod:`ldmkit.devices`)."""
     return devices.resolve_device(name, key)
@@ -127,8 +155,9 @@ class Trainer(abc.ABC):
     def __init__(self, cfg: DictConfig, *, data: DataFactory | None = None) -> None:
         self.cfg = cfg
         self.options = trainer_options(cfg, self.default_preset)
-        self.run_dir = Path(cfg.get("run_dir") or f"runs/{self.stage}")
+        self.run_dir = Path(cfg.get("run_dir") or f"runs/{self.stage}").expanduser()
         check_folder(self.run_dir, f"run_dir={self.run_dir}")  # before anything is built
+        refuse_foreign_files(self.run_dir, cfg.get("run_dir"))
         self.rank, self.world_size = distributed_info()
         self.is_main = self.rank == 0  # only rank 0 writes checkpoints, logs and images
         self.device = resolve_device(self.options["device"])
@@ -144,6 +173,18 @@ class Trainer(abc.ABC):
         self.signals = SignalWatch(enabled=False)
         self.logger: RunLogger | SilentLogger = SilentLogger()  # rank 0's writes, from fit() on
         self._val_batches: list[Mapping[str, Any]] | None = None
+
+    def warn_unused_options(self, known: Iterable[str]) -> None:
+        """One warning naming each trainer option outside ``known`` (the keys the stage reads;
+        an added ``+trainer.KEY`` nobody reads), with the known one it may have meant."""
+        known = sorted(set(known))
+        unknown = sorted(set(self.options) - set(known))
+        if unknown:
+            named = ", ".join(
+                f"trainer.{key}" + "".join(f" (did you mean trainer.{m}?)" for m in difflib.get_close_matches(key, known, n=1))
+                for key in unknown
+            )
+            warnings.warn(f"trainer option(s) {named} are not used by stage={self.stage}", TrainingWarning, stacklevel=3)
 
     @property
     def step(self) -> int:

@@ -14,5 +14,6 @@ class TrainingDivergedError(TrainingError, FloatingPointError):
 
 
 class TrainingWarning(UserWarning):
-    """Something about a resumed run the user should know (changed settings, an inexact data
-    position); ``ldmkit train`` prints each in one line."""
+    """Something about a run the user should know (changed settings on resume, an inexact data
+    position, options the stage does not read, no validation split, an untrained first stage);
+    ``ldmkit train`` prints each in one line."""

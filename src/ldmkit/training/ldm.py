@@ -97,9 +97,7 @@ class LDMTrainer(Trainer):
                 "trainer.cond_drop_prob moved to the conditioner: set conditioner.drop_rate "
                 "(per part for conditioner=multi) and remove trainer.cond_drop_prob"
             )
-        unknown = sorted(set(self.options) - set(TRAINER_DEFAULTS) - set(LDM_DEFAULTS))
-        if unknown:
-            warnings.warn(f"trainer option(s) {unknown} are not used by stage=ldm", stacklevel=2)
+        self.warn_unused_options([*TRAINER_DEFAULTS, *LDM_DEFAULTS])
         self.opts = {**LDM_DEFAULTS, **{k: v for k, v in self.options.items() if k in LDM_DEFAULTS}}
         self.opts["ema"] = {**LDM_DEFAULTS["ema"], **(self.options.get("ema") or {})}
         cfg = self.cfg
@@ -112,6 +110,7 @@ class LDMTrainer(Trainer):
             warnings.warn(
                 "first_stage.checkpoint is not set: the latents come from an untrained first stage "
                 "(train one with stage=autoencoder and pass first_stage.checkpoint=<its run_dir>)",
+                TrainingWarning,
                 stacklevel=2,
             )
         objective = DiffusionObjective(
