@@ -421,3 +421,13 @@ def test_a_run_dir_holding_files_ldmkit_did_not_write_is_refused(tmp_path, name,
     assert out.stderr.startswith(f"ldmkit train: error: run_dir=. holds {name}, which no ldmkit run wrote"), out.stderr
     assert len(out.stderr.splitlines()) == 1, out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [name] and (tmp_path / name).read_text() == text
+
+
+@pytest.mark.parametrize("command", ["train", "sample"])
+def test_overrides_may_follow_flags(command):
+    """Before: argparse took the positionals in one run, so an override after a flag was
+    'unrecognized arguments: sampler.steps=7' (ldmkit sample --labels 3 sampler.steps=7)."""
+    flags = ["--seed", "1"] if command == "sample" else ["--config-dir", "."]
+    out = ldmkit(command, "image_size=8", *flags, "sampler.steps=7", "--print-config", "seed=5")
+    assert out.returncode == 0, out.stderr
+    assert "steps: 7" in out.stdout and "seed: 5" in out.stdout and "image_size: 8" in out.stdout

@@ -23,8 +23,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _OverridesParser(_Parser):
+    """Flags and Hydra overrides in any order (``ldmkit sample --labels 3 sampler.steps=20``):
+    argparse alone takes the positionals in one run, and refused overrides after a flag."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        return self.parse_intermixed_args(args, namespace)
+
+
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description=description)
+    p = _OverridesParser(prog=prog, description=description)
     p.add_argument(
         "overrides", nargs="*", help="Hydra overrides, e.g. first_stage=kl_f8 trainer.max_steps=2000"
     )
