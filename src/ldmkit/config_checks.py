@@ -45,12 +45,12 @@ class Spec:
         return [] if self.accepts(value) else [problem(key, value, self.expected)]
 
 
-def _bounds(low: float | None, high: float | None, above: bool) -> str:
+def _bounds(low: float | None, high: float | None, above: bool, below: bool = False) -> str:
     parts = []
     if low is not None:
         parts.append(f"> {low:g}" if above else f">= {low:g}")
     if high is not None:
-        parts.append(f"<= {high:g}")
+        parts.append(f"< {high:g}" if below else f"<= {high:g}")
     return " and ".join(parts)
 
 
@@ -73,7 +73,8 @@ class Integer(Spec):
 
 
 class Number(Spec):
-    """A finite int or float; ``above``: strictly greater than ``low``."""
+    """A finite int or float; ``above``: strictly greater than ``low``; ``below``: strictly
+    less than ``high``."""
 
     def __init__(
         self,
@@ -81,10 +82,11 @@ class Number(Spec):
         high: float | None = None,
         *,
         above: bool = False,
+        below: bool = False,
         null: bool = False,
     ) -> None:
-        self.low, self.high, self.above, self.null = low, high, above, null
-        bounds = _bounds(low, high, above)
+        self.low, self.high, self.above, self.below, self.null = low, high, above, below, null
+        bounds = _bounds(low, high, above, below)
         self.expected = "a number" + (f" {bounds}" if bounds else "") + (" or null" if null else "")
 
     def accepts(self, value: Any) -> bool:
@@ -98,7 +100,7 @@ class Number(Spec):
             return False
         if self.low is not None and (value <= self.low if self.above else value < self.low):
             return False
-        return self.high is None or value <= self.high
+        return self.high is None or (value < self.high if self.below else value <= self.high)
 
 
 class Boolean(Spec):

@@ -98,6 +98,8 @@ class LDMTrainer(Trainer):
                 "(per part for conditioner=multi) and remove trainer.cond_drop_prob"
             )
         unknown = sorted(set(self.options) - set(TRAINER_DEFAULTS) - set(LDM_DEFAULTS))
+        unknown += [f"{node}.{key}" for node in ("ema", "lora") if isinstance(self.options.get(node), Mapping)
+                    for key in sorted(set(self.options[node]) - set(LDM_DEFAULTS[node]))]  # fmt: skip
         if unknown:
             warnings.warn(f"trainer option(s) {unknown} are not used by stage=ldm", stacklevel=2)
         self.opts = {**LDM_DEFAULTS, **{k: v for k, v in self.options.items() if k in LDM_DEFAULTS}}
@@ -106,6 +108,7 @@ class LDMTrainer(Trainer):
         self.pipeline = build_pipeline(cfg).to(self.device)
         first_stage = self.pipeline.first_stage
         first_stage.requires_grad_(False).eval()
+        self._check_sample_steps()
         init = initialize(self, self.model_modules())  # trainer.init_from, a fresh run only
         if (cfg.first_stage.get("checkpoint") is None and not self.options.get("init_from")
                 and any(True for _ in first_stage.parameters())):
@@ -114,9 +117,7 @@ class LDMTrainer(Trainer):
                 "(train one with stage=autoencoder and pass first_stage.checkpoint=<its run_dir>)",
                 stacklevel=2,
             )
-        objective = DiffusionObjective(
-            self.pipeline.schedule, prediction=self.pipeline.denoiser.prediction, **dict(self.opts["objective"] or {})
-        )
+        objective = self._build_objective()
         self.step_module = DiffusionStep(self.pipeline.denoiser, self.pipeline.conditioner, objective).to(self.device)
         # trainer.lora: peft's LoRA layers, the rest frozen (ldmkit.lora); after init_from, before the patterns
         # (which narrow what trains) and compile
@@ -170,6 +171,28 @@ class LDMTrainer(Trainer):
         if self.opts["latent_cache"] and self.data is None:
             self.cache = self._load_cache()  # before the clock starts: not training time
 
+    def _build_objective(self) -> DiffusionObjective:
+        """``trainer.objective``: a bad value or an unknown key is one line naming it."""
+        options = self.opts["objective"]
+        if options is not None and not isinstance(options, Mapping):
+            raise TrainingError(f"trainer.objective={options!r}: expected a mapping of keyword arguments")
+        try:
+            return DiffusionObjective(
+                self.pipeline.schedule, prediction=self.pipeline.denoiser.prediction, **dict(options or {})
+            )
+        except (TypeError, ValueError) as err:  # the constructor's range checks
+            raise TrainingError(f"trainer.objective: {err}") from err
+
+    def _check_sample_steps(self) -> None:
+        """The grids' DDIM steps fit the schedule: checked before the first step, not at the
+        first grid."""
+        steps, timesteps = int(self.opts["sample_steps"]), int(self.pipeline.schedule.timesteps)
+        if self.options.get("sample_every") and steps > timesteps:
+            raise TrainingError(
+                f"trainer.sample_steps={steps} is more than the schedule's {timesteps} timesteps "
+                f"(schedule.timesteps): give at most {timesteps}"
+            )
+
     def _carry_scale_factor(self, source: InitSource) -> list[str]:
         """The source's scale factor, unless ``scale_factor=scale_by_std`` asks for a new
         estimate; the report's closing notes."""
@@ -220,7 +243,9 @@ class LDMTrainer(Trainer):
         return {"diffusion": {"betas": tuple(self.opts["betas"]), "weight_decay": float(self.opts["weight_decay"])}}
 
     def config_keys_that_must_match(self) -> list[str]:
-        return ["first_stage", "denoiser", "conditioner", "schedule", "scale_factor", "trainer.lora"]
+        # a learned log-variance and the EMA are checkpoint state (training.safetensors) too
+        return ["first_stage", "denoiser", "conditioner", "schedule", "scale_factor", "trainer.lora",
+                "trainer.objective.learn_logvar", "trainer.ema.enabled"]
 
     # -- data ------------------------------------------------------------------------------
     def make_loader(self, split: str, epoch: int) -> Iterable[Mapping[str, Any]]:
