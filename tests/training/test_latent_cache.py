@@ -3,6 +3,8 @@ takes the same number of batches an epoch, and a batch size no rank can fill is 
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -36,3 +38,45 @@ def test_a_batch_size_no_rank_can_fill_is_one_line(tmp_path):
     for rank in (0, 1):
         with pytest.raises(TrainingError, match=line):
             CacheLoader(cache, 11, seed=0, rank=rank, world_size=2)
+
+
+def test_the_cache_follows_the_first_stage_weights_the_run_trains_on(tmp_path):
+    """The cache was keyed by the first stage's config alone: a first_stage.checkpoint folder
+    trained further since the cache was built gave a fresh run the old encoder's latents
+    (silently). It is keyed by the weights the run trains with — after a resume, the
+    checkpoint's, so a resumed run keeps the cache its first steps used."""
+    from safetensors.torch import load_file
+
+    from ldmkit.config import compose_config
+    from ldmkit.data import prepare
+    from ldmkit.training import train
+    from tests.data.conftest import make_image_folder
+
+    make_image_folder(tmp_path / "images", per_class=2, size=(16, 16))
+    prepare("image_folder", tmp_path / "shards", path=str(tmp_path / "images"), shard_size=6, progress=False)
+    data = ["data=image_folder", f"data.path={tmp_path / 'shards'}", "image_size=16", "trainer.num_threads=1",
+            "first_stage=kl_tiny", "trainer.val_split=null", "trainer.sample_every=0"]
+    ae, ldm = tmp_path / "ae", tmp_path / "ldm"
+
+    def stage_one(steps):
+        train(compose_config(["stage=autoencoder", "trainer=autoencoder_tiny", *data, f"run_dir={ae}",
+                              f"trainer.max_steps={steps}"]))
+
+    def stage_two(steps):
+        train(compose_config(["stage=ldm", "trainer=ldm_tiny", "denoiser=unet_tiny", *data, f"run_dir={ldm}",
+                              f"first_stage.checkpoint={ae}", "trainer.latent_cache=true",
+                              f"trainer.max_steps={steps}", "trainer.checkpoint_every=1"]))
+
+    def cached():
+        return load_file(str(ldm / "latent_cache" / "chunk_00000.safetensors"))["latents"]
+
+    stage_one(1)
+    stage_two(1)
+    first = cached()
+    stage_one(2)  # the first stage's folder now holds other weights
+    stage_two(2)  # a resume: the checkpoint's first stage, the cache it was encoded with
+    assert torch.equal(cached(), first)
+    for folder in ("checkpoints", "pipeline"):  # start over in the same folder
+        shutil.rmtree(ldm / folder)
+    stage_two(1)
+    assert not torch.equal(cached(), first)

@@ -167,9 +167,7 @@ class LDMTrainer(Trainer):
         # rng.py: timesteps and noise per sample (training_step); masks and condition dropout, one
         # stream per rank
         self.condition_generator = generator(stream_seed(self.seed, "conditions", self.rank))
-        self.cache = None
-        if self.opts["latent_cache"] and self.data is None:
-            self.cache = self._load_cache()  # before the clock starts: not training time
+        self.cache = None  # trainer.latent_cache: loaded or built in before_training()
 
     def _build_objective(self) -> DiffusionObjective:
         """``trainer.objective``: a bad value or an unknown key is one line naming it."""
@@ -259,13 +257,19 @@ class LDMTrainer(Trainer):
         return super().make_loader(split, epoch)
 
     def _cache_fingerprint(self) -> str:
+        """What the cached latents depend on: the first stage (its config and the weights it
+        encodes with — a first_stage.checkpoint folder may have trained on since), the data
+        and the conditioner's keys."""
+        weights = hashlib.sha256()
+        for name, tensor in sorted(self.pipeline.first_stage.state_dict().items()):
+            weights.update(name.encode())
+            weights.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         parts = {
             "first_stage": OmegaConf.to_container(self.cfg.first_stage, resolve=True),
+            "first_stage_weights": weights.hexdigest(),
             "data": OmegaConf.to_container(self.cfg.data, resolve=True),
             "keys": list(self.pipeline.conditioner.data_keys),
         }
-        if self.options.get("init_from"):  # the first stage's weights may come from there
-            parts["init_from"] = str(self.options["init_from"])
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def _load_cache(self):
@@ -313,6 +317,10 @@ class LDMTrainer(Trainer):
 
     # -- before the first step -----------------------------------------------------------
     def before_training(self) -> None:
+        # after the resume, which may have put the checkpoint's first stage in place of the
+        # first_stage.checkpoint it was built with; before the clock starts: not training time
+        if self.opts["latent_cache"] and self.data is None:
+            self.cache = self._load_cache()
         if self.scale_by_std and self.step == 0:  # a resumed run restored it from its checkpoint
             self.estimate_scale_factor()
 
