@@ -137,3 +137,17 @@ def test_a_checkpoint_that_does_not_fit_is_one_line(tmp_path):
                                             r"shadow\.denoiser__out__0__weight, .* \(and 1 more\)$") as err:
         train(tiny_cfg(tmp_path), data=make_data())
     assert "\n" not in str(err.value)
+
+
+def test_scale_by_std_of_constant_latents_is_one_line(tmp_path):
+    """A first batch whose latents have no spread cannot set the scale (a ValueError traceback
+    from deep in the trainer before)."""
+    from ldmkit.training.engine import TrainingError
+
+    def blank(split, epoch):
+        for _ in range(2):
+            yield {"image": torch.ones(4, 3, 8, 8), "label": torch.zeros(4, dtype=torch.long)}
+
+    with pytest.raises(TrainingError, match=r"^scale_factor=scale_by_std: the first training batch's latents "
+                                            r"have std 0 or NaN .*; set scale_factor to a number$"):
+        train(tiny_cfg(tmp_path, "scale_factor=scale_by_std"), data=blank)

@@ -258,8 +258,8 @@ class LDMTrainer(Trainer):
 
     def _cache_fingerprint(self) -> str:
         """What the cached latents depend on: the first stage (its config and the weights it
-        encodes with — a first_stage.checkpoint folder may have trained on since), the data
-        and the conditioner's keys."""
+        encodes with — a first_stage.checkpoint folder may have trained on since), the data,
+        the conditioner's keys and the seed."""
         weights = hashlib.sha256()
         for name, tensor in sorted(self.pipeline.first_stage.state_dict().items()):
             weights.update(name.encode())
@@ -269,6 +269,7 @@ class LDMTrainer(Trainer):
             "first_stage_weights": weights.hexdigest(),
             "data": OmegaConf.to_container(self.cfg.data, resolve=True),
             "keys": list(self.pipeline.conditioner.data_keys),
+            "seed": self.seed,  # a sampling encoder's posterior draws (isolated_rng below)
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -335,8 +336,17 @@ class LDMTrainer(Trainer):
         if self.is_main:
             first = next(iter(self.make_loader("train", 0)))
             with preserved_rng():
-                factor.fill_(scale_factor_from_latents(self.encode(first)))
+                latents = self.encode(first)
+            try:
+                factor.fill_(scale_factor_from_latents(latents))
+            except ValueError:  # no spread: NaN tells every rank to stop
+                factor.fill_(float("nan"))
         broadcast_tensor(factor)
+        if not torch.isfinite(factor):
+            raise TrainingError(
+                "scale_factor=scale_by_std: the first training batch's latents have std 0 or NaN "
+                "(constant images?), so 1/std is no scale; set scale_factor to a number"
+            )
         self.pipeline.scale_factor.fill_(float(factor))
         self.logger.log(self.step, {"train/scale_factor": float(factor)})  # rank 0's logger writes
         return float(factor)
