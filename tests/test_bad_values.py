@@ -101,6 +101,10 @@ TRAIN_CASES = [
     # stage-specific trainer keys
     ("trainer=ldm trainer.guidance_scale=-1", "trainer.guidance_scale=-1: expected a number >= 0"),
     ("trainer=ldm trainer.betas=[0.9]", "trainer.betas=[0.9]: expected a list of 2 numbers"),
+    (  # Adam's betas are < 1 (torch's ValueError traceback before, in both stages)
+        "trainer=ldm_tiny trainer.betas=[0.9,1.0]",
+        "trainer.betas=[0.9, 1.0]: expected a list of 2 numbers, each >= 0 and < 1",
+    ),
     ("trainer=ldm trainer.ema.decay=2", "trainer.ema.decay=2: expected a number >= 0 and <= 1"),
     ("trainer=ldm trainer.precision=fp8", "trainer.precision='fp8': expected one of auto, fp32, bf16, fp16"),
     # nodes of a core constructor's arguments: checked against its type hints
