@@ -29,6 +29,24 @@ def test_every_rank_takes_as_many_batches_and_none_twice(tmp_path):
         assert len(seen) == len(set(seen))
 
 
+def test_a_changed_batch_size_goes_on_where_the_epoch_was(tmp_path):
+    """docs/reliability.md: on resume the position is counted in samples, so a new batch size
+    neither repeats nor skips any (the cache restarted its epoch, with a warning)."""
+    cache = _cache(tmp_path / "cache", 12)
+    before = CacheLoader(cache, 2, seed=0)
+    batches = iter(before)
+    seen = [int(v) for _ in range(3) for v in next(batches)["latent"].flatten()]
+    after = CacheLoader(cache, 3, seed=0)
+    assert after.load_state_dict(before.state_dict()) is None
+    rest = [int(v) for b in after for v in b["latent"].flatten()]
+    assert len(rest) == 6 and sorted(seen + rest) == list(range(12))
+    # and the new loader saves its own position: resumed again, it goes on from there
+    again = CacheLoader(cache, 3, seed=0)
+    again.load_state_dict(after.state_dict())
+    assert list(again) == []  # the epoch was used up
+    assert [int(v) for b in again for v in b["latent"].flatten()] != []  # the next one is whole
+
+
 def test_a_batch_size_no_rank_can_fill_is_one_line(tmp_path):
     cache = _cache(tmp_path / "cache", 21)
     CacheLoader(cache, 10, seed=0, rank=1, world_size=2)  # 10 per rank: one batch each
