@@ -271,7 +271,7 @@ def test_several_bad_values_are_named_in_one_line(capsys, tmp_path):
         (  # a label past the table: the message named no flag
             "sample",
             ["conditioner=class_label", "--labels", "10"],
-            "class labels must be in [0, 10); got min 10, max 10 (inputs: --labels=10)",
+            "class labels must be in [0, 10) (conditioner.num_classes=10); got min 10, max 10 (inputs: --labels=10)",
         ),
     ],
 )
