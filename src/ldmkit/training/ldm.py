@@ -182,7 +182,7 @@ class LDMTrainer(Trainer):
             raise TrainingError(f"trainer.objective: {err}") from err
 
     def _check_sample_steps(self) -> None:
-        """The grids' DDIM steps fit the schedule: checked before the first step, not at the
+        """The grids' sampler steps fit the schedule: checked before the first step, not at the
         first grid."""
         steps, timesteps = int(self.opts["sample_steps"]), int(self.pipeline.schedule.timesteps)
         if self.options.get("sample_every") and steps > timesteps:
