@@ -115,6 +115,10 @@ TRAIN_CASES = [
     # stage-specific trainer keys
     ("trainer=ldm trainer.guidance_scale=-1", "trainer.guidance_scale=-1: expected a number >= 0"),
     ("trainer=ldm trainer.betas=[0.9]", "trainer.betas=[0.9]: expected a list of 2 numbers"),
+    (  # Adam's betas are < 1 (torch's ValueError traceback before, in both stages)
+        "trainer=ldm_tiny trainer.betas=[0.9,1.0]",
+        "trainer.betas=[0.9, 1.0]: expected a list of 2 numbers, each >= 0 and < 1",
+    ),
     ("trainer=ldm trainer.ema.decay=2", "trainer.ema.decay=2: expected a number >= 0 and <= 1"),
     ("trainer=ldm trainer.precision=fp8", "trainer.precision='fp8': expected one of auto, fp32, bf16, fp16"),
     # nodes of a core constructor's arguments: checked against its type hints
@@ -151,6 +155,28 @@ TRAIN_CASES = [
     (
         "trainer=ldm trainer.objective.min_snr_gamma=x",
         "trainer.objective.min_snr_gamma='x': expected a number or null",
+    ),
+    # ... and the diffusion objective's ranges, by its constructor (tracebacks before)
+    *[
+        (f"trainer=ldm_tiny trainer.objective.{key}", message)
+        for key, message in [
+            ("loss_type=huber", "trainer.objective: unknown loss type 'huber'; expected one of ('l2', 'l1')"),
+            ("min_snr_gamma=0", "trainer.objective: min_snr_gamma must be > 0, got 0"),
+            ("logvar_init=nan", "trainer.objective: logvar_init must be a finite number, got nan"),
+        ]
+    ],
+    (  # CompVis' DDPM has l_simple_weight; ldmkit's objective does not (a TypeError before)
+        "trainer=ldm_tiny +trainer.objective.l_simple_weight=2",
+        "trainer.objective: DiffusionObjective.__init__() got an unexpected keyword argument 'l_simple_weight'",
+    ),
+    ("trainer=ldm_tiny trainer.objective=5", "trainer.objective=5: expected a mapping of keyword arguments"),
+    # a beta of 1 or more is no noise schedule (trained silently before)
+    ("schedule.linear_end=2", "schedule.linear_end=2: expected a number > 0 and < 1"),
+    ("schedule.linear_start=1", "schedule.linear_start=1: expected a number > 0 and < 1"),
+    (  # the sample grids' DDIM steps (a traceback-free error at the first grid before, after
+        # training had started; naming no key)
+        "trainer=ldm_tiny schedule.timesteps=10 trainer.sample_steps=50",
+        "trainer.sample_steps=50 is more than the schedule's 10 timesteps (schedule.timesteps): give at most 10",
     ),
     # a key that does not exist, an option that does not exist
     (
@@ -288,7 +314,7 @@ def test_several_bad_values_are_named_in_one_line(capsys, tmp_path):
         (  # a label past the table: the message named no flag
             "sample",
             ["conditioner=class_label", "--labels", "10"],
-            "class labels must be in [0, 10); got min 10, max 10 (inputs: --labels=10)",
+            "class labels must be in [0, 10) (conditioner.num_classes=10); got min 10, max 10 (inputs: --labels=10)",
         ),
     ],
 )

@@ -93,9 +93,14 @@ def test_ema_update_formula():
 def test_ema_warmup_decay_and_apply():
     model = nn.Linear(2, 2)
     ema = EMA(model, decay=0.9999)
-    assert ema.current_decay() == pytest.approx(1 / 10)
-    ema.update(model)
+    # CompVis LitEma counts the update being made: its first uses (1 + 1) / (10 + 1)
     assert ema.current_decay() == pytest.approx(2 / 11)
+    before = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.shadow["weight"], before + (1 - 2 / 11))
+    assert ema.current_decay() == pytest.approx(3 / 12)
     original = model.weight.detach().clone()
     with torch.no_grad():
         ema.shadow["weight"].fill_(3.0)

@@ -344,8 +344,9 @@ def primary_keys() -> dict[str, Spec]:
         "run_dir": Text(),
         "schedule.kind": Choice(*BETA_SCHEDULE_ALIASES),
         "schedule.timesteps": Integer(1),
-        "schedule.linear_start": Number(0, above=True),
-        "schedule.linear_end": Number(0, above=True),
+        # betas: 1 or more is no variance-preserving schedule (alpha_bar <= 0)
+        "schedule.linear_start": Number(0, 1, above=True, below=True),
+        "schedule.linear_end": Number(0, 1, above=True, below=True),
         "schedule.cosine_s": Number(0),
         "attention.backend": Choice(*ATTENTION_BACKENDS),
         "precision": Choice(*PRECISIONS),

@@ -45,7 +45,7 @@ class Spec:
         return [] if self.accepts(value) else [problem(key, value, self.expected)]
 
 
-def _bounds(low: float | None, high: float | None, above: bool) -> str:
+def _bounds(low: float | None, high: float | None, above: bool, below: bool = False) -> str:
     def show(bound: float) -> str:  # integers in full: 18446744073709551615, not 1.84467e+19
         return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
@@ -53,7 +53,7 @@ def _bounds(low: float | None, high: float | None, above: bool) -> str:
     if low is not None:
         parts.append(f"> {show(low)}" if above else f">= {show(low)}")
     if high is not None:
-        parts.append(f"<= {show(high)}")
+        parts.append(f"< {show(high)}" if below else f"<= {show(high)}")
     return " and ".join(parts)
 
 
@@ -76,7 +76,8 @@ class Integer(Spec):
 
 
 class Number(Spec):
-    """A finite int or float; ``above``: strictly greater than ``low``."""
+    """A finite int or float; ``above``: strictly greater than ``low``; ``below``: strictly
+    less than ``high``."""
 
     def __init__(
         self,
@@ -84,10 +85,11 @@ class Number(Spec):
         high: float | None = None,
         *,
         above: bool = False,
+        below: bool = False,
         null: bool = False,
     ) -> None:
-        self.low, self.high, self.above, self.null = low, high, above, null
-        bounds = _bounds(low, high, above)
+        self.low, self.high, self.above, self.below, self.null = low, high, above, below, null
+        bounds = _bounds(low, high, above, below)
         self.expected = "a number" + (f" {bounds}" if bounds else "") + (" or null" if null else "")
 
     def accepts(self, value: Any) -> bool:
@@ -101,7 +103,7 @@ class Number(Spec):
             return False
         if self.low is not None and (value <= self.low if self.above else value < self.low):
             return False
-        return self.high is None or value <= self.high
+        return self.high is None or (value < self.high if self.below else value <= self.high)
 
 
 class Boolean(Spec):

@@ -12,8 +12,9 @@ from torch import nn
 class EMA(nn.Module):
     """``shadow <- shadow - (1 - d) (shadow - param)`` after each optimizer step.
 
-    With ``warmup=True`` the decay is ``min(decay, (1 + n) / (10 + n))`` after n updates
-    (CompVis ``LitEma``), so early averages are not dominated by the random init.
+    With ``warmup=True`` the n-th update (counting from 1) uses the decay
+    ``min(decay, (1 + n) / (10 + n))``, as CompVis ``LitEma`` does (its first: 2/11), so early
+    averages are not dominated by the random init.
     Only floating-point parameters that require grad are tracked.
     """
 
@@ -34,7 +35,8 @@ class EMA(nn.Module):
         return name.replace(".", "__")  # ParameterDict keys cannot contain dots
 
     def current_decay(self) -> float:
-        n = int(self.num_updates)
+        """The decay of the next update."""
+        n = int(self.num_updates) + 1
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()

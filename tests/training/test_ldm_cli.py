@@ -60,3 +60,15 @@ def test_bad_option_value_is_one_clear_line():
     out = ldmkit("sample", "denoiser.model_channels=16", "--num-samples", "1", "--no-progress")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "denoiser=unet_tiny: cannot build denoiser 'unet'" in out.stderr
+
+
+def test_labels_beyond_num_classes_are_one_line_naming_it(tmp_path):
+    """The data has 3 classes, the conditioner 2: a ValueError traceback at the first step before."""
+    make_image_folder(tmp_path / "images", per_class=2, size=(8, 8))
+    prepare("image_folder", tmp_path / "shards", path=str(tmp_path / "images"), shard_size=6, progress=False)
+    out = ldmkit("train", "stage=ldm", "trainer=ldm_tiny", "first_stage=identity", "denoiser=unet_tiny",
+                 "conditioner=class_label", "conditioner.num_classes=2", "data=image_folder",
+                 f"data.path={tmp_path / 'shards'}", "image_size=8", f"run_dir={tmp_path / 'run'}",
+                 "trainer.num_threads=1")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "class labels must be in [0, 2) (conditioner.num_classes=2); got min 0, max 2" in out.stderr

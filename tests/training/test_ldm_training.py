@@ -102,3 +102,52 @@ def test_trainer_cond_drop_prob_names_its_new_home(tmp_path):
 
     with pytest.raises(TrainingError, match=r"conditioner\.drop_rate"):
         train(tiny_cfg(tmp_path, "+trainer.cond_drop_prob=0.2"), data=make_data())
+
+
+@pytest.mark.parametrize(("key", "before", "after"), [
+    ("trainer.objective.learn_logvar", "false", "true"),
+    ("trainer.objective.learn_logvar", "true", "false"),
+    ("trainer.ema.enabled", "false", "true"),
+])
+def test_resume_refuses_what_the_checkpoint_cannot_hold_in_one_line(tmp_path, key, before, after):
+    """A learned log-variance and the EMA are checkpoint state: switching them on resume was
+    a state_dict error listing every tensor (or, EMA off, a silent loss of the average)."""
+    from ldmkit.training.engine import TrainingError
+
+    train(tiny_cfg(tmp_path, "trainer.max_steps=3", f"{key}={before}"), data=make_data())
+    with pytest.raises(TrainingError, match=rf"{key}: {before.title()} -> {after.title()}.*cannot change") as err:
+        train(tiny_cfg(tmp_path, f"{key}={after}"), data=make_data())
+    assert "\n" not in str(err.value)
+
+
+def test_a_misspelt_nested_trainer_key_is_named(tmp_path):
+    """trainer.ema.decy / trainer.lora.rnk were silently ignored (trainer.decy warned)."""
+    with pytest.warns(UserWarning, match=r"trainer\.ema\.decy \(did you mean trainer\.ema\.decay\?\), trainer\.lora\.rnk \(did you mean trainer\.lora\.rank\?\) are not used by stage=ldm"):
+        train(tiny_cfg(tmp_path, "trainer.max_steps=1", "+trainer.ema.decy=0.5", "+trainer.lora.rnk=4"),
+              data=make_data())
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_line(tmp_path):
+    """Unfreezing on resume: the EMA has no average of the newly trained tensors (torch's
+    message listed every missing tensor, over several lines)."""
+    from ldmkit.training.engine import TrainingError
+
+    train(tiny_cfg(tmp_path, "trainer.max_steps=3", "trainer.frozen=[denoiser.out]"), data=make_data())
+    with pytest.raises(TrainingError, match=r"does not fit the ema .*: missing shadow\.denoiser__out__0__bias, "
+                                            r"shadow\.denoiser__out__0__weight, .* \(and 1 more\)$") as err:
+        train(tiny_cfg(tmp_path), data=make_data())
+    assert "\n" not in str(err.value)
+
+
+def test_scale_by_std_of_constant_latents_is_one_line(tmp_path):
+    """A first batch whose latents have no spread cannot set the scale (a ValueError traceback
+    from deep in the trainer before)."""
+    from ldmkit.training.engine import TrainingError
+
+    def blank(split, epoch):
+        for _ in range(2):
+            yield {"image": torch.ones(4, 3, 8, 8), "label": torch.zeros(4, dtype=torch.long)}
+
+    with pytest.raises(TrainingError, match=r"^scale_factor=scale_by_std: the first training batch's latents "
+                                            r"have std 0 or NaN .*; set scale_factor to a number$"):
+        train(tiny_cfg(tmp_path, "scale_factor=scale_by_std"), data=blank)

@@ -45,7 +45,7 @@ def test_vector_role_is_one_hot_and_null_is_zero():
 
 def test_bad_labels_and_options_are_named():
     c = ClassLabelConditioner(num_classes=3, embed_dim=4)
-    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\); got min 0, max 3"):
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\) \(conditioner\.num_classes=3\); got min 0, max 3"):
         c({"label": [0, 3]})
     with pytest.raises(ValueError, match=r"class labels must be whole numbers, got \[1.5\]"):
         c({"label": torch.tensor([1.5])})  # was label 1, silently

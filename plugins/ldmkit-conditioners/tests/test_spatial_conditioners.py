@@ -248,7 +248,8 @@ def test_low_res_errors():
     c.bind_first_stage(PoolFirstStage(f=8))
     with pytest.raises(ConditionValueError, match=r"5x8 batch\['lowres'\] upscaled by factor=4 is not divisible by .*f=8"):
         c({"lowres": images(1, h=5, w=8)})
-    with pytest.raises(ConditionValueError, match=r"batch\['lowres'\] must be float images B×3×H×W.*\(1, 1, 8, 8\)"):
+    with pytest.raises(ConditionValueError, match=r"batch\['lowres'\] must be float images B×3×H×W.*\(1, 1, 8, 8\).*: "
+                       r"conditioner\.channels=3 does not match its 1 channels$"):
         c({"lowres": images(1, c=1, h=8, w=8)})
     with pytest.raises(MissingConditionError, match=r"LowResConditioner reads batch key 'lowres'.*\['image'\]"):
         c({"image": images(1)})

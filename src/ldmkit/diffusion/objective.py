@@ -4,6 +4,7 @@ the denoiser's parameterization (eps, x0 or v)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -47,6 +48,8 @@ class DiffusionObjective(nn.Module):
             raise ValueError(f"unknown loss type {loss_type!r}; expected one of {LOSS_TYPES}")
         if min_snr_gamma is not None and min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
+        if not math.isfinite(logvar_init):  # else every loss is NaN, from the first step
+            raise ValueError(f"logvar_init must be a finite number, got {logvar_init}")
         self.schedule = schedule
         self.prediction, self.loss_type, self.min_snr_gamma = prediction, loss_type, min_snr_gamma
         self.learn_logvar = learn_logvar

@@ -174,15 +174,24 @@ class Trainer(abc.ABC):
         self.logger: RunLogger | SilentLogger = SilentLogger()  # rank 0's writes, from fit() on
         self._val_batches: list[Mapping[str, Any]] | None = None
 
-    def warn_unused_options(self, known: Iterable[str]) -> None:
+    def warn_unused_options(self, known: Iterable[str], nested: Mapping[str, Iterable[str]] | None = None) -> None:
         """One warning naming each trainer option outside ``known`` (the keys the stage reads;
-        an added ``+trainer.KEY`` nobody reads), with the known one it may have meant."""
-        known = sorted(set(known))
-        unknown = sorted(set(self.options) - set(known))
+        an added ``+trainer.KEY`` nobody reads), with the known one it may have meant;
+        ``nested``: the keys read inside an option that is a mapping (``ema``: ``decay``, ...)."""
+        choices = {"": sorted(set(known))}
+        unknown = [("", key) for key in sorted(set(self.options) - set(choices[""]))]
+        for node, keys in (nested or {}).items():
+            if isinstance(self.options.get(node), Mapping):
+                choices[node] = sorted(set(keys))
+                unknown += [(node, key) for key in sorted(set(self.options[node]) - set(choices[node]))]
         if unknown:
+            def name(node: str, key: str) -> str:
+                return f"trainer.{node}.{key}" if node else f"trainer.{key}"
+
             named = ", ".join(
-                f"trainer.{key}" + "".join(f" (did you mean trainer.{m}?)" for m in difflib.get_close_matches(key, known, n=1))
-                for key in unknown
+                name(node, key)
+                + "".join(f" (did you mean {name(node, m)}?)" for m in difflib.get_close_matches(key, choices[node], n=1))
+                for node, key in unknown
             )
             warnings.warn(f"trainer option(s) {named} are not used by stage={self.stage}", TrainingWarning, stacklevel=3)
 

@@ -152,12 +152,12 @@ class LatentCache:
         self, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1, start: int = 0
     ) -> Iterator[dict[str, Any]]:
         """One epoch: a seeded permutation, this rank's share, in batches (last one dropped
-        when short), from batch ``start`` on. Every rank's share is equally long (the
+        when short), from its sample ``start`` on. Every rank's share is equally long (the
         permutation's last ``len % world_size`` samples sit this epoch out), so every rank takes
         the same number of batches. Batches hold ``latent`` and the cached keys."""
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
         order = order[: len(self) // world_size * world_size][rank::world_size]
-        for first in range(start * batch_size, len(order) - batch_size + 1, batch_size):
+        for first in range(start, len(order) - batch_size + 1, batch_size):
             idx = order[first : first + batch_size]
             positions = idx.tolist()
             batch: dict[str, Any] = {"latent": self.latents[idx]}
@@ -192,8 +192,9 @@ def _read_chunk(directory: Path, index: int) -> tuple[dict[str, Tensor], dict[st
 class CacheLoader:
     """The cache as a resumable training loader: each ``iter()`` is epoch ``epoch`` (at first
     the one it was made for; then it advances), in the order :meth:`LatentCache.batches` gives for ``seed + epoch``. The order
-    is a pure function of the seed and the epoch, so the position is (epoch, batches handed
-    out) and resuming it is exact without reading anything twice."""
+    is a pure function of the seed and the epoch, so the position is (epoch, samples handed
+    out) and resuming it is exact without reading anything twice — with another batch size
+    too, which goes on from the same sample."""
 
     def __init__(self, cache: LatentCache, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
                  epoch: int = 0) -> None:
@@ -207,7 +208,7 @@ class CacheLoader:
         self.cache, self.batch_size, self.seed = cache, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = epoch
-        self._position = {"epoch": epoch, "batches": 0}
+        self._position = {"epoch": epoch, "offset": 0}
         self._resume: dict[str, int] | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -215,11 +216,11 @@ class CacheLoader:
         self.epoch += 1
         resume = self._resume if self._resume is not None and self._resume["epoch"] == epoch else None
         self._resume = None
-        start = resume["batches"] if resume else 0
-        self._position = {"epoch": epoch, "batches": start}
+        start = resume["offset"] if resume else 0
+        self._position = {"epoch": epoch, "offset": start}
         for batch in self.cache.batches(self.batch_size, seed=self.seed + epoch, rank=self.rank,
                                         world_size=self.world_size, start=start):
-            self._position["batches"] += 1
+            self._position["offset"] += self.batch_size
             yield batch
 
     def _identity(self) -> dict[str, Any]:
@@ -233,9 +234,12 @@ class CacheLoader:
         epoch = int(state.get("epoch", 0))
         self.epoch = epoch
         mine = self._identity()
-        changed = [f"{k} changed from {state.get(k)} to {v}" for k, v in mine.items() if state.get(k) != v]
+        changed = [f"{k} changed from {state.get(k)} to {v}" for k, v in mine.items()
+                   if k != "batch_size" and state.get(k) != v]  # fmt: skip
         if changed:
             return (f"the data position cannot be restored exactly: {'; '.join(changed)}; "
                     f"epoch {epoch} starts again from its beginning")
-        self._resume = {"epoch": epoch, "batches": int(state["batches"])}
+        # samples handed out (checkpoints before counted batches)
+        offset = state["offset"] if "offset" in state else int(state["batches"]) * int(state["batch_size"])
+        self._resume = {"epoch": epoch, "offset": int(offset)}
         return None

@@ -97,13 +97,15 @@ class LDMTrainer(Trainer):
                 "trainer.cond_drop_prob moved to the conditioner: set conditioner.drop_rate "
                 "(per part for conditioner=multi) and remove trainer.cond_drop_prob"
             )
-        self.warn_unused_options([*TRAINER_DEFAULTS, *LDM_DEFAULTS])
+        self.warn_unused_options([*TRAINER_DEFAULTS, *LDM_DEFAULTS],
+                                 nested={node: LDM_DEFAULTS[node] for node in ("ema", "lora")})
         self.opts = {**LDM_DEFAULTS, **{k: v for k, v in self.options.items() if k in LDM_DEFAULTS}}
         self.opts["ema"] = {**LDM_DEFAULTS["ema"], **(self.options.get("ema") or {})}
         cfg = self.cfg
         self.pipeline = build_pipeline(cfg).to(self.device)
         first_stage = self.pipeline.first_stage
         first_stage.requires_grad_(False).eval()
+        self._check_sample_steps()
         init = initialize(self, self.model_modules())  # trainer.init_from, a fresh run only
         if (cfg.first_stage.get("checkpoint") is None and not self.options.get("init_from")
                 and any(True for _ in first_stage.parameters())):
@@ -113,9 +115,7 @@ class LDMTrainer(Trainer):
                 TrainingWarning,
                 stacklevel=2,
             )
-        objective = DiffusionObjective(
-            self.pipeline.schedule, prediction=self.pipeline.denoiser.prediction, **dict(self.opts["objective"] or {})
-        )
+        objective = self._build_objective()
         self.step_module = DiffusionStep(self.pipeline.denoiser, self.pipeline.conditioner, objective).to(self.device)
         # trainer.lora: peft's LoRA layers, the rest frozen (ldmkit.lora); after init_from, before the patterns
         # (which narrow what trains) and compile
@@ -165,9 +165,29 @@ class LDMTrainer(Trainer):
         # rng.py: timesteps and noise per sample (training_step); masks and condition dropout, one
         # stream per rank
         self.condition_generator = generator(stream_seed(self.seed, "conditions", self.rank))
-        self.cache = None
-        if self.opts["latent_cache"] and self.data is None:
-            self.cache = self._load_cache()  # before the clock starts: not training time
+        self.cache = None  # trainer.latent_cache: loaded or built in before_training()
+
+    def _build_objective(self) -> DiffusionObjective:
+        """``trainer.objective``: a bad value or an unknown key is one line naming it."""
+        options = self.opts["objective"]
+        if options is not None and not isinstance(options, Mapping):
+            raise TrainingError(f"trainer.objective={options!r}: expected a mapping of keyword arguments")
+        try:
+            return DiffusionObjective(
+                self.pipeline.schedule, prediction=self.pipeline.denoiser.prediction, **dict(options or {})
+            )
+        except (TypeError, ValueError) as err:  # the constructor's range checks
+            raise TrainingError(f"trainer.objective: {err}") from err
+
+    def _check_sample_steps(self) -> None:
+        """The grids' sampler steps fit the schedule: checked before the first step, not at the
+        first grid."""
+        steps, timesteps = int(self.opts["sample_steps"]), int(self.pipeline.schedule.timesteps)
+        if self.options.get("sample_every") and steps > timesteps:
+            raise TrainingError(
+                f"trainer.sample_steps={steps} is more than the schedule's {timesteps} timesteps "
+                f"(schedule.timesteps): give at most {timesteps}"
+            )
 
     def _carry_scale_factor(self, source: InitSource) -> list[str]:
         """The source's scale factor, unless ``scale_factor=scale_by_std`` asks for a new
@@ -219,7 +239,9 @@ class LDMTrainer(Trainer):
         return {"diffusion": {"betas": tuple(self.opts["betas"]), "weight_decay": float(self.opts["weight_decay"])}}
 
     def config_keys_that_must_match(self) -> list[str]:
-        return ["first_stage", "denoiser", "conditioner", "schedule", "scale_factor", "trainer.lora"]
+        # a learned log-variance and the EMA are checkpoint state (training.safetensors) too
+        return ["first_stage", "denoiser", "conditioner", "schedule", "scale_factor", "trainer.lora",
+                "trainer.objective.learn_logvar", "trainer.ema.enabled"]
 
     # -- data ------------------------------------------------------------------------------
     def make_loader(self, split: str, epoch: int) -> Iterable[Mapping[str, Any]]:
@@ -233,13 +255,20 @@ class LDMTrainer(Trainer):
         return super().make_loader(split, epoch)
 
     def _cache_fingerprint(self) -> str:
+        """What the cached latents depend on: the first stage (its config and the weights it
+        encodes with — a first_stage.checkpoint folder may have trained on since), the data,
+        the conditioner's keys and the seed."""
+        weights = hashlib.sha256()
+        for name, tensor in sorted(self.pipeline.first_stage.state_dict().items()):
+            weights.update(name.encode())
+            weights.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         parts = {
             "first_stage": OmegaConf.to_container(self.cfg.first_stage, resolve=True),
+            "first_stage_weights": weights.hexdigest(),
             "data": OmegaConf.to_container(self.cfg.data, resolve=True),
             "keys": list(self.pipeline.conditioner.data_keys),
+            "seed": self.seed,  # a sampling encoder's posterior draws (isolated_rng below)
         }
-        if self.options.get("init_from"):  # the first stage's weights may come from there
-            parts["init_from"] = str(self.options["init_from"])
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def _load_cache(self):
@@ -287,6 +316,10 @@ class LDMTrainer(Trainer):
 
     # -- before the first step -----------------------------------------------------------
     def before_training(self) -> None:
+        # after the resume, which may have put the checkpoint's first stage in place of the
+        # first_stage.checkpoint it was built with; before the clock starts: not training time
+        if self.opts["latent_cache"] and self.data is None:
+            self.cache = self._load_cache()
         if self.scale_by_std and self.step == 0:  # a resumed run restored it from its checkpoint
             self.estimate_scale_factor()
 
@@ -301,8 +334,17 @@ class LDMTrainer(Trainer):
         if self.is_main:
             first = next(iter(self.make_loader("train", 0)))
             with preserved_rng():
-                factor.fill_(scale_factor_from_latents(self.encode(first)))
+                latents = self.encode(first)
+            try:
+                factor.fill_(scale_factor_from_latents(latents))
+            except ValueError:  # no spread: NaN tells every rank to stop
+                factor.fill_(float("nan"))
         broadcast_tensor(factor)
+        if not torch.isfinite(factor):
+            raise TrainingError(
+                "scale_factor=scale_by_std: the first training batch's latents have std 0 or NaN "
+                "(constant images?), so 1/std is no scale; set scale_factor to a number"
+            )
         self.pipeline.scale_factor.fill_(float(factor))
         self.logger.log(self.step, {"train/scale_factor": float(factor)})  # rank 0's logger writes
         return float(factor)

@@ -74,7 +74,7 @@ TRAINER_KEYS: dict[str, Spec] = {
     "frozen": Either(Text(), Empty(), ListOf(Text())),
     # stage 1 (conf/trainer/autoencoder.yaml)
     "disc_lr": Number(0, above=True, null=True),
-    "betas": Numbers(Number(0, 1), 2),
+    "betas": Numbers(Number(0, 1, below=True), 2),  # Adam: each in [0, 1)
     # stage 2 (conf/trainer/ldm.yaml)
     "weight_decay": Number(0),
     "warmup_steps": Integer(0),

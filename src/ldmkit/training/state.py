@@ -448,7 +448,7 @@ def _load_sharded(checkpoint: Checkpoint, target: dict[str, Any]) -> None:
 def _load_module(module: nn.Module, tensors: dict[str, Tensor], source: Path, prefix: str) -> None:
     untrained = _averages_of_frozen(module, tensors)
     if untrained:  # e.g. bert's to_logits, trained by runs before ldmkit froze it
-        listed = ", ".join(untrained[:3]) + (f" (and {len(untrained) - 3} more)" if len(untrained) > 3 else "")
+        listed = _first_names(untrained)
         checkpoint = source if source.is_dir() else source.parent
         raise TrainingError(
             f"checkpoint {checkpoint} was written while {listed} were trained (its EMA averages "
@@ -457,11 +457,21 @@ def _load_module(module: nn.Module, tensors: dict[str, Tensor], source: Path, pr
         )
     try:
         module.load_state_dict(tensors, strict=True)
-    except RuntimeError as err:
+    except RuntimeError as err:  # torch's message lists every tensor, over several lines
+        own = module.state_dict()
+        missing, unexpected = [k for k in own if k not in tensors], [k for k in tensors if k not in own]
+        what = "; ".join(
+            [f"missing {_first_names(missing)}"] * bool(missing) + [f"unexpected {_first_names(unexpected)}"] * bool(unexpected)
+        ) or _one_line(err)
         raise TrainingError(
             f"checkpoint {source} does not fit the {prefix} built from the current config "
-            f"(was the config changed since the run started?): {err}"
+            f"(was the config changed since the run started?): {what}"
         ) from err
+
+
+def _first_names(names: list[str]) -> str:
+    """``a, b, c (and 4 more)``."""
+    return ", ".join(names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")
 
 
 # -- what changed in the config --------------------------------------------------------------

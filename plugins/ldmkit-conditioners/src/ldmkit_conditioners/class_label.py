@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldmkit.interfaces import Conditioner
+from ldmkit_conditioners.rescaler import ConditionValueError
 
 ROLES = ("crossattn", "vector")
 
@@ -77,13 +78,14 @@ class ClassLabelConditioner(Conditioner):
         labels = given.to(dtype=torch.long)
         if self.null_index == self.num_classes:
             if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(
-                    f"class labels must be in [0, {self.num_classes}); got min {int(labels.min())}, "
-                    f"max {int(labels.max())}"
+                raise ConditionValueError(
+                    f"class labels must be in [0, {self.num_classes}) (conditioner.num_classes="
+                    f"{self.num_classes}); got min {int(labels.min())}, max {int(labels.max())}"
                 )
         elif labels.numel() and (labels.min() < 0 or labels.max() > self.num_classes or (labels == self.null_index).any()):
-            raise ValueError(
-                f"class labels must be in [0, {self.num_classes}] without the null class {self.null_index}; "
+            raise ConditionValueError(
+                f"class labels must be in [0, {self.num_classes}] without the null class {self.null_index} "
+                f"(conditioner.num_classes={self.num_classes}, null_index={self.null_index}); "
                 f"got min {int(labels.min())}, max {int(labels.max())}"
             )
         return labels.reshape(-1)

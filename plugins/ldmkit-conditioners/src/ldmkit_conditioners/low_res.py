@@ -65,6 +65,8 @@ class LowResConditioner(Conditioner):
             raise ConditionValueError(
                 f"low_res: batch[{key!r}] must be float images B×{self.channels}×H×W in [-1, 1], "
                 f"got shape {tuple(x.shape)} ({x.dtype})"
+                + (f": conditioner.channels={self.channels} does not match its {x.shape[1]} channels"
+                   if x.ndim == 4 and x.shape[1] != self.channels else "")
             )
         return x
 
