@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ldmkit.config_checks import Integer
 from ldmkit.data.errors import SourceNotFoundError
 from ldmkit.data.sources.base import Source, SourceSample, fit_to_square
 from ldmkit.data.sources.emoji import Emoji
@@ -103,6 +104,7 @@ class Cutouts(Source):
         "image_size": 64,
         "holdout": 0.1,
     }
+    option_specs = {"image_size": Integer(1)}
     has_captions = True
 
     def __init__(self, **options: Any) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ldmkit.config_checks import Boolean, Choice, Either
 from ldmkit.data.errors import DataError, SourceNotFoundError
 from ldmkit.data.sources.base import Source, SourceSample
 
@@ -56,6 +57,7 @@ class FashionMNIST(Source):
     name = "fashion_mnist"
     description = "Fashion-MNIST, 28x28 grayscale, 10 classes (train 60k / test 10k)"
     options = {"path": None, "download": "auto"}
+    option_specs = {"download": Either(Boolean(), Choice("auto"))}
     has_captions = True  # the class name, for text-conditioning demos
     shuffle_items = False  # the IDX order is already class-mixed
 
@@ -77,7 +79,7 @@ class FashionMNIST(Source):
         if self._complete(debian):
             return debian
         download = self.config["download"]
-        if download in (True, "auto", "true"):
+        if download in (True, "auto"):
             try:
                 return self._download()
             except Exception as exc:  # offline, or torchvision's mirrors unreachable

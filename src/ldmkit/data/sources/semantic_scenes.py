@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ldmkit.config_checks import Integer
 from ldmkit.data.errors import DataError, SourceNotFoundError
 from ldmkit.data.sources.base import Source, SourceSample
 
@@ -229,6 +230,13 @@ class SemanticScenes(Source):
         "max_scale": 0.6,
         "seed": 0,
     }
+    option_specs = {
+        "num_classes": Integer(2, 256),
+        "num_samples": Integer(1),
+        "val_samples": Integer(0),
+        "image_size": Integer(1),
+        "max_objects": Integer(1),
+    }
     has_labels = False
     has_captions = True
     has_segmentation = True
@@ -239,8 +247,10 @@ class SemanticScenes(Source):
         cfg = self.config
         names = [n.strip() for n in str(cfg["objects"]).split(",")] if cfg["objects"] else None
         num_classes = len(names) + 1 if names else int(cfg["num_classes"])
-        if num_classes < 2 or num_classes > 256:
-            raise ValueError(f"semantic_scenes: num_classes must be in 2..256, got {num_classes}")
+        if num_classes > 256:
+            raise ValueError(
+                f"semantic_scenes: objects= names {num_classes - 1} cut-outs; at most 255"
+            )
         if not 0 < float(cfg["min_scale"]) <= float(cfg["max_scale"]) <= 1:
             raise ValueError("semantic_scenes: need 0 < min_scale <= max_scale <= 1")
         self.cutout_source, candidates = self._candidates(cfg["cutouts"], cfg["path"])
@@ -251,7 +261,9 @@ class SemanticScenes(Source):
     def _candidates(kind: str, path: str | None) -> tuple[str, list[Candidate]]:
         if kind == "auto":
             errors = []
-            for name in ("tuxpaint", "emoji"):
+            # any folder of PNGs passes for Tux Paint stamps: a path= is the emoji package
+            # when it holds one, and only the stamps' own place is looked up before the emoji
+            for name in ("emoji", "tuxpaint") if path else ("tuxpaint", "emoji"):
                 try:
                     return name, CUTOUT_SOURCES[name](path)
                 except SourceNotFoundError as exc:

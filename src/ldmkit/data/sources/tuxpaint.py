@@ -14,6 +14,7 @@ from typing import Any
 
 from PIL import Image
 
+from ldmkit.config_checks import Integer
 from ldmkit.data.errors import SourceNotFoundError
 from ldmkit.data.sources.base import Source, SourceSample, fit_to_square
 
@@ -48,6 +49,7 @@ class TuxPaint(Source):
     description = "Tux Paint stamps: RGBA cut-outs, caption = description, label = category"
     # min_size: leave out stamps whose longer side is smaller (they would only blur when scaled)
     options = {"path": None, "image_size": 128, "min_size": 32}
+    option_specs = {"min_size": Integer(0)}
     has_captions = True
 
     def __init__(self, **options: Any) -> None:

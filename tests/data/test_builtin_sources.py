@@ -1,0 +1,106 @@
+"""The built-in sources' options, checked the way a user meets them: a wrong ``path=`` or an
+out-of-range option is one line naming it, never another package's data or a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from ldmkit.data import SourceNotFoundError, prepare
+from ldmkit.data.sources.emoji import Emoji
+from tests.conftest import ldmkit_cli
+
+EMOJI = [  # (image, name, category, subcategory, shape)
+    ("1f438.png", "FROG FACE", "Animals & Nature", "animal-amphibian", "disc"),
+    ("1f34e.png", "RED APPLE", "Food & Drink", "food-fruit", "oval"),
+    ("1f697.png", "AUTOMOBILE", "Travel & Places", "transport-ground", "triangle"),
+]
+
+
+def make_emoji_package(root: Path) -> Path:
+    """A tiny emoji-datasource-google: emoji.json, categories.json, package.json, 64x64 PNGs."""
+    images = root / "img" / "google" / "64"
+    images.mkdir(parents=True)
+    entries = []
+    for order, (image, name, category, subcategory, shape) in enumerate(EMOJI):
+        canvas = Image.new("RGBA", (64, 64))
+        draw = ImageDraw.Draw(canvas)
+        box = (8, 8, 56, 56)
+        if shape == "disc":
+            draw.ellipse(box, fill=(30, 200, 60, 255))
+        elif shape == "oval":
+            draw.ellipse((12, 20, 52, 44), fill=(220, 30, 30, 255))
+        else:
+            draw.polygon([(8, 56), (32, 8), (56, 56)], fill=(40, 60, 230, 255))
+        canvas.save(images / image)
+        entries.append({"image": image, "name": name, "short_name": name.lower().replace(" ", "_"),
+                        "category": category, "subcategory": subcategory, "sort_order": order,
+                        "has_img_google": True})  # fmt: skip
+    (root / "emoji.json").write_text(json.dumps(entries))
+    (root / "categories.json").write_text(
+        json.dumps({c: [] for c in sorted({e[2] for e in EMOJI})})
+    )
+    (root / "package.json").write_text(
+        json.dumps({"name": "emoji-datasource-google", "version": "0"})
+    )
+    return root
+
+
+def test_emoji_path_that_is_not_the_package_is_an_error(tmp_path, monkeypatch):
+    """Before: a wrong path= was passed over for the package found elsewhere, silently."""
+    monkeypatch.setenv("LDMKIT_EMOJI_DIR", str(make_emoji_package(tmp_path / "pkg")))
+    assert len(Emoji().items("train")) == 3  # found through the environment
+    with pytest.raises(SourceNotFoundError, match=f"emoji: {tmp_path / 'typo'} is not the"):
+        Emoji(path=str(tmp_path / "typo"))
+
+
+def test_scenes_auto_with_an_emoji_package_path_use_the_emoji(tmp_path):
+    """Before: cutouts=auto tried the path as Tux Paint stamps first, and any folder of PNGs is
+    one: the classes were named after the emoji files ("1f438")."""
+    package = make_emoji_package(tmp_path / "pkg")
+    manifest = prepare("semantic_scenes", tmp_path / "out", path=str(package), num_classes=4,
+                       num_samples=2, val_samples=0, image_size=16, progress=False)  # fmt: skip
+    assert sorted(manifest.segmentation_classes) == [
+        "automobile",
+        "background",
+        "frog face",
+        "red apple",
+    ]
+    assert manifest.notes[0].startswith("cut-outs from emoji:")
+
+
+@pytest.mark.parametrize(
+    "source, option, message",
+    [
+        ("semantic_scenes", {"image_size": None}, "image_size=null: expected an integer >= 1"),
+        ("semantic_scenes", {"max_objects": 0}, "max_objects=0: expected an integer >= 1"),
+        ("semantic_scenes", {"num_samples": 0}, "num_samples=0: expected an integer >= 1"),
+        ("semantic_scenes", {"val_samples": -1}, "val_samples=-1: expected an integer >= 0"),
+        ("cutouts", {"image_size": None}, "image_size=null: expected an integer >= 1"),
+        ("tuxpaint", {"min_size": -1}, "min_size=-1: expected an integer >= 0"),
+        (
+            "fashion_mnist",
+            {"download": "maybe"},
+            "download='maybe': expected true or false or one of auto",
+        ),
+    ],
+)
+def test_source_options_out_of_range_name_the_option(tmp_path, source, option, message):
+    """Before: image_size=null was "int() argument must be ... not 'NoneType'", max_objects=0
+    failed every item with "low >= high", val_samples=-1 dropped the val split silently and
+    download=maybe was taken as false."""
+    with pytest.raises(ValueError, match=f"{message} \\(source '{source}'\\)"):
+        prepare(source, tmp_path / "out", progress=False, **option)
+
+
+def test_cli_source_after_options_says_the_source_comes_first(tmp_path):
+    """Before: "expected key=value, got 'fashion_mnist'" (the option was taken as the source)."""
+    out = ldmkit_cli("data", "prepare", f"out={tmp_path / 'o'}", "fashion_mnist", "limit=2")
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        f"ldmkit data prepare: 'out={tmp_path / 'o'}' is an option, not a source: name the "
+        "source first (ldmkit data prepare SOURCE key=value ...; `ldmkit data sources` lists them)"
+    )
