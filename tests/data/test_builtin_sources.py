@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 from ldmkit.data import SourceNotFoundError, prepare
 from ldmkit.data.sources.emoji import Emoji
 from tests.conftest import ldmkit_cli
+from tests.data.test_semantic_scenes import read_split
 
 EMOJI = [  # (image, name, category, subcategory, shape)
     ("1f438.png", "FROG FACE", "Animals & Nature", "animal-amphibian", "disc"),
@@ -104,3 +105,23 @@ def test_cli_source_after_options_says_the_source_comes_first(tmp_path):
         f"ldmkit data prepare: 'out={tmp_path / 'o'}' is an option, not a source: name the "
         "source first (ldmkit data prepare SOURCE key=value ...; `ldmkit data sources` lists them)"
     )
+
+
+def test_fashion_mnist_val_fraction_is_drawn_by_the_seed(tmp_path, fake_fashion_mnist):
+    """Before: a source that keeps its own order (fashion_mnist) gave the first IDX items as
+    val whatever the seed, though val_fraction carves "a seeded val split"."""
+    directory, _ = fake_fashion_mnist
+
+    def origins(seed: int, split: str) -> list[str]:
+        out = tmp_path / f"seed{seed}"
+        prepare("fashion_mnist", out, path=str(directory), split="train", val_fraction=0.2,
+                seed=seed, overwrite=True, progress=False)  # fmt: skip
+        dataset = read_split(out, split)
+        return [json.loads(sample["json"])["origin"] for sample in dataset.values()]
+
+    val = origins(0, "val")
+    assert len(val) == 6 and val == origins(0, "val")
+    assert val != origins(1, "val") and val != [f"train[{i}]" for i in range(6)]
+    train = origins(0, "train")
+    assert sorted(val + train) == sorted(f"train[{i}]" for i in range(30))
+    assert train == sorted(train, key=lambda o: int(o[6:-1]))  # the rest keeps the IDX order

@@ -84,7 +84,12 @@ def plan_splits(
                     f"val_fraction={val_fraction} leaves no train item: source {source.name!r} "
                     f"has {len(items)}"
                 )
-            plan["val"], items = items[:n_val], items[n_val:]
+            if source.shuffle_items:  # already in a seeded order
+                plan["val"], items = items[:n_val], items[n_val:]
+            else:  # a source that keeps its own order: drawn by the seed all the same
+                held = set(random.Random(f"{seed}/val").sample(range(len(items)), n_val))
+                plan["val"] = [item for i, item in enumerate(items) if i in held]
+                items = [item for i, item in enumerate(items) if i not in held]
         plan[name] = items
     wanted = list(plan) if split == "all" else [s.strip() for s in split.split(",")]
     if val_fraction and "train" in wanted and "val" not in wanted:
