@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from ldmkit.data import SourceNotFoundError, prepare
+from ldmkit.data import DataError, SourceNotFoundError, prepare
 from ldmkit.data.sources.emoji import Emoji
 from tests.conftest import ldmkit_cli
-from tests.data.test_semantic_scenes import read_split
+from tests.data.test_semantic_scenes import make_cutouts, read_split
 
 EMOJI = [  # (image, name, category, subcategory, shape)
     ("1f438.png", "FROG FACE", "Animals & Nature", "animal-amphibian", "disc"),
@@ -125,3 +125,25 @@ def test_fashion_mnist_val_fraction_is_drawn_by_the_seed(tmp_path, fake_fashion_
     train = origins(0, "train")
     assert sorted(val + train) == sorted(f"train[{i}]" for i in range(30))
     assert train == sorted(train, key=lambda o: int(o[6:-1]))  # the rest keeps the IDX order
+
+
+def test_rewriting_one_split_with_other_classes_is_refused(tmp_path):
+    """Before: rewriting val with another num_classes (or seed, or path) kept the old train
+    split but gave the manifest the new class names: train's maps silently meant other things."""
+    make_cutouts(tmp_path / "cutouts")
+    options = dict(cutouts="folder", path=str(tmp_path / "cutouts"), num_samples=3, val_samples=2,
+                   image_size=16, progress=False)  # fmt: skip
+    out = tmp_path / "out"
+    before = prepare("semantic_scenes", out, num_classes=3, **options)
+    manifest_bytes = (out / "manifest.json").read_bytes()
+    with pytest.raises(
+        DataError,
+        match="split .train. of semantic_scenes, kept .* other segmentation classes .*split=all overwrite=true",
+    ):
+        prepare("semantic_scenes", out, split="val", num_classes=4, overwrite=True, **options)
+    assert (out / "manifest.json").read_bytes() == manifest_bytes
+    assert not list(out.glob(".staging-*"))
+    # the same classes: the other split is kept, as documented
+    after = prepare("semantic_scenes", out, split="val", num_classes=3, overwrite=True, **options)
+    assert after.segmentation_classes == before.segmentation_classes
+    assert after.splits["train"] == before.splits["train"]

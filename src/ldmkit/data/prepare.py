@@ -127,6 +127,20 @@ def _existing_manifest(
     return manifest, clash
 
 
+def _check_kept_classes(manifest: Manifest, kept: list[str], src: Source) -> None:
+    """Splits kept from an earlier run share the manifest's class lists with the new ones, so
+    those must not change (another num_classes, seed or folder would relabel the kept ones)."""
+    for what in ("classes", "segmentation_classes"):
+        old, new = list(getattr(manifest, what) or []), list(getattr(src, what))
+        if kept and old != new:
+            raise DataError(
+                f"split {kept[0]!r} of {manifest.source}, kept from an earlier prepare, has other "
+                f"{what.replace('_', ' ')} ({', '.join(old) or 'none'}) than these options give "
+                f"({', '.join(new) or 'none'}); prepare every split together (split=all "
+                f"overwrite=true) or choose another out="
+            )
+
+
 def _drop_splits(out: Path, manifest: Manifest, splits: list[str]) -> None:
     """Forget splits in the manifest first, then delete their shards: a crash in between leaves
     orphan files, never a manifest that lists shards that are gone."""
@@ -181,6 +195,7 @@ def prepare(
     same_source = old is not None and old.source == source
     manifest = old if same_source else Manifest(source=source, fields=[], splits={})
     kept_splits = set(manifest.splits) - set(dropped) - set(plan)
+    _check_kept_classes(manifest, sorted(kept_splits), src)
     # The new splits go to a staging folder and replace the old ones only once all are whole:
     # a rewrite that fails (or is killed) leaves the dataset as it was
     staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
