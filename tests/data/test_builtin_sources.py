@@ -3,15 +3,18 @@ out-of-range option is one line naming it, never another package's data or a tra
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
 from ldmkit.data import DataError, SourceNotFoundError, prepare
 from ldmkit.data.sources.emoji import Emoji
 from tests.conftest import ldmkit_cli
+from tests.data.conftest import write_idx
 from tests.data.test_semantic_scenes import make_cutouts, read_split
 
 EMOJI = [  # (image, name, category, subcategory, shape)
@@ -147,3 +150,35 @@ def test_rewriting_one_split_with_other_classes_is_refused(tmp_path):
     after = prepare("semantic_scenes", out, split="val", num_classes=3, overwrite=True, **options)
     assert after.segmentation_classes == before.segmentation_classes
     assert after.splits["train"] == before.splits["train"]
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda gz: gz.write_bytes(gz.read_bytes()[:300]), "is damaged: Compressed file ended"),
+        (lambda gz: gz.write_bytes(b"garbage"), "is damaged: Not a gzipped file"),
+        (lambda gz: gz.write_bytes(gzip.compress(b"x")), "is damaged: 1 bytes, too short"),
+    ],
+    ids=["truncated", "not-gzip", "too-short"],
+)
+def test_damaged_fashion_mnist_file_is_one_line(tmp_path, fake_fashion_mnist, damage, message):
+    """Before: tracebacks (EOFError, BadGzipFile, struct.error) from a cut-off download."""
+    directory, _ = fake_fashion_mnist
+    images = directory / "train-images-idx3-ubyte.gz"
+    damage(images)
+    out = ldmkit_cli("data", "prepare", "fashion_mnist", f"path={directory}", f"out={tmp_path / 'o'}",
+                     "progress=false")  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith(f"ldmkit data prepare: fashion_mnist: {images} {message}")
+    assert out.stderr.count("\n") == 1
+
+
+def test_fashion_mnist_label_beyond_the_classes_is_one_line(tmp_path, fake_fashion_mnist):
+    """Before: IndexError out of load() (a label file of another dataset, e.g. EMNIST's)."""
+    directory, arrays = fake_fashion_mnist
+    labels = directory / "t10k-labels-idx1-ubyte.gz"
+    write_idx(labels, np.full(10, 12, np.uint8))
+    with pytest.raises(
+        DataError, match=f"fashion_mnist: {labels} has label 12; Fashion-MNIST has 10"
+    ):
+        prepare("fashion_mnist", tmp_path / "o", path=str(directory), progress=False)
