@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from ldmkit.data import DataError, SourceNotFoundError, prepare
+from ldmkit.data import DataError, SourceNotFoundError, prepare, verify
 from ldmkit.data.sources.emoji import Emoji
 from tests.conftest import ldmkit_cli
 from tests.data.conftest import write_idx
@@ -182,3 +182,32 @@ def test_fashion_mnist_label_beyond_the_classes_is_one_line(tmp_path, fake_fashi
         DataError, match=f"fashion_mnist: {labels} has label 12; Fashion-MNIST has 10"
     ):
         prepare("fashion_mnist", tmp_path / "o", path=str(directory), progress=False)
+
+
+def test_a_rewrite_that_fails_after_writing_keeps_the_dataset(tmp_path, monkeypatch):
+    """Before: the old split was dropped from the manifest before the new manifest was made,
+    so a source whose notes() failed (emoji without its package.json) left "splits": {}."""
+    package = make_emoji_package(tmp_path / "pkg")
+    out = tmp_path / "out"
+    prepare("emoji", out, path=str(package), progress=False)
+    manifest_bytes = (out / "manifest.json").read_bytes()
+
+    def broken_notes(self):
+        raise OSError("notes failed")
+
+    monkeypatch.setattr(Emoji, "notes", broken_notes)
+    with pytest.raises(OSError, match="notes failed"):
+        prepare("emoji", out, path=str(package), shard_size=1, overwrite=True, progress=False)
+    assert (out / "manifest.json").read_bytes() == manifest_bytes
+    assert verify(out) == [] and sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "train-000000.tar",
+    ]
+
+
+def test_emoji_package_without_package_json(tmp_path):
+    """Before: FileNotFoundError (a traceback) after every shard was written."""
+    package = make_emoji_package(tmp_path / "pkg")
+    (package / "package.json").unlink()
+    manifest = prepare("emoji", tmp_path / "out", path=str(package), progress=False)
+    assert manifest.notes[0] == f"emoji-datasource-google ? from {package}"

@@ -196,47 +196,60 @@ def prepare(
     manifest = old if same_source else Manifest(source=source, fields=[], splits={})
     kept_splits = set(manifest.splits) - set(dropped) - set(plan)
     _check_kept_classes(manifest, sorted(kept_splits), src)
-    # The new splits go to a staging folder and replace the old ones only once all are whole:
-    # a rewrite that fails (or is killed) leaves the dataset as it was
+    # The new splits go to a staging folder and replace the old ones only once all are whole
+    # and described: a rewrite that fails (or is killed) leaves the dataset as it was
     staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
     try:
         written = _write_splits(src, source, plan, staging, shard_size, progress)
+        kept = {name: info for name, info in manifest.splits.items() if name in kept_splits}
+        options = {
+            "seed": seed, "limit": limit, "shard_size": shard_size, "val_fraction": val_fraction,
+            **{k: v for k, v in src.config.items() if not isinstance(v, Path)},
+        }  # fmt: skip
+        new = _describe(source, src, written, manifest if kept else None, kept, options)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if old is not None:
         _drop_splits(out, old, dropped)
-    for split_name, info in written.splits.items():
+    for info in written.splits.values():
         for shard in info.shards:
             os.replace(staging / shard.name, out / shard.name)
-        manifest.splits[split_name] = info
     shutil.rmtree(staging, ignore_errors=True)
+    write_manifest(out, new)
+    return new
 
+
+def _describe(
+    source: str, src: Source, written: _Written, earlier: Manifest | None, kept: dict[str, SplitInfo],
+    options: dict[str, Any],
+) -> Manifest:
+    """The manifest of the written splits plus those ``kept`` from the ``earlier`` one."""
     fields, modes, sizes = written.fields, written.modes, written.sizes
-    if kept_splits:  # splits written by an earlier run stay; describe them too
-        fields &= set(manifest.fields)
-        modes.add(manifest.image_mode)
-        sizes.add(tuple(manifest.image_size) if manifest.image_size else None)
-    manifest.fields = sorted(fields)
-    manifest.classes = src.classes
-    manifest.segmentation_classes = src.segmentation_classes
-    manifest.image_mode = modes.pop() if len(modes) == 1 else None
+    if earlier is not None:  # splits written by an earlier run stay; describe them too
+        fields &= set(earlier.fields)
+        modes.add(earlier.image_mode)
+        sizes.add(tuple(earlier.image_size) if earlier.image_size else None)
     size = sizes.pop() if len(sizes) == 1 else None
-    manifest.image_size = list(size) if size else None
-    manifest.options = {
-        "seed": seed, "limit": limit, "shard_size": shard_size, "val_fraction": val_fraction,
-        **{k: v for k, v in src.config.items() if not isinstance(v, Path)},
-    }  # fmt: skip
-    manifest.notes = src.notes()
+    notes = src.notes()
     if written.failures:
-        manifest.notes.append(f"{len(written.failures)} items could not be loaded and were left out")
-        manifest.notes.extend(written.failures[:20])
+        notes.append(f"{len(written.failures)} items could not be loaded and were left out")
+        notes.extend(written.failures[:20])
     if written.warnings:
-        manifest.notes.append(f"{len(written.warnings)} items were kept with a warning")
-        manifest.notes.extend(written.warnings[:20])
-    manifest.created_by = f"ldmkit {__version__}"
-    write_manifest(out, manifest)
-    return manifest
+        notes.append(f"{len(written.warnings)} items were kept with a warning")
+        notes.extend(written.warnings[:20])
+    return Manifest(
+        source=source,
+        fields=sorted(fields),
+        splits={**kept, **written.splits},
+        classes=src.classes,
+        segmentation_classes=src.segmentation_classes,
+        image_mode=modes.pop() if len(modes) == 1 else None,
+        image_size=list(size) if size else None,
+        options=options,
+        notes=notes,
+        created_by=f"ldmkit {__version__}",
+    )
 
 
 @dataclass

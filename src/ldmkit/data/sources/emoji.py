@@ -134,8 +134,11 @@ class Emoji(Source):
         )
 
     def notes(self) -> list[str]:
-        package = json.loads((self.package / "package.json").read_text())
-        notes = [f"{PACKAGE} {package.get('version', '?')} from {self.package}"]
+        try:  # a copy of the package's files may lack it
+            version = json.loads((self.package / "package.json").read_text()).get("version", "?")
+        except (OSError, ValueError, AttributeError):
+            version = "?"
+        notes = [f"{PACKAGE} {version} from {self.package}"]
         if self._missing:
             notes.append(f"{self._missing} emoji listed without an image file were left out")
         return notes
