@@ -211,3 +211,16 @@ def test_emoji_package_without_package_json(tmp_path):
     (package / "package.json").unlink()
     manifest = prepare("emoji", tmp_path / "out", path=str(package), progress=False)
     assert manifest.notes[0] == f"emoji-datasource-google ? from {package}"
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [("nope", "JSONDecodeError"), ('[{"image": "1f438.png"}]', "KeyError: 'category'"),
+     ('{"a": 1}', "TypeError")],
+)  # fmt: skip
+def test_damaged_emoji_list_is_one_line(tmp_path, content, reason):
+    """Before: a traceback (KeyError) or a line naming no file ("Expecting value: ...")."""
+    package = make_emoji_package(tmp_path / "pkg")
+    (package / "emoji.json").write_text(content)
+    with pytest.raises(DataError, match=f"emoji: {package / 'emoji.json'} is not .*{reason}"):
+        prepare("emoji", tmp_path / "out", path=str(package), progress=False)

@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from ldmkit.data.errors import SourceNotFoundError
+from ldmkit.data.errors import DataError, SourceNotFoundError
 from ldmkit.data.sources.base import Source, SourceSample
 
 PACKAGE = "emoji-datasource-google"
@@ -86,7 +86,16 @@ class Emoji(Source):
         super().__init__(**options)
         self.package = find_package(self.config["path"])
         self.image_dir = self.package / "img" / "google" / "64"
-        entries = json.loads((self.package / "emoji.json").read_text(encoding="utf-8"))
+        index = self.package / "emoji.json"
+        try:  # a hand-made or damaged copy of the package: one line naming the file
+            self._read_index(index)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DataError(
+                f"emoji: {index} is not {PACKAGE}'s emoji list ({type(exc).__name__}: {exc})"
+            ) from None
+
+    def _read_index(self, index: Path) -> None:
+        entries = json.loads(index.read_text(encoding="utf-8"))
         order_file = self.package / "categories.json"
         order = list(json.loads(order_file.read_text())) if order_file.is_file() else []
         categories = {e["category"] for e in entries} - EXCLUDED_CATEGORIES
