@@ -224,3 +224,27 @@ def test_damaged_emoji_list_is_one_line(tmp_path, content, reason):
     (package / "emoji.json").write_text(content)
     with pytest.raises(DataError, match=f"emoji: {package / 'emoji.json'} is not .*{reason}"):
         prepare("emoji", tmp_path / "out", path=str(package), progress=False)
+
+
+def test_stamp_description_not_utf8_is_left_out_and_named(tmp_path):
+    """As docs/data.md says of every source: an item whose caption is not UTF-8 is left out
+    and named. Before: the stamp was kept with U+FFFD in its caption; a BOM stayed in it."""
+    stamps = tmp_path / "stamps" / "animals"
+    stamps.mkdir(parents=True)
+    for name, text in (("frog", "\ufeffA frog.\nfr.utf8=Une grenouille.\n".encode()),
+                       ("cafe", "A caf\xe9 cat.\n".encode("latin-1"))):  # fmt: skip
+        image = Image.new("RGBA", (40, 40))
+        ImageDraw.Draw(image).ellipse((4, 4, 36, 36), fill=(30, 200, 60, 255))
+        image.save(stamps / f"{name}.png")
+        (stamps / f"{name}.txt").write_bytes(text)
+    manifest = prepare("tuxpaint", tmp_path / "out", path=str(stamps.parent), progress=False)
+    assert manifest.splits["train"].num_samples == 1
+    (sample,) = read_split(tmp_path / "out").values()
+    assert sample["txt"].decode() == "A frog."
+    assert any(
+        "cafe.txt is not UTF-8 (invalid continuation byte at byte 5)" in n for n in manifest.notes
+    )
+    # the scenes take their class names from the same descriptions: the cafe is no candidate
+    scenes = prepare("semantic_scenes", tmp_path / "scenes", cutouts="tuxpaint", num_classes=2,
+                     path=str(stamps.parent), num_samples=1, val_samples=0, progress=False)  # fmt: skip
+    assert scenes.segmentation_classes == ["background", "frog"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +56,17 @@ def _tuxpaint_candidates(path: str | None) -> list[Candidate]:
     from ldmkit.data.sources.tuxpaint import TuxPaint, stamp_caption
 
     stamps = TuxPaint(path=path, image_size=None, min_size=0)
-    return [
-        Candidate(
-            short_name(stamp_caption(p)), stamps._category(p), lambda p=p: stamps.load_cutout(p)
-        )
-        for p in stamps.items("train")
+    candidates = []
+    for p in stamps.items("train"):
         # scenes flip on their own; letters, signs and coins are not things in a scene
-        if not p.stem.endswith("_mirror") and stamps._category(p) != "symbols"
-    ]
+        if p.stem.endswith("_mirror") or stamps._category(p) == "symbols":
+            continue
+        try:
+            name = short_name(stamp_caption(p))
+        except ValueError:  # a description that is not UTF-8 names no class
+            continue
+        candidates.append(Candidate(name, stamps._category(p), partial(stamps.load_cutout, p)))
+    return candidates
 
 
 def _emoji_candidates(path: str | None) -> list[Candidate]:

@@ -22,10 +22,17 @@ DEBIAN_DIR = "/usr/share/tuxpaint/stamps"
 
 
 def stamp_caption(png: Path) -> str:
+    """The stamp's English description; ``ValueError`` when its .txt is not UTF-8."""
     stem = png.stem[: -len("_mirror")] if png.stem.endswith("_mirror") else png.stem
     text = png.with_name(f"{stem}.txt")
     if text.is_file():
-        for line in text.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            content = text.read_text(encoding="utf-8-sig")  # a BOM is no part of the caption
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"its caption {text.name} is not UTF-8 ({exc.reason} at byte {exc.start})"
+            ) from None
+        for line in content.splitlines():
             if line.strip() and ".utf8=" not in line:
                 return line.strip()
     return stem.replace("_", " ").replace("-", " ")
