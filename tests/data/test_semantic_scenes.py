@@ -165,3 +165,18 @@ def test_class_names_from_stamp_descriptions():
     assert short_name("Earth. Our planet!") == "earth"
     assert short_name("\u201cT-intersection\u201d") == "t-intersection"
     assert short_name("The U.S. flag") == "u.s. flag"
+
+
+@pytest.mark.parametrize(
+    "description, name",
+    [
+        ("A \u201cFuji\u201d apple.", "fuji apple"),
+        ("A \u201cStop\u201d sign.", "stop sign"),
+        ("Boom!!", "boom"),
+        ("A knight\u2019s helmet.", "knight\u2019s helmet"),
+    ],
+)
+def test_class_names_leave_out_quotes_and_marks(description, name):
+    """Before: "\u201cfuji\u201d apple" and "boom!!" became class names and scene captions ("a
+    scene with \u201cfuji\u201d apple")."""
+    assert short_name(description) == name

@@ -45,9 +45,10 @@ class Candidate:
 
 
 def short_name(caption: str) -> str:
-    """ "A frog." -> "frog", "Earth. Our planet!" -> "earth" (scene captions list these)."""
+    """ "A frog." -> "frog", "Earth. Our planet!" -> "earth", 'A "Fuji" apple.' -> "fuji
+    apple" (scene captions list these)."""
     text = re.split(r"[.!?](?=\s+[A-Z]|\s*$)", caption.strip())[0]
-    text = text.strip(" \"'\u201c\u201d\u2018\u2019")
+    text = re.sub("[\"\u201c\u201d]", "", text).strip(" !?'\u2018\u2019")
     text = re.sub(r"^(a|an|the)\s+", "", text, flags=re.IGNORECASE)
     return text.lower() or caption
 
