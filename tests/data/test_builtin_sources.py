@@ -84,6 +84,7 @@ def test_scenes_auto_with_an_emoji_package_path_use_the_emoji(tmp_path):
         ("semantic_scenes", {"num_samples": 0}, "num_samples=0: expected an integer >= 1"),
         ("semantic_scenes", {"val_samples": -1}, "val_samples=-1: expected an integer >= 0"),
         ("cutouts", {"image_size": None}, "image_size=null: expected an integer >= 1"),
+        ("cutouts", {"holdout": 0.9}, "holdout=0.9: expected a number > 0 and <= 0.5"),
         ("tuxpaint", {"min_size": -1}, "min_size=-1: expected an integer >= 0"),
         (
             "fashion_mnist",
@@ -94,7 +95,7 @@ def test_scenes_auto_with_an_emoji_package_path_use_the_emoji(tmp_path):
 )
 def test_source_options_out_of_range_name_the_option(tmp_path, source, option, message):
     """Before: image_size=null was "int() argument must be ... not 'NoneType'", max_objects=0
-    failed every item with "low >= high", val_samples=-1 dropped the val split silently and
+    failed every item with "low >= high", val_samples=-1 dropped the val split silently, holdout=0.9 held out 1/2 and
     download=maybe was taken as false."""
     with pytest.raises(ValueError, match=f"{message} \\(source '{source}'\\)"):
         prepare(source, tmp_path / "out", progress=False, **option)
