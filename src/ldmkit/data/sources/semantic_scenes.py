@@ -134,6 +134,9 @@ def choose_cutouts(
 ) -> list[Cutout]:
     """Pick ``count`` cut-outs: the named ones, or a seeded draw spread over categories."""
     if names:
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:
+            raise DataError(f"semantic_scenes: objects= names {twice!r} twice")
         by_name = {c.name: c for c in candidates}
         missing = [n for n in names if n not in by_name]
         if missing:
