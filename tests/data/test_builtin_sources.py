@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +252,37 @@ def test_stamp_description_not_utf8_is_left_out_and_named(tmp_path):
     scenes = prepare("semantic_scenes", tmp_path / "scenes", cutouts="tuxpaint", num_classes=2,
                      path=str(stamps.parent), num_samples=1, val_samples=0, progress=False)  # fmt: skip
     assert scenes.segmentation_classes == ["background", "frog"]
+
+
+def test_a_second_prepare_of_the_same_folder_stops_while_the_first_writes(tmp_path):
+    """Before: the second deleted the first one's staging folder as left by a killed run, so
+    the first failed with a FileNotFoundError traceback (or the two manifests overwrote each
+    other). Now the second stops with one line and touches nothing."""
+    package = make_emoji_package(tmp_path / "pkg")
+    out = tmp_path / "out"
+    started = subprocess.Popen(  # a first preparation that holds its staging folder's lock
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from pathlib import Path
+            from ldmkit.data import prepare
+            from ldmkit.data.sources.emoji import Emoji
+            load = Emoji.load
+            def slow(self, item):
+                print("writing", flush=True); time.sleep(30); return load(self, item)
+            Emoji.load = slow
+            prepare("emoji", {str(out)!r}, path={str(package)!r}, progress=False)
+        """)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert started.stdout.readline() == "writing\n"
+        (staging,) = out.glob(".staging-*")
+        with pytest.raises(DataError, match="another `ldmkit data prepare` is writing .*out now"):
+            prepare("emoji", out, path=str(package), progress=False)
+        assert staging.is_dir() and list(out.iterdir()) == [staging]
+    finally:
+        started.kill()
+        started.wait()
+    # killed, it holds no lock: the next preparation clears its folder and writes
+    prepare("emoji", out, path=str(package), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train-000000.tar"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import random
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,11 @@ from ldmkit.data.manifest import MANIFEST, Manifest, SplitInfo, read_manifest, w
 from ldmkit.data.shards import CAPTION, IMAGE, LABEL, META, SEGMENTATION, ShardWriter, encode_png
 from ldmkit.data.sources import source_class
 from ldmkit.data.sources.base import Source, SourceSample, printable
+
+try:
+    import fcntl
+except ImportError:  # Windows: preparations running at once are not told apart
+    fcntl = None
 
 STAGING = ".staging-"  # the folder in out= where a preparation writes before replacing
 
@@ -184,40 +191,79 @@ def prepare(
     plan = plan_splits(src, split, seed, float(val_fraction), None if limit is None else int(limit))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # The new splits go to a staging folder and replace the old ones only once all are whole
+    # and described: a rewrite that fails (or is killed) leaves the dataset as it was. The
+    # staging folder is locked while this runs, so that a second preparation of out= stops
+    staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
+    with _locking(staging):
+        try:
+            _clear_strays(out, staging)
+            replaced = list(plan)
+            if "train" in plan and "val" not in src.splits and "val" not in plan:
+                replaced.append("val")  # an earlier val_fraction carved it out of this train
+            old, dropped = _existing_manifest(out, source, replaced, overwrite)
+            same_source = old is not None and old.source == source
+            manifest = old if same_source else Manifest(source=source, fields=[], splits={})
+            kept_splits = set(manifest.splits) - set(dropped) - set(plan)
+            _check_kept_classes(manifest, sorted(kept_splits), src)
+            written = _write_splits(src, source, plan, staging, shard_size, progress)
+            kept = {name: info for name, info in manifest.splits.items() if name in kept_splits}
+            options = {
+                "seed": seed, "limit": limit, "shard_size": shard_size,
+                "val_fraction": val_fraction,
+                **{k: v for k, v in src.config.items() if not isinstance(v, Path)},
+            }  # fmt: skip
+            new = _describe(source, src, written, manifest if kept else None, kept, options)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if old is not None:
+            _drop_splits(out, old, dropped)
+        for info in written.splits.values():
+            for shard in info.shards:
+                os.replace(staging / shard.name, out / shard.name)
+        shutil.rmtree(staging, ignore_errors=True)
+        write_manifest(out, new)
+    return new
+
+
+@contextlib.contextmanager
+def _locking(folder: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder`` while the block runs (the kernel drops it
+    when this process ends, however it ends, so a killed preparation leaves no lock)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _clear_strays(out: Path, staging: Path) -> None:
+    """Remove what killed preparations left in ``out``; another preparation's staging folder
+    that is still locked (:func:`_locking`) means it is writing ``out`` now: an error."""
+    strays = [s for s in out.glob(f"{STAGING}*") if s != staging]
+    for stray in strays:
+        try:
+            fd = os.open(stray, os.O_RDONLY) if fcntl is not None else None
+        except OSError:  # gone already
+            continue
+        if fd is None:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(
+                f"another `ldmkit data prepare` is writing {out} now ({stray.name}); wait for "
+                f"it to end or choose another out="
+            ) from None
+        finally:
+            os.close(fd)
+    for stray in strays:
+        shutil.rmtree(stray, ignore_errors=True)
     for stray in out.glob(".*.partial"):
         stray.unlink()
-    for stray in out.glob(f"{STAGING}*"):  # left by a preparation that was killed
-        shutil.rmtree(stray, ignore_errors=True)
-    replaced = list(plan)
-    if "train" in plan and "val" not in src.splits and "val" not in plan:
-        replaced.append("val")  # an earlier val_fraction carved it out of the train replaced
-    old, dropped = _existing_manifest(out, source, replaced, overwrite)
-    same_source = old is not None and old.source == source
-    manifest = old if same_source else Manifest(source=source, fields=[], splits={})
-    kept_splits = set(manifest.splits) - set(dropped) - set(plan)
-    _check_kept_classes(manifest, sorted(kept_splits), src)
-    # The new splits go to a staging folder and replace the old ones only once all are whole
-    # and described: a rewrite that fails (or is killed) leaves the dataset as it was
-    staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
-    try:
-        written = _write_splits(src, source, plan, staging, shard_size, progress)
-        kept = {name: info for name, info in manifest.splits.items() if name in kept_splits}
-        options = {
-            "seed": seed, "limit": limit, "shard_size": shard_size, "val_fraction": val_fraction,
-            **{k: v for k, v in src.config.items() if not isinstance(v, Path)},
-        }  # fmt: skip
-        new = _describe(source, src, written, manifest if kept else None, kept, options)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if old is not None:
-        _drop_splits(out, old, dropped)
-    for info in written.splits.values():
-        for shard in info.shards:
-            os.replace(staging / shard.name, out / shard.name)
-    shutil.rmtree(staging, ignore_errors=True)
-    write_manifest(out, new)
-    return new
 
 
 def _describe(
