@@ -132,3 +132,28 @@ def test_cutout_sources_installed(tmp_path, source):
     data = json.loads((tmp_path / source / "manifest.json").read_text())
     assert data["format"] == "ldmkit-webdataset"
     assert read_manifest(tmp_path / source).classes == manifest.classes
+
+
+BASE = {"format": "ldmkit-webdataset", "source": "x", "fields": [], "splits": {}}
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ([], "a JSON list, not an object"),
+        ({**BASE, "splits": []}, "'splits'"),
+        ({**BASE, "version": "2"}, "'version'"),
+        ({**BASE, "fields": None}, "'fields'"),
+        ({**BASE, "notes": None}, "'notes'"),
+        ({**BASE, "splits": {"train": 3}}, "'splits'"),
+    ],
+)
+def test_malformed_manifest_is_one_line(tmp_path, capsys, content, reason):
+    """A manifest written by hand or another tool: before, tracebacks (AttributeError) or lines
+    such as "'>' not supported between instances of 'str' and 'int'" that name no file."""
+    (tmp_path / "manifest.json").write_text(json.dumps(content))
+    for command in ("info", "verify"):
+        assert main([command, str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"ldmkit data {command}: {tmp_path / 'manifest.json'} ")
+        assert reason in err and "\n" not in err

@@ -170,7 +170,7 @@ def test_missing_sources_say_what_to_install(tmp_path, monkeypatch):
         match="apt-get install --no-install-recommends tuxpaint-stamps-default",
     ):
         prepare("tuxpaint", tmp_path / "o", progress=False)
-    monkeypatch.setattr(emoji, "candidate_dirs", lambda explicit=None: [tmp_path / "none"])
+    monkeypatch.setattr(emoji, "candidate_dirs", lambda: [tmp_path / "none"])
     with pytest.raises(SourceNotFoundError, match="npm install .*emoji-datasource-google"):
         prepare("emoji", tmp_path / "o", progress=False)
     with pytest.raises(SourceNotFoundError, match="is not a folder"):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from ldmkit.data import SourceNotFoundError, build_dataloader, prepare, read_manifest
+from ldmkit.data import DataError, SourceNotFoundError, build_dataloader, prepare, read_manifest
 from ldmkit.data.sources.semantic_scenes import short_name
 
 
@@ -165,3 +165,27 @@ def test_class_names_from_stamp_descriptions():
     assert short_name("Earth. Our planet!") == "earth"
     assert short_name("\u201cT-intersection\u201d") == "t-intersection"
     assert short_name("The U.S. flag") == "u.s. flag"
+
+
+@pytest.mark.parametrize(
+    "description, name",
+    [
+        ("A \u201cFuji\u201d apple.", "fuji apple"),
+        ("A \u201cStop\u201d sign.", "stop sign"),
+        ("Boom!!", "boom"),
+        ("A knight\u2019s helmet.", "knight\u2019s helmet"),
+    ],
+)
+def test_class_names_leave_out_quotes_and_marks(description, name):
+    """Before: "\u201cfuji\u201d apple" and "boom!!" became class names and scene captions ("a
+    scene with \u201cfuji\u201d apple")."""
+    assert short_name(description) == name
+
+
+def test_an_object_named_twice_is_an_error(tmp_path):
+    """Before: two classes of the same cut-out ("red disc" twice), so the map could not tell
+    them apart."""
+    make_cutouts(tmp_path / "cutouts")
+    with pytest.raises(DataError, match="objects= names 'red disc' twice"):
+        prepare("semantic_scenes", tmp_path / "o", cutouts="folder", path=str(tmp_path / "cutouts"),
+                objects="red disc,green tri,red disc", progress=False)  # fmt: skip

@@ -46,6 +46,11 @@ def _prepare(args: argparse.Namespace) -> int:
     from ldmkit.data.prepare import prepare
     from ldmkit.io import check_folder
 
+    if "=" in args.source:
+        raise DataError(
+            f"{args.source!r} is an option, not a source: name the source first (ldmkit data "
+            f"prepare SOURCE key=value ...; `ldmkit data sources` lists them)"
+        )
     options = parse_options(args.options)
     out = options.pop("out", None) or f"data/{args.source}"
     check_folder(out, f"out={out}")

@@ -70,10 +70,17 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> Manifest:
+        if not isinstance(data, dict):
+            raise DataError(
+                f"{where} is not an ldmkit shard manifest (a JSON {_json_type(data)}, not an object)"
+            )
         if data.get("format") != FORMAT:
             raise DataError(
                 f"{where} is not an ldmkit shard manifest (format {data.get('format')!r})"
             )
+        shape = _shape_problem(data)
+        if shape:
+            raise DataError(f"{where} is malformed: {shape}")
         if data.get("version", 0) > VERSION:
             raise DataError(
                 f"{where} has manifest version {data['version']}; this ldmkit reads up to {VERSION}"
@@ -90,6 +97,38 @@ class Manifest:
             return cls(splits=splits, **kwargs)
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{where} is malformed: {exc!r}") from exc
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list"}
+    return names.get(type(value), "object")
+
+
+# what each key of manifest.json holds, beyond splits: a hand-written or foreign manifest
+# that differs is one line naming the key, not a TypeError somewhere later
+_KEY_TYPES: dict[str, tuple[type, ...]] = {
+    "version": (int,), "source": (str,), "fields": (list,), "classes": (list,),
+    "segmentation_classes": (list,), "image_mode": (str, type(None)),
+    "image_size": (list, type(None)), "options": (dict,), "notes": (list,), "created_by": (str,),
+}  # fmt: skip
+
+
+def _shape_problem(data: dict[str, Any]) -> str | None:
+    """The first key of a manifest's JSON that has the wrong type, as a phrase; None if none."""
+    for key, types in _KEY_TYPES.items():
+        value = data.get(key, types[0]())  # absent: its default
+        if not isinstance(value, types) or isinstance(value, bool):
+            expected = " or ".join(_json_type(t()) for t in types)
+            return f"'{key}' is {_json_type(value)}, expected {expected}"
+    splits = data.get("splits")
+    if not isinstance(splits, dict):
+        return f"'splits' is {_json_type(splits)}, not an object of splits"
+    for name, split in splits.items():
+        if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
+            return f"'splits' entry {name!r} is not an object with a list of 'shards'"
+    return None
 
 
 def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import random
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,11 @@ from ldmkit.data.manifest import MANIFEST, Manifest, SplitInfo, read_manifest, w
 from ldmkit.data.shards import CAPTION, IMAGE, LABEL, META, SEGMENTATION, ShardWriter, encode_png
 from ldmkit.data.sources import source_class
 from ldmkit.data.sources.base import Source, SourceSample, printable
+
+try:
+    import fcntl
+except ImportError:  # Windows: preparations running at once are not told apart
+    fcntl = None
 
 STAGING = ".staging-"  # the folder in out= where a preparation writes before replacing
 
@@ -84,7 +91,12 @@ def plan_splits(
                     f"val_fraction={val_fraction} leaves no train item: source {source.name!r} "
                     f"has {len(items)}"
                 )
-            plan["val"], items = items[:n_val], items[n_val:]
+            if source.shuffle_items:  # already in a seeded order
+                plan["val"], items = items[:n_val], items[n_val:]
+            else:  # a source that keeps its own order: drawn by the seed all the same
+                held = set(random.Random(f"{seed}/val").sample(range(len(items)), n_val))
+                plan["val"] = [item for i, item in enumerate(items) if i in held]
+                items = [item for i, item in enumerate(items) if i not in held]
         plan[name] = items
     wanted = list(plan) if split == "all" else [s.strip() for s in split.split(",")]
     if val_fraction and "train" in wanted and "val" not in wanted:
@@ -120,6 +132,20 @@ def _existing_manifest(
             f"rewrite it"
         )
     return manifest, clash
+
+
+def _check_kept_classes(manifest: Manifest, kept: list[str], src: Source) -> None:
+    """Splits kept from an earlier run share the manifest's class lists with the new ones, so
+    those must not change (another num_classes, seed or folder would relabel the kept ones)."""
+    for what in ("classes", "segmentation_classes"):
+        old, new = list(getattr(manifest, what) or []), list(getattr(src, what))
+        if kept and old != new:
+            raise DataError(
+                f"split {kept[0]!r} of {manifest.source}, kept from an earlier prepare, has other "
+                f"{what.replace('_', ' ')} ({', '.join(old) or 'none'}) than these options give "
+                f"({', '.join(new) or 'none'}); prepare every split together (split=all "
+                f"overwrite=true) or choose another out="
+            )
 
 
 def _drop_splits(out: Path, manifest: Manifest, splits: list[str]) -> None:
@@ -165,58 +191,111 @@ def prepare(
     plan = plan_splits(src, split, seed, float(val_fraction), None if limit is None else int(limit))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # The new splits go to a staging folder and replace the old ones only once all are whole
+    # and described: a rewrite that fails (or is killed) leaves the dataset as it was. The
+    # staging folder is locked while this runs, so that a second preparation of out= stops
+    staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
+    with _locking(staging):
+        try:
+            _clear_strays(out, staging)
+            replaced = list(plan)
+            if "train" in plan and "val" not in src.splits and "val" not in plan:
+                replaced.append("val")  # an earlier val_fraction carved it out of this train
+            old, dropped = _existing_manifest(out, source, replaced, overwrite)
+            same_source = old is not None and old.source == source
+            manifest = old if same_source else Manifest(source=source, fields=[], splits={})
+            kept_splits = set(manifest.splits) - set(dropped) - set(plan)
+            _check_kept_classes(manifest, sorted(kept_splits), src)
+            written = _write_splits(src, source, plan, staging, shard_size, progress)
+            kept = {name: info for name, info in manifest.splits.items() if name in kept_splits}
+            options = {
+                "seed": seed, "limit": limit, "shard_size": shard_size,
+                "val_fraction": val_fraction,
+                **{k: v for k, v in src.config.items() if not isinstance(v, Path)},
+            }  # fmt: skip
+            new = _describe(source, src, written, manifest if kept else None, kept, options)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if old is not None:
+            _drop_splits(out, old, dropped)
+        for info in written.splits.values():
+            for shard in info.shards:
+                os.replace(staging / shard.name, out / shard.name)
+        shutil.rmtree(staging, ignore_errors=True)
+        write_manifest(out, new)
+    return new
+
+
+@contextlib.contextmanager
+def _locking(folder: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder`` while the block runs (the kernel drops it
+    when this process ends, however it ends, so a killed preparation leaves no lock)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _clear_strays(out: Path, staging: Path) -> None:
+    """Remove what killed preparations left in ``out``; another preparation's staging folder
+    that is still locked (:func:`_locking`) means it is writing ``out`` now: an error."""
+    strays = [s for s in out.glob(f"{STAGING}*") if s != staging]
+    for stray in strays:
+        try:
+            fd = os.open(stray, os.O_RDONLY) if fcntl is not None else None
+        except OSError:  # gone already
+            continue
+        if fd is None:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(
+                f"another `ldmkit data prepare` is writing {out} now ({stray.name}); wait for "
+                f"it to end or choose another out="
+            ) from None
+        finally:
+            os.close(fd)
+    for stray in strays:
+        shutil.rmtree(stray, ignore_errors=True)
     for stray in out.glob(".*.partial"):
         stray.unlink()
-    for stray in out.glob(f"{STAGING}*"):  # left by a preparation that was killed
-        shutil.rmtree(stray, ignore_errors=True)
-    replaced = list(plan)
-    if "train" in plan and "val" not in src.splits and "val" not in plan:
-        replaced.append("val")  # an earlier val_fraction carved it out of the train replaced
-    old, dropped = _existing_manifest(out, source, replaced, overwrite)
-    same_source = old is not None and old.source == source
-    manifest = old if same_source else Manifest(source=source, fields=[], splits={})
-    kept_splits = set(manifest.splits) - set(dropped) - set(plan)
-    # The new splits go to a staging folder and replace the old ones only once all are whole:
-    # a rewrite that fails (or is killed) leaves the dataset as it was
-    staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
-    try:
-        written = _write_splits(src, source, plan, staging, shard_size, progress)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if old is not None:
-        _drop_splits(out, old, dropped)
-    for split_name, info in written.splits.items():
-        for shard in info.shards:
-            os.replace(staging / shard.name, out / shard.name)
-        manifest.splits[split_name] = info
-    shutil.rmtree(staging, ignore_errors=True)
 
+
+def _describe(
+    source: str, src: Source, written: _Written, earlier: Manifest | None, kept: dict[str, SplitInfo],
+    options: dict[str, Any],
+) -> Manifest:
+    """The manifest of the written splits plus those ``kept`` from the ``earlier`` one."""
     fields, modes, sizes = written.fields, written.modes, written.sizes
-    if kept_splits:  # splits written by an earlier run stay; describe them too
-        fields &= set(manifest.fields)
-        modes.add(manifest.image_mode)
-        sizes.add(tuple(manifest.image_size) if manifest.image_size else None)
-    manifest.fields = sorted(fields)
-    manifest.classes = src.classes
-    manifest.segmentation_classes = src.segmentation_classes
-    manifest.image_mode = modes.pop() if len(modes) == 1 else None
+    if earlier is not None:  # splits written by an earlier run stay; describe them too
+        fields &= set(earlier.fields)
+        modes.add(earlier.image_mode)
+        sizes.add(tuple(earlier.image_size) if earlier.image_size else None)
     size = sizes.pop() if len(sizes) == 1 else None
-    manifest.image_size = list(size) if size else None
-    manifest.options = {
-        "seed": seed, "limit": limit, "shard_size": shard_size, "val_fraction": val_fraction,
-        **{k: v for k, v in src.config.items() if not isinstance(v, Path)},
-    }  # fmt: skip
-    manifest.notes = src.notes()
+    notes = src.notes()
     if written.failures:
-        manifest.notes.append(f"{len(written.failures)} items could not be loaded and were left out")
-        manifest.notes.extend(written.failures[:20])
+        notes.append(f"{len(written.failures)} items could not be loaded and were left out")
+        notes.extend(written.failures[:20])
     if written.warnings:
-        manifest.notes.append(f"{len(written.warnings)} items were kept with a warning")
-        manifest.notes.extend(written.warnings[:20])
-    manifest.created_by = f"ldmkit {__version__}"
-    write_manifest(out, manifest)
-    return manifest
+        notes.append(f"{len(written.warnings)} items were kept with a warning")
+        notes.extend(written.warnings[:20])
+    return Manifest(
+        source=source,
+        fields=sorted(fields),
+        splits={**kept, **written.splits},
+        classes=src.classes,
+        segmentation_classes=src.segmentation_classes,
+        image_mode=modes.pop() if len(modes) == 1 else None,
+        image_size=list(size) if size else None,
+        options=options,
+        notes=notes,
+        created_by=f"ldmkit {__version__}",
+    )
 
 
 @dataclass

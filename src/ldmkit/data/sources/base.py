@@ -57,6 +57,9 @@ class Source(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     options: ClassVar[dict[str, Any]] = {}
+    # what an option takes where its default does not say enough (a range, a choice); the
+    # others are checked by the type of their default
+    option_specs: ClassVar[dict[str, Spec]] = {}
     has_labels: ClassVar[bool] = True
     has_captions: ClassVar[bool] = False
     has_segmentation: ClassVar[bool] = False
@@ -81,9 +84,11 @@ class Source(ABC):
         self.config = {**self.options, **options}
 
     def _option_spec(self, key: str) -> Spec | None:
-        """What option ``key`` takes, by its default: an integer (``image_size``: >= 1, or
-        null where a source keeps the size), a number, true or false; None (not checked
-        here) for others."""
+        """What option ``key`` takes: the source's ``option_specs``, else by its default: an
+        integer (``image_size``: >= 1, or null where a source keeps the size), a number, true
+        or false; None (not checked here) for others."""
+        if key in self.option_specs:
+            return self.option_specs[key]
         default = self.options[key]
         if key == "image_size":
             return Integer(1, null=True)

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ldmkit.config_checks import Integer, Number
 from ldmkit.data.errors import SourceNotFoundError
 from ldmkit.data.sources.base import Source, SourceSample, fit_to_square
 from ldmkit.data.sources.emoji import Emoji
@@ -103,6 +104,8 @@ class Cutouts(Source):
         "image_size": 64,
         "holdout": 0.1,
     }
+    # every round(1/holdout)-th item is held out: beyond 1/2, that is 1/2 all the same
+    option_specs = {"image_size": Integer(1), "holdout": Number(0, 0.5, above=True)}
     has_captions = True
 
     def __init__(self, **options: Any) -> None:
@@ -115,8 +118,6 @@ class Cutouts(Source):
                 f"list of {', '.join(COLLECTIONS)}"
             )
         holdout = float(self.config["holdout"])
-        if not 0 < holdout < 1:
-            raise ValueError(f"cutouts: holdout must be in (0, 1), got {holdout}")
         self._classes = list(CATEGORIES)
         items: list[dict[str, Any]] = []
         self._left_out: dict[str, int] = {}

@@ -2,7 +2,7 @@
 
 64x64 RGBA images; caption = the emoji's Unicode name ("grinning face"), label = its category
 ("Smileys & Emotion", ...). The package is looked up in ``path=``, ``$LDMKIT_EMOJI_DIR``,
-``./.cache/npm/node_modules``, and ``npm root -g``.
+``./.cache/npm/node_modules``, and ``npm root -g`` (only in ``path=`` when it is given).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from ldmkit.data.errors import SourceNotFoundError
+from ldmkit.data.errors import DataError, SourceNotFoundError
 from ldmkit.data.sources.base import Source, SourceSample
 
 PACKAGE = "emoji-datasource-google"
@@ -25,10 +25,9 @@ PACKAGE = "emoji-datasource-google"
 EXCLUDED_CATEGORIES = {"Component"}
 
 
-def candidate_dirs(explicit: str | None = None) -> list[Path]:
+def candidate_dirs() -> list[Path]:
+    """Where the package is looked for when no path= is given, in order."""
     candidates = []
-    if explicit:
-        candidates.append(Path(explicit).expanduser())
     if os.environ.get("LDMKIT_EMOJI_DIR"):
         candidates.append(Path(os.environ["LDMKIT_EMOJI_DIR"]).expanduser())
     candidates.append(Path.cwd() / ".cache" / "npm" / "node_modules" / PACKAGE)
@@ -38,7 +37,7 @@ def candidate_dirs(explicit: str | None = None) -> list[Path]:
     if (repo_root / "pyproject.toml").is_file():
         candidates.append(repo_root / ".cache" / "npm" / "node_modules" / PACKAGE)
     npm = shutil.which("npm")
-    if npm and not explicit:
+    if npm:
         try:
             root = subprocess.run(
                 [npm, "root", "-g"], capture_output=True, text=True, timeout=20, check=True
@@ -50,15 +49,24 @@ def candidate_dirs(explicit: str | None = None) -> list[Path]:
     return candidates
 
 
+def is_package(directory: Path) -> bool:
+    return (directory / "emoji.json").is_file() and (directory / "img" / "google" / "64").is_dir()
+
+
 def find_package(explicit: str | None = None) -> Path:
-    candidates = candidate_dirs(explicit)
-    for directory in candidates:
-        if (directory / "emoji.json").is_file() and (directory / "img" / "google" / "64").is_dir():
-            return directory
+    """The package folder: ``explicit`` (path=) and no other when given, else the first of
+    :func:`candidate_dirs` that holds it."""
     if explicit:
+        directory = Path(explicit).expanduser()
+        if is_package(directory):
+            return directory
         raise SourceNotFoundError(
             f"emoji: {explicit} is not the {PACKAGE} package (no emoji.json + img/google/64/)"
         )
+    candidates = candidate_dirs()
+    for directory in candidates:
+        if is_package(directory):
+            return directory
     raise SourceNotFoundError(
         f"emoji: the npm package {PACKAGE} is not installed (looked in "
         f"{', '.join(str(c) for c in candidates)}). Install it with "
@@ -78,7 +86,16 @@ class Emoji(Source):
         super().__init__(**options)
         self.package = find_package(self.config["path"])
         self.image_dir = self.package / "img" / "google" / "64"
-        entries = json.loads((self.package / "emoji.json").read_text(encoding="utf-8"))
+        index = self.package / "emoji.json"
+        try:  # a hand-made or damaged copy of the package: one line naming the file
+            self._read_index(index)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DataError(
+                f"emoji: {index} is not {PACKAGE}'s emoji list ({type(exc).__name__}: {exc})"
+            ) from None
+
+    def _read_index(self, index: Path) -> None:
+        entries = json.loads(index.read_text(encoding="utf-8"))
         order_file = self.package / "categories.json"
         order = list(json.loads(order_file.read_text())) if order_file.is_file() else []
         categories = {e["category"] for e in entries} - EXCLUDED_CATEGORIES
@@ -126,8 +143,11 @@ class Emoji(Source):
         )
 
     def notes(self) -> list[str]:
-        package = json.loads((self.package / "package.json").read_text())
-        notes = [f"{PACKAGE} {package.get('version', '?')} from {self.package}"]
+        try:  # a copy of the package's files may lack it
+            version = json.loads((self.package / "package.json").read_text()).get("version", "?")
+        except (OSError, ValueError, AttributeError):
+            version = "?"
+        notes = [f"{PACKAGE} {version} from {self.package}"]
         if self._missing:
             notes.append(f"{self._missing} emoji listed without an image file were left out")
         return notes

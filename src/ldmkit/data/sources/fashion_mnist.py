@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ldmkit.config_checks import Boolean, Choice, Either
 from ldmkit.data.errors import DataError, SourceNotFoundError
 from ldmkit.data.sources.base import Source, SourceSample
 
@@ -33,15 +35,20 @@ FILES = {
 def read_idx(path: Path) -> np.ndarray:
     """Parse an IDX file (LeCun's MNIST format: magic 0x0000 08 <ndim>, big-endian dims)."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:  # a download cut short, or another file under the name
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"fashion_mnist: {path} is damaged: {exc}") from None
+    if len(raw) < 4 or len(raw) < 4 + 4 * raw[3]:
+        raise DataError(f"fashion_mnist: {path} is damaged: {len(raw)} bytes, too short for IDX")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file")
+        raise DataError(f"fashion_mnist: {path} is not an unsigned-byte IDX file")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
-        raise DataError(f"{path} is truncated: {data.size} bytes for shape {dims}")
+        raise DataError(f"fashion_mnist: {path} is truncated: {data.size} bytes for shape {dims}")
     return data.reshape(dims)
 
 
@@ -56,6 +63,7 @@ class FashionMNIST(Source):
     name = "fashion_mnist"
     description = "Fashion-MNIST, 28x28 grayscale, 10 classes (train 60k / test 10k)"
     options = {"path": None, "download": "auto"}
+    option_specs = {"download": Either(Boolean(), Choice("auto"))}
     has_captions = True  # the class name, for text-conditioning demos
     shuffle_items = False  # the IDX order is already class-mixed
 
@@ -77,7 +85,7 @@ class FashionMNIST(Source):
         if self._complete(debian):
             return debian
         download = self.config["download"]
-        if download in (True, "auto", "true"):
+        if download in (True, "auto"):
             try:
                 return self._download()
             except Exception as exc:  # offline, or torchvision's mirrors unreachable
@@ -120,6 +128,11 @@ class FashionMNIST(Source):
                 raise DataError(
                     f"fashion_mnist {split}: {len(images)} images but {len(labels)} labels "
                     f"in {self.directory}"
+                )
+            if labels.size and int(labels.max()) >= len(CLASSES):
+                raise DataError(
+                    f"fashion_mnist: {_find(self.directory, labels_stem)} has label "
+                    f"{int(labels.max())}; Fashion-MNIST has {len(CLASSES)} classes"
                 )
             self._arrays[split] = (images, labels)
         return self._arrays[split]

@@ -14,12 +14,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from ldmkit.config_checks import Integer
 from ldmkit.data.errors import DataError, SourceNotFoundError
 from ldmkit.data.sources.base import Source, SourceSample
 
@@ -43,9 +45,10 @@ class Candidate:
 
 
 def short_name(caption: str) -> str:
-    """ "A frog." -> "frog", "Earth. Our planet!" -> "earth" (scene captions list these)."""
+    """ "A frog." -> "frog", "Earth. Our planet!" -> "earth", 'A "Fuji" apple.' -> "fuji
+    apple" (scene captions list these)."""
     text = re.split(r"[.!?](?=\s+[A-Z]|\s*$)", caption.strip())[0]
-    text = text.strip(" \"'\u201c\u201d\u2018\u2019")
+    text = re.sub("[\"\u201c\u201d]", "", text).strip(" !?'\u2018\u2019")
     text = re.sub(r"^(a|an|the)\s+", "", text, flags=re.IGNORECASE)
     return text.lower() or caption
 
@@ -54,14 +57,17 @@ def _tuxpaint_candidates(path: str | None) -> list[Candidate]:
     from ldmkit.data.sources.tuxpaint import TuxPaint, stamp_caption
 
     stamps = TuxPaint(path=path, image_size=None, min_size=0)
-    return [
-        Candidate(
-            short_name(stamp_caption(p)), stamps._category(p), lambda p=p: stamps.load_cutout(p)
-        )
-        for p in stamps.items("train")
+    candidates = []
+    for p in stamps.items("train"):
         # scenes flip on their own; letters, signs and coins are not things in a scene
-        if not p.stem.endswith("_mirror") and stamps._category(p) != "symbols"
-    ]
+        if p.stem.endswith("_mirror") or stamps._category(p) == "symbols":
+            continue
+        try:
+            name = short_name(stamp_caption(p))
+        except ValueError:  # a description that is not UTF-8 names no class
+            continue
+        candidates.append(Candidate(name, stamps._category(p), partial(stamps.load_cutout, p)))
+    return candidates
 
 
 def _emoji_candidates(path: str | None) -> list[Candidate]:
@@ -128,6 +134,9 @@ def choose_cutouts(
 ) -> list[Cutout]:
     """Pick ``count`` cut-outs: the named ones, or a seeded draw spread over categories."""
     if names:
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:
+            raise DataError(f"semantic_scenes: objects= names {twice!r} twice")
         by_name = {c.name: c for c in candidates}
         missing = [n for n in names if n not in by_name]
         if missing:
@@ -229,6 +238,13 @@ class SemanticScenes(Source):
         "max_scale": 0.6,
         "seed": 0,
     }
+    option_specs = {
+        "num_classes": Integer(2, 256),
+        "num_samples": Integer(1),
+        "val_samples": Integer(0),
+        "image_size": Integer(1),
+        "max_objects": Integer(1),
+    }
     has_labels = False
     has_captions = True
     has_segmentation = True
@@ -239,8 +255,10 @@ class SemanticScenes(Source):
         cfg = self.config
         names = [n.strip() for n in str(cfg["objects"]).split(",")] if cfg["objects"] else None
         num_classes = len(names) + 1 if names else int(cfg["num_classes"])
-        if num_classes < 2 or num_classes > 256:
-            raise ValueError(f"semantic_scenes: num_classes must be in 2..256, got {num_classes}")
+        if num_classes > 256:
+            raise ValueError(
+                f"semantic_scenes: objects= names {num_classes - 1} cut-outs; at most 255"
+            )
         if not 0 < float(cfg["min_scale"]) <= float(cfg["max_scale"]) <= 1:
             raise ValueError("semantic_scenes: need 0 < min_scale <= max_scale <= 1")
         self.cutout_source, candidates = self._candidates(cfg["cutouts"], cfg["path"])
@@ -251,7 +269,9 @@ class SemanticScenes(Source):
     def _candidates(kind: str, path: str | None) -> tuple[str, list[Candidate]]:
         if kind == "auto":
             errors = []
-            for name in ("tuxpaint", "emoji"):
+            # any folder of PNGs passes for Tux Paint stamps: a path= is the emoji package
+            # when it holds one, and only the stamps' own place is looked up before the emoji
+            for name in ("emoji", "tuxpaint") if path else ("tuxpaint", "emoji"):
                 try:
                     return name, CUTOUT_SOURCES[name](path)
                 except SourceNotFoundError as exc:

@@ -14,6 +14,7 @@ from typing import Any
 
 from PIL import Image
 
+from ldmkit.config_checks import Integer
 from ldmkit.data.errors import SourceNotFoundError
 from ldmkit.data.sources.base import Source, SourceSample, fit_to_square
 
@@ -21,10 +22,17 @@ DEBIAN_DIR = "/usr/share/tuxpaint/stamps"
 
 
 def stamp_caption(png: Path) -> str:
+    """The stamp's English description; ``ValueError`` when its .txt is not UTF-8."""
     stem = png.stem[: -len("_mirror")] if png.stem.endswith("_mirror") else png.stem
     text = png.with_name(f"{stem}.txt")
     if text.is_file():
-        for line in text.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            content = text.read_text(encoding="utf-8-sig")  # a BOM is no part of the caption
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"its caption {text.name} is not UTF-8 ({exc.reason} at byte {exc.start})"
+            ) from None
+        for line in content.splitlines():
             if line.strip() and ".utf8=" not in line:
                 return line.strip()
     return stem.replace("_", " ").replace("-", " ")
@@ -48,6 +56,7 @@ class TuxPaint(Source):
     description = "Tux Paint stamps: RGBA cut-outs, caption = description, label = category"
     # min_size: leave out stamps whose longer side is smaller (they would only blur when scaled)
     options = {"path": None, "image_size": 128, "min_size": 32}
+    option_specs = {"min_size": Integer(0)}
     has_captions = True
 
     def __init__(self, **options: Any) -> None:
