@@ -79,3 +79,16 @@ def test_alpha_bar_before_the_first_step_is_one():
     assert schedule.alpha_bar(torch.tensor([-1, 0]), like).flatten().tolist() == pytest.approx(
         [1.0, float(schedule.alphas_cumprod[0])]
     )
+
+
+@pytest.mark.parametrize(("start", "end"), [(0.1, 2.0), (1.0, 0.02), (0.0, 0.02)])
+def test_betas_outside_the_open_unit_interval_are_refused(start, end):
+    """From Python too (the config schema names the key for composed configs): betas > 1 gave NaN samples."""
+    with pytest.raises(ValueError, match=r"linear_start and linear_end must be in \(0, 1\)"):
+        NoiseSchedule(kind="linear", timesteps=10, linear_start=start, linear_end=end)
+
+
+def test_a_schedule_builds_on_the_meta_device():
+    """Sizes are counted on the meta device (test_all_configs): the underflow check must not read values there."""
+    with torch.device("meta"):
+        assert NoiseSchedule(timesteps=10).alphas_cumprod.is_meta

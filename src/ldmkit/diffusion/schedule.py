@@ -88,7 +88,8 @@ class NoiseSchedule(nn.Module):
             kind, timesteps, linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s
         )
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
-        if not alphas_cumprod[-1] >= torch.finfo(torch.float32).tiny:  # sampling divides by its sqrt in float32
+        # sampling divides by its sqrt in float32 (a meta-device build, for sizes only, has no values)
+        if not alphas_cumprod.is_meta and not alphas_cumprod[-1] >= torch.finfo(torch.float32).tiny:
             raise ValueError(
                 f"alphas_cumprod falls to {alphas_cumprod[-1].item():.3g} by t={timesteps}: no signal is left "
                 "(float32 holds nothing below 1.2e-38); lower linear_start, linear_end or timesteps"

@@ -46,9 +46,11 @@ class DiagonalGaussianRegularizer(Regularizer):
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
         mean, logvar = self.split(h)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
-        # in float32: under CPU autocast the moments are bf16 and nothing upcasts exp / sum
-        # (CUDA's autocast does), where exp(logvar) - 1 - logvar cancels near the prior
-        kl = gaussian_kl(mean.float(), logvar.float()).mean()
+        # at least float32: under CPU autocast the moments are bf16 and nothing upcasts exp / sum
+        # (CUDA's autocast does), where exp(logvar) - 1 - logvar cancels near the prior;
+        # a float64 model keeps float64
+        wide = torch.promote_types(mean.dtype, torch.float32)
+        kl = gaussian_kl(mean.to(wide), logvar.to(wide)).mean()
         logs = {"kl": kl.detach(), "posterior_std": torch.exp(0.5 * logvar).mean().detach()}
         return z, self.kl_weight * kl, logs
 
