@@ -125,9 +125,9 @@ class BertConditioner(TextConditioner):
         """B x max_seq_len x n_embed hidden states of ``prompts``."""
         if self.tokenizer is None:
             raise TypeError("bert with use_tokenizer=false encodes token ids, not prompts (see token_ids)")
-        tokens, cut = self.tokenizer.encode(prompts, device=self.transformer.token_emb.weight.device)
+        tokens, cut, rows, spans = self.tokenizer.encode_with_spans(prompts, device=self.transformer.token_emb.weight.device)
         self.note_truncated(cut, self.max_seq_len)
-        self.note_unknown(prompts, *self.tokenizer.token_spans(prompts), self.tokenizer.unk_id)
+        self.note_unknown(prompts, rows, spans, self.tokenizer.unk_id)
         return self.transformer(tokens)
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:

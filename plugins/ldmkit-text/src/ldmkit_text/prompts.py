@@ -70,7 +70,6 @@ class TextConditioner(Conditioner):
                 stacklevel=3,
             )
 
-
     def note_unknown(
         self, prompts: Sequence[str], ids: Sequence[Sequence[int]], offsets: Sequence[Sequence[tuple[int, int]]], unk_id: int | None
     ) -> None:
@@ -78,16 +77,16 @@ class TextConditioner(Conditioner):
         prompt) hold ``unk_id``; warn the first time only, quoting the unknown text."""
         if unk_id is None:
             return
-        unknown = [
-            prompt[start:end] for prompt, row, spans in zip(prompts, ids, offsets, strict=True)
-            for token, (start, end) in zip(row, spans, strict=True) if token == unk_id
-        ]  # fmt: skip
         count = sum(unk_id in row for row in ids)
         if count <= 0:
             return
         self.unknown_prompts += count
         if not self._warned_unknown:
             self._warned_unknown = True
+            unknown = [
+                prompt[start:end] for prompt, row, spans in zip(prompts, ids, offsets, strict=True)
+                for token, (start, end) in zip(row, spans, strict=True) if token == unk_id
+            ]  # fmt: skip
             shown = ", ".join(repr(t) for t in dict.fromkeys(unknown[:8]))
             warnings.warn(
                 f"{type(self).__name__}: {count} prompt(s) in this batch hold text its vocabulary does not "

@@ -111,15 +111,18 @@ class WordPieceTokenizer:
     def encode(self, prompts: Sequence[str], *, device: str | torch.device | None = None) -> tuple[Tensor, int]:
         """``(ids, cut)``: B x max_length int64 ids (on ``device``, default the CPU) and how
         many prompts were truncated."""
-        encodings = self._tok.encode_batch(list(prompts))
-        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long, device=device or "cpu")
-        ids = ids.reshape(-1, self.max_length)
-        return ids, sum(bool(e.overflowing) for e in encodings)
+        ids, cut, _, _ = self.encode_with_spans(prompts, device=device)
+        return ids, cut
 
-    def token_spans(self, prompts: Sequence[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
-        """Each prompt's ids (before padding, cut as ``encode`` cuts) and their character spans."""
+    def encode_with_spans(
+        self, prompts: Sequence[str], *, device: str | torch.device | None = None
+    ) -> tuple[Tensor, int, list[list[int]], list[list[tuple[int, int]]]]:
+        """``encode``'s ``(ids, cut)``, then the same ids as lists (on no device) and each
+        token's character span in its prompt, all from the one tokenization."""
         encodings = self._tok.encode_batch(list(prompts))
-        return [e.ids for e in encodings], [e.offsets for e in encodings]
+        rows = [e.ids for e in encodings]
+        ids = torch.tensor(rows, dtype=torch.long, device=device or "cpu").reshape(-1, self.max_length)
+        return ids, sum(bool(e.overflowing) for e in encodings), rows, [e.offsets for e in encodings]
 
     @property
     def unk_id(self) -> int | None:
