@@ -196,7 +196,8 @@ class Pipeline(nn.Module):
         posterior (KL, ``encode_mode=sample``) draws from the samples' generator(s): sample i's
         latent depends on its own generator only, whatever the batch. Samples marked in
         ``unused`` (n bools: their latent is never read) get zeros and draw nothing, so their
-        generators stay where plain sampling has them."""
+        generators stay where plain sampling has them; with one generator (or none) that
+        holds only when all of them are unused, as the encode of the others draws from it."""
         if unused is not None and bool(unused.all()):
             return images.new_zeros(n, *self.first_stage.latent_shape(*images.shape[-2:]))
         if unused is not None and isinstance(generator, Sequence):

@@ -63,11 +63,7 @@ def randn_like(like: Tensor, generator: GeneratorArg = None) -> Tensor:
             like.shape, generator=generator, device=generator.device, dtype=torch.float32
         )
         return noise.to(device=like.device, dtype=like.dtype)
-    generators = list(generator)
-    if len(generators) != like.shape[0]:
-        raise ValueError(
-            f"got {len(generators)} generators for a batch of {like.shape[0]}: give one per sample"
-        )
+    generators = _one_per_sample(generator, like.shape[0])
     noise = torch.stack(
         [
             torch.randn(like.shape[1:], generator=g, device=g.device, dtype=torch.float32).to(
@@ -79,6 +75,13 @@ def randn_like(like: Tensor, generator: GeneratorArg = None) -> Tensor:
     return noise.to(like.dtype)
 
 
+def _one_per_sample(generator: Sequence[torch.Generator], n: int) -> list[torch.Generator]:
+    generators = list(generator)
+    if len(generators) != n:
+        raise ValueError(f"got {len(generators)} generators for a batch of {n}: give one per sample")
+    return generators
+
+
 def kept_noise(like: Tensor, generator: GeneratorArg, mask: Tensor) -> Tensor:
     """The noise that re-noises an inpainting's kept region (``randn_like``), drawn only for
     the samples whose ``mask`` keeps something: a sample that keeps nothing (an all-1 mask)
@@ -88,9 +91,7 @@ def kept_noise(like: Tensor, generator: GeneratorArg, mask: Tensor) -> Tensor:
     keeps = (mask.expand_as(like) < 1).flatten(1).any(1).tolist()
     if generator is None or isinstance(generator, torch.Generator):
         return randn_like(like, generator) if any(keeps) else torch.zeros_like(like)
-    generators = list(generator)
-    if len(generators) != like.shape[0]:
-        raise ValueError(f"got {len(generators)} generators for a batch of {like.shape[0]}: give one per sample")
+    generators = _one_per_sample(generator, like.shape[0])
     return torch.stack([
         randn_like(like[i : i + 1], [g])[0] if keep else torch.zeros_like(like[i])
         for i, (g, keep) in enumerate(zip(generators, keeps, strict=True))
