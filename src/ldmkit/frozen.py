@@ -47,6 +47,7 @@ __all__ = [
 
 FROZEN_FILE = "frozen.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+FILE_SUFFIXES = (".json", ".txt", ".model")  # a part's tokenizer and config files
 
 
 class FrozenReferenceError(LdmkitError, ValueError):
@@ -59,7 +60,7 @@ _digests: dict[tuple[str, float, int], str] = {}
 def weights_digest(source: str | Path) -> str:
     """sha256 over the weight files of ``source`` (a file, or a folder's files with a weight
     suffix, by relative name); cached per path, size and modification time."""
-    return _digest(Path(source), WEIGHT_SUFFIXES)
+    return _digest(Path(source), WEIGHT_SUFFIXES, lone_file=True)
 
 
 def files_digest(*sources: str | Path) -> str:
@@ -72,13 +73,12 @@ def files_digest(*sources: str | Path) -> str:
     return digest.hexdigest()
 
 
-FILE_SUFFIXES = (".json", ".txt", ".model")
-
-
-def _digest(path: Path, suffixes: tuple[str, ...]) -> str:
+def _digest(path: Path, suffixes: tuple[str, ...], *, lone_file: bool = False) -> str:
+    """sha256 over the files of ``path`` with one of ``suffixes``; ``lone_file``: a file
+    given as ``path`` counts whatever its suffix."""
     files: Iterable[Path]
     if path.is_file():
-        files = [path] if path.suffix in suffixes or suffixes is WEIGHT_SUFFIXES else []
+        files = [path] if lone_file or path.suffix in suffixes else []
     else:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
     digest = hashlib.sha256()
