@@ -4,7 +4,14 @@ raises (weights and checkpoints are read by the core and by the trainer)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+
+
+def first_few(items: Sequence[str], *, most: int = 3, sep: str = ", ") -> str:
+    """``a, b, c (and 4 more)``: the first ``most`` of ``items`` for a one-line message."""
+    more = f" (and {len(items) - most} more)" if len(items) > most else ""
+    return sep.join(items[:most]) + more
 
 
 class LdmkitError(Exception):

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ldmkit import frozen
 from ldmkit.checkpoint_layout import MODEL_FILE, resolve_checkpoint, unflatten_state
-from ldmkit.errors import CheckpointError, UnreadableWeightsError, WeightsError
+from ldmkit.errors import CheckpointError, UnreadableWeightsError, WeightsError, first_few
 from ldmkit.safetensors_io import read_safetensors
 
 __all__ = ["PICKLE_SUFFIXES", "WeightsError", "load_component_weights", "read_weights"]
@@ -120,7 +120,7 @@ def load_component_weights(module: nn.Module, source: str | os.PathLike, role: s
                 for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]  # fmt: skip
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if reshaped or missing or unexpected:
-        problems = [f"{reshaped[0]}" + (f" (and {len(reshaped) - 1} more)" if len(reshaped) > 1 else "")] if reshaped else []
+        problems = [first_few(reshaped, most=1)] if reshaped else []
         problems += [f"{what} {keys[:5]}" + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
                      for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]  # fmt: skip
         raise WeightsError(

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ldmkit.errors import ConfigError, WeightsError
+from ldmkit.errors import ConfigError, WeightsError, first_few
 from ldmkit.weights import read_weights
 
 __all__ = [
@@ -614,8 +614,7 @@ def load_converted(module: torch.nn.Module, state: dict[str, Tensor], where: str
     reshaped = [f"{k} is {list(v.shape)} there but {list(own[k].shape)} in the model"
                 for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]  # fmt: skip
     if reshaped:  # (torch's message is one line per tensor)
-        more = f" (and {len(reshaped) - 3} more)" if len(reshaped) > 3 else ""
-        raise WeightsError(f"{where} does not fit the model its config describes: {'; '.join(reshaped[:3])}{more}")
+        raise WeightsError(f"{where} does not fit the model its config describes: {first_few(reshaped, sep='; ')}")
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         def by_component(keys: list[str]) -> str:

@@ -72,7 +72,7 @@ from ldmkit.checkpoint_layout import (
     validate,
 )
 from ldmkit.config import refuse_interpolations
-from ldmkit.errors import CheckpointError
+from ldmkit.errors import CheckpointError, first_few
 from ldmkit.io import WriteError, _fsync_dir, follow_umask, process_is_gone, write_failure
 from ldmkit.safetensors_io import read_safetensors
 from ldmkit.training import distributed
@@ -448,7 +448,7 @@ def _load_sharded(checkpoint: Checkpoint, target: dict[str, Any]) -> None:
 def _load_module(module: nn.Module, tensors: dict[str, Tensor], source: Path, prefix: str) -> None:
     untrained = _averages_of_frozen(module, tensors)
     if untrained:  # e.g. bert's to_logits, trained by runs before ldmkit froze it
-        listed = _first_names(untrained)
+        listed = first_few(untrained)
         checkpoint = source if source.is_dir() else source.parent
         raise TrainingError(
             f"checkpoint {checkpoint} was written while {listed} were trained (its EMA averages "
@@ -461,17 +461,12 @@ def _load_module(module: nn.Module, tensors: dict[str, Tensor], source: Path, pr
         own = module.state_dict()
         missing, unexpected = [k for k in own if k not in tensors], [k for k in tensors if k not in own]
         what = "; ".join(
-            [f"missing {_first_names(missing)}"] * bool(missing) + [f"unexpected {_first_names(unexpected)}"] * bool(unexpected)
+            [f"missing {first_few(missing)}"] * bool(missing) + [f"unexpected {first_few(unexpected)}"] * bool(unexpected)
         ) or _one_line(err)
         raise TrainingError(
             f"checkpoint {source} does not fit the {prefix} built from the current config "
             f"(was the config changed since the run started?): {what}"
         ) from err
-
-
-def _first_names(names: list[str]) -> str:
-    """``a, b, c (and 4 more)``."""
-    return ", ".join(names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")
 
 
 # -- what changed in the config --------------------------------------------------------------
