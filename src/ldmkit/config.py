@@ -143,10 +143,9 @@ def experiment_writing(run_dir: str) -> str | None:
     """The experiment option whose ``run_dir`` is ``run_dir`` as written (searched in ldmkit's
     conf/ and the config roots of the last composition), None if none is: it names the
     command that trains a stage-1 run a stage-2 config reads."""
-    roots = [config_dir(), *(root_directory(r) for r in _plugin_roots)]
     wanted = os.path.normpath(run_dir)
-    for root in roots:
-        for path in sorted((root / "experiment").glob("*.yaml")) if root is not None else ():
+    for root in _config_roots():
+        for path in sorted((root / "experiment").glob("*.yaml")):
             try:
                 written = OmegaConf.load(path).get("run_dir")
             except Exception:  # noqa: BLE001 - a broken option is reported when it is composed
@@ -256,8 +255,7 @@ def _check_optional_choice(group: str, option: str | None) -> None:
     exist: a misspelled ``experiment=NAME`` would train the default config. Say so instead."""
     if option is None:
         return
-    roots = [config_dir(), *(root_directory(r) for r in _plugin_roots)]
-    if any(root is not None and (root / group / f"{option}.yaml").is_file() for root in roots):
+    if any((root / group / f"{option}.yaml").is_file() for root in _config_roots()):
         return
     raise ConfigError(
         f"unknown option {group}={option} (no {group}/{option}.yaml in ldmkit's conf/, an installed "
@@ -267,12 +265,17 @@ def _check_optional_choice(group: str, option: str | None) -> None:
 
 def _group_options(group: str) -> list[str]:
     """The options of ``group`` in ldmkit's conf/ and the config roots of this composition."""
-    roots = [config_dir(), *(root_directory(r) for r in _plugin_roots)]
     return sorted(
         {p.relative_to(root / group).with_suffix("").as_posix()
-         for root in roots if root is not None and (root / group).is_dir()
+         for root in _config_roots() if (root / group).is_dir()
          for p in (root / group).rglob("*.yaml")}
     )
+
+
+def _config_roots() -> list[Path]:
+    """ldmkit's conf/ and the config roots of the last composition that are folders here."""
+    roots = [config_dir(), *(root_directory(r) for r in _plugin_roots)]
+    return [root for root in roots if root is not None]
 
 
 def _refuse_bare_word(word: str) -> None:
