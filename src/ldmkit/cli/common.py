@@ -56,7 +56,6 @@ def _config_dir(value: str) -> str:
 
 
 def _compose(overrides: Sequence[str], print_config: bool, config_dirs: Sequence[str] = ()):
-
     from ldmkit.config import compose_config
 
     try:

@@ -244,12 +244,10 @@ def _clear_strays(out: Path, staging: Path) -> None:
     """Remove what killed preparations left in ``out``; another preparation's staging folder
     that is still locked (:func:`_locking`) means it is writing ``out`` now: an error."""
     strays = [s for s in out.glob(f"{STAGING}*") if s != staging]
-    for stray in strays:
+    for stray in strays if fcntl is not None else ():
         try:
-            fd = os.open(stray, os.O_RDONLY) if fcntl is not None else None
+            fd = os.open(stray, os.O_RDONLY)
         except OSError:  # gone already
-            continue
-        if fd is None:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

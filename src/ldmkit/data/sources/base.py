@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -150,8 +149,8 @@ def normalize_mode(image: Image.Image) -> Image.Image:
         elif image.mode == "F" and low >= 0.0 and high <= 1.0:
             top = 1.0
         else:
-            top = next(t for t in (255.0, 65535.0, 2.0**31 - 1, math.inf) if high <= t)
-            top = high if math.isinf(top) else top  # float beyond int32: its own maximum is white
+            # float beyond int32: its own maximum is white
+            top = next((t for t in (255.0, 65535.0, 2.0**31 - 1) if high <= t), high)
         return Image.fromarray(np.clip(array * (255.0 / top), 0, 255).round().astype("uint8"))
     return image.convert("RGB")
 
