@@ -164,6 +164,31 @@ def test_load_reports_missing_and_mismatched_files(toy, tmp_path):
         Pipeline.load(tmp_path / "b")
 
 
+def test_a_save_cut_short_between_weights_and_config_is_refused_on_load(toy, tmp_path, monkeypatch):
+    import ldmkit.pipeline as pipeline_module
+
+    folder = tmp_path / "ckpt"
+    ldmkit.compose(overrides=toy).save(folder)
+    other = ldmkit.compose(overrides=toy + ["sampler.steps=3"])  # same weight shapes, another config
+    real = pipeline_module.atomic_write_text
+
+    def crash_on_config(target, text):
+        if str(target).endswith("config.yaml"):
+            raise KeyboardInterrupt  # the process dies between the two files
+        return real(target, text)
+
+    monkeypatch.setattr(pipeline_module, "atomic_write_text", crash_on_config)
+    with pytest.raises(KeyboardInterrupt):
+        other.save(folder)
+    monkeypatch.undo()
+    # the new weights sit beside the old config: refused, naming the interrupted save
+    with pytest.raises(ConfigError, match=r"interrupted save.*\.save-incomplete"):
+        Pipeline.load(folder)
+    other.save(folder)  # saving again completes the folder
+    assert Pipeline.load(folder).sampler.steps == 3
+    assert not (folder / ".save-incomplete").exists()
+
+
 def test_component_checkpoint_key_loads_weights(toy, tmp_path):
     from safetensors.torch import save_file
 

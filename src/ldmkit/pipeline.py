@@ -35,6 +35,9 @@ from ldmkit.tiling import tiled_decode, tiled_encode
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
+# present while Pipeline.save replaces a folder's files: a crash between them leaves it, and
+# Pipeline.load refuses the folder rather than pair one save's weights with another's config
+SAVING_MARKER = ".save-incomplete"
 
 
 class Pipeline(nn.Module):
@@ -415,7 +418,9 @@ class Pipeline(nn.Module):
         custom tokenizer vocab; with ``embed_frozen`` a frozen encoder's config and tokenizer)
         are copied under ``files/`` and ``config.yaml`` names them relative to ``directory``
         (:mod:`ldmkit.pipeline_files`): the folder loads from any working directory.
-        Each file is replaced atomically: a crash leaves the previous checkpoint loadable.
+        Each file is replaced atomically, and the folder is marked while they are: a crash
+        midway leaves a folder that :meth:`load` refuses, naming the interrupted save, never
+        one save's weights beside another's config.
         """
         from safetensors.torch import save_file, save_model
 
@@ -431,6 +436,8 @@ class Pipeline(nn.Module):
                 raise ConfigError(f"cannot save this pipeline, no config rebuilds it: {err}") from None
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        marker = directory / SAVING_MARKER
+        atomic_write_text(marker, "Pipeline.save was replacing this folder's files and did not finish\n")
         parts = {} if embed_frozen else frozen.frozen_parts(self)
         manifest = directory / frozen.FROZEN_FILE
         if parts:
@@ -448,6 +455,7 @@ class Pipeline(nn.Module):
         # the files components read when built travel with it (ldmkit.pipeline_files)
         config = pipeline_files.bundle(self, self.config, directory, embed_frozen=embed_frozen)
         atomic_write_text(directory / CONFIG_FILE, OmegaConf.to_yaml(config, resolve=True))
+        marker.unlink()
         return directory
 
     @classmethod
@@ -515,6 +523,12 @@ class Pipeline(nn.Module):
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"checkpoint file missing: {path}{_not_a_pipeline_folder(directory)}")
+        for folder in dict.fromkeys((directory, weights_dir)):
+            if (folder / SAVING_MARKER).exists():
+                raise ConfigError(
+                    f"{folder} holds an interrupted save (it has {SAVING_MARKER}): its weights and "
+                    "config may come from two different pipelines. Save the pipeline there again"
+                )
         cfg = read_pipeline_config(config_path)
         references = frozen.read_manifest(weights_dir)
         try:
