@@ -420,6 +420,17 @@ def test_image_size_not_divisible_by_f_is_one_line_before_anything_is_written(
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize(
+    "overrides", [["stage=autoencoder", "trainer=autoencoder_tiny", "first_stage=kl_tiny"], ["stage=ldm", "trainer=ldm_tiny", "first_stage=kl_tiny"]]
+)
+def test_a_missing_dataset_is_one_line_before_the_run_folder_is_made(overrides, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, line = run_main(capsys, "train", *overrides, f"run_dir={run_dir}", f"data.path={tmp_path / 'none'}")
+    assert code == 1
+    assert line.startswith(f"no prepared dataset at {tmp_path / 'none'}")
+    assert not run_dir.exists()  # no half-made run folder (config.yaml, .lock) left behind
+
+
 # -- first_stage.checkpoint=PATH as docs/training.md writes it ------------------------------------
 def _options(group: str) -> list[str]:
     from ldmkit.config import config_dir

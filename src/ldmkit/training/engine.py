@@ -411,6 +411,13 @@ class Trainer(abc.ABC):
         # the files the components read, by absolute paths: the run resumes from any directory
         pipeline_files.absolute_paths(self.cfg, self.model_modules().values())
         self._check_image_size()
+        if self.data is None and self.state.latest() is None:
+            # a run from step 0 reads its dataset's manifest before it writes anything: a
+            # dataset that is not there leaves no half-made run folder (the lock removes the
+            # folder it made)
+            from ldmkit.data.loader import data_config, load_manifest
+
+            load_manifest(data_config(self.cfg.data))
         latest = self.state.resume(self)
         if self.is_main:
             with reporting_write_errors(self.run_dir):
