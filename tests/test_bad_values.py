@@ -136,6 +136,10 @@ TRAIN_CASES = [
             ("disc_ndf=0", "trainer.loss: disc_ndf must be >= 1, got 0"),
             ("disc_num_layers=0", "trainer.loss: disc_num_layers must be >= 1, got 0"),
             ("disc_loss=wgan", "trainer.loss: unknown disc_loss 'wgan'; expected one of ('hinge', 'vanilla')"),
+            # an image smaller than the discriminator's patches (2 layers: 12 px) with the
+            # adversarial term on within the run (autoencoder_tiny: disc_start 10 of 20 steps)
+            ("disc_num_layers=2 image_size=8",
+             "image_size=8 is smaller than the patch discriminator reads (12 px with trainer.loss.disc_num_layers=2)"),
             ("reduction=median", "trainer.loss: unknown reduction 'median'; expected one of ('mean', 'sum')"),
             ("lpips_trunk=alexnet", "trainer.loss: unknown LPIPS trunk 'alexnet'"),
             (
@@ -392,6 +396,11 @@ def test_an_unknown_label_name_through_the_console_script(tmp_path):
             "image_size=18 is not divisible by the downsample factor f=4 of first_stage=kl_tiny; "
             "use a multiple of 4 (e.g. 16 or 20)",
         ),
+        (  # no multiple below it to suggest (it said "e.g. 4 or 4")
+            ["stage=autoencoder", "trainer=autoencoder_tiny", "first_stage=kl_tiny", "image_size=2"],
+            "image_size=2 is not divisible by the downsample factor f=4 of first_stage=kl_tiny; "
+            "use a multiple of 4 (e.g. 4)",
+        ),
         (
             [
                 "stage=autoencoder",
@@ -429,6 +438,17 @@ def test_a_missing_dataset_is_one_line_before_the_run_folder_is_made(overrides, 
     assert code == 1
     assert line.startswith(f"no prepared dataset at {tmp_path / 'none'}")
     assert not run_dir.exists()  # no half-made run folder (config.yaml, .lock) left behind
+
+
+def test_a_disc_start_past_max_steps_is_said_once(tmp_path, capsys):
+    """autoencoder_tiny runs 20 steps; disc_start=20 never turns the adversarial term on."""
+    common = ["stage=autoencoder", "trainer=autoencoder_tiny", "first_stage=kl_tiny", "trainer.progress=true",
+              f"run_dir={tmp_path / 'run'}", f"data.path={tmp_path / 'none'}"]  # fmt: skip
+    note = "note: trainer.loss.disc_start=20 is not before trainer.max_steps=20: this run trains without"
+    for start, said in (("20", True), ("19", False)):
+        capsys.readouterr()
+        assert main(["train", *common, f"trainer.loss.disc_start={start}"]) == 1  # then: no dataset
+        assert (note.replace("=20 is", f"={start} is") in capsys.readouterr().err) is said
 
 
 # -- first_stage.checkpoint=PATH as docs/training.md writes it ------------------------------------

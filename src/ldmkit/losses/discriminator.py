@@ -19,6 +19,7 @@ class PatchDiscriminator(nn.Module):
         for name, value in (("disc_in_channels", in_channels), ("disc_ndf", ndf), ("disc_num_layers", num_layers)):
             if value < 1:  # named as trainer.loss calls them
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        self.num_layers = num_layers
         layers: list[nn.Module] = [nn.Conv2d(in_channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
         mult = 1
         for n in range(1, num_layers):
@@ -40,6 +41,22 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.main(x)
+
+    @property
+    def min_image_size(self) -> int:
+        """The smallest square image every conv of it can read (24 px at ``num_layers=3``):
+        each stride-2 conv halves the size and the two 4×4 stride-1 convs need 3 px left."""
+        convs = [m for m in self.main if isinstance(m, nn.Conv2d)]
+
+        def fits(size: int) -> bool:
+            for conv in convs:
+                (k, _), (s, _), (p, _) = conv.kernel_size, conv.stride, conv.padding
+                if size + 2 * p < k:
+                    return False
+                size = (size + 2 * p - k) // s + 1
+            return True
+
+        return next(size for size in range(1, 1 << 20) if fits(size))
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -4,14 +4,17 @@ loss's log-variance), one for the PatchGAN discriminator once ``disc_start`` is 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from ldmkit.compiling import compile_module
+from ldmkit.errors import ConfigError
 from ldmkit.training.batches import batch_images, to_unit
 from ldmkit.training.defaults import stage_only_keys
 from ldmkit.training.engine import (
@@ -140,6 +143,33 @@ class AutoencoderTrainer(Trainer):
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ae_model = DistributedDataParallel(self.ae_model, device_ids=ids)
             self.disc_model = DistributedDataParallel(self.disc_model, device_ids=ids)
+
+    def _check_image_size(self) -> None:
+        """The factor f's check, then the discriminator's: an image smaller than the patches
+        it reads would fail in the first step with the adversarial term; a ``disc_start``
+        past ``max_steps`` is said once, since that run never turns the term on."""
+        super()._check_image_size()
+        loss, max_steps = self.loss, int(self.options["max_steps"])
+        if loss.disc_factor <= 0:
+            return
+        if loss.disc_start >= max_steps:
+            if self.is_main and self.options["progress"]:
+                print(
+                    f"ldmkit train {self.stage}: note: trainer.loss.disc_start={loss.disc_start} is not before "
+                    f"trainer.max_steps={max_steps}: this run trains without the adversarial term",
+                    file=sys.stderr,
+                )
+            return
+        smallest = loss.discriminator.min_image_size
+        for key in ("image_size", "data.image_size") if self.data is None else ("image_size",):
+            size = OmegaConf.select(self.cfg, key, default=None)
+            if isinstance(size, int) and size < smallest:
+                layers = loss.discriminator.num_layers
+                raise ConfigError(
+                    f"{key}={size} is smaller than the patch discriminator reads ({smallest} px with "
+                    f"trainer.loss.disc_num_layers={layers}); use larger images, fewer "
+                    "trainer.loss.disc_num_layers, or trainer.loss.disc_factor=0"
+                )
 
     def model_modules(self) -> dict[str, nn.Module]:
         return {"first_stage": self.first_stage}

@@ -584,8 +584,8 @@ def check_image_sizes(cfg: Any, f: int, which: str, *, data: bool = True) -> Non
     for key in ["image_size"] + (["data.image_size"] if data else []):
         size = OmegaConf.select(cfg, key, default=None)
         if isinstance(size, int) and size % f:
-            smaller, larger = max(f, size // f * f), (size // f + 1) * f
+            nearest = [n for n in (size // f * f, (size // f + 1) * f) if n > 0]
             raise ConfigError(
                 f"{key}={size} is not divisible by the downsample factor f={f} of {which}; "
-                f"use a multiple of {f} (e.g. {smaller} or {larger})"
+                f"use a multiple of {f} (e.g. {' or '.join(map(str, nearest))})"
             )
