@@ -18,6 +18,7 @@ import torch
 
 from ldmkit.io import atomic_write_text, remove_stale_temporaries
 from ldmkit.losses import AutoencoderLoss
+from ldmkit.safetensors_io import read_safetensors
 from ldmkit.training.checkpoint import CheckpointManager, CheckpointWarning
 from ldmkit.training.engine import TrainingError
 from ldmkit.training.signals import EXIT_PREEMPTED, TrainingInterrupted
@@ -382,6 +383,21 @@ def test_changed_lr_and_max_steps_are_applied_and_named(shards, tmp_path, capsys
     assert [g["lr"] for g in state["optimizers"]["autoencoder"]["param_groups"]] == [0.0005]
     assert [g["lr"] for g in state["optimizers"]["discriminator"]["param_groups"]] == [0.002]
     assert "lr: 0.0005" in (run_dir / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("learn", ["true", "false"])
+def test_a_changed_logvar_init_is_said_to_be_ignored_and_is(learn, shards, tmp_path, capsys):
+    """loss.logvar is saved with the loss, learned or not: a resumed run keeps the checkpoint's
+    value, so a changed logvar_init must not be reported as applied."""
+    run_dir, learned = tmp_path / "run", f"trainer.loss.learn_logvar={learn}"
+    assert faults.train_in_process(faults.stage_args(1, shards, run_dir, "trainer.max_steps=2", learned)) == 0
+    capsys.readouterr()
+    args = faults.stage_args(1, shards, run_dir, "trainer.max_steps=3", learned, "trainer.loss.logvar_init=2.5")
+    assert faults.train_in_process(args) == 0
+    (note,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("ldmkit train: warning: resuming")]
+    assert "trainer.loss.logvar_init: 0.0 -> 2.5 (ignored: the checkpoint's value is kept)" in note
+    weights = read_safetensors(run_dir / "checkpoints" / "step_000000003" / "training.safetensors")
+    assert abs(float(weights["loss.logvar"])) < 0.1  # near its init 0, not 2.5
 
 
 @pytest.mark.parametrize(

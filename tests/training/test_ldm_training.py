@@ -120,6 +120,20 @@ def test_resume_refuses_what_the_checkpoint_cannot_hold_in_one_line(tmp_path, ke
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(("learn", "said"), [("true", "(ignored: the checkpoint's value is kept)"), ("false", "")])
+def test_a_changed_logvar_init_on_resume_is_said_as_it_is(tmp_path, learn, said):
+    """Learned, the log-variance is a saved parameter and keeps the checkpoint's value; fixed,
+    it is rebuilt from logvar_init and the change applies."""
+    from ldmkit.training.errors import TrainingWarning
+
+    learned = f"trainer.objective.learn_logvar={learn}"
+    train(tiny_cfg(tmp_path, "trainer.max_steps=2", learned), data=make_data())
+    with pytest.warns(TrainingWarning, match="resuming") as caught:
+        train(tiny_cfg(tmp_path, "trainer.max_steps=3", learned, "trainer.objective.logvar_init=1.5"), data=make_data())
+    (note,) = [str(w.message) for w in caught if "resuming" in str(w.message)]
+    assert f"trainer.objective.logvar_init: 0.0 -> 1.5{' ' + said if said else ';'}" in note + ";"
+
+
 def test_a_misspelt_nested_trainer_key_is_named(tmp_path):
     """trainer.ema.decy / trainer.lora.rnk were silently ignored (trainer.decy warned)."""
     with pytest.warns(UserWarning, match=r"trainer\.ema\.decy \(did you mean trainer\.ema\.decay\?\), trainer\.lora\.rnk \(did you mean trainer\.lora\.rank\?\) are not used by stage=ldm"):

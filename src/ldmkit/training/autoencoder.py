@@ -192,6 +192,10 @@ class AutoencoderTrainer(Trainer):
         # the checkpoint's too
         return ["first_stage", *(f"trainer.loss.{key}" for key in ("disc_ndf", "disc_num_layers", "learn_logvar"))]
 
+    def config_keys_kept_from_checkpoint(self) -> list[str]:
+        # loss.logvar is a parameter of the loss, saved with it, learned or not
+        return ["trainer.loss.logvar_init"]
+
     def training_step(self, batches: Sequence[Mapping[str, Any]], step: int) -> dict[str, Tensor]:
         """One step of both optimizers over its micro-batches: each micro-batch's generator
         and discriminator losses are accumulated, then each optimizer steps once."""

@@ -137,8 +137,9 @@ class Trainer(abc.ABC):
 
     Subclasses implement :meth:`build`, :meth:`model_modules`, :meth:`optimizers`,
     :meth:`training_step`; optionally :meth:`training_modules`, :meth:`generators`,
-    :meth:`hyperparameters`, :meth:`config_keys_that_must_match`, :meth:`make_loader`,
-    :meth:`before_training`, :meth:`validate` and :meth:`save_images`. :meth:`fit` runs (or
+    :meth:`hyperparameters`, :meth:`config_keys_that_must_match`,
+    :meth:`config_keys_kept_from_checkpoint`, :meth:`make_loader`, :meth:`before_training`,
+    :meth:`validate` and :meth:`save_images`. :meth:`fit` runs (or
     resumes) the loop and returns the run folder.
 
     Exact resume: a checkpoint holds the state after a step — weights, optimizers, the global
@@ -292,6 +293,11 @@ class Trainer(abc.ABC):
 
     def config_keys_that_must_match(self) -> list[str]:
         """Config keys that define the model: a resumed run refuses to change them."""
+        return []
+
+    def config_keys_kept_from_checkpoint(self) -> list[str]:
+        """Config keys whose value only starts a run (a learned parameter's init): a resumed
+        run keeps the checkpoint's value and says a change is ignored."""
         return []
 
     #: the model is sharded across the ranks (``trainer.strategy=fsdp``): every rank takes

@@ -243,6 +243,10 @@ class LDMTrainer(Trainer):
         return ["first_stage", "denoiser", "conditioner", "schedule", "scale_factor", "trainer.lora",
                 "trainer.objective.learn_logvar", "trainer.ema.enabled"]
 
+    def config_keys_kept_from_checkpoint(self) -> list[str]:
+        # a learned logvar is a saved parameter; a fixed one is rebuilt from logvar_init
+        return ["trainer.objective.logvar_init"] if self.step_module.objective.learn_logvar else []
+
     # -- data ------------------------------------------------------------------------------
     def make_loader(self, split: str, epoch: int) -> Iterable[Mapping[str, Any]]:
         """The train split from the latent cache (``trainer.latent_cache``, built in

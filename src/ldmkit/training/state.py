@@ -119,6 +119,7 @@ class StageParts(Protocol):
     def generators(self) -> dict[str, torch.Generator]: ...
     def hyperparameters(self) -> dict[str, dict[str, Any]]: ...
     def config_keys_that_must_match(self) -> list[str]: ...
+    def config_keys_kept_from_checkpoint(self) -> list[str]: ...
     def sharded_state(self) -> dict[str, Any] | None: ...
     def load_sharded_state(self, state: dict[str, Any]) -> None: ...
 
@@ -351,9 +352,12 @@ class TrainingState:
                 f"trainer settings can): restore those values, or start a new run_dir"
             )
         if changes:
+            kept = stage.config_keys_kept_from_checkpoint()
             listed = "; ".join(
                 f"{c} (ignored: the weights come from the checkpoint)"
                 if weights_only_key(c.key)
+                else f"{c} (ignored: the checkpoint's value is kept)"
+                if under(c.key, kept)
                 else str(c)
                 for c in changes
             )
