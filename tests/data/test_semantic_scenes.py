@@ -213,3 +213,23 @@ def test_objects_and_a_num_classes_that_disagree_is_an_error(tmp_path):
         manifest = read_manifest(tmp_path / "b")
         assert manifest.segmentation_classes == ["background", "red disc", "green tri"]
         assert manifest.options["num_classes"] == 3
+
+
+def test_a_semantic_map_takes_its_class_count_from_the_manifest(tmp_path):
+    """Before: ``${manifest:...}`` knew class labels only, so ``conditioner.num_classes`` of a
+    semantic map had to be written to match the ``num_classes`` the data was prepared with.
+    Now ``${manifest:num_segmentation_classes}`` reads it (``conditioner=semantic_map_manifest``),
+    and data without class maps is one line."""
+    from omegaconf import OmegaConf
+
+    from ldmkit.config import ConfigError, compose_config
+
+    make_cutouts(tmp_path / "cutouts")
+    prepare("semantic_scenes", tmp_path / "scenes", cutouts="folder", path=str(tmp_path / "cutouts"),
+            objects="red disc,green tri", num_samples=2, val_samples=0, image_size=16, progress=False)  # fmt: skip
+    cfg = compose_config(["data=semantic_scenes", f"data.path={tmp_path / 'scenes'}",
+                          "conditioner=semantic_map_manifest"])  # fmt: skip
+    assert OmegaConf.to_container(cfg.conditioner, resolve=True)["num_classes"] == 3
+    prepare("image_folder", tmp_path / "photos", path=str(tmp_path / "cutouts"), progress=False)
+    with pytest.raises(ConfigError, match=r"data.path=.*photos: the dataset has no class maps \(segmentation"):
+        compose_config(["data=image_folder", f"data.path={tmp_path / 'photos'}", "conditioner=semantic_map_manifest"])
