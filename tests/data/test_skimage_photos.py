@@ -65,6 +65,9 @@ def test_an_unknown_photo_and_a_missing_scikit_image_are_one_line(tmp_path):
         "ldmkit data prepare: skimage_photos: unknown photo 'lena'; the photos are: astronaut, brick, camera,"
     ), done.stderr
     assert len(done.stderr.splitlines()) == 1
+    for nothing in (None, "", []):  # `photos=` on the command line is None
+        with pytest.raises(ValueError, match="^skimage_photos: photos= names no photo; the photos are: astronaut,"):
+            prepare("skimage_photos", tmp_path / "a", photos=nothing, progress=False)
     hidden = "import sys; sys.modules['skimage'] = None; from ldmkit.cli import main; sys.exit(main(sys.argv[1:]))"
     done = subprocess.run([sys.executable, "-c", hidden, "data", "prepare", "skimage_photos", f"out={tmp_path / 'b'}"],
                           capture_output=True, text=True, timeout=120)  # fmt: skip

@@ -78,15 +78,13 @@ class SkimagePhotos(Source):
             ) from None
         self._data = skimage.data
         chosen = self.config["photos"]
-        if chosen == "all":
-            names = list(PHOTOS)
-        else:
-            names = [n.strip() for n in (chosen if isinstance(chosen, list) else str(chosen).split(","))]
+        listed = chosen if isinstance(chosen, list) else str(chosen or "").split(",")
+        names = list(PHOTOS) if chosen == "all" else [str(n).strip() for n in listed if str(n).strip()]
         unknown = [n for n in names if n not in PHOTOS]
         if unknown or not names:
+            problem = f"unknown photo {unknown[0]!r}" if unknown else "photos= names no photo"
             raise ValueError(
-                f"skimage_photos: unknown photo {unknown[0] if unknown else ''!r}; the photos are: "
-                f"{', '.join(sorted(PHOTOS))}"
+                f"skimage_photos: {problem}; the photos are: {', '.join(sorted(PHOTOS))} (or all)"
             )
         self._classes = sorted(set(names))
         self._photos: dict[str, np.ndarray] = {}
