@@ -53,11 +53,22 @@ def _prepared_folder(tmp_path) -> list[str]:
     return [f"data.path={tmp_path / 'data'}"]
 
 
+def _prepared_scenes(tmp_path) -> list[str]:
+    from ldmkit.data import prepare
+    from tests.data.test_semantic_scenes import make_cutouts
+
+    make_cutouts(tmp_path / "cutouts")
+    prepare("semantic_scenes", tmp_path / "scenes", cutouts="folder", path=str(tmp_path / "cutouts"),
+            num_classes=3, num_samples=1, val_samples=0, image_size=8, progress=False)  # fmt: skip
+    return [f"data.path={tmp_path / 'scenes'}"]
+
+
 # options with a mandatory local path (`???`) or reading the prepared data's manifest.json
 # (`${manifest:KEY}`): what the test fills in
 REQUIRED = {
     ("conditioner", "clip_text"): _tiny_clip,
     ("conditioner", "class_label_manifest"): _prepared_folder,
+    ("conditioner", "semantic_map_manifest"): _prepared_scenes,
     **{("experiment", option): _prepared_folder for group, option in OPTIONS
        if group == "experiment" and option.startswith("folder_")},
 }

@@ -383,6 +383,46 @@ def test_the_trainers_warnings_are_one_line_each(tmp_path):
     ]
 
 
+def test_the_default_val_split_is_the_datas_held_out_split(tmp_path):
+    """Before: the default ``trainer.val_split=test`` skipped validation on data prepared with
+    ``val_fraction`` (train + val), with a warning that said to prepare a val split. Now the
+    default, ``auto``, validates on ``val`` (else ``test``), without a word."""
+    import csv
+
+    from tests.training.faults import make_shards
+
+    shards, run = make_shards(tmp_path), tmp_path / "run"  # train + val
+    out = ldmkit("train", "stage=autoencoder", "first_stage=kl_tiny", "trainer=autoencoder_tiny",
+                 "data=image_folder", f"data.path={shards}", "image_size=16", "trainer.max_steps=1",
+                 "trainer.batch_size=2", "trainer.num_threads=1", "trainer.progress=false",
+                 "trainer.tensorboard=false", "trainer.sample_every=0", f"run_dir={run}")  # fmt: skip
+    assert (out.returncode, out.stderr) == (0, "")
+    with open(run / "metrics.csv") as f:
+        assert "val/psnr" in next(csv.reader(f))
+
+
+def test_auto_val_split_on_data_without_a_held_out_one_says_so_once(tmp_path):
+    """``auto`` on train-only data: no validation and one warning that names what the data has
+    (before: "trainer.val_split='test' is not in data", as if test had been asked for)."""
+    from ldmkit.config import compose_config
+    from ldmkit.data import prepare
+    from ldmkit.training.data import validation_split
+    from ldmkit.training.errors import TrainingWarning
+    from tests.data.conftest import make_image_folder
+
+    make_image_folder(tmp_path / "flat", per_class=1)
+    prepare("image_folder", tmp_path / "train_only", path=str(tmp_path / "flat"), progress=False)
+    cfg = compose_config(["data=image_folder", f"data.path={tmp_path / 'train_only'}"])
+    assert cfg.trainer.val_split == "auto"
+    with pytest.warns(TrainingWarning) as caught:
+        assert validation_split(cfg, "auto") is None
+    assert [str(w.message) for w in caught] == [
+        "data=image_folder has no held-out split (val or test; it has train): validation is skipped "
+        "and grids use training batches. Prepare it with val_fraction=... for a val split"
+    ]
+    assert validation_split(cfg, "auto", factory=True) == "test"  # a data factory: as before
+
+
 def test_a_run_dir_under_home_is_written_there_not_in_a_folder_named_tilde(tmp_path):
     """``run_dir="~/runs/ae"`` (quoted for Hydra): before, training wrote ./~/runs/ae, a
     folder named ``~`` in the working directory (``data.path`` and checkpoints expand it)."""

@@ -156,7 +156,7 @@ def experiment_writing(run_dir: str) -> str | None:
 
 
 # -- facts of the prepared dataset: ${manifest:KEY} -------------------------------------------
-MANIFEST_FACTS = ("num_classes", "class_names", "val_split", "channels")
+MANIFEST_FACTS = ("num_classes", "class_names", "num_segmentation_classes", "val_split", "channels")
 
 
 def _manifest_fact(key: str, *, _root_: DictConfig) -> Any:
@@ -185,6 +185,11 @@ def _manifest_fact(key: str, *, _root_: DictConfig) -> Any:
             f"data.path={path}: the dataset has no classes (class = first sub-folder of the images); "
             "sort the images into class folders and prepare again, or train without labels "
             "(experiment=folder_uncond or folder_text)"
+        )
+    if key == "num_segmentation_classes" and not facts[key]:
+        raise ConfigError(
+            f"data.path={path}: the dataset has no class maps (segmentation); prepare one that has "
+            "them (ldmkit data prepare semantic_scenes) or set conditioner.num_classes"
         )
     return facts[key]
 

@@ -197,3 +197,68 @@ def test_what_pil_warns_while_loading_names_the_file(tmp_path):
         "1 items were kept with a warning",
         f"train item {root}/dog/odd.jpg: Corrupt EXIF data.  Expecting to read 12 bytes but only got 10. ",
     ]
+
+
+def _sigkill_before_call(n: int) -> None:
+    """Make this process SIGKILL itself before its n-th ``os.replace`` or ``os.unlink``."""
+    import signal
+
+    calls = 0
+
+    def killing(call):
+        def wrapper(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            if calls == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return call(*args, **kwargs)
+
+        return wrapper
+
+    os.replace, os.unlink = killing(os.replace), killing(os.unlink)
+
+
+def test_a_rewrite_killed_before_any_rename_or_deletion_leaves_the_old_or_the_new_dataset(tmp_path):
+    """Before: the rewrite dropped the old splits from the manifest, deleted their shards, moved
+    the new ones in under the same names and only then wrote the new manifest: a process killed
+    in between left the split absent, or a manifest listing shards whose bytes had changed.
+    Here a real (forked) process is SIGKILLed before its n-th rename or deletion, for every n:
+    each time the folder holds the old dataset or the new one, whole, and the next preparation
+    leaves nothing but the new shards, under their plain names, and the manifest."""
+    import shutil
+
+    from ldmkit.data import read_manifest, verify
+
+    root = tmp_path / "images"
+    make_image_folder(root, per_class=3)  # 9 images
+    pristine = tmp_path / "pristine"
+    old = counts(prepare("image_folder", pristine, path=str(root), shard_size=2, progress=False))
+    for image in sorted(root.rglob("img_02.*")):  # the rewrite has 6 images, another shard count
+        image.unlink()
+    new = {"train": 6}
+    out = tmp_path / "out"
+    outcomes = []
+    for n in range(1, 100):
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(pristine, out)
+        pid = os.fork()
+        if pid == 0:  # the child
+            try:
+                _sigkill_before_call(n)
+                prepare("image_folder", out, path=str(root), shard_size=2, overwrite=True, progress=False)
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        killed = os.WIFSIGNALED(status)
+        state = counts(read_manifest(out))
+        assert state in (old, new), (n, state)
+        assert verify(out) == [], (n, verify(out))
+        outcomes.append(state == new)
+        if not killed:
+            break
+        prepare("image_folder", out, path=str(root), shard_size=2, overwrite=True, progress=False)
+        listed = {s.name for info in read_manifest(out).splits.values() for s in info.shards}
+        assert sorted(p.name for p in out.iterdir()) == sorted(listed | {"manifest.json"}), n
+    assert not killed and outcomes[0] is False and outcomes[-1] is True and len(outcomes) > 10
+    shards = [s.name for s in read_manifest(out).splits["train"].shards]
+    assert shards == sorted(p.name for p in out.glob("*.tar")) == [f"train-00000{i}.tar" for i in range(3)]

@@ -189,3 +189,47 @@ def test_an_object_named_twice_is_an_error(tmp_path):
     with pytest.raises(DataError, match="objects= names 'red disc' twice"):
         prepare("semantic_scenes", tmp_path / "o", cutouts="folder", path=str(tmp_path / "cutouts"),
                 objects="red disc,green tri,red disc", progress=False)  # fmt: skip
+
+
+def test_objects_and_a_num_classes_that_disagree_is_an_error(tmp_path):
+    """Before: ``objects=`` silently overrode ``num_classes`` (3 classes written where 8 were
+    asked for, and the manifest's options still said num_classes=8). Now a num_classes that
+    does not count the named objects plus the background is one line; one that does, or none,
+    prepares, and the manifest records the count written."""
+    make_cutouts(tmp_path / "cutouts")
+    options = [f"path={tmp_path / 'cutouts'}", "cutouts=folder", "objects=red disc,green tri",
+               "num_samples=2", "val_samples=0", "image_size=16", "progress=false"]  # fmt: skip
+    from tests.conftest import ldmkit_cli
+
+    out = ldmkit_cli("data", "prepare", "semantic_scenes", f"out={tmp_path / 'a'}", "num_classes=8", *options)
+    assert out.returncode == 2 and out.stderr.strip() == (  # a usage error, as other bad options
+        "ldmkit data prepare: semantic_scenes: objects= names 2 cut-outs (red disc, green tri), so "
+        "num_classes is 3 with the background, not 8; leave num_classes out or set it to 3"
+    ), out.stderr
+    assert not (tmp_path / "a").exists()
+    for given in ([], ["num_classes=3"]):
+        out = ldmkit_cli("data", "prepare", "semantic_scenes", f"out={tmp_path / 'b'}", "overwrite=true", *given, *options)
+        assert out.returncode == 0, out.stderr
+        manifest = read_manifest(tmp_path / "b")
+        assert manifest.segmentation_classes == ["background", "red disc", "green tri"]
+        assert manifest.options["num_classes"] == 3
+
+
+def test_a_semantic_map_takes_its_class_count_from_the_manifest(tmp_path):
+    """Before: ``${manifest:...}`` knew class labels only, so ``conditioner.num_classes`` of a
+    semantic map had to be written to match the ``num_classes`` the data was prepared with.
+    Now ``${manifest:num_segmentation_classes}`` reads it (``conditioner=semantic_map_manifest``),
+    and data without class maps is one line."""
+    from omegaconf import OmegaConf
+
+    from ldmkit.config import ConfigError, compose_config
+
+    make_cutouts(tmp_path / "cutouts")
+    prepare("semantic_scenes", tmp_path / "scenes", cutouts="folder", path=str(tmp_path / "cutouts"),
+            objects="red disc,green tri", num_samples=2, val_samples=0, image_size=16, progress=False)  # fmt: skip
+    cfg = compose_config(["data=semantic_scenes", f"data.path={tmp_path / 'scenes'}",
+                          "conditioner=semantic_map_manifest"])  # fmt: skip
+    assert OmegaConf.to_container(cfg.conditioner, resolve=True)["num_classes"] == 3
+    prepare("image_folder", tmp_path / "photos", path=str(tmp_path / "cutouts"), progress=False)
+    with pytest.raises(ConfigError, match=r"data.path=.*photos: the dataset has no class maps \(segmentation"):
+        compose_config(["data=image_folder", f"data.path={tmp_path / 'photos'}", "conditioner=semantic_map_manifest"])

@@ -28,7 +28,7 @@ from ldmkit.registry import RegistryError
 from tests.conftest import ldmkit_cli, make_distribution, pip_install_project
 
 BUILTIN = "plugin 'ldmkit.data.sources' (ldmkit 0.1.0)"
-FIRST_PARTY = ["cutouts", "emoji", "fashion_mnist", "image_folder", "semantic_scenes", "tuxpaint"]
+FIRST_PARTY = ["cutouts", "emoji", "fashion_mnist", "image_folder", "semantic_scenes", "skimage_photos", "tuxpaint"]
 
 CHECKERS_PLUGIN = '''
 from PIL import Image

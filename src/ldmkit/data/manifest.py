@@ -53,13 +53,15 @@ class Manifest:
 
     def facts(self) -> dict[str, Any]:
         """What a config reads from the dataset (``${manifest:KEY}``, docs/configuration.md):
-        ``num_classes`` and ``class_names`` (from ``classes``), ``val_split`` (``val`` if
-        prepared, else ``test``, else None: no validation) and ``channels`` (1 when every
-        image is gray, L or LA; else 3)."""
+        ``num_classes`` and ``class_names`` (from ``classes``), ``num_segmentation_classes``
+        (of the class maps, background included), ``val_split`` (``val`` if prepared, else
+        ``test``, else None: no validation) and ``channels`` (1 when every image is gray, L or
+        LA; else 3)."""
         held_out = [name for name in ("val", "test") if name in self.splits]
         return {
             "num_classes": len(self.classes),
             "class_names": list(self.classes),
+            "num_segmentation_classes": len(self.segmentation_classes),
             "val_split": held_out[0] if held_out else None,
             "channels": 1 if self.image_mode in ("L", "LA") else 3,
         }

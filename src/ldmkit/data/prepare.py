@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import json
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import warnings
@@ -148,16 +151,78 @@ def _check_kept_classes(manifest: Manifest, kept: list[str], src: Source) -> Non
             )
 
 
-def _drop_splits(out: Path, manifest: Manifest, splits: list[str]) -> None:
-    """Forget splits in the manifest first, then delete their shards: a crash in between leaves
-    orphan files, never a manifest that lists shards that are gone."""
-    if not splits:
-        return
-    dropped = {s: manifest.splits.pop(s) for s in splits}
+def _listed(manifest: Manifest | None) -> set[str]:
+    """The names of the shards ``manifest`` lists (none without one)."""
+    if manifest is None:
+        return set()
+    return {shard.name for info in manifest.splits.values() for shard in info.shards}
+
+
+def _shard_stem(split: str, in_use: set[str]) -> str:
+    """What the new shards of ``split`` are named after: the split (``train-000000.tar``), or,
+    while the manifest being replaced lists shards of that name, ``train.1`` (and so on): a
+    new shard never takes the name of an old one, so the old dataset stays whole until the new
+    manifest replaces it in one rename (:func:`_plain_names` renames them after)."""
+    for generation in itertools.count():
+        stem = split if generation == 0 else f"{split}.{generation}"
+        if not any(_shard_name(re.escape(stem)).fullmatch(name) for name in in_use):
+            return stem
+    raise AssertionError("unreachable")
+
+
+def _shard_name(stem: str) -> re.Pattern[str]:
+    """The names of the shards with the stem (a regular expression) ``stem``."""
+    return re.compile(stem + r"-\d{6}\.tar")
+
+
+def _clear_orphans(out: Path, listed: set[str], splits: set[str]) -> None:
+    """Delete the shards of ``splits`` in ``out`` (any stem, :func:`_shard_stem`) that the
+    manifest does not list: what a preparation killed while it replaced them left
+    (:func:`_commit`)."""
+    names = [_shard_name(re.escape(split) + r"(\.\d+)?") for split in splits]
+    for path in out.glob("*.tar"):
+        if path.name not in listed and any(name.fullmatch(path.name) for name in names):
+            path.unlink()
+
+
+def _commit(out: Path, staging: Path, written: _Written, new: Manifest, old_names: set[str]) -> Manifest:
+    """Move the staged shards into ``out`` (under names no shard of the old manifest has),
+    replace the manifest in one rename, and only then delete the old shards it no longer
+    lists: killed at any point, ``out`` holds the old dataset or the new one, whole (plus
+    unlisted shards, which the next preparation deletes). Returns the manifest written."""
+    for info in written.splits.values():
+        for shard in info.shards:
+            os.replace(staging / shard.name, out / shard.name)
+    write_manifest(out, new)
+    for name in sorted(old_names - _listed(new)):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    return _plain_names(out, new)
+
+
+def _plain_names(out: Path, manifest: Manifest) -> Manifest:
+    """Give shards written as ``train.1-NNNNNN.tar`` (:func:`_shard_stem`) their split's own
+    names back once the old shards are gone, the same way round: each hard-linked under its
+    plain name, the manifest replaced, then the other name deleted. On a file system without
+    hard links they keep the names they have."""
+    plain = {}
+    for split, info in manifest.splits.items():
+        for shard in info.shards:
+            if not _shard_name(re.escape(split)).fullmatch(shard.name):
+                plain[shard.name] = split + shard.name[shard.name.rindex("-") :]
+    try:
+        for name, target in plain.items():
+            os.link(out / name, out / target)
+    except OSError:
+        for target in plain.values():
+            (out / target).unlink(missing_ok=True)
+        return manifest
+    for info in manifest.splits.values():
+        info.shards = [dataclasses.replace(s, name=plain.get(s.name, s.name)) for s in info.shards]
     write_manifest(out, manifest)
-    for split in dropped.values():
-        for shard in split.shards:
-            (out / shard.name).unlink(missing_ok=True)
+    for name in plain:
+        (out / name).unlink()
+    return manifest
 
 
 def prepare(
@@ -202,11 +267,13 @@ def prepare(
             if "train" in plan and "val" not in src.splits and "val" not in plan:
                 replaced.append("val")  # an earlier val_fraction carved it out of this train
             old, dropped = _existing_manifest(out, source, replaced, overwrite)
+            old_names = _listed(old)
+            _clear_orphans(out, old_names, set(plan) | set(old.splits if old else ()))
             same_source = old is not None and old.source == source
             manifest = old if same_source else Manifest(source=source, fields=[], splits={})
             kept_splits = set(manifest.splits) - set(dropped) - set(plan)
             _check_kept_classes(manifest, sorted(kept_splits), src)
-            written = _write_splits(src, source, plan, staging, shard_size, progress)
+            written = _write_splits(src, source, plan, staging, shard_size, progress, old_names)
             kept = {name: info for name, info in manifest.splits.items() if name in kept_splits}
             options = {
                 "seed": seed, "limit": limit, "shard_size": shard_size,
@@ -217,14 +284,7 @@ def prepare(
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        if old is not None:
-            _drop_splits(out, old, dropped)
-        for info in written.splits.values():
-            for shard in info.shards:
-                os.replace(staging / shard.name, out / shard.name)
-        shutil.rmtree(staging, ignore_errors=True)
-        write_manifest(out, new)
-    return new
+        return _commit(out, staging, written, new, old_names)
 
 
 @contextlib.contextmanager
@@ -308,15 +368,16 @@ class _Written:
 
 def _write_splits(
     src: Source, source: str, plan: dict[str, list[Any]], folder: Path, shard_size: int | str,
-    progress: bool,
+    progress: bool, in_use: set[str],
 ) -> _Written:
-    """Each planned split as shards in ``folder``, and what its samples have in common."""
+    """Each planned split as shards in ``folder``, named apart from the shards ``in_use``
+    (:func:`_shard_stem`), and what its samples have in common."""
     written = _Written()
     fields: set[str] | None = None
     for split_name, items in plan.items():
         size = auto_shard_size(len(items)) if shard_size == "auto" else int(shard_size)
         count = 0
-        with ShardWriter(folder, split_name, size) as writer:
+        with ShardWriter(folder, split_name, size, stem=_shard_stem(split_name, in_use)) as writer:
             for index, item in enumerate(
                 tqdm(items, desc=f"{source} {split_name}", unit="img", disable=not progress)
             ):

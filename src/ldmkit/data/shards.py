@@ -58,18 +58,22 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 
 class ShardWriter:
-    """Writes samples to ``<out>/<split>-NNNNNN.tar``, ``shard_size`` samples per shard.
+    """Writes samples to ``<out>/<stem>-NNNNNN.tar`` (``stem``: the split's name unless
+    given), ``shard_size`` samples per shard.
 
     Each shard is written under a temporary name and renamed once closed, so an interrupted
     preparation never leaves a shard that looks complete. Tar headers carry a fixed mtime and
     owner, so the same samples give byte-identical shards (and checksums).
     """
 
-    def __init__(self, out_dir: str | os.PathLike, split: str, shard_size: int) -> None:
+    def __init__(
+        self, out_dir: str | os.PathLike, split: str, shard_size: int, *, stem: str | None = None
+    ) -> None:
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.out_dir = Path(out_dir)
         self.split = split
+        self.stem = stem or split
         self.shard_size = shard_size
         self.shards: list[ShardInfo] = []
         self._writer: wds.TarWriter | None = None
@@ -79,7 +83,7 @@ class ShardWriter:
         self._final: Path | None = None
 
     def _open(self) -> None:
-        name = SHARD_PATTERN.format(split=self.split, index=len(self.shards))
+        name = SHARD_PATTERN.format(split=self.stem, index=len(self.shards))
         self._final = self.out_dir / name
         self._tmp = self.out_dir / f".{name}.partial"
         self._file = open(self._tmp, "wb")

@@ -23,6 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from ldmkit.config import AUTO
 from ldmkit.training.errors import TrainingError, TrainingWarning
 from ldmkit.training.state import TrainingState
 
@@ -65,22 +66,39 @@ def data_label(cfg: DictConfig) -> str:
     return str(data.get("source", data)) if isinstance(data, Mapping | DictConfig) else str(data)
 
 
-def has_val_split(cfg: DictConfig, split: str) -> bool:
-    """Whether ``cfg.data`` has the validation split ``split``; warns once when it does not,
-    so a run on data without a held-out split trains on instead of failing at validation."""
+def validation_split(cfg: DictConfig, split: str, *, factory: bool = False) -> str | None:
+    """The split of ``cfg.data`` validation reads: ``split`` when the data has it; for
+    ``auto`` (the default), the data's held-out split (``val``, else ``test``). None when
+    there is none, with one warning, so a run on data without it trains on instead of
+    failing at validation. A ``data(split, epoch)`` factory (``factory``) has no manifest:
+    it is asked for ``split``, ``test`` for ``auto``."""
     from ldmkit.data.loader import data_config, load_manifest
 
+    if factory:
+        return "test" if split == AUTO else split
+
     _, manifest = load_manifest(data_config(cfg.data))
+    has = ", ".join(sorted(manifest.splits))
+    if split == AUTO:
+        held_out = manifest.facts()["val_split"]
+        if held_out is None:
+            warnings.warn(
+                f"data={data_label(cfg)} has no held-out split (val or test; it has {has}): validation "
+                "is skipped and grids use training batches. Prepare it with val_fraction=... for a val split",
+                TrainingWarning,
+                stacklevel=3,
+            )
+        return held_out
     if split in manifest.splits:
-        return True
+        return split
     warnings.warn(
-        f"trainer.val_split={split!r} is not in data={data_label(cfg)} (it has "
-        f"{', '.join(sorted(manifest.splits))}); validation is skipped and grids use training batches. "
-        "Prepare the data with val_fraction=... or set trainer.val_split",
+        f"trainer.val_split={split!r} is not in data={data_label(cfg)} (it has {has}); validation is "
+        "skipped and grids use training batches. Prepare the data with val_fraction=... or set "
+        "trainer.val_split",
         TrainingWarning,
         stacklevel=3,
     )
-    return False
+    return None
 
 
 def first_batches(loader: Iterable[Batch], limit: int) -> list[Batch]:

@@ -343,8 +343,10 @@ class Trainer(abc.ABC):
         """The first ``val_batches`` batches of ``val_split``, loaded once and kept."""
         if self._val_batches is None:
             split, limit = self.options["val_split"], int(self.options["val_batches"])  # null: no validation
-            wanted = limit > 0 and split is not None and (self.data is not None or _data.has_val_split(self.cfg, split))
-            self._val_batches = _data.first_batches(self.make_loader(str(split), 0), limit) if wanted else []
+            if limit > 0 and split is not None:
+                split = _data.validation_split(self.cfg, split, factory=self.data is not None)
+            wanted = limit > 0 and split is not None
+            self._val_batches = _data.first_batches(self.make_loader(split, 0), limit) if wanted else []
         return self._val_batches
 
     # -- checks and collectives a stage uses ----------------------------------------------

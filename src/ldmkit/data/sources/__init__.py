@@ -18,11 +18,12 @@ from ldmkit.data.sources.emoji import Emoji
 from ldmkit.data.sources.fashion_mnist import FashionMNIST
 from ldmkit.data.sources.image_folder import ImageFolder
 from ldmkit.data.sources.semantic_scenes import SemanticScenes
+from ldmkit.data.sources.skimage_photos import SkimagePhotos
 from ldmkit.data.sources.tuxpaint import TuxPaint
 from ldmkit.hookspecs import hookimpl
 
 BUILTIN_SOURCES: tuple[type[Source], ...] = (
-    FashionMNIST, ImageFolder, Emoji, TuxPaint, SemanticScenes, Cutouts,
+    FashionMNIST, ImageFolder, Emoji, TuxPaint, SemanticScenes, Cutouts, SkimagePhotos,
 )  # fmt: skip
 
 

@@ -259,6 +259,13 @@ class SemanticScenes(Source):
             raise ValueError(
                 f"semantic_scenes: objects= names {num_classes - 1} cut-outs; at most 255"
             )
+        if names and "num_classes" in options and int(options["num_classes"]) != num_classes:
+            raise ValueError(
+                f"semantic_scenes: objects= names {len(names)} cut-outs ({', '.join(names)}), so "
+                f"num_classes is {num_classes} with the background, not {options['num_classes']}; "
+                f"leave num_classes out or set it to {num_classes}"
+            )
+        cfg["num_classes"] = num_classes  # what the manifest's options record
         if not 0 < float(cfg["min_scale"]) <= float(cfg["max_scale"]) <= 1:
             raise ValueError("semantic_scenes: need 0 < min_scale <= max_scale <= 1")
         self.cutout_source, candidates = self._candidates(cfg["cutouts"], cfg["path"])
