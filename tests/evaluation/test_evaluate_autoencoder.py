@@ -201,3 +201,32 @@ def test_an_ldm_run_is_scored_by_its_first_stage_and_the_report_says_so(trained_
                               f"stage (trained in {trained_run}), not its samples")
     assert "note" not in on_first
 
+
+
+def test_the_default_split_is_the_datas_held_out_one(trained_run, tmp_path):
+    """eval.split=auto (the default) reads the data's val split, else its test split, as
+    trainer.val_split does; it read `test` and stopped on data prepared with a val split only."""
+    from ldmkit.data import prepare
+    from tests.data.conftest import make_image_folder
+
+    make_image_folder(tmp_path / "photos", per_class=4, size=(16, 16))
+    out = tmp_path / "shards"
+    prepare("image_folder", out, path=str(tmp_path / "photos"), val_fraction=0.25, progress=False)
+    options = [f"run_dir={trained_run}", "data=image_folder", f"data.path={out}", "image_size=16",
+               "eval.fid_features=none", "eval.lpips=false", f"eval.output={tmp_path / 'r.json'}"]  # fmt: skip
+    report = evaluate(compose_config(["stage=autoencoder", *options]))
+    assert report["split"] == "val" and report["num_images"] == 3  # a quarter of the 12 images
+    assert evaluate(compose_config(["stage=autoencoder", *options, "eval.split=train"]))["num_images"] == 9
+
+
+def test_data_without_a_held_out_split_is_one_line_for_auto(trained_run, tmp_path):
+    from ldmkit.config import ConfigError
+    from ldmkit.data import prepare
+    from tests.data.conftest import make_image_folder
+
+    make_image_folder(tmp_path / "photos", per_class=2, size=(16, 16))
+    prepare("image_folder", tmp_path / "shards", path=str(tmp_path / "photos"), progress=False)  # train only
+    cfg = compose_config(["stage=autoencoder", f"run_dir={trained_run}", "data=image_folder",
+                          f"data.path={tmp_path / 'shards'}", "image_size=16"])
+    with pytest.raises(ConfigError, match=r"^eval\.split is auto: the data has no held-out split \(val or test\)"):
+        evaluate(cfg)

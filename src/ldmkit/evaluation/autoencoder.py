@@ -24,7 +24,7 @@ from ldmkit.io import atomic_write_text, check_writable
 
 EVAL_DEFAULTS: dict[str, Any] = {
     "checkpoint": None,  # a checkpoint folder or a run folder (default: cfg.run_dir's latest)
-    "split": "test",
+    "split": "auto",  # auto: the data's held-out split (val, else test), as trainer.val_split
     "batch_size": 100,
     "max_images": None,  # null: the whole split
     "lpips": "auto",  # auto (when the VGG weights exist) | true | false
@@ -195,9 +195,21 @@ def evaluate_autoencoder(
                               f"(trained in {saved.first_stage.get('checkpoint') or 'that run'}), not its samples")
     else:
         first_stage = first_stage.to(device).eval()
+    requested = options["split"]
+    if requested == "auto":  # a data(split, epoch) factory has no manifest: its test split
+        if data is not None:
+            options["split"] = "test"
+        else:
+            from ldmkit.data.errors import SourceNotFoundError
+            from ldmkit.data.loader import data_config, load_manifest
+
+            try:
+                options["split"] = load_manifest(data_config(cfg.data))[1].facts()["val_split"]
+            except SourceNotFoundError as err:
+                raise _missing_data(err, cfg, saved if checkpoint is not None else None) from None
     if options["split"] is None:  # ${manifest:val_split} of data prepared without a held-out split
         raise ConfigError(
-            "eval.split is null: the data has no held-out split (val or test); prepare it with "
+            f"eval.split is {requested or 'null'}: the data has no held-out split (val or test); prepare it with "
             "val_fraction=0.05 (ldmkit data prepare ... val_fraction=0.05 overwrite=true) or set eval.split=train"
         )
     split = str(options["split"])
@@ -218,13 +230,7 @@ def evaluate_autoencoder(
             batches = build_dataloader(cfg.data, batch_size=int(options["batch_size"]), split=split,
                                        num_workers=int(options["num_workers"]), seed=int(cfg.get("seed", 0)))
         except SourceNotFoundError as err:
-            trained_on = _other_data(cfg, saved) if checkpoint is not None else None
-            if trained_on is None:
-                raise
-            raise SourceNotFoundError(
-                f"{err}; the run was trained on {trained_on}: evaluate reads the data its command "
-                f"line gives, so repeat the run's data overrides (or its experiment=)"
-            ) from None
+            raise _missing_data(err, cfg, saved if checkpoint is not None else None) from None
     lpips_model, lpips_note = _lpips_model(options["lpips"], device)
     feature_model, feature_note = _feature_model(options, device)
     # an encoder that samples (KL with encode_mode=sample) draws from the run's seed: the same
@@ -249,6 +255,20 @@ def evaluate_autoencoder(
         atomic_write_text(output, json.dumps(report, indent=2) + "\n")
         report["output"] = str(output)
     return report
+
+
+def _missing_data(err: Exception, cfg: Any, saved: Any) -> Exception:
+    """``err`` (no prepared dataset), saying which data the run was trained on when the
+    command line names other data (``saved``: the run's config, None without a run)."""
+    from ldmkit.data.errors import SourceNotFoundError
+
+    trained_on = _other_data(cfg, saved) if saved is not None else None
+    if trained_on is None:
+        return err
+    return SourceNotFoundError(
+        f"{err}; the run was trained on {trained_on}: evaluate reads the data its command "
+        f"line gives, so repeat the run's data overrides (or its experiment=)"
+    )
 
 
 def _other_data(cfg: Any, saved: DictConfig) -> str | None:
