@@ -34,6 +34,7 @@ BUILTIN_REGISTERS = {
             "fashion_mnist",
             "image_folder",
             "semantic_scenes",
+            "skimage_photos",
             "tuxpaint",
         ]
     },
@@ -305,6 +306,6 @@ def test_stages_and_data_sources_are_listed_per_plugin(site):
     assert stages.split()[1:5] == ["ldmkit", "0.1.0", "stage:", "autoencoder,"]
     sources = next(line for line in lines if line.startswith("ldmkit.data.sources "))
     assert (
-        "data_source: cutouts, emoji, fashion_mnist, image_folder, semantic_scenes, tuxpaint"
+        "data_source: cutouts, emoji, fashion_mnist, image_folder, semantic_scenes, skimage_photos, tuxpaint"
         in sources
     )
