@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ldmkit.diffusion import SPACINGS, NoiseSchedule, timestep_pairs
+from ldmkit.diffusion import SPACINGS, DiscreteSampler, NoiseSchedule, SigmaSampler, timestep_pairs
 
 
 def timesteps(steps: int, spacing: str, T: int = 1000) -> list[int]:
@@ -70,8 +70,16 @@ def test_samplers_take_spacing_as_an_option():
 
 
 # -- the sigma samplers' noise levels: k-diffusion's grids ----------------------------------
-SIGMA_SAMPLERS = ("EulerSampler", "EulerAncestralSampler", "HeunSampler", "DPMSolverPP2MSampler")
-DISCRETE_SAMPLERS = ("DDIMSampler", "DDPMSampler", "PLMSSampler")
+def _first_party(base: type) -> tuple[str, ...]:
+    import ldmkit_samplers
+
+    return tuple(
+        n for n in ldmkit_samplers.__all__ if issubclass(getattr(ldmkit_samplers, n), base)
+    )
+
+
+SIGMA_SAMPLERS = _first_party(SigmaSampler)
+DISCRETE_SAMPLERS = _first_party(DiscreteSampler)
 
 
 def sampler(name: str, **kwargs):

@@ -6,6 +6,7 @@ from ldmkit_samplers.dpmpp_2m import DPMSolverPP2MSampler
 from ldmkit_samplers.euler import EulerSampler
 from ldmkit_samplers.euler_ancestral import EulerAncestralSampler
 from ldmkit_samplers.heun import HeunSampler
+from ldmkit_samplers.lms import LMSSampler
 from ldmkit_samplers.plms import PLMSSampler
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "EulerAncestralSampler",
     "EulerSampler",
     "HeunSampler",
+    "LMSSampler",
     "PLMSSampler",
 ]

@@ -16,6 +16,7 @@ def ldmkit_register_samplers(register):
     register("euler", samplers.EulerSampler)
     register("euler_ancestral", samplers.EulerAncestralSampler)
     register("heun", samplers.HeunSampler)
+    register("lms", samplers.LMSSampler)
 
 
 @ldmkit.hookimpl
