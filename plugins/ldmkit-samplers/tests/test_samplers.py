@@ -17,6 +17,7 @@ from ldmkit_samplers import (
     DDIMSampler,
     DDPMSampler,
     DPMSolverPP2MSampler,
+    DPMSolverPP2MSDESampler,
     EulerAncestralSampler,
     EulerSampler,
     HeunSampler,
@@ -76,6 +77,30 @@ class TestDPMSolverPP2M(SamplerConformance):
 
     def make_sampler(self):
         return DPMSolverPP2MSampler(steps=self.steps)
+
+
+class TestDPMSolverPP2MSDE(SamplerConformance):
+    def make_sampler(self):
+        return DPMSolverPP2MSDESampler(steps=self.steps)
+
+
+class TestDPMSolverPP2MSDEHeunKarras(SamplerConformance):
+    def make_sampler(self):
+        return DPMSolverPP2MSDESampler(steps=self.steps, solver_type="heun", spacing="karras")
+
+
+class TestDPMSolverPP2MSDEAtEtaZero(SamplerConformance):
+    expected_order = 2
+
+    def make_sampler(self):
+        return DPMSolverPP2MSDESampler(steps=self.steps, eta=0.0)
+
+
+class TestDPMSolverPP2MSDEHeunAtEtaZero(SamplerConformance):
+    expected_order = 2
+
+    def make_sampler(self):
+        return DPMSolverPP2MSDESampler(steps=self.steps, eta=0.0, solver_type="heun")
 
 
 class TestLMS(SamplerConformance):
@@ -144,6 +169,10 @@ def test_bad_arguments_are_rejected():
             DDIMSampler(eta=eta)
         with pytest.raises(ValueError, match=f"eta must be a finite number >= 0, got {eta}"):
             EulerAncestralSampler(eta=eta)
+        with pytest.raises(ValueError, match=f"eta must be a finite number >= 0, got {eta}"):
+            DPMSolverPP2MSDESampler(eta=eta)
+    with pytest.raises(ValueError, match="solver_type must be 'midpoint' or 'heun', got 'euler'"):
+        DPMSolverPP2MSDESampler(solver_type="euler")
     for order in (0, 2.5, True):
         with pytest.raises(ValueError, match=f"order must be an integer >= 1, got {order}"):
             LMSSampler(order=order)
@@ -185,10 +214,22 @@ class LMSWithoutHistory(LMSSampler):
         super().__init__(order=1)
 
 
+class DPMSolverSDEWithoutHistory(DPMSolverPP2MSDESampler):
+    """A broken DPM-Solver++(2M) SDE at eta = 0: the history is never kept (first order)."""
+
+    def __init__(self):
+        super().__init__(eta=0.0, solver_type="heun")
+
+    def step(self, s):
+        s.state.clear()
+        return super().step(s)
+
+
 IMPOSTORS = {  # a broken sampler: the order its real one is checked at
     HeunWithoutCorrector(): TestHeun.expected_order,
     DPMSolverWithoutHistory(): TestDPMSolverPP2M.expected_order,
     LMSWithoutHistory(): TestLMS.expected_order,
+    DPMSolverSDEWithoutHistory(): TestDPMSolverPP2MSDEHeunAtEtaZero.expected_order,
 }
 
 
@@ -238,6 +279,19 @@ def test_lms_of_order_one_is_euler():
     torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
+def test_dpmpp_2m_sde_at_eta_zero_is_dpmpp_2m():
+    """With no noise the SDE solver's midpoint form is DPM-Solver++(2M), step for step."""
+    schedule = NoiseSchedule()
+    denoise = gaussian_denoiser(schedule, 0.3, 0.7)
+    noise = torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for spacing in ("linspace", "quad", "karras"):
+        a = DPMSolverPP2MSDESampler(steps=12, eta=0.0, spacing=spacing).sample(
+            denoise, schedule, noise, generator=torch.Generator().manual_seed(1)
+        )
+        b = DPMSolverPP2MSampler(steps=12, spacing=spacing).sample(denoise, schedule, noise)
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
 def test_dpmpp_2m_equals_algorithm_2_in_vp_form():
     """DPM-Solver++(2M) as Lu et al. 2022 write Algorithm 2, in the VP variables
     ``z = alpha x0 + s eps`` with ``lambda = log(alpha / s)`` and data prediction x0(z, t):
@@ -281,6 +335,7 @@ EVALUATIONS = {  # denoiser calls for `steps` steps, ending clean (the docs' tab
     HeunSampler: lambda n: 2 * n - 1,
     DPMSolverPP2MSampler: lambda n: n,
     LMSSampler: lambda n: n,
+    DPMSolverPP2MSDESampler: lambda n: n,
 }
 
 
@@ -376,6 +431,18 @@ def test_karras_chains_equal_kdiffusions(cls):
 KDIFFUSION_KARRAS_10_MORE = {
     "sample_lms": (lambda: LMSSampler(steps=10, spacing="karras"), None,
                    [-0.7080300975855057, 0.15382903898356534, 0.5516101789385212, 1.4797661721667512]),
+    "sample_dpmpp_2m_sde eta=0.0": (
+        lambda: DPMSolverPP2MSDESampler(steps=10, eta=0.0, spacing="karras"), None,
+        [-0.8236858053428942, 0.1370582044713553, 0.5804785166933166, 1.6151259118778933]),
+    "sample_dpmpp_2m_sde eta=0.0 solver_type='heun'": (
+        lambda: DPMSolverPP2MSDESampler(steps=10, eta=0.0, solver_type="heun", spacing="karras"),
+        None, [-0.8670263762437609, 0.13077353805637928, 0.5912965754256749, 1.6658503292873643]),
+    "sample_dpmpp_2m_sde eta=1.0": (
+        lambda: DPMSolverPP2MSDESampler(steps=10, eta=1.0, spacing="karras"), 0,
+        [-0.08092610555572456, 1.5363012289740317, -0.4017788651569373, -0.15478990165551226]),
+    "sample_dpmpp_2m_sde eta=0.5 solver_type='heun'": (
+        lambda: DPMSolverPP2MSDESampler(steps=10, eta=0.5, solver_type="heun", spacing="karras"),
+        1, [1.1884840253920022, -1.4431464622884227, 0.2861054961750062, 0.9123853062786909]),
 }  # fmt: skip
 
 

@@ -3,6 +3,7 @@
 from ldmkit_samplers.ddim import DDIMSampler
 from ldmkit_samplers.ddpm import DDPMSampler
 from ldmkit_samplers.dpmpp_2m import DPMSolverPP2MSampler
+from ldmkit_samplers.dpmpp_2m_sde import DPMSolverPP2MSDESampler
 from ldmkit_samplers.euler import EulerSampler
 from ldmkit_samplers.euler_ancestral import EulerAncestralSampler
 from ldmkit_samplers.heun import HeunSampler
@@ -13,6 +14,7 @@ __all__ = [
     "DDIMSampler",
     "DDPMSampler",
     "DPMSolverPP2MSampler",
+    "DPMSolverPP2MSDESampler",
     "EulerAncestralSampler",
     "EulerSampler",
     "HeunSampler",

@@ -13,6 +13,7 @@ def ldmkit_register_samplers(register):
     register("ddim", samplers.DDIMSampler)
     register("plms", samplers.PLMSSampler)
     register("dpmpp_2m", samplers.DPMSolverPP2MSampler)
+    register("dpmpp_2m_sde", samplers.DPMSolverPP2MSDESampler)
     register("euler", samplers.EulerSampler)
     register("euler_ancestral", samplers.EulerAncestralSampler)
     register("heun", samplers.HeunSampler)
