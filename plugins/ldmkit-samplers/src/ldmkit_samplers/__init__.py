@@ -4,6 +4,7 @@ from ldmkit_samplers.ddim import DDIMSampler
 from ldmkit_samplers.ddpm import DDPMSampler
 from ldmkit_samplers.dpmpp_2m import DPMSolverPP2MSampler
 from ldmkit_samplers.dpmpp_2m_sde import DPMSolverPP2MSDESampler
+from ldmkit_samplers.dpmpp_2s_ancestral import DPMSolverPP2SAncestralSampler
 from ldmkit_samplers.euler import EulerSampler
 from ldmkit_samplers.euler_ancestral import EulerAncestralSampler
 from ldmkit_samplers.heun import HeunSampler
@@ -15,6 +16,7 @@ __all__ = [
     "DDPMSampler",
     "DPMSolverPP2MSampler",
     "DPMSolverPP2MSDESampler",
+    "DPMSolverPP2SAncestralSampler",
     "EulerAncestralSampler",
     "EulerSampler",
     "HeunSampler",

@@ -14,6 +14,7 @@ def ldmkit_register_samplers(register):
     register("plms", samplers.PLMSSampler)
     register("dpmpp_2m", samplers.DPMSolverPP2MSampler)
     register("dpmpp_2m_sde", samplers.DPMSolverPP2MSDESampler)
+    register("dpmpp_2s_ancestral", samplers.DPMSolverPP2SAncestralSampler)
     register("euler", samplers.EulerSampler)
     register("euler_ancestral", samplers.EulerAncestralSampler)
     register("heun", samplers.HeunSampler)
