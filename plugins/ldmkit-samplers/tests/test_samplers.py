@@ -16,6 +16,7 @@ from ldmkit.testing.conformance import gaussian_denoiser
 from ldmkit_samplers import (
     DDIMSampler,
     DDPMSampler,
+    DPM2Sampler,
     DPMSolverPP2MSampler,
     DPMSolverPP2MSDESampler,
     DPMSolverPP2SAncestralSampler,
@@ -119,6 +120,18 @@ class TestDPMSolverPP2SAtEtaZero(SamplerConformance):
 
     def make_sampler(self):
         return DPMSolverPP2SAncestralSampler(steps=self.steps, eta=0.0)
+
+
+class TestDPM2(SamplerConformance):
+    expected_order = 2
+
+    def make_sampler(self):
+        return DPM2Sampler(steps=self.steps)
+
+
+class TestDPM2Karras(SamplerConformance):
+    def make_sampler(self):
+        return DPM2Sampler(steps=self.steps, spacing="karras")
 
 
 class TestLMS(SamplerConformance):
@@ -257,12 +270,20 @@ class DPMSolver2SWithoutMidpoint(DPMSolverPP2SAncestralSampler):
         return (s.sigma_next / s.sigma) * s.x + (1 - s.sigma_next / s.sigma) * s.denoised
 
 
+class DPM2WithoutMidpoint(DPM2Sampler):
+    """A broken DPM-Solver-2: the slope at the midpoint is never evaluated (Euler)."""
+
+    def step(self, s):
+        return s.x + (s.sigma_next - s.sigma) * (s.x - s.denoised) / s.sigma
+
+
 IMPOSTORS = {  # a broken sampler: the order its real one is checked at
     HeunWithoutCorrector(): TestHeun.expected_order,
     DPMSolverWithoutHistory(): TestDPMSolverPP2M.expected_order,
     LMSWithoutHistory(): TestLMS.expected_order,
     DPMSolverSDEWithoutHistory(): TestDPMSolverPP2MSDEHeunAtEtaZero.expected_order,
     DPMSolver2SWithoutMidpoint(): TestDPMSolverPP2SAtEtaZero.expected_order,
+    DPM2WithoutMidpoint(): TestDPM2.expected_order,
 }
 
 
@@ -370,6 +391,7 @@ EVALUATIONS = {  # denoiser calls for `steps` steps, ending clean (the docs' tab
     LMSSampler: lambda n: n,
     DPMSolverPP2MSDESampler: lambda n: n,
     DPMSolverPP2SAncestralSampler: lambda n: 2 * n - 1,
+    DPM2Sampler: lambda n: 2 * n - 1,
 }
 
 
@@ -483,6 +505,8 @@ KDIFFUSION_KARRAS_10_MORE = {
     "sample_dpmpp_2s_ancestral eta=1.0": (
         lambda: DPMSolverPP2SAncestralSampler(steps=10, eta=1.0, spacing="karras"), 2,
         [0.032269762840908614, -0.8103653239841813, 0.7847976742890955, -0.4341830677470434]),
+    "sample_dpm_2": (lambda: DPM2Sampler(steps=10, spacing="karras"), None,
+                     [-0.8029911633698109, 0.14005906298970922, 0.5753130136171802, 1.5909055650812791]),
 }  # fmt: skip
 
 

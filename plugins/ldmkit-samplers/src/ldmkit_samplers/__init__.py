@@ -2,6 +2,7 @@
 
 from ldmkit_samplers.ddim import DDIMSampler
 from ldmkit_samplers.ddpm import DDPMSampler
+from ldmkit_samplers.dpm_2 import DPM2Sampler
 from ldmkit_samplers.dpmpp_2m import DPMSolverPP2MSampler
 from ldmkit_samplers.dpmpp_2m_sde import DPMSolverPP2MSDESampler
 from ldmkit_samplers.dpmpp_2s_ancestral import DPMSolverPP2SAncestralSampler
@@ -14,6 +15,7 @@ from ldmkit_samplers.plms import PLMSSampler
 __all__ = [
     "DDIMSampler",
     "DDPMSampler",
+    "DPM2Sampler",
     "DPMSolverPP2MSampler",
     "DPMSolverPP2MSDESampler",
     "DPMSolverPP2SAncestralSampler",
