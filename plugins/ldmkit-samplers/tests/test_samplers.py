@@ -16,6 +16,7 @@ from ldmkit.testing.conformance import gaussian_denoiser
 from ldmkit_samplers import (
     DDIMSampler,
     DDPMSampler,
+    DPM2AncestralSampler,
     DPM2Sampler,
     DPMSolverPP2MSampler,
     DPMSolverPP2MSDESampler,
@@ -134,6 +135,16 @@ class TestDPM2Karras(SamplerConformance):
         return DPM2Sampler(steps=self.steps, spacing="karras")
 
 
+class TestDPM2Ancestral(SamplerConformance):
+    def make_sampler(self):
+        return DPM2AncestralSampler(steps=self.steps)
+
+
+class TestDPM2AncestralKarras(SamplerConformance):
+    def make_sampler(self):
+        return DPM2AncestralSampler(steps=self.steps, spacing="karras")
+
+
 class TestLMS(SamplerConformance):
     # order-4 steps after an Euler, an order-2 and an order-3 one: the Euler start caps the
     # global order at 2 as the steps shrink; measured 2.86 at 10-40 steps (2.57 with order=3)
@@ -204,6 +215,8 @@ def test_bad_arguments_are_rejected():
             DPMSolverPP2MSDESampler(eta=eta)
         with pytest.raises(ValueError, match=f"eta must be a finite number >= 0, got {eta}"):
             DPMSolverPP2SAncestralSampler(eta=eta)
+        with pytest.raises(ValueError, match=f"eta must be a finite number >= 0, got {eta}"):
+            DPM2AncestralSampler(eta=eta)
     with pytest.raises(ValueError, match="solver_type must be 'midpoint' or 'heun', got 'euler'"):
         DPMSolverPP2MSDESampler(solver_type="euler")
     for order in (0, 2.5, True):
@@ -346,6 +359,22 @@ def test_dpmpp_2m_sde_at_eta_zero_is_dpmpp_2m():
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
+def test_dpm_2_ancestral_keeps_the_noise_level_where_eta_sends_sigma_down_to_zero():
+    """eta = 3 makes sigma_up = sigma_next (sigma_down = 0) before the last step: that step
+    ends at D(x; sigma) plus sigma_next of fresh noise (k-diffusion's sample_dpm_2_ancestral
+    adds none there and leaves the chain noiseless at sigma_next)."""
+    schedule = NoiseSchedule()
+    noise = torch.zeros(4096, 1, 1, 1)  # x_T = 0: D is one value, so the spread is the noise's
+    first: list[dict] = []
+    DPM2AncestralSampler(steps=2, eta=3.0, spacing="karras").sample(
+        gaussian_denoiser(schedule, 0.3, 0.7), schedule, noise, callback=first.append,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    sigma_next = DPM2AncestralSampler(steps=2, spacing="karras").sigmas(schedule)[1]
+    x = first[0]["z"] * math.sqrt(1 + sigma_next**2)
+    assert x.std().item() == pytest.approx(sigma_next, rel=0.05)
+
+
 def test_dpmpp_2m_equals_algorithm_2_in_vp_form():
     """DPM-Solver++(2M) as Lu et al. 2022 write Algorithm 2, in the VP variables
     ``z = alpha x0 + s eps`` with ``lambda = log(alpha / s)`` and data prediction x0(z, t):
@@ -392,6 +421,7 @@ EVALUATIONS = {  # denoiser calls for `steps` steps, ending clean (the docs' tab
     DPMSolverPP2MSDESampler: lambda n: n,
     DPMSolverPP2SAncestralSampler: lambda n: 2 * n - 1,
     DPM2Sampler: lambda n: 2 * n - 1,
+    DPM2AncestralSampler: lambda n: 2 * n - 1,
 }
 
 
@@ -507,6 +537,12 @@ KDIFFUSION_KARRAS_10_MORE = {
         [0.032269762840908614, -0.8103653239841813, 0.7847976742890955, -0.4341830677470434]),
     "sample_dpm_2": (lambda: DPM2Sampler(steps=10, spacing="karras"), None,
                      [-0.8029911633698109, 0.14005906298970922, 0.5753130136171802, 1.5909055650812791]),
+    "sample_dpm_2_ancestral eta=0.0": (
+        lambda: DPM2AncestralSampler(steps=10, eta=0.0, spacing="karras"), None,
+        [-0.8029911633698109, 0.14005906298970922, 0.5753130136171802, 1.5909055650812791]),
+    "sample_dpm_2_ancestral eta=1.0": (
+        lambda: DPM2AncestralSampler(steps=10, eta=1.0, spacing="karras"), 3,
+        [-0.4636048602732034, 0.4717018596037454, 1.043514686230677, 0.9898175848194358]),
 }  # fmt: skip
 
 

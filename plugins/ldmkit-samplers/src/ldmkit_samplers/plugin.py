@@ -12,6 +12,7 @@ def ldmkit_register_samplers(register):
     register("ddpm", samplers.DDPMSampler)
     register("ddim", samplers.DDIMSampler)
     register("dpm_2", samplers.DPM2Sampler)
+    register("dpm_2_ancestral", samplers.DPM2AncestralSampler)
     register("plms", samplers.PLMSSampler)
     register("dpmpp_2m", samplers.DPMSolverPP2MSampler)
     register("dpmpp_2m_sde", samplers.DPMSolverPP2MSDESampler)
