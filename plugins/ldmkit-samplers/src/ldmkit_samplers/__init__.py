@@ -7,6 +7,7 @@ from ldmkit_samplers.dpm_2_ancestral import DPM2AncestralSampler
 from ldmkit_samplers.dpmpp_2m import DPMSolverPP2MSampler
 from ldmkit_samplers.dpmpp_2m_sde import DPMSolverPP2MSDESampler
 from ldmkit_samplers.dpmpp_2s_ancestral import DPMSolverPP2SAncestralSampler
+from ldmkit_samplers.dpmpp_3m_sde import DPMSolverPP3MSDESampler
 from ldmkit_samplers.euler import EulerSampler
 from ldmkit_samplers.euler_ancestral import EulerAncestralSampler
 from ldmkit_samplers.heun import HeunSampler
@@ -21,6 +22,7 @@ __all__ = [
     "DPMSolverPP2MSampler",
     "DPMSolverPP2MSDESampler",
     "DPMSolverPP2SAncestralSampler",
+    "DPMSolverPP3MSDESampler",
     "EulerAncestralSampler",
     "EulerSampler",
     "HeunSampler",

@@ -17,6 +17,7 @@ def ldmkit_register_samplers(register):
     register("dpmpp_2m", samplers.DPMSolverPP2MSampler)
     register("dpmpp_2m_sde", samplers.DPMSolverPP2MSDESampler)
     register("dpmpp_2s_ancestral", samplers.DPMSolverPP2SAncestralSampler)
+    register("dpmpp_3m_sde", samplers.DPMSolverPP3MSDESampler)
     register("euler", samplers.EulerSampler)
     register("euler_ancestral", samplers.EulerAncestralSampler)
     register("heun", samplers.HeunSampler)
