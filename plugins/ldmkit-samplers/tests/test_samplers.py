@@ -88,9 +88,9 @@ class TestDPMSolverPP2MSDE(SamplerConformance):
         return DPMSolverPP2MSDESampler(steps=self.steps)
 
 
-class TestDPMSolverPP2MSDEHeunKarras(SamplerConformance):
+class TestDPMSolverPP2MSDEHeunExponential(SamplerConformance):
     def make_sampler(self):
-        return DPMSolverPP2MSDESampler(steps=self.steps, solver_type="heun", spacing="karras")
+        return DPMSolverPP2MSDESampler(steps=self.steps, solver_type="heun", spacing="exponential")
 
 
 class TestDPMSolverPP2MSDEAtEtaZero(SamplerConformance):
@@ -407,7 +407,7 @@ def test_dpm_2_ancestral_keeps_the_noise_level_where_eta_sends_sigma_down_to_zer
     assert x.std().item() == pytest.approx(sigma_next, rel=0.05)
 
 
-@pytest.mark.parametrize("cls", [DPMSolverPP3MSDESampler])
+@pytest.mark.parametrize("cls", [DPMSolverPP2MSDESampler, DPMSolverPP3MSDESampler])
 def test_sde_samplers_default_to_a_grid_they_sample_well_on(cls):
     """On ``linspace`` the multistep SDE samplers amplify their own noise (20 steps: std 1.3
     for dpmpp_3m_sde, 0.44 for dpmpp_2m_sde, of data with std 0.3); their defaults must not."""

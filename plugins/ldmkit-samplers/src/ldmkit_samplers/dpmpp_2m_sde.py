@@ -32,11 +32,15 @@ SOLVER_TYPES = ("midpoint", "heun")
 
 class DPMSolverPP2MSDESampler(SigmaSampler):
     """Stochastic for ``eta > 0`` (deterministic, second order, at ``eta = 0``); one denoiser
-    evaluation per step. Default spacing: ``linspace``.
+    evaluation per step. Default spacing: ``karras`` (on ``linspace``, whose steps in
+    ``lambda`` grow a hundredfold towards sigma_min, the multistep term amplifies the noise:
+    20 steps give N(0.5, 0.3^2) data a std of 0.44, ``karras`` 0.31).
 
     :param eta: scales the noise of the SDE (1: the reverse SDE, 0: the probability-flow ODE).
     :param solver_type: ``midpoint`` or ``heun``: how the multistep correction is weighted.
     """
+
+    default_spacing = "karras"
 
     def __init__(
         self,
