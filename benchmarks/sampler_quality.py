@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SAMPLERS = ["ddim", "plms", "dpmpp_2m", "euler"]
+SAMPLERS = ["ddim", "plms", "dpmpp_2m", "euler", "lms", "dpmpp_2m_sde", "dpmpp_2s_ancestral", "dpm_2", "dpm_2_ancestral", "dpmpp_3m_sde"]
 STEPS = [5, 10, 20, 50]
 
 

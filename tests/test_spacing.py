@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ldmkit.diffusion import SPACINGS, NoiseSchedule, timestep_pairs
+from ldmkit.diffusion import SPACINGS, DiscreteSampler, NoiseSchedule, SigmaSampler, timestep_pairs
 
 
 def timesteps(steps: int, spacing: str, T: int = 1000) -> list[int]:
@@ -70,8 +70,16 @@ def test_samplers_take_spacing_as_an_option():
 
 
 # -- the sigma samplers' noise levels: k-diffusion's grids ----------------------------------
-SIGMA_SAMPLERS = ("EulerSampler", "EulerAncestralSampler", "HeunSampler", "DPMSolverPP2MSampler")
-DISCRETE_SAMPLERS = ("DDIMSampler", "DDPMSampler", "PLMSSampler")
+def _first_party(base: type) -> tuple[str, ...]:
+    import ldmkit_samplers
+
+    return tuple(
+        n for n in ldmkit_samplers.__all__ if issubclass(getattr(ldmkit_samplers, n), base)
+    )
+
+
+SIGMA_SAMPLERS = _first_party(SigmaSampler)
+DISCRETE_SAMPLERS = _first_party(DiscreteSampler)
 
 
 def sampler(name: str, **kwargs):
@@ -99,7 +107,7 @@ def test_sigma_samplers_linspace_is_kdiffusions_get_sigmas(name, steps):
     """999 / (S - 1) is not whole for 7, 20 or 50 steps: rounding the timesteps would move
     every inner level off k-diffusion's grid (at 20 steps by up to 0.5 of a timestep)."""
     schedule = NoiseSchedule()
-    got = sampler(name, steps=steps).sigmas(schedule)
+    got = sampler(name, steps=steps, spacing="linspace").sigmas(schedule)
     np.testing.assert_allclose(got, kdiffusion_get_sigmas(schedule, steps), rtol=1e-12, atol=0)
 
 

@@ -18,6 +18,13 @@ from torch import Tensor
 from ldmkit.diffusion import SigmaSampler, SigmaStep
 
 
+def check_eta(eta: float) -> float:
+    """``eta``, or a one-line ``ValueError``: NaN passed ``eta < 0`` and made NaN images."""
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+    return eta
+
+
 def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
     """``(sigma_down, sigma_up)`` for an ancestral step from ``sigma`` to ``sigma_next``."""
     if eta == 0 or sigma_next == 0:
@@ -43,9 +50,7 @@ class EulerAncestralSampler(SigmaSampler):
         quantize: bool = False,
     ) -> None:
         super().__init__(steps=steps, spacing=spacing, quantize=quantize)
-        if not (math.isfinite(eta) and eta >= 0):  # nan passed `eta < 0`: NaN images
-            raise ValueError(f"eta must be a finite number >= 0, got {eta}")
-        self.eta = eta
+        self.eta = check_eta(eta)
 
     def step(self, s: SigmaStep) -> Tensor:
         sigma_down, sigma_up = ancestral_step(s.sigma, s.sigma_next, self.eta)
