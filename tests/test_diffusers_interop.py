@@ -887,3 +887,29 @@ def test_a_unet_option_that_changes_the_function_but_no_weight_is_named(key, val
     edit_json(tmp_path / "d" / "unet" / "config.json", **{key: value})
     with pytest.raises(diffusers_format.ConversionError, match=rf"unet/config.json \(UNet2DConditionModel\): {key}="):
         Pipeline.from_diffusers(tmp_path / "d")
+
+
+@pytest.mark.parametrize(("sampler", "spacing", "written"), [("ddim", "quad", "paper"), ("euler", "karras", "linspace")])
+def test_a_spacing_ddim_lacks_exports_the_nearest_one_and_says_so(sampler, spacing, written, tmp_path):
+    """DDIMScheduler has no quad or sigma grid: the export is written with the nearest
+    spacing it has, says so, and ldmkit.json keeps the sampler for the way back."""
+    from ldmkit.interop.diffusers.scheduler import SPACING_TO_DDIM
+
+    pipe = tiny_kl_pipeline(f"sampler={sampler}", f"sampler.spacing={spacing}")
+    with pytest.warns(diffusers_format.ConversionWarning,
+                      match=rf"sampler.spacing='{spacing}' has no DDIMScheduler counterpart: scheduler/ .*'{written}'"):  # fmt: skip
+        out = pipe.to_diffusers(tmp_path / "d")
+    written_config = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    ddim = (written_config["timestep_spacing"], written_config["steps_offset"], written_config["set_alpha_to_one"])
+    assert ddim == SPACING_TO_DDIM[written]
+    assert Pipeline.from_diffusers(out).config.sampler == pipe.config.sampler
+
+
+def test_convert_to_diffusers_of_a_quad_spacing_writes_the_folder_with_one_warning_line(tmp_path):
+    tiny_kl_pipeline("sampler.spacing=quad").save(tmp_path / "ldm")
+    result = ldmkit_cli("convert", "to-diffusers", str(tmp_path / "ldm"), "--out", str(tmp_path / "d"))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "ConversionWarning" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if "sampler.spacing" in line]
+    assert len(lines) == 1 and lines[0].startswith("ldmkit convert: warning: sampler.spacing='quad'"), result.stderr
+    assert (tmp_path / "d" / "model_index.json").is_file()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -114,7 +116,8 @@ def _convert_diffusers(args: argparse.Namespace) -> int:
 
     try:
         if args.source == "to-diffusers":
-            with _phases(4, "to-diffusers") as bar:
+            with _phases(4, "to-diffusers") as bar, warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", diffusers_format.ConversionWarning)
                 bar.set_postfix_str(f"loading {args.pipeline}")
                 pipeline = Pipeline.load(args.pipeline)
                 bar.update(1)
@@ -124,6 +127,11 @@ def _convert_diffusers(args: argparse.Namespace) -> int:
                     bar.update(1)
 
                 diffusers_format.to_diffusers(pipeline, args.out, progress=step)
+            for warning in caught:  # after the bar: what the export wrote nearly, one line each
+                if issubclass(warning.category, diffusers_format.ConversionWarning):
+                    print(f"ldmkit convert: warning: {warning.message}", file=sys.stderr)
+                else:
+                    warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
             print(f"wrote {args.out} (diffusers: {diffusers_format.describe(args.out)})")
             return 0
         # the text encoder's config and tokenizer travel with the pipeline
