@@ -382,10 +382,9 @@ def test_convert_cli_both_ways(sd_files, tmp_path):
         assert result.returncode == 0, result.stderr
     assert "StableDiffusionPipeline" in results[1].stdout
     assert "100%" in results[1].stderr  # the progress bar ran to the end
-    assert (
-        tmp_path / "back" / "tokenizer" / "tokenizer_config.json"
-    ).is_file()  # config + tokenizer files, no weights
-    assert not list((tmp_path / "back" / "text_encoder").glob("*.safetensors"))
+    # the text encoder's config and tokenizer are carried under files/, no weights
+    assert list((tmp_path / "back" / "files").rglob("tokenizer_config.json"))
+    assert not list((tmp_path / "back" / "files").rglob("*.safetensors"))
     a, b = Pipeline.load(ldm).state_dict(), Pipeline.load(tmp_path / "back").state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -913,3 +912,50 @@ def test_convert_to_diffusers_of_a_quad_spacing_writes_the_folder_with_one_warni
     lines = [line for line in result.stderr.splitlines() if "sampler.spacing" in line]
     assert len(lines) == 1 and lines[0].startswith("ldmkit convert: warning: sampler.spacing='quad'"), result.stderr
     assert (tmp_path / "d" / "model_index.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_export(tmp_path_factory):
+    """A tiny CLIP-text pipeline as a diffusers folder (text_encoder/, tokenizer/)."""
+    root = tmp_path_factory.mktemp("clip")
+    clip = write_tiny_clip(root / "clip")
+    import ldmkit
+
+    torch.manual_seed(0)
+    pipe = ldmkit.compose(overrides=["first_stage=kl_tiny", "image_size=16", "denoiser=unet_tiny", "conditioner=clip_text",
+                                     f"conditioner.name_or_path={clip}", "conditioner.pretrained=false"])  # fmt: skip
+    return pipe, pipe.to_diffusers(root / "d")
+
+
+@pytest.mark.parametrize("out_exists", [False, True])
+def test_from_diffusers_that_fails_leaves_the_out_folder_as_it_was(out_exists, tiny_clip_export, tmp_path):
+    _, out = tiny_clip_export
+    shutil.copytree(out, tmp_path / "d")
+    edit_json(tmp_path / "d" / "unet" / "config.json", use_linear_projection=True)  # the build fails
+    target = tmp_path / "back"
+    if out_exists:  # a user's folder, with a tokenizer/ of its own
+        (target / "tokenizer").mkdir(parents=True)
+        (target / "tokenizer" / "vocab.json").write_text("mine")
+        (target / "notes.txt").write_text("keep me")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "d" not in p.relative_to(tmp_path).parts[:1])
+    result = ldmkit_cli("convert", "from-diffusers", str(tmp_path / "d"), "--out", str(target))
+    assert result.returncode == 1
+    from tests.test_bad_values import error_line
+
+    assert "use_linear_projection=True is not supported" in error_line(result.stderr, "convert")
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "d" not in p.relative_to(tmp_path).parts[:1])
+    assert after == before
+    if out_exists:
+        assert (target / "tokenizer" / "vocab.json").read_text() == "mine"
+
+
+def test_a_pipeline_converted_from_diffusers_needs_the_diffusers_folder_no_more(tiny_clip_export, tmp_path):
+    pipe, out = tiny_clip_export
+    shutil.copytree(out, tmp_path / "d")
+    result = ldmkit_cli("convert", "from-diffusers", str(tmp_path / "d"), "--out", str(tmp_path / "back"))
+    assert result.returncode == 0, result.stderr
+    shutil.rmtree(tmp_path / "d")
+    back = Pipeline.load(tmp_path / "back")
+    batch = {"caption": ["a red apple"]}
+    assert torch.equal(back.conditioner(batch)["crossattn"], pipe.conditioner(batch)["crossattn"])
+    assert not list((tmp_path / "back").rglob("*.safetensors"))[1:]  # model.safetensors alone: no weights copied

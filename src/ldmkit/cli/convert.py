@@ -134,10 +134,10 @@ def _convert_diffusers(args: argparse.Namespace) -> int:
                     warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
             print(f"wrote {args.out} (diffusers: {diffusers_format.describe(args.out)})")
             return 0
-        # the text encoder's config and tokenizer travel with the pipeline
-        text = args.out if diffusers_format.copy_text_encoder_files(args.diffusers, args.out) else None
+        # nothing is written before the build succeeds: the text encoder's config and tokenizer
+        # travel with the pipeline as its carried files (files/, Pipeline.save)
         _build_and_save("from-diffusers", f"reading {args.diffusers}", args.out,
-                        lambda: Pipeline.from_diffusers(args.diffusers, text_encoder_dir=text))  # fmt: skip
+                        lambda: Pipeline.from_diffusers(args.diffusers))  # fmt: skip
     except (LdmkitError, FileNotFoundError) as err:
         raise CLIError(str(err)) from err
     print(f"wrote {args.out} (sample with: ldmkit sample --checkpoint {args.out})")

@@ -9,7 +9,6 @@ from ldmkit.interop.diffusers.autoencoder import (
 from ldmkit.interop.diffusers.common import DIFFUSERS_VERSION, ConversionError, ConversionWarning
 from ldmkit.interop.diffusers.folder import describe, fit_state, read_diffusers, to_diffusers
 from ldmkit.interop.diffusers.scheduler import diffusers_scheduler_config
-from ldmkit.interop.diffusers.text import copy_text_encoder_files
 from ldmkit.interop.diffusers.unet import (
     diffusers_unet_config,
     unet_from_diffusers,
@@ -20,7 +19,6 @@ __all__ = [
     "DIFFUSERS_VERSION",
     "ConversionError",
     "ConversionWarning",
-    "copy_text_encoder_files",
     "describe",
     "diffusers_scheduler_config",
     "diffusers_unet_config",

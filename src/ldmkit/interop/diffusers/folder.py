@@ -267,7 +267,7 @@ def read_diffusers(
 
     ``text_encoder_dir``: where the CLIP text encoder's config and tokenizer are read from by
     the pipeline's ``clip_text`` (default: the folder's own ``text_encoder/`` and
-    ``tokenizer/``; ``ldmkit convert from-diffusers`` copies them beside the pipeline)."""
+    ``tokenizer/``, which ``Pipeline.save`` carries under the pipeline's ``files/``)."""
     from ldmkit.interop import compvis
 
     directory = Path(directory)
