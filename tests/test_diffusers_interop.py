@@ -343,10 +343,8 @@ def test_what_diffusers_cannot_hold_is_named():
         match=r"denoiser: num_heads=4 over attention widths \[32, 64\]",
     ):
         diffusers_format.diffusers_unet_config(dict(pipe.config.denoiser), 8)
-    first = dict(pipe.config.first_stage, attn_resolutions=[8])
-    with pytest.raises(
-        diffusers_format.ConversionError, match=r"first_stage \(vq\)\.attn_resolutions=\[8\]"
-    ):
+    first = dict(pipe.config.first_stage, name="identity")
+    with pytest.raises(diffusers_format.ConversionError, match=r"only ldmkit's `kl` and `vq` convert to diffusers"):
         diffusers_format.diffusers_vae_config(first, 1.0)
 
 
@@ -959,3 +957,19 @@ def test_a_pipeline_converted_from_diffusers_needs_the_diffusers_folder_no_more(
     batch = {"caption": ["a red apple"]}
     assert torch.equal(back.conditioner(batch)["crossattn"], pipe.conditioner(batch)["crossattn"])
     assert not list((tmp_path / "back").rglob("*.safetensors"))[1:]  # model.safetensors alone: no weights copied
+
+
+def test_a_first_stage_that_attends_in_its_levels_converts_both_ways_and_runs_in_diffusers(tmp_path):
+    """attn_resolutions (the paper's kl-f16, kl-f32, vq-f16) are diffusers' Attn*Block2D."""
+    from diffusers import AutoencoderKL
+
+    pipe = tiny_kl_pipeline("first_stage.attn_resolutions=[16,8]")
+    out = pipe.to_diffusers(tmp_path / "d")
+    back = Pipeline.from_diffusers(out)
+    assert list(back.config.first_stage.attn_resolutions) == [16, 8]
+    a, b = pipe.state_dict(), back.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    z = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(z).sample, pipe.first_stage.decode(z), atol=1e-4, rtol=0)
