@@ -460,7 +460,7 @@ INPAINTING_BIG = {
     "model": {
         "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
         "params": {
-            "linear_start": 0.0015, "linear_end": 0.0205, "timesteps": 1000, "first_stage_key": "image",
+            "linear_start": 0.0015, "linear_end": 0.0205, "timesteps": 1000, "loss_type": "l1", "first_stage_key": "image",
             "cond_stage_key": "masked_image", "image_size": 64, "channels": 3, "concat_mode": True,
             "unet_config": {
                 "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
@@ -519,7 +519,7 @@ def inpainting_files(tmp_path_factory):
 def test_the_inpainting_preset_is_the_translation_of_the_papers_config():
     model = compvis.translate_config(INPAINTING_BIG)
     preset = compvis.load_preset("inpainting-big")
-    assert (preset.kind, preset.groups, preset.top) == (model.kind, model.groups, model.top)
+    assert (preset.kind, preset.groups, preset.top, preset.loss_type) == (model.kind, model.groups, model.top, "l1")
     assert preset.groups["conditioner"]["name"] == "inpaint"
     assert preset.groups["conditioner"]["style"] == "paper"
 
