@@ -1004,3 +1004,17 @@ def test_converting_a_pipeline_over_a_first_stage_or_a_run_folder_is_refused(sou
     assert error_line(result.stderr, "convert") == (f"--out {out} holds {kind}, whose files the pipeline's "
                                                     "config.yaml and model.safetensors would replace; write it to another folder")  # fmt: skip
     assert (out / marker).read_text() == "mine: 1\n" and (out / "model.safetensors").read_bytes() == b"mine"
+
+
+def test_a_text_encoder_saved_as_pytorch_model_bin_is_read(tiny_clip_export, tmp_path):
+    """transformers' older file name (Stable Diffusion v1's folders: text_encoder/pytorch_model.bin)."""
+    from safetensors.torch import load_file
+
+    pipe, out = tiny_clip_export
+    shutil.copytree(out, tmp_path / "d")
+    text = tmp_path / "d" / "text_encoder"
+    torch.save(load_file(text / "model.safetensors"), text / "pytorch_model.bin")
+    (text / "model.safetensors").unlink()
+    back = Pipeline.from_diffusers(tmp_path / "d")
+    a, b = pipe.state_dict(), back.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("conditioner."))

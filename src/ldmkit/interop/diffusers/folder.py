@@ -248,10 +248,11 @@ def _read_tensors(folder: Path) -> dict[str, Tensor]:
     for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
         if (folder / name).is_file():
             return dict(read_safetensors(folder / name))
-    if (folder / "diffusion_pytorch_model.bin").is_file():
-        from ldmkit.weights import read_weights
+    for name in ("diffusion_pytorch_model.bin", "pytorch_model.bin"):  # diffusers' and transformers' older names
+        if (folder / name).is_file():
+            from ldmkit.weights import read_weights
 
-        return read_weights(folder / "diffusion_pytorch_model.bin")
+            return read_weights(folder / name)
     others = sorted(p.name for p in folder.glob("*.safetensors*")) if folder.is_dir() else []
     found = (f"; it has {', '.join(others[:3])} (a variant? rename it to the name above; sharded weights are "
              "not read)") if others else ""  # fmt: skip
