@@ -488,6 +488,8 @@ def _first_stage_key(name: str) -> str:
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     """The tensors of a paper checkpoint (``.ckpt``: its ``state_dict``; or ``.safetensors``),
     read without running pickled code and memory-mapped where the format allows."""
+    if Path(path).is_dir():  # read_weights would take it for an ldmkit folder or run
+        raise WeightsError(f"checkpoint {path} is a folder, not the paper's .ckpt (or .safetensors) file")
     return read_weights(path)
 
 
