@@ -411,7 +411,7 @@ def test_clip_text_is_frozen_reads_its_input_and_names_what_is_missing(tmp_path)
     assert ClipTextConditioner(name_or_path=bare, pretrained=False).frozen_references() == {}
 
 
-def test_null_class_index_and_adm_translate():
+def test_null_class_index_and_adm_translate(tmp_path):
     config = yaml.safe_load(yaml.safe_dump(SD_CONFIG))
     config["model"]["params"]["cond_stage_config"] = {
         "target": "ldm.modules.encoders.modules.ClassEmbedder",
@@ -437,6 +437,11 @@ def test_null_class_index_and_adm_translate():
         compvis.translation(None, "cin256-v2", null_class=0).groups["conditioner"]["null_index"]
         == 0
     )
+    unconditional = yaml.safe_load(yaml.safe_dump(SD_CONFIG))
+    unconditional["model"]["params"]["cond_stage_config"] = "__is_unconditional__"
+    (tmp_path / "uncond.yaml").write_text(yaml.safe_dump(unconditional))
+    with pytest.raises(ConfigError, match=r"null_class=3: .*uncond.yaml has no class embedding with a null class"):
+        compvis.translation(tmp_path / "uncond.yaml", None, null_class=3)  # as a preset's: not ignored
     adm = yaml.safe_load(yaml.safe_dump(SD_CONFIG))
     params = adm["model"]["params"]
     params["conditioning_key"] = "adm"

@@ -530,12 +530,14 @@ def translation(
     if preset is None:
         model = translate_config(read_compvis_config(config), null_class=null_class, text_encoder=text_encoder)
         model.source = str(config)
-        return model
-    model = load_preset(preset)
+    else:
+        model = load_preset(preset)
     cond = model.groups.get("conditioner", {})
+    if null_class != "last" and (cond.get("name") != "class_label" or cond.get("role", "crossattn") != "crossattn"):
+        raise ConfigError(f"null_class={null_class!r}: {model.source} has no class embedding with a null class")
+    if preset is None:
+        return model
     if null_class != "last":
-        if cond.get("name") != "class_label" or cond.get("role", "crossattn") != "crossattn":
-            raise ConfigError(f"null_class={null_class!r}: preset {preset} has no class embedding with a null class")
         rows = int(cond["num_classes"]) + 1
         index = null_class_index(rows, null_class)
         cond["null_index"] = None if index == rows - 1 else index
