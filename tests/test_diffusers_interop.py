@@ -442,6 +442,8 @@ def test_null_class_index_and_adm_translate(tmp_path):
     (tmp_path / "uncond.yaml").write_text(yaml.safe_dump(unconditional))
     with pytest.raises(ConfigError, match=r"null_class=3: .*uncond.yaml has no class embedding with a null class"):
         compvis.translation(tmp_path / "uncond.yaml", None, null_class=3)  # as a preset's: not ignored
+    with pytest.raises(ConfigError, match=r"text_encoder applies to Stable Diffusion .*, not .*uncond.yaml"):
+        compvis.translation(tmp_path / "uncond.yaml", None, text_encoder=tmp_path)
     adm = yaml.safe_load(yaml.safe_dump(SD_CONFIG))
     params = adm["model"]["params"]
     params["conditioning_key"] = "adm"

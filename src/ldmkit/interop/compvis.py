@@ -535,6 +535,8 @@ def translation(
     cond = model.groups.get("conditioner", {})
     if null_class != "last" and (cond.get("name") != "class_label" or cond.get("role", "crossattn") != "crossattn"):
         raise ConfigError(f"null_class={null_class!r}: {model.source} has no class embedding with a null class")
+    if text_encoder is not None and cond.get("name") != "clip_text":
+        raise ConfigError(f"text_encoder applies to Stable Diffusion (FrozenCLIPEmbedder) models, not {model.source}")
     if preset is None:
         return model
     if null_class != "last":
@@ -549,8 +551,6 @@ def translation(
                 "(ldmkit convert compvis --text-encoder DIR)"
             )
         cond["name_or_path"] = str(text_encoder)
-    elif text_encoder is not None:
-        raise ConfigError(f"text_encoder applies to Stable Diffusion (FrozenCLIPEmbedder) models, not preset {preset}")
     return model
 
 
