@@ -1025,3 +1025,23 @@ def test_a_text_encoder_saved_as_pytorch_model_bin_is_read(tiny_clip_export, tmp
     back = Pipeline.from_diffusers(tmp_path / "d")
     a, b = pipe.state_dict(), back.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("conditioner."))
+
+
+def test_a_clip_text_max_length_goes_to_the_diffusers_tokenizer_and_back(tmp_path):
+    """StableDiffusionPipeline pads prompts to the tokenizer's model_max_length: a model of 8
+    tokens stays one of 8 (it was read back as 77, a longer context than it was trained on)."""
+    from transformers import AutoTokenizer
+
+    import ldmkit
+
+    clip = write_tiny_clip(tmp_path / "clip")
+    torch.manual_seed(0)
+    pipe = ldmkit.compose(overrides=["first_stage=kl_tiny", "image_size=16", "denoiser=unet_tiny", "conditioner=clip_text",
+                                     f"conditioner.name_or_path={clip}", "conditioner.pretrained=false",
+                                     "conditioner.max_length=8"])  # fmt: skip
+    out = pipe.to_diffusers(tmp_path / "d")
+    assert AutoTokenizer.from_pretrained(out / "tokenizer").model_max_length == 8
+    back = Pipeline.from_diffusers(out)
+    assert back.config.conditioner.max_length == 8
+    batch = {"caption": ["the cat and the dog"]}
+    assert torch.equal(back.conditioner(batch)["crossattn"], pipe.conditioner(batch)["crossattn"])

@@ -142,6 +142,9 @@ def to_diffusers(
         module = pipeline.conditioner
         module.transformer.save_pretrained(out / "text_encoder", safe_serialization=True)
         module.tokenizer.save_pretrained(out / "tokenizer")
+        # the length StableDiffusionPipeline pads prompts to (read back as clip_text's max_length)
+        tokenizer_config = out / "tokenizer" / "tokenizer_config.json"
+        _write_json(tokenizer_config, {**_read_json(tokenizer_config), "model_max_length": int(conditioner["max_length"])})
         components.update(text_encoder=["transformers", type(module.transformer).__name__],
                           tokenizer=["transformers", type(module.tokenizer).__name__])  # fmt: skip
     elif ldm_bert:
@@ -259,6 +262,17 @@ def _read_tensors(folder: Path) -> dict[str, Tensor]:
     raise ConversionError(f"{folder} holds no weights (diffusion_pytorch_model.safetensors){found}")
 
 
+def _clip_max_length(base: Path) -> int:
+    """The prompt length of a diffusers CLIP tokenizer (``model_max_length``, what
+    StableDiffusionPipeline pads to); 77, CLIP's, where it says none that the text encoder's
+    positions hold (transformers writes a huge number for "unset")."""
+    path = base / "tokenizer" / "tokenizer_config.json"
+    length = _read_json(path).get("model_max_length") if path.is_file() else None
+    positions = _read_json(base / "text_encoder" / "config.json").get("max_position_embeddings", 77)
+    fits = isinstance(length, int) and not isinstance(length, bool) and 0 < length <= positions
+    return length if fits else 77
+
+
 def read_diffusers(
     directory: str | os.PathLike, *, text_encoder_dir: str | os.PathLike | None = None
 ) -> tuple[Any, dict[str, Tensor], float]:
@@ -300,7 +314,7 @@ def read_diffusers(
         base = Path(text_encoder_dir) if text_encoder_dir is not None else directory
         conditioner: dict[str, Any] = {
             "name": "clip_text", "name_or_path": str((base / "text_encoder").resolve()),
-            "tokenizer_path": str((base / "tokenizer").resolve()), "max_length": 77, "pretrained": False,
+            "tokenizer_path": str((base / "tokenizer").resolve()), "max_length": _clip_max_length(base), "pretrained": False,
             "input_key": "caption", "drop_rate": compvis.GUIDED_DROP_RATE,
         }  # fmt: skip
         cond_state = {
