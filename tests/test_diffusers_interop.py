@@ -1045,3 +1045,19 @@ def test_a_clip_text_max_length_goes_to_the_diffusers_tokenizer_and_back(tmp_pat
     assert back.config.conditioner.max_length == 8
     batch = {"caption": ["the cat and the dog"]}
     assert torch.equal(back.conditioner(batch)["crossattn"], pipe.conditioner(batch)["crossattn"])
+
+
+def test_a_text_conditioners_input_key_and_drop_rate_survive_the_round_trip(tmp_path):
+    """diffusers has no place for them: ldmkit.json keeps them (they were read back as the
+    paper's caption and 0.1, another batch key and condition dropout than the model's)."""
+    import ldmkit
+
+    clip = write_tiny_clip(tmp_path / "clip")
+    pipe = ldmkit.compose(overrides=["first_stage=kl_tiny", "image_size=16", "denoiser=unet_tiny", "conditioner=clip_text",
+                                     f"conditioner.name_or_path={clip}", "conditioner.input_key=text",
+                                     "conditioner.drop_rate=0.0"])  # fmt: skip
+    back = Pipeline.from_diffusers(pipe.to_diffusers(tmp_path / "d"))
+    assert (back.config.conditioner.input_key, back.config.conditioner.drop_rate) == ("text", 0.0)
+    edit_json(tmp_path / "d" / "ldmkit.json", conditioner_options={"drop_rate": 2})
+    with pytest.raises(ConfigError, match=r"ldmkit.json: conditioner_options.drop_rate=2: expected a number >= 0 and <= 1"):
+        Pipeline.from_diffusers(tmp_path / "d")
