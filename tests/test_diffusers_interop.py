@@ -982,19 +982,26 @@ def test_a_first_stage_that_attends_in_its_levels_converts_both_ways_and_runs_in
         torch.testing.assert_close(vae.decode(z).sample, pipe.first_stage.decode(z), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("held", ["first_stage", "run"])
+HELD = {"first_stage": ("first_stage.yaml", "a first stage (first_stage.yaml)"),
+        "run": ("config.yaml", "a training run (checkpoints/)"),
+        "paper": ("config.yaml", "a config.yaml without a model.safetensors (not an ldmkit pipeline's)")}  # fmt: skip
+
+
+@pytest.mark.parametrize("held", list(HELD))
 @pytest.mark.parametrize("source", ["from-diffusers", "compvis"])
-def test_converting_a_pipeline_over_a_first_stage_or_a_run_folder_is_refused(source, held, tiny_export, tmp_path):
+def test_converting_a_pipeline_over_another_folder_is_refused(source, held, tiny_export, tmp_path):
     """Pipeline.save would replace a first stage's model.safetensors (first_stage.checkpoint=
-    reads it) or a training run's config.yaml."""
+    reads it), a training run's config.yaml, or the paper's config.yaml beside its .ckpt."""
     from tests.test_bad_values import error_line
     from tests.test_compvis_import import LDM_CONFIG, paper_state
 
     out = tmp_path / "out"
     out.mkdir()
-    marker = {"first_stage": "first_stage.yaml", "run": "config.yaml"}[held]
-    (out / marker).write_text("mine: 1\n")
-    (out / "model.safetensors").write_bytes(b"mine")
+    marker, kind = HELD[held]
+    mine = yaml.safe_dump(LDM_CONFIG) if held == "paper" else "mine: 1\n"
+    (out / marker).write_text(mine)
+    weights = out / ("model.ckpt" if held == "paper" else "model.safetensors")
+    weights.write_bytes(b"mine")
     if held == "run":
         (out / "checkpoints").mkdir()
     if source == "compvis":
@@ -1002,15 +1009,16 @@ def test_converting_a_pipeline_over_a_first_stage_or_a_run_folder_is_refused(sou
         torch.manual_seed(0)
         pipe = Pipeline.from_config(compvis.compose(compvis.translate_config(LDM_CONFIG)))
         torch.save({"state_dict": paper_state(pipe)}, tmp_path / "model.ckpt")
-        args = [str(tmp_path / "model.ckpt"), "--config", str(tmp_path / "config.yaml")]
+        config = out / "config.yaml" if held == "paper" else tmp_path / "config.yaml"
+        args = [str(tmp_path / "model.ckpt"), "--config", str(config)]
     else:
         args = [str(tiny_export[1])]
     result = ldmkit_cli("convert", source, *args, "--out", str(out))
     assert result.returncode == 1
-    kind = {"first_stage": "a first stage (first_stage.yaml)", "run": "a training run (checkpoints/)"}[held]
     assert error_line(result.stderr, "convert") == (f"--out {out} holds {kind}, whose files the pipeline's "
                                                     "config.yaml and model.safetensors would replace; write it to another folder")  # fmt: skip
-    assert (out / marker).read_text() == "mine: 1\n" and (out / "model.safetensors").read_bytes() == b"mine"
+    assert (out / marker).read_text() == mine and weights.read_bytes() == b"mine"
+    assert not (out / "model.safetensors").exists() or held != "paper"
 
 
 def test_a_text_encoder_saved_as_pytorch_model_bin_is_read(tiny_clip_export, tmp_path):

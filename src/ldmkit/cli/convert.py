@@ -59,7 +59,7 @@ def convert(argv: Sequence[str], *, prog: str, description: str) -> int:
     try:
         model = compvis.translation(args.config, args.preset, null_class=args.null_class, text_encoder=args.text_encoder)
         if model.kind == "first_stage":
-            _refuse_other_folder(args.out, "first_stage.yaml", "weights the first stage's model.safetensors")
+            _refuse_other_folder(args.out, FIRST_STAGE, "weights the first stage's model.safetensors")
             state, _ = compvis.convert_state_dict(compvis.load_checkpoint(args.checkpoint), model)
             from omegaconf import OmegaConf
             from safetensors.torch import save_file
@@ -96,24 +96,33 @@ def _phases(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="step", leave=True)
 
 
-# what --out may hold that another kind of folder would overwrite: (what it is, how it shows)
-HELD = {"a training run (checkpoints/)": "checkpoints/", "a pipeline (config.yaml)": "config.yaml",
-        "a first stage (first_stage.yaml)": "first_stage.yaml"}  # fmt: skip
+PIPELINE, FIRST_STAGE = "a pipeline (config.yaml)", "a first stage (first_stage.yaml)"
+
+
+def _held(out: Path) -> str | None:
+    """What ``out`` holds that a conversion could overwrite, by its files (None: nothing)."""
+    if (out / "checkpoints").is_dir():
+        return "a training run (checkpoints/)"
+    if (out / "first_stage.yaml").is_file():
+        return FIRST_STAGE
+    if (out / "config.yaml").is_file():  # a pipeline's has its weights beside it (the paper's has not)
+        return PIPELINE if (out / "model.safetensors").is_file() else (
+            "a config.yaml without a model.safetensors (not an ldmkit pipeline's)")  # fmt: skip
+    return None
 
 
 def _refuse_other_folder(out: Path, own: str, replaced: str) -> None:
-    """A :class:`CLIError` when ``out`` holds a folder of another kind than the one written
-    (marked by ``own``; :data:`HELD`), whose ``replaced`` (a run's config, a first stage's or a
-    pipeline's weights) the conversion would overwrite."""
-    for kind, marker in HELD.items():
-        present = (out / marker).is_dir() if marker.endswith("/") else (out / marker).is_file()
-        if present and marker != own:
-            raise CLIError(f"--out {out} holds {kind}, whose {replaced} would replace; write it to another folder")
+    """A :class:`CLIError` when ``out`` holds something else than a folder of the kind
+    written (``own``), whose ``replaced`` (a run's config, a first stage's or a pipeline's
+    weights, the paper's config.yaml) the conversion would overwrite."""
+    held = _held(out)
+    if held not in (None, own):
+        raise CLIError(f"--out {out} holds {held}, whose {replaced} would replace; write it to another folder")
 
 
 def _build_and_save(desc: str, reading: str, out: Path, build):
     """``build()`` a pipeline, then save it to ``out``: a conversion's two phases under one bar."""
-    _refuse_other_folder(out, "config.yaml", "files the pipeline's config.yaml and model.safetensors")
+    _refuse_other_folder(out, PIPELINE, "files the pipeline's config.yaml and model.safetensors")
     with _phases(3, desc) as bar:
         bar.set_postfix_str(reading)
         pipeline = build()
