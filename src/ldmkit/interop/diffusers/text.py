@@ -1,6 +1,6 @@
 """The text encoders: the paper's ``bert`` as diffusers' ``LDMBertModel`` (run by
 ``LDMTextToImagePipeline``) with a WordPiece ``vocab.txt``, CLIP text weights in the names of
-the installed transformers, and the text encoder's files copied beside a converted pipeline."""
+the installed transformers."""
 
 from __future__ import annotations
 
