@@ -223,6 +223,17 @@ def test_a_config_that_is_not_yaml_is_one_line(paper_files, tmp_path):
     assert error_line(result.stderr, "convert").endswith("bad.yaml is not YAML: expected ',' or ']', but got '<stream end>' (line 2, column 1)")
 
 
+def test_a_folder_given_as_the_papers_checkpoint_is_one_line(paper_files, tmp_path):
+    """(an ldmkit pipeline folder or run is read as one otherwise, and fails on its names)"""
+    _, config, pipe = paper_files
+    pipe.save(tmp_path / "pipeline")
+    result = ldmkit_cli("convert", "compvis", str(tmp_path / "pipeline"), "--config", str(config), "--out",
+                        str(tmp_path / "out"))  # fmt: skip
+    assert result.returncode == 1
+    assert error_line(result.stderr, "convert") == (f"checkpoint {tmp_path / 'pipeline'} is a folder, not the paper's "
+                                                    ".ckpt (or .safetensors) file")  # fmt: skip
+
+
 def test_mismatched_keys_name_their_component(paper_files, tmp_path):
     ckpt, config, _ = paper_files
     state = torch.load(ckpt, weights_only=True)["state_dict"]
@@ -460,7 +471,7 @@ INPAINTING_BIG = {
     "model": {
         "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
         "params": {
-            "linear_start": 0.0015, "linear_end": 0.0205, "timesteps": 1000, "first_stage_key": "image",
+            "linear_start": 0.0015, "linear_end": 0.0205, "timesteps": 1000, "loss_type": "l1", "first_stage_key": "image",
             "cond_stage_key": "masked_image", "image_size": 64, "channels": 3, "concat_mode": True,
             "unet_config": {
                 "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
@@ -519,7 +530,7 @@ def inpainting_files(tmp_path_factory):
 def test_the_inpainting_preset_is_the_translation_of_the_papers_config():
     model = compvis.translate_config(INPAINTING_BIG)
     preset = compvis.load_preset("inpainting-big")
-    assert (preset.kind, preset.groups, preset.top) == (model.kind, model.groups, model.top)
+    assert (preset.kind, preset.groups, preset.top, preset.loss_type) == (model.kind, model.groups, model.top, "l1")
     assert preset.groups["conditioner"]["name"] == "inpaint"
     assert preset.groups["conditioner"]["style"] == "paper"
 

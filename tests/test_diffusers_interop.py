@@ -343,10 +343,8 @@ def test_what_diffusers_cannot_hold_is_named():
         match=r"denoiser: num_heads=4 over attention widths \[32, 64\]",
     ):
         diffusers_format.diffusers_unet_config(dict(pipe.config.denoiser), 8)
-    first = dict(pipe.config.first_stage, attn_resolutions=[8])
-    with pytest.raises(
-        diffusers_format.ConversionError, match=r"first_stage \(vq\)\.attn_resolutions=\[8\]"
-    ):
+    first = dict(pipe.config.first_stage, name="identity")
+    with pytest.raises(diffusers_format.ConversionError, match=r"only ldmkit's `kl` and `vq` convert to diffusers"):
         diffusers_format.diffusers_vae_config(first, 1.0)
 
 
@@ -382,10 +380,9 @@ def test_convert_cli_both_ways(sd_files, tmp_path):
         assert result.returncode == 0, result.stderr
     assert "StableDiffusionPipeline" in results[1].stdout
     assert "100%" in results[1].stderr  # the progress bar ran to the end
-    assert (
-        tmp_path / "back" / "tokenizer" / "tokenizer_config.json"
-    ).is_file()  # config + tokenizer files, no weights
-    assert not list((tmp_path / "back" / "text_encoder").glob("*.safetensors"))
+    # the text encoder's config and tokenizer are carried under files/, no weights
+    assert list((tmp_path / "back" / "files").rglob("tokenizer_config.json"))
+    assert not list((tmp_path / "back" / "files").rglob("*.safetensors"))
     a, b = Pipeline.load(ldm).state_dict(), Pipeline.load(tmp_path / "back").state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -414,7 +411,7 @@ def test_clip_text_is_frozen_reads_its_input_and_names_what_is_missing(tmp_path)
     assert ClipTextConditioner(name_or_path=bare, pretrained=False).frozen_references() == {}
 
 
-def test_null_class_index_and_adm_translate():
+def test_null_class_index_and_adm_translate(tmp_path):
     config = yaml.safe_load(yaml.safe_dump(SD_CONFIG))
     config["model"]["params"]["cond_stage_config"] = {
         "target": "ldm.modules.encoders.modules.ClassEmbedder",
@@ -440,6 +437,13 @@ def test_null_class_index_and_adm_translate():
         compvis.translation(None, "cin256-v2", null_class=0).groups["conditioner"]["null_index"]
         == 0
     )
+    unconditional = yaml.safe_load(yaml.safe_dump(SD_CONFIG))
+    unconditional["model"]["params"]["cond_stage_config"] = "__is_unconditional__"
+    (tmp_path / "uncond.yaml").write_text(yaml.safe_dump(unconditional))
+    with pytest.raises(ConfigError, match=r"null_class=3: .*uncond.yaml has no class embedding with a null class"):
+        compvis.translation(tmp_path / "uncond.yaml", None, null_class=3)  # as a preset's: not ignored
+    with pytest.raises(ConfigError, match=r"text_encoder applies to Stable Diffusion .*, not .*uncond.yaml"):
+        compvis.translation(tmp_path / "uncond.yaml", None, text_encoder=tmp_path)
     adm = yaml.safe_load(yaml.safe_dump(SD_CONFIG))
     params = adm["model"]["params"]
     params["conditioning_key"] = "adm"
@@ -886,4 +890,182 @@ def test_a_unet_option_that_changes_the_function_but_no_weight_is_named(key, val
     shutil.copytree(out, tmp_path / "d")
     edit_json(tmp_path / "d" / "unet" / "config.json", **{key: value})
     with pytest.raises(diffusers_format.ConversionError, match=rf"unet/config.json \(UNet2DConditionModel\): {key}="):
+        Pipeline.from_diffusers(tmp_path / "d")
+
+
+@pytest.mark.parametrize(("sampler", "spacing", "written"), [("ddim", "quad", "paper"), ("euler", "karras", "linspace")])
+def test_a_spacing_ddim_lacks_exports_the_nearest_one_and_says_so(sampler, spacing, written, tmp_path):
+    """DDIMScheduler has no quad or sigma grid: the export is written with the nearest
+    spacing it has, says so, and ldmkit.json keeps the sampler for the way back."""
+    from ldmkit.interop.diffusers.scheduler import SPACING_TO_DDIM
+
+    pipe = tiny_kl_pipeline(f"sampler={sampler}", f"sampler.spacing={spacing}")
+    with pytest.warns(diffusers_format.ConversionWarning,
+                      match=rf"sampler.spacing='{spacing}' has no DDIMScheduler counterpart: scheduler/ .*'{written}'"):  # fmt: skip
+        out = pipe.to_diffusers(tmp_path / "d")
+    written_config = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    ddim = (written_config["timestep_spacing"], written_config["steps_offset"], written_config["set_alpha_to_one"])
+    assert ddim == SPACING_TO_DDIM[written]
+    assert Pipeline.from_diffusers(out).config.sampler == pipe.config.sampler
+
+
+def test_convert_to_diffusers_of_a_quad_spacing_writes_the_folder_with_one_warning_line(tmp_path):
+    tiny_kl_pipeline("sampler.spacing=quad").save(tmp_path / "ldm")
+    result = ldmkit_cli("convert", "to-diffusers", str(tmp_path / "ldm"), "--out", str(tmp_path / "d"))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "ConversionWarning" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if "sampler.spacing" in line]
+    assert len(lines) == 1 and lines[0].startswith("ldmkit convert: warning: sampler.spacing='quad'"), result.stderr
+    assert (tmp_path / "d" / "model_index.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_export(tmp_path_factory):
+    """A tiny CLIP-text pipeline as a diffusers folder (text_encoder/, tokenizer/)."""
+    root = tmp_path_factory.mktemp("clip")
+    clip = write_tiny_clip(root / "clip")
+    import ldmkit
+
+    torch.manual_seed(0)
+    pipe = ldmkit.compose(overrides=["first_stage=kl_tiny", "image_size=16", "denoiser=unet_tiny", "conditioner=clip_text",
+                                     f"conditioner.name_or_path={clip}", "conditioner.pretrained=false"])  # fmt: skip
+    return pipe, pipe.to_diffusers(root / "d")
+
+
+@pytest.mark.parametrize("out_exists", [False, True])
+def test_from_diffusers_that_fails_leaves_the_out_folder_as_it_was(out_exists, tiny_clip_export, tmp_path):
+    _, out = tiny_clip_export
+    shutil.copytree(out, tmp_path / "d")
+    edit_json(tmp_path / "d" / "unet" / "config.json", use_linear_projection=True)  # the build fails
+    target = tmp_path / "back"
+    if out_exists:  # a user's folder, with a tokenizer/ of its own
+        (target / "tokenizer").mkdir(parents=True)
+        (target / "tokenizer" / "vocab.json").write_text("mine")
+        (target / "notes.txt").write_text("keep me")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "d" not in p.relative_to(tmp_path).parts[:1])
+    result = ldmkit_cli("convert", "from-diffusers", str(tmp_path / "d"), "--out", str(target))
+    assert result.returncode == 1
+    from tests.test_bad_values import error_line
+
+    assert "use_linear_projection=True is not supported" in error_line(result.stderr, "convert")
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "d" not in p.relative_to(tmp_path).parts[:1])
+    assert after == before
+    if out_exists:
+        assert (target / "tokenizer" / "vocab.json").read_text() == "mine"
+
+
+def test_a_pipeline_converted_from_diffusers_needs_the_diffusers_folder_no_more(tiny_clip_export, tmp_path):
+    pipe, out = tiny_clip_export
+    shutil.copytree(out, tmp_path / "d")
+    result = ldmkit_cli("convert", "from-diffusers", str(tmp_path / "d"), "--out", str(tmp_path / "back"))
+    assert result.returncode == 0, result.stderr
+    shutil.rmtree(tmp_path / "d")
+    back = Pipeline.load(tmp_path / "back")
+    batch = {"caption": ["a red apple"]}
+    assert torch.equal(back.conditioner(batch)["crossattn"], pipe.conditioner(batch)["crossattn"])
+    assert not list((tmp_path / "back").rglob("*.safetensors"))[1:]  # model.safetensors alone: no weights copied
+
+
+def test_a_first_stage_that_attends_in_its_levels_converts_both_ways_and_runs_in_diffusers(tmp_path):
+    """attn_resolutions (the paper's kl-f16, kl-f32, vq-f16) are diffusers' Attn*Block2D."""
+    from diffusers import AutoencoderKL
+
+    pipe = tiny_kl_pipeline("first_stage.attn_resolutions=[16,8]")
+    out = pipe.to_diffusers(tmp_path / "d")
+    back = Pipeline.from_diffusers(out)
+    assert list(back.config.first_stage.attn_resolutions) == [16, 8]
+    a, b = pipe.state_dict(), back.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    z = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(z).sample, pipe.first_stage.decode(z), atol=1e-4, rtol=0)
+
+
+HELD = {"first_stage": ("first_stage.yaml", "a first stage (first_stage.yaml)"),
+        "run": ("config.yaml", "a training run (checkpoints/)"),
+        "paper": ("config.yaml", "a config.yaml without a model.safetensors (not an ldmkit pipeline's)")}  # fmt: skip
+
+
+@pytest.mark.parametrize("held", list(HELD))
+@pytest.mark.parametrize("source", ["from-diffusers", "compvis"])
+def test_converting_a_pipeline_over_another_folder_is_refused(source, held, tiny_export, tmp_path):
+    """Pipeline.save would replace a first stage's model.safetensors (first_stage.checkpoint=
+    reads it), a training run's config.yaml, or the paper's config.yaml beside its .ckpt."""
+    from tests.test_bad_values import error_line
+    from tests.test_compvis_import import LDM_CONFIG, paper_state
+
+    out = tmp_path / "out"
+    out.mkdir()
+    marker, kind = HELD[held]
+    mine = yaml.safe_dump(LDM_CONFIG) if held == "paper" else "mine: 1\n"
+    (out / marker).write_text(mine)
+    weights = out / ("model.ckpt" if held == "paper" else "model.safetensors")
+    weights.write_bytes(b"mine")
+    if held == "run":
+        (out / "checkpoints").mkdir()
+    if source == "compvis":
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(LDM_CONFIG))
+        torch.manual_seed(0)
+        pipe = Pipeline.from_config(compvis.compose(compvis.translate_config(LDM_CONFIG)))
+        torch.save({"state_dict": paper_state(pipe)}, tmp_path / "model.ckpt")
+        config = out / "config.yaml" if held == "paper" else tmp_path / "config.yaml"
+        args = [str(tmp_path / "model.ckpt"), "--config", str(config)]
+    else:
+        args = [str(tiny_export[1])]
+    result = ldmkit_cli("convert", source, *args, "--out", str(out))
+    assert result.returncode == 1
+    assert error_line(result.stderr, "convert") == (f"--out {out} holds {kind}, whose files the pipeline's "
+                                                    "config.yaml and model.safetensors would replace; write it to another folder")  # fmt: skip
+    assert (out / marker).read_text() == mine and weights.read_bytes() == b"mine"
+    assert not (out / "model.safetensors").exists() or held != "paper"
+
+
+def test_a_text_encoder_saved_as_pytorch_model_bin_is_read(tiny_clip_export, tmp_path):
+    """transformers' older file name (Stable Diffusion v1's folders: text_encoder/pytorch_model.bin)."""
+    from safetensors.torch import load_file
+
+    pipe, out = tiny_clip_export
+    shutil.copytree(out, tmp_path / "d")
+    text = tmp_path / "d" / "text_encoder"
+    torch.save(load_file(text / "model.safetensors"), text / "pytorch_model.bin")
+    (text / "model.safetensors").unlink()
+    back = Pipeline.from_diffusers(tmp_path / "d")
+    a, b = pipe.state_dict(), back.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("conditioner."))
+
+
+def test_a_clip_text_max_length_goes_to_the_diffusers_tokenizer_and_back(tmp_path):
+    """StableDiffusionPipeline pads prompts to the tokenizer's model_max_length: a model of 8
+    tokens stays one of 8 (it was read back as 77, a longer context than it was trained on)."""
+    from transformers import AutoTokenizer
+
+    import ldmkit
+
+    clip = write_tiny_clip(tmp_path / "clip")
+    torch.manual_seed(0)
+    pipe = ldmkit.compose(overrides=["first_stage=kl_tiny", "image_size=16", "denoiser=unet_tiny", "conditioner=clip_text",
+                                     f"conditioner.name_or_path={clip}", "conditioner.pretrained=false",
+                                     "conditioner.max_length=8"])  # fmt: skip
+    out = pipe.to_diffusers(tmp_path / "d")
+    assert AutoTokenizer.from_pretrained(out / "tokenizer").model_max_length == 8
+    back = Pipeline.from_diffusers(out)
+    assert back.config.conditioner.max_length == 8
+    batch = {"caption": ["the cat and the dog"]}
+    assert torch.equal(back.conditioner(batch)["crossattn"], pipe.conditioner(batch)["crossattn"])
+
+
+def test_a_text_conditioners_input_key_and_drop_rate_survive_the_round_trip(tmp_path):
+    """diffusers has no place for them: ldmkit.json keeps them (they were read back as the
+    paper's caption and 0.1, another batch key and condition dropout than the model's)."""
+    import ldmkit
+
+    clip = write_tiny_clip(tmp_path / "clip")
+    pipe = ldmkit.compose(overrides=["first_stage=kl_tiny", "image_size=16", "denoiser=unet_tiny", "conditioner=clip_text",
+                                     f"conditioner.name_or_path={clip}", "conditioner.input_key=text",
+                                     "conditioner.drop_rate=0.0"])  # fmt: skip
+    back = Pipeline.from_diffusers(pipe.to_diffusers(tmp_path / "d"))
+    assert (back.config.conditioner.input_key, back.config.conditioner.drop_rate) == ("text", 0.0)
+    edit_json(tmp_path / "d" / "ldmkit.json", conditioner_options={"drop_rate": 2})
+    with pytest.raises(ConfigError, match=r"ldmkit.json: conditioner_options.drop_rate=2: expected a number >= 0 and <= 1"):
         Pipeline.from_diffusers(tmp_path / "d")

@@ -6,6 +6,7 @@ run that was never stopped."""
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -254,3 +255,22 @@ def test_init_architecture_source_keeps_a_group_chosen_on_the_command_line(sourc
     assert chosen.conditioner.name == "none"
     with pytest.raises(Exception, match=r"trainer.init_architecture=source needs trainer.init_from"):
         _compose(["stage=ldm", "trainer.init_architecture=source"], print_config=False)
+
+
+def test_a_paper_checkpoint_trained_with_l1_says_how_to_go_on_with_it(paper_files, tmp_path, capsys):  # noqa: F811
+    """The paper's churches, semantic-synthesis, layout and inpainting models trained with
+    ``loss_type: l1``; the run's own trainer.objective wins (as the schedule does), and the
+    report says in one line what the paper used and how to set it."""
+    ckpt, _, _ = paper_files
+    paper = copy.deepcopy(LDM_CONFIG)
+    paper["model"]["params"]["loss_type"] = "l1"
+    (tmp_path / "l1.yaml").write_text(yaml.safe_dump(paper))
+    args = [f"trainer.init_from={ckpt}", f"trainer.init_config={tmp_path / 'l1.yaml'}", "trainer.max_steps=1"]
+    train(paper_cfg(tmp_path / "run", *args), data=class_data(10, size=16))
+    note = [line for line in capsys.readouterr().err.splitlines() if "loss_type" in line]
+    assert note == ["  trainer.objective.loss_type=l2, but the paper trained this model with l1 (its config's "
+                    "loss_type): set trainer.objective.loss_type=l1 to go on as it did"]  # fmt: skip
+    train(paper_cfg(tmp_path / "run_l1", *args, "trainer.objective.loss_type=l1"), data=class_data(10, size=16))
+    assert "loss_type" not in capsys.readouterr().err
+    assert compvis.load_preset("lsun-churches-kl8").loss_type == "l1"
+    assert compvis.load_preset("cin256-v2").loss_type == "l2"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,9 +59,7 @@ def convert(argv: Sequence[str], *, prog: str, description: str) -> int:
     try:
         model = compvis.translation(args.config, args.preset, null_class=args.null_class, text_encoder=args.text_encoder)
         if model.kind == "first_stage":
-            if (args.out / "config.yaml").is_file():
-                raise CLIError(f"--out {args.out} holds a pipeline (config.yaml), whose weights the first stage's "
-                               "model.safetensors would replace; write it to another folder")  # fmt: skip
+            _refuse_other_folder(args.out, FIRST_STAGE, "weights the first stage's model.safetensors")
             state, _ = compvis.convert_state_dict(compvis.load_checkpoint(args.checkpoint), model)
             from omegaconf import OmegaConf
             from safetensors.torch import save_file
@@ -96,8 +96,33 @@ def _phases(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="step", leave=True)
 
 
+PIPELINE, FIRST_STAGE = "a pipeline (config.yaml)", "a first stage (first_stage.yaml)"
+
+
+def _held(out: Path) -> str | None:
+    """What ``out`` holds that a conversion could overwrite, by its files (None: nothing)."""
+    if (out / "checkpoints").is_dir():
+        return "a training run (checkpoints/)"
+    if (out / "first_stage.yaml").is_file():
+        return FIRST_STAGE
+    if (out / "config.yaml").is_file():  # a pipeline's has its weights beside it (the paper's has not)
+        return PIPELINE if (out / "model.safetensors").is_file() else (
+            "a config.yaml without a model.safetensors (not an ldmkit pipeline's)")  # fmt: skip
+    return None
+
+
+def _refuse_other_folder(out: Path, own: str, replaced: str) -> None:
+    """A :class:`CLIError` when ``out`` holds something else than a folder of the kind
+    written (``own``), whose ``replaced`` (a run's config, a first stage's or a pipeline's
+    weights, the paper's config.yaml) the conversion would overwrite."""
+    held = _held(out)
+    if held not in (None, own):
+        raise CLIError(f"--out {out} holds {held}, whose {replaced} would replace; write it to another folder")
+
+
 def _build_and_save(desc: str, reading: str, out: Path, build):
     """``build()`` a pipeline, then save it to ``out``: a conversion's two phases under one bar."""
+    _refuse_other_folder(out, PIPELINE, "files the pipeline's config.yaml and model.safetensors")
     with _phases(3, desc) as bar:
         bar.set_postfix_str(reading)
         pipeline = build()
@@ -114,7 +139,8 @@ def _convert_diffusers(args: argparse.Namespace) -> int:
 
     try:
         if args.source == "to-diffusers":
-            with _phases(4, "to-diffusers") as bar:
+            with _phases(4, "to-diffusers") as bar, warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", diffusers_format.ConversionWarning)
                 bar.set_postfix_str(f"loading {args.pipeline}")
                 pipeline = Pipeline.load(args.pipeline)
                 bar.update(1)
@@ -124,12 +150,17 @@ def _convert_diffusers(args: argparse.Namespace) -> int:
                     bar.update(1)
 
                 diffusers_format.to_diffusers(pipeline, args.out, progress=step)
+            for warning in caught:  # after the bar: what the export wrote nearly, one line each
+                if issubclass(warning.category, diffusers_format.ConversionWarning):
+                    print(f"ldmkit convert: warning: {warning.message}", file=sys.stderr)
+                else:
+                    warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
             print(f"wrote {args.out} (diffusers: {diffusers_format.describe(args.out)})")
             return 0
-        # the text encoder's config and tokenizer travel with the pipeline
-        text = args.out if diffusers_format.copy_text_encoder_files(args.diffusers, args.out) else None
+        # nothing is written before the build succeeds: the text encoder's config and tokenizer
+        # travel with the pipeline as its carried files (files/, Pipeline.save)
         _build_and_save("from-diffusers", f"reading {args.diffusers}", args.out,
-                        lambda: Pipeline.from_diffusers(args.diffusers, text_encoder_dir=text))  # fmt: skip
+                        lambda: Pipeline.from_diffusers(args.diffusers))  # fmt: skip
     except (LdmkitError, FileNotFoundError) as err:
         raise CLIError(str(err)) from err
     print(f"wrote {args.out} (sample with: ldmkit sample --checkpoint {args.out})")

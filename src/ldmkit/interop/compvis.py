@@ -22,6 +22,7 @@ the paper                           ldmkit
                                     ``__is_first_stage__``: a copy of
                                     ``first_stage_model.*``, checked equal, dropped)
 ``scale_factor``                    the config's ``scale_factor``
+``loss_type`` (the YAML's)          ``CompvisModel.loss_type`` (``trainer.init_from`` names it)
 ``betas`` ... ``posterior_*``       checked against the translated schedule, then dropped
 ``loss.*``, ``model_ema.decay``...  dropped
 =================================== ======================================================
@@ -128,13 +129,16 @@ class CompvisModel:
     """A translated paper model: ``kind`` is ``"pipeline"`` or ``"first_stage"``; ``groups``
     maps each ldmkit config group (``first_stage``, ``denoiser``, ``conditioner``, ``sampler``,
     ``schedule``) to its node, ``top`` holds top-level keys (``image_size``, ``scale_factor``);
-    ``renames`` maps a paper component prefix to an ldmkit one."""
+    ``renames`` maps a paper component prefix to an ldmkit one; ``loss_type`` is the loss
+    the paper trained a pipeline with (``l2``, its default, or ``l1``; None: not known), which
+    no ldmkit group holds (``trainer.objective.loss_type`` is the run's)."""
 
     kind: str
     groups: dict[str, dict[str, Any]]
     top: dict[str, Any] = field(default_factory=dict)
     renames: dict[str, str] = field(default_factory=dict)
     source: str = "config"
+    loss_type: str | None = None
 
 
 def _params(node: Any, where: str) -> dict[str, Any]:
@@ -351,7 +355,7 @@ def translate_config(
         "sampler": {"name": "ddim", "steps": 50, "eta": 0.0, "spacing": "paper"},
         "schedule": schedule,
     }
-    return CompvisModel("pipeline", groups, top)
+    return CompvisModel("pipeline", groups, top, loss_type=str(ddpm.get("loss_type", "l2")))
 
 
 def read_compvis_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -484,6 +488,8 @@ def _first_stage_key(name: str) -> str:
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     """The tensors of a paper checkpoint (``.ckpt``: its ``state_dict``; or ``.safetensors``),
     read without running pickled code and memory-mapped where the format allows."""
+    if Path(path).is_dir():  # read_weights would take it for an ldmkit folder or run
+        raise WeightsError(f"checkpoint {path} is a folder, not the paper's .ckpt (or .safetensors) file")
     return read_weights(path)
 
 
@@ -503,7 +509,9 @@ def load_preset(name: str) -> CompvisModel:
     if not path.is_file():
         raise ConfigError(f"no preset {name!r}; the presets are: {', '.join(preset_names())}")
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    return CompvisModel(data["kind"], data["groups"], data.get("top") or {}, source=f"preset {name}")
+    loss_type = data.get("loss_type", "l2") if data["kind"] == "pipeline" else None  # the paper's default: l2
+    return CompvisModel(data["kind"], data["groups"], data.get("top") or {}, source=f"preset {name}",
+                        loss_type=loss_type)  # fmt: skip
 
 
 def translation(
@@ -522,12 +530,16 @@ def translation(
     if preset is None:
         model = translate_config(read_compvis_config(config), null_class=null_class, text_encoder=text_encoder)
         model.source = str(config)
-        return model
-    model = load_preset(preset)
+    else:
+        model = load_preset(preset)
     cond = model.groups.get("conditioner", {})
+    if null_class != "last" and (cond.get("name") != "class_label" or cond.get("role", "crossattn") != "crossattn"):
+        raise ConfigError(f"null_class={null_class!r}: {model.source} has no class embedding with a null class")
+    if text_encoder is not None and cond.get("name") != "clip_text":
+        raise ConfigError(f"text_encoder applies to Stable Diffusion (FrozenCLIPEmbedder) models, not {model.source}")
+    if preset is None:
+        return model
     if null_class != "last":
-        if cond.get("name") != "class_label" or cond.get("role", "crossattn") != "crossattn":
-            raise ConfigError(f"null_class={null_class!r}: preset {preset} has no class embedding with a null class")
         rows = int(cond["num_classes"]) + 1
         index = null_class_index(rows, null_class)
         cond["null_index"] = None if index == rows - 1 else index
@@ -539,8 +551,6 @@ def translation(
                 "(ldmkit convert compvis --text-encoder DIR)"
             )
         cond["name_or_path"] = str(text_encoder)
-    elif text_encoder is not None:
-        raise ConfigError(f"text_encoder applies to Stable Diffusion (FrozenCLIPEmbedder) models, not preset {preset}")
     return model
 
 

@@ -6,10 +6,9 @@ from ldmkit.interop.diffusers.autoencoder import (
     vae_from_diffusers,
     vae_to_diffusers,
 )
-from ldmkit.interop.diffusers.common import DIFFUSERS_VERSION, ConversionError
+from ldmkit.interop.diffusers.common import DIFFUSERS_VERSION, ConversionError, ConversionWarning
 from ldmkit.interop.diffusers.folder import describe, fit_state, read_diffusers, to_diffusers
 from ldmkit.interop.diffusers.scheduler import diffusers_scheduler_config
-from ldmkit.interop.diffusers.text import copy_text_encoder_files
 from ldmkit.interop.diffusers.unet import (
     diffusers_unet_config,
     unet_from_diffusers,
@@ -19,7 +18,7 @@ from ldmkit.interop.diffusers.unet import (
 __all__ = [
     "DIFFUSERS_VERSION",
     "ConversionError",
-    "copy_text_encoder_files",
+    "ConversionWarning",
     "describe",
     "diffusers_scheduler_config",
     "diffusers_unet_config",

@@ -80,6 +80,7 @@ class InitSource:
     weights: dict[str, Tensor]
     references: dict[str, dict[str, Any]] = field(default_factory=dict)  # frozen.json parts
     directory: Path | None = None  # where frozen.json was read
+    loss_type: str | None = None  # what a paper checkpoint was trained with (its config's loss_type)
 
     @property
     def scale_factor(self) -> float | None:
@@ -266,7 +267,8 @@ def _compvis(path: Path, preset: str | None, config: str | Path | None) -> InitS
         return InitSource(path, "a paper first-stage checkpoint", {f"first_stage.{k}": v for k, v in state.items()})
     pipeline = Pipeline.from_compvis(path, config, preset=preset)
     weights = "EMA" if pipeline.config.choices.get("weights") == "ema" else "raw"
-    return InitSource(path, f"a paper checkpoint ({weights} weights)", dict(pipeline.state_dict()))
+    return InitSource(path, f"a paper checkpoint ({weights} weights)", dict(pipeline.state_dict()),
+                      loss_type=model.loss_type)  # fmt: skip
 
 
 # -- loading --------------------------------------------------------------------------------

@@ -191,7 +191,8 @@ class LDMTrainer(Trainer):
 
     def _carry_scale_factor(self, source: InitSource) -> list[str]:
         """The source's scale factor, unless ``scale_factor=scale_by_std`` asks for a new
-        estimate; the report's closing notes."""
+        estimate; the report's closing notes (and the loss a paper checkpoint was trained
+        with, where the run's ``trainer.objective`` differs)."""
         carried = source.scale_factor
         if self.scale_by_std:
             note = "scale_factor: scale_by_std, estimated from the first batch" + (
@@ -201,7 +202,13 @@ class LDMTrainer(Trainer):
         else:
             self.pipeline.scale_factor.fill_(carried)
             note = f"scale_factor: {carried:.6g} from the source"
-        return [note, "the optimizer, the step counter and the EMA start fresh"]
+        notes = [note, "the optimizer, the step counter and the EMA start fresh"]
+        ours = self.step_module.objective.loss_type
+        if source.loss_type is not None and source.loss_type != ours:  # the run's own objective wins
+            notes.append(f"trainer.objective.loss_type={ours}, but the paper trained this model with "
+                         f"{source.loss_type} (its config's loss_type): set trainer.objective.loss_type="
+                         f"{source.loss_type} to go on as it did")  # fmt: skip
+        return notes
 
     # -- state ---------------------------------------------------------------------------
     def model_modules(self) -> dict[str, nn.Module]:

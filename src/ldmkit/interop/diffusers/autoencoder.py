@@ -18,13 +18,24 @@ from ldmkit.interop.diffusers.common import (
 )
 from ldmkit.interop.diffusers.renaming import Row, _convert
 
+# the encoder's and decoder's blocks of a level without and with attention
+DOWN, ATTN_DOWN, UP, ATTN_UP = "DownEncoderBlock2D", "AttnDownEncoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D"
 # AutoencoderKL's and VQModel's scaling_factor when their config.json has none (Stable
 # Diffusion v1's vae/config.json predates the key)
 DIFFUSERS_SCALING_FACTOR = 0.18215
 
 
+def _level_attention(cfg: dict[str, Any]) -> list[bool]:
+    """Whether each level of the encoder (and the decoder's level of the same size) attends:
+    ``attn_resolutions`` lists feature-map sizes; ``attn_type: none`` attends nowhere."""
+    sizes = [int(cfg["resolution"]) // 2**level for level in range(len(cfg["ch_mult"]))]
+    attends = cfg.get("attn_type", "vanilla") != "none"
+    return [attends and size in list(cfg.get("attn_resolutions") or []) for size in sizes]
+
+
 def _vae_rows(cfg: dict[str, Any]) -> list[Row]:
     levels, nrb = len(cfg["ch_mult"]), int(cfg["num_res_blocks"])
+    attention = _level_attention(cfg)
     rows: list[Row] = [("quant_conv.", "quant_conv.", "plain", 0), ("post_quant_conv.", "post_quant_conv.", "plain", 0),
                        ("regularizer.embedding.", "quantize.embedding.", "plain", 0)]  # fmt: skip
     for part in ("encoder", "decoder"):
@@ -53,6 +64,11 @@ def _vae_rows(cfg: dict[str, Any]) -> list[Row]:
                 )
             )
         up = levels - 1 - level
+        if attention[level]:  # the level's attention after each ResBlock, as diffusers' Attn*Block2D
+            rows += [(f"encoder.down.{level}.attn.{j}.", f"encoder.down_blocks.{level}.attentions.{j}.", "vattn", 0)
+                     for j in range(nrb)]  # fmt: skip
+            rows += [(f"decoder.up.{level}.attn.{j}.", f"decoder.up_blocks.{up}.attentions.{j}.", "vattn", 0)
+                     for j in range(nrb + 1)]  # fmt: skip
         for j in range(nrb + 1):
             rows.append(
                 (
@@ -94,13 +110,12 @@ def diffusers_vae_config(cfg: dict[str, Any], scaling_factor: float) -> dict[str
         name in ("kl", "vq"),
         f"first_stage: only ldmkit's `kl` and `vq` convert to diffusers, got {name!r}",
     )
-    _require(not list(cfg.get("attn_resolutions") or []),
-             f"{where}.attn_resolutions={list(cfg['attn_resolutions'])}: diffusers' encoder/decoder blocks have no attention")  # fmt: skip
-    levels = len(cfg["ch_mult"])
+    attention = _level_attention(cfg)
     common = {
         "_diffusers_version": DIFFUSERS_VERSION, "in_channels": int(cfg["in_channels"]),
-        "out_channels": int(cfg["out_ch"]), "down_block_types": ["DownEncoderBlock2D"] * levels,
-        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "out_channels": int(cfg["out_ch"]),
+        "down_block_types": [ATTN_DOWN if a else DOWN for a in attention],
+        "up_block_types": [ATTN_UP if a else UP for a in reversed(attention)],
         "block_out_channels": [int(cfg["ch"]) * int(m) for m in cfg["ch_mult"]],
         "layers_per_block": int(cfg["num_res_blocks"]), "act_fn": "silu",
         "norm_num_groups": int(cfg.get("norm_groups", 32)), "sample_size": int(cfg["resolution"]), "scaling_factor": float(scaling_factor),
@@ -135,9 +150,26 @@ def _vae_from_config(c: dict[str, Any]) -> tuple[dict[str, Any], float]:
                 c[key] == want,
                 f"{where}: {key}={c[key]!r} is not supported (ldmkit's autoencoder has {want!r})",
             )
+    resolution = _value(c, "sample_size", WHOLE, where, 256)
+    down = list(c.get("down_block_types") or [DOWN] * len(channels))
+    up = list(c.get("up_block_types") or [UP] * len(channels))
+    attention = [kind == ATTN_DOWN for kind in down]
+    _require(
+        len(down) == len(up) == len(channels)
+        and all(kind in (DOWN, ATTN_DOWN) for kind in down)
+        and up == [ATTN_UP if a else UP for a in reversed(attention)],
+        f"{where}: down_block_types={down}, up_block_types={up}: ldmkit's autoencoder has one block a level, "
+        f"{DOWN} or {ATTN_DOWN}, and the decoder's mirror the encoder's ({UP} / {ATTN_UP})",
+    )
+    _require(
+        c.get("mid_block_add_attention", True) or not any(attention),
+        f"{where}: mid_block_add_attention=false with {ATTN_DOWN}s: ldmkit's autoencoder attends in its levels "
+        "only when its middle block does (attn_type: none is no attention anywhere)",
+    )
     arch = {"ch": channels[0], "ch_mult": [x // channels[0] for x in channels],
-            "num_res_blocks": _value(c, "layers_per_block", WHOLE, where), "attn_resolutions": [],
-            "resolution": _value(c, "sample_size", WHOLE, where, 256), "in_channels": _value(c, "in_channels", WHOLE, where),
+            "num_res_blocks": _value(c, "layers_per_block", WHOLE, where),
+            "attn_resolutions": [resolution // 2**level for level, a in enumerate(attention) if a],
+            "resolution": resolution, "in_channels": _value(c, "in_channels", WHOLE, where),
             "out_ch": _value(c, "out_channels", WHOLE, where), "dropout": 0.0,
             "norm_groups": _value(c, "norm_num_groups", WHOLE, where, 32),
             "attn_type": "vanilla" if c.get("mid_block_add_attention", True) else "none"}  # fmt: skip

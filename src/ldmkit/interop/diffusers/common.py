@@ -15,6 +15,10 @@ class ConversionError(ConfigError):
     """A model that the diffusers format cannot hold (or a diffusers model ldmkit cannot)."""
 
 
+class ConversionWarning(UserWarning):
+    """What an export writes nearly, not exactly (``ldmkit convert`` prints it as one line)."""
+
+
 # what the numbers read from a diffusers config.json may be (a tampered 1e12 is no width)
 WHOLE, POSITIVE = Integer(1), Number(0, above=True)
 _REQUIRED = object()

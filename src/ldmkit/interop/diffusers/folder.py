@@ -18,6 +18,8 @@ from torch import Tensor
 
 from ldmkit import pipeline_files
 from ldmkit.config import refuse_interpolations
+from ldmkit.config_checks import Number, Text
+from ldmkit.interop import compvis
 from ldmkit.interop.diffusers.autoencoder import (
     _vae_from_config,
     diffusers_vae_config,
@@ -49,6 +51,9 @@ from ldmkit.interop.diffusers.unet import (
 )
 
 CONDITIONER_DIR = "ldmkit_conditioner"
+# a text conditioner's options that diffusers has no place for (ldmkit.json keeps them), with
+# what a folder without them means: the paper's (the batch key of prompts, condition dropout)
+TEXT_OPTIONS = {"input_key": (Text(), "caption"), "drop_rate": (Number(0, 1), compvis.GUIDED_DROP_RATE)}
 
 
 # -- writing -------------------------------------------------------------------------------
@@ -142,6 +147,9 @@ def to_diffusers(
         module = pipeline.conditioner
         module.transformer.save_pretrained(out / "text_encoder", safe_serialization=True)
         module.tokenizer.save_pretrained(out / "tokenizer")
+        # the length StableDiffusionPipeline pads prompts to (read back as clip_text's max_length)
+        tokenizer_config = out / "tokenizer" / "tokenizer_config.json"
+        _write_json(tokenizer_config, {**_read_json(tokenizer_config), "model_max_length": int(conditioner["max_length"])})
         components.update(text_encoder=["transformers", type(module.transformer).__name__],
                           tokenizer=["transformers", type(module.tokenizer).__name__])  # fmt: skip
     elif ldm_bert:
@@ -168,6 +176,7 @@ def to_diffusers(
             out / CONDITIONER_DIR / "config.json", {"conditioner": conditioner, "ldmkit_format": 1}
         )
         _write_tensors(out / CONDITIONER_DIR / "model.safetensors", cond_state)
+    text_component = name == "clip_text" or ldm_bert  # text_encoder/ or bert/: diffusers' own class
     if name in ("none", "clip_text") or ldm_bert:  # an older export's conditioner would be read back
         shutil.rmtree(out / CONDITIONER_DIR, ignore_errors=True)
     if name == "clip_text" and unet_config["_class_name"] == "UNet2DConditionModel":
@@ -192,6 +201,8 @@ def to_diffusers(
     _write_json(out / "ldmkit.json", {"image_size": int(cfg["image_size"]), "sampler": cfg["sampler"],
                                        "use_new_attention_order": bool(unet_cfg.get("use_new_attention_order")),
                                        "bert_default_vocab": ldm_bert and conditioner.get("vocab") is None,
+                                       "conditioner_options": {k: conditioner.get(k, default) for k, (_, default)
+                                                               in TEXT_OPTIONS.items()} if text_component else None,
                                        "source": "ldmkit convert to-diffusers"})  # fmt: skip
     _write_json(out / "model_index.json", {"_diffusers_version": DIFFUSERS_VERSION, **index})
     return out
@@ -248,14 +259,35 @@ def _read_tensors(folder: Path) -> dict[str, Tensor]:
     for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
         if (folder / name).is_file():
             return dict(read_safetensors(folder / name))
-    if (folder / "diffusion_pytorch_model.bin").is_file():
-        from ldmkit.weights import read_weights
+    for name in ("diffusion_pytorch_model.bin", "pytorch_model.bin"):  # diffusers' and transformers' older names
+        if (folder / name).is_file():
+            from ldmkit.weights import read_weights
 
-        return read_weights(folder / "diffusion_pytorch_model.bin")
+            return read_weights(folder / name)
     others = sorted(p.name for p in folder.glob("*.safetensors*")) if folder.is_dir() else []
     found = (f"; it has {', '.join(others[:3])} (a variant? rename it to the name above; sharded weights are "
              "not read)") if others else ""  # fmt: skip
     raise ConversionError(f"{folder} holds no weights (diffusion_pytorch_model.safetensors){found}")
+
+
+def _text_options(extra: dict[str, Any]) -> dict[str, Any]:
+    """A text conditioner's :data:`TEXT_OPTIONS` from ``ldmkit.json`` (the paper's without it)."""
+    options = extra.get("conditioner_options") or {}
+    _require(isinstance(options, dict), f"ldmkit.json: conditioner_options={options!r}: expected a mapping")
+    named = {f"conditioner_options.{k}": v for k, v in options.items()}
+    return {k: _value(named, f"conditioner_options.{k}", spec, "ldmkit.json", default)
+            for k, (spec, default) in TEXT_OPTIONS.items()}  # fmt: skip
+
+
+def _clip_max_length(base: Path) -> int:
+    """The prompt length of a diffusers CLIP tokenizer (``model_max_length``, what
+    StableDiffusionPipeline pads to); 77, CLIP's, where it says none that the text encoder's
+    positions hold (transformers writes a huge number for "unset")."""
+    path = base / "tokenizer" / "tokenizer_config.json"
+    length = _read_json(path).get("model_max_length") if path.is_file() else None
+    positions = _read_json(base / "text_encoder" / "config.json").get("max_position_embeddings", 77)
+    fits = isinstance(length, int) and not isinstance(length, bool) and 0 < length <= positions
+    return length if fits else 77
 
 
 def read_diffusers(
@@ -267,9 +299,7 @@ def read_diffusers(
 
     ``text_encoder_dir``: where the CLIP text encoder's config and tokenizer are read from by
     the pipeline's ``clip_text`` (default: the folder's own ``text_encoder/`` and
-    ``tokenizer/``; ``ldmkit convert from-diffusers`` copies them beside the pipeline)."""
-    from ldmkit.interop import compvis
-
+    ``tokenizer/``, which ``Pipeline.save`` carries under the pipeline's ``files/``)."""
     directory = Path(directory)
     index = _read_json(directory / "model_index.json", directory)
     unet_cfg = _unet_from_config(_read_json(directory / "unet" / "config.json"))
@@ -299,8 +329,8 @@ def read_diffusers(
         base = Path(text_encoder_dir) if text_encoder_dir is not None else directory
         conditioner: dict[str, Any] = {
             "name": "clip_text", "name_or_path": str((base / "text_encoder").resolve()),
-            "tokenizer_path": str((base / "tokenizer").resolve()), "max_length": 77, "pretrained": False,
-            "input_key": "caption", "drop_rate": compvis.GUIDED_DROP_RATE,
+            "tokenizer_path": str((base / "tokenizer").resolve()), "max_length": _clip_max_length(base), "pretrained": False,
+            **_text_options(extra),
         }  # fmt: skip
         cond_state = {
             "transformer." + k: v for k, v in _read_tensors(directory / "text_encoder").items()
@@ -310,7 +340,7 @@ def read_diffusers(
         _require(kind == "LDMBertModel", f"{directory}: bert {kind} has no ldmkit conditioner (LDMBertModel does: bert)")
         conditioner = _bert_from_config(_read_json(directory / "bert" / "config.json"), f"{directory}/bert/config.json")
         base = Path(text_encoder_dir) if text_encoder_dir is not None else directory
-        conditioner.update(vocab=_bert_vocab(base / "tokenizer", bool(extra.get("bert_default_vocab"))), input_key="caption", drop_rate=compvis.GUIDED_DROP_RATE)
+        conditioner.update(vocab=_bert_vocab(base / "tokenizer", bool(extra.get("bert_default_vocab"))), **_text_options(extra))
         names = {theirs: ours for ours, theirs in _bert_names(conditioner["n_layer"]).items()}
         bert_state = _read_tensors(directory / "bert")
         unknown = sorted(set(bert_state) - set(names))

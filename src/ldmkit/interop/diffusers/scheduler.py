@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from ldmkit.config_checks import Integer
@@ -10,6 +11,7 @@ from ldmkit.interop.diffusers.common import (
     DIFFUSERS_VERSION,
     POSITIVE,
     WHOLE,
+    ConversionWarning,
     _require,
     _value,
 )
@@ -17,6 +19,10 @@ from ldmkit.interop.diffusers.common import (
 # the sampler's spacing <-> DDIMScheduler (timestep_spacing, steps_offset, set_alpha_to_one)
 SPACING_TO_DDIM = {"paper": ("leading", 1, False), "leading": ("leading", 0, True),
                    "trailing": ("trailing", 0, True), "linspace": ("linspace", 0, True)}  # fmt: skip
+# the spacings DDIMScheduler has no counterpart of, and the nearest it has: the paper's other
+# DDIM grid (quad) ends at alpha_bar_0 as `paper` does; the sigma grids run from sigma_max to
+# sigma_min as `linspace` does (the sigma samplers' default)
+NEAREST_DDIM_SPACING = {"quad": "paper", "karras": "linspace", "exponential": "linspace"}
 SCHEDULE_TO_DIFFUSERS = {
     "linear": "scaled_linear",
     "sqrt_linear": "linear",
@@ -30,10 +36,20 @@ def diffusers_scheduler_config(
     schedule: dict[str, Any], sampler: dict[str, Any], prediction: str
 ) -> dict[str, Any]:
     spacing = str(sampler.get("spacing", "paper"))
+    nearest = NEAREST_DDIM_SPACING.get(spacing, spacing)
     _require(
-        spacing in SPACING_TO_DDIM,
+        nearest in SPACING_TO_DDIM,
         f"sampler.spacing={spacing!r} has no DDIMScheduler counterpart ({sorted(SPACING_TO_DDIM)})",
     )
+    if nearest != spacing:  # the weights export whatever the sampling default; say what differs
+        warnings.warn(
+            f"sampler.spacing={spacing!r} has no DDIMScheduler counterpart: scheduler/ is written with "
+            f"the nearest, {nearest!r}, whose timesteps differ (ldmkit.json keeps {spacing!r} for "
+            f"from-diffusers); for a scheduler that samples as ldmkit does, set sampler.spacing to one "
+            f"of {sorted(SPACING_TO_DDIM)} in the pipeline's config.yaml and export again",
+            ConversionWarning,
+            stacklevel=3,
+        )
     kind = SCHEDULE_TO_DIFFUSERS.get(str(schedule["kind"]), str(schedule["kind"]))
     _require(
         kind in SCHEDULE_TO_DIFFUSERS.values(),
@@ -44,7 +60,7 @@ def diffusers_scheduler_config(
         f"schedule.cosine_s={schedule.get('cosine_s')}: diffusers' squaredcos_cap_v2 has the offset "
         f"{COSINE_S} built in",
     )
-    timestep_spacing, offset, alpha_one = SPACING_TO_DDIM[spacing]
+    timestep_spacing, offset, alpha_one = SPACING_TO_DDIM[nearest]
     return {
         "_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
         "num_train_timesteps": int(schedule["timesteps"]), "beta_start": float(schedule["linear_start"]),

@@ -1,10 +1,9 @@
 """The text encoders: the paper's ``bert`` as diffusers' ``LDMBertModel`` (run by
 ``LDMTextToImagePipeline``) with a WordPiece ``vocab.txt``, CLIP text weights in the names of
-the installed transformers, and the text encoder's files copied beside a converted pipeline."""
+the installed transformers."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -95,18 +94,3 @@ def _bert_vocab(tokenizer_dir: Path, default: bool) -> str | None:
     _require(vocab.is_file(), f"{tokenizer_dir}: no vocab.txt (the WordPiece vocabulary of the bert text model)")
     return None if default else str(vocab.resolve())
 
-
-def copy_text_encoder_files(source: Path, out: Path) -> bool:
-    """The text encoder's config and tokenizer files (not its weights) from a diffusers folder
-    into ``out`` (``text_encoder/`` or ``bert/``, and ``tokenizer/``); False if it has none."""
-    subs = [sub for sub in ("text_encoder", "bert", "tokenizer") if (source / sub).is_dir()]
-    if not any(sub in subs for sub in ("text_encoder", "bert")):
-        return False
-    if out.exists() and out.resolve() == source.resolve():  # written beside the diffusers files
-        return True
-    for sub in subs:
-        (out / sub).mkdir(parents=True, exist_ok=True)
-        for path in (source / sub).iterdir():
-            if path.is_file() and path.suffix not in (".safetensors", ".bin"):
-                shutil.copy2(path, out / sub / path.name)
-    return True
