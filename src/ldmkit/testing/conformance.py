@@ -62,6 +62,19 @@ def _check_not_trivial(out: Tensor, what: str) -> None:
         )
 
 
+def _same_input(batch: Mapping[str, Any], i: int, j: int) -> bool:
+    """Whether samples ``i`` and ``j`` of ``batch`` have equal entries under every key."""
+    for value in batch.values():
+        a, b = _reorder(value, [i]), _reorder(value, [j])
+        if isinstance(a, Tensor) and not torch.equal(a, b):
+            return False
+        if not isinstance(a, Tensor) and hasattr(a, "shape") and not (a == b).all():  # numpy
+            return False
+        if not hasattr(a, "shape") and a != b:
+            return False
+    return True
+
+
 def _reorder(value: Any, order: list[int]) -> Any:
     """A batch entry with its samples in ``order`` (tensors, arrays, lists, tuples)."""
     if isinstance(value, Tensor):
@@ -266,14 +279,25 @@ class DenoiserConformance:
                 assert not torch.allclose(d(z, t, cond), d(z, t, changed)), f"ignores cond[{key!r}]"
 
     def test_samples_are_independent(self):
+        """The last sample's output depends on its own latent, timestep and condition alone:
+        new ones for the other samples leave it as it was (a denoiser that embeds ``t[0]`` for
+        the whole batch, or attends across the batch, fails here)."""
         d = self.make_denoiser().eval()
         perturb_parameters(d)
         z, t, cond = self._inputs(d)
-        z2 = z.clone()
-        z2[1:] = torch.randn_like(z2[1:])
+        other_z, other_t, other_cond = self._inputs(d, seed=1)
+
+        def others_replaced(mine: Tensor, others: Tensor) -> Tensor:
+            return torch.cat([others[:-1], mine[-1:]])
+
+        z2, t2 = others_replaced(z, other_z), others_replaced(t, 999 - t)
+        cond2 = {key: others_replaced(value, other_cond[key]) for key, value in cond.items()}
         with torch.no_grad():
-            a, b = d(z, t, cond), d(z2, t, cond)
-        torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-5)
+            a, b = d(z, t, cond)[-1], d(z2, t2, cond2)[-1]
+        torch.testing.assert_close(
+            a, b, atol=1e-5, rtol=1e-5,
+            msg=lambda m: f"sample {self.batch_size - 1}'s output changed with the other samples' z, t and condition: {m}",
+        )  # fmt: skip
 
     def test_backward_reaches_parameters(self):
         d = self.make_denoiser().train()
@@ -351,12 +375,16 @@ class ConditionerConformance:
             return c, batch, c(batch), c.unconditional(batch)
 
     def test_output_depends_on_the_input(self):
-        """Samples 0 and 1 of ``make_batch`` differ in their inputs (make it so), so a
-        conditioner that ignores its input fails here."""
-        _, _, cond, _ = self._conditioned()
-        assert any(not torch.equal(v[0], v[1]) for v in cond.values()), (
-            "samples 0 and 1 have different inputs but the same condition: the input is ignored"
-        )
+        """Any two samples of ``make_batch`` whose inputs differ get different conditions
+        (samples 0 and 1 must differ: make it so), so a conditioner that ignores its input,
+        or maps several inputs to one condition, fails here."""
+        _, batch, cond, _ = self._conditioned()
+        assert not _same_input(batch, 0, 1), "make_batch must give samples 0 and 1 different inputs"
+        for i in range(self.batch_size):
+            for j in range(i + 1, self.batch_size):
+                assert _same_input(batch, i, j) or any(not torch.equal(v[i], v[j]) for v in cond.values()), (
+                    f"samples {i} and {j} have different inputs but the same condition: the input is ignored"
+                )
 
     def test_swapping_two_samples_swaps_their_conditions(self):
         """Each sample's condition follows its own input, not its place in the batch: a
@@ -494,6 +522,12 @@ class SamplerConformance:
     or end with a first-order step to sigma = 0, which caps any solver at first order
     there); a multistep method that assumes even steps in t, like PLMS, wants ``linspace``.
 
+    Declare ``stochastic``: True for a sampler that draws fresh noise as it goes (DDPM, DDIM
+    with eta > 0, an ancestral sampler), so two generators must give different samples (a
+    DDIM that ignores its ``eta`` gives the same); False for a deterministic one. A sampler
+    with a ``spacing`` must visit the timesteps of :func:`ldmkit.diffusion.timestep_pairs`
+    for each timestep spacing it takes (its ``callback``'s ``t``).
+
     ``sample(steps=S)`` must run S steps (``steps_check`` gives two S), ``sample()``
     ``self.steps``. A sampler that sets ``supports_mask`` must keep the known region and
     generate the rest consistently with it (on data whose samples are one value repeated,
@@ -524,6 +558,7 @@ class SamplerConformance:
     seed_batch: int = 16
     seed_steps: int = 8
     seed_tolerance: float = 1e-4
+    stochastic: bool | None = None
 
     def make_sampler(self) -> Sampler:
         raise NotImplementedError("implement make_sampler() in your test class")
@@ -812,6 +847,43 @@ class SamplerConformance:
             for seed in (1, 2)
         ]
         return torch.equal(runs[0], runs[1])
+
+    def test_stochastic_as_declared(self):
+        """With ``stochastic`` declared, two generators give different samples (True: a DDIM
+        that ignores its ``eta`` fails) or the same ones (False)."""
+        if self.stochastic is None:
+            pytest.skip("stochastic is not declared")
+        sampler = self.make_sampler()
+        deterministic = self.is_deterministic(sampler)
+        assert deterministic != self.stochastic, (
+            f"{sampler!r} gives {'the same' if deterministic else 'different'} samples under two "
+            f"generators, but the test class declares stochastic = {self.stochastic}"
+        )
+
+    # -- timesteps ---------------------------------------------------------------------
+    def test_timesteps_follow_the_spacing(self):
+        """Step i visits the i-th timestep of ``timestep_pairs(T, steps, spacing)`` (its
+        ``callback`` says ``t``) for each timestep spacing the sampler takes (fractional
+        within 0.5 for the sigma samplers' ``linspace``). A sampler without ``spacing`` is
+        skipped."""
+        from ldmkit.diffusion import SPACINGS, timestep_pairs
+
+        sampler, schedule = self.make_sampler(), self.make_schedule()
+        if not hasattr(sampler, "spacing"):
+            pytest.skip("the sampler has no `spacing`")
+        steps = 10  # divides T = 1000: `paper` makes exactly 10 steps
+        for spacing in [name for name in getattr(sampler, "spacings", SPACINGS) if name in SPACINGS]:
+            sampler.spacing = spacing
+            seen: list[dict] = []
+            sampler.sample(
+                gaussian_denoiser(schedule, 0.5, 0.5), schedule, self._noise(), steps=steps,
+                generator=torch.Generator().manual_seed(1), callback=seen.append,
+            )  # fmt: skip
+            visited = [float(info["t"]) for info in seen]
+            planned = [t for t, _ in timestep_pairs(schedule.timesteps, steps, spacing)]
+            assert len(visited) == len(planned) and all(
+                abs(a - b) <= 0.5 for a, b in zip(visited, planned, strict=True)
+            ), f"with spacing {spacing!r} the steps visit t = {[round(t, 1) for t in visited]}, not {planned}"
 
     def test_convergence_order(self):
         sampler = self.make_sampler()
