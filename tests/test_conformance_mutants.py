@@ -6,8 +6,9 @@ DPM-Solver++(2M) with a flipped sign in its multistep correction, a sampler that
 final paste), a sampler that silently drops a mask it does not support, a DDIM that ignores
 its ``eta``, a sampler that ignores its ``spacing``, conditioners whose output ignores their
 input or maps two inputs to one condition, denoisers that embed ``t[0]`` for the whole batch
-or attend across it, first stages whose decoder returns zeros or a constant or whose encoder
-ignores the image. Each fails the check named beside it; every first-party sampler,
+or attend across it, a sampler that ignores the ``noise`` it is given, first stages whose
+decoder returns zeros or a constant, ignores a latent channel or mixes the batch, or whose
+encoder ignores the image or reads another sample's. Each fails the check named beside it; every first-party sampler,
 conditioner and first stage passes the same checks.
 """
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldmkit.diffusion import NoiseSchedule, timestep_pairs
+from ldmkit.diffusion import NoiseSchedule, randn_like, timestep_pairs
 from ldmkit.diffusion.sampling import SigmaDenoiser, sigma_table
 from ldmkit.interfaces import Conditioner, Denoiser, FirstStage, Sampler
 from ldmkit.plugins import get_registry
@@ -105,6 +106,14 @@ class PastesKnownAtTheEnd(ldmkit_samplers.DDIMSampler):
     def sample(self, denoise, schedule, noise, *, mask=None, known=None, **kwargs):
         out = super().sample(denoise, schedule, noise, **kwargs)
         return out if mask is None else mask * out + (1 - mask) * known
+
+
+class DrawsItsOwnStart(ldmkit_samplers.DDPMSampler):
+    """Starts from noise it draws from the generator, not from the ``noise`` it is given."""
+
+    def sample(self, denoise, schedule, noise, *, generator=None, **kwargs):
+        start = randn_like(noise, generator)
+        return super().sample(denoise, schedule, start, generator=generator, **kwargs)
 
 
 class SilentlyDropsMask(Sampler):
@@ -206,6 +215,7 @@ def test_the_exact_flow_solution_is_the_limit_of_a_fine_solver():
         (IgnoresMask, "test_mask_generated_region_follows_the_known_region"),
         (PastesKnownAtTheEnd, "test_mask_generated_region_follows_the_known_region"),
         (SilentlyDropsMask, "test_unsupported_mask_is_refused"),
+        (DrawsItsOwnStart, "test_result_depends_on_the_noise"),
     ],
     ids=lambda v: v if isinstance(v, str) else v.__name__,
 )
@@ -220,6 +230,7 @@ def test_pasting_known_at_the_end_passes_the_old_mask_check():
 
 
 SAMPLER_CHECKS = [
+    "test_result_depends_on_the_noise",
     "test_timesteps_follow_the_spacing",
     "test_steps_argument_sets_the_number_of_steps",
     "test_default_steps_are_the_samplers_own",
@@ -448,7 +459,29 @@ class BlindEncoder(Pooling):
         return self.proj(torch.zeros_like(F.avg_pool2d(x, 2)))
 
 
+class EncodesTheFirstImage(Pooling):
+    """Encodes sample 0's image for the whole batch."""
+
+    def encode(self, x):
+        return super().encode(x[:1].expand_as(x))
+
+
+class DecodesAcrossTheBatch(Pooling):
+    """Adds the batch's mean latent to each sample's (a normalization over the batch)."""
+
+    def decode(self, z):
+        return super().decode(z + z.mean(0, keepdim=True))
+
+
+class DecodesOneChannel(Pooling):
+    """Decodes latent channel 0 alone, copied into the others."""
+
+    def decode(self, z):
+        return super().decode(z[:, :1].expand_as(z))
+
+
 FIRST_STAGE_CHECKS = [
+    "test_samples_are_independent",
     "test_decoder_depends_on_its_latent",
     "test_encoder_depends_on_its_image",
     "test_reconstruction_is_not_trivial",
@@ -464,6 +497,9 @@ FIRST_STAGE_CHECKS = [
         (ConstantDecoder, "test_reconstruction_is_not_trivial"),
         (BlindEncoder, "test_encoder_depends_on_its_image"),
         (BlindEncoder, "test_reconstruction_is_not_trivial"),
+        (EncodesTheFirstImage, "test_samples_are_independent"),
+        (DecodesAcrossTheBatch, "test_samples_are_independent"),
+        (DecodesOneChannel, "test_decoder_depends_on_its_latent"),
     ],
     ids=lambda v: v if isinstance(v, str) else v.__name__,
 )

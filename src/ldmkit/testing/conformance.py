@@ -93,9 +93,9 @@ class FirstStageConformance:
     """Contract of :class:`ldmkit.interfaces.FirstStage`.
 
     An untrained first stage reconstructs nothing recognisable, so by default the suite checks
-    what holds for any weights: the decoder's output depends on its latent and is not zero or
-    constant, the encoder's latent depends on the image, and ``decode(encode(x))`` follows
-    ``x``. Set ``min_reconstruction_correlation`` (the Pearson correlation of
+    what holds for any weights: the decoder's output depends on every channel of its latent and
+    is not zero or constant, the encoder's latent depends on the image, each sample is encoded
+    and decoded independently of the others, and ``decode(encode(x))`` follows ``x``. Set ``min_reconstruction_correlation`` (the Pearson correlation of
     ``decode(encode(x))`` with ``x``) when ``make_first_stage`` returns a trained or lossless
     one: 0.999 for an identity, about 0.9 for a pretrained KL-f8. Set ``deterministic_encode``
     when ``encode`` should not draw noise (a KL posterior's mean, ``encode_mode=mode``; VQ's
@@ -152,11 +152,19 @@ class FirstStageConformance:
         return torch.randn(shape, generator=gen)
 
     def test_decoder_depends_on_its_latent(self):
+        """``decode(z)`` is not zero or constant and changes with each channel of ``z``."""
         fs = self.make_first_stage().eval()
+        z, other = self._latents(fs, 0), self._latents(fs, 1)
         with torch.no_grad():
-            a, b = fs.decode(self._latents(fs, 0)), fs.decode(self._latents(fs, 1))
-        _check_not_trivial(a, "decode(z)")
-        assert _differ(a, b), "decode(z) is the same for two different latents: the latent is ignored"
+            a, b = fs.decode(z), fs.decode(other)
+            _check_not_trivial(a, "decode(z)")
+            assert _differ(a, b), "decode(z) is the same for two different latents: the latent is ignored"
+            for channel in range(fs.latent_channels):
+                changed = z.clone()
+                changed[:, channel] = other[:, channel]
+                assert _differ(a, fs.decode(changed)), (
+                    f"decode(z) ignores latent channel {channel} of {fs.latent_channels}"
+                )
 
     def _seeded(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         """``fn(x)`` with the global RNG seeded: a KL encoder that samples its posterior
@@ -170,6 +178,26 @@ class FirstStageConformance:
         a, b = self._seeded(fs.encode, self._images(fs, 0)), self._seeded(fs.encode, self._images(fs, 1))
         _check_not_trivial(a, "encode(x)")
         assert _differ(a, b), "encode(x) is the same for two different images: the image is ignored"
+
+    def test_samples_are_independent(self):
+        """The last sample's latent depends on its own image, and its decoded image on its
+        own latent, alone: new images or latents for the other samples leave them as they
+        were (an encoder that reads ``x[0]`` for the batch, or a decoder that normalizes over
+        the batch, fails here)."""
+        fs = self.make_first_stage().eval()
+
+        def others_replaced(mine: Tensor, others: Tensor) -> Tensor:
+            return torch.cat([others[:-1], mine[-1:]])
+
+        for what, fn, x, other in (
+            ("encode", fs.encode, self._images(fs, 0), self._images(fs, 1)),
+            ("decode", fs.decode, self._latents(fs, 0), self._latents(fs, 1)),
+        ):
+            a, b = self._seeded(fn, x)[-1], self._seeded(fn, others_replaced(x, other))[-1]
+            torch.testing.assert_close(
+                a, b, atol=1e-5, rtol=1e-5,
+                msg=lambda m, what=what: f"{what}: sample {self.batch_size - 1}'s output changed with the other samples' inputs: {m}",
+            )  # fmt: skip
 
     def test_reconstruction_is_not_trivial(self):
         """``decode(encode(x))`` is not zero or constant and changes with ``x``; with
@@ -593,6 +621,19 @@ class SamplerConformance:
         )
         assert abs(out.mean().item() - mean) < self.distribution_tolerance
         assert abs(out.std().item() - std) < self.distribution_tolerance
+
+    def test_result_depends_on_the_noise(self):
+        """``noise`` is z_T: another one under the same generator gives another result (a
+        sampler that draws its own start from the generator fails here)."""
+        schedule = self.make_schedule()
+        a, b = (
+            self.make_sampler().sample(
+                gaussian_denoiser(schedule, 0.0, 0.5), schedule, self._noise(seed), steps=self.steps,
+                generator=torch.Generator().manual_seed(7),
+            )
+            for seed in (0, 1)
+        )  # fmt: skip
+        assert _differ(a, b), "two different noises give the same samples: `noise` is ignored"
 
     def test_reproducible_with_generator(self):
         schedule = self.make_schedule()
