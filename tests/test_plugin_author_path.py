@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import ldmkit
 from ldmkit.interfaces import Sampler
 from ldmkit.plugins import get_plugin_manager, get_registry
 from ldmkit.testing import temporary_plugin
-from tests.conftest import make_distribution, pip_install_project
+from tests.conftest import ldmkit_cli, make_distribution, pip_install_project
 from tests.test_docs_snippets import fenced_blocks
 
 INSTALLED = """
@@ -166,3 +167,82 @@ def test_the_docs_pyproject_installs_and_loads(docs_distribution, fresh_plugins,
     finally:
         for module in [m for m in sys.modules if m == "my_plugin" or m.startswith("my_plugin.")]:
             del sys.modules[module]
+
+
+# -- a plugin that returns the wrong thing ----------------------------------------------------
+
+WRONG_RETURNS = """
+from pathlib import Path
+
+import torch
+
+import ldmkit
+from ldmkit.diffusion import DiscreteSampler
+from ldmkit.interfaces import Conditioner
+
+
+class ReturnsNothing(DiscreteSampler):
+    def step(self, s):
+        return s.z
+
+    def sample(self, denoise, schedule, noise, **kwargs):
+        super().sample(denoise, schedule, noise, **kwargs)  # and forgot to return it
+
+
+class ReturnsATensor(Conditioner):
+    input_keys = ("label",)
+    input_kinds = {"label": "class"}
+
+    def __init__(self):
+        super().__init__()
+        self.crossattn_dim = 8
+        self.embedding = torch.nn.Embedding(4, 8)
+
+    def forward(self, batch):  # the tokens, not {"crossattn": tokens}
+        return self.embedding(torch.as_tensor(self.read(batch, "label")))[:, None]
+
+
+@ldmkit.hookimpl
+def ldmkit_register_samplers(register):
+    register("returns_nothing", ReturnsNothing)
+
+
+@ldmkit.hookimpl
+def ldmkit_register_conditioners(register):
+    register("returns_a_tensor", ReturnsATensor)
+
+
+@ldmkit.hookimpl
+def ldmkit_register_configs(register):
+    register(Path(__file__).parent / "wrong_conf")
+"""
+
+
+@pytest.mark.parametrize(
+    ("overrides", "culprit"),
+    [
+        (["sampler=returns_nothing", "--num-samples", "1"], "sampler 'returns_nothing' from plugin 'wrong' (ldmkit-wrong 1.0): "
+                                      "sample() returned NoneType, not a tensor of shape (1, 3, 8, 8)"),
+        (["conditioner=returns_a_tensor", "sampler.steps=1", "--labels", "1"],
+         "conditioner 'returns_a_tensor' from plugin 'wrong' (ldmkit-wrong 1.0): forward() returned "
+         "Tensor, not a mapping of roles ('crossattn', 'concat', 'vector') to tensors"),
+    ],
+    ids=["sampler", "conditioner"],
+)  # fmt: skip
+def test_a_plugin_returning_the_wrong_type_is_named_in_one_line(site, overrides, culprit):
+    """Once a traceback from deep inside the pipeline (``NoneType / Tensor`` in decode,
+    ``'Tensor' object has no attribute 'items'``) that named neither the plugin nor its
+    distribution."""
+    make_distribution(site, "ldmkit-wrong", "1.0", {"wrong": "wrong_plugin"}, {"wrong_plugin": WRONG_RETURNS})
+    for option in ("sampler/returns_nothing.yaml", "conditioner/returns_a_tensor.yaml"):
+        (site / "wrong_conf" / option).parent.mkdir(parents=True, exist_ok=True)
+        (site / "wrong_conf" / option).write_text(f"name: {Path(option).stem}\nsteps: 1\n" if "sampler" in option
+                                                  else f"name: {Path(option).stem}\n")  # fmt: skip
+    out = ldmkit_cli(
+        "sample", "first_stage=identity", "image_size=8", "denoiser=unet_tiny", *overrides,
+        "--out", str(site / "grid.png"),
+        env={"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])},
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(f"ldmkit sample: error: {culprit}"), out.stderr

@@ -92,6 +92,18 @@ def create_component(
     return obj
 
 
+def component_origin(kind: str, component: Any) -> str:
+    """``sampler 'mine' from plugin 'x' (ldmkit-x 1.0)``: the registered name a component was
+    built under and the plugin and distribution that registered it, for messages about what
+    it did (its class's name when no plugin registered it)."""
+    registry = get_plugin_manager().registry
+    name = (component.built_from or {}).get("name") or registry.name_of(kind, type(component))
+    try:
+        return f"{kind} {name!r} from {registry.get(kind, name).provider}"
+    except LookupError:
+        return f"{kind} {type(component).__name__}"
+
+
 def component_config(kind: str, component: Any) -> dict[str, Any]:
     """The config that builds ``component`` again: the one it was built from through the
     registry (:func:`create_component` records it), else its registered name and the

@@ -18,17 +18,23 @@ from torch import Tensor, nn
 
 from ldmkit import frozen, lora, masks, pipeline_files
 from ldmkit import precision as _precision
-from ldmkit.assembly import component_config, create_component, pipeline_config, pipeline_parts
+from ldmkit.assembly import (
+    component_config,
+    component_origin,
+    create_component,
+    pipeline_config,
+    pipeline_parts,
+)
 from ldmkit.compiling import compile_module, is_compiled
 from ldmkit.config import compose_config, load_saved_config
 from ldmkit.diffusion.guidance import ClassifierFreeGuidance
 from ldmkit.diffusion.sampling import GeneratorArg, randn_like, sample_generators, split_generator
 from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.errors import ConfigError, LdmkitError
-from ldmkit.interfaces import Conditioner, Denoiser, FirstStage, Sampler
+from ldmkit.interfaces import CONDITION_ROLES, Conditioner, Denoiser, FirstStage, Sampler
 from ldmkit.interop import pipelines
 from ldmkit.io import atomic_write, atomic_write_text
-from ldmkit.plugins import get_registry
+from ldmkit.plugins import PluginError, get_registry
 from ldmkit.safetensors_io import read_safetensors, read_safetensors_shapes
 from ldmkit.sampling_request import SampleArgumentError, SampleRequest  # noqa: F401 - SampleArgumentError: its old home
 from ldmkit.tiling import tiled_decode, tiled_encode
@@ -351,6 +357,12 @@ class Pipeline(nn.Module):
                 known=_rows(known, rows, n),
                 **extra,
             )
+            if not isinstance(z0, Tensor) or z0.shape != noise[rows].shape:
+                got = f"a tensor of shape {tuple(z0.shape)}" if isinstance(z0, Tensor) else type(z0).__name__
+                raise PluginError(
+                    f"{component_origin('sampler', self.sampler)}: sample() returned {got}, not a "
+                    f"tensor of shape {tuple(noise[rows].shape)}"
+                )
             if r.refine_known:
                 image_rows, mask_rows = (_rows(v.to(z0.device), rows, n) for v in pixels)
                 z0 = self.refine_known(z0, image_rows, mask_rows, r.refine_known, **tiling)
@@ -365,7 +377,7 @@ class Pipeline(nn.Module):
         device = self.scale_factor.device
         with _precision.autocast(precision, device):
             cond = self.conditioner(batch) if self.conditioner.input_keys else {}
-        cond = _float32(cond)
+        cond = _float32(_check_condition(self.conditioner, "forward()", cond))
         if guidance_scale == 1.0 or not cond:
             return cond, None
         if not self.conditioner.learns_null_condition:
@@ -376,7 +388,8 @@ class Pipeline(nn.Module):
                 stacklevel=5,  # the caller of sample()
             )
         with _precision.autocast(precision, device):
-            return cond, _float32(self.conditioner.unconditional(batch))
+            uncond = self.conditioner.unconditional(batch)
+        return cond, _float32(_check_condition(self.conditioner, "unconditional()", uncond))
 
     def with_sampler(self, sampler: str | Mapping[str, Any] | Sampler, /, **overrides: Any) -> Pipeline:
         """Sample with another sampler from now on, ``config.sampler`` changed with it (what
@@ -659,6 +672,22 @@ def _weights_signature(module: nn.Module) -> tuple:
     return tuple(
         (id(t), t.data_ptr(), t._version, t.dtype, t.device)
         for t in (*module.parameters(), *module.buffers())
+    )
+
+
+def _check_condition(conditioner: Conditioner, method: str, cond: Any) -> Mapping[str, Tensor]:
+    """``cond``, when it is what a conditioner returns: a mapping of roles to tensors; else
+    a :class:`PluginError` naming the conditioner's plugin and what it returned."""
+    if isinstance(cond, Mapping) and all(
+        role in CONDITION_ROLES and isinstance(value, Tensor) for role, value in cond.items()
+    ):
+        return cond
+    got = type(cond).__name__
+    if isinstance(cond, Mapping):
+        got = "{" + ", ".join(f"{role!r}: {type(value).__name__}" for role, value in cond.items()) + "}"
+    raise PluginError(
+        f"{component_origin('conditioner', conditioner)}: {method} returned {got}, not a mapping "
+        f"of roles {CONDITION_ROLES} to tensors"
     )
 
 
