@@ -68,10 +68,6 @@ class SpatialRescaler(nn.Module):
 # -- errors ----------------------------------------------------------------------------------
 
 
-class ConditionValueError(LdmkitError, ValueError):
-    """A condition's value is unusable (a class id out of range, a mask of the wrong size)."""
-
-
 class FirstStageNotBoundError(LdmkitError, RuntimeError):
     """A conditioner that needs the first stage was used before ``bind_first_stage``."""
 
