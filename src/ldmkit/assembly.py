@@ -46,6 +46,17 @@ def component_kwargs(node: Any, group: str) -> tuple[str, dict[str, Any]]:
     return name, data
 
 
+def _shipped_by(label: str | None, kind: str, name: str) -> str:
+    """Why the option ``label`` (``sampler=mine``) names an unregistered ``name``, when a
+    plugin ships it: that plugin failed to load, or registers no such name ("" otherwise)."""
+    group, _, option = (label or "").partition("=")
+    info = get_plugin_manager().option_shipper(group, option) if option else None
+    if info is None:
+        return ""
+    why = f"failed to load: {info.error}" if info.error else f"registers no {kind} {name!r}"
+    return f"; option {label} comes from plugin {info.name!r} ({info.label}), which {why}"
+
+
 def create_component(
     registry: Registry, kind: str, node: Any, label: str | None = None, *, key: str | None = None
 ) -> Any:
@@ -60,7 +71,7 @@ def create_component(
     try:
         factory = registry.get(kind, name).factory
     except LookupError as err:
-        raise ConfigError(f"{label or kind}: {err}") from err
+        raise ConfigError(f"{label or kind}: {err}{_shipped_by(label, kind, name)}") from err
     problems = argument_problems(factory, kwargs, key or kind)
     if problems:
         raise ConfigError(f"{'; '.join(problems)} ({label or f'{kind} {name!r}'})")
