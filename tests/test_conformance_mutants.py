@@ -5,7 +5,7 @@ DPM-Solver++(2M) with a flipped sign in its multistep correction, a sampler that
 ``steps``, samplers that claim ``supports_mask`` but ignore the mask (entirely, or until a
 final paste), a sampler that silently drops a mask it does not support, a DDIM that ignores
 its ``eta``, a sampler that ignores its ``spacing``, conditioners whose output ignores their
-input or maps two inputs to one condition, denoisers that embed ``t[0]`` for the whole batch
+input, maps two inputs to one condition or depends on the rest of the batch, denoisers that embed ``t[0]`` for the whole batch
 or attend across it, a sampler that ignores the ``noise`` it is given, first stages whose
 decoder returns zeros or a constant, ignores a latent channel or mixes the batch, or whose
 encoder ignores the image or reads another sample's. Each fails the check named beside it; every first-party sampler,
@@ -287,7 +287,16 @@ class ClampsLabels(Tokens):
         return {"crossattn": self.embedding(labels)[:, None]}
 
 
+class CentresOverTheBatch(Tokens):
+    """Subtracts the batch's mean embedding: each sample's condition depends on the others."""
+
+    def forward(self, batch):
+        tokens = super().forward(batch)["crossattn"]
+        return {"crossattn": tokens - tokens.mean(0, keepdim=True)}
+
+
 CONDITIONER_CHECKS = [
+    "test_each_sample_is_conditioned_on_its_own",
     "test_output_depends_on_the_input",
     "test_swapping_two_samples_swaps_their_conditions",
 ]
@@ -304,6 +313,7 @@ def conditioner_check(conditioner: type, check: str) -> None:
         (ConstantCondition, "test_output_depends_on_the_input"),
         (ByPosition, "test_swapping_two_samples_swaps_their_conditions"),
         (ClampsLabels, "test_output_depends_on_the_input"),
+        (CentresOverTheBatch, "test_each_sample_is_conditioned_on_its_own"),
     ],
     ids=lambda v: v if isinstance(v, str) else v.__name__,
 )

@@ -430,6 +430,21 @@ class ConditionerConformance:
                 msg=lambda m, role=role: f"{role}: swapping samples 0 and 1 of the batch did not swap their conditions: {m}",
             )  # fmt: skip
 
+    def test_each_sample_is_conditioned_on_its_own(self):
+        """Sample i's condition is the one it gets alone, whatever else the batch holds: ``ldmkit
+        sample`` promises that sample i is seed + i drawn alone (a conditioner that normalizes
+        over the batch, or pads prompts to the batch's longest, fails here). Deterministic in
+        eval mode, like the swap check."""
+        c, batch, cond, _ = self._conditioned()
+        for i in range(self.batch_size):
+            with torch.no_grad():
+                alone = c({key: _reorder(value, [i]) for key, value in batch.items()})
+            for role in cond:
+                torch.testing.assert_close(
+                    alone[role], cond[role][i : i + 1], atol=1e-5, rtol=1e-5,
+                    msg=lambda m, role=role, i=i: f"{role}: sample {i} alone gets another condition than in the batch: {m}",
+                )  # fmt: skip
+
     def test_null_condition_differs_from_every_real_one(self):
         _, _, cond, uncond = self._conditioned()
         for i in range(self.batch_size):
