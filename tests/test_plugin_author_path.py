@@ -178,7 +178,7 @@ import torch
 
 import ldmkit
 from ldmkit.diffusion import DiscreteSampler
-from ldmkit.interfaces import Conditioner
+from ldmkit.interfaces import Conditioner, Denoiser, FirstStage
 
 
 class ReturnsNothing(DiscreteSampler):
@@ -202,9 +202,41 @@ class ReturnsATensor(Conditioner):
         return self.embedding(torch.as_tensor(self.read(batch, "label")))[:, None]
 
 
+class ReturnsAnOutputObject(Denoiser):
+    def __init__(self, *, in_channels=3, out_channels=3, context_dim=None, vector_dim=None):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.conv = torch.nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, z_t, t, cond):  # as diffusers' UNets do: (sample,)
+        return (self.conv(z_t) * t.float()[:, None, None, None],)
+
+
+class DecodesAPair(FirstStage):
+    def __init__(self):
+        super().__init__()
+        self.latent_channels, self.downsample_factor = 3, 1
+
+    def encode(self, x):
+        return x
+
+    def decode(self, z):  # (image, None) where the image alone was meant
+        return z, None
+
+
 @ldmkit.hookimpl
 def ldmkit_register_samplers(register):
     register("returns_nothing", ReturnsNothing)
+
+
+@ldmkit.hookimpl
+def ldmkit_register_denoisers(register):
+    register("returns_an_output_object", ReturnsAnOutputObject)
+
+
+@ldmkit.hookimpl
+def ldmkit_register_first_stages(register):
+    register("decodes_a_pair", DecodesAPair)
 
 
 @ldmkit.hookimpl
@@ -221,25 +253,35 @@ def ldmkit_register_configs(register):
 @pytest.mark.parametrize(
     ("overrides", "culprit"),
     [
-        (["sampler=returns_nothing", "--num-samples", "1"], "sampler 'returns_nothing' from plugin 'wrong' (ldmkit-wrong 1.0): "
-                                      "sample() returned NoneType, not a tensor of shape (1, 3, 8, 8)"),
-        (["conditioner=returns_a_tensor", "sampler.steps=1", "--labels", "1"],
+        (["sampler=returns_nothing", "--num-samples", "1"],
+         "sampler 'returns_nothing' from plugin 'wrong' (ldmkit-wrong 1.0): sample() returned NoneType, not a "
+         "tensor of shape (1, 3, 8, 8)"),
+        (["conditioner=returns_a_tensor", "--labels", "1"],
          "conditioner 'returns_a_tensor' from plugin 'wrong' (ldmkit-wrong 1.0): forward() returned "
          "Tensor, not a mapping of roles ('crossattn', 'concat', 'vector') to tensors"),
+        (["denoiser=returns_an_output_object", "--num-samples", "1"],
+         "denoiser 'returns_an_output_object' from plugin 'wrong' (ldmkit-wrong 1.0): forward() returned "
+         "tuple, not a tensor of shape (1, 3, 8, 8)"),
+        (["first_stage=decodes_a_pair", "--num-samples", "1"],
+         "first_stage 'decodes_a_pair' from plugin 'wrong' (ldmkit-wrong 1.0): decode() returned tuple, not a tensor"),
     ],
-    ids=["sampler", "conditioner"],
+    ids=["sampler", "conditioner", "denoiser", "first stage"],
 )  # fmt: skip
 def test_a_plugin_returning_the_wrong_type_is_named_in_one_line(site, overrides, culprit):
     """Once a traceback from deep inside the pipeline (``NoneType / Tensor`` in decode,
     ``'Tensor' object has no attribute 'items'``) that named neither the plugin nor its
     distribution."""
     make_distribution(site, "ldmkit-wrong", "1.0", {"wrong": "wrong_plugin"}, {"wrong_plugin": WRONG_RETURNS})
-    for option in ("sampler/returns_nothing.yaml", "conditioner/returns_a_tensor.yaml"):
+    options = {"sampler/returns_nothing.yaml": "steps: 1\n", "conditioner/returns_a_tensor.yaml": "",
+               "denoiser/returns_an_output_object.yaml": "in_channels: auto\nout_channels: auto\n",
+               "first_stage/decodes_a_pair.yaml": ""}  # fmt: skip
+    for option, text in options.items():
         (site / "wrong_conf" / option).parent.mkdir(parents=True, exist_ok=True)
-        (site / "wrong_conf" / option).write_text(f"name: {Path(option).stem}\nsteps: 1\n" if "sampler" in option
-                                                  else f"name: {Path(option).stem}\n")  # fmt: skip
+        (site / "wrong_conf" / option).write_text(f"name: {Path(option).stem}\n{text}")
+    chosen = {o.partition("=")[0] for o in overrides}
+    tiny = [o for o in ("first_stage=identity", "denoiser=unet_tiny") if o.partition("=")[0] not in chosen]
     out = ldmkit_cli(
-        "sample", "first_stage=identity", "image_size=8", "denoiser=unet_tiny", *overrides,
+        "sample", *tiny, "image_size=8", "sampler.steps=1", *overrides,
         "--out", str(site / "grid.png"),
         env={"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])},
     )  # fmt: skip

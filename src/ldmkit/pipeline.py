@@ -88,11 +88,17 @@ class Pipeline(nn.Module):
         """Images in [-1, 1] -> scaled latents (what the denoiser sees). ``tile``: encode in
         overlapping tiles of that many *latent* pixels (:mod:`ldmkit.tiling`)."""
         if tile is None:
-            return self.first_stage.encode(images) * self.scale_factor
+            return self._encode(images) * self.scale_factor
         z = tiled_encode(
-            self.first_stage.encode, images, factor=self.first_stage.downsample_factor, tile=tile, overlap=tile_overlap
+            self._encode, images, factor=self.first_stage.downsample_factor, tile=tile, overlap=tile_overlap
         )
         return z * self.scale_factor
+
+    def _encode(self, images: Tensor) -> Tensor:
+        return _returned_tensor("first_stage", self.first_stage, "encode()", self.first_stage.encode(images))
+
+    def _decode(self, z: Tensor) -> Tensor:
+        return _returned_tensor("first_stage", self.first_stage, "decode()", self.first_stage.decode(z))
 
     def decode(self, latents: Tensor, *, tile: int | None = None, tile_overlap: int | None = None) -> Tensor:
         """Scaled latents -> images. ``tile``: decode overlapping ``tile``x``tile`` latent
@@ -100,9 +106,9 @@ class Pipeline(nn.Module):
         whatever the image size."""
         z = latents / self.scale_factor
         if tile is None:
-            return self.first_stage.decode(z)
+            return self._decode(z)
         return tiled_decode(
-            self.first_stage.decode, z, factor=self.first_stage.downsample_factor, tile=tile, overlap=tile_overlap
+            self._decode, z, factor=self.first_stage.downsample_factor, tile=tile, overlap=tile_overlap
         )
 
     # -- the model the sampler calls ---------------------------------------------------
@@ -135,6 +141,7 @@ class Pipeline(nn.Module):
                     out = state["net"](z_t, t, cond)
                 else:
                     out = self._first_low_precision_call(state, precision, z_t, t, cond)
+            out = _returned_tensor("denoiser", self.denoiser, "forward()", out, z_t.shape)
             out = out.clone() if graphs else out
             return self.schedule.to_eps(prediction, z_t, t, out.float())
 
@@ -357,12 +364,7 @@ class Pipeline(nn.Module):
                 known=_rows(known, rows, n),
                 **extra,
             )
-            if not isinstance(z0, Tensor) or z0.shape != noise[rows].shape:
-                got = f"a tensor of shape {tuple(z0.shape)}" if isinstance(z0, Tensor) else type(z0).__name__
-                raise PluginError(
-                    f"{component_origin('sampler', self.sampler)}: sample() returned {got}, not a "
-                    f"tensor of shape {tuple(noise[rows].shape)}"
-                )
+            z0 = _returned_tensor("sampler", self.sampler, "sample()", z0, noise[rows].shape)
             if r.refine_known:
                 image_rows, mask_rows = (_rows(v.to(z0.device), rows, n) for v in pixels)
                 z0 = self.refine_known(z0, image_rows, mask_rows, r.refine_known, **tiling)
@@ -673,6 +675,16 @@ def _weights_signature(module: nn.Module) -> tuple:
         (id(t), t.data_ptr(), t._version, t.dtype, t.device)
         for t in (*module.parameters(), *module.buffers())
     )
+
+
+def _returned_tensor(kind: str, component: Any, method: str, value: Any, shape: Sequence[int] | None = None) -> Tensor:
+    """``value``, when a component returned a tensor (of ``shape``, if given); else a
+    :class:`PluginError` naming the component's plugin and what it returned."""
+    if isinstance(value, Tensor) and (shape is None or value.shape == shape):
+        return value
+    got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+    wanted = "a tensor" if shape is None else f"a tensor of shape {tuple(shape)}"
+    raise PluginError(f"{component_origin(kind, component)}: {method} returned {got}, not {wanted}")
 
 
 def _check_condition(conditioner: Conditioner, method: str, cond: Any) -> Mapping[str, Tensor]:
