@@ -116,6 +116,30 @@ class DrawsItsOwnStart(ldmkit_samplers.DDPMSampler):
         return super().sample(denoise, schedule, start, generator=generator, **kwargs)
 
 
+class SkipsTheLastStep(ldmkit_samplers.DDIMSampler):
+    """Returns z at the last step's start (a noise level above zero) instead of stepping."""
+
+    def step(self, s):
+        return s.z if s.is_last else super().step(s)
+
+
+class DrawsFromTheGlobalRNG(ldmkit_samplers.DDPMSampler):
+    """Ignores ``generator``: not reproducible under a seed."""
+
+    def step(self, s):
+        s.generator = None
+        return super().step(s)
+
+
+class SharesTheFirstGenerator(ldmkit_samplers.DDPMSampler):
+    """Draws every sample's noise from sample 0's generator: samples depend on the batch."""
+
+    def step(self, s):
+        if isinstance(s.generator, list | tuple):
+            s.generator = s.generator[0]
+        return super().step(s)
+
+
 class SilentlyDropsMask(Sampler):
     """No mask support declared, and a mask given anyway is silently ignored."""
 
@@ -216,6 +240,9 @@ def test_the_exact_flow_solution_is_the_limit_of_a_fine_solver():
         (PastesKnownAtTheEnd, "test_mask_generated_region_follows_the_known_region"),
         (SilentlyDropsMask, "test_unsupported_mask_is_refused"),
         (DrawsItsOwnStart, "test_result_depends_on_the_noise"),
+        (SkipsTheLastStep, "test_point_mass_is_recovered"),  # these three were caught already
+        (DrawsFromTheGlobalRNG, "test_reproducible_with_generator"),
+        (SharesTheFirstGenerator, "test_sample_i_is_seed_plus_i_alone"),
     ],
     ids=lambda v: v if isinstance(v, str) else v.__name__,
 )
