@@ -64,15 +64,16 @@ def _check_not_trivial(out: Tensor, what: str) -> None:
 
 def _same_input(batch: Mapping[str, Any], i: int, j: int) -> bool:
     """Whether samples ``i`` and ``j`` of ``batch`` have equal entries under every key."""
-    for value in batch.values():
-        a, b = _reorder(value, [i]), _reorder(value, [j])
-        if isinstance(a, Tensor) and not torch.equal(a, b):
-            return False
-        if not isinstance(a, Tensor) and hasattr(a, "shape") and not (a == b).all():  # numpy
-            return False
-        if not hasattr(a, "shape") and a != b:
-            return False
-    return True
+    return all(_equal(_reorder(value, [i]), _reorder(value, [j])) for value in batch.values())
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """Equality of batch entries: tensors and arrays elementwise, sequences item by item."""
+    if hasattr(a, "shape") and hasattr(b, "shape"):  # tensors, numpy arrays
+        return tuple(a.shape) == tuple(b.shape) and bool((a == b).all())
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
 
 
 def _reorder(value: Any, order: list[int]) -> Any:
@@ -95,9 +96,10 @@ class FirstStageConformance:
     An untrained first stage reconstructs nothing recognisable, so by default the suite checks
     what holds for any weights: the decoder's output depends on every channel of its latent and
     is not zero or constant, the encoder's latent depends on the image, each sample is encoded
-    and decoded independently of the others, and ``decode(encode(x))`` follows ``x``. Set ``min_reconstruction_correlation`` (the Pearson correlation of
-    ``decode(encode(x))`` with ``x``) when ``make_first_stage`` returns a trained or lossless
-    one: 0.999 for an identity, about 0.9 for a pretrained KL-f8. Set ``deterministic_encode``
+    and decoded independently of the others, and ``decode(encode(x))`` follows ``x``. Set
+    ``min_reconstruction_correlation`` (the Pearson correlation of ``decode(encode(x))`` with
+    ``x``) when ``make_first_stage`` returns a trained or lossless one: 0.999 for an identity,
+    about 0.9 for a pretrained KL-f8. Set ``deterministic_encode``
     when ``encode`` should not draw noise (a KL posterior's mean, ``encode_mode=mode``; VQ's
     pre-quantization latent): two encodes in eval mode under different RNG seeds must agree.
     """
@@ -927,7 +929,7 @@ class SamplerConformance:
         sampler, schedule = self.make_sampler(), self.make_schedule()
         if not hasattr(sampler, "spacing"):
             pytest.skip("the sampler has no `spacing`")
-        steps = 10  # divides T = 1000: `paper` makes exactly 10 steps
+        steps = 10
         for spacing in [name for name in getattr(sampler, "spacings", SPACINGS) if name in SPACINGS]:
             sampler.spacing = spacing
             seen: list[dict] = []
