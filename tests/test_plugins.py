@@ -321,3 +321,18 @@ def test_an_option_whose_plugin_registers_nothing_names_the_plugin(site, sampler
     assert str(caught.value).endswith(
         f"; option sampler=mine comes from plugin 'ships' (ldmkit-ships 1.0), which {why}"
     )
+
+
+def test_an_unknown_option_names_the_plugins_that_failed_to_load(site):
+    """A plugin that fails to import ships no config options: ``sampler=mine`` was "unknown
+    option sampler=mine (no sampler/mine.yaml ...)", with the failure only in a warning above
+    it; the error itself now names the plugin, its distribution and why."""
+    make_distribution(site, "ldmkit-broken", "0.9", {"broken": "broken_plugin"},
+                      {"broken_plugin": "import not_installed_dependency\n"})  # fmt: skip
+    with pytest.warns(PluginLoadWarning), pytest.raises(ConfigError) as caught:
+        ldmkit.compose(overrides=["sampler=mine", "first_stage=identity", "image_size=8"])
+    assert str(caught.value).startswith("unknown option sampler=mine (no sampler/mine.yaml")
+    assert str(caught.value).endswith(
+        "; plugin 'broken' (ldmkit-broken 0.9), which may ship it, failed to load: "
+        "ModuleNotFoundError: No module named 'not_installed_dependency'"
+    )

@@ -416,10 +416,14 @@ def _explain_compose_error(err: Exception, overrides: Sequence[str], config_name
         listed = re.search(r"Available options in '[^']+':\n(?P<options>(?:\t.*\n?)*)", message)
         options = ", ".join(o.strip() for o in listed["options"].splitlines() if o.strip()) if listed else ""
         group, option = missing["group"], missing["option"]
+        broken = "".join(
+            f"; plugin {info.name!r} ({info.label}), which may ship it, failed to load: {info.error}"
+            for info in get_plugin_manager().broken
+        )
         return (
             f"unknown option {group}={option} (no {group}/{option}.yaml in ldmkit's conf/ or an installed "
             f"plugin's config root); {group} options: {options or '(none)'} "
-            "(`ldmkit plugins` lists which plugin provides which config groups)"
+            f"(`ldmkit plugins` lists which plugin provides which config groups){broken}"
         )
     return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
