@@ -267,10 +267,45 @@ def ldmkit_register_configs(register):
     ],
     ids=["sampler", "conditioner", "denoiser", "first stage"],
 )  # fmt: skip
-def test_a_plugin_returning_the_wrong_type_is_named_in_one_line(site, overrides, culprit):
+def test_a_plugin_returning_the_wrong_type_is_named_in_one_line(wrong_plugin, overrides, culprit):
     """Once a traceback from deep inside the pipeline (``NoneType / Tensor`` in decode,
     ``'Tensor' object has no attribute 'items'``) that named neither the plugin nor its
     distribution."""
+    out = wrong_plugin("sample", "image_size=8", *overrides, "--out", str(wrong_plugin.site / "grid.png"))
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(f"ldmkit sample: error: {culprit}"), out.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "culprit"),
+    [
+        (["conditioner=returns_a_tensor", "conditioner.drop_rate=0.5"],
+         "conditioner 'returns_a_tensor' from plugin 'wrong' (ldmkit-wrong 1.0): forward() returned Tensor"),
+        (["denoiser=returns_an_output_object"],
+         "denoiser 'returns_an_output_object' from plugin 'wrong' (ldmkit-wrong 1.0): forward() returned tuple"),
+    ],
+    ids=["conditioner", "denoiser"],
+)  # fmt: skip
+def test_training_names_a_plugin_returning_the_wrong_type_in_one_line(wrong_plugin, tmp_path, overrides, culprit):
+    """``ldmkit train`` too (the conditioner's dropout once failed first, on ``not tensor``)."""
+    from tests.training.faults import make_shards
+
+    shards = make_shards(tmp_path / "data")
+    out = wrong_plugin(
+        "train", "stage=ldm", "trainer=ldm_tiny", "image_size=16", "data=image_folder", f"data.path={shards}",
+        "trainer.max_steps=1", "trainer.num_workers=0", "trainer.progress=false", "trainer.tensorboard=false",
+        f"run_dir={tmp_path / 'run'}", *overrides,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(f"ldmkit train: error: {culprit}"), out.stderr
+
+
+@pytest.fixture
+def wrong_plugin(site):
+    """``ldmkit-wrong`` installed (WRONG_RETURNS and its options); calls the ``ldmkit`` CLI with
+    it on the path and a tiny identity + unet_tiny model unless the arguments choose others."""
     make_distribution(site, "ldmkit-wrong", "1.0", {"wrong": "wrong_plugin"}, {"wrong_plugin": WRONG_RETURNS})
     options = {"sampler/returns_nothing.yaml": "steps: 1\n", "conditioner/returns_a_tensor.yaml": "",
                "denoiser/returns_an_output_object.yaml": "in_channels: auto\nout_channels: auto\n",
@@ -278,13 +313,15 @@ def test_a_plugin_returning_the_wrong_type_is_named_in_one_line(site, overrides,
     for option, text in options.items():
         (site / "wrong_conf" / option).parent.mkdir(parents=True, exist_ok=True)
         (site / "wrong_conf" / option).write_text(f"name: {Path(option).stem}\n{text}")
-    chosen = {o.partition("=")[0] for o in overrides}
-    tiny = [o for o in ("first_stage=identity", "denoiser=unet_tiny") if o.partition("=")[0] not in chosen]
-    out = ldmkit_cli(
-        "sample", *tiny, "image_size=8", "sampler.steps=1", *overrides,
-        "--out", str(site / "grid.png"),
-        env={"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])},
-    )  # fmt: skip
-    assert out.returncode == 1, out.stderr
-    assert "Traceback" not in out.stderr, out.stderr
-    assert out.stderr.strip().splitlines()[-1].startswith(f"ldmkit sample: error: {culprit}"), out.stderr
+
+    def run(command, *args):
+        chosen = {a.partition("=")[0] for a in args}
+        tiny = [o for o in ("first_stage=identity", "denoiser=unet_tiny", "sampler.steps=1")
+                if o.partition("=")[0] not in chosen]  # fmt: skip
+        return ldmkit_cli(
+            command, *tiny, *args,
+            env={"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])},
+        )  # fmt: skip
+
+    run.site = site
+    return run

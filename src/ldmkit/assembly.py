@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import Tensor
 
 from ldmkit.config import AUTO, ConfigError, experiment_writing
 from ldmkit.config_checks import argument_problems
 from ldmkit.devices import build_within_memory, check_fits
 from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.errors import WeightsError
-from ldmkit.interfaces import INTERFACES
+from ldmkit.interfaces import CONDITION_ROLES, INTERFACES, Conditioner
 from ldmkit.nn.attention import set_attention_backend
-from ldmkit.plugins import get_plugin_manager
+from ldmkit.plugins import PluginError, get_plugin_manager
 from ldmkit.registry import COMPONENT_KINDS, Registry
 from ldmkit.weights import load_component_weights
 
@@ -113,6 +114,32 @@ def component_origin(kind: str, component: Any) -> str:
         return f"{kind} {name!r} from {registry.get(kind, name).provider}"
     except LookupError:
         return f"{kind} {type(component).__name__}"
+
+
+def returned_tensor(kind: str, component: Any, method: str, value: Any, shape: Sequence[int] | None = None) -> Tensor:
+    """``value``, when a component returned a tensor (of ``shape``, if given); else a
+    :class:`PluginError` naming the component's plugin and what it returned."""
+    if isinstance(value, Tensor) and (shape is None or value.shape == shape):
+        return value
+    got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+    wanted = "a tensor" if shape is None else f"a tensor of shape {tuple(shape)}"
+    raise PluginError(f"{component_origin(kind, component)}: {method} returned {got}, not {wanted}")
+
+
+def checked_condition(conditioner: Conditioner, method: str, cond: Any) -> Mapping[str, Tensor]:
+    """``cond``, when it is what a conditioner returns: a mapping of roles to tensors; else
+    a :class:`PluginError` naming the conditioner's plugin and what it returned."""
+    if isinstance(cond, Mapping) and all(
+        role in CONDITION_ROLES and isinstance(value, Tensor) for role, value in cond.items()
+    ):
+        return cond
+    got = type(cond).__name__
+    if isinstance(cond, Mapping):
+        got = "{" + ", ".join(f"{role!r}: {type(value).__name__}" for role, value in cond.items()) + "}"
+    raise PluginError(
+        f"{component_origin('conditioner', conditioner)}: {method} returned {got}, not a mapping "
+        f"of roles {CONDITION_ROLES} to tensors"
+    )
 
 
 def component_config(kind: str, component: Any) -> dict[str, Any]:

@@ -19,11 +19,12 @@ from torch import Tensor, nn
 from ldmkit import frozen, lora, masks, pipeline_files
 from ldmkit import precision as _precision
 from ldmkit.assembly import (
+    checked_condition,
     component_config,
-    component_origin,
     create_component,
     pipeline_config,
     pipeline_parts,
+    returned_tensor,
 )
 from ldmkit.compiling import compile_module, is_compiled
 from ldmkit.config import compose_config, load_saved_config
@@ -31,10 +32,10 @@ from ldmkit.diffusion.guidance import ClassifierFreeGuidance
 from ldmkit.diffusion.sampling import GeneratorArg, randn_like, sample_generators, split_generator
 from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.errors import ConfigError, LdmkitError
-from ldmkit.interfaces import CONDITION_ROLES, Conditioner, Denoiser, FirstStage, Sampler
+from ldmkit.interfaces import Conditioner, Denoiser, FirstStage, Sampler
 from ldmkit.interop import pipelines
 from ldmkit.io import atomic_write, atomic_write_text
-from ldmkit.plugins import PluginError, get_registry
+from ldmkit.plugins import get_registry
 from ldmkit.safetensors_io import read_safetensors, read_safetensors_shapes
 from ldmkit.sampling_request import SampleArgumentError, SampleRequest  # noqa: F401 - SampleArgumentError: its old home
 from ldmkit.tiling import tiled_decode, tiled_encode
@@ -95,10 +96,10 @@ class Pipeline(nn.Module):
         return z * self.scale_factor
 
     def _encode(self, images: Tensor) -> Tensor:
-        return _returned_tensor("first_stage", self.first_stage, "encode()", self.first_stage.encode(images))
+        return returned_tensor("first_stage", self.first_stage, "encode()", self.first_stage.encode(images))
 
     def _decode(self, z: Tensor) -> Tensor:
-        return _returned_tensor("first_stage", self.first_stage, "decode()", self.first_stage.decode(z))
+        return returned_tensor("first_stage", self.first_stage, "decode()", self.first_stage.decode(z))
 
     def decode(self, latents: Tensor, *, tile: int | None = None, tile_overlap: int | None = None) -> Tensor:
         """Scaled latents -> images. ``tile``: decode overlapping ``tile``x``tile`` latent
@@ -141,7 +142,7 @@ class Pipeline(nn.Module):
                     out = state["net"](z_t, t, cond)
                 else:
                     out = self._first_low_precision_call(state, precision, z_t, t, cond)
-            out = _returned_tensor("denoiser", self.denoiser, "forward()", out, z_t.shape)
+            out = returned_tensor("denoiser", self.denoiser, "forward()", out, z_t.shape)
             out = out.clone() if graphs else out
             return self.schedule.to_eps(prediction, z_t, t, out.float())
 
@@ -364,7 +365,7 @@ class Pipeline(nn.Module):
                 known=_rows(known, rows, n),
                 **extra,
             )
-            z0 = _returned_tensor("sampler", self.sampler, "sample()", z0, noise[rows].shape)
+            z0 = returned_tensor("sampler", self.sampler, "sample()", z0, noise[rows].shape)
             if r.refine_known:
                 image_rows, mask_rows = (_rows(v.to(z0.device), rows, n) for v in pixels)
                 z0 = self.refine_known(z0, image_rows, mask_rows, r.refine_known, **tiling)
@@ -379,7 +380,7 @@ class Pipeline(nn.Module):
         device = self.scale_factor.device
         with _precision.autocast(precision, device):
             cond = self.conditioner(batch) if self.conditioner.input_keys else {}
-        cond = _float32(_check_condition(self.conditioner, "forward()", cond))
+        cond = _float32(checked_condition(self.conditioner, "forward()", cond))
         if guidance_scale == 1.0 or not cond:
             return cond, None
         if not self.conditioner.learns_null_condition:
@@ -391,7 +392,7 @@ class Pipeline(nn.Module):
             )
         with _precision.autocast(precision, device):
             uncond = self.conditioner.unconditional(batch)
-        return cond, _float32(_check_condition(self.conditioner, "unconditional()", uncond))
+        return cond, _float32(checked_condition(self.conditioner, "unconditional()", uncond))
 
     def with_sampler(self, sampler: str | Mapping[str, Any] | Sampler, /, **overrides: Any) -> Pipeline:
         """Sample with another sampler from now on, ``config.sampler`` changed with it (what
@@ -674,32 +675,6 @@ def _weights_signature(module: nn.Module) -> tuple:
     return tuple(
         (id(t), t.data_ptr(), t._version, t.dtype, t.device)
         for t in (*module.parameters(), *module.buffers())
-    )
-
-
-def _returned_tensor(kind: str, component: Any, method: str, value: Any, shape: Sequence[int] | None = None) -> Tensor:
-    """``value``, when a component returned a tensor (of ``shape``, if given); else a
-    :class:`PluginError` naming the component's plugin and what it returned."""
-    if isinstance(value, Tensor) and (shape is None or value.shape == shape):
-        return value
-    got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
-    wanted = "a tensor" if shape is None else f"a tensor of shape {tuple(shape)}"
-    raise PluginError(f"{component_origin(kind, component)}: {method} returned {got}, not {wanted}")
-
-
-def _check_condition(conditioner: Conditioner, method: str, cond: Any) -> Mapping[str, Tensor]:
-    """``cond``, when it is what a conditioner returns: a mapping of roles to tensors; else
-    a :class:`PluginError` naming the conditioner's plugin and what it returned."""
-    if isinstance(cond, Mapping) and all(
-        role in CONDITION_ROLES and isinstance(value, Tensor) for role, value in cond.items()
-    ):
-        return cond
-    got = type(cond).__name__
-    if isinstance(cond, Mapping):
-        got = "{" + ", ".join(f"{role!r}: {type(value).__name__}" for role, value in cond.items()) + "}"
-    raise PluginError(
-        f"{component_origin('conditioner', conditioner)}: {method} returned {got}, not a mapping "
-        f"of roles {CONDITION_ROLES} to tensors"
     )
 
 

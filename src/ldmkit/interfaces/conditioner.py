@@ -192,8 +192,9 @@ class Conditioner(nn.Module, Component, abc.ABC):
         self, cond: dict[str, Tensor], batch: Mapping[str, Any], generator: torch.Generator | None
     ) -> dict[str, Tensor]:
         """Each sample of ``cond`` replaced by ``unconditional(batch)`` with probability
-        ``drop_rate`` (composites call it on their merged parts)."""
-        if self.drop_rate <= 0 or not cond:
+        ``drop_rate`` (composites call it on their merged parts). Anything but a mapping comes
+        back as it is, for the caller to refuse naming the conditioner's plugin."""
+        if self.drop_rate <= 0 or not isinstance(cond, Mapping) or not cond:
             return cond
         n = next(iter(cond.values())).shape[0]
         drop = torch.rand(n, generator=generator) < self.drop_rate
