@@ -451,6 +451,20 @@ def test_a_disc_start_past_max_steps_is_said_once(tmp_path, capsys):
         assert (note.replace("=20 is", f"={start} is") in capsys.readouterr().err) is said
 
 
+def test_conditioner_drop_rate_needs_no_plus_for_any_option(toy):
+    """docs/plugins.md: `drop_rate` is ldmkit's key on every conditioner config, not the
+    constructor's, so a plugin's option file need not list it. `conditioner.drop_rate=0.2`
+    on one that does not said "no such key in the config; to add a new key, write
+    +conditioner.drop_rate=0.2"."""
+    from ldmkit.assembly import pipeline_parts
+
+    cfg = compose_config([*toy, "conditioner.drop_rate=0.2"])
+    assert cfg.conditioner.drop_rate == 0.2
+    assert pipeline_parts(cfg)["conditioner"].drop_rate == 0.2
+    with pytest.raises(Exception, match=r"conditioner.drop_rat: no such key in the config \(did you mean conditioner.drop_rate\?\)$"):
+        compose_config([*toy, "conditioner.drop_rat=0.2"])
+
+
 # -- first_stage.checkpoint=PATH as docs/training.md writes it ------------------------------------
 def _options(group: str) -> list[str]:
     from ldmkit.config import config_dir

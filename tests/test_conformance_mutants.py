@@ -3,9 +3,12 @@
 Each mutant below is a plausible plugin bug that the shipped mixins once passed: a
 DPM-Solver++(2M) with a flipped sign in its multistep correction, a sampler that ignores
 ``steps``, samplers that claim ``supports_mask`` but ignore the mask (entirely, or until a
-final paste), a sampler that silently drops a mask it does not support, a conditioner whose
-output ignores its input, first stages whose decoder returns zeros or a constant or whose
-encoder ignores the image. Each fails the check named beside it; every first-party sampler,
+final paste), a sampler that silently drops a mask it does not support, a DDIM that ignores
+its ``eta``, a sampler that ignores its ``spacing``, conditioners whose output ignores their
+input, maps two inputs to one condition or depends on the rest of the batch, denoisers that embed ``t[0]`` for the whole batch
+or attend across it, a sampler that ignores the ``noise`` it is given, first stages whose
+decoder returns zeros or a constant, ignores a latent channel or mixes the batch, or whose
+encoder ignores the image or reads another sample's. Each fails the check named beside it; every first-party sampler,
 conditioner and first stage passes the same checks.
 """
 
@@ -18,11 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldmkit.diffusion import NoiseSchedule
+from ldmkit.diffusion import NoiseSchedule, randn_like, timestep_pairs
 from ldmkit.diffusion.sampling import SigmaDenoiser, sigma_table
-from ldmkit.interfaces import Conditioner, FirstStage, Sampler
+from ldmkit.interfaces import Conditioner, Denoiser, FirstStage, Sampler
 from ldmkit.plugins import get_registry
-from ldmkit.testing import ConditionerConformance, FirstStageConformance, SamplerConformance
+from ldmkit.testing import (
+    ConditionerConformance,
+    DenoiserConformance,
+    FirstStageConformance,
+    SamplerConformance,
+)
 from ldmkit.testing.conformance import gaussian_denoiser, gaussian_flow_solution
 from tests.test_conditioner_conformance_catches import Tokens
 
@@ -100,6 +108,38 @@ class PastesKnownAtTheEnd(ldmkit_samplers.DDIMSampler):
         return out if mask is None else mask * out + (1 - mask) * known
 
 
+class DrawsItsOwnStart(ldmkit_samplers.DDPMSampler):
+    """Starts from noise it draws from the generator, not from the ``noise`` it is given."""
+
+    def sample(self, denoise, schedule, noise, *, generator=None, **kwargs):
+        start = randn_like(noise, generator)
+        return super().sample(denoise, schedule, start, generator=generator, **kwargs)
+
+
+class SkipsTheLastStep(ldmkit_samplers.DDIMSampler):
+    """Returns z at the last step's start (a noise level above zero) instead of stepping."""
+
+    def step(self, s):
+        return s.z if s.is_last else super().step(s)
+
+
+class DrawsFromTheGlobalRNG(ldmkit_samplers.DDPMSampler):
+    """Ignores ``generator``: not reproducible under a seed."""
+
+    def step(self, s):
+        s.generator = None
+        return super().step(s)
+
+
+class SharesTheFirstGenerator(ldmkit_samplers.DDPMSampler):
+    """Draws every sample's noise from sample 0's generator: samples depend on the batch."""
+
+    def step(self, s):
+        if isinstance(s.generator, list | tuple):
+            s.generator = s.generator[0]
+        return super().step(s)
+
+
 class SilentlyDropsMask(Sampler):
     """No mask support declared, and a mask given anyway is silently ignored."""
 
@@ -107,6 +147,41 @@ class SilentlyDropsMask(Sampler):
         return ldmkit_samplers.DDIMSampler(steps=self.steps).sample(
             denoise, schedule, noise, steps=steps, **kwargs
         )
+
+
+class IgnoresEta(ldmkit_samplers.DDIMSampler):
+    """Takes ``eta`` and steps deterministically whatever it is: eta = 1 is plain DDIM."""
+
+    def step(self, s):
+        return s.alpha_bar_prev.sqrt() * s.x0 + (1 - s.alpha_bar_prev).sqrt() * s.eps
+
+
+class IgnoresSpacing(ldmkit_samplers.DDIMSampler):
+    """Visits the ``linspace`` timesteps whatever its ``spacing`` says."""
+
+    def timesteps(self, schedule, steps=None):
+        return timestep_pairs(schedule.timesteps, steps or self.steps)
+
+
+def test_a_sampler_ignoring_eta_fails_the_declared_stochasticity():
+    def ddim(eta, cls=ldmkit_samplers.DDIMSampler):
+        return lambda steps: cls(steps=steps, eta=eta)
+
+    with pytest.raises(AssertionError, match="stochastic = True"):
+        sampler_check(ddim(1.0, IgnoresEta), "test_stochastic_as_declared", stochastic=True)
+    with pytest.raises(AssertionError, match="stochastic = False"):
+        sampler_check(ddim(1.0), "test_stochastic_as_declared", stochastic=False)
+    sampler_check(ddim(1.0), "test_stochastic_as_declared", stochastic=True)
+    sampler_check(ddim(0.0), "test_stochastic_as_declared", stochastic=False)
+    with pytest.raises(pytest.skip.Exception):  # undeclared: nothing to check
+        sampler_check(ddim(1.0, IgnoresEta), "test_stochastic_as_declared")
+
+
+def test_a_sampler_ignoring_its_spacing_fails_the_spacing_check():
+    with pytest.raises(AssertionError, match="spacing 'paper'"):
+        sampler_check(IgnoresSpacing, "test_timesteps_follow_the_spacing")
+    # why the check exists: the order check alone lets it through (0.69 where DDIM has 1.01)
+    sampler_check(IgnoresSpacing, "test_convergence_order", expected_order=1)
 
 
 def test_flipped_dpm_solver_fails_the_order_check():
@@ -164,6 +239,10 @@ def test_the_exact_flow_solution_is_the_limit_of_a_fine_solver():
         (IgnoresMask, "test_mask_generated_region_follows_the_known_region"),
         (PastesKnownAtTheEnd, "test_mask_generated_region_follows_the_known_region"),
         (SilentlyDropsMask, "test_unsupported_mask_is_refused"),
+        (DrawsItsOwnStart, "test_result_depends_on_the_noise"),
+        (SkipsTheLastStep, "test_point_mass_is_recovered"),  # these three were caught already
+        (DrawsFromTheGlobalRNG, "test_reproducible_with_generator"),
+        (SharesTheFirstGenerator, "test_sample_i_is_seed_plus_i_alone"),
     ],
     ids=lambda v: v if isinstance(v, str) else v.__name__,
 )
@@ -178,6 +257,8 @@ def test_pasting_known_at_the_end_passes_the_old_mask_check():
 
 
 SAMPLER_CHECKS = [
+    "test_result_depends_on_the_noise",
+    "test_timesteps_follow_the_spacing",
     "test_steps_argument_sets_the_number_of_steps",
     "test_default_steps_are_the_samplers_own",
     "test_mask_keeps_known_region",
@@ -224,7 +305,25 @@ class ByPosition(Tokens):
         }
 
 
+class ClampsLabels(Tokens):
+    """Embeds labels above 1 as 1 (a class count off by some): labels 1 and 2 get one
+    condition."""
+
+    def forward(self, batch):
+        labels = torch.as_tensor(self.read(batch, "label")).clamp(max=1)
+        return {"crossattn": self.embedding(labels)[:, None]}
+
+
+class CentresOverTheBatch(Tokens):
+    """Subtracts the batch's mean embedding: each sample's condition depends on the others."""
+
+    def forward(self, batch):
+        tokens = super().forward(batch)["crossattn"]
+        return {"crossattn": tokens - tokens.mean(0, keepdim=True)}
+
+
 CONDITIONER_CHECKS = [
+    "test_each_sample_is_conditioned_on_its_own",
     "test_output_depends_on_the_input",
     "test_swapping_two_samples_swaps_their_conditions",
 ]
@@ -240,6 +339,8 @@ def conditioner_check(conditioner: type, check: str) -> None:
     [
         (ConstantCondition, "test_output_depends_on_the_input"),
         (ByPosition, "test_swapping_two_samples_swaps_their_conditions"),
+        (ClampsLabels, "test_output_depends_on_the_input"),
+        (CentresOverTheBatch, "test_each_sample_is_conditioned_on_its_own"),
     ],
     ids=lambda v: v if isinstance(v, str) else v.__name__,
 )
@@ -307,6 +408,56 @@ def test_first_party_conditioners_pass(name, tmp_path):
             assert not built.input_keys, f"{name}: {check} skipped"
 
 
+# -- denoisers ----------------------------------------------------------------------------
+
+
+class Biased(Denoiser):
+    """A 3x3 convolution plus a bias from each sample's t, context tokens and vector."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_channels = self.out_channels = 3
+        self.context_dim, self.vector_dim = 4, 2
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.time, self.context, self.vector = nn.Linear(1, 3), nn.Linear(4, 3), nn.Linear(2, 3)
+
+    def time_bias(self, t):
+        return self.time(t.float()[:, None] / 1000)
+
+    def context_bias(self, context):
+        return self.context(context.mean(1))
+
+    def forward(self, z_t, t, cond):
+        bias = self.time_bias(t) + self.context_bias(cond["crossattn"]) + self.vector(cond["vector"])
+        return self.conv(z_t) + bias[:, :, None, None]
+
+
+class SharesTheFirstTimestep(Biased):
+    """Embeds sample 0's timestep for the whole batch (``t[0]`` where ``t`` was meant)."""
+
+    def time_bias(self, t):
+        return self.time(t[:1].float()[:, None] / 1000).expand(len(t), -1)
+
+
+class AttendsAcrossTheBatch(Biased):
+    """Pools the context over the batch as well as the tokens (a reshape gone wrong)."""
+
+    def context_bias(self, context):
+        return self.context(context.mean((0, 1))).expand(len(context), -1)
+
+
+@pytest.mark.parametrize("mutant", [SharesTheFirstTimestep, AttendsAcrossTheBatch],
+                         ids=lambda v: v.__name__)  # fmt: skip
+def test_denoisers_mixing_samples_fail(mutant):
+    with pytest.raises(AssertionError, match="other samples"):
+        run_check(DenoiserConformance, "test_samples_are_independent", make_denoiser=lambda self: mutant())
+
+
+def test_a_denoiser_keeping_samples_apart_passes():
+    for check in (name for name in dir(DenoiserConformance) if name.startswith("test_")):
+        run_check(DenoiserConformance, check, make_denoiser=lambda self: Biased())
+
+
 # -- first stages -------------------------------------------------------------------------
 
 
@@ -345,7 +496,29 @@ class BlindEncoder(Pooling):
         return self.proj(torch.zeros_like(F.avg_pool2d(x, 2)))
 
 
+class EncodesTheFirstImage(Pooling):
+    """Encodes sample 0's image for the whole batch."""
+
+    def encode(self, x):
+        return super().encode(x[:1].expand_as(x))
+
+
+class DecodesAcrossTheBatch(Pooling):
+    """Adds the batch's mean latent to each sample's (a normalization over the batch)."""
+
+    def decode(self, z):
+        return super().decode(z + z.mean(0, keepdim=True))
+
+
+class DecodesOneChannel(Pooling):
+    """Decodes latent channel 0 alone, copied into the others."""
+
+    def decode(self, z):
+        return super().decode(z[:, :1].expand_as(z))
+
+
 FIRST_STAGE_CHECKS = [
+    "test_samples_are_independent",
     "test_decoder_depends_on_its_latent",
     "test_encoder_depends_on_its_image",
     "test_reconstruction_is_not_trivial",
@@ -361,6 +534,9 @@ FIRST_STAGE_CHECKS = [
         (ConstantDecoder, "test_reconstruction_is_not_trivial"),
         (BlindEncoder, "test_encoder_depends_on_its_image"),
         (BlindEncoder, "test_reconstruction_is_not_trivial"),
+        (EncodesTheFirstImage, "test_samples_are_independent"),
+        (DecodesAcrossTheBatch, "test_samples_are_independent"),
+        (DecodesOneChannel, "test_decoder_depends_on_its_latent"),
     ],
     ids=lambda v: v if isinstance(v, str) else v.__name__,
 )

@@ -4,6 +4,7 @@ through the CLI in subprocesses, as a third party would."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -27,7 +28,8 @@ def installed(tmp_path_factory) -> dict:
     )
     assert (target / "ldmkit_thresholding" / "conf" / "sampler" / "thresholded_ddim.yaml").is_file()
     assert not (target / "ldmkit_thresholding.pth").exists()  # a real install, not an editable link
-    return {"PYTHONPATH": str(target)}
+    # before this session's own PYTHONPATH (a checkout's src/ ahead of an installed ldmkit)
+    return {"PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
 
 
 def test_listed_by_ldmkit_plugins(installed):

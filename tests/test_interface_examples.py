@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import textwrap
 
+import pytest
 import torch
 
 from ldmkit.interfaces import conditioner, denoiser, first_stage
@@ -56,3 +57,20 @@ def test_each_example_registers_its_plugin():
         namespace[hook](register=lambda name, cls: registered.__setitem__(name, cls))
     assert registered == {"class_tokens": CONDITIONER["ClassTokens"], "conv": DENOISER["ConvDenoiser"],
                           "pool2": FIRST_STAGE["Pool2"]}  # fmt: skip
+
+
+def test_the_conditioner_example_refuses_a_label_out_of_range_in_one_line():
+    """A newcomer's copy once failed ``ldmkit sample --labels 12`` with a traceback ending in
+    ``IndexError: index out of range in self``: the example checks its labels and raises the
+    core's ``ConditionValueError`` (an ``LdmkitError``: the CLI prints it in one line), the
+    error ldmkit's own conditioners raise."""
+    from ldmkit.errors import LdmkitError
+    from ldmkit.interfaces import ConditionValueError
+
+    c = CONDITIONER["ClassTokens"](num_classes=4, embed_dim=8)
+    with pytest.raises(ConditionValueError, match=r"labels must be in \[0, 4\).*got \[1, 12\]"):
+        c({"label": torch.tensor([1, 12])})
+    assert issubclass(ConditionValueError, LdmkitError) and issubclass(ConditionValueError, ValueError)
+    class_label = pytest.importorskip("ldmkit_conditioners.class_label")
+    with pytest.raises(ConditionValueError):  # ldmkit's own class labels raise the same error
+        class_label.ClassLabelConditioner(num_classes=4)({"label": torch.tensor([12])})

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import ldmkit
 from ldmkit.interfaces import Sampler
 from ldmkit.plugins import get_plugin_manager, get_registry
 from ldmkit.testing import temporary_plugin
-from tests.conftest import make_distribution, pip_install_project
+from tests.conftest import ldmkit_cli, make_distribution, pip_install_project
 from tests.test_docs_snippets import fenced_blocks
 
 INSTALLED = """
@@ -166,3 +167,161 @@ def test_the_docs_pyproject_installs_and_loads(docs_distribution, fresh_plugins,
     finally:
         for module in [m for m in sys.modules if m == "my_plugin" or m.startswith("my_plugin.")]:
             del sys.modules[module]
+
+
+# -- a plugin that returns the wrong thing ----------------------------------------------------
+
+WRONG_RETURNS = """
+from pathlib import Path
+
+import torch
+
+import ldmkit
+from ldmkit.diffusion import DiscreteSampler
+from ldmkit.interfaces import Conditioner, Denoiser, FirstStage
+
+
+class ReturnsNothing(DiscreteSampler):
+    def step(self, s):
+        return s.z
+
+    def sample(self, denoise, schedule, noise, **kwargs):
+        super().sample(denoise, schedule, noise, **kwargs)  # and forgot to return it
+
+
+class ReturnsATensor(Conditioner):
+    input_keys = ("label",)
+    input_kinds = {"label": "class"}
+
+    def __init__(self):
+        super().__init__()
+        self.crossattn_dim = 8
+        self.embedding = torch.nn.Embedding(4, 8)
+
+    def forward(self, batch):  # the tokens, not {"crossattn": tokens}
+        return self.embedding(torch.as_tensor(self.read(batch, "label")))[:, None]
+
+
+class ReturnsAnOutputObject(Denoiser):
+    def __init__(self, *, in_channels=3, out_channels=3, context_dim=None, vector_dim=None):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.conv = torch.nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, z_t, t, cond):  # as diffusers' UNets do: (sample,)
+        return (self.conv(z_t) * t.float()[:, None, None, None],)
+
+
+class DecodesAPair(FirstStage):
+    def __init__(self):
+        super().__init__()
+        self.latent_channels, self.downsample_factor = 3, 1
+
+    def encode(self, x):
+        return x
+
+    def decode(self, z):  # (image, None) where the image alone was meant
+        return z, None
+
+
+@ldmkit.hookimpl
+def ldmkit_register_samplers(register):
+    register("returns_nothing", ReturnsNothing)
+
+
+@ldmkit.hookimpl
+def ldmkit_register_denoisers(register):
+    register("returns_an_output_object", ReturnsAnOutputObject)
+
+
+@ldmkit.hookimpl
+def ldmkit_register_first_stages(register):
+    register("decodes_a_pair", DecodesAPair)
+
+
+@ldmkit.hookimpl
+def ldmkit_register_conditioners(register):
+    register("returns_a_tensor", ReturnsATensor)
+
+
+@ldmkit.hookimpl
+def ldmkit_register_configs(register):
+    register(Path(__file__).parent / "wrong_conf")
+"""
+
+
+@pytest.mark.parametrize(
+    ("overrides", "culprit"),
+    [
+        (["sampler=returns_nothing", "--num-samples", "1"],
+         "sampler 'returns_nothing' from plugin 'wrong' (ldmkit-wrong 1.0): sample() returned NoneType, not a "
+         "tensor of shape (1, 3, 8, 8)"),
+        (["conditioner=returns_a_tensor", "--labels", "1"],
+         "conditioner 'returns_a_tensor' from plugin 'wrong' (ldmkit-wrong 1.0): forward() returned "
+         "Tensor, not a mapping of roles ('crossattn', 'concat', 'vector') to tensors"),
+        (["denoiser=returns_an_output_object", "--num-samples", "1"],
+         "denoiser 'returns_an_output_object' from plugin 'wrong' (ldmkit-wrong 1.0): forward() returned "
+         "tuple, not a tensor of shape (1, 3, 8, 8)"),
+        (["first_stage=decodes_a_pair", "--num-samples", "1"],
+         "first_stage 'decodes_a_pair' from plugin 'wrong' (ldmkit-wrong 1.0): decode() returned tuple, not a tensor"),
+    ],
+    ids=["sampler", "conditioner", "denoiser", "first stage"],
+)  # fmt: skip
+def test_a_plugin_returning_the_wrong_type_is_named_in_one_line(wrong_plugin, overrides, culprit):
+    """Once a traceback from deep inside the pipeline (``NoneType / Tensor`` in decode,
+    ``'Tensor' object has no attribute 'items'``) that named neither the plugin nor its
+    distribution."""
+    out = wrong_plugin("sample", "image_size=8", *overrides, "--out", str(wrong_plugin.site / "grid.png"))
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(f"ldmkit sample: error: {culprit}"), out.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "culprit"),
+    [
+        (["conditioner=returns_a_tensor", "conditioner.drop_rate=0.5"],
+         "conditioner 'returns_a_tensor' from plugin 'wrong' (ldmkit-wrong 1.0): forward() returned Tensor"),
+        (["denoiser=returns_an_output_object"],
+         "denoiser 'returns_an_output_object' from plugin 'wrong' (ldmkit-wrong 1.0): forward() returned tuple"),
+    ],
+    ids=["conditioner", "denoiser"],
+)  # fmt: skip
+def test_training_names_a_plugin_returning_the_wrong_type_in_one_line(wrong_plugin, tmp_path, overrides, culprit):
+    """``ldmkit train`` too (the conditioner's dropout once failed first, on ``not tensor``)."""
+    from tests.training.faults import make_shards
+
+    shards = make_shards(tmp_path / "data")
+    out = wrong_plugin(
+        "train", "stage=ldm", "trainer=ldm_tiny", "image_size=16", "data=image_folder", f"data.path={shards}",
+        "trainer.max_steps=1", "trainer.num_workers=0", "trainer.progress=false", "trainer.tensorboard=false",
+        f"run_dir={tmp_path / 'run'}", *overrides,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(f"ldmkit train: error: {culprit}"), out.stderr
+
+
+@pytest.fixture
+def wrong_plugin(site):
+    """``ldmkit-wrong`` installed (WRONG_RETURNS and its options); calls the ``ldmkit`` CLI with
+    it on the path and a tiny identity + unet_tiny model unless the arguments choose others."""
+    make_distribution(site, "ldmkit-wrong", "1.0", {"wrong": "wrong_plugin"}, {"wrong_plugin": WRONG_RETURNS})
+    options = {"sampler/returns_nothing.yaml": "steps: 1\n", "conditioner/returns_a_tensor.yaml": "",
+               "denoiser/returns_an_output_object.yaml": "in_channels: auto\nout_channels: auto\n",
+               "first_stage/decodes_a_pair.yaml": ""}  # fmt: skip
+    for option, text in options.items():
+        (site / "wrong_conf" / option).parent.mkdir(parents=True, exist_ok=True)
+        (site / "wrong_conf" / option).write_text(f"name: {Path(option).stem}\n{text}")
+
+    def run(command, *args):
+        chosen = {a.partition("=")[0] for a in args}
+        tiny = [o for o in ("first_stage=identity", "denoiser=unet_tiny", "sampler.steps=1")
+                if o.partition("=")[0] not in chosen]  # fmt: skip
+        return ldmkit_cli(
+            command, *tiny, *args,
+            env={"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])},
+        )  # fmt: skip
+
+    run.site = site
+    return run

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import pytest
 
 import ldmkit
+from ldmkit.errors import ConfigError
 from ldmkit.plugins import PluginError, PluginLoadWarning, get_plugin_manager, get_registry
 from ldmkit.registry import RegistryError
 from tests.conftest import make_distribution
@@ -274,3 +278,61 @@ def test_pkg_config_root_of_a_namespace_folder_lists_its_groups(site):
     assert row["config_groups"] == {"sampler": ["ddim"]}
     clashes = get_plugin_manager().config_option_clashes()
     assert any("sampler=ddim is shipped twice" in c and "ldmkit-nsconf 1.0" in c for c in clashes)
+
+
+SHIPS_AN_OPTION = """
+from pathlib import Path
+
+import ldmkit
+
+@ldmkit.hookimpl
+def ldmkit_register_configs(register):
+    register(Path(__file__).parent / "ships_conf")
+{samplers_hook}
+"""
+FAILING_SAMPLERS_HOOK = """
+@ldmkit.hookimpl
+def ldmkit_register_samplers(register):
+    from ships_sampler import Mine  # a module the distribution forgot to ship
+"""
+
+
+@pytest.mark.parametrize(
+    ("samplers_hook", "why"),
+    [
+        ("", "registers no sampler 'mine'"),  # forgot the hook
+        (FAILING_SAMPLERS_HOOK, "failed to load: ModuleNotFoundError: No module named 'ships_sampler'"),
+    ],
+    ids=["no hook", "hook fails"],
+)  # fmt: skip
+def test_an_option_whose_plugin_registers_nothing_names_the_plugin(site, samplers_hook, why):
+    """The plugin's config option composes but names a sampler no plugin registered: the
+    error named neither the plugin nor its distribution ("unknown sampler 'mine'; registered
+    samplers: ddim, ..."), only a warning printed before it did, and only when a hook failed."""
+    sys.modules.pop("ships_plugin", None)  # the other case's module, from another site
+    make_distribution(site, "ldmkit-ships", "1.0", {"ships": "ships_plugin"},
+                      {"ships_plugin": SHIPS_AN_OPTION.format(samplers_hook=samplers_hook)})  # fmt: skip
+    (site / "ships_conf" / "sampler").mkdir(parents=True)
+    (site / "ships_conf" / "sampler" / "mine.yaml").write_text("name: mine\n")
+    with pytest.warns(PluginLoadWarning) if samplers_hook else contextlib.nullcontext():
+        with pytest.raises(ConfigError) as caught:
+            ldmkit.compose(overrides=["sampler=mine", "first_stage=identity", "image_size=8"])
+    assert str(caught.value).startswith("sampler=mine: unknown sampler 'mine'; registered samplers: ddim")
+    assert str(caught.value).endswith(
+        f"; option sampler=mine comes from plugin 'ships' (ldmkit-ships 1.0), which {why}"
+    )
+
+
+def test_an_unknown_option_names_the_plugins_that_failed_to_load(site):
+    """A plugin that fails to import ships no config options: ``sampler=mine`` was "unknown
+    option sampler=mine (no sampler/mine.yaml ...)", with the failure only in a warning above
+    it; the error itself now names the plugin, its distribution and why."""
+    make_distribution(site, "ldmkit-broken", "0.9", {"broken": "broken_plugin"},
+                      {"broken_plugin": "import not_installed_dependency\n"})  # fmt: skip
+    with pytest.warns(PluginLoadWarning), pytest.raises(ConfigError) as caught:
+        ldmkit.compose(overrides=["sampler=mine", "first_stage=identity", "image_size=8"])
+    assert str(caught.value).startswith("unknown option sampler=mine (no sampler/mine.yaml")
+    assert str(caught.value).endswith(
+        "; plugin 'broken' (ldmkit-broken 0.9), which may ship it, failed to load: "
+        "ModuleNotFoundError: No module named 'not_installed_dependency'"
+    )

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import Tensor
 
 from ldmkit.config import AUTO, ConfigError, experiment_writing
 from ldmkit.config_checks import argument_problems
 from ldmkit.devices import build_within_memory, check_fits
 from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.errors import WeightsError
-from ldmkit.interfaces import INTERFACES
+from ldmkit.interfaces import CONDITION_ROLES, INTERFACES, Conditioner
 from ldmkit.nn.attention import set_attention_backend
-from ldmkit.plugins import get_plugin_manager
+from ldmkit.plugins import PluginError, get_plugin_manager
 from ldmkit.registry import COMPONENT_KINDS, Registry
 from ldmkit.weights import load_component_weights
 
@@ -46,6 +47,17 @@ def component_kwargs(node: Any, group: str) -> tuple[str, dict[str, Any]]:
     return name, data
 
 
+def _shipped_by(label: str | None, kind: str, name: str) -> str:
+    """Why the option ``label`` (``sampler=mine``) names an unregistered ``name``, when a
+    plugin ships it: that plugin failed to load, or registers no such name ("" otherwise)."""
+    group, _, option = (label or "").partition("=")
+    info = get_plugin_manager().option_shipper(group, option) if option else None
+    if info is None:
+        return ""
+    why = f"failed to load: {info.error}" if info.error else f"registers no {kind} {name!r}"
+    return f"; option {label} comes from plugin {info.name!r} ({info.label}), which {why}"
+
+
 def create_component(
     registry: Registry, kind: str, node: Any, label: str | None = None, *, key: str | None = None
 ) -> Any:
@@ -60,7 +72,7 @@ def create_component(
     try:
         factory = registry.get(kind, name).factory
     except LookupError as err:
-        raise ConfigError(f"{label or kind}: {err}") from err
+        raise ConfigError(f"{label or kind}: {err}{_shipped_by(label, kind, name)}") from err
     problems = argument_problems(factory, kwargs, key or kind)
     if problems:
         raise ConfigError(f"{'; '.join(problems)} ({label or f'{kind} {name!r}'})")
@@ -90,6 +102,44 @@ def create_component(
             raise ConfigError(f"{label or kind} ({kind}.checkpoint): {err}") from err
     obj.built_from = {"name": name, **component_kwargs(node, kind)[1]}  # what builds it again
     return obj
+
+
+def component_origin(kind: str, component: Any) -> str:
+    """``sampler 'mine' from plugin 'x' (ldmkit-x 1.0)``: the registered name a component was
+    built under and the plugin and distribution that registered it, for messages about what
+    it did (its class's name when no plugin registered it)."""
+    registry = get_plugin_manager().registry
+    name = (component.built_from or {}).get("name") or registry.name_of(kind, type(component))
+    try:
+        return f"{kind} {name!r} from {registry.get(kind, name).provider}"
+    except LookupError:
+        return f"{kind} {type(component).__name__}"
+
+
+def returned_tensor(kind: str, component: Any, method: str, value: Any, shape: Sequence[int] | None = None) -> Tensor:
+    """``value``, when a component returned a tensor (of ``shape``, if given); else a
+    :class:`PluginError` naming the component's plugin and what it returned."""
+    if isinstance(value, Tensor) and (shape is None or value.shape == shape):
+        return value
+    got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+    wanted = "a tensor" if shape is None else f"a tensor of shape {tuple(shape)}"
+    raise PluginError(f"{component_origin(kind, component)}: {method} returned {got}, not {wanted}")
+
+
+def checked_condition(conditioner: Conditioner, method: str, cond: Any) -> Mapping[str, Tensor]:
+    """``cond``, when it is what a conditioner returns: a mapping of roles to tensors; else
+    a :class:`PluginError` naming the conditioner's plugin and what it returned."""
+    if isinstance(cond, Mapping) and all(
+        role in CONDITION_ROLES and isinstance(value, Tensor) for role, value in cond.items()
+    ):
+        return cond
+    got = type(cond).__name__
+    if isinstance(cond, Mapping):
+        got = "{" + ", ".join(f"{role!r}: {type(value).__name__}" for role, value in cond.items()) + "}"
+    raise PluginError(
+        f"{component_origin('conditioner', conditioner)}: {method} returned {got}, not a mapping "
+        f"of roles {CONDITION_ROLES} to tensors"
+    )
 
 
 def component_config(kind: str, component: Any) -> dict[str, Any]:

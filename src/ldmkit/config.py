@@ -86,7 +86,7 @@ def compose_config(
     _refuse_shadowed_options(users, roots)
     _plugin_roots[:] = [*roots, *(f"file://{d}" for d in users)]
     _register_search_path_plugin()
-    overrides = [_weights_override(o) for o in overrides]
+    overrides = [_ldmkit_key_override(o) for o in overrides]
     _refuse_unnamed_choices(overrides)
     try:
         cfg = _compose_with_stage_trainer(overrides, config_name)
@@ -400,13 +400,14 @@ def _hydra_compose(overrides: Sequence[str], config_name: str) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
-# Every component config may name weights to load (`checkpoint`), whether or not its option
-# file lists the key: `first_stage.checkpoint=PATH` works as written for any option.
-_WEIGHTS_OVERRIDE = re.compile(r"^(?P<group>first_stage|denoiser|conditioner)\.checkpoint=")
+# Every component config may name weights to load (`checkpoint`), and every conditioner config
+# its guidance dropout (`drop_rate`), whether or not its option file lists the key: ldmkit reads
+# them, not the constructor, so `first_stage.checkpoint=PATH` works as written for any option.
+_LDMKIT_KEY_OVERRIDE = re.compile(r"^(?:(?:first_stage|denoiser|conditioner)\.checkpoint|conditioner\.drop_rate)=")
 
 
-def _weights_override(override: str) -> str:
-    return f"++{override}" if _WEIGHTS_OVERRIDE.match(override) else override
+def _ldmkit_key_override(override: str) -> str:
+    return f"++{override}" if _LDMKIT_KEY_OVERRIDE.match(override) else override
 
 
 def _explain_compose_error(err: Exception, overrides: Sequence[str], config_name: str) -> str:
@@ -420,10 +421,14 @@ def _explain_compose_error(err: Exception, overrides: Sequence[str], config_name
         listed = re.search(r"Available options in '[^']+':\n(?P<options>(?:\t.*\n?)*)", message)
         options = ", ".join(o.strip() for o in listed["options"].splitlines() if o.strip()) if listed else ""
         group, option = missing["group"], missing["option"]
+        broken = "".join(
+            f"; plugin {info.name!r} ({info.label}), which may ship it, failed to load: {info.error}"
+            for info in get_plugin_manager().broken
+        )
         return (
             f"unknown option {group}={option} (no {group}/{option}.yaml in ldmkit's conf/ or an installed "
             f"plugin's config root); {group} options: {options or '(none)'} "
-            "(`ldmkit plugins` lists which plugin provides which config groups)"
+            f"(`ldmkit plugins` lists which plugin provides which config groups){broken}"
         )
     return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
@@ -445,6 +450,7 @@ def _unknown_key(key: str, overrides: Sequence[str], config_name: str) -> str:
     keys = _leaf_keys(OmegaConf.to_container(cfg, resolve=False))
     keys = [k for k in keys if not k.startswith("hydra.")]
     keys += [f"{g}.checkpoint" for g in ("first_stage", "denoiser", "conditioner") if f"{g}.checkpoint" not in keys]
+    keys += ["conditioner.drop_rate"] if "conditioner.drop_rate" not in keys else []
     leaf = key.rpartition(".")[2]
     group = key.partition(".")[0]
     close = [k for k in keys if k.partition(".")[0] == group and k.rpartition(".")[2] == leaf]

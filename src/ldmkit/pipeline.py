@@ -18,7 +18,14 @@ from torch import Tensor, nn
 
 from ldmkit import frozen, lora, masks, pipeline_files
 from ldmkit import precision as _precision
-from ldmkit.assembly import component_config, create_component, pipeline_config, pipeline_parts
+from ldmkit.assembly import (
+    checked_condition,
+    component_config,
+    create_component,
+    pipeline_config,
+    pipeline_parts,
+    returned_tensor,
+)
 from ldmkit.compiling import compile_module, is_compiled
 from ldmkit.config import compose_config, load_saved_config
 from ldmkit.diffusion.guidance import ClassifierFreeGuidance
@@ -85,11 +92,17 @@ class Pipeline(nn.Module):
         """Images in [-1, 1] -> scaled latents (what the denoiser sees). ``tile``: encode in
         overlapping tiles of that many *latent* pixels (:mod:`ldmkit.tiling`)."""
         if tile is None:
-            return self.first_stage.encode(images) * self.scale_factor
+            return self._encode(images) * self.scale_factor
         z = tiled_encode(
-            self.first_stage.encode, images, factor=self.first_stage.downsample_factor, tile=tile, overlap=tile_overlap
+            self._encode, images, factor=self.first_stage.downsample_factor, tile=tile, overlap=tile_overlap
         )
         return z * self.scale_factor
+
+    def _encode(self, images: Tensor) -> Tensor:
+        return returned_tensor("first_stage", self.first_stage, "encode()", self.first_stage.encode(images))
+
+    def _decode(self, z: Tensor) -> Tensor:
+        return returned_tensor("first_stage", self.first_stage, "decode()", self.first_stage.decode(z))
 
     def decode(self, latents: Tensor, *, tile: int | None = None, tile_overlap: int | None = None) -> Tensor:
         """Scaled latents -> images. ``tile``: decode overlapping ``tile``x``tile`` latent
@@ -97,9 +110,9 @@ class Pipeline(nn.Module):
         whatever the image size."""
         z = latents / self.scale_factor
         if tile is None:
-            return self.first_stage.decode(z)
+            return self._decode(z)
         return tiled_decode(
-            self.first_stage.decode, z, factor=self.first_stage.downsample_factor, tile=tile, overlap=tile_overlap
+            self._decode, z, factor=self.first_stage.downsample_factor, tile=tile, overlap=tile_overlap
         )
 
     # -- the model the sampler calls ---------------------------------------------------
@@ -132,6 +145,7 @@ class Pipeline(nn.Module):
                     out = state["net"](z_t, t, cond)
                 else:
                     out = self._first_low_precision_call(state, precision, z_t, t, cond)
+            out = returned_tensor("denoiser", self.denoiser, "forward()", out, z_t.shape)
             out = out.clone() if graphs else out
             return self.schedule.to_eps(prediction, z_t, t, out.float())
 
@@ -354,6 +368,7 @@ class Pipeline(nn.Module):
                 known=_rows(known, rows, n),
                 **extra,
             )
+            z0 = returned_tensor("sampler", self.sampler, "sample()", z0, noise[rows].shape)
             if r.refine_known:
                 image_rows, mask_rows = (_rows(v.to(z0.device), rows, n) for v in pixels)
                 z0 = self.refine_known(z0, image_rows, mask_rows, r.refine_known, **tiling)
@@ -368,7 +383,7 @@ class Pipeline(nn.Module):
         device = self.scale_factor.device
         with _precision.autocast(precision, device):
             cond = self.conditioner(batch) if self.conditioner.input_keys else {}
-        cond = _float32(cond)
+        cond = _float32(checked_condition(self.conditioner, "forward()", cond))
         if guidance_scale == 1.0 or not cond:
             return cond, None
         if not self.conditioner.learns_null_condition:
@@ -379,7 +394,8 @@ class Pipeline(nn.Module):
                 stacklevel=5,  # the caller of sample()
             )
         with _precision.autocast(precision, device):
-            return cond, _float32(self.conditioner.unconditional(batch))
+            uncond = self.conditioner.unconditional(batch)
+        return cond, _float32(checked_condition(self.conditioner, "unconditional()", uncond))
 
     def with_sampler(self, sampler: str | Mapping[str, Any] | Sampler, /, **overrides: Any) -> Pipeline:
         """Sample with another sampler from now on, ``config.sampler`` changed with it (what

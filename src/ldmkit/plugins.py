@@ -338,6 +338,18 @@ class PluginManager:
                 raise PluginError("; ".join(clashes))
             return roots
 
+    def option_shipper(self, group: str, option: str) -> PluginInfo | None:
+        """The plugin, loaded or broken, whose config roots ship ``group/option.yaml``."""
+        with self._lock:
+            self.load_entry_points()
+            self._plugin_config_roots()
+            for info in [*self.infos.values(), *self.broken]:
+                for root in info.config_roots:
+                    directory = root_directory(root)
+                    if directory is not None and (directory / group / f"{option}.yaml").is_file():
+                        return info
+        return None
+
     def config_option_clashes(self) -> list[str]:
         """One message per config option (``group/option.yaml``) that two sources ship."""
         from ldmkit.resources import config_dir

@@ -11,6 +11,7 @@ class TestThresholdedDDIM(SamplerConformance):
     # Gaussian data well inside the threshold: nothing is clipped, the step is DDIM's, and
     # DDIM is first order
     expected_order = 1
+    stochastic = False
     order_data = (0.0, 0.2)
 
     def make_sampler(self):

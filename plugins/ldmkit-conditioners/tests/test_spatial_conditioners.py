@@ -11,7 +11,7 @@ import yaml
 from torch import nn
 
 from ldmkit.config import compose_config
-from ldmkit.interfaces import FirstStage, MissingConditionError
+from ldmkit.interfaces import ConditionValueError, FirstStage, MissingConditionError
 from ldmkit.pipeline import build_pipeline
 from ldmkit.plugins import get_registry
 from ldmkit.testing import ConditionerConformance
@@ -21,7 +21,7 @@ from ldmkit_conditioners import (
     SemanticMapConditioner,
     SpatialRescaler,
 )
-from ldmkit_conditioners.rescaler import METHODS, ConditionValueError, FirstStageNotBoundError
+from ldmkit_conditioners.rescaler import METHODS, FirstStageNotBoundError
 
 CONF = Path(__file__).resolve().parents[1] / "src" / "ldmkit_conditioners" / "conf" / "conditioner"
 

@@ -31,6 +31,7 @@ from ldmkit_samplers import (
 
 
 class TestDDIM(SamplerConformance):
+    stochastic = False
     expected_order = 1
 
     def make_sampler(self):
@@ -38,16 +39,21 @@ class TestDDIM(SamplerConformance):
 
 
 class TestDDIMStochastic(SamplerConformance):
+    stochastic = True
+
     def make_sampler(self):
         return DDIMSampler(steps=self.steps, eta=1.0)
 
 
 class TestDDPM(SamplerConformance):
+    stochastic = True
+
     def make_sampler(self):
         return DDPMSampler(steps=self.steps)
 
 
 class TestPLMS(SamplerConformance):
+    stochastic = False
     # measured 2.05 at 10-40 steps: the higher asymptotic order (4 once warmed up) needs
     # more steps than this test runs; PLMS assumes even steps in t, hence linspace
     expected_order = 2
@@ -58,6 +64,7 @@ class TestPLMS(SamplerConformance):
 
 
 class TestEuler(SamplerConformance):
+    stochastic = False
     expected_order = 1
 
     def make_sampler(self):
@@ -65,11 +72,14 @@ class TestEuler(SamplerConformance):
 
 
 class TestEulerAncestral(SamplerConformance):
+    stochastic = True
+
     def make_sampler(self):
         return EulerAncestralSampler(steps=self.steps)
 
 
 class TestHeun(SamplerConformance):
+    stochastic = False
     expected_order = 2
 
     def make_sampler(self):
@@ -77,6 +87,7 @@ class TestHeun(SamplerConformance):
 
 
 class TestDPMSolverPP2M(SamplerConformance):
+    stochastic = False
     expected_order = 2
 
     def make_sampler(self):
@@ -224,7 +235,11 @@ def test_unit_gaussian_data_matches_closed_form():
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="steps"):
         DDIMSampler(steps=0)
-    for eta in (-1, float("nan"), float("inf")):  # nan: NaN images from ddim, full noise from euler_ancestral
+    for eta in (
+        -1,
+        float("nan"),
+        float("inf"),
+    ):  # nan: NaN images from ddim, full noise from euler_ancestral
         with pytest.raises(ValueError, match=f"eta must be a finite number >= 0, got {eta}"):
             DDIMSampler(eta=eta)
         with pytest.raises(ValueError, match=f"eta must be a finite number >= 0, got {eta}"):
@@ -518,21 +533,29 @@ def test_euler_ancestral_is_ddim_with_the_same_eta(eta):
 
 
 class TestEulerKarras(SamplerConformance):
+    stochastic = False
+
     def make_sampler(self):
         return EulerSampler(steps=self.steps, spacing="karras")
 
 
 class TestEulerAncestralKarras(SamplerConformance):
+    stochastic = True
+
     def make_sampler(self):
         return EulerAncestralSampler(steps=self.steps, spacing="karras")
 
 
 class TestHeunKarras(SamplerConformance):
+    stochastic = False
+
     def make_sampler(self):
         return HeunSampler(steps=self.steps, spacing="karras")
 
 
 class TestDPMSolverPP2MExponential(SamplerConformance):
+    stochastic = False
+
     def make_sampler(self):
         return DPMSolverPP2MSampler(steps=self.steps, spacing="exponential")
 

@@ -9,6 +9,7 @@ from ldmkit.interfaces.conditioner import (
     CONDITION_ROLES,
     INPUT_KINDS,
     Conditioner,
+    ConditionValueError,
     MissingConditionError,
 )
 from ldmkit.interfaces.denoiser import PREDICTIONS, Denoiser
@@ -30,6 +31,7 @@ __all__ = [
     "PREDICTIONS",
     "Callback",
     "Component",
+    "ConditionValueError",
     "Conditioner",
     "DenoiseFn",
     "Denoiser",

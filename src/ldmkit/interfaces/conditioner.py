@@ -18,7 +18,9 @@ The batch keys a conditioner reads are its own business: ``input_keys`` names th
 latent cache, ``Pipeline.sample`` and ``ldmkit sample --cond key=value`` pass them through
 without a key list in the core.
 Read them with ``self.read(batch, key)``: a missing key is a :class:`MissingConditionError`
-naming the conditioner and the key.
+naming the conditioner and the key. Raise :class:`ConditionValueError` for a value the
+conditioner cannot use (a class id out of range, a map of the wrong size): like every
+``LdmkitError`` the CLI prints it in one line, without a traceback.
 
 Training adds two things on top of ``forward``:
 
@@ -34,7 +36,7 @@ A complete minimal plugin (a learned embedding per class, as cross-attention tok
     import torch
     from torch import nn
     import ldmkit
-    from ldmkit.interfaces import Conditioner
+    from ldmkit.interfaces import Conditioner, ConditionValueError
 
     class ClassTokens(Conditioner):
         input_keys = ("label",)
@@ -49,6 +51,11 @@ A complete minimal plugin (a learned embedding per class, as cross-attention tok
 
         def forward(self, batch):
             labels = torch.as_tensor(self.read(batch, "label"), device=self.embedding.weight.device)
+            if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < self.null_index:
+                # an LdmkitError: `ldmkit sample --labels 12` prints it in one line
+                raise ConditionValueError(
+                    f"labels must be in [0, {self.null_index}) (num_classes), got {labels.tolist()}"
+                )
             return {"crossattn": self.embedding(labels)[:, None, :]}
 
         def unconditional(self, batch):
@@ -82,6 +89,10 @@ class MissingConditionError(LdmkitError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the repr of the message
         return str(self.args[0]) if self.args else ""
+
+
+class ConditionValueError(LdmkitError, ValueError):
+    """A condition's value is unusable (a class id out of range, a mask of the wrong size)."""
 
 
 class Conditioner(nn.Module, Component, abc.ABC):
@@ -181,8 +192,9 @@ class Conditioner(nn.Module, Component, abc.ABC):
         self, cond: dict[str, Tensor], batch: Mapping[str, Any], generator: torch.Generator | None
     ) -> dict[str, Tensor]:
         """Each sample of ``cond`` replaced by ``unconditional(batch)`` with probability
-        ``drop_rate`` (composites call it on their merged parts)."""
-        if self.drop_rate <= 0 or not cond:
+        ``drop_rate`` (composites call it on their merged parts). Anything but a mapping comes
+        back as it is, for the caller to refuse naming the conditioner's plugin."""
+        if self.drop_rate <= 0 or not isinstance(cond, Mapping) or not cond:
             return cond
         n = next(iter(cond.values())).shape[0]
         drop = torch.rand(n, generator=generator) < self.drop_rate

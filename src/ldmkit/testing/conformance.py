@@ -62,6 +62,20 @@ def _check_not_trivial(out: Tensor, what: str) -> None:
         )
 
 
+def _same_input(batch: Mapping[str, Any], i: int, j: int) -> bool:
+    """Whether samples ``i`` and ``j`` of ``batch`` have equal entries under every key."""
+    return all(_equal(_reorder(value, [i]), _reorder(value, [j])) for value in batch.values())
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """Equality of batch entries: tensors and arrays elementwise, sequences item by item."""
+    if hasattr(a, "shape") and hasattr(b, "shape"):  # tensors, numpy arrays
+        return tuple(a.shape) == tuple(b.shape) and bool((a == b).all())
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
 def _reorder(value: Any, order: list[int]) -> Any:
     """A batch entry with its samples in ``order`` (tensors, arrays, lists, tuples)."""
     if isinstance(value, Tensor):
@@ -80,11 +94,12 @@ class FirstStageConformance:
     """Contract of :class:`ldmkit.interfaces.FirstStage`.
 
     An untrained first stage reconstructs nothing recognisable, so by default the suite checks
-    what holds for any weights: the decoder's output depends on its latent and is not zero or
-    constant, the encoder's latent depends on the image, and ``decode(encode(x))`` follows
-    ``x``. Set ``min_reconstruction_correlation`` (the Pearson correlation of
-    ``decode(encode(x))`` with ``x``) when ``make_first_stage`` returns a trained or lossless
-    one: 0.999 for an identity, about 0.9 for a pretrained KL-f8. Set ``deterministic_encode``
+    what holds for any weights: the decoder's output depends on every channel of its latent and
+    is not zero or constant, the encoder's latent depends on the image, each sample is encoded
+    and decoded independently of the others, and ``decode(encode(x))`` follows ``x``. Set
+    ``min_reconstruction_correlation`` (the Pearson correlation of ``decode(encode(x))`` with
+    ``x``) when ``make_first_stage`` returns a trained or lossless one: 0.999 for an identity,
+    about 0.9 for a pretrained KL-f8. Set ``deterministic_encode``
     when ``encode`` should not draw noise (a KL posterior's mean, ``encode_mode=mode``; VQ's
     pre-quantization latent): two encodes in eval mode under different RNG seeds must agree.
     """
@@ -139,11 +154,19 @@ class FirstStageConformance:
         return torch.randn(shape, generator=gen)
 
     def test_decoder_depends_on_its_latent(self):
+        """``decode(z)`` is not zero or constant and changes with each channel of ``z``."""
         fs = self.make_first_stage().eval()
+        z, other = self._latents(fs, 0), self._latents(fs, 1)
         with torch.no_grad():
-            a, b = fs.decode(self._latents(fs, 0)), fs.decode(self._latents(fs, 1))
-        _check_not_trivial(a, "decode(z)")
-        assert _differ(a, b), "decode(z) is the same for two different latents: the latent is ignored"
+            a, b = fs.decode(z), fs.decode(other)
+            _check_not_trivial(a, "decode(z)")
+            assert _differ(a, b), "decode(z) is the same for two different latents: the latent is ignored"
+            for channel in range(fs.latent_channels):
+                changed = z.clone()
+                changed[:, channel] = other[:, channel]
+                assert _differ(a, fs.decode(changed)), (
+                    f"decode(z) ignores latent channel {channel} of {fs.latent_channels}"
+                )
 
     def _seeded(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         """``fn(x)`` with the global RNG seeded: a KL encoder that samples its posterior
@@ -157,6 +180,26 @@ class FirstStageConformance:
         a, b = self._seeded(fs.encode, self._images(fs, 0)), self._seeded(fs.encode, self._images(fs, 1))
         _check_not_trivial(a, "encode(x)")
         assert _differ(a, b), "encode(x) is the same for two different images: the image is ignored"
+
+    def test_samples_are_independent(self):
+        """The last sample's latent depends on its own image, and its decoded image on its
+        own latent, alone: new images or latents for the other samples leave them as they
+        were (an encoder that reads ``x[0]`` for the batch, or a decoder that normalizes over
+        the batch, fails here)."""
+        fs = self.make_first_stage().eval()
+
+        def others_replaced(mine: Tensor, others: Tensor) -> Tensor:
+            return torch.cat([others[:-1], mine[-1:]])
+
+        for what, fn, x, other in (
+            ("encode", fs.encode, self._images(fs, 0), self._images(fs, 1)),
+            ("decode", fs.decode, self._latents(fs, 0), self._latents(fs, 1)),
+        ):
+            a, b = self._seeded(fn, x)[-1], self._seeded(fn, others_replaced(x, other))[-1]
+            torch.testing.assert_close(
+                a, b, atol=1e-5, rtol=1e-5,
+                msg=lambda m, what=what: f"{what}: sample {self.batch_size - 1}'s output changed with the other samples' inputs: {m}",
+            )  # fmt: skip
 
     def test_reconstruction_is_not_trivial(self):
         """``decode(encode(x))`` is not zero or constant and changes with ``x``; with
@@ -266,14 +309,25 @@ class DenoiserConformance:
                 assert not torch.allclose(d(z, t, cond), d(z, t, changed)), f"ignores cond[{key!r}]"
 
     def test_samples_are_independent(self):
+        """The last sample's output depends on its own latent, timestep and condition alone:
+        new ones for the other samples leave it as it was (a denoiser that embeds ``t[0]`` for
+        the whole batch, or attends across the batch, fails here)."""
         d = self.make_denoiser().eval()
         perturb_parameters(d)
         z, t, cond = self._inputs(d)
-        z2 = z.clone()
-        z2[1:] = torch.randn_like(z2[1:])
+        other_z, other_t, other_cond = self._inputs(d, seed=1)
+
+        def others_replaced(mine: Tensor, others: Tensor) -> Tensor:
+            return torch.cat([others[:-1], mine[-1:]])
+
+        z2, t2 = others_replaced(z, other_z), others_replaced(t, 999 - t)
+        cond2 = {key: others_replaced(value, other_cond[key]) for key, value in cond.items()}
         with torch.no_grad():
-            a, b = d(z, t, cond), d(z2, t, cond)
-        torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-5)
+            a, b = d(z, t, cond)[-1], d(z2, t2, cond2)[-1]
+        torch.testing.assert_close(
+            a, b, atol=1e-5, rtol=1e-5,
+            msg=lambda m: f"sample {self.batch_size - 1}'s output changed with the other samples' z, t and condition: {m}",
+        )  # fmt: skip
 
     def test_backward_reaches_parameters(self):
         d = self.make_denoiser().train()
@@ -351,12 +405,16 @@ class ConditionerConformance:
             return c, batch, c(batch), c.unconditional(batch)
 
     def test_output_depends_on_the_input(self):
-        """Samples 0 and 1 of ``make_batch`` differ in their inputs (make it so), so a
-        conditioner that ignores its input fails here."""
-        _, _, cond, _ = self._conditioned()
-        assert any(not torch.equal(v[0], v[1]) for v in cond.values()), (
-            "samples 0 and 1 have different inputs but the same condition: the input is ignored"
-        )
+        """Any two samples of ``make_batch`` whose inputs differ get different conditions
+        (samples 0 and 1 must differ: make it so), so a conditioner that ignores its input,
+        or maps several inputs to one condition, fails here."""
+        _, batch, cond, _ = self._conditioned()
+        assert not _same_input(batch, 0, 1), "make_batch must give samples 0 and 1 different inputs"
+        for i in range(self.batch_size):
+            for j in range(i + 1, self.batch_size):
+                assert _same_input(batch, i, j) or any(not torch.equal(v[i], v[j]) for v in cond.values()), (
+                    f"samples {i} and {j} have different inputs but the same condition: the input is ignored"
+                )
 
     def test_swapping_two_samples_swaps_their_conditions(self):
         """Each sample's condition follows its own input, not its place in the batch: a
@@ -373,6 +431,21 @@ class ConditionerConformance:
                 out[role], cond[role][order], atol=1e-5, rtol=1e-5,
                 msg=lambda m, role=role: f"{role}: swapping samples 0 and 1 of the batch did not swap their conditions: {m}",
             )  # fmt: skip
+
+    def test_each_sample_is_conditioned_on_its_own(self):
+        """Sample i's condition is the one it gets alone, whatever else the batch holds: ``ldmkit
+        sample`` promises that sample i is seed + i drawn alone (a conditioner that normalizes
+        over the batch, or pads prompts to the batch's longest, fails here). Deterministic in
+        eval mode, like the swap check."""
+        c, batch, cond, _ = self._conditioned()
+        for i in range(self.batch_size):
+            with torch.no_grad():
+                alone = c({key: _reorder(value, [i]) for key, value in batch.items()})
+            for role in cond:
+                torch.testing.assert_close(
+                    alone[role], cond[role][i : i + 1], atol=1e-5, rtol=1e-5,
+                    msg=lambda m, role=role, i=i: f"{role}: sample {i} alone gets another condition than in the batch: {m}",
+                )  # fmt: skip
 
     def test_null_condition_differs_from_every_real_one(self):
         _, _, cond, uncond = self._conditioned()
@@ -494,6 +567,12 @@ class SamplerConformance:
     or end with a first-order step to sigma = 0, which caps any solver at first order
     there); a multistep method that assumes even steps in t, like PLMS, wants ``linspace``.
 
+    Declare ``stochastic``: True for a sampler that draws fresh noise as it goes (DDPM, DDIM
+    with eta > 0, an ancestral sampler), so two generators must give different samples (a
+    DDIM that ignores its ``eta`` gives the same); False for a deterministic one. A sampler
+    with a ``spacing`` must visit the timesteps of :func:`ldmkit.diffusion.timestep_pairs`
+    for each timestep spacing it takes (its ``callback``'s ``t``).
+
     ``sample(steps=S)`` must run S steps (``steps_check`` gives two S), ``sample()``
     ``self.steps``. A sampler that sets ``supports_mask`` must keep the known region and
     generate the rest consistently with it (on data whose samples are one value repeated,
@@ -524,6 +603,7 @@ class SamplerConformance:
     seed_batch: int = 16
     seed_steps: int = 8
     seed_tolerance: float = 1e-4
+    stochastic: bool | None = None
 
     def make_sampler(self) -> Sampler:
         raise NotImplementedError("implement make_sampler() in your test class")
@@ -558,6 +638,19 @@ class SamplerConformance:
         )
         assert abs(out.mean().item() - mean) < self.distribution_tolerance
         assert abs(out.std().item() - std) < self.distribution_tolerance
+
+    def test_result_depends_on_the_noise(self):
+        """``noise`` is z_T: another one under the same generator gives another result (a
+        sampler that draws its own start from the generator fails here)."""
+        schedule = self.make_schedule()
+        a, b = (
+            self.make_sampler().sample(
+                gaussian_denoiser(schedule, 0.0, 0.5), schedule, self._noise(seed), steps=self.steps,
+                generator=torch.Generator().manual_seed(7),
+            )
+            for seed in (0, 1)
+        )  # fmt: skip
+        assert _differ(a, b), "two different noises give the same samples: `noise` is ignored"
 
     def test_reproducible_with_generator(self):
         schedule = self.make_schedule()
@@ -812,6 +905,43 @@ class SamplerConformance:
             for seed in (1, 2)
         ]
         return torch.equal(runs[0], runs[1])
+
+    def test_stochastic_as_declared(self):
+        """With ``stochastic`` declared, two generators give different samples (True: a DDIM
+        that ignores its ``eta`` fails) or the same ones (False)."""
+        if self.stochastic is None:
+            pytest.skip("stochastic is not declared")
+        sampler = self.make_sampler()
+        deterministic = self.is_deterministic(sampler)
+        assert deterministic != self.stochastic, (
+            f"{sampler!r} gives {'the same' if deterministic else 'different'} samples under two "
+            f"generators, but the test class declares stochastic = {self.stochastic}"
+        )
+
+    # -- timesteps ---------------------------------------------------------------------
+    def test_timesteps_follow_the_spacing(self):
+        """Step i visits the i-th timestep of ``timestep_pairs(T, steps, spacing)`` (its
+        ``callback`` says ``t``) for each timestep spacing the sampler takes (fractional
+        within 0.5 for the sigma samplers' ``linspace``). A sampler without ``spacing`` is
+        skipped."""
+        from ldmkit.diffusion import SPACINGS, timestep_pairs
+
+        sampler, schedule = self.make_sampler(), self.make_schedule()
+        if not hasattr(sampler, "spacing"):
+            pytest.skip("the sampler has no `spacing`")
+        steps = 10
+        for spacing in [name for name in getattr(sampler, "spacings", SPACINGS) if name in SPACINGS]:
+            sampler.spacing = spacing
+            seen: list[dict] = []
+            sampler.sample(
+                gaussian_denoiser(schedule, 0.5, 0.5), schedule, self._noise(), steps=steps,
+                generator=torch.Generator().manual_seed(1), callback=seen.append,
+            )  # fmt: skip
+            visited = [float(info["t"]) for info in seen]
+            planned = [t for t, _ in timestep_pairs(schedule.timesteps, steps, spacing)]
+            assert len(visited) == len(planned) and all(
+                abs(a - b) <= 0.5 for a, b in zip(visited, planned, strict=True)
+            ), f"with spacing {spacing!r} the steps visit t = {[round(t, 1) for t in visited]}, not {planned}"
 
     def test_convergence_order(self):
         sampler = self.make_sampler()

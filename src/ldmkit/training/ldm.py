@@ -26,6 +26,7 @@ from omegaconf import OmegaConf, open_dict
 from torch import Tensor, nn
 
 from ldmkit import lora
+from ldmkit.assembly import checked_condition, returned_tensor
 from ldmkit.compiling import compile_module
 from ldmkit.diffusion.objective import DiffusionObjective, scale_factor_from_latents
 from ldmkit.ema import EMA
@@ -69,8 +70,13 @@ class DiffusionStep(nn.Module):
     ) -> tuple[Tensor, dict[str, Any]]:
         batch = self.conditioner.training_inputs(batch, condition_generator)
         # with the conditioner's guidance dropout
-        cond = self.conditioner.condition(batch, generator=condition_generator)
-        return self.objective(self.denoiser, z0, cond, t=t, noise=noise)
+        cond = checked_condition(self.conditioner, "forward()", self.conditioner.condition(batch, generator=condition_generator))
+        return self.objective(self._denoise, z0, cond, t=t, noise=noise)
+
+    def _denoise(self, z_t: Tensor, t: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+        """The denoiser's output, when it is a tensor of ``z_t``'s shape (else one line naming
+        its plugin)."""
+        return returned_tensor("denoiser", self.denoiser, "forward()", self.denoiser(z_t, t, cond), z_t.shape)
 
 
 class _CacheBuildStopped(Exception):
@@ -368,7 +374,7 @@ class LDMTrainer(Trainer):
         if "latent" in batch:
             return batch["latent"].to(self.device, non_blocking=True)
         x = batch_images(batch, channels=self.pipeline.first_stage.image_channels, device=self.device)
-        return self.pipeline.first_stage.encode(x)
+        return returned_tensor("first_stage", self.pipeline.first_stage, "encode()", self.pipeline.first_stage.encode(x))
 
     @torch.no_grad()
     def latents(self, batch: Mapping[str, Any]) -> Tensor:

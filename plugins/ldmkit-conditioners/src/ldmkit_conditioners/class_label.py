@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldmkit.interfaces import Conditioner
-from ldmkit_conditioners.rescaler import ConditionValueError
+from ldmkit.interfaces import Conditioner, ConditionValueError
 
 ROLES = ("crossattn", "vector")
 

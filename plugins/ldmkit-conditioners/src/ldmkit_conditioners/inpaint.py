@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldmkit import masks
-from ldmkit.interfaces import Conditioner
-from ldmkit_conditioners.rescaler import ConditionValueError, module_device, not_bound
+from ldmkit.interfaces import Conditioner, ConditionValueError
+from ldmkit_conditioners.rescaler import module_device, not_bound
 
 # how the condition is built: ldmkit's own, or as the paper's inpainting model was trained
 STYLES = ("ldmkit", "paper")

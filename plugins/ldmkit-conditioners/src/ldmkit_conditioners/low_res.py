@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldmkit.interfaces import Conditioner
-from ldmkit_conditioners.rescaler import ConditionValueError, not_bound
+from ldmkit.interfaces import Conditioner, ConditionValueError
+from ldmkit_conditioners.rescaler import not_bound
 
 METHODS = ("bicubic", "bilinear")
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldmkit.errors import LdmkitError
+from ldmkit.interfaces import ConditionValueError  # noqa: F401 - its home before ldmkit.interfaces
 
 METHODS = ("nearest", "linear", "bilinear", "bicubic", "trilinear", "area")
 
@@ -66,10 +67,6 @@ class SpatialRescaler(nn.Module):
 
 
 # -- errors ----------------------------------------------------------------------------------
-
-
-class ConditionValueError(LdmkitError, ValueError):
-    """A condition's value is unusable (a class id out of range, a mask of the wrong size)."""
 
 
 class FirstStageNotBoundError(LdmkitError, RuntimeError):

@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ldmkit.interfaces import Conditioner
+from ldmkit.interfaces import Conditioner, ConditionValueError
 from ldmkit_conditioners.rescaler import (
-    ConditionValueError,
     SpatialRescaler,
     describe_sample,
 )
