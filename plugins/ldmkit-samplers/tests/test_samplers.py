@@ -95,16 +95,19 @@ class TestDPMSolverPP2M(SamplerConformance):
 
 
 class TestDPMSolverPP2MSDE(SamplerConformance):
+    stochastic = True
     def make_sampler(self):
         return DPMSolverPP2MSDESampler(steps=self.steps)
 
 
 class TestDPMSolverPP2MSDEHeunExponential(SamplerConformance):
+    stochastic = True
     def make_sampler(self):
         return DPMSolverPP2MSDESampler(steps=self.steps, solver_type="heun", spacing="exponential")
 
 
 class TestDPMSolverPP2MSDEAtEtaZero(SamplerConformance):
+    stochastic = False
     expected_order = 2
 
     def make_sampler(self):
@@ -112,6 +115,7 @@ class TestDPMSolverPP2MSDEAtEtaZero(SamplerConformance):
 
 
 class TestDPMSolverPP2MSDEHeunAtEtaZero(SamplerConformance):
+    stochastic = False
     expected_order = 2
 
     def make_sampler(self):
@@ -119,16 +123,19 @@ class TestDPMSolverPP2MSDEHeunAtEtaZero(SamplerConformance):
 
 
 class TestDPMSolverPP2SAncestral(SamplerConformance):
+    stochastic = True
     def make_sampler(self):
         return DPMSolverPP2SAncestralSampler(steps=self.steps)
 
 
 class TestDPMSolverPP2SAncestralKarras(SamplerConformance):
+    stochastic = True
     def make_sampler(self):
         return DPMSolverPP2SAncestralSampler(steps=self.steps, spacing="karras")
 
 
 class TestDPMSolverPP2SAtEtaZero(SamplerConformance):
+    stochastic = False
     expected_order = 2
 
     def make_sampler(self):
@@ -136,6 +143,7 @@ class TestDPMSolverPP2SAtEtaZero(SamplerConformance):
 
 
 class TestDPM2(SamplerConformance):
+    stochastic = False
     expected_order = 2
 
     def make_sampler(self):
@@ -143,31 +151,37 @@ class TestDPM2(SamplerConformance):
 
 
 class TestDPM2Karras(SamplerConformance):
+    stochastic = False
     def make_sampler(self):
         return DPM2Sampler(steps=self.steps, spacing="karras")
 
 
 class TestDPM2Ancestral(SamplerConformance):
+    stochastic = True
     def make_sampler(self):
         return DPM2AncestralSampler(steps=self.steps)
 
 
 class TestDPM2AncestralKarras(SamplerConformance):
+    stochastic = True
     def make_sampler(self):
         return DPM2AncestralSampler(steps=self.steps, spacing="karras")
 
 
 class TestDPMSolverPP3MSDE(SamplerConformance):
+    stochastic = True
     def make_sampler(self):
         return DPMSolverPP3MSDESampler(steps=self.steps)
 
 
 class TestDPMSolverPP3MSDEExponential(SamplerConformance):
+    stochastic = True
     def make_sampler(self):
         return DPMSolverPP3MSDESampler(steps=self.steps, spacing="exponential")
 
 
 class TestDPMSolverPP3MSDEAtEtaZero(SamplerConformance):
+    stochastic = False
     expected_order = 3  # measured 2.79 at 10-40 steps (error ratios 5.1, 9.4), 3.94 at 20-80
 
     def make_sampler(self):
@@ -175,6 +189,7 @@ class TestDPMSolverPP3MSDEAtEtaZero(SamplerConformance):
 
 
 class TestLMS(SamplerConformance):
+    stochastic = False
     # order-4 steps after an Euler, an order-2 and an order-3 one: the Euler start caps the
     # global order at 2 as the steps shrink; measured 2.86 at 10-40 steps (2.57 with order=3)
     expected_order = 3
@@ -184,6 +199,7 @@ class TestLMS(SamplerConformance):
 
 
 class TestLMSKarras(SamplerConformance):
+    stochastic = False
     def make_sampler(self):
         return LMSSampler(steps=self.steps, spacing="karras")
 
