@@ -471,3 +471,22 @@ def test_overrides_may_follow_flags(command):
     out = ldmkit(command, "image_size=8", *flags, "sampler.steps=7", "--print-config", "seed=5")
     assert out.returncode == 0, out.stderr
     assert "steps: 7" in out.stdout and "seed: 5" in out.stdout and "image_size: 8" in out.stdout
+
+
+def test_ldmkits_own_warnings_in_sample_are_one_line(tmp_path):
+    """Guidance over a conditioner trained without dropout warns; the CLI printed Python's
+    two-line form (the file, line number and source of the warn call)."""
+    from ldmkit import compose
+
+    compose(overrides=["conditioner=class_label", "conditioner.drop_rate=0", "first_stage=kl_tiny",
+                              "image_size=8", "sampler.steps=2"]).save(tmp_path / "pipeline")  # fmt: skip
+    result = ldmkit(
+        "sample", "--checkpoint", str(tmp_path / "pipeline"), "--labels", "1", "--guidance-scale", "3",
+        "--out", str(tmp_path / "grid.png"),
+    )
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if "never trained" in line]
+    assert len(warned) == 1 and warned[0].lstrip("\r").split("ldmkit sample: warning: ")[1].startswith(
+        "guidance_scale=3.0 with conditioner ClassLabelConditioner"
+    ), result.stderr
+    assert "UserWarning" not in result.stderr and "warnings.warn(" not in result.stderr

@@ -87,7 +87,7 @@ def create_component(
     if not isinstance(obj, INTERFACES[kind]):
         entry = registry.get(kind, name)
         raise ConfigError(
-            f"{kind} {name!r} from {entry.provider} built a {type(obj).__name__}, "
+            f"{kind} {name!r} from {entry.provider} built an instance of {type(obj).__name__}, "
             f"which is not an ldmkit.interfaces.{INTERFACES[kind].__name__}"
         )
     obj.config_key = key or kind  # where its options live (ldmkit.pipeline_files)

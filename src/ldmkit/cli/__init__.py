@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ldmkit: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     handler, help_ = SUBCOMMANDS[name]
-    _short_plugin_warnings()
+    _short_plugin_warnings(name)
     try:
         return handler(rest, prog=f"ldmkit {name}", description=help_)
     except (common.CLIError, LdmkitError) as err:
@@ -89,19 +89,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-
-def _short_plugin_warnings() -> None:
-    """Print plugin load warnings as one line each, without the source location."""
+def _short_plugin_warnings(name: str) -> None:
+    """Print ldmkit's own warnings as one line each, without the source location: plugin
+    load warnings as ``ldmkit: warning: ...``, the others (raised by ldmkit's or a first-party
+    plugin's code, e.g. guidance over an untrained null condition) as ``ldmkit NAME:
+    warning: ...``. Other libraries' warnings keep Python's format."""
     import warnings
 
     from ldmkit.plugins import PluginLoadWarning
 
     default = warnings.showwarning
+    roots = _ldmkit_roots()
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, PluginLoadWarning):
             print(f"ldmkit: warning: {message}", file=file or sys.stderr)
+        elif category.__module__.startswith("ldmkit") or str(filename).startswith(roots):
+            print(f"ldmkit {name}: warning: {message}", file=file or sys.stderr)
         else:
             default(message, category, filename, lineno, file, line)
 
     warnings.showwarning = show
+
+
+def _ldmkit_roots() -> tuple[str, ...]:
+    """The folders of ldmkit's and its first-party plugins' code (a warning raised there is
+    ldmkit's, whatever its category)."""
+    import importlib.util
+    from pathlib import Path
+
+    roots = []
+    for package in ("ldmkit", "ldmkit_autoencoders", "ldmkit_conditioners", "ldmkit_samplers", "ldmkit_text",
+                    "ldmkit_unet"):  # fmt: skip
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.submodule_search_locations:
+            roots += [str(Path(location)) + os.sep for location in spec.submodule_search_locations]
+    return tuple(roots)
