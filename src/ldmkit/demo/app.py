@@ -311,6 +311,8 @@ def _condition_component(spec: ConditionField, size: int | None) -> Any:
         )
     if spec.kind == "tokens":
         return gr.Textbox(label=spec.label, placeholder="3, 17, 42, ...", lines=1, elem_id=elem_id)
+    if spec.kind == "number":
+        return gr.Number(value=0, precision=None, label=spec.label, elem_id=elem_id)
     if spec.mask_key is not None:
         return gr.ImageEditor(
             label=spec.label,

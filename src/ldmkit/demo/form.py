@@ -79,6 +79,8 @@ def condition_fields(pipeline: Any) -> list[ConditionField]:
             fields.append(ConditionField(key, kind, f"{key} (prompt)"))
         elif kind == "tokens":
             fields.append(ConditionField(key, kind, f"{key} (token ids, comma-separated)"))
+        elif kind == "number":
+            fields.append(ConditionField(key, kind, f"{key} (a number)"))
         elif kind == "segmentation":
             what = f"ids 0..{num_classes - 1}" if num_classes else "class ids"
             label = f"{key} (a one-channel PNG of {what})"
@@ -223,6 +225,8 @@ def prepare(
                 raise DemoInputError(f"{key}: the prompt is empty; type what the image should show")
             item = f"{key}={prompt}"
         elif kind == "tokens":
+            item = f"{key}={'' if value is None else str(value).strip()}"
+        elif kind == "number":
             item = f"{key}={'' if value is None else str(value).strip()}"
         else:
             if value is None or value == "":

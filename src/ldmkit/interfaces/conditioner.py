@@ -14,7 +14,8 @@ with the same shapes, used by classifier-free guidance.
 
 The batch keys a conditioner reads are its own business: ``input_keys`` names them and
 ``input_kinds`` says what each holds (``class``, ``text``, ``image``, ``segmentation``,
-``mask``, ``tokens``: a sequence of token ids per sample), so that the data loader, the
+``mask``, ``tokens``: a sequence of token ids per sample, ``number``: one float per
+sample), so that the data loader, the
 latent cache, ``Pipeline.sample`` and ``ldmkit sample --cond key=value`` pass them through
 without a key list in the core.
 Read them with ``self.read(batch, key)``: a missing key is a :class:`MissingConditionError`
@@ -81,7 +82,7 @@ from ldmkit.errors import LdmkitError
 from ldmkit.interfaces.component import Component
 
 CONDITION_ROLES = ("crossattn", "concat", "vector")
-INPUT_KINDS = ("class", "text", "image", "segmentation", "mask", "tokens")
+INPUT_KINDS = ("class", "text", "image", "segmentation", "mask", "tokens", "number")
 
 
 class MissingConditionError(LdmkitError, KeyError):

@@ -11,7 +11,9 @@ The conditioner says which keys it reads (``input_keys``) and what each holds
 * ``segmentation``: a PNG of class ids (mode L or P, values used as they are) -> H×W int64;
 * ``mask``: a PNG -> 1×H×W in {0, 1}; white (> 127) is the region to generate, black is kept;
 * ``tokens``: comma-separated token ids, one sequence per ``--cond`` (repeat it for more; the
-  sequences must have one length) -> B×n int64.
+  sequences must have one length) -> B×n int64;
+* ``number``: comma-separated finite numbers, one per sample (``--cond brightness=0.2,0.8``)
+  -> B float32.
 
 Repeating an image-like key stacks the files (they must have one size). ``--init-image``
 and ``--mask`` (img2img and inpainting with any model) are read by :func:`load_image` and
@@ -21,6 +23,7 @@ and ``--mask`` (img2img and inpainting with any model) are read by :func:`load_i
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -86,6 +89,18 @@ def _integers(key: str, value: str, what: str) -> list[int]:
         raise ConditionArgumentError(f"--cond {key}={value}: expected comma-separated {what}") from None
 
 
+def _numbers(key: str, value: str) -> list[float]:
+    """``"0.5, 2"`` -> ``[0.5, 2.0]`` (kind ``number``); a value that is not a finite number,
+    or none at all, names the ``--cond`` item."""
+    try:
+        numbers = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        numbers = []
+    if not numbers or not all(math.isfinite(n) for n in numbers):
+        raise ConditionArgumentError(f"--cond {key}={value}: expected comma-separated finite numbers")
+    return numbers
+
+
 def _int64(key: str, value: str, ids: list[int], what: str) -> list[int]:
     """``ids`` when each fits the int64 tensor they become (a larger one is out of any range)."""
     for i in ids:
@@ -144,6 +159,8 @@ def parse_conditions(
             if not ids:
                 raise ConditionArgumentError(f"--cond {key}=: expected comma-separated token ids, got none")
             values.setdefault(key, []).append(ids)
+        elif kind == "number":
+            values.setdefault(key, []).extend(_numbers(key, value))
         elif kind in FILE_KINDS:
             path = Path(value).expanduser()
             values.setdefault(key, []).append(_load_png(path, kind, image_channels))
@@ -161,6 +178,8 @@ def parse_conditions(
                     f"--cond {key}: the token sequences have different lengths {lengths}; give each the same length"
                 )
             batch[key] = torch.tensor(vals, dtype=torch.long)
+        elif kinds[key] == "number":
+            batch[key] = torch.tensor(vals, dtype=torch.float32)
         elif kinds[key] in FILE_KINDS:
             shapes = {tuple(v.shape) for v in vals}
             if len(shapes) > 1:
