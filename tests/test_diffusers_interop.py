@@ -1069,3 +1069,18 @@ def test_a_text_conditioners_input_key_and_drop_rate_survive_the_round_trip(tmp_
     edit_json(tmp_path / "d" / "ldmkit.json", conditioner_options={"drop_rate": 2})
     with pytest.raises(ConfigError, match=r"ldmkit.json: conditioner_options.drop_rate=2: expected a number >= 0 and <= 1"):
         Pipeline.from_diffusers(tmp_path / "d")
+
+
+def test_a_sampler_other_than_ddim_exports_as_ddim_and_says_so(tmp_path):
+    """The folder's scheduler/ is a DDIMScheduler whatever ldmkit samples with: said in one
+    warning (it was silent), and the sampler comes back through ldmkit.json."""
+    pipe = tiny_kl_pipeline("sampler=dpmpp_2m", "sampler.spacing=linspace")
+    with pytest.warns(diffusers_format.ConversionWarning, match=r"^sampler=dpmpp_2m is written as a DDIMScheduler"):
+        out = pipe.to_diffusers(tmp_path / "d")
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DDIMScheduler"
+    assert Pipeline.from_diffusers(out).config.sampler.name == "dpmpp_2m"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", diffusers_format.ConversionWarning)
+        tiny_kl_pipeline("sampler=ddim").to_diffusers(tmp_path / "ddim")  # DDIM: nothing to say

@@ -50,6 +50,15 @@ def diffusers_scheduler_config(
             ConversionWarning,
             stacklevel=3,
         )
+    name = str(sampler.get("name", "ddim"))
+    if name != "ddim":  # diffusers' folder names one scheduler class; ldmkit's others have other maths
+        warnings.warn(
+            f"sampler={name} is written as a DDIMScheduler (scheduler/ holds the schedule and the "
+            f"timestep spacing): diffusers samples it with DDIM; ldmkit.json keeps sampler={name} "
+            "for from-diffusers, or set the scheduler you want on the diffusers side",
+            ConversionWarning,
+            stacklevel=3,
+        )
     kind = SCHEDULE_TO_DIFFUSERS.get(str(schedule["kind"]), str(schedule["kind"]))
     _require(
         kind in SCHEDULE_TO_DIFFUSERS.values(),
