@@ -9,7 +9,13 @@ import pytest
 
 import ldmkit
 from ldmkit.errors import ConfigError
-from ldmkit.plugins import PluginError, PluginLoadWarning, get_plugin_manager, get_registry
+from ldmkit.plugins import (
+    PluginError,
+    PluginLoadWarning,
+    get_plugin_manager,
+    get_registry,
+    reset_plugin_manager,
+)
 from ldmkit.registry import RegistryError
 from tests.conftest import make_distribution
 
@@ -167,6 +173,22 @@ def test_a_name_in_load_only_that_no_plugin_has_is_said(fresh_plugins, monkeypat
         "installed: "
     ), message
     assert "autoencoders (ldmkit-autoencoders)" in message
+
+
+def test_a_component_of_a_plugin_left_out_says_only_some_are_loaded(fresh_plugins, monkeypatch, tmp_path):
+    """A pipeline whose first stage is in a plugin LDMKIT_LOAD_PLUGINS leaves out said only
+    "unknown first_stage 'kl'; registered first_stages: (none)"."""
+    import ldmkit
+    from ldmkit.pipeline import Pipeline
+
+    ldmkit.compose(overrides=["first_stage=kl_tiny", "image_size=8"]).save(tmp_path / "pipe")
+    monkeypatch.setenv("LDMKIT_LOAD_PLUGINS", "samplers,unet,conditioners")
+    reset_plugin_manager()
+    with pytest.raises(ConfigError, match=r"unknown first_stage 'kl'.*\(only the plugins in "
+                                          r"LDMKIT_LOAD_PLUGINS=samplers,unet,conditioners are loaded\)$"):
+        Pipeline.load(tmp_path / "pipe")
+    with pytest.raises(ConfigError, match=r"^unknown option first_stage=kl_tiny .*; only the plugins in LDMKIT_LOAD_PLUGINS"):
+        ldmkit.compose(overrides=["first_stage=kl_tiny"])
 
 
 def test_loading_is_lazy_and_idempotent(fresh_plugins):

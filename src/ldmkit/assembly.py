@@ -49,11 +49,14 @@ def component_kwargs(node: Any, group: str) -> tuple[str, dict[str, Any]]:
 
 def _shipped_by(label: str | None, kind: str, name: str) -> str:
     """Why the option ``label`` (``sampler=mine``) names an unregistered ``name``, when a
-    plugin ships it: that plugin failed to load, or registers no such name ("" otherwise)."""
+    plugin ships it: that plugin failed to load, or registers no such name; else that only
+    some plugins are loaded (LDMKIT_LOAD_PLUGINS, autoload off), or ""."""
     group, _, option = (label or "").partition("=")
-    info = get_plugin_manager().option_shipper(group, option) if option else None
-    if info is None:
-        return ""
+    manager = get_plugin_manager()
+    info = manager.option_shipper(group, option) if option else None
+    if info is None:  # a plugin left out by LDMKIT_LOAD_PLUGINS / autoload off may register it
+        note = manager.autoload_note()
+        return f" ({note})" if note else ""
     why = f"failed to load: {info.error}" if info.error else f"registers no {kind} {name!r}"
     return f"; option {label} comes from plugin {info.name!r} ({info.label}), which {why}"
 

@@ -421,10 +421,13 @@ def _explain_compose_error(err: Exception, overrides: Sequence[str], config_name
         listed = re.search(r"Available options in '[^']+':\n(?P<options>(?:\t.*\n?)*)", message)
         options = ", ".join(o.strip() for o in listed["options"].splitlines() if o.strip()) if listed else ""
         group, option = missing["group"], missing["option"]
+        manager = get_plugin_manager()
         broken = "".join(
             f"; plugin {info.name!r} ({info.label}), which may ship it, failed to load: {info.error}"
-            for info in get_plugin_manager().broken
+            for info in manager.broken
         )
+        note = manager.autoload_note()  # plugins left out on purpose may ship it
+        broken += f"; {note}" if note else ""
         return (
             f"unknown option {group}={option} (no {group}/{option}.yaml in ldmkit's conf/ or an installed "
             f"plugin's config root); {group} options: {options or '(none)'} "
