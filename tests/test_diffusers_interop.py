@@ -816,6 +816,28 @@ def test_an_export_cut_short_over_an_older_one_is_refused_not_read_half_old(tmp_
     assert torch.equal(back.denoiser.out[-1].bias, newer.denoiser.out[-1].bias)
 
 
+def test_an_export_that_fails_leaves_no_new_files(tmp_path, monkeypatch):
+    """A fresh --out is removed again; in a folder of the user's, only what the export added
+    goes (unet/ and vae/ were left behind)."""
+    from ldmkit.interop.diffusers import folder
+
+    def crash_at_the_vae(path, state):
+        if "vae" in str(path):
+            raise OSError(28, "No space left on device")
+        real_write(path, state)
+
+    real_write = folder._write_tensors
+    monkeypatch.setattr(folder, "_write_tensors", crash_at_the_vae)
+    with pytest.raises(OSError):
+        tiny_kl_pipeline().to_diffusers(tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(OSError):
+        tiny_kl_pipeline().to_diffusers(tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
 @pytest.mark.parametrize("source", ["to-diffusers", "from-diffusers", "compvis", "export-diffusers"])
 def test_convert_out_at_a_file_is_one_line(source, tmp_path):
     from tests.test_bad_values import error_line

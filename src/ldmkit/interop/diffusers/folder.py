@@ -5,10 +5,11 @@ folder (written and read by :mod:`.unet`, :mod:`.autoencoder`, :mod:`.scheduler`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,80 +133,104 @@ def to_diffusers(
         vae_dir: ["diffusers", vae_config["_class_name"]],
         "scheduler": ["diffusers", "DDIMScheduler"],
     }
-    # model_index.json is the export's last file, an older one gone first: an export cut short
-    # is no diffusers folder (to diffusers and to ldmkit), never one half old, half new
-    (out / "model_index.json").unlink(missing_ok=True)
-    step("unet")
-    _write_json(out / "unet" / "config.json", unet_config)
-    _write_tensors(out / "unet" / "diffusion_pytorch_model.safetensors", unet_state)
-    step(vae_dir)
-    _write_json(out / vae_dir / "config.json", vae_config)
-    _write_tensors(out / vae_dir / "diffusion_pytorch_model.safetensors", vae_state)
-    _write_json(out / "scheduler" / "scheduler_config.json", scheduler)
-    step("conditioner")
-    if name == "clip_text":
-        module = pipeline.conditioner
-        module.transformer.save_pretrained(out / "text_encoder", safe_serialization=True)
-        module.tokenizer.save_pretrained(out / "tokenizer")
-        # the length StableDiffusionPipeline pads prompts to (read back as clip_text's max_length)
-        tokenizer_config = out / "tokenizer" / "tokenizer_config.json"
-        _write_json(tokenizer_config, {**_read_json(tokenizer_config), "model_max_length": int(conditioner["max_length"])})
-        components.update(text_encoder=["transformers", type(module.transformer).__name__],
-                          tokenizer=["transformers", type(module.tokenizer).__name__])  # fmt: skip
-    elif ldm_bert:
-        module = pipeline.conditioner
-        names = _bert_names(int(conditioner["n_layer"]))
-        _write_json(out / "bert" / "config.json", _bert_config(conditioner, module.transformer.num_tokens))
-        _write_tensors(out / "bert" / "model.safetensors",
-                       {names[k]: v for k, v in _sub(state, "conditioner.transformer.").items()})  # fmt: skip
-        (out / "tokenizer").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(module.tokenizer.path, out / "tokenizer" / "vocab.txt")
-        _write_json(out / "tokenizer" / "tokenizer_config.json",
-                    {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "strip_accents": None,
-                     "model_max_length": 77, "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
-                     "cls_token": "[CLS]", "mask_token": "[MASK]"})  # fmt: skip
-        components.update(bert=["latent_diffusion", "LDMBertModel"], tokenizer=["transformers", "BertTokenizer"])
-    elif name != "none":
-        cond_state = {k: v for k, v in _sub(state, "conditioner.").items()}
-        # the files it reads when built (a vocab of its own) go with it, named relative to it
-        carried = pipeline_files.bundle(torch.nn.ModuleDict({"conditioner": pipeline.conditioner}),
-                                        OmegaConf.create({"conditioner": conditioner}), out / CONDITIONER_DIR,
-                                        embed_frozen=True)  # fmt: skip
-        conditioner = OmegaConf.to_container(carried.conditioner)
-        _write_json(
-            out / CONDITIONER_DIR / "config.json", {"conditioner": conditioner, "ldmkit_format": 1}
-        )
-        _write_tensors(out / CONDITIONER_DIR / "model.safetensors", cond_state)
-    text_component = name == "clip_text" or ldm_bert  # text_encoder/ or bert/: diffusers' own class
-    if name in ("none", "clip_text") or ldm_bert:  # an older export's conditioner would be read back
-        shutil.rmtree(out / CONDITIONER_DIR, ignore_errors=True)
-    if name == "clip_text" and unet_config["_class_name"] == "UNet2DConditionModel":
-        index = {"_class_name": "StableDiffusionPipeline", **components, "safety_checker": [None, None],
-                 "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}  # fmt: skip
-    elif ldm_bert:
-        index = {"_class_name": "LDMTextToImagePipeline", **components}
-    elif (
-        name == "low_res"
-        and vae_dir == "vqvae"
-        and unet_config["_class_name"] == "UNet2DModel"
-        and int(conditioner.get("factor", 4)) == factor
-        and scale == 1.0
-    ):  # the paper's SR layout: the low-res image has the latents' size, concatenated after them
-        index = {"_class_name": "LDMSuperResolutionPipeline", **components}
-    elif name == "none" and vae_dir == "vqvae" and unet_config["_class_name"] == "UNet2DModel":
-        index = {"_class_name": "LDMPipeline", **components}
-    else:  # no diffusers pipeline class runs this combination: load the components one by one
-        index = {"_class_name": "DiffusionPipeline", **components}
-    # what diffusers does not record and ldmkit reads back (the qkv order only changes the layout
-    # of equal weights; keeping it makes the round trip bit-identical)
-    _write_json(out / "ldmkit.json", {"image_size": int(cfg["image_size"]), "sampler": cfg["sampler"],
-                                       "use_new_attention_order": bool(unet_cfg.get("use_new_attention_order")),
-                                       "bert_default_vocab": ldm_bert and conditioner.get("vocab") is None,
-                                       "conditioner_options": {k: conditioner.get(k, default) for k, (_, default)
-                                                               in TEXT_OPTIONS.items()} if text_component else None,
-                                       "source": "ldmkit convert to-diffusers"})  # fmt: skip
-    _write_json(out / "model_index.json", {"_diffusers_version": DIFFUSERS_VERSION, **index})
+    # a failed export leaves no new files behind: a fresh --out is removed, an existing one
+    # loses only the entries this export added
+    with _removed_on_failure(out):
+        # model_index.json is the export's last file, an older one gone first: an export cut short
+        # is no diffusers folder (to diffusers and to ldmkit), never one half old, half new
+        (out / "model_index.json").unlink(missing_ok=True)
+        step("unet")
+        _write_json(out / "unet" / "config.json", unet_config)
+        _write_tensors(out / "unet" / "diffusion_pytorch_model.safetensors", unet_state)
+        step(vae_dir)
+        _write_json(out / vae_dir / "config.json", vae_config)
+        _write_tensors(out / vae_dir / "diffusion_pytorch_model.safetensors", vae_state)
+        _write_json(out / "scheduler" / "scheduler_config.json", scheduler)
+        step("conditioner")
+        if name == "clip_text":
+            module = pipeline.conditioner
+            module.transformer.save_pretrained(out / "text_encoder", safe_serialization=True)
+            module.tokenizer.save_pretrained(out / "tokenizer")
+            # the length StableDiffusionPipeline pads prompts to (read back as clip_text's max_length)
+            tokenizer_config = out / "tokenizer" / "tokenizer_config.json"
+            _write_json(tokenizer_config, {**_read_json(tokenizer_config), "model_max_length": int(conditioner["max_length"])})
+            components.update(text_encoder=["transformers", type(module.transformer).__name__],
+                              tokenizer=["transformers", type(module.tokenizer).__name__])  # fmt: skip
+        elif ldm_bert:
+            module = pipeline.conditioner
+            names = _bert_names(int(conditioner["n_layer"]))
+            _write_json(out / "bert" / "config.json", _bert_config(conditioner, module.transformer.num_tokens))
+            _write_tensors(out / "bert" / "model.safetensors",
+                           {names[k]: v for k, v in _sub(state, "conditioner.transformer.").items()})  # fmt: skip
+            (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(module.tokenizer.path, out / "tokenizer" / "vocab.txt")
+            _write_json(out / "tokenizer" / "tokenizer_config.json",
+                        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "strip_accents": None,
+                         "model_max_length": 77, "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+                         "cls_token": "[CLS]", "mask_token": "[MASK]"})  # fmt: skip
+            components.update(bert=["latent_diffusion", "LDMBertModel"], tokenizer=["transformers", "BertTokenizer"])
+        elif name != "none":
+            cond_state = {k: v for k, v in _sub(state, "conditioner.").items()}
+            # the files it reads when built (a vocab of its own) go with it, named relative to it
+            carried = pipeline_files.bundle(torch.nn.ModuleDict({"conditioner": pipeline.conditioner}),
+                                            OmegaConf.create({"conditioner": conditioner}), out / CONDITIONER_DIR,
+                                            embed_frozen=True)  # fmt: skip
+            conditioner = OmegaConf.to_container(carried.conditioner)
+            _write_json(
+                out / CONDITIONER_DIR / "config.json", {"conditioner": conditioner, "ldmkit_format": 1}
+            )
+            _write_tensors(out / CONDITIONER_DIR / "model.safetensors", cond_state)
+        text_component = name == "clip_text" or ldm_bert  # text_encoder/ or bert/: diffusers' own class
+        if name in ("none", "clip_text") or ldm_bert:  # an older export's conditioner would be read back
+            shutil.rmtree(out / CONDITIONER_DIR, ignore_errors=True)
+        if name == "clip_text" and unet_config["_class_name"] == "UNet2DConditionModel":
+            index = {"_class_name": "StableDiffusionPipeline", **components, "safety_checker": [None, None],
+                     "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}  # fmt: skip
+        elif ldm_bert:
+            index = {"_class_name": "LDMTextToImagePipeline", **components}
+        elif (
+            name == "low_res"
+            and vae_dir == "vqvae"
+            and unet_config["_class_name"] == "UNet2DModel"
+            and int(conditioner.get("factor", 4)) == factor
+            and scale == 1.0
+        ):  # the paper's SR layout: the low-res image has the latents' size, concatenated after them
+            index = {"_class_name": "LDMSuperResolutionPipeline", **components}
+        elif name == "none" and vae_dir == "vqvae" and unet_config["_class_name"] == "UNet2DModel":
+            index = {"_class_name": "LDMPipeline", **components}
+        else:  # no diffusers pipeline class runs this combination: load the components one by one
+            index = {"_class_name": "DiffusionPipeline", **components}
+        # what diffusers does not record and ldmkit reads back (the qkv order only changes the layout
+        # of equal weights; keeping it makes the round trip bit-identical)
+        _write_json(out / "ldmkit.json", {"image_size": int(cfg["image_size"]), "sampler": cfg["sampler"],
+                                           "use_new_attention_order": bool(unet_cfg.get("use_new_attention_order")),
+                                           "bert_default_vocab": ldm_bert and conditioner.get("vocab") is None,
+                                           "conditioner_options": {k: conditioner.get(k, default) for k, (_, default)
+                                                                   in TEXT_OPTIONS.items()} if text_component else None,
+                                           "source": "ldmkit convert to-diffusers"})  # fmt: skip
+        _write_json(out / "model_index.json", {"_diffusers_version": DIFFUSERS_VERSION, **index})
     return out
+
+
+@contextlib.contextmanager
+def _removed_on_failure(out: Path) -> Iterator[None]:
+    """Remove what the block adds to ``out`` when it raises: all of ``out`` if it did not exist,
+    else the entries that were not there before (a replaced file stays replaced)."""
+    existed = out.is_dir()
+    before = set(os.listdir(out)) if existed else set()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for name in set(os.listdir(out)) - before:
+                path = out / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        raise
 
 
 def describe(directory: str | os.PathLike) -> str:
