@@ -287,6 +287,19 @@ def test_a_pickle_that_would_run_code_is_refused_not_executed(paper_files, tmp_p
     assert not marker.exists()
 
 
+@pytest.mark.parametrize(("content", "said"), [
+    (b"hello world\n", r"it is not a PyTorch checkpoint \(neither a zip archive nor a pickle: it begins with b'hello world\\n'\)"),
+    (b"", r"it is empty \(0 bytes\)"),
+])
+def test_a_file_that_is_no_checkpoint_at_all_says_what_it_is(paper_files, tmp_path, content, said):
+    """A text file named .ckpt said "...not a weights-only checkpoint (pickled code is never
+    run): 101" (the byte the unpickler stopped at)."""
+    _, config, _ = paper_files
+    (tmp_path / "model.ckpt").write_bytes(content)
+    with pytest.raises(UnreadableWeightsError, match=said):
+        Pipeline.from_compvis(tmp_path / "model.ckpt", config)
+
+
 def test_unsupported_targets_name_themselves_and_the_supported_list(tmp_path):
     other = copy.deepcopy(LDM_CONFIG)
     other["model"]["params"]["cond_stage_config"] = {"target": "ldm.modules.encoders.modules.FrozenClipImageEmbedder", "params": {}}

@@ -61,9 +61,24 @@ def _torch_load(file: Path) -> object:
         return torch.load(file, map_location="cpu", weights_only=True)  # the legacy format
 
 
-def _unpickling_problem(err: Exception) -> str:
+def _file_head(file: Path) -> bytes | None:
+    """The first bytes of ``file`` (None when it cannot be read)."""
+    try:
+        with open(file, "rb") as handle:
+            return handle.read(16)
+    except OSError:
+        return None
+
+
+def _unpickling_problem(err: Exception, file: Path | None = None) -> str:
     """Why ``torch.load(weights_only=True)`` refused a file, in ldmkit's words (PyTorch's own
     message suggests ``weights_only=False``, which would run whatever code the file names)."""
+    head = _file_head(file) if file is not None else None
+    if head == b"":
+        return "it is empty (0 bytes): a copy or download that did not finish?"
+    if head is not None and not head.startswith((b"PK\x03\x04", b"\x80")):  # neither zip nor pickle
+        return (f"it is not a PyTorch checkpoint (neither a zip archive nor a pickle: it begins with "
+                f"{head[:16]!r}); a .ckpt/.pt/.pth file is written by torch.save")
     text = str(err)
     refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if refused:
@@ -96,7 +111,7 @@ def read_weights(source: str | os.PathLike, *, prefix: str | None = None) -> dic
         try:
             state = _torch_load(file)
         except Exception as err:  # noqa: BLE001 - unpickling fails in many ways
-            raise UnreadableWeightsError(file, _unpickling_problem(err)) from None
+            raise UnreadableWeightsError(file, _unpickling_problem(err, file)) from None
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict):
