@@ -419,7 +419,9 @@ class Trainer(abc.ABC):
         # the files the components read, by absolute paths: the run resumes from any directory
         pipeline_files.absolute_paths(self.cfg, self.model_modules().values())
         self._check_image_size()
-        if self.data is None and self.state.latest() is None:
+        from ldmkit.checkpoint_layout import list_checkpoints
+
+        if self.data is None and not list_checkpoints(self.state.checkpoints.directory):
             # a run from step 0 reads its dataset's manifest before it writes anything: a
             # dataset that is not there leaves no half-made run folder (the lock removes the
             # folder it made)
