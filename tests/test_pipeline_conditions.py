@@ -145,3 +145,24 @@ def test_a_mask_that_keeps_nothing_samples_what_plain_sampling_samples(sampler):
     torch.testing.assert_close(masked[0], plain[0], atol=1e-6, rtol=0)
     assert not torch.allclose(masked[1], plain[1], atol=1e-2)  # the kept half is kept
     torch.testing.assert_close(masked[1, :, :, :4], image[0, :, :, :4].clamp(-1, 1), atol=1e-5, rtol=0)
+
+
+def test_an_inpainting_sample_is_its_seeds_alone_with_a_kl_first_stage_that_samples():
+    """The masked image the inpainting conditioner encodes is the KL posterior's mean (the
+    paper's ``get_learned_conditioning`` takes ``c.mode()``), not a draw from the global RNG:
+    the same seed gives the same images, and sample i of seed s is sample 0 of seed s + i."""
+    import ldmkit
+    from ldmkit.testing import perturb_parameters
+
+    pipe = ldmkit.compose(overrides=["conditioner=inpaint", "first_stage=kl_tiny", "image_size=16",
+                                     "sampler.steps=2"]).eval()
+    assert pipe.first_stage.regularizer.encode_mode == "sample"
+    perturb_parameters(pipe.denoiser)  # an untrained UNet's zeroed output would ignore the condition
+    image = torch.rand(3, 3, 16, 16) * 2 - 1
+    mask = torch.zeros(3, 1, 16, 16)
+    mask[:, :, 4:12, 2:10] = 1
+    batch = {"image": image, "mask": mask}
+    first = pipe.sample(batch, seed=5)
+    torch.testing.assert_close(pipe.sample(batch, seed=5), first, atol=1e-5, rtol=0)
+    alone = pipe.sample({"image": image[2:], "mask": mask[2:]}, seed=7)
+    torch.testing.assert_close(alone, first[2:], atol=1e-4, rtol=0)
