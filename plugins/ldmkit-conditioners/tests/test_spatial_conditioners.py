@@ -163,6 +163,15 @@ def test_a_twice_larger_map_gives_a_twice_larger_concat():
     assert c({"segmentation": class_map(1, 32, 48)})["concat"].shape == (1, 5, 8, 12)
 
 
+def test_a_map_the_first_stage_cannot_tile_is_refused_not_cropped():
+    """A 15x16 map (f=4) would come out of the halvings as a 3x4 latent, a 12x16 sample with
+    the map's last rows dropped: refused, naming the size and f, for either method."""
+    for method in ("bilinear", "unshuffle"):
+        c = bound(SemanticMapConditioner(num_classes=5, n_stages=2, method=method), PoolFirstStage(f=4))
+        with pytest.raises(ConditionValueError, match=r"a 15x16 batch\['segmentation'\] is not divisible by f=4"):
+            c({"segmentation": class_map(1, 15, 16)})
+
+
 def test_out_of_range_ids_name_value_k_and_sample():
     c = SemanticMapConditioner(num_classes=5, n_stages=0)
     ids = class_map(3)
