@@ -86,6 +86,17 @@ def test_semantic_map_task_caches_maps_and_samples_at_1x_and_2x(scenes, tmp_path
     assert out.returncode == 1 and "reads no key 'label'" in out.stderr
 
 
+@pytest.mark.parametrize("conditioner", [["conditioner=class_label"], ["conditioner=multi"]])
+def test_class_labels_on_data_without_labels_say_the_data_has_none(scenes, tmp_path, conditioner):
+    """The semantic scenes hold no ``.cls``: the loader's label is -1 (none) for every sample,
+    and the class conditioner (alone or a part of ``multi``) says so, not only "got min -1"."""
+    out = ldmkit("train", *TINY, f"run_dir={tmp_path / 'run'}", *conditioner, "data=semantic_scenes",
+                 f"data.path={scenes / 'shards'}", "data.prepare={}", "image_size=16", "first_stage=identity")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "got min -1, max -1" in out.stderr
+    assert "-1 is the data's label for a sample without one (no .cls member)" in out.stderr
+
+
 def test_super_resolution_caches_images_and_samples_from_a_low_res_png(tmp_path):
     make_image_folder(tmp_path / "images", per_class=4, size=(16, 16))
     prepare("image_folder", tmp_path / "shards", path=str(tmp_path / "images"), shard_size=4, progress=False)
