@@ -68,6 +68,18 @@ def test_semantic_map_task_caches_maps_and_samples_at_1x_and_2x(scenes, tmp_path
                  "--cond", f"segmentation={tmp_path / 'map.png'}", "--show-conditions")
     assert out.returncode == 0, out.stderr[-3000:]
     assert Image.open(tmp_path / "shown.png").size == (grid_size(2, 16), grid_size(2, 16))  # map | sample
+    # each image's JSON entry names the map it was drawn from
+    out = sample(pipeline, tmp_path / "each.png", "--cond", f"segmentation={tmp_path / 'map.png'}",
+                 "--cond", f"segmentation={tmp_path / 'map2x.png'}", "--image-size", "16", "--num-samples", "2")
+    assert out.returncode == 1 and "different sizes" in out.stderr  # one size per call
+    Image.fromarray(ids[::-1].copy(), mode="L").save(tmp_path / "flipped.png")
+    out = sample(pipeline, tmp_path / "each.png", "--cond", f"segmentation={tmp_path / 'map.png'}",
+                 "--cond", f"segmentation={tmp_path / 'flipped.png'}", "--num-samples", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    entries = json.loads((tmp_path / "each.json").read_text())["images"]
+    assert [(e["seed"], e["segmentation"]) for e in entries] == [
+        (0, str(tmp_path / "map.png")), (1, str(tmp_path / "map.png")),
+        (2, str(tmp_path / "flipped.png")), (3, str(tmp_path / "flipped.png"))]
     # a map twice the size samples twice the size (convolutional sampling, Sec. 4.3.2)
     out = sample(pipeline, tmp_path / "s2.png", "--cond", f"segmentation={tmp_path / 'map2x.png'}")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -127,7 +139,8 @@ def test_inpainting_samples_from_an_image_and_a_mask(tmp_path):
     assert Image.open(tmp_path / "fill.png").size == (grid_size(1, 8), grid_size(1, 8))
     settings = json.loads((tmp_path / "fill.json").read_text())  # condition files by path
     assert settings["conditions"] == {"image": str(tmp_path / "photo.png"), "mask": str(tmp_path / "mask.png")}
-    assert settings["images"] == [{"file": "fill/000000.png", "seed": 0}]
+    assert settings["images"] == [{"file": "fill/000000.png", "seed": 0, "image": str(tmp_path / "photo.png"),
+                                   "mask": str(tmp_path / "mask.png")}]  # each image's inputs
     assert settings["refine_known"] == 0
     out = sample(pipeline, tmp_path / "fitted.png", "--cond", f"image={tmp_path / 'photo.png'}",
                  "--cond", f"mask={tmp_path / 'mask.png'}", "--refine-known", "3")

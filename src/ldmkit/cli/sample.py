@@ -193,7 +193,8 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
             if given and not any(c.partition("=")[0].strip() == key for c in args.cond):
                 text = text.replace(f"--cond {key}=...:", f"{flag}:")  # a key the conditioner does not read
         raise CLIError(text) from err
-    sources = {f"--cond {k}": v for k, v in (batch.pop(SOURCE_KEY, None) or {}).items()}
+    files = batch.pop(SOURCE_KEY, None) or {}  # key -> the file of each condition
+    sources = {f"--cond {k}": ", ".join(v) for k, v in files.items()}
     for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
         if path is not None:
             sources[flag] = str(path)
@@ -204,6 +205,7 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
         if num_samples is not None and all(k in batch for k in conditioner.input_keys):
             conditions = len(batch[conditioner.input_keys[0]])
             batch = repeat_each(batch, conditioner.input_keys, num_samples)
+            files = repeat_each(files, list(files), num_samples)
             if rows is None and conditions > 1 and num_samples > 1:
                 rows = conditions  # one row per label (prompt, ...)
         num_samples = None
@@ -251,7 +253,8 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
         "tile_overlap": args.tile_overlap,
     }
     written = write_samples(images, args.out, settings, conditioner=conditioner, batch=batch,
-                            kinds=kinds, show_conditions=args.show_conditions, rows=rows, names=names)
+                            kinds=kinds, show_conditions=args.show_conditions, rows=rows, names=names,
+                            files=files)
     print(f"wrote {images.shape[0]} samples to {args.out}, {written['folder']}/ and {written['settings']}")
     return 0
 
