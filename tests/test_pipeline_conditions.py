@@ -60,7 +60,7 @@ def test_refine_known_fits_the_kept_pixels_without_pasting_them():
     pipe = ldmkit.compose(overrides=["conditioner=inpaint", "first_stage=kl_tiny", "first_stage.encode_mode=mode",
                                      "image_size=16", "sampler.steps=2"]).eval()
     with torch.no_grad():  # an image this (untrained) decoder can make: the fit has a target to reach
-        image = pipe.decode(torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * 2)
+        image = pipe.decode(torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * 2).clamp(-1, 1)
     mask = torch.zeros(2, 1, 16, 16)
     mask[:, :, 3:9, 5:13] = 1
     keep = (mask == 0).expand_as(image)

@@ -445,3 +445,17 @@ def test_inpaint_encodes_where_the_first_stage_lives_and_returns_its_own_dtype()
     assert fs.proj.weight.dtype == torch.float32
     out = c({"image": images(1), "mask": box_mask(1)})["concat"]
     assert out.dtype == torch.float64
+
+
+@pytest.mark.parametrize("scale", [255.0, float("nan")], ids=["0..255", "nan"])
+def test_images_outside_minus_one_to_one_are_refused_not_conditioned_on(scale):
+    """An image given in 0..255 (or holding NaN) would be concatenated as it is, the model
+    conditioned on nothing like what it trained on: refused, naming the key and the range, as
+    ``init_image`` is."""
+    x = (images(1, h=8, w=8) + 1) * scale
+    low = bound(LowResConditioner(factor=4, channels=3), PoolFirstStage(f=4))
+    with pytest.raises(ConditionValueError, match=r"batch\['lowres'\] values must be in \[-1, 1\], got .*x \* 2 - 1"):
+        low({"lowres": x})
+    inpaint = bound(InpaintConditioner(), PoolFirstStage(f=4))
+    with pytest.raises(ConditionValueError, match=r"batch\['image'\] values must be in \[-1, 1\], got "):
+        inpaint({"image": x, "mask": box_mask(1, 8, 8)})

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ldmkit import masks
 from ldmkit.interfaces import Conditioner
-from ldmkit_conditioners.rescaler import ConditionValueError, module_device, not_bound
+from ldmkit_conditioners.rescaler import ConditionValueError, check_image_range, module_device, not_bound
 
 # how the condition is built: ldmkit's own, or as the paper's inpainting model was trained
 STYLES = ("ldmkit", "paper")
@@ -105,7 +105,7 @@ class InpaintConditioner(Conditioner):
                 f"inpaint: batch[{self.image_key!r}] must be float images B×C×H×W in [-1, 1], "
                 f"got shape {tuple(x.shape)} ({x.dtype})"
             )
-        return x
+        return check_image_range(x, self.image_key, "inpaint")
 
     def _mask(self, batch: Mapping[str, Any], image: Tensor) -> Tensor:
         mask = torch.as_tensor(self.read(batch, self.mask_key))
