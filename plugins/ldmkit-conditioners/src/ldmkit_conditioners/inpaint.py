@@ -12,7 +12,12 @@ from torch import Tensor, nn
 
 from ldmkit import masks
 from ldmkit.interfaces import Conditioner
-from ldmkit_conditioners.rescaler import ConditionValueError, check_image_range, module_device, not_bound
+from ldmkit_conditioners.rescaler import (
+    ConditionValueError,
+    check_image_range,
+    module_device,
+    not_bound,
+)
 
 # how the condition is built: ldmkit's own, or as the paper's inpainting model was trained
 STYLES = ("ldmkit", "paper")
