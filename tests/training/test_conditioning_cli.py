@@ -166,6 +166,11 @@ def test_text_to_image_trains_and_samples_from_prompts(tmp_path, conditioner):
     out = sample(pipeline, tmp_path / "t2i.png", "--prompt", "a cat", "--cond", "caption=a dog sitting",
                  "--guidance-scale", "3")
     assert out.returncode == 0, out.stderr[-3000:]
+    # the conditioner's warnings are one line each, as the CLI's own (no file, line or source)
+    out = sample(pipeline, tmp_path / "long.png", "--prompt", " ".join(["cat"] * 20))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.startswith("ldmkit sample: warning: ") and "1 prompt(s) in this batch exceed 8 tokens" in out.stderr
+    assert "UserWarning" not in out.stderr and ".py:" not in out.stderr and len(out.stderr.splitlines()) == 1
     assert Image.open(tmp_path / "t2i.png").size == (grid_size(2, 8), 2 + 8 + 2)
     if conditioner == "frozen_text":  # trained through the real trainer, the encoder is untouched
         from ldmkit.pipeline import Pipeline

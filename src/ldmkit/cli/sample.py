@@ -29,6 +29,27 @@ and attention only, and --print-config prints the checkpoint's config as it will
 
 
 def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
+    import warnings
+
+    default_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        # ldmkit's and its plugins' warnings (guidance without a learnt null condition, prompts
+        # cut or with unknown text) one line each, as the CLI's errors; others as Python shows them
+        parts = Path(filename).parts
+        if issubclass(category, UserWarning) and any(d == "ldmkit" or d.startswith("ldmkit_") for d in parts):
+            print(f"{prog}: warning: {message}", file=file or sys.stderr)
+        else:
+            default_show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        return _sample(argv, prog=prog, description=description)
+    finally:
+        warnings.showwarning = default_show
+
+
+def _sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     p = _parser(prog, description)
     p.epilog = SAMPLE_EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
