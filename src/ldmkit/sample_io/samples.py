@@ -48,12 +48,15 @@ def write_samples(
     rows: int | None = None,
     names: dict[str, list[str] | None] | None = None,
     files: dict[str, list[str]] | None = None,
+    init_image=None,
+    mask=None,
 ) -> dict[str, Path]:
     """``out`` (the grid: ``rows`` rows, default roughly square), ``<out stem>/NNNNNN.png``
     (sample i, seed + i) and ``<out stem>.json`` (``settings`` plus each image's file, seed
     and condition, with ``KEY_name`` for a class key whose ``names`` are known, and the file
     each image's image-like condition came from: ``files``, key -> one path per image). Each
-    file is replaced atomically; the JSON is written last."""
+    file is replaced atomically; the JSON is written last. ``show_conditions``: one row per
+    sample, its condition inputs, ``init_image`` and ``mask`` before it."""
     from torchvision.utils import save_image
 
     from ldmkit.io import atomic_path, atomic_write_text
@@ -88,7 +91,7 @@ def write_samples(
         if show_conditions and conditioner is not None:
             from ldmkit.visualize import samples_with_conditions
 
-            tiles, per_row = samples_with_conditions(images, conditioner, batch)
+            tiles, per_row = samples_with_conditions(images, conditioner, batch, init_image=init_image, mask=mask)
             save_image(tiles, tmp, nrow=per_row or image_grid_rows(n), format=_format(out))
         else:
             per_row = -(-n // rows) if rows else image_grid_rows(n)
