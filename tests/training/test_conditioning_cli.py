@@ -172,6 +172,9 @@ def test_text_to_image_trains_and_samples_from_prompts(tmp_path, conditioner):
     assert out.stderr.startswith("ldmkit sample: warning: ") and "1 prompt(s) in this batch exceed 8 tokens" in out.stderr
     assert "UserWarning" not in out.stderr and ".py:" not in out.stderr and len(out.stderr.splitlines()) == 1
     assert Image.open(tmp_path / "t2i.png").size == (grid_size(2, 8), 2 + 8 + 2)
+    # the prompts in the order given, --prompt and --cond caption= alike: sample i is the i-th
+    captions = [e["caption"] for e in json.loads((tmp_path / "t2i.json").read_text())["images"]]
+    assert captions == ["a cat", "a dog sitting"]
     if conditioner == "frozen_text":  # trained through the real trainer, the encoder is untouched
         from ldmkit.pipeline import Pipeline
         from ldmkit_text import FrozenTextConditioner

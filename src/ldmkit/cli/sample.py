@@ -70,7 +70,8 @@ def _sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     p.add_argument("--rows", type=int, default=None,
                    help="rows of the grid (default: one per condition with --num-samples and several "
                         "conditions, else a roughly square grid)")
-    p.add_argument("--prompt", action="append", help="shorthand for --cond caption=PROMPT; repeatable")
+    p.add_argument("--prompt", action="append", dest="cond", type=_Prompt,
+                   help="shorthand for --cond caption=PROMPT; repeatable (with --cond caption=..., in the order given)")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance: 1 none (default), 0 unconditional, above 1 follows the "
                         "conditions more closely (3 is typical)")
@@ -111,6 +112,9 @@ def _sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar and no precision note on stderr")
     args = p.parse_args(argv)
+    # --prompt and --cond share one list, so prompts keep their command-line order
+    args.prompt = [c for c in args.cond if isinstance(c, _Prompt)] or None
+    conds = [c for c in args.cond if not isinstance(c, _Prompt)]
     from dataclasses import replace
 
     from ldmkit.sampling_request import SampleRequest, message
@@ -196,8 +200,8 @@ def _sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     def key_of(kind: str, default: str) -> str:  # the shorthands go to the first key of their kind
         return next((k for k, v in kinds.items() if v == kind), default)
 
-    items = list(args.cond) + ([f"{key_of('class', 'label')}={args.labels}"] if args.labels else [])
-    items += [f"{key_of('text', 'caption')}={p}" for p in args.prompt or []]
+    items = [f"{key_of('text', 'caption')}={c}" if isinstance(c, _Prompt) else c for c in args.cond]
+    items += [f"{key_of('class', 'label')}={args.labels}"] if args.labels else []
     channels = pipeline.first_stage.image_channels
     names = class_names_by_key(pipeline)
     try:
@@ -211,7 +215,7 @@ def _sample(argv: Sequence[str], *, prog: str, description: str) -> int:
         text = str(err).replace(f"--cond {key_of('class', 'label')}={args.labels}:", f"--labels {args.labels!r}:")
         for flag, key, given in (("--labels", key_of("class", "label"), args.labels),
                                  ("--prompt", key_of("text", "caption"), args.prompt)):  # fmt: skip
-            if given and not any(c.partition("=")[0].strip() == key for c in args.cond):
+            if given and not any(c.partition("=")[0].strip() == key for c in conds):
                 text = text.replace(f"--cond {key}=...:", f"{flag}:")  # a key the conditioner does not read
         raise CLIError(text) from err
     files = batch.pop(SOURCE_KEY, None) or {}  # key -> the file of each condition
@@ -278,6 +282,10 @@ def _sample(argv: Sequence[str], *, prog: str, description: str) -> int:
                             files=files, init_image=init_image, mask=mask)
     print(f"wrote {images.shape[0]} samples to {args.out}, {written['folder']}/ and {written['settings']}")
     return 0
+
+
+class _Prompt(str):
+    """A --prompt value in the --cond list (its key is the conditioner's text key)."""
 
 
 # how ldmkit sample's flags name the sampling arguments (ldmkit.sampling_request.message)
