@@ -166,3 +166,20 @@ def test_an_inpainting_sample_is_its_seeds_alone_with_a_kl_first_stage_that_samp
     torch.testing.assert_close(pipe.sample(batch, seed=5), first, atol=1e-5, rtol=0)
     alone = pipe.sample({"image": image[2:], "mask": mask[2:]}, seed=7)
     torch.testing.assert_close(alone, first[2:], atol=1e-4, rtol=0)
+
+
+def test_a_size_the_spatial_condition_does_not_make_says_what_input_would():
+    """A 4x4 low-res image (factor 4) samples 16x16; asking for 32x32 names the inputs a
+    32x32 image needs, a low-res one included (not "inputs of size 32x32", which for
+    super-resolution is wrong by the factor)."""
+    import ldmkit
+    from ldmkit.sampling_request import SampleArgumentError
+
+    pipe = ldmkit.compose(overrides=["conditioner=low_res", "conditioner.channels=3", "first_stage=kl_tiny",
+                                     "image_size=16", "sampler.steps=1"]).eval()
+    low = torch.zeros(1, 3, 4, 4)
+    assert pipe.sample({"lowres": low}, seed=0).shape == (1, 3, 16, 16)
+    with pytest.raises(SampleArgumentError, match=r"size 32x32 makes a 8x8 latent .* concat condition is 4x4: give "
+                       r"inputs for a 32x32 image \(a map, mask or image of that size; a low-res image its factor "
+                       r"times smaller\) or leave size out"):
+        pipe.sample({"lowres": low}, seed=0, size=32)
