@@ -172,6 +172,25 @@ def test_sampler_overrides_change_the_checkpoints_sampler_or_switch_it(class_che
     assert read_png(tmp_path / "b" / "000000.png").shape == (16, 16, 3)
 
 
+def test_show_conditions_draws_the_init_image_and_the_mask_too(class_checkpoint, tmp_path):
+    """--show-conditions with --init-image and --mask: each row is the label, the image, the
+    mask, then the sample (they are inputs of the sample as much as its label is)."""
+    import numpy as np
+
+    out = ldmkit("sample", "--checkpoint", str(class_checkpoint / "pipeline"), "sampler.steps=2", "--labels", "3",
+                 "--num-samples", "2", "--init-image", str(class_checkpoint / "photo.png"), "--mask",
+                 str(class_checkpoint / "mask.png"), "--show-conditions", "--out", str(tmp_path / "g.png"),
+                 "--no-progress")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    grid = read_png(tmp_path / "g.png")
+    assert grid.shape == (2 + 2 * 18, 2 + 4 * 18, 3)  # 2 rows of label | image | mask | sample
+    for row in (0, 1):
+        top = 2 + row * 18
+        np.testing.assert_array_equal(grid[top : top + 16, 20:36], read_png(class_checkpoint / "photo.png"))
+        mask = read_png(class_checkpoint / "mask.png")
+        np.testing.assert_array_equal(grid[top : top + 16, 38:54], np.repeat(mask[..., None], 3, axis=2))
+
+
 @pytest.mark.parametrize(
     ("override", "hint"),
     [

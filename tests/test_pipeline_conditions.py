@@ -60,7 +60,7 @@ def test_refine_known_fits_the_kept_pixels_without_pasting_them():
     pipe = ldmkit.compose(overrides=["conditioner=inpaint", "first_stage=kl_tiny", "first_stage.encode_mode=mode",
                                      "image_size=16", "sampler.steps=2"]).eval()
     with torch.no_grad():  # an image this (untrained) decoder can make: the fit has a target to reach
-        image = pipe.decode(torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * 2)
+        image = pipe.decode(torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * 2).clamp(-1, 1)
     mask = torch.zeros(2, 1, 16, 16)
     mask[:, :, 3:9, 5:13] = 1
     keep = (mask == 0).expand_as(image)
@@ -145,3 +145,41 @@ def test_a_mask_that_keeps_nothing_samples_what_plain_sampling_samples(sampler):
     torch.testing.assert_close(masked[0], plain[0], atol=1e-6, rtol=0)
     assert not torch.allclose(masked[1], plain[1], atol=1e-2)  # the kept half is kept
     torch.testing.assert_close(masked[1, :, :, :4], image[0, :, :, :4].clamp(-1, 1), atol=1e-5, rtol=0)
+
+
+def test_an_inpainting_sample_is_its_seeds_alone_with_a_kl_first_stage_that_samples():
+    """The masked image the inpainting conditioner encodes is the KL posterior's mean (the
+    paper's ``get_learned_conditioning`` takes ``c.mode()``), not a draw from the global RNG:
+    the same seed gives the same images, and sample i of seed s is sample 0 of seed s + i."""
+    import ldmkit
+    from ldmkit.testing import perturb_parameters
+
+    pipe = ldmkit.compose(overrides=["conditioner=inpaint", "first_stage=kl_tiny", "image_size=16",
+                                     "sampler.steps=2"]).eval()
+    assert pipe.first_stage.regularizer.encode_mode == "sample"
+    perturb_parameters(pipe.denoiser)  # an untrained UNet's zeroed output would ignore the condition
+    image = torch.rand(3, 3, 16, 16) * 2 - 1
+    mask = torch.zeros(3, 1, 16, 16)
+    mask[:, :, 4:12, 2:10] = 1
+    batch = {"image": image, "mask": mask}
+    first = pipe.sample(batch, seed=5)
+    torch.testing.assert_close(pipe.sample(batch, seed=5), first, atol=1e-5, rtol=0)
+    alone = pipe.sample({"image": image[2:], "mask": mask[2:]}, seed=7)
+    torch.testing.assert_close(alone, first[2:], atol=1e-4, rtol=0)
+
+
+def test_a_size_the_spatial_condition_does_not_make_says_what_input_would():
+    """A 4x4 low-res image (factor 4) samples 16x16; asking for 32x32 names the inputs a
+    32x32 image needs, a low-res one included (not "inputs of size 32x32", which for
+    super-resolution is wrong by the factor)."""
+    import ldmkit
+    from ldmkit.sampling_request import SampleArgumentError
+
+    pipe = ldmkit.compose(overrides=["conditioner=low_res", "conditioner.channels=3", "first_stage=kl_tiny",
+                                     "image_size=16", "sampler.steps=1"]).eval()
+    low = torch.zeros(1, 3, 4, 4)
+    assert pipe.sample({"lowres": low}, seed=0).shape == (1, 3, 16, 16)
+    with pytest.raises(SampleArgumentError, match=r"size 32x32 makes a 8x8 latent .* concat condition is 4x4: give "
+                       r"inputs for a 32x32 image \(a map, mask or image of that size; a low-res image its factor "
+                       r"times smaller\) or leave size out"):
+        pipe.sample({"lowres": low}, seed=0, size=32)

@@ -387,9 +387,10 @@ class Pipeline(nn.Module):
         if guidance_scale == 1.0 or not cond:
             return cond, None
         if not self.conditioner.learns_null_condition:
+            where = " in a part, and none jointly" if hasattr(self.conditioner, "parts") else ""  # conditioner=multi
             warnings.warn(
                 f"guidance_scale={guidance_scale} with conditioner {type(self.conditioner).__name__}, "
-                "which was configured without condition dropout (drop_rate=0): its null condition "
+                f"which was configured without condition dropout (drop_rate=0{where}): its null condition "
                 "was never trained, so guidance extrapolates from an untrained score",
                 stacklevel=5,  # the caller of sample()
             )

@@ -333,8 +333,8 @@ class SampleRequest:
             f = first_stage.downsample_factor
             raise SampleArgumentError(
                 f"{{size}} {h}x{w} makes a {shape[-2]}x{shape[-1]} latent (f={f}), but the conditioner's concat "
-                f"condition is {concat.shape[-2]}x{concat.shape[-1]}: give inputs of size {h}x{w} or leave "
-                "{size} out to follow them"
+                f"condition is {concat.shape[-2]}x{concat.shape[-1]}: give inputs for a {h}x{w} image (a map, mask "
+                "or image of that size; a low-res image its factor times smaller) or leave {size} out to follow them"
             )
         return shape
 

@@ -78,11 +78,28 @@ def condition_tiles(conditioner: Any, batch: Mapping[str, Any], size: tuple[int,
     return tiles
 
 
-def samples_with_conditions(samples: Tensor, conditioner: Any, batch: Mapping[str, Any] | None) -> tuple[Tensor, int]:
-    """Tiles for a grid with one row per sample: its condition tiles, then the sample.
-    Returns (tiles N×3×H×W in [0, 1], tiles per row); no conditions: the samples alone."""
+def samples_with_conditions(
+    samples: Tensor,
+    conditioner: Any,
+    batch: Mapping[str, Any] | None,
+    *,
+    init_image: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, int]:
+    """Tiles for a grid with one row per sample: its condition tiles, the ``init_image`` and
+    the ``mask`` it started from (img2img and inpainting with any model; B = 1 serves every
+    row), then the sample. Returns (tiles N×3×H×W in [0, 1], tiles per row); no inputs at
+    all: the samples alone."""
     images = to_unit_rgb(samples)
-    if not batch or not conditioner.input_keys:
+    n, size = images.shape[0], tuple(images.shape[-2:])
+    columns = condition_tiles(conditioner, batch, size) if batch and conditioner.input_keys else []
+    if init_image is not None:
+        columns.append(_fit(to_unit_rgb(torch.as_tensor(init_image)).expand(n, -1, -1, -1), size))
+    if mask is not None:
+        mask = torch.as_tensor(mask).float().cpu()
+        mask = mask.reshape(-1, 1, *mask.shape[-2:])
+        columns.append(_fit(mask.expand(n, 3, -1, -1), size))
+    if not columns:
         return images, 0
-    columns = [*condition_tiles(conditioner, batch, tuple(images.shape[-2:])), images]
+    columns.append(images)
     return torch.stack(columns, dim=1).flatten(0, 1), len(columns)

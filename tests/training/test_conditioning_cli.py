@@ -68,6 +68,18 @@ def test_semantic_map_task_caches_maps_and_samples_at_1x_and_2x(scenes, tmp_path
                  "--cond", f"segmentation={tmp_path / 'map.png'}", "--show-conditions")
     assert out.returncode == 0, out.stderr[-3000:]
     assert Image.open(tmp_path / "shown.png").size == (grid_size(2, 16), grid_size(2, 16))  # map | sample
+    # each image's JSON entry names the map it was drawn from
+    out = sample(pipeline, tmp_path / "each.png", "--cond", f"segmentation={tmp_path / 'map.png'}",
+                 "--cond", f"segmentation={tmp_path / 'map2x.png'}", "--image-size", "16", "--num-samples", "2")
+    assert out.returncode == 1 and "different sizes" in out.stderr  # one size per call
+    Image.fromarray(ids[::-1].copy(), mode="L").save(tmp_path / "flipped.png")
+    out = sample(pipeline, tmp_path / "each.png", "--cond", f"segmentation={tmp_path / 'map.png'}",
+                 "--cond", f"segmentation={tmp_path / 'flipped.png'}", "--num-samples", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    entries = json.loads((tmp_path / "each.json").read_text())["images"]
+    assert [(e["seed"], e["segmentation"]) for e in entries] == [
+        (0, str(tmp_path / "map.png")), (1, str(tmp_path / "map.png")),
+        (2, str(tmp_path / "flipped.png")), (3, str(tmp_path / "flipped.png"))]
     # a map twice the size samples twice the size (convolutional sampling, Sec. 4.3.2)
     out = sample(pipeline, tmp_path / "s2.png", "--cond", f"segmentation={tmp_path / 'map2x.png'}")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -84,6 +96,17 @@ def test_semantic_map_task_caches_maps_and_samples_at_1x_and_2x(scenes, tmp_path
     assert "SemanticMapConditioner reads batch key 'segmentation'" in out.stderr
     out = sample(pipeline, tmp_path / "none.png", "--cond", "label=3")
     assert out.returncode == 1 and "reads no key 'label'" in out.stderr
+
+
+@pytest.mark.parametrize("conditioner", [["conditioner=class_label"], ["conditioner=multi"]])
+def test_class_labels_on_data_without_labels_say_the_data_has_none(scenes, tmp_path, conditioner):
+    """The semantic scenes hold no ``.cls``: the loader's label is -1 (none) for every sample,
+    and the class conditioner (alone or a part of ``multi``) says so, not only "got min -1"."""
+    out = ldmkit("train", *TINY, f"run_dir={tmp_path / 'run'}", *conditioner, "data=semantic_scenes",
+                 f"data.path={scenes / 'shards'}", "data.prepare={}", "image_size=16", "first_stage=identity")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "got min -1, max -1" in out.stderr
+    assert "-1 is the data's label for a sample without one (no .cls member)" in out.stderr
 
 
 def test_super_resolution_caches_images_and_samples_from_a_low_res_png(tmp_path):
@@ -116,7 +139,8 @@ def test_inpainting_samples_from_an_image_and_a_mask(tmp_path):
     assert Image.open(tmp_path / "fill.png").size == (grid_size(1, 8), grid_size(1, 8))
     settings = json.loads((tmp_path / "fill.json").read_text())  # condition files by path
     assert settings["conditions"] == {"image": str(tmp_path / "photo.png"), "mask": str(tmp_path / "mask.png")}
-    assert settings["images"] == [{"file": "fill/000000.png", "seed": 0}]
+    assert settings["images"] == [{"file": "fill/000000.png", "seed": 0, "image": str(tmp_path / "photo.png"),
+                                   "mask": str(tmp_path / "mask.png")}]  # each image's inputs
     assert settings["refine_known"] == 0
     out = sample(pipeline, tmp_path / "fitted.png", "--cond", f"image={tmp_path / 'photo.png'}",
                  "--cond", f"mask={tmp_path / 'mask.png'}", "--refine-known", "3")
@@ -142,7 +166,15 @@ def test_text_to_image_trains_and_samples_from_prompts(tmp_path, conditioner):
     out = sample(pipeline, tmp_path / "t2i.png", "--prompt", "a cat", "--cond", "caption=a dog sitting",
                  "--guidance-scale", "3")
     assert out.returncode == 0, out.stderr[-3000:]
+    # the conditioner's warnings are one line each, as the CLI's own (no file, line or source)
+    out = sample(pipeline, tmp_path / "long.png", "--prompt", " ".join(["cat"] * 20))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.startswith("ldmkit sample: warning: ") and "1 prompt(s) in this batch exceed 8 tokens" in out.stderr
+    assert "UserWarning" not in out.stderr and ".py:" not in out.stderr and len(out.stderr.splitlines()) == 1
     assert Image.open(tmp_path / "t2i.png").size == (grid_size(2, 8), 2 + 8 + 2)
+    # the prompts in the order given, --prompt and --cond caption= alike: sample i is the i-th
+    captions = [e["caption"] for e in json.loads((tmp_path / "t2i.json").read_text())["images"]]
+    assert captions == ["a cat", "a dog sitting"]
     if conditioner == "frozen_text":  # trained through the real trainer, the encoder is untouched
         from ldmkit.pipeline import Pipeline
         from ldmkit_text import FrozenTextConditioner

@@ -108,7 +108,7 @@ def test_bad_parts_are_named():
 def test_composes_with_auto_denoiser_dims_and_samples():
     cfg = compose_config([
         "conditioner=multi", "first_stage=identity", "denoiser=unet_tiny", "image_size=8",
-        "conditioner.parts.0.embed_dim=32", "conditioner.parts.1.n_stages=0",
+        "conditioner.parts.0.embed_dim=32", "conditioner.parts.1.n_stages=0", "conditioner.parts.1.drop_rate=0.1",
         "sampler.steps=2",
     ])
     pipe = build_pipeline(cfg).eval()
@@ -120,3 +120,21 @@ def test_composes_with_auto_denoiser_dims_and_samples():
     seg = torch.zeros(2, 8, 8, dtype=torch.long)
     images = pipe.sample({"label": [1, 2], "segmentation": seg}, guidance_scale=2.0, seed=0)
     assert images.shape == (2, 3, 8, 8)
+
+
+def test_guidance_needs_the_null_of_every_part_to_have_been_trained():
+    """Guidance's null condition is every part's null at once. With the default parts (a
+    class dropped 10% of the time, a map never) training never shows it: the composite
+    has not learnt it, so Pipeline.sample warns and the trainer's grids sample unguided."""
+    import ldmkit
+
+    label = {"name": "class_label", "num_classes": 5, "embed_dim": 8, "drop_rate": 0.1}
+    segmentation = {"name": "semantic_map", "num_classes": 4, "n_stages": 0}
+    assert not MultiConditioner(parts=[label, segmentation]).learns_null_condition
+    assert MultiConditioner(parts=[label, {**segmentation, "drop_rate": 0.2}]).learns_null_condition
+    joint = MultiConditioner(parts=[label, segmentation])
+    joint.drop_rate = 0.1  # the composite's own drop_rate drops all parts together
+    assert joint.learns_null_condition
+    pipe = ldmkit.compose(overrides=["conditioner=multi", "first_stage=kl_tiny", "image_size=16", "sampler.steps=1"])
+    with pytest.warns(UserWarning, match="null condition was never trained"):
+        pipe.sample({"label": [1], "segmentation": torch.zeros(1, 16, 16, dtype=torch.long)}, guidance_scale=3.0, seed=0)

@@ -163,6 +163,15 @@ def test_a_twice_larger_map_gives_a_twice_larger_concat():
     assert c({"segmentation": class_map(1, 32, 48)})["concat"].shape == (1, 5, 8, 12)
 
 
+def test_a_map_the_first_stage_cannot_tile_is_refused_not_cropped():
+    """A 15x16 map (f=4) would come out of the halvings as a 3x4 latent, a 12x16 sample with
+    the map's last rows dropped: refused, naming the size and f, for either method."""
+    for method in ("bilinear", "unshuffle"):
+        c = bound(SemanticMapConditioner(num_classes=5, n_stages=2, method=method), PoolFirstStage(f=4))
+        with pytest.raises(ConditionValueError, match=r"a 15x16 batch\['segmentation'\] is not divisible by f=4"):
+            c({"segmentation": class_map(1, 15, 16)})
+
+
 def test_out_of_range_ids_name_value_k_and_sample():
     c = SemanticMapConditioner(num_classes=5, n_stages=0)
     ids = class_map(3)
@@ -436,3 +445,17 @@ def test_inpaint_encodes_where_the_first_stage_lives_and_returns_its_own_dtype()
     assert fs.proj.weight.dtype == torch.float32
     out = c({"image": images(1), "mask": box_mask(1)})["concat"]
     assert out.dtype == torch.float64
+
+
+@pytest.mark.parametrize("scale", [255.0, float("nan")], ids=["0..255", "nan"])
+def test_images_outside_minus_one_to_one_are_refused_not_conditioned_on(scale):
+    """An image given in 0..255 (or holding NaN) would be concatenated as it is, the model
+    conditioned on nothing like what it trained on: refused, naming the key and the range, as
+    ``init_image`` is."""
+    x = (images(1, h=8, w=8) + 1) * scale
+    low = bound(LowResConditioner(factor=4, channels=3), PoolFirstStage(f=4))
+    with pytest.raises(ConditionValueError, match=r"batch\['lowres'\] values must be in \[-1, 1\], got .*x \* 2 - 1"):
+        low({"lowres": x})
+    inpaint = bound(InpaintConditioner(), PoolFirstStage(f=4))
+    with pytest.raises(ConditionValueError, match=r"batch\['image'\] values must be in \[-1, 1\], got "):
+        inpaint({"image": x, "mask": box_mask(1, 8, 8)})

@@ -51,3 +51,18 @@ def test_bert_config_composes_a_pipeline_that_samples_with_guidance():
     out = pipe.sample({"caption": ["red apple", "snowman"]}, steps=2, guidance_scale=3.0, seed=0,
                       image_size=8)
     assert out.shape[0] == 2 and torch.isfinite(out).all()
+
+
+def test_loading_a_frozen_encoder_draws_no_progress_bar(tmp_path):
+    """``ldmkit sample --no-progress`` with frozen_text: transformers' "Loading weights" bar
+    stays off stderr (the command prints one line: sampling from untrained weights)."""
+    exe = Path(sys.executable).with_name("ldmkit")
+    out = subprocess.run(
+        [str(exe), "sample", "conditioner=frozen_text", "first_stage=identity", "image_size=8", "sampler.steps=1",
+         "--prompt", "frog", "--no-progress", "--out", str(tmp_path / "s.png")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Loading weights" not in out.stderr and out.stderr.strip().splitlines() == [
+        "ldmkit sample: no --checkpoint given, sampling from untrained weights"
+    ]

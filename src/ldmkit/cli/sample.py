@@ -49,7 +49,8 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     p.add_argument("--rows", type=int, default=None,
                    help="rows of the grid (default: one per condition with --num-samples and several "
                         "conditions, else a roughly square grid)")
-    p.add_argument("--prompt", action="append", help="shorthand for --cond caption=PROMPT; repeatable")
+    p.add_argument("--prompt", action="append", dest="cond", type=_Prompt,
+                   help="shorthand for --cond caption=PROMPT; repeatable (with --cond caption=..., in the order given)")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance: 1 none (default), 0 unconditional, above 1 follows the "
                         "conditions more closely (3 is typical)")
@@ -90,6 +91,9 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar and no precision note on stderr")
     args = p.parse_args(argv)
+    # --prompt and --cond share one list, so prompts keep their command-line order
+    args.prompt = [c for c in args.cond if isinstance(c, _Prompt)] or None
+    conds = [c for c in args.cond if not isinstance(c, _Prompt)]
     from dataclasses import replace
 
     from ldmkit.sampling_request import SampleRequest, message
@@ -175,8 +179,8 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     def key_of(kind: str, default: str) -> str:  # the shorthands go to the first key of their kind
         return next((k for k, v in kinds.items() if v == kind), default)
 
-    items = list(args.cond) + ([f"{key_of('class', 'label')}={args.labels}"] if args.labels else [])
-    items += [f"{key_of('text', 'caption')}={p}" for p in args.prompt or []]
+    items = [f"{key_of('text', 'caption')}={c}" if isinstance(c, _Prompt) else c for c in args.cond]
+    items += [f"{key_of('class', 'label')}={args.labels}"] if args.labels else []
     channels = pipeline.first_stage.image_channels
     names = class_names_by_key(pipeline)
     try:
@@ -190,10 +194,11 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
         text = str(err).replace(f"--cond {key_of('class', 'label')}={args.labels}:", f"--labels {args.labels!r}:")
         for flag, key, given in (("--labels", key_of("class", "label"), args.labels),
                                  ("--prompt", key_of("text", "caption"), args.prompt)):  # fmt: skip
-            if given and not any(c.partition("=")[0].strip() == key for c in args.cond):
+            if given and not any(c.partition("=")[0].strip() == key for c in conds):
                 text = text.replace(f"--cond {key}=...:", f"{flag}:")  # a key the conditioner does not read
         raise CLIError(text) from err
-    sources = {f"--cond {k}": v for k, v in (batch.pop(SOURCE_KEY, None) or {}).items()}
+    files = batch.pop(SOURCE_KEY, None) or {}  # key -> the file of each condition
+    sources = {f"--cond {k}": ", ".join(v) for k, v in files.items()}
     for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
         if path is not None:
             sources[flag] = str(path)
@@ -204,6 +209,7 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
         if num_samples is not None and all(k in batch for k in conditioner.input_keys):
             conditions = len(batch[conditioner.input_keys[0]])
             batch = repeat_each(batch, conditioner.input_keys, num_samples)
+            files = repeat_each(files, list(files), num_samples)
             if rows is None and conditions > 1 and num_samples > 1:
                 rows = conditions  # one row per label (prompt, ...)
         num_samples = None
@@ -251,9 +257,14 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
         "tile_overlap": args.tile_overlap,
     }
     written = write_samples(images, args.out, settings, conditioner=conditioner, batch=batch,
-                            kinds=kinds, show_conditions=args.show_conditions, rows=rows, names=names)
+                            kinds=kinds, show_conditions=args.show_conditions, rows=rows, names=names,
+                            files=files, init_image=init_image, mask=mask)
     print(f"wrote {images.shape[0]} samples to {args.out}, {written['folder']}/ and {written['settings']}")
     return 0
+
+
+class _Prompt(str):
+    """A --prompt value in the --cond list (its key is the conditioner's text key)."""
 
 
 # how ldmkit sample's flags name the sampling arguments (ldmkit.sampling_request.message)

@@ -268,6 +268,11 @@ class DemoSession:
             batch=prepared.request.batch,
             kinds=prepared.kinds,
             names=class_names_by_key(self.pipeline),
+            files={  # one file per key, for every image, named as ldmkit sample names it
+                flag.removeprefix("--cond "): [name] * images.shape[0]
+                for flag, name in prepared.sources.items()
+                if flag.startswith("--cond ")
+            },
         )
         record = json.loads(written["settings"].read_text())
         command = command_line(

@@ -34,7 +34,7 @@ from PIL import Image
 
 from ldmkit.errors import LdmkitError
 
-SOURCE_KEY = "__source__"  # key -> the file(s) a value came from, for error messages
+SOURCE_KEY = "__source__"  # key -> the files its values came from, one per sample (messages, settings)
 FILE_KINDS = ("image", "segmentation", "mask")
 
 
@@ -190,7 +190,7 @@ def parse_conditions(
         else:
             batch[key] = vals
     if sources:
-        batch[SOURCE_KEY] = {k: ", ".join(v) for k, v in sources.items()}
+        batch[SOURCE_KEY] = sources
     return batch
 
 

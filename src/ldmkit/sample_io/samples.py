@@ -47,11 +47,16 @@ def write_samples(
     show_conditions: bool = False,
     rows: int | None = None,
     names: dict[str, list[str] | None] | None = None,
+    files: dict[str, list[str]] | None = None,
+    init_image=None,
+    mask=None,
 ) -> dict[str, Path]:
     """``out`` (the grid: ``rows`` rows, default roughly square), ``<out stem>/NNNNNN.png``
     (sample i, seed + i) and ``<out stem>.json`` (``settings`` plus each image's file, seed
-    and condition, with ``KEY_name`` for a class key whose ``names`` are known). Each file is
-    replaced atomically; the JSON is written last."""
+    and condition, with ``KEY_name`` for a class key whose ``names`` are known, and the file
+    each image's image-like condition came from: ``files``, key -> one path per image). Each
+    file is replaced atomically; the JSON is written last. ``show_conditions``: one row per
+    sample, its condition inputs, ``init_image`` and ``mask`` before it."""
     from torchvision.utils import save_image
 
     from ldmkit.io import atomic_path, atomic_write_text
@@ -78,12 +83,15 @@ def write_samples(
                 known = (names or {}).get(key)
                 if kind == "class" and known and 0 <= entry[key] < len(known):
                     entry[f"{key}_name"] = known[entry[key]]
+        for key, paths in (files or {}).items():
+            if len(paths) == n:
+                entry[key] = paths[i]
         per_image.append(entry)
     with atomic_path(out) as tmp:
         if show_conditions and conditioner is not None:
             from ldmkit.visualize import samples_with_conditions
 
-            tiles, per_row = samples_with_conditions(images, conditioner, batch)
+            tiles, per_row = samples_with_conditions(images, conditioner, batch, init_image=init_image, mask=mask)
             save_image(tiles, tmp, nrow=per_row or image_grid_rows(n), format=_format(out))
         else:
             per_row = -(-n // rows) if rows else image_grid_rows(n)

@@ -79,13 +79,13 @@ class ClassLabelConditioner(Conditioner):
             if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
                 raise ConditionValueError(
                     f"class labels must be in [0, {self.num_classes}) (conditioner.num_classes="
-                    f"{self.num_classes}); got min {int(labels.min())}, max {int(labels.max())}"
+                    f"{self.num_classes}); got min {int(labels.min())}, max {int(labels.max())}" + _unlabelled(labels)
                 )
         elif labels.numel() and (labels.min() < 0 or labels.max() > self.num_classes or (labels == self.null_index).any()):
             raise ConditionValueError(
                 f"class labels must be in [0, {self.num_classes}] without the null class {self.null_index} "
                 f"(conditioner.num_classes={self.num_classes}, null_index={self.null_index}); "
-                f"got min {int(labels.min())}, max {int(labels.max())}"
+                f"got min {int(labels.min())}, max {int(labels.max())}" + _unlabelled(labels)
             )
         return labels.reshape(-1)
 
@@ -134,3 +134,13 @@ class ClassLabelConditioner(Conditioner):
             null = torch.full((n,), self.null_index, dtype=torch.long, device=self._device())
             return {"crossattn": self.embedding(null)[:, None, :]}
         return {"vector": torch.zeros(n, self.num_classes, device=self._device(), dtype=self._anchor.dtype)}
+
+
+def _unlabelled(labels: Tensor) -> str:
+    """A note for labels holding -1, the data loader's label of a sample without one."""
+    if not bool((labels == -1).any()):
+        return ""
+    return (
+        "; -1 is the data's label for a sample without one (no .cls member): train on labelled data "
+        "(docs/data.md) or with a conditioner that reads what the data has"
+    )

@@ -12,10 +12,19 @@ from torch import Tensor, nn
 
 from ldmkit import masks
 from ldmkit.interfaces import Conditioner, ConditionValueError
-from ldmkit_conditioners.rescaler import module_device, not_bound
+from ldmkit_conditioners.rescaler import check_image_range, module_device, not_bound
 
 # how the condition is built: ldmkit's own, or as the paper's inpainting model was trained
 STYLES = ("ldmkit", "paper")
+
+
+def encode_mean(first_stage: nn.Module, images: Tensor) -> Tensor:
+    """The latent of ``images`` without noise: a KL first stage's posterior mean (its
+    ``posterior``), as the paper's ``get_learned_conditioning`` takes ``c.mode()``; else
+    ``encode``. A posterior sample would draw from the global RNG, so the same seed would give
+    other images each call, and a sample would depend on the batch it is drawn in."""
+    posterior = getattr(first_stage, "posterior", None)
+    return posterior(images)[0] if callable(posterior) else first_stage.encode(images)
 
 
 class InpaintConditioner(Conditioner):
@@ -35,7 +44,9 @@ class InpaintConditioner(Conditioner):
       latent grid by ``F.interpolate`` (nearest: each cell takes its top-left pixel).
       Imported paper checkpoints select it (:mod:`ldmkit.interop.compvis`).
     * Neither style multiplies the latent by the pipeline's ``scale_factor`` (the paper's
-      script concatenates ``first_stage.encode`` as it comes).
+      script concatenates ``first_stage.encode`` as it comes). A KL first stage gives its
+      posterior mean (:func:`encode_mean`), whatever its ``encode_mode``: the condition draws
+      no noise.
     * Masks must hold exactly 0 and 1 (bool works too); soft masks are refused, not
       thresholded: threshold them yourself (``mask > 0.5``) if that is what you mean.
     * The first stage is the pipeline's own, frozen one, bound by ``bind_first_stage``
@@ -94,7 +105,7 @@ class InpaintConditioner(Conditioner):
                 f"inpaint: batch[{self.image_key!r}] must be float images B×C×H×W in [-1, 1], "
                 f"got shape {tuple(x.shape)} ({x.dtype})"
             )
-        return x
+        return check_image_range(x, self.image_key, "inpaint")
 
     def _mask(self, batch: Mapping[str, Any], image: Tensor) -> Tensor:
         mask = torch.as_tensor(self.read(batch, self.mask_key))
@@ -167,7 +178,7 @@ class InpaintConditioner(Conditioner):
         # the fill region mid-gray (ldmkit) or black, as the paper's (1 - mask) * image in [0, 1]
         masked = image * (1 - mask) if self.style == "ldmkit" else image.masked_fill(mask.bool(), -1.0)
         with torch.no_grad():  # the first stage is frozen
-            z = first_stage.encode(masked.to(device=module_device(first_stage), dtype=dtype))
+            z = encode_mean(first_stage, masked.to(device=module_device(first_stage), dtype=dtype))
         like = dict(device=self._anchor.device, dtype=self._anchor.dtype)
         return {"concat": torch.cat([z.to(**like), self._mask_channel(mask, z.shape[-2:]).to(**like)], dim=1)}
 

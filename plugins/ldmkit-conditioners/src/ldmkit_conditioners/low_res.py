@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldmkit.interfaces import Conditioner, ConditionValueError
-from ldmkit_conditioners.rescaler import not_bound
+from ldmkit_conditioners.rescaler import check_image_range, not_bound
 
 METHODS = ("bicubic", "bilinear")
 
@@ -68,7 +68,7 @@ class LowResConditioner(Conditioner):
                 + (f": conditioner.channels={self.channels} does not match its {x.shape[1]} channels"
                    if x.ndim == 4 and x.shape[1] != self.channels else "")
             )
-        return x
+        return check_image_range(x, key, "low_res")
 
     def degrade(self, image: Tensor) -> Tensor:
         """The training degradation: antialiased bicubic downsampling by ``factor``."""

@@ -99,7 +99,11 @@ class MultiConditioner(Conditioner):
 
     @property
     def learns_null_condition(self) -> bool:
-        return self.drop_rate > 0 or any(part.learns_null_condition for part in self.parts)
+        """Guidance's null condition is every part's null at once: training shows it when the
+        composite drops all parts together, or when every part drops its own (independently,
+        so sometimes all at once); a part that never drops (a map, ``drop_rate: 0``) means
+        that it never does."""
+        return self.drop_rate > 0 or all(part.learns_null_condition for part in self.parts)
 
     def known_region(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor] | None:
         return next((r for r in (part.known_region(batch) for part in self.parts) if r is not None), None)

@@ -73,6 +73,18 @@ class FirstStageNotBoundError(LdmkitError, RuntimeError):
     """A conditioner that needs the first stage was used before ``bind_first_stage``."""
 
 
+def check_image_range(x: Tensor, key: str, who: str) -> Tensor:
+    """``x`` when its values lie in [-1, 1] (the images the conditioner trained on); else an
+    error naming ``batch[key]`` and the range found (NaN fails too)."""
+    lo, hi = float(x.min()), float(x.max())
+    if not (lo >= -1 - 1e-4 and hi <= 1 + 1e-4):
+        raise ConditionValueError(
+            f"{who}: batch[{key!r}] values must be in [-1, 1], got [{lo:g}, {hi:g}] (images in [0, 1] map to "
+            "[-1, 1] as x * 2 - 1)"
+        )
+    return x
+
+
 def not_bound(conditioner: nn.Module) -> FirstStageNotBoundError:
     name = type(conditioner).__name__
     return FirstStageNotBoundError(

@@ -106,15 +106,15 @@ class SemanticMapConditioner(Conditioner):
                 f"semantic_map: n_stages={n} shrinks the map by {2**n}, but the first stage has "
                 f"f={f}; set conditioner.n_stages={f.bit_length() - 1}"
             )
+        h, w = ids.shape[-2:]
+        if h % 2**n or w % 2**n:  # the halvings would floor it: a smaller sample, the last rows dropped
+            raise ConditionValueError(
+                f"semantic_map: a {h}x{w} batch[{self.input_key!r}] is not divisible by f={2**n}: the map "
+                "has the image's size, a multiple of the first stage's f"
+            )
         one_hot = rearrange(F.one_hot(ids, self.num_classes), "b h w k -> b k h w")
         # the anchor follows .to(dtype) too, so the one-hot matches the mapper's weights
         one_hot = one_hot.to(self._anchor.dtype)
         if self.unshuffle:
-            h, w = one_hot.shape[-2:]
-            if h % 2**n or w % 2**n:
-                raise ConditionValueError(
-                    f"semantic_map: a {h}x{w} batch[{self.input_key!r}] is not divisible by f={2**n} "
-                    "(method='unshuffle' keeps whole f x f blocks)"
-                )
             one_hot = F.pixel_unshuffle(one_hot, 2**n)
         return {"concat": self.rescaler(one_hot)}

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ldmkit_text.prompts import PromptEncoder
-from ldmkit_text.tokenizer import ModelNotFoundError
+from ldmkit_text.tokenizer import ModelNotFoundError, quiet_loading
 
 __all__ = ["ClipTextConditioner"]
 
@@ -84,7 +84,8 @@ class ClipTextConditioner(PromptEncoder):
                     f"CLIP text model folder {str(path)!r} holds no weights ({', '.join(WEIGHT_FILES)}); "
                     "set clip_text.pretrained=false when the weights come from a checkpoint"
                 )
-            self.transformer = CLIPTextModel.from_pretrained(str(path), local_files_only=True)
+            with quiet_loading():
+                self.transformer = CLIPTextModel.from_pretrained(str(path), local_files_only=True)
         else:
             self.transformer = CLIPTextModel(config)
         limit = config.max_position_embeddings

