@@ -7,6 +7,7 @@ from ldmkit.config import ConfigError, compose_config
 from ldmkit.pipeline import build_pipeline
 from ldmkit.testing import ConditionerConformance
 from ldmkit_conditioners import ClassLabelConditioner, MultiConditioner, SemanticMapConditioner
+from ldmkit_conditioners.multi import merge
 
 PARTS = [
     {"name": "class_label", "num_classes": 5, "embed_dim": 8, "drop_rate": 0.5},
@@ -48,13 +49,20 @@ def test_roles_concatenate_in_part_order_with_declared_dims():
     assert c.output_dims() == {"crossattn": 8, "concat": 4, "vector": 5}
 
 
-def test_null_condition_is_each_parts_own():
+def test_null_condition_is_the_null_of_the_parts_that_drop_and_the_condition_of_the_others():
+    """The label (0.5) and the vector (0.2) drop, the style (0) never does: guidance nulls
+    the first two and keeps the style, the null training shows (as Stable Diffusion's
+    inpainting keeps the masked image and nulls the text)."""
     c = MultiConditioner(parts=PARTS)
     b = batch()
     uncond = c.unconditional(b)
-    parts = [p.unconditional(b) for p in c.parts]
-    torch.testing.assert_close(uncond["crossattn"], torch.cat([parts[0]["crossattn"], parts[1]["crossattn"]], 1))
-    torch.testing.assert_close(uncond["vector"], parts[2]["vector"])
+    nulls = [p.unconditional(b) for p in c.parts]
+    style = c.parts[1](b)
+    torch.testing.assert_close(uncond["crossattn"], torch.cat([nulls[0]["crossattn"], style["crossattn"]], 1))
+    torch.testing.assert_close(uncond["vector"], nulls[2]["vector"])
+    c.drop_rate = 0.1  # a joint drop trains every part's null at once: that is the null
+    torch.testing.assert_close(c.unconditional(b)["crossattn"],
+                               torch.cat([nulls[0]["crossattn"], nulls[1]["crossattn"]], 1))  # fmt: skip
 
 
 def test_dropout_is_per_part_and_per_sample():
@@ -62,7 +70,7 @@ def test_dropout_is_per_part_and_per_sample():
     n = 4000
     b = {"label": torch.zeros(n, dtype=torch.long), "style": torch.ones(n, dtype=torch.long),
          "segmentation": torch.zeros(n, 4, 4, dtype=torch.long)}
-    cond, uncond = c(b), c.unconditional(b)
+    cond, uncond = c(b), merge([p.unconditional(b) for p in c.parts])  # each part's own null
     out = c.condition(b, generator=torch.Generator().manual_seed(0))
 
     def dropped(role, sl):
@@ -122,19 +130,20 @@ def test_composes_with_auto_denoiser_dims_and_samples():
     assert images.shape == (2, 3, 8, 8)
 
 
-def test_guidance_needs_the_null_of_every_part_to_have_been_trained():
-    """Guidance's null condition is every part's null at once. With the default parts (a
-    class dropped 10% of the time, a map never) training never shows it: the composite
-    has not learnt it, so Pipeline.sample warns and the trainer's grids sample unguided."""
+def test_guidance_needs_a_trained_null():
+    """With the default parts (a class dropped 10% of the time, a map never) guidance's null
+    is the class's null beside the real map, which training shows; with no part that drops
+    there is none, so Pipeline.sample warns."""
     import ldmkit
 
     label = {"name": "class_label", "num_classes": 5, "embed_dim": 8, "drop_rate": 0.1}
     segmentation = {"name": "semantic_map", "num_classes": 4, "n_stages": 0}
-    assert not MultiConditioner(parts=[label, segmentation]).learns_null_condition
-    assert MultiConditioner(parts=[label, {**segmentation, "drop_rate": 0.2}]).learns_null_condition
-    joint = MultiConditioner(parts=[label, segmentation])
+    assert MultiConditioner(parts=[label, segmentation]).learns_null_condition
+    assert not MultiConditioner(parts=[{**label, "drop_rate": 0.0}, segmentation]).learns_null_condition
+    joint = MultiConditioner(parts=[{**label, "drop_rate": 0.0}, segmentation])
     joint.drop_rate = 0.1  # the composite's own drop_rate drops all parts together
     assert joint.learns_null_condition
-    pipe = ldmkit.compose(overrides=["conditioner=multi", "first_stage=kl_tiny", "image_size=16", "sampler.steps=1"])
+    pipe = ldmkit.compose(overrides=["conditioner=multi", "conditioner.parts.0.drop_rate=0", "first_stage=kl_tiny",
+                                     "image_size=16", "sampler.steps=1"])  # fmt: skip
     with pytest.warns(UserWarning, match="null condition was never trained"):
         pipe.sample({"label": [1], "segmentation": torch.zeros(1, 16, 16, dtype=torch.long)}, guidance_scale=3.0, seed=0)

@@ -4,10 +4,15 @@ with ldmkit's declared dims).
 Each part is a conditioner config (its registered ``name`` and arguments, plus its own
 ``drop_rate`` for classifier-free guidance). Outputs of the same role are concatenated in
 the order of the parts: ``crossattn`` along the tokens (every part must give the same
-token width d), ``concat`` along the channels, ``vector`` along the features. The null
-condition is each part's ``unconditional``; in training each part drops its condition on
-its own, per sample, and the composite's own ``drop_rate`` (default 0) drops all parts
-together.
+token width d), ``concat`` along the channels, ``vector`` along the features. In training
+each part drops its condition on its own, per sample, and the composite's own
+``drop_rate`` (default 0) drops all parts together.
+
+The null condition guidance pushes away from is the one training showed: with a joint
+``drop_rate``, every part's null; else the null of the parts that drop and the real
+condition of those that never do (a map, a masked image: as Stable Diffusion's inpainting
+and SDXL guide, nulling the text only). With no part that drops, every part's null, which
+no training showed (``Pipeline.sample`` warns).
 """
 
 from __future__ import annotations
@@ -99,11 +104,10 @@ class MultiConditioner(Conditioner):
 
     @property
     def learns_null_condition(self) -> bool:
-        """Guidance's null condition is every part's null at once: training shows it when the
-        composite drops all parts together, or when every part drops its own (independently,
-        so sometimes all at once); a part that never drops (a map, ``drop_rate: 0``) means
-        that it never does."""
-        return self.drop_rate > 0 or all(part.learns_null_condition for part in self.parts)
+        """Whether training shows :meth:`unconditional`: the composite drops all parts
+        together, or some part drops its own (its null, beside the others' real conditions,
+        is what :meth:`unconditional` gives then)."""
+        return self.drop_rate > 0 or any(part.learns_null_condition for part in self.parts)
 
     def known_region(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor] | None:
         return next((r for r in (part.known_region(batch) for part in self.parts) if r is not None), None)
@@ -116,7 +120,10 @@ class MultiConditioner(Conditioner):
         return merge([part(batch) for part in self.parts])
 
     def unconditional(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        return merge([part.unconditional(batch) for part in self.parts])
+        if self.drop_rate > 0 or not any(part.learns_null_condition for part in self.parts):
+            return merge([part.unconditional(batch) for part in self.parts])
+        # the parts that never drop keep their condition in the null branch (module docstring)
+        return merge([part.unconditional(batch) if part.learns_null_condition else part(batch) for part in self.parts])
 
     def training_inputs(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> Mapping[str, Any]:
         for part in self.parts:
