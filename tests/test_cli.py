@@ -299,6 +299,24 @@ def test_a_16_bit_grayscale_png_reads_as_its_8_bit_twin(tmp_path):
     assert load_mask(tmp_path / "16.png", flag="--mask").equal(load_mask(tmp_path / "8.png", flag="--mask"))
 
 
+def test_a_transparent_png_reads_composited_on_white_as_training_data_is(tmp_path):
+    """An RGBA cut-out as --init-image / --cond image: convert() kept the colour stored under
+    transparent pixels (black here) where training data composites them on white."""
+    import numpy as np
+
+    from ldmkit.data.transforms import ImageTransform
+    from ldmkit.sample_io.conditions import load_image
+
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[2:6, 2:6] = (200, 40, 40, 255)  # an opaque red square on a transparent black field
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cutout.png")
+    for channels in (1, 3):
+        loaded = load_image(tmp_path / "cutout.png", channels=channels, flag="--init-image")
+        trained, _ = ImageTransform(image_size=8, channels=channels)(Image.open(tmp_path / "cutout.png"))
+        assert loaded[0].equal(trained)  # the same pixels as the training data's transform
+        assert loaded[0, :, 0, 0].eq(1.0).all()  # the transparent corner: white
+
+
 # -- labels by name, --num-samples per label, --rows --------------------------------------------
 @pytest.fixture(scope="module")
 def named_checkpoint(tmp_path_factory):

@@ -66,7 +66,11 @@ def _load_png(path: Path, kind: str, channels: int, flag: str = "--cond") -> tor
     if kind == "mask":
         gray = np.asarray(image.convert("L"), dtype=np.uint8)
         return torch.from_numpy((gray > 127).astype(np.float32))[None]
-    array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
+    # transparent pixels composited on white, as training data is (data.background's default):
+    # convert() kept whatever colour a transparent pixel stores (often black)
+    from ldmkit.data.transforms import ImageTransform
+
+    array = np.asarray(ImageTransform(image_size=1, channels=channels).to_channels(image), dtype=np.float32)
     tensor = torch.from_numpy(array) / 127.5 - 1.0
     return tensor[None] if channels == 1 else tensor.permute(2, 0, 1).contiguous()
 
