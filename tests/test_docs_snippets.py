@@ -472,6 +472,8 @@ def test_bash_block_commands_compose_and_runs_do_not_collide(tmp_path, monkeypat
     make_image_folder(tmp_path / "data/photos")
     reset_plugin_manager()
     problems, composed = [], 0
+    trained_first_stages: dict[str, tuple[str, dict]] = {}  # stage-1 run_dir -> (where, first_stage)
+    loaded_first_stages: list[tuple[str, str, dict]] = []  # (where, first_stage.checkpoint, first_stage)
     for file in dict.fromkeys(b.file for b in BASH_BLOCKS):
         runs: dict[str, tuple[str, dict]] = {}  # run_dir -> (where, config) of the page's first train
         for block in (b for b in BASH_BLOCKS if b.file == file):
@@ -492,9 +494,15 @@ def test_bash_block_commands_compose_and_runs_do_not_collide(tmp_path, monkeypat
                     problems.append(f"{where}: `{' '.join(words)}` does not compose: {err}")
                     continue
                 composed += 1
+                first_stage = OmegaConf.to_container(cfg.first_stage, resolve=True)
+                checkpoint = first_stage.pop("checkpoint", None)
+                if checkpoint:
+                    loaded_first_stages.append((where, os.path.normpath(checkpoint), first_stage))
                 if words[start] != "train":
                     continue
                 run_dir = os.path.normpath(cfg.run_dir)
+                if cfg.stage == "autoencoder":
+                    trained_first_stages.setdefault(run_dir, (where, first_stage))
                 init_from = OmegaConf.select(cfg, "trainer.init_from")
                 if init_from and os.path.normpath(init_from).startswith(run_dir):
                     problems.append(f"{where}: trainer.init_from={init_from} is inside the run_dir "
@@ -513,6 +521,13 @@ def test_bash_block_commands_compose_and_runs_do_not_collide(tmp_path, monkeypat
                     problems.append(f"{where}: writes run_dir {run_dir} as {first} does, with another "
                                     f"model ({'; '.join(changed[:3])}): it would resume {first}'s "
                                     f"run and stop; give it its own run_dir")
+    for where, checkpoint, first_stage in loaded_first_stages:  # weights that fit the model built
+        if checkpoint in trained_first_stages:
+            trained_at, trained = trained_first_stages[checkpoint]
+            changed = [str(c) for c in config_changes(trained, first_stage)]
+            if changed:
+                problems.append(f"{where}: first_stage.checkpoint={checkpoint} (trained by {trained_at}) "
+                                f"with another first stage ({'; '.join(changed[:3])}): its weights do not fit")
     reset_plugin_manager()
     assert composed > 20, f"composed only {composed} commands of the bash blocks"
     assert not problems, "bash block commands that do not work as written:\n" + "\n".join(problems)
