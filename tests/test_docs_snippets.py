@@ -26,7 +26,12 @@ Artifacts a user makes before a snippet (a trained pipeline, prepared data)
     that every ``ldmkit <subcommand>`` (and ``ldmkit data <subcommand>``, ``data prepare
     <source>``) they show exists and that every ``group=NAME`` option they pass for a config
     group is a config option (a file ``<group>/NAME.yaml`` in ``conf/`` or in an installed
-    plugin's config root).
+    plugin's config root). ``test_bash_block_commands_compose_and_runs_do_not_collide``
+    composes every concrete ``ldmkit train|evaluate|sample`` line (every override names a real
+    key, as ``--print-config`` would find; nothing is trained) and checks that the lines of a
+    page do not stop each other: no ``train`` line resumes another's run_dir with another model
+    or with ``trainer.init_from`` (which a resume ignores), and a ``first_stage.checkpoint`` the
+    docs train is loaded into the first stage it was trained as.
 """
 
 from __future__ import annotations
