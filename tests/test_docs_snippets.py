@@ -26,7 +26,12 @@ Artifacts a user makes before a snippet (a trained pipeline, prepared data)
     that every ``ldmkit <subcommand>`` (and ``ldmkit data <subcommand>``, ``data prepare
     <source>``) they show exists and that every ``group=NAME`` option they pass for a config
     group is a config option (a file ``<group>/NAME.yaml`` in ``conf/`` or in an installed
-    plugin's config root).
+    plugin's config root). ``test_bash_block_commands_compose_and_runs_do_not_collide``
+    composes every concrete ``ldmkit train|evaluate|sample`` line (every override names a real
+    key, as ``--print-config`` would find; nothing is trained) and checks that the lines of a
+    page do not stop each other: no ``train`` line resumes another's run_dir with another model
+    or with ``trainer.init_from`` (which a resume ignores), and a ``first_stage.checkpoint`` the
+    docs train is loaded into the first stage it was trained as.
 """
 
 from __future__ import annotations
@@ -298,7 +303,7 @@ def shell_commands(block: Block) -> list[tuple[int, list[str]]]:
         pending = ""
         current: list[str] = []
         for word in words + [";"]:
-            if word in {";", "&&", "||", "|"}:
+            if word in {";", "&&", "||", "|", "&"}:
                 if current:
                     commands.append((first, current))
                 current = []
@@ -405,3 +410,129 @@ def test_bash_blocks_name_real_commands():
                                         f"(there are {', '.join(have)})")
     assert checked, "found no `ldmkit` command in the bash blocks of README.md and docs/"
     assert not problems, "bash blocks name things that do not exist:\n" + "\n".join(problems)
+
+
+# -- bash blocks: the train / evaluate / sample commands compose, and do not collide ------------
+
+# keys a resumed run refuses to change (the stages' config_keys_that_must_match, the seed,
+# and what trainer.trainable / trainer.frozen freeze): a second `ldmkit train` of the same
+# run_dir that changes one of them stops instead of training
+RESUME_FIXED = ("stage", "first_stage", "denoiser", "conditioner", "schedule", "scale_factor", "seed",
+                "trainer.lora", "trainer.trainable", "trainer.frozen", "trainer.loss.disc_ndf",
+                "trainer.loss.disc_num_layers", "trainer.loss.learn_logvar",
+                "trainer.objective.learn_logvar", "trainer.ema.enabled")  # fmt: skip
+# `ldmkit sample` options that take no value (every other --option takes the next word)
+SAMPLE_SWITCHES = {"--print-config", "--show-conditions", "--no-progress"}
+
+
+def doc_overrides(words: list[str]) -> list[str] | None:
+    """The Hydra overrides of ``words`` = [train|evaluate|sample, ...] when the command composes
+    a config of its own (not ``sample --checkpoint``) and names no placeholder; else None."""
+    if words[0] not in OVERRIDE_SUBCOMMANDS or "--checkpoint" in words:
+        return None
+    if any(w == "..." or "<" in w for w in words):
+        return None
+    overrides, skip = [], False
+    for word in words[1:]:
+        if skip:
+            skip = False
+        elif word.startswith("-"):
+            skip = "=" not in word and word not in SAMPLE_SWITCHES
+        else:
+            overrides.append(word)
+    return overrides
+
+
+def make_image_folder(path: Path) -> None:
+    """`ldmkit data prepare image_folder path=~/photos out=data/photos val_fraction=0.05` of
+    two classes of four 8x8 RGB images."""
+    from PIL import Image
+
+    from ldmkit.data import prepare
+
+    raw = path.parent / ".photos"
+    for c, name in enumerate(("cat", "dog")):
+        (raw / name).mkdir(parents=True, exist_ok=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (40 * i, 100 * c, 0)).save(raw / name / f"{i}.png")
+    prepare("image_folder", path, path=str(raw), image_size=8, val_fraction=0.25, progress=False)
+
+
+def test_bash_block_commands_compose_and_runs_do_not_collide(tmp_path, monkeypatch):
+    """Every concrete ``ldmkit train|evaluate|sample`` line of a bash block composes its config
+    (every ``key=value`` names a real key or option: what ``--print-config`` does, nothing
+    trained). A ``train`` line's run_dir is new where it starts from other weights
+    (``trainer.init_from`` inside its own run_dir, or in the run_dir an earlier line of the page
+    wrote, is not applied: the run resumes there), and two ``train`` lines of one page that write
+    one run_dir describe the same model (else the second resumes the first and stops)."""
+    from omegaconf import OmegaConf
+
+    from ldmkit.config import compose_config
+    from ldmkit.errors import LdmkitError
+    from ldmkit.plugins import reset_plugin_manager
+    from ldmkit.training.init_from import inside_architecture
+    from ldmkit.training.state import config_changes, under, weights_only_key
+
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "data/photos")
+    reset_plugin_manager()
+    problems, composed = [], 0
+    trained_first_stages: dict[str, tuple[str, dict]] = {}  # stage-1 run_dir -> (where, first_stage)
+    loaded_first_stages: list[tuple[str, str, dict]] = []  # (where, first_stage.checkpoint, first_stage)
+    for file in dict.fromkeys(b.file for b in BASH_BLOCKS):
+        runs: dict[str, tuple[str, dict]] = {}  # run_dir -> (where, config) of the page's first train
+        for block in (b for b in BASH_BLOCKS if b.file == file):
+            for line, words in shell_commands(block):
+                where = f"{block.file}:{line}"
+                start = next((i + 1 for i, w in enumerate(words)
+                              if Path(w).name == "ldmkit" and i == 0 or w == "ldmkit.cli"), None)  # fmt: skip
+                overrides = doc_overrides(words[start:]) if start and start < len(words) else None
+                if overrides is None:
+                    continue
+                if any(tuple(o.split("=", 1)) in DOC_ONLY_OPTIONS for o in overrides):
+                    continue
+                if "trainer.init_architecture=source" in overrides:  # the source's model: not here
+                    overrides = [o for o in overrides if not inside_architecture(o)]
+                try:
+                    cfg = compose_config(overrides)
+                except LdmkitError as err:
+                    problems.append(f"{where}: `{' '.join(words)}` does not compose: {err}")
+                    continue
+                composed += 1
+                first_stage = OmegaConf.to_container(cfg.first_stage, resolve=True)
+                checkpoint = first_stage.pop("checkpoint", None)
+                if checkpoint:
+                    loaded_first_stages.append((where, os.path.normpath(checkpoint), first_stage))
+                if words[start] != "train":
+                    continue
+                run_dir = os.path.normpath(cfg.run_dir)
+                if cfg.stage == "autoencoder":
+                    trained_first_stages.setdefault(run_dir, (where, first_stage))
+                init_from = OmegaConf.select(cfg, "trainer.init_from")
+                if init_from and os.path.normpath(init_from).startswith(run_dir):
+                    problems.append(f"{where}: trainer.init_from={init_from} is inside the run_dir "
+                                    f"{run_dir} it writes (the run resumes there instead): give it a run_dir")
+                current = OmegaConf.to_container(cfg, resolve=True)
+                if run_dir not in runs:
+                    runs[run_dir] = (where, current)
+                    continue
+                first, saved = runs[run_dir]
+                if init_from:
+                    problems.append(f"{where}: trainer.init_from={init_from} is not applied: run_dir "
+                                    f"{run_dir} holds {first}'s checkpoints, which it resumes; give it a run_dir")
+                changed = [str(c) for c in config_changes(saved, current)
+                           if under(c.key, RESUME_FIXED) and not weights_only_key(c.key)]  # fmt: skip
+                if changed:
+                    problems.append(f"{where}: writes run_dir {run_dir} as {first} does, with another "
+                                    f"model ({'; '.join(changed[:3])}): it would resume {first}'s "
+                                    f"run and stop; give it its own run_dir")
+    for where, checkpoint, first_stage in loaded_first_stages:  # weights that fit the model built
+        if checkpoint in trained_first_stages:
+            trained_at, trained = trained_first_stages[checkpoint]
+            changed = [str(c) for c in config_changes(trained, first_stage)]
+            if changed:
+                problems.append(f"{where}: first_stage.checkpoint={checkpoint} (trained by {trained_at}) "
+                                f"with another first stage ({'; '.join(changed[:3])}): its weights do not fit")
+    reset_plugin_manager()
+    assert composed > 20, f"composed only {composed} commands of the bash blocks"
+    assert not problems, "bash block commands that do not work as written:\n" + "\n".join(problems)
