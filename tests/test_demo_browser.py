@@ -272,6 +272,23 @@ def test_a_mask_must_have_the_start_images_size(tmp_path):
         )
 
 
+def test_an_inpainting_mask_of_another_size_than_its_image_is_one_line(tmp_path):
+    """The conditioner's own check (run by the request's validation, before any sampling) is
+    the page's one line, not an unexpected "sampling failed: ConditionValueError: ..."."""
+    from ldmkit_conditioners import InpaintConditioner
+
+    image, mask = tmp_path / "image.png", tmp_path / "mask.png"
+    Image.new("RGB", (8, 8)).save(image)
+    Image.new("L", (4, 4), 255).save(mask)
+    with pytest.raises(DemoInputError) as err:
+        prepare(
+            _fake_pipeline(InpaintConditioner()),
+            _request(conditions={"image": str(image), "mask": str(mask)}),
+            inputs_dir=tmp_path / "in",
+        )
+    assert str(err.value).startswith("inpaint: batch['mask'] has shape (2, 1, 4, 4), but batch['image']")
+
+
 def _bomb(path: Path, side: int = 100_000) -> Path:
     """A PNG of 45 bytes that declares side x side pixels (30 GB as RGB): what PIL reads first."""
     import struct
