@@ -350,6 +350,32 @@ def test_painted_strokes_become_the_mask(tmp_path):
         editor_files({"background": empty, "layers": [strokes]}, tmp_path, "start")
 
 
+@pytest.mark.parametrize("mode", ["I;16", "F"])
+def test_a_deep_start_image_is_scaled_as_ldmkit_sample_scales_it(tmp_path, mode):
+    """An editor's image sent through the API (not a browser's 8-bit canvas) reaches the page
+    as uploaded: a 16-bit or float grayscale image is scaled as ``--init-image`` scales it,
+    not clipped at 255 by Gradio's conversion to RGBA (16-bit mid-grey came out white)."""
+    gr = pytest.importorskip("gradio", reason="the demo extra (gradio) is not installed")
+    from gradio.components.image_editor import EditorData
+    from gradio.data_classes import FileData
+
+    from ldmkit.demo.app import _read_uploads
+    from ldmkit.demo.editor import editor_files
+    from ldmkit.sample_io.conditions import load_image
+
+    deep = tmp_path / "deep.tiff"
+    grey = np.full((4, 6), 32768, np.uint16) if mode == "I;16" else np.full((4, 6), 0.5, np.float32)
+    Image.fromarray(grey).save(deep)
+    assert Image.open(deep).mode == mode
+    editor = gr.ImageEditor(type="pil", layers=False, transforms=())
+    _read_uploads(editor, "start image", 32)
+    upload = FileData(path=str(deep), orig_name="deep.tiff")
+    value = editor.preprocess(EditorData(background=upload, layers=[], composite=upload))
+    image, mask = editor_files(value, tmp_path / "out", "start")
+    shown = load_image(image, channels=3, flag="start image")
+    assert mask is None and torch.equal(shown, load_image(deep, channels=3, flag="--init-image"))
+
+
 def test_a_drawn_map_becomes_class_ids(tmp_path):
     from ldmkit.demo.editor import PALETTE, drawing_file, palette
 
