@@ -721,6 +721,19 @@ def test_an_upload_that_is_no_image_is_one_line(server, tmp_path):
     assert str(server.tmp) not in done["output"]["error"]
 
 
+@pytest.mark.slow  # a few seconds on the shared server
+def test_strokes_without_an_image_name_the_start_image(server, tmp_path):
+    page = _Page(server.url)
+    strokes = tmp_path / "strokes.png"
+    Image.new("RGBA", (8, 8), (255, 0, 255, 255)).save(strokes)
+    empty = {"background": None, "layers": [page.upload(strokes)], "composite": None, "id": None}
+    done = page.run("check", {"ldmkit-init-image": empty})
+    assert not done["success"]
+    assert done["output"]["error"] == (
+        "start image: the strokes need an image under them: upload the image first"
+    )
+
+
 @pytest.mark.slow
 def test_input_checks_run_a_few_at_a_time(server):
     from ldmkit.demo.form import MAX_CHECKS

@@ -174,7 +174,7 @@ def build_demo(session: DemoSession) -> gr.Blocks:
                 )
 
         def request_of(values: dict, scratch: Path) -> PageRequest:
-            image, painted = editor_files(values[init_editor], scratch, "start")
+            image, painted = editor_files(values[init_editor], scratch, "start", name="start image")
             mask = values[init_mask] or (str(painted) if painted else None)
             return PageRequest(
                 sampler=values[sampler],
@@ -312,7 +312,11 @@ def _scaled(upload: Any) -> Any:
             return upload
         scaled = normalize_mode(image)
     target = Path(path).with_name(f"{Path(path).stem}-8bit.png")
-    scaled.save(target)
+    # the same upload may be read by two requests at once (Gradio names a file by its
+    # contents): each writes its own file and moves it into place
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".png", delete=False) as part:
+        scaled.save(part, format="PNG")
+    os.replace(part.name, target)
     return upload.model_copy(update={"path": str(target)})
 
 
