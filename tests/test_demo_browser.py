@@ -518,6 +518,11 @@ def test_demo_without_gradio_says_what_to_install(monkeypatch, capsys):
     from ldmkit.cli import main
 
     monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` fails as if not installed
+    import ldmkit.demo
+
+    # the page's module, where a test of this process imported it, is imported afresh
+    monkeypatch.delitem(sys.modules, "ldmkit.demo.app", raising=False)
+    monkeypatch.delattr(ldmkit.demo, "app", raising=False)
     assert main(["demo", "--checkpoint", "x"]) == 1
     assert capsys.readouterr().err.strip() == (
         "ldmkit demo: error: the demo needs Gradio, which is not installed: pip install 'ldmkit[demo]'"
@@ -732,6 +737,22 @@ def test_strokes_without_an_image_name_the_start_image(server, tmp_path):
     assert done["output"]["error"] == (
         "start image: the strokes need an image under them: upload the image first"
     )
+
+
+@pytest.mark.slow  # a few seconds on the shared server
+def test_values_gradio_refuses_name_the_input(server):
+    """Through the API (a browser's sliders clamp), a value a slider or a dropdown refuses is
+    a line naming the input, not Gradio's bare "Value 0 is less than minimum value 1." (or
+    "Error", for a value of the wrong type)."""
+    page = _Page(server.url)
+    for values, error in [
+        ({"ldmkit-num-images": 0}, "number of images: Value 0 is less than minimum value 1."),
+        ({"ldmkit-guidance": None}, "guidance scale: None is not a value this input takes"),
+        ({"ldmkit-strength": 5}, "strength: Value 5 is greater than maximum value 1.0."),
+        ({"ldmkit-cond-label": 12}, "label: Value: 12 is not in the list of choices: "),
+    ]:
+        done = page.run("check", values)
+        assert not done["success"] and done["output"]["error"].startswith(error), done
 
 
 @pytest.mark.slow

@@ -237,6 +237,13 @@ def build_demo(session: DemoSession) -> gr.Blocks:
         for component, name in images.items():
             if isinstance(component, (gr.Image, gr.ImageEditor)):
                 _read_uploads(component, name, max_side(pipeline))
+        named = {sampler: "sampler", guidance: "guidance scale", num_images: "number of images"}
+        named.update({strength: "strength", randomize: "randomize seed"})
+        named.update(
+            {c: key for key, c in components.items() if not isinstance(c, (gr.Image, gr.ImageEditor))}
+        )
+        for component, name in named.items():
+            _name_refusals(component, name)
         # the check goes through the queue too (a queue=False error shows no message in Gradio
         # 6), but never waits for a sampling: a queue of its own, MAX_CHECKS at a time (Gradio
         # decodes the uploads before a check runs)
@@ -293,6 +300,24 @@ def _read_uploads(component: Any, name: str, limit: int) -> None:
             shown = shown or "the upload"
             reason = str(err).replace(str(path), shown).replace("\n", " ")
             message = f"{name}: cannot read {shown} as an image: {reason}"
+            raise gr.Error(message, print_exception=False) from None
+
+    component.preprocess = preprocess
+
+
+def _name_refusals(component: Any, name: str) -> None:
+    """A value the component's ``preprocess`` refuses (a slider's range, a dropdown's choices:
+    values a browser does not send, an API client may) as a line naming the input ``name``,
+    not Gradio's bare message (or its "Error", for a value of the wrong type)."""
+    decode = component.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        try:
+            return decode(payload)
+        except gr.Error as err:
+            raise gr.Error(f"{name}: {err.message}", print_exception=False) from None
+        except (TypeError, ValueError):
+            message = f"{name}: {payload!r} is not a value this input takes"
             raise gr.Error(message, print_exception=False) from None
 
     component.preprocess = preprocess
