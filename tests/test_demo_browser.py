@@ -272,6 +272,23 @@ def test_a_mask_must_have_the_start_images_size(tmp_path):
         )
 
 
+def test_an_inpainting_mask_of_another_size_than_its_image_is_one_line(tmp_path):
+    """The conditioner's own check (run by the request's validation, before any sampling) is
+    the page's one line, not an unexpected "sampling failed: ConditionValueError: ..."."""
+    from ldmkit_conditioners import InpaintConditioner
+
+    image, mask = tmp_path / "image.png", tmp_path / "mask.png"
+    Image.new("RGB", (8, 8)).save(image)
+    Image.new("L", (4, 4), 255).save(mask)
+    with pytest.raises(DemoInputError) as err:
+        prepare(
+            _fake_pipeline(InpaintConditioner()),
+            _request(conditions={"image": str(image), "mask": str(mask)}),
+            inputs_dir=tmp_path / "in",
+        )
+    assert str(err.value).startswith("inpaint: batch['mask'] has shape (2, 1, 4, 4), but batch['image']")
+
+
 def _bomb(path: Path, side: int = 100_000) -> Path:
     """A PNG of 45 bytes that declares side x side pixels (30 GB as RGB): what PIL reads first."""
     import struct
@@ -331,6 +348,32 @@ def test_painted_strokes_become_the_mask(tmp_path):
     assert editor_files({"background": empty, "layers": []}, tmp_path, "start") == (None, None)
     with pytest.raises(DemoInputError, match="the strokes need an image under them"):
         editor_files({"background": empty, "layers": [strokes]}, tmp_path, "start")
+
+
+@pytest.mark.parametrize("mode", ["I;16", "F"])
+def test_a_deep_start_image_is_scaled_as_ldmkit_sample_scales_it(tmp_path, mode):
+    """An editor's image sent through the API (not a browser's 8-bit canvas) reaches the page
+    as uploaded: a 16-bit or float grayscale image is scaled as ``--init-image`` scales it,
+    not clipped at 255 by Gradio's conversion to RGBA (16-bit mid-grey came out white)."""
+    gr = pytest.importorskip("gradio", reason="the demo extra (gradio) is not installed")
+    from gradio.components.image_editor import EditorData
+    from gradio.data_classes import FileData
+
+    from ldmkit.demo.app import _read_uploads
+    from ldmkit.demo.editor import editor_files
+    from ldmkit.sample_io.conditions import load_image
+
+    deep = tmp_path / "deep.tiff"
+    grey = np.full((4, 6), 32768, np.uint16) if mode == "I;16" else np.full((4, 6), 0.5, np.float32)
+    Image.fromarray(grey).save(deep)
+    assert Image.open(deep).mode == mode
+    editor = gr.ImageEditor(type="pil", layers=False, transforms=())
+    _read_uploads(editor, "start image", 32)
+    upload = FileData(path=str(deep), orig_name="deep.tiff")
+    value = editor.preprocess(EditorData(background=upload, layers=[], composite=upload))
+    image, mask = editor_files(value, tmp_path / "out", "start")
+    shown = load_image(image, channels=3, flag="start image")
+    assert mask is None and torch.equal(shown, load_image(deep, channels=3, flag="--init-image"))
 
 
 def test_a_drawn_map_becomes_class_ids(tmp_path):
@@ -475,6 +518,11 @@ def test_demo_without_gradio_says_what_to_install(monkeypatch, capsys):
     from ldmkit.cli import main
 
     monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` fails as if not installed
+    import ldmkit.demo
+
+    # the page's module, where a test of this process imported it, is imported afresh
+    monkeypatch.delitem(sys.modules, "ldmkit.demo.app", raising=False)
+    monkeypatch.delattr(ldmkit.demo, "app", raising=False)
     assert main(["demo", "--checkpoint", "x"]) == 1
     assert capsys.readouterr().err.strip() == (
         "ldmkit demo: error: the demo needs Gradio, which is not installed: pip install 'ldmkit[demo]'"
@@ -676,6 +724,35 @@ def test_an_upload_that_is_no_image_is_one_line(server, tmp_path):
     assert not done["success"]
     assert done["output"]["error"].startswith("mask: cannot read cut.png as an image: ")
     assert str(server.tmp) not in done["output"]["error"]
+
+
+@pytest.mark.slow  # a few seconds on the shared server
+def test_strokes_without_an_image_name_the_start_image(server, tmp_path):
+    page = _Page(server.url)
+    strokes = tmp_path / "strokes.png"
+    Image.new("RGBA", (8, 8), (255, 0, 255, 255)).save(strokes)
+    empty = {"background": None, "layers": [page.upload(strokes)], "composite": None, "id": None}
+    done = page.run("check", {"ldmkit-init-image": empty})
+    assert not done["success"]
+    assert done["output"]["error"] == (
+        "start image: the strokes need an image under them: upload the image first"
+    )
+
+
+@pytest.mark.slow  # a few seconds on the shared server
+def test_values_gradio_refuses_name_the_input(server):
+    """Through the API (a browser's sliders clamp), a value a slider or a dropdown refuses is
+    a line naming the input, not Gradio's bare "Value 0 is less than minimum value 1." (or
+    "Error", for a value of the wrong type)."""
+    page = _Page(server.url)
+    for values, error in [
+        ({"ldmkit-num-images": 0}, "number of images: Value 0 is less than minimum value 1."),
+        ({"ldmkit-guidance": None}, "guidance scale: None is not a value this input takes"),
+        ({"ldmkit-strength": 5}, "strength: Value 5 is greater than maximum value 1.0."),
+        ({"ldmkit-cond-label": 12}, "label: Value: 12 is not in the list of choices: "),
+    ]:
+        done = page.run("check", values)
+        assert not done["success"] and done["output"]["error"].startswith(error), done
 
 
 @pytest.mark.slow

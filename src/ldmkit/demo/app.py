@@ -174,7 +174,7 @@ def build_demo(session: DemoSession) -> gr.Blocks:
                 )
 
         def request_of(values: dict, scratch: Path) -> PageRequest:
-            image, painted = editor_files(values[init_editor], scratch, "start")
+            image, painted = editor_files(values[init_editor], scratch, "start", name="start image")
             mask = values[init_mask] or (str(painted) if painted else None)
             return PageRequest(
                 sampler=values[sampler],
@@ -236,7 +236,14 @@ def build_demo(session: DemoSession) -> gr.Blocks:
         images.update({c: key for key, c in [*components.items(), *drawings.items()]})
         for component, name in images.items():
             if isinstance(component, (gr.Image, gr.ImageEditor)):
-                _refuse_unreadable(component, name, max_side(pipeline))
+                _read_uploads(component, name, max_side(pipeline))
+        named = {sampler: "sampler", guidance: "guidance scale", num_images: "number of images"}
+        named.update({strength: "strength", randomize: "randomize seed"})
+        named.update(
+            {c: key for key, c in components.items() if not isinstance(c, (gr.Image, gr.ImageEditor))}
+        )
+        for component, name in named.items():
+            _name_refusals(component, name)
         # the check goes through the queue too (a queue=False error shows no message in Gradio
         # 6), but never waits for a sampling: a queue of its own, MAX_CHECKS at a time (Gradio
         # decodes the uploads before a check runs)
@@ -269,15 +276,19 @@ def build_demo(session: DemoSession) -> gr.Blocks:
     return demo
 
 
-def _refuse_unreadable(component: Any, name: str, limit: int) -> None:
+def _read_uploads(component: Any, name: str, limit: int) -> None:
     """Gradio decodes an upload in the component's ``preprocess``, before the event's function
     runs, and PIL refuses there an image of more than ``Image.MAX_IMAGE_PIXELS`` (``serve``
     sets it to ``limit**2``) and a file that is no image it can read: say so in ldmkit's one
-    line, naming the file as uploaded, not as Gradio's bare "Error"."""
+    line, naming the file as uploaded, not as Gradio's bare "Error". An editor's image sent
+    as a file (through the API; a browser sends its 8-bit canvas) is read as ``ldmkit sample``
+    reads it (:func:`_scaled`)."""
     decode = component.preprocess
 
     def preprocess(payload: Any) -> Any:
         try:
+            if getattr(payload, "background", None) is not None:
+                payload = payload.model_copy(update={"background": _scaled(payload.background)})
             return decode(payload)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise gr.Error(too_large(name, limit), print_exception=False) from None
@@ -292,6 +303,46 @@ def _refuse_unreadable(component: Any, name: str, limit: int) -> None:
             raise gr.Error(message, print_exception=False) from None
 
     component.preprocess = preprocess
+
+
+def _name_refusals(component: Any, name: str) -> None:
+    """A value the component's ``preprocess`` refuses (a slider's range, a dropdown's choices:
+    values a browser does not send, an API client may) as a line naming the input ``name``,
+    not Gradio's bare message (or its "Error", for a value of the wrong type)."""
+    decode = component.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        try:
+            return decode(payload)
+        except gr.Error as err:
+            raise gr.Error(f"{name}: {err.message}", print_exception=False) from None
+        except (TypeError, ValueError):
+            message = f"{name}: {payload!r} is not a value this input takes"
+            raise gr.Error(message, print_exception=False) from None
+
+    component.preprocess = preprocess
+
+
+def _scaled(upload: Any) -> Any:
+    """A 16-bit or float grayscale image file as the 8-bit one ``ldmkit sample`` makes of it
+    (``normalize_mode``), written beside it: the editor converts what it reads to RGBA, which
+    clips such an image at 255 (16-bit mid-grey came out white, float 0.5 black)."""
+    from ldmkit.data.sources.base import normalize_mode
+
+    path = getattr(upload, "path", None)
+    if not path:
+        return upload
+    with Image.open(path) as image:
+        if not (image.mode.startswith("I") or image.mode == "F"):
+            return upload
+        scaled = normalize_mode(image)
+    target = Path(path).with_name(f"{Path(path).stem}-8bit.png")
+    # the same upload may be read by two requests at once (Gradio names a file by its
+    # contents): each writes its own file and moves it into place
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".png", delete=False) as part:
+        scaled.save(part, format="PNG")
+    os.replace(part.name, target)
+    return upload.model_copy(update={"path": str(target)})
 
 
 def _condition_component(spec: ConditionField, size: int | None) -> Any:

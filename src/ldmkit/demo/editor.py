@@ -14,11 +14,12 @@ from ldmkit.demo.form import DemoInputError
 
 
 def editor_files(
-    value: Mapping[str, Any] | None, directory: Path, stem: str
+    value: Mapping[str, Any] | None, directory: Path, stem: str, *, name: str | None = None
 ) -> tuple[Path | None, Path | None]:
     """``(image PNG, mask PNG)`` from an editor value ``{"background", "layers", "composite"}``
     (PIL images or arrays); the mask is None when nothing was painted, both are None when no
-    image was uploaded. The mask has the image's size: strokes outside it are cut off."""
+    image was uploaded. The mask has the image's size: strokes outside it are cut off. Files
+    are ``<stem>.png`` and ``<stem>_mask.png``; messages name the input ``name`` (or ``stem``)."""
     if not value:
         return None, None
     background = _pil(value.get("background"))
@@ -27,7 +28,7 @@ def editor_files(
     if background is None or not _has_content(background):
         if painted:
             raise DemoInputError(
-                f"{stem}: the strokes need an image under them: upload the image first"
+                f"{name or stem}: the strokes need an image under them: upload the image first"
             )
         return None, None
     directory.mkdir(parents=True, exist_ok=True)

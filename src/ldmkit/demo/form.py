@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ldmkit.errors import LdmkitError
-from ldmkit.masks import MaskError
-from ldmkit.sampling_request import SEED_LIMIT, SampleArgumentError, SampleRequest, message
+from ldmkit.sampling_request import SEED_LIMIT, SampleRequest, message
 
 MAX_IMAGES = 16  # per request: a shared page must not let one user hold the model for long
 MAX_CHECKS = 2  # input checks running at once (each may decode a few images of max_side² pixels)
@@ -280,10 +279,12 @@ def prepare(
 
 @contextlib.contextmanager
 def _page_names() -> Iterator[None]:
-    """A refused sampling argument as a :class:`DemoInputError`, named as the page names it."""
+    """A refused sampling argument (or condition: the request's validation runs the
+    conditioner's own checks, e.g. an inpainting mask of another size than its image) as a
+    :class:`DemoInputError`, named as the page names it."""
     try:
         yield
-    except (SampleArgumentError, MaskError) as err:
+    except LdmkitError as err:  # SampleArgumentError, MaskError, ConditionValueError, ...
         raise DemoInputError(message(err, PAGE_NAMES)) from None
 
 
