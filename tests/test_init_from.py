@@ -117,6 +117,17 @@ def test_the_report_counts_and_a_new_class_count_keeps_the_old_rows_and_the_null
     assert OmegaConf.load(run / "config.yaml").scale_factor == 1.0  # the run's own config is as given
 
 
+def test_scale_by_std_keeps_the_sources_factor_when_the_first_stage_is_the_sources(source_run, tmp_path, capsys):
+    """A preset asking scale_by_std (experiment=folder_class, the README's LoRA example)
+    estimated the factor again from one batch of the new data, so the carried denoiser (or a
+    LoRA's frozen base) saw latents of another scale than it learned."""
+    run = train(ldm_cfg(tmp_path / "run", f"trainer.init_from={source_run}", "conditioner.num_classes=5",
+                        "scale_factor=scale_by_std", "trainer.max_steps=1"), data=class_data(5))  # fmt: skip
+    err = capsys.readouterr().err
+    assert "scale_factor: 0.5 from the source, not estimated again (scale_by_std): the first stage is the source's" in err
+    assert float(Pipeline.load(run / "pipeline").scale_factor) == 0.5
+
+
 def test_a_changed_class_count_in_strict_mode_names_the_tensor_and_both_shapes(source_run, tmp_path):
     with pytest.raises(TrainingError) as err:
         train(ldm_cfg(tmp_path / "run", f"trainer.init_from={source_run}"), data=class_data(10))

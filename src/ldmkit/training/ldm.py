@@ -44,7 +44,7 @@ from ldmkit.training.engine import (
     average_logs,
 )
 from ldmkit.training.freezing import apply_patterns, print_selection
-from ldmkit.training.init_from import InitSource, initialize, print_report
+from ldmkit.training.init_from import ComponentLoad, InitSource, initialize, print_report
 from ldmkit.training.rng import (
     generator,
     isolated_rng,
@@ -157,7 +157,7 @@ class LDMTrainer(Trainer):
         self.scale = _ScaleFactor(self.pipeline.scale_factor)
         self.scale_by_std = cfg.get("scale_factor") == "scale_by_std"
         if init is not None:
-            print_report(self, *init, self._carry_scale_factor(init[0]))
+            print_report(self, *init, self._carry_scale_factor(*init))
         print_selection(selection, self)
         self.model = self.step_module
         if self.world_size > 1 and not self.sharded:
@@ -195,12 +195,23 @@ class LDMTrainer(Trainer):
                 f"(schedule.timesteps): give at most {timesteps}"
             )
 
-    def _carry_scale_factor(self, source: InitSource) -> list[str]:
+    def _carry_scale_factor(self, source: InitSource, loads: Sequence[ComponentLoad] = ()) -> list[str]:
         """The source's scale factor, unless ``scale_factor=scale_by_std`` asks for a new
-        estimate; the report's closing notes (and the loss a paper checkpoint was trained
-        with, where the run's ``trainer.objective`` differs)."""
+        estimate and the first stage is not the source's own (whose latents the source's
+        denoiser learned at that scale: an estimate from one batch of other data would feed
+        the carried denoiser, or a LoRA's frozen base, latents of another scale); the
+        report's closing notes (and the loss a paper checkpoint was trained with, where the
+        run's ``trainer.objective`` differs)."""
         carried = source.scale_factor
-        if self.scale_by_std:
+        first = next((load for load in loads if load.name == "first_stage"), None)
+        # every first-stage tensor (none for `identity`) came from the source
+        own_first_stage = first is not None and first.kept is None and not (first.new or first.resized or first.skipped)
+        if self.scale_by_std and carried is not None and own_first_stage:
+            self.scale_by_std = False  # nothing to estimate in before_training
+            self.pipeline.scale_factor.fill_(carried)
+            note = (f"scale_factor: {carried:.6g} from the source, not estimated again (scale_by_std): the "
+                    "first stage is the source's, whose latents its denoiser learned at this scale")
+        elif self.scale_by_std:
             note = "scale_factor: scale_by_std, estimated from the first batch" + (
                 f" (the source's {carried:.6g} is not used)" if carried is not None else "")
         elif carried is None:
