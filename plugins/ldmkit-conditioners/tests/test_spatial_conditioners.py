@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from omegaconf import OmegaConf
 from torch import nn
 
 from ldmkit.config import compose_config
@@ -427,9 +428,21 @@ def test_inpaint_with_the_real_kl_first_stage():
                                            ("inpaint", InpaintConditioner)])
 def test_registered_and_config_builds(name, cls):
     assert get_registry().get("conditioner", name).factory is cls
-    cfg = yaml.safe_load((CONF / f"{name}.yaml").read_text())
+    assert yaml.safe_load((CONF / f"{name}.yaml").read_text())["name"] == name
+    cfg = OmegaConf.to_container(compose_config([f"conditioner={name}"]).conditioner, resolve=True)
     assert cfg.pop("name") == name and cfg.pop("drop_rate") == 0.0
     assert isinstance(cls(**cfg), cls)
+
+
+def test_a_low_res_channel_count_the_first_stage_does_not_take_is_one_line():
+    """conditioner.channels=1 beside a 3-channel first stage composed, and every sample then
+    failed; the default follows data.channels."""
+    from ldmkit.errors import ConfigError
+
+    assert build_pipeline(compose_config(["conditioner=low_res", "first_stage=kl_tiny"])).conditioner.channels == 3
+    with pytest.raises(ConfigError, match=r"^conditioner.channels=1, but the first stage takes 3-channel images: .*"
+                                          r"set conditioner.channels=3$"):
+        build_pipeline(compose_config(["conditioner=low_res", "first_stage=kl_tiny", "conditioner.channels=1"]))
 
 
 @pytest.mark.parametrize(("name", "concat"), [("semantic_map", 8), ("inpaint", 3 + 1)])

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldmkit.errors import ConfigError
 from ldmkit.interfaces import Conditioner, ConditionValueError
 from ldmkit_conditioners.rescaler import check_image_range, not_bound
 
@@ -57,6 +58,12 @@ class LowResConditioner(Conditioner):
         return (self.source_key,)
 
     def bind_first_stage(self, first_stage: nn.Module) -> None:
+        channels = getattr(first_stage, "image_channels", None)
+        if isinstance(channels, int) and channels != self.channels:  # every sample would fail
+            raise ConfigError(
+                f"conditioner.channels={self.channels}, but the first stage takes {channels}-channel images: "
+                f"the low-res input is the image to upscale, so set conditioner.channels={channels}"
+            )
         self._first_stage_f = int(first_stage.downsample_factor)
 
     def _images(self, batch: Mapping[str, Any], key: str) -> Tensor:
