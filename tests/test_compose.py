@@ -189,6 +189,14 @@ def test_a_save_cut_short_between_weights_and_config_is_refused_on_load(toy, tmp
     assert not (folder / ".save-incomplete").exists()
 
 
+def test_loading_a_run_folder_points_to_its_pipeline(toy, tmp_path):
+    """`ldmkit convert to-diffusers runs/ldm` and Pipeline.load of a run said only that
+    model.safetensors is missing."""
+    ldmkit.compose(overrides=toy).save(tmp_path / "run" / "pipeline")
+    with pytest.raises(FileNotFoundError, match=rf"is a training run: its pipeline is {tmp_path / 'run' / 'pipeline'}$"):
+        Pipeline.load(tmp_path / "run")
+
+
 def test_component_checkpoint_key_loads_weights(toy, tmp_path):
     from safetensors.torch import save_file
 

@@ -259,7 +259,8 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     written = write_samples(images, args.out, settings, conditioner=conditioner, batch=batch,
                             kinds=kinds, show_conditions=args.show_conditions, rows=rows, names=names,
                             files=files, init_image=init_image, mask=mask)
-    print(f"wrote {images.shape[0]} samples to {args.out}, {written['folder']}/ and {written['settings']}")
+    count = images.shape[0]
+    print(f"wrote {count} sample{'s' if count != 1 else ''} to {args.out}, {written['folder']}/ and {written['settings']}")
     return 0
 
 
