@@ -18,6 +18,7 @@ that ``ldmkit.cli.train`` & co. stay modules, not the functions of the same name
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -99,12 +100,11 @@ def _short_plugin_warnings(name: str) -> None:
     from ldmkit.plugins import PluginLoadWarning
 
     default = warnings.showwarning
-    roots = _ldmkit_roots()
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, PluginLoadWarning):
             print(f"ldmkit: warning: {message}", file=file or sys.stderr)
-        elif category.__module__.startswith("ldmkit") or str(filename).startswith(roots):
+        elif category.__module__.startswith("ldmkit") or str(filename).startswith(_ldmkit_roots()):
             print(f"ldmkit {name}: warning: {message}", file=file or sys.stderr)
         else:
             default(message, category, filename, lineno, file, line)
@@ -112,6 +112,7 @@ def _short_plugin_warnings(name: str) -> None:
     warnings.showwarning = show
 
 
+@functools.cache
 def _ldmkit_roots() -> tuple[str, ...]:
     """The folders of ldmkit's and its first-party plugins' code (a warning raised there is
     ldmkit's, whatever its category)."""

@@ -195,7 +195,7 @@ class LDMTrainer(Trainer):
                 f"(schedule.timesteps): give at most {timesteps}"
             )
 
-    def _carry_scale_factor(self, source: InitSource, loads: Sequence[ComponentLoad] = ()) -> list[str]:
+    def _carry_scale_factor(self, source: InitSource, loads: Sequence[ComponentLoad]) -> list[str]:
         """The source's scale factor, unless ``scale_factor=scale_by_std`` asks for a new
         estimate and the first stage is not the source's own (whose latents the source's
         denoiser learned at that scale: an estimate from one batch of other data would feed
