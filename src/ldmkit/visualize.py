@@ -22,6 +22,47 @@ PALETTE = torch.tensor([
 ], dtype=torch.float32) / 255.0  # fmt: skip
 
 
+def make_grid(images: Tensor | Sequence[Tensor], nrow: int = 8, padding: int = 2, pad_value: float = 0.0) -> Tensor:
+    """B×C×H×W (or a list of C×H×W) -> one C×H'×W' grid, ``nrow`` images per row, ``padding``
+    pixels of ``pad_value`` between and around them, one channel repeated to three; a single
+    image comes back as it is. The grid torchvision's ``make_grid`` makes (without its
+    ``normalize``), built with two pads and a reshape instead of a loop, and without importing
+    torchvision, which costs a process seconds (it imports ``torch._dynamo``)."""
+    if not torch.is_tensor(images):
+        images = torch.stack(list(images))
+    if images.ndim == 2:
+        images = images.unsqueeze(0)
+    if images.ndim == 3:
+        images = (images.expand(3, -1, -1) if images.shape[0] == 1 else images).unsqueeze(0)
+    if images.ndim != 4:
+        raise ValueError(f"make_grid takes B×C×H×W images, got shape {tuple(images.shape)}")
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    if images.shape[0] == 1:
+        return images[0]
+    n, channels, height, width = images.shape
+    cols = min(nrow, n)
+    rows = -(-n // cols)
+    # each tile gets its top and left padding; the missing tiles of the last row are padding
+    tiles = F.pad(images, (padding, 0, padding, 0), value=pad_value)
+    if rows * cols > n:
+        tiles = torch.cat([tiles, tiles.new_full((rows * cols - n, *tiles.shape[1:]), pad_value)])
+    grid = tiles.reshape(rows, cols, channels, height + padding, width + padding).permute(2, 0, 3, 1, 4)
+    grid = grid.reshape(channels, rows * (height + padding), cols * (width + padding))
+    return F.pad(grid, (0, padding, 0, padding), value=pad_value)  # the right and bottom border
+
+
+def save_image(images: Tensor, fp: Any, nrow: int = 8, padding: int = 2, pad_value: float = 0.0,
+               format: str | None = None) -> None:
+    """Images in [0, 1] (B×C×H×W, or one C×H×W grid) -> one 8-bit image file through PIL, as a
+    :func:`make_grid` grid rounded the way torchvision's ``save_image`` rounds."""
+    from PIL import Image
+
+    grid = make_grid(images, nrow=nrow, padding=padding, pad_value=pad_value)
+    array = grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy()
+    Image.fromarray(array).save(fp, format=format)
+
+
 def to_unit_rgb(images: Tensor) -> Tensor:
     """B×C×H×W in [-1, 1] (C = 1 or 3) -> B×3×H×W in [0, 1]."""
     images = ((images.detach().float().clamp(-1, 1) + 1) / 2).cpu()

@@ -294,10 +294,9 @@ def _mkdir(path: Path) -> Path:
 
 def preview_grid(images: torch.Tensor):
     """B×C×H×W in [-1, 1] -> one PIL image, a roughly square grid."""
-    from torchvision.utils import make_grid
-
     from ldmkit.pipeline import image_grid_rows
     from ldmkit.sample_io.samples import to_pil
+    from ldmkit.visualize import make_grid
 
     grid = make_grid(
         images.detach().float().cpu(),

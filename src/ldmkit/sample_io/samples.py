@@ -57,10 +57,9 @@ def write_samples(
     each image's image-like condition came from: ``files``, key -> one path per image). Each
     file is replaced atomically; the JSON is written last. ``show_conditions``: one row per
     sample, its condition inputs, ``init_image`` and ``mask`` before it."""
-    from torchvision.utils import save_image
-
     from ldmkit.io import atomic_path, atomic_write_text
     from ldmkit.pipeline import image_grid_rows
+    from ldmkit.visualize import save_image
 
     folder = out.parent / out.stem
     folder.mkdir(parents=True, exist_ok=True)

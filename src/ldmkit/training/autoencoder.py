@@ -250,9 +250,8 @@ class AutoencoderTrainer(Trainer):
         return {"psnr": float(torch.cat(values).mean()), "l1": l1 / count}
 
     def save_images(self, batch: Mapping[str, Any], path: Path) -> Tensor | None:
-        from torchvision.utils import make_grid, save_image
-
         from ldmkit.io import atomic_path
+        from ldmkit.visualize import make_grid, save_image
 
         x = batch_images(batch, channels=self.first_stage.image_channels, device=self.device)[:8]
         rec = self.reconstruct(x)

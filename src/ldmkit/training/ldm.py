@@ -455,11 +455,9 @@ class LDMTrainer(Trainer):
     def save_images(self, batch: Mapping[str, Any], path: Path) -> Tensor | None:
         """A grid of samples from the batch's conditions (one row per sample: its condition
         inputs, then the sample), with guidance where the conditioner learned a null condition."""
-        from torchvision.utils import make_grid, save_image
-
         from ldmkit.io import atomic_path
         from ldmkit.pipeline import image_grid_rows
-        from ldmkit.visualize import samples_with_conditions
+        from ldmkit.visualize import make_grid, samples_with_conditions, save_image
 
         n = int(self.opts["sample_count"])
         conditioner = self.pipeline.conditioner
