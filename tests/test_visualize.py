@@ -60,7 +60,8 @@ def test_make_grid_and_save_image_equal_torchvisions(tmp_path, shape, nrow, padd
     """torchvision's make_grid and save_image are the reference: the same grid, bit for bit,
     and the same PNG pixels (ldmkit's own avoid importing torchvision: seconds per process)."""
     from PIL import Image
-    from torchvision.utils import make_grid as tv_make_grid, save_image as tv_save_image
+    from torchvision.utils import make_grid as tv_make_grid
+    from torchvision.utils import save_image as tv_save_image
 
     from ldmkit.visualize import make_grid, save_image
 
