@@ -111,13 +111,22 @@ def test_fsdp_trains_writes_sharded_checkpoints_and_a_pipeline_that_samples_the_
 
 @pytest.mark.slow
 def test_fsdp_resume_is_bitwise(runs):
+    """The uninterrupted run's sharded checkpoint of step 2, its later steps gone (a run killed
+    after step 2), resumed to step 4 ends bitwise where the uninterrupted run ended."""
     tmp, uninterrupted = runs
     run = tmp / "resumed"
-    _torchrun(tmp, tmp / "shards", run, tmp / "out_first", "trainer.strategy=fsdp", "trainer.max_steps=2")
+    shutil.copytree(tmp / "fsdp", run)
+    shutil.rmtree(run / "checkpoints" / "step_000000004")
+    shutil.rmtree(run / "pipeline")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000000002"]
+    assert (run / "checkpoints" / "step_000000002" / "sharded" / "__1_0.distcp").is_file()
+    meta = run / "checkpoints" / "step_000000002" / "meta.json"
+    written = (meta.stat().st_ino, meta.stat().st_mtime_ns)
     resumed, _ = _torchrun(tmp, tmp / "shards", run, tmp / "out_resumed", "trainer.strategy=fsdp",
                            "trainer.max_steps=4")  # fmt: skip
     assert resumed["step"] == 4
+    # resumed, not trained again from step 0 (which would also end equal): step 2 was not rewritten
+    assert (meta.stat().st_ino, meta.stat().st_mtime_ns) == written
     assert (resumed["weights"], resumed["ema"]) == (uninterrupted["weights"], uninterrupted["ema"])
 
 
