@@ -420,24 +420,6 @@ def test_the_trainers_warnings_are_one_line_each(tmp_path):
     ]
 
 
-def test_the_default_val_split_is_the_datas_held_out_split(tmp_path):
-    """Before: the default ``trainer.val_split=test`` skipped validation on data prepared with
-    ``val_fraction`` (train + val), with a warning that said to prepare a val split. Now the
-    default, ``auto``, validates on ``val`` (else ``test``), without a word."""
-    import csv
-
-    from tests.training.faults import make_shards
-
-    shards, run = make_shards(tmp_path), tmp_path / "run"  # train + val
-    out = ldmkit("train", "stage=autoencoder", "first_stage=kl_tiny", "trainer=autoencoder_tiny",
-                 "data=image_folder", f"data.path={shards}", "image_size=16", "trainer.max_steps=1",
-                 "trainer.batch_size=2", "trainer.num_threads=1", "trainer.progress=false",
-                 "trainer.tensorboard=false", "trainer.sample_every=0", f"run_dir={run}")  # fmt: skip
-    assert (out.returncode, out.stderr) == (0, "")
-    with open(run / "metrics.csv") as f:
-        assert "val/psnr" in next(csv.reader(f))
-
-
 def test_auto_val_split_on_data_without_a_held_out_one_says_so_once(tmp_path):
     """``auto`` on train-only data: no validation and one warning that names what the data has
     (before: "trainer.val_split='test' is not in data", as if test had been asked for)."""
@@ -460,28 +442,38 @@ def test_auto_val_split_on_data_without_a_held_out_one_says_so_once(tmp_path):
     assert validation_split(cfg, "auto", factory=True) == "test"  # a data factory: as before
 
 
-def test_a_run_dir_under_home_is_written_there_not_in_a_folder_named_tilde(tmp_path):
+def test_a_run_dir_under_home_is_written_there_and_the_default_splits_are_the_held_out_one(tmp_path):
     """``run_dir="~/runs/ae"`` (quoted for Hydra): before, training wrote ./~/runs/ae, a
-    folder named ``~`` in the working directory (``data.path`` and checkpoints expand it)."""
+    folder named ``~`` in the working directory (``data.path`` and checkpoints expand it).
+    The same run checks the default splits: before, the default ``trainer.val_split=test``
+    skipped validation on data prepared with ``val_fraction`` (train + val), with a warning that
+    said to prepare a val split; now ``auto`` validates on ``val`` (else ``test``) without a
+    word, and ``evaluate``'s ``eval.split=auto`` reads the same split."""
+    import csv
+
     from tests.training.faults import make_shards
 
-    shards, home, cwd = make_shards(tmp_path), tmp_path / "home", tmp_path / "cwd"
+    shards, home, cwd = make_shards(tmp_path), tmp_path / "home", tmp_path / "cwd"  # train + val
     home.mkdir()
     cwd.mkdir()
     out = ldmkit("train", "stage=autoencoder", "first_stage=kl_tiny", "trainer=autoencoder_tiny",
                  "data=image_folder", f"data.path={shards}", "image_size=16", "trainer.max_steps=1",
                  "trainer.batch_size=2", "trainer.num_workers=0", "trainer.num_threads=1", "trainer.progress=false",
-                 "trainer.tensorboard=false", "trainer.sample_every=0", "trainer.val_split=val",
+                 "trainer.tensorboard=false", "trainer.sample_every=0",
                  'run_dir="~/runs/ae"', cwd=cwd, env={"HOME": str(home)})  # fmt: skip
-    assert out.returncode == 0, out.stderr
+    assert (out.returncode, out.stderr) == (0, "")
     assert not (cwd / "~").exists()
-    assert (home / "runs" / "ae" / "checkpoints").is_dir()
+    run = home / "runs" / "ae"
+    assert (run / "checkpoints").is_dir()
+    with open(run / "metrics.csv") as f:
+        assert "val/psnr" in next(csv.reader(f))
     out = ldmkit("evaluate", "stage=autoencoder", "data=image_folder", f"data.path={shards}", "image_size=16",
-                 "eval.split=val", "eval.lpips=false", "eval.fid_features=none", 'run_dir="~/runs/ae"',
+                 "eval.lpips=false", "eval.fid_features=none", 'run_dir="~/runs/ae"',
                  cwd=cwd, env={"HOME": str(home)})  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert not (cwd / "~").exists()
-    assert list((home / "runs" / "ae" / "eval").glob("*.json"))
+    [report] = (run / "eval").glob("*.json")
+    assert report.name == "autoencoder_val_step_1.json" and json.loads(report.read_text())["split"] == "val"
 
 
 @pytest.mark.parametrize(
