@@ -4,7 +4,8 @@ Each mutant below is a plausible plugin bug that the shipped mixins once passed:
 DPM-Solver++(2M) with a flipped sign in its multistep correction, a sampler that ignores
 ``steps``, samplers that claim ``supports_mask`` but ignore the mask (entirely, or until a
 final paste), a sampler that silently drops a mask it does not support, a DDIM that ignores
-its ``eta``, a sampler that ignores its ``spacing``, conditioners whose output ignores their
+its ``eta`` or mis-scales it (eta 0.5 drawing eta 1's or eta^2's noise), a Heun that steps like
+Euler (below the order it declares), a sampler that ignores its ``spacing``, conditioners whose output ignores their
 input, maps two inputs to one condition or depends on the rest of the batch, denoisers that embed ``t[0]`` for the whole batch
 or attend across it, a sampler that ignores the ``noise`` it is given, first stages whose
 decoder returns zeros or a constant, ignores a latent channel or mixes the batch, or whose
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.diffusion import NoiseSchedule, randn_like, timestep_pairs
-from ldmkit.diffusion.sampling import SigmaDenoiser, sigma_table
+from ldmkit.diffusion.sampling import SigmaDenoiser, SigmaSampler, sigma_table
 from ldmkit.interfaces import Conditioner, Denoiser, FirstStage, Sampler
 from ldmkit.plugins import get_registry
 from ldmkit.testing import (
@@ -175,6 +176,78 @@ def test_a_sampler_ignoring_eta_fails_the_declared_stochasticity():
     sampler_check(ddim(0.0), "test_stochastic_as_declared", stochastic=False)
     with pytest.raises(pytest.skip.Exception):  # undeclared: nothing to check
         sampler_check(ddim(1.0, IgnoresEta), "test_stochastic_as_declared")
+
+
+class DrawsEtaOnesNoise(ldmkit_samplers.DDIMSampler):
+    """Any ``eta > 0`` draws eta = 1's noise (DDPM's variance): stochastic, as declared."""
+
+    def step(self, s):
+        eta, self.eta = self.eta, 1.0 if self.eta > 0 else 0.0
+        try:
+            return super().step(s)
+        finally:
+            self.eta = eta
+
+
+class SquaresEta(ldmkit_samplers.DDIMSampler):
+    """Scales DDIM's sigma by eta^2 instead of eta (eta = 0 and 1 are right)."""
+
+    def step(self, s):
+        eta, self.eta = self.eta, self.eta**2
+        try:
+            return super().step(s)
+        finally:
+            self.eta = eta
+
+
+def with_eta(cls, eta):
+    return lambda steps: cls(steps=steps, eta=eta)
+
+
+@pytest.mark.parametrize("mutant", [DrawsEtaOnesNoise, SquaresEta], ids=lambda c: c.__name__)
+def test_a_ddim_mis_scaling_eta_fails_the_variance_check(mutant):
+    """eta = 0.5 that draws eta = 1's (or 0.25's) noise passes the stochasticity check, and
+    fails the measured variance against DDIM's sigma_t(eta) (Song et al. 2021, eq. 16)."""
+    sampler_check(with_eta(mutant, 0.5), "test_stochastic_as_declared", stochastic=True)
+    with pytest.raises(AssertionError, match="does not follow the declared eta"):
+        sampler_check(with_eta(mutant, 0.5), "test_fresh_noise_has_ddims_variance", ddim_eta=0.5)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize(
+    "cls",
+    [ldmkit_samplers.DDIMSampler, ldmkit_samplers.EulerAncestralSampler,
+     ldmkit_samplers.DPM2AncestralSampler, ldmkit_samplers.DPMSolverPP2SAncestralSampler],
+    ids=lambda c: c.__name__,
+)  # fmt: skip
+def test_samplers_with_ddims_eta_pass_the_variance_check(cls, eta):
+    sampler_check(with_eta(cls, eta), "test_fresh_noise_has_ddims_variance", ddim_eta=eta)
+    with pytest.raises(AssertionError, match="does not follow the declared eta"):
+        sampler_check(with_eta(cls, eta), "test_fresh_noise_has_ddims_variance", ddim_eta=eta + 0.25)
+
+
+class EulerPosingAsHeun(ldmkit_samplers.HeunSampler):
+    """Heun's class (``convergence_order = 2``) taking Euler's step: first order."""
+
+    def step(self, s):
+        return s.x + (s.sigma_next - s.sigma) * (s.x - s.denoised) / s.sigma
+
+
+class PluginEuler(SigmaSampler):
+    """A plugin's Euler that declares no order (as plugins written before it existed)."""
+
+    step = EulerPosingAsHeun.step
+
+
+def test_a_sampler_below_its_declared_order_fails_without_expected_order():
+    """Without ``expected_order`` the order check held a deterministic sampler to order 1
+    only; now to the order it declares (``Sampler.convergence_order``)."""
+    with pytest.raises(AssertionError, match=r"converges at order 1\.0.*declares convergence_order = 2"):
+        sampler_check(EulerPosingAsHeun, "test_convergence_order")
+    sampler_check(ldmkit_samplers.HeunSampler, "test_convergence_order")
+    sampler_check(PluginEuler, "test_convergence_order")  # undeclared: order 1 is enough
+    with pytest.raises(pytest.skip.Exception):  # churn draws noise: no declared order applies
+        sampler_check(lambda steps: EulerPosingAsHeun(steps=steps, s_churn=1.0), "test_convergence_order")
 
 
 def test_a_sampler_ignoring_its_spacing_fails_the_spacing_check():

@@ -32,6 +32,7 @@ from ldmkit_samplers import (
 
 class TestDDIM(SamplerConformance):
     stochastic = False
+    ddim_eta = 0.0  # its fresh noise is DDIM's sigma_t(eta)
     expected_order = 1
 
     def make_sampler(self):
@@ -40,6 +41,7 @@ class TestDDIM(SamplerConformance):
 
 class TestDDIMStochastic(SamplerConformance):
     stochastic = True
+    ddim_eta = 1.0  # its fresh noise is DDIM's sigma_t(eta)
 
     def make_sampler(self):
         return DDIMSampler(steps=self.steps, eta=1.0)
@@ -47,6 +49,7 @@ class TestDDIMStochastic(SamplerConformance):
 
 class TestDDPM(SamplerConformance):
     stochastic = True
+    ddim_eta = 1.0  # its fresh noise is DDIM's sigma_t(eta)
 
     def make_sampler(self):
         return DDPMSampler(steps=self.steps)
@@ -73,6 +76,7 @@ class TestEuler(SamplerConformance):
 
 class TestEulerAncestral(SamplerConformance):
     stochastic = True
+    ddim_eta = 1.0  # its fresh noise is DDIM's sigma_t(eta)
 
     def make_sampler(self):
         return EulerAncestralSampler(steps=self.steps)
@@ -124,12 +128,14 @@ class TestDPMSolverPP2MSDEHeunAtEtaZero(SamplerConformance):
 
 class TestDPMSolverPP2SAncestral(SamplerConformance):
     stochastic = True
+    ddim_eta = 1.0  # its fresh noise is DDIM's sigma_t(eta)
     def make_sampler(self):
         return DPMSolverPP2SAncestralSampler(steps=self.steps)
 
 
 class TestDPMSolverPP2SAncestralKarras(SamplerConformance):
     stochastic = True
+    ddim_eta = 1.0  # its fresh noise is DDIM's sigma_t(eta)
     def make_sampler(self):
         return DPMSolverPP2SAncestralSampler(steps=self.steps, spacing="karras")
 
@@ -158,12 +164,14 @@ class TestDPM2Karras(SamplerConformance):
 
 class TestDPM2Ancestral(SamplerConformance):
     stochastic = True
+    ddim_eta = 1.0  # its fresh noise is DDIM's sigma_t(eta)
     def make_sampler(self):
         return DPM2AncestralSampler(steps=self.steps)
 
 
 class TestDPM2AncestralKarras(SamplerConformance):
     stochastic = True
+    ddim_eta = 1.0  # its fresh noise is DDIM's sigma_t(eta)
     def make_sampler(self):
         return DPM2AncestralSampler(steps=self.steps, spacing="karras")
 
@@ -557,6 +565,7 @@ class TestEulerKarras(SamplerConformance):
 
 class TestEulerAncestralKarras(SamplerConformance):
     stochastic = True
+    ddim_eta = 1.0  # its fresh noise is DDIM's sigma_t(eta)
 
     def make_sampler(self):
         return EulerAncestralSampler(steps=self.steps, spacing="karras")
@@ -567,6 +576,62 @@ class TestHeunKarras(SamplerConformance):
 
     def make_sampler(self):
         return HeunSampler(steps=self.steps, spacing="karras")
+
+
+class TestEulerChurn(SamplerConformance):
+    stochastic = True
+
+    def make_sampler(self):
+        return EulerSampler(steps=self.steps, s_churn=1.0)
+
+
+class TestHeunChurn(SamplerConformance):
+    stochastic = True
+
+    def make_sampler(self):
+        return HeunSampler(steps=self.steps, s_churn=2.0, s_tmin=0.05, s_tmax=10.0, s_noise=1.003)
+
+
+class TestDPM2ChurnKarras(SamplerConformance):
+    stochastic = True
+
+    def make_sampler(self):
+        return DPM2Sampler(steps=self.steps, s_churn=40.0, spacing="karras")
+
+
+@pytest.mark.parametrize("cls", [EulerSampler, HeunSampler, DPM2Sampler], ids=lambda c: c.__name__)
+def test_churn_zero_is_the_plain_solver_bit_for_bit(cls):
+    """``s_churn=0`` (the default) adds and draws nothing: the chain before churn existed, bit
+    for bit, whatever ``s_tmin``/``s_tmax``/``s_noise`` say; the same chain as the solver's own
+    step from ``s.denoised`` (a k-diffusion-style loop written here, no churn hook)."""
+    from ldmkit.diffusion import SigmaStep
+    from ldmkit.diffusion.sampling import SigmaDenoiser
+
+    schedule = NoiseSchedule()
+    denoise = gaussian_denoiser(schedule, 0.3, 0.7)
+    noise = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    out = cls(steps=8, s_churn=0.0, s_tmin=0.1, s_tmax=3.0, s_noise=2.0).sample(
+        denoise, schedule, noise, generator=generator
+    )
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(1).get_state())
+    sampler, model = cls(steps=8), SigmaDenoiser(denoise, schedule)
+    sigmas = sampler.sigmas(schedule)
+    x = noise * math.sqrt(1 + sigmas[0] ** 2)
+    for i in range(8):
+        x = sampler.step(SigmaStep(i, x, sigmas[i], sigmas[i + 1], model(x, sigmas[i]),
+                                   i == 7, model, None))  # fmt: skip
+    assert torch.equal(out, x)
+
+
+def test_churn_options_are_checked():
+    for name in ("s_churn", "s_tmin", "s_noise"):
+        for value in (-1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0, got {value}"):
+                EulerSampler(**{name: value})
+    with pytest.raises(ValueError, match="s_tmax must be a number >= 0"):
+        HeunSampler(s_tmax=float("nan"))
+    assert "s_churn=1.0" in repr(DPM2Sampler(s_churn=1.0)) and "s_churn" not in repr(DPM2Sampler())
 
 
 class TestDPMSolverPP2MExponential(SamplerConformance):
@@ -637,6 +702,16 @@ KDIFFUSION_KARRAS_10_MORE = {
     "sample_dpmpp_3m_sde eta=0.5": (
         lambda: DPMSolverPP3MSDESampler(steps=10, eta=0.5, spacing="karras"), 5,
         [-0.4119523586732086, -0.18733908440024855, 0.6943916568032673, 0.3558554815279567]),
+    # Karras' churn: k-diffusion draws torch.randn_like(x) at every step, made the same draws
+    "sample_euler s_churn=1.0": (lambda: EulerSampler(steps=10, s_churn=1.0, spacing="karras"), 6,
+        [-0.43925783604968227, -0.02960172639181495, 0.4949762663412805, 0.20022785775503354]),
+    "sample_heun s_churn=2.0 s_tmin=0.5 s_tmax=5.0 s_noise=1.003": (
+        lambda: HeunSampler(steps=10, s_churn=2.0, s_tmin=0.5, s_tmax=5.0, s_noise=1.003,
+                            spacing="karras"), 7,
+        [1.0702555322227179, 0.02475646113650143, 1.660925214258322, 2.100532170449627]),
+    "sample_dpm_2 s_churn=40.0 s_tmin=0.1 s_noise=0.9": (
+        lambda: DPM2Sampler(steps=10, s_churn=40.0, s_tmin=0.1, s_noise=0.9, spacing="karras"), 8,
+        [-0.2788100312594047, 0.22692440054466223, 0.8002673491903208, 0.5379133239733439]),
 }  # fmt: skip
 
 

@@ -396,6 +396,14 @@ class SigmaSampler(_SpacedSampler):
     def step(self, s: SigmaStep) -> Tensor:
         """Return x at ``s.sigma_next``."""
 
+    def churn(
+        self, x: Tensor, sigma: float, i: int, steps: int, generator: GeneratorArg
+    ) -> tuple[Tensor, float]:
+        """``(x, sigma)`` that step ``i`` of ``steps`` starts from (its denoiser call and
+        :meth:`step` see them): as given here; a sampler with Karras et al.'s stochastic churn
+        (Algorithm 2) adds noise to raise the level to ``sigma_hat >= sigma`` first."""
+        return x, sigma
+
     def sample(
         self,
         denoise: DenoiseFn,
@@ -427,7 +435,8 @@ class SigmaSampler(_SpacedSampler):
                 x = mask * x + (1 - mask) * (known + sigmas[0] * noise)
         state: dict = {}
         for i in range(len(sigmas) - 1):
-            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+            x, sigma = self.churn(x, sigmas[i], i, len(sigmas) - 1, generator)
+            sigma_next = sigmas[i + 1]
             denoised = model(x, sigma)
             is_last = i == len(sigmas) - 2
             x = self.step(

@@ -72,10 +72,16 @@ class Sampler(Component, abc.ABC):
 
     Both are False here and True on the bases :class:`ldmkit.diffusion.DiscreteSampler` and
     :class:`ldmkit.diffusion.SigmaSampler`, which implement them.
+
+    ``convergence_order``: for a deterministic sampler, the order it converges at on the
+    probability-flow ODE (1 for DDIM and Euler, 2 for Heun); None (the default) when it draws
+    noise or declares none. :class:`ldmkit.testing.SamplerConformance` measures at least that
+    order, so a "Heun" that is really Euler fails it.
     """
 
     supports_mask: bool = False
     supports_init: bool = False
+    convergence_order: float | None = None
 
     def __init__(self, *, steps: int = 50) -> None:
         if steps < 1:

@@ -559,8 +559,9 @@ class SamplerConformance:
     with the sign of its multistep correction flipped measures 0.95, error ratios 1.9 where
     the real one has 4.3 and 3.7, and is 6-27x less accurate at 10-40 steps). Left at None, a
     sampler that is deterministic (the same result under two generators) must still converge
-    at order ``minimum_order`` or better (one that ignores ``steps`` measures 0), and a
-    stochastic one is skipped. The sampler's ``spacing`` is
+    at order ``minimum_order`` or better (one that ignores ``steps`` measures 0), or at the
+    sampler's own ``convergence_order`` or better where it declares one (a Heun that is really
+    Euler measures 1.0 against its 2), and a stochastic one is skipped. The sampler's ``spacing`` is
     set to ``order_spacing`` for this; ``quad`` is the default because it is the only one
     whose steps shrink evenly in log-sigma near t = 0 (``linspace``, ``paper`` and
     ``trailing`` keep one last step whose log-sigma length shrinks only like log(T / S),
@@ -581,6 +582,13 @@ class SamplerConformance:
     steps, a sampler that pastes ``known`` in only at the end has samples 1.1 off); one that
     does not support masks must refuse one with ``ValueError`` instead of ignoring it. The
     img2img checks (``init``/``strength``) run for a sampler that sets ``supports_init``.
+
+    Declare ``ddim_eta`` for a sampler whose fresh noise per step is DDIM's
+    ``sigma_t(eta) = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)`` (Song et al.
+    2021, eq. 16): DDIM with its ``eta``, DDPM (1), k-diffusion's ancestral samplers with their
+    ``eta``. From one start, shared by ``eta_batch`` samples, the spread of z after the first
+    step must be that std within ``eta_tolerance`` (relative): a DDIM whose eta 0.5 draws eta
+    1's noise, or eta^2's, fails (``stochastic`` only sees that it draws some).
 
     The seed tests use :func:`ldmkit.diffusion.sample_generators`: sample i of a batch
     drawn with ``sample_generators(s, n)`` equals the sample drawn alone with
@@ -604,6 +612,9 @@ class SamplerConformance:
     seed_steps: int = 8
     seed_tolerance: float = 1e-4
     stochastic: bool | None = None
+    ddim_eta: float | None = None
+    eta_batch: int = 512
+    eta_tolerance: float = 0.1
 
     def make_sampler(self) -> Sampler:
         raise NotImplementedError("implement make_sampler() in your test class")
@@ -918,6 +929,39 @@ class SamplerConformance:
             f"generators, but the test class declares stochastic = {self.stochastic}"
         )
 
+    def _first_step_alpha_bars(self, sampler: Sampler, schedule: NoiseSchedule, steps: int) -> tuple[float, float]:
+        """``(a_t, a_prev)`` of the first step: from a sigma sampler's noise levels, else from
+        its timesteps (-1: clean)."""
+        if hasattr(sampler, "sigmas"):
+            sigma, sigma_next = sampler.sigmas(schedule, steps)[:2]
+            return 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
+        t, t_prev = sampler.timesteps(schedule, steps)[0]
+        return tuple(1.0 if u < 0 else float(schedule.alphas_cumprod[u]) for u in (t, t_prev))
+
+    def test_fresh_noise_has_ddims_variance(self):
+        """With ``ddim_eta`` declared, one step from a start all samples share spreads them by
+        DDIM's ``sigma_t(eta)`` (eq. 16), measured over ``eta_batch`` samples."""
+        if self.ddim_eta is None:
+            pytest.skip("ddim_eta is not declared")
+        sampler, schedule = self.make_sampler(), self.make_schedule()
+        if not hasattr(sampler, "timesteps"):
+            pytest.skip("the sampler has no `timesteps`: its first step's level is unknown")
+        steps = 4
+        a, a_prev = self._first_step_alpha_bars(sampler, schedule, steps)
+        expected = self.ddim_eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
+        noise = self._noise(shape=(1, *self.shape[1:])).expand(self.eta_batch, *self.shape[1:])
+        seen: list[dict] = []
+        sampler.sample(
+            gaussian_denoiser(schedule, 0.5, 0.5), schedule, noise.contiguous(), steps=steps,
+            generator=torch.Generator().manual_seed(1), callback=seen.append,
+        )  # fmt: skip
+        spread = float(seen[0]["z"].double().var(0).mean().sqrt())
+        assert abs(spread - expected) <= self.eta_tolerance * max(expected, 0.05), (
+            f"{sampler!r}: the first step ({steps} steps, alpha_bar {a:.4f} -> {a_prev:.4f}) spreads "
+            f"one start by std {spread:.4f}, but DDIM's sigma_t at eta = {self.ddim_eta} (eq. 16) "
+            f"is {expected:.4f}: the fresh noise does not follow the declared eta"
+        )
+
     # -- timesteps ---------------------------------------------------------------------
     def test_timesteps_follow_the_spacing(self):
         """Step i visits the i-th timestep of ``timestep_pairs(T, steps, spacing)`` (its
@@ -952,9 +996,15 @@ class SamplerConformance:
             pytest.skip("no expected_order, and no `spacing` to run the order check on")
         if not self.is_deterministic(sampler):
             pytest.skip("stochastic sampler: no probability-flow ODE to converge to")
+        declared = getattr(sampler, "convergence_order", None)  # plugins may lack the attribute
+        minimum = self.minimum_order if declared is None else declared
         order, errors = self.convergence_order(sampler)
-        assert order >= self.minimum_order - self.order_tolerance, (
-            f"{self._order_report(sampler, order, errors)}; a deterministic sampler must converge "
-            f"at order >= {self.minimum_order} +- {self.order_tolerance} (declare expected_order "
-            "to check the order it should have)"
+        assert order >= minimum - self.order_tolerance, (
+            f"{self._order_report(sampler, order, errors)}; "
+            + (
+                f"a deterministic sampler must converge at order >= {minimum} +- "
+                f"{self.order_tolerance} (declare expected_order to check the order it should have)"
+                if declared is None
+                else f"the sampler declares convergence_order = {declared} (+- {self.order_tolerance})"
+            )
         )

@@ -20,6 +20,11 @@ class DDIMSampler(DiscreteSampler):
     Default spacing: ``linspace`` (starts at t = T - 1, ends clean).
     """
 
+    @property
+    def convergence_order(self) -> float | None:
+        """1 at ``eta = 0`` (deterministic); None with fresh noise."""
+        return 1 if self.eta == 0 else None
+
     def __init__(self, *, steps: int = 50, eta: float = 0.0, spacing: str | None = None) -> None:
         super().__init__(steps=steps, spacing=spacing)
         if not (math.isfinite(eta) and eta >= 0):  # nan passed `eta < 0`: NaN images

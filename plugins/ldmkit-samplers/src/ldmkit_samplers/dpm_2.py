@@ -10,8 +10,8 @@ Each step is the explicit midpoint rule with the midpoint halfway in log sigma::
     x_mid     = x + (sigma_mid - sigma) d(x, sigma)
     x_next    = x + (sigma_next - sigma) d(x_mid, sigma_mid)
 
-A step to sigma = 0 is Euler's (it returns ``D(x; sigma)``). k-diffusion's ``s_churn``
-(Karras' added noise) is not offered, as for ``euler`` and ``heun``.
+A step to sigma = 0 is Euler's (it returns ``D(x; sigma)``). ``s_churn > 0`` adds Karras'
+Algorithm 2 churn before each step (:mod:`ldmkit_samplers.churn`), as ``sample_dpm_2`` does.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import math
 
 from torch import Tensor
 
-from ldmkit.diffusion import SigmaSampler, SigmaStep
+from ldmkit.diffusion import SigmaStep
+from ldmkit_samplers.churn import ChurnSampler
 
 
 def dpm_solver_2(s: SigmaStep, sigma_to: float) -> Tensor:
@@ -34,9 +35,11 @@ def dpm_solver_2(s: SigmaStep, sigma_to: float) -> Tensor:
     return s.x + (sigma_to - s.sigma) * d_mid
 
 
-class DPM2Sampler(SigmaSampler):
-    """Deterministic, second order; two denoiser evaluations per step (one on a last step that
-    ends at sigma = 0). Default spacing: ``linspace``."""
+class DPM2Sampler(ChurnSampler):
+    """Deterministic (unless ``s_churn > 0``), second order; two denoiser evaluations per step
+    (one on a last step that ends at sigma = 0). Default spacing: ``linspace``."""
+
+    ode_order = 2
 
     def step(self, s: SigmaStep) -> Tensor:
         if s.sigma_next == s.sigma:  # a repeated level (``quad``): no step

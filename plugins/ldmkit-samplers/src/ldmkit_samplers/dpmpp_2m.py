@@ -25,6 +25,8 @@ class DPMSolverPP2MSampler(SigmaSampler):
     """Deterministic, second order; one denoiser evaluation per step. Default spacing:
     ``linspace``."""
 
+    convergence_order = 2
+
     def step(self, s: SigmaStep) -> Tensor:
         if s.sigma_next == s.sigma:
             # a repeated timestep (``quad`` spacing repeats small ones): no step, and the

@@ -40,6 +40,11 @@ class DPMSolverPP2MSDESampler(SigmaSampler):
     :param solver_type: ``midpoint`` or ``heun``: how the multistep correction is weighted.
     """
 
+    @property
+    def convergence_order(self) -> float | None:
+        """2 at ``eta = 0``; None with fresh noise."""
+        return 2 if self.eta == 0 else None
+
     default_spacing = "karras"
 
     def __init__(

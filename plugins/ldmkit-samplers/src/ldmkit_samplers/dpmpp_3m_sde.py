@@ -38,6 +38,11 @@ class DPMSolverPP3MSDESampler(SigmaSampler):
     :param eta: scales the noise of the SDE (1: the reverse SDE, 0: the probability-flow ODE).
     """
 
+    @property
+    def convergence_order(self) -> float | None:
+        """3 at ``eta = 0``; None with fresh noise."""
+        return 3 if self.eta == 0 else None
+
     default_spacing = "karras"
 
     def __init__(

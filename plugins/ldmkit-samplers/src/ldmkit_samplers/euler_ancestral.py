@@ -41,6 +41,11 @@ class EulerAncestralSampler(SigmaSampler):
     :param eta: scales the noise re-injected at each step (1: DDPM's ancestral variance).
     """
 
+    @property
+    def convergence_order(self) -> float | None:
+        """Euler's 1 at ``eta = 0``; None with fresh noise."""
+        return 1 if self.eta == 0 else None
+
     def __init__(
         self,
         *,

@@ -48,6 +48,11 @@ class LMSSampler(SigmaSampler):
     :param order: how many past slopes each step combines (k-diffusion's default 4).
     """
 
+    @property
+    def convergence_order(self) -> float:
+        """1 for ``order = 1`` (Euler); else 2: the Euler first step caps the global order."""
+        return 1 if self.order == 1 else 2
+
     def __init__(
         self,
         *,
