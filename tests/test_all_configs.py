@@ -69,9 +69,18 @@ REQUIRED = {
     ("conditioner", "clip_text"): _tiny_clip,
     ("conditioner", "class_label_manifest"): _prepared_folder,
     ("conditioner", "semantic_map_manifest"): _prepared_scenes,
+    ("conditioner", "semantic_map_f2_manifest"): _prepared_scenes,
+    ("experiment", "scenes_semantic"): _prepared_scenes,
+    ("experiment", "scenes_semantic_f2"): _prepared_scenes,
     **{("experiment", option): _prepared_folder for group, option in OPTIONS
        if group == "experiment" and option.startswith("folder_")},
 }
+
+
+@pytest.mark.parametrize("experiment", ["scenes_semantic", "scenes_semantic_f2"])
+def test_scenes_experiments_take_the_class_count_of_the_prepared_scenes(experiment, tmp_path):
+    cfg = compose_config([f"experiment={experiment}", *_prepared_scenes(tmp_path)])
+    assert cfg.conditioner.num_classes == 3  # prepared with num_classes=3 (the preset's data: 8)
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])

@@ -149,6 +149,12 @@ TRAIN_CASES = [
             ),
         ]
     ],
+    (  # a gray preset with an RGB first stage: stopped at the first batch, naming no fix
+        "experiment=fmnist_kl_f4 first_stage=vq_tiny",
+        "data.channels=1 but first_stage=vq_tiny takes 3-channel images; use a first stage that "
+        "follows data.channels (first_stage=kl_f4_data, kl_f4_small_data, vq_f4_small_data), "
+        "or data.channels=3 (gray replicated to RGB)",
+    ),
     (  # an autoencoder reconstructs its input (was a traceback in the first step)
         "stage=autoencoder first_stage=kl_tiny trainer=autoencoder_tiny first_stage.in_channels=1 "
         "first_stage.out_ch=3 data.channels=1",

@@ -394,12 +394,15 @@ def test_a_drawn_map_becomes_class_ids(tmp_path):
 # -- a result is reproducible from the command line ------------------------------------------------
 
 
-def _session(trained, tmp_path):
+def _session(trained, tmp_path, checkpoint=None):
     from ldmkit.demo.session import DemoSession
     from ldmkit.pipeline import Pipeline
 
     return DemoSession(
-        Pipeline.load(trained), checkpoint=trained, device="cpu", results_dir=tmp_path / "results"
+        Pipeline.load(trained),
+        checkpoint=checkpoint or trained,
+        device="cpu",
+        results_dir=tmp_path / "results",
     )
 
 
@@ -407,7 +410,8 @@ def test_the_settings_and_command_line_reproduce_the_images(trained, tmp_path, m
     from ldmkit.cli import main
     from ldmkit.demo.session import Result, Step
 
-    session = _session(trained, tmp_path)
+    monkeypatch.chdir(trained.parent)  # `ldmkit demo --checkpoint pipeline`, typed relative
+    session = _session(trained, tmp_path, checkpoint=Path(trained.name))
     start = tmp_path / "my holiday.png"
     Image.fromarray(np.arange(192, dtype=np.uint8).reshape(8, 8, 3)).save(start)
     events = list(
@@ -451,7 +455,7 @@ def test_the_settings_and_command_line_reproduce_the_images(trained, tmp_path, m
     cli.mkdir()
     (download,) = result.files[2:]  # after the grid and the settings: the inputs
     shutil.copyfile(download, cli / download.name)  # downloaded to where the command runs
-    monkeypatch.chdir(cli)
+    monkeypatch.chdir(cli)  # another folder than the server's: the checkpoint is absolute
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it
     assert main([*words[1:], "--no-progress"]) == 0  # the command as shown
     assert json.loads((cli / "samples.json").read_text()) == {

@@ -931,6 +931,35 @@ def test_a_spacing_ddim_lacks_exports_the_nearest_one_and_says_so(sampler, spaci
     assert Pipeline.from_diffusers(out).config.sampler == pipe.config.sampler
 
 
+@pytest.mark.parametrize("alpha_to_one", [False, True])
+def test_a_leading_offset_one_scheduler_reads_as_paper_and_says_where_it_ends_otherwise(alpha_to_one):
+    """diffusers' leading + steps_offset=1 visits the timesteps of ldmkit's `paper` spacing; with
+    set_alpha_to_one=False it also ends where `paper` does (alpha_bar_0), with True at alpha_bar = 1,
+    which no ldmkit spacing does: read as `paper`, with a warning naming the difference."""
+    import warnings
+
+    from diffusers import DDIMScheduler
+
+    from ldmkit.diffusion.timesteps import timestep_pairs
+    from ldmkit.interop.diffusers.scheduler import _schedule_from_config
+
+    config = {"timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": alpha_to_one}
+    theirs = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, **config)
+    theirs.set_timesteps(50)
+    assert theirs.timesteps.tolist() == [t for t, _ in timestep_pairs(1000, 50, "paper")]
+    assert (float(theirs.final_alpha_cumprod) == 1.0) is alpha_to_one  # else alpha_bar_0, as paper's
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, sampler, _ = _schedule_from_config({"_class_name": "DDIMScheduler", **config})
+    assert sampler["spacing"] == "paper"
+    messages = [str(w.message) for w in caught if issubclass(w.category, diffusers_format.ConversionWarning)]
+    assert messages == ([
+        "scheduler/scheduler_config.json (DDIMScheduler): timestep_spacing='leading', steps_offset=1, "
+        "set_alpha_to_one=True has no ldmkit spacing: read as sampler.spacing='paper', the same timesteps, "
+        "but its last step goes to alpha_bar_0, where set_alpha_to_one=True goes to alpha_bar = 1"
+    ] if alpha_to_one else [])  # fmt: skip
+
+
 def test_convert_to_diffusers_of_a_quad_spacing_writes_the_folder_with_one_warning_line(tmp_path):
     tiny_kl_pipeline("sampler.spacing=quad").save(tmp_path / "ldm")
     result = ldmkit_cli("convert", "to-diffusers", str(tmp_path / "ldm"), "--out", str(tmp_path / "d"))

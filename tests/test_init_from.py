@@ -285,3 +285,6 @@ def test_a_paper_checkpoint_trained_with_l1_says_how_to_go_on_with_it(paper_file
     assert "loss_type" not in capsys.readouterr().err
     assert compvis.load_preset("lsun-churches-kl8").loss_type == "l1"
     assert compvis.load_preset("cin256-v2").loss_type == "l2"
+    # `ldmkit convert compvis` (Pipeline.from_compvis, saved) records it for a later init_from
+    Pipeline.from_compvis(ckpt, tmp_path / "l1.yaml").save(tmp_path / "converted")
+    assert read_source(tmp_path / "converted", stage="ldm").loss_type == "l1"

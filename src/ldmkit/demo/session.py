@@ -136,7 +136,7 @@ class DemoSession:
         from ldmkit import precision as _precision
 
         self.pipeline = pipeline.eval()
-        self.checkpoint = Path(checkpoint)
+        self.checkpoint = Path(checkpoint).absolute()  # the command runs from any folder
         self.device = str(device)
         self.precision = _precision.resolve("auto", device)  # as `ldmkit sample` resolves it
         self.results_dir = Path(results_dir)

@@ -596,7 +596,7 @@ GROUP_OPTIONS = {"kl": "kl_f8", "vq": "vq_f4", "unet": "unet", "class_label": "c
 
 def compose(model: CompvisModel, *, weights: str | None = None, source_kind: str = "compvis") -> Any:
     """The full ldmkit config (a ``DictConfig``) of a translated pipeline; ``choices`` records
-    the source and which ``weights`` (``ema`` / ``raw``) were taken."""
+    the source, which ``weights`` (``ema`` / ``raw``) were taken and the paper's ``loss_type``."""
     from omegaconf import OmegaConf, open_dict
 
     from ldmkit.config import compose_config
@@ -614,6 +614,8 @@ def compose(model: CompvisModel, *, weights: str | None = None, source_kind: str
         cfg.choices = {**cfg.get("choices", {}), "source": f"{source_kind}:{model.source}"}
         if weights is not None:
             cfg.choices.weights = weights
+        if model.loss_type is not None:  # what it trained with, for a later trainer.init_from
+            cfg.choices.loss_type = model.loss_type
     return cfg
 
 

@@ -523,8 +523,9 @@ class Trainer(abc.ABC):
                 batches.close()
 
     def _check_image_size(self) -> None:
-        """The configured image sizes against the first stage's factor f, before anything is
-        written (a size not divisible by f would fail inside the first step)."""
+        """The configured image sizes against the first stage's factor f, and data.channels
+        against its image channels, before anything is written (a size not divisible by f, or
+        other channels, would fail inside the first step)."""
         from ldmkit.interfaces import FirstStage
 
         first_stage = self.model_modules().get("first_stage")
@@ -535,6 +536,18 @@ class Trainer(abc.ABC):
             self.cfg, int(first_stage.downsample_factor),
             f"first_stage={choice}" if choice else "the first stage", data=self.data is None,
         )  # fmt: skip
+        channels = OmegaConf.select(self.cfg, "data.channels", default=None)
+        if self.data is None and isinstance(channels, int) and channels != first_stage.image_channels:
+            # else a TrainingError at the first batch, after the data is opened
+            from ldmkit.config import ConfigError, config_dir
+
+            follow = ", ".join(sorted(p.stem for p in (config_dir() / "first_stage").glob("*_data.yaml")))
+            raise ConfigError(
+                f"data.channels={channels} but {f'first_stage={choice}' if choice else 'the first stage'} takes "
+                f"{first_stage.image_channels}-channel images; use a first stage that follows data.channels "
+                f"(first_stage={follow}), or data.channels={first_stage.image_channels}"
+                + (" (gray replicated to RGB)" if first_stage.image_channels == 3 else "")
+            )
 
     def _unless_stopping(self, phase: Callable[..., None], *args: Any) -> None:
         """Validation or a grid, skipped once SIGTERM/SIGINT arrived, and abandoned if the

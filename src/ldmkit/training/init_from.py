@@ -180,9 +180,15 @@ def read_source(
 
 def _folder(path: Path, what: str, folder: Path | None = None) -> InitSource:
     """A folder written by ``Pipeline.save`` (``folder``, else ``path``): its tensors, read as
-    they are (nothing is built)."""
+    they are (nothing is built), and the paper's loss type when it was converted from a .ckpt."""
+    from omegaconf import OmegaConf
+
+    from ldmkit.config import load_saved_config
+
     folder = folder or path
-    return InitSource(path, what, read_safetensors(folder / MODEL_FILE), frozen.read_manifest(folder), folder)
+    config = load_saved_config(folder / "config.yaml")
+    loss_type = OmegaConf.select(config, "choices.loss_type", default=None)  # a converted paper .ckpt's
+    return InitSource(path, what, read_safetensors(folder / MODEL_FILE), frozen.read_manifest(folder), folder, loss_type)
 
 
 def _adapter_folder(path: Path, what: str, folder: Path | None = None) -> InitSource:

@@ -7,6 +7,7 @@ import warnings
 from typing import Any
 
 from ldmkit.config_checks import Integer
+from ldmkit.diffusion.timesteps import SPACINGS
 from ldmkit.interop.diffusers.common import (
     DIFFUSERS_VERSION,
     POSITIVE,
@@ -110,6 +111,17 @@ def _schedule_from_config(c: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
             else str(ddim[0])
             if ddim[0] in SPACING_TO_DDIM
             else "linspace"
+        )
+        difference = (  # leading + 1 with set_alpha_to_one=True: paper's timesteps, another end
+            "the same timesteps, but its last step goes to alpha_bar_0, where set_alpha_to_one=True goes to alpha_bar = 1"
+            if ddim[:2] == ("leading", 1)
+            else f"whose timesteps differ ({SPACINGS[spacing]})"
+        )
+        warnings.warn(
+            f"{where}: timestep_spacing={ddim[0]!r}, steps_offset={ddim[1]}, set_alpha_to_one={ddim[2]} has "
+            f"no ldmkit spacing: read as sampler.spacing={spacing!r}, {difference}",
+            ConversionWarning,
+            stacklevel=4,
         )
     prediction = {v: k for k, v in PREDICTION_TO_DIFFUSERS.items()}.get(
         c.get("prediction_type", "epsilon")
