@@ -485,12 +485,16 @@ def _options(group: str) -> list[str]:
 def test_component_checkpoint_needs_no_plus_for_any_option(tmp_path):
     """Every first_stage option and every experiment take `first_stage.checkpoint=PATH`
     (and `denoiser.checkpoint`, `conditioner.checkpoint`) whether or not they set the key."""
-    from tests.test_all_configs import _prepared_folder
+    from tests.test_all_configs import REQUIRED
 
     combos = [[f"first_stage={fs}"] for fs in _options("first_stage")]
-    # the folder presets read the prepared folder's manifest.json
-    folder = _prepared_folder(tmp_path)
-    combos += [[f"experiment={e}", *(folder if e.startswith("folder_") else [])] for e in _options("experiment")]
+    # the folder and scenes presets read the prepared data's manifest.json
+    prepared = {}
+    for e in _options("experiment"):
+        make = REQUIRED.get(("experiment", e))
+        if make is not None and make not in prepared:
+            prepared[make] = make(tmp_path / make.__name__)
+        combos.append([f"experiment={e}", *prepared.get(make, [])])
     for overrides in combos:
         cfg = compose_config(
             [

@@ -243,7 +243,9 @@ def test_euler_samples_on_karras_noise_levels_with_img2img_and_a_mask(class_chec
                  *flags, "--out", str(tmp_path / "karras.png"))  # fmt: skip
     assert out.returncode == 0, out.stderr
     settings = json.loads((tmp_path / "karras.json").read_text())
-    assert settings["sampler"] == {"name": "euler", "steps": 4, "spacing": "karras", "quantize": False}
+    assert settings["sampler"] == {"name": "euler", "steps": 4, "spacing": "karras", "quantize": False,
+                                   "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": None, "s_noise": 1.0}
+    assert "Infinity" not in (tmp_path / "karras.json").read_text()  # strict JSON (s_tmax: no bound is null)
     out = ldmkit("sample", "--checkpoint", ckpt, "sampler=euler", "sampler.steps=4", *flags,
                  "--out", str(tmp_path / "linspace.png"))  # fmt: skip
     assert out.returncode == 0, out.stderr

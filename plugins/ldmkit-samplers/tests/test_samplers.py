@@ -631,6 +631,7 @@ def test_churn_options_are_checked():
                 EulerSampler(**{name: value})
     with pytest.raises(ValueError, match="s_tmax must be a number >= 0"):
         HeunSampler(s_tmax=float("nan"))
+    assert HeunSampler(s_tmax=None).s_tmax is None  # the default: no upper bound
     assert "s_churn=1.0" in repr(DPM2Sampler(s_churn=1.0)) and "s_churn" not in repr(DPM2Sampler())
 
 

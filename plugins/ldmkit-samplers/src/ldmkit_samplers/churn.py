@@ -25,7 +25,8 @@ class ChurnSampler(SigmaSampler):
 
     :param s_churn: total churn over the chain (0: deterministic, the plain ODE solver).
     :param s_tmin: churn only at noise levels ``sigma >= s_tmin`` ...
-    :param s_tmax: ... and ``sigma <= s_tmax``.
+    :param s_tmax: ... and ``sigma <= s_tmax`` (None, the default: no upper bound; a settings
+        file keeps it as JSON's null, where an infinity is not JSON).
     :param s_noise: scales the added noise (Karras' ``S_noise``, slightly above 1 in the paper).
     """
 
@@ -37,7 +38,7 @@ class ChurnSampler(SigmaSampler):
         steps: int = 50,
         s_churn: float = 0.0,
         s_tmin: float = 0.0,
-        s_tmax: float = float("inf"),
+        s_tmax: float | None = None,
         s_noise: float = 1.0,
         spacing: str | None = None,
         quantize: bool = False,
@@ -46,8 +47,8 @@ class ChurnSampler(SigmaSampler):
         for name, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_noise", s_noise)):
             if not (math.isfinite(value) and value >= 0):  # nan passed `< 0`
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        if math.isnan(s_tmax) or s_tmax < 0:
-            raise ValueError(f"s_tmax must be a number >= 0 (inf: no bound), got {s_tmax}")
+        if s_tmax is not None and (math.isnan(s_tmax) or s_tmax < 0):
+            raise ValueError(f"s_tmax must be a number >= 0 (null: no bound), got {s_tmax}")
         self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = s_churn, s_tmin, s_tmax, s_noise
 
     @property
@@ -59,9 +60,8 @@ class ChurnSampler(SigmaSampler):
     ) -> tuple[Tensor, float]:
         if self.s_churn == 0:
             return x, sigma
-        gamma = (
-            min(self.s_churn / steps, 2**0.5 - 1) if self.s_tmin <= sigma <= self.s_tmax else 0.0
-        )
+        inside = self.s_tmin <= sigma and (self.s_tmax is None or sigma <= self.s_tmax)
+        gamma = min(self.s_churn / steps, 2**0.5 - 1) if inside else 0.0
         eps = randn_like(x, generator) * self.s_noise
         sigma_hat = sigma * (gamma + 1)
         if gamma > 0:
