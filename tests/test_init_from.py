@@ -285,3 +285,19 @@ def test_a_paper_checkpoint_trained_with_l1_says_how_to_go_on_with_it(paper_file
     assert "loss_type" not in capsys.readouterr().err
     assert compvis.load_preset("lsun-churches-kl8").loss_type == "l1"
     assert compvis.load_preset("cin256-v2").loss_type == "l2"
+
+
+def test_a_new_class_count_finds_the_sources_null_row_where_its_config_puts_it(tmp_path):
+    """A source whose null row is row 0 (``class_label.null_index=0``, labels 1..5) into a
+    table whose null row is the last: the null row is the source's row 0, not its last class;
+    labels 1-4 keep their rows; label 0 (the source's null, no class there) is a new row."""
+    torch.manual_seed(0)
+    Pipeline.from_config(ldm_cfg(tmp_path, "conditioner.num_classes=5", "conditioner.null_index=0")).save(tmp_path / "src")
+    before = Pipeline.load(tmp_path / "src").conditioner.embedding.weight.detach()
+    pipe = Pipeline.from_config(ldm_cfg(tmp_path, "conditioner.num_classes=10"))
+    source = read_source(tmp_path / "src", stage="ldm")
+    (result,) = load_components({"conditioner": pipe.conditioner}, source, strict=False)
+    assert result.resized == ["embedding.weight [6, 16]->[11, 16]"]
+    table = pipe.conditioner.embedding.weight.detach()
+    assert torch.equal(table[10], before[0]) and torch.equal(table[1:5], before[1:5])
+    assert not any(torch.equal(table[0], row) for row in before)

@@ -21,8 +21,10 @@ source) and skipped (in the source, not in the model, or another shape). A compo
 ``checkpoint:`` key of its own keeps those weights. With ``trainer.init_strict=false`` a tensor
 of another shape is offered to the module that owns it: a module may define
 ``adapt_loaded_tensor(name, source, own) -> Tensor | None`` (``name`` relative to it) to keep
-the part that fits (``class_label``'s embedding keeps the overlapping class rows and its null
-row); otherwise the tensor keeps its fresh initialisation and is reported as skipped.
+the part that fits; it may take a keyword ``source_options``, the source's config of that
+component (None where unknown), to read how the source laid the tensor out (``class_label``'s
+embedding keeps the overlapping class rows and moves the source's null row, found from its
+``null_index``, to its own); otherwise the tensor keeps its fresh initialisation and is reported as skipped.
 
 Only a fresh run is initialised: a run that resumes takes its weights from its checkpoint.
 """
@@ -30,6 +32,7 @@ Only a fresh run is initialised: a run that resumes takes its weights from its c
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -81,6 +84,11 @@ class InitSource:
     references: dict[str, dict[str, Any]] = field(default_factory=dict)  # frozen.json parts
     directory: Path | None = None  # where frozen.json was read
     loss_type: str | None = None  # what a paper checkpoint was trained with (its config's loss_type)
+    config: Any = None  # the source's own config (a DictConfig), where it has one
+
+    def options(self, component: str) -> Any:
+        """The source's config of ``component`` (``conditioner``), None where unknown."""
+        return None if self.config is None else self.config.get(component)
 
     @property
     def scale_factor(self) -> float | None:
@@ -167,8 +175,8 @@ def read_source(
         if (path / "model_index.json").is_file():
             from ldmkit.pipeline import Pipeline
 
-            state = Pipeline.from_diffusers(path).state_dict()
-            return InitSource(path, "a diffusers folder", dict(state))
+            pipeline = Pipeline.from_diffusers(path)
+            return InitSource(path, "a diffusers folder", dict(pipeline.state_dict()), config=pipeline.config)
         if (path / "checkpoints").is_dir() or (path / "meta.json").is_file():
             return _run(path, stage)
         if (path / "config.yaml").is_file() and (path / MODEL_FILE).is_file():
@@ -182,7 +190,14 @@ def _folder(path: Path, what: str, folder: Path | None = None) -> InitSource:
     """A folder written by ``Pipeline.save`` (``folder``, else ``path``): its tensors, read as
     they are (nothing is built)."""
     folder = folder or path
-    return InitSource(path, what, read_safetensors(folder / MODEL_FILE), frozen.read_manifest(folder), folder)
+    return InitSource(path, what, read_safetensors(folder / MODEL_FILE), frozen.read_manifest(folder), folder,
+                      config=_saved_config(folder))  # fmt: skip
+
+
+def _saved_config(folder: Path) -> Any:
+    from ldmkit.config import load_saved_config
+
+    return load_saved_config(folder / "config.yaml") if (folder / "config.yaml").is_file() else None
 
 
 def _adapter_folder(path: Path, what: str, folder: Path | None = None) -> InitSource:
@@ -196,7 +211,7 @@ def _adapter_folder(path: Path, what: str, folder: Path | None = None) -> InitSo
     except ValueError as err:  # LoraError, or weights that do not fit the config
         raise TrainingError(f"trainer.init_from={path}: {err}") from err
     lora.merge(pipeline)
-    return InitSource(path, f"{what}, its {LORA_MERGED}", dict(pipeline.state_dict()))
+    return InitSource(path, f"{what}, its {LORA_MERGED}", dict(pipeline.state_dict()), config=pipeline.config)
 
 
 def _merged_checkpoint(checkpoint: Checkpoint, weights: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -247,7 +262,8 @@ def _run(path: Path, stage: str) -> InitSource:
             what += f", its {LORA_MERGED}"
     else:
         weights.update({k: v for k, v in extra.items() if k.startswith("loss.")})  # the discriminator
-    return InitSource(path, what, weights, frozen.read_manifest(checkpoint.path), checkpoint.path)
+    return InitSource(path, what, weights, frozen.read_manifest(checkpoint.path), checkpoint.path,
+                      config=_saved_config(checkpoint.path))  # fmt: skip
 
 
 def _ema_weights(extra: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -268,7 +284,7 @@ def _compvis(path: Path, preset: str | None, config: str | Path | None) -> InitS
     pipeline = Pipeline.from_compvis(path, config, preset=preset)
     weights = "EMA" if pipeline.config.choices.get("weights") == "ema" else "raw"
     return InitSource(path, f"a paper checkpoint ({weights} weights)", dict(pipeline.state_dict()),
-                      loss_type=model.loss_type)  # fmt: skip
+                      loss_type=model.loss_type, config=pipeline.config)  # fmt: skip
 
 
 # -- loading --------------------------------------------------------------------------------
@@ -326,7 +342,12 @@ def load_components(
                     "trainer.init_strict=false to keep what fits and initialise the rest"
                 )
             adapt, local = _adapter(module, name)
-            adapted = adapt(local, value, mine_tensor) if adapt is not None and value.dim() == mine_tensor.dim() else None
+            adapted = None
+            if adapt is not None and value.dim() == mine_tensor.dim():
+                options = {}
+                if "source_options" in inspect.signature(adapt).parameters:  # the component's own
+                    options["source_options"] = source.options(prefix) if local == name else None
+                adapted = adapt(local, value, mine_tensor, **options)
             if adapted is not None and tuple(adapted.shape) == tuple(mine_tensor.shape):
                 state[name] = adapted
                 result.resized.append(f"{name} {_shape(value)}->{_shape(mine_tensor)}")
