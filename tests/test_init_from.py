@@ -19,7 +19,7 @@ from ldmkit.config import compose_config
 from ldmkit.interop import compvis
 from ldmkit.pipeline import Pipeline
 from ldmkit.training import TrainingError, train
-from ldmkit.training.init_from import load_components, read_source
+from ldmkit.training.init_from import load_components, read_source, source_config
 from ldmkit.training.state import load_state
 from tests.test_bad_values import error_line
 from tests.test_compvis_import import LDM_CONFIG, paper_files  # noqa: F401 - a fixture
@@ -301,3 +301,15 @@ def test_a_new_class_count_finds_the_sources_null_row_where_its_config_puts_it(t
     table = pipe.conditioner.embedding.weight.detach()
     assert torch.equal(table[10], before[0]) and torch.equal(table[1:5], before[1:5])
     assert not any(torch.equal(table[0], row) for row in before)
+
+
+
+@pytest.mark.parametrize("text", ["denoiser: [\n", "- 1\n- 2\n"])
+def test_a_source_whose_config_yaml_is_broken_is_one_line_naming_it(tmp_path, text):
+    """Before: YAML that does not parse was a ParserError traceback (init_architecture=source)."""
+    Pipeline.from_config(ldm_cfg(tmp_path, "conditioner.num_classes=5")).save(tmp_path / "src")
+    (tmp_path / "src" / "config.yaml").write_text(text)
+    for read in (read_source, source_config):
+        with pytest.raises(TrainingError) as err:
+            read(tmp_path / "src", stage="ldm")
+        assert "\n" not in str(err.value) and f"{tmp_path / 'src' / 'config.yaml'}" in str(err.value), read

@@ -50,7 +50,7 @@ from ldmkit.checkpoint_layout import (
     resolve_checkpoint,
     unflatten_state,
 )
-from ldmkit.errors import CheckpointError, LdmkitError
+from ldmkit.errors import CheckpointError, ConfigError, LdmkitError
 from ldmkit.lora import ADAPTER_CONFIG
 from ldmkit.safetensors_io import read_safetensors
 from ldmkit.training.errors import TrainingError
@@ -191,13 +191,26 @@ def _folder(path: Path, what: str, folder: Path | None = None) -> InitSource:
     they are (nothing is built)."""
     folder = folder or path
     return InitSource(path, what, read_safetensors(folder / MODEL_FILE), frozen.read_manifest(folder), folder,
-                      config=_saved_config(folder))  # fmt: skip
+                      config=_saved_config(folder / "config.yaml"))  # fmt: skip
 
 
-def _saved_config(folder: Path) -> Any:
-    from ldmkit.config import load_saved_config
+def _saved_config(path: Path) -> Any:
+    """The config in a source's ``config.yaml`` (None where there is none); YAML that does not
+    parse, or a file that holds no mapping, is a :class:`ConfigError` naming it."""
+    import yaml
+    from omegaconf import DictConfig
 
-    return load_saved_config(folder / "config.yaml") if (folder / "config.yaml").is_file() else None
+    from ldmkit.config import load_saved_config, yaml_problem
+
+    if not path.is_file():
+        return None
+    try:
+        cfg = load_saved_config(path)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not YAML: {yaml_problem(err)}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path} holds a list, not a mapping of config groups")
+    return cfg
 
 
 def _adapter_folder(path: Path, what: str, folder: Path | None = None) -> InitSource:
@@ -220,13 +233,12 @@ def _merged_checkpoint(checkpoint: Checkpoint, weights: dict[str, Tensor]) -> di
     from omegaconf import open_dict
 
     from ldmkit import lora
-    from ldmkit.config import load_saved_config
     from ldmkit.pipeline import Pipeline
 
     config = checkpoint.path / "config.yaml"
     if not config.is_file():
         raise TrainingError(f"{checkpoint.path} holds a LoRA adapter but no config.yaml to merge it with")
-    cfg = load_saved_config(config)
+    cfg = _saved_config(config)
     with open_dict(cfg):
         for group in ("first_stage", "denoiser", "conditioner"):  # the weights are all here
             if "checkpoint" in (cfg.get(group) or {}):
@@ -263,7 +275,7 @@ def _run(path: Path, stage: str) -> InitSource:
     else:
         weights.update({k: v for k, v in extra.items() if k.startswith("loss.")})  # the discriminator
     return InitSource(path, what, weights, frozen.read_manifest(checkpoint.path), checkpoint.path,
-                      config=_saved_config(checkpoint.path))  # fmt: skip
+                      config=_saved_config(checkpoint.path / "config.yaml"))  # fmt: skip
 
 
 def _ema_weights(extra: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -414,7 +426,6 @@ def source_config(
     a pipeline folder's or a run's ``config.yaml``, a paper checkpoint's translation, a
     diffusers folder's."""
     from ldmkit import pipeline_files
-    from ldmkit.config import load_saved_config
 
     path = _existing(path)
     with _reading(path):
@@ -433,7 +444,7 @@ def source_config(
             candidates.append(resolve_checkpoint(path).path / "config.yaml")
         for candidate in candidates:
             if candidate.is_file():  # a pipeline folder's carried files named inside it
-                return pipeline_files.resolve(load_saved_config(candidate), candidate.parent)
+                return pipeline_files.resolve(_saved_config(candidate), candidate.parent)
     raise _missing(path, "holds no config.yaml to take the architecture from")
 
 
