@@ -301,7 +301,13 @@ def test_a_new_class_count_finds_the_sources_null_row_where_its_config_puts_it(t
     table = pipe.conditioner.embedding.weight.detach()
     assert torch.equal(table[10], before[0]) and torch.equal(table[1:5], before[1:5])
     assert not any(torch.equal(table[0], row) for row in before)
-
+    # the same class count: the same shape, the rows still move (strict mode too)
+    pipe = Pipeline.from_config(ldm_cfg(tmp_path, "conditioner.num_classes=5"))
+    (result,) = load_components({"conditioner": pipe.conditioner}, source, strict=True)
+    assert result.loaded == ["embedding.weight"]
+    table = pipe.conditioner.embedding.weight.detach()
+    assert torch.equal(table[5], before[0]) and torch.equal(table[1:5], before[1:5])
+    assert not any(torch.equal(table[0], row) for row in before)
 
 
 @pytest.mark.parametrize("text", ["denoiser: [\n", "- 1\n- 2\n"])

@@ -21,10 +21,12 @@ source) and skipped (in the source, not in the model, or another shape). A compo
 ``checkpoint:`` key of its own keeps those weights. With ``trainer.init_strict=false`` a tensor
 of another shape is offered to the module that owns it: a module may define
 ``adapt_loaded_tensor(name, source, own) -> Tensor | None`` (``name`` relative to it) to keep
-the part that fits; it may take a keyword ``source_options``, the source's config of that
-component (None where unknown), to read how the source laid the tensor out (``class_label``'s
-embedding keeps the overlapping class rows and moves the source's null row, found from its
-``null_index``, to its own); otherwise the tensor keeps its fresh initialisation and is reported as skipped.
+the part that fits; otherwise the tensor keeps its fresh initialisation and is reported as
+skipped. An ``adapt_loaded_tensor`` that takes a keyword ``source_options`` gets the source's
+config of its component (None where unknown) to read how the source laid the tensor out, and is
+offered the tensors of the same shape too (in strict mode as well; None: loaded as they are):
+``class_label``'s embedding keeps the rows of the labels both tables have and moves the source's
+null row, found from its ``null_index``, to its own.
 
 Only a fresh run is initialised: a run that resumes takes its weights from its checkpoint.
 """
@@ -315,6 +317,22 @@ def _adapter(component: nn.Module, name: str):
     return None, name
 
 
+def _reads_options(adapt: Any) -> bool:
+    """Whether an ``adapt_loaded_tensor`` (or the module defining one) takes ``source_options``."""
+    adapt = getattr(adapt, "adapt_loaded_tensor", adapt)
+    return callable(adapt) and "source_options" in inspect.signature(adapt).parameters
+
+
+def _adapt(component: nn.Module, name: str, value: Tensor, own: Tensor, source: InitSource, prefix: str):
+    """What the module owning ``name`` makes of the source's ``value`` (None: nothing); one that
+    takes ``source_options`` gets the source's config of ``prefix`` when it is the component."""
+    adapt, local = _adapter(component, name)
+    if adapt is None or value.dim() != own.dim():
+        return None
+    options = {"source_options": source.options(prefix) if local == name else None} if _reads_options(adapt) else {}
+    return adapt(local, value, own, **options)
+
+
 def load_components(
     modules: Mapping[str, nn.Module], source: InitSource, *, strict: bool, keep: Mapping[str, str] | None = None
 ) -> list[ComponentLoad]:
@@ -343,7 +361,10 @@ def load_components(
                 continue
             value = theirs[name]
             if tuple(value.shape) == tuple(mine_tensor.shape):
-                state[name] = value
+                # a component that reads the source's config may lay out a tensor of the same
+                # shape anew (class_label: the source's null row elsewhere); None: as it is
+                moved = _adapt(module, name, value, mine_tensor, source, prefix) if _reads_options(module) else None
+                state[name] = value if moved is None or moved.shape != mine_tensor.shape else moved
                 result.loaded.append(name)
                 continue
             where = f"{prefix}.{name}"
@@ -353,13 +374,7 @@ def load_components(
                     f"{_shape(mine_tensor)} in the model built from the config; set "
                     "trainer.init_strict=false to keep what fits and initialise the rest"
                 )
-            adapt, local = _adapter(module, name)
-            adapted = None
-            if adapt is not None and value.dim() == mine_tensor.dim():
-                options = {}
-                if "source_options" in inspect.signature(adapt).parameters:  # the component's own
-                    options["source_options"] = source.options(prefix) if local == name else None
-                adapted = adapt(local, value, mine_tensor, **options)
+            adapted = _adapt(module, name, value, mine_tensor, source, prefix)
             if adapted is not None and tuple(adapted.shape) == tuple(mine_tensor.shape):
                 state[name] = adapted
                 result.resized.append(f"{name} {_shape(value)}->{_shape(mine_tensor)}")

@@ -92,8 +92,8 @@ class ClassLabelConditioner(Conditioner):
     def adapt_loaded_tensor(
         self, name: str, source: Tensor, own: Tensor, source_options: Mapping[str, Any] | None = None
     ) -> Tensor | None:
-        """``trainer.init_from`` with ``trainer.init_strict=false`` from a table of another
-        class count (:mod:`ldmkit.training.init_from`): the rows of the labels both tables have
+        """``trainer.init_from`` from a table of another class count (with
+        ``trainer.init_strict=false``) or another null row (:mod:`ldmkit.training.init_from`): the rows of the labels both tables have
         are kept (a label names the same row in both), the source's null row moves to this
         table's null row, and each new class row is drawn from the normal distribution of the
         known class rows (their mean and covariance, as transformers'
@@ -109,6 +109,8 @@ class ClassLabelConditioner(Conditioner):
             if self.null_index not in (0, self.num_classes):
                 return None
             null = 0 if self.null_index == 0 else rows - 1
+        if rows == own.shape[0] and null == self.null_index:
+            return None  # the same layout: loaded as it is
         out = own.detach().clone()
         out[self.null_index] = source[null]
         kept = [r for r in range(min(rows, out.shape[0])) if r not in (null, self.null_index)]
