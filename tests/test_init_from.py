@@ -319,3 +319,22 @@ def test_a_source_whose_config_yaml_is_broken_is_one_line_naming_it(tmp_path, te
         with pytest.raises(TrainingError) as err:
             read(tmp_path / "src", stage="ldm")
         assert "\n" not in str(err.value) and f"{tmp_path / 'src' / 'config.yaml'}" in str(err.value), read
+
+
+def test_init_architecture_source_with_a_new_class_count_drops_the_sources_class_names(tmp_path):
+    """Before: the source's 3 class_names came along with conditioner.num_classes=5 and the
+    build stopped (labelled ``conditioner=none``, the config's own choice) at the names."""
+    from ldmkit.cli.common import _compose
+
+    Pipeline.from_config(ldm_cfg(tmp_path, "conditioner.num_classes=3", "conditioner.class_names=[a,b,c]")).save(
+        tmp_path / "src"
+    )
+    base = ["stage=ldm", "trainer=ldm_tiny", "image_size=8", f"trainer.init_from={tmp_path / 'src'}",
+            "trainer.init_architecture=source"]  # fmt: skip
+    cfg = _compose([*base, "conditioner.num_classes=5"], print_config=False)
+    assert cfg.conditioner.num_classes == 5 and cfg.conditioner.class_names is None
+    assert cfg.choices.conditioner == "class_label"
+    assert Pipeline.from_config(cfg).conditioner.num_classes == 5
+    named = _compose([*base, "conditioner.num_classes=4", "conditioner.class_names=[w,x,y,z]"], print_config=False)
+    assert list(named.conditioner.class_names) == ["w", "x", "y", "z"]
+    assert list(_compose(base, print_config=False).conditioner.class_names) == ["a", "b", "c"]

@@ -474,7 +474,8 @@ def adopt_source_architecture(cfg: Any, overrides: list[str] | tuple[str, ...] =
     """``trainer.init_architecture=source``: ``cfg`` with the model's groups (the first stage,
     denoiser, conditioner and noise schedule; stage 1: the first stage) taken from
     ``trainer.init_from``'s own config, then the ``overrides`` of keys inside those groups
-    applied again (``conditioner.num_classes=10`` still changes the class count). A group
+    applied again (``conditioner.num_classes=10`` still changes the class count, and drops the
+source's ``class_names`` of another count unless they are given too). A group
     chosen on the command line (``conditioner=class_label``) stays the one chosen. Components'
     ``checkpoint:`` keys are cleared: their weights come from ``init_from``."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -499,6 +500,8 @@ def adopt_source_architecture(cfg: Any, overrides: list[str] | tuple[str, ...] =
             if "checkpoint" in node:
                 node.checkpoint = None
             cfg[group] = node
+            if "choices" in cfg:  # messages name the option the group came from: the source's
+                cfg.choices[group] = OmegaConf.select(source, f"choices.{group}", default=None)
         for o in parsed:
             if inside_architecture(o.input_line):  # set here: composition went without them
                 if o.is_delete():
@@ -508,5 +511,10 @@ def adopt_source_architecture(cfg: Any, overrides: list[str] | tuple[str, ...] =
                         del node[key]
                 else:
                     OmegaConf.update(cfg, o.key_or_group, o.value(), force_add=True)
+        given = {o.key_or_group for o in parsed}
+        names = OmegaConf.select(cfg, "conditioner.class_names", default=None)
+        if ("conditioner" in taken and "conditioner.num_classes" in given and "conditioner.class_names" not in given
+                and names is not None and len(names) != cfg.conditioner.num_classes):  # fmt: skip
+            cfg.conditioner.class_names = None  # the source's names, of another class count
     check_config(cfg)
     return cfg
