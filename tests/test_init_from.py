@@ -338,3 +338,16 @@ def test_init_architecture_source_with_a_new_class_count_drops_the_sources_class
     named = _compose([*base, "conditioner.num_classes=4", "conditioner.class_names=[w,x,y,z]"], print_config=False)
     assert list(named.conditioner.class_names) == ["w", "x", "y", "z"]
     assert list(_compose(base, print_config=False).conditioner.class_names) == ["a", "b", "c"]
+
+
+def test_a_paper_translation_given_for_another_source_is_one_line(tmp_path):
+    """Before: trainer.init_preset / trainer.init_config were silently ignored unless the
+    source was a pickled checkpoint."""
+    Pipeline.from_config(ldm_cfg(tmp_path, "conditioner.num_classes=5")).save(tmp_path / "src")
+    for key, value in (("preset", "cin256-v2"), ("config", tmp_path / "config.yaml")):
+        for read in (read_source, source_config):
+            with pytest.raises(TrainingError, match=rf"^trainer.init_{key}={value} reads a paper \.ckpt, but "
+                                                    rf"trainer.init_from={tmp_path / 'src'} is a folder"):  # fmt: skip
+                read(tmp_path / "src", stage="ldm", **{key: value})
+    with pytest.raises(TrainingError, match=r"^trainer.init_preset=cin256-v2 is set without trainer.init_from=PATH"):
+        train(ldm_cfg(tmp_path / "run", "trainer.init_preset=cin256-v2"), data=class_data(10))

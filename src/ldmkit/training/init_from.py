@@ -134,10 +134,18 @@ def _missing(path: Path, problem: str) -> TrainingError:
     return TrainingError(f"trainer.init_from={path} {problem}; expected {EXPECTED}")
 
 
-def _existing(path: str | Path) -> Path:
+def _existing(path: str | Path, preset: str | None = None, config: str | Path | None = None) -> Path:
+    """``path``, which exists; a paper translation (``init_preset``/``init_config``) only
+    with a checkpoint file."""
     path = Path(path).expanduser()
     if not path.exists():
         raise _missing(path, "does not exist")
+    for key, value in (("init_preset", preset), ("init_config", config)):
+        if value is not None and path.is_dir():
+            raise TrainingError(
+                f"trainer.{key}={value} reads a paper .ckpt, but trainer.init_from={path} is a folder "
+                f"that says what it holds: remove trainer.{key}"
+            )
     return path
 
 
@@ -169,7 +177,7 @@ def read_source(
     path: str | Path, *, stage: str, preset: str | None = None, config: str | Path | None = None
 ) -> InitSource:
     """The weights at ``path`` (see the module docstring) for a run of ``stage``."""
-    path = _existing(path)
+    path = _existing(path, preset, config)
     with _reading(path):
         if path.is_file():
             _check_translation(path, preset, config)
@@ -403,6 +411,9 @@ def initialize(trainer: Any, modules: Mapping[str, nn.Module]) -> tuple[InitSour
     options = trainer.options
     path = options.get("init_from")
     if not path:
+        for key in ("init_preset", "init_config"):
+            if options.get(key) is not None:
+                raise TrainingError(f"trainer.{key}={options.get(key)} is set without trainer.init_from=PATH (the paper .ckpt it reads)")
         return None
     latest: Checkpoint | None = trainer.state.latest()
     if latest is not None and trainer.state.allow_resume:
@@ -442,7 +453,7 @@ def source_config(
     diffusers folder's."""
     from ldmkit import pipeline_files
 
-    path = _existing(path)
+    path = _existing(path, preset, config)
     with _reading(path):
         if path.is_file():
             from ldmkit.interop import compvis
