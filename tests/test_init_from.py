@@ -351,3 +351,25 @@ def test_a_paper_translation_given_for_another_source_is_one_line(tmp_path):
                 read(tmp_path / "src", stage="ldm", **{key: value})
     with pytest.raises(TrainingError, match=r"^trainer.init_preset=cin256-v2 is set without trainer.init_from=PATH"):
         train(ldm_cfg(tmp_path / "run", "trainer.init_preset=cin256-v2"), data=class_data(10))
+
+
+def test_init_architecture_source_resumes_without_reading_the_source_again(source_run, tmp_path, capsys):
+    """Before: composing the resumed command read the source's config again, so a source moved
+    or deleted since the start stopped the resume (docs: the source is not read again)."""
+    import shutil
+
+    from ldmkit.cli.common import _compose
+
+    shutil.copytree(source_run / "pipeline", tmp_path / "src")
+    args = ["stage=ldm", "trainer=ldm_tiny", "image_size=8", "trainer.num_threads=1", f"run_dir={tmp_path / 'run'}",
+            f"trainer.init_from={tmp_path / 'src'}", "trainer.init_architecture=source", "trainer.init_strict=false",
+            "conditioner.num_classes=7"]  # fmt: skip
+    started = _compose([*args, "trainer.max_steps=1"], print_config=False)
+    train(started, data=class_data(7))
+    shutil.rmtree(tmp_path / "src")
+    resumed = _compose([*args, "trainer.max_steps=2"], print_config=False)
+    for group in ("first_stage", "denoiser", "conditioner", "schedule"):
+        assert OmegaConf.to_container(resumed[group]) == OmegaConf.to_container(started[group]), group
+    capsys.readouterr()
+    train(resumed, data=class_data(7))
+    assert "not applied: resuming from" in capsys.readouterr().err

@@ -474,6 +474,18 @@ def source_config(
     raise _missing(path, "holds no config.yaml to take the architecture from")
 
 
+def _resumed_config(cfg: Any) -> Any:
+    """The config of the run that ``cfg`` resumes (its newest checkpoint's ``config.yaml``, which
+    holds the architecture taken when it started), None for a fresh run: a run that resumes
+    reads no source, which may have moved since."""
+    from ldmkit.checkpoint_layout import list_checkpoints
+
+    if not (cfg.get("trainer") or {}).get("resume", True) or not cfg.get("run_dir"):
+        return None
+    saved = [c.config_file for c in list_checkpoints(Path(str(cfg.run_dir)) / "checkpoints") if c.config_file.is_file()]
+    return _saved_config(saved[-1]) if saved else None
+
+
 def inside_architecture(override: str) -> bool:
     """Whether a command-line override sets a key inside one of the model's groups
     (``conditioner.num_classes=10``, not ``conditioner=class_label``)."""
@@ -500,8 +512,10 @@ source's ``class_names`` of another count unless they are given too). A group
     stage = str(cfg.get("stage", "ldm"))
     if not trainer.get("init_from"):
         raise TrainingError("trainer.init_architecture=source needs trainer.init_from=PATH (the model to take it from)")
-    source = source_config(trainer.init_from, stage=stage, preset=trainer.get("init_preset"),
-                           config=trainer.get("init_config"))  # fmt: skip
+    source = _resumed_config(cfg)
+    if source is None:
+        source = source_config(trainer.init_from, stage=stage, preset=trainer.get("init_preset"),
+                               config=trainer.get("init_config"))  # fmt: skip
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     chosen = {o.key_or_group for o in parsed if "." not in o.key_or_group and not o.is_delete()}
     taken = [g for g in ARCHITECTURE_GROUPS.get(stage, ()) if g not in chosen and g in source]
