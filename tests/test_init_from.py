@@ -373,3 +373,19 @@ def test_init_architecture_source_resumes_without_reading_the_source_again(sourc
     capsys.readouterr()
     train(resumed, data=class_data(7))
     assert "not applied: resuming from" in capsys.readouterr().err
+
+
+def test_init_architecture_source_set_in_a_config_file_is_applied(source_run, tmp_path):
+    """Before: only the command-line override was seen; an experiment of the user's setting
+    ``trainer.init_architecture: source`` trained the config's own model."""
+    from ldmkit.cli.common import _compose
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "ft.yaml").write_text(
+        f"# @package _global_\ntrainer:\n  init_from: {source_run}\n  init_architecture: source\n"
+    )
+    cfg = _compose(["stage=ldm", "trainer=ldm_tiny", "image_size=8", "experiment=ft", "conditioner.num_classes=7"],
+                   print_config=False, config_dirs=[str(tmp_path)])  # fmt: skip
+    saved = Pipeline.load(source_run / "pipeline").config
+    assert cfg.conditioner.name == "class_label" and cfg.conditioner.num_classes == 7
+    assert cfg.denoiser.model_channels == saved.denoiser.model_channels
