@@ -389,3 +389,18 @@ def test_init_architecture_source_set_in_a_config_file_is_applied(source_run, tm
     saved = Pipeline.load(source_run / "pipeline").config
     assert cfg.conditioner.name == "class_label" and cfg.conditioner.num_classes == 7
     assert cfg.denoiser.model_channels == saved.denoiser.model_channels
+
+
+@pytest.mark.parametrize(("ema", "weights"), [("enabled: false", "raw"), ("use_for_sampling: false", "raw"), ("", "EMA")])
+def test_the_report_says_raw_weights_for_a_run_that_exported_no_ema(source_run, tmp_path, ema, weights):
+    """Before: a run's exported pipeline/ was always reported as its EMA weights."""
+    import shutil
+
+    shutil.copytree(source_run / "pipeline", tmp_path / "run" / "pipeline")
+    (tmp_path / "run" / "checkpoints").mkdir()
+    config = OmegaConf.load(tmp_path / "run" / "pipeline" / "config.yaml")
+    if ema:
+        key, value = ema.split(": ")
+        OmegaConf.update(config, f"trainer.ema.{key}", value == "true")
+    OmegaConf.save(config, tmp_path / "run" / "pipeline" / "config.yaml")
+    assert f"exported pipeline/ ({weights} weights, " in read_source(tmp_path / "run", stage="ldm").what

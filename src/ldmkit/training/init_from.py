@@ -263,7 +263,11 @@ def _merged_checkpoint(checkpoint: Checkpoint, weights: dict[str, Tensor]) -> di
 def _run(path: Path, stage: str) -> InitSource:
     exported = path / "pipeline"
     if stage == "ldm" and (exported / MODEL_FILE).is_file() and (exported / "config.yaml").is_file():
-        return _folder(path, "the run's exported pipeline/ (EMA weights, what `ldmkit sample --checkpoint` reads)", exported)
+        source = _folder(path, "", exported)
+        ema = (source.config.get("trainer") or {}).get("ema") or {}  # what export_pipeline wrote
+        weights = "EMA" if ema.get("enabled", True) and ema.get("use_for_sampling", True) else "raw"
+        source.what = f"the run's exported pipeline/ ({weights} weights, what `ldmkit sample --checkpoint` reads)"
+        return source
     if stage == "ldm" and (exported / ADAPTER_CONFIG).is_file() and (exported / "config.yaml").is_file():
         return _adapter_folder(path, "the run's exported pipeline/ (EMA weights)", exported)
     checkpoint = resolve_checkpoint(path)
