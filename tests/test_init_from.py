@@ -19,7 +19,7 @@ from ldmkit.config import compose_config
 from ldmkit.interop import compvis
 from ldmkit.pipeline import Pipeline
 from ldmkit.training import TrainingError, train
-from ldmkit.training.init_from import load_components, read_source
+from ldmkit.training.init_from import load_components, read_source, source_config
 from ldmkit.training.state import load_state
 from tests.test_bad_values import error_line
 from tests.test_compvis_import import LDM_CONFIG, paper_files  # noqa: F401 - a fixture
@@ -288,3 +288,122 @@ def test_a_paper_checkpoint_trained_with_l1_says_how_to_go_on_with_it(paper_file
     # `ldmkit convert compvis` (Pipeline.from_compvis, saved) records it for a later init_from
     Pipeline.from_compvis(ckpt, tmp_path / "l1.yaml").save(tmp_path / "converted")
     assert read_source(tmp_path / "converted", stage="ldm").loss_type == "l1"
+
+
+def test_a_new_class_count_finds_the_sources_null_row_where_its_config_puts_it(tmp_path):
+    """A source whose null row is row 0 (``class_label.null_index=0``, labels 1..5) into a
+    table whose null row is the last: the null row is the source's row 0, not its last class;
+    labels 1-4 keep their rows; label 0 (the source's null, no class there) is a new row."""
+    torch.manual_seed(0)
+    Pipeline.from_config(ldm_cfg(tmp_path, "conditioner.num_classes=5", "conditioner.null_index=0")).save(tmp_path / "src")
+    before = Pipeline.load(tmp_path / "src").conditioner.embedding.weight.detach()
+    pipe = Pipeline.from_config(ldm_cfg(tmp_path, "conditioner.num_classes=10"))
+    source = read_source(tmp_path / "src", stage="ldm")
+    (result,) = load_components({"conditioner": pipe.conditioner}, source, strict=False)
+    assert result.resized == ["embedding.weight [6, 16]->[11, 16]"]
+    table = pipe.conditioner.embedding.weight.detach()
+    assert torch.equal(table[10], before[0]) and torch.equal(table[1:5], before[1:5])
+    assert not any(torch.equal(table[0], row) for row in before)
+    # the same class count: the same shape, the rows still move (strict mode too)
+    pipe = Pipeline.from_config(ldm_cfg(tmp_path, "conditioner.num_classes=5"))
+    (result,) = load_components({"conditioner": pipe.conditioner}, source, strict=True)
+    assert result.loaded == ["embedding.weight"]
+    table = pipe.conditioner.embedding.weight.detach()
+    assert torch.equal(table[5], before[0]) and torch.equal(table[1:5], before[1:5])
+    assert not any(torch.equal(table[0], row) for row in before)
+
+
+@pytest.mark.parametrize("text", ["denoiser: [\n", "- 1\n- 2\n"])
+def test_a_source_whose_config_yaml_is_broken_is_one_line_naming_it(tmp_path, text):
+    """Before: YAML that does not parse was a ParserError traceback (init_architecture=source)."""
+    Pipeline.from_config(ldm_cfg(tmp_path, "conditioner.num_classes=5")).save(tmp_path / "src")
+    (tmp_path / "src" / "config.yaml").write_text(text)
+    for read in (read_source, source_config):
+        with pytest.raises(TrainingError) as err:
+            read(tmp_path / "src", stage="ldm")
+        assert "\n" not in str(err.value) and f"{tmp_path / 'src' / 'config.yaml'}" in str(err.value), read
+
+
+def test_init_architecture_source_with_a_new_class_count_drops_the_sources_class_names(tmp_path):
+    """Before: the source's 3 class_names came along with conditioner.num_classes=5 and the
+    build stopped (labelled ``conditioner=none``, the config's own choice) at the names."""
+    from ldmkit.cli.common import _compose
+
+    Pipeline.from_config(ldm_cfg(tmp_path, "conditioner.num_classes=3", "conditioner.class_names=[a,b,c]")).save(
+        tmp_path / "src"
+    )
+    base = ["stage=ldm", "trainer=ldm_tiny", "image_size=8", f"trainer.init_from={tmp_path / 'src'}",
+            "trainer.init_architecture=source"]  # fmt: skip
+    cfg = _compose([*base, "conditioner.num_classes=5"], print_config=False)
+    assert cfg.conditioner.num_classes == 5 and cfg.conditioner.class_names is None
+    assert cfg.choices.conditioner == "class_label"
+    assert Pipeline.from_config(cfg).conditioner.num_classes == 5
+    named = _compose([*base, "conditioner.num_classes=4", "conditioner.class_names=[w,x,y,z]"], print_config=False)
+    assert list(named.conditioner.class_names) == ["w", "x", "y", "z"]
+    assert list(_compose(base, print_config=False).conditioner.class_names) == ["a", "b", "c"]
+
+
+def test_a_paper_translation_given_for_another_source_is_one_line(tmp_path):
+    """Before: trainer.init_preset / trainer.init_config were silently ignored unless the
+    source was a pickled checkpoint."""
+    Pipeline.from_config(ldm_cfg(tmp_path, "conditioner.num_classes=5")).save(tmp_path / "src")
+    for key, value in (("preset", "cin256-v2"), ("config", tmp_path / "config.yaml")):
+        for read in (read_source, source_config):
+            with pytest.raises(TrainingError, match=rf"^trainer.init_{key}={value} reads a paper \.ckpt, but "
+                                                    rf"trainer.init_from={tmp_path / 'src'} is a folder"):  # fmt: skip
+                read(tmp_path / "src", stage="ldm", **{key: value})
+    with pytest.raises(TrainingError, match=r"^trainer.init_preset=cin256-v2 is set without trainer.init_from=PATH"):
+        train(ldm_cfg(tmp_path / "run", "trainer.init_preset=cin256-v2"), data=class_data(10))
+
+
+def test_init_architecture_source_resumes_without_reading_the_source_again(source_run, tmp_path, capsys):
+    """Before: composing the resumed command read the source's config again, so a source moved
+    or deleted since the start stopped the resume (docs: the source is not read again)."""
+    import shutil
+
+    from ldmkit.cli.common import _compose
+
+    shutil.copytree(source_run / "pipeline", tmp_path / "src")
+    args = ["stage=ldm", "trainer=ldm_tiny", "image_size=8", "trainer.num_threads=1", f"run_dir={tmp_path / 'run'}",
+            f"trainer.init_from={tmp_path / 'src'}", "trainer.init_architecture=source", "trainer.init_strict=false",
+            "conditioner.num_classes=7"]  # fmt: skip
+    started = _compose([*args, "trainer.max_steps=1"], print_config=False)
+    train(started, data=class_data(7))
+    shutil.rmtree(tmp_path / "src")
+    resumed = _compose([*args, "trainer.max_steps=2"], print_config=False)
+    for group in ("first_stage", "denoiser", "conditioner", "schedule"):
+        assert OmegaConf.to_container(resumed[group]) == OmegaConf.to_container(started[group]), group
+    capsys.readouterr()
+    train(resumed, data=class_data(7))
+    assert "not applied: resuming from" in capsys.readouterr().err
+
+
+def test_init_architecture_source_set_in_a_config_file_is_applied(source_run, tmp_path):
+    """Before: only the command-line override was seen; an experiment of the user's setting
+    ``trainer.init_architecture: source`` trained the config's own model."""
+    from ldmkit.cli.common import _compose
+
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "ft.yaml").write_text(
+        f"# @package _global_\ntrainer:\n  init_from: {source_run}\n  init_architecture: source\n"
+    )
+    cfg = _compose(["stage=ldm", "trainer=ldm_tiny", "image_size=8", "experiment=ft", "conditioner.num_classes=7"],
+                   print_config=False, config_dirs=[str(tmp_path)])  # fmt: skip
+    saved = Pipeline.load(source_run / "pipeline").config
+    assert cfg.conditioner.name == "class_label" and cfg.conditioner.num_classes == 7
+    assert cfg.denoiser.model_channels == saved.denoiser.model_channels
+
+
+@pytest.mark.parametrize(("ema", "weights"), [("enabled: false", "raw"), ("use_for_sampling: false", "raw"), ("", "EMA")])
+def test_the_report_says_raw_weights_for_a_run_that_exported_no_ema(source_run, tmp_path, ema, weights):
+    """Before: a run's exported pipeline/ was always reported as its EMA weights."""
+    import shutil
+
+    shutil.copytree(source_run / "pipeline", tmp_path / "run" / "pipeline")
+    (tmp_path / "run" / "checkpoints").mkdir()
+    config = OmegaConf.load(tmp_path / "run" / "pipeline" / "config.yaml")
+    if ema:
+        key, value = ema.split(": ")
+        OmegaConf.update(config, f"trainer.ema.{key}", value == "true")
+    OmegaConf.save(config, tmp_path / "run" / "pipeline" / "config.yaml")
+    assert f"exported pipeline/ ({weights} weights, " in read_source(tmp_path / "run", stage="ldm").what

@@ -262,3 +262,22 @@ def test_a_rewrite_killed_before_any_rename_or_deletion_leaves_the_old_or_the_ne
     assert not killed and outcomes[0] is False and outcomes[-1] is True and len(outcomes) > 10
     shards = [s.name for s in read_manifest(out).splits["train"].shards]
     assert shards == sorted(p.name for p in out.glob("*.tar")) == [f"train-00000{i}.tar" for i in range(3)]
+
+
+def test_images_outside_the_class_folders_are_counted_in_a_note(tmp_path):
+    """Before: an image directly under DIR (label -1) was prepared without a word, and
+    ``experiment=folder_class`` stopped at it in whichever step drew it."""
+    root = tmp_path / "images"
+    make_image_folder(root, per_class=1)  # cat, dog, owl
+    for name in ("loose.png", "stray.png"):
+        Image.new("RGB", (8, 8), "red").save(root / name)
+    manifest = prepare("image_folder", tmp_path / "out", path=str(root), progress=False)
+    assert manifest.notes == [
+        "2 images lie directly under the folder, outside the class folders: their label is -1 (no "
+        "class), which a class-conditional run (experiment=folder_class) stops at; move them into a "
+        "class folder, or train without labels (experiment=folder_uncond or folder_text)"
+    ]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (8, 8), "red").save(flat / "one.png")  # no classes at all: nothing to say
+    assert prepare("image_folder", tmp_path / "out_flat", path=str(flat), progress=False).notes == []

@@ -21,8 +21,12 @@ source) and skipped (in the source, not in the model, or another shape). A compo
 ``checkpoint:`` key of its own keeps those weights. With ``trainer.init_strict=false`` a tensor
 of another shape is offered to the module that owns it: a module may define
 ``adapt_loaded_tensor(name, source, own) -> Tensor | None`` (``name`` relative to it) to keep
-the part that fits (``class_label``'s embedding keeps the overlapping class rows and its null
-row); otherwise the tensor keeps its fresh initialisation and is reported as skipped.
+the part that fits; otherwise the tensor keeps its fresh initialisation and is reported as
+skipped. An ``adapt_loaded_tensor`` that takes a keyword ``source_options`` gets the source's
+config of its component (None where unknown) to read how the source laid the tensor out, and is
+offered the tensors of the same shape too (in strict mode as well; None: loaded as they are):
+``class_label``'s embedding keeps the rows of the labels both tables have and moves the source's
+null row, found from its ``null_index``, to its own.
 
 Only a fresh run is initialised: a run that resumes takes its weights from its checkpoint.
 """
@@ -30,6 +34,7 @@ Only a fresh run is initialised: a run that resumes takes its weights from its c
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -47,7 +52,7 @@ from ldmkit.checkpoint_layout import (
     resolve_checkpoint,
     unflatten_state,
 )
-from ldmkit.errors import CheckpointError, LdmkitError
+from ldmkit.errors import CheckpointError, ConfigError, LdmkitError
 from ldmkit.lora import ADAPTER_CONFIG
 from ldmkit.safetensors_io import read_safetensors
 from ldmkit.training.errors import TrainingError
@@ -81,6 +86,11 @@ class InitSource:
     references: dict[str, dict[str, Any]] = field(default_factory=dict)  # frozen.json parts
     directory: Path | None = None  # where frozen.json was read
     loss_type: str | None = None  # what a paper checkpoint was trained with (its config's loss_type)
+    config: Any = None  # the source's own config (a DictConfig), where it has one
+
+    def options(self, component: str) -> Any:
+        """The source's config of ``component`` (``conditioner``), None where unknown."""
+        return None if self.config is None else self.config.get(component)
 
     @property
     def scale_factor(self) -> float | None:
@@ -124,10 +134,18 @@ def _missing(path: Path, problem: str) -> TrainingError:
     return TrainingError(f"trainer.init_from={path} {problem}; expected {EXPECTED}")
 
 
-def _existing(path: str | Path) -> Path:
+def _existing(path: str | Path, preset: str | None = None, config: str | Path | None = None) -> Path:
+    """``path``, which exists; a paper translation (``init_preset``/``init_config``) only
+    with a checkpoint file."""
     path = Path(path).expanduser()
     if not path.exists():
         raise _missing(path, "does not exist")
+    for key, value in (("init_preset", preset), ("init_config", config)):
+        if value is not None and path.is_dir():
+            raise TrainingError(
+                f"trainer.{key}={value} reads a paper .ckpt, but trainer.init_from={path} is a folder "
+                f"that says what it holds: remove trainer.{key}"
+            )
     return path
 
 
@@ -159,7 +177,7 @@ def read_source(
     path: str | Path, *, stage: str, preset: str | None = None, config: str | Path | None = None
 ) -> InitSource:
     """The weights at ``path`` (see the module docstring) for a run of ``stage``."""
-    path = _existing(path)
+    path = _existing(path, preset, config)
     with _reading(path):
         if path.is_file():
             _check_translation(path, preset, config)
@@ -167,8 +185,8 @@ def read_source(
         if (path / "model_index.json").is_file():
             from ldmkit.pipeline import Pipeline
 
-            state = Pipeline.from_diffusers(path).state_dict()
-            return InitSource(path, "a diffusers folder", dict(state))
+            pipeline = Pipeline.from_diffusers(path)
+            return InitSource(path, "a diffusers folder", dict(pipeline.state_dict()), config=pipeline.config)
         if (path / "checkpoints").is_dir() or (path / "meta.json").is_file():
             return _run(path, stage)
         if (path / "config.yaml").is_file() and (path / MODEL_FILE).is_file():
@@ -183,12 +201,31 @@ def _folder(path: Path, what: str, folder: Path | None = None) -> InitSource:
     they are (nothing is built), and the paper's loss type when it was converted from a .ckpt."""
     from omegaconf import OmegaConf
 
-    from ldmkit.config import load_saved_config
-
     folder = folder or path
-    config = load_saved_config(folder / "config.yaml")
-    loss_type = OmegaConf.select(config, "choices.loss_type", default=None)  # a converted paper .ckpt's
-    return InitSource(path, what, read_safetensors(folder / MODEL_FILE), frozen.read_manifest(folder), folder, loss_type)
+    config = _saved_config(folder / "config.yaml")
+    # a paper .ckpt converted by `ldmkit convert compvis` records the loss it was trained with
+    loss_type = None if config is None else OmegaConf.select(config, "choices.loss_type", default=None)
+    return InitSource(path, what, read_safetensors(folder / MODEL_FILE), frozen.read_manifest(folder), folder,
+                      loss_type, config=config)  # fmt: skip
+
+
+def _saved_config(path: Path) -> Any:
+    """The config in a source's ``config.yaml`` (None where there is none); YAML that does not
+    parse, or a file that holds no mapping, is a :class:`ConfigError` naming it."""
+    import yaml
+    from omegaconf import DictConfig
+
+    from ldmkit.config import load_saved_config, yaml_problem
+
+    if not path.is_file():
+        return None
+    try:
+        cfg = load_saved_config(path)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not YAML: {yaml_problem(err)}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path} holds a list, not a mapping of config groups")
+    return cfg
 
 
 def _adapter_folder(path: Path, what: str, folder: Path | None = None) -> InitSource:
@@ -202,7 +239,7 @@ def _adapter_folder(path: Path, what: str, folder: Path | None = None) -> InitSo
     except ValueError as err:  # LoraError, or weights that do not fit the config
         raise TrainingError(f"trainer.init_from={path}: {err}") from err
     lora.merge(pipeline)
-    return InitSource(path, f"{what}, its {LORA_MERGED}", dict(pipeline.state_dict()))
+    return InitSource(path, f"{what}, its {LORA_MERGED}", dict(pipeline.state_dict()), config=pipeline.config)
 
 
 def _merged_checkpoint(checkpoint: Checkpoint, weights: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -211,13 +248,12 @@ def _merged_checkpoint(checkpoint: Checkpoint, weights: dict[str, Tensor]) -> di
     from omegaconf import open_dict
 
     from ldmkit import lora
-    from ldmkit.config import load_saved_config
     from ldmkit.pipeline import Pipeline
 
     config = checkpoint.path / "config.yaml"
     if not config.is_file():
         raise TrainingError(f"{checkpoint.path} holds a LoRA adapter but no config.yaml to merge it with")
-    cfg = load_saved_config(config)
+    cfg = _saved_config(config)
     with open_dict(cfg):
         for group in ("first_stage", "denoiser", "conditioner"):  # the weights are all here
             if "checkpoint" in (cfg.get(group) or {}):
@@ -232,7 +268,11 @@ def _merged_checkpoint(checkpoint: Checkpoint, weights: dict[str, Tensor]) -> di
 def _run(path: Path, stage: str) -> InitSource:
     exported = path / "pipeline"
     if stage == "ldm" and (exported / MODEL_FILE).is_file() and (exported / "config.yaml").is_file():
-        return _folder(path, "the run's exported pipeline/ (EMA weights, what `ldmkit sample --checkpoint` reads)", exported)
+        source = _folder(path, "", exported)
+        ema = (source.config.get("trainer") or {}).get("ema") or {}  # what export_pipeline wrote
+        weights = "EMA" if ema.get("enabled", True) and ema.get("use_for_sampling", True) else "raw"
+        source.what = f"the run's exported pipeline/ ({weights} weights, what `ldmkit sample --checkpoint` reads)"
+        return source
     if stage == "ldm" and (exported / ADAPTER_CONFIG).is_file() and (exported / "config.yaml").is_file():
         return _adapter_folder(path, "the run's exported pipeline/ (EMA weights)", exported)
     checkpoint = resolve_checkpoint(path)
@@ -253,7 +293,8 @@ def _run(path: Path, stage: str) -> InitSource:
             what += f", its {LORA_MERGED}"
     else:
         weights.update({k: v for k, v in extra.items() if k.startswith("loss.")})  # the discriminator
-    return InitSource(path, what, weights, frozen.read_manifest(checkpoint.path), checkpoint.path)
+    return InitSource(path, what, weights, frozen.read_manifest(checkpoint.path), checkpoint.path,
+                      config=_saved_config(checkpoint.path / "config.yaml"))  # fmt: skip
 
 
 def _ema_weights(extra: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -274,7 +315,7 @@ def _compvis(path: Path, preset: str | None, config: str | Path | None) -> InitS
     pipeline = Pipeline.from_compvis(path, config, preset=preset)
     weights = "EMA" if pipeline.config.choices.get("weights") == "ema" else "raw"
     return InitSource(path, f"a paper checkpoint ({weights} weights)", dict(pipeline.state_dict()),
-                      loss_type=model.loss_type)  # fmt: skip
+                      loss_type=model.loss_type, config=pipeline.config)  # fmt: skip
 
 
 # -- loading --------------------------------------------------------------------------------
@@ -291,6 +332,22 @@ def _adapter(component: nn.Module, name: str):
         if callable(adapt):
             return adapt, ".".join(parts[cut:])
     return None, name
+
+
+def _reads_options(adapt: Any) -> bool:
+    """Whether an ``adapt_loaded_tensor`` (or the module defining one) takes ``source_options``."""
+    adapt = getattr(adapt, "adapt_loaded_tensor", adapt)
+    return callable(adapt) and "source_options" in inspect.signature(adapt).parameters
+
+
+def _adapt(component: nn.Module, name: str, value: Tensor, own: Tensor, source: InitSource, prefix: str):
+    """What the module owning ``name`` makes of the source's ``value`` (None: nothing); one that
+    takes ``source_options`` gets the source's config of ``prefix`` when it is the component."""
+    adapt, local = _adapter(component, name)
+    if adapt is None or value.dim() != own.dim():
+        return None
+    options = {"source_options": source.options(prefix) if local == name else None} if _reads_options(adapt) else {}
+    return adapt(local, value, own, **options)
 
 
 def load_components(
@@ -321,7 +378,10 @@ def load_components(
                 continue
             value = theirs[name]
             if tuple(value.shape) == tuple(mine_tensor.shape):
-                state[name] = value
+                # a component that reads the source's config may lay out a tensor of the same
+                # shape anew (class_label: the source's null row elsewhere); None: as it is
+                moved = _adapt(module, name, value, mine_tensor, source, prefix) if _reads_options(module) else None
+                state[name] = value if moved is None or moved.shape != mine_tensor.shape else moved
                 result.loaded.append(name)
                 continue
             where = f"{prefix}.{name}"
@@ -331,8 +391,7 @@ def load_components(
                     f"{_shape(mine_tensor)} in the model built from the config; set "
                     "trainer.init_strict=false to keep what fits and initialise the rest"
                 )
-            adapt, local = _adapter(module, name)
-            adapted = adapt(local, value, mine_tensor) if adapt is not None and value.dim() == mine_tensor.dim() else None
+            adapted = _adapt(module, name, value, mine_tensor, source, prefix)
             if adapted is not None and tuple(adapted.shape) == tuple(mine_tensor.shape):
                 state[name] = adapted
                 result.resized.append(f"{name} {_shape(value)}->{_shape(mine_tensor)}")
@@ -361,6 +420,9 @@ def initialize(trainer: Any, modules: Mapping[str, nn.Module]) -> tuple[InitSour
     options = trainer.options
     path = options.get("init_from")
     if not path:
+        for key in ("init_preset", "init_config"):
+            if options.get(key) is not None:
+                raise TrainingError(f"trainer.{key}={options.get(key)} is set without trainer.init_from=PATH (the paper .ckpt it reads)")
         return None
     latest: Checkpoint | None = trainer.state.latest()
     if latest is not None and trainer.state.allow_resume:
@@ -399,9 +461,8 @@ def source_config(
     a pipeline folder's or a run's ``config.yaml``, a paper checkpoint's translation, a
     diffusers folder's."""
     from ldmkit import pipeline_files
-    from ldmkit.config import load_saved_config
 
-    path = _existing(path)
+    path = _existing(path, preset, config)
     with _reading(path):
         if path.is_file():
             from ldmkit.interop import compvis
@@ -418,8 +479,20 @@ def source_config(
             candidates.append(resolve_checkpoint(path).path / "config.yaml")
         for candidate in candidates:
             if candidate.is_file():  # a pipeline folder's carried files named inside it
-                return pipeline_files.resolve(load_saved_config(candidate), candidate.parent)
+                return pipeline_files.resolve(_saved_config(candidate), candidate.parent)
     raise _missing(path, "holds no config.yaml to take the architecture from")
+
+
+def _resumed_config(cfg: Any) -> Any:
+    """The config of the run that ``cfg`` resumes (its newest checkpoint's ``config.yaml``, which
+    holds the architecture taken when it started), None for a fresh run: a run that resumes
+    reads no source, which may have moved since."""
+    from ldmkit.checkpoint_layout import list_checkpoints
+
+    if not (cfg.get("trainer") or {}).get("resume", True) or not cfg.get("run_dir"):
+        return None
+    saved = [c.config_file for c in list_checkpoints(Path(str(cfg.run_dir)) / "checkpoints") if c.config_file.is_file()]
+    return _saved_config(saved[-1]) if saved else None
 
 
 def inside_architecture(override: str) -> bool:
@@ -433,7 +506,8 @@ def adopt_source_architecture(cfg: Any, overrides: list[str] | tuple[str, ...] =
     """``trainer.init_architecture=source``: ``cfg`` with the model's groups (the first stage,
     denoiser, conditioner and noise schedule; stage 1: the first stage) taken from
     ``trainer.init_from``'s own config, then the ``overrides`` of keys inside those groups
-    applied again (``conditioner.num_classes=10`` still changes the class count). A group
+    applied again (``conditioner.num_classes=10`` still changes the class count, and drops the
+source's ``class_names`` of another count unless they are given too). A group
     chosen on the command line (``conditioner=class_label``) stays the one chosen. Components'
     ``checkpoint:`` keys are cleared: their weights come from ``init_from``."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -447,8 +521,10 @@ def adopt_source_architecture(cfg: Any, overrides: list[str] | tuple[str, ...] =
     stage = str(cfg.get("stage", "ldm"))
     if not trainer.get("init_from"):
         raise TrainingError("trainer.init_architecture=source needs trainer.init_from=PATH (the model to take it from)")
-    source = source_config(trainer.init_from, stage=stage, preset=trainer.get("init_preset"),
-                           config=trainer.get("init_config"))  # fmt: skip
+    source = _resumed_config(cfg)
+    if source is None:
+        source = source_config(trainer.init_from, stage=stage, preset=trainer.get("init_preset"),
+                               config=trainer.get("init_config"))  # fmt: skip
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     chosen = {o.key_or_group for o in parsed if "." not in o.key_or_group and not o.is_delete()}
     taken = [g for g in ARCHITECTURE_GROUPS.get(stage, ()) if g not in chosen and g in source]
@@ -458,6 +534,8 @@ def adopt_source_architecture(cfg: Any, overrides: list[str] | tuple[str, ...] =
             if "checkpoint" in node:
                 node.checkpoint = None
             cfg[group] = node
+            if "choices" in cfg:  # messages name the option the group came from: the source's
+                cfg.choices[group] = OmegaConf.select(source, f"choices.{group}", default=None)
         for o in parsed:
             if inside_architecture(o.input_line):  # set here: composition went without them
                 if o.is_delete():
@@ -467,5 +545,10 @@ def adopt_source_architecture(cfg: Any, overrides: list[str] | tuple[str, ...] =
                         del node[key]
                 else:
                     OmegaConf.update(cfg, o.key_or_group, o.value(), force_add=True)
+        given = {o.key_or_group for o in parsed}
+        names = OmegaConf.select(cfg, "conditioner.class_names", default=None)
+        if ("conditioner" in taken and "conditioner.num_classes" in given and "conditioner.class_names" not in given
+                and names is not None and len(names) != cfg.conditioner.num_classes):  # fmt: skip
+            cfg.conditioner.class_names = None  # the source's names, of another class count
     check_config(cfg)
     return cfg

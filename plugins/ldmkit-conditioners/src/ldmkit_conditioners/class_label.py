@@ -89,33 +89,38 @@ class ClassLabelConditioner(Conditioner):
             )
         return labels.reshape(-1)
 
-    def adapt_loaded_tensor(self, name: str, source: Tensor, own: Tensor) -> Tensor | None:
-        """``trainer.init_from`` with ``trainer.init_strict=false`` from a table of another
-        class count (:mod:`ldmkit.training.init_from`): the overlapping class rows are kept,
-        the source's null row moves to this table's null row, and each new class row is drawn
-        from the normal distribution of the known class rows (their mean and covariance, as
-        transformers' ``resize_token_embeddings(mean_resizing=True)`` does): a new class starts
-        among the known ones rather than at the untrained scale of a fresh row. The source's
-        null row is taken to be where this one's is (the last row, or row 0 with
-        ``null_index=0``)."""
+    def adapt_loaded_tensor(
+        self, name: str, source: Tensor, own: Tensor, source_options: Mapping[str, Any] | None = None
+    ) -> Tensor | None:
+        """``trainer.init_from`` from a table of another class count (with
+        ``trainer.init_strict=false``) or another null row (:mod:`ldmkit.training.init_from`): the rows of the labels both tables have
+        are kept (a label names the same row in both), the source's null row moves to this
+        table's null row, and each new class row is drawn from the normal distribution of the
+        known class rows (their mean and covariance, as transformers'
+        ``resize_token_embeddings(mean_resizing=True)`` does): a new class starts among the
+        known ones rather than at the untrained scale of a fresh row. The source's null row is
+        where its config (``source_options``) puts it; without one, where this table's is (row
+        0 with ``null_index=0``, else the last)."""
         if name != "embedding.weight" or source.dim() != 2 or source.shape[1] != own.shape[1]:
             return None
-        if self.null_index not in (0, self.num_classes):
-            return None
+        rows = source.shape[0]
+        null = _null_row(source_options, rows)
+        if null is None:
+            if self.null_index not in (0, self.num_classes):
+                return None
+            null = 0 if self.null_index == 0 else rows - 1
+        if rows == own.shape[0] and null == self.null_index:
+            return None  # the same layout: loaded as it is
         out = own.detach().clone()
-        shared = min(source.shape[0], own.shape[0]) - 1  # class rows both tables have
-        if self.null_index == 0:
-            out[: shared + 1] = source[: shared + 1]  # the null row, then the classes
-            known, new = source[1:], slice(shared + 1, None)
-        else:
-            out[:shared] = source[:shared]
-            out[self.null_index] = source[-1]
-            known, new = source[:-1], slice(shared, self.num_classes)
-        count = len(range(*new.indices(out.shape[0])))
-        if count and len(known) >= 2:
+        out[self.null_index] = source[null]
+        kept = [r for r in range(min(rows, out.shape[0])) if r not in (null, self.null_index)]
+        out[kept] = source[kept]
+        known = source[[r for r in range(rows) if r != null]]
+        new = [r for r in range(out.shape[0]) if r != self.null_index and r not in set(kept)]
+        if new and len(known) >= 2:
             # mean + a random combination of the centred known rows: covariance = theirs
             centred = known.float() - known.float().mean(0)
-            mix = torch.randn(count, len(known), dtype=torch.float32) / (len(known) - 1) ** 0.5
+            mix = torch.randn(len(new), len(known), dtype=torch.float32) / (len(known) - 1) ** 0.5
             out[new] = (known.float().mean(0) + mix @ centred).to(out.dtype)
         return out
 
@@ -134,6 +139,17 @@ class ClassLabelConditioner(Conditioner):
             null = torch.full((n,), self.null_index, dtype=torch.long, device=self._device())
             return {"crossattn": self.embedding(null)[:, None, :]}
         return {"vector": torch.zeros(n, self.num_classes, device=self._device(), dtype=self._anchor.dtype)}
+
+
+def _null_row(options: Mapping[str, Any] | None, rows: int) -> int | None:
+    """The null row of a ``class_label`` table of ``rows`` rows configured by ``options``
+    (None: not a crossattn ``class_label`` config, or one of another size)."""
+    if not options or options.get("name") != "class_label" or options.get("role", "crossattn") != "crossattn":
+        return None
+    if options.get("num_classes") is not None and int(options["num_classes"]) + 1 != rows:
+        return None
+    index = rows - 1 if options.get("null_index") is None else int(options["null_index"])
+    return index if 0 <= index < rows else None
 
 
 def _unlabelled(labels: Tensor) -> str:

@@ -105,6 +105,13 @@ class ImageFolder(Source):
             kinds = ", ".join(f"{suffix} ({n})" for suffix, n in sorted(self._others.items()))
             count = sum(self._others.values())
             notes.append(printable(f"{count} files without an image suffix were left out: {kinds}"))
+        loose = sum(len(p.relative_to(self.root).parts) == 1 for p in self.paths)
+        if loose and self._classes:
+            notes.append(
+                f"{loose} images lie directly under the folder, outside the class folders: their label "
+                "is -1 (no class), which a class-conditional run (experiment=folder_class) stops at; move "
+                "them into a class folder, or train without labels (experiment=folder_uncond or folder_text)"
+            )
         return notes
 
     def items(self, split: str) -> Sequence[Any]:
