@@ -86,6 +86,8 @@ def _composed(overrides: Sequence[str], config_dirs: Sequence[str]):
         else:
             if not takes_source(cfg):
                 return cfg
+            if len(kept) == len(overrides):  # nothing inside the model's groups: cfg is the base
+                return adopt_source_architecture(cfg, overrides)
     return adopt_source_architecture(compose_config(kept, config_dirs=config_dirs), overrides)
 
 

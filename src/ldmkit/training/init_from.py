@@ -372,15 +372,16 @@ def load_components(
             same = {k: v for k, v in references.items() if mine.get(k, {}).get("sha256") == v["sha256"]}
             theirs = frozen.fill_referenced(module, theirs, same)
         state = {}
+        # a component that reads the source's config may lay out a tensor of the same shape
+        # anew (class_label: the source's null row elsewhere); asked once per component
+        relayout = _reads_options(module)
         for name, mine_tensor in own.items():
             if name not in theirs:
                 result.new.append(name)
                 continue
             value = theirs[name]
             if tuple(value.shape) == tuple(mine_tensor.shape):
-                # a component that reads the source's config may lay out a tensor of the same
-                # shape anew (class_label: the source's null row elsewhere); None: as it is
-                moved = _adapt(module, name, value, mine_tensor, source, prefix) if _reads_options(module) else None
+                moved = _adapt(module, name, value, mine_tensor, source, prefix) if relayout else None  # None: as it is
                 state[name] = value if moved is None or moved.shape != mine_tensor.shape else moved
                 result.loaded.append(name)
                 continue
