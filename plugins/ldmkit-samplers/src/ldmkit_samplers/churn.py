@@ -18,9 +18,10 @@ from torch import Tensor
 
 from ldmkit.diffusion import SigmaSampler, randn_like
 from ldmkit.diffusion.sampling import GeneratorArg
+from ldmkit_samplers.orders import NoiselessOrder
 
 
-class ChurnSampler(SigmaSampler):
+class ChurnSampler(NoiselessOrder, SigmaSampler):
     """A :class:`SigmaSampler` with Karras' churn options.
 
     :param s_churn: total churn over the chain (0: deterministic, the plain ODE solver).
@@ -29,8 +30,6 @@ class ChurnSampler(SigmaSampler):
         file keeps it as JSON's null, where an infinity is not JSON).
     :param s_noise: scales the added noise (Karras' ``S_noise``, slightly above 1 in the paper).
     """
-
-    ode_order: float  #: the solver's order without churn
 
     def __init__(
         self,
@@ -51,9 +50,8 @@ class ChurnSampler(SigmaSampler):
             raise ValueError(f"s_tmax must be a number >= 0 (null: no bound), got {s_tmax}")
         self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = s_churn, s_tmin, s_tmax, s_noise
 
-    @property
-    def convergence_order(self) -> float | None:
-        return self.ode_order if self.s_churn == 0 else None
+    def draws_noise(self) -> bool:  # convergence_order: the solver's ode_order without churn
+        return self.s_churn != 0
 
     def churn(
         self, x: Tensor, sigma: float, i: int, steps: int, generator: GeneratorArg

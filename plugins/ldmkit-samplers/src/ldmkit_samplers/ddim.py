@@ -11,19 +11,17 @@ import math
 from torch import Tensor
 
 from ldmkit.diffusion import DiscreteSampler, DiscreteStep
+from ldmkit_samplers.orders import NoiselessOrder
 
 
-class DDIMSampler(DiscreteSampler):
+class DDIMSampler(NoiselessOrder, DiscreteSampler):
     """``x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z`` with
     ``sigma = eta sqrt((1 - a_prev) / (1 - a)) sqrt(1 - a / a_prev)`` (eq. 16).
     ``eta = 0`` is deterministic; ``eta = 1`` matches DDPM's ancestral variance.
     Default spacing: ``linspace`` (starts at t = T - 1, ends clean).
     """
 
-    @property
-    def convergence_order(self) -> float | None:
-        """1 at ``eta = 0`` (deterministic); None with fresh noise."""
-        return 1 if self.eta == 0 else None
+    ode_order = 1  # at eta = 0 (orders.NoiselessOrder)
 
     def __init__(self, *, steps: int = 50, eta: float = 0.0, spacing: str | None = None) -> None:
         super().__init__(steps=steps, spacing=spacing)

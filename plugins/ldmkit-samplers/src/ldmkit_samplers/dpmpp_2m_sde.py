@@ -26,11 +26,12 @@ from torch import Tensor
 
 from ldmkit.diffusion import SigmaSampler, SigmaStep
 from ldmkit_samplers.euler_ancestral import check_eta
+from ldmkit_samplers.orders import NoiselessOrder
 
 SOLVER_TYPES = ("midpoint", "heun")
 
 
-class DPMSolverPP2MSDESampler(SigmaSampler):
+class DPMSolverPP2MSDESampler(NoiselessOrder, SigmaSampler):
     """Stochastic for ``eta > 0`` (deterministic, second order, at ``eta = 0``); one denoiser
     evaluation per step. Default spacing: ``karras`` (on ``linspace``, whose steps in
     ``lambda`` grow a hundredfold towards sigma_min, the multistep term amplifies the noise:
@@ -40,10 +41,7 @@ class DPMSolverPP2MSDESampler(SigmaSampler):
     :param solver_type: ``midpoint`` or ``heun``: how the multistep correction is weighted.
     """
 
-    @property
-    def convergence_order(self) -> float | None:
-        """2 at ``eta = 0``; None with fresh noise."""
-        return 2 if self.eta == 0 else None
+    ode_order = 2  # at eta = 0 (orders.NoiselessOrder)
 
     default_spacing = "karras"
 

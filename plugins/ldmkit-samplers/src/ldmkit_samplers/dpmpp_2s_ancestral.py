@@ -23,19 +23,17 @@ from torch import Tensor
 
 from ldmkit.diffusion import SigmaSampler, SigmaStep
 from ldmkit_samplers.euler_ancestral import ancestral_step, check_eta
+from ldmkit_samplers.orders import NoiselessOrder
 
 
-class DPMSolverPP2SAncestralSampler(SigmaSampler):
+class DPMSolverPP2SAncestralSampler(NoiselessOrder, SigmaSampler):
     """Stochastic for ``eta > 0`` (deterministic, second order, at ``eta = 0``); two denoiser
     evaluations per step, one on a step that ends at sigma = 0. Default spacing: ``linspace``.
 
     :param eta: scales the noise re-injected at each step (1: DDPM's ancestral variance).
     """
 
-    @property
-    def convergence_order(self) -> float | None:
-        """2 at ``eta = 0``; None with fresh noise."""
-        return 2 if self.eta == 0 else None
+    ode_order = 2  # at eta = 0 (orders.NoiselessOrder)
 
     def __init__(
         self,

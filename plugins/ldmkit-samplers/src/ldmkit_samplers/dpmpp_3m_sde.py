@@ -27,9 +27,10 @@ from torch import Tensor
 
 from ldmkit.diffusion import SigmaSampler, SigmaStep
 from ldmkit_samplers.euler_ancestral import check_eta
+from ldmkit_samplers.orders import NoiselessOrder
 
 
-class DPMSolverPP3MSDESampler(SigmaSampler):
+class DPMSolverPP3MSDESampler(NoiselessOrder, SigmaSampler):
     """Stochastic for ``eta > 0`` (deterministic, third order, at ``eta = 0``); one denoiser
     evaluation per step. Default spacing: ``karras`` (on ``linspace``, whose steps in
     ``lambda`` grow a hundredfold towards sigma_min, the multistep terms amplify the noise: 20
@@ -38,10 +39,7 @@ class DPMSolverPP3MSDESampler(SigmaSampler):
     :param eta: scales the noise of the SDE (1: the reverse SDE, 0: the probability-flow ODE).
     """
 
-    @property
-    def convergence_order(self) -> float | None:
-        """3 at ``eta = 0``; None with fresh noise."""
-        return 3 if self.eta == 0 else None
+    ode_order = 3  # at eta = 0 (orders.NoiselessOrder)
 
     default_spacing = "karras"
 

@@ -16,6 +16,7 @@ import math
 from torch import Tensor
 
 from ldmkit.diffusion import SigmaSampler, SigmaStep
+from ldmkit_samplers.orders import NoiselessOrder
 
 
 def check_eta(eta: float) -> float:
@@ -35,16 +36,13 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
     return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
 
 
-class EulerAncestralSampler(SigmaSampler):
+class EulerAncestralSampler(NoiselessOrder, SigmaSampler):
     """Stochastic; one denoiser evaluation per step. Default spacing: ``linspace``.
 
     :param eta: scales the noise re-injected at each step (1: DDPM's ancestral variance).
     """
 
-    @property
-    def convergence_order(self) -> float | None:
-        """Euler's 1 at ``eta = 0``; None with fresh noise."""
-        return 1 if self.eta == 0 else None
+    ode_order = 1  # at eta = 0 (orders.NoiselessOrder)
 
     def __init__(
         self,
