@@ -359,6 +359,10 @@ class SigmaStep:
     model: SigmaDenoiser  #: for further evaluations (Heun's corrector)
     generator: GeneratorArg
     state: dict = field(default_factory=dict)
+    #: how many steps this call takes (``i`` runs to ``steps - 1``; img2img's ``strength``
+    #: shortens it): for samplers that lower their order near the end (UniPC's
+    #: ``lower_order_final``); 0 where a caller builds steps by hand and does not say
+    steps: int = 0
 
     def noise(self) -> Tensor:
         return randn_like(self.x, self.generator)
@@ -450,6 +454,7 @@ class SigmaSampler(_SpacedSampler):
                     model=model,
                     generator=generator,
                     state=state,
+                    steps=len(sigmas) - 1,
                 )
             )
             if mask is not None:

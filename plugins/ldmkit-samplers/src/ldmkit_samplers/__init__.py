@@ -13,6 +13,7 @@ from ldmkit_samplers.euler_ancestral import EulerAncestralSampler
 from ldmkit_samplers.heun import HeunSampler
 from ldmkit_samplers.lms import LMSSampler
 from ldmkit_samplers.plms import PLMSSampler
+from ldmkit_samplers.unipc import UniPCSampler
 
 __all__ = [
     "DDIMSampler",
@@ -28,4 +29,5 @@ __all__ = [
     "HeunSampler",
     "LMSSampler",
     "PLMSSampler",
+    "UniPCSampler",
 ]

@@ -22,6 +22,7 @@ def ldmkit_register_samplers(register):
     register("euler_ancestral", samplers.EulerAncestralSampler)
     register("heun", samplers.HeunSampler)
     register("lms", samplers.LMSSampler)
+    register("unipc", samplers.UniPCSampler)
 
 
 @ldmkit.hookimpl
