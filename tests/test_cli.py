@@ -47,7 +47,7 @@ def test_plugins_json_lists_first_party_plugins():
     rows = {row["distribution"]: row for row in json.loads(out.stdout)}
     samplers = rows["ldmkit-samplers"]
     assert samplers["version"] == "0.1.0"
-    first_party = ["ddim", "ddpm", "dpm_2", "dpm_2_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2s_ancestral", "dpmpp_3m_sde", "euler", "euler_ancestral", "heun", "lms", "plms"]
+    first_party = ["ddim", "ddpm", "dpm_2", "dpm_2_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2s_ancestral", "dpmpp_3m_sde", "euler", "euler_ancestral", "heun", "lms", "plms", "unipc"]
     assert samplers["registers"]["sampler"] == first_party
     assert samplers["config_groups"]["sampler"] == first_party
     assert rows["ldmkit-conditioners"]["registers"]["conditioner"] == [

@@ -81,7 +81,7 @@ SCENARIOS: dict[str, tuple[tuple[str, str], list[str]]] = {
             ("sampler", sampler),
             ["first_stage=kl_tiny", f"sampler={sampler}", "sampler.steps=3"],
         )
-        for sampler in ("ddim", "ddpm", "dpm_2", "dpm_2_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2s_ancestral", "dpmpp_3m_sde", "euler", "euler_ancestral", "heun", "lms", "plms")
+        for sampler in ("ddim", "ddpm", "dpm_2", "dpm_2_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2s_ancestral", "dpmpp_3m_sde", "euler", "euler_ancestral", "heun", "lms", "plms", "unipc")
     },
 }
 

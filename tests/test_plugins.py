@@ -148,7 +148,7 @@ def test_load_only_selected_plugins(site, monkeypatch):
                       {"broken_plugin": "raise RuntimeError('never imported')\n"})
     monkeypatch.setenv("LDMKIT_LOAD_PLUGINS", "samplers")
     registry = get_registry()
-    assert registry.names("sampler") == ["ddim", "ddpm", "dpm_2", "dpm_2_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2s_ancestral", "dpmpp_3m_sde", "euler", "euler_ancestral", "heun", "lms", "plms"]
+    assert registry.names("sampler") == ["ddim", "ddpm", "dpm_2", "dpm_2_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2s_ancestral", "dpmpp_3m_sde", "euler", "euler_ancestral", "heun", "lms", "plms", "unipc"]
     assert registry.names("conditioner") == []
     assert get_plugin_manager().broken == []
 
