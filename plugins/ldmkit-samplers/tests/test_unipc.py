@@ -128,3 +128,26 @@ def test_lower_order_final_needs_the_step_count_and_a_last_step_to_zero_is_denoi
 def test_bad_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         UniPCSampler(**options)
+
+
+@pytest.mark.parametrize("base", ["discrete", "sigma"])
+def test_each_step_is_told_how_many_steps_the_call_takes(base):
+    """``s.steps`` (what ``lower_order_final`` reads) is the call's length, also where img2img's
+    strength shortens the chain, in both bases."""
+    from ldmkit.diffusion import DiscreteSampler, SigmaSampler
+
+    seen = []
+
+    class Recorder(DiscreteSampler if base == "discrete" else SigmaSampler):
+        def step(self, s):
+            seen.append((s.i, s.steps, s.is_last))
+            return s.z if base == "discrete" else s.x
+
+    schedule = NoiseSchedule()
+    z = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    denoise = gaussian_denoiser(schedule, 0.0, 1.0)
+    Recorder(steps=10, spacing="linspace").sample(denoise, schedule, z)
+    assert seen == [(i, 10, i == 9) for i in range(10)]
+    seen.clear()
+    Recorder(steps=10, spacing="linspace").sample(denoise, schedule, z, init=z, strength=0.6)
+    assert seen == [(i, 6, i == 5) for i in range(6)]

@@ -147,6 +147,7 @@ class DiscreteStep:
     denoise: DenoiseFn  #: for samplers that evaluate more than once per step (PLMS's warm-up)
     generator: GeneratorArg
     state: dict = field(default_factory=dict)  #: persists across the steps of one call
+    steps: int = 0  #: how many steps this call takes (``i`` runs to ``steps - 1``; 0: not said)
 
     def noise(self) -> Tensor:
         """Fresh N(0, I) like z, from the call's generator(s)."""
@@ -240,6 +241,7 @@ class DiscreteSampler(_SpacedSampler):
                 i=i, t=t, t_prev=t_prev, z=z, eps=eps, x0=x0,
                 alpha_bar=schedule.alpha_bar_at(t, z), alpha_bar_prev=schedule.alpha_bar_at(t_prev, z),
                 is_last=is_last, schedule=schedule, denoise=denoise, generator=generator, state=state,
+                steps=len(pairs),
             )  # fmt: skip
             z = self.step(s)
             if mask is not None:
