@@ -37,7 +37,7 @@ from ldmkit.interop import pipelines
 from ldmkit.io import atomic_write, atomic_write_text
 from ldmkit.plugins import get_registry
 from ldmkit.safetensors_io import read_safetensors, read_safetensors_shapes
-from ldmkit.sampling_request import SampleArgumentError, SampleRequest  # noqa: F401 - SampleArgumentError: its old home
+from ldmkit.sampling_request import SampleArgumentError, SampleRequest, negative_batch  # noqa: F401 - SampleArgumentError: its old home
 from ldmkit.tiling import tiled_decode, tiled_encode
 
 WEIGHTS_FILE = "model.safetensors"
@@ -299,7 +299,7 @@ class Pipeline(nn.Module):
 
         ``pipe.sample(request)`` runs a :class:`~ldmkit.sampling_request.SampleRequest`;
         ``pipe.sample(batch, guidance_scale=3.0, seed=0, ...)`` builds one from ``batch`` and
-        the keywords (its fields: ``num_samples``, ``steps``, ``guidance_scale``, ``seed``,
+        the keywords (its fields: ``num_samples``, ``steps``, ``guidance_scale``, ``negative``, ``seed``,
         ``size``, ``init_image``, ``strength``, ``mask``, ``batch_size``, ``tile``,
         ``precision``, ...). The request is checked against this pipeline before anything
         runs (:meth:`SampleRequest.validate`): a refused argument raises
@@ -326,7 +326,11 @@ class Pipeline(nn.Module):
         calls = None if steps is None else int(steps) * math.ceil(n / bs)  # for compile=auto
         compile_module(denoiser, r.compile, device=device, what="the denoiser", purpose="sample", work=calls)
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in r.batch.items()}
-        cond, uncond = self._conditions(batch, r.guidance_scale, r.precision)
+        negative = None
+        if r.negative is not None:
+            negative = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in r.negative.items()}
+            negative = negative_batch(batch, negative, n)
+        cond, uncond = self._conditions(batch, r.guidance_scale, r.precision, negative)
         shape = r.latent_shape(self, cond)
         r.check_memory(self, shape, cond, uncond)
         generators = sample_generators(r.seed, n) if r.seed is not None else r.generator
@@ -376,16 +380,22 @@ class Pipeline(nn.Module):
         return torch.cat(outputs)
 
     def _conditions(
-        self, batch: Mapping[str, Any], guidance_scale: float, precision: str
+        self, batch: Mapping[str, Any], guidance_scale: float, precision: str,
+        negative: Mapping[str, Any] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         """``(cond, uncond)`` of ``batch`` in float32; ``uncond`` (computed once per call,
-        sliced per chunk) only under guidance."""
+        sliced per chunk) only under guidance: the conditioner's null condition, or its
+        condition of the ``negative`` inputs."""
         device = self.scale_factor.device
         with _precision.autocast(precision, device):
             cond = self.conditioner(batch) if self.conditioner.input_keys else {}
         cond = _float32(checked_condition(self.conditioner, "forward()", cond))
         if guidance_scale == 1.0 or not cond:
             return cond, None
+        if negative is not None:  # a real condition: no null to have been trained
+            with _precision.autocast(precision, device):
+                uncond = self.conditioner(negative)
+            return cond, _float32(checked_condition(self.conditioner, "forward() of the negative condition", uncond))
         if not self.conditioner.learns_null_condition:
             where = " in a part, and none jointly" if hasattr(self.conditioner, "parts") else ""  # conditioner=multi
             warnings.warn(

@@ -104,6 +104,12 @@ class SampleRequest:
     :param steps: the sampler's steps (default: its own ``steps``), 1 to the schedule's T.
     :param guidance_scale: classifier-free guidance scale, >= 0 (1 = no guidance,
         0 = unconditional).
+    :param negative: a negative condition: inputs keyed as ``batch``'s (e.g.
+        ``{"caption": ["blurry, washed out"]}``, ``{"label": [5]}``) that guidance steers away
+        from, in place of the null condition (diffusers' ``negative_prompt``): the guided
+        prediction is ``eps(negative) + s (eps(cond) - eps(negative))``. One value for every
+        sample or one per sample; keys it leaves out keep the batch's own values. Needs a
+        ``guidance_scale`` other than 1 (at 0 it samples the negative condition itself).
     :param seed: sample ``i`` draws all of its noise (the start, every ancestral step, a KL
         first stage's posterior sample of ``init_image``) from its own generator seeded
         ``seed + i`` (:func:`ldmkit.diffusion.sample_generators`), so ``seed=s + 2``
@@ -165,6 +171,7 @@ class SampleRequest:
     num_samples: int | None = None
     steps: int | None = None
     guidance_scale: float = 1.0
+    negative: Mapping[str, Any] | None = None
     seed: int | None = None
     generator: GeneratorArg = None
     noise: Tensor | None = None
@@ -190,6 +197,15 @@ class SampleRequest:
         as ``(height, width)`` (``image_size`` folded into it)."""
         self.batch = dict(self.batch or {})
         self.guidance_scale = _guidance(self.guidance_scale)
+        if self.negative is not None:
+            self.negative = dict(self.negative)
+            if not self.negative:
+                raise SampleArgumentError("{negative} is empty: give the inputs to steer away from, or None")
+            if self.guidance_scale == 1.0:
+                raise SampleArgumentError(
+                    "{negative} needs a {guidance_scale} other than 1: it replaces the null condition of "
+                    "classifier-free guidance, which a scale of 1 does not evaluate"
+                )
         if self.seed is not None:
             self.seed = whole_number(self.seed, "seed", 0, SEED_LIMIT - 1)
         if self.seed is not None and self.generator is not None:
@@ -249,6 +265,8 @@ class SampleRequest:
         if images is not None and num_samples is None and not pipeline.conditioner.input_keys:
             num_samples = images.shape[0]
         n = _count(pipeline.conditioner, self.batch, num_samples)
+        if self.negative is not None:
+            _check_negative(pipeline.conditioner, self.negative, n)
         if self.seed is not None and self.seed + n > SEED_LIMIT:  # sample i could not be redrawn alone
             raise SampleArgumentError(
                 "{seed}={seed_value} for {n} samples: sample i uses seed + i, which must stay at "
@@ -532,3 +550,45 @@ def _count(conditioner: Any, batch: Mapping[str, Any], num_samples: int | None) 
             f"{{num_samples}}={num_samples} but the {{batch}} holds {n} conditions (key {{key!r}})", key=keys[0]
         )
     return n
+
+
+def _check_negative(conditioner: Any, negative: Mapping[str, Any], n: int) -> None:
+    """The negative condition's keys are the conditioner's inputs, each with 1 or ``n`` values."""
+    keys = list(conditioner.input_keys)
+    if not keys:
+        raise SampleArgumentError(
+            "{negative} given, but conditioner {name} reads no inputs: there is nothing to steer away from",
+            name=type(conditioner).__name__,
+        )
+    unknown = sorted(str(k) for k in negative if k not in keys)
+    if unknown:
+        raise SampleArgumentError(
+            "{negative} has key(s) {unknown} that conditioner {name} does not read (its inputs: {keys})",
+            unknown=", ".join(map(repr, unknown)), name=type(conditioner).__name__, keys=", ".join(keys),
+        )
+    for key, value in negative.items():
+        if not hasattr(value, "__len__") or isinstance(value, str) or (isinstance(value, Tensor) and value.ndim == 0):
+            raise SampleArgumentError(
+                "{negative}[{key!r}] is {got!r}, not a list: give [value] for every sample, or one per sample",
+                key=key, got=value,
+            )
+        if len(value) not in (1, n):
+            raise SampleArgumentError(
+                "{negative}[{key!r}] holds {size} values for {n} samples: give 1 (for all) or {n}",
+                key=key, size=len(value), n=n,
+            )
+
+
+def negative_batch(batch: Mapping[str, Any], negative: Mapping[str, Any], n: int) -> dict[str, Any]:
+    """The conditioner inputs of the guidance's negative branch: ``negative``'s values, one per
+    sample (a single value repeated), and ``batch``'s for the keys it leaves out."""
+    return {**batch, **{key: _repeat(value, n) for key, value in negative.items()}}
+
+
+def _repeat(value: Any, n: int) -> Any:
+    if len(value) == n:
+        return value
+    if isinstance(value, Tensor):
+        return value.expand(n, *value.shape[1:])
+    return list(value) * n
+

@@ -51,6 +51,12 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
                         "conditions, else a roughly square grid)")
     p.add_argument("--prompt", action="append", dest="cond", type=_Prompt,
                    help="shorthand for --cond caption=PROMPT; repeatable (with --cond caption=..., in the order given)")
+    p.add_argument("--negative-prompt", action="append", dest="negative", type=_Prompt, metavar="PROMPT",
+                   help="guidance steers away from this prompt instead of the null condition (needs "
+                        "--guidance-scale other than 1): shorthand for --negative-cond caption=PROMPT")
+    p.add_argument("--negative-cond", action="append", dest="negative", metavar="KEY=VALUE",
+                   help="a negative condition input, as --cond takes them (--negative-cond label=5); one value "
+                        "for every sample or one per condition; keys it leaves out keep the samples' own")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance: 1 none (default), 0 unconditional, above 1 follows the "
                         "conditions more closely (3 is typical)")
@@ -94,6 +100,10 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     # --prompt and --cond share one list, so prompts keep their command-line order
     args.prompt = [c for c in args.cond if isinstance(c, _Prompt)] or None
     conds = [c for c in args.cond if not isinstance(c, _Prompt)]
+    if args.negative and args.guidance_scale == 1.0:
+        flag = "--negative-prompt" if isinstance(args.negative[0], _Prompt) else "--negative-cond"
+        raise CLIError(f"{flag} needs --guidance-scale other than 1: it replaces the null condition of "
+                       "classifier-free guidance, which a scale of 1 does not evaluate")
     from dataclasses import replace
 
     from ldmkit.sampling_request import SampleRequest, message
@@ -198,6 +208,27 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
                 text = text.replace(f"--cond {key}=...:", f"{flag}:")  # a key the conditioner does not read
         raise CLIError(text) from err
     files = batch.pop(SOURCE_KEY, None) or {}  # key -> the file of each condition
+    negative, negative_sources = None, {}
+    if args.negative:
+        negative_items = [f"{key_of('text', 'caption')}={c}" if isinstance(c, _Prompt) else c for c in args.negative]
+        text_key = key_of("text", "caption")
+        prompts = any(isinstance(c, _Prompt) for c in args.negative)
+
+        def negative_flag(key: str) -> str:
+            return "--negative-prompt" if prompts and key == text_key else f"--negative-cond {key}=..."
+
+        try:
+            negative = parse_conditions(negative_items, kinds, image_channels=channels, names=names)
+        except LdmkitError as err:
+            raise CLIError(str(err).replace(f"--cond {text_key}=...:", f"{negative_flag(text_key)}:")
+                           .replace("--cond ", "--negative-cond ")) from err
+        negative_sources = {f"--cond {k}": ", ".join(v) for k, v in (negative.pop(SOURCE_KEY, None) or {}).items()}
+        first = conditioner.input_keys[0] if conditioner.input_keys else None
+        count = len(batch[first]) if first in batch else None
+        for key, value in negative.items():
+            if count is not None and len(value) not in (1, count):
+                raise CLIError(f"{negative_flag(key)} gives {len(value)} values for {count} condition(s): give 1 "
+                               "(for every sample) or one per condition")
     sources = {f"--cond {k}": ", ".join(v) for k, v in files.items()}
     for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
         if path is not None:
@@ -209,6 +240,8 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
         if num_samples is not None and all(k in batch for k in conditioner.input_keys):
             conditions = len(batch[conditioner.input_keys[0]])
             batch = repeat_each(batch, conditioner.input_keys, num_samples)
+            if negative is not None:  # one value per condition follows the conditions' repeats
+                negative = repeat_each(negative, [k for k, v in negative.items() if len(v) == conditions > 1], num_samples)
             files = repeat_each(files, list(files), num_samples)
             if rows is None and conditions > 1 and num_samples > 1:
                 rows = conditions  # one row per label (prompt, ...)
@@ -227,7 +260,7 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
 
     try:
         images = pipeline.sample(replace(
-            request, batch=batch, num_samples=num_samples, size=_sample_size(args, pipeline.image_size),
+            request, batch=batch, negative=negative, num_samples=num_samples, size=_sample_size(args, pipeline.image_size),
             init_image=init_image, mask=mask, callback=progress, precision=resolved, compile=cfg.get("compile", False),
         ))  # fmt: skip
     except (LdmkitError, ValueError) as err:
@@ -249,6 +282,7 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
         "mask": str(args.mask) if args.mask else None,
         "refine_known": args.refine_known,
         "conditions": _condition_settings(batch, kinds, sources),
+        "negative": _condition_settings(negative, kinds, negative_sources) if negative is not None else None,
         "overrides": list(args.overrides),
         "device": str(device),
         "precision": resolved,
@@ -273,6 +307,7 @@ SAMPLE_FLAGS = {
     "num_samples": "--num-samples", "guidance_scale": "--guidance-scale", "seed": "--seed",
     "init_image": "--init-image", "strength": "--strength", "mask": "--mask", "batch_size": "--batch-size",
     "refine_known": "--refine-known", "tile": "--tile", "tile_overlap": "--tile-overlap",
+    "negative": "--negative-prompt/--negative-cond",
 }  # fmt: skip
 
 
