@@ -474,7 +474,8 @@ def test_bash_block_commands_compose_and_runs_do_not_collide(tmp_path, monkeypat
     from ldmkit.training.state import config_changes, under, weights_only_key
 
     monkeypatch.chdir(tmp_path)
-    make_image_folder(tmp_path / "data/photos")
+    for folder in ("photos", "more_photos"):  # what the pages prepare
+        make_image_folder(tmp_path / "data" / folder)
     reset_plugin_manager()
     problems, composed = [], 0
     trained_first_stages: dict[str, tuple[str, dict]] = {}  # stage-1 run_dir -> (where, first_stage)

@@ -128,6 +128,30 @@ def test_scale_by_std_keeps_the_sources_factor_when_the_first_stage_is_the_sourc
     assert float(Pipeline.load(run / "pipeline").scale_factor) == 0.5
 
 
+def test_scale_by_std_keeps_the_sources_factor_when_the_kept_first_stage_checkpoint_is_the_sources(tmp_path, capsys):
+    """The README's LoRA example: experiment=folder_class keeps its own first_stage.checkpoint,
+    the autoencoder the source was trained with, and scale_by_std estimated the factor again
+    from one batch of data (the source's denoiser met latents of another scale). Another
+    autoencoder is estimated again."""
+    kl = ["first_stage=kl_tiny", "image_size=16", "conditioner.num_classes=5", "trainer.max_steps=1"]
+    torch.manual_seed(0)
+    for name in ("ae", "other"):  # two first stages of other weights
+        Pipeline.from_config(ldm_cfg(tmp_path, *kl)).save(tmp_path / name)
+    Pipeline.from_config(ldm_cfg(tmp_path, *kl, f"first_stage.checkpoint={tmp_path / 'ae'}", "scale_factor=0.5")).save(
+        tmp_path / "src"
+    )
+    kept = {"ae": f"first_stage.checkpoint={tmp_path / 'ae'} is kept, the source's weights)",
+            "other": f"first_stage.checkpoint={tmp_path / 'other'} is kept)"}  # fmt: skip
+    for name, said in [("ae", "scale_factor: 0.5 from the source, not estimated again (scale_by_std)"),
+                       ("other", "scale_factor: scale_by_std, estimated from the first batch (the source's 0.5 is not used)")]:  # fmt: skip
+        run = train(ldm_cfg(tmp_path / f"run_{name}", *kl, f"first_stage.checkpoint={tmp_path / name}",
+                            f"trainer.init_from={tmp_path / 'src'}", "scale_factor=scale_by_std"),
+                    data=class_data(5, size=16))  # fmt: skip
+        err = capsys.readouterr().err
+        assert said in err and f"  first_stage: not loaded (its own {kept[name]}" in err, name
+        assert (float(Pipeline.load(run / "pipeline").scale_factor) == 0.5) is (name == "ae")
+
+
 def test_a_changed_class_count_in_strict_mode_names_the_tensor_and_both_shapes(source_run, tmp_path):
     with pytest.raises(TrainingError) as err:
         train(ldm_cfg(tmp_path / "run", f"trainer.init_from={source_run}"), data=class_data(10))
@@ -392,6 +416,26 @@ def test_init_architecture_source_set_in_a_config_file_is_applied(source_run, tm
     saved = Pipeline.load(source_run / "pipeline").config
     assert cfg.conditioner.name == "class_label" and cfg.conditioner.num_classes == 7
     assert cfg.denoiser.model_channels == saved.denoiser.model_channels
+
+
+def test_train_takes_the_sources_architecture_from_a_config_compose_config_composed(source_run, tmp_path):
+    """Before: only ``ldmkit train`` took the source's model; from Python,
+    ``train(compose_config([... "trainer.init_architecture=source"]))`` trained the config's own
+    (no conditioner here) silently."""
+    from ldmkit.training import compose_training_config
+    from ldmkit.training.init_from import adopt_source_architecture
+
+    args = ["stage=ldm", "trainer=ldm_tiny", "image_size=8", "trainer.num_threads=1", "trainer.max_steps=1",
+            f"trainer.init_from={source_run}", "trainer.init_architecture=source"]  # fmt: skip
+    cfg = compose_config([*args, f"run_dir={tmp_path / 'run'}"])
+    run = train(cfg, data=class_data(5))
+    assert cfg.conditioner.name == "none"  # the caller's config as it was
+    for saved in (Pipeline.load(run / "pipeline").config, OmegaConf.load(run / "config.yaml")):
+        assert saved.conditioner.name == "class_label" and saved.conditioner.num_classes == 5
+    assert OmegaConf.load(run / "config.yaml").choices.architecture == str(source_run)  # where it came from
+    # ldmkit train's config (compose_training_config) is taken already: train keeps the keys set in its groups
+    taken = compose_training_config([*args, "conditioner.num_classes=7"])
+    assert taken.conditioner.num_classes == 7 and adopt_source_architecture(taken) is taken
 
 
 @pytest.mark.parametrize(("ema", "weights"), [("enabled: false", "raw"), ("use_for_sampling: false", "raw"), ("", "EMA")])

@@ -20,6 +20,21 @@ def test_paper_is_make_ddim_timesteps_uniform():
     assert timesteps(1, "paper") == [1]
 
 
+@pytest.mark.parametrize("steps", [3, 9, 333, 500, 501, 999, 1000])
+def test_paper_steps_neither_past_the_schedule_nor_in_place(steps):
+    """``range(0, T, T // S) + 1`` reaches T = 1000 when T // S divides 999 (past the schedule:
+    the paper's DDIMSampler stops with an IndexError); ldmkit starts at 999 there, and at 999 or
+    1000 steps (T // S = 1: 1000, 999, ...) that made a first step from 999 to 999."""
+    paper = (np.arange(0, 1000, 1000 // steps) + 1)[::-1].tolist()  # make_ddim_timesteps("uniform")
+    past = paper[0] == 1000
+    expected = ([999] if past and paper[1] != 999 else []) + paper[past:]
+    pairs = timestep_pairs(1000, steps, "paper")
+    assert [t for t, _ in pairs] == expected
+    assert all(t > t_prev for t, t_prev in pairs) and pairs[-1] == (1, 0)
+    if steps > 500:
+        assert expected == list(range(999, 0, -1))
+
+
 def test_quad_is_make_ddim_timesteps_quad():
     """``int(linspace(0, sqrt(0.8 T), S)^2) + 1``: 801 down to 1, dense near t = 0."""
     ts = timesteps(10, "quad")

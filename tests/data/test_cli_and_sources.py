@@ -157,3 +157,22 @@ def test_malformed_manifest_is_one_line(tmp_path, capsys, content, reason):
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"ldmkit data {command}: {tmp_path / 'manifest.json'} ")
         assert reason in err and "\n" not in err
+
+
+def test_data_info_does_not_import_torch(prepared):
+    """`ldmkit data info` imported torch (1.6 s of the command) only to read a manifest: through
+    ldmkit.data's package imports (the loader) and webdataset's (it imports torch)."""
+    import subprocess
+    import sys
+
+    out, _ = prepared
+    code = (
+        "import sys\n"
+        "from ldmkit.cli import main\n"
+        f"assert main(['data', 'info', {str(out)!r}]) == 0\n"
+        "print(sorted(m for m in ('torch', 'webdataset') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "split train: 24 samples in 6 shards" in done.stdout
+    assert done.stdout.splitlines()[-1] == "[]"

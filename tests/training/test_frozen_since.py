@@ -46,7 +46,8 @@ def test_resume_after_a_parameter_was_frozen_says_how_to_go_on(tmp_path, monkeyp
     assert str(err.value) == (
         f"checkpoint {checkpoint} was written while conditioner.transformer.to_logits.bias, "
         "conditioner.transformer.to_logits.weight were trained (its EMA averages them), and the model built "
-        "now keeps them frozen, so the run cannot resume exactly; start a new run from its weights: "
+        "now keeps them frozen (did trainer.trainable / trainer.frozen change since the run started? or their "
+        "component freezes them now), so the run cannot resume exactly; start a new run from its weights: "
         f"trainer.init_from={checkpoint} run_dir=<a new folder>"
     )
     new = _train([*common, f"run_dir={tmp_path / 'new'}", f"trainer.init_from={checkpoint}", "trainer.max_steps=1"])

@@ -56,39 +56,15 @@ def _config_dir(value: str) -> str:
 
 
 def _compose(overrides: Sequence[str], print_config: bool, config_dirs: Sequence[str] = ()):
+    from ldmkit.training.init_from import compose_training_config
+
     try:
-        cfg = _composed(overrides, config_dirs)
+        cfg = compose_training_config(overrides, config_dirs=config_dirs)
     except LdmkitError as err:
         raise CLIError(str(err)) from err
     if print_config:
         print(_config_with_resolved_auto(cfg) if "denoiser" in cfg else _annotated_yaml(cfg, {}))
     return cfg
-
-
-def _composed(overrides: Sequence[str], config_dirs: Sequence[str]):
-    """The config of ``overrides``; with ``trainer.init_architecture=source`` (on the command
-    line or in a config file) the model is ``trainer.init_from``'s, and the keys set inside its
-    groups are set on that model (composed without them first: the config's own groups may
-    lack them)."""
-    from ldmkit.config import compose_config
-    from ldmkit.training.init_from import adopt_source_architecture, inside_architecture
-
-    def takes_source(cfg) -> bool:
-        return (cfg.get("trainer") or {}).get("init_architecture") == "source"
-
-    kept = [o for o in overrides if not inside_architecture(o)]
-    if not any(o.lstrip("+") == "trainer.init_architecture=source" for o in overrides):
-        try:
-            cfg = compose_config(overrides, config_dirs=config_dirs)
-        except LdmkitError:
-            if len(kept) == len(overrides) or not takes_source(compose_config(kept, config_dirs=config_dirs)):
-                raise
-        else:
-            if not takes_source(cfg):
-                return cfg
-            if len(kept) == len(overrides):  # nothing inside the model's groups: cfg is the base
-                return adopt_source_architecture(cfg, overrides)
-    return adopt_source_architecture(compose_config(kept, config_dirs=config_dirs), overrides)
 
 
 def _annotated_yaml(cfg, notes: dict[str, str]) -> str:

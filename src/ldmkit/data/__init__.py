@@ -11,23 +11,19 @@ preparation, loading and collation. May import the foundation (``errors``,
 ``registry``, ``hookspecs``) and ``plugins``; never ``training``, ``pipeline`` or ``cli``.
 """
 
+from typing import Any
+
 from ldmkit.data.errors import DataError, SourceNotFoundError
-from ldmkit.data.loader import (
-    ShardDataset,
-    ShardLoader,
-    build_dataloader,
-    build_dataset,
-    data_config,
-    dataset_dir,
-    ensure_prepared,
-)
 from ldmkit.data.location import verify, verify_shards
 from ldmkit.data.manifest import Manifest, read_manifest
 from ldmkit.data.prepare import prepare
 from ldmkit.data.sources import SOURCES, Source, SourceSample, create_source, source_class
 from ldmkit.data.stats import DataStats, SkipEvent
-from ldmkit.data.stream import ShardStream
-from ldmkit.data.transforms import ImageTransform
+
+# the loader's names, imported when asked for (PEP 562) as are ShardStream and ImageTransform:
+# their modules import torch, which reading a manifest (`ldmkit data info`) does not need
+_LOADER = ("ShardDataset", "ShardLoader", "build_dataloader", "build_dataset", "data_config", "dataset_dir",
+           "ensure_prepared")  # fmt: skip
 
 __all__ = [
     "SOURCES",
@@ -54,3 +50,19 @@ __all__ = [
     "verify",
     "verify_shards",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LOADER:
+        from ldmkit.data import loader
+
+        return getattr(loader, name)
+    if name == "ShardStream":
+        from ldmkit.data.stream import ShardStream
+
+        return ShardStream
+    if name == "ImageTransform":
+        from ldmkit.data.transforms import ImageTransform
+
+        return ImageTransform
+    raise AttributeError(f"module 'ldmkit.data' has no attribute {name!r}")

@@ -26,8 +26,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from webdataset.shardlists import expand_urls
-
 from ldmkit.data.errors import DataError
 from ldmkit.data.manifest import MANIFEST, Manifest, read_manifest
 from ldmkit.data.remote import Retry, fetch, scheme_of, streamable
@@ -162,7 +160,12 @@ def locate(path: str, *, manifest: str | None = None, base: Path | None = None) 
             manifest = os.path.expanduser(manifest)
             manifest = manifest if Path(manifest).is_absolute() else str(base / manifest)
 
-    entries = expand_urls(text) if remote or "{" in text or "::" in text else [text]
+    if remote or "{" in text or "::" in text:
+        from webdataset.shardlists import expand_urls  # webdataset imports torch: not for a folder
+
+        entries = expand_urls(text)
+    else:
+        entries = [text]
     names = [_SHARD_NAME.findall(entry) for entry in entries]
     if all(names) and (remote or all(entry.endswith(".tar") for entry in entries)):
         return _shard_list(str(path), entries, manifest, remote)

@@ -31,9 +31,6 @@ from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 from urllib.parse import urlparse
 
-from webdataset import utils as wds_utils
-from webdataset.gopen import Pipe, gopen, gopen_schemes, rewrite_url
-
 from ldmkit.data.errors import DataError
 from ldmkit.data.stats import RetryEvent
 
@@ -71,6 +68,8 @@ def scheme_of(location: str) -> str:
 
 def streamable(scheme: str) -> bool:
     """Whether webdataset's ``gopen`` opens locations of ``scheme`` (besides local files)."""
+    from webdataset.gopen import gopen_schemes  # webdataset imports torch: not for local paths
+
     return scheme in gopen_schemes and scheme != "__default__"
 
 
@@ -114,6 +113,9 @@ class Retry:
 def _open(location: str) -> tuple[object, bool]:
     """``gopen(location)``, but a ``pipe:`` command runs in a session of its own (gopen's
     runs it in ours), so that killing it kills what it started too; and whether it does."""
+    from webdataset import utils as wds_utils
+    from webdataset.gopen import Pipe, gopen, rewrite_url
+
     url = rewrite_url(location)
     if not (POSIX and url.startswith("pipe:")):
         return gopen(url, "rb", bufsize=BUFFER), False

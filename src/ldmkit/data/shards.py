@@ -26,11 +26,13 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import webdataset as wds
+from typing import TYPE_CHECKING
 
 from ldmkit.data.remote import Failure, Retry, StreamReader, is_stream
 from ldmkit.data.stats import DataStats, RetryEvent, SkipEvent
+
+if TYPE_CHECKING:
+    import webdataset as wds
 
 IMAGE = "png"
 LABEL = "cls"
@@ -87,6 +89,8 @@ class ShardWriter:
         self._final = self.out_dir / name
         self._tmp = self.out_dir / f".{name}.partial"
         self._file = open(self._tmp, "wb")
+        import webdataset as wds  # it imports torch: only to write shards
+
         self._writer = wds.TarWriter(
             self._file, encoder=False, mtime=0, user="ldmkit", group="ldmkit", compress=False
         )

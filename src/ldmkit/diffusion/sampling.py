@@ -160,7 +160,7 @@ class DiscreteStep:
 class _SpacedSampler(Sampler):
     """What both bases share: ``steps``, the timestep ``spacing`` and the step plan.
 
-    :param steps: denoiser steps (the loop's length; ``spacing="paper"`` may add one, see
+    :param steps: denoiser steps (the loop's length; ``spacing="paper"`` may add or drop one, see
         :func:`timestep_pairs`).
     :param spacing: which timesteps the steps visit (:data:`SPACINGS`); default
         ``default_spacing`` of the subclass.

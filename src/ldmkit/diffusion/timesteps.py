@@ -46,7 +46,10 @@ def timestep_pairs(
     ``make_ddim_timesteps`` literally: their last step goes to ``t = 0`` (alpha_bar_0, not 1);
     ``paper`` gives ``len(range(0, T, T // S))`` steps, which is more than S when S does not
     divide T (30 steps of T = 1000 give 31), and ``quad`` can repeat a small timestep, as the
-    paper's code does.
+    paper's code does. Where the paper's list reaches ``T`` (T // S divides T - 1: 3, 9, 333 or
+    over 500 steps of 1000), past the schedule's last timestep (the paper's sampler stops there
+    with an IndexError), it starts at ``T - 1``; over T / 2 steps, where ``T - 1`` follows, one
+    step fewer (999 steps of 1000 for 999 or 1000 asked).
     """
     check_spacing(spacing)
     T, S = int(num_timesteps), int(steps)
@@ -57,6 +60,8 @@ def timestep_pairs(
         ts = np.round(np.linspace(T - 1, 0, S)).astype(np.int64)
     elif spacing == "paper":
         ts = (np.asarray(list(range(0, T, T // S))) + 1)[::-1]
+        if ts[0] == T and len(ts) > 1 and ts[1] == T - 1:  # T is past the schedule (made T - 1 below)
+            ts = ts[1:]  # T - 1 is the next step already: no step from T - 1 to T - 1
         end = 0
     elif spacing == "quad":
         ts = ((np.linspace(0, np.sqrt(T * 0.8), S)) ** 2).astype(np.int64)[::-1] + 1

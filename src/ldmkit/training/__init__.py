@@ -20,6 +20,7 @@ from ldmkit.training.data import DataFactory
 from ldmkit.training.distributed import distributed_info, distributed_process_group
 from ldmkit.training.engine import Trainer, resolve_device
 from ldmkit.training.errors import TrainingDivergedError, TrainingError, TrainingWarning
+from ldmkit.training.init_from import adopt_source_architecture, compose_training_config
 from ldmkit.training.signals import EXIT_PREEMPTED, TrainingInterrupted
 from ldmkit.training.state import (
     Checkpoint,
@@ -41,6 +42,7 @@ __all__ = [
     "TrainingInterrupted",
     "TrainingState",
     "TrainingWarning",
+    "compose_training_config",
     "distributed_info",
     "distributed_process_group",
     "get_stage",
@@ -72,13 +74,16 @@ def train(cfg: Any, *, data: DataFactory | None = None) -> Path:
     the latent diffusion model; plugins add more) and return the run folder.
     ``data(split, epoch)`` may replace the configured dataset (tests, notebooks). Under
     ``torchrun`` (WORLD_SIZE > 1) the process group is set up here (gloo on CPU, nccl on CUDA)
-    and torn down afterwards."""
+    and torn down afterwards. With ``trainer.init_architecture=source`` the model is
+    ``trainer.init_from``'s, as ``ldmkit train`` trains it; keys set inside its groups
+    (``conditioner.num_classes=12``) need the config of :func:`compose_training_config`."""
     from omegaconf import DictConfig
 
     from ldmkit.config import check_config
 
     chosen = get_stage(cfg.get("stage"))
     if isinstance(cfg, DictConfig):
+        cfg = adopt_source_architecture(cfg)  # as it is unless asked for, or taken already
         check_config(cfg)  # composed configs were checked already; hand-made ones too
     with distributed_process_group():
         return chosen.train(cfg, data=data)

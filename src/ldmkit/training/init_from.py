@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ __all__ = [
     "ComponentLoad",
     "InitSource",
     "adopt_source_architecture",
+    "compose_training_config",
     "initialize",
     "load_components",
     "read_source",
@@ -108,10 +109,17 @@ class ComponentLoad:
     new: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # with the reason
     kept: str | None = None  # its own checkpoint: key, not loaded from the source
+    kept_the_sources: bool = False  # the weights kept are the source's (the checkpoint it was trained with)
+
+    @property
+    def holds_the_sources(self) -> bool:
+        """Whether the component holds the source's weights, every tensor of them."""
+        return self.kept_the_sources if self.kept else not (self.new or self.resized or self.skipped)
 
     def line(self) -> str:
         if self.kept:
-            return f"  {self.name}: not loaded (its own {self.kept} is kept)"
+            same = ", the source's weights" if self.kept_the_sources else ""
+            return f"  {self.name}: not loaded (its own {self.kept} is kept{same})"
         parts = [f"{len(self.loaded)} loaded"]
         if self.resized:
             parts.append(f"{len(self.resized)} resized {_names(self.resized)}")
@@ -363,6 +371,10 @@ def load_components(
         results.append(result)
         if prefix in keep:
             result.kept = keep[prefix]
+            theirs, own = unflatten_state(source.weights, prefix), module.state_dict()
+            result.kept_the_sources = own.keys() == theirs.keys() and all(
+                torch.equal(own[k].cpu(), theirs[k]) for k in own
+            )
             continue
         theirs = unflatten_state(source.weights, prefix)
         own = module.state_dict()
@@ -503,14 +515,45 @@ def inside_architecture(override: str) -> bool:
     return "." in key and key.split(".", 1)[0] in ARCHITECTURE_GROUPS["ldm"]
 
 
+def compose_training_config(overrides: Sequence[str] = (), *, config_dirs: Sequence[str | Path] = ()) -> Any:
+    """:func:`ldmkit.config.compose_config` of ``overrides``, and with
+    ``trainer.init_architecture=source`` (in ``overrides`` or a config file) the model of
+    ``trainer.init_from`` (:func:`adopt_source_architecture`) with the ``overrides`` of keys inside
+    its groups set on it (composed without them first: the config's own groups may lack them).
+    What ``ldmkit train`` composes; :func:`ldmkit.training.train` takes the source's model itself
+    for a config that ``compose_config`` composed, but without the keys set inside its groups."""
+    from ldmkit.config import compose_config
+
+    def takes_source(cfg) -> bool:
+        return (cfg.get("trainer") or {}).get("init_architecture") == "source"
+
+    kept = [o for o in overrides if not inside_architecture(o)]
+    if not any(o.lstrip("+") == "trainer.init_architecture=source" for o in overrides):
+        try:
+            cfg = compose_config(overrides, config_dirs=config_dirs)
+        except LdmkitError:
+            if len(kept) == len(overrides) or not takes_source(compose_config(kept, config_dirs=config_dirs)):
+                raise
+        else:
+            if not takes_source(cfg):
+                return cfg
+            if len(kept) == len(overrides):  # nothing inside the model's groups: cfg is the base
+                return adopt_source_architecture(cfg, overrides)
+    return adopt_source_architecture(compose_config(kept, config_dirs=config_dirs), overrides)
+
+
 def adopt_source_architecture(cfg: Any, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """``trainer.init_architecture=source``: ``cfg`` with the model's groups (the first stage,
     denoiser, conditioner and noise schedule; stage 1: the first stage) taken from
     ``trainer.init_from``'s own config, then the ``overrides`` of keys inside those groups
     applied again (``conditioner.num_classes=10`` still changes the class count, and drops the
-source's ``class_names`` of another count unless they are given too). A group
+    source's ``class_names`` of another count unless they are given too). A group
     chosen on the command line (``conditioner=class_label``) stays the one chosen. Components'
-    ``checkpoint:`` keys are cleared: their weights come from ``init_from``."""
+    ``checkpoint:`` keys are cleared: their weights come from ``init_from``. A copy of ``cfg``,
+    whose ``choices.architecture`` names ``init_from``: a config that names it is returned as it
+    is (taken already, the keys set since stay)."""
+    import copy
+
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf, open_dict
 
@@ -522,6 +565,9 @@ source's ``class_names`` of another count unless they are given too). A group
     stage = str(cfg.get("stage", "ldm"))
     if not trainer.get("init_from"):
         raise TrainingError("trainer.init_architecture=source needs trainer.init_from=PATH (the model to take it from)")
+    if OmegaConf.select(cfg, "choices.architecture", default=None) == str(trainer.init_from):
+        return cfg
+    cfg = copy.deepcopy(cfg)
     source = _resumed_config(cfg)
     if source is None:
         source = source_config(trainer.init_from, stage=stage, preset=trainer.get("init_preset"),
@@ -551,5 +597,6 @@ source's ``class_names`` of another count unless they are given too). A group
         if ("conditioner" in taken and "conditioner.num_classes" in given and "conditioner.class_names" not in given
                 and names is not None and len(names) != cfg.conditioner.num_classes):  # fmt: skip
             cfg.conditioner.class_names = None  # the source's names, of another class count
+        OmegaConf.update(cfg, "choices.architecture", str(trainer.init_from), force_add=True)
     check_config(cfg)
     return cfg

@@ -204,8 +204,8 @@ class LDMTrainer(Trainer):
         run's ``trainer.objective`` differs)."""
         carried = source.scale_factor
         first = next((load for load in loads if load.name == "first_stage"), None)
-        # every first-stage tensor (none for `identity`) came from the source
-        own_first_stage = first is not None and first.kept is None and not (first.new or first.resized or first.skipped)
+        # every first-stage tensor (none for `identity`) is the source's: loaded, or the same kept
+        own_first_stage = first is not None and first.holds_the_sources
         if self.scale_by_std and carried is not None and own_first_stage:
             self.scale_by_std = False  # nothing to estimate in before_training
             self.pipeline.scale_factor.fill_(carried)

@@ -398,12 +398,7 @@ class TrainingState:
                 try:
                     optimizer.load_state_dict(state["optimizers"][key])
                 except ValueError as err:  # torch: "... doesn't match the size of optimizer's group"
-                    raise TrainingError(
-                        f"checkpoint {checkpoint.path} holds the {key} optimizer's state for other parameters "
-                        f"than this run trains (did trainer.trainable / trainer.frozen change since the run "
-                        f"started?); restore them, or start a new run from its weights: "
-                        f"trainer.init_from={checkpoint.path} run_dir=<a new folder>"
-                    ) from err
+                    raise _other_parameters(checkpoint.path, f"the {key} optimizer's state") from err
             for group in optimizer.param_groups:
                 group.update(stage.hyperparameters().get(key, {}))
         if self.scaler.is_enabled() and state.get("grad_scaler"):
@@ -449,14 +444,27 @@ def _load_sharded(checkpoint: Checkpoint, target: dict[str, Any]) -> None:
         ) from err
 
 
+def _other_parameters(checkpoint: Path, what: str, detail: str = "") -> TrainingError:
+    """A checkpoint whose ``what`` (an optimizer's state, the EMA averages) is of other
+    parameters than the run trains: the keys that change them, and how to go on."""
+    return TrainingError(
+        f"checkpoint {checkpoint} holds {what} for other parameters than this run trains{detail} (did "
+        f"trainer.trainable / trainer.frozen change since the run started?); restore them, or start a new "
+        f"run from its weights: trainer.init_from={checkpoint} run_dir=<a new folder>"
+    )
+
+
 def _load_module(module: nn.Module, tensors: dict[str, Tensor], source: Path, prefix: str) -> None:
-    untrained = _averages_of_frozen(module, tensors)
+    untrained, unaveraged = _averages_that_differ(module, tensors)
+    checkpoint = source if source.is_dir() else source.parent
+    if unaveraged:  # frozen when the run started, trained now
+        raise _other_parameters(checkpoint, "the EMA averages", f": none of {first_few(unaveraged)}")
     if untrained:  # e.g. bert's to_logits, trained by runs before ldmkit froze it
         listed = first_few(untrained)
-        checkpoint = source if source.is_dir() else source.parent
         raise TrainingError(
             f"checkpoint {checkpoint} was written while {listed} were trained (its EMA averages "
-            f"them), and the model built now keeps them frozen, so the run cannot resume exactly; "
+            f"them), and the model built now keeps them frozen (did trainer.trainable / trainer.frozen change "
+            f"since the run started? or their component freezes them now), so the run cannot resume exactly; "
             f"start a new run from its weights: trainer.init_from={checkpoint} run_dir=<a new folder>"
         )
     try:
@@ -766,13 +774,15 @@ def _ranks_text(ranks: list[int]) -> str:
     return f"rank{'s' if len(ranks) > 1 else ''} {text}"
 
 
-def _averages_of_frozen(module: nn.Module, tensors: Mapping[str, Tensor]) -> list[str]:
+def _averages_that_differ(module: nn.Module, tensors: Mapping[str, Tensor]) -> tuple[list[str], list[str]]:
     """The parameters an EMA checkpoint averages that ``module`` (an :class:`~ldmkit.ema.EMA`)
-    no longer tracks, as the model names them; empty for anything else."""
+    no longer tracks, and those it tracks that the checkpoint does not average, as the model
+    names them; empty for anything else."""
     from ldmkit.ema import EMA
 
     if not isinstance(module, EMA):
-        return []
-    tracked = {EMA._key(name) for name in module.names}
-    extra = [k.removeprefix("shadow.") for k in tensors if k.startswith("shadow.")]
-    return [k.replace("__", ".") for k in extra if k not in tracked]
+        return [], []
+    saved = [k.removeprefix("shadow.") for k in tensors if k.startswith("shadow.")]
+    tracked = {EMA._key(name): name for name in module.names}
+    untracked = [k.replace("__", ".") for k in saved if k not in tracked]
+    return untracked, [name for key, name in tracked.items() if key not in set(saved)]
