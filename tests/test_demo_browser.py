@@ -186,6 +186,10 @@ def test_sampler_choices_are_the_sampler_config_options():
         ),
         ({"conditions": {}}, "label: choose a class"),
         (
+            {"conditions": {"label": True}},  # not class 1 (True == 1 passes Gradio's choices)
+            "label: class True is not one of this model's classes (0 to 2)",
+        ),
+        (
             {"height": 10, "width": 8},
             "size 10x8 is not divisible by the first stage's downsample factor f=4: height and width "
             "must be positive multiples of 4",
@@ -268,7 +272,7 @@ def test_a_mask_must_have_the_start_images_size(tmp_path):
     with pytest.raises(DemoInputError, match="mask is a pixel mask over the start image .*: give the start image too"):
         prepare(_class_pipeline(), _request(mask=str(mask)), inputs_dir=tmp_path / "in")
     for strength, message in [
-        (0, r"^strength must be in \(0, 1\], got 0.0"),
+        (0, r"^strength must be in \(0, 1\], got 0.0: the share of the steps run from the start image, noised"),
         (5, r"^strength must be in \(0, 1\], got 5.0"),
         (None, r"^strength is empty: give a number in \(0, 1\]$"),  # not 1 without a word
     ]:

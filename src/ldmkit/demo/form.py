@@ -380,9 +380,9 @@ def _class_id(value: Any, spec: ConditionField) -> int:
     if isinstance(value, str) and value in shown:  # the shown name instead of the id
         return shown[value]
     try:
-        number = float(value)
+        number = float(value) if not isinstance(value, bool) else math.nan  # True is no class
     except (TypeError, ValueError):
-        number = float("nan")
+        number = math.nan
     if not math.isfinite(number) or not number.is_integer() or not 0 <= number <= high:
         raise DemoInputError(
             f"{spec.key}: class {value!r} is not one of this model's classes (0 to {high})"
