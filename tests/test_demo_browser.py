@@ -699,6 +699,32 @@ def test_demo_command_checks_its_arguments(capsys):
     assert "--queue-size must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_an_address_the_demo_cannot_listen_on_is_one_line_naming_the_option(tmp_path, capsys):
+    """Gradio says "Cannot find empty port ... set GRADIO_SERVER_PORT" for an unknown host as
+    for a port in use (after a warning about serving beyond this machine, and uvicorn's own
+    line): the command names ``--host`` or ``--port``, in one line."""
+    pytest.importorskip("gradio", reason="the demo extra (gradio) is not installed")
+    import ldmkit
+    from ldmkit.cli import main
+
+    ldmkit.compose(overrides=["first_stage=identity", "denoiser=unet_tiny", "image_size=8"]).save(
+        tmp_path / "ckpt"
+    )
+    demo = ["demo", "--checkpoint", str(tmp_path / "ckpt")]
+    assert main([*demo, "--host", "no-such-host.invalid", "--port", str(_free_port())]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ldmkit demo: error: --host no-such-host.invalid: no such address (")
+    assert "\n" not in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main([*demo, "--port", str(port)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"ldmkit demo: error: --port {port} on 127.0.0.1 is in use: choose another --port"
+    )
+
+
 def test_demo_without_gradio_says_what_to_install(monkeypatch, capsys):
     from ldmkit.cli import main
 
