@@ -172,16 +172,23 @@ def test_sampler_choices_are_the_sampler_config_options():
         ({"steps": 2.5}, "steps must be a whole number from 1 to 1000, got 2.5"),
         ({"steps": None}, "steps is empty"),
         ({"guidance_scale": -1}, "guidance scale must be a number >= 0"),
+        ({"guidance_scale": None}, "guidance scale is empty: give a number >= 0"),
         (
             {"num_images": MAX_IMAGES + 1},
-            f"number of images must be a whole number from 1 to {MAX_IMAGES}",
+            f"number of images must be a whole number from 1 to {MAX_IMAGES}, got {MAX_IMAGES + 1}",
         ),
+        ({"num_images": 0}, f"number of images must be a whole number from 1 to {MAX_IMAGES}, got 0"),
+        ({"num_images": None}, f"number of images is empty: give a whole number from 1 to {MAX_IMAGES}"),
         ({"seed": -3}, "seed must be a whole number from 0 to"),
         (
             {"conditions": {"label": 7}},
             "label: class 7 is not one of this model's classes (0 to 2)",
         ),
         ({"conditions": {}}, "label: choose a class"),
+        (
+            {"conditions": {"label": True}},  # not class 1 (True == 1 passes Gradio's choices)
+            "label: class True is not one of this model's classes (0 to 2)",
+        ),
         (
             {"height": 10, "width": 8},
             "size 10x8 is not divisible by the first stage's downsample factor f=4: height and width "
@@ -264,12 +271,17 @@ def test_a_mask_must_have_the_start_images_size(tmp_path):
         )
     with pytest.raises(DemoInputError, match="mask is a pixel mask over the start image .*: give the start image too"):
         prepare(_class_pipeline(), _request(mask=str(mask)), inputs_dir=tmp_path / "in")
-    with pytest.raises(DemoInputError, match=r"strength must be in \(0, 1\]"):
-        prepare(
-            _class_pipeline(),
-            _request(init_image=str(image), strength=0),
-            inputs_dir=tmp_path / "in",
-        )
+    for strength, message in [
+        (0, r"^strength must be in \(0, 1\], got 0.0: the share of the steps run from the start image, noised"),
+        (5, r"^strength must be in \(0, 1\], got 5.0"),
+        (None, r"^strength is empty: give a number in \(0, 1\]$"),  # not 1 without a word
+    ]:
+        with pytest.raises(DemoInputError, match=message):
+            prepare(
+                _class_pipeline(),
+                _request(init_image=str(image), strength=strength),
+                inputs_dir=tmp_path / "in",
+            )
 
 
 def test_an_inpainting_mask_of_another_size_than_its_image_is_one_line(tmp_path):
@@ -506,6 +518,175 @@ def test_a_map_with_unknown_ids_fails_while_sampling_in_one_line(tmp_path):
     assert "outside 0..7" in str(err.value) and "\n" not in str(err.value)
 
 
+# -- a request's notes: what it should know about its samples -------------------------------------
+
+
+def _text_session(root: Path, *overrides: str):
+    """A page for an untrained text pipeline (bert, prompts cut at 8 tokens), 8x8 pixels."""
+    import ldmkit
+    from ldmkit.demo.session import DemoSession
+
+    pipeline = ldmkit.compose(
+        overrides=[
+            "first_stage=identity",
+            "denoiser=unet_tiny",
+            "conditioner=bert",
+            "conditioner.n_embed=16",
+            "conditioner.n_layer=1",
+            "conditioner.max_seq_len=8",
+            "image_size=8",
+            "sampler=ddim",
+            *overrides,
+        ]
+    )
+    return DemoSession(
+        pipeline, checkpoint=root / "ckpt", device="cpu", results_dir=root / "results"
+    )
+
+
+def _prompt(text: str, **kw) -> PageRequest:
+    return _request(**{"steps": 2, "num_images": 1, "conditions": {"caption": text}, **kw})
+
+
+CUT = "caption: the prompt is longer than the 8 tokens its text encoder reads; the rest was cut"
+
+
+def test_each_request_notes_its_own_cut_prompt(tmp_path):
+    """The text conditioner warns about a cut prompt once in a process (a server would tell
+    only the first user ever): each request with one says so in its notes, one without does not."""
+    session = _text_session(tmp_path)
+
+    def notes(text: str) -> list[str]:
+        return list(session.generate(_prompt(text)))[-1].notes
+
+    first, second = notes("a very long caption " * 4), notes("red apple " * 5)
+    assert len(first) == 1 and first[0].startswith(CUT), first  # in place of the plugin's words
+    assert second == first
+    assert notes("red apple") == []
+    assert notes("a 🐸 on a log") == [
+        "caption: the prompt holds text the text encoder's vocabulary does not know (emoji, "
+        "most symbols), read as its unknown token"
+    ]
+
+
+def test_each_request_notes_the_warnings_it_raised(tmp_path):
+    """Python shows a warning once per place in the code in a process: each request's notes
+    hold the warnings it raised, again for the next request."""
+    session = _text_session(tmp_path, "conditioner.drop_rate=0")  # an untrained null condition
+    for _ in range(2):
+        (note,) = list(session.generate(_prompt("red apple", guidance_scale=2.0)))[-1].notes
+        assert note.startswith("guidance_scale=2.0 with conditioner BertConditioner"), note
+    assert list(session.generate(_prompt("red apple")))[-1].notes == []  # no guidance, no warning
+
+
+def test_a_strength_that_runs_no_step_is_noted(tmp_path):
+    """``int(steps * strength)`` steps run from the start image: none at 4 steps and strength
+    0.2, and the images are the start image's reconstruction, which the notes say."""
+    start = tmp_path / "start.png"
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(start)
+    session = _text_session(tmp_path)
+    request = _prompt("red apple", steps=4, init_image=str(start), strength=0.2)
+    assert list(session.generate(request))[-1].notes == [
+        "strength 0.2 runs none of the 4 steps (4 x 0.2 rounds down to 0): the images are the "
+        "start image as the first stage reconstructs it; raise the strength or the steps"
+    ]
+    request = _prompt("red apple", steps=4, init_image=str(start), strength=0.25)
+    assert list(session.generate(request))[-1].notes == []  # one step
+
+
+def test_a_request_is_checked_against_the_sampler_it_picks(tmp_path, monkeypatch):
+    """The pipeline holds the sampler the last request ran (another user's, maybe): a request
+    is checked against the sampler it picks, and the check leaves the pipeline alone (checks
+    run beside a sampling)."""
+    from ldmkit_samplers import DDIMSampler
+
+    class NoImg2Img(DDIMSampler):
+        supports_init = False
+
+    start = tmp_path / "start.png"
+    Image.new("RGB", (8, 8)).save(start)
+    session = _text_session(tmp_path)
+    last = NoImg2Img(steps=4)
+    monkeypatch.setattr(session.pipeline, "sampler", last)
+    session.check(_prompt("red apple", init_image=str(start), strength=0.5))  # ddim takes it
+    assert session.pipeline.sampler is last
+    with pytest.raises(DemoInputError, match="^sampler NoImg2Img does not support img2img"):
+        prepare(
+            _class_pipeline(),  # its sampler is DDIM's
+            _request(init_image=str(start)),
+            inputs_dir=tmp_path / "in",
+            sampler=NoImg2Img(steps=4),
+        )
+
+
+def test_a_requests_notes_hold_only_its_own_warnings():
+    """Another thread's warning during a request (an input check beside a sampling) is not
+    the request's; the filters stay as they are (``ldmkit demo`` makes PIL's decompression-bomb
+    warning an error, and so it stays while a request samples)."""
+    import threading
+
+    from ldmkit.demo.session import warnings_to
+
+    notes: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with warnings_to(notes):
+            warnings.warn("mine", stacklevel=1)
+            other = threading.Thread(target=warnings.warn, args=("another request's",))
+            other.start()
+            other.join()
+            warnings.warn("mine", stacklevel=1)  # noted once
+            with pytest.raises(Image.DecompressionBombWarning):
+                warnings.warn("a bomb", Image.DecompressionBombWarning, stacklevel=1)
+        warnings.warn("after the request", stacklevel=1)
+    assert notes == ["mine"]
+
+
+@pytest.fixture(scope="module")
+def text_page(tmp_path_factory):
+    """The page of :func:`_text_session` built in this process, and a function that runs its
+    Generate with the page's defaults changed by ``elem_id`` (the last update's dict)."""
+    pytest.importorskip("gradio", reason="the demo extra is not installed: pip install 'ldmkit[demo]'")
+    from ldmkit.demo.app import build_demo
+
+    demo = build_demo(_text_session(tmp_path_factory.mktemp("text_page")))
+    (event,) = [fn for fn in demo.fns.values() if fn.api_name == "generate"]
+    by_id = {c.elem_id: c for c in [*event.inputs, *event.outputs]}
+
+    def generate(**values) -> dict:
+        given = {c: c.value for c in event.inputs}
+        given.update({by_id[f"ldmkit-{k.replace('_', '-')}"]: v for k, v in values.items()})
+        *_, last = event.fn(given)
+        return {c.elem_id: update for c, update in last.items()}
+
+    return SimpleNamespace(demo=demo, event=event, by_id=by_id, generate=generate)
+
+
+def test_the_page_shows_each_requests_notes_beside_its_samples(text_page):
+    def shown(prompt: str):
+        return text_page.generate(
+            cond_caption=prompt, steps=2, num_images=1, randomize=False
+        )["ldmkit-notes"]
+
+    for prompt in ("a very long caption " * 4, "red apple " * 5):
+        notes = shown(prompt)
+        assert notes.visible and notes.value.startswith(CUT), notes.value
+    notes = shown("red apple")
+    assert not notes.visible and notes.value == ""
+
+
+def test_the_page_takes_typed_numbers_as_typed(text_page):
+    """A slider puts a typed value outside its range back inside it without a word (Gradio's
+    slider does on blur, before Generate sends it): the page has number boxes, whose values
+    the request checks in one line (tests above), and no sliders."""
+    import gradio as gr
+
+    assert not [c.elem_id for c in text_page.event.inputs if isinstance(c, gr.Slider)]
+    for name in ("guidance", "num-images", "strength", "steps", "seed"):
+        assert isinstance(text_page.by_id[f"ldmkit-{name}"], gr.Number)
+    assert text_page.by_id["ldmkit-num-images"].precision is None  # 2.5 is refused, not rounded
+
+
 # -- the command ---------------------------------------------------------------------------------
 
 
@@ -516,6 +697,32 @@ def test_demo_command_checks_its_arguments(capsys):
     assert "--port must be in 1..65535, got 0" in capsys.readouterr().err
     assert main(["demo", "--checkpoint", "x", "--queue-size", "0"]) == 1
     assert "--queue-size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_an_address_the_demo_cannot_listen_on_is_one_line_naming_the_option(tmp_path, capsys):
+    """Gradio says "Cannot find empty port ... set GRADIO_SERVER_PORT" for an unknown host as
+    for a port in use (after a warning about serving beyond this machine, and uvicorn's own
+    line): the command names ``--host`` or ``--port``, in one line."""
+    pytest.importorskip("gradio", reason="the demo extra (gradio) is not installed")
+    import ldmkit
+    from ldmkit.cli import main
+
+    ldmkit.compose(overrides=["first_stage=identity", "denoiser=unet_tiny", "image_size=8"]).save(
+        tmp_path / "ckpt"
+    )
+    demo = ["demo", "--checkpoint", str(tmp_path / "ckpt")]
+    assert main([*demo, "--host", "no-such-host.invalid", "--port", str(_free_port())]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ldmkit demo: error: --host no-such-host.invalid: no such address (")
+    assert "\n" not in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main([*demo, "--port", str(port)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"ldmkit demo: error: --port {port} on 127.0.0.1 is in use: choose another --port"
+    )
 
 
 def test_demo_without_gradio_says_what_to_install(monkeypatch, capsys):
@@ -745,15 +952,16 @@ def test_strokes_without_an_image_name_the_start_image(server, tmp_path):
 
 @pytest.mark.slow  # a few seconds on the shared server
 def test_values_gradio_refuses_name_the_input(server):
-    """Through the API (a browser's sliders clamp), a value a slider or a dropdown refuses is
-    a line naming the input, not Gradio's bare "Value 0 is less than minimum value 1." (or
-    "Error", for a value of the wrong type)."""
+    """Through the API (a browser offers only the choices), a value a dropdown or a checkbox
+    refuses is a line naming the input, not Gradio's bare "Value: 12 is not in the list of
+    choices" (or "Error", for a value of the wrong type); the numbers are the request's to
+    check."""
     page = _Page(server.url)
     for values, error in [
-        ({"ldmkit-num-images": 0}, "number of images: Value 0 is less than minimum value 1."),
-        ({"ldmkit-guidance": None}, "guidance scale: None is not a value this input takes"),
-        ({"ldmkit-strength": 5}, "strength: Value 5 is greater than maximum value 1.0."),
         ({"ldmkit-cond-label": 12}, "label: Value: 12 is not in the list of choices: "),
+        ({"ldmkit-sampler": "nope"}, "sampler: Value: nope is not in the list of choices: "),
+        ({"ldmkit-num-images": 0}, "number of images must be a whole number from 1 to 16, got 0"),
+        ({"ldmkit-guidance": None}, "guidance scale is empty: give a number >= 0"),
     ]:
         done = page.run("check", values)
         assert not done["success"] and done["output"]["error"].startswith(error), done
@@ -801,8 +1009,8 @@ def test_page_generates_and_reports_bad_input(server):
             page.fill("#ldmkit-steps input", "3")
             page.uncheck("#ldmkit-randomize input")
             page.fill("#ldmkit-seed input", "7")
-            for slider, value in (("#ldmkit-guidance", "2.5"), ("#ldmkit-num-images", "2")):
-                box = page.locator(f"{slider} input[type=number]")
+            for field, value in (("#ldmkit-guidance", "2.5"), ("#ldmkit-num-images", "2")):
+                box = page.locator(f"{field} input[type=number]")
                 box.fill(value)
                 box.press("Enter")
             page.click("#ldmkit-generate")
@@ -844,6 +1052,13 @@ def test_page_generates_and_reports_bad_input(server):
             toast.wait_for(timeout=15_000)
             assert "steps must be a whole number from 1 to 1000, got 0" in toast.inner_text()
             assert images.count() == 2  # the results stay
+            page.fill("#ldmkit-steps input", "3")  # a value typed out of range is said, not
+            page.fill("#ldmkit-num-images input", "100")  # put back in range (a slider's 16)
+            page.click("#ldmkit-generate")
+            toast = page.locator(".toast-body").filter(has_text="number of images")
+            toast.wait_for(timeout=15_000)
+            assert "number of images must be a whole number from 1 to 16, got 100" in toast.inner_text()
+            assert images.count() == 2
             assert not outside, f"the page requested {outside}"
         finally:
             browser.close()
@@ -860,7 +1075,8 @@ def test_inputs_stay_private_and_go_with_the_server(server, tmp_path):
     values = {"ldmkit-init-image": _editor(page.upload(start)), "ldmkit-strength": 0.5}
     done = page.run("generate", {**values, "ldmkit-steps": 2, "ldmkit-num-images": 1})
     assert done["success"], done
-    _, _, command, record, files = done["output"]["data"]
+    _, _, command, record, files, notes = done["output"]["data"]
+    assert not notes["visible"]  # nothing to note
     assert "--init-image init_image.png --strength 0.5" in command
     assert record["init_image"] == "init_image.png"
     assert str(server.tmp) not in json.dumps([command, record])  # no path on the server is shown

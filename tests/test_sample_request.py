@@ -53,7 +53,7 @@ def checkpoint(tmp_path_factory):
             {"init_image": torch.zeros(1, 3, 16, 16), "strength": 1.5},
             ["--init-image", "{photo}", "--strength", "1.5"],
             {"init_image": "{photo}", "strength": 1.5},
-            "strength must be in (0, 1], got 1.5: the share of the steps run from the noised init_image "
+            "strength must be in (0, 1], got 1.5: the share of the steps run from init_image, noised "
             "(1 = all of them)",
         ),
         (

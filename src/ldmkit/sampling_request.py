@@ -469,7 +469,7 @@ def _strength(value: Any) -> float:
     if not 0.0 < strength <= 1.0:
         shown = value if math.isnan(strength) else strength  # 0 and 0.0 alike
         raise SampleArgumentError(
-            "{strength} must be in (0, 1], got {got!r}: the share of the steps run from the noised {init_image} "
+            "{strength} must be in (0, 1], got {got!r}: the share of the steps run from {init_image}, noised "
             "(1 = all of them)",
             got=shown,
         )

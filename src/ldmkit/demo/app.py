@@ -84,12 +84,11 @@ def build_demo(session: DemoSession) -> gr.Blocks:
                         sources=["upload"],
                         elem_id="ldmkit-init-mask",
                     )
-                    strength = gr.Slider(
-                        0.05,
-                        1.0,
+                    strength = gr.Number(
                         value=1.0,
+                        precision=None,
                         step=0.05,
-                        label="strength (the share of the steps run from the image)",
+                        label="strength (above 0 to 1: the share of the steps run from the image)",
                         elem_id="ldmkit-strength",
                     )
                 with gr.Row():
@@ -105,13 +104,14 @@ def build_demo(session: DemoSession) -> gr.Blocks:
                         label=f"steps (1 to {int(pipeline.schedule.timesteps)})",
                         elem_id="ldmkit-steps",
                     )
-                guidance = gr.Slider(
-                    0.0,
-                    20.0,
+                # numbers rather than sliders: a slider puts a typed value outside its range
+                # back inside it without a word; the request's checks refuse it in one line
+                guidance = gr.Number(
                     value=_default_guidance(pipeline),
+                    precision=None,
                     step=0.1,
                     elem_id="ldmkit-guidance",
-                    label="guidance scale (1: none, 0: unconditional)",
+                    label="guidance scale (>= 0; 1: none, 0: unconditional)",
                 )
                 with gr.Row():
                     seed = gr.Number(
@@ -123,12 +123,11 @@ def build_demo(session: DemoSession) -> gr.Blocks:
                     randomize = gr.Checkbox(
                         value=True, label="randomize seed", elem_id="ldmkit-randomize"
                     )
-                num_images = gr.Slider(
-                    1,
-                    MAX_IMAGES,
+                num_images = gr.Number(
                     value=4,
+                    precision=None,
                     step=1,
-                    label="number of images",
+                    label=f"number of images (1 to {MAX_IMAGES})",
                     elem_id="ldmkit-num-images",
                 )
                 with gr.Row():
@@ -157,6 +156,12 @@ def build_demo(session: DemoSession) -> gr.Blocks:
                     object_fit="contain",
                     interactive=False,
                     elem_id="ldmkit-samples",
+                )
+                notes = gr.Textbox(
+                    label="notes on these samples",
+                    interactive=False,
+                    visible=False,
+                    elem_id="ldmkit-notes",
                 )
                 command = gr.Textbox(
                     label="the same with ldmkit sample",
@@ -212,7 +217,9 @@ def build_demo(session: DemoSession) -> gr.Blocks:
                             if event.preview is not None:
                                 yield {preview: event.preview}
                         elif isinstance(event, Result):
-                            yield _result_updates(event, preview, gallery, command, record, files)
+                            yield _result_updates(
+                                event, preview, gallery, command, record, files, notes
+                            )
                 finally:
                     cancel.set()
                     events.close()
@@ -237,8 +244,7 @@ def build_demo(session: DemoSession) -> gr.Blocks:
         for component, name in images.items():
             if isinstance(component, (gr.Image, gr.ImageEditor)):
                 _read_uploads(component, name, max_side(pipeline))
-        named = {sampler: "sampler", guidance: "guidance scale", num_images: "number of images"}
-        named.update({strength: "strength", randomize: "randomize seed"})
+        named = {sampler: "sampler", randomize: "randomize seed"}
         named.update(
             {c: key for key, c in components.items() if not isinstance(c, (gr.Image, gr.ImageEditor))}
         )
@@ -258,7 +264,7 @@ def build_demo(session: DemoSession) -> gr.Blocks:
         ).success(
             run,
             inputs=inputs,
-            outputs=[preview, gallery, command, record, files],
+            outputs=[preview, gallery, command, record, files, notes],
             concurrency_id="sampling",
             api_name="generate",
             show_progress_on=[gallery],  # the preview stays in sight while sampling
@@ -306,7 +312,7 @@ def _read_uploads(component: Any, name: str, limit: int) -> None:
 
 
 def _name_refusals(component: Any, name: str) -> None:
-    """A value the component's ``preprocess`` refuses (a slider's range, a dropdown's choices:
+    """A value the component's ``preprocess`` refuses (a dropdown's choices, a checkbox's:
     values a browser does not send, an API client may) as a line naming the input ``name``,
     not Gradio's bare message (or its "Error", for a value of the wrong type)."""
     decode = component.preprocess
@@ -475,13 +481,19 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def _result_updates(result: Result, preview, gallery, command, record, files) -> dict:
+def _result_updates(result: Result, preview, gallery, command, record, files, notes) -> dict:
     return {
         preview: str(result.files[0]),  # the grid: the last prediction is the result
         gallery: [(str(path), text) for path, text in result.images],
         command: result.command,
         record: result.record,
         files: [str(p) for p in result.files],
+        # this request's warnings (hidden when there are none)
+        notes: gr.Textbox(
+            value="\n".join(result.notes),
+            visible=bool(result.notes),
+            lines=max(1, len(result.notes)),
+        ),
     }
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ldmkit.errors import LdmkitError
-from ldmkit.sampling_request import SEED_LIMIT, SampleRequest, message
+from ldmkit.sampling_request import SEED_LIMIT, SampleRequest, message, whole_number
 
 MAX_IMAGES = 16  # per request: a shared page must not let one user hold the model for long
 MAX_CHECKS = 2  # input checks running at once (each may decode a few images of max_side² pixels)
@@ -148,7 +148,7 @@ class PageRequest:
     conditions: Mapping[str, Any] = field(default_factory=dict)
     init_image: str | None = None  # a PNG path (or the painted editor's background, saved)
     mask: str | None = None  # a PNG path, white = repaint
-    strength: Any = None
+    strength: Any = 1.0  # the page's default; None (an emptied box) is refused
 
 
 @dataclass
@@ -173,6 +173,7 @@ def prepare(
     inputs_dir: Path,
     rng: Any = None,
     fields: Sequence[ConditionField] | None = None,
+    sampler: Any = None,
 ) -> Prepared:
     """Check the ``page``'s values against ``pipeline`` and read its files; copies of the files
     go to ``inputs_dir`` (offered for download with the result, by the names its command line
@@ -181,7 +182,9 @@ def prepare(
     them), within the page's limits (:data:`MAX_IMAGES` images, :func:`max_side`). An image is
     refused from its header, before it is decoded, when a side is over :func:`max_side`.
     ``rng`` (a ``random.Random``) draws the seed when ``randomize_seed`` is set; ``fields``
-    are the pipeline's :func:`condition_fields`, when already known."""
+    are the pipeline's :func:`condition_fields`, when already known; ``sampler`` is the one
+    the request will run, checked (for img2img, masks) in place of the pipeline's own, which
+    is the last request's."""
     from ldmkit.sample_io.conditions import (
         SOURCE_KEY,
         ConditionArgumentError,
@@ -197,10 +200,12 @@ def prepare(
         seed = (rng or random.SystemRandom()).randrange(SEED_LIMIT - MAX_IMAGES)  # seed + i fits too
     else:
         seed = _required(page.seed, "seed")
+    guidance = _required(page.guidance_scale, "guidance scale", "a number >= 0")
     with _page_names():
         request = SampleRequest(
-            steps=_required(page.steps, "steps"), guidance_scale=page.guidance_scale, seed=seed,
-            num_samples=page.num_images, size=_size(pipeline, page.height, page.width),
+            steps=_required(page.steps, "steps"), guidance_scale=guidance, seed=seed,
+            num_samples=whole_number(page.num_images, "num_samples", 1, MAX_IMAGES),
+            size=_size(pipeline, page.height, page.width),
         )  # fmt: skip
     limit = max_side(pipeline)
 
@@ -269,12 +274,28 @@ def prepare(
     if conditioner.input_keys:  # one condition for every image
         batch = repeat_each(batch, conditioner.input_keys, request.num_samples)
     asked = request.size
+    strength = None
+    if init_image is not None:
+        strength = _required(page.strength, "strength", "a number in (0, 1]")
     with _page_names():
         request = replace(
-            request, batch=batch, init_image=init_image, mask=mask,
-            strength=page.strength if init_image is not None else None,
-        ).validate(pipeline, max_samples=MAX_IMAGES, max_side=limit)  # fmt: skip
+            request, batch=batch, init_image=init_image, mask=mask, strength=strength
+        ).validate(
+            pipeline if sampler is None else _Sampling(pipeline, sampler),
+            max_samples=MAX_IMAGES, max_side=limit,
+        )  # fmt: skip
     return Prepared(request, sources, kinds, items, num_images=request.num_samples, size=asked)
+
+
+class _Sampling:
+    """``pipeline`` with ``sampler`` in its place, for a request's validation (which reads
+    the pipeline), leaving the pipeline as it is: checks run beside a sampling."""
+
+    def __init__(self, pipeline: Any, sampler: Any) -> None:
+        self._pipeline, self.sampler = pipeline, sampler
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipeline, name)
 
 
 @contextlib.contextmanager
@@ -288,10 +309,10 @@ def _page_names() -> Iterator[None]:
         raise DemoInputError(message(err, PAGE_NAMES)) from None
 
 
-def _required(value: Any, name: str) -> Any:
+def _required(value: Any, name: str, what: str = "a whole number") -> Any:
     """A field the page needs (empty is not "the default" there)."""
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise DemoInputError(f"{name} is empty: give a whole number")
+        raise DemoInputError(f"{name} is empty: give {what}")
     return value
 
 
@@ -359,9 +380,9 @@ def _class_id(value: Any, spec: ConditionField) -> int:
     if isinstance(value, str) and value in shown:  # the shown name instead of the id
         return shown[value]
     try:
-        number = float(value)
+        number = float(value) if not isinstance(value, bool) else math.nan  # True is no class
     except (TypeError, ValueError):
-        number = float("nan")
+        number = math.nan
     if not math.isfinite(number) or not number.is_integer() or not 0 <= number <= high:
         raise DemoInputError(
             f"{spec.key}: class {value!r} is not one of this model's classes (0 to {high})"

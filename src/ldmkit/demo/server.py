@@ -10,8 +10,10 @@ that variable when it is imported as well as after, and would otherwise write to
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -19,7 +21,13 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from ldmkit.errors import LdmkitError
+
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class AddressError(LdmkitError):
+    """``ldmkit demo`` cannot listen on the ``--host`` and ``--port`` given."""
 
 
 def serve(*, checkpoint: Path, host: str, port: int, queue_size: int, device: str) -> int:
@@ -42,6 +50,7 @@ def serve(*, checkpoint: Path, host: str, port: int, queue_size: int, device: st
         from ldmkit.pipeline import Pipeline
 
         pipeline = Pipeline.load(checkpoint, device=device)
+        check_address(host, port)
         # no image of more pixels than the page takes (max_side²) is decoded, here or in
         # Gradio: PIL refuses it from its header, and the page says so in one line
         Image.MAX_IMAGE_PIXELS = max_side(pipeline) ** 2
@@ -57,6 +66,30 @@ def serve(*, checkpoint: Path, host: str, port: int, queue_size: int, device: st
             )
         app.launch(session, host=host, port=port, queue_size=queue_size)
     return 0
+
+
+def check_address(host: str, port: int) -> None:
+    """Raise :class:`AddressError`, naming ``--host`` or ``--port``, when nothing can listen
+    on ``host:port`` now (Gradio would say "Cannot find empty port" for both, and point to
+    its own settings): a name that does not resolve, an address not of this machine, a port
+    in use or reserved."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as err:
+        raise AddressError(f"--host {host}: no such address ({err.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            reason = {
+                errno.EADDRINUSE: f"--port {port} on {host} is in use: choose another --port",
+                errno.EADDRNOTAVAIL: f"--host {host} is not an address of this machine",
+                errno.EACCES: f"--port {port}: permission denied (ports below 1024 need root)",
+            }.get(err.errno, f"cannot listen on {host}:{port}: {err.strerror}")
+            raise AddressError(reason) from None
 
 
 @contextlib.contextmanager

@@ -4,11 +4,13 @@
 ``Pipeline.sample`` in a worker thread and yields :class:`Step` events (with a decoded
 preview of the current x0 prediction every few steps), then one :class:`Result`: the images
 written the way ``ldmkit sample`` writes them (``<run>/samples.png``, ``<run>/samples/NNNNNN.png``
-and ``<run>/samples.json``), the settings record and the command line that reproduces it.
+and ``<run>/samples.json``), the settings record, the command line that reproduces it and the
+request's notes (the warnings it raised, prompts its text conditioner cut).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import queue
@@ -16,8 +18,9 @@ import secrets
 import shutil
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,7 @@ class Result:
     record: dict[str, Any]  # what <run>/samples.json holds, plus "command"
     command: str
     files: list[Path]  # the grid, the settings JSON and the inputs, for download
+    notes: list[str] = field(default_factory=list)  # this request's warnings, one line each
 
 
 class SamplingCancelled(Exception):
@@ -111,15 +115,17 @@ class SamplerChoices:
     def default_steps(self, name: str) -> int:
         return int(self.node(name).get("steps", 50))
 
-    def build(self, name: str, steps: int) -> tuple[Any, list[str]]:
-        """``(sampler, the overrides that select it on the command line)``."""
+    def build(self, name: str, steps: int | None) -> tuple[Any, list[str]]:
+        """``(sampler, the overrides that select it on the command line)``; ``steps`` None:
+        the config's (a sampler to check a request against, before its steps are)."""
         from ldmkit.assembly import create_component
         from ldmkit.plugins import get_registry
 
         node = self.node(name)
-        node.steps = steps
         overrides = [] if name == self.current else [f"sampler={name}"]
-        overrides.append(f"sampler.steps={steps}")
+        if steps is not None:
+            node.steps = steps
+            overrides.append(f"sampler.steps={steps}")
         try:
             sampler = create_component(get_registry(), "sampler", node, f"sampler={name}")
         except LdmkitError as err:
@@ -143,50 +149,101 @@ class DemoSession:
         self.fields = condition_fields(pipeline)
         self.samplers = SamplerChoices(pipeline)
         self._lock = threading.Lock()  # one sampling at a time, whatever the page's queue does
+        self._prompt_parts = _prompt_parts(pipeline, self.fields)
 
     def check(self, page: PageRequest) -> None:
         """Raise :class:`DemoInputError` for what :meth:`generate` would refuse before sampling
         (the inputs and the sampler), without sampling or keeping anything."""
         with tempfile.TemporaryDirectory(prefix="check-", dir=_mkdir(self.results_dir)) as scratch:
-            prepared = prepare(
-                self.pipeline, page, inputs_dir=Path(scratch) / "inputs", fields=self.fields
-            )
-        self.samplers.build(page.sampler, prepared.request.steps)
+            self._prepare(page, Path(scratch) / "inputs")
+
+    def _prepare(self, page: PageRequest, inputs_dir: Path) -> tuple[Prepared, Any, list[str]]:
+        """``(the checked request, its sampler, the overrides that select it)``: checked
+        against the sampler it picks, not the pipeline's (the last request's)."""
+        chosen, _ = self.samplers.build(page.sampler, None)
+        prepared = prepare(
+            self.pipeline, page, inputs_dir=inputs_dir, fields=self.fields, sampler=chosen
+        )
+        sampler, overrides = self.samplers.build(page.sampler, prepared.request.steps)
+        return prepared, sampler, overrides
 
     def generate(
         self, page: PageRequest, cancel: threading.Event | None = None
     ) -> Iterator[Step | Result]:
         """Check ``request``, sample, write the results; yields :class:`Step` events, then one
         :class:`Result`. Bad input raises :class:`DemoInputError` before anything runs; a
-        failure while sampling raises it too (LdmkitError/ValueError messages, one line)."""
+        failure while sampling raises it too (LdmkitError/ValueError messages, one line).
+        The result's notes are the warnings this request raised (:func:`warnings_to`) and a
+        line for each prompt its text conditioner cut or read in part as its unknown token
+        (:meth:`_prompt_notes`)."""
         cancel = cancel or threading.Event()
         with self._lock:
             run_dir = self._new_run_dir()
+            notes: list[str] = []
             try:
-                prepared = prepare(
-                    self.pipeline, page, inputs_dir=run_dir / "inputs", fields=self.fields
-                )
-                sampler, overrides = self.samplers.build(page.sampler, prepared.request.steps)
-                self.pipeline.with_sampler(sampler)
-                images = yield from self._sample(prepared, cancel)
+                with warnings_to(notes):
+                    prepared, sampler, overrides = self._prepare(page, run_dir / "inputs")
+                    self.pipeline.with_sampler(sampler)
+                counts = {key: _prompt_counts(part) for key, part in self._prompt_parts.items()}
+                images = yield from self._sample(prepared, cancel, notes)
             except BaseException:
                 shutil.rmtree(run_dir, ignore_errors=True)
                 raise
-            yield self._write(run_dir, prepared, overrides, images)
+            result = self._write(run_dir, prepared, overrides, images)
+            result.notes = self._prompt_notes(counts, notes)
+            yield result
+
+    def _prompt_notes(self, before: dict[str, tuple[int, int]], notes: list[str]) -> list[str]:
+        """``notes`` with a line for each prompt key whose text conditioner cut the prompt or
+        read part of it as its unknown token in this request (its counts grew since
+        ``before``; sampling is one request at a time, and only sampling encodes prompts).
+        The line replaces the conditioner's own warning, which it gives once in a process
+        (a long-running page would report only the first long prompt ever) and in a script's
+        words ("further ones ... silently", ".truncated_prompts")."""
+        out = list(notes)
+        for key, part in self._prompt_parts.items():
+            (cut, unknown), (was_cut, was_unknown) = _prompt_counts(part), before[key]
+            cut, unknown = cut > was_cut, unknown > was_unknown
+            if not (cut or unknown):
+                continue
+            out = [note for note in out if not note.startswith(f"{type(part).__name__}: ")]
+            if cut:
+                limits = (getattr(part, name, None) for name in ("max_length", "max_seq_len"))
+                limit = next((n for n in limits if isinstance(n, int)), None)
+                reads = f"the {limit} tokens" if limit else "the length"
+                out.append(
+                    f"{key}: the prompt is longer than {reads} its text encoder reads; the rest "
+                    "was cut (the images follow the beginning only)"
+                )
+            if unknown:
+                out.append(
+                    f"{key}: the prompt holds text the text encoder's vocabulary does not know "
+                    "(emoji, most symbols), read as its unknown token"
+                )
+        return out
 
     # -- sampling in a worker thread ---------------------------------------------------------
-    def _total_steps(self, prepared: Prepared) -> int:
+    def _steps(self, prepared: Prepared) -> tuple[int, int]:
+        """``(the sampler's steps, those that run)``: with a start image, ``int(steps *
+        strength)`` of them (:func:`ldmkit.diffusion.timesteps.truncate_for_strength`)."""
         sampler, request = self.pipeline.sampler, prepared.request
         try:
             total = len(sampler.timesteps(self.pipeline.schedule, request.steps))
         except Exception:  # a sampler without a step plan
             total = request.steps
         if request.init_image is not None and request.strength is not None:
-            total = int(total * request.strength)
-        return max(total, 1)
+            return total, int(total * request.strength)
+        return total, total
 
-    def _sample(self, prepared: Prepared, cancel: threading.Event):
-        total = self._total_steps(prepared)
+    def _sample(self, prepared: Prepared, cancel: threading.Event, notes: list[str]):
+        steps, total = self._steps(prepared)
+        if total == 0:  # Pipeline.sample returns the start image's reconstruction
+            notes.append(
+                f"strength {prepared.request.strength:g} runs none of the {steps} steps "
+                f"({steps} x {prepared.request.strength:g} rounds down to 0): the images are the "
+                "start image as the first stage reconstructs it; raise the strength or the steps"
+            )
+        total = max(total, 1)
         every = max(1, total // PREVIEWS)
         events: queue.Queue = queue.Queue()
         done = itertools.count(1)
@@ -203,9 +260,10 @@ class DemoSession:
 
         def work() -> None:
             try:
-                images = pipeline.sample(
-                    replace(prepared.request, callback=callback, precision=self.precision)
-                )
+                with warnings_to(notes):
+                    images = pipeline.sample(
+                        replace(prepared.request, callback=callback, precision=self.precision)
+                    )
                 events.put(("done", images))
             except BaseException as err:  # handed to the generator, which raises it there
                 events.put(("error", err))
@@ -290,6 +348,72 @@ class DemoSession:
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# -- a request's notes -----------------------------------------------------------------------
+
+_NOTES: dict[int, list[str]] = {}  # thread id -> the notes of the request it works for
+_INSTALL = threading.Lock()
+
+
+class _Recorder:
+    """``warnings.showwarning`` with a line added to the notes of the request the warning's
+    thread works for (:data:`_NOTES`), if any; it shows the warning as ``show`` does."""
+
+    def __init__(self, show: Any) -> None:
+        self.show = show
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None):
+        notes = _NOTES.get(threading.get_ident())
+        text = str(message).replace("\n", " ")
+        if notes is not None and text not in notes:
+            notes.append(text)
+        self.show(message, category, filename, lineno, file, line)
+
+
+@contextlib.contextmanager
+def warnings_to(notes: list[str]) -> Iterator[None]:
+    """The warnings this thread raises in the block, each appended to ``notes`` as one line
+    (once) and shown as before (the server log); those of other threads are only shown.
+
+    No ``warnings.catch_warnings``: it swaps process-wide state on the way in and out, so
+    two that overlap in time leave one's filters or ``showwarning`` behind (Gradio enters
+    it to decode an upload, in an input check that runs beside a sampling). Instead a
+    :class:`_Recorder` stays in front of ``warnings.showwarning`` (put back there should
+    something replace it) and reads which request a thread works for. Each block reports
+    its warnings afresh: Python shows a warning once per place in the code (the "default"
+    action) until its filters change, and the block adds the filter that is the default
+    action anyway ("default" for every warning, last), which counts as a change; the
+    filters in force stay as they are (``ldmkit demo`` makes PIL's decompression-bomb
+    warning an error)."""
+    me = threading.get_ident()
+    with _INSTALL:
+        if not isinstance(warnings.showwarning, _Recorder):
+            warnings.showwarning = _Recorder(warnings.showwarning)
+        warnings.filterwarnings("default", append=True)
+        _NOTES[me] = notes
+    try:
+        yield
+    finally:
+        _NOTES.pop(me, None)
+
+
+def _prompt_parts(pipeline: Any, fields: list[Any]) -> dict[str, Any]:
+    """Prompt key -> the text conditioner that reads it and counts its cut prompts
+    (``truncated_prompts``; ``ldmkit_text``'s conditioners)."""
+    from ldmkit.sample_io.conditions import reading_part
+
+    parts = {
+        spec.key: reading_part(pipeline.conditioner, spec.key, "truncated_prompts")
+        for spec in fields
+        if spec.kind == "text"
+    }
+    return {key: part for key, part in parts.items() if part is not None}
+
+
+def _prompt_counts(part: Any) -> tuple[int, int]:
+    """A text conditioner's counts of cut prompts and of prompts with unknown text."""
+    return int(part.truncated_prompts), int(getattr(part, "unknown_prompts", 0) or 0)
 
 
 def preview_grid(images: torch.Tensor):
