@@ -446,6 +446,7 @@ def settings(
         "mask": p.sources.get("--mask"),
         "refine_known": 0,  # the page does not offer it (ldmkit sample --refine-known)
         "conditions": condition_settings(r.batch, p.kinds, p.sources),
+        "negative": None,  # the page has no negative condition (ldmkit sample --negative-prompt)
         "overrides": list(overrides),
         "device": str(device),
         "precision": precision,
