@@ -128,6 +128,8 @@ def test_values_are_checked_and_normalized_when_the_request_is_made():
         ({"strength": 0.5}, "strength needs init_image"),
         ({"size": (16, "a")}, "size must be a whole number >= 1 or (height, width) of them, got (16, 'a')"),
         ({"batch_size": 0}, "batch_size must be a whole number >= 1, got 0"),
+        ({"seed": 1e308}, "seed must be a whole number from 0 to 4294967295, got 1e+308"),  # not 309 digits
+        ({"num_samples": -4.0}, "num_samples must be a whole number >= 1, got -4"),
         ({"precision": "fp8"}, "precision='fp8' is not a precision"),
         ({"compile": "fast"}, "compile='fast': expected true, false, auto or one of"),
     ]

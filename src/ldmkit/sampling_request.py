@@ -87,7 +87,8 @@ def whole_number(value: Any, name: str, low: int, high: int | None = None, *, hi
         number = math.nan
     fits = math.isfinite(number) and number.is_integer() and low <= number <= (math.inf if high is None else high)
     if isinstance(value, bool) or not fits:
-        shown = int(number) if math.isfinite(number) and number.is_integer() and not isinstance(value, bool) else value
+        whole = math.isfinite(number) and number.is_integer() and abs(number) < 1e15  # 1e308: not 309 digits
+        shown = int(number) if whole and not isinstance(value, bool) else value
         raise SampleArgumentError(f"{{{name}}} must be a whole number {{span}}, got {{got}}", span=span + hint, got=shown)
     return int(number)
 
