@@ -75,13 +75,13 @@ def toy(ldmkit_plugin):
 
 
 def make_distribution(site: Path, dist: str, version: str, entry_points: dict[str, str],
-                      modules: dict[str, str]) -> None:
-    """Write an installed distribution (a .dist-info with entry points) and its modules."""
+                      modules: dict[str, str], group: str = "ldmkit") -> None:
+    """Write an installed distribution (a .dist-info with entry points in ``group``) and its modules."""
     info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
     eps = "\n".join(f"{name} = {target}" for name, target in entry_points.items())
-    (info / "entry_points.txt").write_text(f"[ldmkit]\n{eps}\n")
+    (info / "entry_points.txt").write_text(f"[{group}]\n{eps}\n")
     for module, source in modules.items():
         (site / f"{module}.py").write_text(textwrap.dedent(source))
 

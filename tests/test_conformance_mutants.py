@@ -250,6 +250,14 @@ def test_a_sampler_below_its_declared_order_fails_without_expected_order():
         sampler_check(lambda steps: EulerPosingAsHeun(steps=steps, s_churn=1.0), "test_convergence_order")
 
 
+def test_a_sampler_below_its_declared_order_fails_with_expected_order_too():
+    """The test class's ``expected_order`` once replaced the sampler's own declaration: a
+    "Heun" stepping like Euler (declaring 2) passed a class that expects order 1."""
+    with pytest.raises(AssertionError, match=r"converges at order 1\.0.*declares convergence_order = 2"):
+        sampler_check(EulerPosingAsHeun, "test_convergence_order", expected_order=1)
+    sampler_check(ldmkit_samplers.EulerSampler, "test_convergence_order", expected_order=1)
+
+
 def test_a_sampler_ignoring_its_spacing_fails_the_spacing_check():
     with pytest.raises(AssertionError, match="spacing 'paper'"):
         sampler_check(IgnoresSpacing, "test_timesteps_follow_the_spacing")
@@ -697,3 +705,54 @@ def test_a_kl_first_stage_encodes_deterministically_in_mode_only():
     with pytest.raises(AssertionError):
         run_check(FirstStageConformance, "test_encode_is_deterministic", make_first_stage=kl("sample"),
                   deterministic_encode=True)  # fmt: skip
+
+
+# -- what a component declares ------------------------------------------------------------
+
+
+class ForgetsLatentChannels(Pooling):
+    def __init__(self):
+        super().__init__()
+        del self.latent_channels
+
+
+class ReadsNoDeclaredKey(Tokens):
+    """Reads ``label`` with ``self.read`` but lists no input key: sampling never calls it."""
+
+    input_keys = ()
+
+
+class ForgetsSuperInit(PluginEuler):
+    def __init__(self, *, steps=50):  # no super().__init__(): no steps, no spacing
+        self.eta = 0.0
+
+
+@pytest.mark.parametrize(
+    ("mixin", "factory", "named"),
+    [
+        (FirstStageConformance, {"make_first_stage": lambda self: ForgetsLatentChannels()}, "latent_channels is not set"),
+        (ConditionerConformance, {"make_conditioner": lambda self: ReadsNoDeclaredKey(),
+                                  "make_batch": lambda self, n: {"label": torch.arange(n) % 5}},
+         r"input_keys is empty but it declares the roles \['crossattn'\]"),
+        (SamplerConformance, {"make_sampler": lambda self: ForgetsSuperInit(steps=self.steps)}, "steps is not set"),
+    ],
+    ids=["first stage", "conditioner", "sampler"],
+)  # fmt: skip
+def test_an_interface_attribute_left_unset_fails_naming_it(mixin, factory, named):
+    """A first stage without ``latent_channels`` or a sampler without ``steps`` once failed
+    with an AttributeError from inside the check, and a conditioner that reads a key it does
+    not list in ``input_keys`` passed (its input checks skipped, "reads no input"), though
+    ``Pipeline.sample`` never calls it."""
+    check = next(name for name in dir(mixin) if name.startswith("test_is_a_"))
+    with pytest.raises(AssertionError, match=named):
+        run_check(mixin, check, **factory)
+
+
+class ReturnsAnUndeclaredRole(Tokens):
+    def forward(self, batch):
+        return {**super().forward(batch), "vector": torch.zeros(len(self.read(batch, "label")), 4)}
+
+
+def test_a_conditioner_returning_a_role_it_does_not_declare_fails_naming_it():
+    with pytest.raises(AssertionError, match="it returns 'vector' but vector_dim is not set"):
+        conditioner_check(ReturnsAnUndeclaredRole, "test_output_matches_declared_dims")

@@ -271,6 +271,39 @@ def test_python_block_runs(block, pages, monkeypatch):
         raise
 
 
+# -- yaml blocks: a component option's keys are its constructor's arguments -------------------
+
+COMPONENT_OPTION = re.compile(r"#\s*(?:\S*/)?(first_stage|denoiser|conditioner|sampler)/(\w+)\.yaml")
+
+
+def test_component_option_blocks_name_constructor_arguments():
+    """A yaml block headed ``# [conf/]GROUP/OPTION.yaml`` lists keyword arguments of the component
+    its ``name`` (or the option its ``defaults`` extend) registers: docs/configuration.md's
+    ``first_stage/kl_f8.yaml`` once showed ``embed_dim: 4``, which ``kl`` does not take (it is
+    ``latent_channels``)."""
+    import inspect
+
+    import yaml
+
+    from ldmkit.config import compose_config
+    from ldmkit.plugins import get_registry
+
+    wrong = []
+    for block in (b for b in ALL_BLOCKS if b.lang in {"yaml", "yml"}):
+        header = COMPONENT_OPTION.match(block.code)
+        if header is None:
+            continue
+        group, node = header[1], yaml.safe_load(block.code)
+        base = [d for d in node.pop("defaults", []) if d != "_self_"]
+        name = node.pop("name", None) or compose_config([f"{group}={base[0]}"])[group]["name"]
+        parameters = inspect.signature(get_registry().get(group, name).factory).parameters
+        if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            continue
+        unknown = sorted(set(node) - set(parameters) - {"checkpoint", "drop_rate"})
+        wrong += [f"{block.id}: {group} {name!r} takes no {key!r}" for key in unknown]
+    assert not wrong, "\n".join(wrong)
+
+
 # -- bash blocks: the commands and options they name exist --------------------------------------
 
 CONFIG_GROUPS = ("experiment", "first_stage", "conditioner", "sampler", "denoiser", "data", "trainer")

@@ -45,3 +45,18 @@ def test_the_demo_asks_for_a_number():
 
     (field,) = condition_fields(SimpleNamespace(conditioner=Brightness(), config=None))
     assert (field.key, field.kind, field.label) == ("brightness", "number", "brightness (a number)")
+
+
+def test_numbers_are_recorded_and_drawn_as_written():
+    """The float32 batch once came back as 0.8999999761581421 in the samples' JSON and on
+    their ``--show-conditions`` tile, which a 16-pixel tile cut to "0.89"."""
+    from types import SimpleNamespace
+
+    from ldmkit.sample_io.samples import condition_settings
+    from ldmkit.visualize import condition_tiles, text_tiles
+
+    batch = parse_conditions(["brightness=0.9,-0.1"], {"brightness": "number"}, image_channels=3)
+    assert condition_settings(batch, {"brightness": "number"}, {}) == {"brightness": [0.9, -0.1]}
+    conditioner = SimpleNamespace(input_keys=("brightness",), input_kind=lambda key: "number")
+    (tiles,) = condition_tiles(conditioner, batch, (32, 32))
+    assert torch.equal(tiles, text_tiles(["0.9", "-0.1"], 32))

@@ -11,15 +11,19 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 import ldmkit
-from ldmkit.interfaces import Sampler
-from ldmkit.plugins import get_plugin_manager, get_registry
+from ldmkit.config import ConfigError
+from ldmkit.interfaces import Conditioner, FirstStage, Sampler
+from ldmkit.plugins import PluginError, get_plugin_manager, get_registry
 from ldmkit.testing import temporary_plugin
 from tests.conftest import ldmkit_cli, make_distribution, pip_install_project
 from tests.test_docs_snippets import fenced_blocks
@@ -325,3 +329,158 @@ def wrong_plugin(site):
 
     run.site = site
     return run
+
+
+# -- what a newcomer forgets to declare ---------------------------------------------------------
+
+
+class NoLatentChannels(FirstStage):
+    def __init__(self, *, channels: int = 3):
+        super().__init__()
+        self.downsample_factor = 1  # and forgot self.latent_channels = channels
+
+    def encode(self, x):
+        return x
+
+    def decode(self, z):
+        return z
+
+
+class NoSteps(Sampler):
+    def __init__(self, *, steps: int = 2):
+        self.started = True  # forgot super().__init__(steps=steps)
+
+    def sample(self, denoise, schedule, noise, **kwargs):
+        return noise
+
+
+class NoInputKeys(Conditioner):
+    """Reads ``label`` but forgot ``input_keys = ("label",)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.crossattn_dim = 4
+        self.embedding = nn.Embedding(3, 4)
+
+    def forward(self, batch):
+        return {"crossattn": self.embedding(torch.as_tensor(self.read(batch, "label")))[:, None]}
+
+
+class NoSuperInit(Conditioner):
+    input_keys = ("label",)
+
+    def __init__(self):
+        self.embedding = nn.Embedding(3, 4)  # before super().__init__(): torch refuses
+
+    def forward(self, batch):
+        return {}
+
+
+class UndeclaredVector(NoInputKeys):
+    """Returns a ``vector`` besides its tokens, but declares no ``vector_dim``."""
+
+    input_keys = ("label",)
+
+    def forward(self, batch):
+        tokens = super().forward(batch)["crossattn"]
+        return {"crossattn": tokens, "vector": tokens[:, 0]}
+
+
+NEWCOMER = {
+    "first_stage": {"no_latent_channels": NoLatentChannels},
+    "sampler": {"no_steps": NoSteps},
+    "conditioner": {"no_input_keys": NoInputKeys, "undeclared_vector": UndeclaredVector, "no_super_init": NoSuperInit},
+}
+
+
+@pytest.fixture
+def newcomer(tmp_path, ldmkit_plugin):
+    """NEWCOMER's components registered, each with its config option."""
+
+    class Plugin:
+        @ldmkit.hookimpl
+        def ldmkit_register_first_stages(self, register):
+            for name, factory in NEWCOMER["first_stage"].items():
+                register(name, factory)
+
+        @ldmkit.hookimpl
+        def ldmkit_register_samplers(self, register):
+            for name, factory in NEWCOMER["sampler"].items():
+                register(name, factory)
+            register("unshipped", NoSteps)  # no config option names it
+
+        @ldmkit.hookimpl
+        def ldmkit_register_conditioners(self, register):
+            for name, factory in NEWCOMER["conditioner"].items():
+                register(name, factory)
+
+        @ldmkit.hookimpl
+        def ldmkit_register_configs(self, register):
+            register(tmp_path)
+
+    for group, options in NEWCOMER.items():
+        (tmp_path / group).mkdir()
+        for name in options:
+            (tmp_path / group / f"{name}.yaml").write_text(f"name: {name}\n")
+    ldmkit_plugin(Plugin(), name="newcomer")
+
+
+@pytest.mark.parametrize(
+    ("option", "culprit"),
+    [
+        ("first_stage=no_latent_channels",
+         "first_stage=no_latent_channels: first_stage 'no_latent_channels' from plugin 'newcomer' (newcomer): "
+         "latent_channels is not set (an ldmkit.interfaces.FirstStage sets it in __init__)"),
+        ("sampler=no_steps",
+         "sampler=no_steps: sampler 'no_steps' from plugin 'newcomer' (newcomer): steps is not set (an "
+         "ldmkit.interfaces.Sampler sets it in __init__)"),
+        ("conditioner=no_input_keys",
+         "conditioner=no_input_keys: conditioner 'no_input_keys' from plugin 'newcomer' (newcomer): input_keys is "
+         "empty but it declares the roles ['crossattn'] (sampling calls only a conditioner that reads a batch "
+         "key: list the keys forward reads)"),
+    ],
+    ids=["first stage", "sampler", "conditioner"],
+)  # fmt: skip
+def test_an_interface_attribute_left_unset_is_one_line_naming_the_plugin(newcomer, option, culprit):
+    """Once an AttributeError traceback from composition (the first stage), or nothing until
+    sampling (a sampler without ``steps``), or never (a conditioner without ``input_keys``:
+    ``Pipeline.sample`` does not call it, and the denoiser then lacks its condition)."""
+    with pytest.raises(ConfigError) as err:
+        ldmkit.compose(overrides=[option])
+    assert str(err.value) == culprit
+
+
+def test_a_role_returned_but_not_declared_is_one_line_naming_the_plugin(newcomer):
+    """Once ``ValueError: cond['vector'] was given but this UNet takes no vector condition``
+    from inside the UNet, naming neither the conditioner nor its plugin."""
+    pipe = ldmkit.compose(overrides=["conditioner=undeclared_vector", "first_stage=identity", "image_size=8",
+                                     "sampler.steps=1"])  # fmt: skip
+    with pytest.raises(PluginError) as err:
+        pipe.sample({"label": [1]}, seed=0)
+    assert str(err.value) == (
+        "conditioner 'undeclared_vector' from plugin 'newcomer' (newcomer): forward(): it returns 'vector' but "
+        "vector_dim is not set"
+    )
+
+
+def test_a_constructor_that_raises_is_one_line_naming_the_plugin_and_the_line(newcomer):
+    """Once a traceback ending in torch's ``cannot assign module before Module.__init__() call``."""
+    with pytest.raises(ConfigError) as err:
+        ldmkit.compose(overrides=["conditioner=no_super_init"])
+    line = inspect.unwrap(NoSuperInit.__init__).__code__.co_firstlineno + 1
+    assert str(err.value) == (
+        "conditioner=no_super_init: conditioner 'no_super_init' from plugin 'newcomer' (newcomer) failed to build: "
+        f"AttributeError: cannot assign module before Module.__init__() call (test_plugin_author_path.py:{line})"
+    )
+
+
+def test_a_registered_name_without_its_option_file_says_so(newcomer):
+    """``sampler=unshipped`` once said only that no ``sampler/unshipped.yaml`` exists, not that
+    the plugin registers the name and forgot the file."""
+    with pytest.raises(ConfigError) as err:
+        ldmkit.compose(overrides=["sampler=unshipped"])
+    assert str(err.value).endswith(
+        "; 'unshipped' is the registered name of a sampler from plugin 'newcomer' (newcomer), but no config "
+        "option sampler/unshipped.yaml ships with it (a plugin's config root holds one file per option, whose "
+        "`name:` is the registered name: docs/plugins.md, section 3)"
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 
 import pytest
 
@@ -358,3 +359,47 @@ def test_an_unknown_option_names_the_plugins_that_failed_to_load(site):
         "; plugin 'broken' (ldmkit-broken 0.9), which may ship it, failed to load: "
         "ModuleNotFoundError: No module named 'not_installed_dependency'"
     )
+
+
+def test_an_entry_point_in_another_group_is_named_where_its_plugin_is_missed(site, capsys, monkeypatch):
+    """``[project.entry-points."ldmkit.plugins"]`` instead of ``[project.entry-points.ldmkit]``:
+    the plugin was never loaded, and neither the unknown option nor ``ldmkit plugins`` said
+    why."""
+    make_distribution(site, "ldmkit-misgrouped", "1.0", {"mine": "mine_plugin"},
+                      {"mine_plugin": GOOD.format(name="mine")}, group="ldmkit.plugins")  # fmt: skip
+    said = (
+        "distribution ldmkit-misgrouped 1.0 declares the entry point mine = mine_plugin in the group "
+        "'ldmkit.plugins', which ldmkit does not read: a plugin's entry point goes in the group 'ldmkit' "
+        "([project.entry-points.ldmkit] in pyproject.toml)"
+    )
+    with pytest.raises(ConfigError) as caught:
+        ldmkit.compose(overrides=["sampler=mine"])
+    assert str(caught.value).startswith("unknown option sampler=mine (no sampler/mine.yaml")
+    assert str(caught.value).endswith(f"; {said}")
+    from ldmkit.cli import main
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() sets its own
+    assert main(["plugins"]) == 0
+    assert capsys.readouterr().err == f"ldmkit plugins: warning: {said}\n"
+
+
+@pytest.mark.parametrize(
+    ("source", "why"),
+    [
+        ("def ldmkit_register_samplers(register):\n    pass\n", "@ldmkit.hookimpl is missing on its ldmkit_register_samplers"),
+        ('"""a package whose hooks live in its plugin module"""\n',
+         "the module the entry point names holds no @ldmkit.hookimpl function (the package instead of its hook "
+         "module?)"),
+    ],
+    ids=["undecorated", "package"],
+)  # fmt: skip
+def test_a_plugin_implementing_no_hook_is_warned_about(site, source, why):
+    """It loaded, registered nothing, and the only sign was an empty row in ``ldmkit plugins``."""
+    make_distribution(site, "ldmkit-hookless", "1.0", {"hookless": "hookless_plugin"}, {"hookless_plugin": source})
+    sys.modules.pop("hookless_plugin", None)
+    with pytest.warns(PluginLoadWarning) as caught:
+        get_registry()
+    assert [str(w.message) for w in caught] == [
+        "ldmkit plugin 'hookless' from distribution ldmkit-hookless 1.0 (entry point hookless_plugin) implements "
+        f"no ldmkit hook, so it provides nothing: {why}"
+    ]

@@ -9,7 +9,9 @@ dependency runs one way: pipeline -> assembly -> config.
 from __future__ import annotations
 
 import copy
+import inspect
 import os
+import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,7 +22,7 @@ from ldmkit.config import AUTO, ConfigError, experiment_writing
 from ldmkit.config_checks import argument_problems
 from ldmkit.devices import build_within_memory, check_fits
 from ldmkit.diffusion.schedule import NoiseSchedule
-from ldmkit.errors import WeightsError
+from ldmkit.errors import LdmkitError, WeightsError
 from ldmkit.interfaces import CONDITION_ROLES, INTERFACES, Conditioner
 from ldmkit.nn.attention import set_attention_backend
 from ldmkit.plugins import PluginError, get_plugin_manager
@@ -87,11 +89,23 @@ def create_component(
         raise ConfigError(f"{label or kind}: {err}") from err
     except ValueError as err:  # a constructor rejecting an option's value
         raise ConfigError(f"{label or kind}: cannot build {kind} {name!r}: {err}") from err
+    except LdmkitError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a bug in the plugin's constructor: name it in one line
+        raise ConfigError(
+            f"{label or kind}: {kind} {name!r} from {registry.get(kind, name).provider} failed to build: "
+            f"{type(err).__name__}: {err}{_raised_at(err, factory)}"
+        ) from err
     if not isinstance(obj, INTERFACES[kind]):
         entry = registry.get(kind, name)
         raise ConfigError(
             f"{kind} {name!r} from {entry.provider} built an instance of {type(obj).__name__}, "
             f"which is not an ldmkit.interfaces.{INTERFACES[kind].__name__}"
+        )
+    problems = obj.declaration_problems()
+    if problems:
+        raise ConfigError(
+            f"{label or kind}: {kind} {name!r} from {registry.get(kind, name).provider}: {'; '.join(problems)}"
         )
     obj.config_key = key or kind  # where its options live (ldmkit.pipeline_files)
     if drop_rate is not None:
@@ -105,6 +119,17 @@ def create_component(
             raise ConfigError(f"{label or kind} ({kind}.checkpoint): {err}") from err
     obj.built_from = {"name": name, **component_kwargs(node, kind)[1]}  # what builds it again
     return obj
+
+
+def _raised_at(err: BaseException, factory: Any) -> str:
+    """`` (mine.py:12)``: the last line of the factory's own file that ``err`` passed through
+    (its constructor, or a helper beside it), or "" when it passed through none."""
+    try:
+        source = inspect.getsourcefile(factory)
+    except TypeError:
+        return ""
+    lines = [frame.lineno for frame in traceback.extract_tb(err.__traceback__) if frame.filename == source]
+    return f" ({os.path.basename(source)}:{lines[-1]})" if lines else ""
 
 
 def component_origin(kind: str, component: Any) -> str:
@@ -130,11 +155,15 @@ def returned_tensor(kind: str, component: Any, method: str, value: Any, shape: S
 
 
 def checked_condition(conditioner: Conditioner, method: str, cond: Any) -> Mapping[str, Tensor]:
-    """``cond``, when it is what a conditioner returns: a mapping of roles to tensors; else
-    a :class:`PluginError` naming the conditioner's plugin and what it returned."""
+    """``cond``, when it is what a conditioner returns: a mapping of roles to tensors, the
+    roles and dims it declares; else a :class:`PluginError` naming the conditioner's plugin and
+    what it returned."""
     if isinstance(cond, Mapping) and all(
         role in CONDITION_ROLES and isinstance(value, Tensor) for role, value in cond.items()
     ):
+        problems = conditioner.condition_problems(cond)
+        if problems:
+            raise PluginError(f"{component_origin('conditioner', conditioner)}: {method}: {'; '.join(problems)}")
         return cond
     got = type(cond).__name__
     if isinstance(cond, Mapping):

@@ -28,7 +28,13 @@ from omegaconf import Container, DictConfig, OmegaConf, open_dict
 
 from ldmkit.config_checks import Choice, Either, Integer, Number, Schema, Spec, Text, show_value
 from ldmkit.errors import ConfigError, LdmkitError
-from ldmkit.plugins import config_options, get_plugin_manager, root_directory
+from ldmkit.plugins import (
+    config_options,
+    get_plugin_manager,
+    misgrouped_entry_points,
+    root_directory,
+)
+from ldmkit.registry import COMPONENT_KINDS
 from ldmkit.resources import config_dir
 
 GROUPS = ("first_stage", "denoiser", "conditioner", "sampler", "data", "trainer", "experiment")
@@ -428,12 +434,30 @@ def _explain_compose_error(err: Exception, overrides: Sequence[str], config_name
         )
         note = manager.autoload_note()  # plugins left out on purpose may ship it
         broken += f"; {note}" if note else ""
+        broken += "".join(f"; {line}" for line in misgrouped_entry_points())  # never loaded
+        broken += _registered_without_option(group, option)
         return (
             f"unknown option {group}={option} (no {group}/{option}.yaml in ldmkit's conf/ or an installed "
             f"plugin's config root); {group} options: {options or '(none)'} "
             f"(`ldmkit plugins` lists which plugin provides which config groups){broken}"
         )
     return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def _registered_without_option(group: str, option: str) -> str:
+    """``; 'mine' is the registered name of a sampler from plugin ...``: a plugin registers the
+    component but ships no option file naming it (or "")."""
+    if group not in COMPONENT_KINDS:
+        return ""
+    try:
+        provider = get_plugin_manager().registry.get(group, option).provider
+    except (LookupError, LdmkitError):
+        return ""
+    return (
+        f"; {option!r} is the registered name of a {group} from {provider}, but no config option "
+        f"{group}/{option}.yaml ships with it (a plugin's config root holds one file per option, whose `name:` is "
+        "the registered name: docs/plugins.md, section 3)"
+    )
 
 
 def _unknown_key(key: str, overrides: Sequence[str], config_name: str) -> str:

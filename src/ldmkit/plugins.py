@@ -59,6 +59,44 @@ def _warn_unmatched(only: set[str], installed: dict[str, str | None]) -> None:
         )
 
 
+def _warn_no_hooks(plugin: Any, info: PluginInfo) -> None:
+    """An entry point whose module implements no hook: it names the package instead of its hook
+    module, or the hooks lack the decorator (it would load and register nothing, silently)."""
+    undecorated = [name for name in _hook_names() if callable(getattr(plugin, name, None))]
+    why = (
+        f"@ldmkit.hookimpl is missing on its {', '.join(undecorated)}"
+        if undecorated
+        else "the module the entry point names holds no @ldmkit.hookimpl function (the package instead of its hook module?)"
+    )
+    warnings.warn(
+        f"ldmkit plugin {info.name!r} from distribution {info.label} (entry point {info.module}) implements no "
+        f"ldmkit hook, so it provides nothing: {why}",
+        PluginLoadWarning,
+        stacklevel=4,
+    )
+
+
+def misgrouped_entry_points() -> list[str]:
+    """Entry points that installed distributions declare in a group named like ldmkit's but not
+    it (``ldmkit.plugins``, ``ldmkit_plugins``): plugins ldmkit never loads, one line each."""
+    found: list[str] = []
+    for dist in importlib_metadata.distributions():
+        for ep in dist.entry_points:
+            group = ep.group.lower()
+            if ep.group == ENTRY_POINT_GROUP or not (
+                ENTRY_POINT_GROUP in group or difflib.get_close_matches(group, [ENTRY_POINT_GROUP], cutoff=0.8)
+            ):
+                continue
+            line = (
+                f"distribution {dist.metadata['Name']} {dist.version} declares the entry point {ep.name} = {ep.value} "
+                f"in the group {ep.group!r}, which ldmkit does not read: a plugin's entry point goes in the group "
+                f"{ENTRY_POINT_GROUP!r} ([project.entry-points.{ENTRY_POINT_GROUP}] in pyproject.toml)"
+            )
+            if line not in found:
+                found.append(line)
+    return found
+
+
 @dataclass
 class PluginInfo:
     name: str
@@ -135,6 +173,9 @@ class PluginManager:
                     self._register(plugin, info)
                 except Exception as err:  # noqa: BLE001 - any import error is reported
                     self._report_broken(info, err)
+                    continue
+                if not self.pm.get_hookcallers(plugin):
+                    _warn_no_hooks(plugin, info)
             _warn_unmatched(only, installed)
 
     def _load_builtins(self) -> None:

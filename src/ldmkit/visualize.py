@@ -76,6 +76,13 @@ def colorize(ids: Tensor) -> Tensor:
     return PALETTE[ids % len(PALETTE)].permute(0, 3, 1, 2).contiguous()
 
 
+def number_values(value: Any) -> list[float]:
+    """The values of a ``number`` input as they were written: a float32 tensor holds 0.9 as
+    0.8999999761581421, which its 7 significant digits give back as 0.9."""
+    values = value.tolist() if isinstance(value, Tensor) else list(value)
+    return [float(f"{float(v):.7g}") for v in values]
+
+
 def text_tiles(texts: Sequence[str], size: int) -> Tensor:
     """One white size×size tile per text, the text wrapped in black (PIL's built-in font)."""
     from PIL import Image, ImageDraw, ImageFont
@@ -112,6 +119,8 @@ def condition_tiles(conditioner: Any, batch: Mapping[str, Any], size: tuple[int,
             mask = torch.as_tensor(value).float().cpu()
             mask = mask[:, None] if mask.ndim == 3 else mask
             tiles.append(_fit(mask.expand(-1, 3, -1, -1), size))
+        elif kind == "number":
+            tiles.append(_fit(text_tiles([f"{v:g}" for v in number_values(value)], max(size)), size))
         else:  # class labels, prompts and token ids as text
             values = value.tolist() if isinstance(value, Tensor) else list(value)
             texts = [f"{key}={v}" if kind in ("class", "tokens") else v for v in values]

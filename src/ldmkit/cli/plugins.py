@@ -15,7 +15,7 @@ def plugins(argv: Sequence[str], *, prog: str, description: str) -> int:
     p = _Parser(prog=prog, description=description)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
-    from ldmkit.plugins import get_plugin_manager
+    from ldmkit.plugins import get_plugin_manager, misgrouped_entry_points
 
     manager = get_plugin_manager()
     try:
@@ -30,6 +30,8 @@ def plugins(argv: Sequence[str], *, prog: str, description: str) -> int:
         if note and any(row["status"] == "not loaded" for row in rows):
             print(f"{note}: the plugins marked 'not loaded' are installed but were not imported\n")
         print(format_plugin_table(rows))
+    for line in misgrouped_entry_points():  # installed, but never loaded: not in the table
+        print(f"{prog}: warning: {line}", file=sys.stderr)
     for problem in problems:
         print(f"{prog}: error: {problem}", file=sys.stderr)
     return 1 if problems else 0

@@ -44,6 +44,25 @@ class Component:
         weights turned off). Default: none."""
         return {}
 
+    def declaration_problems(self) -> list[str]:
+        """What this component leaves undeclared that ldmkit relies on, one phrase each (empty:
+        nothing): the attributes its interface declares without a default (a first stage's
+        ``latent_channels``, a denoiser's ``in_channels``, a sampler's ``steps``) that
+        ``__init__`` did not set. Composition refuses a component with any, naming its plugin,
+        and the conformance mixins fail it."""
+        required = {
+            name: klass.__name__
+            for klass in reversed(type(self).__mro__)
+            if klass.__module__.startswith("ldmkit.interfaces.")
+            for name in inspect.get_annotations(klass)
+            if name not in vars(klass)
+        }
+        return [
+            f"{name} is not set (an ldmkit.interfaces.{interface} sets it in __init__)"
+            for name, interface in required.items()
+            if not hasattr(self, name)
+        ]
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         init = cls.__dict__.get("__init__")

@@ -82,6 +82,12 @@ from ldmkit.errors import LdmkitError
 from ldmkit.interfaces.component import Component
 
 CONDITION_ROLES = ("crossattn", "concat", "vector")
+#: per role: the attribute that declares its dim, and the tensor it is (ndim, the axis of that dim, layout)
+ROLE_DIMS = {
+    "crossattn": ("crossattn_dim", 3, -1, "B×M×crossattn_dim"),
+    "concat": ("concat_channels", 4, 1, "B×concat_channels×h×w"),
+    "vector": ("vector_dim", 2, 1, "B×vector_dim"),
+}
 INPUT_KINDS = ("class", "text", "image", "segmentation", "mask", "tokens", "number")
 
 
@@ -132,6 +138,36 @@ class Conditioner(nn.Module, Component, abc.ABC):
             "vector": self.vector_dim,
         }
         return {k: v for k, v in dims.items() if v is not None}
+
+    def declaration_problems(self) -> list[str]:
+        """Beyond the interface's attributes: roles declared with no ``input_keys`` to read
+        (``Pipeline.sample`` calls only a conditioner that reads some key)."""
+        problems = super().declaration_problems()
+        if self.output_dims() and not self.input_keys:
+            problems.append(
+                f"input_keys is empty but it declares the roles {sorted(self.output_dims())} (sampling calls "
+                "only a conditioner that reads a batch key: list the keys forward reads)"
+            )
+        return problems
+
+    def condition_problems(self, cond: Mapping[str, Tensor]) -> list[str]:
+        """How ``cond`` (roles to tensors, as ``forward`` returns) departs from what this
+        conditioner declares, one phrase each: a role returned whose dim is not declared, a
+        declared one not returned, a tensor whose shape is not its role's with the declared dim."""
+        declared = self.output_dims()
+        problems = []
+        for role in CONDITION_ROLES:
+            attribute, ndim, axis, layout = ROLE_DIMS[role]
+            value = cond.get(role)
+            if value is None and role in declared:
+                problems.append(f"it declares {attribute}={declared[role]} but returns no {role!r}")
+            elif value is not None and role not in declared:
+                problems.append(f"it returns {role!r} but {attribute} is not set")
+            elif value is not None and (value.ndim != ndim or value.shape[axis] != declared[role]):
+                problems.append(
+                    f"{role!r} has shape {tuple(value.shape)}, not {layout} ({attribute}={declared[role]})"
+                )
+        return problems
 
     def bind_first_stage(self, first_stage: nn.Module) -> None:
         """Called once at composition with the pipeline's first stage.

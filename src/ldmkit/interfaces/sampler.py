@@ -79,6 +79,7 @@ class Sampler(Component, abc.ABC):
     order, so a "Heun" that is really Euler fails it.
     """
 
+    steps: int  #: set by ``Sampler.__init__`` (call ``super().__init__(steps=...)``)
     supports_mask: bool = False
     supports_init: bool = False
     convergence_order: float | None = None

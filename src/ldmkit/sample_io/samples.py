@@ -30,6 +30,10 @@ def condition_settings(batch: dict, kinds: dict[str, str], sources: dict[str, st
     for key in kinds:
         if f"--cond {key}" in sources:
             out[key] = sources[f"--cond {key}"]
+        elif key in batch and kinds[key] == "number":
+            from ldmkit.visualize import number_values
+
+            out[key] = number_values(batch[key])
         elif key in batch:
             value = batch[key]
             out[key] = value.tolist() if hasattr(value, "tolist") else list(value)

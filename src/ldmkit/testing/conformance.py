@@ -62,6 +62,12 @@ def _check_not_trivial(out: Tensor, what: str) -> None:
         )
 
 
+def _check_declared(component: Any) -> None:
+    """The component sets what its interface declares (``Component.declaration_problems``)."""
+    problems = component.declaration_problems()
+    assert not problems, f"{type(component).__name__}: {'; '.join(problems)}"
+
+
 def _same_input(batch: Mapping[str, Any], i: int, j: int) -> bool:
     """Whether samples ``i`` and ``j`` of ``batch`` have equal entries under every key."""
     return all(_equal(_reorder(value, [i]), _reorder(value, [j])) for value in batch.values())
@@ -120,6 +126,7 @@ class FirstStageConformance:
     def test_is_a_first_stage(self):
         fs = self.make_first_stage()
         assert isinstance(fs, FirstStage)
+        _check_declared(fs)
         assert isinstance(fs.latent_channels, int) and fs.latent_channels > 0
         f = fs.downsample_factor
         assert isinstance(f, int) and f >= 1 and f & (f - 1) == 0, f"f={f} is not a power of 2"
@@ -276,6 +283,7 @@ class DenoiserConformance:
     def test_is_a_denoiser(self):
         d = self.make_denoiser()
         assert isinstance(d, Denoiser)
+        _check_declared(d)
         assert d.prediction in PREDICTIONS
         assert d.in_channels >= d.out_channels > 0
 
@@ -357,21 +365,15 @@ class ConditionerConformance:
 
     def _check_shapes(self, c: Conditioner, out: Mapping[str, Tensor], n: int) -> None:
         assert set(out) <= set(CONDITION_ROLES), f"unknown roles {set(out) - set(CONDITION_ROLES)}"
-        assert set(out) == set(c.output_dims()), (
-            f"returns roles {sorted(out)} but declares {sorted(c.output_dims())}"
-        )
+        problems = c.condition_problems(out)
+        assert not problems, f"{type(c).__name__}: {'; '.join(problems)}"
         for role, value in out.items():
             assert value.shape[0] == n, f"{role}: batch dim {value.shape[0]} != {n}"
-        if "crossattn" in out:
-            assert out["crossattn"].ndim == 3 and out["crossattn"].shape[-1] == c.crossattn_dim
-        if "concat" in out:
-            assert out["concat"].ndim == 4 and out["concat"].shape[1] == c.concat_channels
-        if "vector" in out:
-            assert out["vector"].ndim == 2 and out["vector"].shape[1] == c.vector_dim
 
     def test_is_a_conditioner(self):
         c = self.make_conditioner()
         assert isinstance(c, Conditioner)
+        _check_declared(c)
         batch = self.make_batch(self.batch_size)
         missing = [k for k in c.input_keys if k not in batch]
         assert not missing, f"make_batch lacks the conditioner's input keys {missing}"
@@ -557,11 +559,12 @@ class SamplerConformance:
     error ratio between S and 2S steps is 2^slope) must be within ``order_tolerance`` of it.
     Declare it: that is what catches a wrong algorithm that still converges (a DPM-Solver++(2M)
     with the sign of its multistep correction flipped measures 0.95, error ratios 1.9 where
-    the real one has 4.3 and 3.7, and is 6-27x less accurate at 10-40 steps). Left at None, a
+    the real one has 4.3 and 3.7, and is 6-27x less accurate at 10-40 steps). Whether or not it
+    is declared, a sampler that declares its own ``convergence_order`` must converge at that
+    order or better (a Heun that is really Euler measures 1.0 against its 2). With neither, a
     sampler that is deterministic (the same result under two generators) must still converge
-    at order ``minimum_order`` or better (one that ignores ``steps`` measures 0), or at the
-    sampler's own ``convergence_order`` or better where it declares one (a Heun that is really
-    Euler measures 1.0 against its 2), and a stochastic one is skipped. The sampler's ``spacing`` is
+    at order ``minimum_order`` or better (one that ignores ``steps`` measures 0), and a
+    stochastic one is skipped. The sampler's ``spacing`` is
     set to ``order_spacing`` for this; ``quad`` is the default because it is the only one
     whose steps shrink evenly in log-sigma near t = 0 (``linspace``, ``paper`` and
     ``trailing`` keep one last step whose log-sigma length shrinks only like log(T / S),
@@ -628,6 +631,7 @@ class SamplerConformance:
     def test_is_a_sampler(self):
         s = self.make_sampler()
         assert isinstance(s, Sampler)
+        _check_declared(s)
 
     def test_point_mass_is_recovered(self):
         schedule = self.make_schedule()
@@ -895,10 +899,13 @@ class SamplerConformance:
             f"{list(self.order_steps)}, error ratios {ratios}, spacing {self.order_spacing!r})"
         )
 
-    def check_convergence_order(self, sampler: Sampler, expected: float) -> float:
+    def check_convergence_order(
+        self, sampler: Sampler, expected: float, measured: tuple[float, list[float]] | None = None
+    ) -> float:
         """Assert that ``sampler`` converges at order ``expected`` (within ``order_tolerance``):
-        halving the step size divides the error by about 2^expected."""
-        order, errors = self.convergence_order(sampler)
+        halving the step size divides the error by about 2^expected. ``measured``: its
+        :meth:`convergence_order`, if already measured."""
+        order, errors = measured or self.convergence_order(sampler)
         assert abs(order - expected) <= self.order_tolerance, (
             f"{self._order_report(sampler, order, errors)}; expected {expected} +- "
             f"{self.order_tolerance} (error ratios about {2**expected:g})"
@@ -988,23 +995,26 @@ class SamplerConformance:
             ), f"with spacing {spacing!r} the steps visit t = {[round(t, 1) for t in visited]}, not {planned}"
 
     def test_convergence_order(self):
+        """The measured order is ``expected_order`` where the test class declares one, and at
+        least the order the sampler declares itself (``convergence_order``), or
+        ``minimum_order`` where neither declares any."""
         sampler = self.make_sampler()
-        if self.expected_order is not None:
-            self.check_convergence_order(sampler, self.expected_order)
-            return
-        if not hasattr(sampler, "spacing"):
-            pytest.skip("no expected_order, and no `spacing` to run the order check on")
-        if not self.is_deterministic(sampler):
-            pytest.skip("stochastic sampler: no probability-flow ODE to converge to")
         declared = getattr(sampler, "convergence_order", None)  # plugins may lack the attribute
-        minimum = self.minimum_order if declared is None else declared
+        if self.expected_order is None:
+            if not hasattr(sampler, "spacing"):
+                pytest.skip("no expected_order, and no `spacing` to run the order check on")
+            if not self.is_deterministic(sampler):
+                pytest.skip("stochastic sampler: no probability-flow ODE to converge to")
         order, errors = self.convergence_order(sampler)
-        assert order >= minimum - self.order_tolerance, (
-            f"{self._order_report(sampler, order, errors)}; "
-            + (
-                f"a deterministic sampler must converge at order >= {minimum} +- "
-                f"{self.order_tolerance} (declare expected_order to check the order it should have)"
-                if declared is None
-                else f"the sampler declares convergence_order = {declared} (+- {self.order_tolerance})"
+        if self.expected_order is not None:
+            self.check_convergence_order(sampler, self.expected_order, (order, errors))
+        report = self._order_report(sampler, order, errors)
+        if declared is not None:
+            assert order >= declared - self.order_tolerance, (
+                f"{report}; the sampler declares convergence_order = {declared} (+- {self.order_tolerance})"
             )
-        )
+        elif self.expected_order is None:
+            assert order >= self.minimum_order - self.order_tolerance, (
+                f"{report}; a deterministic sampler must converge at order >= {self.minimum_order} +- "
+                f"{self.order_tolerance} (declare expected_order to check the order it should have)"
+            )
