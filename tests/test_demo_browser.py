@@ -157,6 +157,19 @@ def test_fields_follow_the_conditioners_kinds(tmp_path):
     assert (mask.kind, mask.painted_by) == ("mask", "image")
 
 
+def test_text_and_class_fields_offer_a_negative_input():
+    from ldmkit_conditioners import SemanticMapConditioner
+
+    (label,) = condition_fields(_class_pipeline())
+    (caption,) = condition_fields(_fake_pipeline(_text_conditioner()))
+    (seg,) = condition_fields(_fake_pipeline(SemanticMapConditioner(num_classes=3, n_stages=2)))
+    assert (label.negative, caption.negative, seg.negative) == (
+        "steer away from class",
+        "negative prompt",
+        None,  # the page offers negatives for classes and prompts only
+    )
+
+
 def test_sampler_choices_are_the_sampler_config_options():
     assert {"ddim", "ddpm", "euler", "plms"} <= set(sampler_options())
 
@@ -215,11 +228,15 @@ def test_randomize_draws_the_seed_and_the_settings_keep_it(tmp_path):
     assert first.request.seed == again.request.seed == random.Random(5).randrange(2**32)
 
 
-def test_a_text_pipeline_needs_a_prompt(tmp_path):
-    conditioner = SimpleNamespace(
+def _text_conditioner():
+    return SimpleNamespace(
         input_keys=("caption",), input_kind=lambda key: "text", modules=lambda: [],
         read=lambda batch, key: batch[key], known_region=lambda batch: None,
     )  # fmt: skip
+
+
+def test_a_text_pipeline_needs_a_prompt(tmp_path):
+    conditioner = _text_conditioner()
     with pytest.raises(DemoInputError, match="caption: the prompt is empty"):
         prepare(
             _fake_pipeline(conditioner), _request(conditions={"caption": "  "}), inputs_dir=tmp_path
@@ -230,6 +247,41 @@ def test_a_text_pipeline_needs_a_prompt(tmp_path):
         inputs_dir=tmp_path,
     )
     assert done.request.batch["caption"] == ["a red apple", "a red apple"]
+
+
+def test_a_negative_is_one_value_for_every_image_and_needs_guidance(tmp_path):
+    """The negative prompt (or class to steer away from) goes to the request as one value for
+    every image; empty is none (the null condition); with guidance 1 it is refused in one line
+    naming it as the page labels it."""
+    text = _fake_pipeline(_text_conditioner())
+    prompt = {"conditions": {"caption": "a red apple"}, "guidance_scale": 2.0}
+    for empty in ("  ", None):
+        done = prepare(text, _request(**prompt, negative={"caption": empty}), inputs_dir=tmp_path)
+        assert done.request.negative is None
+    done = prepare(text, _request(**prompt, negative={"caption": " green "}), inputs_dir=tmp_path)
+    assert done.request.negative == {"caption": ["green"]}
+    with pytest.raises(DemoInputError) as err:
+        prepare(
+            text,
+            _request(**{**prompt, "guidance_scale": 1.0}, negative={"caption": "green"}),
+            inputs_dir=tmp_path,
+        )
+    assert str(err.value) == (
+        "negative prompt needs a guidance scale other than 1: it replaces the null condition of "
+        "classifier-free guidance, which a scale of 1 does not evaluate"
+    )
+    classes = _class_pipeline()
+    done = prepare(classes, _request(negative={"label": ""}), inputs_dir=tmp_path)  # "none"
+    assert done.request.negative is None
+    done = prepare(classes, _request(guidance_scale=3, negative={"label": 2}), inputs_dir=tmp_path)
+    assert done.request.negative["label"].tolist() == [2]
+    with pytest.raises(DemoInputError, match="^steer away from class needs a guidance scale other"):
+        prepare(classes, _request(negative={"label": 2}), inputs_dir=tmp_path)
+    with pytest.raises(DemoInputError) as err:
+        prepare(classes, _request(guidance_scale=3, negative={"label": 7}), inputs_dir=tmp_path)
+    assert str(err.value) == (
+        "steer away from class: class 7 is not one of this model's classes (0 to 2)"
+    )
 
 
 def test_file_inputs_are_read_as_ldmkit_sample_reads_them(tmp_path):
@@ -434,6 +486,7 @@ def test_the_settings_and_command_line_reproduce_the_images(trained, tmp_path, m
                 guidance_scale=2.0,
                 seed=11,
                 conditions={"label": 4},
+                negative={"label": 2},
                 init_image=str(start),
                 strength=0.5,
             )
@@ -450,9 +503,11 @@ def test_the_settings_and_command_line_reproduce_the_images(trained, tmp_path, m
         2.0,
         {"label": [4, 4]},
     )
+    assert record["negative"] == {"label": [2]}  # one for every image, as ldmkit sample records it
     # the inputs are named as the downloads name them, never by their path on the server
     assert record["init_image"] == "init_image.png" and str(tmp_path) not in result.command
     words = shlex.split(result.command)
+    assert words[words.index("--negative-cond") + 1] == "label=2"
     assert words[:2] == ["ldmkit", "sample"] and words[-8:] == [
         "--init-image",
         "init_image.png",
@@ -649,7 +704,9 @@ def text_page(tmp_path_factory):
     pytest.importorskip("gradio", reason="the demo extra is not installed: pip install 'ldmkit[demo]'")
     from ldmkit.demo.app import build_demo
 
-    demo = build_demo(_text_session(tmp_path_factory.mktemp("text_page")))
+    session = _text_session(tmp_path_factory.mktemp("text_page"))
+    session.pipeline.save(session.checkpoint)  # what its command lines load
+    demo = build_demo(session)
     (event,) = [fn for fn in demo.fns.values() if fn.api_name == "generate"]
     by_id = {c.elem_id: c for c in [*event.inputs, *event.outputs]}
 
@@ -673,6 +730,41 @@ def test_the_page_shows_each_requests_notes_beside_its_samples(text_page):
         assert notes.visible and notes.value.startswith(CUT), notes.value
     notes = shown("red apple")
     assert not notes.visible and notes.value == ""
+
+
+def test_a_negative_prompt_on_the_page_is_in_its_settings_and_command(
+    text_page, tmp_path, monkeypatch
+):
+    """The page's negative prompt reaches the sampling, one for every image; its settings are
+    what the command it shows (``--negative-prompt``) writes, with the same images; with
+    guidance 1 it is one line naming it."""
+    import gradio as gr
+
+    from ldmkit.cli import main
+
+    box = text_page.by_id["ldmkit-negative-caption"]
+    assert isinstance(box, gr.Textbox) and box.label.startswith("negative prompt")
+    prompt = {"cond_caption": "red apple", "steps": 2, "num_images": 2, "randomize": False}
+    with pytest.raises(gr.Error) as err:
+        text_page.generate(**prompt, guidance=1, negative_caption="green")
+    assert err.value.message.startswith("negative prompt needs a guidance scale other than 1: ")
+    plain = text_page.generate(**prompt, guidance=2.5)["ldmkit-settings"]  # empty: none
+    assert plain["negative"] is None and "--negative" not in plain["command"]
+    shown = text_page.generate(**prompt, guidance=2.5, negative_caption=" -green, 'ripe' ")
+    record = shown["ldmkit-settings"]
+    assert record["negative"] == {"caption": ["-green, 'ripe'"]}
+    assert record["conditions"] == {"caption": ["red apple", "red apple"]}
+    words = shlex.split(record["command"])
+    assert "--negative-prompt=-green, 'ripe'" in words  # not read as an option -green
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it
+    assert main([*words[1:], "--no-progress"]) == 0  # the command as shown
+    assert json.loads((tmp_path / "samples.json").read_text()) == {
+        k: v for k, v in record.items() if k != "command"
+    }
+    run_dir = Path(shown["ldmkit-files"][0]).parent
+    for entry in record["images"]:
+        assert (tmp_path / entry["file"]).read_bytes() == (run_dir / entry["file"]).read_bytes()
 
 
 def test_the_page_takes_typed_numbers_as_typed(text_page):

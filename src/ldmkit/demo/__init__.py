@@ -1,7 +1,8 @@
 """``ldmkit demo --checkpoint DIR``: a web page (Gradio) for a trained pipeline.
 
 The page asks for what the pipeline's conditioner reads (a class, a prompt, a class map, an
-image and a mask), the sampler and its steps, the guidance scale, the seed and the size;
+image and a mask; a class or a prompt to steer away from), the sampler and its steps, the
+guidance scale, the seed and the size;
 it shows a progress bar and a preview of the current x0 prediction while sampling, then the
 images with the settings that reproduce them through ``ldmkit sample``.
 

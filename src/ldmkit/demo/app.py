@@ -53,6 +53,7 @@ def build_demo(session: DemoSession) -> gr.Blocks:
     uploads = session.results_dir / "uploads"
     components: dict[str, Any] = {}  # condition key -> its component
     drawings: dict[str, Any] = {}  # segmentation key -> its drawing canvas
+    negatives: dict[str, Any] = {}  # class or text key -> its negative's component
 
     with gr.Blocks(
         title=f"ldmkit demo: {session.checkpoint.name}",
@@ -67,6 +68,9 @@ def build_demo(session: DemoSession) -> gr.Blocks:
                     drawing = _drawing_component(spec, size)
                     if drawing is not None:
                         drawings[spec.key] = drawing
+                for spec in session.fields:  # below the conditions: optional, for guidance
+                    if spec.negative is not None:
+                        negatives[spec.key] = _negative_component(spec)
                 with gr.Accordion("start from an image (img2img, inpainting)", open=False):
                     init_editor = gr.ImageEditor(
                         label="start image: upload it; paint over the region to repaint (no strokes: img2img)",
@@ -191,6 +195,7 @@ def build_demo(session: DemoSession) -> gr.Blocks:
                 height=values[height],
                 width=values[width],
                 conditions=_condition_values(session.fields, components, drawings, values, scratch),
+                negative={key: values[c] for key, c in negatives.items()},
                 init_image=str(image) if image else None,
                 mask=mask,
                 strength=values[strength] if image else None,
@@ -238,6 +243,7 @@ def build_demo(session: DemoSession) -> gr.Blocks:
             strength,
             *components.values(),
             *drawings.values(),
+            *negatives.values(),
         }
         images = {init_editor: "start image", init_mask: "mask"}
         images.update({c: key for key, c in [*components.items(), *drawings.items()]})
@@ -248,6 +254,7 @@ def build_demo(session: DemoSession) -> gr.Blocks:
         named.update(
             {c: key for key, c in components.items() if not isinstance(c, (gr.Image, gr.ImageEditor))}
         )
+        named.update({negatives[f.key]: f.negative for f in session.fields if f.key in negatives})
         for component, name in named.items():
             _name_refusals(component, name)
         # the check goes through the queue too (a queue=False error shows no message in Gradio
@@ -389,6 +396,21 @@ def _condition_component(spec: ConditionField, size: int | None) -> Any:
         format="png",
         elem_id=elem_id,
     )
+
+
+def _negative_component(spec: ConditionField) -> Any:
+    """A field's negative (:attr:`ConditionField.negative`): a prompt box, or a choice of a
+    class, "none" (the null condition) by default."""
+    elem_id = f"ldmkit-negative-{spec.key}"
+    label = f"{spec.negative} (optional; needs a guidance scale other than 1)"
+    if spec.kind == "text":
+        return gr.Textbox(
+            label=label, placeholder="what the images should not show", lines=1, elem_id=elem_id
+        )
+    if spec.choices:
+        choices = [("none", ""), *spec.choices]
+        return gr.Dropdown(choices=choices, value="", label=label, elem_id=elem_id)
+    return gr.Number(value=None, precision=None, label=f"{label}; empty: none", elem_id=elem_id)
 
 
 def _mask_brush(size: int | None) -> Any:

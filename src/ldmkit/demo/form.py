@@ -42,7 +42,9 @@ class ConditionField:
     known, ``names`` the class names of a segmentation key's ids. ``mask_key`` names the mask
     an image field paints (an inpainting conditioner reads an image and a mask: the page
     shows one editor for both); ``painted_by`` is set on that mask field, which then only
-    offers an optional upload.
+    offers an optional upload. ``negative`` names the field's negative input on the page,
+    where it has one (a class to steer away from, a negative prompt): the page labels it so,
+    and its messages name it so.
     """
 
     key: str
@@ -53,6 +55,7 @@ class ConditionField:
     names: tuple[str, ...] = ()  # a class map's class names (index = id), where known
     mask_key: str | None = None
     painted_by: str | None = None
+    negative: str | None = None
 
 
 def condition_fields(pipeline: Any) -> list[ConditionField]:
@@ -65,6 +68,10 @@ def condition_fields(pipeline: Any) -> list[ConditionField]:
     images = [k for k, kind in kinds.items() if kind == "image"]
     masks = [k for k, kind in kinds.items() if kind == "mask"]
     paired = (images[0], masks[0]) if len(images) == 1 and len(masks) == 1 else None
+
+    def negative(key: str, name: str) -> str:  # the key too, where two keys have its kind
+        return name if list(kinds.values()).count(kinds[key]) == 1 else f"{name} ({key})"
+
     fields = []
     for key, kind in kinds.items():
         num_classes = _num_classes(conditioner, key)
@@ -73,9 +80,14 @@ def condition_fields(pipeline: Any) -> list[ConditionField]:
             choices = tuple(
                 (f"{i}: {names[i]}" if names else str(i), i) for i in range(num_classes or 0)
             )
-            fields.append(ConditionField(key, kind, f"{key} (class)", choices, num_classes))
+            shown = negative(key, "steer away from class")
+            fields.append(
+                ConditionField(key, kind, f"{key} (class)", choices, num_classes, negative=shown)
+            )
         elif kind == "text":
-            fields.append(ConditionField(key, kind, f"{key} (prompt)"))
+            fields.append(
+                ConditionField(key, kind, f"{key} (prompt)", negative=negative(key, "negative prompt"))
+            )
         elif kind == "tokens":
             fields.append(ConditionField(key, kind, f"{key} (token ids, comma-separated)"))
         elif kind == "number":
@@ -149,6 +161,8 @@ class PageRequest:
     init_image: str | None = None  # a PNG path (or the painted editor's background, saved)
     mask: str | None = None  # a PNG path, white = repaint
     strength: Any = 1.0  # the page's default; None (an emptied box) is refused
+    # key -> its negative (a prompt, a class), one for every image; empty or None: none
+    negative: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -164,6 +178,7 @@ class Prepared:
     items: list[str]  # the --cond KEY=VALUE items (files by their names, as in sources)
     num_images: int
     size: tuple[int, int] | None  # the height and width asked for (None: the default)
+    negative_items: list[str] = field(default_factory=list)  # KEY=VALUE, as --negative-cond
 
 
 def prepare(
@@ -273,18 +288,30 @@ def prepare(
         raise DemoInputError(_page_message(str(err), uploaded)) from None
     if conditioner.input_keys:  # one condition for every image
         batch = repeat_each(batch, conditioner.input_keys, request.num_samples)
+    negative, negative_items, names = {}, [], []
+    for key, kind in kinds.items():  # one value for every image, read as --negative-cond reads it
+        spec, value = specs[key], page.negative.get(key)
+        if spec.negative is None or value is None or not str(value).strip():
+            continue  # none: guidance steers from the null condition
+        value = _class_id(value, spec, spec.negative) if kind == "class" else str(value).strip()
+        negative_items.append(f"{key}={value}")
+        names.append(spec.negative)
+        negative.update(parse_conditions([negative_items[-1]], {key: kind}, image_channels=channels))
     asked = request.size
     strength = None
     if init_image is not None:
         strength = _required(page.strength, "strength", "a number in (0, 1]")
-    with _page_names():
+    with _page_names({"negative": " and ".join(names)}):
         request = replace(
-            request, batch=batch, init_image=init_image, mask=mask, strength=strength
+            request, batch=batch, negative=negative or None, init_image=init_image, mask=mask,
+            strength=strength,
         ).validate(
             pipeline if sampler is None else _Sampling(pipeline, sampler),
             max_samples=MAX_IMAGES, max_side=limit,
         )  # fmt: skip
-    return Prepared(request, sources, kinds, items, num_images=request.num_samples, size=asked)
+    return Prepared(
+        request, sources, kinds, items, request.num_samples, asked, negative_items=negative_items
+    )
 
 
 class _Sampling:
@@ -299,14 +326,15 @@ class _Sampling:
 
 
 @contextlib.contextmanager
-def _page_names() -> Iterator[None]:
+def _page_names(labels: Mapping[str, str] | None = None) -> Iterator[None]:
     """A refused sampling argument (or condition: the request's validation runs the
     conditioner's own checks, e.g. an inpainting mask of another size than its image) as a
-    :class:`DemoInputError`, named as the page names it."""
+    :class:`DemoInputError`, named as the page names it (``labels``: names beyond
+    :data:`PAGE_NAMES`)."""
     try:
         yield
     except LdmkitError as err:  # SampleArgumentError, MaskError, ConditionValueError, ...
-        raise DemoInputError(message(err, PAGE_NAMES)) from None
+        raise DemoInputError(message(err, {**PAGE_NAMES, **(labels or {})})) from None
 
 
 def _required(value: Any, name: str, what: str = "a whole number") -> Any:
@@ -372,11 +400,14 @@ def _unset(value: Any) -> bool:
     return value is None or value == "" or value == 0
 
 
-def _class_id(value: Any, spec: ConditionField) -> int:
+def _class_id(value: Any, spec: ConditionField, name: str | None = None) -> int:
+    """The class id ``value`` names (an id, or its shown name); ``name``: the input, in
+    messages (default: the key)."""
+    name = name or spec.key
     if value is None or value == "":
-        raise DemoInputError(f"{spec.key}: choose a class")
+        raise DemoInputError(f"{name}: choose a class")
     high = (spec.num_classes - 1) if spec.num_classes else SEED_LIMIT
-    shown = {name: i for name, i in spec.choices}
+    shown = {label: i for label, i in spec.choices}
     if isinstance(value, str) and value in shown:  # the shown name instead of the id
         return shown[value]
     try:
@@ -384,9 +415,7 @@ def _class_id(value: Any, spec: ConditionField) -> int:
     except (TypeError, ValueError):
         number = math.nan
     if not math.isfinite(number) or not number.is_integer() or not 0 <= number <= high:
-        raise DemoInputError(
-            f"{spec.key}: class {value!r} is not one of this model's classes (0 to {high})"
-        )
+        raise DemoInputError(f"{name}: class {value!r} is not one of this model's classes (0 to {high})")
     return int(number)
 
 
@@ -446,7 +475,7 @@ def settings(
         "mask": p.sources.get("--mask"),
         "refine_known": 0,  # the page does not offer it (ldmkit sample --refine-known)
         "conditions": condition_settings(r.batch, p.kinds, p.sources),
-        "negative": None,  # the page has no negative condition (ldmkit sample --negative-prompt)
+        "negative": condition_settings(r.negative, p.kinds, {}) if r.negative else None,
         "overrides": list(overrides),
         "device": str(device),
         "precision": precision,
@@ -471,6 +500,13 @@ def command_line(
     words = ["ldmkit", "sample", "--checkpoint", str(checkpoint), *overrides]
     for item in p.items:
         words += ["--cond", item]
+    prompt_key = next((k for k, kind in p.kinds.items() if kind == "text"), None)
+    for item in p.negative_items:  # --negative-prompt goes to the first text key, as --prompt
+        key, _, value = item.partition("=")
+        if key != prompt_key:
+            words += ["--negative-cond", item]
+        else:  # "--negative-prompt -x" would read -x as an option
+            words += [f"--negative-prompt={value}"] if value.startswith("-") else ["--negative-prompt", value]
     words += ["--num-samples", str(p.num_images), "--guidance-scale", repr(r.guidance_scale)]
     words += ["--seed", str(r.seed)]
     if p.size is not None:
