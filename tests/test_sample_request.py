@@ -243,3 +243,22 @@ def test_a_component_no_config_can_name_is_named_when_saving(tmp_path):
                                           "_Img2ImgByHand is not a registered sampler class"):  # fmt: skip
         pipe.save(tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_pipeline_from_objects_refuses_an_unset_interface_attribute():
+    """Built in Python, a component that leaves an interface attribute unset is refused when the
+    pipeline is made, naming it (composition does the same for registered ones); before, the
+    first sampling failed with an AttributeError."""
+
+    class NoLatentChannels(type(_parts()["first_stage"])):
+        def __init__(self, **options):
+            super().__init__(**options)
+            del self.latent_channels
+
+    parts = _parts()
+    first = parts["first_stage"]
+    parts["first_stage"] = NoLatentChannels(latent_channels=3, z_channels=3, ch=8, ch_mult=(1, 2, 2), num_res_blocks=1,
+                                            attn_resolutions=(), resolution=16, norm_groups=4)  # fmt: skip
+    assert first.declaration_problems() == []
+    with pytest.raises(ConfigError, match=r"Pipeline\(\.\.\.\): first_stage NoLatentChannels: latent_channels is not set"):
+        Pipeline(**parts, image_size=16)

@@ -70,6 +70,17 @@ class Pipeline(nn.Module):
         config: DictConfig | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        # what composition checks of each registered component (create_component), for
+        # objects handed in from Python too: an unset interface attribute fails here, in one
+        # line naming the component, not later in sampling with an AttributeError
+        given = {"first_stage": first_stage, "denoiser": denoiser, "conditioner": conditioner, "sampler": sampler}
+        problems = [
+            f"{kind} {type(part).__name__}: {problem}"
+            for kind, part in given.items()
+            for problem in (part.declaration_problems() if hasattr(part, "declaration_problems") else ())
+        ]
+        if problems:
+            raise ConfigError(f"Pipeline(...): {'; '.join(problems)}")
         self.first_stage = first_stage
         self.denoiser = denoiser
         self.conditioner = conditioner
