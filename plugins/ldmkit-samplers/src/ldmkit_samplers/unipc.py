@@ -33,6 +33,11 @@ from ldmkit.diffusion import SigmaSampler, SigmaStep
 VARIANTS = ("bh1", "bh2")
 
 
+def b_of_h(h: float, variant: str) -> float:
+    """The paper's ``B(h)`` for a step of length ``h`` in lambda: ``e^-h - 1`` (``bh2``) or ``-h``."""
+    return math.expm1(-h) if variant == "bh2" else -h
+
+
 def unipc_weights(rks: list[float], h: float, variant: str, corrector: bool) -> list[float]:
     """``rho`` of one UniP (``corrector=False``) or UniC step of order ``len(rks)``.
 
@@ -41,7 +46,7 @@ def unipc_weights(rks: list[float], h: float, variant: str, corrector: bool) -> 
     """
     order = len(rks)
     hh = -h  # data prediction integrates backwards in this sign convention
-    b_h = math.expm1(hh) if variant == "bh2" else hh
+    b_h = b_of_h(h, variant)
     # g runs through phi_2(hh), phi_3(hh), ... (phi_1(hh) hh = e^hh - 1 and
     # phi_{k+1}(hh) = (phi_k(hh) - 1/k!) / hh); b_i = i! phi_{i+1}(hh) / B(h)
     g = math.expm1(hh) / hh - 1
@@ -51,18 +56,14 @@ def unipc_weights(rks: list[float], h: float, variant: str, corrector: bool) -> 
         b.append(g * factorial / b_h)
         factorial *= i + 1
         g = g / hh - 1 / factorial
-    if corrector:
-        if order == 1:
-            return [0.5]
-        matrix = torch.tensor([[r ** (i - 1) for r in rks] for i in range(1, order + 1)], dtype=torch.float64)
-        return torch.linalg.solve(matrix, torch.tensor(b, dtype=torch.float64)).tolist()
-    if order == 1:
+    if order == (1 if corrector else 2):
+        return [0.5]  # the reference code's weight for the lowest order that has one
+    if not corrector:  # the predictor solves without the step's end
+        rks, b = rks[:-1], b[:-1]
+    if not rks:
         return []
-    if order == 2:
-        return [0.5]
-    known = rks[:-1]
-    matrix = torch.tensor([[r ** (i - 1) for r in known] for i in range(1, order)], dtype=torch.float64)
-    return torch.linalg.solve(matrix, torch.tensor(b[:-1], dtype=torch.float64)).tolist()
+    matrix = torch.tensor([[r**i for r in rks] for i in range(len(rks))], dtype=torch.float64)
+    return torch.linalg.solve(matrix, torch.tensor(b, dtype=torch.float64)).tolist()
 
 
 class UniPCSampler(SigmaSampler):
@@ -127,10 +128,9 @@ class UniPCSampler(SigmaSampler):
         differences = [(value - newest) / r for (_, value), r in zip(older, rks, strict=False)]
         if new is not None:
             differences.append(new - newest)
-        b_h = math.expm1(-h) if self.variant == "bh2" else -h
         out = (sigma_next / sigma) * x - math.expm1(-h) * newest
-        if rhos and differences:
-            out = out - b_h * sum(rho * d for rho, d in zip(rhos, differences, strict=True))
+        if differences:
+            out = out - b_of_h(h, self.variant) * sum(rho * d for rho, d in zip(rhos, differences, strict=True))
         return out
 
     def step(self, s: SigmaStep) -> Tensor:
