@@ -336,11 +336,11 @@ class Pipeline(nn.Module):
         steps = r.steps if r.steps is not None else getattr(self.sampler, "steps", None)
         calls = None if steps is None else int(steps) * math.ceil(n / bs)  # for compile=auto
         compile_module(denoiser, r.compile, device=device, what="the denoiser", purpose="sample", work=calls)
-        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in r.batch.items()}
-        negative = None
-        if r.negative is not None:
-            negative = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in r.negative.items()}
-            negative = negative_batch(batch, negative, n)
+        def on_device(values: Mapping[str, Any]) -> dict[str, Any]:
+            return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in values.items()}
+
+        batch = on_device(r.batch)
+        negative = None if r.negative is None else negative_batch(batch, on_device(r.negative), n)
         cond, uncond = self._conditions(batch, r.guidance_scale, r.precision, negative)
         shape = r.latent_shape(self, cond)
         r.check_memory(self, shape, cond, uncond)
