@@ -63,6 +63,8 @@ def one_cell(purpose: str, mode: str, rounds: int) -> dict:
         eager = _precision.low_precision_copy(ours, dtype) if dtype != torch.float32 else ours
         compiled = copy.deepcopy(eager)
         compiled.compile(**options)
+        if dtype == torch.bfloat16:  # eager as sampling runs it: the copy's packed convolutions
+            _precision.pack_cpu_convolutions(eager)
 
         def make(model):
             def call():

@@ -172,6 +172,75 @@ def test_releasing_the_weight_copy_frees_it():
     assert next(again.parameters()).dtype == torch.bfloat16
 
 
+_ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@pytest.mark.skipif(not _ONEDNN_BF16, reason="no oneDNN bf16 convolution on this CPU/build")
+def test_packed_convolutions_sample_the_same_bits_as_the_plain_copy():
+    """The bf16 copy's convolutions keep oneDNN-packed weights: the samples are those of
+    F.conv2d on the same copy to bf16 round-off (oneDNN may block a few tiny shapes
+    differently; batch sizes the packing never saw included), far closer than bf16 is to
+    float32, and the copy's parameters and state_dict are the plain ones."""
+    pipe = _pipe()
+    batch = {"label": [0, 3, 5, 7]}
+    packed_copy = pipe.sampling_denoiser("bf16")
+    packed = [m for m in packed_copy.modules() if isinstance(m, precision.PackedConv2d)]
+    convs = [m for m in pipe.denoiser.modules() if type(m) is torch.nn.Conv2d]
+    assert len(packed) == len(convs) > 0
+    new = pipe.sample(batch, guidance_scale=3.0, seed=0, precision="bf16")
+    three = pipe.sample({"label": [1, 2, 4]}, guidance_scale=3.0, seed=1, precision="bf16")
+    assert pipe.sampling_denoiser("bf16") is packed_copy  # still the same copy
+    pipe.pack_cpu_weights = False
+    plain_copy = pipe.sampling_denoiser("bf16")
+    assert plain_copy is not packed_copy
+    assert not any(isinstance(m, precision.PackedConv2d) for m in plain_copy.modules())
+    fp32 = pipe.sample(batch, guidance_scale=3.0, seed=0, precision="fp32")
+    bf16_error = float((new - fp32).abs().max())
+    for packed_samples, labels, seed in ((new, [0, 3, 5, 7], 0), (three, [1, 2, 4], 1)):
+        plain_samples = pipe.sample({"label": labels}, guidance_scale=3.0, seed=seed, precision="bf16")
+        # measured on an AMX host: 0 and 6.7e-4, against 7.7e-3 between bf16 and float32
+        assert float((packed_samples - plain_samples).abs().max()) < bf16_error / 4
+    plain_state, packed_state = plain_copy.state_dict(), packed_copy.state_dict()
+    assert plain_state.keys() == packed_state.keys()
+    assert all(torch.equal(plain_state[k], packed_state[k]) for k in plain_state)
+
+
+@pytest.mark.skipif(not _ONEDNN_BF16, reason="no oneDNN bf16 convolution on this CPU/build")
+def test_a_packed_convolution_behaves_as_conv2d():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1).to(torch.bfloat16).requires_grad_(False)
+    plain = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1).to(torch.bfloat16).requires_grad_(False)
+    plain.load_state_dict(conv.state_dict())
+    assert precision.pack_cpu_convolutions(conv) == 1 and isinstance(conv, precision.PackedConv2d)
+    x = torch.randn(3, 8, 10, 10, dtype=torch.bfloat16)
+    torch.testing.assert_close(conv(x), plain(x))  # bf16 tolerances: the last bit at most
+    assert conv(x).is_contiguous()
+    last = x.contiguous(memory_format=torch.channels_last)  # the input's memory format is kept
+    out = conv(last)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, plain(last))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a float32 input is cast as autocast does
+        torch.testing.assert_close(conv(x.float()), plain(x.float()))
+    # autograd through the input takes the plain path, and its gradient is Conv2d's
+    grads = []
+    for module in (conv, plain):
+        leaf = x.float().requires_grad_()
+        module(leaf.bfloat16()).float().sum().backward()
+        grads.append(leaf.grad)
+    assert torch.equal(*grads)
+    # traced by torch.compile: the plain path (inductor packs weights its own way)
+    compiled = torch.compile(conv, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), plain(x))
+    # what cannot be packed stays a Conv2d: float32, string padding, circular padding
+    others = [
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.Conv2d(8, 8, 3, padding="same").bfloat16(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular").bfloat16(),
+    ]
+    assert sum(precision.pack_cpu_convolutions(m) for m in others) == 0
+    assert all(type(m) is torch.nn.Conv2d for m in others)
+
+
 def test_fp32_sampling_is_the_old_path_bit_for_bit():
     """In float32 nothing of the levers applies: the same bits as autocast-free sampling on the
     float32 weights with GroupNorm's old round trip switched back on."""

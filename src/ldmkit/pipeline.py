@@ -187,10 +187,16 @@ class Pipeline(nn.Module):
     # once and kept while the weights stay the same (False: autocast over the float32 weights,
     # which casts every weight at every step)
     low_precision_weights: bool = True
+    # a bf16 copy on a CPU also keeps its convolution weights in oneDNN's blocked layout
+    # (precision.pack_cpu_convolutions: no weight reorder at each call; False: plain
+    # F.conv2d on the copy)
+    pack_cpu_weights: bool = True
 
     def sampling_denoiser(self, precision: str) -> nn.Module:
         """The module sampling calls in ``precision`` (a resolved one): the denoiser itself for
-        fp32, else a copy of it with bf16/fp16 weights (:func:`ldmkit.precision.low_precision_copy`).
+        fp32, else a copy of it with bf16/fp16 weights (:func:`ldmkit.precision.low_precision_copy`;
+        on a CPU its bf16 convolutions keep their weights packed for oneDNN,
+        :func:`ldmkit.precision.pack_cpu_convolutions`).
         The copy is kept on the pipeline (outside its modules: not in ``state_dict()``) and
         made again when a weight of the denoiser changes (in place, moved or replaced), so
         repeated calls pay the cast once and a compiled copy stays compiled."""
@@ -203,11 +209,14 @@ class Pipeline(nn.Module):
             or _is_sharded(self.denoiser)  # FSDP: its own mixed-precision policy casts the shards
         ):
             return self.denoiser
-        key = (dtype, self.denoiser.training, _weights_signature(self.denoiser))
+        key = (dtype, self.denoiser.training, self.pack_cpu_weights, _weights_signature(self.denoiser))
         cached = self.__dict__.get("_low_precision_denoiser")
         if cached is None or cached[0] != key:
             self.release_low_precision_copy()  # free the old copy before making one
-            cached = (key, _precision.low_precision_copy(self.denoiser, dtype))
+            copy = _precision.low_precision_copy(self.denoiser, dtype)
+            if dtype == torch.bfloat16 and self.pack_cpu_weights:
+                _precision.pack_cpu_convolutions(copy)
+            cached = (key, copy)
             self.__dict__["_low_precision_denoiser"] = cached
         return cached[1]
 

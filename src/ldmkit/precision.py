@@ -206,6 +206,74 @@ def low_precision_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.
     return low
 
 
+class PackedConv2d(torch.nn.Conv2d):
+    """A bf16 :class:`~torch.nn.Conv2d` for CPU inference whose weight is kept in oneDNN's
+    blocked layout (:func:`pack_cpu_convolutions`), so each call skips the weight reorder
+    that ``F.conv2d`` makes again at every call. It is the same oneDNN convolution on the same
+    values; with the weight's layout fixed oneDNN may block a few shapes differently (seen on
+    1-4 pixel maps), so an output can differ from ``F.conv2d``'s in its last bf16 bit, no more.
+    A call that needs autograd, runs
+    on another device, or is being traced by ``torch.compile`` (inductor packs weights its
+    own way) takes the plain ``Conv2d`` path."""
+
+    _packed_weight: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.device.type != "cpu"
+            or self.weight.device.type != "cpu"
+            or (x.requires_grad and torch.is_grad_enabled())
+            or torch.compiler.is_compiling()
+        ):
+            return super().forward(x)
+        # autocast would cast the input to the weights' bf16; the packed op has no autocast rule
+        out = torch.ops.mkldnn._convolution_pointwise(
+            x.to(self.weight.dtype), self._packed_weight, self.bias,
+            self.padding, self.stride, self.dilation, self.groups, "none", [], "",
+        )  # fmt: skip
+        # oneDNN may hand back its preferred channels-last layout: the memory format F.conv2d
+        # gives (that of the input) keeps every later op on the kernels it had
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _packable(conv: torch.nn.Module) -> bool:
+    return (
+        type(conv) is torch.nn.Conv2d  # a subclass may have its own forward
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and conv.weight.dtype == torch.bfloat16
+        and conv.weight.device.type == "cpu"
+        and (conv.bias is None or conv.bias.dtype == torch.bfloat16)
+    )
+
+
+def pack_cpu_convolutions(module: torch.nn.Module) -> int:
+    """Turn ``module``'s bf16 CPU :class:`~torch.nn.Conv2d` layers into :class:`PackedConv2d`
+    in place: each weight is reordered once into oneDNN's blocked layout (what
+    ``torch.compile``'s freezing does), for a module that serves inference only (the sampling
+    weight copy of :func:`low_precision_copy`). The outputs stay those of ``F.conv2d`` to the
+    last bf16 bit; the weights stay the module's parameters (``state_dict`` is unchanged).
+    Returns how many layers were
+    packed: none where PyTorch has no oneDNN bf16 convolution."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+        return 0
+    packed = 0
+    for conv in module.modules():
+        if not _packable(conv):
+            continue
+        try:
+            weight = torch.ops.mkldnn._reorder_convolution_weight(
+                conv.weight.detach(), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, None
+            )
+        except RuntimeError:  # no oneDNN bf16 convolution on this build / CPU: keep F.conv2d
+            return packed
+        conv.__class__ = PackedConv2d
+        conv._packed_weight = weight
+        packed += 1
+    return packed
+
+
 def grad_scaler(precision: str, device: torch.device | str) -> torch.amp.GradScaler:
     """A loss scaler, enabled for ``fp16`` only (bf16 and fp32 need none)."""
     device = torch.device(device)
@@ -217,6 +285,7 @@ __all__ = [
     "CPU_BF16_UNITS",
     "DTYPES",
     "PRECISIONS",
+    "PackedConv2d",
     "PrecisionError",
     "autocast",
     "check",
@@ -226,6 +295,7 @@ __all__ = [
     "float32",
     "grad_scaler",
     "low_precision_copy",
+    "pack_cpu_convolutions",
     "reason",
     "resolve",
 ]
