@@ -444,8 +444,12 @@ class ConditionerConformance:
             with torch.no_grad():
                 alone = c({key: _reorder(value, [i]) for key, value in batch.items()})
             for role in cond:
+                # float32 kernels block by batch size: a 6-layer MiniLM on an AMX CPU, one
+                # thread, gave 2.3e-5 at an entry of 0.11 between batch 1 and batch 4 (the swap
+                # check above keeps the batch size and 1e-5); mixing samples moves entries by
+                # their own scale
                 torch.testing.assert_close(
-                    alone[role], cond[role][i : i + 1], atol=1e-5, rtol=1e-5,
+                    alone[role], cond[role][i : i + 1], atol=1e-4, rtol=1e-4,
                     msg=lambda m, role=role, i=i: f"{role}: sample {i} alone gets another condition than in the batch: {m}",
                 )  # fmt: skip
 
