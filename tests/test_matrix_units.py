@@ -231,6 +231,13 @@ def test_a_packed_convolution_behaves_as_conv2d():
     # traced by torch.compile: the plain path (inductor packs weights its own way)
     compiled = torch.compile(conv, backend="eager", fullgraph=True)
     assert torch.equal(compiled(x), plain(x))
+    # a weight written in place is packed again; a module cast back to float32 runs as Conv2d
+    with torch.no_grad():
+        for module in (conv, plain):
+            module.weight.mul_(-2.0)
+    torch.testing.assert_close(conv(x), plain(x))
+    conv.float(), plain.float()
+    assert torch.equal(conv(x.float()), plain(x.float()))
     # what cannot be packed stays a Conv2d: float32, string padding, circular padding
     others = [
         torch.nn.Conv2d(8, 8, 3, padding=1),

@@ -212,20 +212,31 @@ class PackedConv2d(torch.nn.Conv2d):
     that ``F.conv2d`` makes again at every call. It is the same oneDNN convolution on the same
     values; with the weight's layout fixed oneDNN may block a few shapes differently (seen on
     1-4 pixel maps), so an output can differ from ``F.conv2d``'s in its last bf16 bit, no more.
-    A call that needs autograd, runs
-    on another device, or is being traced by ``torch.compile`` (inductor packs weights its
-    own way) takes the plain ``Conv2d`` path."""
+    A call that needs autograd, runs on another device, finds the weight cast to another
+    dtype, or is being traced by ``torch.compile`` (inductor packs weights its own way) takes
+    the plain ``Conv2d`` path; a weight written in place (``load_state_dict``) is packed again
+    at the next call."""
 
     _packed_weight: torch.Tensor
+    _packed_key: tuple
+
+    def _pack(self) -> None:
+        weight = self.weight.detach()
+        self._packed_weight = torch.ops.mkldnn._reorder_convolution_weight(
+            weight, list(self.padding), list(self.stride), list(self.dilation), self.groups, None
+        )
+        self._packed_key = _weight_key(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             x.device.type != "cpu"
-            or self.weight.device.type != "cpu"
             or (x.requires_grad and torch.is_grad_enabled())
             or torch.compiler.is_compiling()
+            or not _packable(self, exact_type=False)  # moved, cast (.float()) since it was packed
         ):
             return super().forward(x)
+        if self._packed_key != _weight_key(self.weight):  # the weight was written (load_state_dict, copy_)
+            self._pack()
         # autocast would cast the input to the weights' bf16; the packed op has no autocast rule
         out = torch.ops.mkldnn._convolution_pointwise(
             x.to(self.weight.dtype), self._packed_weight, self.bias,
@@ -237,9 +248,13 @@ class PackedConv2d(torch.nn.Conv2d):
         return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def _packable(conv: torch.nn.Module) -> bool:
+def _weight_key(weight: torch.Tensor) -> tuple:
+    return (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+
+
+def _packable(conv: torch.nn.Module, exact_type: bool = True) -> bool:
     return (
-        type(conv) is torch.nn.Conv2d  # a subclass may have its own forward
+        (type(conv) is torch.nn.Conv2d or not exact_type)  # a subclass may have its own forward
         and conv.padding_mode == "zeros"
         and not isinstance(conv.padding, str)
         and conv.weight.dtype == torch.bfloat16
@@ -262,14 +277,12 @@ def pack_cpu_convolutions(module: torch.nn.Module) -> int:
     for conv in module.modules():
         if not _packable(conv):
             continue
-        try:
-            weight = torch.ops.mkldnn._reorder_convolution_weight(
-                conv.weight.detach(), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, None
-            )
-        except RuntimeError:  # no oneDNN bf16 convolution on this build / CPU: keep F.conv2d
-            return packed
         conv.__class__ = PackedConv2d
-        conv._packed_weight = weight
+        try:
+            conv._pack()
+        except RuntimeError:  # no oneDNN bf16 convolution on this build / CPU: keep F.conv2d
+            conv.__class__ = torch.nn.Conv2d
+            return packed
         packed += 1
     return packed
 
