@@ -4,6 +4,9 @@ from AVX512-BF16 from neither, and ``compile=auto``'s per-host rules (CPU flags 
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -176,7 +179,7 @@ _ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkl
 
 
 @pytest.mark.skipif(not _ONEDNN_BF16, reason="no oneDNN bf16 convolution on this CPU/build")
-def test_packed_convolutions_sample_the_same_bits_as_the_plain_copy():
+def test_packed_convolutions_sample_as_the_plain_copy_and_copy_and_save():
     """The bf16 copy's convolutions keep oneDNN-packed weights: the samples are those of
     F.conv2d on the same copy to bf16 round-off (oneDNN may block a few tiny shapes
     differently; batch sizes the packing never saw included), far closer than bf16 is to
@@ -203,6 +206,16 @@ def test_packed_convolutions_sample_the_same_bits_as_the_plain_copy():
     plain_state, packed_state = plain_copy.state_dict(), packed_copy.state_dict()
     assert plain_state.keys() == packed_state.keys()
     assert all(torch.equal(plain_state[k], packed_state[k]) for k in plain_state)
+    # a pipeline holding a packed copy can still be copied and saved (oneDNN's packed tensors
+    # have no storage: the copies pack again at their first call)
+    pipe.pack_cpu_weights = True
+    copied = copy.deepcopy(pipe)
+    buffer = io.BytesIO()
+    torch.save(pipe, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (copied, loaded):
+        assert torch.equal(other.sample(batch, guidance_scale=3.0, seed=0, precision="bf16"), new)
 
 
 @pytest.mark.skipif(not _ONEDNN_BF16, reason="no oneDNN bf16 convolution on this CPU/build")

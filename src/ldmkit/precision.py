@@ -217,8 +217,14 @@ class PackedConv2d(torch.nn.Conv2d):
     the plain ``Conv2d`` path; a weight written in place (``load_state_dict``) is packed again
     at the next call."""
 
-    _packed_weight: torch.Tensor
-    _packed_key: tuple
+    _packed_weight: torch.Tensor | None = None
+    _packed_key: tuple | None = None
+
+    def __getstate__(self) -> dict:
+        # oneDNN's opaque tensor has no storage to copy or pickle: a copy (deepcopy, torch.save
+        # of a pipeline that sampled) packs its weight again at its first call
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in state.items() if k not in ("_packed_weight", "_packed_key")}
 
     def _pack(self) -> None:
         weight = self.weight.detach()
