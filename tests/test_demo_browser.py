@@ -31,6 +31,7 @@ from ldmkit.demo.form import (
     MAX_IMAGES,
     DemoInputError,
     PageRequest,
+    caption,
     condition_fields,
     prepare,
     sampler_options,
@@ -282,6 +283,22 @@ def test_a_negative_is_one_value_for_every_image_and_needs_guidance(tmp_path):
     assert str(err.value) == (
         "steer away from class: class 7 is not one of this model's classes (0 to 2)"
     )
+
+
+def test_gallery_captions_name_the_negative(tmp_path):
+    """Each image's caption gives its seed, its class or prompt and, where the request has one,
+    what it was steered away from: a viewer tells steered images from plain ones."""
+    classes = _class_pipeline()
+    fields = condition_fields(classes)
+    plain = prepare(classes, _request(guidance_scale=3), inputs_dir=tmp_path)
+    steered = prepare(classes, _request(guidance_scale=3, negative={"label": 2}), inputs_dir=tmp_path)
+    names = dict((i, name) for name, i in fields[0].choices)
+    assert caption(plain, fields, 1) == f"seed 1 · {names[1]}"
+    assert caption(steered, fields, 1) == f"seed 1 · {names[1]} · not {names[2]}"
+    text = _fake_pipeline(_text_conditioner())
+    prompt = {"conditions": {"caption": "a red apple"}, "guidance_scale": 2.0}
+    done = prepare(text, _request(**prompt, negative={"caption": "green"}), inputs_dir=tmp_path)
+    assert caption(done, condition_fields(text), 0) == 'seed 0 · a red apple · not "green"'
 
 
 def test_file_inputs_are_read_as_ldmkit_sample_reads_them(tmp_path):

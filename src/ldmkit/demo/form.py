@@ -519,18 +519,27 @@ def command_line(
     return shlex.join(words)
 
 
+def _shown(spec: ConditionField, values: Any, index: int) -> str:
+    """Image ``index``'s class name or prompt among ``values`` (one value: every image's)."""
+    item = values[index if len(values) > 1 else 0]
+    item = item.item() if hasattr(item, "item") else item
+    if spec.kind == "class":
+        return dict((i, name) for name, i in spec.choices).get(item, f"{spec.key} {item}")
+    return str(item)[:60]
+
+
 def caption(prepared: Prepared, fields: Sequence[ConditionField], index: int) -> str:
-    """A gallery caption: the image's seed and its class or prompt."""
+    """A gallery caption: the image's seed, its class or prompt, and what it was steered away
+    from (``not <class>``, ``not "<prompt>"``) where the request has a negative."""
     parts = [f"seed {prepared.request.seed + index}"]
+    negatives = prepared.request.negative or {}
     for spec in fields:
         value = prepared.request.batch.get(spec.key)
         if value is None or spec.kind not in ("class", "text"):
             continue
-        item = value[index]
-        item = item.item() if hasattr(item, "item") else item
-        if spec.kind == "class":
-            shown = dict((i, name) for name, i in spec.choices)
-            parts.append(shown.get(item, f"{spec.key} {item}"))
-        else:
-            parts.append(str(item)[:60])
+        parts.append(_shown(spec, value, index))
+        negative = negatives.get(spec.key)
+        if negative is not None and len(negative):
+            away = _shown(spec, negative, index)
+            parts.append(f"not {away}" if spec.kind == "class" else f'not "{away}"')
     return " · ".join(parts)
