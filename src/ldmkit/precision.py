@@ -223,8 +223,10 @@ class PackedConv2d(torch.nn.Conv2d):
     def __getstate__(self) -> dict:
         # oneDNN's opaque tensor has no storage to copy or pickle: a copy (deepcopy, torch.save
         # of a pipeline that sampled) packs its weight again at its first call
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: v for k, v in state.items() if k not in ("_packed_weight", "_packed_key")}
+        state = super().__getstate__()
+        state.pop("_packed_weight", None)
+        state.pop("_packed_key", None)
+        return state
 
     def _pack(self) -> None:
         weight = self.weight.detach()
