@@ -716,13 +716,9 @@ def _is_sharded(module: nn.Module) -> bool:
 
 
 def _weights_signature(module: nn.Module) -> tuple:
-    """What changes when a weight of ``module`` changes: each parameter's and buffer's identity,
-    storage, version counter (bumped by every in-place write: optimizer steps,
-    ``load_state_dict``, ``copy_``), dtype and device."""
-    return tuple(
-        (id(t), t.data_ptr(), t._version, t.dtype, t.device)
-        for t in (*module.parameters(), *module.buffers())
-    )
+    """What changes when a weight of ``module`` changes: each parameter's and buffer's
+    :func:`ldmkit.precision.tensor_signature`."""
+    return tuple(_precision.tensor_signature(t) for t in (*module.parameters(), *module.buffers()))
 
 
 def _float32(cond: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -233,7 +233,7 @@ class PackedConv2d(torch.nn.Conv2d):
         self._packed_weight = torch.ops.mkldnn._reorder_convolution_weight(
             weight, list(self.padding), list(self.stride), list(self.dilation), self.groups, None
         )
-        self._packed_key = _weight_key(self.weight)
+        self._packed_key = tensor_signature(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
@@ -243,7 +243,7 @@ class PackedConv2d(torch.nn.Conv2d):
             or not _packable(self, exact_type=False)  # moved, cast (.float()) since it was packed
         ):
             return super().forward(x)
-        if self._packed_key != _weight_key(self.weight):  # the weight was written (load_state_dict, copy_)
+        if self._packed_key != tensor_signature(self.weight):  # the weight was written (load_state_dict, copy_)
             self._pack()
         # autocast would cast the input to the weights' bf16; the packed op has no autocast rule
         out = torch.ops.mkldnn._convolution_pointwise(
@@ -256,8 +256,12 @@ class PackedConv2d(torch.nn.Conv2d):
         return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def _weight_key(weight: torch.Tensor) -> tuple:
-    return (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+def tensor_signature(t: torch.Tensor) -> tuple:
+    """What changes when a weight changes: its identity, storage, version counter (bumped by
+    every in-place write: optimizer steps, ``load_state_dict``, ``copy_``), dtype and device.
+    The sampling weight copy is made again (``Pipeline.sampling_denoiser``) and a packed
+    convolution packs again when it changes."""
+    return (id(t), t.data_ptr(), t._version, t.dtype, t.device)
 
 
 def _packable(conv: torch.nn.Module, exact_type: bool = True) -> bool:
@@ -319,4 +323,5 @@ __all__ = [
     "pack_cpu_convolutions",
     "reason",
     "resolve",
+    "tensor_signature",
 ]
