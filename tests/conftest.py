@@ -1,9 +1,15 @@
 from __future__ import annotations
 
+import atexit
+import functools
+import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -26,12 +32,86 @@ LDMKIT = Path(sys.executable).with_name("ldmkit")
 def ldmkit_cli(
     *args: str, env: dict | None = None, timeout: int = 300, cwd: str | os.PathLike | None = None
 ) -> subprocess.CompletedProcess:
-    """The real ``ldmkit`` console script, with this shell's ``LDMKIT_*`` switches cleared
-    (plus ``env``), run in ``cwd`` (default: this one)."""
+    """The ``ldmkit`` command in a process of its own, with this shell's ``LDMKIT_*``
+    switches cleared (plus ``env``), run in ``cwd`` (default: this one)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("LDMKIT_")}
-    return subprocess.run(
-        [str(LDMKIT), *args], capture_output=True, text=True, env={**clean, **(env or {})}, timeout=timeout, cwd=cwd
-    )
+    return run_ldmkit(args, {**clean, **(env or {})}, cwd, timeout)
+
+
+def run_ldmkit(
+    args: Sequence[str], env: dict, cwd: str | os.PathLike | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """``ldmkit *args`` as a process of its own with exactly ``env``: forked from this
+    worker's warm interpreter (``tests/cli_zygote.py``: torch and the other libraries already
+    imported, ldmkit not), or the console script in a plain subprocess where ``env`` differs
+    from that interpreter's in anything but ``LDMKIT_*`` (``PYTHONPATH``, ``HOME``, ...) or
+    ``LDMKIT_TEST_PLAIN_SUBPROCESS=1`` is set."""
+    zygote = None if os.environ.get("LDMKIT_TEST_PLAIN_SUBPROCESS") == "1" else _zygote()
+    if zygote is None or not zygote.serves(env):
+        return subprocess.run(
+            [str(LDMKIT), *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd
+        )
+    return zygote.run(list(args), env, os.fspath(cwd) if cwd is not None else os.getcwd(), timeout)
+
+
+class _Zygote:
+    """The client of one ``tests/cli_zygote.py`` server (one per pytest worker)."""
+
+    def __init__(self) -> None:
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("LDMKIT_")}
+        self.lock = threading.Lock()
+        self.process = subprocess.Popen(
+            [sys.executable, str(TESTS / "cli_zygote.py")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, env=self.env, cwd=TESTS.parent,
+        )  # fmt: skip
+        if json.loads(self.process.stdout.readline() or "{}").get("ready") is not True:
+            raise RuntimeError("tests/cli_zygote.py did not start (its stderr is above)")
+
+    def serves(self, env: dict) -> bool:
+        return self.process.poll() is None and _outside(env) == _outside(self.env)
+
+    def run(self, args: list[str], env: dict, cwd: str, timeout: float) -> subprocess.CompletedProcess:
+        with self.lock, tempfile.TemporaryDirectory(prefix="ldmkit-cli-") as folder:
+            out, err = Path(folder, "stdout"), Path(folder, "stderr")
+            request = {"args": args, "env": env, "cwd": cwd, "timeout": timeout, "exe": str(LDMKIT),
+                       "stdout": str(out), "stderr": str(err)}  # fmt: skip
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"tests/cli_zygote.py ended (exit status {self.process.wait()})")
+            reply = json.loads(line)
+            stdout = out.read_text(errors="replace") if out.exists() else ""
+            stderr = err.read_text(errors="replace") if err.exists() else ""
+        command = [str(LDMKIT), *args]
+        if reply["timed_out"]:
+            raise subprocess.TimeoutExpired(command, timeout, output=stdout, stderr=stderr)
+        return subprocess.CompletedProcess(command, reply["rc"], stdout, stderr)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
+
+
+def _outside(env: dict) -> dict:
+    """What of ``env`` a forked command cannot take on: all but ldmkit's switches (read when
+    ldmkit is imported) and pytest's name of the current test."""
+    return {k: v for k, v in env.items() if not k.startswith("LDMKIT_") and k != "PYTEST_CURRENT_TEST"}
+
+
+@functools.cache
+def _zygote() -> _Zygote | None:
+    try:
+        zygote = _Zygote()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    atexit.register(zygote.close)
+    return zygote
 
 
 def pip_install_project(project: Path, target: Path) -> Path:

@@ -1,4 +1,5 @@
-"""The `ldmkit` console script, run as a real subprocess."""
+"""The `ldmkit` console script, each command a process of its own (forked from a warm
+interpreter by tests/cli_zygote.py, or the console script itself: see tests.conftest.run_ldmkit)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.conftest import run_ldmkit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def ldmkit(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("ldmkit")
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env,
-                          cwd=cwd, timeout=300)
+    """``ldmkit *args`` in a process of its own (:func:`tests.conftest.run_ldmkit`) with this
+    shell's environment plus ``env``."""
+    return run_ldmkit(args, {**os.environ, **(env or {})}, cwd, timeout=300)
 
 
 def test_help_lists_subcommands():
@@ -39,6 +41,49 @@ def test_help_names_the_version_flag_and_help_of_a_command_is_that_commands():
 def test_unknown_subcommand_fails_clearly():
     out = ldmkit("trian")
     assert out.returncode == 2 and "unknown command 'trian'" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args, env",
+    [(["--version"], {}), (["trian"], {}), (["plugins", "--json"], {}),
+     (["plugins", "--json"], {"LDMKIT_DISABLE_PLUGIN_AUTOLOAD": "1"}),
+     (["sample", "first_stage=nope"], {})],
+)  # fmt: skip
+def test_a_forked_command_is_the_console_script(args, env, tmp_path):
+    """The suite's commands run forked from a warm interpreter (tests/cli_zygote.py) unless
+    their environment differs from it: the same exit status, stdout and stderr as the
+    installed console script in a plain subprocess, LDMKIT_* switches read afresh."""
+    from tests.conftest import LDMKIT, _zygote
+
+    full = {**{k: v for k, v in os.environ.items() if not k.startswith("LDMKIT_")}, **env}
+    zygote = _zygote()
+    assert zygote is not None and zygote.serves(full)
+    forked = zygote.run(args, full, str(tmp_path), timeout=120)
+    plain = subprocess.run([str(LDMKIT), *args], capture_output=True, text=True, env=full, cwd=tmp_path, timeout=120)
+    assert (forked.returncode, forked.stdout, forked.stderr) == (plain.returncode, plain.stdout, plain.stderr)
+    # the switch took effect (read afresh, not from the warm interpreter): plugins not loaded
+    assert ('"status": "not loaded"' in forked.stdout) == bool(env)
+    assert not zygote.serves({**full, "PYTHONPATH": str(tmp_path)})  # read at interpreter start
+    with pytest.raises(subprocess.TimeoutExpired):
+        zygote.run(["plugins", "--json"], full, str(tmp_path), timeout=0.001)
+
+
+def test_the_console_script_exits_as_the_interpreter_would(tmp_path):
+    """ldmkit.cli.exit_now skips the teardown of every module (~1 s with torch) and nothing
+    else: non-daemon threads finish, atexit handlers run, buffered stdout is written, the
+    exit status is the command's."""
+    script = f"""
+import atexit, threading, time
+from pathlib import Path
+from ldmkit.cli import exit_now
+atexit.register(lambda: Path({str(tmp_path / "atexit")!r}).write_text("ran"))
+threading.Thread(target=lambda: (time.sleep(0.3), Path({str(tmp_path / "thread")!r}).write_text("ran"))).start()
+print("buffered", end="")
+exit_now(3)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (3, "buffered"), done.stderr
+    assert (tmp_path / "atexit").read_text() == (tmp_path / "thread").read_text() == "ran"
 
 
 def test_plugins_json_lists_first_party_plugins():

@@ -1,7 +1,5 @@
 """``python -m ldmkit ...`` is the ``ldmkit`` command."""
 
-import sys
+from ldmkit.cli import run
 
-from ldmkit.cli import main
-
-sys.exit(main())
+run()

@@ -22,6 +22,7 @@ import functools
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from ldmkit.cli import common, convert, data, demo, lora, plugins, sample, train
 from ldmkit.errors import LdmkitError
@@ -88,6 +89,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             message = f"cannot access {problem.filename}: {problem.strerror}"  # reading, maybe
         print(f"ldmkit {name}: error: {message}", file=sys.stderr)
         return 1
+
+
+def run(argv: Sequence[str] | None = None) -> NoReturn:
+    """The console script (and ``python -m ldmkit``): :func:`main`, then :func:`exit_now`."""
+    exit_now(main(argv))
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process as the interpreter's own shutdown would (non-daemon threads joined,
+    atexit handlers run, objects held only by reference cycles finalized, the standard streams
+    flushed) but without tearing down every module one by one: with torch imported that
+    teardown alone took 0.7-1.3 s of every command (2-core host). Nothing of ldmkit's is
+    left to it: its files are closed (and written atomically) before ``main`` returns."""
+    import atexit
+    import gc
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    gc.collect()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away, a stream already closed
+            pass
+    os._exit(code)
 
 
 def _short_plugin_warnings(name: str) -> None:

@@ -1,5 +1,3 @@
-import sys
+from ldmkit.cli import run
 
-from ldmkit.cli import main
-
-sys.exit(main())
+run()
