@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import warnings
 
@@ -381,6 +382,13 @@ def test_an_entry_point_in_another_group_is_named_where_its_plugin_is_missed(sit
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() sets its own
     assert main(["plugins"]) == 0
     assert capsys.readouterr().err == f"ldmkit plugins: warning: {said}\n"
+    assert main(["plugins", "--json"]) == 0  # a JSON reader sees it too, not only stderr
+    out = capsys.readouterr()
+    ignored = [row for row in json.loads(out.out) if row["status"] == "ignored"]
+    assert ignored == [{"name": "mine", "distribution": "ldmkit-misgrouped", "version": "1.0", "module": "mine_plugin",
+                        "status": "ignored", "registers": {}, "config_groups": {}, "error": None, "note": said,
+                        "group": "ldmkit.plugins"}]  # fmt: skip
+    assert out.err == f"ldmkit plugins: warning: {said}\n"
 
 
 @pytest.mark.parametrize(

@@ -79,7 +79,13 @@ def _warn_no_hooks(plugin: Any, info: PluginInfo) -> None:
 def misgrouped_entry_points() -> list[str]:
     """Entry points that installed distributions declare in a group named like ldmkit's but not
     it (``ldmkit.plugins``, ``ldmkit_plugins``): plugins ldmkit never loads, one line each."""
-    found: list[str] = []
+    return [row["note"] for row in misgrouped_entry_point_rows()]
+
+
+def misgrouped_entry_point_rows() -> list[dict[str, Any]]:
+    """:func:`misgrouped_entry_points` as rows of ``ldmkit plugins --json`` (``status``:
+    ``ignored``, the line in ``note``, the group in ``group``)."""
+    rows: list[dict[str, Any]] = []
     for dist in importlib_metadata.distributions():
         for ep in dist.entry_points:
             group = ep.group.lower()
@@ -92,9 +98,10 @@ def misgrouped_entry_points() -> list[str]:
                 f"in the group {ep.group!r}, which ldmkit does not read: a plugin's entry point goes in the group "
                 f"{ENTRY_POINT_GROUP!r} ([project.entry-points.{ENTRY_POINT_GROUP}] in pyproject.toml)"
             )
-            if line not in found:
-                found.append(line)
-    return found
+            if all(row["note"] != line for row in rows):
+                info = PluginInfo(ep.name, dist.metadata["Name"], dist.version, ep.value)
+                rows.append({**_row(info, "ignored", note=line), "group": ep.group})
+    return rows
 
 
 @dataclass

@@ -15,7 +15,7 @@ def plugins(argv: Sequence[str], *, prog: str, description: str) -> int:
     p = _Parser(prog=prog, description=description)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
-    from ldmkit.plugins import get_plugin_manager, misgrouped_entry_points
+    from ldmkit.plugins import get_plugin_manager, misgrouped_entry_point_rows
 
     manager = get_plugin_manager()
     try:
@@ -23,15 +23,16 @@ def plugins(argv: Sequence[str], *, prog: str, description: str) -> int:
         problems = manager.problems()
     except LdmkitError as err:
         raise CLIError(str(err)) from err
+    ignored = misgrouped_entry_point_rows()  # installed, but never loaded: not in the table
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + ignored, indent=2))
     else:
         note = manager.autoload_note()
         if note and any(row["status"] == "not loaded" for row in rows):
             print(f"{note}: the plugins marked 'not loaded' are installed but were not imported\n")
         print(format_plugin_table(rows))
-    for line in misgrouped_entry_points():  # installed, but never loaded: not in the table
-        print(f"{prog}: warning: {line}", file=sys.stderr)
+    for row in ignored:
+        print(f"{prog}: warning: {row['note']}", file=sys.stderr)
     for problem in problems:
         print(f"{prog}: error: {problem}", file=sys.stderr)
     return 1 if problems else 0
