@@ -25,6 +25,7 @@ import os
 import select
 import signal
 import sys
+import time
 
 
 def preload() -> None:
@@ -67,6 +68,23 @@ def child(request: dict) -> None:
     run(request["args"])  # as the console script ends: ldmkit.cli.exit_now
 
 
+def _ends_within(pid: int, timeout: float) -> bool:
+    """Whether child ``pid`` ends within ``timeout`` seconds (it is not reaped here)."""
+    try:
+        watch = os.pidfd_open(pid)  # Linux 5.3+
+    except (AttributeError, OSError):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+            time.sleep(0.01)
+        return False
+    try:
+        return bool(select.select([watch], [], [], timeout)[0])
+    finally:
+        os.close(watch)
+
+
 def serve() -> None:
     preload()
     assert "ldmkit" not in sys.modules, "the zygote must not import ldmkit"
@@ -79,16 +97,13 @@ def serve() -> None:
         pid = os.fork()
         if pid == 0:
             child(request)
-        watch = os.pidfd_open(pid)
-        ready, _, _ = select.select([watch], [], [], request["timeout"])
-        timed_out = not ready
+        timed_out = not _ends_within(pid, request["timeout"])
         if timed_out:
             try:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         _, status = os.waitpid(pid, 0)
-        os.close(watch)
         replies.write(json.dumps({"rc": os.waitstatus_to_exitcode(status), "timed_out": timed_out}) + "\n")
         replies.flush()
 
