@@ -915,15 +915,16 @@ def test_a_unet_option_that_changes_the_function_but_no_weight_is_named(key, val
         Pipeline.from_diffusers(tmp_path / "d")
 
 
-@pytest.mark.parametrize(("sampler", "spacing", "written"), [("ddim", "quad", "paper"), ("euler", "karras", "linspace")])
-def test_a_spacing_ddim_lacks_exports_the_nearest_one_and_says_so(sampler, spacing, written, tmp_path):
-    """DDIMScheduler has no quad or sigma grid: the export is written with the nearest
-    spacing it has, says so, and ldmkit.json keeps the sampler for the way back."""
+@pytest.mark.parametrize(("sampler", "scheduler", "spacing", "written"),
+                         [("ddim", "DDIMScheduler", "quad", "paper"), ("plms", "PNDMScheduler", "quad", "paper")])  # fmt: skip
+def test_a_spacing_ddim_lacks_exports_the_nearest_one_and_says_so(sampler, scheduler, spacing, written, tmp_path):
+    """DDIMScheduler and PNDMScheduler have no quad grid: the export is written with the
+    nearest spacing they have, says so, and ldmkit.json keeps the sampler for the way back."""
     from ldmkit.interop.diffusers.scheduler import SPACING_TO_DDIM
 
     pipe = tiny_kl_pipeline(f"sampler={sampler}", f"sampler.spacing={spacing}")
     with pytest.warns(diffusers_format.ConversionWarning,
-                      match=rf"sampler.spacing='{spacing}' has no DDIMScheduler counterpart: scheduler/ .*'{written}'"):  # fmt: skip
+                      match=rf"sampler.spacing='{spacing}' has no {scheduler} counterpart: scheduler/ .*'{written}'"):  # fmt: skip
         out = pipe.to_diffusers(tmp_path / "d")
     written_config = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     ddim = (written_config["timestep_spacing"], written_config["steps_offset"], written_config["set_alpha_to_one"])
@@ -1122,16 +1123,134 @@ def test_a_text_conditioners_input_key_and_drop_rate_survive_the_round_trip(tmp_
         Pipeline.from_diffusers(tmp_path / "d")
 
 
-def test_a_sampler_other_than_ddim_exports_as_ddim_and_says_so(tmp_path):
-    """The folder's scheduler/ is a DDIMScheduler whatever ldmkit samples with: said in one
-    warning (it was silent), and the sampler comes back through ldmkit.json."""
-    pipe = tiny_kl_pipeline("sampler=dpmpp_2m", "sampler.spacing=linspace")
-    with pytest.warns(diffusers_format.ConversionWarning, match=r"^sampler=dpmpp_2m is written as a DDIMScheduler"):
+def test_a_sampler_without_a_diffusers_scheduler_exports_as_ddim_and_says_so(tmp_path):
+    """dpmpp_3m_sde has no diffusers class: scheduler/ is a DDIMScheduler, said in one warning
+    (it was silent), and the sampler comes back through ldmkit.json."""
+    pipe = tiny_kl_pipeline("sampler=dpmpp_3m_sde", "sampler.spacing=trailing")
+    with pytest.warns(diffusers_format.ConversionWarning,
+                      match=r"^sampler=dpmpp_3m_sde has no diffusers scheduler: it is written as a DDIMScheduler"):  # fmt: skip
         out = pipe.to_diffusers(tmp_path / "d")
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DDIMScheduler"
-    assert Pipeline.from_diffusers(out).config.sampler.name == "dpmpp_2m"
+    assert Pipeline.from_diffusers(out).config.sampler.name == "dpmpp_3m_sde"
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", diffusers_format.ConversionWarning)
         tiny_kl_pipeline("sampler=ddim").to_diffusers(tmp_path / "ddim")  # DDIM: nothing to say
+
+
+# (sampler, spacing) whose diffusers scheduler visits the same noise levels: the sigma classes'
+# linspace, leading and trailing grids, and karras / exponential where the class has them; the
+# multistep classes place S + 1 points for linspace and leading (warned, below)
+SAME_LEVELS = [(name, spacing) for name in ("euler", "heun", "lms", "dpm_2", "dpm_2_ancestral")
+               for spacing in ("linspace", "karras", "exponential", "leading", "trailing")]
+SAME_LEVELS += [("euler_ancestral", spacing) for spacing in ("linspace", "leading", "trailing")]
+SAME_LEVELS += [(name, spacing) for name in ("dpmpp_2m", "dpmpp_2m_sde", "unipc") for spacing in ("karras", "exponential", "trailing")]  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' numpy 2 __array__ notes
+@pytest.mark.parametrize(("sampler", "spacing"), SAME_LEVELS)
+def test_a_sigma_sampler_exports_as_the_diffusers_scheduler_of_its_method_on_the_same_noise_levels(sampler, spacing):
+    """Each sampler is written as the diffusers scheduler of the same method (it was a
+    DDIMScheduler whatever the sampler), whose noise levels after ``set_timesteps(S)`` are
+    ldmkit's ``sigma_levels`` (diffusers evaluates the two-stage ones, heun and dpm_2, twice
+    per level); nothing to warn about, and the config reads back as the same sampler."""
+    import warnings
+
+    from ldmkit.diffusion.sampling import sigma_levels
+    from ldmkit.diffusion.schedule import NoiseSchedule
+    from ldmkit.interop.diffusers.scheduler import (
+        SAMPLER_TO_SCHEDULER,
+        _schedule_from_config,
+        diffusers_scheduler_config,
+    )
+
+    schedule = {"kind": "linear", "timesteps": 1000, "linear_start": 0.00085, "linear_end": 0.012}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", diffusers_format.ConversionWarning)
+        config = diffusers_scheduler_config(schedule, {"name": sampler, "spacing": spacing}, "eps")
+        _, back, _ = _schedule_from_config(json.loads(json.dumps(config)))
+    assert config["_class_name"] == SAMPLER_TO_SCHEDULER[sampler][0] != "DDIMScheduler"
+    assert (back["name"], back["spacing"]) == (sampler, spacing)
+    theirs = getattr(diffusers, config["_class_name"]).from_config(config)
+    theirs.set_timesteps(20)
+    levels = torch.unique_consecutive(torch.as_tensor(theirs.sigmas, dtype=torch.float64))
+    ours = torch.tensor(sigma_levels(NoiseSchedule(**schedule), 20, spacing), dtype=torch.float64)
+    torch.testing.assert_close(levels, ours, rtol=5e-5, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "unipc"])
+def test_a_multistep_scheduler_on_another_grid_is_said(sampler):
+    """DPMSolverMultistepScheduler and UniPCMultistepScheduler place S + 1 timesteps for
+    linspace and drop the last: other noise levels than ldmkit's linspace, said in one line."""
+    from ldmkit.diffusion.sampling import sigma_levels
+    from ldmkit.diffusion.schedule import NoiseSchedule
+    from ldmkit.interop.diffusers.scheduler import diffusers_scheduler_config
+
+    schedule = {"kind": "linear", "timesteps": 1000, "linear_start": 0.00085, "linear_end": 0.012}
+    with pytest.warns(diffusers_format.ConversionWarning, match=r"places S \+ 1 timesteps and drops the last") as said:
+        config = diffusers_scheduler_config(schedule, {"name": sampler, "spacing": "linspace"}, "eps")
+    assert len(said) == 1
+    theirs = getattr(diffusers, config["_class_name"]).from_config(config)
+    theirs.set_timesteps(20)
+    ours = sigma_levels(NoiseSchedule(**schedule), 20, "linspace")
+    assert abs(float(theirs.sigmas[-2]) - ours[-2]) > 0.1  # what the warning is about
+
+
+def test_stable_diffusions_pndm_scheduler_reads_as_the_papers_plms():
+    """Stable Diffusion v1 ships a PNDMScheduler (skip_prk_steps, leading, steps_offset 1,
+    set_alpha_to_one false): the latent diffusion paper's PLMS on its DDIM spacing, read so
+    without a warning (it was read as DDIM); its timesteps are ``paper``'s."""
+    import warnings
+
+    from ldmkit.diffusion.timesteps import timestep_pairs
+    from ldmkit.interop.diffusers.scheduler import _schedule_from_config
+
+    config = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+              "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+              "trained_betas": None}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", diffusers_format.ConversionWarning)
+        schedule, sampler, prediction = _schedule_from_config(config)
+    assert sampler == {"name": "plms", "spacing": "paper"} and prediction == "eps" and schedule["kind"] == "linear"
+    theirs = diffusers.PNDMScheduler.from_config(config)
+    theirs.set_timesteps(50)
+    visited = torch.unique_consecutive(torch.as_tensor(theirs.timesteps)).tolist()
+    assert visited == [t for t, _ in timestep_pairs(1000, 50, "paper")]
+
+
+@pytest.mark.parametrize(("config", "read"), [
+    ({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++", "solver_type": "heun",
+      "use_karras_sigmas": True}, {"name": "dpmpp_2m_sde", "spacing": "karras", "solver_type": "heun"}),
+    ({"_class_name": "UniPCMultistepScheduler", "solver_order": 3, "solver_type": "bh1", "timestep_spacing": "trailing"},
+     {"name": "unipc", "spacing": "trailing", "order": 3, "variant": "bh1", "lower_order_final": True}),
+    ({"_class_name": "EulerDiscreteScheduler", "use_exponential_sigmas": True}, {"name": "euler", "spacing": "exponential"}),
+])  # fmt: skip
+def test_a_diffusers_scheduler_reads_as_the_sampler_of_its_method(config, read):
+    from ldmkit.interop.diffusers.scheduler import _schedule_from_config
+
+    assert _schedule_from_config(config)[1] == read
+
+
+@pytest.mark.parametrize(("config", "said"), [
+    ({"_class_name": "LCMScheduler"}, r"ldmkit has no sampler of LCMScheduler's method: read as sampler=ddim"),
+    ({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}, r"solver_order=3 is read as sampler=dpmpp_2m"),
+    ({"_class_name": "PNDMScheduler", "skip_prk_steps": False}, r"skip_prk_steps=False .* is read as sampler=plms"),
+])  # fmt: skip
+def test_a_scheduler_ldmkit_has_no_sampler_of_is_read_as_the_nearest_and_said(config, said):
+    from ldmkit.interop.diffusers.scheduler import _schedule_from_config
+
+    with pytest.warns(diffusers_format.ConversionWarning, match=said):
+        _schedule_from_config(config)
+
+
+def test_sampler_options_a_scheduler_lacks_are_said(tmp_path):
+    """euler with churn is written as an EulerDiscreteScheduler, whose config has no s_churn."""
+    pipe = tiny_kl_pipeline("sampler=euler", "sampler.s_churn=0.5")
+    with pytest.warns(diffusers_format.ConversionWarning,
+                      match=r"^sampler=euler is written as a EulerDiscreteScheduler, which has no s_churn=0.5"):  # fmt: skip
+        out = pipe.to_diffusers(tmp_path / "d")
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["scheduler"] == ["diffusers", "EulerDiscreteScheduler"]
+    assert Pipeline.from_diffusers(out).config.sampler.s_churn == 0.5  # ldmkit.json keeps it

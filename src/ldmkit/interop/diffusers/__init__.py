@@ -8,8 +8,11 @@
                super-resolution, inpainting and semantic models)
 ``vae/``       ``AutoencoderKL`` with ``scaling_factor`` = the pipeline's scale factor
 ``vqvae/``     ``VQModel`` (``scaling_factor`` 1.0 for the paper's VQ models)
-``scheduler/`` ``DDIMScheduler``: the same betas, and the sampler's spacing (the paper's
-               DDIM spacing is ``leading`` + ``steps_offset=1`` + ``set_alpha_to_one=False``)
+``scheduler/`` the diffusers scheduler of the sampler's method (``DDIMScheduler``,
+               ``PNDMScheduler`` for ``plms``, ``DPMSolverMultistepScheduler`` for
+               ``dpmpp_2m``, ...: :data:`.scheduler.SAMPLER_TO_SCHEDULER`), the same betas,
+               and the sampler's spacing (the paper's DDIM spacing is ``leading`` +
+               ``steps_offset=1`` + ``set_alpha_to_one=False``)
 ``text_encoder/`` + ``tokenizer/`` for ``clip_text`` (``CLIPTextModel``, ``CLIPTokenizer``)
 ``bert/`` + ``tokenizer/`` for the paper's ``bert`` (77 tokens, a WordPiece ``vocab.txt``):
                diffusers' ``LDMBertModel`` and ``BertTokenizer``, run by

@@ -131,7 +131,7 @@ def to_diffusers(
     components: dict[str, list[Any]] = {
         "unet": ["diffusers", unet_config["_class_name"]],
         vae_dir: ["diffusers", vae_config["_class_name"]],
-        "scheduler": ["diffusers", "DDIMScheduler"],
+        "scheduler": ["diffusers", scheduler["_class_name"]],
     }
     # a failed export leaves no new files behind: a fresh --out is removed, an existing one
     # loses only the entries this export added
