@@ -122,6 +122,8 @@ def diffusers_scheduler_config(
 
 
 def _default_spacing(name: str) -> str:
+    """The spacing of a sampler config without one: its class's ``default_spacing``
+    (``DiscreteSampler``/``SigmaSampler``: linspace; ``plms``: paper; the SDE multisteps: karras)."""
     return {"plms": "paper", "dpmpp_2m_sde": "karras", "dpmpp_3m_sde": "karras"}.get(name, "linspace")
 
 
