@@ -219,6 +219,30 @@ def test_packed_convolutions_sample_as_the_plain_copy_and_copy_and_save():
 
 
 @pytest.mark.skipif(not _ONEDNN_BF16, reason="no oneDNN bf16 convolution on this CPU/build")
+def test_the_copy_a_first_sample_call_makes_is_packed_and_the_pipeline_copies_and_saves():
+    """The weight copy made inside ``sample()`` (which runs in inference mode): before, its
+    weights were inference tensors, whose missing version counter made the first packing fail
+    (no convolution was packed, silently) and left an opaque tensor on a plain Conv2d, so the
+    pipeline could no longer be deep-copied or saved."""
+    pipe = _pipe()
+    batch = {"label": [0, 3, 5, 7]}
+    first = pipe.sample(batch, guidance_scale=3.0, seed=0, precision="bf16")  # the copy is made here
+    made = pipe.sampling_denoiser("bf16")
+    convs = [m for m in made.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(isinstance(m, precision.PackedConv2d) for m in convs)
+    assert not any(p.is_inference() for p in made.parameters())
+    copied = copy.deepcopy(pipe)
+    buffer = io.BytesIO()
+    torch.save(pipe, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (pipe, copied, loaded):
+        assert torch.equal(other.sample(batch, guidance_scale=3.0, seed=0, precision="bf16"), first)
+    with torch.inference_mode():  # a signature of an inference tensor: no version counter to read
+        assert precision.tensor_signature(torch.ones(2))[2] is None
+
+
+@pytest.mark.skipif(not _ONEDNN_BF16, reason="no oneDNN bf16 convolution on this CPU/build")
 def test_a_packed_convolution_behaves_as_conv2d():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1).to(torch.bfloat16).requires_grad_(False)

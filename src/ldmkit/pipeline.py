@@ -213,9 +213,13 @@ class Pipeline(nn.Module):
         cached = self.__dict__.get("_low_precision_denoiser")
         if cached is None or cached[0] != key:
             self.release_low_precision_copy()  # free the old copy before making one
-            copy = _precision.low_precision_copy(self.denoiser, dtype)
-            if dtype == torch.bfloat16 and self.pack_cpu_weights:
-                _precision.pack_cpu_convolutions(copy)
+            # made outside inference mode (sample() runs in it): inference tensors track no
+            # version counter, which the repack check of packed convolutions reads, and they
+            # cannot be used by a later call outside inference mode
+            with torch.inference_mode(False):
+                copy = _precision.low_precision_copy(self.denoiser, dtype)
+                if dtype == torch.bfloat16 and self.pack_cpu_weights:
+                    _precision.pack_cpu_convolutions(copy)
             cached = (key, copy)
             self.__dict__["_low_precision_denoiser"] = cached
         return cached[1]

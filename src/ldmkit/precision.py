@@ -261,7 +261,11 @@ def tensor_signature(t: torch.Tensor) -> tuple:
     every in-place write: optimizer steps, ``load_state_dict``, ``copy_``), dtype and device.
     The sampling weight copy is made again (``Pipeline.sampling_denoiser``) and a packed
     convolution packs again when it changes."""
-    return (id(t), t.data_ptr(), t._version, t.dtype, t.device)
+    try:
+        version = t._version
+    except RuntimeError:  # an inference tensor (made under torch.inference_mode) has no version counter
+        version = None
+    return (id(t), t.data_ptr(), version, t.dtype, t.device)
 
 
 def _packable(conv: torch.nn.Module, exact_type: bool = True) -> bool:
@@ -294,6 +298,8 @@ def pack_cpu_convolutions(module: torch.nn.Module) -> int:
             conv._pack()
         except RuntimeError:  # no oneDNN bf16 convolution on this build / CPU: keep F.conv2d
             conv.__class__ = torch.nn.Conv2d
+            conv.__dict__.pop("_packed_weight", None)  # a plain Conv2d holds no opaque tensor
+            conv.__dict__.pop("_packed_key", None)
             return packed
         packed += 1
     return packed
