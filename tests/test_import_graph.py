@@ -76,6 +76,7 @@ LAYERS: dict[str, int] = {
     "ldmkit.hookspecs": 0,
     "ldmkit.precision": 0,
     "ldmkit.compiling": 0,
+    "ldmkit.aot": 0,
     "ldmkit.masks": 0,
     "ldmkit.tiling": 0,
     "ldmkit.frozen": 0,

@@ -131,7 +131,7 @@ def test_values_are_checked_and_normalized_when_the_request_is_made():
         ({"seed": 1e308}, "seed must be a whole number from 0 to 4294967295, got 1e+308"),  # not 309 digits
         ({"num_samples": -4.0}, "num_samples must be a whole number >= 1, got -4"),
         ({"precision": "fp8"}, "precision='fp8' is not a precision"),
-        ({"compile": "fast"}, "compile='fast': expected true, false, auto or one of"),
+        ({"compile": "fast"}, "compile='fast': expected true, false, auto, aot or one of"),
     ]
     for kwargs, text in refused:
         with pytest.raises(SampleArgumentError) as err:

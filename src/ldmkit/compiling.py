@@ -19,7 +19,8 @@ Values: ``false`` (default), ``true`` (inductor's default mode), an inductor mod
 templates, which use AMX tiles where the CPU has them; ``max-autotune-no-cudagraphs``), or
 ``auto``: compile where it was measured to pay back its compile time for this much work, on
 this kind of host (:data:`AUTO_RULES`, :func:`auto_compile`; the choice and its reason are
-printed in one line). ``compile_backend`` (default ``inductor``) picks another
+printed in one line), or, for sampling on a CPU, ``aot``: the denoiser compiled ahead of time
+into a package kept on disk and loaded by later processes (:mod:`ldmkit.aot`). ``compile_backend`` (default ``inductor``) picks another
 ``torch.compile`` backend, e.g. ``eager`` or ``aot_eager`` to check a model traces without
 compiling kernels.
 """
@@ -53,7 +54,7 @@ __all__ = [
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # what a `compile` / `trainer.compile` key takes, for the config checker
-COMPILE_OPTION = Either(Boolean(), Choice(*COMPILE_MODES, "auto"))
+COMPILE_OPTION = Either(Boolean(), Choice(*COMPILE_MODES, "auto", "aot"))
 
 
 @dataclass(frozen=True)
@@ -157,10 +158,10 @@ def check_compile(value: Any, *, key: str = "compile") -> str | None:
             return None
         if lowered in ("true", "on", "yes", "1"):
             return "default"
-        if lowered in COMPILE_MODES or lowered == "auto":
+        if lowered in COMPILE_MODES or lowered in ("auto", "aot"):
             return lowered
     raise CompileSettingError(
-        f"{key}={value!r}: expected true, false, auto or one of {', '.join(COMPILE_MODES)}"
+        f"{key}={value!r}: expected true, false, auto, aot or one of {', '.join(COMPILE_MODES)}"
     )
 
 
@@ -187,6 +188,13 @@ def compile_module(
     (unless ``quiet``)."""
     mode = check_compile(setting, key=key)
     if mode is None:
+        return False
+    if mode == "aot":  # ahead of time, kept on disk: the pipeline's sampling (ldmkit.aot), not in place
+        if purpose != "sample":
+            raise CompileSettingError(
+                f"{key}=aot compiles the sampling denoiser ahead of time (ldmkit.aot); for {purpose} use "
+                "true, auto or an inductor mode"
+            )
         return False
     if is_compiled(module):
         return True

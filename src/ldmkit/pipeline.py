@@ -26,7 +26,7 @@ from ldmkit.assembly import (
     pipeline_parts,
     returned_tensor,
 )
-from ldmkit.compiling import compile_module, is_compiled
+from ldmkit.compiling import check_compile, compile_module, is_compiled
 from ldmkit.config import compose_config, load_saved_config
 from ldmkit.diffusion.guidance import ClassifierFreeGuidance
 from ldmkit.diffusion.sampling import GeneratorArg, randn_like, sample_generators, split_generator
@@ -224,11 +224,24 @@ class Pipeline(nn.Module):
             self.__dict__["_low_precision_denoiser"] = cached
         return cached[1]
 
+    def _packaged(self, denoiser: nn.Module) -> nn.Module:
+        """``compile=aot``: ``denoiser`` as ahead-of-time compiled packages
+        (:class:`ldmkit.aot.PackagedDenoiser`), one wrapper per sampling module, kept while it
+        is the one sampling calls."""
+        from ldmkit.aot import PackagedDenoiser
+
+        cached = self.__dict__.get("_aot_denoiser")
+        if cached is None or cached[0] is not denoiser:
+            cached = (denoiser, PackagedDenoiser(denoiser))
+            self.__dict__["_aot_denoiser"] = cached
+        return cached[1]
+
     def release_low_precision_copy(self) -> None:
         """Drop the bf16/fp16 copy of the denoiser's weights that sampling keeps (half the
         float32 size of the denoiser in memory while the pipeline lives); the next sampling
         call in low precision makes it again."""
         self.__dict__["_low_precision_denoiser"] = None
+        self.__dict__["_aot_denoiser"] = None  # compile=aot's wrapper of that copy
 
     def _encode_init(
         self, images: Tensor, n: int, generator: GeneratorArg, tiling: Mapping[str, Any], unused: Tensor | None = None
@@ -349,6 +362,8 @@ class Pipeline(nn.Module):
         steps = r.steps if r.steps is not None else getattr(self.sampler, "steps", None)
         calls = None if steps is None else int(steps) * math.ceil(n / bs)  # for compile=auto
         compile_module(denoiser, r.compile, device=device, what="the denoiser", purpose="sample", work=calls)
+        if check_compile(r.compile) == "aot":
+            denoiser = self._packaged(denoiser)
         def on_device(values: Mapping[str, Any]) -> dict[str, Any]:
             return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in values.items()}
 
