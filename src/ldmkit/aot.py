@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import platform
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -122,6 +123,9 @@ class PackagedDenoiser(nn.Module):
             raise AOTError("compile=aot runs on the CPU only (measured there); use compile=auto on CUDA")
         path = self.cache / f"denoiser-{self.key(signature)}.pt2"
         if not path.is_file():
+            shapes = ", ".join("x".join(map(str, shape)) for shape, _ in signature[1:])
+            print(f"compile=aot: compiling {type(self.net).__name__} ahead of time for inputs {shapes} (once: later "
+                  f"runs load {path})", file=sys.stderr, flush=True)  # fmt: skip
             try:
                 self._compile(path, keys, args)
             except Exception as err:  # export/compile of a denoiser it cannot trace: stay eager
