@@ -56,6 +56,15 @@ def test_a_package_is_compiled_once_then_loaded_by_later_pipelines(tmp_path, mon
         next(later.denoiser.parameters()).add_(1e-2)  # new weights: a new copy, a new key
     changed = later._packaged(later.sampling_denoiser("bf16"))
     assert changed is not later_wrapper and changed.key(signature) != later_wrapper.key(signature)
+    # float32 samples on the denoiser itself, the same module after an in-place change: a new
+    # wrapper and key all the same (no package of the old weights is run on the new ones)
+    fp32_wrapper = later._packaged(later.sampling_denoiser("fp32"))
+    assert later._packaged(later.sampling_denoiser("fp32")) is fp32_wrapper
+    old_key = fp32_wrapper.key(signature)
+    with torch.no_grad():
+        next(later.denoiser.parameters()).add_(1e-2)
+    fresh = later._packaged(later.sampling_denoiser("fp32"))
+    assert fresh is not fp32_wrapper and fresh.key(signature) != old_key
 
 
 def test_a_denoiser_export_cannot_trace_samples_eagerly_and_says_why(tmp_path, monkeypatch):

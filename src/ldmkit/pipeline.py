@@ -230,9 +230,12 @@ class Pipeline(nn.Module):
         is the one sampling calls."""
         from ldmkit.aot import PackagedDenoiser
 
+        # the float32 denoiser is the same module when its weights change in place (the bf16
+        # copy is made again): its weights' signature keys the wrapper too
+        signature = _weights_signature(denoiser)
         cached = self.__dict__.get("_aot_denoiser")
-        if cached is None or cached[0] is not denoiser:
-            cached = (denoiser, PackagedDenoiser(denoiser))
+        if cached is None or cached[0] is not denoiser or cached[2] != signature:
+            cached = (denoiser, PackagedDenoiser(denoiser), signature)
             self.__dict__["_aot_denoiser"] = cached
         return cached[1]
 
