@@ -20,9 +20,9 @@ templates, which use AMX tiles where the CPU has them; ``max-autotune-no-cudagra
 ``auto``: compile where it was measured to pay back its compile time for this much work, on
 this kind of host (:data:`AUTO_RULES`, :func:`auto_compile`; the choice and its reason are
 printed in one line), or, for sampling on a CPU, ``aot``: the denoiser compiled ahead of time
-into a package kept on disk and loaded by later processes (:mod:`ldmkit.aot`). ``compile_backend`` (default ``inductor``) picks another
-``torch.compile`` backend, e.g. ``eager`` or ``aot_eager`` to check a model traces without
-compiling kernels.
+into a package kept on disk and loaded by later processes (:mod:`ldmkit.aot`).
+``compile_backend`` (default ``inductor``) picks another ``torch.compile`` backend, e.g.
+``eager`` or ``aot_eager`` to check a model traces without compiling kernels.
 """
 
 from __future__ import annotations

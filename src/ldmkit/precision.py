@@ -229,11 +229,11 @@ class PackedConv2d(torch.nn.Conv2d):
         return state
 
     def _pack(self) -> None:
-        weight = self.weight.detach()
-        self._packed_weight = torch.ops.mkldnn._reorder_convolution_weight(
-            weight, list(self.padding), list(self.stride), list(self.dilation), self.groups, None
+        packed = torch.ops.mkldnn._reorder_convolution_weight(
+            self.weight.detach(), list(self.padding), list(self.stride), list(self.dilation), self.groups, None
         )
-        self._packed_key = tensor_signature(self.weight)
+        # set together, once both exist: a pack that raises leaves the module as it was
+        self._packed_weight, self._packed_key = packed, tensor_signature(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
@@ -298,8 +298,6 @@ def pack_cpu_convolutions(module: torch.nn.Module) -> int:
             conv._pack()
         except RuntimeError:  # no oneDNN bf16 convolution on this build / CPU: keep F.conv2d
             conv.__class__ = torch.nn.Conv2d
-            conv.__dict__.pop("_packed_weight", None)  # a plain Conv2d holds no opaque tensor
-            conv.__dict__.pop("_packed_key", None)
             return packed
         packed += 1
     return packed

@@ -209,7 +209,7 @@ def _schedule_from_config(c: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
                 "linear_start": float(_value(c, "beta_start", POSITIVE, where, 1e-4)),
                 "linear_end": float(_value(c, "beta_end", POSITIVE, where, 2e-2)), "cosine_s": COSINE_S}  # fmt: skip
     class_name = str(c.get("_class_name") or "DDIMScheduler")
-    if class_name in SCHEDULER_TO_SAMPLER or class_name not in _SIGMA_CLASSES:
+    if class_name in ALPHA_SCHEDULERS or class_name not in SCHEDULER_TO_SAMPLER:  # unknown: read as DDIM
         spacing = _alpha_spacing_from(c, class_name, where)
     else:
         spacing = _sigma_spacing_from(c, class_name, where)
@@ -220,9 +220,9 @@ def _schedule_from_config(c: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
     return schedule, _sampler_from(c, class_name, spacing, where), prediction
 
 
-# diffusers' schedulers of discrete timesteps -> ldmkit's sampler of the same method
-SCHEDULER_TO_SAMPLER = {"DDIMScheduler": "ddim", "PNDMScheduler": "plms", "DDPMScheduler": "ddpm"}
-_SIGMA_CLASSES = {cls: name for name, (cls, _) in SAMPLER_TO_SCHEDULER.items() if cls not in ALPHA_SCHEDULERS}
+# diffusers' scheduler -> ldmkit's sampler of the same method: the first sampler written as that
+# class (DPMSolverMultistepScheduler is dpmpp_2m; its sde-dpmsolver++ is dpmpp_2m_sde, below)
+SCHEDULER_TO_SAMPLER = {cls: name for name, (cls, _) in reversed(SAMPLER_TO_SCHEDULER.items())}
 
 
 def _alpha_spacing_from(c: dict[str, Any], class_name: str, where: str) -> str:
@@ -279,7 +279,7 @@ def _sampler_from(c: dict[str, Any], class_name: str, spacing: str, where: str) 
     """ldmkit's sampler for a scheduler config: the same method where ldmkit has it."""
     if class_name == "DDIMScheduler":
         return {"name": "ddim", "steps": 50, "eta": 0.0, "spacing": spacing}
-    name = SCHEDULER_TO_SAMPLER.get(class_name) or _SIGMA_CLASSES.get(class_name)
+    name = SCHEDULER_TO_SAMPLER.get(class_name)
     if name is None:
         warnings.warn(
             f"{where}: ldmkit has no sampler of {class_name}'s method: read as sampler=ddim (the schedule and the "
@@ -298,7 +298,6 @@ def _sampler_from(c: dict[str, Any], class_name: str, spacing: str, where: str) 
     sampler: dict[str, Any] = {"name": name, "spacing": spacing}
     if class_name == "DPMSolverMultistepScheduler":
         algorithm, order = str(c.get("algorithm_type", "dpmsolver++")), _value(c, "solver_order", WHOLE, where, 2)
-        sampler["name"] = "dpmpp_2m"
         if algorithm == "sde-dpmsolver++":
             sampler.update(name="dpmpp_2m_sde", solver_type=str(c.get("solver_type", "midpoint")))
         if algorithm not in ("dpmsolver++", "sde-dpmsolver++") or order != 2:
