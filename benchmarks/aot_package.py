@@ -34,18 +34,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-class FlatDenoiser(torch.nn.Module):
-    """The denoiser with plain tensor arguments (what ``torch.export`` takes): float32 in and
-    out, bf16 inside, the conditioning dict's one ``crossattn`` entry as a tensor."""
-
-    def __init__(self, denoiser: torch.nn.Module, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.denoiser, self.dtype = denoiser, dtype
-
-    def forward(self, z: torch.Tensor, t: torch.Tensor, crossattn: torch.Tensor) -> torch.Tensor:
-        return self.denoiser(z.to(self.dtype), t, {"crossattn": crossattn.to(self.dtype)}).float()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -56,6 +44,7 @@ def main() -> None:
     from sampling_diffusers import CASES, build_pair
 
     from ldmkit import precision as _precision
+    from ldmkit.aot import _Flat as FlatDenoiser  # positional tensors, as compile=aot exports it
 
     host = host_info()
     print(host_line(host), flush=True)
@@ -69,7 +58,7 @@ def main() -> None:
     context = torch.cat([null["crossattn"], cond["crossattn"]])
 
     pipe.pack_cpu_weights = False  # export the plain bf16 copy; inductor packs its own way
-    plain = FlatDenoiser(pipe.sampling_denoiser("bf16"), torch.bfloat16).eval()
+    plain = FlatDenoiser(pipe.sampling_denoiser("bf16"), ("crossattn",), torch.bfloat16).eval()
     start = time.perf_counter()
     with torch.no_grad():
         exported = torch.export.export(plain, (z, t, context))
@@ -88,7 +77,7 @@ def main() -> None:
     print(f"export {export_s:.1f} s, AOTInductor compile {compile_s:.1f} s, load {load_s:.2f} s", flush=True)
 
     pipe.pack_cpu_weights = True  # today's path: the packed copy under autocast, as Pipeline.sample runs it
-    eager = FlatDenoiser(pipe.sampling_denoiser("bf16"), torch.bfloat16).eval()
+    eager = FlatDenoiser(pipe.sampling_denoiser("bf16"), ("crossattn",), torch.bfloat16).eval()
 
     def packed(*inputs: torch.Tensor) -> torch.Tensor:
         with _precision.autocast("bf16", "cpu"):
