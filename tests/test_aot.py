@@ -28,7 +28,7 @@ def _pipe() -> Pipeline:
     return pipe
 
 
-def test_a_package_is_compiled_once_then_loaded_by_later_pipelines(tmp_path, monkeypatch):
+def test_a_package_is_compiled_once_then_loaded_by_later_pipelines(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("LDMKIT_AOT_CACHE", str(tmp_path / "cache"))
     pipe = _pipe()
     fp32 = pipe.sample(BATCH, seed=0, precision="fp32")
@@ -42,6 +42,12 @@ def test_a_package_is_compiled_once_then_loaded_by_later_pipelines(tmp_path, mon
     assert float((packaged - eager).abs().max()) < 2 * bf16_error
     assert torch.equal(pipe.sample(BATCH, seed=0, precision="bf16", compile="aot"), packaged)
     assert wrapper.compiled == 1  # the same signature: the package already loaded
+    # its batch dimension is dynamic: chunks of 2 and 1 run the same package
+    chunked = pipe.sample(BATCH, seed=0, precision="bf16", compile="aot", batch_size=2)
+    assert (wrapper.compiled, len(wrapper._loaded), len(wrapper._runners)) == (1, 1, 3)
+    # as batch-size independent as eager bf16 sampling (float32 rounding: 6.7e-7 on both)
+    eager_chunked = pipe.sample(BATCH, seed=0, precision="bf16", batch_size=2)
+    assert float((chunked - packaged).abs().max()) < max(1e-5, 4 * float((eager_chunked - eager).abs().max()))
     packages = list((tmp_path / "cache").glob("*.pt2"))
     assert len(packages) == 1 and not list((tmp_path / "cache").glob(".*"))  # no partial file left
 
@@ -50,6 +56,20 @@ def test_a_package_is_compiled_once_then_loaded_by_later_pipelines(tmp_path, mon
     assert torch.equal(later.sample(BATCH, seed=0, precision="bf16", compile="aot"), packaged)
     later_wrapper = later.__dict__["_aot_denoiser"][1]
     assert (later_wrapper.compiled, later_wrapper.loaded) == (0, 1)
+
+    # compile=auto on a CPU runs a package already in the cache (one line says so) and compiles none
+    capfd.readouterr()
+    assert torch.equal(later.sample(BATCH, seed=0, precision="bf16", compile="auto"), packaged)
+    auto_wrapper = later.__dict__["_aot_denoiser"][1]
+    assert auto_wrapper is not later_wrapper and (auto_wrapper.compiled, auto_wrapper.loaded) == (0, 1)
+    err = capfd.readouterr().err
+    assert err.count("compile: ") == 1 and f"compile: aot (auto: a package for these inputs is in the cache: {packages[0]})" in err
+    # ... and inputs of another shape (a larger image) sample eagerly under auto's own rule, with its line
+    eager_large = later.sample(BATCH, seed=0, precision="bf16", size=32)
+    capfd.readouterr()
+    assert torch.equal(later.sample(BATCH, seed=0, precision="bf16", size=32, compile="auto"), eager_large)
+    assert (auto_wrapper.compiled, auto_wrapper.loaded) == (0, 1) and len(list((tmp_path / "cache").glob("*.pt2"))) == 1
+    assert "compile: off (auto: " in capfd.readouterr().err
 
     signature = next(iter(later_wrapper._runners))
     with torch.no_grad():
@@ -86,3 +106,58 @@ def test_a_denoiser_export_cannot_trace_samples_eagerly_and_says_why(tmp_path, m
 def test_aot_is_for_sampling():
     with pytest.raises(CompileSettingError, match=r"trainer.compile=aot compiles the sampling denoiser"):
         compile_module(torch.nn.Linear(2, 2), "aot", key="trainer.compile", purpose="train")
+
+
+def test_auto_with_an_empty_cache_stays_eager_without_hashing_the_weights(tmp_path, monkeypatch, capfd):
+    """compile=auto on a CPU looks for packages, but an empty (or absent) cache costs no digest
+    of the weights and compiles nothing: the samples are the eager ones, auto's line is printed."""
+    import ldmkit.aot
+
+    monkeypatch.setenv("LDMKIT_AOT_CACHE", str(tmp_path / "absent"))
+
+    def no_digest(module):
+        raise AssertionError("the weights were hashed for an empty cache")
+
+    monkeypatch.setattr(ldmkit.aot, "_weights_digest", no_digest)
+    pipe = _pipe()
+    eager = pipe.sample(BATCH, seed=0, precision="bf16")
+    capfd.readouterr()
+    assert torch.equal(pipe.sample(BATCH, seed=0, precision="bf16", compile="auto"), eager)
+    err = capfd.readouterr().err
+    assert err.count("compile: ") == 1 and "compile: off (auto: " in err
+    wrapper = pipe.__dict__["_aot_denoiser"][1]
+    assert (wrapper.compiled, wrapper.loaded) == (0, 0) and not (tmp_path / "absent").exists()
+    assert torch.equal(pipe.sample(BATCH, seed=0, precision="bf16", compile="auto"), eager)
+    assert capfd.readouterr().err.count("compile: off (auto: ") == 1  # one line per sampling call
+
+
+class _Convs(torch.nn.Module):
+    """A denoiser-shaped module of two convolutions (what freezing packs for oneDNN)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, z_t, t, cond):
+        return self.b(torch.nn.functional.silu(self.a(z_t))) + t.float().view(-1, 1, 1, 1)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="freezing packs convolutions for oneDNN only")
+def test_a_package_is_frozen_even_when_compiled_with_gradients_on(tmp_path):
+    """Inductor freezes (weights folded in and packed for oneDNN) only with gradients off; a
+    package compiled from a caller with them on must be the same frozen one (before the fix it
+    called aten's plain convolution: 1.2x slower on the AMX host), and give the module's output."""
+    import zipfile
+
+    torch.manual_seed(0)
+    net = _Convs().eval()
+    wrapper = PackagedDenoiser(net, cache=tmp_path)
+    z, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 5])
+    assert torch.is_grad_enabled()
+    out = wrapper(z, t, {})
+    with torch.no_grad():
+        assert torch.allclose(out, net(z, t, {}), atol=1e-5)
+    (package,) = tmp_path.glob("*.pt2")
+    with zipfile.ZipFile(package) as archive:
+        source = "".join(archive.read(n).decode() for n in archive.namelist() if n.endswith("wrapper.cpp"))
+    assert "mkldnn__convolution_pointwise" in source and "aoti_torch_cpu_convolution(" not in source

@@ -14,6 +14,11 @@ a denoiser ``torch.export`` cannot trace runs eagerly, with one warning naming w
 
 The cache: ``LDMKIT_AOT_CACHE`` (default ``~/.cache/ldmkit/aot``), one ``.pt2`` file per key,
 written atomically; delete the folder to free it. CPU only for now (measured there).
+
+``compile=auto`` on a CPU uses the same cache without adding to it (``compile_missing=False``):
+inputs whose package is already there (made by an earlier ``compile=aot`` run) run it, others
+run the module as ``auto`` left it. An empty cache costs nothing: the key (a digest of the
+weights) is computed only when the cache holds packages.
 """
 
 from __future__ import annotations
@@ -51,7 +56,8 @@ def _weights_digest(module: nn.Module) -> str:
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         data = tensor.detach().cpu().contiguous()
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        if data.numel():
+            digest.update(data.view(-1).view(torch.uint8).numpy())  # the buffer itself, not a bytes copy
     return digest.hexdigest()
 
 
@@ -72,23 +78,37 @@ class _Flat(nn.Module):
 
 class PackagedDenoiser(nn.Module):
     """``net`` (the module sampling calls) as AOTInductor packages, one per input signature,
-    in ``cache`` (default :func:`aot_cache_dir`)."""
+    in ``cache`` (default :func:`aot_cache_dir`).
 
-    def __init__(self, net: nn.Module, cache: str | os.PathLike | None = None) -> None:
+    ``compile_missing=False`` (``compile=auto``): packages already in the cache are loaded,
+    missing ones are not compiled (those inputs run ``net``). ``note``: a line printed to
+    stderr at the first call that finds no package (``auto``'s own choice and reason)."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        cache: str | os.PathLike | None = None,
+        *,
+        compile_missing: bool = True,
+        note: str | None = None,
+    ) -> None:
         super().__init__()
         self.net = net
         self.cache = Path(cache) if cache is not None else aot_cache_dir()
+        self.compile_missing, self.note = compile_missing, note
         floating = [p for p in net.parameters() if p.is_floating_point()]
         self.dtype = floating[0].dtype if floating else torch.float32
         self._digest: str | None = None
         self._runners: dict[tuple, Any] = {}
+        self._paths: dict[tuple, Path] = {}
+        self._loaded: dict[Path, Any] = {}  # package -> its loaded runner
         self.compiled = self.loaded = 0  # packages compiled / loaded from the cache by this instance
 
     def __getstate__(self) -> dict:
         # a loaded package is a C++ runner, neither copied nor pickled: a copy loads it again
         # from the cache at its first call
         state = super().__getstate__()
-        state["_runners"] = {}
+        state["_runners"], state["_loaded"] = {}, {}
         return state
 
     def key(self, signature: tuple) -> str:
@@ -110,7 +130,12 @@ class PackagedDenoiser(nn.Module):
         runner = self._runners.get(signature)
         if runner is None:
             runner = self._runners[signature] = self._package(signature, keys, args)
-        if runner is False:  # torch.export could not trace it: eager
+        if self.note is not None:  # auto's choice, once per sampling call: a package found, or its rule
+            found = runner is not False and not self.compile_missing
+            print(f"compile: aot (auto: a package for these inputs is in the cache: {self._paths[signature]})"
+                  if found else self.note, file=sys.stderr, flush=True)  # fmt: skip
+            self.note = None
+        if runner is False:  # no package (torch.export could not trace it, or auto found none): eager
             return self.net(z_t, t, cond)
         return runner(*args)
 
@@ -121,13 +146,29 @@ class PackagedDenoiser(nn.Module):
             quiet.setLevel(logging.ERROR)
         if any(a.device.type != "cpu" for a in args):
             raise AOTError("compile=aot runs on the CPU only (measured there); use compile=auto on CUDA")
-        path = self.cache / f"denoiser-{self.key(signature)}.pt2"
-        if not path.is_file():
-            shapes = ", ".join("x".join(map(str, shape)) for shape, _ in signature[1:])
+        if not self.compile_missing and not any(self.cache.glob("denoiser-*.pt2")):
+            return False  # nothing to load: no digest of the weights either
+        # one package serves every batch size: the first dimension of each input that shares
+        # z_t's batch is dynamic; a denoiser that export cannot trace so gets one per shape
+        batched = tuple(a.dim() > 0 and a.shape[0] == args[0].shape[0] for a in args)
+        any_batch = (keys, *(((("B", *a.shape[1:]) if b else tuple(a.shape)), str(a.dtype))
+                             for a, b in zip(args, batched, strict=True)))  # fmt: skip
+        dynamic = self.cache / f"denoiser-{self.key(any_batch)}.pt2"
+        static = self.cache / f"denoiser-{self.key(signature)}.pt2"
+        path = self._paths[signature] = next((p for p in (dynamic, static) if p.is_file()), None)
+        if path is None and not self.compile_missing:
+            return False
+        if path is None:
+            shapes = ", ".join("x".join(map(str, shape)) for shape, _ in any_batch[1:])
             print(f"compile=aot: compiling {type(self.net).__name__} ahead of time for inputs {shapes} (once: later "
-                  f"runs load {path})", file=sys.stderr, flush=True)  # fmt: skip
+                  f"runs load it from {self.cache})", file=sys.stderr, flush=True)  # fmt: skip
             try:
-                self._compile(path, keys, args)
+                try:
+                    path = self._compile(dynamic, keys, args, batched)
+                except Exception as err:
+                    if not any(batched) or isinstance(err, AOTError):
+                        raise
+                    path = self._compile(static, keys, args, None)  # the batch size as it is
             except Exception as err:  # export/compile of a denoiser it cannot trace: stay eager
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 warnings.warn(
@@ -136,27 +177,46 @@ class PackagedDenoiser(nn.Module):
                     stacklevel=4,
                 )
                 return False
+            self._paths[signature] = path
             self.compiled += 1
-        else:
+        elif path not in self._loaded:
             self.loaded += 1
-        return torch._inductor.aoti_load_package(str(path))
+        if path not in self._loaded:  # batch sizes that share a package share its loaded runner
+            self._loaded[path] = torch._inductor.aoti_load_package(str(path))
+        return self._loaded[path]
 
-    def _compile(self, path: Path, keys: tuple[str, ...], args: tuple[Tensor, ...]) -> None:
+    def _compile(
+        self, path: Path, keys: tuple[str, ...], args: tuple[Tensor, ...], batched: tuple[bool, ...] | None
+    ) -> Path:
+        """Export and compile into ``path`` (atomically); ``batched``: inputs whose first
+        dimension is the batch, made dynamic (None: every shape as it is)."""
         import torch._inductor.config as inductor_config
 
         flat = _Flat(self.net, keys, self.dtype).eval()
+        dynamic_shapes = None
+        if batched is not None:
+            # traced at batch 2 or more: export specialises a size of 1, which would pin it
+            size = max(2, args[0].shape[0])
+            args = tuple(a.expand(size, *a.shape[1:]) if b else a for a, b in zip(args, batched, strict=True))
+            batch = torch.export.Dim("batch", min=1)
+            specs = [{0: batch} if b else None for b in batched]
+            dynamic_shapes = (specs[0], specs[1], tuple(specs[2:]))
         # traced outside the caller's autocast and inference mode: the package is the same
         # whatever context compiled it (the casts autocast would make are _Flat's)
         with torch.inference_mode(False), torch.no_grad(), torch.autocast(args[0].device.type, enabled=False):
             example = tuple(a.clone() for a in args)  # not inference tensors
-            exported = torch.export.export(flat, example)
+            exported = torch.export.export(flat, example, dynamic_shapes=dynamic_shapes)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.pt2")  # aoti writes .pt2 names only
         freezing = inductor_config.freezing
         inductor_config.freezing = True  # the weights folded in: the CPU inference recipe
         try:
-            torch._inductor.aoti_compile_and_package(exported, package_path=str(partial))
+            # inductor freezes (folds the weights in, packs them for oneDNN, fuses) only with
+            # gradients off: compiled with them on, the forward ran 1.2x slower on the AMX host
+            with torch.no_grad():
+                torch._inductor.aoti_compile_and_package(exported, package_path=str(partial))
             os.replace(partial, path)  # whole or absent: a reader never loads half a package
         finally:
             inductor_config.freezing = freezing
             partial.unlink(missing_ok=True)
+        return path

@@ -26,7 +26,7 @@ from ldmkit.assembly import (
     pipeline_parts,
     returned_tensor,
 )
-from ldmkit.compiling import check_compile, compile_module, is_compiled
+from ldmkit.compiling import auto_compile, check_compile, compile_module, is_compiled
 from ldmkit.config import compose_config, load_saved_config
 from ldmkit.diffusion.guidance import ClassifierFreeGuidance
 from ldmkit.diffusion.sampling import GeneratorArg, randn_like, sample_generators, split_generator
@@ -224,19 +224,21 @@ class Pipeline(nn.Module):
             self.__dict__["_low_precision_denoiser"] = cached
         return cached[1]
 
-    def _packaged(self, denoiser: nn.Module) -> nn.Module:
+    def _packaged(self, denoiser: nn.Module, *, compile_missing: bool = True, note: str | None = None) -> nn.Module:
         """``compile=aot``: ``denoiser`` as ahead-of-time compiled packages
         (:class:`ldmkit.aot.PackagedDenoiser`), one wrapper per sampling module, kept while it
-        is the one sampling calls."""
+        is the one sampling calls. ``compile=auto`` on a CPU (``compile_missing=False``): only
+        packages already in the cache, ``note`` (auto's choice) printed where there is none."""
         from ldmkit.aot import PackagedDenoiser
 
         # the float32 denoiser is the same module when its weights change in place (the bf16
         # copy is made again): its weights' signature keys the wrapper too
         signature = _weights_signature(denoiser)
         cached = self.__dict__.get("_aot_denoiser")
-        if cached is None or cached[0] is not denoiser or cached[2] != signature:
-            cached = (denoiser, PackagedDenoiser(denoiser), signature)
+        if cached is None or cached[0] is not denoiser or cached[2] != signature or cached[3] != compile_missing:
+            cached = (denoiser, PackagedDenoiser(denoiser, compile_missing=compile_missing), signature, compile_missing)
             self.__dict__["_aot_denoiser"] = cached
+        cached[1].note = note  # this call's line (auto prints its choice once per call)
         return cached[1]
 
     def release_low_precision_copy(self) -> None:
@@ -364,9 +366,15 @@ class Pipeline(nn.Module):
         denoiser = self.sampling_denoiser(r.precision)
         steps = r.steps if r.steps is not None else getattr(self.sampler, "steps", None)
         calls = None if steps is None else int(steps) * math.ceil(n / bs)  # for compile=auto
-        compile_module(denoiser, r.compile, device=device, what="the denoiser", purpose="sample", work=calls)
-        if check_compile(r.compile) == "aot":
+        setting = check_compile(r.compile)
+        reuse = setting == "auto" and device.type == "cpu"  # auto runs an aot package already in the cache
+        compile_module(denoiser, r.compile, device=device, what="the denoiser", purpose="sample", work=calls,
+                       quiet=reuse)  # fmt: skip
+        if setting == "aot":
             denoiser = self._packaged(denoiser)
+        elif reuse:
+            mode, why = auto_compile(device, "sample", work=calls)
+            denoiser = self._packaged(denoiser, compile_missing=False, note=f"compile: {mode or 'off'} (auto: {why})")
         def on_device(values: Mapping[str, Any]) -> dict[str, Any]:
             return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in values.items()}
 

@@ -161,9 +161,10 @@ class SampleRequest:
         (in bf16/fp16: its low-precision weight copy) before sampling (:mod:`ldmkit.compiling`;
         it stays compiled for later calls); the first call includes the compile time.
         ``"auto"`` compiles where it was measured to pay back for this call's denoiser calls
-        on this kind of host (:data:`ldmkit.compiling.AUTO_RULES`). ``"aot"`` (CPU): compiled
-        ahead of time into a package kept on disk, loaded by later calls and processes
-        (:mod:`ldmkit.aot`).
+        on this kind of host (:data:`ldmkit.compiling.AUTO_RULES`); on a CPU it also runs an
+        ``"aot"`` package already in the cache for these inputs. ``"aot"`` (CPU): compiled
+        ahead of time into a package kept on disk (one per input shapes, any batch size),
+        loaded by later calls and processes (:mod:`ldmkit.aot`).
     :param callback: called after every step with the sampler's dict (``i``, ``t``, ``z``,
         ``x0``) plus ``chunk`` and ``num_chunks``.
     :param return_latents: return z_0 instead of the decoded images.
