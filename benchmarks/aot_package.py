@@ -1,5 +1,5 @@
 """An ahead-of-time compiled sampling denoiser (AOTInductor) against today's eager bf16 path:
-the measurement behind the next lever of issue 30 (not used by ldmkit yet).
+the measurement behind ``compile=aot`` (:mod:`ldmkit.aot`, issue 30).
 
 ``compile=auto`` compiles sampling only from 3,644 denoiser calls in one process, because the
 compile time (about 1 minute on 2 cores) is paid again in every process: an inductor cache
@@ -45,6 +45,7 @@ def main() -> None:
 
     from ldmkit import precision as _precision
     from ldmkit.aot import _Flat as FlatDenoiser  # positional tensors, as compile=aot exports it
+    from ldmkit.aot import load_package
 
     host = host_info()
     print(host_line(host), flush=True)
@@ -65,14 +66,15 @@ def main() -> None:
     export_s = time.perf_counter() - start
     import torch._inductor.config as inductor_config
 
-    inductor_config.freezing = True
+    inductor_config.freezing = True  # as ldmkit.aot compiles: frozen, which needs gradients off
     with tempfile.TemporaryDirectory() as folder:
         package = str(Path(folder) / "denoiser.pt2")
         start = time.perf_counter()
-        torch._inductor.aoti_compile_and_package(exported, package_path=package)
+        with torch.no_grad():
+            torch._inductor.aoti_compile_and_package(exported, package_path=package)
         compile_s = time.perf_counter() - start
         start = time.perf_counter()
-        loaded = torch._inductor.aoti_load_package(package)
+        loaded = load_package(package)  # ldmkit's loader: the weights in aligned memory
         load_s = time.perf_counter() - start
     print(f"export {export_s:.1f} s, AOTInductor compile {compile_s:.1f} s, load {load_s:.2f} s", flush=True)
 

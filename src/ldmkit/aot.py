@@ -27,9 +27,12 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import warnings
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +41,7 @@ from torch import Tensor, nn
 
 from ldmkit.errors import LdmkitError
 
-__all__ = ["AOTError", "PackagedDenoiser", "aot_cache_dir"]
+__all__ = ["AOTError", "PackagedDenoiser", "aot_cache_dir", "load_package"]
 
 
 class AOTError(LdmkitError, ValueError):
@@ -59,6 +62,55 @@ def _weights_digest(module: nn.Module) -> str:
         if data.numel():
             digest.update(data.view(-1).view(torch.uint8).numpy())  # the buffer itself, not a bytes copy
     return digest.hexdigest()
+
+
+def load_package(path: str | os.PathLike) -> Callable[..., Tensor]:
+    """A compiled package's forward (positional tensors in, the output tensor out), its weights
+    moved into 64-byte-aligned memory.
+
+    AOTInductor's CPU loader copies every weight, oneDNN's packed ones included, into one
+    ``std::malloc`` blob, which is 16-byte aligned only (a large one: page + 16), so the packed
+    weights mostly start mid cache line and oneDNN's AMX kernels ran about 2x slower on them
+    (benchmarks/RESULTS.md, "Matrix units"). Here the loaded constants are cloned (torch and
+    oneDNN allocate 64-byte aligned), handed back as the runner's own (``user_managed``), and the
+    malloc'd blob is freed. Where the runner API is missing (another torch), the plain loader."""
+    path = Path(path)
+    try:
+        return _aligned_runner(path)
+    except (AttributeError, RuntimeError, OSError, zipfile.BadZipFile, ValueError) as err:
+        logging.getLogger(__name__).info("compile=aot: %s loaded as it is (%s)", path, err)
+        return torch._inductor.aoti_load_package(str(path))
+
+
+def _aligned_runner(path: Path) -> Callable[..., Tensor]:
+    folder = Path(tempfile.mkdtemp(prefix="ldmkit-aot-"))
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [n for n in archive.namelist() if "/data/aotinductor/" in n]
+            archive.extractall(folder, members)
+        libraries = sorted(folder.rglob("*.so"))
+        wrappers = [f for f in libraries if f.name.endswith(".wrapper.so")] or libraries
+        if len(wrappers) != 1:
+            raise ValueError(f"expected one model library in {path}, found {len(wrappers)}")
+        runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(wrappers[0]), 1)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # the loaded library stays mapped
+    loaded = runner.extract_constants_map(False)
+    aligned = {
+        name: loaded[fqn if fqn in loaded else name].clone()
+        for name, fqn in runner.get_constant_names_to_original_fqns().items()
+    }
+    # the clones become the inactive buffer, then the active one; the malloc'd blob is freed
+    runner.update_constant_buffer(aligned, True, True, True)
+    runner.swap_constant_buffer()
+    runner.free_inactive_constant_buffer()
+    del loaded
+
+    def forward(*args: Tensor) -> Tensor:
+        return runner.run([a.contiguous() for a in args])[0]
+
+    forward.constants = aligned  # user-managed: the runner reads this memory, kept alive here
+    return forward
 
 
 class _Flat(nn.Module):
@@ -182,7 +234,7 @@ class PackagedDenoiser(nn.Module):
         elif path not in self._loaded:
             self.loaded += 1
         if path not in self._loaded:  # batch sizes that share a package share its loaded runner
-            self._loaded[path] = torch._inductor.aoti_load_package(str(path))
+            self._loaded[path] = load_package(path)
         return self._loaded[path]
 
     def _compile(
