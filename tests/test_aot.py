@@ -9,7 +9,13 @@ import torch
 
 import ldmkit
 from ldmkit.aot import PackagedDenoiser
-from ldmkit.compiling import CompileSettingError, compile_module
+from ldmkit.compiling import (
+    AUTO_RULES,
+    AutoCompileRule,
+    CompileSettingError,
+    compile_module,
+    host_kind,
+)
 from ldmkit.pipeline import Pipeline
 
 pytest.importorskip("torch._inductor")
@@ -33,9 +39,16 @@ def test_a_package_is_compiled_once_then_loaded_by_later_pipelines(tmp_path, mon
     pipe = _pipe()
     fp32 = pipe.sample(BATCH, seed=0, precision="fp32")
     eager = pipe.sample(BATCH, seed=0, precision="bf16")
-    packaged = pipe.sample(BATCH, seed=0, precision="bf16", compile="aot")
+    capfd.readouterr()
+    with monkeypatch.context() as patch:  # a rule that packages from 1 call: compile=auto makes the package
+        patch.setitem(AUTO_RULES, (host_kind("cpu"), "sample"), AutoCompileRule("aot", 1, "a test's rule"))
+        packaged = pipe.sample(BATCH, seed=0, precision="bf16", compile="auto")
+    err = capfd.readouterr().err
+    assert err.index("compile: aot (auto: a test's rule)") < err.index("compile=aot: compiling UNetModel")
     wrapper = pipe.__dict__["_aot_denoiser"][1]
     assert isinstance(wrapper, PackagedDenoiser) and (wrapper.compiled, wrapper.loaded) == (1, 0)
+    assert torch.equal(pipe.sample(BATCH, seed=0, precision="bf16", compile="aot"), packaged)
+    assert pipe.__dict__["_aot_denoiser"][1] is wrapper  # compile=aot: the same wrapper, nothing compiled
     # the compiled bf16 network: as close to float32 as the eager bf16 one (measured 0.0102 vs 0.0094)
     bf16_error = float((eager - fp32).abs().max())
     assert float((packaged - fp32).abs().max()) < 2 * bf16_error

@@ -154,6 +154,7 @@ class PackagedDenoiser(nn.Module):
         self._runners: dict[tuple, Any] = {}
         self._paths: dict[tuple, Path] = {}
         self._loaded: dict[Path, Any] = {}  # package -> its loaded runner
+        self._from_cache: set[tuple] = set()  # signatures whose package was in the cache already
         self.compiled = self.loaded = 0  # packages compiled / loaded from the cache by this instance
 
     def __getstate__(self) -> dict:
@@ -183,7 +184,7 @@ class PackagedDenoiser(nn.Module):
         if runner is None:
             runner = self._runners[signature] = self._package(signature, keys, args)
         if self.note is not None:  # auto's choice, once per sampling call: a package found, or its rule
-            found = runner is not False and not self.compile_missing
+            found = runner is not False and signature in self._from_cache
             print(f"compile: aot (auto: a package for these inputs is in the cache: {self._paths[signature]})"
                   if found else self.note, file=sys.stderr, flush=True)  # fmt: skip
             self.note = None
@@ -210,7 +211,12 @@ class PackagedDenoiser(nn.Module):
         path = self._paths[signature] = next((p for p in (dynamic, static) if p.is_file()), None)
         if path is None and not self.compile_missing:
             return False
+        if path is not None:
+            self._from_cache.add(signature)
         if path is None:
+            if self.note is not None:  # auto chose to compile: its line first
+                print(self.note, file=sys.stderr, flush=True)
+                self.note = None
             shapes = ", ".join("x".join(map(str, shape)) for shape, _ in any_batch[1:])
             print(f"compile=aot: compiling {type(self.net).__name__} ahead of time for inputs {shapes} (once: later "
                   f"runs load it from {self.cache})", file=sys.stderr, flush=True)  # fmt: skip

@@ -228,7 +228,8 @@ class Pipeline(nn.Module):
         """``compile=aot``: ``denoiser`` as ahead-of-time compiled packages
         (:class:`ldmkit.aot.PackagedDenoiser`), one wrapper per sampling module, kept while it
         is the one sampling calls. ``compile=auto`` on a CPU (``compile_missing=False``): only
-        packages already in the cache, ``note`` (auto's choice) printed where there is none."""
+        packages already in the cache; ``note``: auto's choice, printed at the first denoiser
+        call unless that call runs a package found in the cache."""
         from ldmkit.aot import PackagedDenoiser
 
         # the float32 denoiser is the same module when its weights change in place (the bf16
@@ -367,14 +368,18 @@ class Pipeline(nn.Module):
         steps = r.steps if r.steps is not None else getattr(self.sampler, "steps", None)
         calls = None if steps is None else int(steps) * math.ceil(n / bs)  # for compile=auto
         setting = check_compile(r.compile)
-        reuse = setting == "auto" and device.type == "cpu"  # auto runs an aot package already in the cache
-        compile_module(denoiser, r.compile, device=device, what="the denoiser", purpose="sample", work=calls,
-                       quiet=reuse)  # fmt: skip
-        if setting == "aot":
-            denoiser = self._packaged(denoiser)
-        elif reuse:
+        if setting == "auto" and device.type == "cpu":
+            # auto on a CPU: an aot package already in the cache runs whatever the rule says;
+            # the rule decides the rest (an aot package, torch.compile in place, or eager)
             mode, why = auto_compile(device, "sample", work=calls)
-            denoiser = self._packaged(denoiser, compile_missing=False, note=f"compile: {mode or 'off'} (auto: {why})")
+            if mode not in (None, "aot"):
+                compile_module(denoiser, mode, device=device, what="the denoiser", purpose="sample", work=calls)
+            note = f"compile: {mode or 'off'} (auto: {why})"
+            denoiser = self._packaged(denoiser, compile_missing=mode == "aot", note=note)
+        else:
+            compile_module(denoiser, r.compile, device=device, what="the denoiser", purpose="sample", work=calls)
+            if setting == "aot":
+                denoiser = self._packaged(denoiser)
         def on_device(values: Mapping[str, Any]) -> dict[str, Any]:
             return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in values.items()}
 
