@@ -4,7 +4,8 @@ the measurement behind ``ldmkit.aot.load_package`` (issue 30).
 AOTInductor's CPU loader copies every constant of a package, oneDNN's packed convolution
 weights included, into one ``std::malloc`` blob (``aoti_runtime/model_base.h``), which is only
 16-byte aligned. ``load_package`` clones them into 64-byte-aligned memory instead. This script
-compiles a stack of bf16 3x3 convolutions (frozen, as ``compile=aot`` does) and prints:
+compiles a stack of bf16 3x3 convolutions (``--dtype fp32``: float32), frozen as
+``compile=aot`` does, and prints:
 
 * each constant's address mod 64 as the plain loader leaves it (read back through the runner),
   and after ``load_package``;
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=30)
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -57,8 +59,9 @@ def main() -> None:
     print(host_line(host), flush=True)
     torch.manual_seed(0)
     c = args.channels
-    model = nn.Sequential(*[nn.Conv2d(c, c, 3, padding=1) for _ in range(args.layers)]).to(torch.bfloat16).eval()
-    x = torch.randn(16, c, 8, 8).to(torch.bfloat16)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    model = nn.Sequential(*[nn.Conv2d(c, c, 3, padding=1) for _ in range(args.layers)]).to(dtype).eval()
+    x = torch.randn(16, c, 8, 8).to(dtype)
     inductor_config.freezing = True
     with tempfile.TemporaryDirectory() as folder:
         package = Path(folder) / "convs.pt2"
@@ -96,7 +99,7 @@ def main() -> None:
             times[name].append(timed(fn))
     ms = {k: round(1e3 * statistics.median(v), 3) for k, v in times.items()}
     result = {
-        "host": host, "model": f"{args.layers} x conv{c} 3x3 bf16, batch 16, 8x8",
+        "host": host, "model": f"{args.layers} x conv{c} 3x3 {args.dtype}, batch 16, 8x8",
         "address_mod_64": {"plain_load": placed, "load_package": aligned_placed},
         "same_bits": same_bits, "forward_ms": ms,
         "speedup_load_package_vs_plain": round(ms["plain_load"] / ms["load_package"], 2),
