@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from host import host_info, host_line
+    from host import host_info, host_line, interleave
     from sampling_diffusers import CASES, build_pair
 
     from ldmkit import precision as _precision
@@ -90,20 +89,16 @@ def main() -> None:
         errors = {"eager_packed": float((packed(z, t, context) - reference).abs().max()),
                   "aot_package": float((loaded(z, t, context) - reference).abs().max())}  # fmt: skip
 
-    def timed(fn) -> float:
-        start = time.process_time()
-        with torch.inference_mode():
-            for _ in range(5):
-                fn(z, t, context)
-        return (time.process_time() - start) / 5
+    def calls(fn):  # one timed unit: 5 forwards
+        def run() -> None:
+            with torch.inference_mode():
+                for _ in range(5):
+                    fn(z, t, context)
 
-    times: dict[str, list[float]] = {"eager_packed": [], "aot_package": []}
-    for fn in (packed, loaded):
-        timed(fn)
-    for _ in range(args.rounds):
-        times["eager_packed"].append(timed(packed))
-        times["aot_package"].append(timed(loaded))
-    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        return run
+
+    timed = interleave({"eager_packed": calls(packed), "aot_package": calls(loaded)}, args.rounds, "eager_packed")
+    ms = {k: 1e3 * v["median_s"] / 5 for k, v in timed.items()}
     speedup = ms["eager_packed"] / ms["aot_package"]
     saved_s = (ms["eager_packed"] - ms["aot_package"]) / 1e3
     result = {

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
@@ -51,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     import torch._inductor.config as inductor_config
-    from host import host_info, host_line
+    from host import host_info, host_line, interleave
 
     from ldmkit.aot import load_package
 
@@ -84,20 +82,16 @@ def main() -> None:
     with torch.inference_mode():
         same_bits = torch.equal(plain(x), aligned(x))
 
-    def timed(fn) -> float:
-        start = time.process_time()
-        with torch.inference_mode():
-            for _ in range(args.calls):
-                fn(x)
-        return (time.process_time() - start) / args.calls
+    def calls(fn):  # one timed unit: --calls forwards
+        def run() -> None:
+            with torch.inference_mode():
+                for _ in range(args.calls):
+                    fn(x)
 
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        timed(fn)
-    for _ in range(args.rounds):
-        for name, fn in fns.items():
-            times[name].append(timed(fn))
-    ms = {k: round(1e3 * statistics.median(v), 3) for k, v in times.items()}
+        return run
+
+    timed = interleave({name: calls(fn) for name, fn in fns.items()}, args.rounds, "plain_load")
+    ms = {k: round(1e3 * v["median_s"] / args.calls, 3) for k, v in timed.items()}
     result = {
         "host": host, "model": f"{args.layers} x conv{c} 3x3 {args.dtype}, batch 16, 8x8",
         "address_mod_64": {"plain_load": placed, "load_package": aligned_placed},

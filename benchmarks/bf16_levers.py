@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -66,25 +65,6 @@ def profile_table(fn, rows: int = 12, calls: int = 2) -> list[dict[str, Any]]:
     ]
 
 
-def interleave(variants: dict[str, Any], rounds: int, baseline: str) -> dict[str, Any]:
-    for fn in variants.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for r in range(rounds):
-        names = list(variants) if r % 2 == 0 else list(reversed(variants))
-        for name in names:
-            start = time.process_time()
-            variants[name]()
-            times[name].append(time.process_time() - start)
-    out = {}
-    for name, values in times.items():
-        ratios = [b / v for b, v in zip(times[baseline], values, strict=True)]
-        out[name] = {"median_s": round(statistics.median(values), 4),
-                     f"speedup_vs_{baseline}": round(statistics.median(ratios), 3),
-                     "range": [round(min(ratios), 3), round(max(ratios), 3)]}
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -92,7 +72,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from host import host_info, host_line
+    from host import host_info, host_line, interleave
     from sampling_diffusers import CASES, build_pair
     from unet_train_step import autocast_train_step, make_batch, make_models
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import time
 from typing import Any
 
@@ -45,6 +46,28 @@ def gemm_peak(dtype: torch.dtype, n: int = 1024, reps: int = 10, tries: int = 3)
             a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 * reps / best
+
+
+def interleave(variants: dict[str, Any], rounds: int, baseline: str) -> dict[str, Any]:
+    """Each variant (a callable) once to warm up, then ``rounds`` rounds of all of them, the order
+    reversed every other round; per variant the median CPU seconds of a call and the median,
+    min and max of the per-round ratios ``baseline / variant``."""
+    for fn in variants.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(rounds):
+        names = list(variants) if r % 2 == 0 else list(reversed(variants))
+        for name in names:
+            start = time.process_time()
+            variants[name]()
+            times[name].append(time.process_time() - start)
+    out = {}
+    for name, values in times.items():
+        ratios = [b / v for b, v in zip(times[baseline], values, strict=True)]
+        out[name] = {"median_s": round(statistics.median(values), 4),
+                     f"speedup_vs_{baseline}": round(statistics.median(ratios), 3),
+                     "range": [round(min(ratios), 3), round(max(ratios), 3)]}
+    return out
 
 
 def host_info(peaks: bool = True) -> dict[str, Any]:
