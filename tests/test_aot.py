@@ -155,39 +155,46 @@ class _Convs(torch.nn.Module):
         return self.b(torch.nn.functional.silu(self.a(z_t))) + t.float().view(-1, 1, 1, 1)
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="freezing packs convolutions for oneDNN only")
-def test_a_package_is_frozen_even_when_compiled_with_gradients_on(tmp_path):
+MKLDNN = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="freezing packs convolutions for oneDNN only")
+
+
+@pytest.fixture(scope="module")
+def convs_package(tmp_path_factory):
+    """(module, z, t, out, package): ``_Convs`` compiled once by a caller with gradients on (the
+    case the freezing fix is about), its output from the wrapper, and the package file."""
+    cache = tmp_path_factory.mktemp("convs")
+    torch.manual_seed(0)
+    net = _Convs().eval()
+    z, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 5])
+    assert torch.is_grad_enabled()
+    out = PackagedDenoiser(net, cache=cache)(z, t, {})
+    (package,) = cache.glob("*.pt2")
+    return net, z, t, out, package
+
+
+@MKLDNN
+def test_a_package_is_frozen_even_when_compiled_with_gradients_on(convs_package):
     """Inductor freezes (weights folded in and packed for oneDNN) only with gradients off; a
     package compiled from a caller with them on must be the same frozen one (before the fix it
     called aten's plain convolution: 1.2x slower on the AMX host), and give the module's output."""
     import zipfile
 
-    torch.manual_seed(0)
-    net = _Convs().eval()
-    wrapper = PackagedDenoiser(net, cache=tmp_path)
-    z, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 5])
-    assert torch.is_grad_enabled()
-    out = wrapper(z, t, {})
+    net, z, t, out, package = convs_package
     with torch.no_grad():
         assert torch.allclose(out, net(z, t, {}), atol=1e-5)
-    (package,) = tmp_path.glob("*.pt2")
     with zipfile.ZipFile(package) as archive:
         source = "".join(archive.read(n).decode() for n in archive.namelist() if n.endswith("wrapper.cpp"))
     assert "mkldnn__convolution_pointwise" in source and "aoti_torch_cpu_convolution(" not in source
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="freezing packs convolutions for oneDNN only")
-def test_load_package_moves_the_weights_into_aligned_memory(tmp_path):
+@MKLDNN
+def test_load_package_moves_the_weights_into_aligned_memory(convs_package):
     """AOTInductor's CPU loader copies the weights into one malloc'd blob (16-byte aligned), where
     oneDNN's AMX kernels ran about 2x slower; ``load_package`` runs the package on 64-byte-aligned
     clones of them (the packed oneDNN weights included) with the same output bits."""
     from ldmkit.aot import load_package
 
-    torch.manual_seed(0)
-    net = _Convs().eval()
-    z, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 5])
-    PackagedDenoiser(net, cache=tmp_path)(z, t, {})
-    (package,) = tmp_path.glob("*.pt2")
+    _, z, t, _, package = convs_package
     plain, aligned = torch._inductor.aoti_load_package(str(package)), load_package(package)
     with torch.inference_mode():
         assert torch.equal(aligned(z, t), plain(z, t))
