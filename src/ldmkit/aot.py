@@ -209,11 +209,13 @@ class PackagedDenoiser(nn.Module):
         dynamic = self.cache / f"denoiser-{self.key(any_batch)}.pt2"
         static = self.cache / f"denoiser-{self.key(signature)}.pt2"
         path = self._paths[signature] = next((p for p in (dynamic, static) if p.is_file()), None)
-        if path is None and not self.compile_missing:
-            return False
         if path is not None:
             self._from_cache.add(signature)
-        if path is None:
+            if path not in self._loaded:
+                self.loaded += 1
+        elif not self.compile_missing:
+            return False
+        else:
             if self.note is not None:  # auto chose to compile: its line first
                 print(self.note, file=sys.stderr, flush=True)
                 self.note = None
@@ -237,8 +239,6 @@ class PackagedDenoiser(nn.Module):
                 return False
             self._paths[signature] = path
             self.compiled += 1
-        elif path not in self._loaded:
-            self.loaded += 1
         if path not in self._loaded:  # batch sizes that share a package share its loaded runner
             self._loaded[path] = load_package(path)
         return self._loaded[path]
