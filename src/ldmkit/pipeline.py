@@ -504,7 +504,7 @@ class Pipeline(nn.Module):
         midway leaves a folder that :meth:`load` refuses, naming the interrupted save, never
         one save's weights beside another's config.
         """
-        from safetensors.torch import save_file, save_model
+        from safetensors.torch import save_file
 
         if lora.has_adapters(self):
             raise ConfigError(
@@ -532,7 +532,9 @@ class Pipeline(nn.Module):
         elif state is not None:
             atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(_without_shared(state), str(p)))
         else:
-            atomic_write(directory / WEIGHTS_FILE, lambda p: save_model(self, str(p)))
+            # not safetensors' save_model: it refuses parameters that are views of a larger buffer
+            # (the bf16 working weights' flat masters, ldmkit.training.working_weights)
+            atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(_without_shared(self.state_dict()), str(p)))
             manifest.unlink(missing_ok=True)
         # the files components read when built travel with it (ldmkit.pipeline_files)
         config = pipeline_files.bundle(self, self.config, directory, embed_frozen=embed_frozen)
@@ -703,8 +705,9 @@ def _not_a_pipeline_folder(directory: Path) -> str:
 
 
 def _without_shared(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``state`` with each storage once (tied weights under their first name), contiguous,
-    as ``safetensors.torch.save_model`` writes a module; :func:`_not_tied` restores them."""
+    """``state`` with each tensor once (tied weights under their first name), contiguous, as
+    ``safetensors.torch.save_model`` writes a module (which also refuses views of a larger
+    buffer, this does not); :func:`_not_tied` restores them."""
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
     out = {}
     for name, tensor in state.items():

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ldmkit import lora
 from ldmkit.assembly import checked_condition, returned_tensor
-from ldmkit.compiling import compile_module
+from ldmkit.compiling import compile_module, is_compiled
 from ldmkit.diffusion.objective import DiffusionObjective, scale_factor_from_latents
 from ldmkit.ema import EMA
 from ldmkit.interfaces import Conditioner
@@ -51,6 +51,11 @@ from ldmkit.training.rng import (
     preserved_rng,
     sample_generators,
     stream_seed,
+)
+from ldmkit.training.working_weights import (
+    WorkingWeights,
+    check_kernel,
+    unsupported_reason,
 )
 
 # the stage-2 keys and their defaults: conf/trainer/ldm.yaml (ldmkit.training.defaults)
@@ -172,6 +177,7 @@ class LDMTrainer(Trainer):
         # stream per rank
         self.condition_generator = generator(stream_seed(self.seed, "conditions", self.rank))
         self.cache = None  # trainer.latent_cache: loaded or built in before_training()
+        self.working: WorkingWeights | None = None  # trainer.bf16_weights: set up in before_training()
 
     def _build_objective(self) -> DiffusionObjective:
         """``trainer.objective``: a bad value or an unknown key is one line naming it."""
@@ -350,6 +356,34 @@ class LDMTrainer(Trainer):
             self.cache = self._load_cache()
         if self.scale_by_std and self.step == 0:  # a resumed run restored it from its checkpoint
             self.estimate_scale_factor()
+        self.working = self._working_weights()  # after the resume loaded the optimizer's state
+
+    def _working_weights(self) -> WorkingWeights | None:
+        """``trainer.bf16_weights`` (:mod:`ldmkit.training.working_weights`): ``auto`` keeps the
+        trained matrix layers' weights as a bf16 copy written by one fused AdamW step wherever
+        that serves (bf16 on a CPU, one process, no ``trainer.compile``); ``true`` also on CUDA,
+        and an error where it cannot serve; ``false`` never."""
+        wanted = self.opts["bf16_weights"]
+        if wanted is False or self.precision != "bf16":
+            return None
+        if self.world_size > 1:
+            reason = "more than one process (DDP and FSDP reduce the parameters' own gradients)"
+        elif wanted == "auto" and self.device.type != "cpu":
+            reason = "measured on CPUs only; set trainer.bf16_weights=true to use it on CUDA"
+        elif is_compiled(self.pipeline.denoiser):
+            reason = "trainer.compile is on"
+        else:
+            reason = unsupported_reason(self.step_module, self.optimizer) or check_kernel(self.device)
+        if reason is not None:
+            if wanted is True:
+                raise TrainingError(f"trainer.bf16_weights=true, but the bf16 working weights cannot serve this run: {reason}")
+            if self.is_main and self.options["progress"]:
+                print(f"ldmkit train {self.stage}: bf16 working weights off ({reason})", file=sys.stderr)
+            return None
+        working = WorkingWeights(self.step_module, self.optimizer)
+        if self.is_main and self.options["progress"]:
+            print(f"ldmkit train {self.stage}: {working.describe()}", file=sys.stderr)
+        return working
 
     @torch.no_grad()
     def estimate_scale_factor(self) -> float:
@@ -413,21 +447,40 @@ class LDMTrainer(Trainer):
             t, noise = self.step_module.objective.draw(
                 z0.shape, z0.dtype, self.device, sample_generators(self.seed, "diffusion", step, first, sizes[index])
             )
+            # on the bf16 working weights where they serve (trainer.bf16_weights)
+            model = self.model if self.working is None else self.working.forward
             with self.autocast():  # the loss is computed on float32 outputs (DiffusionObjective)
-                loss, logs = self.model(z0, batches[index], t=t, noise=noise,
-                                        condition_generator=self.condition_generator)
+                loss, logs = model(z0, batches[index], t=t, noise=noise,
+                                   condition_generator=self.condition_generator)
             self.check_finite("the diffusion loss", loss, logs)
             self.backward(loss * weight)
+            if self.working is not None:
+                self.working.gather()
             all_logs.append(logs)
             weights.append(weight)
         logs = average_logs(all_logs, weights)
-        norm = self.optimizer_step(self.optimizer, self.optimizer.param_groups[0]["params"])
+        if self.working is None:
+            norm = self.optimizer_step(self.optimizer, self.optimizer.param_groups[0]["params"])
+        else:
+            norm = self._working_step()
         if norm is not None:
             logs["grad_norm"] = fsdp.replicated(norm)
         if self.ema is not None:
             self.ema.update(self.trainable)
         logs["lr"] = torch.tensor(lr)
         return logs
+
+    def _working_step(self) -> Tensor | None:
+        """:meth:`optimizer_step` with the bf16 working weights: ``trainer.grad_clip`` as
+        ``clip_grad_norm_`` computes it on autocast's float32 gradients (same norm, same factor),
+        the fused step of the working weights, then AdamW's own step of the other parameters."""
+        norm, factor = None, 1.0
+        if self.options.get("grad_clip"):
+            norm, factor = self.working.clip(self.optimizer.param_groups[0]["params"], float(self.options["grad_clip"]))
+        self.working.step(factor)
+        self.optimizer.step()  # the parameters with a .grad: those off the working weights
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
 
     # -- evaluation and images ------------------------------------------------------------
     def _sampling_weights(self):

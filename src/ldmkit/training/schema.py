@@ -79,6 +79,7 @@ TRAINER_KEYS: dict[str, Spec] = {
     "weight_decay": Number(0),
     "warmup_steps": Integer(0),
     "latent_cache": Boolean(),
+    "bf16_weights": Either(Boolean(), Choice("auto")),
     "sample_steps": Integer(1),
     "sample_count": Integer(1),
     "guidance_scale": Number(0),
