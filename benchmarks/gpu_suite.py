@@ -13,7 +13,9 @@ start later is skipped and listed, so one command ends inside a 10-minute device
 2. the measured bf16 matrix-product peak (8192^3), the yardstick for MFU;
 3. UNet train step, ldmkit vs diffusers ``UNet2DConditionModel`` with the same weights,
    interleaved: each default (ldmkit ``precision=auto`` = bf16 autocast, diffusers float32),
-   bf16 vs bf16 (both autocast) and fp32 vs fp32; time per step, peak memory, MFU;
+   bf16 vs bf16 (both autocast) and fp32 vs fp32; time per step, peak memory, MFU; in the
+   bf16 modes also ldmkit's step on its bf16 working weights (``trainer.bf16_weights=true``,
+   which ``auto`` leaves off on CUDA until this measures it);
 4. end-to-end sampling (conditioner + 50 DDIM steps with guidance 3 + decode), ldmkit vs
    diffusers (``benchmarks/sampling_diffusers.py`` on ``--device cuda``), the same three modes;
 5. the paper-size UNet (SD-v1 / LDM-KL-8 text-to-image shape: 320 channels, [1, 2, 4, 4],
@@ -33,6 +35,7 @@ xformers are optional: a missing one skips its part with the reason in the JSON.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -182,16 +185,28 @@ def step_flops(model, forward, x, t, cond, target) -> float:
     return float(counter.get_total_flops())
 
 
-def make_train_step(model, forward, x, t, cond, target, autocast_dtype):
+def make_train_step(model, forward, x, t, cond, target, autocast_dtype, *, working_weights=False, device="cuda"):
+    """One train step's closure: fused AdamW, the forward under autocast to ``autocast_dtype``
+    (None: float32). ``working_weights``: on ldmkit's bf16 working weights, as
+    ``trainer.bf16_weights=true`` trains (``ldmkit.training.working_weights``; it makes
+    ``model``'s trained weights views of one flat buffer: give it a model of its own)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    weights = None
+    if working_weights:
+        from ldmkit.training.working_weights import WorkingWeights
+
+        weights = WorkingWeights(model, optimizer)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(
-            "cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+            device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
         ):
-            out = forward(model, x, t, cond)
+            out = forward(model, x, t, cond) if weights is None else weights.forward(x, t, cond)
         F.mse_loss(out.float(), target).backward()
+        if weights is not None:
+            weights.gather()
+            weights.step()
         optimizer.step()
 
     return step
@@ -265,6 +280,10 @@ def train_step_race(
                 reference, diffusers_forward, x, t, cond, target, their_dtype
             ),
         }
+        if resolved == "bf16":  # trainer.bf16_weights=true (auto keeps it to CPUs until measured here)
+            steps["ldmkit_bf16_weights"] = make_train_step(
+                copy.deepcopy(ours), None, x, t, cond, target, torch.bfloat16, working_weights=True
+            )
         for step in steps.values():
             for _ in range(3):
                 step()
@@ -286,6 +305,13 @@ def train_step_race(
             "peak_memory_gib": memory,
             "ldmkit_mfu": flops / med["ldmkit"] / 1e12 / peak[peak_key],
         }
+        if "ldmkit_bf16_weights" in med:
+            gain = [a / w for a, w in zip(times["ldmkit"], times["ldmkit_bf16_weights"], strict=True)]
+            entry["modes"][mode].update({
+                "ldmkit_bf16_weights_ms": med["ldmkit_bf16_weights"] * 1e3,
+                "bf16_weights_speedup_over_autocast": statistics.median(gain),
+                "bf16_weights_peak_memory_gib": memory["ldmkit_bf16_weights"],
+            })
         del steps
         torch.cuda.empty_cache()
         print(
@@ -484,6 +510,11 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {m['speedup_median_of_pairs']:.2f}x ({m['speedup_range'][0]:.2f}-{m['speedup_range'][1]:.2f}) "
                 f"| {m['peak_memory_gib']['ldmkit']:.2f} / {m['peak_memory_gib']['diffusers']:.2f} | {m['ldmkit_mfu']:.1%} |"
             )
+        worked = {mode: m for mode, m in race["modes"].items() if "bf16_weights_speedup_over_autocast" in m}
+        if worked:
+            lines += ["", "ldmkit's bf16 working weights (`trainer.bf16_weights=true`) against its autocast step:", ""]
+            lines += [f"- {mode}: {m['ldmkit_bf16_weights_ms']:.1f} ms, {m['bf16_weights_speedup_over_autocast']:.2f}x, "
+                      f"peak {m['bf16_weights_peak_memory_gib']:.2f} GiB" for mode, m in worked.items()]
         lines.append("")
     sampling = results.get("sampling", {})
     if sampling and "skipped" not in sampling:

@@ -142,18 +142,32 @@ def make_batch(size: str, seed: int = 1, batch: int | None = None):
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def autocast_train_step(model, forward, x, t, cond, target, precision: str = "fp32", fused: bool = True):
+def autocast_train_step(model, forward, x, t, cond, target, precision: str = "fp32", fused: bool = True,
+                        working_weights: bool = False):
     """The trainers' step on one model: AdamW, the forward under ``precision``'s autocast, the
-    float32 MSE (as in DiffusionObjective), backward, step."""
+    float32 MSE (as in DiffusionObjective), backward, step. ``working_weights``: as ldmkit's
+    LDM trainer does under bf16 (``trainer.bf16_weights``), the convolution and linear layers
+    run on a bf16 copy that one fused AdamW step writes (``ldmkit.training.working_weights``)."""
     from ldmkit import precision as _precision
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if fused else {}))
+    weights = None
+    if working_weights:
+        from ldmkit.training.working_weights import WorkingWeights
+
+        weights = WorkingWeights(model, optimizer)
+        forward_on = lambda m, *a: weights.forward(*a)  # noqa: E731 - the same signature as forward
+    else:
+        forward_on = forward
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         with _precision.autocast(precision, "cpu"):
-            out = forward(model, x, t, cond)
+            out = forward_on(model, x, t, cond)
         F.mse_loss(out.float(), target).backward()
+        if weights is not None:
+            weights.gather()
+            weights.step()
         optimizer.step()
 
     return step
@@ -209,6 +223,13 @@ def main(argv: list[str] | None = None) -> None:
         help="ldmkit's GroupNorm on bf16 activations: native = PyTorch's CPU kernel on them "
         "(float32 statistics inside; the default since issue 30), roundtrip = cast to float32 and back (before)",
     )
+    parser.add_argument(
+        "--bf16-weights",
+        choices=["auto", "off"],
+        default="auto",
+        help="ldmkit's step under bf16: auto = as its LDM trainer runs it on a CPU (trainer.bf16_weights=auto: "
+        "the bf16 working weights and their fused AdamW step), off = autocast's per-step casts (before)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -235,9 +256,13 @@ def main(argv: list[str] | None = None) -> None:
     theirs_precision = "bf16" if args.mode == "bf16" else "fp32"
     print(f"mode {args.mode}: ldmkit {ours_precision}, diffusers {theirs_precision}")
 
+    working = ours_precision == "bf16" and args.bf16_weights == "auto"
+    print(f"ldmkit bf16 working weights: {'on' if working else 'off'}")
+
     def train_step(model, forward, precision="fp32", ours=False):
         use_fused = args.optimizer == "adamw-fused" or (args.optimizer == "defaults" and ours)
-        return autocast_train_step(model, forward, x, t, cond, target, precision, fused=use_fused)
+        return autocast_train_step(model, forward, x, t, cond, target, precision, fused=use_fused,
+                                   working_weights=ours and working)
 
     ours.train()
     reference.train()

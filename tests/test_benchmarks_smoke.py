@@ -57,8 +57,53 @@ def test_gpu_suite_report_renders_the_graphs_and_budget_sections(benchmarks_on_p
                    "fmnist_ldm_kl_f4/bf16/ldmkit-graphs-vs-diffusers-graphs": {"skipped": "RuntimeError: no"}},
         "budget_skipped": ["paper", "fsdp"],
         "seconds": 530.0,
+        "train_step": {"small": {"params_m": 24.2, "batch": [8, 4, 32, 32], "modes": {"bf16": {
+            "ldmkit_precision": "bf16", "diffusers": "bfloat16", "ldmkit_ms": 20.0, "diffusers_ms": 24.0,
+            "speedup_median_of_pairs": 1.2, "speedup_range": [1.1, 1.3], "peak_memory_gib": {"ldmkit": 1.0, "diffusers": 1.1},
+            "ldmkit_mfu": 0.3, "ldmkit_bf16_weights_ms": 18.0, "bf16_weights_speedup_over_autocast": 1.11,
+            "bf16_weights_peak_memory_gib": 1.05}}}},
     }
     text = suite.markdown(results)
+    assert "- bf16: 18.0 ms, 1.11x, peak 1.05 GiB" in text
     assert "| fmnist_ldm_kl_f4/default/ldmkit-graphs-vs-diffusers-eager | 0.500 | 0.800 | 1.60x | 30 / 0 |" in text
     assert "skipped: RuntimeError: no" in text
     assert "Skipped for the time budget: paper, fsdp." in text and "Suite time: 530.0 s." in text
+
+
+def test_gpu_suite_train_step_on_working_weights_runs_and_trains(benchmarks_on_path):
+    """The suite's bf16-weights train step (run on CUDA there), exercised on the CPU: it
+    steps, and its weights follow the autocast step's."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    suite = importlib.import_module("gpu_suite")
+
+    class Net(nn.Module):  # the UNet's call signature: (x, t, cond)
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.SiLU(),
+                                      nn.Conv2d(8, 3, 3, padding=1))
+
+        def forward(self, x, t, cond):
+            return self.body(x)
+
+    torch.manual_seed(0)
+    plain = Net()
+    working = copy.deepcopy(plain)
+    x, target = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+
+    def forward(m, x, t, cond):
+        return m(x, t, cond)
+
+    steps = [suite.make_train_step(plain, forward, x, None, None, target, torch.bfloat16, device="cpu"),
+             suite.make_train_step(working, None, x, None, None, target, torch.bfloat16, working_weights=True,
+                                   device="cpu")]
+    before = [p.clone() for p in working.parameters()]
+    for _ in range(2):
+        for step in steps:
+            step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, working.parameters(), strict=True))
+    for a, b in zip(plain.parameters(), working.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
