@@ -125,6 +125,35 @@ def test_training_on_the_working_weights_follows_autocast():
         torch.testing.assert_close(got["exp_avg_sq"], want["exp_avg_sq"], rtol=1e-5, atol=1e-12)
 
 
+def test_frozen_layers_run_on_a_copy_made_once_and_made_again_when_written():
+    """A LoRA's base or a frozen encoder: no gradient, no optimizer state, a bf16 copy that
+    autocast would have made at every step; an in-place write or a replaced tensor refreshes it."""
+    ref, _, ours, _ = _pair()
+    for net in (ref, ours):
+        net.inp.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=LR, fused=True)
+    weights = WorkingWeights(ours, opt)
+    assert weights.frozen_names == ["inp.bias", "inp.weight"] and "inp.weight" not in weights.names
+    assert "2 frozen ones" in weights.describe()
+    x, label, _ = _batch(0)
+
+    def same_output():
+        with precision.autocast("bf16", "cpu"):
+            return torch.equal(weights.forward(x, label), ref(x, label))
+
+    assert same_output()
+    with torch.no_grad():
+        for net in (ref, ours):
+            net.inp.weight.mul_(2)  # in place: the version counter moves
+    assert same_output()
+    for net in (ref, ours):
+        net.inp.bias.data = net.inp.bias.data + 1  # a new tensor
+    assert same_output()
+    with precision.autocast("bf16", "cpu"):
+        weights.forward(x, label).float().sum().backward()
+    assert ours.inp.weight.grad is None and weights.shadows["inp.weight"].grad is None
+
+
 def test_accumulated_micro_batches_sum_in_float32():
     _, _, ours, opt = _pair()
     weights = WorkingWeights(ours, opt)
@@ -202,3 +231,22 @@ def test_true_where_it_cannot_serve_is_an_error_naming_the_reason(shards, tmp_pa
     assert faults.train_in_process(args) != 0
     err = capsys.readouterr().err
     assert "trainer.bf16_weights=true" in err and "trainer.compile is on" in err, err[-2000:]
+
+
+def test_a_layer_run_outside_autocast_is_an_error_naming_the_key(shards, tmp_path, capsys, monkeypatch):
+    """A plugin that runs a layer in float32 on purpose (outside autocast) meets bf16 weights:
+    the run stops at its first step with one line naming trainer.bf16_weights."""
+    from ldmkit.training.ldm import DiffusionStep
+
+    denoise = DiffusionStep._denoise
+
+    def float32_denoise(self, z_t, t, cond):
+        with precision.float32():
+            return denoise(self, z_t.float(), t, cond)
+
+    monkeypatch.setattr(DiffusionStep, "_denoise", float32_denoise)
+    args = faults.stage_args(2, shards, tmp_path / "run", "trainer.precision=bf16", "trainer.num_workers=0",
+                             "trainer.bf16_weights=auto")
+    assert faults.train_in_process(args) != 0
+    err = capsys.readouterr().err
+    assert "forward on the bf16 working weights failed" in err and "trainer.bf16_weights=false" in err, err[-2000:]

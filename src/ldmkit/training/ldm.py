@@ -449,7 +449,7 @@ class LDMTrainer(Trainer):
             )
             # on the bf16 working weights where they serve (trainer.bf16_weights)
             model = self.model if self.working is None else self.working.forward
-            with self.autocast():  # the loss is computed on float32 outputs (DiffusionObjective)
+            with self.autocast(), self._working_weights_errors():  # the loss is computed on float32 outputs
                 loss, logs = model(z0, batches[index], t=t, noise=noise,
                                    condition_generator=self.condition_generator)
             self.check_finite("the diffusion loss", loss, logs)
@@ -469,6 +469,20 @@ class LDMTrainer(Trainer):
             self.ema.update(self.trainable)
         logs["lr"] = torch.tensor(lr)
         return logs
+
+    @contextlib.contextmanager
+    def _working_weights_errors(self):
+        """A forward on the bf16 working weights that fails on mixed dtypes (a layer run outside
+        autocast on float32 inputs: a plugin's own float32 region) names the key that turns them off."""
+        try:
+            yield
+        except RuntimeError as err:
+            if self.working is None or not any(word in str(err) for word in ("BFloat16", "dtype")):
+                raise
+            raise TrainingError(
+                f"the forward on the bf16 working weights failed: {str(err).splitlines()[0]} (a convolution or "
+                "linear layer run outside autocast gets bf16 weights); set trainer.bf16_weights=false"
+            ) from err
 
     def _working_step(self) -> Tensor | None:
         """:meth:`optimizer_step` with the bf16 working weights: ``trainer.grad_clip`` as

@@ -69,15 +69,17 @@ def _kernel():
     return _compiled
 
 
-def _matrix_parameters(module: nn.Module, trained: set[int]) -> list[tuple[str, nn.Parameter]]:
-    """``(name, parameter)`` of the float32 trained weights and biases of ``module``'s matrix
-    layers, named as :meth:`nn.Module.named_parameters` names them (the first name of a tied one)."""
+def _matrix_parameters(module: nn.Module, trained: set[int], *, frozen: bool = False) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of the float32 weights and biases of ``module``'s matrix layers that
+    are ``trained`` (or, with ``frozen``, that are not and take no gradient), named as
+    :meth:`nn.Module.named_parameters` names them (the first name of a tied one)."""
     names = {id(p): name for name, p in module.named_parameters()}
     found: dict[int, tuple[str, nn.Parameter]] = {}
     for layer in module.modules():
         if isinstance(layer, MATRIX_LAYERS):
             for p in layer.parameters(recurse=False):
-                if id(p) in trained and p.dtype == torch.float32 and id(p) not in found:
+                wanted = (id(p) not in trained and not p.requires_grad) if frozen else id(p) in trained
+                if wanted and p.dtype == torch.float32 and id(p) not in found:
                     found[id(p)] = (names[id(p)], p)
     return sorted(found.values(), key=lambda item: item[0])
 
@@ -150,6 +152,19 @@ class WorkingWeights:
             for name, p, a, b in zip(self.names, self.masters, self.offsets[:-1], self.offsets[1:], strict=True)
         }
         self._shadow_list = list(self.shadows.values())
+        # frozen matrix layers (a LoRA's base, a frozen encoder): a bf16 copy made once, made
+        # again for a weight written since (its version counter) or replaced (its storage)
+        frozen = [(n, p) for n, p in _matrix_parameters(module, set(trained), frozen=True) if p.device == device]
+        self.frozen_names = [name for name, _ in frozen]
+        self._frozen = [p for _, p in frozen]
+        frozen_offsets = [0, *torch.tensor([p.numel() for p in self._frozen] or [0]).cumsum(0).tolist()]
+        self.frozen_numel = frozen_offsets[-1] if self._frozen else 0
+        self.frozen_working = torch.empty(self.frozen_numel, dtype=dtype, device=device)
+        self._frozen_copies = [self.frozen_working[a:b].view_as(p)
+                               for p, a, b in zip(self._frozen, frozen_offsets[:-1], frozen_offsets[1:], strict=False)]
+        self._frozen_seen: list[tuple[int, int] | None] = [None] * len(self._frozen)
+        self._refresh_frozen()
+        self.shadows.update(zip(self.frozen_names, self._frozen_copies, strict=True))
         self._index = {id(p): i for i, p in enumerate(self.masters)}
         self._has_grad = [False] * len(self.masters)
         self._accumulated = 0
@@ -159,7 +174,16 @@ class WorkingWeights:
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """``module(*args, **kwargs)`` on the working weights."""
+        self._refresh_frozen()
         return torch.func.functional_call(self.module, self.shadows, args, kwargs, strict=False)
+
+    @torch.no_grad()
+    def _refresh_frozen(self) -> None:
+        for i, (p, copy) in enumerate(zip(self._frozen, self._frozen_copies, strict=True)):
+            seen = (p.data_ptr(), p._version)
+            if self._frozen_seen[i] != seen:
+                copy.copy_(p)
+                self._frozen_seen[i] = seen
 
     @torch.no_grad()
     def gather(self) -> None:
@@ -258,8 +282,10 @@ class WorkingWeights:
 
     def describe(self) -> str:
         """One line: what trains on the bf16 copy."""
+        frozen = (f"; {len(self._frozen)} frozen ones ({self.frozen_numel / 1e6:.2f}M) run on a bf16 copy made once"
+                  if self._frozen else "")
         return (f"bf16 working weights: {len(self)} convolution/linear tensors ({self.numel / 1e6:.2f}M values) "
-                "train on a bf16 copy that one fused AdamW step writes (trainer.bf16_weights)")
+                f"train on a bf16 copy that one fused AdamW step writes{frozen} (trainer.bf16_weights)")
 
     def zero_grad(self) -> None:
         for shadow in self._shadow_list:
