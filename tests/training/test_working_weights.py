@@ -67,9 +67,10 @@ class _Net(nn.Module):
         self.proj = nn.Linear(16, 16)
         self.out = nn.Conv2d(16, 3, 3, padding=1)
 
-    def forward(self, x, label):
+    def forward(self, x, label, use_label=True):
         h = F.silu(self.norm(self.inp(x)))
-        h = h + self.proj(self.emb(label))[:, :, None, None]
+        if use_label:
+            h = h + self.proj(self.emb(label))[:, :, None, None]
         return self.out(h)
 
 
@@ -152,6 +153,33 @@ def test_frozen_layers_run_on_a_copy_made_once_and_made_again_when_written():
     with precision.autocast("bf16", "cpu"):
         weights.forward(x, label).float().sum().backward()
     assert ours.inp.weight.grad is None and weights.shadows["inp.weight"].grad is None
+
+
+def test_a_layer_without_a_gradient_is_not_stepped_as_adamw_skips_it():
+    """A branch some steps do not take (``ddp_find_unused_parameters``'s case): AdamW leaves a
+    parameter without a gradient alone, step count included; so do the working weights, and
+    the two stay together over steps that take it and steps that do not."""
+    ref, ref_opt, ours, opt = _pair()
+    weights = WorkingWeights(ours, opt)
+    params = dict(ours.named_parameters())
+    for step, use_label in enumerate((True, False, False, True)):
+        x, label, target = _batch(step)
+        with precision.autocast("bf16", "cpu"):
+            want = ref(x, label, use_label)
+            got = weights.forward(x, label, use_label)
+        assert torch.equal(got, want)
+        F.mse_loss(want.float(), target).backward()
+        F.mse_loss(got.float(), target).backward()
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        weights.gather()
+        weights.step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for name, p in ref.named_parameters():
+            torch.testing.assert_close(params[name], p, rtol=1e-6, atol=1e-9, msg=f"step {step}: {name}")
+    assert float(opt.state[ours.proj.weight]["step"]) == 2.0 and float(opt.state[ours.inp.weight]["step"]) == 4.0
+    assert float(ref_opt.state[ref.proj.weight]["step"]) == 2.0
 
 
 def test_accumulated_micro_batches_sum_in_float32():

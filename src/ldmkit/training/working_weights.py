@@ -101,9 +101,6 @@ def unsupported_reason(module: nn.Module, optimizer: torch.optim.Optimizer) -> s
             return f"the optimizer has {flag}=True"
     if len({p.device for _, p in chosen}) > 1:
         return "the weights are on more than one device"
-    steps = {float(optimizer.state[p]["step"]) for _, p in chosen if "step" in optimizer.state.get(p, {})}
-    if len(steps) > 1 or (steps and any("step" not in optimizer.state.get(p, {}) for _, p in chosen)):
-        return "the optimizer's state has taken different numbers of steps for different weights"
     return None
 
 
@@ -133,9 +130,11 @@ class WorkingWeights:
         self.working = torch.empty(total, dtype=dtype, device=device)
         self.grad = torch.empty(total, dtype=dtype, device=device)
         self.grad32: Tensor | None = None  # accumulated over micro-batches, in float32
-        first = optimizer.state.get(self.masters[0], {})
-        step = float(first["step"]) if "step" in first else 0.0
-        self.steps = torch.tensor(step, dtype=torch.float32, device=device)  # AdamW(fused)'s own kind
+        # AdamW(fused)'s own kind of step counter, one per parameter (a weight without a gradient
+        # in a step is not stepped, as AdamW skips it), and its value here, read without a sync
+        self.steps = [optimizer.state.get(p, {}).get("step", torch.zeros((), dtype=torch.float32, device=device))
+                      .to(dtype=torch.float32, device=device).clone() for p in self.masters]
+        self._counts = [int(step) for step in self.steps]
         with torch.no_grad():
             for p, a, b in zip(self.masters, self.offsets[:-1], self.offsets[1:], strict=True):
                 self.master[a:b].copy_(p.detach().reshape(-1))
@@ -144,7 +143,8 @@ class WorkingWeights:
                 for key, flat in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
                     if key in state:
                         flat[a:b].copy_(state[key].reshape(-1))
-                optimizer.state[p] = {"step": self.steps, "exp_avg": self.exp_avg[a:b].view_as(p),
+            for p, step, a, b in zip(self.masters, self.steps, self.offsets[:-1], self.offsets[1:], strict=True):
+                optimizer.state[p] = {"step": step, "exp_avg": self.exp_avg[a:b].view_as(p),
                                       "exp_avg_sq": self.exp_avg_sq[a:b].view_as(p)}
             self.working.copy_(self.master)
         self.shadows = {
@@ -250,18 +250,33 @@ class WorkingWeights:
     @torch.no_grad()
     def step(self, grad_scale: float | Tensor = 1.0) -> None:
         """AdamW's step on the masters from the gathered gradients (times ``grad_scale``: a
-        clipping factor), with the group's current ``lr``; then the new working copy."""
+        clipping factor), with the group's current ``lr``; then the new working copy. A master
+        whose working weight got no gradient is not stepped (AdamW skips a parameter without
+        one): the kernel then runs over the runs of neighbours that did and share a step count."""
         self.check()
         group = self.group
-        lr, (beta1, beta2) = float(group["lr"]), group["betas"]
-        self.steps.add_(1)
-        n = float(self.steps)
-        scalars = torch.tensor(
-            [float(grad_scale), 1.0 - lr * float(group["weight_decay"]), 1.0 - beta1, beta2, 1.0 - beta2,
-             -(lr / (1.0 - beta1**n)), math.sqrt(1.0 - beta2**n), float(group["eps"])],
-            dtype=torch.float32, device=self.master.device,
-        )
-        _kernel()(self.master, self.exp_avg, self.exp_avg_sq, self._gradient(), self.working, scalars)
+        lr, (beta1, beta2), grad = float(group["lr"]), group["betas"], self._gradient()
+        constants = [float(grad_scale), 1.0 - lr * float(group["weight_decay"]), 1.0 - beta1, beta2, 1.0 - beta2]
+        runs: list[tuple[int, int, int]] = []  # (first, last + 1, step count) of masters stepped together
+        for i, (has, count) in enumerate(zip(self._has_grad, self._counts, strict=True)):
+            if not has:
+                continue
+            if runs and runs[-1][1] == i and runs[-1][2] == count:
+                runs[-1] = (runs[-1][0], i + 1, count)
+            else:
+                runs.append((i, i + 1, count))
+        for first, end, count in runs:
+            n = count + 1
+            scalars = torch.tensor(
+                [*constants, -(lr / (1.0 - beta1**n)), math.sqrt(1.0 - beta2**n), float(group["eps"])],
+                dtype=torch.float32, device=self.master.device,
+            )
+            a, b = self.offsets[first], self.offsets[end]
+            _kernel()(self.master[a:b], self.exp_avg[a:b], self.exp_avg_sq[a:b], grad[a:b], self.working[a:b], scalars)
+        stepped = [i for i, has in enumerate(self._has_grad) if has]
+        torch._foreach_add_([self.steps[i] for i in stepped], 1.0)
+        for i in stepped:
+            self._counts[i] += 1
         self._accumulated = 0
         self._has_grad = [False] * len(self.masters)
 
@@ -278,6 +293,12 @@ class WorkingWeights:
                 raise RuntimeError(
                     f"bf16 working weights: {name} or its optimizer state was replaced after they were set "
                     "up (a load_state_dict?); build WorkingWeights again after loading"
+                )
+            if p.grad is not None:
+                raise RuntimeError(
+                    f"bf16 working weights: {name}'s float32 weight has a gradient of its own (a backward "
+                    "through the module itself, not through WorkingWeights.forward): the optimizer would "
+                    "step it twice"
                 )
 
     def describe(self) -> str:
