@@ -253,6 +253,20 @@ def test_a_bf16_run_on_working_weights_resumes_exactly_and_follows_autocast(shar
         torch.testing.assert_close(expected[key], other[key], rtol=1e-5, atol=1e-12, msg=key)
 
 
+def test_accumulated_micro_batches_train_as_autocast_does(shards, tmp_path):
+    """trainer.accumulate_grad_batches=2: the micro-batches' gradients summed in float32 and
+    clipped as clip_grad_norm_ does; the weights end bitwise equal to autocast's."""
+    contents = {}
+    for on in ("true", "false"):
+        run = tmp_path / on
+        _run(shards, run, f"trainer.bf16_weights={on}", "trainer.accumulate_grad_batches=2", "trainer.batch_size=2",
+             "trainer.max_steps=3", "trainer.checkpoint_every=3")
+        contents[on] = faults.final_contents(run, 3)
+    tensors = [k for k in contents["true"] if k.startswith(("model.safetensors:", "training.safetensors:"))]
+    assert any(k.startswith("model.safetensors:denoiser.") for k in tensors)
+    assert [k for k in tensors if not torch.equal(contents["true"][k], contents["false"][k])] == []
+
+
 def test_true_where_it_cannot_serve_is_an_error_naming_the_reason(shards, tmp_path, capsys):
     args = faults.stage_args(2, shards, tmp_path / "run", "trainer.precision=bf16", "trainer.num_workers=0",
                              "trainer.bf16_weights=true", "trainer.compile=true", "trainer.compile_backend=eager")

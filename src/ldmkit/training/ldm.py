@@ -373,7 +373,8 @@ class LDMTrainer(Trainer):
         elif is_compiled(self.pipeline.denoiser):
             reason = "trainer.compile is on"
         else:
-            reason = unsupported_reason(self.step_module, self.optimizer) or check_kernel(self.device)
+            reason = unsupported_reason(self.step_module, self.optimizer) or check_kernel(
+                self.device, accumulate=int(self.options["accumulate_grad_batches"]) > 1)
         if reason is not None:
             if wanted is True:
                 raise TrainingError(f"trainer.bf16_weights=true, but the bf16 working weights cannot serve this run: {reason}")

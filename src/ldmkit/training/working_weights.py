@@ -315,13 +315,13 @@ class WorkingWeights:
         self._has_grad = [False] * len(self.masters)
 
 
-def check_kernel(device: torch.device | str) -> str | None:
-    """Compile the fused step's kernel once for ``device`` (both gradient dtypes) on a few
-    values; None if it runs, else why not (inductor needs a C++ compiler on a CPU and triton
-    on CUDA)."""
+def check_kernel(device: torch.device | str, *, accumulate: bool = True) -> str | None:
+    """Compile the fused step's kernel once for ``device`` on a few values, for bf16 gradients
+    and, with ``accumulate`` (micro-batches summed in float32), float32 ones; None if it runs,
+    else why not (inductor needs a C++ compiler on a CPU and triton on CUDA)."""
     try:
         n = 17  # not 0 or 1: the compiled kernel stays dynamic in the size
-        for grad_dtype in (torch.bfloat16, torch.float32):
+        for grad_dtype in (torch.bfloat16, torch.float32)[: 2 if accumulate else 1]:
             buffers = [torch.zeros(n, device=device) for _ in range(3)]
             _kernel()(*buffers, torch.zeros(n, dtype=grad_dtype, device=device),
                       torch.empty(n, dtype=torch.bfloat16, device=device),
