@@ -25,6 +25,7 @@ the plain path.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -319,6 +320,10 @@ def check_kernel(device: torch.device | str, *, accumulate: bool = True) -> str 
     """Compile the fused step's kernel once for ``device`` on a few values, for bf16 gradients
     and, with ``accumulate`` (micro-batches summed in float32), float32 ones; None if it runs,
     else why not (inductor needs a C++ compiler on a CPU and triton on CUDA)."""
+    # torch's C++-extension module says at import that a CPU host has no CUDA runtime: not news
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    if quiet.level == logging.NOTSET:
+        quiet.setLevel(logging.ERROR)
     try:
         n = 17  # not 0 or 1: the compiled kernel stays dynamic in the size
         for grad_dtype in (torch.bfloat16, torch.float32)[: 2 if accumulate else 1]:
