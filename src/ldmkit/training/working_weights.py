@@ -15,12 +15,15 @@ gradients stay bf16. The step then runs one fused kernel (:mod:`torch.compile`'d
 that reads the bf16 gradients, updates the masters and moments exactly as
 :class:`torch.optim.AdamW` does, and writes the new working copy.
 
-The numbers are the same as autocast's up to float rounding in the update: the working
-weights are the masters rounded to bf16, which is what autocast's cast gives; the gradients
-are the same bf16 values autocast's backward casts to float32. The optimizer's state keeps
-:class:`torch.optim.AdamW`'s layout (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter), so
-checkpoints resume either way. Everything else (norms, embeddings, frozen layers) stays on
-the plain path.
+The numbers are autocast's, to the bit: the working weights are the masters rounded to bf16,
+which is what autocast's cast gives; the gradients are the same bf16 values autocast's
+backward casts to float32; the kernel's arithmetic is the fused AdamW's, and
+:meth:`WorkingWeights.clip` takes ``clip_grad_norm_``'s norms (tests/training/
+test_working_weights.py: a stage-2 run ends with the same weights either way). The
+optimizer's state keeps :class:`torch.optim.AdamW`'s layout (``step``, ``exp_avg``,
+``exp_avg_sq`` per parameter), so checkpoints resume either way. Frozen matrix layers (a
+LoRA's base, a frozen encoder) run on a bf16 copy made once; everything else (norms,
+embeddings) stays on the plain path, AdamW's own step included.
 """
 
 from __future__ import annotations
