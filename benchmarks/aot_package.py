@@ -21,7 +21,6 @@ Run it alone on a quiet machine; it prints the host's flags and measured peaks f
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from host import host_info, host_line, interleave
+    from host import host_info, host_line, interleave, report
     from sampling_diffusers import CASES, build_pair
 
     from ldmkit import precision as _precision
@@ -107,9 +106,7 @@ def main() -> None:
         "break_even_calls": round(compile_s / saved_s) if saved_s > 0 else None,
         "max_abs_error_vs_fp32": errors,
     }  # fmt: skip
-    print(json.dumps({k: v for k, v in result.items() if k != "host"}), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ Run it alone on a quiet machine; it prints the host's flags and measured peaks f
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import zipfile
@@ -49,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     import torch._inductor.config as inductor_config
-    from host import host_info, host_line, interleave
+    from host import host_info, host_line, interleave, report
 
     from ldmkit.aot import load_package
 
@@ -98,9 +97,7 @@ def main() -> None:
         "same_bits": same_bits, "forward_ms": ms,
         "speedup_load_package_vs_plain": round(ms["plain_load"] / ms["load_package"], 2),
     }  # fmt: skip
-    print(json.dumps({k: v for k, v in result.items() if k != "host"}), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    report(result, args.json)
 
 
 if __name__ == "__main__":

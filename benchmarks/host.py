@@ -70,6 +70,14 @@ def interleave(variants: dict[str, Any], rounds: int, baseline: str) -> dict[str
     return out
 
 
+def report(result: dict[str, Any], path: Any = None) -> None:
+    """Print ``result`` as one JSON line (without its ``host``, which :func:`host_line` printed)
+    and, given a ``path``, write all of it there."""
+    print(json.dumps({k: v for k, v in result.items() if k != "host"}), flush=True)
+    if path:
+        path.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def host_info(peaks: bool = True) -> dict[str, Any]:
     from ldmkit import compiling
     from ldmkit import precision as _precision
