@@ -522,19 +522,17 @@ class Pipeline(nn.Module):
         atomic_write_text(marker, "Pipeline.save was replacing this folder's files and did not finish\n")
         parts = {} if embed_frozen else frozen.frozen_parts(self)
         manifest = directory / frozen.FROZEN_FILE
+        kept = self.state_dict() if state is None else state
         if parts:
             # the manifest first: a crash before the weights leaves old (embedded) weights
             # beside it, which still load
             atomic_write_text(manifest, frozen.write_manifest(parts))
-            full = self.state_dict() if state is None else state
-            kept = _without_shared({k: v for k, v in full.items() if not frozen.under(k, parts)})
-            atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(kept, str(p)))
-        elif state is not None:
-            atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(_without_shared(state), str(p)))
-        else:
-            # not safetensors' save_model: it refuses parameters that are views of a larger buffer
-            # (the bf16 working weights' flat masters, ldmkit.training.working_weights)
-            atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(_without_shared(self.state_dict()), str(p)))
+            kept = {k: v for k, v in kept.items() if not frozen.under(k, parts)}
+        # save_file, not safetensors' save_model: that refuses parameters that are views of a
+        # larger buffer (the bf16 working weights' flat masters, ldmkit.training.working_weights)
+        kept = _without_shared(kept)
+        atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(kept, str(p)))
+        if not parts and state is None:
             manifest.unlink(missing_ok=True)
         # the files components read when built travel with it (ldmkit.pipeline_files)
         config = pipeline_files.bundle(self, self.config, directory, embed_frozen=embed_frozen)
