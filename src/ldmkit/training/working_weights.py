@@ -28,6 +28,7 @@ embeddings) stays on the plain path, AdamW's own step included.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -124,10 +125,8 @@ class WorkingWeights:
         self.masters = [p for _, p in chosen]
         self.group = trained[id(self.masters[0])]
         device = self.masters[0].device
-        sizes = [p.numel() for p in self.masters]
-        self.offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
-        total = self.offsets[-1]
-        self.numel = total
+        self.offsets = [0, *itertools.accumulate(p.numel() for p in self.masters)]
+        total = self.numel = self.offsets[-1]
         self.master = torch.empty(total, device=device)
         self.exp_avg = torch.zeros(total, device=device)
         self.exp_avg_sq = torch.zeros(total, device=device)
@@ -161,11 +160,11 @@ class WorkingWeights:
         frozen = [(n, p) for n, p in _matrix_parameters(module, set(trained), frozen=True) if p.device == device]
         self.frozen_names = [name for name, _ in frozen]
         self._frozen = [p for _, p in frozen]
-        frozen_offsets = [0, *torch.tensor([p.numel() for p in self._frozen] or [0]).cumsum(0).tolist()]
-        self.frozen_numel = frozen_offsets[-1] if self._frozen else 0
+        frozen_offsets = [0, *itertools.accumulate(p.numel() for p in self._frozen)]
+        self.frozen_numel = frozen_offsets[-1]
         self.frozen_working = torch.empty(self.frozen_numel, dtype=dtype, device=device)
         self._frozen_copies = [self.frozen_working[a:b].view_as(p)
-                               for p, a, b in zip(self._frozen, frozen_offsets[:-1], frozen_offsets[1:], strict=False)]
+                               for p, a, b in zip(self._frozen, frozen_offsets[:-1], frozen_offsets[1:], strict=True)]
         self._frozen_seen: list[tuple[int, int] | None] = [None] * len(self._frozen)
         self._refresh_frozen()
         self.shadows.update(zip(self.frozen_names, self._frozen_copies, strict=True))
@@ -312,11 +311,6 @@ class WorkingWeights:
         return (f"bf16 working weights: {len(self)} convolution/linear tensors ({self.numel / 1e6:.2f}M values) "
                 f"train on a bf16 copy that one fused AdamW step writes{frozen} (trainer.bf16_weights)")
 
-    def zero_grad(self) -> None:
-        for shadow in self._shadow_list:
-            shadow.grad = None
-        self._accumulated = 0
-        self._has_grad = [False] * len(self.masters)
 
 
 def check_kernel(device: torch.device | str, *, accumulate: bool = True) -> str | None:
