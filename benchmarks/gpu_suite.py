@@ -186,30 +186,16 @@ def step_flops(model, forward, x, t, cond, target) -> float:
 
 
 def make_train_step(model, forward, x, t, cond, target, autocast_dtype, *, working_weights=False, device="cuda"):
-    """One train step's closure: fused AdamW, the forward under autocast to ``autocast_dtype``
-    (None: float32). ``working_weights``: on ldmkit's bf16 working weights, as
-    ``trainer.bf16_weights=true`` trains (``ldmkit.training.working_weights``; it makes
-    ``model``'s trained weights views of one flat buffer: give it a model of its own)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    weights = None
-    if working_weights:
-        from ldmkit.training.working_weights import WorkingWeights
+    """One train step's closure (``unet_train_step.autocast_train_step``, fused AdamW) with the
+    forward under autocast to ``autocast_dtype`` (None: float32); ``working_weights``: on
+    ldmkit's bf16 working weights, as ``trainer.bf16_weights=true`` trains."""
+    from unet_train_step import autocast_train_step
 
-        weights = WorkingWeights(model, optimizer)
+    from ldmkit import precision as _precision
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(
-            device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-        ):
-            out = forward(model, x, t, cond) if weights is None else weights.forward(x, t, cond)
-        F.mse_loss(out.float(), target).backward()
-        if weights is not None:
-            weights.gather()
-            weights.step()
-        optimizer.step()
-
-    return step
+    precision = next(n for n, d in _precision.DTYPES.items() if d == (autocast_dtype or torch.float32))
+    return autocast_train_step(model, forward, x, t, cond, target, precision, fused=True,
+                               working_weights=working_weights, device=device)
 
 
 def timed(step, n: int) -> float:

@@ -143,11 +143,13 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def autocast_train_step(model, forward, x, t, cond, target, precision: str = "fp32", fused: bool = True,
-                        working_weights: bool = False):
-    """The trainers' step on one model: AdamW, the forward under ``precision``'s autocast, the
-    float32 MSE (as in DiffusionObjective), backward, step. ``working_weights``: as ldmkit's
-    LDM trainer does under bf16 (``trainer.bf16_weights``), the convolution and linear layers
-    run on a bf16 copy that one fused AdamW step writes (``ldmkit.training.working_weights``)."""
+                        working_weights: bool = False, device: str = "cpu"):
+    """The trainers' step on one model: AdamW, the forward under ``precision``'s autocast (on
+    ``device``), the float32 MSE (as in DiffusionObjective), backward, step. ``working_weights``:
+    as ldmkit's LDM trainer does under bf16 (``trainer.bf16_weights``), the convolution and
+    linear layers run on a bf16 copy that one fused AdamW step writes
+    (``ldmkit.training.working_weights``; ``forward`` is then not used, and ``model``'s trained
+    weights become views of one flat buffer: give it a model of its own)."""
     from ldmkit import precision as _precision
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if fused else {}))
@@ -162,7 +164,7 @@ def autocast_train_step(model, forward, x, t, cond, target, precision: str = "fp
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with _precision.autocast(precision, "cpu"):
+        with _precision.autocast(precision, device):
             out = forward_on(model, x, t, cond)
         F.mse_loss(out.float(), target).backward()
         if weights is not None:
