@@ -67,12 +67,15 @@ def test_saved_by_reference_by_default_and_loads_the_same(tmp_path):
         torch.testing.assert_close(sample(Pipeline.load(folder)), reference)
 
 
-def test_re_saving_embedded_removes_the_manifest(tmp_path):
+@pytest.mark.parametrize("given_state", [False, True], ids=["own", "given"])
+def test_re_saving_embedded_removes_the_manifest(tmp_path, given_state):
+    # also with a ``state`` handed in (the trainer's EMA export, a gathered sharded model)
     pipe = make()
     pipe.save(tmp_path / "p")
-    pipe.save(tmp_path / "p", embed_frozen=True)
+    assert (tmp_path / "p" / FROZEN_FILE).exists()
+    pipe.save(tmp_path / "p", embed_frozen=True, state=pipe.state_dict() if given_state else None)
     assert not (tmp_path / "p" / FROZEN_FILE).exists()
-    Pipeline.load(tmp_path / "p")
+    torch.testing.assert_close(sample(Pipeline.load(tmp_path / "p")), sample(pipe))
 
 
 def test_a_changed_source_is_refused_naming_it(tmp_path, model_copy):

@@ -532,7 +532,7 @@ class Pipeline(nn.Module):
         # larger buffer (the bf16 working weights' flat masters, ldmkit.training.working_weights)
         kept = _without_shared(kept)
         atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(kept, str(p)))
-        if not parts and state is None:
+        if not parts:  # everything is in the weights now: an older save's manifest must not stay
             manifest.unlink(missing_ok=True)
         # the files components read when built travel with it (ldmkit.pipeline_files)
         config = pipeline_files.bundle(self, self.config, directory, embed_frozen=embed_frozen)
