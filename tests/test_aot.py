@@ -116,6 +116,37 @@ def test_a_denoiser_export_cannot_trace_samples_eagerly_and_says_why(tmp_path, m
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
 
 
+@pytest.mark.parametrize("mode", ["auto", "aot"])
+def test_an_unreadable_cached_package_is_set_aside_naming_it(tmp_path, monkeypatch, mode):
+    """A package cut short (a full disk, a partial copy of a cache) fails to load: the first
+    call says which file, moves it aside, and samples (auto: eagerly; aot: compiling anew),
+    instead of every later sampling call failing on it."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("LDMKIT_AOT_CACHE", str(cache))
+    monkeypatch.setattr(PackagedDenoiser, "key", lambda self, signature: "k")
+    (cache / "denoiser-k.pt2").write_bytes(b"PK\x03\x04 cut short")
+    attempts = []
+
+    def no_compile(self, path, *args):  # the real compile is test_a_package_is_compiled_once...'s
+        attempts.append(path)
+        raise RuntimeError("not in this test")
+
+    monkeypatch.setattr(PackagedDenoiser, "_compile", no_compile)
+    pipe = _pipe()
+    eager = pipe.sample(BATCH, seed=0, precision="bf16")
+    with pytest.warns(UserWarning) as caught:
+        out = pipe.sample(BATCH, seed=0, precision="bf16", compile=mode)
+    assert torch.equal(out, eager)
+    messages = [str(w.message) for w in caught]
+    then = "compiling it again" if mode == "aot" else "these inputs sample eagerly"
+    assert any(f"the cached package {cache / 'denoiser-k.pt2'} cannot be loaded (RuntimeError: " in m
+               and f"moved aside to denoiser-k.pt2.unreadable; {then}" in m for m in messages), messages
+    assert not (cache / "denoiser-k.pt2").exists() and (cache / "denoiser-k.pt2.unreadable").is_file()
+    assert len(attempts) == (2 if mode == "aot" else 0)  # aot: the dynamic package, then the static one
+    assert torch.equal(pipe.sample(BATCH, seed=0, precision="bf16", compile=mode), eager)  # no second warning needed
+
+
 def test_aot_is_for_sampling():
     with pytest.raises(CompileSettingError, match=r"trainer.compile=aot compiles the sampling denoiser"):
         compile_module(torch.nn.Linear(2, 2), "aot", key="trainer.compile", purpose="train")

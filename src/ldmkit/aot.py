@@ -64,6 +64,11 @@ def _weights_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
 def load_package(path: str | os.PathLike) -> Callable[..., Tensor]:
     """A compiled package's forward (positional tensors in, the output tensor out), its weights
     moved into 64-byte-aligned memory.
@@ -209,39 +214,61 @@ class PackagedDenoiser(nn.Module):
         dynamic = self.cache / f"denoiser-{self.key(any_batch)}.pt2"
         static = self.cache / f"denoiser-{self.key(signature)}.pt2"
         path = self._paths[signature] = next((p for p in (dynamic, static) if p.is_file()), None)
-        if path is not None:
+        if path is not None and self._load(path) is not None:
             self._from_cache.add(signature)
-            if path not in self._loaded:
-                self.loaded += 1
-        elif not self.compile_missing:
+            return self._loaded[path]
+        if not self.compile_missing:
             return False
-        else:
-            if self.note is not None:  # auto chose to compile: its line first
-                print(self.note, file=sys.stderr, flush=True)
-                self.note = None
-            shapes = ", ".join("x".join(map(str, shape)) for shape, _ in any_batch[1:])
-            print(f"compile=aot: compiling {type(self.net).__name__} ahead of time for inputs {shapes} (once: later "
-                  f"runs load it from {self.cache})", file=sys.stderr, flush=True)  # fmt: skip
+        if self.note is not None:  # auto chose to compile: its line first
+            print(self.note, file=sys.stderr, flush=True)
+            self.note = None
+        shapes = ", ".join("x".join(map(str, shape)) for shape, _ in any_batch[1:])
+        print(f"compile=aot: compiling {type(self.net).__name__} ahead of time for inputs {shapes} (once: later "
+              f"runs load it from {self.cache})", file=sys.stderr, flush=True)  # fmt: skip
+        try:
             try:
-                try:
-                    path = self._compile(dynamic, keys, args, batched)
-                except Exception as err:
-                    if not any(batched) or isinstance(err, AOTError):
-                        raise
-                    path = self._compile(static, keys, args, None)  # the batch size as it is
-            except Exception as err:  # export/compile of a denoiser it cannot trace: stay eager
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                warnings.warn(
-                    f"compile=aot: {type(self.net).__name__} could not be compiled ahead of time "
-                    f"({type(err).__name__}: {first}); it samples eagerly",
-                    stacklevel=4,
-                )
-                return False
-            self._paths[signature] = path
-            self.compiled += 1
-        if path not in self._loaded:  # batch sizes that share a package share its loaded runner
-            self._loaded[path] = load_package(path)
-        return self._loaded[path]
+                path = self._compile(dynamic, keys, args, batched)
+            except Exception as err:
+                if not any(batched) or isinstance(err, AOTError):
+                    raise
+                path = self._compile(static, keys, args, None)  # the batch size as it is
+        except Exception as err:  # export/compile of a denoiser it cannot trace: stay eager
+            warnings.warn(
+                f"compile=aot: {type(self.net).__name__} could not be compiled ahead of time ({_first_line(err)}); "
+                "it samples eagerly",
+                stacklevel=4,
+            )
+            return False
+        self._paths[signature] = path
+        self.compiled += 1
+        return self._load(path, compiled=True)
+
+    def _load(self, path: Path, *, compiled: bool = False) -> Any:
+        """The runner of the package at ``path``, loaded once (batch sizes that share a package
+        share it). A cached package that cannot be loaded (cut short by a full disk or a copy,
+        written by a torch whose loader differs) is moved aside to ``*.unreadable``, with a
+        warning naming it, and gives None: its inputs are compiled again (``compile=aot``) or
+        run eagerly (``auto``), not one failed sampling call after another."""
+        if path in self._loaded:
+            return self._loaded[path]
+        try:
+            runner = load_package(path)
+        except Exception as err:
+            if compiled:  # just written by this process: nothing stale to set aside
+                raise
+            aside = path.with_name(path.name + ".unreadable")
+            os.replace(path, aside)
+            warnings.warn(
+                f"compile=aot: the cached package {path} cannot be loaded ({_first_line(err)}); "
+                f"moved aside to {aside.name}; "
+                + ("compiling it again" if self.compile_missing else "these inputs sample eagerly"),
+                stacklevel=5,
+            )
+            return None
+        self._loaded[path] = runner
+        if not compiled:
+            self.loaded += 1
+        return runner
 
     def _compile(
         self, path: Path, keys: tuple[str, ...], args: tuple[Tensor, ...], batched: tuple[bool, ...] | None
