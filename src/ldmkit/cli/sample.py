@@ -238,13 +238,13 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     num_samples, rows = args.num_samples, args.rows
     if conditioner.input_keys:
         if num_samples is not None and all(k in batch for k in conditioner.input_keys):
-            conditions = len(batch[conditioner.input_keys[0]])
+            n_conditions = len(batch[conditioner.input_keys[0]])
             batch = repeat_each(batch, conditioner.input_keys, num_samples)
             if negative is not None:  # one value per condition follows the conditions' repeats
-                negative = repeat_each(negative, [k for k, v in negative.items() if len(v) == conditions > 1], num_samples)
+                negative = repeat_each(negative, [k for k, v in negative.items() if len(v) == n_conditions > 1], num_samples)
             files = repeat_each(files, list(files), num_samples)
-            if rows is None and conditions > 1 and num_samples > 1:
-                rows = conditions  # one row per label (prompt, ...)
+            if rows is None and n_conditions > 1 and num_samples > 1:
+                rows = n_conditions  # one row per label (prompt, ...)
         num_samples = None
     elif num_samples is None:
         num_samples = 1 if init_image is not None else 16
