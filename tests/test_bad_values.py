@@ -325,6 +325,11 @@ def test_several_bad_values_are_named_in_one_line(capsys, tmp_path):
             ["conditioner=class_label", "--labels", "10"],
             "class labels must be in [0, 10) (conditioner.num_classes=10); got min 10, max 10 (inputs: --labels=10)",
         ),
+        (  # the flag that gives the missing condition named
+            "sample",
+            ["conditioner=class_label"],
+            "conditioner ClassLabelConditioner reads batch key 'label', but the batch has keys []; give --labels",
+        ),
         (  # with --num-samples: was a TypeError traceback (the flags' dict replaced by a count)
             "sample",
             ["conditioner=class_label", "--labels", "3,99", "--num-samples", "2"],

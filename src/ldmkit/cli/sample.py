@@ -266,7 +266,14 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
     except (LdmkitError, ValueError) as err:
         inputs = dict(sources, **(conditions if _raised_in(err, "_conditions") else {}))
         where = "; ".join(f"{flag}={path}" for flag, path in inputs.items())
-        raise CLIError(message(err, SAMPLE_FLAGS) + (f" (inputs: {where})" if where else "")) from err
+        from ldmkit.interfaces.conditioner import MissingConditionError
+
+        text = message(err, SAMPLE_FLAGS)
+        if isinstance(err, MissingConditionError):  # the flag that gives what it reads
+            flags = {key_of("class", "label"): "--labels", key_of("text", "caption"): "--prompt"}
+            missing = [flags.get(k, f"--cond {k}=...") for k in conditioner.input_keys if k not in batch]
+            text += f"; give {' and '.join(missing)}" if missing else ""
+        raise CLIError(text + (f" (inputs: {where})" if where else "")) from err
     finally:
         bar.close()
     settings = {
