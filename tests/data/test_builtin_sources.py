@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -112,6 +113,20 @@ def test_cli_source_after_options_says_the_source_comes_first(tmp_path):
         f"ldmkit data prepare: 'out={tmp_path / 'o'}' is an option, not a source: name the "
         "source first (ldmkit data prepare SOURCE key=value ...; `ldmkit data sources` lists them)"
     )
+
+
+def test_cli_a_folder_as_the_source_points_to_image_folder(tmp_path):
+    """Before: "unknown data source '...'" and the list of sources, for the folder of images a
+    newcomer gives first; now the command that prepares it."""
+    folder = tmp_path / "my images"
+    folder.mkdir()
+    out = ldmkit_cli("data", "prepare", str(folder), f"out={tmp_path / 'o'}")
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        f"ldmkit data prepare: {str(folder)!r} is a folder, not a source: a folder of images is the "
+        f"image_folder source (ldmkit data prepare image_folder path={shlex.quote(str(folder))} ...)"
+    )
+    assert not (tmp_path / "o").exists()
 
 
 def test_fashion_mnist_val_fraction_is_drawn_by_the_seed(tmp_path, fake_fashion_mnist):

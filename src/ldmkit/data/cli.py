@@ -9,8 +9,10 @@ ldmkit data sources
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -51,6 +53,14 @@ def _prepare(args: argparse.Namespace) -> int:
             f"{args.source!r} is an option, not a source: name the source first (ldmkit data "
             f"prepare SOURCE key=value ...; `ldmkit data sources` lists them)"
         )
+    if Path(args.source).is_dir():  # a folder given where the source goes
+        from ldmkit.plugins import get_registry
+
+        if args.source not in get_registry().names("data_source"):
+            raise DataError(
+                f"{args.source!r} is a folder, not a source: a folder of images is the image_folder source "
+                f"(ldmkit data prepare image_folder path={shlex.quote(args.source)} ...)"
+            )
     options = parse_options(args.options)
     out = options.pop("out", None) or f"data/{args.source}"
     check_folder(out, f"out={out}")
