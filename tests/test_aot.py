@@ -4,11 +4,13 @@ and loaded by later pipelines (:mod:`ldmkit.aot`). One real compile of ``unet_ti
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import ldmkit
-from ldmkit.aot import PackagedDenoiser
+from ldmkit.aot import AOTError, PackagedDenoiser, cache_limit, prune_cache
 from ldmkit.compiling import (
     AUTO_RULES,
     AutoCompileRule,
@@ -145,6 +147,67 @@ def test_an_unreadable_cached_package_is_set_aside_naming_it(tmp_path, monkeypat
     assert not (cache / "denoiser-k.pt2").exists() and (cache / "denoiser-k.pt2.unreadable").is_file()
     assert len(attempts) == (2 if mode == "aot" else 0)  # aot: the dynamic package, then the static one
     assert torch.equal(pipe.sample(BATCH, seed=0, precision="bf16", compile=mode), eager)  # no second warning needed
+
+
+def test_prune_cache_removes_the_least_recently_used_packages_first(tmp_path):
+    sizes = {"denoiser-a.pt2": 300, "denoiser-b.pt2": 200, "denoiser-c.pt2.unreadable": 100,
+             "denoiser-d.pt2": 400, "notes.txt": 10_000}  # fmt: skip
+    for age, (name, size) in enumerate(sizes.items()):  # a is the oldest, d the newest
+        (tmp_path / name).write_bytes(b"x" * size)
+        os.utime(tmp_path / name, (1_000_000 + age, 1_000_000 + age))
+    # 1,000 bytes of packages for a limit of 600: a (the oldest) goes, b is kept (just used), c goes
+    removed = prune_cache(tmp_path, 600, keep=[tmp_path / "denoiser-b.pt2"])
+    assert [p.name for p in removed] == ["denoiser-a.pt2", "denoiser-c.pt2.unreadable"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["denoiser-b.pt2", "denoiser-d.pt2", "notes.txt"]
+    assert prune_cache(tmp_path, 600) == []  # within the limit: nothing goes
+    assert [p.name for p in prune_cache(tmp_path, 0, keep=[tmp_path / "denoiser-d.pt2"])] == ["denoiser-b.pt2"]
+
+
+def test_cache_limit_reads_its_variable(monkeypatch):
+    monkeypatch.delenv("LDMKIT_AOT_CACHE_GB", raising=False)
+    assert cache_limit() == 20 * 2**30
+    monkeypatch.setenv("LDMKIT_AOT_CACHE_GB", "0.5")
+    assert cache_limit() == 2**29
+    monkeypatch.setenv("LDMKIT_AOT_CACHE_GB", "0")
+    assert cache_limit() is None
+    for bad in ("-1", "lots", "nan", "inf"):
+        monkeypatch.setenv("LDMKIT_AOT_CACHE_GB", bad)
+        with pytest.raises(AOTError, match=rf"LDMKIT_AOT_CACHE_GB='{bad}': expected a number of gigabytes >= 0"):
+            cache_limit()
+
+
+def test_a_compile_keeps_the_cache_under_its_limit_and_a_load_marks_its_package_used(tmp_path, monkeypatch, capfd):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("LDMKIT_AOT_CACHE", str(cache))
+    monkeypatch.setenv("LDMKIT_AOT_CACHE_GB", str(2500 / 2**30))  # 2,500 bytes
+    for name in ("denoiser-old.pt2", "denoiser-older.pt2"):
+        (cache / name).write_bytes(b"x" * 1000)
+    os.utime(cache / "denoiser-older.pt2", (1_000_000, 1_000_000))
+    os.utime(cache / "denoiser-old.pt2", (2_000_000, 2_000_000))
+
+    def compile_stub(self, path, *args):  # the real compile is test_a_package_is_compiled_once...'s
+        path.write_bytes(b"x" * 1000)
+        return path
+
+    monkeypatch.setattr(PackagedDenoiser, "_compile", compile_stub)
+    monkeypatch.setattr("ldmkit.aot.load_package", lambda path: lambda z_t, *rest: torch.zeros_like(z_t))
+    pipe = _pipe()
+    capfd.readouterr()
+    pipe.sample(BATCH, seed=0, precision="bf16", compile="aot")
+    new = [p for p in cache.glob("*.pt2") if p.name not in ("denoiser-old.pt2", "denoiser-older.pt2")]
+    assert len(new) == 1 and sorted(p.name for p in cache.iterdir()) == sorted(["denoiser-old.pt2", new[0].name])
+    assert (f"compile=aot: the cache {cache} keeps at most LDMKIT_AOT_CACHE_GB={2500 / 2**30:g} GB: removed 1 "
+            "package(s) used least recently") in capfd.readouterr().err
+    # a later pipeline loading the package marks it used: it outlives packages made before it was loaded
+    os.utime(new[0], (1_500_000, 1_500_000))
+    _pipe().sample(BATCH, seed=0, precision="bf16", compile="aot")
+    assert new[0].stat().st_mtime > (cache / "denoiser-old.pt2").stat().st_mtime
+    # a bad limit is said before any compile, naming the variable
+    monkeypatch.setenv("LDMKIT_AOT_CACHE_GB", "lots")
+    new[0].unlink()
+    with pytest.raises(AOTError, match="LDMKIT_AOT_CACHE_GB='lots'"):
+        _pipe().sample(BATCH, seed=0, precision="bf16", compile="aot")
 
 
 def test_aot_is_for_sampling():

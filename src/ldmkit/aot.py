@@ -13,7 +13,9 @@ conditioning tensors) gets its package, compiled at its first call or loaded fro
 a denoiser ``torch.export`` cannot trace runs eagerly, with one warning naming why.
 
 The cache: ``LDMKIT_AOT_CACHE`` (default ``~/.cache/ldmkit/aot``), one ``.pt2`` file per key,
-written atomically; delete the folder to free it. CPU only for now (measured there).
+written atomically. A package holds a bf16 (or float32) copy of the weights, so the folder is
+kept under ``LDMKIT_AOT_CACHE_GB`` (default 20; 0: no limit): after each compile the packages
+used least recently go first (:func:`prune_cache`). CPU only for now (measured there).
 
 ``compile=auto`` on a CPU uses the same cache without adding to it (``compile_missing=False``):
 inputs whose package is already there (made by an earlier ``compile=aot`` run) run it, others
@@ -23,6 +25,7 @@ weights) is computed only when the cache holds packages.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -32,7 +35,7 @@ import sys
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +44,7 @@ from torch import Tensor, nn
 
 from ldmkit.errors import LdmkitError
 
-__all__ = ["AOTError", "PackagedDenoiser", "aot_cache_dir", "load_package"]
+__all__ = ["DEFAULT_CACHE_GB", "AOTError", "PackagedDenoiser", "aot_cache_dir", "cache_limit", "load_package", "prune_cache"]
 
 
 class AOTError(LdmkitError, ValueError):
@@ -52,6 +55,52 @@ def aot_cache_dir() -> Path:
     """``LDMKIT_AOT_CACHE`` or ``~/.cache/ldmkit/aot``."""
     configured = os.environ.get("LDMKIT_AOT_CACHE")
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "ldmkit" / "aot"
+
+
+#: ``LDMKIT_AOT_CACHE_GB`` when unset: room for about 400 packages of issue 30's UNet (50 MB)
+#: or a handful of the paper's full-size models (1-3 GB each)
+DEFAULT_CACHE_GB = 20.0
+
+
+def cache_limit() -> int | None:
+    """The cache's size limit in bytes (``LDMKIT_AOT_CACHE_GB``, default
+    :data:`DEFAULT_CACHE_GB`); None for ``0``: no limit."""
+    raw = os.environ.get("LDMKIT_AOT_CACHE_GB", "").strip()
+    try:
+        gigabytes = float(raw) if raw else DEFAULT_CACHE_GB
+    except ValueError:
+        gigabytes = -1.0
+    if not gigabytes >= 0 or gigabytes == float("inf"):
+        raise AOTError(f"LDMKIT_AOT_CACHE_GB={raw!r}: expected a number of gigabytes >= 0 (0: no limit)")
+    return int(gigabytes * 2**30) if gigabytes > 0 else None
+
+
+def prune_cache(cache: str | os.PathLike, limit: int, *, keep: Sequence[Path] = ()) -> list[Path]:
+    """Delete packages from ``cache``, least recently used first (modification time: a load
+    touches its package), until the ``.pt2`` files (unreadable ones set aside included) take at
+    most ``limit`` bytes; ``keep`` (the package just written or loaded) is never deleted.
+    Returns the deleted paths. Another process pruning or loading at the same time is harmless:
+    a package already gone is skipped, and a loaded package's library is mapped from a copy."""
+    found = []
+    for path in [*Path(cache).glob("denoiser-*.pt2"), *Path(cache).glob("denoiser-*.pt2.unreadable")]:
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            continue
+        found.append((info.st_mtime, info.st_size, path))
+    total = sum(size for _, size, _ in found)
+    kept = {Path(p) for p in keep}
+    removed = []
+    for _, size, path in sorted(found, key=lambda entry: entry[0]):
+        if total <= limit:
+            break
+        if path in kept:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+        total -= size
+    return removed
 
 
 def _weights_digest(module: nn.Module) -> str:
@@ -219,6 +268,7 @@ class PackagedDenoiser(nn.Module):
             return self._loaded[path]
         if not self.compile_missing:
             return False
+        limit = cache_limit()  # a bad LDMKIT_AOT_CACHE_GB is said before the compile, not after
         if self.note is not None:  # auto chose to compile: its line first
             print(self.note, file=sys.stderr, flush=True)
             self.note = None
@@ -241,6 +291,10 @@ class PackagedDenoiser(nn.Module):
             return False
         self._paths[signature] = path
         self.compiled += 1
+        removed = prune_cache(self.cache, limit, keep=[path]) if limit is not None else []
+        if removed:
+            print(f"compile=aot: the cache {self.cache} keeps at most LDMKIT_AOT_CACHE_GB={limit / 2**30:g} GB: "
+                  f"removed {len(removed)} package(s) used least recently", file=sys.stderr, flush=True)  # fmt: skip
         return self._load(path, compiled=True)
 
     def _load(self, path: Path, *, compiled: bool = False) -> Any:
@@ -251,6 +305,9 @@ class PackagedDenoiser(nn.Module):
         run eagerly (``auto``), not one failed sampling call after another."""
         if path in self._loaded:
             return self._loaded[path]
+        if not compiled:
+            with contextlib.suppress(OSError):  # used now: the last to go when the cache is pruned
+                os.utime(path)
         try:
             runner = load_package(path)
         except Exception as err:
