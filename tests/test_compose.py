@@ -189,6 +189,18 @@ def test_a_save_cut_short_between_weights_and_config_is_refused_on_load(toy, tmp
     assert not (folder / ".save-incomplete").exists()
 
 
+def test_saving_where_a_file_stands_is_one_error_naming_it(toy, tmp_path):
+    """Was FileExistsError from mkdir ("File exists"), for a file at the folder or above it."""
+    from ldmkit.io import NotAFolderError
+
+    (tmp_path / "taken").write_text("mine")
+    pipe = ldmkit.compose(overrides=toy)
+    for target in (tmp_path / "taken", tmp_path / "taken" / "pipe"):
+        with pytest.raises(NotAFolderError, match=rf"Pipeline.save: {tmp_path / 'taken'} is a file, not a folder"):
+            pipe.save(target)
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
 def test_loading_a_run_folder_points_to_its_pipeline(toy, tmp_path):
     """`ldmkit convert to-diffusers runs/ldm` and Pipeline.load of a run said only that
     model.safetensors is missing."""

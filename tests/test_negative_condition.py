@@ -61,6 +61,11 @@ def test_the_negative_replaces_the_null_condition(pipe):
         ({"negative": {"label": [1, 2]}, "guidance_scale": 3.0},
          "negative['label'] holds 2 values for 3 samples: give 1 (for all) or 3"),
         ({"negative": {"label": 4}, "guidance_scale": 3.0}, "negative['label'] is 4, not a list"),
+        # a value the conditioner refuses: was its bare message, naming no negative
+        ({"negative": {"label": [99]}, "guidance_scale": 3.0},
+         "negative: class labels must be in [0, 10) (conditioner.num_classes=10); got min 99, max 99"),
+        ({"negative": ["a"], "guidance_scale": 3.0},
+         "negative maps each condition key to its values, e.g. {'label': [1, 2]} or {'caption': ['a cat']}; got a list"),
     ],
 )
 def test_bad_negative_conditions_are_one_error_naming_the_argument(pipe, options, message):

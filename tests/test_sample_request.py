@@ -132,6 +132,8 @@ def test_values_are_checked_and_normalized_when_the_request_is_made():
         ({"num_samples": -4.0}, "num_samples must be a whole number >= 1, got -4"),
         ({"precision": "fp8"}, "precision='fp8' is not a precision"),
         ({"compile": "fast"}, "compile='fast': expected true, false, auto, aot or one of"),
+        # was dict()'s "cannot convert dictionary update sequence element #0 to a sequence"
+        ({"batch": [1, 2]}, "batch maps each condition key to its values, e.g. {'label': [1, 2]}"),
     ]
     for kwargs, text in refused:
         with pytest.raises(SampleArgumentError) as err:

@@ -34,7 +34,7 @@ from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.errors import ConfigError, LdmkitError
 from ldmkit.interfaces import Conditioner, Denoiser, FirstStage, Sampler
 from ldmkit.interop import pipelines
-from ldmkit.io import atomic_write, atomic_write_text
+from ldmkit.io import atomic_write, atomic_write_text, check_folder
 from ldmkit.plugins import get_registry
 from ldmkit.safetensors_io import read_safetensors, read_safetensors_shapes
 from ldmkit.sampling_request import SampleArgumentError, SampleRequest, negative_batch  # noqa: F401 - SampleArgumentError: its old home
@@ -448,8 +448,11 @@ class Pipeline(nn.Module):
         if guidance_scale == 1.0 or not cond:
             return cond, None
         if negative is not None:  # a real condition: no null to have been trained
-            with _precision.autocast(precision, device):
-                uncond = self.conditioner(negative)
+            try:
+                with _precision.autocast(precision, device):
+                    uncond = self.conditioner(negative)
+            except (LdmkitError, ValueError) as err:  # a bad value: say it was the negative's
+                raise SampleArgumentError("{negative}: {problem}", problem=str(err)) from err
             return cond, _float32(checked_condition(self.conditioner, "forward() of the negative condition", uncond))
         if not self.conditioner.learns_null_condition:
             where = " in a part, and none jointly" if hasattr(self.conditioner, "parts") else ""  # conditioner=multi
@@ -517,6 +520,7 @@ class Pipeline(nn.Module):
             except ConfigError as err:
                 raise ConfigError(f"cannot save this pipeline, no config rebuilds it: {err}") from None
         directory = Path(directory)
+        check_folder(directory, "Pipeline.save")  # a file where the folder (or one above it) goes
         directory.mkdir(parents=True, exist_ok=True)
         marker = directory / SAVING_MARKER
         atomic_write_text(marker, "Pipeline.save was replacing this folder's files and did not finish\n")

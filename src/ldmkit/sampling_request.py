@@ -199,6 +199,14 @@ class SampleRequest:
     def __post_init__(self) -> None:
         """The checks that need no pipeline; numbers come out as ints and floats, ``size``
         as ``(height, width)`` (``image_size`` folded into it)."""
+        for name in ("batch", "negative"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Mapping):
+                raise SampleArgumentError(
+                    f"{{{name}}} maps each condition key to its values, e.g. {{{{'label': [1, 2]}}}} or "
+                    "{{'caption': ['a cat']}}; got a {got}",
+                    got=type(value).__name__,
+                )
         self.batch = dict(self.batch or {})
         self.guidance_scale = _guidance(self.guidance_scale)
         if self.negative is not None:

@@ -50,6 +50,11 @@ def test_bad_labels_and_options_are_named():
     with pytest.raises(ValueError, match=r"class labels must be whole numbers, got \[1.5\]"):
         c({"label": torch.tensor([1.5])})  # was label 1, silently
     assert torch.equal(c({"label": torch.tensor([2.0])})["crossattn"], c({"label": [2]})["crossattn"])
+    with pytest.raises(ValueError, match=r"class labels \('label'\) must be whole numbers, got \['cat'\]"):
+        c({"label": ["cat"]})  # was torch's "too many dimensions 'str'"
+    with pytest.raises(ValueError, match=r"class labels \('label'\) are one per sample.*got shape \(1, 2\)"):
+        c({"label": torch.tensor([[1, 2]])})  # was two labels for one sample, failing later in the UNet
+    assert torch.equal(c({"label": torch.tensor([[1], [2]])})["crossattn"], c({"label": [1, 2]})["crossattn"])
     with pytest.raises(KeyError, match=r"ClassLabelConditioner reads batch key 'label'.*\['caption'\]"):
         c({"caption": ["a"]})
     with pytest.raises(ValueError, match="unknown role 'concat'"):

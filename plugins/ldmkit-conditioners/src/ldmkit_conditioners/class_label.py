@@ -71,9 +71,19 @@ class ClassLabelConditioner(Conditioner):
             self.vector_dim = num_classes
 
     def _labels(self, batch: Mapping[str, Any]) -> Tensor:
-        given = torch.as_tensor(self.read(batch, self.input_key), device=self._device())
+        raw = self.read(batch, self.input_key)
+        try:
+            given = torch.as_tensor(raw, device=self._device())
+        except (TypeError, ValueError, RuntimeError):  # strings, ragged lists, objects
+            shown = list(raw)[:8] if isinstance(raw, (list, tuple)) else raw
+            raise ConditionValueError(f"class labels ({self.input_key!r}) must be whole numbers, got {shown!r}") from None
         if given.is_floating_point() and not torch.equal(given, given.round()):  # long() would truncate 1.5 to 1
             raise ValueError(f"class labels must be whole numbers, got {given.flatten()[:8].tolist()}")
+        if given.dim() > 1 and given[0].numel() != 1:  # one label per sample: (B,) or a (B, 1) column
+            raise ConditionValueError(
+                f"class labels ({self.input_key!r}) are one per sample, a list or a 1-D tensor; got shape "
+                f"{tuple(given.shape)}"
+            )
         labels = given.to(dtype=torch.long)
         if self.null_index == self.num_classes:
             if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
