@@ -1213,3 +1213,13 @@ def test_a_folder_made_by_another_rank_meanwhile_is_not_a_file(tmp_path, monkeyp
     monkeypatch.setattr(Path, "is_dir", is_dir)
     check_folder(run, "run_dir")  # no NotAFolderError
     assert looked == [run]
+
+
+def test_compose_refuses_one_string_of_overrides():
+    """Was "d: an override is KEY=VALUE ..." for ldmkit.compose("denoiser=unet_tiny"): the string
+    read character by character."""
+    from ldmkit import compose
+    from ldmkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"overrides are a list of KEY=VALUE strings, e.g. \['denoiser=unet_tiny'\]"):
+        compose("denoiser=unet_tiny")

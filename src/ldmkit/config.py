@@ -87,6 +87,8 @@ def compose_config(
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    if isinstance(overrides, (str, bytes)):  # iterating it would read each character as an override
+        raise ConfigError(f"overrides are a list of KEY=VALUE strings, e.g. [{overrides!r}]; got one string")
     roots = get_plugin_manager().config_roots()
     users = user_config_dirs(config_dirs)
     _refuse_shadowed_options(users, roots)
