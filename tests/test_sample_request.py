@@ -264,3 +264,15 @@ def test_a_pipeline_from_objects_refuses_an_unset_interface_attribute():
     assert first.declaration_problems() == []
     with pytest.raises(ConfigError, match=r"Pipeline\(\.\.\.\): first_stage NoLatentChannels: latent_channels is not set"):
         Pipeline(**parts, image_size=16)
+
+
+def test_a_pipeline_cast_to_half_is_refused_naming_the_fix():
+    """Was "Input type (float) and bias type (c10::Half) should be the same" from a convolution,
+    in every precision: ldmkit samples bf16/fp16 from a copy of float32 weights."""
+    pipe = ldmkit.compose(["denoiser=unet_tiny", "first_stage=kl_tiny", "image_size=16", "sampler.steps=2"]).eval()
+    pipe.to(torch.float16)
+    for precision in ("auto", "fp32", "fp16"):
+        with pytest.raises(SampleArgumentError, match=r"the pipeline's denoiser has float16 weights: .*"
+                                                      r"cast it back with \.float\(\)"):  # fmt: skip
+            pipe.sample(num_samples=1, seed=0, precision=precision)
+    assert pipe.float().sample(num_samples=1, seed=0).shape == (1, 3, 16, 16)

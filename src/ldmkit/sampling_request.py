@@ -323,6 +323,15 @@ class SampleRequest:
             self, steps=steps, num_samples=n, size=size, init_image=images, mask=mask, strength=strength,
             precision=_precision.resolve(self.precision, _device(pipeline)),
         )  # fmt: skip
+        for part in ("denoiser", "first_stage"):  # float32 masters; bf16/fp16 sampling runs a copy
+            cast = next((p.dtype for p in getattr(pipeline, part).parameters()
+                         if p.is_floating_point() and p.dtype != torch.float32), None)  # fmt: skip
+            if cast is not None:
+                raise SampleArgumentError(
+                    f"the pipeline's {part} has {{dtype}} weights: ldmkit samples from float32 weights, in bf16 "
+                    "or fp16 through a copy ({precision}='auto', 'bf16', 'fp16'); cast it back with .float()",
+                    dtype=str(cast).removeprefix("torch."),
+                )
         if checked.starts_from_init(inpainting=masked or region is not None) and not sampler.supports_init:
             raise SampleArgumentError(
                 "sampler {sampler} does not support img2img ({init_image} with {strength})",
