@@ -324,8 +324,9 @@ class SampleRequest:
             precision=_precision.resolve(self.precision, _device(pipeline)),
         )  # fmt: skip
         for part in ("denoiser", "first_stage"):  # float32 masters; bf16/fp16 sampling runs a copy
-            cast = next((p.dtype for p in getattr(pipeline, part).parameters()
-                         if p.is_floating_point() and p.dtype != torch.float32), None)  # fmt: skip
+            module = getattr(pipeline, part, None)  # a front end's stand-in pipeline may have neither
+            parameters = module.parameters() if isinstance(module, torch.nn.Module) else ()
+            cast = next((p.dtype for p in parameters if p.is_floating_point() and p.dtype != torch.float32), None)
             if cast is not None:
                 raise SampleArgumentError(
                     f"the pipeline's {part} has {{dtype}} weights: ldmkit samples from float32 weights, in bf16 "
