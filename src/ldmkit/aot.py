@@ -42,7 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ldmkit.errors import LdmkitError
+from ldmkit.compiling import quiet_cpp_extension_log
+from ldmkit.errors import LdmkitError, first_line
 
 __all__ = ["DEFAULT_CACHE_GB", "AOTError", "PackagedDenoiser", "aot_cache_dir", "cache_limit", "load_package", "prune_cache"]
 
@@ -114,8 +115,8 @@ def _weights_digest(module: nn.Module) -> str:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+    line = first_line(err)
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
 
 
 def load_package(path: str | os.PathLike) -> Callable[..., Tensor]:
@@ -247,10 +248,7 @@ class PackagedDenoiser(nn.Module):
         return runner(*args)
 
     def _package(self, signature: tuple, keys: tuple[str, ...], args: tuple[Tensor, ...]) -> Any:
-        # torch's C++-extension module says at import that a CPU host has no CUDA runtime: not news
-        quiet = logging.getLogger("torch.utils.cpp_extension")
-        if quiet.level == logging.NOTSET:
-            quiet.setLevel(logging.ERROR)
+        quiet_cpp_extension_log()
         if any(a.device.type != "cpu" for a in args):
             raise AOTError("compile=aot runs on the CPU only (measured there); use compile=auto on CUDA")
         if not self.compile_missing and not any(self.cache.glob("denoiser-*.pt2")):

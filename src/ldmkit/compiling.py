@@ -27,6 +27,7 @@ into a package kept on disk and loaded by later processes (:mod:`ldmkit.aot`).
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 from collections.abc import Iterable
@@ -50,9 +51,19 @@ __all__ = [
     "compile_module",
     "host_kind",
     "is_compiled",
+    "quiet_cpp_extension_log",
 ]
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def quiet_cpp_extension_log() -> None:
+    """Keep torch's C++-extension module from logging, when inductor first imports it, that a
+    CPU host has no CUDA runtime (not news there); a level the user set is left alone."""
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    if quiet.level == logging.NOTSET:
+        quiet.setLevel(logging.ERROR)
+
 # what a `compile` / `trainer.compile` key takes, for the config checker
 COMPILE_OPTION = Either(Boolean(), Choice(*COMPILE_MODES, "auto", "aot"))
 

@@ -8,6 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message ("" for none): a long error (a compiler's, a
+    loader's) quoted inside a one-line message."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def first_few(items: Sequence[str], *, most: int = 3, sep: str = ", ") -> str:
     """``a, b, c (and 4 more)``: the first ``most`` of ``items`` for a one-line message."""
     more = f" (and {len(items) - most} more)" if len(items) > most else ""

@@ -31,7 +31,7 @@ from ldmkit.config import compose_config, load_saved_config
 from ldmkit.diffusion.guidance import ClassifierFreeGuidance
 from ldmkit.diffusion.sampling import GeneratorArg, randn_like, sample_generators, split_generator
 from ldmkit.diffusion.schedule import NoiseSchedule
-from ldmkit.errors import ConfigError, LdmkitError
+from ldmkit.errors import ConfigError, LdmkitError, first_line
 from ldmkit.interfaces import Conditioner, Denoiser, FirstStage, Sampler
 from ldmkit.interop import pipelines
 from ldmkit.io import atomic_write, atomic_write_text, check_folder
@@ -169,7 +169,7 @@ class Pipeline(nn.Module):
             if not _DTYPE_CLASH.search(str(err)):  # another error: the denoiser's own, as it is
                 raise
             name = type(self.denoiser).__name__
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err) or type(err).__name__
             warnings.warn(
                 f"sampling in {precision}: denoiser {name} does not run on {precision} weights ({first}); "
                 f"it runs under autocast over its float32 weights instead (set "

@@ -29,13 +29,15 @@ embeddings) stays on the plain path, AdamW's own step included.
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ldmkit.compiling import quiet_cpp_extension_log
+from ldmkit.errors import first_line
 
 __all__ = ["MATRIX_LAYERS", "WorkingWeights", "check_kernel", "unsupported_reason"]
 
@@ -317,10 +319,7 @@ def check_kernel(device: torch.device | str, *, accumulate: bool = True) -> str 
     """Compile the fused step's kernel once for ``device`` on a few values, for bf16 gradients
     and, with ``accumulate`` (micro-batches summed in float32), float32 ones; None if it runs,
     else why not (inductor needs a C++ compiler on a CPU and triton on CUDA)."""
-    # torch's C++-extension module says at import that a CPU host has no CUDA runtime: not news
-    quiet = logging.getLogger("torch.utils.cpp_extension")
-    if quiet.level == logging.NOTSET:
-        quiet.setLevel(logging.ERROR)
+    quiet_cpp_extension_log()
     try:
         n = 17  # not 0 or 1: the compiled kernel stays dynamic in the size
         for grad_dtype in (torch.bfloat16, torch.float32)[: 2 if accumulate else 1]:
@@ -329,6 +328,5 @@ def check_kernel(device: torch.device | str, *, accumulate: bool = True) -> str 
                       torch.empty(n, dtype=torch.bfloat16, device=device),
                       torch.tensor([1.0, 1.0, 0.1, 0.999, 0.001, -1e-4, 0.03, 1e-8], device=device))
     except Exception as err:  # noqa: BLE001 - any failure to build the kernel means: not here
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        return f"its fused kernel does not compile here ({type(err).__name__}: {first[:200]})"
+        return f"its fused kernel does not compile here ({type(err).__name__}: {first_line(err)[:200]})"
     return None
