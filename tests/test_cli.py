@@ -263,6 +263,26 @@ def test_a_checkpoint_folder_without_the_flag_is_named(class_checkpoint):
                           f"(did you mean --checkpoint {class_checkpoint / 'pipeline'}?)\n")
 
 
+@pytest.mark.parametrize("name", ["o.txt", "grid.safetensors"])
+def test_an_out_name_no_image_format_has_is_refused_before_sampling(class_checkpoint, tmp_path, name):
+    """Before, ``--out o.txt`` wrote PNG bytes under that name, silently."""
+    out = ldmkit("sample", "--checkpoint", str(class_checkpoint / "pipeline"), "--labels", "1",
+                 "--out", str(tmp_path / name), "--no-progress")  # fmt: skip
+    assert out.returncode == 1
+    stem = name.rsplit(".", 1)[0]
+    assert out.stderr == (f"ldmkit sample: error: --out {tmp_path / name}: .{name.rsplit('.', 1)[1]} is not an image "
+                          f"format PIL writes; name the grid {stem}.png (or .jpg, .webp)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_jpeg_grid_is_written_as_jpeg(class_checkpoint, tmp_path):
+    out = ldmkit("sample", "--checkpoint", str(class_checkpoint / "pipeline"), "--labels", "1",
+                 "--out", str(tmp_path / "grid.jpg"), "--no-progress")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    with Image.open(tmp_path / "grid.jpg") as grid:
+        assert grid.format == "JPEG"
+
+
 def test_print_config_with_a_checkpoint_shows_the_checkpoints_config(class_checkpoint):
     """Before, it printed the config composed from ldmkit's defaults (first_stage identity,
     image_size 32), not the checkpoint's that sampling uses."""

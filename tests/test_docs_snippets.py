@@ -42,6 +42,7 @@ import re
 import shlex
 import struct
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,6 +249,7 @@ def pages(tmp_path_factory):
 def test_python_block_runs(block, pages, monkeypatch):
     page = pages(block.file)
     monkeypatch.chdir(page.cwd)
+    monkeypatch.setattr(tempfile, "tempdir", str(page.cwd))  # a snippet's mkdtemp goes with the page
     same_page = [b for b in PYTHON_BLOCKS if b.file == block.file]
     index = same_page.index(block)
     while page.done < index:  # earlier blocks of the page (when this one was picked alone)

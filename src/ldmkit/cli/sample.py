@@ -13,8 +13,8 @@ from pathlib import Path
 from ldmkit.cli.common import CLIError, _compose, _parser
 from ldmkit.errors import LdmkitError
 from ldmkit.sample_io.samples import condition_settings as _condition_settings
+from ldmkit.sample_io.samples import grid_format, write_samples
 from ldmkit.sample_io.samples import sampler_settings as _sampler_settings
-from ldmkit.sample_io.samples import write_samples
 
 SAMPLE_EPILOG = """\
 outputs: --out grid.png writes grid.png (all samples), grid/000000.png ... (one PNG per sample,
@@ -122,6 +122,10 @@ def sample(argv: Sequence[str], *, prog: str, description: str) -> int:
                        else "--rows does not apply with --show-conditions (one row per sample)")
     if not args.out.suffix:
         raise CLIError(f"--out names the grid image, e.g. {args.out}.png; got {args.out}")
+    try:
+        grid_format(args.out)
+    except ValueError as err:
+        raise CLIError(f"--out {err}") from None
     folder = next((o for o in args.overrides if "=" not in o and Path(o).expanduser().is_dir()), None)
     if folder is not None:
         raise CLIError(f"{folder}: an override is KEY=VALUE (did you mean --checkpoint {folder}?)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["condition_settings", "sampler_settings", "to_pil", "write_samples"]
+__all__ = ["condition_settings", "grid_format", "sampler_settings", "to_pil", "write_samples"]
 
 
 def sampler_settings(pipeline) -> dict:
@@ -95,21 +95,30 @@ def write_samples(
             from ldmkit.visualize import samples_with_conditions
 
             tiles, per_row = samples_with_conditions(images, conditioner, batch, init_image=init_image, mask=mask)
-            save_image(tiles, tmp, nrow=per_row or image_grid_rows(n), format=_format(out))
+            save_image(tiles, tmp, nrow=per_row or image_grid_rows(n), format=grid_format(out))
         else:
             per_row = -(-n // rows) if rows else image_grid_rows(n)
-            save_image((images + 1) / 2, tmp, nrow=per_row, format=_format(out))
+            save_image((images + 1) / 2, tmp, nrow=per_row, format=grid_format(out))
     record = {**settings, "grid": out.name, "images": per_image}
     json_path = out.with_suffix(".json")
     atomic_write_text(json_path, json.dumps(record, indent=2, default=str) + "\n")
     return {"grid": out, "folder": folder, "settings": json_path}
 
 
-def _format(path: Path) -> str:
+def grid_format(path: Path) -> str:
+    """The image format PIL writes for ``path``'s extension (``.png`` -> ``PNG``); a
+    :class:`ValueError` naming the path where the extension is none PIL can write (``o.txt``),
+    rather than PNG bytes under a name that says otherwise."""
     from PIL import Image
 
     Image.init()
-    return Image.EXTENSION.get(path.suffix.lower(), "PNG")
+    fmt = Image.EXTENSION.get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(
+            f"{path}: {path.suffix or 'no extension'} is not an image format PIL writes; "
+            f"name the grid {path.with_suffix('.png').name} (or .jpg, .webp)"
+        )
+    return fmt
 
 
 def to_pil(image):
