@@ -157,7 +157,7 @@ def test_installed_stage_is_listed_by_ldmkit_plugins(installed):
         "stage": ["autoencoder", "ldm"]
     }
     evaluators = next(r for r in rows if r["name"] == "ldmkit.evaluation.stages")
-    assert evaluators["registers"] == {"evaluator": ["autoencoder"]}
+    assert evaluators["registers"] == {"evaluator": ["autoencoder", "ldm"]}
     table = ldmkit_cli("plugins", env=installed).stdout
     assert "stage: echo" in next(line for line in table.splitlines() if "ldmkit-echo-stage" in line)
 
@@ -185,7 +185,7 @@ def test_first_party_stages_are_registered_by_the_builtin_plugin(fresh_plugins):
     assert registry.names("stage") == ["autoencoder", "ldm"]
     assert {registry.get("stage", n).provider for n in ("autoencoder", "ldm")} == {BUILTIN}
     autoencoder, ldm = registry.stage("autoencoder"), registry.stage("ldm")
-    assert autoencoder.evaluate is not None and ldm.evaluate is None
+    assert autoencoder.evaluate.__name__ == "evaluate_autoencoder" and ldm.evaluate.__name__ == "evaluate_ldm"
     assert autoencoder.trainer_config == ldm.trainer_config == "default"  # what both always used
 
 
@@ -199,7 +199,7 @@ def test_evaluation_registers_its_evaluator_with_the_stage(fresh_plugins):
     assert registry.get("stage", "autoencoder").provider == BUILTIN  # the stage stays training's
 
 
-def test_a_plugin_gives_a_stage_registered_elsewhere_its_evaluator(ldmkit_plugin, fresh_plugins):
+def test_a_plugin_gives_a_stage_registered_elsewhere_its_evaluator(ldmkit_plugin, fresh_plugins, tmp_path):
     from ldmkit.evaluation import evaluate
 
     calls = []
@@ -211,12 +211,13 @@ def test_a_plugin_gives_a_stage_registered_elsewhere_its_evaluator(ldmkit_plugin
     class Plugin:
         @ldmkit.hookimpl
         def ldmkit_register_stages(self, register):
-            register("ldm", evaluate=score)
+            register("mine", evaluate=score)
 
-    ldmkit_plugin(Plugin(), name="ldm_fid")
-    assert evaluate(compose_config(["stage=ldm"]), write=False) == {"fid": 1.5}
-    assert calls == [("ldm", {"write": False})]
-    assert get_registry().get("stage", "ldm").provider == BUILTIN
+    ldmkit_plugin(_stage_plugin(tmp_path, []), name="mine")
+    ldmkit_plugin(Plugin(), name="mine_fid")
+    assert evaluate(compose_config(["stage=mine"]), write=False) == {"fid": 1.5}
+    assert calls == [("mine", {"write": False})]
+    assert get_registry().get("stage", "mine").provider == "plugin 'mine' (mine)"
 
 
 def test_a_second_evaluator_for_a_stage_names_both(ldmkit_plugin, fresh_plugins):
@@ -245,15 +246,13 @@ def test_first_party_stages_keep_the_primary_trainer_config(fresh_plugins):
         assert compose_config([f"stage={stage}"]).choices.trainer == "default"
 
 
-def test_stage_without_an_evaluator_says_which_have_one(fresh_plugins):
+def test_stage_without_an_evaluator_says_which_have_one(ldmkit_plugin, fresh_plugins, tmp_path):
     from ldmkit.evaluation import evaluate
 
+    ldmkit_plugin(_stage_plugin(tmp_path, []), name="mine")
     with pytest.raises(ConfigError) as err:
-        evaluate(compose_config(["stage=ldm"]))
-    assert (
-        str(err.value)
-        == f"stage 'ldm' (from {BUILTIN}) has no evaluator; stages with one: autoencoder"
-    )
+        evaluate(compose_config(["stage=mine"]))
+    assert str(err.value) == "stage 'mine' (from plugin 'mine' (mine)) has no evaluator; stages with one: autoencoder, ldm"
 
 
 # -- in-process registration (the ldmkit_plugin fixture) -----------------------------------------

@@ -33,6 +33,11 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "output": None,  # JSON path (default: <run>/eval/autoencoder_<split>_step_<N>.json)
     "device": "auto",
     "num_workers": 0,
+    # stage=ldm (ldmkit.evaluation.ldm): how the samples are drawn
+    "steps": None,  # null: the sampler's own (sampler.steps)
+    "guidance_scale": 1.0,  # classifier-free guidance (1: none)
+    "seed": None,  # null: the config's seed
+    "progress": True,
 }
 
 
@@ -195,24 +200,7 @@ def evaluate_autoencoder(
                               f"(trained in {saved.first_stage.get('checkpoint') or 'that run'}), not its samples")
     else:
         first_stage = first_stage.to(device).eval()
-    requested = options["split"]
-    if requested == "auto":  # a data(split, epoch) factory has no manifest: its test split
-        if data is not None:
-            options["split"] = "test"
-        else:
-            from ldmkit.data.errors import SourceNotFoundError
-            from ldmkit.data.loader import data_config, load_manifest
-
-            try:
-                options["split"] = load_manifest(data_config(cfg.data))[1].facts()["val_split"]
-            except SourceNotFoundError as err:
-                raise _missing_data(err, cfg, saved if checkpoint is not None else None) from None
-    if options["split"] is None:  # ${manifest:val_split} of data prepared without a held-out split
-        raise ConfigError(
-            f"eval.split is {requested or 'null'}: the data has no held-out split (val or test); prepare it with "
-            "val_fraction=0.05 (ldmkit data prepare ... val_fraction=0.05 overwrite=true) or set eval.split=train"
-        )
-    split = str(options["split"])
+    split = eval_split(cfg, options, data, saved if checkpoint is not None else None)
     output = Path(options["output"]).expanduser() if options["output"] is not None else None
     if write and output is None:
         base = checkpoint.path.parent.parent if checkpoint is not None else Path(cfg.get("run_dir") or ".").expanduser()
@@ -255,6 +243,31 @@ def evaluate_autoencoder(
         atomic_write_text(output, json.dumps(report, indent=2) + "\n")
         report["output"] = str(output)
     return report
+
+
+def eval_split(cfg: Any, options: Mapping[str, Any], data: Any, saved: Any) -> str:
+    """The split ``eval.split`` names: ``auto`` is the prepared data's held-out split (``test``
+    for a ``data(split, epoch)`` factory, which has no manifest). ``saved``: the config of the
+    run being scored (None without one), to say which data it was trained on."""
+    requested = options["split"]
+    split = requested
+    if requested == "auto":
+        if data is not None:
+            split = "test"
+        else:
+            from ldmkit.data.errors import SourceNotFoundError
+            from ldmkit.data.loader import data_config, load_manifest
+
+            try:
+                split = load_manifest(data_config(cfg.data))[1].facts()["val_split"]
+            except SourceNotFoundError as err:
+                raise _missing_data(err, cfg, saved) from None
+    if split is None:  # ${manifest:val_split} of data prepared without a held-out split
+        raise ConfigError(
+            f"eval.split is {requested or 'null'}: the data has no held-out split (val or test); prepare it with "
+            "val_fraction=0.05 (ldmkit data prepare ... val_fraction=0.05 overwrite=true) or set eval.split=train"
+        )
+    return str(split)
 
 
 def _missing_data(err: Exception, cfg: Any, saved: Any) -> Exception:

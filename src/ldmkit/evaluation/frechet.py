@@ -18,6 +18,7 @@ torchmetrics is imported on first use (it costs seconds; see :mod:`ldmkit.evalua
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -119,9 +120,11 @@ def kernel_distance(
     size = min(subset_size, real.shape[0], fake.shape[0])
     if size < 2:
         raise ValueError(f"KID needs at least 2 feature vectors per set, got {real.shape[0]} and {fake.shape[0]}")
-    metric = KernelInceptionDistance(
-        feature=PrecomputedFeatures(real.shape[1]), subsets=subsets, subset_size=size
-    )
+    with warnings.catch_warnings():  # that it keeps the features: they are in memory already
+        warnings.filterwarnings("ignore", message=".*will save all extracted features", category=UserWarning)
+        metric = KernelInceptionDistance(
+            feature=PrecomputedFeatures(real.shape[1]), subsets=subsets, subset_size=size
+        )
     metric.update(real.detach().cpu(), real=True)
     metric.update(fake.detach().cpu(), real=False)
     with torch.random.fork_rng(devices=[]):

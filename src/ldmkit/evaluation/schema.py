@@ -4,7 +4,7 @@ checks; the defaults are in ``conf/config.yaml``). Declared to the config checke
 
 from __future__ import annotations
 
-from ldmkit.config_checks import Boolean, Choice, Device, Either, Integer, Spec, Text
+from ldmkit.config_checks import Boolean, Choice, Device, Either, Integer, Number, Spec, Text
 from ldmkit.evaluation.features import FEATURES
 
 __all__ = ["EVAL_KEYS"]
@@ -20,4 +20,8 @@ EVAL_KEYS: dict[str, Spec] = {
     "output": Text(null=True),
     "device": Device(),
     "num_workers": Integer(0),
+    "steps": Integer(1, null=True),
+    "guidance_scale": Number(0),
+    "seed": Integer(0, null=True),
+    "progress": Boolean(),
 }

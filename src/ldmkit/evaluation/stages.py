@@ -23,9 +23,18 @@ def evaluate_autoencoder(cfg: Any, **kwargs: Any) -> dict[str, Any]:
     return evaluate_autoencoder(cfg, **kwargs)
 
 
+def evaluate_ldm(cfg: Any, **kwargs: Any) -> dict[str, Any]:
+    """Sample quality of a trained latent diffusion model on ``eval.split``
+    (:func:`ldmkit.evaluation.ldm.evaluate_ldm`)."""
+    from ldmkit.evaluation.ldm import evaluate_ldm
+
+    return evaluate_ldm(cfg, **kwargs)
+
+
 @hookimpl
 def ldmkit_register_stages(register):
     register("autoencoder", evaluate=evaluate_autoencoder)
+    register("ldm", evaluate=evaluate_ldm)
 
 
 @hookimpl

@@ -1,0 +1,210 @@
+"""``evaluate stage=ldm``: sample quality of a trained latent diffusion model on a held-out
+split — the Fréchet distance between the feature statistics of the split's images and of
+samples drawn for the same conditions (FID in the paper's Tab. 1-3 and 6-7 where the
+features are Inception's), KID, and, where the conditioner reads a class label and the
+features are the Fashion-MNIST classifier's, the share of samples that classifier puts in
+the class they were drawn for.
+
+Each of the split's batches gives its conditions (the conditioner's ``input_keys``, with the
+inputs training adds, such as inpainting masks) to one sampling call of the same size; an
+unconditional model draws as many samples as the batch has images. The model is a pipeline
+folder: ``eval.checkpoint`` (a run folder means its ``pipeline/``), default ``run_dir``.
+Sampling runs the config's ``sampler`` (``sampler.steps=50`` on the command line), with
+``eval.steps`` and ``eval.guidance_scale`` where given, from ``eval.seed`` (default ``seed``):
+the same command scores the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldmkit.errors import ConfigError
+from ldmkit.evaluation.autoencoder import _feature_model, eval_options, eval_split
+from ldmkit.evaluation.frechet import FeatureStats, frechet_distance_from_stats, kernel_distance
+from ldmkit.io import atomic_write_text, check_writable
+
+__all__ = ["evaluate_ldm", "pipeline_folder", "sample_metrics"]
+
+
+def pipeline_folder(path: str | Path) -> Path:
+    """The pipeline folder ``path`` names: itself, or a training run's ``pipeline/``."""
+    path = Path(path).expanduser()
+    if (path / "pipeline" / "config.yaml").is_file() and not (path / "config.yaml").is_file():
+        return path / "pipeline"
+    if (path / "pipeline" / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+        return path / "pipeline"  # a run folder (its own config.yaml is the run's)
+    return path
+
+
+def _trained_step(folder: Path) -> int | None:
+    """The step of the run's newest checkpoint, which ``pipeline/`` was exported at."""
+    from ldmkit.checkpoint_layout import usable_checkpoints
+
+    checkpoints = folder.parent / "checkpoints"
+    if folder.name != "pipeline" or not checkpoints.is_dir():
+        return None
+    latest = next(usable_checkpoints(checkpoints), None)
+    return latest.step if latest is not None else None
+
+
+@torch.no_grad()
+def sample_metrics(
+    pipeline: Any,
+    batches: Any,
+    *,
+    device: torch.device,
+    feature_model: torch.nn.Module | None,
+    max_images: int | None = None,
+    steps: int | None = None,
+    guidance_scale: float = 1.0,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Samples for the conditions of each batch of ``batches``, scored against the batch's
+    images: ``frechet_distance`` and ``kid`` (``feature_model``'s features), and
+    ``class_accuracy`` where the conditioner reads a class key and ``feature_model`` is the
+    Fashion-MNIST classifier's (its logits judge each sample). Batch ``i``'s samples are drawn
+    from seed ``seed + <images before it>``."""
+    from tqdm.auto import tqdm
+
+    from ldmkit.sampling_request import SEED_LIMIT
+    from ldmkit.training.batches import batch_images
+
+    conditioner = pipeline.conditioner
+    class_keys = [k for k in conditioner.input_keys if conditioner.input_kind(k) == "class"]
+    classifier = getattr(feature_model, "model", None) if getattr(feature_model, "name", "") == "fashion_mnist" else None
+    judged_key = class_keys[0] if classifier is not None and len(class_keys) == 1 else None
+    gen = torch.Generator().manual_seed(seed)  # for the inputs training adds (random masks)
+    real_stats = fake_stats = None
+    real_feats: list[torch.Tensor] = []
+    fake_feats: list[torch.Tensor] = []
+    correct = judged = seen = 0
+    bar = tqdm(total=max_images, disable=not progress, desc="ldm samples", unit="img")
+    try:
+        for batch in batches:
+            real = batch_images(batch, channels=int(pipeline.first_stage.image_channels), device=device)
+            n = real.shape[0] if max_images is None else min(real.shape[0], max_images - seen)
+            real = real[:n]
+            cond = None
+            if conditioner.input_keys:
+                inputs = conditioner.training_inputs(batch, gen)
+                missing = [k for k in conditioner.input_keys if k not in inputs]
+                if missing:
+                    raise ConfigError(
+                        f"the conditioner ({type(conditioner).__name__}) reads {missing}, which the "
+                        f"evaluation split's batches lack (their keys: {sorted(batch)})"
+                    )
+                cond = {k: inputs[k][:n] for k in conditioner.input_keys}
+            fake = pipeline.sample(
+                cond, num_samples=None if cond else n, steps=steps, guidance_scale=guidance_scale,
+                seed=(seed + seen) % SEED_LIMIT, size=tuple(real.shape[-2:]),
+            ).to(device)  # fmt: skip
+            if feature_model is not None:
+                real_f, fake_f = feature_model(real), feature_model(fake)
+                if real_stats is None:
+                    real_stats, fake_stats = FeatureStats(real_f.shape[1]), FeatureStats(real_f.shape[1])
+                real_stats.update(real_f)
+                fake_stats.update(fake_f)
+                real_feats.append(real_f.cpu())
+                fake_feats.append(fake_f.cpu())
+            if judged_key is not None:
+                labels = torch.as_tensor(cond[judged_key]).to(device).long().flatten()
+                correct += int((classifier(fake).argmax(1) == labels).sum())
+                judged += n
+            seen += n
+            bar.update(n)
+            if max_images is not None and seen >= max_images:
+                break
+    finally:
+        bar.close()
+    if seen == 0:
+        raise ValueError("the evaluation split yielded no images")
+    results: dict[str, Any] = {"num_images": seen}
+    results["frechet_distance"] = frechet_distance_from_stats(real_stats, fake_stats) if real_stats is not None else None
+    kid = kernel_distance(torch.cat(real_feats), torch.cat(fake_feats)) if real_feats and seen > 1 else (None, None)
+    results["kid"], results["kid_std"] = kid
+    results["class_accuracy"] = correct / judged if judged else None
+    if judged:
+        results["class_accuracy_key"] = judged_key
+    return results
+
+
+def evaluate_ldm(cfg: Any, *, data: Any = None, pipeline: Any = None, write: bool = True) -> dict[str, Any]:
+    """Score a trained latent diffusion model's samples on ``eval.split`` and write the JSON
+    report (``<run>/eval/ldm_<split>_step_<N>.json``, or ``eval.output``).
+
+    ``pipeline`` evaluates a :class:`~ldmkit.Pipeline` object instead of a folder;
+    ``data(split, epoch)`` replaces the configured dataset (tests)."""
+    from omegaconf import OmegaConf
+
+    from ldmkit.devices import resolve_device
+
+    options = eval_options(cfg)
+    device = resolve_device(options["device"], "eval.device")
+    started = time.perf_counter()
+    report: dict[str, Any] = {"stage": "ldm"}
+    folder = step = None
+    if pipeline is None:
+        from ldmkit.pipeline import Pipeline
+
+        given = options["checkpoint"] or cfg.get("run_dir")
+        if given is None:
+            raise ConfigError("evaluate stage=ldm needs a model: set eval.checkpoint (a pipeline or run folder) or run_dir")
+        folder = pipeline_folder(given)
+        pipeline = Pipeline.load(folder, device=device)
+        if cfg.get("sampler") is not None:  # the command line's (default ddim), not the one saved
+            pipeline.with_sampler(cfg.sampler)
+        step = _trained_step(folder)
+        report.update(checkpoint=str(folder), step=step)
+    else:
+        pipeline = pipeline.to(device)
+    split = eval_split(cfg, options, data, pipeline.config)
+    output = Path(options["output"]).expanduser() if options["output"] is not None else None
+    if write and output is None:
+        base = folder.parent if folder is not None and folder.name == "pipeline" else Path(cfg.get("run_dir") or folder or ".").expanduser()
+        output = base / "eval" / f"ldm_{split}_step_{step if step is not None else 'model'}.json"
+    if write:
+        check_writable(output)  # a read-only eval.output fails now, not after sampling
+    if data is not None:
+        batches = data(split, 0)
+    else:
+        from ldmkit.data import build_dataloader
+
+        batches = build_dataloader(cfg.data, batch_size=int(options["batch_size"]), split=split,
+                                   num_workers=int(options["num_workers"]), seed=int(cfg.get("seed", 0)))  # fmt: skip
+    feature_model, feature_note = _feature_model(options, device)
+    seed = int(options["seed"] if options["seed"] is not None else cfg.get("seed", 0))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        metrics = sample_metrics(
+            pipeline, batches, device=device, feature_model=feature_model, max_images=options["max_images"],
+            steps=options["steps"], guidance_scale=float(options["guidance_scale"]), seed=seed,
+            progress=bool(options.get("progress", True)),
+        )  # fmt: skip
+    sampler = pipeline.config.sampler if pipeline.config is not None else None
+    report.update(split=split, **metrics)
+    report["sampler"] = OmegaConf.to_container(sampler, resolve=True) if sampler is not None else None
+    report["steps"] = getattr(pipeline.sampler, "steps", None) if options["steps"] is None else int(options["steps"])
+    report["guidance_scale"] = float(options["guidance_scale"])
+    report["seed"] = seed
+    report["frechet_features"] = feature_note if feature_model is not None else None
+    notes = {}
+    if feature_model is None:
+        notes["frechet_distance"] = notes["kid"] = feature_note
+    if metrics["class_accuracy"] is None:
+        notes["class_accuracy"] = (
+            "the conditioner reads no class label" if not any(
+                pipeline.conditioner.input_kind(k) == "class" for k in pipeline.conditioner.input_keys)
+            else "judged by the Fashion-MNIST classifier only (eval.fid_features=fashion_mnist)"
+        )  # fmt: skip
+    if notes:
+        report["skipped"] = notes
+    report["seconds"] = time.perf_counter() - started
+    if write:
+        atomic_write_text(output, json.dumps(report, indent=2) + "\n")
+        report["output"] = str(output)
+    return report
