@@ -201,4 +201,6 @@ def test_the_cli_scores_a_pipeline_folder_on_prepared_data(trained, tmp_path):
 def test_a_folder_that_is_no_pipeline_is_one_line(tmp_path):
     out = ldmkit("evaluate", "stage=ldm", f"eval.checkpoint={tmp_path}", "eval.progress=false")
     assert out.returncode == 1
-    assert out.stderr == f"ldmkit evaluate: error: checkpoint file missing: {tmp_path / 'config.yaml'}\n"
+    assert out.stderr == (f"ldmkit evaluate: error: no trained pipeline at {tmp_path} (eval.checkpoint; checkpoint file "
+                          f"missing: {tmp_path / 'config.yaml'}): give the run folder of an ldm training run, or a "
+                          "pipeline folder, as run_dir=... or eval.checkpoint=...\n")

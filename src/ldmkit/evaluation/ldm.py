@@ -156,6 +156,12 @@ def evaluate_ldm(cfg: Any, *, data: Any = None, pipeline: Any = None, write: boo
         if given is None:
             raise ConfigError("evaluate stage=ldm needs a model: set eval.checkpoint (a pipeline or run folder) or run_dir")
         folder = pipeline_folder(given)
+        if not (folder / "config.yaml").is_file() and not folder.is_file():
+            where = "eval.checkpoint" if options["checkpoint"] else "run_dir"
+            raise FileNotFoundError(
+                f"no trained pipeline at {folder} ({where}; checkpoint file missing: {folder / 'config.yaml'}): "
+                "give the run folder of an ldm training run, or a pipeline folder, as run_dir=... or eval.checkpoint=..."
+            )
         pipeline = Pipeline.load(folder, device=device)
         if cfg.get("sampler") is not None:  # the command line's (default ddim), not the one saved
             pipeline.with_sampler(cfg.sampler)
