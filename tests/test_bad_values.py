@@ -800,6 +800,20 @@ def test_write_errors_name_the_path_in_process(tmp_path):
     atomic_write_text(tmp_path / "ok.txt", "fine")  # an ordinary write is untouched
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_folder_that_cannot_be_made_is_refused_up_front(tmp_path):
+    """/proc passes the permission check (root may write there) and refuses mkdir: before,
+    ``ldmkit sample --out /proc/x/o.png`` sampled, then died in mkdir with a traceback."""
+    from ldmkit.io import WriteError, check_writable
+
+    with pytest.raises(WriteError) as err:
+        check_writable("/proc/ldmkit-no-such/o.png")
+    assert str(err.value).startswith("cannot write /proc/ldmkit-no-such/o.png: ")
+    assert str(err.value).endswith("; no folder can be made in /proc")
+    check_writable(tmp_path / "a" / "b" / "o.png")  # folders that can be made: nothing made yet
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- devices, folders, sizes and files that are not what they claim (issue 26, item 5) --------
 LDM_RUN = ["stage=ldm", "trainer=ldm_tiny", "image_size=8", "data=image_folder"]
 SAMPLE = ["image_size=8", "sampler.steps=1"]

@@ -143,6 +143,11 @@ def check_writable(path: str | os.PathLike) -> None:
         with contextlib.suppress(OSError):
             read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
         raise WriteError(target, errno.EROFS if read_only else errno.EACCES)
+    if existing.is_dir() and existing != target.parent:  # folders to make: can one be made there?
+        try:  # (a pseudo file system such as /proc passes the access check, and refuses mkdir)
+            os.rmdir(tempfile.mkdtemp(prefix=".ldmkit-probe-", dir=existing))
+        except OSError as err:
+            raise WriteError(target, err.errno or errno.EACCES, f"no folder can be made in {existing}") from None
 
 
 @contextlib.contextmanager
