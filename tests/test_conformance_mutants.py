@@ -250,6 +250,23 @@ def test_a_sampler_below_its_declared_order_fails_without_expected_order():
         sampler_check(lambda steps: EulerPosingAsHeun(steps=steps, s_churn=1.0), "test_convergence_order")
 
 
+class DDIMPosingAsPLMS(ldmkit_samplers.PLMSSampler):
+    """PLMS's class (``convergence_order = 1.5``) taking DDIM's step with the step's own eps."""
+
+    def step(self, s):
+        return self._transfer(s, s.eps)
+
+
+def test_a_plms_without_its_multistep_fails_on_its_own_declaration():
+    """PLMS declares order 1.5 (it measures 1.56-2.05 by spacing); a "PLMS" taking DDIM's step
+    measures 0.9-1.0, and fails the check. Not on ``trailing``, whose last step (T / S long, to
+    alpha_bar = 1) holds every multistep method there to order 1 (PLMS: 0.97)."""
+    for spacing in ("linspace", "paper", "quad", "leading"):
+        with pytest.raises(AssertionError, match=r"converges at order [01]\.\d+.*declares convergence_order = 1\.5"):
+            sampler_check(DDIMPosingAsPLMS, "test_convergence_order", order_spacing=spacing)
+        sampler_check(ldmkit_samplers.PLMSSampler, "test_convergence_order", order_spacing=spacing)
+
+
 def test_a_sampler_below_its_declared_order_fails_with_expected_order_too():
     """The test class's ``expected_order`` once replaced the sampler's own declaration: a
     "Heun" stepping like Euler (declaring 2) passed a class that expects order 1."""
