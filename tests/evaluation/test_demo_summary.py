@@ -66,6 +66,27 @@ def test_passes_and_names_every_file(tmp_path, fake_classifier, capsys):
         assert str(path) in out
     summary = json.loads((demo / "summary.json").read_text())
     assert summary["passed"] and summary["samples"]["count"] == 20 and summary["autoencoder"]["step"] == 10
+    assert "held_out" not in summary and "held-out conditions" not in out  # the demo ran no ldm evaluation here
+
+
+def test_the_newest_ldm_evaluation_is_shown_where_the_demo_ran_one(tmp_path, fake_classifier, capsys):
+    labels = list(range(10))
+    demo = _write_demo(tmp_path / "demo", labels=labels, shown=labels)
+    evaluation = demo / "ldm" / "eval"
+    evaluation.mkdir(parents=True)
+    for step, accuracy in ((500, 0.5), (1000, 0.84)):
+        report = {"stage": "ldm", "step": step, "split": "test", "num_images": 200, "class_accuracy": accuracy,
+                  "frechet_distance": 1.234, "kid": 0.0123, "frechet_features": "fashion_mnist",
+                  "steps": 50, "guidance_scale": 3.0}  # fmt: skip
+        (evaluation / f"ldm_test_step_{step}.json").write_text(json.dumps(report))
+    assert demo_summary.main(["--demo-dir", str(demo)]) == 0
+    out = capsys.readouterr().out
+    assert ("held-out conditions (ldmkit evaluate): 200 samples for the labels of as many test images (50 steps, "
+            "guidance 3.0): the classifier finds their class in 84.0%; Frechet distance 1.23, KID 0.0123 to those "
+            "images (fashion_mnist features)") in out
+    assert str(evaluation / "ldm_test_step_1000.json") in out
+    held = json.loads((demo / "summary.json").read_text())["held_out"]
+    assert held["step"] == 1000 and held["class_accuracy"] == 0.84
 
 
 def test_low_accuracy_fails_with_exit_code_1(tmp_path, fake_classifier, capsys):

@@ -64,6 +64,23 @@ def autoencoder_report(run_dir: Path) -> tuple[dict[str, Any], Path]:
         raise DemoSummaryError(f"cannot read {path}: {err}") from err
 
 
+def ldm_report(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
+    """The newest ``ldmkit evaluate stage=ldm`` report of the LDM run in ``run_dir`` (by step),
+    None where there is none (it is optional)."""
+    reports = []
+    for path in (run_dir / "eval").glob("ldm_*_step_*.json"):
+        match = re.search(r"_step_(\d+)\.json$", path.name)
+        if match:
+            reports.append((int(match.group(1)), path))
+    if not reports:
+        return None
+    _, path = max(reports)
+    try:
+        return json.loads(path.read_text()), path
+    except (OSError, ValueError) as err:
+        raise DemoSummaryError(f"cannot read {path}: {err}") from err
+
+
 def load_samples(settings_file: Path, *, label_key: str = "label") -> tuple[Tensor, Tensor]:
     """The samples ``ldmkit sample`` listed in ``settings_file`` (its ``<out>.json``) as
     N×1×H×W in [-1, 1], and their labels."""
@@ -152,7 +169,8 @@ def summarize(
     images, labels = load_samples(samples_file)
     accuracy, per_class = class_accuracy(classifier, images, labels)
     record = json.loads(samples_file.read_text())
-    return {
+    held_out = ldm_report(demo_dir / "ldm")
+    summary = {
         "autoencoder": {
             "psnr": report.get("psnr"), "ssim": report.get("ssim"),
             "num_images": report.get("num_images"), "split": report.get("split"),
@@ -178,6 +196,13 @@ def summarize(
             "this summary": str(demo_dir / SUMMARY_FILE),
         },
     }
+    if held_out is not None:
+        report, path = held_out
+        keys = ("num_images", "split", "step", "class_accuracy", "frechet_distance", "kid", "frechet_features",
+                "guidance_scale", "steps")  # fmt: skip
+        summary["held_out"] = {k: report.get(k) for k in keys}
+        summary["files"] = {**summary["files"], "LDM evaluation": str(path)}
+    return summary
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
@@ -194,6 +219,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"classifier finds the intended class in {samples['accuracy']:.1%} of them (on real test "
         f"images it is right {clf['accuracy_on_real']:.1%} of the time)",
         f"  per class: {per_class}",
+        *_held_out_lines(summary.get("held_out")),
         f"{verdict}: sample accuracy {samples['accuracy']:.1%} "
         f"{'>=' if summary['passed'] else '<'} floor {summary['floor']:.0%}",
         "files:",
@@ -201,6 +227,20 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     width = max(len(k) for k in summary["files"])
     lines += [f"  {name:<{width}}  {path}" for name, path in summary["files"].items()]
     return "\n".join(lines)
+
+
+def _held_out_lines(held: Mapping[str, Any] | None) -> list[str]:
+    """What ``ldmkit evaluate stage=ldm`` found, where the demo ran it."""
+    if held is None:
+        return []
+    judged = held.get("class_accuracy")
+    fid, kid = held.get("frechet_distance"), held.get("kid")
+    parts = [f"the classifier finds their class in {judged:.1%}"] if judged is not None else []
+    if fid is not None:
+        parts.append(f"Frechet distance {fid:.3g}, KID {kid:.3g} to those images ({held.get('frechet_features')} features)")
+    return [f"held-out conditions (ldmkit evaluate): {held['num_images']} samples for the labels of as many "
+            f"{held['split']} images ({held.get('steps')} steps, guidance {held.get('guidance_scale')}): "
+            + ("; ".join(parts) or "no metric (no feature network)")]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
