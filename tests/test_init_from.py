@@ -117,6 +117,32 @@ def test_the_report_counts_and_a_new_class_count_keeps_the_old_rows_and_the_null
     assert OmegaConf.load(run / "config.yaml").scale_factor == 1.0  # the run's own config is as given
 
 
+def test_named_classes_keep_the_row_of_their_name_and_the_report_says_so(tmp_path, capsys):
+    """A folder with a new class that sorts first (ant before cat, dog) shifted every label by
+    one: the new ``cat`` got the source's ``cat`` row only by index, i.e. its ``dog`` row,
+    silently (the report said ``1 loaded``)."""
+    names = ["cat", "dog", "emu"]
+    source = train(ldm_cfg(tmp_path / "src", "trainer.max_steps=1", "conditioner.num_classes=3",
+                           f"conditioner.class_names={names}"), data=class_data(3))  # fmt: skip
+    before = Pipeline.load(source / "pipeline").conditioner.embedding.weight.detach()  # cat, dog, emu, null
+    capsys.readouterr()
+    run = train(ldm_cfg(tmp_path / "run", f"trainer.init_from={source}", "conditioner.num_classes=3",
+                        "conditioner.class_names=[ant,cat,dog]", "trainer.frozen=[conditioner]",
+                        "trainer.max_steps=1"), data=class_data(3))  # fmt: skip
+    err = capsys.readouterr().err
+    assert ("  conditioner: 1 loaded, 0 new, 0 skipped\n    class rows matched by name (class_names differ from the "
+            "source's): 2 kept (cat, dog), 2 of them under another label, 1 new (ant), 1 not in this run (emu)") in err
+    table = Pipeline.load(run / "pipeline").conditioner.embedding.weight.detach()  # ant, cat, dog, null
+    assert torch.equal(table[1], before[0]) and torch.equal(table[2], before[1]) and torch.equal(table[3], before[3])
+    assert all(not torch.equal(table[0], before[j]) for j in range(4))  # ant: a new row
+    # the same names in the same order: loaded as they are, no note
+    again = train(ldm_cfg(tmp_path / "same", f"trainer.init_from={source}", "conditioner.num_classes=3",
+                          f"conditioner.class_names={names}", "trainer.frozen=[conditioner]", "trainer.max_steps=1"),
+                  data=class_data(3))  # fmt: skip
+    assert "matched by name" not in capsys.readouterr().err
+    assert torch.equal(Pipeline.load(again / "pipeline").conditioner.embedding.weight.detach(), before)
+
+
 def test_scale_by_std_keeps_the_sources_factor_when_the_first_stage_is_the_sources(source_run, tmp_path, capsys):
     """A preset asking scale_by_std (experiment=folder_class, the README's LoRA example)
     estimated the factor again from one batch of the new data, so the carried denoiser (or a

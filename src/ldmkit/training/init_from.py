@@ -25,8 +25,10 @@ the part that fits; otherwise the tensor keeps its fresh initialisation and is r
 skipped. An ``adapt_loaded_tensor`` that takes a keyword ``source_options`` gets the source's
 config of its component (None where unknown) to read how the source laid the tensor out, and is
 offered the tensors of the same shape too (in strict mode as well; None: loaded as they are):
-``class_label``'s embedding keeps the rows of the labels both tables have and moves the source's
-null row, found from its ``null_index``, to its own.
+``class_label``'s embedding keeps the rows of the labels both tables have (of the class names,
+where both configs name their classes and the names differ) and moves the source's null row,
+found from its ``null_index``, to its own. A component may also define
+``init_from_note(source_options) -> str | None``: a line the load report prints under it.
 
 Only a fresh run is initialised: a run that resumes takes its weights from its checkpoint.
 """
@@ -110,6 +112,7 @@ class ComponentLoad:
     skipped: list[str] = field(default_factory=list)  # with the reason
     kept: str | None = None  # its own checkpoint: key, not loaded from the source
     kept_the_sources: bool = False  # the weights kept are the source's (the checkpoint it was trained with)
+    notes: list[str] = field(default_factory=list)  # the component's own (init_from_note)
 
     @property
     def holds_the_sources(self) -> bool:
@@ -125,7 +128,7 @@ class ComponentLoad:
             parts.append(f"{len(self.resized)} resized {_names(self.resized)}")
         parts.append(f"{len(self.new)} new" + (f" {_names(self.new)}" if self.new else ""))
         parts.append(f"{len(self.skipped)} skipped" + (f" {_names(self.skipped)}" if self.skipped else ""))
-        return f"  {self.name}: " + ", ".join(parts)
+        return f"  {self.name}: " + ", ".join(parts) + "".join(f"\n    {note}" for note in self.notes)
 
 
 def _names(names: list[str]) -> str:
@@ -411,6 +414,11 @@ def load_components(
             else:
                 result.skipped.append(f"{name} {_shape(value)} vs {_shape(mine_tensor)}")
         result.skipped += [f"{name} (not in the model)" for name in theirs if name not in own]
+        describe = getattr(module, "init_from_note", None)  # what the component made of the source, in words
+        if relayout and callable(describe) and result.loaded + result.resized:
+            note = describe(source.options(prefix))
+            if note:
+                result.notes.append(str(note))
         if state:
             with torch.no_grad():
                 for name, value in state.items():

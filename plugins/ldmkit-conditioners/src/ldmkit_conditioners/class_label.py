@@ -103,10 +103,13 @@ class ClassLabelConditioner(Conditioner):
         self, name: str, source: Tensor, own: Tensor, source_options: Mapping[str, Any] | None = None
     ) -> Tensor | None:
         """``trainer.init_from`` from a table of another class count (with
-        ``trainer.init_strict=false``) or another null row (:mod:`ldmkit.training.init_from`): the rows of the labels both tables have
-        are kept (a label names the same row in both), the source's null row moves to this
-        table's null row, and each new class row is drawn from the normal distribution of the
-        known class rows (their mean and covariance, as transformers'
+        ``trainer.init_strict=false``), another null row or other class names
+        (:mod:`ldmkit.training.init_from`). Where both configs name their classes
+        (``class_names``) and the names differ, a class keeps the row of its *name* in the source
+        (a folder with one more class that sorts first shifts every label, not every name);
+        otherwise a label keeps its row (a label names the same row in both). The source's null
+        row moves to this table's null row, and each new class row is drawn from the normal
+        distribution of the known class rows (their mean and covariance, as transformers'
         ``resize_token_embeddings(mean_resizing=True)`` does): a new class starts among the
         known ones rather than at the untrained scale of a fresh row. The source's null row is
         where its config (``source_options``) puts it; without one, where this table's is (row
@@ -119,20 +122,53 @@ class ClassLabelConditioner(Conditioner):
             if self.null_index not in (0, self.num_classes):
                 return None
             null = 0 if self.null_index == 0 else rows - 1
-        if rows == own.shape[0] and null == self.null_index:
+        theirs = _source_names(source_options, rows)
+        by_name = theirs is not None and self.class_names is not None and theirs != self.class_names
+        if rows == own.shape[0] and null == self.null_index and not by_name:
             return None  # the same layout: loaded as it is
+        own_rows = [r for r in range(own.shape[0]) if r != self.null_index]
+        source_rows = [r for r in range(rows) if r != null]
+        if by_name:  # class j of each table is its j-th row after the null one is left out
+            row_of = dict(zip(theirs, source_rows, strict=True))
+            pairs = [(own_rows[j], row_of[n]) for j, n in enumerate(self.class_names) if n in row_of]
+        else:
+            pairs = [(r, r) for r in range(min(rows, own.shape[0])) if r not in (null, self.null_index)]
         out = own.detach().clone()
         out[self.null_index] = source[null]
-        kept = [r for r in range(min(rows, out.shape[0])) if r not in (null, self.null_index)]
-        out[kept] = source[kept]
-        known = source[[r for r in range(rows) if r != null]]
-        new = [r for r in range(out.shape[0]) if r != self.null_index and r not in set(kept)]
+        if pairs:
+            out[[d for d, _ in pairs]] = source[[s for _, s in pairs]]
+        known = source[source_rows]
+        taken = {d for d, _ in pairs}
+        new = [r for r in own_rows if r not in taken]
         if new and len(known) >= 2:
             # mean + a random combination of the centred known rows: covariance = theirs
             centred = known.float() - known.float().mean(0)
             mix = torch.randn(len(new), len(known), dtype=torch.float32) / (len(known) - 1) ** 0.5
             out[new] = (known.float().mean(0) + mix @ centred).to(out.dtype)
         return out
+
+    def init_from_note(self, source_options: Mapping[str, Any] | None) -> str | None:
+        """The line ``trainer.init_from``'s report adds under this component: which classes
+        kept the source's row of their name, which are new and which the source had alone,
+        where both configs name their classes and the names differ."""
+        if self.role != "crossattn" or self.class_names is None or not source_options:
+            return None
+        theirs = source_options.get("class_names")
+        if theirs is None or [str(n) for n in theirs] == self.class_names:
+            return None
+        theirs = [str(n) for n in theirs]
+        kept = [n for n in self.class_names if n in theirs]
+        new = [n for n in self.class_names if n not in theirs]
+        gone = [n for n in theirs if n not in self.class_names]
+        moved = sum(theirs.index(n) != self.class_names.index(n) for n in kept)
+        parts = [f"{len(kept)} kept ({', '.join(kept)})" if kept else "none kept"]
+        if moved:
+            parts.append(f"{moved} of them under another label")
+        if new:
+            parts.append(f"{len(new)} new ({', '.join(new)})")
+        if gone:
+            parts.append(f"{len(gone)} not in this run ({', '.join(gone)})")
+        return "class rows matched by name (class_names differ from the source's): " + ", ".join(parts)
 
     def _device(self) -> torch.device:
         return self._anchor.device
@@ -149,6 +185,15 @@ class ClassLabelConditioner(Conditioner):
             null = torch.full((n,), self.null_index, dtype=torch.long, device=self._device())
             return {"crossattn": self.embedding(null)[:, None, :]}
         return {"vector": torch.zeros(n, self.num_classes, device=self._device(), dtype=self._anchor.dtype)}
+
+
+def _source_names(options: Mapping[str, Any] | None, rows: int) -> list[str] | None:
+    """The ``class_names`` of a ``class_label`` config whose table has ``rows`` rows (None:
+    it names none, or not one per class row)."""
+    names = options.get("class_names") if options else None
+    if names is None or len(names) != rows - 1:
+        return None
+    return [str(n) for n in names]
 
 
 def _null_row(options: Mapping[str, Any] | None, rows: int) -> int | None:
