@@ -178,6 +178,30 @@ def test_scale_by_std_keeps_the_sources_factor_when_the_kept_first_stage_checkpo
         assert (float(Pipeline.load(run / "pipeline").scale_factor) == 0.5) is (name == "ae")
 
 
+def test_a_source_holding_none_of_the_models_tensors_is_refused(tmp_path):
+    """An autoencoder run as the source of stage 2 (or the reverse) loaded nothing and trained
+    from scratch, silently."""
+    ae = train(compose_config(["stage=autoencoder", "trainer=autoencoder_tiny", "first_stage=kl_tiny",
+                               "trainer.max_steps=1", "trainer.num_threads=1", f"run_dir={tmp_path / 'ae'}"]),
+               data=class_data(5, size=16))  # fmt: skip
+    with pytest.raises(TrainingError) as err:
+        train(ldm_cfg(tmp_path / "run", f"trainer.init_from={ae}", "conditioner.num_classes=5"), data=class_data(5))
+    assert str(err.value).startswith(f"trainer.init_from={ae} (")
+    assert ("holds none of the tensors of the model built from the config (first_stage: 0 new, 152 skipped; "
+            "denoiser: 208 new, 0 skipped; conditioner: 1 new, 0 skipped)" in str(err.value)
+            and "is it a run of another stage, or of another architecture? (stage=ldm here;" in str(err.value))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_first_stage_the_source_cannot_fill_is_said_to_be_untrained(source_run, tmp_path):
+    """The source's first stage is the identity: a KL first stage built from the config kept its
+    random weights (all 'new'), and the untrained-first-stage warning was not given."""
+    with pytest.warns(UserWarning, match=rf"trainer\.init_from={re.escape(str(source_run))} gives the first stage none "
+                      r"of its weights \(\d+ new\): the latents come from an untrained first stage"):
+        train(ldm_cfg(tmp_path / "run", f"trainer.init_from={source_run}", "conditioner.num_classes=5",
+                      "first_stage=kl_tiny", "image_size=16", "trainer.max_steps=1"), data=class_data(5, size=16))  # fmt: skip
+
+
 def test_a_changed_class_count_in_strict_mode_names_the_tensor_and_both_shapes(source_run, tmp_path):
     with pytest.raises(TrainingError) as err:
         train(ldm_cfg(tmp_path / "run", f"trainer.init_from={source_run}"), data=class_data(10))

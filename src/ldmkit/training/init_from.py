@@ -461,6 +461,14 @@ def initialize(trainer: Any, modules: Mapping[str, nn.Module]) -> tuple[InitSour
         if hasattr(node, "get") and node.get("checkpoint") is not None:
             keep[prefix] = f"{prefix}.checkpoint={node.get('checkpoint')}"
     results = load_components(modules, source, strict=bool(options.get("init_strict", True)), keep=keep)
+    tried = [r for r in results if not r.kept]
+    if tried and not any(r.loaded or r.resized for r in tried):
+        found = "; ".join(f"{r.name}: {len(r.new)} new, {len(r.skipped)} skipped" for r in tried)
+        raise TrainingError(
+            f"trainer.init_from={source.path} ({source.what}) holds none of the tensors of the model built from "
+            f"the config ({found}): is it a run of another stage, or of another architecture? "
+            f"(stage={trainer.stage} here; trainer.init_architecture=source builds the source's)"
+        )
     return source, results
 
 

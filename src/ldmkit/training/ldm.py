@@ -118,14 +118,24 @@ class LDMTrainer(Trainer):
         first_stage.requires_grad_(False).eval()
         self._check_sample_steps()
         init = initialize(self, self.model_modules())  # trainer.init_from, a fresh run only
-        if (cfg.first_stage.get("checkpoint") is None and not self.options.get("init_from")
-                and any(True for _ in first_stage.parameters())):
-            warnings.warn(
-                "first_stage.checkpoint is not set: the latents come from an untrained first stage "
-                "(train one with stage=autoencoder and pass first_stage.checkpoint=<its run_dir>)",
-                TrainingWarning,
-                stacklevel=2,
-            )
+        if cfg.first_stage.get("checkpoint") is None and any(True for _ in first_stage.parameters()):
+            loaded = [r for r in (init[1] if init is not None else []) if r.name == "first_stage"]
+            if init is None and not self.options.get("init_from"):  # (a resumed run's checkpoint has its weights)
+                warnings.warn(
+                    "first_stage.checkpoint is not set: the latents come from an untrained first stage "
+                    "(train one with stage=autoencoder and pass first_stage.checkpoint=<its run_dir>)",
+                    TrainingWarning,
+                    stacklevel=2,
+                )
+            elif loaded and not (loaded[0].loaded or loaded[0].resized):
+                warnings.warn(
+                    f"trainer.init_from={init[0].path} gives the first stage none of its weights "
+                    f"({len(loaded[0].new)} new): the latents come from an untrained first stage (the source's "
+                    "is another one: trainer.init_architecture=source builds it, or pass "
+                    "first_stage.checkpoint=<a trained autoencoder>)",
+                    TrainingWarning,
+                    stacklevel=2,
+                )
         objective = self._build_objective()
         self.step_module = DiffusionStep(self.pipeline.denoiser, self.pipeline.conditioner, objective).to(self.device)
         # trainer.lora: peft's LoRA layers, the rest frozen (ldmkit.lora); after init_from, before the patterns
