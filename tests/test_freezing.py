@@ -80,6 +80,30 @@ def test_stage_one_freezes_the_encoder_by_its_checkpoint_name(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("patterns", "fix"),
+    [
+        (["trainer.trainable=[first_stage.decoder]"],
+         "add loss.discriminator to trainer.trainable (trainer.trainable=[first_stage.decoder, loss.discriminator])"),
+        (["trainer.frozen=[first_stage.encoder,loss.discriminator]"], "leave loss.discriminator out of trainer.frozen"),
+    ],
+)  # fmt: skip
+def test_a_stage_one_pattern_leaving_the_discriminator_nothing_says_how_to_keep_it(tmp_path, patterns, fix):
+    """The decoder-only fine-tune a user tries first was refused with no way forward."""
+    with pytest.raises(TrainingError) as err:
+        train(compose_config([*_stage_one(tmp_path / "run"), *patterns]), data=class_data(1, size=16))
+    assert str(err.value) == ("trainer.trainable/trainer.frozen leave nothing of the discriminator (loss.discriminator.*) "
+                              f"to train, and stage=autoencoder trains it beside the first stage: {fix}")
+    if "trainable" in patterns[0]:  # the fix given works
+        fixed = patterns[0].replace("first_stage.decoder]", "first_stage.decoder,loss.discriminator]")
+        train(compose_config([*_stage_one(tmp_path / "fixed"), fixed]), data=class_data(1, size=16))
+
+
+def _stage_one(run):
+    return ["stage=autoencoder", "first_stage=kl_tiny", "trainer=autoencoder_tiny", "trainer.num_threads=1",
+            "trainer.max_steps=1", f"run_dir={run}"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (["trainer.trainable=[denoiser.nothing*]"], r"trainer.trainable: pattern 'denoiser.nothing\*' matches none"),

@@ -111,10 +111,15 @@ class AutoencoderTrainer(Trainer):
         selection = apply_patterns(named, options.get("trainable"), options.get("frozen"), what="stage=autoencoder")
         params = [p for p in self.first_stage.parameters() if p.requires_grad]
         discriminator = [p for p in self.loss.discriminator.parameters() if p.requires_grad]
-        if not params or not discriminator:
+        if not params:
+            raise TrainingError("trainer.trainable/trainer.frozen leave nothing of the first stage to train")
+        if not discriminator:  # it trains beside the first stage, whether its term is on yet or not
+            trainable = options.get("trainable")
+            fix = (f"add loss.discriminator to trainer.trainable (trainer.trainable=[{', '.join(map(str, trainable))}, "
+                   "loss.discriminator])" if trainable else "leave loss.discriminator out of trainer.frozen")
             raise TrainingError(
-                f"trainer.trainable/trainer.frozen leave nothing of the "
-                f"{'first stage' if not params else 'discriminator (loss.discriminator.*)'} to train"
+                "trainer.trainable/trainer.frozen leave nothing of the discriminator (loss.discriminator.*) to "
+                f"train, and stage=autoencoder trains it beside the first stage: {fix}"
             )
         if init is not None:
             print_report(self, *init, ["the optimizers and the step counter start fresh"])
