@@ -281,3 +281,25 @@ def test_images_outside_the_class_folders_are_counted_in_a_note(tmp_path):
     flat.mkdir()
     Image.new("RGB", (8, 8), "red").save(flat / "one.png")  # no classes at all: nothing to say
     assert prepare("image_folder", tmp_path / "out_flat", path=str(flat), progress=False).notes == []
+
+
+def test_the_images_themselves_as_data_path_say_how_to_prepare_them(tmp_path):
+    """``data=image_folder data.path=~/photos`` (the photos, not shards) suggested
+    ``ldmkit data prepare image_folder out=~/photos``, which fails: it has no ``path=``."""
+    from ldmkit.data.errors import SourceNotFoundError
+    from ldmkit.data.manifest import read_manifest
+
+    make_image_folder(tmp_path / "photos", per_class=1)
+    with pytest.raises(SourceNotFoundError) as err:
+        read_manifest(tmp_path / "photos", source="image_folder")
+    shards = f"{tmp_path / 'photos'}_shards"
+    assert str(err.value) == (
+        f"no prepared dataset at {tmp_path / 'photos'} (manifest.json is missing): it holds the images themselves, "
+        f"and training reads them as prepared shards. Prepare them with: ldmkit data prepare image_folder "
+        f"path={tmp_path / 'photos'} out={shards}, then give data.path={shards}"
+    )
+    with pytest.raises(SourceNotFoundError) as err:  # an empty or missing folder: the images are elsewhere
+        read_manifest(tmp_path / "empty", source="image_folder")
+    assert str(err.value).endswith(f"Prepare it with: ldmkit data prepare image_folder path=YOUR_IMAGES out={tmp_path / 'empty'}")
+    out = ldmkit_cli("data", "prepare", "image_folder", f"path={tmp_path / 'photos'}", f"out={shards}")
+    assert out.returncode == 0, out.stderr  # the command given works

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -141,14 +142,37 @@ def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> Path:
     return path
 
 
+def _holds_images(directory: Path) -> bool:
+    """Whether ``directory`` or one of its sub-folders holds an image file (a look at a few
+    dozen entries, not a walk)."""
+    suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+    try:
+        for entry in itertools.islice(directory.iterdir(), 64):
+            if entry.suffix.lower() in suffixes:
+                return True
+            if entry.is_dir() and any(e.suffix.lower() in suffixes for e in itertools.islice(entry.iterdir(), 64)):
+                return True
+    except OSError:
+        return False
+    return False
+
+
 def read_manifest(directory: str | os.PathLike, *, source: str | None = None) -> Manifest:
     """Load ``<directory>/manifest.json``; a missing one says how to prepare the dataset."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         hint = source or "<source>"
+        if source == "image_folder" and _holds_images(Path(directory)):  # the photos themselves
+            shards = f"{str(directory).rstrip('/')}_shards"
+            raise SourceNotFoundError(
+                f"no prepared dataset at {directory} ({MANIFEST} is missing): it holds the images themselves, and "
+                f"training reads them as prepared shards. Prepare them with: ldmkit data prepare image_folder "
+                f"path={directory} out={shards}, then give data.path={shards}"
+            )
+        images = "path=YOUR_IMAGES " if source == "image_folder" else ""
         raise SourceNotFoundError(
             f"no prepared dataset at {directory} ({MANIFEST} is missing). "
-            f"Prepare it with: ldmkit data prepare {hint} out={directory}"
+            f"Prepare it with: ldmkit data prepare {hint} {images}out={directory}"
         )
     try:
         data = json.loads(path.read_text())
