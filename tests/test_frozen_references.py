@@ -168,12 +168,15 @@ def test_training_checkpoints_keep_the_frozen_encoder_by_reference(tmp_path):
     assert not [k for k in weights if k.startswith("conditioner.encoder.")]
     assert [k for k in weights if k.startswith("denoiser.")]
     assert not (run / "pipeline" / "model.safetensors").stat().st_size > 20e6  # no 90 MB copy
-    # a component loads from the run through checkpoint:, taking the encoder from its source
-    fresh = make()
-    load_component_weights(fresh.conditioner, run, "conditioner")
-    load_component_weights(fresh.denoiser, run, "denoiser")
-    torch.testing.assert_close(fresh.denoiser.state_dict(), {
-        k[len("denoiser."):]: v for k, v in weights.items() if k.startswith("denoiser.")})
+    # a component loads from the run through checkpoint: (its exported pipeline/, the EMA
+    # weights), taking the encoder from its source; and from the checkpoint folder alike
+    exported = read_safetensors(run / "pipeline" / "model.safetensors")
+    for source in (run, last.path):
+        fresh = make()
+        load_component_weights(fresh.conditioner, source, "conditioner")
+        load_component_weights(fresh.denoiser, source, "denoiser")
+        torch.testing.assert_close(fresh.denoiser.state_dict(), {
+            k[len("denoiser."):]: v for k, v in exported.items() if k.startswith("denoiser.")}, atol=0, rtol=0)
 
     embedded = train(train_cfg(tmp_path / "e", "trainer.embed_frozen=true"), data=captions)
     last_e = CheckpointManager(embedded / "checkpoints").latest()

@@ -93,6 +93,24 @@ def test_a_pipeline_folder_a_run_and_its_checkpoint_give_the_ema_weights(source_
                 assert torch.equal(value, expected[key]), (path, key)
 
 
+def test_component_checkpoint_keys_take_the_same_ema_weights_as_init_from(source_run, tmp_path):
+    """``denoiser.checkpoint=RUN`` (training.md's LoRA example) read the newest checkpoint's raw
+    weights, where ``trainer.init_from=RUN`` and ``ldmkit sample`` take the EMA weights."""
+    from ldmkit.checkpoint_layout import MODEL_FILE
+    from ldmkit.safetensors_io import read_safetensors
+
+    expected = Pipeline.load(source_run / "pipeline").state_dict()
+    step = source_run / "checkpoints" / "step_000000003"
+    raw = read_safetensors(step / MODEL_FILE)
+    assert any(not torch.equal(raw[k], expected[k]) for k in raw if k.startswith("denoiser."))  # EMA differs
+    for path in (source_run, step):
+        pipe = Pipeline.from_config(ldm_cfg(tmp_path, "conditioner.num_classes=5", f"denoiser.checkpoint={path}",
+                                            f"conditioner.checkpoint={path}"))  # fmt: skip
+        for key, value in pipe.state_dict().items():
+            if key.startswith(("denoiser.", "conditioner.")):
+                assert torch.equal(value, expected[key]), (path, key)
+
+
 def test_the_report_counts_and_a_new_class_count_keeps_the_old_rows_and_the_null_row(source_run, tmp_path, capsys):
     before = Pipeline.load(source_run / "pipeline").conditioner.embedding.weight.detach()  # 5 classes + null
     # the conditioner frozen: its table after training is the one init_from made

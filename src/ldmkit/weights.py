@@ -2,7 +2,9 @@
 
 Accepted sources, all read without executing code:
 
-* a run folder of ``ldmkit train`` (its newest valid checkpoint) or one ``step_<N>/`` folder;
+* a run folder of ``ldmkit train``: a stage-2 run's exported ``pipeline/`` (the EMA weights
+  ``ldmkit sample`` and ``trainer.init_from`` take), else its newest valid checkpoint; or one
+  ``step_<N>/`` folder (its EMA weights where it has them);
 * a folder written by :meth:`ldmkit.pipeline.Pipeline.save`;
 * a ``.safetensors`` file;
 * a foreign pickled checkpoint (``.ckpt``, ``.pt``, ``.pth``, ``.bin``), opened with
@@ -28,7 +30,13 @@ import torch
 from torch import Tensor, nn
 
 from ldmkit import frozen
-from ldmkit.checkpoint_layout import MODEL_FILE, resolve_checkpoint, unflatten_state
+from ldmkit.checkpoint_layout import (
+    MODEL_FILE,
+    STEP_DIR,
+    TRAINING_FILE,
+    resolve_checkpoint,
+    unflatten_state,
+)
 from ldmkit.errors import CheckpointError, UnreadableWeightsError, WeightsError, first_few
 from ldmkit.safetensors_io import read_safetensors
 
@@ -42,6 +50,9 @@ def _model_file(path: Path) -> Path:
         return path
     if (path / MODEL_FILE).is_file() and not (path / "checkpoints").is_dir():
         return path / MODEL_FILE
+    exported = path / "pipeline" / MODEL_FILE
+    if (path / "checkpoints").is_dir() and exported.is_file():
+        return exported  # a stage-2 run: the weights of its newest checkpoint that sampling uses (EMA)
     try:
         return resolve_checkpoint(path).model_file
     except (CheckpointError, FileNotFoundError) as err:
@@ -120,12 +131,25 @@ def read_weights(source: str | os.PathLike, *, prefix: str | None = None) -> dic
     return read_safetensors(file, prefix=prefix)
 
 
+def _ema_shadow(file: Path, role: str) -> dict[str, Tensor]:
+    """The EMA weights of ``role`` in the checkpoint folder holding ``file`` (its
+    ``training.safetensors``: ``ema.shadow.denoiser__out__2__weight``), under the component's
+    own names; empty for any other file, or a checkpoint without EMA."""
+    training = file.parent / TRAINING_FILE
+    if file.name != MODEL_FILE or not STEP_DIR.match(file.parent.name) or not training.is_file():
+        return {}
+    start = f"ema.shadow.{role}__"
+    shadow = read_safetensors(training, prefix=start)
+    return {k[len(start):].replace("__", "."): v for k, v in shadow.items()}
+
+
 def load_component_weights(module: nn.Module, source: str | os.PathLike, role: str) -> None:
     """Load ``source`` into ``module`` (strict); errors name the file and the component."""
     file = _weights_file(source)
     # frozen parts the folder keeps by reference (frozen.json) come from their source
     references = frozen.within(frozen.read_manifest(file.parent), role) if file.name == MODEL_FILE else {}
     state = unflatten_state(read_weights(file, prefix=f"{role}."), role)  # not the other components'
+    state.update(_ema_shadow(file, role))  # a stage-2 checkpoint's EMA weights, as init_from and sampling take
     if not state and not references:
         state = read_weights(file)  # a file of this component alone
     frozen.check_referenced(module, references, file.parent, role)
