@@ -7,6 +7,7 @@ latents."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -145,6 +146,28 @@ def test_init_from_a_lora_run_starts_from_the_merged_weights(lora_run):
         assert all(r.loaded and not r.new and not r.skipped for r in results), (path, [r.line() for r in results])
         for key, value in pipe.denoiser.state_dict().items():  # pipeline/ and the checkpoint: the EMA weights
             assert torch.equal(value, merged.denoiser.state_dict()[key]), (path, key)
+
+
+def test_what_is_not_an_adapter_folder_is_named_with_where_the_adapter_is(lora_run, tmp_path):
+    """A missing path, the adapter.json file and the LoRA run folder were all 'not a LoRA adapter
+    folder (no adapter.json)'; sampling a LoRA run folder gave no hint to its pipeline/."""
+    from ldmkit.pipeline import Pipeline
+
+    _, run = lora_run
+    cases = {
+        tmp_path / "nope": f"{tmp_path / 'nope'} does not exist (give the adapter folder a LoRA run exports: RUN/pipeline)",
+        run / "pipeline" / "adapter.json": f"{run / 'pipeline' / 'adapter.json'} is a file, not a LoRA adapter folder: "
+                                           f"give its folder, {run / 'pipeline'}",
+        run: f"{run} is a training run: its adapter is {run / 'pipeline'}",
+        run / "base": f"{run / 'base'} is not a LoRA adapter folder (no adapter.json)",
+    }  # fmt: skip
+    for action in ("merge", "export-diffusers"):
+        for path, said in cases.items():
+            result = ldmkit_cli("lora", action, str(path), "--out", str(tmp_path / "out"))
+            assert result.returncode == 1 and error_line(result.stderr, "lora") == said, result.stderr
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(FileNotFoundError, match=rf"is a training run: its pipeline is {re.escape(str(run / 'pipeline'))}$"):
+        Pipeline.load(run)
 
 
 def test_merge_refuses_to_write_over_its_own_base_or_adapter(lora_run, tmp_path):

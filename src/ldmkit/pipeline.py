@@ -701,7 +701,7 @@ def _not_a_pipeline_folder(directory: Path) -> str:
         return f"; {directory} is a file, not a pipeline folder (the paper's .ckpt: ldmkit convert compvis)"
     if (directory / "model_index.json").is_file():
         return f"; {directory} is a diffusers folder: convert it with ldmkit convert from-diffusers"
-    if (directory / "pipeline" / WEIGHTS_FILE).is_file():
+    if (directory / "pipeline" / WEIGHTS_FILE).is_file() or (directory / "pipeline" / CONFIG_FILE).is_file():
         return f"; {directory} is a training run: its pipeline is {directory / 'pipeline'}"
     return ""
 

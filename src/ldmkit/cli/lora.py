@@ -31,15 +31,17 @@ def lora(argv: Sequence[str], *, prog: str, description: str) -> int:
 
     try:
         check_folder(args.out, "--out")  # before anything is read
+        adapter = adapters.read_adapter(args.adapter) if Path(args.adapter).is_dir() else None
+        if adapter is None:
+            raise CLIError(_not_an_adapter(Path(args.adapter), adapters.ADAPTER_CONFIG))
         if args.action == "export-diffusers":
             from ldmkit.interop.diffusers.lora import adapter_to_diffusers
 
             path = adapter_to_diffusers(args.adapter, args.out)
-            print(f"wrote {path} (onto the base's diffusers UNet: unet.load_lora_adapter(DIR, prefix='unet', weight_name='{path.name}'))")
+            print(f"wrote {path} (onto the base's diffusers UNet: unet.load_lora_adapter(DIR, prefix='unet', "
+                  f"weight_name='{path.name}')); the base is {adapter.base}: ldmkit convert to-diffusers "
+                  f"{adapter.base} --out DIR")  # fmt: skip
             return 0
-        adapter = adapters.read_adapter(args.adapter)
-        if adapter is None:
-            raise CLIError(f"{args.adapter} is not a LoRA adapter folder (no {adapters.ADAPTER_CONFIG})")
         for folder, what in ((adapter.base, "base pipeline"), (args.adapter, "own folder")):
             if args.out.resolve() == Path(folder).resolve():  # the merge needs both, as they are
                 raise CLIError(f"--out {args.out} is the adapter's {what}: write the merged pipeline to a new folder")
@@ -53,3 +55,14 @@ def lora(argv: Sequence[str], *, prog: str, description: str) -> int:
     print(f"wrote {args.out} ({len(merged)} LoRA layers merged; sample with: ldmkit sample --checkpoint {args.out})")
     return 0
 
+
+def _not_an_adapter(path: Path, config: str) -> str:
+    """Why ``path`` is not an adapter folder, and where the adapter is where that is clear."""
+    if not path.exists():
+        return f"{path} does not exist (give the adapter folder a LoRA run exports: RUN/pipeline)"
+    if path.is_file():
+        where = f": give its folder, {path.parent}" if path.name == config else ""
+        return f"{path} is a file, not a LoRA adapter folder{where}"
+    if (path / "pipeline" / config).is_file():
+        return f"{path} is a training run: its adapter is {path / 'pipeline'}"
+    return f"{path} is not a LoRA adapter folder (no {config})"
