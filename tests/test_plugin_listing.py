@@ -26,7 +26,7 @@ FIRST_PARTY = [
 # "ldmkit" beside the installed ones
 BUILTIN_REGISTERS = {
     "ldmkit.training.stages": {"stage": ["autoencoder", "ldm"]},
-    "ldmkit.evaluation.stages": {"evaluator": ["autoencoder"]},
+    "ldmkit.evaluation.stages": {"evaluator": ["autoencoder", "ldm"]},
     "ldmkit.data.sources": {
         "data_source": [
             "cutouts",
