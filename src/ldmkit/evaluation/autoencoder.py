@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor
 
 from ldmkit.errors import ConfigError
-from ldmkit.evaluation.frechet import FeatureStats, frechet_distance_from_stats, kernel_distance
+from ldmkit.evaluation.frechet import FeaturePair
 from ldmkit.evaluation.metrics import psnr, ssim
 from ldmkit.io import atomic_write_text, check_writable
 
@@ -117,9 +116,7 @@ def reconstruction_metrics(
     psnrs, ssims, lpipses = [], [], []
     window = 11  # SSIM's Gaussian window (metrics.ssim): smaller images have no SSIM
     ssim_note = None
-    real_stats = fake_stats = None
-    real_feats: list[Tensor] = []
-    fake_feats: list[Tensor] = []
+    features = FeaturePair()
     seen = 0
     for batch in batches:
         x = batch_images(batch, channels=first_stage.image_channels, device=device)
@@ -134,13 +131,7 @@ def reconstruction_metrics(
         if lpips_model is not None:
             lpipses.append(lpips_model(x, rec).flatten().cpu())
         if feature_model is not None:
-            real, fake = feature_model(x), feature_model(rec)
-            if real_stats is None:
-                real_stats, fake_stats = FeatureStats(real.shape[1]), FeatureStats(real.shape[1])
-            real_stats.update(real)
-            fake_stats.update(fake)
-            real_feats.append(real.detach().cpu())
-            fake_feats.append(fake.detach().cpu())
+            features.update(feature_model(x), feature_model(rec))
         seen += x.shape[0]
         if max_images is not None and seen >= max_images:
             break
@@ -158,11 +149,7 @@ def reconstruction_metrics(
     }
     if ssim_note is not None:
         results["skipped"] = {"ssim": ssim_note}
-    results["frechet_distance"] = (
-        frechet_distance_from_stats(real_stats, fake_stats) if real_stats is not None else None
-    )
-    kid = kernel_distance(torch.cat(real_feats), torch.cat(fake_feats)) if real_feats and seen > 1 else (None, None)
-    results["kid"], results["kid_std"] = kid
+    results.update(features.scores())
     return results
 
 
@@ -230,16 +217,23 @@ def evaluate_autoencoder(
             feature_model=feature_model, max_images=options["max_images"],
         )
     report.update(split=split, **metrics)
-    report["frechet_features"] = feature_note if feature_model is not None else None
     notes = report.pop("skipped", {})
     if lpips_model is None:
         notes["lpips"] = lpips_note
+    return finish_report(report, notes, feature_model, feature_note, started, output if write else None)
+
+
+def finish_report(report: dict[str, Any], notes: dict[str, Any], feature_model: Any, feature_note: str,
+                  started: float, output: Path | None) -> dict[str, Any]:
+    """An evaluator's last lines: the feature network (or why there is none) and what was
+    skipped, the time taken; written atomically to ``output`` (None: not written)."""
+    report["frechet_features"] = feature_note if feature_model is not None else None
     if feature_model is None:
         notes["frechet_distance"] = notes["kid"] = feature_note
     if notes:
         report["skipped"] = notes
     report["seconds"] = time.perf_counter() - started
-    if write:
+    if output is not None:
         atomic_write_text(output, json.dumps(report, indent=2) + "\n")
         report["output"] = str(output)
     return report

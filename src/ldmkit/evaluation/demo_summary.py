@@ -45,30 +45,11 @@ class DemoSummaryError(RuntimeError):
 
 
 # -- what the demo wrote ------------------------------------------------------------------
-def autoencoder_report(run_dir: Path) -> tuple[dict[str, Any], Path]:
-    """The newest ``ldmkit evaluate`` report of the stage-1 run in ``run_dir`` (by step)."""
+def newest_report(run_dir: Path, stage: str) -> tuple[dict[str, Any], Path] | None:
+    """The newest (by step) ``ldmkit evaluate stage=STAGE`` report in ``run_dir/eval``, None
+    where there is none."""
     reports = []
-    for path in (run_dir / "eval").glob("autoencoder_*_step_*.json"):
-        match = re.search(r"_step_(\d+)\.json$", path.name)
-        if match:
-            reports.append((int(match.group(1)), path))
-    if not reports:
-        raise DemoSummaryError(
-            f"no autoencoder evaluation in {run_dir / 'eval'}; run `ldmkit evaluate "
-            f"experiment=fmnist_kl_f4 run_dir={run_dir}` first"
-        )
-    _, path = max(reports)
-    try:
-        return json.loads(path.read_text()), path
-    except (OSError, ValueError) as err:
-        raise DemoSummaryError(f"cannot read {path}: {err}") from err
-
-
-def ldm_report(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
-    """The newest ``ldmkit evaluate stage=ldm`` report of the LDM run in ``run_dir`` (by step),
-    None where there is none (it is optional)."""
-    reports = []
-    for path in (run_dir / "eval").glob("ldm_*_step_*.json"):
+    for path in (run_dir / "eval").glob(f"{stage}_*_step_*.json"):
         match = re.search(r"_step_(\d+)\.json$", path.name)
         if match:
             reports.append((int(match.group(1)), path))
@@ -79,6 +60,23 @@ def ldm_report(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
         return json.loads(path.read_text()), path
     except (OSError, ValueError) as err:
         raise DemoSummaryError(f"cannot read {path}: {err}") from err
+
+
+def autoencoder_report(run_dir: Path) -> tuple[dict[str, Any], Path]:
+    """The newest ``ldmkit evaluate`` report of the stage-1 run in ``run_dir`` (by step)."""
+    found = newest_report(run_dir, "autoencoder")
+    if found is None:
+        raise DemoSummaryError(
+            f"no autoencoder evaluation in {run_dir / 'eval'}; run `ldmkit evaluate "
+            f"experiment=fmnist_kl_f4 run_dir={run_dir}` first"
+        )
+    return found
+
+
+def ldm_report(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
+    """The newest ``ldmkit evaluate stage=ldm`` report of the LDM run in ``run_dir`` (by step),
+    None where there is none (it is optional)."""
+    return newest_report(run_dir, "ldm")
 
 
 def load_samples(settings_file: Path, *, label_key: str = "label") -> tuple[Tensor, Tensor]:

@@ -131,3 +131,31 @@ def kernel_distance(
         torch.manual_seed(seed)
         mean, std = metric.compute()
     return float(mean), float(std)
+
+
+class FeaturePair:
+    """The features of real images and of generated ones, batch by batch: the Fréchet distance
+    between their statistics and the KID of the feature vectors (kept, as KID needs them)."""
+
+    def __init__(self) -> None:
+        self.real: FeatureStats | None = None
+        self.fake: FeatureStats | None = None
+        self.real_features: list[Tensor] = []
+        self.fake_features: list[Tensor] = []
+
+    def update(self, real: Tensor, fake: Tensor) -> None:
+        if self.real is None:
+            self.real, self.fake = FeatureStats(real.shape[1]), FeatureStats(real.shape[1])
+        self.real.update(real)
+        self.fake.update(fake)
+        self.real_features.append(real.detach().cpu())
+        self.fake_features.append(fake.detach().cpu())
+
+    def scores(self) -> dict[str, float | None]:
+        """``frechet_distance``, ``kid`` and ``kid_std``: None before any update (and KID for a
+        single image)."""
+        if self.real is None:
+            return {"frechet_distance": None, "kid": None, "kid_std": None}
+        real, fake = torch.cat(self.real_features), torch.cat(self.fake_features)
+        kid = kernel_distance(real, fake) if len(real) > 1 else (None, None)
+        return {"frechet_distance": frechet_distance_from_stats(self.real, self.fake), "kid": kid[0], "kid_std": kid[1]}

@@ -16,7 +16,6 @@ the same command scores the same numbers.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,9 @@ from typing import Any
 import torch
 
 from ldmkit.errors import ConfigError
-from ldmkit.evaluation.autoencoder import _feature_model, eval_options, eval_split
-from ldmkit.evaluation.frechet import FeatureStats, frechet_distance_from_stats, kernel_distance
-from ldmkit.io import atomic_write_text, check_writable
+from ldmkit.evaluation.autoencoder import _feature_model, eval_options, eval_split, finish_report
+from ldmkit.evaluation.frechet import FeaturePair
+from ldmkit.io import check_writable
 
 __all__ = ["evaluate_ldm", "pipeline_folder", "sample_metrics"]
 
@@ -80,9 +79,7 @@ def sample_metrics(
     classifier = getattr(feature_model, "model", None) if getattr(feature_model, "name", "") == "fashion_mnist" else None
     judged_key = class_keys[0] if classifier is not None and len(class_keys) == 1 else None
     gen = torch.Generator().manual_seed(seed)  # for the inputs training adds (random masks)
-    real_stats = fake_stats = None
-    real_feats: list[torch.Tensor] = []
-    fake_feats: list[torch.Tensor] = []
+    features = FeaturePair()
     correct = judged = seen = 0
     bar = tqdm(total=max_images, disable=not progress, desc="ldm samples", unit="img")
     try:
@@ -105,13 +102,7 @@ def sample_metrics(
                 seed=(seed + seen) % SEED_LIMIT, size=tuple(real.shape[-2:]),
             ).to(device)  # fmt: skip
             if feature_model is not None:
-                real_f, fake_f = feature_model(real), feature_model(fake)
-                if real_stats is None:
-                    real_stats, fake_stats = FeatureStats(real_f.shape[1]), FeatureStats(real_f.shape[1])
-                real_stats.update(real_f)
-                fake_stats.update(fake_f)
-                real_feats.append(real_f.cpu())
-                fake_feats.append(fake_f.cpu())
+                features.update(feature_model(real), feature_model(fake))
             if judged_key is not None:
                 labels = torch.as_tensor(cond[judged_key]).to(device).long().flatten()
                 correct += int((classifier(fake).argmax(1) == labels).sum())
@@ -125,9 +116,7 @@ def sample_metrics(
     if seen == 0:
         raise ValueError("the evaluation split yielded no images")
     results: dict[str, Any] = {"num_images": seen}
-    results["frechet_distance"] = frechet_distance_from_stats(real_stats, fake_stats) if real_stats is not None else None
-    kid = kernel_distance(torch.cat(real_feats), torch.cat(fake_feats)) if real_feats and seen > 1 else (None, None)
-    results["kid"], results["kid_std"] = kid
+    results.update(features.scores())
     results["class_accuracy"] = correct / judged if judged else None
     if judged:
         results["class_accuracy_key"] = judged_key
@@ -197,20 +186,11 @@ def evaluate_ldm(cfg: Any, *, data: Any = None, pipeline: Any = None, write: boo
     report["steps"] = getattr(pipeline.sampler, "steps", None) if options["steps"] is None else int(options["steps"])
     report["guidance_scale"] = float(options["guidance_scale"])
     report["seed"] = seed
-    report["frechet_features"] = feature_note if feature_model is not None else None
     notes = {}
-    if feature_model is None:
-        notes["frechet_distance"] = notes["kid"] = feature_note
     if metrics["class_accuracy"] is None:
         notes["class_accuracy"] = (
             "the conditioner reads no class label" if not any(
                 pipeline.conditioner.input_kind(k) == "class" for k in pipeline.conditioner.input_keys)
             else "judged by the Fashion-MNIST classifier only (eval.fid_features=fashion_mnist)"
         )  # fmt: skip
-    if notes:
-        report["skipped"] = notes
-    report["seconds"] = time.perf_counter() - started
-    if write:
-        atomic_write_text(output, json.dumps(report, indent=2) + "\n")
-        report["output"] = str(output)
-    return report
+    return finish_report(report, notes, feature_model, feature_note, started, output if write else None)
