@@ -194,3 +194,31 @@ def test_a_run_that_recorded_a_relative_vocab_resumes_with_the_same_command(tmp_
         train(cfg(2), data=captioned_batches)
     assert not any("vocab" in str(w.message) for w in caught)
     assert (run / "checkpoints" / "step_000000002").is_dir()
+
+
+def test_a_pipeline_loads_after_the_stage_one_run_it_names_is_gone(tmp_path):
+    """A run's pipeline/ holds its first stage's weights, yet its config.yaml keeps
+    first_stage.checkpoint (a stage-1 run, relative to where training ran): moved, deleted or out
+    of reach from the working directory, every load failed ("checkpoint r_ae does not exist")."""
+    from ldmkit.training import train
+
+    def data(split, epoch):
+        gen = torch.Generator().manual_seed(epoch)
+        return [{"image": torch.rand(4, 3, 16, 16, generator=gen) * 2 - 1, "label": torch.tensor([0, 1, 2, 3])}]
+
+    common = ["trainer.max_steps=1", "trainer.num_threads=1", "first_stage=kl_tiny", "image_size=16"]
+    ae = train(ldmkit.config.compose_config(["stage=autoencoder", "trainer=autoencoder_tiny", *common,
+                                             f"run_dir={tmp_path / 'ae'}"]), data=data)  # fmt: skip
+    run = train(ldmkit.config.compose_config(["stage=ldm", "trainer=ldm_tiny", "denoiser=unet_tiny", *common,
+                                              "conditioner=class_label", f"first_stage.checkpoint={ae}",
+                                              f"run_dir={tmp_path / 'ldm'}"]), data=data)  # fmt: skip
+    assert yaml.safe_load((run / "pipeline" / "config.yaml").read_text())["first_stage"]["checkpoint"] == str(ae)
+    before = Pipeline.load(run / "pipeline").sample({"label": [1, 2]}, seed=0, steps=2, precision="fp32")
+    shutil.rmtree(ae)
+    after = Pipeline.load(run / "pipeline").sample({"label": [1, 2]}, seed=0, steps=2, precision="fp32")
+    assert torch.equal(before, after)
+    step = run / "checkpoints" / "step_000000001"
+    with pytest.raises(ldmkit.errors.ConfigError) as err:  # was: a ValueError about a missing scale_factor
+        Pipeline.load(step)
+    assert str(err.value).startswith(f"{step} is a training checkpoint, not a pipeline folder: a stage-2 run's "
+                                     f"pipeline is {run / 'pipeline'}")

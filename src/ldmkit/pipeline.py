@@ -602,6 +602,13 @@ class Pipeline(nn.Module):
         resolved: :func:`ldmkit.config.load_saved_config`). The adapter folder a LoRA run
         exports loads as its base pipeline with the adapter attached (:mod:`ldmkit.lora`)."""
         directory = Path(directory)
+        if re.match(r"^step_\d+$", directory.name) and (directory / "meta.json").is_file():
+            run = directory.parent.parent
+            raise ConfigError(
+                f"{directory} is a training checkpoint, not a pipeline folder: a stage-2 run's pipeline is "
+                f"{run / 'pipeline'} (its newest checkpoint's EMA weights), and trainer.init_from={directory} "
+                "starts a run from this one (a stage-1 checkpoint: ldmkit evaluate stage=autoencoder)"
+            )
         # an adapter folder (ldmkit.lora): the weights are its base's, then the adapter on top
         adapter = lora.read_adapter(directory)
         weights_dir = adapter.base if adapter is not None else directory
@@ -617,6 +624,15 @@ class Pipeline(nn.Module):
                 )
         cfg = read_pipeline_config(config_path)
         references = frozen.read_manifest(weights_dir)
+        # names and shapes from the file's header first: nothing is read from a file that
+        # does not fit (UnreadableWeightsError names the file)
+        stored = read_safetensors_shapes(weights_path)
+        with open_dict(cfg):  # the folder's weights win: a component's checkpoint: key (a stage-1 run
+            for group in ("first_stage", "denoiser", "conditioner"):  # elsewhere, maybe gone) is not read
+                node = cfg.get(group)
+                if isinstance(node, DictConfig) and node.get("checkpoint") is not None and any(
+                        k.startswith(f"{group}.") for k in stored):
+                    node.checkpoint = None
         try:
             pipeline = cls.from_config(cfg)
         except (LdmkitError, OSError) as err:
@@ -629,9 +645,7 @@ class Pipeline(nn.Module):
                 "machine where it loads"
             ) from err
         frozen.check_restored(weights_dir, references, frozen.frozen_parts(pipeline) if references else {})
-        # names and shapes from the file's header first: nothing is read from a file that
-        # does not fit (UnreadableWeightsError names the file)
-        stored, own = read_safetensors_shapes(weights_path), pipeline.state_dict()
+        own = pipeline.state_dict()
         unexpected = sorted(set(stored) - set(own))
         missing = [k for k in _not_tied(pipeline, [k for k in own if k not in stored], stored)
                    if not frozen.under(k, references)]  # fmt: skip
