@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from ldmkit.config import compose_config
+from ldmkit.data.sources.fashion_mnist import CLASSES
 from ldmkit.evaluation import evaluate
 from ldmkit.evaluation.classifier import FashionMNISTClassifier
 from ldmkit.evaluation.features import FashionMNISTFeatures
@@ -157,7 +158,8 @@ def trained(tmp_path_factory):
     cfg = compose_config(["stage=ldm", "trainer=ldm_tiny", "trainer.max_steps=2", "trainer.num_threads=1",
                           "first_stage=identity", "first_stage.channels=1", "first_stage.latent_channels=1",
                           "data.channels=1", "denoiser=unet_tiny", "conditioner=class_label",
-                          "conditioner.num_classes=10", f"image_size={SIZE}", f"run_dir={root / 'run'}"])  # fmt: skip
+                          "conditioner.num_classes=10", f"image_size={SIZE}", f"run_dir={root / 'run'}",
+                          "conditioner.class_names=[" + ",".join(f"'{c}'" for c in CLASSES) + "]"])  # fmt: skip
     threads = torch.get_num_threads()
     run = train(cfg, data=_data())
     torch.set_num_threads(threads)
@@ -179,6 +181,56 @@ def test_a_trained_run_is_scored_and_the_report_written_and_repeatable(trained):
         report["frechet_distance"], report["kid"], report["class_accuracy"])
     other_seed = evaluate(compose_config([*options, "eval.seed=5"]), data=_data())
     assert other_seed["frechet_distance"] != report["frechet_distance"]
+
+
+def test_labels_of_other_classes_are_not_judged_and_too_few_images_have_no_distance(trained, tmp_path):
+    """The Fashion-MNIST classifier judged any class-conditional model (cat and dog as T-shirt and
+    Trouser); one image crashed the Frechet distance after all the sampling."""
+    from ldmkit.pipeline import Pipeline
+
+    run, classifier = trained
+    pipe = Pipeline.load(run / "pipeline")
+    pipe.conditioner.class_names = ["cat", "dog", *CLASSES[2:]]
+    options = ["stage=ldm", f"eval.feature_checkpoint={classifier}", "eval.fid_features=fashion_mnist",
+               "sampler.steps=2", "eval.progress=false"]  # fmt: skip
+    report = evaluate(compose_config(options), data=_data(), pipeline=pipe, write=False)
+    assert report["class_accuracy"] is None and report["frechet_distance"] is not None
+    assert report["skipped"]["class_accuracy"].startswith("the Fashion-MNIST classifier judges Fashion-MNIST's classes only")
+    one = evaluate(compose_config([*options, f"run_dir={run}", "eval.max_images=1"]), data=_data(), write=False)
+    assert one["num_images"] == 1 and one["frechet_distance"] is None and one["kid"] is None
+    assert one["skipped"]["frechet_distance"] == "a Frechet distance needs at least 2 images, 1 scored"
+    assert one["class_accuracy"] in (0.0, 1.0)  # still judged
+
+
+def test_an_output_that_is_not_a_report_is_refused_before_sampling(trained, tmp_path):
+    """eval.output=<the pipeline's config.yaml> replaced the model's config with the report."""
+    from ldmkit.errors import ConfigError
+
+    run, _ = trained
+    config = run / "pipeline" / "config.yaml"
+    before = config.read_bytes()
+    (tmp_path / "old.json").write_text(json.dumps({"stage": "ldm"}))
+    (tmp_path / "notes.json").write_text("[1, 2]")
+    for target, said in [(config, "the report is JSON: name a .json file"),
+                         (tmp_path / "notes.json", "exists and is not an evaluation report")]:  # fmt: skip
+        cfg = compose_config(["stage=ldm", f"run_dir={run}", f"eval.output={target}", "eval.fid_features=none"])
+        with pytest.raises(ConfigError, match=said):
+            evaluate(cfg, data=lambda split, epoch: pytest.fail("sampled before refusing eval.output"))
+    assert config.read_bytes() == before
+    report = evaluate(compose_config(["stage=ldm", f"run_dir={run}", f"eval.output={tmp_path / 'old.json'}",
+                                      "eval.fid_features=none", "sampler.steps=2", "eval.max_images=2",
+                                      "eval.progress=false"]), data=_data())  # an earlier report: replaced  # fmt: skip
+    assert json.loads((tmp_path / "old.json").read_text())["num_images"] == report["num_images"] == 2
+
+
+def test_a_split_of_another_image_size_is_said(trained):
+    run, _ = trained
+    images, labels = _real()
+    small = [{"image": images[:4, :, :8, :8], "label": labels[:4]}]
+    with pytest.warns(UserWarning, match="the split's images are 8x8, the model was trained at 16x16"):
+        report = evaluate(compose_config(["stage=ldm", f"run_dir={run}", "eval.fid_features=none", "sampler.steps=2",
+                                          "eval.progress=false"]), data=lambda split, epoch: small, write=False)  # fmt: skip
+    assert report["image_size"] == [8, 8] and report["note"].startswith("the split's images are 8x8")
 
 
 def test_the_cli_scores_a_pipeline_folder_on_prepared_data(trained, tmp_path):

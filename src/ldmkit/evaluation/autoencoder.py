@@ -47,7 +47,7 @@ def eval_options(cfg: Any) -> dict[str, Any]:
         options.update(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node))
     unknown = sorted(set(options) - set(EVAL_DEFAULTS))
     if unknown:
-        raise ValueError(f"unknown eval option(s) {unknown}; known: {sorted(EVAL_DEFAULTS)}")
+        raise ConfigError(f"unknown eval option(s) {unknown}; known: {', '.join(sorted(EVAL_DEFAULTS))}")
     return options
 
 
@@ -136,7 +136,7 @@ def reconstruction_metrics(
         if max_images is not None and seen >= max_images:
             break
     if seen == 0:
-        raise ValueError("the evaluation split yielded no images")
+        raise ConfigError("the evaluation split yielded no images")
     psnr_all = torch.cat(psnrs)
     ssim_all = torch.cat(ssims) if ssims and ssim_note is None else None
     results: dict[str, Any] = {
@@ -188,13 +188,11 @@ def evaluate_autoencoder(
     else:
         first_stage = first_stage.to(device).eval()
     split = eval_split(cfg, options, data, saved if checkpoint is not None else None)
-    output = Path(options["output"]).expanduser() if options["output"] is not None else None
-    if write and output is None:
+    output = None
+    if write:
         base = checkpoint.path.parent.parent if checkpoint is not None else Path(cfg.get("run_dir") or ".").expanduser()
         step = checkpoint.step if checkpoint is not None else "model"
-        output = base / "eval" / f"autoencoder_{split}_step_{step}.json"
-    if write:
-        check_writable(output)  # a read-only eval.output fails now, not after the evaluation
+        output = report_path(options, base / "eval" / f"autoencoder_{split}_step_{step}.json")
     if data is not None:
         batches = data(split, 0)
     else:
@@ -220,7 +218,29 @@ def evaluate_autoencoder(
     notes = report.pop("skipped", {})
     if lpips_model is None:
         notes["lpips"] = lpips_note
+    if metrics["frechet_distance"] is None and feature_model is not None:
+        notes["frechet_distance"] = notes["kid"] = f"a Frechet distance needs at least 2 images, {metrics['num_images']} scored"
     return finish_report(report, notes, feature_model, feature_note, started, output if write else None)
+
+
+def report_path(options: Mapping[str, Any], default: Path) -> Path:
+    """Where the report goes: ``eval.output`` (a ``.json`` file that is not there yet, or an
+    earlier report), else ``default``; checked to be writable now, not after the evaluation."""
+    output = Path(options["output"]).expanduser() if options["output"] is not None else default
+    check_writable(output)
+    if options["output"] is not None:
+        if output.suffix.lower() != ".json":
+            raise ConfigError(f"eval.output={output}: the report is JSON: name a .json file")
+        if output.is_file() and not _is_report(output):  # a model's config.yaml, say
+            raise ConfigError(f"eval.output={output} exists and is not an evaluation report: name another file")
+    return output
+
+
+def _is_report(path: Path) -> bool:
+    try:
+        return "stage" in json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError, UnicodeDecodeError):
+        return False
 
 
 def finish_report(report: dict[str, Any], notes: dict[str, Any], feature_model: Any, feature_note: str,

@@ -152,9 +152,8 @@ class FeaturePair:
         self.fake_features.append(fake.detach().cpu())
 
     def scores(self) -> dict[str, float | None]:
-        """``frechet_distance``, ``kid`` and ``kid_std``: None before any update (and KID for a
-        single image)."""
-        if self.real is None:
+        """``frechet_distance``, ``kid`` and ``kid_std``: None before two images."""
+        if self.real is None or self.real.n < 2:  # a covariance needs two feature vectors
             return {"frechet_distance": None, "kid": None, "kid_std": None}
         real, fake = torch.cat(self.real_features), torch.cat(self.fake_features)
         kid = kernel_distance(real, fake) if len(real) > 1 else (None, None)

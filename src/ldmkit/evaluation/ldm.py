@@ -17,15 +17,21 @@ the same command scores the same numbers.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ldmkit.errors import ConfigError
-from ldmkit.evaluation.autoencoder import _feature_model, eval_options, eval_split, finish_report
+from ldmkit.evaluation.autoencoder import (
+    _feature_model,
+    eval_options,
+    eval_split,
+    finish_report,
+    report_path,
+)
 from ldmkit.evaluation.frechet import FeaturePair
-from ldmkit.io import check_writable
 
 __all__ = ["evaluate_ldm", "pipeline_folder", "sample_metrics"]
 
@@ -38,6 +44,35 @@ def pipeline_folder(path: str | Path) -> Path:
     if (path / "pipeline" / "config.yaml").is_file() and (path / "checkpoints").is_dir():
         return path / "pipeline"  # a run folder (its own config.yaml is the run's)
     return path
+
+
+def _what_it_is(folder: Path) -> str:
+    """What a folder that is no pipeline is, where that is clear."""
+    if (folder / "model_index.json").is_file():
+        return f"; {folder} is a diffusers folder: convert it with ldmkit convert from-diffusers {folder} --out DIR"
+    if (folder / "checkpoints").is_dir():
+        return f"; {folder} is a training run without a pipeline/ (a stage-1 run: ldmkit evaluate stage=autoencoder)"
+    return ""
+
+
+def _pair(size: Any) -> list[int] | None:
+    if size is None:
+        return None
+    return [int(size), int(size)] if isinstance(size, int) else [int(v) for v in size]
+
+
+def _class_names(pipeline: Any, cfg: Any) -> list[str] | None:
+    """The names of the classes the conditioner's labels stand for: its own ``class_names``,
+    else those of the prepared data ``cfg`` names (None where neither says)."""
+    names = getattr(pipeline.conditioner, "class_names", None)
+    if names is None and cfg is not None:
+        from ldmkit.data.loader import data_config, load_manifest
+
+        try:
+            names = load_manifest(data_config(cfg.data))[1].facts()["class_names"] or None
+        except Exception:  # noqa: BLE001 - no manifest to read names from: not judged
+            names = None
+    return [str(n) for n in names] if names is not None else None
 
 
 def _trained_step(folder: Path) -> int | None:
@@ -63,12 +98,14 @@ def sample_metrics(
     guidance_scale: float = 1.0,
     seed: int = 0,
     progress: bool = False,
+    judge_classes: bool = True,
 ) -> dict[str, Any]:
     """Samples for the conditions of each batch of ``batches``, scored against the batch's
     images: ``frechet_distance`` and ``kid`` (``feature_model``'s features), and
-    ``class_accuracy`` where the conditioner reads a class key and ``feature_model`` is the
-    Fashion-MNIST classifier's (its logits judge each sample). Batch ``i``'s samples are drawn
-    from seed ``seed + <images before it>``."""
+    ``class_accuracy`` where the conditioner reads a class key, ``feature_model`` is the
+    Fashion-MNIST classifier's (its logits judge each sample) and ``judge_classes`` says the
+    labels are Fashion-MNIST's classes. Batch ``i``'s samples are drawn from seed
+    ``seed + <images before it>``."""
     from tqdm.auto import tqdm
 
     from ldmkit.sampling_request import SEED_LIMIT
@@ -77,15 +114,17 @@ def sample_metrics(
     conditioner = pipeline.conditioner
     class_keys = [k for k in conditioner.input_keys if conditioner.input_kind(k) == "class"]
     classifier = getattr(feature_model, "model", None) if getattr(feature_model, "name", "") == "fashion_mnist" else None
-    judged_key = class_keys[0] if classifier is not None and len(class_keys) == 1 else None
+    judged_key = class_keys[0] if judge_classes and classifier is not None and len(class_keys) == 1 else None
     gen = torch.Generator().manual_seed(seed)  # for the inputs training adds (random masks)
     features = FeaturePair()
     correct = judged = seen = 0
+    size = None
     bar = tqdm(total=max_images, disable=not progress, desc="ldm samples", unit="img")
     try:
         for batch in batches:
             real = batch_images(batch, channels=int(pipeline.first_stage.image_channels), device=device)
             n = real.shape[0] if max_images is None else min(real.shape[0], max_images - seen)
+            size = size or list(real.shape[-2:])
             real = real[:n]
             cond = None
             if conditioner.input_keys:
@@ -114,8 +153,8 @@ def sample_metrics(
     finally:
         bar.close()
     if seen == 0:
-        raise ValueError("the evaluation split yielded no images")
-    results: dict[str, Any] = {"num_images": seen}
+        raise ConfigError("the evaluation split yielded no images")
+    results: dict[str, Any] = {"num_images": seen, "image_size": size}
     results.update(features.scores())
     results["class_accuracy"] = correct / judged if judged else None
     if judged:
@@ -150,6 +189,7 @@ def evaluate_ldm(cfg: Any, *, data: Any = None, pipeline: Any = None, write: boo
             raise FileNotFoundError(
                 f"no trained pipeline at {folder} ({where}; checkpoint file missing: {folder / 'config.yaml'}): "
                 "give the run folder of an ldm training run, or a pipeline folder, as run_dir=... or eval.checkpoint=..."
+                + _what_it_is(folder)
             )
         pipeline = Pipeline.load(folder, device=device)
         if cfg.get("sampler") is not None:  # the command line's (default ddim), not the one saved
@@ -159,12 +199,13 @@ def evaluate_ldm(cfg: Any, *, data: Any = None, pipeline: Any = None, write: boo
     else:
         pipeline = pipeline.to(device)
     split = eval_split(cfg, options, data, pipeline.config)
-    output = Path(options["output"]).expanduser() if options["output"] is not None else None
-    if write and output is None:
-        base = folder.parent if folder is not None and folder.name == "pipeline" else Path(cfg.get("run_dir") or folder or ".").expanduser()
-        output = base / "eval" / f"ldm_{split}_step_{step if step is not None else 'model'}.json"
+    output = None
     if write:
-        check_writable(output)  # a read-only eval.output fails now, not after sampling
+        if folder is None:
+            base = Path(cfg.get("run_dir") or ".").expanduser()
+        else:  # a run's pipeline/ reports into the run's eval/; a pipeline folder of its own, into its own
+            base = folder.parent if folder.name == "pipeline" and (folder.parent / "checkpoints").is_dir() else folder
+        output = report_path(options, base / "eval" / f"ldm_{split}_step_{step if step is not None else 'model'}.json")
     if data is not None:
         batches = data(split, 0)
     else:
@@ -174,23 +215,41 @@ def evaluate_ldm(cfg: Any, *, data: Any = None, pipeline: Any = None, write: boo
                                    num_workers=int(options["num_workers"]), seed=int(cfg.get("seed", 0)))  # fmt: skip
     feature_model, feature_note = _feature_model(options, device)
     seed = int(options["seed"] if options["seed"] is not None else cfg.get("seed", 0))
+    from ldmkit.data.sources.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
+
+    names = _class_names(pipeline, cfg if data is None else None)
+    fashion = names is not None and names == FASHION_MNIST_CLASSES
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         metrics = sample_metrics(
             pipeline, batches, device=device, feature_model=feature_model, max_images=options["max_images"],
             steps=options["steps"], guidance_scale=float(options["guidance_scale"]), seed=seed,
-            progress=bool(options.get("progress", True)),
+            progress=bool(options.get("progress", True)), judge_classes=fashion,
         )  # fmt: skip
     sampler = pipeline.config.sampler if pipeline.config is not None else None
     report.update(split=split, **metrics)
     report["sampler"] = OmegaConf.to_container(sampler, resolve=True) if sampler is not None else None
     report["steps"] = getattr(pipeline.sampler, "steps", None) if options["steps"] is None else int(options["steps"])
+    if isinstance(report["sampler"], dict):
+        report["sampler"]["steps"] = report["steps"]  # what ran (eval.steps over sampler.steps)
+    report["data"] = "data(split, epoch)" if data is not None else OmegaConf.select(cfg, "data.path", default=None)
+    trained = _pair(pipeline.image_size)
+    if trained is not None and metrics["image_size"] is not None and trained != metrics["image_size"]:
+        report["note"] = (f"the split's images are {metrics['image_size'][0]}x{metrics['image_size'][1]}, the model "
+                          f"was trained at {trained[0]}x{trained[1]} (image_size): its samples are drawn at the split's size")
+        warnings.warn(report["note"], stacklevel=2)
     report["guidance_scale"] = float(options["guidance_scale"])
     report["seed"] = seed
     notes = {}
     if metrics["class_accuracy"] is None:
-        notes["class_accuracy"] = (
-            "the conditioner reads no class label" if not any(
-                pipeline.conditioner.input_kind(k) == "class" for k in pipeline.conditioner.input_keys)
-            else "judged by the Fashion-MNIST classifier only (eval.fid_features=fashion_mnist)"
-        )  # fmt: skip
+        if not any(pipeline.conditioner.input_kind(k) == "class" for k in pipeline.conditioner.input_keys):
+            notes["class_accuracy"] = "the conditioner reads no class label"
+        elif not fashion:
+            notes["class_accuracy"] = ("the Fashion-MNIST classifier judges Fashion-MNIST's classes only (the class names "
+                                       "of the conditioner or of the data are not those)")
+        else:
+            notes["class_accuracy"] = "judged by the Fashion-MNIST classifier's features only (eval.fid_features=fashion_mnist)"
+    if metrics["frechet_distance"] is None and feature_model is not None:
+        notes["frechet_distance"] = notes["kid"] = f"a Frechet distance needs at least 2 images, {metrics['num_images']} scored"
+    if pipeline.conditioner.input_keys == () and float(options["guidance_scale"]) != 1:
+        notes["guidance_scale"] = "an unconditional model has no condition to guide by: sampled without guidance"
     return finish_report(report, notes, feature_model, feature_note, started, output if write else None)

@@ -22,6 +22,6 @@ EVAL_KEYS: dict[str, Spec] = {
     "num_workers": Integer(0),
     "steps": Integer(1, null=True),
     "guidance_scale": Number(0),
-    "seed": Integer(0, null=True),
+    "seed": Integer(0, 2**32 - 1, null=True),  # sample k of the split uses seed + k
     "progress": Boolean(),
 }
