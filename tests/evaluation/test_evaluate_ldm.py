@@ -223,6 +223,20 @@ def test_an_output_that_is_not_a_report_is_refused_before_sampling(trained, tmp_
     assert json.loads((tmp_path / "old.json").read_text())["num_images"] == report["num_images"] == 2
 
 
+def test_a_feature_checkpoint_that_is_no_classifier_is_one_line(trained, tmp_path):
+    """Was a RuntimeError listing every key of both state dicts (tens of thousands of characters)."""
+    from ldmkit.errors import WeightsError
+
+    run, _ = trained
+    model = run / "pipeline" / "model.safetensors"
+    cfg = compose_config(["stage=ldm", f"run_dir={run}", "eval.fid_features=fashion_mnist",
+                          f"eval.feature_checkpoint={model}", f"eval.output={tmp_path / 'r.json'}"])  # fmt: skip
+    with pytest.raises(WeightsError) as err:
+        evaluate(cfg, data=_data())
+    assert str(err.value).startswith(f"{model} is not a Fashion-MNIST feature classifier (")
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400
+
+
 def test_a_split_of_another_image_size_is_said(trained):
     run, _ = trained
     images, labels = _real()

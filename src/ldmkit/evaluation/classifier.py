@@ -81,7 +81,18 @@ def load_classifier(path: str | os.PathLike | None = None) -> FashionMNISTClassi
             f"eval.feature_checkpoint at one"
         )
     model = FashionMNISTClassifier()
-    model.load_state_dict(read_safetensors(path))
+    state, own = read_safetensors(path), model.state_dict()
+    missing, unexpected = set(own) - set(state), set(state) - set(own)
+    reshaped = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or reshaped:
+        from ldmkit.errors import WeightsError
+
+        raise WeightsError(
+            f"{path} is not a Fashion-MNIST feature classifier ({len(missing)} of its {len(own)} tensors missing, "
+            f"{len(unexpected)} others, {len(reshaped)} of another shape); eval.feature_checkpoint names the file "
+            "`python -m ldmkit.evaluation.classifier --out FILE` writes"
+        )
+    model.load_state_dict(state)
     return model.eval()
 
 
