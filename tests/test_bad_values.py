@@ -811,7 +811,11 @@ def test_a_folder_that_cannot_be_made_is_refused_up_front(tmp_path):
     assert str(err.value).startswith("cannot write /proc/ldmkit-no-such/o.png: ")
     assert str(err.value).endswith("; no folder can be made in /proc")
     check_writable(tmp_path / "a" / "b" / "o.png")  # folders that can be made: nothing made yet
+    check_writable(tmp_path / "o.png")
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(WriteError) as err:  # was: "no space left on the device" (statvfs of /proc: 0 blocks free)
+        check_writable("/proc/ldmkit-report.json")
+    assert str(err.value).endswith("; no file can be made in /proc") and "space" not in str(err.value)
 
 
 # -- devices, folders, sizes and files that are not what they claim (issue 26, item 5) --------

@@ -79,6 +79,8 @@ def _diagnose(path: Path) -> int | None:
         return None
     if stats.f_flag & os.ST_RDONLY:
         return errno.EROFS
+    if stats.f_blocks == 0:  # a pseudo file system (/proc): it has no blocks to fill
+        return None
     if stats.f_bfree == 0 or (os.geteuid() != 0 and stats.f_bavail == 0):
         return errno.ENOSPC
     try:
@@ -143,11 +145,19 @@ def check_writable(path: str | os.PathLike) -> None:
         with contextlib.suppress(OSError):
             read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
         raise WriteError(target, errno.EROFS if read_only else errno.EACCES)
+    # a pseudo file system such as /proc passes the access check and refuses new files and folders
     if existing.is_dir() and existing != target.parent:  # folders to make: can one be made there?
-        try:  # (a pseudo file system such as /proc passes the access check, and refuses mkdir)
+        try:
             os.rmdir(tempfile.mkdtemp(prefix=".ldmkit-probe-", dir=existing))
         except OSError as err:
             raise WriteError(target, err.errno or errno.EACCES, f"no folder can be made in {existing}") from None
+    elif existing.is_dir() and not target.exists():  # can a file be made there?
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".ldmkit-probe-", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            raise WriteError(target, err.errno or errno.EACCES, f"no file can be made in {existing}") from None
 
 
 @contextlib.contextmanager
