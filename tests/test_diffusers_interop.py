@@ -1301,3 +1301,19 @@ def test_sampler_options_a_scheduler_lacks_are_said(tmp_path):
     index = json.loads((out / "model_index.json").read_text())
     assert index["scheduler"] == ["diffusers", "EulerDiscreteScheduler"]
     assert Pipeline.from_diffusers(out).config.sampler.s_churn == 0.5  # ldmkit.json keeps it
+
+
+def test_to_diffusers_into_a_pipeline_or_run_folder_is_refused(tmp_path):
+    """``convert to-diffusers P --out P`` (or a run folder) wrote diffusers' files among the
+    pipeline's (from-diffusers refused the same)."""
+    from tests.test_bad_values import error_line
+
+    pipe = tiny_kl_pipeline()
+    pipe.save(tmp_path / "p")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    for out, held in [(tmp_path / "p", "a pipeline (config.yaml)"), (tmp_path / "run", "a training run (checkpoints/)")]:
+        before = sorted(p.name for p in out.iterdir())
+        result = ldmkit_cli("convert", "to-diffusers", str(tmp_path / "p"), "--out", str(out))
+        assert result.returncode == 1
+        assert error_line(result.stderr, "convert") == f"--out {out} holds {held}: write the diffusers folder to a folder of its own"
+        assert sorted(p.name for p in out.iterdir()) == before

@@ -139,6 +139,9 @@ def _convert_diffusers(args: argparse.Namespace) -> int:
 
     try:
         if args.source == "to-diffusers":
+            held = _held(args.out)
+            if held is not None:  # a run, or the pipeline itself: its files would mix with diffusers'
+                raise CLIError(f"--out {args.out} holds {held}: write the diffusers folder to a folder of its own")
             with _phases(4, "to-diffusers") as bar, warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", diffusers_format.ConversionWarning)
                 bar.set_postfix_str(f"loading {args.pipeline}")
