@@ -726,13 +726,13 @@ def test_evaluate_to_a_read_only_or_full_output(trained, tmp_path, read_only):
         f"cannot write {locked / 'metrics.json'}: "
     )
     previous = tmp_path / "metrics.json"
-    previous.write_text('{"psnr": 1.0}\n')
+    previous.write_text('{"stage": "autoencoder", "psnr": 1.0}\n')  # an earlier report
     out = ldmkit("evaluate", *common, f"eval.output={previous}", preexec_fn=file_size_limit(64))
     assert out.returncode == 1, out.stderr
     assert error_line(out.stderr, "evaluate") == (
         f"cannot write {previous}: file too large (the file size limit, `ulimit -f`, was reached)"
     )
-    assert previous.read_text() == '{"psnr": 1.0}\n'  # the old report is still whole
+    assert previous.read_text() == '{"stage": "autoencoder", "psnr": 1.0}\n'  # the old report is still whole
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
