@@ -235,7 +235,7 @@ def _held_out_lines(held: Mapping[str, Any] | None) -> list[str]:
     fid, kid = held.get("frechet_distance"), held.get("kid")
     parts = [f"the classifier finds their class in {judged:.1%}"] if judged is not None else []
     if fid is not None:
-        parts.append(f"Frechet distance {fid:.3g}, KID {kid:.3g} to those images ({held.get('frechet_features')} features)")
+        parts.append(f"Frechet distance {fid:.2f}, KID {kid:.4f} to those images ({held.get('frechet_features')} features)")
     return [f"held-out conditions (ldmkit evaluate): {held['num_images']} samples for the labels of as many "
             f"{held['split']} images ({held.get('steps')} steps, guidance {held.get('guidance_scale')}): "
             + ("; ".join(parts) or "no metric (no feature network)")]
