@@ -29,6 +29,7 @@ STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
+EMA_SHADOW = "ema.shadow."  # a stage-2 checkpoint's EMA weights in training.safetensors
 
 
 class CheckpointWarning(UserWarning):
@@ -61,6 +62,12 @@ def unflatten_state(flat: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """``{"first_stage.<param>": tensor}`` -> the ``first_stage`` module's state dict."""
     start = prefix + "."
     return {k[len(start) :]: v for k, v in flat.items() if k.startswith(start)}
+
+
+def ema_weights(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The EMA shadow among ``tensors`` (``ema.shadow.denoiser__out__2__weight``) under the
+    weights' names (:class:`ldmkit.ema.EMA` keeps a parameter's dots as ``__``)."""
+    return {k[len(EMA_SHADOW):].replace("__", "."): v for k, v in tensors.items() if k.startswith(EMA_SHADOW)}
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Checkpoint]:

@@ -26,6 +26,7 @@ from ldmkit.assembly import (
     pipeline_parts,
     returned_tensor,
 )
+from ldmkit.checkpoint_layout import META_FILE, STEP_DIR
 from ldmkit.compiling import auto_compile, check_compile, compile_module, is_compiled
 from ldmkit.config import compose_config, load_saved_config
 from ldmkit.diffusion.guidance import ClassifierFreeGuidance
@@ -602,7 +603,7 @@ class Pipeline(nn.Module):
         resolved: :func:`ldmkit.config.load_saved_config`). The adapter folder a LoRA run
         exports loads as its base pipeline with the adapter attached (:mod:`ldmkit.lora`)."""
         directory = Path(directory)
-        if re.match(r"^step_\d+$", directory.name) and (directory / "meta.json").is_file():
+        if STEP_DIR.match(directory.name) and (directory / META_FILE).is_file():
             run = directory.parent.parent
             raise ConfigError(
                 f"{directory} is a training checkpoint, not a pipeline folder: a stage-2 run's pipeline is "
@@ -615,7 +616,7 @@ class Pipeline(nn.Module):
         config_path, weights_path = directory / CONFIG_FILE, weights_dir / WEIGHTS_FILE
         for path in (config_path, weights_path):
             if not path.is_file():
-                raise FileNotFoundError(f"checkpoint file missing: {path}{_not_a_pipeline_folder(directory)}")
+                raise FileNotFoundError(f"checkpoint file missing: {path}{not_a_pipeline_folder(directory)}")
         for folder in dict.fromkeys((directory, weights_dir)):
             if (folder / SAVING_MARKER).exists():
                 raise ConfigError(
@@ -709,7 +710,7 @@ def read_pipeline_config(path: str | Path) -> DictConfig:
     return pipeline_files.resolve(cfg, Path(path).parent)
 
 
-def _not_a_pipeline_folder(directory: Path) -> str:
+def not_a_pipeline_folder(directory: Path) -> str:
     """What ``directory``, which lacks a pipeline's files, is instead, and how to convert it."""
     if directory.is_file():
         return f"; {directory} is a file, not a pipeline folder (the paper's .ckpt: ldmkit convert compvis)"
@@ -717,6 +718,8 @@ def _not_a_pipeline_folder(directory: Path) -> str:
         return f"; {directory} is a diffusers folder: convert it with ldmkit convert from-diffusers"
     if (directory / "pipeline" / WEIGHTS_FILE).is_file() or (directory / "pipeline" / CONFIG_FILE).is_file():
         return f"; {directory} is a training run: its pipeline is {directory / 'pipeline'}"
+    if (directory / "checkpoints").is_dir():
+        return f"; {directory} is a training run without a pipeline/ (a stage-1 run: ldmkit evaluate stage=autoencoder)"
     return ""
 
 

@@ -31,9 +31,11 @@ from torch import Tensor, nn
 
 from ldmkit import frozen
 from ldmkit.checkpoint_layout import (
+    EMA_SHADOW,
     MODEL_FILE,
     STEP_DIR,
     TRAINING_FILE,
+    ema_weights,
     resolve_checkpoint,
     unflatten_state,
 )
@@ -138,9 +140,7 @@ def _ema_shadow(file: Path, role: str) -> dict[str, Tensor]:
     training = file.parent / TRAINING_FILE
     if file.name != MODEL_FILE or not STEP_DIR.match(file.parent.name) or not training.is_file():
         return {}
-    start = f"ema.shadow.{role}__"
-    shadow = read_safetensors(training, prefix=start)
-    return {k[len(start):].replace("__", "."): v for k, v in shadow.items()}
+    return unflatten_state(ema_weights(read_safetensors(training, prefix=f"{EMA_SHADOW}{role}__")), role)
 
 
 def load_component_weights(module: nn.Module, source: str | os.PathLike, role: str) -> None:

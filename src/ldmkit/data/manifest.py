@@ -145,12 +145,13 @@ def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> Path:
 def _holds_images(directory: Path) -> bool:
     """Whether ``directory`` or one of its sub-folders holds an image file (a look at a few
     dozen entries, not a walk)."""
-    suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+    from ldmkit.data.sources.image_folder import IMAGE_SUFFIXES  # the suffixes that source reads
+
     try:
         for entry in itertools.islice(directory.iterdir(), 64):
-            if entry.suffix.lower() in suffixes:
+            if entry.suffix.lower() in IMAGE_SUFFIXES:
                 return True
-            if entry.is_dir() and any(e.suffix.lower() in suffixes for e in itertools.islice(entry.iterdir(), 64)):
+            if entry.is_dir() and any(e.suffix.lower() in IMAGE_SUFFIXES for e in itertools.islice(entry.iterdir(), 64)):
                 return True
     except OSError:
         return False

@@ -39,20 +39,10 @@ __all__ = ["evaluate_ldm", "pipeline_folder", "sample_metrics"]
 def pipeline_folder(path: str | Path) -> Path:
     """The pipeline folder ``path`` names: itself, or a training run's ``pipeline/``."""
     path = Path(path).expanduser()
-    if (path / "pipeline" / "config.yaml").is_file() and not (path / "config.yaml").is_file():
-        return path / "pipeline"
-    if (path / "pipeline" / "config.yaml").is_file() and (path / "checkpoints").is_dir():
-        return path / "pipeline"  # a run folder (its own config.yaml is the run's)
+    exported = path / "pipeline"  # a run folder's own config.yaml is the run's
+    if (exported / "config.yaml").is_file() and (not (path / "config.yaml").is_file() or (path / "checkpoints").is_dir()):
+        return exported
     return path
-
-
-def _what_it_is(folder: Path) -> str:
-    """What a folder that is no pipeline is, where that is clear."""
-    if (folder / "model_index.json").is_file():
-        return f"; {folder} is a diffusers folder: convert it with ldmkit convert from-diffusers {folder} --out DIR"
-    if (folder / "checkpoints").is_dir():
-        return f"; {folder} is a training run without a pipeline/ (a stage-1 run: ldmkit evaluate stage=autoencoder)"
-    return ""
 
 
 def _pair(size: Any) -> list[int] | None:
@@ -178,7 +168,7 @@ def evaluate_ldm(cfg: Any, *, data: Any = None, pipeline: Any = None, write: boo
     report: dict[str, Any] = {"stage": "ldm"}
     folder = step = None
     if pipeline is None:
-        from ldmkit.pipeline import Pipeline
+        from ldmkit.pipeline import Pipeline, not_a_pipeline_folder
 
         given = options["checkpoint"] or cfg.get("run_dir")
         if given is None:
@@ -189,7 +179,7 @@ def evaluate_ldm(cfg: Any, *, data: Any = None, pipeline: Any = None, write: boo
             raise FileNotFoundError(
                 f"no trained pipeline at {folder} ({where}; checkpoint file missing: {folder / 'config.yaml'}): "
                 "give the run folder of an ldm training run, or a pipeline folder, as run_dir=... or eval.checkpoint=..."
-                + _what_it_is(folder)
+                + not_a_pipeline_folder(folder)
             )
         pipeline = Pipeline.load(folder, device=device)
         if cfg.get("sampler") is not None:  # the command line's (default ddim), not the one saved

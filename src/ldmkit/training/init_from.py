@@ -51,6 +51,7 @@ from ldmkit.checkpoint_layout import (
     MODEL_FILE,
     TRAINING_FILE,
     Checkpoint,
+    ema_weights,
     resolve_checkpoint,
     unflatten_state,
 )
@@ -293,7 +294,7 @@ def _run(path: Path, stage: str) -> InitSource:
     if "scale.scale_factor" in extra:  # stage 2's
         weights["scale_factor"] = extra["scale.scale_factor"]
     if stage == "ldm":
-        ema = _ema_weights(extra)
+        ema = ema_weights(extra)
         if ema:
             weights.update(ema)
             what += " (EMA weights)"
@@ -306,13 +307,6 @@ def _run(path: Path, stage: str) -> InitSource:
         weights.update({k: v for k, v in extra.items() if k.startswith("loss.")})  # the discriminator
     return InitSource(path, what, weights, frozen.read_manifest(checkpoint.path), checkpoint.path,
                       config=_saved_config(checkpoint.path / "config.yaml"))  # fmt: skip
-
-
-def _ema_weights(extra: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A stage-2 checkpoint's EMA shadow (``ema.shadow.denoiser__out__2__weight``) under the
-    weights' names (:class:`ldmkit.ema.EMA` keeps a parameter's dots as ``__``)."""
-    start = "ema.shadow."
-    return {k[len(start):].replace("__", "."): v for k, v in extra.items() if k.startswith(start)}
 
 
 def _compvis(path: Path, preset: str | None, config: str | Path | None) -> InitSource:
